@@ -1,0 +1,1003 @@
+//! The activity table's on-disk format: every byte is described here and in `docs/format.md`.
+//!
+//! File layout, in order (all integers little-endian):
+//!
+//! | region            | size               | why here |
+//! |-------------------|--------------------|----------|
+//! | superblock 0      | 4096               | generation-even copy; a fixed place to start |
+//! | superblock 1      | 4096               | generation-odd copy; a torn or flipped superblock falls back to the other |
+//! | journal copy A    | `journal_bytes`    | 512-byte blocks, block `seq` lives at slot `seq % n` |
+//! | journal copy B    | `journal_bytes`    | mirror of A: a damaged block is read from the other copy |
+//! | checkpoint area 0 | `checkpoint_bytes` | full state at an even generation |
+//! | checkpoint area 1 | `checkpoint_bytes` | full state at an odd generation |
+//!
+//! A commit writes its blocks into both journal copies and then makes the file durable once.
+//! A checkpoint is written into the area its superblock generation selects and becomes current
+//! only when that superblock is durable; the older checkpoint and every journal block since it
+//! are kept, so a damaged newer checkpoint falls back to the older one plus the journal.
+
+use super::codec::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, Reader, Writer};
+use crate::error::Corruption;
+use crate::ids::{Generation, GrainSize, SessionId, VolumeId};
+use crate::limits::{
+    EXTENTS_PER_SESSION_MAX, JOURNAL_BLOCK_BYTES, LOCATOR_BYTES_MAX, REASON_BYTES_MAX,
+    SUPERBLOCK_BYTES,
+};
+
+/// Format version written by this build.
+pub const FORMAT_VERSION: u32 = 1;
+/// Superblock magic.
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"TZTBLSB\0";
+/// Checkpoint magic.
+pub const CHECKPOINT_MAGIC: [u8; 8] = *b"TZCKPT\0\0";
+/// Journal block magic ("TZJB").
+pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"TZJB");
+/// Bytes of a journal block header.
+pub const BLOCK_HEADER_BYTES: usize = 48;
+/// Payload bytes per journal block.
+pub const BLOCK_PAYLOAD_BYTES: usize = JOURNAL_BLOCK_BYTES - BLOCK_HEADER_BYTES;
+/// Bytes of the checkpoint header.
+pub const CHECKPOINT_HEADER_BYTES: usize = 64;
+/// Offset of the CRC inside a superblock.
+const SB_CRC_OFFSET: usize = 124;
+
+/// A 16-byte table identity, chosen at `init`, bound into every record.
+pub type TableId = [u8; 16];
+
+/// Where each region of a table file starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Bytes per journal copy.
+    pub journal_bytes: u64,
+    /// Bytes per checkpoint area.
+    pub checkpoint_bytes: u64,
+}
+
+impl Layout {
+    /// Offset of superblock `copy` (0 or 1).
+    #[must_use]
+    pub fn superblock(copy: u32) -> u64 {
+        u64::from(copy) * SUPERBLOCK_BYTES as u64
+    }
+    /// Offset of journal copy `copy` (0 = A, 1 = B).
+    #[must_use]
+    pub fn journal(&self, copy: u32) -> u64 {
+        2 * SUPERBLOCK_BYTES as u64 + u64::from(copy) * self.journal_bytes
+    }
+    /// Number of blocks per journal copy.
+    #[must_use]
+    pub fn journal_blocks(&self) -> u64 {
+        self.journal_bytes / JOURNAL_BLOCK_BYTES as u64
+    }
+    /// Offset of the block with sequence `seq` in journal copy `copy`.
+    #[must_use]
+    pub fn block(&self, copy: u32, seq: u64) -> u64 {
+        self.journal(copy) + (seq % self.journal_blocks()) * JOURNAL_BLOCK_BYTES as u64
+    }
+    /// Offset of checkpoint area `area`.
+    #[must_use]
+    pub fn checkpoint(&self, area: u32) -> u64 {
+        self.journal(2) + u64::from(area) * self.checkpoint_bytes
+    }
+    /// Total file size.
+    #[must_use]
+    pub fn file_bytes(&self) -> u64 {
+        self.checkpoint(2)
+    }
+}
+
+/// A superblock: names the current checkpoint and where journal replay starts.
+///
+/// Bytes: magic\[8\] version u32, copy u32, table_id\[16\], generation u64, journal_bytes u64,
+/// checkpoint_bytes u64, area u32, flags u32, ckpt_seq u64, ckpt_len u64, ckpt_crc u32,
+/// reserved u32, created_unix_ms u64, reserved\[28\], crc u32 (over bytes 0..124).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Superblock {
+    /// Table identity.
+    pub table_id: TableId,
+    /// Generation; copy = generation % 2, checkpoint area = generation % 2.
+    pub generation: u64,
+    /// Region sizes.
+    pub layout: Layout,
+    /// First journal sequence not contained in the checkpoint.
+    pub ckpt_seq: u64,
+    /// Bytes of the checkpoint (header and payload).
+    pub ckpt_len: u64,
+    /// CRC32 of those bytes.
+    pub ckpt_crc: u32,
+    /// When the table was created (ms since the Unix epoch).
+    pub created_unix_ms: u64,
+}
+
+impl Superblock {
+    /// Which superblock copy and checkpoint area this generation uses.
+    #[must_use]
+    pub fn copy(&self) -> u32 {
+        u32::from(self.generation % 2 == 1)
+    }
+
+    /// Encode into a full superblock slot.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SUPERBLOCK_BYTES];
+        b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
+        put_u32(&mut b, 8, FORMAT_VERSION);
+        put_u32(&mut b, 12, self.copy());
+        b[16..32].copy_from_slice(&self.table_id);
+        put_u64(&mut b, 32, self.generation);
+        put_u64(&mut b, 40, self.layout.journal_bytes);
+        put_u64(&mut b, 48, self.layout.checkpoint_bytes);
+        put_u32(&mut b, 56, self.copy());
+        put_u32(&mut b, 60, 0);
+        put_u64(&mut b, 64, self.ckpt_seq);
+        put_u64(&mut b, 72, self.ckpt_len);
+        put_u32(&mut b, 80, self.ckpt_crc);
+        put_u64(&mut b, 88, self.created_unix_ms);
+        let crc = crc32fast::hash(&b[..SB_CRC_OFFSET]);
+        put_u32(&mut b, SB_CRC_OFFSET, crc);
+        b
+    }
+
+    /// Decode and validate the superblock found in slot `copy`.
+    ///
+    /// # Errors
+    /// A [`Corruption`] naming what failed; sizes are checked against the limits.
+    pub fn decode(b: &[u8], copy: u32) -> Result<Self, Corruption> {
+        const WHAT: &str = "superblock";
+        if b.len() < SUPERBLOCK_BYTES {
+            return Err(Corruption::Truncated { what: WHAT });
+        }
+        if b[0..8] != SUPERBLOCK_MAGIC {
+            return Err(Corruption::BadMagic { what: WHAT });
+        }
+        let expected = crc32fast::hash(&b[..SB_CRC_OFFSET]);
+        let found = get_u32(b, SB_CRC_OFFSET);
+        if expected != found {
+            return Err(Corruption::Checksum {
+                what: WHAT,
+                expected,
+                found,
+            });
+        }
+        let version = get_u32(b, 8);
+        if version != FORMAT_VERSION {
+            return Err(Corruption::BadVersion {
+                what: WHAT,
+                found: version,
+            });
+        }
+        let mut table_id = [0u8; 16];
+        table_id.copy_from_slice(&b[16..32]);
+        let sb = Superblock {
+            table_id,
+            generation: get_u64(b, 32),
+            layout: Layout {
+                journal_bytes: get_u64(b, 40),
+                checkpoint_bytes: get_u64(b, 48),
+            },
+            ckpt_seq: get_u64(b, 64),
+            ckpt_len: get_u64(b, 72),
+            ckpt_crc: get_u32(b, 80),
+            created_unix_ms: get_u64(b, 88),
+        };
+        if get_u32(b, 12) != copy || sb.copy() != copy || get_u32(b, 56) != copy {
+            return Err(Corruption::Misplaced { what: WHAT });
+        }
+        validate_layout(&sb.layout)?;
+        if sb.ckpt_len < CHECKPOINT_HEADER_BYTES as u64 || sb.ckpt_len > sb.layout.checkpoint_bytes
+        {
+            return Err(Corruption::Field {
+                what: WHAT,
+                field: "ckpt_len",
+                value: sb.ckpt_len,
+            });
+        }
+        Ok(sb)
+    }
+}
+
+/// Check region sizes read from disk against the limits.
+///
+/// # Errors
+/// [`Corruption::Field`].
+pub fn validate_layout(l: &Layout) -> Result<(), Corruption> {
+    use crate::limits::{
+        CHECKPOINT_MAX_BYTES, CHECKPOINT_MIN_BYTES, JOURNAL_MAX_BYTES, JOURNAL_MIN_BYTES,
+    };
+    const WHAT: &str = "layout";
+    if l.journal_bytes < JOURNAL_MIN_BYTES
+        || l.journal_bytes > JOURNAL_MAX_BYTES
+        || l.journal_bytes % JOURNAL_BLOCK_BYTES as u64 != 0
+    {
+        return Err(Corruption::Field {
+            what: WHAT,
+            field: "journal_bytes",
+            value: l.journal_bytes,
+        });
+    }
+    if l.checkpoint_bytes < CHECKPOINT_MIN_BYTES
+        || l.checkpoint_bytes > CHECKPOINT_MAX_BYTES
+        || l.checkpoint_bytes % 4096 != 0
+    {
+        return Err(Corruption::Field {
+            what: WHAT,
+            field: "checkpoint_bytes",
+            value: l.checkpoint_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Header of one 512-byte journal block.
+///
+/// Bytes: magic u32, crc u32 (over bytes 8..512), table_id\[16\], seq u64, commit_seq u64,
+/// block_count u16, block_index u16, payload_len u16, reserved u16, payload\[464\].
+/// The block with sequence `seq` must sit at slot `seq % n`; `commit_seq` is the sequence of the
+/// first block of its commit, so a commit is applied only when all its blocks are present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockHeader {
+    /// Sequence of this block.
+    pub seq: u64,
+    /// Sequence of the first block of the commit.
+    pub commit_seq: u64,
+    /// Blocks in the commit.
+    pub block_count: u16,
+    /// Index of this block in the commit.
+    pub block_index: u16,
+    /// Payload bytes used in this block.
+    pub payload_len: u16,
+}
+
+/// Encode a journal block.
+#[must_use]
+pub fn encode_block(
+    table_id: &TableId,
+    h: &BlockHeader,
+    payload: &[u8],
+) -> [u8; JOURNAL_BLOCK_BYTES] {
+    debug_assert!(payload.len() <= BLOCK_PAYLOAD_BYTES);
+    debug_assert_eq!(usize::from(h.payload_len), payload.len());
+    let mut b = [0u8; JOURNAL_BLOCK_BYTES];
+    put_u32(&mut b, 0, BLOCK_MAGIC);
+    b[8..24].copy_from_slice(table_id);
+    put_u64(&mut b, 24, h.seq);
+    put_u64(&mut b, 32, h.commit_seq);
+    put_u16(&mut b, 40, h.block_count);
+    put_u16(&mut b, 42, h.block_index);
+    put_u16(&mut b, 44, h.payload_len);
+    b[BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + payload.len()].copy_from_slice(payload);
+    let crc = crc32fast::hash(&b[8..]);
+    put_u32(&mut b, 4, crc);
+    b
+}
+
+/// Decode a journal block that must carry sequence `expect_seq` (`None` accepts any sequence,
+/// used when scanning for later commits).
+///
+/// # Errors
+/// A [`Corruption`] for a bad magic, checksum, table or sequence binding or field.
+pub fn decode_block<'a>(
+    b: &'a [u8],
+    table_id: &TableId,
+    expect_seq: Option<u64>,
+) -> Result<(BlockHeader, &'a [u8]), Corruption> {
+    const WHAT: &str = "journal block";
+    if b.len() != JOURNAL_BLOCK_BYTES {
+        return Err(Corruption::Truncated { what: WHAT });
+    }
+    if get_u32(b, 0) != BLOCK_MAGIC {
+        return Err(Corruption::BadMagic { what: WHAT });
+    }
+    let expected = crc32fast::hash(&b[8..]);
+    let found = get_u32(b, 4);
+    if expected != found {
+        return Err(Corruption::Checksum {
+            what: WHAT,
+            expected,
+            found,
+        });
+    }
+    let h = BlockHeader {
+        seq: get_u64(b, 24),
+        commit_seq: get_u64(b, 32),
+        block_count: get_u16(b, 40),
+        block_index: get_u16(b, 42),
+        payload_len: get_u16(b, 44),
+    };
+    if b[8..24] != table_id[..] || expect_seq.is_some_and(|s| s != h.seq) {
+        return Err(Corruption::Misplaced { what: WHAT });
+    }
+    if usize::from(h.payload_len) > BLOCK_PAYLOAD_BYTES
+        || h.block_count == 0
+        || usize::from(h.block_count) > crate::limits::COMMIT_BLOCKS_MAX
+        || h.block_index >= h.block_count
+        || h.commit_seq.checked_add(u64::from(h.block_index)) != Some(h.seq)
+    {
+        return Err(Corruption::Field {
+            what: WHAT,
+            field: "header",
+            value: h.seq,
+        });
+    }
+    Ok((
+        h,
+        &b[BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + usize::from(h.payload_len)],
+    ))
+}
+
+/// What a volume was when a session was established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRef {
+    /// Identity.
+    pub id: VolumeId,
+    /// Size in bytes.
+    pub size: u64,
+    /// Sector size in bytes.
+    pub sector_size: u32,
+    /// Generation.
+    pub generation: Generation,
+    /// How to find it again.
+    pub locator: String,
+}
+
+impl From<&crate::volume::VolumeInfo> for VolumeRef {
+    fn from(i: &crate::volume::VolumeInfo) -> Self {
+        VolumeRef {
+            id: i.id,
+            size: i.size,
+            sector_size: i.sector_size,
+            generation: i.generation,
+            locator: i.locator.clone(),
+        }
+    }
+}
+
+/// One source range and where it goes in the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ExtentSpec {
+    /// Start in the source volume, bytes.
+    pub source_offset: u64,
+    /// Start in the target volume, bytes.
+    pub target_offset: u64,
+    /// Length in bytes (a multiple of the grain).
+    pub len: u64,
+}
+
+/// Whether the background copier fills the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum CopyMode {
+    /// Background copy runs to completion; the session then completes.
+    Copy,
+    /// Copy-before-write only, until withdrawn.
+    NoCopy,
+}
+
+impl CopyMode {
+    fn code(self) -> u8 {
+        match self {
+            CopyMode::Copy => 1,
+            CopyMode::NoCopy => 2,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(CopyMode::Copy),
+            2 => Some(CopyMode::NoCopy),
+            _ => None,
+        }
+    }
+}
+
+/// Lifecycle state of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum SessionState {
+    /// Copy-before-write is in force.
+    Active,
+    /// Every grain was copied; the target is independent.
+    Completed,
+    /// Ended by the user.
+    Withdrawn,
+    /// Ended by the engine with a reason.
+    Terminated,
+}
+
+impl SessionState {
+    /// Stable on-disk code.
+    #[must_use]
+    pub fn code(self) -> u8 {
+        match self {
+            SessionState::Active => 1,
+            SessionState::Completed => 2,
+            SessionState::Withdrawn => 3,
+            SessionState::Terminated => 4,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(SessionState::Active),
+            2 => Some(SessionState::Completed),
+            3 => Some(SessionState::Withdrawn),
+            4 => Some(SessionState::Terminated),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            SessionState::Active => "active",
+            SessionState::Completed => "completed",
+            SessionState::Withdrawn => "withdrawn",
+            SessionState::Terminated => "terminated",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Why a session or extent ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum ReasonCode {
+    /// The user withdrew it.
+    Withdrawn,
+    /// The named "terminate incomplete" restart policy ended it.
+    RestartPolicy,
+    /// A volume could not be found or opened.
+    VolumeMissing,
+    /// A volume now has another identity (replaced, or source and target swapped).
+    IdentityMismatch,
+    /// A volume's generation changed (re-formatted or rewritten outside the engine).
+    GenerationMismatch,
+    /// A volume's sector size changed.
+    SectorSizeMismatch,
+    /// A volume shrank below the extent.
+    VolumeShrunk,
+    /// The table's durable state for the session could not be proven.
+    TableDamaged,
+    /// Copying failed after bounded retries.
+    CopyFailed,
+    /// A reset notification found the volume changed.
+    ResetMismatch,
+}
+
+impl ReasonCode {
+    fn code(self) -> u16 {
+        match self {
+            ReasonCode::Withdrawn => 1,
+            ReasonCode::RestartPolicy => 2,
+            ReasonCode::VolumeMissing => 3,
+            ReasonCode::IdentityMismatch => 4,
+            ReasonCode::GenerationMismatch => 5,
+            ReasonCode::SectorSizeMismatch => 6,
+            ReasonCode::VolumeShrunk => 7,
+            ReasonCode::TableDamaged => 8,
+            ReasonCode::CopyFailed => 9,
+            ReasonCode::ResetMismatch => 10,
+        }
+    }
+    fn from_code(c: u16) -> Option<Self> {
+        Some(match c {
+            1 => ReasonCode::Withdrawn,
+            2 => ReasonCode::RestartPolicy,
+            3 => ReasonCode::VolumeMissing,
+            4 => ReasonCode::IdentityMismatch,
+            5 => ReasonCode::GenerationMismatch,
+            6 => ReasonCode::SectorSizeMismatch,
+            7 => ReasonCode::VolumeShrunk,
+            8 => ReasonCode::TableDamaged,
+            9 => ReasonCode::CopyFailed,
+            10 => ReasonCode::ResetMismatch,
+            _ => return None,
+        })
+    }
+}
+
+/// A typed reason with a short human detail.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Reason {
+    /// The machine-readable code.
+    pub code: ReasonCode,
+    /// Details (at most [`REASON_BYTES_MAX`] bytes are kept).
+    pub detail: String,
+}
+
+impl Reason {
+    /// A reason with detail text, truncated at a character boundary to the stored limit.
+    #[must_use]
+    pub fn new(code: ReasonCode, detail: impl Into<String>) -> Self {
+        let mut detail: String = detail.into();
+        if detail.len() > REASON_BYTES_MAX {
+            let mut cut = REASON_BYTES_MAX;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+        }
+        Reason { code, detail }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.detail)
+    }
+}
+
+/// Everything fixed about a session at establish time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionDesc {
+    /// Id.
+    pub id: SessionId,
+    /// Mode at establish.
+    pub mode: CopyMode,
+    /// Grain size.
+    pub grain: GrainSize,
+    /// Source volume as it was.
+    pub source: VolumeRef,
+    /// Target volume as it was.
+    pub target: VolumeRef,
+    /// Extents, in image order.
+    pub extents: Vec<ExtentSpec>,
+    /// T0, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+}
+
+fn put_volume(w: &mut Writer, v: &VolumeRef) {
+    w.bytes(&v.id.0);
+    w.u64(v.size);
+    w.u32(v.sector_size);
+    w.u64(v.generation.0);
+    w.str16(&v.locator);
+}
+
+fn get_volume(r: &mut Reader<'_>) -> Result<VolumeRef, Corruption> {
+    Ok(VolumeRef {
+        id: VolumeId(r.b16()?),
+        size: r.u64()?,
+        sector_size: r.u32()?,
+        generation: Generation(r.u64()?),
+        locator: r.str16(LOCATOR_BYTES_MAX, "locator")?,
+    })
+}
+
+impl SessionDesc {
+    /// Encode.
+    pub fn encode(&self, w: &mut Writer) {
+        w.u64(self.id.0);
+        w.u8(self.mode.code());
+        w.u8(self.grain.shift());
+        w.u16(u16::try_from(self.extents.len()).unwrap_or(u16::MAX));
+        w.u64(self.created_unix_ms);
+        put_volume(w, &self.source);
+        put_volume(w, &self.target);
+        for e in &self.extents {
+            w.u64(e.source_offset);
+            w.u64(e.target_offset);
+            w.u64(e.len);
+        }
+    }
+
+    /// Decode and validate ranges (grain, extent count, alignment, overflow).
+    ///
+    /// # Errors
+    /// A [`Corruption`].
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, Corruption> {
+        let id = SessionId(r.u64()?);
+        let mode_c = r.u8()?;
+        let mode = CopyMode::from_code(mode_c).ok_or_else(|| r.bad("mode", u64::from(mode_c)))?;
+        let shift = r.u8()?;
+        let grain =
+            GrainSize::from_shift(shift).map_err(|_| r.bad("grain_shift", u64::from(shift)))?;
+        let n = usize::from(r.u16()?);
+        if n == 0 || n > EXTENTS_PER_SESSION_MAX {
+            return Err(r.bad("extent_count", n as u64));
+        }
+        let created_unix_ms = r.u64()?;
+        let source = get_volume(r)?;
+        let target = get_volume(r)?;
+        let mut extents = Vec::with_capacity(n);
+        for _ in 0..n {
+            let e = ExtentSpec {
+                source_offset: r.u64()?,
+                target_offset: r.u64()?,
+                len: r.u64()?,
+            };
+            let g = grain.bytes();
+            if e.len == 0
+                || e.len % g != 0
+                || e.source_offset % g != 0
+                || e.target_offset % g != 0
+                || e.source_offset.checked_add(e.len).is_none()
+                || e.target_offset.checked_add(e.len).is_none()
+            {
+                return Err(r.bad("extent", e.len));
+            }
+            extents.push(e);
+        }
+        let total: Option<u64> = extents.iter().try_fold(0u64, |a, e| a.checked_add(e.len));
+        if total.is_none() {
+            return Err(r.bad("extent_total", 0));
+        }
+        Ok(SessionDesc {
+            id,
+            mode,
+            grain,
+            source,
+            target,
+            extents,
+            created_unix_ms,
+        })
+    }
+
+    /// Total grains in the session (its bitmap length).
+    #[must_use]
+    pub fn grains(&self) -> u64 {
+        self.extents
+            .iter()
+            .map(|e| e.len >> self.grain.shift())
+            .sum()
+    }
+}
+
+/// One journal entry: a state transition of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A session was established (T0).
+    Establish(SessionDesc),
+    /// Grains `start..start+count` of a session are copied (data already durable).
+    SetBits {
+        /// Session.
+        session: SessionId,
+        /// First grain.
+        start: u64,
+        /// Number of grains.
+        count: u64,
+    },
+    /// A session changed state.
+    SetState {
+        /// Session.
+        session: SessionId,
+        /// New state.
+        state: SessionState,
+        /// Why (for ended states).
+        reason: Option<Reason>,
+    },
+    /// A session's mode changed (no-copy converted to copy).
+    SetMode {
+        /// Session.
+        session: SessionId,
+        /// New mode.
+        mode: CopyMode,
+    },
+    /// One extent of a session ended while the rest goes on.
+    EndExtent {
+        /// Session.
+        session: SessionId,
+        /// Extent index.
+        extent: u32,
+        /// Why.
+        reason: Reason,
+    },
+    /// An ended session was removed from the table.
+    Forget {
+        /// Session.
+        session: SessionId,
+    },
+}
+
+const E_ESTABLISH: u8 = 1;
+const E_SETBITS: u8 = 2;
+const E_SETSTATE: u8 = 3;
+const E_SETMODE: u8 = 4;
+const E_ENDEXTENT: u8 = 5;
+const E_FORGET: u8 = 6;
+
+fn put_reason(w: &mut Writer, r: &Reason) {
+    w.u16(r.code.code());
+    w.str16(&r.detail);
+}
+
+fn get_reason(r: &mut Reader<'_>) -> Result<Reason, Corruption> {
+    let c = r.u16()?;
+    let code = ReasonCode::from_code(c).ok_or_else(|| r.bad("reason", u64::from(c)))?;
+    Ok(Reason {
+        code,
+        detail: r.str16(REASON_BYTES_MAX, "reason_detail")?,
+    })
+}
+
+impl Entry {
+    /// Encode into `w`.
+    pub fn encode(&self, w: &mut Writer) {
+        match self {
+            Entry::Establish(d) => {
+                w.u8(E_ESTABLISH);
+                d.encode(w);
+            }
+            Entry::SetBits {
+                session,
+                start,
+                count,
+            } => {
+                w.u8(E_SETBITS);
+                w.u64(session.0);
+                w.u64(*start);
+                w.u64(*count);
+            }
+            Entry::SetState {
+                session,
+                state,
+                reason,
+            } => {
+                w.u8(E_SETSTATE);
+                w.u64(session.0);
+                w.u8(state.code());
+                match reason {
+                    Some(r) => {
+                        w.u8(1);
+                        put_reason(w, r);
+                    }
+                    None => w.u8(0),
+                }
+            }
+            Entry::SetMode { session, mode } => {
+                w.u8(E_SETMODE);
+                w.u64(session.0);
+                w.u8(mode.code());
+            }
+            Entry::EndExtent {
+                session,
+                extent,
+                reason,
+            } => {
+                w.u8(E_ENDEXTENT);
+                w.u64(session.0);
+                w.u32(*extent);
+                put_reason(w, reason);
+            }
+            Entry::Forget { session } => {
+                w.u8(E_FORGET);
+                w.u64(session.0);
+            }
+        }
+    }
+
+    /// Encoded size in bytes.
+    #[must_use]
+    pub fn encoded_len(&self) -> usize {
+        let mut w = Writer::default();
+        self.encode(&mut w);
+        w.buf.len()
+    }
+
+    /// Decode all entries of one commit's payload.
+    ///
+    /// # Errors
+    /// A [`Corruption`] for unknown kinds or bad fields.
+    pub fn decode_all(payload: &[u8]) -> Result<Vec<Entry>, Corruption> {
+        let mut r = Reader::new(payload, "journal entry");
+        let mut out = Vec::new();
+        while r.remaining() > 0 {
+            let kind = r.u8()?;
+            let e = match kind {
+                E_ESTABLISH => Entry::Establish(SessionDesc::decode(&mut r)?),
+                E_SETBITS => Entry::SetBits {
+                    session: SessionId(r.u64()?),
+                    start: r.u64()?,
+                    count: r.u64()?,
+                },
+                E_SETSTATE => {
+                    let session = SessionId(r.u64()?);
+                    let c = r.u8()?;
+                    let state =
+                        SessionState::from_code(c).ok_or_else(|| r.bad("state", u64::from(c)))?;
+                    let reason = match r.u8()? {
+                        0 => None,
+                        1 => Some(get_reason(&mut r)?),
+                        x => return Err(r.bad("has_reason", u64::from(x))),
+                    };
+                    Entry::SetState {
+                        session,
+                        state,
+                        reason,
+                    }
+                }
+                E_SETMODE => {
+                    let session = SessionId(r.u64()?);
+                    let c = r.u8()?;
+                    Entry::SetMode {
+                        session,
+                        mode: CopyMode::from_code(c).ok_or_else(|| r.bad("mode", u64::from(c)))?,
+                    }
+                }
+                E_ENDEXTENT => Entry::EndExtent {
+                    session: SessionId(r.u64()?),
+                    extent: r.u32()?,
+                    reason: get_reason(&mut r)?,
+                },
+                E_FORGET => Entry::Forget {
+                    session: SessionId(r.u64()?),
+                },
+                k => return Err(r.bad("entry_kind", u64::from(k))),
+            };
+            out.push(e);
+        }
+        Ok(out)
+    }
+}
+
+/// One session as a checkpoint stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionImage {
+    /// Descriptor.
+    pub desc: SessionDesc,
+    /// State.
+    pub state: SessionState,
+    /// Current mode.
+    pub mode: CopyMode,
+    /// Why it ended, when it did.
+    pub reason: Option<Reason>,
+    /// Ended extents and why.
+    pub ended_extents: Vec<(u32, Reason)>,
+    /// Bitmap bytes (bit `i` of byte `i / 8`, LSB first); empty for ended sessions.
+    pub bitmap: Vec<u8>,
+}
+
+/// Encode a checkpoint (header and payload). The caller checks it fits its area.
+#[must_use]
+pub fn encode_checkpoint(
+    table_id: &TableId,
+    area: u32,
+    generation: u64,
+    seq: u64,
+    next_session: u64,
+    sessions: &[SessionImage],
+) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.bytes(&[0u8; CHECKPOINT_HEADER_BYTES]);
+    w.u32(u32::try_from(sessions.len()).unwrap_or(u32::MAX));
+    for s in sessions {
+        s.desc.encode(&mut w);
+        w.u8(s.state.code());
+        w.u8(s.mode.code());
+        match &s.reason {
+            Some(r) => {
+                w.u8(1);
+                put_reason(&mut w, r);
+            }
+            None => w.u8(0),
+        }
+        w.u16(u16::try_from(s.ended_extents.len()).unwrap_or(u16::MAX));
+        for (i, r) in &s.ended_extents {
+            w.u32(*i);
+            put_reason(&mut w, r);
+        }
+        w.u64(s.bitmap.len() as u64);
+        w.bytes(&s.bitmap);
+    }
+    let mut b = w.buf;
+    let payload_len = (b.len() - CHECKPOINT_HEADER_BYTES) as u64;
+    b[0..8].copy_from_slice(&CHECKPOINT_MAGIC);
+    put_u32(&mut b, 8, FORMAT_VERSION);
+    put_u32(&mut b, 12, area);
+    b[16..32].copy_from_slice(table_id);
+    put_u64(&mut b, 32, generation);
+    put_u64(&mut b, 40, seq);
+    put_u64(&mut b, 48, payload_len);
+    put_u64(&mut b, 56, next_session);
+    b
+}
+
+/// A decoded checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// First journal sequence to replay.
+    pub seq: u64,
+    /// Next session id to hand out.
+    pub next_session: u64,
+    /// Sessions.
+    pub sessions: Vec<SessionImage>,
+}
+
+/// Decode a checkpoint that its superblock `sb` vouches for (CRC already in `sb`).
+///
+/// # Errors
+/// A [`Corruption`].
+pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corruption> {
+    const WHAT: &str = "checkpoint";
+    let len = usize::try_from(sb.ckpt_len).map_err(|_| Corruption::Truncated { what: WHAT })?;
+    if b.len() < len || len < CHECKPOINT_HEADER_BYTES {
+        return Err(Corruption::Truncated { what: WHAT });
+    }
+    let b = &b[..len];
+    let expected = crc32fast::hash(b);
+    if expected != sb.ckpt_crc {
+        return Err(Corruption::Checksum {
+            what: WHAT,
+            expected,
+            found: sb.ckpt_crc,
+        });
+    }
+    if b[0..8] != CHECKPOINT_MAGIC {
+        return Err(Corruption::BadMagic { what: WHAT });
+    }
+    if get_u32(b, 8) != FORMAT_VERSION {
+        return Err(Corruption::BadVersion {
+            what: WHAT,
+            found: get_u32(b, 8),
+        });
+    }
+    if get_u32(b, 12) != sb.copy()
+        || b[16..32] != sb.table_id
+        || get_u64(b, 32) != sb.generation
+        || get_u64(b, 40) != sb.ckpt_seq
+    {
+        return Err(Corruption::Misplaced { what: WHAT });
+    }
+    if get_u64(b, 48) != (len - CHECKPOINT_HEADER_BYTES) as u64 {
+        return Err(Corruption::Field {
+            what: WHAT,
+            field: "payload_len",
+            value: get_u64(b, 48),
+        });
+    }
+    let next_session = get_u64(b, 56);
+    let mut r = Reader::new(&b[CHECKPOINT_HEADER_BYTES..], WHAT);
+    let n = r.u32()? as usize;
+    if n > crate::limits::SESSIONS_MAX {
+        return Err(r.bad("session_count", n as u64));
+    }
+    let mut sessions = Vec::with_capacity(n);
+    for _ in 0..n {
+        let desc = SessionDesc::decode(&mut r)?;
+        let c = r.u8()?;
+        let state = SessionState::from_code(c).ok_or_else(|| r.bad("state", u64::from(c)))?;
+        let m = r.u8()?;
+        let mode = CopyMode::from_code(m).ok_or_else(|| r.bad("mode", u64::from(m)))?;
+        let reason = match r.u8()? {
+            0 => None,
+            1 => Some(get_reason(&mut r)?),
+            x => return Err(r.bad("has_reason", u64::from(x))),
+        };
+        let ne = usize::from(r.u16()?);
+        if ne > desc.extents.len() {
+            return Err(r.bad("ended_extents", ne as u64));
+        }
+        let mut ended_extents = Vec::with_capacity(ne);
+        for _ in 0..ne {
+            let i = r.u32()?;
+            if i as usize >= desc.extents.len() {
+                return Err(r.bad("ended_extent", u64::from(i)));
+            }
+            ended_extents.push((i, get_reason(&mut r)?));
+        }
+        let blen = r.u64()?;
+        let want = desc.grains().div_ceil(8);
+        if blen != 0 && blen != want {
+            return Err(r.bad("bitmap_len", blen));
+        }
+        if blen > r.remaining() as u64 {
+            return Err(Corruption::Truncated { what: WHAT });
+        }
+        let bitmap = r
+            .take(usize::try_from(blen).unwrap_or(usize::MAX))?
+            .to_vec();
+        sessions.push(SessionImage {
+            desc,
+            state,
+            mode,
+            reason,
+            ended_extents,
+            bitmap,
+        });
+    }
+    if r.remaining() != 0 {
+        return Err(r.bad("trailing", r.remaining() as u64));
+    }
+    Ok(Checkpoint {
+        seq: sb.ckpt_seq,
+        next_session,
+        sessions,
+    })
+}

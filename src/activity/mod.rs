@@ -1,0 +1,17 @@
+//! Activity tables: the durable record of sessions, their extents, states and copied bits.
+//!
+//! A table is a preallocated, memory-mapped file (see [`format`] for every byte): two
+//! superblocks, a mirrored journal of 512-byte CRC-checked blocks, and two checkpoint areas.
+//! [`Table::commit`] is the only way state changes: entries are written to the journal, made
+//! durable (many callers share one durability point), and only then applied to the in-memory
+//! [`crate::session::Session`]s.
+
+pub mod codec;
+pub mod format;
+#[allow(unsafe_code)]
+mod mmap;
+mod storage;
+mod table;
+
+pub use storage::{MemStorage, MmapStorage, TableStorage};
+pub use table::{OpenReport, Table, TableOptions, TableStats};

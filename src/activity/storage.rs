@@ -1,0 +1,236 @@
+//! Where a table's bytes live: a narrow trait, the mmap-backed file, and an in-memory store.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use super::mmap::MappedFile;
+use crate::{Error, Result};
+
+/// Storage for one activity table. `write` changes the bytes (not yet durable); `sync` is the
+/// durability point for everything written before it.
+pub trait TableStorage: Send + Sync + std::fmt::Debug {
+    /// Size in bytes (fixed at creation).
+    fn len(&self) -> u64;
+    /// Read `buf.len()` bytes at `offset`.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] or an I/O error.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Write `data` at `offset`.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] or an I/O error.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Make all writes durable.
+    ///
+    /// # Errors
+    /// An I/O error; the table then latches as poisoned.
+    fn sync(&self) -> Result<()>;
+    /// A name for messages (the path).
+    fn name(&self) -> String;
+    /// True when empty (never, for a valid table).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An activity table file, memory-mapped; `sync` is `msync(MS_SYNC)` over the mapping.
+///
+/// The file is fully allocated (`fallocate`) at creation, so stores into the mapping can never
+/// fault with `SIGBUS` for lack of space. The process holds an exclusive `flock` on the file for
+/// as long as this value lives, and records who it is in `PATH.holder`.
+#[derive(Debug)]
+pub struct MmapStorage {
+    map: Mutex<MappedFile>,
+    path: PathBuf,
+    len: u64,
+    _file: File,
+}
+
+fn holder_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".holder");
+    PathBuf::from(p)
+}
+
+fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            let holder = std::fs::read_to_string(holder_path(path))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "another process".to_string());
+            return Err(Error::Locked {
+                path: path.to_path_buf(),
+                holder,
+            });
+        }
+        Err(e) => return Err(Error::io("flock", path.display().to_string(), 0, e.into())),
+    }
+    // Best effort: a stale holder file only makes a future message less precise.
+    if let Ok(mut f) = File::create(holder_path(path)) {
+        let cmd = std::env::args().collect::<Vec<_>>().join(" ");
+        let _ = writeln!(f, "pid {} ({})", std::process::id(), cmd);
+    }
+    Ok(())
+}
+
+impl MmapStorage {
+    /// Create a new table file of `len` bytes (fails if it exists), allocate it, map it.
+    ///
+    /// # Errors
+    /// I/O errors with context; `AlreadyExists` when the file exists.
+    pub fn create(path: &Path, len: u64) -> Result<Self> {
+        let shown = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io("create", &shown, 0, e))?;
+        lock_exclusive(&file, path)?;
+        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len)
+            .map_err(|e| Error::io("fallocate", &shown, 0, e.into()))?;
+        file.sync_all()
+            .map_err(|e| Error::io("fsync", &shown, 0, e))?;
+        if let Some(dir) = path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Ok(d) = File::open(dir) {
+                d.sync_all()
+                    .map_err(|e| Error::io("fsync dir", dir.display().to_string(), 0, e))?;
+            }
+        }
+        Self::map(file, path, len)
+    }
+
+    /// Open an existing table file and map it.
+    ///
+    /// # Errors
+    /// I/O errors with context, [`Error::Locked`] when another process holds it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("open", &shown, 0, e))?;
+        lock_exclusive(&file, path)?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &shown, 0, e))?
+            .len();
+        Self::map(file, path, len)
+    }
+
+    fn map(file: File, path: &Path, len: u64) -> Result<Self> {
+        let map = MappedFile::map(&file, len)
+            .map_err(|e| Error::io("mmap", path.display().to_string(), 0, e))?;
+        Ok(MmapStorage {
+            map: Mutex::new(map),
+            path: path.to_path_buf(),
+            len,
+            _file: file,
+        })
+    }
+}
+
+impl Drop for MmapStorage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(holder_path(&self.path));
+    }
+}
+
+fn range(offset: u64, n: usize, len: u64) -> Result<std::ops::Range<usize>> {
+    crate::volume::check_range(offset, n as u64, len, "table")?;
+    let o = usize::try_from(offset).map_err(|_| Error::invalid("offset", "too large"))?;
+    Ok(o..o + n)
+}
+
+impl TableStorage for MmapStorage {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let r = range(offset, buf.len(), self.len)?;
+        buf.copy_from_slice(&self.map.lock().bytes()[r]);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let r = range(offset, data.len(), self.len)?;
+        self.map.lock().bytes_mut()[r].copy_from_slice(data);
+        Ok(())
+    }
+    fn sync(&self) -> Result<()> {
+        self.map
+            .lock()
+            .sync()
+            .map_err(|e| Error::io("msync", self.path.display().to_string(), 0, e))
+    }
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// A table held in memory: every write is durable at once (no crash can happen). The fault
+/// harness wraps storage like this one to model crashes.
+#[derive(Debug)]
+pub struct MemStorage {
+    bytes: Mutex<Vec<u8>>,
+    name: String,
+}
+
+impl MemStorage {
+    /// A zero-filled store.
+    #[must_use]
+    pub fn new(name: &str, len: u64) -> Self {
+        MemStorage {
+            bytes: Mutex::new(vec![0; usize::try_from(len).unwrap_or(0)]),
+            name: name.to_string(),
+        }
+    }
+    /// A store holding `bytes` (for example a crash image).
+    #[must_use]
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Self {
+        MemStorage {
+            bytes: Mutex::new(bytes),
+            name: name.to_string(),
+        }
+    }
+    /// A copy of the bytes.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.bytes.lock().clone()
+    }
+}
+
+impl TableStorage for MemStorage {
+    fn len(&self) -> u64 {
+        self.bytes.lock().len() as u64
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let b = self.bytes.lock();
+        let r = range(offset, buf.len(), b.len() as u64)?;
+        buf.copy_from_slice(&b[r]);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut b = self.bytes.lock();
+        let r = range(offset, data.len(), b.len() as u64)?;
+        b[r].copy_from_slice(data);
+        Ok(())
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}

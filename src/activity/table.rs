@@ -1,0 +1,696 @@
+//! The activity table: open/recover, group commit, checkpoints.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use super::codec::Writer;
+use super::format::{
+    decode_block, decode_checkpoint, encode_block, encode_checkpoint, BlockHeader, Entry, Layout,
+    Reason, ReasonCode, SessionDesc, SessionState, Superblock, TableId, BLOCK_PAYLOAD_BYTES,
+};
+use super::storage::TableStorage;
+use crate::error::Corruption;
+use crate::ids::SessionId;
+use crate::limits::{COMMIT_BLOCKS_MAX, JOURNAL_BLOCK_BYTES, SESSIONS_MAX, SUPERBLOCK_BYTES};
+use crate::session::Session;
+use crate::{Error, Result};
+
+/// Sizes of a new table.
+#[derive(Debug, Clone, Copy)]
+pub struct TableOptions {
+    /// Bytes per journal copy. Default = [`crate::limits::JOURNAL_DEFAULT_BYTES`].
+    pub journal_bytes: u64,
+    /// Bytes per checkpoint area; bounds the total bitmap size of all sessions.
+    /// Default = [`crate::limits::CHECKPOINT_DEFAULT_BYTES`].
+    pub checkpoint_bytes: u64,
+}
+
+impl Default for TableOptions {
+    fn default() -> Self {
+        TableOptions {
+            journal_bytes: crate::limits::JOURNAL_DEFAULT_BYTES,
+            checkpoint_bytes: crate::limits::CHECKPOINT_DEFAULT_BYTES,
+        }
+    }
+}
+
+impl TableOptions {
+    /// The file layout these options give.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when a size is outside the limits.
+    pub fn layout(&self) -> Result<Layout> {
+        let l = Layout {
+            journal_bytes: self.journal_bytes,
+            checkpoint_bytes: self.checkpoint_bytes,
+        };
+        super::format::validate_layout(&l)
+            .map_err(|c| Error::invalid("table size", c.to_string()))?;
+        Ok(l)
+    }
+}
+
+/// What opening a table found and did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct OpenReport {
+    /// Generation of the superblock used.
+    pub generation: u64,
+    /// True when the newest superblock or checkpoint was damaged and an older one was used.
+    pub fell_back: bool,
+    /// Journal blocks replayed.
+    pub blocks_replayed: u64,
+    /// Commits replayed.
+    pub commits_replayed: u64,
+    /// Journal blocks read from the mirror copy because the first copy was damaged.
+    pub blocks_repaired: u64,
+    /// True when a damaged block was found before intact later commits (sessions terminated).
+    pub journal_hole: bool,
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct TableStats {
+    /// Commits written.
+    pub commits: AtomicU64,
+    /// Entries written.
+    pub entries: AtomicU64,
+    /// Durability points (syncs) issued.
+    pub syncs: AtomicU64,
+    /// Checkpoints written.
+    pub checkpoints: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Writer_ {
+    next_seq: u64,
+    generation: u64,
+    /// Journal blocks from this sequence on must be kept (the older checkpoint's start).
+    retain_from: u64,
+    /// Sequence of the newest checkpoint.
+    ckpt_seq: u64,
+    next_session: u64,
+    created_unix_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    pending: Vec<Entry>,
+    /// Batch that new entries join.
+    open_batch: u64,
+    /// Batches durable and applied.
+    done_batch: u64,
+    leader: bool,
+    failed: Option<String>,
+}
+
+/// An open activity table.
+#[derive(Debug)]
+pub struct Table {
+    storage: Arc<dyn TableStorage>,
+    table_id: TableId,
+    layout: Layout,
+    sessions: RwLock<BTreeMap<SessionId, Arc<Session>>>,
+    queue: Mutex<Queue>,
+    queue_cv: Condvar,
+    writer: Mutex<Writer_>,
+    poisoned: AtomicBool,
+    /// Counters.
+    pub stats: TableStats,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Table {
+    /// Format `storage` as a new, empty table.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the storage is too small; I/O errors.
+    pub fn create(storage: Arc<dyn TableStorage>, options: &TableOptions) -> Result<Table> {
+        let layout = options.layout()?;
+        if storage.len() < layout.file_bytes() {
+            return Err(Error::invalid(
+                "table storage",
+                format!("{} bytes, need {}", storage.len(), layout.file_bytes()),
+            ));
+        }
+        let mut table_id = [0u8; 16];
+        rand::Rng::fill(&mut rand::rng(), &mut table_id[..]);
+        let created = now_ms();
+        // Generations 0 and 1 both hold the empty state, so either superblock alone suffices.
+        for generation in 0..2u64 {
+            let area = u32::from(generation == 1);
+            let ck = encode_checkpoint(&table_id, area, generation, 0, 1, &[]);
+            storage.write(layout.checkpoint(area), &ck)?;
+            storage.sync()?;
+            let sb = Superblock {
+                table_id,
+                generation,
+                layout,
+                ckpt_seq: 0,
+                ckpt_len: ck.len() as u64,
+                ckpt_crc: crc32fast::hash(&ck),
+                created_unix_ms: created,
+            };
+            storage.write(Layout::superblock(sb.copy()), &sb.encode())?;
+            storage.sync()?;
+        }
+        let (t, _) = Table::open(storage)?;
+        Ok(t)
+    }
+
+    /// Open a table: pick the newest valid superblock and checkpoint, replay the journal, detect
+    /// holes, and write a fresh checkpoint so that the next sequence never reuses one seen on disk.
+    ///
+    /// Volumes are not looked at here; the engine reconciles sessions against volumes next.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when no valid superblock/checkpoint pair exists or a committed entry is
+    /// invalid; I/O errors.
+    pub fn open(storage: Arc<dyn TableStorage>) -> Result<(Table, OpenReport)> {
+        let name = storage.name();
+        let corrupt = |kind: Corruption| Error::Corrupt {
+            path: name.clone(),
+            kind,
+        };
+        if storage.len() < 2 * SUPERBLOCK_BYTES as u64 {
+            return Err(corrupt(Corruption::Truncated { what: "table" }));
+        }
+        let mut sbs = Vec::new();
+        let mut first_err = None;
+        for copy in 0..2u32 {
+            let mut b = vec![0u8; SUPERBLOCK_BYTES];
+            storage.read(Layout::superblock(copy), &mut b)?;
+            match Superblock::decode(&b, copy) {
+                Ok(sb) if sb.layout.file_bytes() <= storage.len() => sbs.push(sb),
+                Ok(_) => first_err = first_err.or(Some(Corruption::Truncated { what: "table" })),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        if sbs.len() == 2 && (sbs[0].table_id != sbs[1].table_id || sbs[0].layout != sbs[1].layout)
+        {
+            return Err(corrupt(Corruption::Misplaced { what: "superblock" }));
+        }
+        sbs.sort_by_key(|s| std::cmp::Reverse(s.generation));
+        let Some(newest) = sbs.first().copied() else {
+            return Err(corrupt(
+                first_err.unwrap_or(Corruption::NoValidCopy { what: "superblock" }),
+            ));
+        };
+        let layout = newest.layout;
+        let table_id = newest.table_id;
+        let mut report = OpenReport::default();
+        let mut base = None;
+        for (i, sb) in sbs.iter().enumerate() {
+            let len = usize::try_from(sb.ckpt_len)
+                .map_err(|_| corrupt(Corruption::Truncated { what: "checkpoint" }))?;
+            let mut b = vec![0u8; len];
+            storage.read(layout.checkpoint(sb.copy()), &mut b)?;
+            match decode_checkpoint(&b, sb) {
+                Ok(c) => {
+                    report.fell_back = i > 0;
+                    base = Some((*sb, c));
+                    break;
+                }
+                Err(e) => first_err = Some(e),
+            }
+        }
+        let Some((base_sb, ckpt)) = base else {
+            return Err(corrupt(
+                first_err.unwrap_or(Corruption::NoValidCopy { what: "checkpoint" }),
+            ));
+        };
+        report.generation = base_sb.generation;
+        let mut sessions = BTreeMap::new();
+        let mut bitmap_bytes = 0u64;
+        for img in &ckpt.sessions {
+            let s = Session::from_image(img).map_err(corrupt)?;
+            bitmap_bytes += img.desc.grains().div_ceil(8);
+            if bitmap_bytes > layout.checkpoint_bytes
+                || sessions.insert(s.id(), Arc::new(s)).is_some()
+            {
+                return Err(corrupt(Corruption::Field {
+                    what: "checkpoint",
+                    field: "sessions",
+                    value: img.desc.id.0,
+                }));
+            }
+        }
+        let mut next_session = ckpt.next_session;
+        // Replay.
+        let n = layout.journal_blocks();
+        let mut seq = ckpt.seq;
+        let read_block = |copy: u32, s: u64| -> Result<Vec<u8>> {
+            let mut b = vec![0u8; JOURNAL_BLOCK_BYTES];
+            storage.read(layout.block(copy, s), &mut b)?;
+            Ok(b)
+        };
+        loop {
+            let mut payload = Vec::new();
+            let mut count = None;
+            let mut ok = true;
+            let mut i = 0u64;
+            while count.is_none_or(|c| i < c) {
+                let s = seq + i;
+                let mut got = None;
+                for copy in 0..2 {
+                    let b = read_block(copy, s)?;
+                    if let Ok((h, p)) = decode_block(&b, &table_id, Some(s)) {
+                        if h.commit_seq == seq
+                            && count.is_none_or(|c| c == u64::from(h.block_count))
+                        {
+                            if copy == 1 {
+                                report.blocks_repaired += 1;
+                            }
+                            got = Some((h, p.to_vec()));
+                            break;
+                        }
+                    }
+                }
+                let Some((h, p)) = got else {
+                    ok = false;
+                    break;
+                };
+                count = Some(u64::from(h.block_count));
+                payload.extend_from_slice(&p);
+                i += 1;
+            }
+            if !ok {
+                break;
+            }
+            let c = count.unwrap_or(0);
+            let entries = Entry::decode_all(&payload).map_err(corrupt)?;
+            for e in &entries {
+                apply(
+                    &mut sessions,
+                    &mut next_session,
+                    &mut bitmap_bytes,
+                    layout.checkpoint_bytes,
+                    e,
+                )
+                .map_err(corrupt)?;
+            }
+            report.blocks_replayed += c;
+            report.commits_replayed += 1;
+            seq += c;
+            if seq - ckpt.seq > n {
+                return Err(corrupt(Corruption::Field {
+                    what: "journal",
+                    field: "length",
+                    value: seq,
+                }));
+            }
+        }
+        // Look for committed blocks beyond the stop point: a hole before the tail.
+        let mut max_seen = None::<u64>;
+        let mut hole = false;
+        for copy in 0..2 {
+            for slot in 0..n {
+                let b = read_block(copy, slot)?;
+                if let Ok((h, _)) = decode_block(&b, &table_id, None) {
+                    if h.seq % n == slot {
+                        max_seen = Some(max_seen.map_or(h.seq, |m| m.max(h.seq)));
+                        if h.commit_seq > seq {
+                            hole = true;
+                        }
+                    }
+                }
+            }
+        }
+        if hole {
+            report.journal_hole = true;
+            let reason = Reason::new(
+                ReasonCode::TableDamaged,
+                format!("journal block {seq} damaged in both copies"),
+            );
+            for s in sessions.values() {
+                if s.is_active() {
+                    s.apply(&Entry::SetState {
+                        session: s.id(),
+                        state: SessionState::Terminated,
+                        reason: Some(reason.clone()),
+                    })
+                    .map_err(corrupt)?;
+                }
+            }
+        }
+        let next_seq = max_seen.map_or(seq, |m| m.saturating_add(1)).max(seq);
+        let max_gen = sbs.iter().map(|s| s.generation).max().unwrap_or(0);
+        let table = Table {
+            storage,
+            table_id,
+            layout,
+            sessions: RwLock::new(sessions),
+            queue: Mutex::new(Queue::default()),
+            queue_cv: Condvar::new(),
+            writer: Mutex::new(Writer_ {
+                next_seq,
+                generation: max_gen,
+                retain_from: base_sb.ckpt_seq,
+                ckpt_seq: base_sb.ckpt_seq,
+                next_session,
+                created_unix_ms: newest.created_unix_ms,
+            }),
+            poisoned: AtomicBool::new(false),
+            stats: TableStats::default(),
+        };
+        {
+            let mut w = table.writer.lock();
+            table.checkpoint(&mut w)?;
+        }
+        Ok((table, report))
+    }
+
+    /// The table's identity.
+    #[must_use]
+    pub fn id(&self) -> TableId {
+        self.table_id
+    }
+
+    /// The file layout.
+    #[must_use]
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The storage's name (path).
+    #[must_use]
+    pub fn name(&self) -> String {
+        self.storage.name()
+    }
+
+    /// All sessions, by id.
+    #[must_use]
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.read().values().cloned().collect()
+    }
+
+    /// One session.
+    #[must_use]
+    pub fn session(&self, id: SessionId) -> Option<Arc<Session>> {
+        self.sessions.read().get(&id).cloned()
+    }
+
+    /// Reserve the next session id (durable once the `Establish` entry commits).
+    pub fn allocate_session_id(&self) -> SessionId {
+        let mut w = self.writer.lock();
+        let id = SessionId(w.next_session);
+        w.next_session += 1;
+        id
+    }
+
+    /// Checkpoint bytes in use and available.
+    #[must_use]
+    pub fn capacity(&self) -> (u64, u64) {
+        let used: u64 = self
+            .sessions
+            .read()
+            .values()
+            .map(|s| s.checkpoint_bytes())
+            .sum();
+        (used + 64, self.layout.checkpoint_bytes)
+    }
+
+    /// Check that a new session fits; forget the oldest ended sessions to make room.
+    ///
+    /// # Errors
+    /// [`Error::TableFull`].
+    pub fn make_room(&self, desc: &SessionDesc) -> Result<()> {
+        let need = Session::new(desc.clone()).checkpoint_bytes();
+        loop {
+            let (used, cap) = self.capacity();
+            let count = self.sessions.read().len();
+            if used + need <= cap && count < SESSIONS_MAX {
+                return Ok(());
+            }
+            let victim = self
+                .sessions
+                .read()
+                .values()
+                .find(|s| !s.is_active())
+                .map(|s| s.id());
+            match victim {
+                Some(v) => self.commit(vec![Entry::Forget { session: v }])?,
+                None if count >= SESSIONS_MAX => return Err(Error::TableFull { what: "sessions" }),
+                None => {
+                    return Err(Error::TableFull {
+                        what: "checkpoint capacity (bitmaps)",
+                    })
+                }
+            }
+        }
+    }
+
+    /// Make `entries` durable and apply them. Concurrent callers share durability points: one
+    /// caller at a time (the leader) writes everything queued and syncs once.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`] after an earlier failure; I/O errors; [`Error::TableFull`].
+    pub fn commit(&self, entries: Vec<Entry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut q = self.queue.lock();
+        if let Some(f) = &q.failed {
+            return Err(Error::Poisoned {
+                target: format!("{} ({f})", self.storage.name()),
+            });
+        }
+        q.pending.extend(entries);
+        let mine = q.open_batch;
+        loop {
+            if q.done_batch > mine {
+                return Ok(());
+            }
+            if let Some(f) = &q.failed {
+                return Err(Error::Poisoned {
+                    target: format!("{} ({f})", self.storage.name()),
+                });
+            }
+            if !q.leader {
+                q.leader = true;
+                let batch = std::mem::take(&mut q.pending);
+                let id = q.open_batch;
+                q.open_batch += 1;
+                drop(q);
+                let r = self.write_batch(&batch);
+                q = self.queue.lock();
+                q.leader = false;
+                match r {
+                    Ok(()) => q.done_batch = id + 1,
+                    Err(e) => {
+                        q.failed = Some(e.to_string());
+                        self.poisoned.store(true, Ordering::Release);
+                        self.queue_cv.notify_all();
+                        return Err(e);
+                    }
+                }
+                self.queue_cv.notify_all();
+            } else {
+                self.queue_cv.wait(&mut q);
+            }
+        }
+    }
+
+    /// True after a failed durability point.
+    #[must_use]
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    fn write_batch(&self, batch: &[Entry]) -> Result<()> {
+        let mut w = self.writer.lock();
+        // Validate before writing: a bad entry must never reach the disk.
+        {
+            let sessions = self.sessions.read();
+            for e in batch {
+                match e {
+                    Entry::Establish(d) => {
+                        if sessions.contains_key(&d.id) {
+                            return Err(Error::invalid(
+                                "establish",
+                                format!("session {} exists", d.id),
+                            ));
+                        }
+                    }
+                    Entry::SetBits { session, .. }
+                    | Entry::SetState { session, .. }
+                    | Entry::SetMode { session, .. }
+                    | Entry::EndExtent { session, .. }
+                    | Entry::Forget { session } => {
+                        if !sessions.contains_key(session)
+                            && !batch
+                                .iter()
+                                .any(|x| matches!(x, Entry::Establish(d) if d.id == *session))
+                        {
+                            return Err(Error::UnknownSession(*session));
+                        }
+                    }
+                }
+            }
+        }
+        // Split into commits at entry boundaries.
+        let max_payload = COMMIT_BLOCKS_MAX * BLOCK_PAYLOAD_BYTES;
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        let mut cur = Writer::default();
+        for e in batch {
+            let mut ew = Writer::default();
+            e.encode(&mut ew);
+            if ew.buf.len() > max_payload {
+                return Err(Error::invalid(
+                    "journal entry",
+                    format!("{} bytes exceeds {max_payload}", ew.buf.len()),
+                ));
+            }
+            if cur.buf.len() + ew.buf.len() > max_payload {
+                chunks.push(std::mem::take(&mut cur.buf));
+            }
+            cur.bytes(&ew.buf);
+        }
+        if !cur.buf.is_empty() {
+            chunks.push(cur.buf);
+        }
+        let n = self.layout.journal_blocks();
+        for chunk in &chunks {
+            let blocks = chunk.len().div_ceil(BLOCK_PAYLOAD_BYTES).max(1) as u64;
+            // Never overwrite a block the older checkpoint still needs.
+            for _ in 0..2 {
+                if w.next_seq + blocks > w.retain_from + n {
+                    self.checkpoint(&mut w)?;
+                }
+            }
+            if w.next_seq + blocks > w.retain_from + n {
+                return Err(Error::TableFull { what: "journal" });
+            }
+            let commit_seq = w.next_seq;
+            for (i, part) in chunk.chunks(BLOCK_PAYLOAD_BYTES).enumerate() {
+                let h = BlockHeader {
+                    seq: commit_seq + i as u64,
+                    commit_seq,
+                    block_count: u16::try_from(blocks).unwrap_or(u16::MAX),
+                    block_index: u16::try_from(i).unwrap_or(u16::MAX),
+                    payload_len: u16::try_from(part.len()).unwrap_or(u16::MAX),
+                };
+                let b = encode_block(&self.table_id, &h, part);
+                self.storage.write(self.layout.block(0, h.seq), &b)?;
+                self.storage.write(self.layout.block(1, h.seq), &b)?;
+            }
+            w.next_seq += blocks;
+        }
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.storage.sync()?;
+        self.stats
+            .commits
+            .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+        self.stats
+            .entries
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        // Durable: now apply.
+        {
+            let mut sessions = self.sessions.write();
+            let mut bb = 0u64;
+            for e in batch {
+                apply(&mut sessions, &mut w.next_session, &mut bb, u64::MAX, e).map_err(
+                    |kind| Error::Corrupt {
+                        path: self.storage.name(),
+                        kind,
+                    },
+                )?;
+            }
+        }
+        if w.next_seq - w.ckpt_seq > n / 2 {
+            self.checkpoint(&mut w)?;
+        }
+        Ok(())
+    }
+
+    /// Write a checkpoint of the applied (durable) state and switch superblocks.
+    fn checkpoint(&self, w: &mut Writer_) -> Result<()> {
+        let generation = w.generation + 1;
+        let area = u32::from(generation % 2 == 1);
+        let images: Vec<_> = self.sessions.read().values().map(|s| s.image()).collect();
+        let ck = encode_checkpoint(
+            &self.table_id,
+            area,
+            generation,
+            w.next_seq,
+            w.next_session,
+            &images,
+        );
+        if ck.len() as u64 > self.layout.checkpoint_bytes {
+            return Err(Error::TableFull {
+                what: "checkpoint area",
+            });
+        }
+        self.storage.write(self.layout.checkpoint(area), &ck)?;
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.storage.sync()?;
+        let sb = Superblock {
+            table_id: self.table_id,
+            generation,
+            layout: self.layout,
+            ckpt_seq: w.next_seq,
+            ckpt_len: ck.len() as u64,
+            ckpt_crc: crc32fast::hash(&ck),
+            created_unix_ms: w.created_unix_ms,
+        };
+        self.storage
+            .write(Layout::superblock(sb.copy()), &sb.encode())?;
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.storage.sync()?;
+        w.retain_from = w.ckpt_seq;
+        w.ckpt_seq = w.next_seq;
+        w.generation = generation;
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Apply one durable entry to the in-memory state. Shared by replay and the commit leader.
+fn apply(
+    sessions: &mut BTreeMap<SessionId, Arc<Session>>,
+    next_session: &mut u64,
+    bitmap_bytes: &mut u64,
+    bitmap_limit: u64,
+    e: &Entry,
+) -> Result<(), Corruption> {
+    match e {
+        Entry::Establish(d) => {
+            *bitmap_bytes = bitmap_bytes.saturating_add(d.grains().div_ceil(8));
+            if *bitmap_bytes > bitmap_limit
+                || sessions.len() >= SESSIONS_MAX
+                || sessions.contains_key(&d.id)
+            {
+                return Err(Corruption::Field {
+                    what: "journal entry",
+                    field: "establish",
+                    value: d.id.0,
+                });
+            }
+            *next_session = (*next_session).max(d.id.0 + 1);
+            sessions.insert(d.id, Arc::new(Session::new(d.clone())));
+        }
+        Entry::Forget { session } => {
+            sessions.remove(session);
+        }
+        Entry::SetBits { session, .. }
+        | Entry::SetState { session, .. }
+        | Entry::SetMode { session, .. }
+        | Entry::EndExtent { session, .. } => {
+            let s = sessions.get(session).ok_or(Corruption::Field {
+                what: "journal entry",
+                field: "session",
+                value: session.0,
+            })?;
+            s.apply(e)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,526 @@
+//! The `timezero` binary's commands. No engine logic lives here: each command parses its
+//! arguments, calls the library, and prints.
+
+mod demo;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::activity::format::{CopyMode, ExtentSpec};
+use crate::copier::{Copier, CopierOptions};
+use crate::engine::{Engine, EngineOptions, RestartPolicy, SessionSpec};
+use crate::ids::{GrainSize, SessionId};
+use crate::units::{format_size, parse_size};
+use crate::{Error, Result};
+
+/// Crash-consistent point-in-time (time zero) copies of block storage.
+#[derive(Debug, Parser)]
+#[command(name = "timezero", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+fn size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new, empty activity table.
+    Init {
+        /// Path of the table file (must not exist).
+        table: PathBuf,
+        /// Bytes per journal copy (e.g. 8MiB).
+        #[arg(long, value_parser = size_arg, default_value = "8MiB")]
+        journal: u64,
+        /// Bytes per checkpoint area; bounds the bitmaps of all sessions (8MiB covers 4 TiB of
+        /// source at a 64 KiB grain).
+        #[arg(long, value_parser = size_arg, default_value = "8MiB")]
+        capacity: u64,
+    },
+    /// Establish a session (T0 is now) and print its id.
+    Establish {
+        /// The table.
+        table: PathBuf,
+        /// Source volume (file or block device).
+        source: PathBuf,
+        /// Target volume.
+        target: PathBuf,
+        /// Source extent OFFSET:LEN, optionally @TARGET_OFFSET (default: same offset); repeat
+        /// for more. Default: the whole source.
+        #[arg(long = "extent")]
+        extents: Vec<String>,
+        /// Grain size (power of two, 4KiB to 1MiB).
+        #[arg(long, value_parser = size_arg, default_value = "64KiB")]
+        grain: u64,
+        /// Copy-before-write only: no background copy until converted.
+        #[arg(long)]
+        nocopy: bool,
+    },
+    /// Show sessions.
+    Status {
+        /// The table.
+        table: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the background copy to completion (resumable after a kill).
+    Copy {
+        /// The table.
+        table: PathBuf,
+        /// Only this session.
+        session: Option<SessionId>,
+        /// Rate limit in bytes per second (e.g. 100MiB).
+        #[arg(long, value_parser = size_arg)]
+        rate: Option<u64>,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Convert the session to copy mode first if it is a no-copy session.
+        #[arg(long)]
+        convert: bool,
+    },
+    /// Write a file's bytes to a volume through the engine (copy-before-write).
+    Write {
+        /// The table.
+        table: PathBuf,
+        /// The volume (source or target of sessions in the table, or any file).
+        volume: PathBuf,
+        /// Byte offset.
+        #[arg(value_parser = size_arg)]
+        offset: u64,
+        /// File with the bytes to write.
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Read a session's T0 image.
+    Read {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+        /// Image offset.
+        #[arg(value_parser = size_arg)]
+        offset: u64,
+        /// Length.
+        #[arg(value_parser = size_arg)]
+        len: u64,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// Write a session's whole T0 image to a file.
+    Export {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+        /// Output file.
+        output: PathBuf,
+    },
+    /// End a session.
+    Withdraw {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+    },
+    /// Open the table, recover, reconcile every session, and print the decisions.
+    Recover {
+        /// The table.
+        table: PathBuf,
+        /// Terminate every incomplete session instead of resuming (the restart rule of the
+        /// original time-zero design).
+        #[arg(long)]
+        terminate_incomplete: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Raise a reset notification for a volume and reconcile the sessions using it.
+    Reset {
+        /// The table.
+        table: PathBuf,
+        /// The volume.
+        volume: PathBuf,
+    },
+    /// The self-checking demo: temporary volumes, sessions, concurrent writers, a throttled
+    /// copy killed with SIGKILL and resumed, and a byte-for-byte check of every image.
+    Demo {
+        /// Keep the temporary directory and print its path.
+        #[arg(long)]
+        keep: bool,
+        /// Seed for the random data and writes.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// (internal) Writers and a throttled copier that run until killed; used by `demo`.
+    #[command(hide = true)]
+    Workload {
+        /// The table.
+        table: PathBuf,
+        /// Seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Copy rate.
+        #[arg(long, value_parser = size_arg, default_value = "8MiB")]
+        rate: u64,
+    },
+}
+
+/// Run the CLI; returns the process exit code (0 ok, 1 error, 2 usage).
+#[must_use]
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(cli.command) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("timezero: {e}");
+            1
+        }
+    }
+}
+
+fn open(table: &Path, restart: RestartPolicy) -> Result<Engine> {
+    Engine::open_path(
+        table,
+        EngineOptions {
+            restart,
+            ..EngineOptions::default()
+        },
+    )
+}
+
+fn parse_extent(s: &str) -> Result<ExtentSpec> {
+    let (main, tgt) = match s.split_once('@') {
+        Some((m, t)) => (m, Some(parse_size(t)?)),
+        None => (s, None),
+    };
+    let (o, l) = main.split_once(':').ok_or_else(|| {
+        Error::invalid("extent", format!("'{s}' is not OFFSET:LEN[@TARGET_OFFSET]"))
+    })?;
+    let source_offset = parse_size(o)?;
+    Ok(ExtentSpec {
+        source_offset,
+        target_offset: tgt.unwrap_or(source_offset),
+        len: parse_size(l)?,
+    })
+}
+
+fn volume_id(engine: &Engine, path: &Path) -> Result<crate::ids::VolumeId> {
+    let canon = std::fs::canonicalize(path)
+        .map_err(|e| Error::io("open", path.display().to_string(), 0, e))?;
+    match engine.volume_by_locator(&canon.display().to_string()) {
+        Some(id) => Ok(id),
+        None => engine.attach_path(path),
+    }
+}
+
+fn run(cmd: Command) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        Command::Init {
+            table,
+            journal,
+            capacity,
+        } => {
+            let opts = EngineOptions {
+                table: crate::activity::TableOptions {
+                    journal_bytes: journal,
+                    checkpoint_bytes: capacity,
+                },
+                ..EngineOptions::default()
+            };
+            let e = Engine::create_path(&table, opts)?;
+            let l = e.table().layout();
+            let _ = writeln!(
+                out,
+                "created {} ({} bytes: journal 2x{}, checkpoints 2x{})",
+                table.display(),
+                l.file_bytes(),
+                format_size(l.journal_bytes),
+                format_size(l.checkpoint_bytes)
+            );
+        }
+        Command::Establish {
+            table,
+            source,
+            target,
+            extents,
+            grain,
+            nocopy,
+        } => {
+            let e = open(&table, RestartPolicy::Resume)?;
+            let src = volume_id(&e, &source)?;
+            let tgt = volume_id(&e, &target)?;
+            let extents = extents
+                .iter()
+                .map(|s| parse_extent(s))
+                .collect::<Result<Vec<_>>>()?;
+            let spec = SessionSpec {
+                source: src,
+                target: tgt,
+                extents,
+                grain: GrainSize::new(grain)?,
+                mode: if nocopy {
+                    CopyMode::NoCopy
+                } else {
+                    CopyMode::Copy
+                },
+            };
+            let id = e.establish(&spec)?;
+            let _ = writeln!(out, "{id}");
+        }
+        Command::Status { table, json } => {
+            let e = open(&table, RestartPolicy::Resume)?;
+            print_status(&mut out, &e, json)?;
+        }
+        Command::Copy {
+            table,
+            session,
+            rate,
+            threads,
+            convert,
+        } => {
+            let e = Arc::new(open(&table, RestartPolicy::Resume)?);
+            if let Some(id) = session {
+                let s = e.session(id)?;
+                if !s.is_active() {
+                    return Err(Error::NotActive {
+                        id,
+                        state: s.status().state.to_string(),
+                    });
+                }
+                if convert {
+                    e.convert_to_copy(id)?;
+                } else if s.status().mode == CopyMode::NoCopy {
+                    return Err(Error::invalid(
+                        "copy",
+                        format!("{id} is a no-copy session; pass --convert to convert it"),
+                    ));
+                }
+            }
+            let opts = CopierOptions {
+                threads,
+                rate_bytes_per_s: rate,
+                sessions: session.into_iter().collect(),
+                ..CopierOptions::default()
+            };
+            let c = Copier::start(e.clone(), opts)?;
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut last = std::time::Instant::now();
+            while !c.finished() {
+                std::thread::sleep(Duration::from_millis(100));
+                if tty || last.elapsed() >= Duration::from_secs(2) {
+                    last = std::time::Instant::now();
+                    let p = c.progress();
+                    let pct = if p.grains_total == 0 {
+                        100.0
+                    } else {
+                        100.0 * p.grains_copied as f64 / p.grains_total as f64
+                    };
+                    let eta = p.eta_s.map_or("?".to_string(), |s| format!("{s:.0}s"));
+                    let end = if tty { "\r" } else { "\n" };
+                    eprint!(
+                        "copy {pct:5.1}% {}/{} grains {:.1} MiB/s eta {eta}   {end}",
+                        p.grains_copied,
+                        p.grains_total,
+                        p.bytes_per_s / 1048576.0
+                    );
+                }
+            }
+            let p = c.join()?;
+            if tty {
+                eprintln!();
+            }
+            let _ = writeln!(
+                out,
+                "copied {} bytes; {}/{} grains",
+                p.bytes_copied, p.grains_copied, p.grains_total
+            );
+            for s in e.status() {
+                let _ = writeln!(out, "s{} {}", s.id, s.state);
+            }
+        }
+        Command::Write {
+            table,
+            volume,
+            offset,
+            from,
+        } => {
+            let e = open(&table, RestartPolicy::Resume)?;
+            let vid = volume_id(&e, &volume)?;
+            let data = std::fs::read(&from)
+                .map_err(|er| Error::io("read", from.display().to_string(), 0, er))?;
+            e.write(vid, offset, &data)?;
+            e.flush(vid)?;
+            let _ = writeln!(out, "wrote {} bytes at {offset}", data.len());
+        }
+        Command::Read {
+            table,
+            session,
+            offset,
+            len,
+            to,
+        } => {
+            let e = open(&table, RestartPolicy::Resume)?;
+            let mut buf =
+                vec![0u8; usize::try_from(len.min(crate::limits::IO_BYTES_MAX)).unwrap_or(0)];
+            if len > crate::limits::IO_BYTES_MAX {
+                return Err(Error::invalid("read", "length over 64 MiB; use export"));
+            }
+            e.read_image(session, offset, &mut buf)?;
+            match to {
+                Some(p) => std::fs::write(&p, &buf)
+                    .map_err(|er| Error::io("write", p.display().to_string(), 0, er))?,
+                None => out
+                    .write_all(&buf)
+                    .map_err(|er| Error::io("write", "stdout", 0, er))?,
+            }
+        }
+        Command::Export {
+            table,
+            session,
+            output,
+        } => {
+            let e = open(&table, RestartPolicy::Resume)?;
+            let n = export(&e, session, &output)?;
+            let _ = writeln!(
+                out,
+                "exported {n} bytes of {session} to {}",
+                output.display()
+            );
+        }
+        Command::Withdraw { table, session } => {
+            let e = open(&table, RestartPolicy::Resume)?;
+            e.withdraw(session)?;
+            let _ = writeln!(out, "{session} withdrawn");
+        }
+        Command::Recover {
+            table,
+            terminate_incomplete,
+            json,
+        } => {
+            let e = open(
+                &table,
+                if terminate_incomplete {
+                    RestartPolicy::TerminateIncomplete
+                } else {
+                    RestartPolicy::Resume
+                },
+            )?;
+            if json {
+                let v = serde_json::json!({"open": e.open_report, "decisions": e.decisions});
+                let _ = writeln!(out, "{v}");
+            } else {
+                let r = &e.open_report;
+                let _ = writeln!(out, "generation {} fell_back {} replayed {} commits ({} blocks, {} repaired) journal_hole {}", r.generation, r.fell_back, r.commits_replayed, r.blocks_replayed, r.blocks_repaired, r.journal_hole);
+                for d in &e.decisions {
+                    let _ = writeln!(out, "s{}: {:?}", d.session, d.outcome);
+                }
+            }
+        }
+        Command::Reset { table, volume } => {
+            let e = open(&table, RestartPolicy::Resume)?;
+            let canon = std::fs::canonicalize(&volume)
+                .map_err(|er| Error::io("open", volume.display().to_string(), 0, er))?;
+            let old = e
+                .status()
+                .iter()
+                .find_map(|s| {
+                    let l = canon.display().to_string();
+                    e.session(SessionId(s.id)).ok().and_then(|x| {
+                        if x.desc.source.locator == l {
+                            Some(x.desc.source.id)
+                        } else if x.desc.target.locator == l {
+                            Some(x.desc.target.id)
+                        } else {
+                            None
+                        }
+                    })
+                })
+                .ok_or_else(|| Error::UnknownVolume(volume.display().to_string()))?;
+            let now: Arc<dyn crate::volume::Volume> = Arc::new(crate::volume::FileVolume::open(
+                &volume,
+                &crate::volume::FileVolumeOptions::default(),
+            )?);
+            for d in e.reset(old, Some(now))? {
+                let _ = writeln!(out, "s{}: {:?}", d.session, d.outcome);
+            }
+        }
+        Command::Demo { keep, seed } => demo::run(keep, seed)?,
+        Command::Workload { table, seed, rate } => demo::workload(&table, seed, rate)?,
+    }
+    Ok(())
+}
+
+/// Write a session's whole image to `output`; returns bytes written.
+fn export(e: &Engine, session: SessionId, output: &Path) -> Result<u64> {
+    let s = e.session(session)?;
+    let len = s.map.image_len();
+    let mut f = std::fs::File::create(output)
+        .map_err(|er| Error::io("create", output.display().to_string(), 0, er))?;
+    let chunk = 4u64 << 20;
+    let mut buf = vec![0u8; usize::try_from(chunk).unwrap_or(1 << 22)];
+    let mut off = 0;
+    while off < len {
+        let n = chunk.min(len - off);
+        let b = &mut buf[..usize::try_from(n).unwrap_or(0)];
+        e.read_image(session, off, b)?;
+        f.write_all(b)
+            .map_err(|er| Error::io("write", output.display().to_string(), off, er))?;
+        off += n;
+    }
+    f.sync_all()
+        .map_err(|er| Error::io("fsync", output.display().to_string(), 0, er))?;
+    Ok(len)
+}
+
+fn print_status(out: &mut impl std::io::Write, e: &Engine, json: bool) -> Result<()> {
+    let st = e.status();
+    if json {
+        let s = serde_json::to_string_pretty(&st)
+            .map_err(|er| Error::invalid("json", er.to_string()))?;
+        let _ = writeln!(out, "{s}");
+        return Ok(());
+    }
+    if st.is_empty() {
+        let _ = writeln!(out, "no sessions");
+    }
+    for s in st {
+        let pct = if s.grains_total == 0 {
+            100.0
+        } else {
+            100.0 * s.grains_copied as f64 / s.grains_total as f64
+        };
+        let _ = writeln!(
+            out,
+            "s{} {} {:?} grain {} {} -> {} extents {} copied {}/{} ({pct:.1}%){}",
+            s.id,
+            s.state,
+            s.mode,
+            format_size(s.grain_bytes),
+            s.source,
+            s.target,
+            s.extents.len(),
+            s.grains_copied,
+            s.grains_total,
+            s.reason.map(|r| format!(" reason {r}")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The background copier: worker threads that fill targets of copy-mode sessions in large
+//! sequential batches, with a rate limit, pause/resume and progress.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::activity::format::{CopyMode, SessionState};
+use crate::engine::Engine;
+use crate::ids::SessionId;
+use crate::{Error, Result};
+
+/// Copier options.
+#[derive(Debug, Clone)]
+pub struct CopierOptions {
+    /// Worker threads. Default = 2.
+    pub threads: usize,
+    /// Bytes per second across all workers; `None` = unlimited. Default = None.
+    pub rate_bytes_per_s: Option<u64>,
+    /// Largest batch in bytes. Default = 1 MiB (bounded by [`crate::limits::COPY_BATCH_BYTES_MAX`]).
+    pub batch_bytes: u64,
+    /// Only these sessions; empty = every active copy-mode session. Default = empty.
+    pub sessions: Vec<SessionId>,
+    /// Stop when nothing is left to copy. Default = true.
+    pub exit_when_done: bool,
+}
+
+impl Default for CopierOptions {
+    fn default() -> Self {
+        CopierOptions {
+            threads: 2,
+            rate_bytes_per_s: None,
+            batch_bytes: 1 << 20,
+            sessions: Vec::new(),
+            exit_when_done: true,
+        }
+    }
+}
+
+/// Progress of the copier.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Progress {
+    /// Grains copied across the sessions being copied.
+    pub grains_copied: u64,
+    /// Grains in total across those sessions.
+    pub grains_total: u64,
+    /// Bytes this copier moved.
+    pub bytes_copied: u64,
+    /// Bytes per second since start.
+    pub bytes_per_s: f64,
+    /// Estimated seconds to completion.
+    pub eta_s: Option<f64>,
+    /// True when no work is left.
+    pub done: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    stop: AtomicBool,
+    paused: AtomicBool,
+    done: AtomicBool,
+    bytes: AtomicU64,
+    started: Instant,
+    cursors: Mutex<HashMap<SessionId, u64>>,
+    error: Mutex<Option<Error>>,
+    opts: CopierOptions,
+}
+
+/// A running copier. Dropping it stops the workers.
+#[derive(Debug)]
+pub struct Copier {
+    engine: Arc<Engine>,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Copier {
+    /// Start workers.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for zero threads or batch size.
+    pub fn start(engine: Arc<Engine>, opts: CopierOptions) -> Result<Copier> {
+        if opts.threads == 0 || opts.threads > 64 {
+            return Err(Error::invalid(
+                "copier threads",
+                format!("{} (1 to 64)", opts.threads),
+            ));
+        }
+        if opts.batch_bytes == 0 || opts.batch_bytes > crate::limits::COPY_BATCH_BYTES_MAX {
+            return Err(Error::invalid(
+                "copy batch",
+                format!("{} bytes", opts.batch_bytes),
+            ));
+        }
+        if opts.rate_bytes_per_s == Some(0) {
+            return Err(Error::invalid("copy rate", "0 bytes/s"));
+        }
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+            bytes: AtomicU64::new(0),
+            started: Instant::now(),
+            cursors: Mutex::new(HashMap::new()),
+            error: Mutex::new(None),
+            opts,
+        });
+        let workers = (0..shared.opts.threads)
+            .map(|i| {
+                let e = engine.clone();
+                let sh = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("tz-copier-{i}"))
+                    .spawn(move || worker(&e, &sh))
+                    .map_err(|e| Error::io("spawn", "copier", 0, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Copier {
+            engine,
+            shared,
+            workers,
+        })
+    }
+
+    /// Pause after the current batches.
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::Release);
+    }
+
+    /// Resume.
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::Release);
+    }
+
+    /// Current progress.
+    #[must_use]
+    pub fn progress(&self) -> Progress {
+        let (mut copied, mut total) = (0, 0);
+        for s in self.engine.table().sessions() {
+            if !self.shared.opts.sessions.is_empty() && !self.shared.opts.sessions.contains(&s.id())
+            {
+                continue;
+            }
+            let st = s.status();
+            if st.mode == CopyMode::Copy
+                && matches!(st.state, SessionState::Active | SessionState::Completed)
+            {
+                copied += if st.state == SessionState::Completed {
+                    s.desc.grains()
+                } else {
+                    s.copied()
+                };
+                total += s.desc.grains();
+            }
+        }
+        let bytes = self.shared.bytes.load(Ordering::Relaxed);
+        let secs = self.shared.started.elapsed().as_secs_f64().max(1e-9);
+        let rate = bytes as f64 / secs;
+        let remaining_grains = total.saturating_sub(copied);
+        let gb = self
+            .engine
+            .table()
+            .sessions()
+            .first()
+            .map_or(65536, |s| s.desc.grain.bytes());
+        Progress {
+            grains_copied: copied,
+            grains_total: total,
+            bytes_copied: bytes,
+            bytes_per_s: rate,
+            eta_s: (rate > 0.0).then(|| (remaining_grains * gb) as f64 / rate),
+            done: self.shared.done.load(Ordering::Acquire),
+        }
+    }
+
+    /// True when every worker has exited.
+    #[must_use]
+    pub fn finished(&self) -> bool {
+        self.workers.iter().all(JoinHandle::is_finished)
+    }
+
+    /// Wait for the workers to finish (they do when nothing is left and `exit_when_done`).
+    ///
+    /// # Errors
+    /// The first error a worker hit.
+    pub fn join(mut self) -> Result<Progress> {
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if let Some(e) = self.shared.error.lock().take() {
+            return Err(e);
+        }
+        Ok(self.progress())
+    }
+
+    /// Stop the workers and wait for them.
+    ///
+    /// # Errors
+    /// The first error a worker hit.
+    pub fn stop(self) -> Result<Progress> {
+        self.shared.stop.store(true, Ordering::Release);
+        self.join()
+    }
+}
+
+impl Drop for Copier {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn candidates(engine: &Engine, sh: &Shared) -> Vec<SessionId> {
+    engine
+        .table()
+        .sessions()
+        .into_iter()
+        .filter(|s| s.is_active() && s.status().mode == CopyMode::Copy)
+        .map(|s| s.id())
+        .filter(|id| sh.opts.sessions.is_empty() || sh.opts.sessions.contains(id))
+        .collect()
+}
+
+fn worker(engine: &Engine, sh: &Shared) {
+    let mut turn = 0usize;
+    while !sh.stop.load(Ordering::Acquire) {
+        if sh.paused.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let ids = candidates(engine, sh);
+        if ids.is_empty() {
+            if sh.opts.exit_when_done {
+                sh.done.store(true, Ordering::Release);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        turn = turn.wrapping_add(1);
+        let id = ids[turn % ids.len()];
+        let Ok(s) = engine.session(id) else { continue };
+        let grain = s.desc.grain.bytes();
+        let batch = (sh.opts.batch_bytes / grain).max(1);
+        if let Some(rate) = sh.opts.rate_bytes_per_s {
+            // Sleep until the bytes already moved fit the rate.
+            let due = sh.bytes.load(Ordering::Relaxed) as f64 / rate as f64;
+            let el = sh.started.elapsed().as_secs_f64();
+            if due > el {
+                std::thread::sleep(Duration::from_secs_f64((due - el).min(0.05)));
+                continue;
+            }
+        }
+        let from = {
+            let mut c = sh.cursors.lock();
+            let cur = c.entry(id).or_insert(0);
+            let f = *cur;
+            *cur = f + batch;
+            f
+        };
+        match engine.copy_batch(id, from, batch) {
+            Ok(Some((next, n))) => {
+                sh.bytes.fetch_add(n * grain, Ordering::Relaxed);
+                let mut c = sh.cursors.lock();
+                let cur = c.entry(id).or_insert(0);
+                *cur = (*cur).max(next);
+            }
+            Ok(None) => {
+                // Nothing left after `from`: wrap, and complete when every bit is set.
+                sh.cursors.lock().insert(id, 0);
+                match engine.complete_if_done(id) {
+                    Ok(true) => {}
+                    Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+                    Err(e) => {
+                        sh.error.lock().get_or_insert(e);
+                        sh.stop.store(true, Ordering::Release);
+                    }
+                }
+            }
+            Err(e) => {
+                sh.error.lock().get_or_insert(e);
+                sh.stop.store(true, Ordering::Release);
+            }
+        }
+    }
+}

@@ -1,0 +1,1251 @@
+//! The public engine: tables, volumes, sessions and the I/O paths.
+//!
+//! Write ordering for a source write that touches uncopied grains (crash-model rule 2):
+//! lock the grains (per session, in session order) -> read the old bytes once -> write every
+//! target that needs them -> flush those targets (shared) -> commit the copied bits (shared) ->
+//! release the source write -> unlock. A write that touches only copied or uncovered grains
+//! checks the bitmap and goes straight to the volume.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::activity::format::{
+    CopyMode, Entry, ExtentSpec, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef,
+};
+use crate::activity::{MmapStorage, OpenReport, Table, TableOptions, TableStorage};
+use crate::ids::{GrainSize, SessionId, VolumeId};
+use crate::session::{Piece, Session};
+use crate::sync::GroupSync;
+use crate::volume::{check_range, FileVolume, FileVolumeOptions, Volume, VolumeInfo};
+use crate::{Error, Result};
+
+/// What to do when copying old data for a source write fails after bounded retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyErrorPolicy {
+    /// Fail the source write; the session stays intact. Default.
+    #[default]
+    FailWrite,
+    /// Terminate the session (reason `CopyFailed`) and let the source write proceed.
+    TerminateSession,
+}
+
+/// What to do with incomplete sessions when a table is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestartPolicy {
+    /// Resume every session whose durable state verifies against its volumes. Default.
+    #[default]
+    Resume,
+    /// Terminate every active session (the source patent's rule).
+    TerminateIncomplete,
+}
+
+/// Engine options.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Restart policy. Default = [`RestartPolicy::Resume`].
+    pub restart: RestartPolicy,
+    /// Copy error policy. Default = [`CopyErrorPolicy::FailWrite`].
+    pub on_copy_error: CopyErrorPolicy,
+    /// Options for file volumes the engine opens itself. Default = buffered, read-write.
+    pub file_options: FileVolumeOptions,
+    /// Sizes for a newly created table.
+    pub table: TableOptions,
+}
+
+/// Finds a session's volumes again when a table is opened.
+pub trait VolumeResolver: Send + Sync {
+    /// The volume the locator names, or `None` when it is gone.
+    ///
+    /// # Errors
+    /// An I/O error other than "not found".
+    fn resolve(&self, r: &VolumeRef) -> Result<Option<Arc<dyn Volume>>>;
+}
+
+/// Resolves locators as file paths.
+#[derive(Debug, Clone, Default)]
+pub struct FileResolver {
+    /// Options for opening.
+    pub options: FileVolumeOptions,
+}
+
+impl VolumeResolver for FileResolver {
+    fn resolve(&self, r: &VolumeRef) -> Result<Option<Arc<dyn Volume>>> {
+        if r.locator.starts_with("mem:") || !Path::new(&r.locator).exists() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(FileVolume::open(&r.locator, &self.options)?)))
+    }
+}
+
+/// Resolves locators from a fixed map (in-memory volumes, tests, harnesses).
+#[derive(Debug, Default, Clone)]
+pub struct MapResolver {
+    /// Locator -> volume.
+    pub volumes: HashMap<String, Arc<dyn Volume>>,
+}
+
+impl MapResolver {
+    /// Add a volume under its own locator.
+    pub fn add(&mut self, v: Arc<dyn Volume>) {
+        self.volumes.insert(v.info().locator, v);
+    }
+}
+
+impl VolumeResolver for MapResolver {
+    fn resolve(&self, r: &VolumeRef) -> Result<Option<Arc<dyn Volume>>> {
+        Ok(self.volumes.get(&r.locator).cloned())
+    }
+}
+
+/// An attached volume with its durability group and write gate.
+#[derive(Debug)]
+pub(crate) struct VolumeHandle {
+    pub(crate) vol: Arc<dyn Volume>,
+    pub(crate) info: VolumeInfo,
+    sync: GroupSync,
+    /// Writers hold it shared; establishing a session on this volume holds it exclusively, so
+    /// T0 falls between writes.
+    gate: RwLock<()>,
+}
+
+impl VolumeHandle {
+    fn name(&self) -> String {
+        self.info.locator.clone()
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.sync.sync(&self.name(), || self.vol.flush())
+    }
+
+    fn check_live(&self) -> Result<()> {
+        if self.sync.is_failed() {
+            return Err(Error::Poisoned {
+                target: self.name(),
+            });
+        }
+        Ok(())
+    }
+
+    fn read_retry(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        retry(|| self.vol.read_at(buf, off))
+    }
+
+    fn write_retry(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_live()?;
+        retry(|| self.vol.write_at(buf, off))
+    }
+}
+
+fn retry(mut f: impl FnMut() -> Result<()>) -> Result<()> {
+    let mut last = None;
+    for _ in 0..crate::limits::DATA_IO_RETRIES_MAX {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(e @ Error::Io { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::invalid("retry", "no attempt made")))
+}
+
+/// What to establish.
+#[derive(Debug, Clone)]
+pub struct SessionSpec {
+    /// Source volume (attached).
+    pub source: VolumeId,
+    /// Target volume (attached).
+    pub target: VolumeId,
+    /// Extents; empty means the whole source at the same offsets in the target.
+    pub extents: Vec<ExtentSpec>,
+    /// Grain. Default = 64 KiB.
+    pub grain: GrainSize,
+    /// Mode.
+    pub mode: CopyMode,
+}
+
+impl SessionSpec {
+    /// A whole-volume copy session with the default grain.
+    #[must_use]
+    pub fn whole(source: VolumeId, target: VolumeId) -> Self {
+        SessionSpec {
+            source,
+            target,
+            extents: Vec::new(),
+            grain: GrainSize::DEFAULT,
+            mode: CopyMode::Copy,
+        }
+    }
+}
+
+/// A session's status, for display and JSON.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionStatus {
+    /// Id.
+    pub id: u64,
+    /// State.
+    pub state: SessionState,
+    /// Mode.
+    pub mode: CopyMode,
+    /// Why it ended.
+    pub reason: Option<Reason>,
+    /// Source locator.
+    pub source: String,
+    /// Target locator.
+    pub target: String,
+    /// Grain in bytes.
+    pub grain_bytes: u64,
+    /// Extents.
+    pub extents: Vec<ExtentSpec>,
+    /// Ended extents (index, reason).
+    pub ended_extents: Vec<(u32, Reason)>,
+    /// Grains copied.
+    pub grains_copied: u64,
+    /// Grains in total.
+    pub grains_total: u64,
+    /// T0, ms since the epoch.
+    pub created_unix_ms: u64,
+}
+
+/// What recovery decided for one session.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Decision {
+    /// Session.
+    pub session: u64,
+    /// Outcome.
+    pub outcome: Outcome,
+}
+
+/// Recovery outcome for a session.
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum Outcome {
+    /// Resumed with all extents.
+    Resumed,
+    /// Resumed with some extents ended (index, reason).
+    ResumedPartly(Vec<(u32, Reason)>),
+    /// Terminated.
+    Terminated(Reason),
+    /// Already ended (completed, withdrawn, terminated) before.
+    Ended,
+}
+
+/// The engine: one activity table and the volumes its sessions use.
+#[derive(Debug)]
+pub struct Engine {
+    table: Table,
+    volumes: RwLock<HashMap<VolumeId, Arc<VolumeHandle>>>,
+    active: RwLock<Arc<Vec<Arc<Session>>>>,
+    options: EngineOptions,
+    /// Decisions taken when the table was opened.
+    pub decisions: Vec<Decision>,
+    /// What opening the table found.
+    pub open_report: OpenReport,
+}
+
+impl Engine {
+    /// Create a new table file at `path` and open an engine on it.
+    ///
+    /// # Errors
+    /// I/O errors; `AlreadyExists` when the file exists.
+    pub fn create_path(path: &Path, options: EngineOptions) -> Result<Engine> {
+        let layout = options.table.layout()?;
+        let storage: Arc<dyn TableStorage> =
+            Arc::new(MmapStorage::create(path, layout.file_bytes())?);
+        let table = Table::create(storage, &options.table)?;
+        Ok(Engine::from_table(table, OpenReport::default(), options))
+    }
+
+    /// Open an existing table file, recover, and reconcile its sessions against file volumes.
+    ///
+    /// # Errors
+    /// I/O errors, [`Error::Locked`], [`Error::Corrupt`].
+    pub fn open_path(path: &Path, options: EngineOptions) -> Result<Engine> {
+        let storage: Arc<dyn TableStorage> = Arc::new(MmapStorage::open(path)?);
+        let resolver = FileResolver {
+            options: options.file_options.clone(),
+        };
+        Engine::open(storage, &resolver, options)
+    }
+
+    /// Create a table on `storage`.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn create(storage: Arc<dyn TableStorage>, options: EngineOptions) -> Result<Engine> {
+        let table = Table::create(storage, &options.table)?;
+        Ok(Engine::from_table(table, OpenReport::default(), options))
+    }
+
+    /// Open the table on `storage`, recover, and reconcile sessions against the volumes the
+    /// resolver finds.
+    ///
+    /// # Errors
+    /// I/O errors, [`Error::Corrupt`].
+    pub fn open(
+        storage: Arc<dyn TableStorage>,
+        resolver: &dyn VolumeResolver,
+        options: EngineOptions,
+    ) -> Result<Engine> {
+        let (table, report) = Table::open(storage)?;
+        let mut e = Engine::from_table(table, report, options);
+        let decisions = e.reconcile_all(resolver)?;
+        e.decisions = decisions;
+        Ok(e)
+    }
+
+    fn from_table(table: Table, open_report: OpenReport, options: EngineOptions) -> Engine {
+        let e = Engine {
+            table,
+            volumes: RwLock::new(HashMap::new()),
+            active: RwLock::new(Arc::new(Vec::new())),
+            options,
+            decisions: Vec::new(),
+            open_report,
+        };
+        e.refresh_active();
+        e
+    }
+
+    /// The activity table.
+    #[must_use]
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    fn refresh_active(&self) {
+        let v: Vec<_> = self
+            .table
+            .sessions()
+            .into_iter()
+            .filter(|s| s.is_active())
+            .collect();
+        *self.active.write() = Arc::new(v);
+    }
+
+    /// Attach a volume so sessions can use it; returns its id. Attaching the same identity again
+    /// replaces the handle.
+    pub fn attach(&self, vol: Arc<dyn Volume>) -> VolumeId {
+        let info = vol.info();
+        let id = info.id;
+        let h = Arc::new(VolumeHandle {
+            vol,
+            info,
+            sync: GroupSync::default(),
+            gate: RwLock::new(()),
+        });
+        self.volumes.write().insert(id, h);
+        id
+    }
+
+    /// Attach a file volume by path.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn attach_path(&self, path: &Path) -> Result<VolumeId> {
+        let v = FileVolume::open(path, &self.options.file_options)?;
+        Ok(self.attach(Arc::new(v)))
+    }
+
+    pub(crate) fn handle(&self, id: VolumeId) -> Result<Arc<VolumeHandle>> {
+        self.volumes
+            .read()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::UnknownVolume(id.to_string()))
+    }
+
+    /// Find an attached volume by locator (path).
+    #[must_use]
+    pub fn volume_by_locator(&self, locator: &str) -> Option<VolumeId> {
+        self.volumes
+            .read()
+            .values()
+            .find(|h| h.info.locator == locator)
+            .map(|h| h.info.id)
+    }
+
+    /// The attached volume.
+    ///
+    /// # Errors
+    /// [`Error::UnknownVolume`].
+    pub fn volume(&self, id: VolumeId) -> Result<Arc<dyn Volume>> {
+        Ok(self.handle(id)?.vol.clone())
+    }
+
+    /// A session.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`].
+    pub fn session(&self, id: SessionId) -> Result<Arc<Session>> {
+        self.table.session(id).ok_or(Error::UnknownSession(id))
+    }
+
+    /// Establish a session: from the moment this returns, its image reads as the source did.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::TargetTooSmall`],
+    /// [`Error::TargetInUse`], [`Error::Overlap`], [`Error::UnknownVolume`], table errors.
+    pub fn establish(&self, spec: &SessionSpec) -> Result<SessionId> {
+        let src = self.handle(spec.source)?;
+        let tgt = self.handle(spec.target)?;
+        let g = spec.grain.bytes();
+        let extents = if spec.extents.is_empty() {
+            let len = src.info.size - src.info.size % g;
+            if len == 0 {
+                return Err(Error::OutOfRange {
+                    offset: 0,
+                    len: g,
+                    what: "source volume",
+                    size: src.info.size,
+                });
+            }
+            vec![ExtentSpec {
+                source_offset: 0,
+                target_offset: 0,
+                len,
+            }]
+        } else {
+            spec.extents.clone()
+        };
+        self.validate(&src.info, &tgt.info, spec.grain, &extents)?;
+        let id = self.table.allocate_session_id();
+        let desc = SessionDesc {
+            id,
+            mode: spec.mode,
+            grain: spec.grain,
+            source: VolumeRef::from(&src.info),
+            target: VolumeRef::from(&tgt.info),
+            extents,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
+                .unwrap_or(0),
+        };
+        self.table.make_room(&desc)?;
+        // T0: drain writers of both volumes (in id order), make the source durable, commit.
+        let (a, b) = if src.info.id <= tgt.info.id {
+            (&src, &tgt)
+        } else {
+            (&tgt, &src)
+        };
+        let _ga = a.gate.write();
+        let _gb = (a.info.id != b.info.id).then(|| b.gate.write());
+        // Re-validate against sessions established while we waited.
+        self.validate(&src.info, &tgt.info, spec.grain, &desc.extents)?;
+        src.flush()?;
+        self.table.commit(vec![Entry::Establish(desc)])?;
+        self.refresh_active();
+        Ok(id)
+    }
+
+    fn validate(
+        &self,
+        src: &VolumeInfo,
+        tgt: &VolumeInfo,
+        grain: GrainSize,
+        extents: &[ExtentSpec],
+    ) -> Result<()> {
+        let g = grain.bytes();
+        if extents.is_empty() || extents.len() > crate::limits::EXTENTS_PER_SESSION_MAX {
+            return Err(Error::invalid(
+                "extents",
+                format!(
+                    "{} extents (1 to {} allowed)",
+                    extents.len(),
+                    crate::limits::EXTENTS_PER_SESSION_MAX
+                ),
+            ));
+        }
+        let align = g
+            .max(u64::from(src.sector_size))
+            .max(u64::from(tgt.sector_size));
+        for e in extents {
+            for off in [e.source_offset, e.target_offset] {
+                if off % align != 0 || e.len % align != 0 || e.len == 0 {
+                    return Err(Error::Misaligned {
+                        offset: off,
+                        len: e.len,
+                        align,
+                    });
+                }
+            }
+            check_range(e.source_offset, e.len, src.size, "source volume")?;
+        }
+        let tgt_need = extents
+            .iter()
+            .map(|e| e.target_offset.saturating_add(e.len))
+            .max()
+            .unwrap_or(0);
+        if tgt_need > tgt.size {
+            return Err(Error::TargetTooSmall {
+                source_len: tgt_need,
+                target: tgt.size,
+            });
+        }
+        // Within the session: no two extents overlap on either side, and on one volume no
+        // source range overlaps a target range.
+        for (i, a) in extents.iter().enumerate() {
+            for b in &extents[i + 1..] {
+                if overlaps(a.source_offset, a.len, b.source_offset, b.len) {
+                    return Err(Error::Overlap {
+                        volume: src.id,
+                        offset: b.source_offset,
+                        len: b.len,
+                    });
+                }
+                if overlaps(a.target_offset, a.len, b.target_offset, b.len) {
+                    return Err(Error::Overlap {
+                        volume: tgt.id,
+                        offset: b.target_offset,
+                        len: b.len,
+                    });
+                }
+            }
+            if src.id == tgt.id {
+                for b in extents {
+                    if overlaps(a.source_offset, a.len, b.target_offset, b.len) {
+                        return Err(Error::Overlap {
+                            volume: src.id,
+                            offset: b.target_offset,
+                            len: b.len,
+                        });
+                    }
+                }
+            }
+        }
+        // Against other active sessions: targets are exclusive; a range is never both a source
+        // and a target.
+        for s in self.active.read().iter() {
+            for o in &s.desc.extents {
+                for e in extents {
+                    if s.desc.target.id == tgt.id
+                        && overlaps(o.target_offset, o.len, e.target_offset, e.len)
+                    {
+                        return Err(Error::TargetInUse {
+                            volume: tgt.id,
+                            offset: e.target_offset,
+                            len: e.len,
+                            other: s.id(),
+                        });
+                    }
+                    if s.desc.source.id == tgt.id
+                        && overlaps(o.source_offset, o.len, e.target_offset, e.len)
+                    {
+                        return Err(Error::Overlap {
+                            volume: tgt.id,
+                            offset: e.target_offset,
+                            len: e.len,
+                        });
+                    }
+                    if s.desc.target.id == src.id
+                        && overlaps(o.target_offset, o.len, e.source_offset, e.len)
+                    {
+                        return Err(Error::Overlap {
+                            volume: src.id,
+                            offset: e.source_offset,
+                            len: e.len,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// End a session at the user's request.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::NotActive`], table errors.
+    pub fn withdraw(&self, id: SessionId) -> Result<()> {
+        let s = self.session(id)?;
+        if !s.is_active() {
+            return Err(Error::NotActive {
+                id,
+                state: s.status().state.to_string(),
+            });
+        }
+        self.table.commit(vec![Entry::SetState {
+            session: id,
+            state: SessionState::Withdrawn,
+            reason: Some(Reason::new(ReasonCode::Withdrawn, "withdrawn by request")),
+        }])?;
+        self.refresh_active();
+        Ok(())
+    }
+
+    /// Convert a no-copy session to copy mode (the background copier then fills the target).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::NotActive`], table errors.
+    pub fn convert_to_copy(&self, id: SessionId) -> Result<()> {
+        let s = self.session(id)?;
+        if !s.is_active() {
+            return Err(Error::NotActive {
+                id,
+                state: s.status().state.to_string(),
+            });
+        }
+        if s.status().mode == CopyMode::Copy {
+            return Ok(());
+        }
+        self.table.commit(vec![Entry::SetMode {
+            session: id,
+            mode: CopyMode::Copy,
+        }])
+    }
+
+    /// Terminate a session with a reason.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub fn terminate(&self, id: SessionId, reason: Reason) -> Result<()> {
+        let s = self.session(id)?;
+        if !s.is_active() {
+            return Ok(());
+        }
+        self.table.commit(vec![Entry::SetState {
+            session: id,
+            state: SessionState::Terminated,
+            reason: Some(reason),
+        }])?;
+        self.refresh_active();
+        Ok(())
+    }
+
+    /// Mark a copy-mode session complete if every grain is copied. Returns true when it is
+    /// (now or before) complete.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub fn complete_if_done(&self, id: SessionId) -> Result<bool> {
+        let s = self.session(id)?;
+        let st = s.status();
+        if st.state == SessionState::Completed {
+            return Ok(true);
+        }
+        if st.state != SessionState::Active || st.mode != CopyMode::Copy {
+            return Ok(false);
+        }
+        // Ended extents never complete; the session completes when every live extent has.
+        for (i, _) in s
+            .desc
+            .extents
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| st.ended[*i].is_none())
+        {
+            let Some(p) = s
+                .map
+                .image_pieces(0, s.map.image_len())
+                .into_iter()
+                .find(|p| p.extent == i)
+            else {
+                continue;
+            };
+            let (g0, g1) = s.map.grains_of(&p);
+            if !s.bits().all_set(g0, g1 - g0) {
+                return Ok(false);
+            }
+        }
+        // Every bit is durable, so every target grain is durable: the target is independent.
+        self.table.commit(vec![Entry::SetState {
+            session: id,
+            state: SessionState::Completed,
+            reason: None,
+        }])?;
+        self.refresh_active();
+        Ok(true)
+    }
+
+    /// Status of every session in the table.
+    #[must_use]
+    pub fn status(&self) -> Vec<SessionStatus> {
+        self.table
+            .sessions()
+            .iter()
+            .map(|s| session_status(s))
+            .collect()
+    }
+
+    /// Write `data` at `offset` of an attached volume through the engine: copy-before-write for
+    /// sessions it is the source of, grain completion for sessions it is the target of.
+    /// Durable only after [`Engine::flush`].
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`], I/O and table errors (the source write is not issued when copying
+    /// failed, under [`CopyErrorPolicy::FailWrite`]).
+    pub fn write(&self, vol: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
+        let h = self.handle(vol)?;
+        check_range(offset, data.len() as u64, h.info.size, "volume")?;
+        if data.len() as u64 > crate::limits::IO_BYTES_MAX {
+            return Err(Error::invalid(
+                "write",
+                format!("{} bytes exceeds the per-request limit", data.len()),
+            ));
+        }
+        let _gate = h.gate.read();
+        let active = self.active.read().clone();
+        let mut work: Vec<(Arc<Session>, u64, u64)> = Vec::new();
+        for s in active.iter() {
+            if !s.is_active() {
+                continue;
+            }
+            let mut pieces = Vec::new();
+            if s.desc.source.id == vol {
+                pieces.extend(s.map.source_pieces(offset, data.len() as u64));
+            }
+            if s.desc.target.id == vol {
+                pieces.extend(s.map.target_pieces(offset, data.len() as u64));
+            }
+            for p in pieces {
+                let (g0, g1) = s.map.grains_of(&p);
+                if s.extent_live(p.extent) && !s.bits().all_set(g0, g1 - g0) {
+                    work.push((s.clone(), g0, g1));
+                }
+            }
+        }
+        if work.is_empty() {
+            return h.write_retry(data, offset);
+        }
+        work.sort_by_key(|(s, g0, _)| (s.id(), *g0));
+        let guards: Vec<_> = work
+            .iter()
+            .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
+            .collect();
+        let r = self.copy_runs(&work);
+        if let Err(e) = r {
+            match self.options.on_copy_error {
+                CopyErrorPolicy::FailWrite => return Err(e),
+                CopyErrorPolicy::TerminateSession => {
+                    drop(guards);
+                    for (s, _, _) in &work {
+                        if !s.bits().all_set(0, s.desc.grains()) {
+                            self.terminate(
+                                s.id(),
+                                Reason::new(ReasonCode::CopyFailed, e.to_string()),
+                            )?;
+                        }
+                    }
+                    return h.write_retry(data, offset);
+                }
+            }
+        }
+        let r = h.write_retry(data, offset);
+        drop(guards);
+        r
+    }
+
+    /// Copy the T0 bytes of every still-uncopied grain in `work` (session, grain range; locks
+    /// held by the caller) to its target, make it durable, and commit the bits.
+    fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)]) -> Result<()> {
+        // (session, first grain, end grain, source vol, source off, target vol, target off, len)
+        struct Run {
+            s: Arc<Session>,
+            g0: u64,
+            g1: u64,
+            p: Piece,
+        }
+        let mut runs = Vec::new();
+        for (s, g0, g1) in work {
+            let mut g = *g0;
+            while g < *g1 {
+                if s.bits().get(g) {
+                    g += 1;
+                    continue;
+                }
+                let start = g;
+                let (_, ext_end) = s
+                    .map
+                    .extent_of_grain(g)
+                    .ok_or_else(|| Error::invalid("grain", "outside extents"))?;
+                while g < *g1 && g < ext_end && !s.bits().get(g) {
+                    g += 1;
+                }
+                let p = s
+                    .map
+                    .grain_piece(start, g)
+                    .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
+                runs.push(Run {
+                    s: s.clone(),
+                    g0: start,
+                    g1: g,
+                    p,
+                });
+            }
+        }
+        if runs.is_empty() {
+            return Ok(());
+        }
+        // One read of the old bytes serves every session that needs them: merge source ranges
+        // per source volume.
+        let mut reads: Vec<(VolumeId, u64, u64)> = runs
+            .iter()
+            .map(|r| {
+                (
+                    r.s.desc.source.id,
+                    r.p.source_offset,
+                    r.p.source_offset + r.p.len,
+                )
+            })
+            .collect();
+        reads.sort_unstable();
+        let mut merged: Vec<(VolumeId, u64, u64)> = Vec::new();
+        for (v, s, e) in reads {
+            match merged.last_mut() {
+                Some(m) if m.0 == v && s <= m.2 => m.2 = m.2.max(e),
+                _ => merged.push((v, s, e)),
+            }
+        }
+        let mut bufs = Vec::with_capacity(merged.len());
+        for (v, s, e) in &merged {
+            let h = self.handle(*v)?;
+            let mut b =
+                vec![0u8; usize::try_from(e - s).map_err(|_| Error::invalid("copy", "too large"))?];
+            h.read_retry(&mut b, *s)?;
+            bufs.push(b);
+        }
+        let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
+        let mut entries = Vec::with_capacity(runs.len());
+        for r in &runs {
+            let i = merged
+                .iter()
+                .position(|(v, s, e)| {
+                    *v == r.s.desc.source.id
+                        && *s <= r.p.source_offset
+                        && r.p.source_offset + r.p.len <= *e
+                })
+                .ok_or_else(|| Error::invalid("copy", "run not covered by a read"))?;
+            let off = usize::try_from(r.p.source_offset - merged[i].1)
+                .map_err(|_| Error::invalid("copy", "offset"))?;
+            let len = usize::try_from(r.p.len).map_err(|_| Error::invalid("copy", "len"))?;
+            let th = self.handle(r.s.desc.target.id)?;
+            th.write_retry(&bufs[i][off..off + len], r.p.target_offset)?;
+            if !targets.iter().any(|t| t.info.id == th.info.id) {
+                targets.push(th);
+            }
+            entries.push(Entry::SetBits {
+                session: r.s.id(),
+                start: r.g0,
+                count: r.g1 - r.g0,
+            });
+        }
+        for t in &targets {
+            t.flush()?;
+        }
+        self.table.commit(entries)
+    }
+
+    /// Read the image of a session at `offset` (image coordinates: its extents end to end).
+    ///
+    /// # Errors
+    /// [`Error::NotActive`] for withdrawn or terminated sessions, [`Error::ExtentTerminated`],
+    /// [`Error::OutOfRange`], I/O errors.
+    pub fn read_image(&self, id: SessionId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let s = self.session(id)?;
+        let st = s.status();
+        if !matches!(st.state, SessionState::Active | SessionState::Completed) {
+            return Err(Error::NotActive {
+                id,
+                state: st.state.to_string(),
+            });
+        }
+        check_range(offset, buf.len() as u64, s.map.image_len(), "session image")?;
+        let tgt = self.handle(s.desc.target.id)?;
+        let completed = st.state == SessionState::Completed;
+        let src = if completed {
+            tgt.clone()
+        } else {
+            self.handle(s.desc.source.id)?
+        };
+        for p in s.map.image_pieces(offset, buf.len() as u64) {
+            if let Some(r) = &st.ended[p.extent] {
+                return Err(Error::ExtentTerminated {
+                    id,
+                    extent: p.extent as u32,
+                    reason: r.to_string(),
+                });
+            }
+            let bo = usize::try_from(p.image_offset - offset)
+                .map_err(|_| Error::invalid("read", "offset"))?;
+            let bl = usize::try_from(p.len).map_err(|_| Error::invalid("read", "len"))?;
+            let out = &mut buf[bo..bo + bl];
+            let (g0, g1) = s.map.grains_of(&p);
+            if completed || s.bits().all_set(g0, g1 - g0) {
+                // Copied grains never go back to uncopied: no lock needed.
+                tgt.read_retry(out, p.target_offset)?;
+                continue;
+            }
+            let _g = s.locks.lock(g0, g1);
+            let gb = s.map.grain_bytes();
+            let mut g = g0;
+            while g < g1 {
+                let copied = s.bits().get(g);
+                let start = g;
+                while g < g1 && s.bits().get(g) == copied {
+                    g += 1;
+                }
+                let lo = (start * gb).max(p.image_offset);
+                let hi = (g * gb).min(p.image_offset + p.len);
+                let o = usize::try_from(lo - p.image_offset)
+                    .map_err(|_| Error::invalid("read", "offset"))?;
+                let l = usize::try_from(hi - lo).map_err(|_| Error::invalid("read", "len"))?;
+                let delta = lo - p.image_offset;
+                if copied {
+                    tgt.read_retry(&mut out[o..o + l], p.target_offset + delta)?;
+                } else {
+                    src.read_retry(&mut out[o..o + l], p.source_offset + delta)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Write to a session's image (target-write semantics: the grains leave the relationship).
+    ///
+    /// # Errors
+    /// As [`Engine::write`] and [`Engine::read_image`].
+    pub fn write_image(&self, id: SessionId, offset: u64, data: &[u8]) -> Result<()> {
+        let s = self.session(id)?;
+        if !s.is_active() {
+            return Err(Error::NotActive {
+                id,
+                state: s.status().state.to_string(),
+            });
+        }
+        check_range(
+            offset,
+            data.len() as u64,
+            s.map.image_len(),
+            "session image",
+        )?;
+        for p in s.map.image_pieces(offset, data.len() as u64) {
+            let o = usize::try_from(p.image_offset - offset)
+                .map_err(|_| Error::invalid("write", "offset"))?;
+            let l = usize::try_from(p.len).map_err(|_| Error::invalid("write", "len"))?;
+            self.write(s.desc.target.id, p.target_offset, &data[o..o + l])?;
+        }
+        Ok(())
+    }
+
+    /// Read from an attached volume directly (no session semantics).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.handle(vol)?.read_retry(buf, offset)
+    }
+
+    /// Make completed writes to a volume durable.
+    ///
+    /// # Errors
+    /// I/O errors; the volume latches as poisoned after a failed flush.
+    pub fn flush(&self, vol: VolumeId) -> Result<()> {
+        self.handle(vol)?.flush()
+    }
+
+    /// Copy up to `max_grains` uncopied grains of a session starting the search at grain
+    /// `from`; returns the grain after the last one examined (`None` when none is left from
+    /// `from`). Grains locked by a writer are skipped (the writer copies them).
+    ///
+    /// # Errors
+    /// I/O and table errors.
+    pub fn copy_batch(
+        &self,
+        id: SessionId,
+        from: u64,
+        max_grains: u64,
+    ) -> Result<Option<(u64, u64)>> {
+        let s = self.session(id)?;
+        if !s.is_active() {
+            return Ok(None);
+        }
+        let Some(g) = s.bits().next_clear(from) else {
+            return Ok(None);
+        };
+        let (ext, ext_end) = s
+            .map
+            .extent_of_grain(g)
+            .ok_or_else(|| Error::invalid("grain", "outside extents"))?;
+        if !s.extent_live(ext) {
+            return Ok(Some((ext_end, 0)));
+        }
+        let run = s.bits().clear_run(g, max_grains.min(ext_end - g)).max(1);
+        let Some(guard) = s.locks.try_lock(g, g + run) else {
+            return Ok(Some((g + 1, 0)));
+        };
+        // Re-check under the lock: shrink to the uncopied prefix.
+        let run = s.bits().clear_run(g, run);
+        if run == 0 {
+            return Ok(Some((g + 1, 0)));
+        }
+        let p = s
+            .map
+            .grain_piece(g, g + run)
+            .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
+        let src = self.handle(s.desc.source.id)?;
+        let tgt = self.handle(s.desc.target.id)?;
+        let mut buf = vec![0u8; usize::try_from(p.len).map_err(|_| Error::invalid("copy", "len"))?];
+        src.read_retry(&mut buf, p.source_offset)?;
+        tgt.write_retry(&buf, p.target_offset)?;
+        drop(guard);
+        // Rule 3: the bits reach the table only after the data is durable.
+        tgt.flush()?;
+        self.table.commit(vec![Entry::SetBits {
+            session: id,
+            start: g,
+            count: run,
+        }])?;
+        Ok(Some((g + run, run)))
+    }
+
+    /// Run the background copy of one session to the end in the calling thread. Returns grains
+    /// copied.
+    ///
+    /// # Errors
+    /// I/O and table errors.
+    pub fn copy_all(&self, id: SessionId, batch_grains: u64) -> Result<u64> {
+        let mut total = 0;
+        let mut from = 0;
+        loop {
+            match self.copy_batch(id, from, batch_grains)? {
+                Some((next, n)) => {
+                    total += n;
+                    from = next;
+                }
+                None if from == 0 => break,
+                None => from = 0,
+            }
+        }
+        self.complete_if_done(id)?;
+        Ok(total)
+    }
+
+    /// Reconcile every active session with its volumes (open time).
+    fn reconcile_all(&self, resolver: &dyn VolumeResolver) -> Result<Vec<Decision>> {
+        let mut out = Vec::new();
+        for s in self.table.sessions() {
+            if !s.is_active() {
+                // A completed session's image is its target: attach it when it is still the
+                // same volume, so the image stays readable.
+                if s.status().state == SessionState::Completed
+                    && self.volumes.read().get(&s.desc.target.id).is_none()
+                {
+                    if let Some(v) = resolver.resolve(&s.desc.target)? {
+                        let i = v.info();
+                        if i.id == s.desc.target.id && i.generation == s.desc.target.generation {
+                            self.attach(v);
+                        }
+                    }
+                }
+                out.push(Decision {
+                    session: s.id().0,
+                    outcome: Outcome::Ended,
+                });
+                continue;
+            }
+            if self.options.restart == RestartPolicy::TerminateIncomplete {
+                let r = Reason::new(
+                    ReasonCode::RestartPolicy,
+                    "terminate-incomplete restart policy",
+                );
+                self.terminate(s.id(), r.clone())?;
+                out.push(Decision {
+                    session: s.id().0,
+                    outcome: Outcome::Terminated(r),
+                });
+                continue;
+            }
+            let mut vols = Vec::new();
+            for r in [&s.desc.source, &s.desc.target] {
+                let v = match self.volumes.read().get(&r.id) {
+                    Some(h) => Some(h.vol.clone()),
+                    None => resolver.resolve(r)?,
+                };
+                vols.push(v);
+            }
+            let d = self.reconcile(
+                &s,
+                vols[0].clone(),
+                vols[1].clone(),
+                ReasonCode::IdentityMismatch,
+            )?;
+            out.push(d);
+        }
+        self.refresh_active();
+        Ok(out)
+    }
+
+    /// Compare a session's extents with what its volumes are now; resume, end extents, or
+    /// terminate. Attaches the volumes when the session resumes.
+    fn reconcile(
+        &self,
+        s: &Arc<Session>,
+        src: Option<Arc<dyn Volume>>,
+        tgt: Option<Arc<dyn Volume>>,
+        mismatch: ReasonCode,
+    ) -> Result<Decision> {
+        let id = s.id();
+        let (Some(src), Some(tgt)) = (src, tgt) else {
+            let r = Reason::new(
+                ReasonCode::VolumeMissing,
+                "source or target volume not found",
+            );
+            self.terminate(id, r.clone())?;
+            return Ok(Decision {
+                session: id.0,
+                outcome: Outcome::Terminated(r),
+            });
+        };
+        let (si, ti) = (src.info(), tgt.info());
+        let check = |now: &VolumeInfo, was: &VolumeRef, role: &str| -> Option<Reason> {
+            if now.id != was.id {
+                Some(Reason::new(
+                    mismatch,
+                    format!("{role} {} is now {}", was.id, now.id),
+                ))
+            } else if now.generation != was.generation {
+                Some(Reason::new(
+                    ReasonCode::GenerationMismatch,
+                    format!(
+                        "{role} generation {} is now {}",
+                        was.generation, now.generation
+                    ),
+                ))
+            } else if now.sector_size != was.sector_size {
+                Some(Reason::new(
+                    ReasonCode::SectorSizeMismatch,
+                    format!(
+                        "{role} sector size {} is now {}",
+                        was.sector_size, now.sector_size
+                    ),
+                ))
+            } else {
+                None
+            }
+        };
+        if let Some(r) =
+            check(&si, &s.desc.source, "source").or_else(|| check(&ti, &s.desc.target, "target"))
+        {
+            self.terminate(id, r.clone())?;
+            return Ok(Decision {
+                session: id.0,
+                outcome: Outcome::Terminated(r),
+            });
+        }
+        let st = s.status();
+        let mut ended = Vec::new();
+        let mut entries = Vec::new();
+        for (i, e) in s.desc.extents.iter().enumerate() {
+            if st.ended[i].is_some() {
+                continue;
+            }
+            let fits = e.source_offset + e.len <= si.size && e.target_offset + e.len <= ti.size;
+            if !fits {
+                let r = Reason::new(
+                    ReasonCode::VolumeShrunk,
+                    format!(
+                        "extent {i} no longer fits (source {} bytes, target {} bytes)",
+                        si.size, ti.size
+                    ),
+                );
+                entries.push(Entry::EndExtent {
+                    session: id,
+                    extent: i as u32,
+                    reason: r.clone(),
+                });
+                ended.push((i as u32, r));
+            }
+        }
+        let live = st.ended.iter().filter(|x| x.is_none()).count();
+        if ended.len() == live {
+            let r = ended.first().map_or_else(
+                || Reason::new(ReasonCode::VolumeShrunk, "no extent left"),
+                |(_, r)| r.clone(),
+            );
+            self.terminate(id, r.clone())?;
+            return Ok(Decision {
+                session: id.0,
+                outcome: Outcome::Terminated(r),
+            });
+        }
+        self.table.commit(entries)?;
+        for v in [src, tgt] {
+            if self.volumes.read().get(&v.info().id).is_none() {
+                self.attach(v);
+            }
+        }
+        Ok(Decision {
+            session: id.0,
+            outcome: if ended.is_empty() {
+                Outcome::Resumed
+            } else {
+                Outcome::ResumedPartly(ended)
+            },
+        })
+    }
+
+    /// A storage subsystem reports a reset of volume `vol` (device reset, re-attach,
+    /// replacement). `now` is the volume as it is after the reset (`None`: gone). Each session
+    /// using it is compared with what it now is and resumes, loses extents, or terminates.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub fn reset(&self, vol: VolumeId, now: Option<Arc<dyn Volume>>) -> Result<Vec<Decision>> {
+        let mut out = Vec::new();
+        if let Some(v) = &now {
+            if v.info().id == vol {
+                // The handle is replaced so later I/O goes to the re-attached device.
+                self.attach(v.clone());
+            }
+        }
+        for s in self.active.read().clone().iter() {
+            if s.desc.source.id != vol && s.desc.target.id != vol {
+                continue;
+            }
+            let pick = |r: &VolumeRef| -> Option<Arc<dyn Volume>> {
+                if r.id == vol {
+                    now.clone()
+                } else {
+                    self.volumes.read().get(&r.id).map(|h| h.vol.clone())
+                }
+            };
+            out.push(self.reconcile(
+                s,
+                pick(&s.desc.source),
+                pick(&s.desc.target),
+                ReasonCode::ResetMismatch,
+            )?);
+        }
+        self.refresh_active();
+        Ok(out)
+    }
+}
+
+fn overlaps(a: u64, al: u64, b: u64, bl: u64) -> bool {
+    a < b.saturating_add(bl) && b < a.saturating_add(al)
+}
+
+fn session_status(s: &Session) -> SessionStatus {
+    let st = s.status();
+    SessionStatus {
+        id: s.id().0,
+        state: st.state,
+        mode: st.mode,
+        reason: st.reason.clone(),
+        source: s.desc.source.locator.clone(),
+        target: s.desc.target.locator.clone(),
+        grain_bytes: s.desc.grain.bytes(),
+        extents: s.desc.extents.clone(),
+        ended_extents: st
+            .ended
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.clone().map(|r| (i as u32, r)))
+            .collect(),
+        grains_copied: s.copied(),
+        grains_total: s.desc.grains(),
+        created_unix_ms: s.desc.created_unix_ms,
+    }
+}

@@ -1,0 +1,232 @@
+//! The crate's error type.
+//!
+//! One `#[non_exhaustive]` [`Error`] enum carries every failure with its context: the operation,
+//! the offset, the session or volume involved, and the underlying [`std::io::Error`] as `source()`.
+
+use std::path::PathBuf;
+
+use crate::ids::{SessionId, VolumeId};
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an activity table's bytes were rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Corruption {
+    /// A structure's magic number did not match.
+    #[error("{what}: bad magic")]
+    BadMagic {
+        /// Which structure.
+        what: &'static str,
+    },
+    /// A structure's format version is not one this build reads.
+    #[error("{what}: unsupported version {found}")]
+    BadVersion {
+        /// Which structure.
+        what: &'static str,
+        /// The version found on disk.
+        found: u32,
+    },
+    /// A checksum did not match.
+    #[error("{what}: checksum mismatch (expected {expected:#010x}, found {found:#010x})")]
+    Checksum {
+        /// Which structure.
+        what: &'static str,
+        /// The checksum computed over the bytes.
+        expected: u32,
+        /// The checksum stored on disk.
+        found: u32,
+    },
+    /// A field held a value outside its valid range.
+    #[error("{what}: field {field} out of range ({value})")]
+    Field {
+        /// Which structure.
+        what: &'static str,
+        /// Which field.
+        field: &'static str,
+        /// The offending value.
+        value: u64,
+    },
+    /// The record belongs to another table, slot or sequence (stale, zeroed or misdirected).
+    #[error("{what}: record is not bound to this place (table, slot or sequence differ)")]
+    Misplaced {
+        /// Which structure.
+        what: &'static str,
+    },
+    /// Bytes ended before a structure did.
+    #[error("{what}: truncated")]
+    Truncated {
+        /// Which structure.
+        what: &'static str,
+    },
+    /// Neither copy of a redundant structure is valid.
+    #[error("no valid copy of {what}")]
+    NoValidCopy {
+        /// Which structure.
+        what: &'static str,
+    },
+    /// A committed journal block is unreadable while later commits are intact.
+    #[error("journal block {seq} is damaged in both copies while later commits are intact")]
+    JournalHole {
+        /// Sequence number of the damaged block.
+        seq: u64,
+    },
+}
+
+/// Every error the library returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O call failed.
+    #[error("{op} at offset {offset} on {target}: {source}")]
+    Io {
+        /// What was being done (`read`, `write`, `flush`, `open`, ...).
+        op: &'static str,
+        /// What it was done on (a path or a volume id).
+        target: String,
+        /// Byte offset of the operation, 0 where none applies.
+        offset: u64,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An earlier I/O failure latched this volume or table; reopen and recover it.
+    #[error("{target} is poisoned by an earlier I/O failure; reopen it to recover")]
+    Poisoned {
+        /// The volume or table.
+        target: String,
+    },
+    /// The activity table's bytes are damaged or not a table.
+    #[error("activity table {path}: {kind}")]
+    Corrupt {
+        /// Path (or name) of the table.
+        path: String,
+        /// What was found.
+        #[source]
+        kind: Corruption,
+    },
+    /// Another process holds the table.
+    #[error("activity table {path} is held by {holder}")]
+    Locked {
+        /// Path of the table.
+        path: PathBuf,
+        /// Who holds it, as recorded in the lock file (pid and command).
+        holder: String,
+    },
+    /// An extent is not aligned to the grain or sector size.
+    #[error("extent {offset}+{len} is not aligned to {align} bytes")]
+    Misaligned {
+        /// Start of the extent in bytes.
+        offset: u64,
+        /// Length of the extent in bytes.
+        len: u64,
+        /// Required alignment in bytes.
+        align: u64,
+    },
+    /// An extent or I/O lies outside its volume or image.
+    #[error("range {offset}+{len} is outside {what} of {size} bytes")]
+    OutOfRange {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// What it was checked against.
+        what: &'static str,
+        /// Size of that thing in bytes.
+        size: u64,
+    },
+    /// The target extents are smaller than the source extents.
+    #[error("target extents hold {target} bytes, source extents need {source_len}")]
+    TargetTooSmall {
+        /// Bytes the source extents cover.
+        source_len: u64,
+        /// Bytes the target extents cover.
+        target: u64,
+    },
+    /// Two active sessions would write the same target range.
+    #[error("target range {offset}+{len} on {volume} is already the target of {other}")]
+    TargetInUse {
+        /// The target volume.
+        volume: VolumeId,
+        /// Start of the conflicting range.
+        offset: u64,
+        /// Length of the conflicting range.
+        len: u64,
+        /// The session already using it.
+        other: SessionId,
+    },
+    /// A session's source and target ranges overlap, or a range would be both source and target.
+    #[error("source and target ranges overlap on {volume} at {offset}+{len}")]
+    Overlap {
+        /// The volume.
+        volume: VolumeId,
+        /// Start of the overlapping range.
+        offset: u64,
+        /// Length of the overlapping range.
+        len: u64,
+    },
+    /// No session with this id is in the table.
+    #[error("unknown session {0}")]
+    UnknownSession(SessionId),
+    /// No volume with this id is attached.
+    #[error("unknown volume {0}")]
+    UnknownVolume(String),
+    /// The session exists but is not active (withdrawn, completed or terminated).
+    #[error("session {id} is not active ({state})")]
+    NotActive {
+        /// The session.
+        id: SessionId,
+        /// Its current state.
+        state: String,
+    },
+    /// A configuration value or argument is invalid.
+    #[error("invalid {what}: {why}")]
+    Invalid {
+        /// What was invalid.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
+    /// A bounded resource of the table is exhausted.
+    #[error("activity table is full: {what}")]
+    TableFull {
+        /// Which resource.
+        what: &'static str,
+    },
+    /// A session's extent was terminated and can no longer be read or copied.
+    #[error("session {id} extent {extent} is terminated ({reason})")]
+    ExtentTerminated {
+        /// The session.
+        id: SessionId,
+        /// Index of the extent within the session.
+        extent: u32,
+        /// Why it ended.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Wrap an I/O error with the operation, target and offset.
+    pub fn io(
+        op: &'static str,
+        target: impl Into<String>,
+        offset: u64,
+        source: std::io::Error,
+    ) -> Self {
+        Error::Io {
+            op,
+            target: target.into(),
+            offset,
+            source,
+        }
+    }
+
+    /// Build an [`Error::Invalid`].
+    pub fn invalid(what: &'static str, why: impl Into<String>) -> Self {
+        Error::Invalid {
+            what,
+            why: why.into(),
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! timezero: crash-consistent point-in-time copies of block storage.
+pub mod error;
+pub mod ids;
+pub mod limits;
+pub mod units;
+pub mod volume;
+pub use error::{Error, Result};
+pub mod activity;
+pub mod bitmap;
+pub mod cli;
+pub mod copier;
+pub mod engine;
+pub mod session;
+pub mod sync;

@@ -1,0 +1,224 @@
+//! Sessions: the in-memory, durable-state view of one time-zero relationship.
+//!
+//! A [`Session`] is created by the activity table when an `Establish` entry is committed (or
+//! replayed) and changed only by the table's commit leader applying later entries, after they
+//! are durable. The engine reads its copied bits lock-free and serialises work on its grains
+//! with its [`RangeLock`].
+
+mod extent;
+mod lock;
+
+pub use extent::{ExtentMap, Piece};
+pub use lock::{RangeGuard, RangeLock};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::activity::format::{CopyMode, Entry, Reason, SessionDesc, SessionImage, SessionState};
+use crate::bitmap::AtomicBitmap;
+use crate::error::Corruption;
+use crate::ids::SessionId;
+
+/// Mutable status of a session.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Lifecycle state.
+    pub state: SessionState,
+    /// Current copy mode.
+    pub mode: CopyMode,
+    /// Why it ended.
+    pub reason: Option<Reason>,
+    /// Per extent: `Some(reason)` once that extent ended.
+    pub ended: Vec<Option<Reason>>,
+}
+
+/// One session: descriptor, status, copied bits and grain locks.
+#[derive(Debug)]
+pub struct Session {
+    /// What was established.
+    pub desc: SessionDesc,
+    /// Extent arithmetic.
+    pub map: ExtentMap,
+    status: Mutex<Status>,
+    active: AtomicBool,
+    bits: AtomicBitmap,
+    copied: AtomicU64,
+    /// Grain locks (image grain indices).
+    pub locks: RangeLock,
+}
+
+impl Session {
+    /// A freshly established session (no grain copied).
+    #[must_use]
+    pub fn new(desc: SessionDesc) -> Self {
+        let grains = desc.grains();
+        let n = desc.extents.len();
+        let status = Status {
+            state: SessionState::Active,
+            mode: desc.mode,
+            reason: None,
+            ended: vec![None; n],
+        };
+        Session {
+            map: ExtentMap::new(&desc),
+            bits: AtomicBitmap::new(grains),
+            desc,
+            status: Mutex::new(status),
+            active: AtomicBool::new(true),
+            copied: AtomicU64::new(0),
+            locks: RangeLock::default(),
+        }
+    }
+
+    /// Rebuild from a checkpoint image.
+    ///
+    /// # Errors
+    /// [`Corruption`] when the image is inconsistent.
+    pub fn from_image(img: &SessionImage) -> Result<Self, Corruption> {
+        let s = Session::new(img.desc.clone());
+        if img.state == SessionState::Active
+            && img.bitmap.len() as u64 != img.desc.grains().div_ceil(8)
+        {
+            return Err(Corruption::Field {
+                what: "checkpoint",
+                field: "bitmap",
+                value: img.bitmap.len() as u64,
+            });
+        }
+        let bits = AtomicBitmap::from_bytes(img.desc.grains(), &img.bitmap);
+        let copied = bits.count_ones();
+        let mut st = s.status.lock();
+        st.state = img.state;
+        st.mode = img.mode;
+        st.reason.clone_from(&img.reason);
+        for (i, r) in &img.ended_extents {
+            if let Some(slot) = st.ended.get_mut(*i as usize) {
+                *slot = Some(r.clone());
+            }
+        }
+        drop(st);
+        s.active
+            .store(img.state == SessionState::Active, Ordering::Release);
+        Ok(Session {
+            bits,
+            copied: AtomicU64::new(copied),
+            ..s
+        })
+    }
+
+    /// The checkpoint image (bitmaps only for active sessions).
+    #[must_use]
+    pub fn image(&self) -> SessionImage {
+        let st = self.status.lock();
+        SessionImage {
+            desc: self.desc.clone(),
+            state: st.state,
+            mode: st.mode,
+            reason: st.reason.clone(),
+            ended_extents: st
+                .ended
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.clone().map(|r| (i as u32, r)))
+                .collect(),
+            bitmap: if st.state == SessionState::Active {
+                self.bits.to_bytes()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Bytes this session needs in a checkpoint.
+    #[must_use]
+    pub fn checkpoint_bytes(&self) -> u64 {
+        let mut w = crate::activity::codec::Writer::default();
+        self.desc.encode(&mut w);
+        w.buf.len() as u64
+            + 64
+            + self.desc.extents.len() as u64 * 300
+            + self.desc.grains().div_ceil(8)
+    }
+
+    /// Id.
+    #[must_use]
+    pub fn id(&self) -> SessionId {
+        self.desc.id
+    }
+
+    /// Is copy-before-write in force (cheap).
+    #[must_use]
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// A copy of the status.
+    #[must_use]
+    pub fn status(&self) -> Status {
+        self.status.lock().clone()
+    }
+
+    /// The copied bits.
+    #[must_use]
+    pub fn bits(&self) -> &AtomicBitmap {
+        &self.bits
+    }
+
+    /// Grains copied so far.
+    #[must_use]
+    pub fn copied(&self) -> u64 {
+        self.copied.load(Ordering::Acquire)
+    }
+
+    /// Is extent `i` still in force.
+    #[must_use]
+    pub fn extent_live(&self, i: usize) -> bool {
+        self.status.lock().ended.get(i).is_some_and(Option::is_none)
+    }
+
+    /// Apply a durable journal entry addressed to this session.
+    ///
+    /// # Errors
+    /// [`Corruption`] when the entry cannot apply (bit range or extent out of range).
+    pub fn apply(&self, e: &Entry) -> Result<(), Corruption> {
+        match e {
+            Entry::SetBits { start, count, .. } => {
+                if start
+                    .checked_add(*count)
+                    .is_none_or(|end| end > self.bits.len())
+                {
+                    return Err(Corruption::Field {
+                        what: "journal entry",
+                        field: "bit_range",
+                        value: *start,
+                    });
+                }
+                let n = self.bits.set_range(*start, *count);
+                self.copied.fetch_add(n, Ordering::AcqRel);
+            }
+            Entry::SetState { state, reason, .. } => {
+                let mut st = self.status.lock();
+                st.state = *state;
+                st.reason.clone_from(reason);
+                self.active
+                    .store(*state == SessionState::Active, Ordering::Release);
+            }
+            Entry::SetMode { mode, .. } => self.status.lock().mode = *mode,
+            Entry::EndExtent { extent, reason, .. } => {
+                let mut st = self.status.lock();
+                let slot = st
+                    .ended
+                    .get_mut(*extent as usize)
+                    .ok_or(Corruption::Field {
+                        what: "journal entry",
+                        field: "extent",
+                        value: u64::from(*extent),
+                    })?;
+                *slot = Some(reason.clone());
+            }
+            Entry::Establish(_) | Entry::Forget { .. } => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,204 @@
+//! Regular files and block devices through pread/pwrite.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{check_range, Volume, VolumeInfo};
+use crate::ids::{Generation, VolumeId};
+use crate::{Error, Result};
+
+/// Alignment used for `O_DIRECT` transfers.
+const DIRECT_ALIGN_BYTES: usize = 4096;
+
+/// Options for opening a [`FileVolume`].
+#[derive(Debug, Clone, Default)]
+pub struct FileVolumeOptions {
+    /// Open with `O_DIRECT` (bypass the page cache). Default = false. Unaligned requests are
+    /// bounced through an aligned buffer.
+    pub direct: bool,
+    /// Open read-only. Default = false.
+    pub read_only: bool,
+}
+
+/// A file or block device accessed with positioned reads and writes.
+#[derive(Debug)]
+pub struct FileVolume {
+    file: File,
+    path: PathBuf,
+    id: VolumeId,
+    size: u64,
+    direct: bool,
+}
+
+impl FileVolume {
+    /// Open an existing file or block device.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be opened or inspected.
+    pub fn open(path: impl AsRef<Path>, options: &FileVolumeOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!options.read_only);
+        if options.direct {
+            oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+        }
+        let file = oo.open(path).map_err(|e| Error::io("open", &shown, 0, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &shown, 0, e))?;
+        let size = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            use std::io::{Seek, SeekFrom};
+            (&file)
+                .seek(SeekFrom::End(0))
+                .map_err(|e| Error::io("seek", &shown, 0, e))?
+        };
+        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok(FileVolume {
+            file,
+            path: abs,
+            id: VolumeId::from_parts(meta.dev(), meta.ino()),
+            size,
+            direct: options.direct,
+        })
+    }
+
+    /// Create (or truncate) a file of `size` bytes, allocated so that writes cannot hit ENOSPC
+    /// later, and open it.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be created or allocated.
+    pub fn create(path: impl AsRef<Path>, size: u64, options: &FileVolumeOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::io("create", &shown, 0, e))?;
+        f.set_len(size)
+            .map_err(|e| Error::io("set_len", &shown, size, e))?;
+        f.sync_all().map_err(|e| Error::io("fsync", &shown, 0, e))?;
+        drop(f);
+        Self::open(path, options)
+    }
+
+    /// The canonical path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn aligned(&self, offset: u64, len: usize) -> bool {
+        offset % DIRECT_ALIGN_BYTES as u64 == 0 && len % DIRECT_ALIGN_BYTES == 0
+    }
+}
+
+/// A heap buffer whose usable part starts at a `DIRECT_ALIGN_BYTES` boundary.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + DIRECT_ALIGN_BYTES];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
+        AlignedBuf { raw, start, len }
+    }
+    fn get(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+    fn get_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+fn align_down(x: u64) -> u64 {
+    x - x % DIRECT_ALIGN_BYTES as u64
+}
+
+fn align_up(x: u64) -> u64 {
+    align_down(x + DIRECT_ALIGN_BYTES as u64 - 1)
+}
+
+impl Volume for FileVolume {
+    fn info(&self) -> VolumeInfo {
+        VolumeInfo {
+            id: self.id,
+            size: self.size,
+            sector_size: 512,
+            generation: Generation(0),
+            locator: self.shown(),
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size, "volume")?;
+        if !self.direct
+            || (self.aligned(offset, buf.len())
+                && buf.as_ptr().align_offset(DIRECT_ALIGN_BYTES) == 0)
+        {
+            return self
+                .file
+                .read_exact_at(buf, offset)
+                .map_err(|e| Error::io("read", self.shown(), offset, e));
+        }
+        let start = align_down(offset);
+        let end = align_up(offset + buf.len() as u64);
+        let mut bounce = AlignedBuf::new(
+            usize::try_from(end - start).map_err(|_| Error::invalid("read", "too large"))?,
+        );
+        self.file
+            .read_exact_at(bounce.get_mut(), start)
+            .map_err(|e| Error::io("read", self.shown(), start, e))?;
+        let skip = usize::try_from(offset - start).unwrap_or(0);
+        buf.copy_from_slice(&bounce.get()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size, "volume")?;
+        if !self.direct
+            || (self.aligned(offset, buf.len())
+                && buf.as_ptr().align_offset(DIRECT_ALIGN_BYTES) == 0)
+        {
+            return self
+                .file
+                .write_all_at(buf, offset)
+                .map_err(|e| Error::io("write", self.shown(), offset, e));
+        }
+        let start = align_down(offset);
+        let end = align_up(offset + buf.len() as u64);
+        let mut bounce = AlignedBuf::new(
+            usize::try_from(end - start).map_err(|_| Error::invalid("write", "too large"))?,
+        );
+        if start != offset || end != offset + buf.len() as u64 {
+            // Read-modify-write of the partial sectors at either edge.
+            self.file
+                .read_exact_at(bounce.get_mut(), start)
+                .map_err(|e| Error::io("read", self.shown(), start, e))?;
+        }
+        let skip = usize::try_from(offset - start).unwrap_or(0);
+        bounce.get_mut()[skip..skip + buf.len()].copy_from_slice(buf);
+        self.file
+            .write_all_at(bounce.get(), start)
+            .map_err(|e| Error::io("write", self.shown(), start, e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", self.shown(), 0, e))
+    }
+}
