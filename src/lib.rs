@@ -1,4 +1,5 @@
-//! timezero: crash-consistent point-in-time copies of block storage.
+#![doc = include_str!("../README.md")]
+
 pub mod error;
 pub mod ids;
 pub mod limits;

@@ -8,8 +8,7 @@ use super::{check_range, Volume, VolumeInfo};
 use crate::ids::{Generation, VolumeId};
 use crate::{Error, Result};
 
-/// Alignment used for `O_DIRECT` transfers.
-const DIRECT_ALIGN_BYTES: usize = 4096;
+use super::aligned::{align_down, align_up, AlignedBuf, DIRECT_ALIGN_BYTES};
 
 /// Options for opening a [`FileVolume`].
 #[derive(Debug, Clone, Default)]
@@ -101,35 +100,6 @@ impl FileVolume {
     fn aligned(&self, offset: u64, len: usize) -> bool {
         offset % DIRECT_ALIGN_BYTES as u64 == 0 && len % DIRECT_ALIGN_BYTES == 0
     }
-}
-
-/// A heap buffer whose usable part starts at a `DIRECT_ALIGN_BYTES` boundary.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let raw = vec![0u8; len + DIRECT_ALIGN_BYTES];
-        let start = raw.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
-        AlignedBuf { raw, start, len }
-    }
-    fn get(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-    fn get_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
-
-fn align_down(x: u64) -> u64 {
-    x - x % DIRECT_ALIGN_BYTES as u64
-}
-
-fn align_up(x: u64) -> u64 {
-    align_down(x + DIRECT_ALIGN_BYTES as u64 - 1)
 }
 
 impl Volume for FileVolume {

@@ -2,17 +2,53 @@
 //!
 //! A [`Volume`] is a block-addressable store with an identity ([`VolumeInfo`]). Backends:
 //! [`FileVolume`] (regular files and block devices, pread/pwrite, optional `O_DIRECT`),
+//! `UringVolume` (the same through `io_uring`, with the `uring` feature; see [`open_best`]),
 //! [`MemVolume`] (in memory, for tests and simulations). Everything else (latching of the first
 //! failure, fault injection, ordering checks) wraps a `Volume` and is itself a `Volume`.
 
+mod aligned;
 mod file;
 mod mem;
+// The io_uring backend is the one place that needs `unsafe` (see docs/unsafe.md).
+#[cfg(feature = "uring")]
+#[allow(unsafe_code)]
+mod uring;
 
 pub use file::{FileVolume, FileVolumeOptions};
 pub use mem::MemVolume;
+#[cfg(feature = "uring")]
+pub use uring::{uring_available, UringVolume};
+
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::ids::{Generation, VolumeId};
 use crate::Result;
+
+/// Open a file or block device with the best backend this process may use.
+///
+/// Returns the volume and the backend's name for logging: `"io_uring"` when the crate is built
+/// with the `uring` feature and the kernel allows `io_uring` (see `uring_available`), `"pread"`
+/// ([`FileVolume`]) otherwise, including when the kernel refuses to create the volume's rings.
+///
+/// # Errors
+/// [`crate::Error::Io`] when the file cannot be opened or inspected.
+pub fn open_best(
+    path: impl AsRef<Path>,
+    options: &FileVolumeOptions,
+) -> Result<(Arc<dyn Volume>, &'static str)> {
+    let path = path.as_ref();
+    #[cfg(feature = "uring")]
+    if uring::uring_available() {
+        match UringVolume::open(path, options) {
+            Ok(v) => return Ok((Arc::new(v), "io_uring")),
+            // Ring creation refused (e.g. RLIMIT_MEMLOCK, too many rings): use pread instead.
+            Err(e) if uring::is_setup_error(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((Arc::new(FileVolume::open(path, options)?), "pread"))
+}
 
 /// What a volume is right now: the facts recovery compares against the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
