@@ -1,0 +1,55 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use timezero::activity::{MemStorage, TableOptions, TableStorage};
+use timezero::engine::{Engine, EngineOptions, MapResolver};
+use timezero::volume::{MemVolume, Volume};
+
+/// Small table options so tests exercise journal wrap and checkpoints.
+pub fn small_table() -> TableOptions {
+    TableOptions { journal_bytes: 128 * 1024, checkpoint_bytes: 256 * 1024 }
+}
+
+/// A new in-memory table storage sized for `opts`.
+pub fn mem_storage(opts: &TableOptions) -> Arc<MemStorage> {
+    Arc::new(MemStorage::new("table", opts.layout().unwrap().file_bytes()))
+}
+
+/// Create an engine on `storage`.
+pub fn create(storage: &Arc<MemStorage>, opts: TableOptions) -> Engine {
+    let s: Arc<dyn TableStorage> = storage.clone();
+    Engine::create(s, EngineOptions { table: opts, ..EngineOptions::default() }).unwrap()
+}
+
+/// Reopen an engine on `storage` with `vols`.
+pub fn reopen(storage: &Arc<MemStorage>, vols: &[Arc<MemVolume>]) -> Engine {
+    let mut r = MapResolver::default();
+    for v in vols {
+        r.add(v.clone() as Arc<dyn Volume>);
+    }
+    let s: Arc<dyn TableStorage> = storage.clone();
+    Engine::open(s, &r, EngineOptions::default()).unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Read a session's whole image.
+pub fn image(e: &Engine, id: timezero::ids::SessionId) -> Vec<u8> {
+    let s = e.session(id).unwrap();
+    let mut b = vec![0u8; s.map.image_len() as usize];
+    e.read_image(id, 0, &mut b).unwrap();
+    b
+}

@@ -1,0 +1,244 @@
+//! Model-based test of the engine.
+//!
+//! Goal: under any sequence of establish / source write / target write / image read / copy step /
+//! withdraw / convert / crash-and-reopen on in-memory volumes, every active session's image equals
+//! a trivially correct reference model (a full copy of the source extents taken at establish,
+//! changed only by writes that land on the session's target).
+//! Method: proptest generates operation sequences; after each step the touched images are
+//! compared byte for byte, and at the end every image is.
+
+mod common;
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use timezero::activity::format::{CopyMode, ExtentSpec, SessionState};
+use timezero::engine::{Outcome, SessionSpec};
+use timezero::ids::{GrainSize, SessionId};
+use timezero::volume::{MemVolume, Volume};
+use timezero::Error;
+
+const VOL: usize = 128 * 1024;
+const NVOL: usize = 4;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Establish { src: usize, tgt: usize, grain_shift: u8, ext: Vec<(u64, u64, u64)>, nocopy: bool },
+    Write { vol: usize, off: u64, len: u64, seed: u64 },
+    TargetWrite { sess: usize, off: u64, len: u64, seed: u64 },
+    Read { sess: usize, off: u64, len: u64 },
+    Copy { sess: usize, grains: u64 },
+    Withdraw { sess: usize },
+    Convert { sess: usize },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => (0..NVOL, 0..NVOL, 12u8..15, proptest::collection::vec((0u64..32, 0u64..32, 1u64..6), 1..3), any::<bool>())
+            .prop_map(|(src, tgt, grain_shift, ext, nocopy)| Op::Establish { src, tgt, grain_shift, ext, nocopy }),
+        6 => (0..NVOL, 0u64..VOL as u64, 1u64..20000, any::<u64>()).prop_map(|(vol, off, len, seed)| Op::Write { vol, off, len, seed }),
+        2 => (0usize..8, 0u64..VOL as u64, 1u64..20000, any::<u64>()).prop_map(|(sess, off, len, seed)| Op::TargetWrite { sess, off, len, seed }),
+        3 => (0usize..8, 0u64..VOL as u64, 1u64..30000).prop_map(|(sess, off, len)| Op::Read { sess, off, len }),
+        3 => (0usize..8, 1u64..9).prop_map(|(sess, grains)| Op::Copy { sess, grains }),
+        1 => (0usize..8).prop_map(|sess| Op::Withdraw { sess }),
+        1 => (0usize..8).prop_map(|sess| Op::Convert { sess }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+struct Model {
+    /// Per established session: id, reference image, live.
+    sessions: Vec<(SessionId, Vec<u8>, bool)>,
+}
+
+fn check_image(e: &timezero::engine::Engine, id: SessionId, reference: &[u8]) -> Result<(), TestCaseError> {
+    let got = common::image(e, id);
+    prop_assert!(got == reference, "image of {} differs from the model", id);
+    Ok(())
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let opts = common::small_table();
+    let storage = common::mem_storage(&opts);
+    let vols: Vec<Arc<MemVolume>> =
+        (0..NVOL).map(|i| Arc::new(MemVolume::with_data(&format!("v{i}"), &common::pattern(i as u64 + 1, VOL)))).collect();
+    let mut e = common::create(&storage, opts);
+    let ids: Vec<_> = vols.iter().map(|v| e.attach(v.clone() as Arc<dyn Volume>)).collect();
+    let mut m = Model { sessions: Vec::new() };
+    for op in ops {
+        match op {
+            Op::Establish { src, tgt, grain_shift, ext, nocopy } => {
+                let g = 1u64 << grain_shift;
+                let extents: Vec<_> = ext
+                    .iter()
+                    .map(|&(s, t, l)| ExtentSpec { source_offset: s * g, target_offset: t * g, len: l * g })
+                    .collect();
+                let spec = SessionSpec {
+                    source: ids[src],
+                    target: ids[tgt],
+                    extents: extents.clone(),
+                    grain: GrainSize::new(g).unwrap(),
+                    mode: if nocopy { CopyMode::NoCopy } else { CopyMode::Copy },
+                };
+                // The reference is the image read from the model's idea of the source: the
+                // volume's current bytes (all writes go through the engine).
+                let before = vols[src].snapshot();
+                match e.establish(&spec) {
+                    Ok(id) => {
+                        let mut r = Vec::new();
+                        for x in &extents {
+                            r.extend_from_slice(&before[x.source_offset as usize..(x.source_offset + x.len) as usize]);
+                        }
+                        m.sessions.push((id, r, true));
+                    }
+                    Err(
+                        Error::Overlap { .. }
+                        | Error::TargetInUse { .. }
+                        | Error::OutOfRange { .. }
+                        | Error::TargetTooSmall { .. }
+                        | Error::Misaligned { .. },
+                    ) => {}
+                    Err(other) => return Err(TestCaseError::fail(format!("establish: unexpected {other}"))),
+                }
+            }
+            Op::Write { vol, off, len, seed } => {
+                let len = len.min(VOL as u64 - off);
+                if len == 0 {
+                    continue;
+                }
+                let data = common::pattern(seed, len as usize);
+                e.write(ids[vol], off, &data).unwrap();
+                // Writes landing on an active session's target change its image.
+                for (id, r, live) in &mut m.sessions {
+                    if !*live {
+                        continue;
+                    }
+                    let s = e.session(*id).unwrap();
+                    if s.desc.target.id != ids[vol] {
+                        continue;
+                    }
+                    for p in s.map.target_pieces(off, len) {
+                        let d = (p.target_offset - off) as usize;
+                        r[p.image_offset as usize..(p.image_offset + p.len) as usize].copy_from_slice(&data[d..d + p.len as usize]);
+                    }
+                }
+            }
+            Op::TargetWrite { sess, off, len, seed } => {
+                let Some((id, r, live)) = m.sessions.get_mut(sess) else { continue };
+                let il = r.len() as u64;
+                let off = off % il;
+                let len = len.min(il - off);
+                let data = common::pattern(seed, len as usize);
+                match e.write_image(*id, off, &data) {
+                    Ok(()) => {
+                        prop_assert!(*live);
+                        r[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    }
+                    Err(Error::NotActive { .. }) => prop_assert!(!*live),
+                    Err(x) => return Err(TestCaseError::fail(format!("target write: {x}"))),
+                }
+            }
+            Op::Read { sess, off, len } => {
+                let Some((id, r, live)) = m.sessions.get(sess) else { continue };
+                let il = r.len() as u64;
+                let off = off % il;
+                let len = len.min(il - off);
+                let mut b = vec![0u8; len as usize];
+                match e.read_image(*id, off, &mut b) {
+                    Ok(()) => {
+                        let st = e.session(*id).unwrap().status().state;
+                        prop_assert!(*live || st == SessionState::Completed);
+                        if *live {
+                            prop_assert!(b[..] == r[off as usize..(off + len) as usize], "read of {} at {}+{} differs", id, off, len);
+                        }
+                    }
+                    Err(Error::NotActive { .. }) => prop_assert!(!*live),
+                    Err(x) => return Err(TestCaseError::fail(format!("read: {x}"))),
+                }
+            }
+            Op::Copy { sess, grains } => {
+                let Some((id, _, _)) = m.sessions.get(sess) else { continue };
+                let _ = e.copy_batch(*id, 0, grains).unwrap();
+                let done = e.complete_if_done(*id).unwrap();
+                if done {
+                    // A completed session's target is independent: later target writes still
+                    // show in its image, but it no longer needs copy-before-write.
+                    let st = e.session(*id).unwrap().status().state;
+                    prop_assert_eq!(st, SessionState::Completed);
+                }
+            }
+            Op::Withdraw { sess } => {
+                let Some((id, _, live)) = m.sessions.get_mut(sess) else { continue };
+                let active = e.session(*id).unwrap().is_active();
+                match e.withdraw(*id) {
+                    Ok(()) => {
+                        prop_assert!(active);
+                        *live = false;
+                    }
+                    Err(Error::NotActive { .. }) => prop_assert!(!active),
+                    Err(x) => return Err(TestCaseError::fail(format!("withdraw: {x}"))),
+                }
+            }
+            Op::Convert { sess } => {
+                let Some((id, _, _)) = m.sessions.get(sess) else { continue };
+                let _ = e.convert_to_copy(*id);
+            }
+            Op::Reopen => {
+                drop(e);
+                e = common::reopen(&storage, &vols);
+                for v in &vols {
+                    if e.volume(v.info().id).is_err() {
+                        e.attach(v.clone() as Arc<dyn Volume>);
+                    }
+                }
+                for d in &e.decisions {
+                    prop_assert!(matches!(d.outcome, Outcome::Resumed | Outcome::Ended), "unexpected decision {:?}", d);
+                }
+            }
+        }
+        // Sessions that completed keep reading as their target: the model keeps them live only
+        // while active.
+        for (id, _, live) in &mut m.sessions {
+            let st = e.session(*id).unwrap().status().state;
+            if st == SessionState::Completed {
+                *live = false;
+            }
+        }
+    }
+    for (id, r, live) in &m.sessions {
+        if *live {
+            check_image(&e, *id, r)?;
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+    #[test]
+    fn engine_matches_reference_model(ops in proptest::collection::vec(op(), 1..40)) {
+        run(ops)?;
+    }
+}
+
+#[test]
+fn completed_session_image_is_target() {
+    let opts = common::small_table();
+    let storage = common::mem_storage(&opts);
+    let src = Arc::new(MemVolume::with_data("s", &common::pattern(3, VOL)));
+    let tgt = Arc::new(MemVolume::new("t", VOL));
+    let e = common::create(&storage, opts);
+    let a = e.attach(src.clone() as Arc<dyn Volume>);
+    let b = e.attach(tgt.clone() as Arc<dyn Volume>);
+    let id = e.establish(&SessionSpec { grain: GrainSize::new(4096).unwrap(), ..SessionSpec::whole(a, b) }).unwrap();
+    let t0 = src.snapshot();
+    e.write(a, 100, &[1u8; 9000]).unwrap();
+    e.copy_all(id, 5).unwrap();
+    assert_eq!(e.session(id).unwrap().status().state, SessionState::Completed);
+    assert_eq!(tgt.snapshot(), t0);
+    assert_eq!(common::image(&e, id), t0);
+    // After completion source writes no longer copy.
+    e.write(a, 0, &[2u8; 4096]).unwrap();
+    assert_eq!(tgt.snapshot(), t0);
+}
