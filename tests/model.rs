@@ -23,13 +23,40 @@ const NVOL: usize = 4;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Establish { src: usize, tgt: usize, grain_shift: u8, ext: Vec<(u64, u64, u64)>, nocopy: bool },
-    Write { vol: usize, off: u64, len: u64, seed: u64 },
-    TargetWrite { sess: usize, off: u64, len: u64, seed: u64 },
-    Read { sess: usize, off: u64, len: u64 },
-    Copy { sess: usize, grains: u64 },
-    Withdraw { sess: usize },
-    Convert { sess: usize },
+    Establish {
+        src: usize,
+        tgt: usize,
+        grain_shift: u8,
+        ext: Vec<(u64, u64, u64)>,
+        nocopy: bool,
+    },
+    Write {
+        vol: usize,
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
+    TargetWrite {
+        sess: usize,
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
+    Read {
+        sess: usize,
+        off: u64,
+        len: u64,
+    },
+    Copy {
+        sess: usize,
+        grains: u64,
+    },
+    Withdraw {
+        sess: usize,
+    },
+    Convert {
+        sess: usize,
+    },
     Reopen,
 }
 
@@ -52,7 +79,11 @@ struct Model {
     sessions: Vec<(SessionId, Vec<u8>, bool)>,
 }
 
-fn check_image(e: &timezero::engine::Engine, id: SessionId, reference: &[u8]) -> Result<(), TestCaseError> {
+fn check_image(
+    e: &timezero::engine::Engine,
+    id: SessionId,
+    reference: &[u8],
+) -> Result<(), TestCaseError> {
     let got = common::image(e, id);
     prop_assert!(got == reference, "image of {} differs from the model", id);
     Ok(())
@@ -61,25 +92,50 @@ fn check_image(e: &timezero::engine::Engine, id: SessionId, reference: &[u8]) ->
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let opts = common::small_table();
     let storage = common::mem_storage(&opts);
-    let vols: Vec<Arc<MemVolume>> =
-        (0..NVOL).map(|i| Arc::new(MemVolume::with_data(&format!("v{i}"), &common::pattern(i as u64 + 1, VOL)))).collect();
+    let vols: Vec<Arc<MemVolume>> = (0..NVOL)
+        .map(|i| {
+            Arc::new(MemVolume::with_data(
+                &format!("v{i}"),
+                &common::pattern(i as u64 + 1, VOL),
+            ))
+        })
+        .collect();
     let mut e = common::create(&storage, opts);
-    let ids: Vec<_> = vols.iter().map(|v| e.attach(v.clone() as Arc<dyn Volume>)).collect();
-    let mut m = Model { sessions: Vec::new() };
+    let ids: Vec<_> = vols
+        .iter()
+        .map(|v| e.attach(v.clone() as Arc<dyn Volume>))
+        .collect();
+    let mut m = Model {
+        sessions: Vec::new(),
+    };
     for op in ops {
         match op {
-            Op::Establish { src, tgt, grain_shift, ext, nocopy } => {
+            Op::Establish {
+                src,
+                tgt,
+                grain_shift,
+                ext,
+                nocopy,
+            } => {
                 let g = 1u64 << grain_shift;
                 let extents: Vec<_> = ext
                     .iter()
-                    .map(|&(s, t, l)| ExtentSpec { source_offset: s * g, target_offset: t * g, len: l * g })
+                    .map(|&(s, t, l)| ExtentSpec {
+                        source_offset: s * g,
+                        target_offset: t * g,
+                        len: l * g,
+                    })
                     .collect();
                 let spec = SessionSpec {
                     source: ids[src],
                     target: ids[tgt],
                     extents: extents.clone(),
                     grain: GrainSize::new(g).unwrap(),
-                    mode: if nocopy { CopyMode::NoCopy } else { CopyMode::Copy },
+                    mode: if nocopy {
+                        CopyMode::NoCopy
+                    } else {
+                        CopyMode::Copy
+                    },
                 };
                 // The reference is the image read from the model's idea of the source: the
                 // volume's current bytes (all writes go through the engine).
@@ -88,7 +144,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Ok(id) => {
                         let mut r = Vec::new();
                         for x in &extents {
-                            r.extend_from_slice(&before[x.source_offset as usize..(x.source_offset + x.len) as usize]);
+                            r.extend_from_slice(
+                                &before
+                                    [x.source_offset as usize..(x.source_offset + x.len) as usize],
+                            );
                         }
                         m.sessions.push((id, r, true));
                     }
@@ -99,10 +158,19 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         | Error::TargetTooSmall { .. }
                         | Error::Misaligned { .. },
                     ) => {}
-                    Err(other) => return Err(TestCaseError::fail(format!("establish: unexpected {other}"))),
+                    Err(other) => {
+                        return Err(TestCaseError::fail(format!(
+                            "establish: unexpected {other}"
+                        )))
+                    }
                 }
             }
-            Op::Write { vol, off, len, seed } => {
+            Op::Write {
+                vol,
+                off,
+                len,
+                seed,
+            } => {
                 let len = len.min(VOL as u64 - off);
                 if len == 0 {
                     continue;
@@ -120,12 +188,20 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                     for p in s.map.target_pieces(off, len) {
                         let d = (p.target_offset - off) as usize;
-                        r[p.image_offset as usize..(p.image_offset + p.len) as usize].copy_from_slice(&data[d..d + p.len as usize]);
+                        r[p.image_offset as usize..(p.image_offset + p.len) as usize]
+                            .copy_from_slice(&data[d..d + p.len as usize]);
                     }
                 }
             }
-            Op::TargetWrite { sess, off, len, seed } => {
-                let Some((id, r, live)) = m.sessions.get_mut(sess) else { continue };
+            Op::TargetWrite {
+                sess,
+                off,
+                len,
+                seed,
+            } => {
+                let Some((id, r, live)) = m.sessions.get_mut(sess) else {
+                    continue;
+                };
                 let il = r.len() as u64;
                 let off = off % il;
                 let len = len.min(il - off);
@@ -140,7 +216,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Read { sess, off, len } => {
-                let Some((id, r, live)) = m.sessions.get(sess) else { continue };
+                let Some((id, r, live)) = m.sessions.get(sess) else {
+                    continue;
+                };
                 let il = r.len() as u64;
                 let off = off % il;
                 let len = len.min(il - off);
@@ -150,7 +228,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         let st = e.session(*id).unwrap().status().state;
                         prop_assert!(*live || st == SessionState::Completed);
                         if *live {
-                            prop_assert!(b[..] == r[off as usize..(off + len) as usize], "read of {} at {}+{} differs", id, off, len);
+                            prop_assert!(
+                                b[..] == r[off as usize..(off + len) as usize],
+                                "read of {} at {}+{} differs",
+                                id,
+                                off,
+                                len
+                            );
                         }
                     }
                     Err(Error::NotActive { .. }) => prop_assert!(!*live),
@@ -158,7 +242,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Copy { sess, grains } => {
-                let Some((id, _, _)) = m.sessions.get(sess) else { continue };
+                let Some((id, _, _)) = m.sessions.get(sess) else {
+                    continue;
+                };
                 let _ = e.copy_batch(*id, 0, grains).unwrap();
                 let done = e.complete_if_done(*id).unwrap();
                 if done {
@@ -169,7 +255,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Withdraw { sess } => {
-                let Some((id, _, live)) = m.sessions.get_mut(sess) else { continue };
+                let Some((id, _, live)) = m.sessions.get_mut(sess) else {
+                    continue;
+                };
                 let active = e.session(*id).unwrap().is_active();
                 match e.withdraw(*id) {
                     Ok(()) => {
@@ -181,7 +269,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Convert { sess } => {
-                let Some((id, _, _)) = m.sessions.get(sess) else { continue };
+                let Some((id, _, _)) = m.sessions.get(sess) else {
+                    continue;
+                };
                 let _ = e.convert_to_copy(*id);
             }
             Op::Reopen => {
@@ -193,7 +283,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
                 for d in &e.decisions {
-                    prop_assert!(matches!(d.outcome, Outcome::Resumed | Outcome::Ended), "unexpected decision {:?}", d);
+                    prop_assert!(
+                        matches!(d.outcome, Outcome::Resumed | Outcome::Ended),
+                        "unexpected decision {:?}",
+                        d
+                    );
                 }
             }
         }
@@ -231,11 +325,19 @@ fn completed_session_image_is_target() {
     let e = common::create(&storage, opts);
     let a = e.attach(src.clone() as Arc<dyn Volume>);
     let b = e.attach(tgt.clone() as Arc<dyn Volume>);
-    let id = e.establish(&SessionSpec { grain: GrainSize::new(4096).unwrap(), ..SessionSpec::whole(a, b) }).unwrap();
+    let id = e
+        .establish(&SessionSpec {
+            grain: GrainSize::new(4096).unwrap(),
+            ..SessionSpec::whole(a, b)
+        })
+        .unwrap();
     let t0 = src.snapshot();
     e.write(a, 100, &[1u8; 9000]).unwrap();
     e.copy_all(id, 5).unwrap();
-    assert_eq!(e.session(id).unwrap().status().state, SessionState::Completed);
+    assert_eq!(
+        e.session(id).unwrap().status().state,
+        SessionState::Completed
+    );
     assert_eq!(tgt.snapshot(), t0);
     assert_eq!(common::image(&e, id), t0);
     // After completion source writes no longer copy.

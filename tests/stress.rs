@@ -21,11 +21,22 @@ fn writers_copier_and_readers_on_one_session() {
     let size = 16usize << 20;
     let t0 = common::pattern(42, size);
     std::fs::write(dir.path().join("src"), &t0).unwrap();
-    FileVolume::create(dir.path().join("tgt"), size as u64, &FileVolumeOptions::default()).unwrap();
-    let e = Arc::new(Engine::create_path(&dir.path().join("table"), EngineOptions::default()).unwrap());
+    FileVolume::create(
+        dir.path().join("tgt"),
+        size as u64,
+        &FileVolumeOptions::default(),
+    )
+    .unwrap();
+    let e =
+        Arc::new(Engine::create_path(&dir.path().join("table"), EngineOptions::default()).unwrap());
     let src = e.attach_path(&dir.path().join("src")).unwrap();
     let tgt = e.attach_path(&dir.path().join("tgt")).unwrap();
-    let id = e.establish(&SessionSpec { grain: GrainSize::new(16384).unwrap(), ..SessionSpec::whole(src, tgt) }).unwrap();
+    let id = e
+        .establish(&SessionSpec {
+            grain: GrainSize::new(16384).unwrap(),
+            ..SessionSpec::whole(src, tgt)
+        })
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let mut hs = Vec::new();
     for t in 0..4u64 {
@@ -50,15 +61,27 @@ fn writers_copier_and_readers_on_one_session() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let x = common::pattern(n + 7, 16);
-                let off = (u64::from_le_bytes(x[..8].try_into().unwrap()) % (size as u64 - 100_000)) as usize;
+                let off = (u64::from_le_bytes(x[..8].try_into().unwrap()) % (size as u64 - 100_000))
+                    as usize;
                 let mut b = vec![0u8; 70_000];
                 e.read_image(id, off as u64, &mut b).unwrap();
-                assert!(b[..] == t0[off..off + b.len()], "image read at {off} differs from T0");
+                assert!(
+                    b[..] == t0[off..off + b.len()],
+                    "image read at {off} differs from T0"
+                );
                 n += 1;
             }
         }));
     }
-    let c = Copier::start(e.clone(), CopierOptions { rate_bytes_per_s: Some(16 << 20), exit_when_done: true, ..CopierOptions::default() }).unwrap();
+    let c = Copier::start(
+        e.clone(),
+        CopierOptions {
+            rate_bytes_per_s: Some(16 << 20),
+            exit_when_done: true,
+            ..CopierOptions::default()
+        },
+    )
+    .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(700));
     let p = c.progress();
     assert!(p.grains_copied > 0);

@@ -299,10 +299,15 @@ fn run(cmd: Command) -> Result<()> {
             let e = Arc::new(open(&table, RestartPolicy::Resume)?);
             if let Some(id) = session {
                 let s = e.session(id)?;
+                let state = s.status().state;
+                if state == crate::activity::format::SessionState::Completed {
+                    let _ = writeln!(out, "{id} completed");
+                    return Ok(());
+                }
                 if !s.is_active() {
                     return Err(Error::NotActive {
                         id,
-                        state: s.status().state.to_string(),
+                        state: state.to_string(),
                     });
                 }
                 if convert {

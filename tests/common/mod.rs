@@ -9,18 +9,31 @@ use timezero::volume::{MemVolume, Volume};
 
 /// Small table options so tests exercise journal wrap and checkpoints.
 pub fn small_table() -> TableOptions {
-    TableOptions { journal_bytes: 128 * 1024, checkpoint_bytes: 256 * 1024 }
+    TableOptions {
+        journal_bytes: 128 * 1024,
+        checkpoint_bytes: 256 * 1024,
+    }
 }
 
 /// A new in-memory table storage sized for `opts`.
 pub fn mem_storage(opts: &TableOptions) -> Arc<MemStorage> {
-    Arc::new(MemStorage::new("table", opts.layout().unwrap().file_bytes()))
+    Arc::new(MemStorage::new(
+        "table",
+        opts.layout().unwrap().file_bytes(),
+    ))
 }
 
 /// Create an engine on `storage`.
 pub fn create(storage: &Arc<MemStorage>, opts: TableOptions) -> Engine {
     let s: Arc<dyn TableStorage> = storage.clone();
-    Engine::create(s, EngineOptions { table: opts, ..EngineOptions::default() }).unwrap()
+    Engine::create(
+        s,
+        EngineOptions {
+            table: opts,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Reopen an engine on `storage` with `vols`.

@@ -1,0 +1,200 @@
+//! The binary under SIGKILL, and its command-line contract.
+//!
+//! Goal: a real process killed with SIGKILL while writing and copying leaves a table that
+//! reopens with every session resumed and T0-exact; the CLI gives one-line errors with exit 1
+//! and usage errors with exit 2; a second holder of a table is refused with the holder named.
+//! Method: drive the `timezero` binary (init, establish, hidden `workload`, copy, export,
+//! status, withdraw, recover) on temporary files; kill the workload repeatedly at varying times.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use timezero::engine::{Engine, EngineOptions, Outcome};
+use timezero::ids::SessionId;
+
+fn tz() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_timezero"))
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = tz().args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "timezero {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn p(x: &Path) -> &str {
+    x.to_str().unwrap()
+}
+
+#[test]
+fn sigkill_during_writes_and_copy_then_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 8usize << 20;
+    let t0 = common::pattern(9, size);
+    std::fs::write(d.join("src"), &t0).unwrap();
+    std::fs::write(d.join("tgt"), vec![0u8; size]).unwrap();
+    std::fs::write(d.join("tgt2"), vec![0u8; 1 << 20]).unwrap();
+    let table = d.join("t.tzt");
+    ok(&[
+        "init",
+        p(&table),
+        "--journal",
+        "256KiB",
+        "--capacity",
+        "1MiB",
+    ]);
+    let s1 = ok(&[
+        "establish",
+        p(&table),
+        p(&d.join("src")),
+        p(&d.join("tgt")),
+        "--grain",
+        "16KiB",
+    ]);
+    assert_eq!(s1.trim(), "s1");
+    let s2 = ok(&[
+        "establish",
+        p(&table),
+        p(&d.join("src")),
+        p(&d.join("tgt2")),
+        "--extent",
+        "1MiB:1MiB@0",
+        "--nocopy",
+    ]);
+    assert_eq!(s2.trim(), "s2");
+    let ref2 = t0[1 << 20..2 << 20].to_vec();
+    for round in 0..6u64 {
+        let mut child = tz()
+            .args([
+                "workload",
+                p(&table),
+                "--seed",
+                &round.to_string(),
+                "--rate",
+                "2MiB",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150 + 90 * round));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let e = Engine::open_path(&table, EngineOptions::default()).unwrap();
+        for dcs in &e.decisions {
+            assert!(
+                matches!(dcs.outcome, Outcome::Resumed | Outcome::Ended),
+                "round {round}: {:?}",
+                dcs
+            );
+        }
+        assert!(
+            e.status().iter().all(|s| s.reason.is_none()),
+            "round {round}: {:?}",
+            e.status()
+        );
+        assert_eq!(
+            common::image(&e, SessionId(1)),
+            t0,
+            "round {round}: s1 image"
+        );
+        assert_eq!(
+            common::image(&e, SessionId(2)),
+            ref2,
+            "round {round}: s2 image"
+        );
+    }
+    let out = ok(&["copy", p(&table), "s1"]);
+    assert!(out.contains("s1 completed"), "{out}");
+    ok(&["export", p(&table), "s1", p(&d.join("out"))]);
+    assert!(std::fs::read(d.join("out")).unwrap() == t0);
+    assert!(std::fs::read(d.join("tgt")).unwrap() == t0);
+    ok(&["export", p(&table), "s2", p(&d.join("out2"))]);
+    assert!(std::fs::read(d.join("out2")).unwrap() == ref2);
+    let st = ok(&["status", p(&table), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(v[0]["state"], "Completed");
+    assert_eq!(v[1]["state"], "Active");
+    ok(&["withdraw", p(&table), "s2"]);
+    let st = ok(&["status", p(&table)]);
+    assert!(
+        st.contains("s2 withdrawn") && st.contains("Withdrawn"),
+        "{st}"
+    );
+    let rec = ok(&["recover", p(&table), "--json"]);
+    assert!(rec.contains("decisions"), "{rec}");
+}
+
+#[test]
+fn cli_errors_are_one_line_and_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let table = d.join("t.tzt");
+    // Usage error: exit 2.
+    let o = tz().args(["establish"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = tz()
+        .args(["init", p(&table), "--journal", "12XB"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    // Missing table: exit 1 with one line naming it.
+    let o = tz().args(["status", p(&d.join("none"))]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("none"), "{err}");
+    ok(&["init", p(&table)]);
+    std::fs::write(d.join("a"), vec![1u8; 1 << 20]).unwrap();
+    std::fs::write(d.join("b"), vec![0u8; 1 << 19]).unwrap();
+    // Target too small, misaligned extent, unknown session: one line, exit 1.
+    for (args, needle) in [
+        (
+            vec!["establish", p(&table), p(&d.join("a")), p(&d.join("b"))],
+            "target",
+        ),
+        (
+            vec![
+                "establish",
+                p(&table),
+                p(&d.join("a")),
+                p(&d.join("b")),
+                "--extent",
+                "1000:64KiB",
+            ],
+            "aligned",
+        ),
+        (vec!["withdraw", p(&table), "s9"], "unknown session"),
+        (
+            vec![
+                "establish",
+                p(&table),
+                p(&d.join("a")),
+                p(&d.join("b")),
+                "--grain",
+                "3KiB",
+            ],
+            "grain",
+        ),
+    ] {
+        let o = tz().args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // A held table is refused, naming the holder.
+    let _held = Engine::open_path(&table, EngineOptions::default()).unwrap();
+    let o = tz().args(["status", p(&table)]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("held by pid"), "{err}");
+}
