@@ -6,6 +6,8 @@
 //! Method: drive the `timezero` binary (init, establish, hidden `workload`, copy, export,
 //! status, withdraw, recover) on temporary files; kill the workload repeatedly at varying times.
 
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
 mod common;
 
 use std::path::Path;

@@ -7,6 +7,8 @@
 //! Method: proptest generates operation sequences; after each step the touched images are
 //! compared byte for byte, and at the end every image is.
 
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
 mod common;
 
 use std::sync::Arc;

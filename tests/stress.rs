@@ -5,6 +5,8 @@
 //! 2-thread copier runs and a reader checks random image ranges; afterwards the exported image
 //! and the completed target both equal the T0 reference.
 
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};

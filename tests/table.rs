@@ -5,6 +5,8 @@
 //! by the input it names. Method: direct encode/decode calls, byte surgery on an in-memory
 //! table, and engine calls with bad arguments.
 
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
 mod common;
 
 use std::sync::Arc;
