@@ -1,6 +1,6 @@
 //! Activity tables: the durable record of sessions, their extents, states and copied bits.
 //!
-//! A table is a preallocated, memory-mapped file (see [`format`] for every byte): two
+//! A table is a preallocated, memory-mapped file (see [`self::format`] for every byte): two
 //! superblocks, a mirrored journal of 512-byte CRC-checked blocks, and two checkpoint areas.
 //! [`Table::commit`] is the only way state changes: entries are written to the journal, made
 //! durable (many callers share one durability point), and only then applied to the in-memory
