@@ -11,5 +11,6 @@ pub mod bitmap;
 pub mod cli;
 pub mod copier;
 pub mod engine;
+pub mod nbd;
 pub mod session;
 pub mod sync;
