@@ -356,6 +356,19 @@ impl Engine {
             .ok_or_else(|| Error::UnknownVolume(id.to_string()))
     }
 
+    /// Every attached volume as it was when attached.
+    #[must_use]
+    pub fn attached(&self) -> Vec<VolumeInfo> {
+        let mut v: Vec<_> = self
+            .volumes
+            .read()
+            .values()
+            .map(|h| h.info.clone())
+            .collect();
+        v.sort_by(|a, b| a.locator.cmp(&b.locator));
+        v
+    }
+
     /// Find an attached volume by locator (path).
     #[must_use]
     pub fn volume_by_locator(&self, locator: &str) -> Option<VolumeId> {

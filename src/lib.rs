@@ -9,6 +9,7 @@ pub use error::{Error, Result};
 pub mod activity;
 pub mod bitmap;
 pub mod cli;
+pub mod control;
 pub mod copier;
 pub mod engine;
 pub mod nbd;

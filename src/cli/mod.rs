@@ -162,6 +162,32 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Hold the table and serve source volumes and session images over NBD; other commands
+    /// on the same table reach this process through its control socket (`TABLE.ctl`).
+    Serve {
+        /// The table.
+        table: PathBuf,
+        /// Unix socket to listen on (default `TABLE.nbd`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// TCP address to listen on as well (loopback only unless --allow-remote).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Allow a non-loopback --listen address (NBD has no authentication).
+        #[arg(long)]
+        allow_remote: bool,
+        /// Let clients write session images (target-write semantics).
+        #[arg(long)]
+        writable_images: bool,
+        /// Source volumes to attach and export beyond those of existing sessions.
+        #[arg(long = "volume")]
+        volumes: Vec<PathBuf>,
+    },
+    /// Ask the process serving a table to stop.
+    Stop {
+        /// The table.
+        table: PathBuf,
+    },
     /// (internal) Writers and a throttled copier that run until killed; used by `demo`.
     #[command(hide = true)]
     Workload {
@@ -230,43 +256,77 @@ fn volume_id(engine: &Engine, path: &Path) -> Result<crate::ids::VolumeId> {
     }
 }
 
-fn run(cmd: Command) -> Result<()> {
-    let mut out = std::io::stdout().lock();
+/// A command that can run here or, when another process serves the table, in that process
+/// through its control socket. Each returns the text to print.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum Remote {
+    /// `establish`.
+    Establish {
+        /// Source path.
+        source: PathBuf,
+        /// Target path.
+        target: PathBuf,
+        /// Extent strings as given.
+        extents: Vec<String>,
+        /// Grain bytes.
+        grain: u64,
+        /// No-copy mode.
+        nocopy: bool,
+    },
+    /// `status`.
+    Status {
+        /// JSON output.
+        json: bool,
+    },
+    /// `copy`.
+    Copy {
+        /// Only this session.
+        session: Option<u64>,
+        /// Rate limit.
+        rate: Option<u64>,
+        /// Threads.
+        threads: usize,
+        /// Convert first.
+        convert: bool,
+    },
+    /// `withdraw`.
+    Withdraw {
+        /// Session.
+        session: u64,
+    },
+    /// `reset`.
+    Reset {
+        /// Volume path.
+        volume: PathBuf,
+    },
+    /// `write`.
+    Write {
+        /// Volume path.
+        volume: PathBuf,
+        /// Offset.
+        offset: u64,
+        /// Source file of the bytes.
+        from: PathBuf,
+    },
+}
+
+/// Run a [`Remote`] command on an open engine.
+///
+/// # Errors
+/// The command's errors.
+pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> {
+    let mut out = String::new();
+    use std::fmt::Write as _;
     match cmd {
-        Command::Init {
-            table,
-            journal,
-            capacity,
-        } => {
-            let opts = EngineOptions {
-                table: crate::activity::TableOptions {
-                    journal_bytes: journal,
-                    checkpoint_bytes: capacity,
-                },
-                ..EngineOptions::default()
-            };
-            let e = Engine::create_path(&table, opts)?;
-            let l = e.table().layout();
-            let _ = writeln!(
-                out,
-                "created {} ({} bytes: journal 2x{}, checkpoints 2x{})",
-                table.display(),
-                l.file_bytes(),
-                format_size(l.journal_bytes),
-                format_size(l.checkpoint_bytes)
-            );
-        }
-        Command::Establish {
-            table,
+        Remote::Establish {
             source,
             target,
             extents,
             grain,
             nocopy,
         } => {
-            let e = open(&table, RestartPolicy::Resume)?;
-            let src = volume_id(&e, &source)?;
-            let tgt = volume_id(&e, &target)?;
+            let src = volume_id(e, source)?;
+            let tgt = volume_id(e, target)?;
             let extents = extents
                 .iter()
                 .map(|s| parse_extent(s))
@@ -275,8 +335,8 @@ fn run(cmd: Command) -> Result<()> {
                 source: src,
                 target: tgt,
                 extents,
-                grain: GrainSize::new(grain)?,
-                mode: if nocopy {
+                grain: GrainSize::new(*grain)?,
+                mode: if *nocopy {
                     CopyMode::NoCopy
                 } else {
                     CopyMode::Copy
@@ -285,24 +345,20 @@ fn run(cmd: Command) -> Result<()> {
             let id = e.establish(&spec)?;
             let _ = writeln!(out, "{id}");
         }
-        Command::Status { table, json } => {
-            let e = open(&table, RestartPolicy::Resume)?;
-            print_status(&mut out, &e, json)?;
-        }
-        Command::Copy {
-            table,
+        Remote::Status { json } => status_text(&mut out, e, *json)?,
+        Remote::Copy {
             session,
             rate,
             threads,
             convert,
         } => {
-            let e = Arc::new(open(&table, RestartPolicy::Resume)?);
+            let session = session.map(SessionId);
             if let Some(id) = session {
                 let s = e.session(id)?;
                 let state = s.status().state;
                 if state == crate::activity::format::SessionState::Completed {
                     let _ = writeln!(out, "{id} completed");
-                    return Ok(());
+                    return Ok(out);
                 }
                 if !s.is_active() {
                     return Err(Error::NotActive {
@@ -310,7 +366,7 @@ fn run(cmd: Command) -> Result<()> {
                         state: state.to_string(),
                     });
                 }
-                if convert {
+                if *convert {
                     e.convert_to_copy(id)?;
                 } else if s.status().mode == CopyMode::NoCopy {
                     return Err(Error::invalid(
@@ -320,17 +376,17 @@ fn run(cmd: Command) -> Result<()> {
                 }
             }
             let opts = CopierOptions {
-                threads,
-                rate_bytes_per_s: rate,
+                threads: *threads,
+                rate_bytes_per_s: *rate,
                 sessions: session.into_iter().collect(),
                 ..CopierOptions::default()
             };
             let c = Copier::start(e.clone(), opts)?;
-            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let tty = progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
             let mut last = std::time::Instant::now();
             while !c.finished() {
                 std::thread::sleep(Duration::from_millis(100));
-                if tty || last.elapsed() >= Duration::from_secs(2) {
+                if progress && (tty || last.elapsed() >= Duration::from_secs(2)) {
                     last = std::time::Instant::now();
                     let p = c.progress();
                     let pct = if p.grains_total == 0 {
@@ -344,7 +400,7 @@ fn run(cmd: Command) -> Result<()> {
                         "copy {pct:5.1}% {}/{} grains {:.1} MiB/s eta {eta}   {end}",
                         p.grains_copied,
                         p.grains_total,
-                        p.bytes_per_s / 1048576.0
+                        p.bytes_per_s / 1_048_576.0
                     );
                 }
             }
@@ -361,20 +417,145 @@ fn run(cmd: Command) -> Result<()> {
                 let _ = writeln!(out, "s{} {}", s.id, s.state);
             }
         }
+        Remote::Withdraw { session } => {
+            e.withdraw(SessionId(*session))?;
+            let _ = writeln!(out, "s{session} withdrawn");
+        }
+        Remote::Reset { volume } => {
+            let canon = std::fs::canonicalize(volume)
+                .map_err(|er| Error::io("open", volume.display().to_string(), 0, er))?;
+            let l = canon.display().to_string();
+            let old = e
+                .table()
+                .sessions()
+                .iter()
+                .find_map(|x| {
+                    if x.desc.source.locator == l {
+                        Some(x.desc.source.id)
+                    } else if x.desc.target.locator == l {
+                        Some(x.desc.target.id)
+                    } else {
+                        None
+                    }
+                })
+                .ok_or_else(|| Error::UnknownVolume(volume.display().to_string()))?;
+            let now: Arc<dyn crate::volume::Volume> = Arc::new(crate::volume::FileVolume::open(
+                volume,
+                &crate::volume::FileVolumeOptions::default(),
+            )?);
+            let ds = e.reset(old, Some(now))?;
+            if ds.is_empty() {
+                let _ = writeln!(out, "no active session uses {}", volume.display());
+            }
+            for d in ds {
+                let _ = writeln!(out, "s{}: {:?}", d.session, d.outcome);
+            }
+        }
+        Remote::Write {
+            volume,
+            offset,
+            from,
+        } => {
+            let vid = volume_id(e, volume)?;
+            let data = std::fs::read(from)
+                .map_err(|er| Error::io("read", from.display().to_string(), 0, er))?;
+            e.write(vid, *offset, &data)?;
+            e.flush(vid)?;
+            let _ = writeln!(out, "wrote {} bytes at {offset}", data.len());
+        }
+    }
+    Ok(out)
+}
+
+/// Run `cmd` on the table: locally, or through the control socket of the process serving it.
+fn local_or_remote(table: &Path, cmd: Remote) -> Result<String> {
+    match open(table, RestartPolicy::Resume) {
+        Ok(e) => execute(&Arc::new(e), &cmd, true),
+        Err(Error::Locked { path, holder }) => {
+            match crate::control::request(&crate::control::socket_path(table), &cmd) {
+                Ok(r) => r,
+                Err(_) => Err(Error::Locked { path, holder }),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn run(cmd: Command) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let text = match cmd {
+        Command::Init {
+            table,
+            journal,
+            capacity,
+        } => {
+            let opts = EngineOptions {
+                table: crate::activity::TableOptions {
+                    journal_bytes: journal,
+                    checkpoint_bytes: capacity,
+                },
+                ..EngineOptions::default()
+            };
+            let e = Engine::create_path(&table, opts)?;
+            let l = e.table().layout();
+            format!(
+                "created {} ({} bytes: journal 2x{}, checkpoints 2x{})\n",
+                table.display(),
+                l.file_bytes(),
+                format_size(l.journal_bytes),
+                format_size(l.checkpoint_bytes)
+            )
+        }
+        Command::Establish {
+            table,
+            source,
+            target,
+            extents,
+            grain,
+            nocopy,
+        } => local_or_remote(
+            &table,
+            Remote::Establish {
+                source,
+                target,
+                extents,
+                grain,
+                nocopy,
+            },
+        )?,
+        Command::Status { table, json } => local_or_remote(&table, Remote::Status { json })?,
+        Command::Copy {
+            table,
+            session,
+            rate,
+            threads,
+            convert,
+        } => local_or_remote(
+            &table,
+            Remote::Copy {
+                session: session.map(|s| s.0),
+                rate,
+                threads,
+                convert,
+            },
+        )?,
         Command::Write {
             table,
             volume,
             offset,
             from,
-        } => {
-            let e = open(&table, RestartPolicy::Resume)?;
-            let vid = volume_id(&e, &volume)?;
-            let data = std::fs::read(&from)
-                .map_err(|er| Error::io("read", from.display().to_string(), 0, er))?;
-            e.write(vid, offset, &data)?;
-            e.flush(vid)?;
-            let _ = writeln!(out, "wrote {} bytes at {offset}", data.len());
+        } => local_or_remote(
+            &table,
+            Remote::Write {
+                volume,
+                offset,
+                from,
+            },
+        )?,
+        Command::Withdraw { table, session } => {
+            local_or_remote(&table, Remote::Withdraw { session: session.0 })?
         }
+        Command::Reset { table, volume } => local_or_remote(&table, Remote::Reset { volume })?,
         Command::Read {
             table,
             session,
@@ -383,11 +564,10 @@ fn run(cmd: Command) -> Result<()> {
             to,
         } => {
             let e = open(&table, RestartPolicy::Resume)?;
-            let mut buf =
-                vec![0u8; usize::try_from(len.min(crate::limits::IO_BYTES_MAX)).unwrap_or(0)];
             if len > crate::limits::IO_BYTES_MAX {
                 return Err(Error::invalid("read", "length over 64 MiB; use export"));
             }
+            let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
             e.read_image(session, offset, &mut buf)?;
             match to {
                 Some(p) => std::fs::write(&p, &buf)
@@ -396,6 +576,7 @@ fn run(cmd: Command) -> Result<()> {
                     .write_all(&buf)
                     .map_err(|er| Error::io("write", "stdout", 0, er))?,
             }
+            String::new()
         }
         Command::Export {
             table,
@@ -404,16 +585,7 @@ fn run(cmd: Command) -> Result<()> {
         } => {
             let e = open(&table, RestartPolicy::Resume)?;
             let n = export(&e, session, &output)?;
-            let _ = writeln!(
-                out,
-                "exported {n} bytes of {session} to {}",
-                output.display()
-            );
-        }
-        Command::Withdraw { table, session } => {
-            let e = open(&table, RestartPolicy::Resume)?;
-            e.withdraw(session)?;
-            let _ = writeln!(out, "{session} withdrawn");
+            format!("exported {n} bytes of {session} to {}\n", output.display())
         }
         Command::Recover {
             table,
@@ -428,47 +600,107 @@ fn run(cmd: Command) -> Result<()> {
                     RestartPolicy::Resume
                 },
             )?;
+            let mut t = String::new();
+            use std::fmt::Write as _;
             if json {
                 let v = serde_json::json!({"open": e.open_report, "decisions": e.decisions});
-                let _ = writeln!(out, "{v}");
+                let _ = writeln!(t, "{v}");
             } else {
                 let r = &e.open_report;
-                let _ = writeln!(out, "generation {} fell_back {} replayed {} commits ({} blocks, {} repaired) journal_hole {}", r.generation, r.fell_back, r.commits_replayed, r.blocks_replayed, r.blocks_repaired, r.journal_hole);
+                let _ = writeln!(t, "generation {} fell_back {} replayed {} commits ({} blocks, {} repaired) journal_hole {}", r.generation, r.fell_back, r.commits_replayed, r.blocks_replayed, r.blocks_repaired, r.journal_hole);
                 for d in &e.decisions {
-                    let _ = writeln!(out, "s{}: {:?}", d.session, d.outcome);
+                    let _ = writeln!(t, "s{}: {:?}", d.session, d.outcome);
                 }
             }
+            t
         }
-        Command::Reset { table, volume } => {
-            let e = open(&table, RestartPolicy::Resume)?;
-            let canon = std::fs::canonicalize(&volume)
-                .map_err(|er| Error::io("open", volume.display().to_string(), 0, er))?;
-            let old = e
-                .status()
-                .iter()
-                .find_map(|s| {
-                    let l = canon.display().to_string();
-                    e.session(SessionId(s.id)).ok().and_then(|x| {
-                        if x.desc.source.locator == l {
-                            Some(x.desc.source.id)
-                        } else if x.desc.target.locator == l {
-                            Some(x.desc.target.id)
-                        } else {
-                            None
-                        }
-                    })
-                })
-                .ok_or_else(|| Error::UnknownVolume(volume.display().to_string()))?;
-            let now: Arc<dyn crate::volume::Volume> = Arc::new(crate::volume::FileVolume::open(
-                &volume,
-                &crate::volume::FileVolumeOptions::default(),
-            )?);
-            for d in e.reset(old, Some(now))? {
-                let _ = writeln!(out, "s{}: {:?}", d.session, d.outcome);
-            }
+        Command::Serve {
+            table,
+            socket,
+            listen,
+            allow_remote,
+            writable_images,
+            volumes,
+        } => {
+            serve(
+                &table,
+                socket,
+                listen,
+                allow_remote,
+                writable_images,
+                &volumes,
+            )?;
+            String::new()
         }
-        Command::Demo { keep, seed } => demo::run(keep, seed)?,
-        Command::Workload { table, seed, rate } => demo::workload(&table, seed, rate)?,
+        Command::Stop { table } => {
+            crate::control::shutdown(&crate::control::socket_path(&table))?;
+            format!("asked the server of {} to stop\n", table.display())
+        }
+        Command::Demo { keep, seed } => {
+            demo::run(keep, seed)?;
+            String::new()
+        }
+        Command::Workload { table, seed, rate } => {
+            demo::workload(&table, seed, rate)?;
+            String::new()
+        }
+    };
+    let _ = out.write_all(text.as_bytes());
+    Ok(())
+}
+
+fn serve(
+    table: &Path,
+    socket: Option<PathBuf>,
+    listen: Option<String>,
+    allow_remote: bool,
+    writable_images: bool,
+    volumes: &[PathBuf],
+) -> Result<()> {
+    use crate::nbd::{EngineRegistry, NbdConfig, NbdServer};
+    let e = Arc::new(open(table, RestartPolicy::Resume)?);
+    for v in volumes {
+        volume_id(&e, v)?;
+    }
+    let registry = Arc::new(EngineRegistry::new(e.clone(), writable_images));
+    let server = NbdServer::new(
+        registry.clone(),
+        NbdConfig {
+            allow_remote,
+            ..NbdConfig::default()
+        },
+    );
+    let sock = socket.unwrap_or_else(|| {
+        let mut p = table.as_os_str().to_owned();
+        p.push(".nbd");
+        PathBuf::from(p)
+    });
+    let _ = std::fs::remove_file(&sock);
+    let unix = server.serve_unix(&sock)?;
+    let tcp = listen.map(|a| server.serve_tcp(a.as_str())).transpose()?;
+    let control =
+        crate::control::ControlServer::start(e.clone(), &crate::control::socket_path(table))?;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "serving {} on {}", table.display(), sock.display());
+    if let Some(t) = &tcp {
+        let _ = writeln!(o, "serving on tcp {:?}", t.tcp_addr());
+    }
+    let _ = writeln!(
+        o,
+        "exports: {}",
+        crate::nbd::ExportRegistry::list(registry.as_ref()).join(", ")
+    );
+    let _ = writeln!(
+        o,
+        "control socket {}",
+        crate::control::socket_path(table).display()
+    );
+    let _ = o.flush();
+    drop(o);
+    control.wait_shutdown();
+    unix.shutdown();
+    if let Some(t) = tcp {
+        t.shutdown();
     }
     Ok(())
 }
@@ -495,7 +727,8 @@ fn export(e: &Engine, session: SessionId, output: &Path) -> Result<u64> {
     Ok(len)
 }
 
-fn print_status(out: &mut impl std::io::Write, e: &Engine, json: bool) -> Result<()> {
+fn status_text(out: &mut String, e: &Engine, json: bool) -> Result<()> {
+    use std::fmt::Write as _;
     let st = e.status();
     if json {
         let s = serde_json::to_string_pretty(&st)

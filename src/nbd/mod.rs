@@ -21,12 +21,14 @@
 //!
 //! [`proto`] holds the wire format as pure functions, usable by clients and fuzzers.
 
+mod engine_export;
 mod export;
 pub mod proto;
 mod server;
 #[cfg(test)]
 mod tests;
 
+pub use engine_export::EngineRegistry;
 pub use export::{ExportRegistry, NbdExport, StaticRegistry, VolumeExport, ZERO_CHUNK_BYTES};
 pub use server::{
     ListenAddr, NbdConfig, NbdServer, ServerHandle, CONNECTIONS_MAX, HANDSHAKE_MAX_OPTIONS,
