@@ -7,6 +7,7 @@ pub mod units;
 pub mod volume;
 pub use error::{Error, Result};
 pub mod activity;
+pub mod bench;
 pub mod bitmap;
 pub mod cli;
 pub mod control;

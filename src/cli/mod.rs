@@ -101,6 +101,22 @@ pub enum Command {
         #[arg(long)]
         from: PathBuf,
     },
+    /// Measure the engine against the raw file in one process (interleaved rounds on temporary
+    /// files): already-copied and first writes, image reads, background copy, recovery.
+    Bench {
+        /// Print fio-shaped JSON.
+        #[arg(long)]
+        json: bool,
+        /// Directory for the temporary files (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of each volume file (e.g. 256MiB).
+        #[arg(long, value_parser = size_arg, default_value = "256MiB")]
+        size: u64,
+        /// Rounds; figures are medians over rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Read a session's T0 image.
     Read {
         /// The table.
@@ -484,6 +500,21 @@ fn local_or_remote(table: &Path, cmd: Remote) -> Result<String> {
 fn run(cmd: Command) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let text = match cmd {
+        Command::Bench {
+            json,
+            dir,
+            size,
+            rounds,
+        } => {
+            let opts = crate::bench::BenchOptions {
+                dir,
+                size,
+                rounds,
+                json,
+            };
+            crate::bench::run(&opts, &mut out, &mut std::io::stderr())?;
+            String::new()
+        }
         Command::Init {
             table,
             journal,

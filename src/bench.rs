@@ -1,0 +1,840 @@
+//! `timezero bench`: the engine against the raw file, measured in one process, interleaved
+//! round by round on temporary files.
+//!
+//! Every figure pairs an engine measurement with its raw counterpart taken in the same round
+//! (the machine is shared and single runs swing), and reports the median and min/max over
+//! rounds plus the median of the per-round ratios. See docs/benchmarks.md for what each figure
+//! means and the targets.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::activity::format::{CopyMode, Entry};
+use crate::copier::{Copier, CopierOptions};
+use crate::engine::{Engine, EngineOptions, SessionSpec};
+use crate::ids::{GrainSize, SessionId, VolumeId};
+use crate::{Error, Result};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+const IO: usize = 4096;
+const GRAIN: u64 = 64 * KIB;
+const COPY_CHUNK: usize = 1 << 20;
+const DIRECT_ALIGN: usize = 4096;
+
+/// Options of a benchmark run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Directory for the temporary files; `None` = a new temporary directory (removed after).
+    pub dir: Option<PathBuf>,
+    /// Size of each volume file in bytes (a multiple of 64 KiB, at least 16 MiB).
+    pub size: u64,
+    /// Rounds; every figure is measured once per round.
+    pub rounds: usize,
+    /// Print fio-shaped JSON instead of a table.
+    pub json: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            dir: None,
+            size: 256 * MIB,
+            rounds: 5,
+            json: false,
+        }
+    }
+}
+
+/// How a figure's per-round ratio is formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ratio {
+    /// Engine time per operation / raw time per operation (lower is better).
+    Cost,
+    /// Engine throughput / raw throughput (higher is better).
+    Speed,
+    /// No raw counterpart.
+    None,
+}
+
+/// One side (engine or raw) of a figure, over the rounds.
+#[derive(Debug, Clone, Default)]
+struct Side {
+    /// Per round: operations per second (I/O figures), bytes per second (copy) or ms (time).
+    per_round: Vec<f64>,
+    /// Every operation's latency, all rounds.
+    lat_ns: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Write,
+    Read,
+    Copy,
+    Time,
+}
+
+#[derive(Debug, Clone)]
+struct Figure {
+    name: &'static str,
+    kind: Kind,
+    /// Bytes per operation (I/O figures).
+    op_bytes: u64,
+    ratio: Ratio,
+    raw_label: &'static str,
+    engine: Side,
+    raw: Side,
+}
+
+impl Figure {
+    fn new(
+        name: &'static str,
+        kind: Kind,
+        op_bytes: u64,
+        ratio: Ratio,
+        raw_label: &'static str,
+    ) -> Self {
+        Figure {
+            name,
+            kind,
+            op_bytes,
+            ratio,
+            raw_label,
+            engine: Side::default(),
+            raw: Side::default(),
+        }
+    }
+
+    fn ratios(&self) -> Vec<f64> {
+        self.engine
+            .per_round
+            .iter()
+            .zip(&self.raw.per_round)
+            .map(|(e, r)| match self.ratio {
+                // Rates: time per op is 1/rate.
+                Ratio::Cost => r / e,
+                Ratio::Speed => e / r,
+                Ratio::None => f64::NAN,
+            })
+            .collect()
+    }
+}
+
+/// The files of a run.
+struct Files {
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    src: PathBuf,
+    tgt: PathBuf,
+    raw: PathBuf,
+    raw_tgt: PathBuf,
+    raw_copy: PathBuf,
+    table: PathBuf,
+}
+
+fn io_err(op: &'static str, p: &Path, e: std::io::Error) -> Error {
+    Error::io(op, p.display().to_string(), 0, e)
+}
+
+fn open_rw(p: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .map_err(|e| io_err("open", p, e))
+}
+
+/// Open with `O_DIRECT`, or buffered when the file system refuses (tmpfs). Returns whether
+/// `O_DIRECT` is in effect.
+fn open_direct(p: &Path, write: bool) -> Result<(File, bool)> {
+    let flag = i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap_or(0);
+    let mut o = OpenOptions::new();
+    o.read(true).write(write);
+    match o.clone().custom_flags(flag).open(p) {
+        Ok(f) => Ok((f, true)),
+        Err(_) => Ok((o.open(p).map_err(|e| io_err("open", p, e))?, false)),
+    }
+}
+
+fn fill_file(p: &Path, size: u64, seed: u8) -> Result<()> {
+    let f = File::create(p).map_err(|e| io_err("create", p, e))?;
+    let mut chunk = vec![0u8; COPY_CHUNK];
+    let mut off = 0u64;
+    while off < size {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = seed.wrapping_add((i as u8) ^ ((off >> 20) as u8));
+        }
+        let n = usize::try_from((size - off).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+        f.write_all_at(&chunk[..n], off)
+            .map_err(|e| io_err("write", p, e))?;
+        off += n as u64;
+    }
+    f.sync_all().map_err(|e| io_err("fsync", p, e))
+}
+
+impl Files {
+    fn create(opts: &BenchOptions) -> Result<Files> {
+        let (dir, tmp) = match &opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).map_err(|e| io_err("mkdir", d, e))?;
+                let t = tempfile::Builder::new()
+                    .prefix("timezero-bench-")
+                    .tempdir_in(d)
+                    .map_err(|e| io_err("mkdtemp", d, e))?;
+                (t.path().to_path_buf(), Some(t))
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("timezero-bench-")
+                    .tempdir()
+                    .map_err(|e| io_err("mkdtemp", Path::new("/tmp"), e))?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let f = Files {
+            src: dir.join("src.img"),
+            tgt: dir.join("tgt.img"),
+            raw: dir.join("raw.img"),
+            raw_tgt: dir.join("raw-tgt.img"),
+            raw_copy: dir.join("raw-copy.img"),
+            table: dir.join("table.tz"),
+            dir,
+            _tmp: tmp,
+        };
+        fill_file(&f.src, opts.size, 1)?;
+        fill_file(&f.tgt, opts.size, 0)?;
+        fill_file(&f.raw, opts.size, 2)?;
+        fill_file(&f.raw_tgt, opts.size, 0)?;
+        fill_file(&f.raw_copy, opts.size, 0)?;
+        Ok(f)
+    }
+}
+
+/// Run `ops` operations on `threads` threads (operation `i` on thread `i % threads`); returns
+/// operations per second and every latency.
+fn run_ops<F>(threads: usize, ops: usize, f: F) -> Result<(f64, Vec<u64>)>
+where
+    F: Fn(usize, &mut [u8]) -> Result<()> + Sync,
+{
+    let start = Instant::now();
+    let results: Vec<Result<Vec<u64>>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let f = &f;
+                sc.spawn(move || {
+                    let mut buf = vec![0x5au8; IO];
+                    let mut lat = Vec::with_capacity(ops / threads + 1);
+                    let mut i = t;
+                    while i < ops {
+                        let t0 = Instant::now();
+                        f(i, &mut buf)?;
+                        lat.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                        i += threads;
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("bench", "worker thread panicked")))
+            })
+            .collect()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let mut all = Vec::with_capacity(ops);
+    for r in results {
+        all.extend(r?);
+    }
+    Ok((ops as f64 / secs, all))
+}
+
+/// A pseudo-random 4 KiB-aligned offset for operation `i` within `size`.
+fn rand_off(i: usize, size: u64, salt: u64) -> u64 {
+    let mut x = (i as u64 ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 29;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 32;
+    (x % (size / IO as u64)) * IO as u64
+}
+
+fn record(side: &mut Side, (rate, lat): (f64, Vec<u64>)) {
+    side.per_round.push(rate);
+    side.lat_ns.extend(lat);
+}
+
+fn attach(e: &Engine, p: &Path) -> Result<VolumeId> {
+    let canon = std::fs::canonicalize(p).map_err(|e| io_err("canonicalize", p, e))?;
+    match e.volume_by_locator(&canon.display().to_string()) {
+        Some(id) => Ok(id),
+        None => e.attach_path(&canon),
+    }
+}
+
+fn whole(src: VolumeId, tgt: VolumeId, mode: CopyMode) -> SessionSpec {
+    SessionSpec {
+        source: src,
+        target: tgt,
+        extents: Vec::new(),
+        grain: GrainSize::DEFAULT,
+        mode,
+    }
+}
+
+/// Raw file-to-file copy in 1 MiB chunks (O_DIRECT when possible), made durable at the end.
+/// Returns bytes per second and whether O_DIRECT was used.
+fn raw_copy(from: &Path, to: &Path, size: u64) -> Result<(f64, bool)> {
+    let (src, d1) = open_direct(from, false)?;
+    let (dst, d2) = open_direct(to, true)?;
+    let mut v = vec![0u8; COPY_CHUNK + DIRECT_ALIGN];
+    let a = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    let buf = &mut v[a..a + COPY_CHUNK];
+    let start = Instant::now();
+    let mut off = 0u64;
+    while off < size {
+        let n = usize::try_from((size - off).min(COPY_CHUNK as u64)).unwrap_or(COPY_CHUNK);
+        src.read_exact_at(&mut buf[..n], off)
+            .map_err(|e| io_err("read", from, e))?;
+        dst.write_all_at(&buf[..n], off)
+            .map_err(|e| io_err("write", to, e))?;
+        off += n as u64;
+    }
+    dst.sync_data().map_err(|e| io_err("fdatasync", to, e))?;
+    Ok((size as f64 / start.elapsed().as_secs_f64(), d1 && d2))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+            (a.min(*x), b.max(*x))
+        })
+}
+
+const F_COPIED_1: usize = 0;
+const F_COPIED_32: usize = 1;
+const F_FIRST_1: usize = 2;
+const F_FIRST_32: usize = 3;
+const F_FLOOR_1: usize = 4;
+const F_READ_UNCOPIED: usize = 5;
+const F_READ_COPIED: usize = 6;
+const F_COPY: usize = 7;
+const F_RECOVERY: usize = 8;
+
+fn figures() -> Vec<Figure> {
+    vec![
+        Figure::new(
+            "already-copied 4KiB write, 1 writer",
+            Kind::Write,
+            IO as u64,
+            Ratio::Cost,
+            "pwrite",
+        ),
+        Figure::new(
+            "already-copied 4KiB write, 32 writers",
+            Kind::Write,
+            IO as u64,
+            Ratio::Cost,
+            "pwrite",
+        ),
+        Figure::new(
+            "first write 4KiB + flush, 1 writer",
+            Kind::Write,
+            IO as u64,
+            Ratio::Cost,
+            "pwrite+fdatasync",
+        ),
+        Figure::new(
+            "first write 4KiB + flush, 32 writers",
+            Kind::Write,
+            IO as u64,
+            Ratio::Cost,
+            "pwrite+fdatasync",
+        ),
+        Figure::new(
+            "first write 4KiB + flush, 1 writer, vs floor",
+            Kind::Write,
+            IO as u64,
+            Ratio::Cost,
+            "floor: rd64K+wr64K+sync+wr4K+sync",
+        ),
+        Figure::new(
+            "image read 4KiB, uncopied grains",
+            Kind::Read,
+            IO as u64,
+            Ratio::Cost,
+            "pread",
+        ),
+        Figure::new(
+            "image read 4KiB, copied grains",
+            Kind::Read,
+            IO as u64,
+            Ratio::Cost,
+            "pread",
+        ),
+        Figure::new(
+            "background copy (Copier, 2 threads)",
+            Kind::Copy,
+            0,
+            Ratio::Speed,
+            "1MiB read+write copy",
+        ),
+        Figure::new(
+            "recovery (Engine::open_path)",
+            Kind::Time,
+            0,
+            Ratio::None,
+            "-",
+        ),
+    ]
+}
+
+/// Operation counts for a volume of `size` bytes.
+struct Counts {
+    fast_ops: usize,
+    first_1: usize,
+    first_32: usize,
+}
+
+fn counts(size: u64) -> Counts {
+    let grains = usize::try_from(size / GRAIN).unwrap_or(usize::MAX);
+    Counts {
+        fast_ops: 50_000,
+        first_1: (grains / 8).min(512),
+        first_32: (grains / 2).min(2048),
+    }
+}
+
+/// Run the benchmark and print the result to `out`; progress goes to `log`.
+///
+/// # Errors
+/// [`Error::Invalid`] for a bad size or round count; I/O and engine errors.
+pub fn run(opts: &BenchOptions, out: &mut dyn Write, log: &mut dyn Write) -> Result<()> {
+    if opts.size < 16 * MIB || opts.size % GRAIN != 0 {
+        return Err(Error::invalid(
+            "bench size",
+            format!("{} (a multiple of 64KiB, at least 16MiB)", opts.size),
+        ));
+    }
+    if opts.rounds == 0 || opts.rounds > 1000 {
+        return Err(Error::invalid("bench rounds", format!("{}", opts.rounds)));
+    }
+    let _ = writeln!(
+        log,
+        "timezero bench: {} per volume, {} rounds",
+        crate::units::format_size(opts.size),
+        opts.rounds
+    );
+    let files = Files::create(opts)?;
+    let _ = writeln!(log, "files in {}", files.dir.display());
+    {
+        let e = Engine::create_path(&files.table, EngineOptions::default())?;
+        let s = attach(&e, &files.src)?;
+        let t = attach(&e, &files.tgt)?;
+        e.establish(&whole(s, t, CopyMode::NoCopy))?;
+    }
+    let mut figs = figures();
+    let mut direct = true;
+    for round in 0..opts.rounds {
+        let _ = writeln!(log, "round {}/{}", round + 1, opts.rounds);
+        direct &= one_round(opts, &files, &mut figs, round)?;
+    }
+    if opts.json {
+        print_json(opts, &figs, out)
+    } else {
+        print_table(opts, &figs, direct, out)
+    }
+}
+
+fn one_round(opts: &BenchOptions, f: &Files, figs: &mut [Figure], round: usize) -> Result<bool> {
+    let size = opts.size;
+    let c = counts(size);
+    let salt = round as u64 * 7919;
+    let raw_first = round % 2 == 0;
+
+    // (e) recovery of the table, with this run's sessions over the files.
+    let t0 = Instant::now();
+    let e = Arc::new(Engine::open_path(&f.table, EngineOptions::default())?);
+    figs[F_RECOVERY]
+        .engine
+        .per_round
+        .push(t0.elapsed().as_secs_f64() * 1e3);
+    let src = attach(&e, &f.src)?;
+    let tgt = attach(&e, &f.tgt)?;
+    for s in e.status() {
+        if s.state == crate::activity::format::SessionState::Active {
+            e.withdraw(SessionId(s.id))?;
+        }
+    }
+    let id = e.establish(&whole(src, tgt, CopyMode::NoCopy))?;
+
+    let raw = open_rw(&f.raw)?;
+    let raw_tgt = open_rw(&f.raw_tgt)?;
+    let src_file = File::open(&f.src).map_err(|e| io_err("open", &f.src, e))?;
+
+    // (c) image reads of uncopied grains.
+    let eng_read = |i: usize, b: &mut [u8]| e.read_image(id, rand_off(i, size, salt), b);
+    let raw_read = |i: usize, b: &mut [u8]| {
+        src_file
+            .read_exact_at(b, rand_off(i, size, salt))
+            .map_err(|e| io_err("pread", &f.src, e))
+    };
+    pair(
+        raw_first,
+        figs,
+        F_READ_UNCOPIED,
+        || run_ops(1, c.fast_ops, eng_read),
+        || run_ops(1, c.fast_ops, raw_read),
+    )?;
+
+    // (b) first writes with durability, and the physical floor.
+    let first = |base: usize| {
+        let e = &e;
+        move |i: usize, b: &mut [u8]| {
+            let off = (base + i) as u64 * GRAIN;
+            e.write(src, off, b)?;
+            e.flush(src)
+        }
+    };
+    let raw_sync = |base: usize| {
+        let raw = &raw;
+        move |i: usize, b: &mut [u8]| {
+            let off = (base + i) as u64 * GRAIN;
+            raw.write_all_at(b, off)
+                .and_then(|()| raw.sync_data())
+                .map_err(|e| io_err("pwrite+fdatasync", &f.raw, e))
+        }
+    };
+    let floor = |i: usize, b: &mut [u8]| {
+        let off = i as u64 * GRAIN;
+        let mut g = vec![0u8; GRAIN as usize];
+        raw.read_exact_at(&mut g, off)
+            .and_then(|()| raw_tgt.write_all_at(&g, off))
+            .and_then(|()| raw_tgt.sync_data())
+            .and_then(|()| raw.write_all_at(b, off))
+            .and_then(|()| raw.sync_data())
+            .map_err(|e| io_err("floor", &f.raw, e))
+    };
+    let e1 = run_ops(1, c.first_1, first(0));
+    let (r1, fl) = if raw_first {
+        let fl = run_ops(1, c.first_1, floor)?;
+        (run_ops(1, c.first_1, raw_sync(0))?, fl)
+    } else {
+        (
+            run_ops(1, c.first_1, raw_sync(0))?,
+            run_ops(1, c.first_1, floor)?,
+        )
+    };
+    let e1 = e1?;
+    record(&mut figs[F_FLOOR_1].engine, e1.clone());
+    record(&mut figs[F_FLOOR_1].raw, fl);
+    record(&mut figs[F_FIRST_1].engine, e1);
+    record(&mut figs[F_FIRST_1].raw, r1);
+    pair(
+        raw_first,
+        figs,
+        F_FIRST_32,
+        || run_ops(32, c.first_32, first(c.first_1)),
+        || run_ops(32, c.first_32, raw_sync(c.first_1)),
+    )?;
+
+    // Every grain copied, session still active: the already-copied path.
+    let grains = size / GRAIN;
+    e.table().commit(vec![Entry::SetBits {
+        session: id,
+        start: 0,
+        count: grains,
+    }])?;
+    let salt2 = salt ^ 0xabcd;
+    for (fig, threads) in [(F_COPIED_1, 1), (F_COPIED_32, 32)] {
+        pair(
+            raw_first,
+            figs,
+            fig,
+            || {
+                run_ops(threads, c.fast_ops, |i, b| {
+                    e.write(src, rand_off(i, size, salt2), b)
+                })
+            },
+            || {
+                run_ops(threads, c.fast_ops, |i, b| {
+                    raw.write_all_at(b, rand_off(i, size, salt2))
+                        .map_err(|e| io_err("pwrite", &f.raw, e))
+                })
+            },
+        )?;
+    }
+    // (c) image reads of copied grains.
+    pair(
+        raw_first,
+        figs,
+        F_READ_COPIED,
+        || run_ops(1, c.fast_ops, eng_read),
+        || run_ops(1, c.fast_ops, raw_read),
+    )?;
+    e.withdraw(id)?;
+
+    // (d) background copy vs a raw copy of the same size.
+    let mut direct = true;
+    let eng_copy = || -> Result<f64> {
+        let cid = e.establish(&whole(src, tgt, CopyMode::Copy))?;
+        let t0 = Instant::now();
+        let cp = Copier::start(
+            e.clone(),
+            CopierOptions {
+                sessions: vec![cid],
+                ..CopierOptions::default()
+            },
+        )?;
+        let p = cp.join()?;
+        Ok(p.bytes_copied as f64 / t0.elapsed().as_secs_f64())
+    };
+    let (ev, rv) = if raw_first {
+        let (r, d) = raw_copy(&f.src, &f.raw_copy, size)?;
+        direct = d;
+        (eng_copy()?, r)
+    } else {
+        let ev = eng_copy()?;
+        let (r, d) = raw_copy(&f.src, &f.raw_copy, size)?;
+        direct = direct && d;
+        (ev, r)
+    };
+    figs[F_COPY].engine.per_round.push(ev);
+    figs[F_COPY].raw.per_round.push(rv);
+    Ok(direct)
+}
+
+type Measured = Result<(f64, Vec<u64>)>;
+
+/// Measure the engine and raw sides of a figure in the order this round prescribes.
+fn pair(
+    raw_first: bool,
+    figs: &mut [Figure],
+    i: usize,
+    eng: impl FnOnce() -> Measured,
+    raw: impl FnOnce() -> Measured,
+) -> Result<()> {
+    let (ev, rv) = if raw_first {
+        let rv = raw()?;
+        (eng()?, rv)
+    } else {
+        let ev = eng()?;
+        (ev, raw()?)
+    };
+    record(&mut figs[i].engine, ev);
+    record(&mut figs[i].raw, rv);
+    Ok(())
+}
+
+fn fmt_side(kind: Kind, s: &Side) -> String {
+    if s.per_round.is_empty() {
+        return "-".to_string();
+    }
+    let (lo, hi) = min_max(&s.per_round);
+    let m = median(&s.per_round);
+    match kind {
+        Kind::Write | Kind::Read => format!("{m:.0} [{lo:.0}..{hi:.0}] IOPS"),
+        Kind::Copy => format!("{:.0} [{:.0}..{:.0}] MB/s", m / 1e6, lo / 1e6, hi / 1e6),
+        Kind::Time => format!("{m:.2} [{lo:.2}..{hi:.2}] ms"),
+    }
+}
+
+fn print_table(
+    opts: &BenchOptions,
+    figs: &[Figure],
+    direct: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let w = |e: std::io::Error| Error::io("write", "stdout", 0, e);
+    writeln!(
+        out,
+        "timezero bench: {} volumes, {} rounds, 64KiB grain, 4KiB I/O; median [min..max] over rounds",
+        crate::units::format_size(opts.size),
+        opts.rounds
+    )
+    .map_err(w)?;
+    writeln!(
+        out,
+        "ratio = median of per-round ratios; cost = engine time per op / raw, speed = engine rate / raw"
+    )
+    .map_err(w)?;
+    for f in figs {
+        writeln!(out, "{}", f.name).map_err(w)?;
+        let mut lat = f.engine.lat_ns.clone();
+        lat.sort_unstable();
+        let p = if lat.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  (p50 {:.1} us, p99 {:.1} us)",
+                percentile(&lat, 50.0) as f64 / 1e3,
+                percentile(&lat, 99.0) as f64 / 1e3
+            )
+        };
+        writeln!(out, "  engine: {}{p}", fmt_side(f.kind, &f.engine)).map_err(w)?;
+        if f.ratio != Ratio::None {
+            let mut lat = f.raw.lat_ns.clone();
+            lat.sort_unstable();
+            let p = if lat.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "  (p50 {:.1} us, p99 {:.1} us)",
+                    percentile(&lat, 50.0) as f64 / 1e3,
+                    percentile(&lat, 99.0) as f64 / 1e3
+                )
+            };
+            let label = if f.kind == Kind::Copy && !direct {
+                "1MiB buffered copy (O_DIRECT refused)"
+            } else {
+                f.raw_label
+            };
+            writeln!(out, "  raw ({label}): {}{p}", fmt_side(f.kind, &f.raw)).map_err(w)?;
+            let r = f.ratios();
+            let (lo, hi) = min_max(&r);
+            let what = if f.ratio == Ratio::Cost {
+                "cost"
+            } else {
+                "speed"
+            };
+            writeln!(
+                out,
+                "  ratio engine/raw ({what}): {:.2}x [{lo:.2}..{hi:.2}]",
+                median(&r)
+            )
+            .map_err(w)?;
+        }
+    }
+    Ok(())
+}
+
+fn lat_json(lat: &[u64]) -> serde_json::Value {
+    let mut s = lat.to_vec();
+    s.sort_unstable();
+    let mean = if s.is_empty() {
+        0.0
+    } else {
+        s.iter().map(|x| *x as f64).sum::<f64>() / s.len() as f64
+    };
+    let mut pct = serde_json::Map::new();
+    for p in [1.0, 5.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.9] {
+        pct.insert(format!("{p:.6}"), serde_json::json!(percentile(&s, p)));
+    }
+    serde_json::json!({
+        "min": s.first().copied().unwrap_or(0),
+        "max": s.last().copied().unwrap_or(0),
+        "mean": mean,
+        "percentile": pct,
+    })
+}
+
+fn job_json(name: String, f: &Figure, side: &Side) -> serde_json::Value {
+    let m = median(&side.per_round);
+    let (lo, hi) = min_max(&side.per_round);
+    let (dir, iops, bw_kib) = match f.kind {
+        Kind::Write => ("write", m, m * f.op_bytes as f64 / 1024.0),
+        Kind::Read => ("read", m, m * f.op_bytes as f64 / 1024.0),
+        Kind::Copy => ("write", m / COPY_CHUNK as f64, m / 1024.0),
+        Kind::Time => ("sync", 0.0, 0.0),
+    };
+    let mut io = serde_json::json!({
+        "iops": iops,
+        "bw": bw_kib,
+        "lat_ns": lat_json(&side.lat_ns),
+        "rounds": {"median": m, "min": lo, "max": hi, "values": side.per_round},
+    });
+    if f.kind == Kind::Time {
+        io = serde_json::json!({
+            "lat_ns": {
+                "mean": m * 1e6, "min": lo * 1e6, "max": hi * 1e6,
+                "percentile": {"50.000000": m * 1e6},
+            },
+            "rounds": {"median_ms": m, "min_ms": lo, "max_ms": hi, "values_ms": side.per_round},
+        });
+    }
+    let mut j = serde_json::Map::new();
+    j.insert("jobname".into(), serde_json::json!(name));
+    j.insert(dir.into(), io);
+    serde_json::Value::Object(j)
+}
+
+fn print_json(opts: &BenchOptions, figs: &[Figure], out: &mut dyn Write) -> Result<()> {
+    let mut jobs = Vec::new();
+    let mut ratios = Vec::new();
+    for f in figs {
+        jobs.push(job_json(format!("engine: {}", f.name), f, &f.engine));
+        if f.ratio != Ratio::None {
+            jobs.push(job_json(
+                format!("raw ({}): {}", f.raw_label, f.name),
+                f,
+                &f.raw,
+            ));
+            let r = f.ratios();
+            let (lo, hi) = min_max(&r);
+            ratios.push(serde_json::json!({
+                "figure": f.name,
+                "kind": if f.ratio == Ratio::Cost { "cost" } else { "speed" },
+                "median": median(&r), "min": lo, "max": hi,
+            }));
+        }
+    }
+    let v = serde_json::json!({
+        "fio version": concat!("timezero-bench-", env!("CARGO_PKG_VERSION")),
+        "timestamp": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        "global options": {
+            "size": opts.size, "rounds": opts.rounds, "bs": IO, "grain": GRAIN,
+        },
+        "jobs": jobs,
+        "ratios": ratios,
+    });
+    let s = serde_json::to_string_pretty(&v).map_err(|e| Error::invalid("json", e.to_string()))?;
+    writeln!(out, "{s}").map_err(|e| Error::io("write", "stdout", 0, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_run_completes() {
+        let opts = BenchOptions {
+            dir: None,
+            size: 16 * MIB,
+            rounds: 1,
+            json: true,
+        };
+        let mut out = Vec::new();
+        run(&opts, &mut out, &mut std::io::sink()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v["jobs"].as_array().unwrap().len() >= 9);
+    }
+}
