@@ -2,16 +2,17 @@
 
 use std::fs::File;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Mmap, MmapOptions};
 
-/// A shared, writable mapping of a whole table file.
+/// A shared, read-only mapping of a whole table file. Stores go through the file descriptor
+/// (see `MmapStorage::write`); the mapping shows them because both use the same page cache.
 #[derive(Debug)]
 pub struct MappedFile {
-    map: MmapMut,
+    map: Mmap,
 }
 
 impl MappedFile {
-    /// Map `len` bytes of `file` shared and writable.
+    /// Map `len` bytes of `file` shared, read-only.
     ///
     /// # Errors
     /// The operating system's error.
@@ -23,8 +24,8 @@ impl MappedFile {
         // process truncates or writes it while mapped. The file was fully allocated with
         // fallocate at creation and its length is never changed afterwards, so every page of
         // the mapping is backed and stores cannot raise SIGBUS for lack of space. The map is
-        // only accessed through `&[u8]`/`&mut [u8]` borrows guarded by a mutex.
-        let map = unsafe { MmapOptions::new().len(len).map_mut(file)? };
+        // only read through `&[u8]` borrows guarded by a mutex; it is never written through.
+        let map = unsafe { MmapOptions::new().len(len).map(file)? };
         Ok(MappedFile { map })
     }
 
@@ -32,18 +33,5 @@ impl MappedFile {
     #[must_use]
     pub fn bytes(&self) -> &[u8] {
         &self.map
-    }
-
-    /// The mapped bytes, writable.
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.map
-    }
-
-    /// `msync(MS_SYNC)` over the whole mapping: the durability point.
-    ///
-    /// # Errors
-    /// The operating system's error.
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.map.flush()
     }
 }

@@ -37,7 +37,8 @@ pub trait TableStorage: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// An activity table file, memory-mapped; `sync` is `msync(MS_SYNC)` over the mapping.
+/// An activity table file, memory-mapped; `sync` is `fdatasync` of the file, which writes back
+/// the mapping's dirty pages.
 ///
 /// The file is fully allocated (`fallocate`) at creation, so stores into the mapping can never
 /// fault with `SIGBUS` for lack of space. The process holds an exclusive `flock` on the file for
@@ -47,7 +48,7 @@ pub struct MmapStorage {
     map: Mutex<MappedFile>,
     path: PathBuf,
     len: u64,
-    _file: File,
+    file: File,
 }
 
 fn holder_path(path: &Path) -> PathBuf {
@@ -95,6 +96,18 @@ impl MmapStorage {
         lock_exclusive(&file, path)?;
         rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len)
             .map_err(|e| Error::io("fallocate", &shown, 0, e.into()))?;
+        // fallocate leaves "unwritten" extents: the first store to each block would then change
+        // file-system metadata, and every commit's msync would wait for a metadata journal
+        // commit. Writing zeros once makes every later commit a pure overwrite.
+        let zeros = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        while off < len {
+            let n = (zeros.len() as u64).min(len - off);
+            let chunk = &zeros[..usize::try_from(n).unwrap_or(0)];
+            std::os::unix::fs::FileExt::write_all_at(&file, chunk, off)
+                .map_err(|e| Error::io("write", &shown, off, e))?;
+            off += n;
+        }
         file.sync_all()
             .map_err(|e| Error::io("fsync", &shown, 0, e))?;
         if let Some(dir) = path.parent() {
@@ -137,7 +150,7 @@ impl MmapStorage {
             map: Mutex::new(map),
             path: path.to_path_buf(),
             len,
-            _file: file,
+            file,
         })
     }
 }
@@ -164,16 +177,27 @@ impl TableStorage for MmapStorage {
         Ok(())
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let r = range(offset, data.len(), self.len)?;
-        self.map.lock().bytes_mut()[r].copy_from_slice(data);
-        Ok(())
+        // Stores go through pwrite, not the mapping: a store into a shared mapping makes the
+        // kernel update the file's mtime inside a file-system transaction on the first write
+        // fault of each page, which turns every later fdatasync into a journal commit
+        // (measured: 1.1-1.5 ms per table commit instead of 0.2 ms). The mapping stays
+        // coherent: it maps the same page-cache pages pwrite fills. This is the read-mapped,
+        // write-through-the-descriptor design LMDB uses by default.
+        crate::volume::check_range(offset, data.len() as u64, self.len, "table")?;
+        let _map = self.map.lock();
+        std::os::unix::fs::FileExt::write_all_at(&self.file, data, offset)
+            .map_err(|e| Error::io("write", self.path.display().to_string(), offset, e))
     }
     fn sync(&self) -> Result<()> {
-        self.map
-            .lock()
-            .sync()
-            .map_err(|e| Error::io("msync", self.path.display().to_string(), 0, e))
+        // fdatasync on the descriptor writes back the mapping's dirty pages (they are the file's
+        // page-cache pages) and flushes the device cache. msync(MS_SYNC) would do the same with
+        // fsync semantics, also committing the mtime change every store into the mapping makes:
+        // one file-system journal commit (milliseconds) per table commit.
+        let _map = self.map.lock();
+        rustix::fs::fdatasync(&self.file)
+            .map_err(|e| Error::io("fdatasync", self.path.display().to_string(), 0, e.into()))
     }
+
     fn name(&self) -> String {
         self.path.display().to_string()
     }
