@@ -27,6 +27,10 @@ pub struct CopierOptions {
     pub sessions: Vec<SessionId>,
     /// Stop when nothing is left to copy. Default = true.
     pub exit_when_done: bool,
+    /// Bytes copied between two target flushes and table commits (several batches share one
+    /// durability point). Default = 16 MiB; with a rate limit, at most a tenth of a second's
+    /// worth, so the limit stays smooth.
+    pub commit_bytes: u64,
 }
 
 impl Default for CopierOptions {
@@ -37,6 +41,7 @@ impl Default for CopierOptions {
             batch_bytes: 1 << 20,
             sessions: Vec::new(),
             exit_when_done: true,
+            commit_bytes: 16 << 20,
         }
     }
 }
@@ -264,13 +269,52 @@ fn worker(engine: &Engine, sh: &Shared) {
             *cur = f + batch;
             f
         };
-        match engine.copy_batch(id, from, batch) {
-            Ok(Some((next, n))) => {
-                sh.bytes.fetch_add(n * grain, Ordering::Relaxed);
-                let mut c = sh.cursors.lock();
-                let cur = c.entry(id).or_insert(0);
-                *cur = (*cur).max(next);
+        // Several batches share one target flush and one table commit.
+        let mut runs = Vec::new();
+        let mut next_from = from;
+        let mut result = Ok(Some(()));
+        let commit_bytes = match sh.opts.rate_bytes_per_s {
+            Some(r) => sh.opts.commit_bytes.min(r / 10).max(batch * grain),
+            None => sh.opts.commit_bytes.max(batch * grain),
+        };
+        let mut moved = 0u64;
+        while moved < commit_bytes && !sh.stop.load(Ordering::Acquire) {
+            match engine.copy_data(id, next_from, batch) {
+                Ok(Some((next, run))) => {
+                    let got = run.is_some();
+                    if let Some(h) = run {
+                        let (g0, g1) = h.range();
+                        sh.bytes.fetch_add((g1 - g0) * grain, Ordering::Relaxed);
+                        moved += (g1 - g0) * grain;
+                        runs.push(h);
+                    }
+                    next_from = next;
+                    if !got {
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    result = Ok(None);
+                    break;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
+        }
+        if let Err(e) = engine.commit_copied(id, runs) {
+            sh.error.lock().get_or_insert(e);
+            sh.stop.store(true, Ordering::Release);
+            continue;
+        }
+        {
+            let mut c = sh.cursors.lock();
+            let cur = c.entry(id).or_insert(0);
+            *cur = (*cur).max(next_from);
+        }
+        match result {
+            Ok(Some(())) => {}
             Ok(None) => {
                 // Nothing left after `from`: wrap, and complete when every bit is set.
                 sh.cursors.lock().insert(id, 0);

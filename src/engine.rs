@@ -17,7 +17,7 @@ use crate::activity::format::{
 };
 use crate::activity::{MmapStorage, OpenReport, Table, TableOptions, TableStorage};
 use crate::ids::{GrainSize, SessionId, VolumeId};
-use crate::session::{Piece, Session};
+use crate::session::{GrainHold, Piece, Session};
 use crate::sync::GroupSync;
 use crate::volume::{check_range, FileVolume, FileVolumeOptions, Volume, VolumeInfo};
 use crate::{Error, Result};
@@ -857,23 +857,23 @@ impl Engine {
     /// [`Error::OutOfRange`], I/O errors.
     pub fn read_image(&self, id: SessionId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let s = self.session(id)?;
-        let st = s.status();
-        if !matches!(st.state, SessionState::Active | SessionState::Completed) {
+        let state = s.state();
+        if !matches!(state, SessionState::Active | SessionState::Completed) {
             return Err(Error::NotActive {
                 id,
-                state: st.state.to_string(),
+                state: state.to_string(),
             });
         }
         check_range(offset, buf.len() as u64, s.map.image_len(), "session image")?;
         let tgt = self.handle(s.desc.target.id)?;
-        let completed = st.state == SessionState::Completed;
+        let completed = state == SessionState::Completed;
         let src = if completed {
             tgt.clone()
         } else {
             self.handle(s.desc.source.id)?
         };
         for p in s.map.image_pieces(offset, buf.len() as u64) {
-            if let Some(r) = &st.ended[p.extent] {
+            if let Some(r) = s.extent_end(p.extent) {
                 return Err(Error::ExtentTerminated {
                     id,
                     extent: p.extent as u32,
@@ -959,8 +959,9 @@ impl Engine {
     }
 
     /// Copy up to `max_grains` uncopied grains of a session starting the search at grain
-    /// `from`; returns the grain after the last one examined (`None` when none is left from
-    /// `from`). Grains locked by a writer are skipped (the writer copies them).
+    /// `from`, make them durable and commit their bits; returns the grain after the last one
+    /// examined and how many grains were copied (`None` when none is left from `from`). Grains
+    /// locked by a writer are skipped (the writer copies them).
     ///
     /// # Errors
     /// I/O and table errors.
@@ -970,6 +971,32 @@ impl Engine {
         from: u64,
         max_grains: u64,
     ) -> Result<Option<(u64, u64)>> {
+        match self.copy_data(id, from, max_grains)? {
+            None => Ok(None),
+            Some((next, None)) => Ok(Some((next, 0))),
+            Some((next, Some(hold))) => {
+                let (g0, g1) = hold.range();
+                self.commit_copied(id, vec![hold])?;
+                Ok(Some((next, g1 - g0)))
+            }
+        }
+    }
+
+    /// The data half of [`Engine::copy_batch`]: copy up to `max_grains` uncopied grains to the
+    /// target and return them *still held*, without making them durable or recording them. The
+    /// caller passes the holds to [`Engine::commit_copied`] (many at once, to share one flush
+    /// and one commit). Holding the grains until their bits are durable is what keeps a source
+    /// writer from changing them while a copy of them is in flight (see
+    /// [`Session::try_hold`]). A hold dropped without a commit is simply copied again later.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn copy_data(
+        &self,
+        id: SessionId,
+        from: u64,
+        max_grains: u64,
+    ) -> Result<Option<(u64, Option<GrainHold>)>> {
         let s = self.session(id)?;
         if !s.is_active() {
             return Ok(None);
@@ -982,17 +1009,28 @@ impl Engine {
             .extent_of_grain(g)
             .ok_or_else(|| Error::invalid("grain", "outside extents"))?;
         if !s.extent_live(ext) {
-            return Ok(Some((ext_end, 0)));
+            return Ok(Some((ext_end, None)));
         }
         let run = s.bits().clear_run(g, max_grains.min(ext_end - g)).max(1);
-        let Some(guard) = s.locks.try_lock(g, g + run) else {
-            return Ok(Some((g + 1, 0)));
+        let Some(hold) = s.try_hold(g, g + run) else {
+            return Ok(Some((g + 1, None)));
         };
-        // Re-check under the lock: shrink to the uncopied prefix.
-        let run = s.bits().clear_run(g, run);
-        if run == 0 {
-            return Ok(Some((g + 1, 0)));
+        // Re-check under the hold: bits set before we took it shrink the run to the uncopied
+        // prefix; none can be set while we hold it.
+        let uncopied = s.bits().clear_run(g, run);
+        if uncopied == 0 {
+            return Ok(Some((g + 1, None)));
         }
+        let (run, hold) = if uncopied == run {
+            (run, hold)
+        } else {
+            // The hold must cover exactly the grains whose bits will be committed.
+            drop(hold);
+            match s.try_hold(g, g + uncopied) {
+                Some(h) if s.bits().clear_run(g, uncopied) == uncopied => (uncopied, h),
+                _ => return Ok(Some((g + 1, None))),
+            }
+        };
         let p = s
             .map
             .grain_piece(g, g + run)
@@ -1002,15 +1040,34 @@ impl Engine {
         let mut buf = vec![0u8; usize::try_from(p.len).map_err(|_| Error::invalid("copy", "len"))?];
         src.read_retry(&mut buf, p.source_offset)?;
         tgt.write_retry(&buf, p.target_offset)?;
-        drop(guard);
-        // Rule 3: the bits reach the table only after the data is durable.
-        tgt.flush()?;
-        self.table.commit(vec![Entry::SetBits {
-            session: id,
-            start: g,
-            count: run,
-        }])?;
-        Ok(Some((g + run, run)))
+        Ok(Some((g + run, Some(hold))))
+    }
+
+    /// Make the target of a session durable, then record the grains that
+    /// [`Engine::copy_data`] copied (rule 3: bits only after their data), then release them.
+    ///
+    /// # Errors
+    /// I/O and table errors.
+    pub fn commit_copied(&self, id: SessionId, holds: Vec<GrainHold>) -> Result<()> {
+        if holds.is_empty() {
+            return Ok(());
+        }
+        let s = self.session(id)?;
+        self.handle(s.desc.target.id)?.flush()?;
+        let entries = holds
+            .iter()
+            .map(|h| {
+                let (start, end) = h.range();
+                Entry::SetBits {
+                    session: id,
+                    start,
+                    count: end - start,
+                }
+            })
+            .collect();
+        self.table.commit(entries)?;
+        drop(holds);
+        Ok(())
     }
 
     /// Run the background copy of one session to the end in the calling thread. Returns grains
@@ -1257,7 +1314,11 @@ fn session_status(s: &Session) -> SessionStatus {
             .enumerate()
             .filter_map(|(i, r)| r.clone().map(|r| (i as u32, r)))
             .collect(),
-        grains_copied: s.copied(),
+        grains_copied: if st.state == SessionState::Completed {
+            s.desc.grains()
+        } else {
+            s.copied()
+        },
         grains_total: s.desc.grains(),
         created_unix_ms: s.desc.created_unix_ms,
     }

@@ -412,7 +412,9 @@ impl SessionState {
             SessionState::Terminated => 4,
         }
     }
-    fn from_code(c: u8) -> Option<Self> {
+    /// Decode an on-disk code.
+    #[must_use]
+    pub fn from_code(c: u8) -> Option<Self> {
         match c {
             1 => Some(SessionState::Active),
             2 => Some(SessionState::Completed),

@@ -35,26 +35,39 @@ impl RangeLock {
 
     /// Hold `start..end` if nothing overlapping is held.
     pub fn try_lock(&self, start: u64, end: u64) -> Option<RangeGuard<'_>> {
-        let mut held = self.held.lock();
-        if held.iter().any(|&(s, e)| s < end && start < e) {
-            return None;
-        }
-        held.push((start, end));
-        Some(RangeGuard {
+        self.try_acquire(start, end).then_some(RangeGuard {
             lock: self,
             range: (start, end),
         })
+    }
+
+    /// Hold `start..end` if nothing overlapping is held; the caller must release it with
+    /// [`RangeLock::release`] (guards that outlive a borrow use this).
+    pub(crate) fn try_acquire(&self, start: u64, end: u64) -> bool {
+        let mut held = self.held.lock();
+        if held.iter().any(|&(s, e)| s < end && start < e) {
+            return false;
+        }
+        held.push((start, end));
+        true
+    }
+}
+
+impl RangeLock {
+    /// Release a held range (used by guards that outlive a borrow).
+    pub(crate) fn release(&self, start: u64, end: u64) {
+        let mut held = self.held.lock();
+        if let Some(p) = held.iter().position(|r| *r == (start, end)) {
+            held.swap_remove(p);
+        }
+        drop(held);
+        self.cv.notify_all();
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.lock.held.lock();
-        if let Some(p) = held.iter().position(|r| *r == self.range) {
-            held.swap_remove(p);
-        }
-        drop(held);
-        self.lock.cv.notify_all();
+        self.lock.release(self.range.0, self.range.1);
     }
 }
 

@@ -11,7 +11,8 @@ mod lock;
 pub use extent::{ExtentMap, Piece};
 pub use lock::{RangeGuard, RangeLock};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -19,6 +20,27 @@ use crate::activity::format::{CopyMode, Entry, Reason, SessionDesc, SessionImage
 use crate::bitmap::AtomicBitmap;
 use crate::error::Corruption;
 use crate::ids::SessionId;
+
+/// Grains held through [`Session::try_hold`]; released on drop.
+#[derive(Debug)]
+pub struct GrainHold {
+    session: Arc<Session>,
+    range: (u64, u64),
+}
+
+impl GrainHold {
+    /// The held grain range.
+    #[must_use]
+    pub fn range(&self) -> (u64, u64) {
+        self.range
+    }
+}
+
+impl Drop for GrainHold {
+    fn drop(&mut self) {
+        self.session.locks.release(self.range.0, self.range.1);
+    }
+}
 
 /// Mutable status of a session.
 #[derive(Debug, Clone)]
@@ -42,6 +64,10 @@ pub struct Session {
     pub map: ExtentMap,
     status: Mutex<Status>,
     active: AtomicBool,
+    /// State code mirror of `status.state`, for lock-free reads.
+    state: AtomicU8,
+    /// True once any extent ended (lets the hot paths skip the status lock).
+    ended_any: AtomicBool,
     bits: AtomicBitmap,
     copied: AtomicU64,
     /// Grain locks (image grain indices).
@@ -66,6 +92,8 @@ impl Session {
             desc,
             status: Mutex::new(status),
             active: AtomicBool::new(true),
+            state: AtomicU8::new(SessionState::Active.code()),
+            ended_any: AtomicBool::new(false),
             copied: AtomicU64::new(0),
             locks: RangeLock::default(),
         }
@@ -97,9 +125,12 @@ impl Session {
                 *slot = Some(r.clone());
             }
         }
+        s.ended_any
+            .store(st.ended.iter().any(Option::is_some), Ordering::Release);
         drop(st);
         s.active
             .store(img.state == SessionState::Active, Ordering::Release);
+        s.state.store(img.state.code(), Ordering::Release);
         Ok(Session {
             bits,
             copied: AtomicU64::new(copied),
@@ -174,7 +205,43 @@ impl Session {
     /// Is extent `i` still in force.
     #[must_use]
     pub fn extent_live(&self, i: usize) -> bool {
+        if !self.ended_any.load(Ordering::Acquire) {
+            return i < self.desc.extents.len();
+        }
         self.status.lock().ended.get(i).is_some_and(Option::is_none)
+    }
+
+    /// Lifecycle state, without taking the status lock.
+    #[must_use]
+    pub fn state(&self) -> SessionState {
+        SessionState::from_code(self.state.load(Ordering::Acquire))
+            .unwrap_or(SessionState::Terminated)
+    }
+
+    /// Why extent `i` ended, if it did.
+    #[must_use]
+    pub fn extent_end(&self, i: usize) -> Option<Reason> {
+        if !self.ended_any.load(Ordering::Acquire) {
+            return None;
+        }
+        self.status.lock().ended.get(i).cloned().flatten()
+    }
+
+    /// Hold grains `g0..g1` if no one else holds any of them, with a guard that owns a
+    /// reference to the session (so it can outlive the caller's borrow, e.g. until a commit).
+    ///
+    /// Invariant: copied bits of a session are only ever committed by a holder of their grain
+    /// lock. So while a caller holds a grain whose bit is clear, no one can set that bit, and
+    /// every writer of the source grain must wait for the lock: the source still holds T0.
+    #[must_use]
+    pub fn try_hold(self: &Arc<Self>, g0: u64, g1: u64) -> Option<GrainHold> {
+        if !self.locks.try_acquire(g0, g1) {
+            return None;
+        }
+        Some(GrainHold {
+            session: self.clone(),
+            range: (g0, g1),
+        })
     }
 
     /// Apply a durable journal entry addressed to this session.
@@ -203,6 +270,7 @@ impl Session {
                 st.reason.clone_from(reason);
                 self.active
                     .store(*state == SessionState::Active, Ordering::Release);
+                self.state.store(state.code(), Ordering::Release);
             }
             Entry::SetMode { mode, .. } => self.status.lock().mode = *mode,
             Entry::EndExtent { extent, reason, .. } => {
@@ -216,6 +284,7 @@ impl Session {
                         value: u64::from(*extent),
                     })?;
                 *slot = Some(reason.clone());
+                self.ended_any.store(true, Ordering::Release);
             }
             Entry::Establish(_) | Entry::Forget { .. } => {}
         }
