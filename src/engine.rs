@@ -22,6 +22,19 @@ use crate::sync::GroupSync;
 use crate::volume::{check_range, FileVolume, FileVolumeOptions, Volume, VolumeInfo};
 use crate::{Error, Result};
 
+#[cfg(feature = "fault")]
+thread_local! {
+    static CANARY_SKIP_CBW_FLUSH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Fault-harness canary: while on, copy-before-write in the calling thread skips the target
+/// flush before committing copied bits (a deliberate rule-2 violation the harness must catch).
+/// Thread-local so that parallel tests are not affected.
+#[cfg(feature = "fault")]
+pub fn set_canary_skip_cbw_flush(on: bool) {
+    CANARY_SKIP_CBW_FLUSH.with(|c| c.set(on));
+}
+
 /// What to do when copying old data for a source write fails after bounded retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CopyErrorPolicy {
@@ -845,6 +858,10 @@ impl Engine {
             });
         }
         for t in &targets {
+            #[cfg(feature = "fault")]
+            if CANARY_SKIP_CBW_FLUSH.with(std::cell::Cell::get) {
+                continue;
+            }
             t.flush()?;
         }
         self.table.commit(entries)

@@ -14,5 +14,7 @@ pub mod control;
 pub mod copier;
 pub mod engine;
 pub mod nbd;
+#[cfg(feature = "fault")]
+pub mod fault;
 pub mod session;
 pub mod sync;

@@ -68,6 +68,9 @@ pub struct OpenReport {
     pub blocks_repaired: u64,
     /// True when a damaged block was found before intact later commits (sessions terminated).
     pub journal_hole: bool,
+    /// Superblock copies that failed to verify (0, 1 or 2). A damaged newest superblock is
+    /// invisible in `fell_back` (its generation is unreadable), so it is counted here.
+    pub damaged_superblocks: u32,
 }
 
 /// Counters.
@@ -206,7 +209,10 @@ impl Table {
         };
         let layout = newest.layout;
         let table_id = newest.table_id;
-        let mut report = OpenReport::default();
+        let mut report = OpenReport {
+            damaged_superblocks: 2 - sbs.len() as u32,
+            ..OpenReport::default()
+        };
         let mut base = None;
         for (i, sb) in sbs.iter().enumerate() {
             let len = usize::try_from(sb.ckpt_len)

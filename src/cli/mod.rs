@@ -204,6 +204,18 @@ pub enum Command {
         /// The table.
         table: PathBuf,
     },
+    /// Run the fault-injection crash-state enumerator (needs the `fault` feature).
+    Crashtest {
+        /// Number of generated workloads.
+        #[arg(long, default_value_t = 60)]
+        workloads: usize,
+        /// Master seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// (internal) Writers and a throttled copier that run until killed; used by `demo`.
     #[command(hide = true)]
     Workload {
@@ -675,6 +687,14 @@ fn run(cmd: Command) -> Result<()> {
             demo::workload(&table, seed, rate)?;
             String::new()
         }
+        Command::Crashtest {
+            workloads,
+            seed,
+            json,
+        } => {
+            crashtest(workloads, seed, json)?;
+            String::new()
+        }
     };
     let _ = out.write_all(text.as_bytes());
     Ok(())
@@ -734,6 +754,51 @@ fn serve(
         t.shutdown();
     }
     Ok(())
+}
+
+#[cfg(feature = "fault")]
+fn crashtest(workloads: usize, seed: u64, json: bool) -> Result<()> {
+    let r = crate::fault::crashtest(&crate::fault::CrashtestOptions {
+        workloads,
+        seed,
+        ..crate::fault::CrashtestOptions::default()
+    });
+    let mut out = std::io::stdout().lock();
+    if json {
+        let s =
+            serde_json::to_string_pretty(&r).map_err(|e| Error::invalid("json", e.to_string()))?;
+        let _ = writeln!(out, "{s}");
+    } else {
+        let _ = writeln!(
+            out,
+            "crashtest: seed {} workloads {} crash points {} states {} ordering checks {} violations {} ({} ms)",
+            r.seed, r.workloads, r.crash_points, r.states_total, r.ordering_checks, r.violations, r.elapsed_ms
+        );
+        for (k, v) in &r.states {
+            let _ = writeln!(out, "  states {k}: {v}");
+        }
+        for (k, v) in &r.outcomes {
+            let _ = writeln!(out, "  outcome {k}: {v}");
+        }
+        for v in &r.violation_samples {
+            let _ = writeln!(out, "  VIOLATION {v}");
+        }
+    }
+    if r.violations > 0 {
+        return Err(Error::invalid(
+            "crashtest",
+            format!("{} violations", r.violations),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "fault"))]
+fn crashtest(_workloads: usize, _seed: u64, _json: bool) -> Result<()> {
+    Err(Error::invalid(
+        "command",
+        "crashtest needs a build with the `fault` feature (cargo build --features fault)",
+    ))
 }
 
 /// Write a session's whole image to `output`; returns bytes written.

@@ -1,0 +1,1071 @@
+//! The crash-state enumerator: scripted workloads, crash images at every I/O boundary, recovery
+//! and the oracle, then crashes during recovery itself.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::sim::{CrashCursor, CrashLog, DevKind, Fate, Faults, SimWorld, SECTOR};
+use crate::activity::format::{CopyMode, ExtentSpec, SessionState};
+use crate::activity::{MemStorage, TableOptions, TableStorage};
+use crate::engine::{Engine, EngineOptions, MapResolver, SessionSpec};
+use crate::ids::{GrainSize, SessionId, VolumeId};
+use crate::volume::{MemVolume, Volume};
+use crate::Error;
+
+/// Names of the simulated volumes (devices 1, 2, 3; device 0 is the table).
+pub const VOLUMES: [&str; 3] = ["a", "b", "c"];
+/// Size of each simulated volume.
+pub const VOLUME_BYTES: u64 = 64 * 1024;
+
+/// One scripted step. Sessions are named by their index in establish order.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Establish a session from volume `src` to volume `tgt`.
+    Establish {
+        /// Source volume index.
+        src: usize,
+        /// Target volume index.
+        tgt: usize,
+        /// Extents.
+        extents: Vec<ExtentSpec>,
+        /// Grain bytes.
+        grain: u64,
+        /// Mode.
+        mode: CopyMode,
+    },
+    /// `Engine::write` of seeded bytes to a source volume.
+    Write {
+        /// Volume index.
+        vol: usize,
+        /// Offset.
+        off: u64,
+        /// Length.
+        len: u64,
+        /// Seed of the bytes.
+        fill: u64,
+    },
+    /// `Engine::flush` of a volume.
+    Flush {
+        /// Volume index.
+        vol: usize,
+    },
+    /// `Engine::write_image` (a target write).
+    WriteImage {
+        /// Session index.
+        sess: usize,
+        /// Image offset.
+        off: u64,
+        /// Length.
+        len: u64,
+        /// Seed of the bytes.
+        fill: u64,
+    },
+    /// `Engine::copy_batch`.
+    CopyBatch {
+        /// Session index.
+        sess: usize,
+        /// First grain to look at.
+        from: u64,
+        /// Most grains.
+        max: u64,
+    },
+    /// `Engine::copy_all` (completes the session).
+    CopyAll {
+        /// Session index.
+        sess: usize,
+    },
+    /// `Engine::withdraw`.
+    Withdraw {
+        /// Session index.
+        sess: usize,
+    },
+    /// `Engine::convert_to_copy`.
+    Convert {
+        /// Session index.
+        sess: usize,
+    },
+    /// Drop the engine and recover it from the same (uncrashed) devices.
+    Reopen,
+}
+
+/// A named script.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Template and seed.
+    pub name: String,
+    /// Seed of the volume contents and of the workload's choices.
+    pub seed: u64,
+    /// Steps.
+    pub ops: Vec<Op>,
+}
+
+/// Options of [`crashtest`].
+#[derive(Debug, Clone)]
+pub struct CrashtestOptions {
+    /// Number of generated workloads (round-robin over the templates).
+    pub workloads: usize,
+    /// Master seed.
+    pub seed: u64,
+    /// Worker threads (0: available parallelism).
+    pub threads: usize,
+    /// Unsynced-write counts up to this get every subset.
+    pub exhaustive_max: usize,
+    /// Random subsets per crash point above `exhaustive_max`.
+    pub random_subsets: usize,
+    /// Crash recovery at every I/O boundary for every `recovery_crash_stride`-th crash point
+    /// (0: never).
+    pub recovery_crash_stride: usize,
+    /// EIO injection points per workload (each run once and forever; 0: none).
+    pub eio_points: usize,
+    /// Run with the engine's canary (skipped copy-before-write target flush) switched on.
+    pub canary: bool,
+    /// Violation messages kept in the report.
+    pub keep_violations: usize,
+}
+
+impl Default for CrashtestOptions {
+    fn default() -> Self {
+        CrashtestOptions {
+            workloads: 60,
+            seed: 1,
+            threads: 0,
+            exhaustive_max: 4,
+            random_subsets: 4,
+            recovery_crash_stride: 4,
+            eio_points: 12,
+            canary: false,
+            keep_violations: 20,
+        }
+    }
+}
+
+/// What [`crashtest`] covered and found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CrashReport {
+    /// Master seed.
+    pub seed: u64,
+    /// Workloads run.
+    pub workloads: usize,
+    /// Mutating I/Os logged over all workloads (crash points).
+    pub crash_points: u64,
+    /// Crash states recovered and checked, by kind.
+    pub states: BTreeMap<String, u64>,
+    /// Sum of `states`.
+    pub states_total: u64,
+    /// Source writes the online ordering checker examined.
+    pub ordering_checks: u64,
+    /// Recovery outcomes seen, by kind.
+    pub outcomes: BTreeMap<String, u64>,
+    /// Violations of the oracle or of the ordering rule.
+    pub violations: u64,
+    /// The first violation messages (each names workload, seed and crash point).
+    pub violation_samples: Vec<String>,
+    /// Wall time.
+    pub elapsed_ms: u64,
+}
+
+impl CrashReport {
+    fn merge(&mut self, o: CrashReport, keep: usize) {
+        self.crash_points += o.crash_points;
+        for (k, v) in o.states {
+            *self.states.entry(k).or_default() += v;
+        }
+        for (k, v) in o.outcomes {
+            *self.outcomes.entry(k).or_default() += v;
+        }
+        self.ordering_checks += o.ordering_checks;
+        self.violations += o.violations;
+        for v in o.violation_samples {
+            if self.violation_samples.len() < keep {
+                self.violation_samples.push(v);
+            }
+        }
+    }
+    fn violation(&mut self, msg: String) {
+        self.violations += 1;
+        if self.violation_samples.len() < 20 {
+            self.violation_samples.push(msg);
+        }
+    }
+    fn state(&mut self, kind: &str) {
+        *self.states.entry(kind.to_string()).or_default() += 1;
+    }
+}
+
+/// Engine options of every harness engine (smallest table).
+#[must_use]
+pub fn engine_options() -> EngineOptions {
+    EngineOptions {
+        table: TableOptions {
+            journal_bytes: crate::limits::JOURNAL_MIN_BYTES,
+            checkpoint_bytes: crate::limits::CHECKPOINT_MIN_BYTES,
+        },
+        ..EngineOptions::default()
+    }
+}
+
+fn fill(seed: u64, len: u64) -> Vec<u8> {
+    let mut v = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    SmallRng::seed_from_u64(seed).fill(&mut v[..]);
+    v
+}
+
+fn ext(s: u64, t: u64, l: u64) -> ExtentSpec {
+    ExtentSpec {
+        source_offset: s,
+        target_offset: t,
+        len: l,
+    }
+}
+
+/// The catalogue: `n` workloads from six parameterized templates.
+#[must_use]
+pub fn catalogue(n: usize, seed: u64) -> Vec<Workload> {
+    (0..n)
+        .map(|i| {
+            let ws = seed
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(i as u64);
+            let mut r = SmallRng::seed_from_u64(ws);
+            let w = |r: &mut SmallRng| {
+                let len = r.random_range(1..=24u64) * 512;
+                let off = r.random_range(0..=(VOLUME_BYTES - len) / 512) * 512;
+                Op::Write {
+                    vol: 0,
+                    off,
+                    len,
+                    fill: r.random(),
+                }
+            };
+            let grain = if r.random_bool(0.5) { 4096 } else { 8192 };
+            let mode = if r.random_bool(0.5) {
+                CopyMode::Copy
+            } else {
+                CopyMode::NoCopy
+            };
+            let whole = |tgt| Op::Establish {
+                src: 0,
+                tgt,
+                extents: vec![ext(0, 0, VOLUME_BYTES)],
+                grain,
+                mode,
+            };
+            let mut ops = Vec::new();
+            let t = i % 7;
+            let name = [
+                "basic",
+                "overlap",
+                "target",
+                "copy",
+                "lifecycle",
+                "reopen",
+                "churn",
+            ][t];
+            match t {
+                0 => {
+                    ops.push(w(&mut r));
+                    ops.push(whole(1));
+                    for _ in 0..r.random_range(3..6) {
+                        ops.push(w(&mut r));
+                    }
+                    ops.push(Op::Flush { vol: 0 });
+                    ops.push(w(&mut r));
+                    ops.push(w(&mut r));
+                }
+                1 => {
+                    ops.push(whole(1));
+                    ops.push(w(&mut r));
+                    ops.push(w(&mut r));
+                    ops.push(Op::Establish {
+                        src: 0,
+                        tgt: 2,
+                        extents: vec![ext(16384, 0, 16384), ext(40960, 32768, 8192)],
+                        grain: 4096,
+                        mode: CopyMode::Copy,
+                    });
+                    for _ in 0..4 {
+                        ops.push(w(&mut r));
+                    }
+                    ops.push(Op::Flush { vol: 0 });
+                    ops.push(Op::CopyBatch {
+                        sess: 1,
+                        from: 0,
+                        max: 2,
+                    });
+                    ops.push(w(&mut r));
+                }
+                2 => {
+                    ops.push(whole(1));
+                    ops.push(w(&mut r));
+                    for _ in 0..2 {
+                        let len = r.random_range(1..=12u64) * 512;
+                        let off = r.random_range(0..=(VOLUME_BYTES - len) / 512) * 512;
+                        ops.push(Op::WriteImage {
+                            sess: 0,
+                            off,
+                            len,
+                            fill: r.random(),
+                        });
+                        ops.push(Op::Flush { vol: 1 });
+                        ops.push(w(&mut r));
+                        ops.push(w(&mut r));
+                    }
+                }
+                3 => {
+                    ops.push(Op::Establish {
+                        src: 0,
+                        tgt: 1,
+                        extents: vec![ext(0, 0, VOLUME_BYTES)],
+                        grain,
+                        mode: CopyMode::Copy,
+                    });
+                    for _ in 0..3 {
+                        ops.push(Op::CopyBatch {
+                            sess: 0,
+                            from: r.random_range(0..8),
+                            max: r.random_range(1..4),
+                        });
+                        ops.push(w(&mut r));
+                    }
+                    ops.push(Op::CopyAll { sess: 0 });
+                    ops.push(w(&mut r));
+                }
+                4 => {
+                    ops.push(Op::Establish {
+                        src: 0,
+                        tgt: 1,
+                        extents: vec![ext(0, 0, VOLUME_BYTES)],
+                        grain,
+                        mode: CopyMode::NoCopy,
+                    });
+                    ops.push(w(&mut r));
+                    ops.push(w(&mut r));
+                    ops.push(Op::Convert { sess: 0 });
+                    ops.push(Op::CopyBatch {
+                        sess: 0,
+                        from: 0,
+                        max: 3,
+                    });
+                    ops.push(Op::Withdraw { sess: 0 });
+                    ops.push(whole(2));
+                    ops.push(w(&mut r));
+                    ops.push(w(&mut r));
+                }
+                6 => {
+                    // Many commits: checkpoints, journal wrap-around, forgetting ended sessions.
+                    for k in 0..r.random_range(90..150usize) {
+                        ops.push(Op::Establish {
+                            src: 0,
+                            tgt: 1 + k % 2,
+                            extents: vec![ext(0, 0, VOLUME_BYTES)],
+                            grain: 4096,
+                            mode: CopyMode::NoCopy,
+                        });
+                        if k % 8 == 0 {
+                            ops.push(w(&mut r));
+                        }
+                        ops.push(Op::Withdraw { sess: k });
+                    }
+                    ops.push(whole(1));
+                    ops.push(w(&mut r));
+                }
+                _ => {
+                    ops.push(whole(1));
+                    ops.push(w(&mut r));
+                    ops.push(Op::Reopen);
+                    ops.push(w(&mut r));
+                    ops.push(Op::Establish {
+                        src: 0,
+                        tgt: 2,
+                        extents: vec![ext(8192, 16384, 32768)],
+                        grain: 8192,
+                        mode,
+                    });
+                    ops.push(Op::CopyBatch {
+                        sess: 1,
+                        from: 1,
+                        max: 2,
+                    });
+                    ops.push(w(&mut r));
+                    ops.push(Op::Reopen);
+                    ops.push(Op::Withdraw { sess: 0 });
+                    ops.push(w(&mut r));
+                    ops.push(Op::Reopen);
+                }
+            }
+            Workload {
+                name: format!("{name}#{i}"),
+                seed: ws,
+                ops,
+            }
+        })
+        .collect()
+}
+
+/// Expected state of one session.
+#[derive(Debug, Clone)]
+struct SessRef {
+    /// T0 image, updated by durable target writes.
+    image: Arc<Vec<u8>>,
+    /// A target write not yet durable: either value is allowed, per grain.
+    pending: Option<(u64, Vec<u8>)>,
+    grain: u64,
+    target_vol: usize,
+    /// Establish returned Ok: must never be missing.
+    required: bool,
+    may_withdraw: bool,
+    withdrawn: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct RefState {
+    sessions: BTreeMap<u64, SessRef>,
+    /// An establish in flight (id unknown when it failed).
+    pending_establish: Option<SessRef>,
+}
+
+#[derive(Debug)]
+struct OpRec {
+    begin: usize,
+    end: usize,
+    inflight: RefState,
+    after: RefState,
+}
+
+struct Run {
+    log: CrashLog,
+    recs: Vec<OpRec>,
+    violations: Vec<String>,
+    checks: u64,
+    clock: u64,
+}
+
+fn ref_at(recs: &[OpRec], n: usize) -> &RefState {
+    static EMPTY: std::sync::OnceLock<RefState> = std::sync::OnceLock::new();
+    let mut cur = None;
+    for r in recs {
+        if r.end <= n {
+            cur = Some(&r.after);
+        } else if r.begin < n {
+            return &r.inflight;
+        } else {
+            break;
+        }
+    }
+    cur.unwrap_or_else(|| EMPTY.get_or_init(RefState::default))
+}
+
+fn vol_ids() -> Vec<VolumeId> {
+    VOLUMES
+        .iter()
+        .map(|n| MemVolume::new(n, 0).info().id)
+        .collect()
+}
+
+fn initial_volume(seed: u64, i: usize) -> Vec<u8> {
+    fill(seed ^ (0xA5A5 + i as u64), VOLUME_BYTES)
+}
+
+fn table_bytes() -> u64 {
+    engine_options()
+        .table
+        .layout()
+        .map(|l| l.file_bytes())
+        .unwrap_or(0)
+}
+
+/// Run a workload on simulated devices, recording the I/O log and the reference model.
+fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
+    let world = SimWorld::new(w.seed);
+    let table = world.add_table(
+        "table",
+        vec![0; usize::try_from(table_bytes()).unwrap_or(0)],
+    );
+    let vols: Vec<Arc<dyn Volume>> = VOLUMES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Arc::new(world.add_volume(n, initial_volume(w.seed, i))) as Arc<dyn Volume>)
+        .collect();
+    let mut model: Vec<Vec<u8>> = (0..VOLUMES.len())
+        .map(|i| initial_volume(w.seed, i))
+        .collect();
+    if checker {
+        world.enable_checker();
+    }
+    let injecting = faults.eio_at.is_some() || faults.fail_sync || faults.crash_after.is_some();
+    world.set_faults(faults);
+    let ids = vol_ids();
+    let mut recs = Vec::new();
+    let mut violations = Vec::new();
+    let storage: Arc<dyn TableStorage> = Arc::new(table);
+    let resolver = {
+        let mut r = MapResolver::default();
+        for v in &vols {
+            r.add(v.clone());
+        }
+        r
+    };
+    let attach = |e: &Engine| {
+        for v in &vols {
+            e.attach(v.clone());
+        }
+    };
+    let mut cur = RefState::default();
+    let mut engine = match Engine::create(storage.clone(), engine_options()) {
+        Ok(e) => {
+            attach(&e);
+            recs.push(OpRec {
+                begin: 0,
+                end: world.log_len(),
+                inflight: cur.clone(),
+                after: cur.clone(),
+            });
+            e
+        }
+        Err(e) => {
+            if !injecting {
+                violations.push(format!("{}: create failed: {e}", w.name));
+            }
+            recs.push(OpRec {
+                begin: 0,
+                end: usize::MAX,
+                inflight: cur.clone(),
+                after: cur.clone(),
+            });
+            return Run {
+                log: world.crash_log(),
+                recs,
+                violations,
+                checks: 0,
+                clock: world.clock(),
+            };
+        }
+    };
+    let mut sids: Vec<SessionId> = Vec::new();
+    for (step, op) in w.ops.iter().enumerate() {
+        let begin = world.log_len();
+        let mut inflight = cur.clone();
+        let mut after = cur.clone();
+        let sid = |i: &usize| sids.get(*i).copied().unwrap_or(SessionId(u64::MAX));
+        let r: crate::Result<()> = match op {
+            Op::Establish {
+                src,
+                tgt,
+                extents,
+                grain,
+                mode,
+            } => {
+                let mut image = Vec::new();
+                for e in extents {
+                    let (s, l) = (e.source_offset as usize, e.len as usize);
+                    image.extend_from_slice(&model[*src][s..s + l]);
+                }
+                let sref = SessRef {
+                    image: Arc::new(image),
+                    pending: None,
+                    grain: *grain,
+                    target_vol: *tgt,
+                    required: false,
+                    may_withdraw: false,
+                    withdrawn: false,
+                };
+                inflight.pending_establish = Some(sref.clone());
+                match GrainSize::new(*grain).and_then(|g| {
+                    engine.establish(&SessionSpec {
+                        source: ids[*src],
+                        target: ids[*tgt],
+                        extents: extents.clone(),
+                        grain: g,
+                        mode: *mode,
+                    })
+                }) {
+                    Ok(id) => {
+                        sids.push(id);
+                        after.sessions.insert(
+                            id.0,
+                            SessRef {
+                                required: true,
+                                ..sref
+                            },
+                        );
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Op::Write {
+                vol,
+                off,
+                len,
+                fill: f,
+            } => {
+                let data = fill(*f, *len);
+                let o = *off as usize;
+                model[*vol][o..o + data.len()].copy_from_slice(&data);
+                engine.write(ids[*vol], *off, &data)
+            }
+            Op::Flush { vol } => {
+                let r = engine.flush(ids[*vol]);
+                for s in after.sessions.values_mut() {
+                    if s.target_vol == *vol {
+                        if let Some((o, d)) = s.pending.take() {
+                            let o = o as usize;
+                            Arc::make_mut(&mut s.image)[o..o + d.len()].copy_from_slice(&d);
+                        }
+                    }
+                }
+                r
+            }
+            Op::WriteImage {
+                sess,
+                off,
+                len,
+                fill: f,
+            } => {
+                let data = fill(*f, *len);
+                let id = sid(sess);
+                for st in [&mut inflight, &mut after] {
+                    if let Some(s) = st.sessions.get_mut(&id.0) {
+                        s.pending = Some((*off, data.clone()));
+                    }
+                }
+                if let Ok(s) = engine.session(id) {
+                    for p in s.map.image_pieces(*off, *len) {
+                        world.note_user_write(&s.desc.target.locator, p.target_offset, p.len);
+                    }
+                }
+                engine.write_image(id, *off, &data)
+            }
+            Op::CopyBatch { sess, from, max } => {
+                engine.copy_batch(sid(sess), *from, *max).map(|_| ())
+            }
+            Op::CopyAll { sess } => engine.copy_all(sid(sess), 4).map(|_| ()),
+            Op::Withdraw { sess } => {
+                let id = sid(sess);
+                if let Some(s) = inflight.sessions.get_mut(&id.0) {
+                    s.may_withdraw = true;
+                }
+                if let Some(s) = after.sessions.get_mut(&id.0) {
+                    s.withdrawn = true;
+                }
+                engine.withdraw(id)
+            }
+            Op::Convert { sess } => engine.convert_to_copy(sid(sess)),
+            Op::Reopen => {
+                let old = std::mem::replace(
+                    &mut engine,
+                    match Engine::create(
+                        Arc::new(MemStorage::new("x", table_bytes())),
+                        engine_options(),
+                    ) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            violations.push(format!("{}: scratch engine: {e}", w.name));
+                            break;
+                        }
+                    },
+                );
+                drop(old);
+                match Engine::open(storage.clone(), &resolver, engine_options()) {
+                    Ok(e) => {
+                        attach(&e);
+                        engine = e;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let end = world.log_len();
+        match r {
+            Ok(()) => {
+                recs.push(OpRec {
+                    begin,
+                    end,
+                    inflight,
+                    after: after.clone(),
+                });
+                cur = after;
+            }
+            Err(e) => {
+                if !injecting {
+                    violations.push(format!(
+                        "{} (seed {}): step {step} {op:?} failed: {e}",
+                        w.name, w.seed
+                    ));
+                }
+                recs.push(OpRec {
+                    begin,
+                    end: usize::MAX,
+                    inflight,
+                    after,
+                });
+                break;
+            }
+        }
+    }
+    // Sanity: the live engine satisfies the oracle too (catches harness mistakes).
+    if !injecting && violations.is_empty() {
+        let mut rep = CrashReport::default();
+        check_engine(&engine, &cur, &mut rep);
+        violations.extend(
+            rep.violation_samples
+                .into_iter()
+                .map(|v| format!("{} (seed {}): live engine: {v}", w.name, w.seed)),
+        );
+    }
+    violations.extend(
+        world
+            .violations()
+            .into_iter()
+            .map(|v| format!("{}: {v}", w.name)),
+    );
+    drop(engine);
+    Run {
+        log: world.crash_log(),
+        recs,
+        violations,
+        checks: world.ordering_checks(),
+        clock: world.clock(),
+    }
+}
+
+/// Compare a recovered engine with the reference state.
+fn check_engine(e: &Engine, refs: &RefState, rep: &mut CrashReport) {
+    let mut out: Vec<String> = Vec::new();
+    for st in e.status() {
+        let Some(sref) = refs
+            .sessions
+            .get(&st.id)
+            .or(refs.pending_establish.as_ref())
+        else {
+            out.push(format!(
+                "session {} appeared that was never established",
+                st.id
+            ));
+            continue;
+        };
+        let kind = match st.state {
+            SessionState::Active | SessionState::Completed => {
+                if sref.withdrawn {
+                    out.push(format!(
+                        "session {} is {:?} after an acknowledged withdraw",
+                        st.id, st.state
+                    ));
+                }
+                let mut buf = vec![0u8; sref.image.len()];
+                match e.read_image(SessionId(st.id), 0, &mut buf) {
+                    Ok(()) => {
+                        let alt = sref.pending.as_ref().map(|(o, d)| {
+                            let mut a = sref.image.to_vec();
+                            let o = *o as usize;
+                            a[o..o + d.len()].copy_from_slice(d);
+                            a
+                        });
+                        let g = sref.grain as usize;
+                        for (i, got) in buf.chunks(g).enumerate() {
+                            let want = &sref.image[i * g..i * g + got.len()];
+                            let ok = got == want
+                                || alt
+                                    .as_ref()
+                                    .is_some_and(|a| &a[i * g..i * g + got.len()] == got);
+                            if !ok {
+                                out.push(format!(
+                                    "session {} ({:?}, {} of {} grains copied): image grain {i} differs from T0",
+                                    st.id, st.state, st.grains_copied, st.grains_total
+                                ));
+                                break;
+                            }
+                        }
+                    }
+                    Err(Error::ExtentTerminated { .. }) => {}
+                    Err(err) => out.push(format!("session {}: read_image failed: {err}", st.id)),
+                }
+                if st.state == SessionState::Active {
+                    "resumed".to_string()
+                } else {
+                    "completed".to_string()
+                }
+            }
+            SessionState::Withdrawn => {
+                if !(sref.may_withdraw || sref.withdrawn) {
+                    out.push(format!("session {} withdrawn without a withdraw", st.id));
+                }
+                "withdrawn".to_string()
+            }
+            SessionState::Terminated => match &st.reason {
+                Some(r) => format!("terminated:{:?}", r.code),
+                None => {
+                    out.push(format!("session {} terminated without a reason", st.id));
+                    "terminated:none".to_string()
+                }
+            },
+        };
+        *rep.outcomes.entry(kind).or_default() += 1;
+    }
+    for (id, s) in &refs.sessions {
+        // Ended sessions may be forgotten to make room; active ones never.
+        if s.required && !s.withdrawn && !s.may_withdraw && e.session(SessionId(*id)).is_err() {
+            out.push(format!(
+                "acknowledged session {id} is missing after recovery"
+            ));
+        }
+    }
+    for v in out {
+        rep.violation(v);
+    }
+}
+
+fn mem_table(img: &[u8]) -> Arc<dyn TableStorage> {
+    Arc::new(MemStorage::from_bytes("crash", img.to_vec()))
+}
+
+/// Recover from device images (table first, then [`VOLUMES`]) and check the oracle.
+fn recover_and_check(
+    images: &[Vec<u8>],
+    refs: &RefState,
+    rep: &mut CrashReport,
+    ctx: &dyn Fn() -> String,
+) {
+    let before = rep.violations;
+    let mut resolver = MapResolver::default();
+    for (i, n) in VOLUMES.iter().enumerate() {
+        resolver.add(Arc::new(MemVolume::with_data(n, &images[i + 1])));
+    }
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        Engine::open(mem_table(&images[0]), &resolver, engine_options())
+    }));
+    match r {
+        Err(_) => rep.violation("recovery panicked".to_string()),
+        Ok(Err(e)) => {
+            *rep.outcomes.entry("open_error".to_string()).or_default() += 1;
+            if refs.sessions.values().any(|s| s.required) {
+                rep.violation(format!("recovery failed with acknowledged sessions: {e}"));
+            }
+        }
+        Ok(Ok(e)) => check_engine(&e, refs, rep),
+    }
+    if rep.violations > before {
+        let c = ctx();
+        let n = rep.violation_samples.len();
+        let new = usize::try_from(rep.violations - before).unwrap_or(0).min(n);
+        for v in &mut rep.violation_samples[n - new..] {
+            *v = format!("{c}: {v}");
+        }
+    }
+}
+
+/// Crash recovery itself at each of its mutating I/Os and recover again.
+fn crash_recovery(
+    images: &[Vec<u8>],
+    refs: &RefState,
+    seed: u64,
+    rep: &mut CrashReport,
+    ctx: &dyn Fn() -> String,
+) {
+    let world = SimWorld::new(seed);
+    let table = world.add_table("table", images[0].clone());
+    let mut resolver = MapResolver::default();
+    for (i, n) in VOLUMES.iter().enumerate() {
+        resolver.add(Arc::new(world.add_volume(n, images[i + 1].clone())));
+    }
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        Engine::open(Arc::new(table), &resolver, engine_options()).map(|_| ())
+    }));
+    if r.is_err() {
+        rep.violation(format!("{}: recovery panicked", ctx()));
+        return;
+    }
+    let log = world.crash_log();
+    let mut cur = CrashCursor::new(&log);
+    while cur.advance() {
+        let m = cur.pos();
+        let sub = || format!("{} / recovery crashed after I/O {m}", ctx());
+        rep.state("recovery_crash_prefix");
+        recover_and_check(&cur.image(|_| Fate::Keep), refs, rep, &sub);
+        if !cur.unsynced().is_empty() {
+            rep.state("recovery_crash_durable");
+            recover_and_check(&cur.image(|_| Fate::Drop), refs, rep, &sub);
+        }
+    }
+}
+
+fn enumerate(w: &Workload, opts: &CrashtestOptions, rep: &mut CrashReport) {
+    let run = match catch_unwind(AssertUnwindSafe(|| {
+        run_workload(w, Faults::default(), true)
+    })) {
+        Ok(r) => r,
+        Err(_) => {
+            rep.violation(format!("{} (seed {}): workload panicked", w.name, w.seed));
+            return;
+        }
+    };
+    rep.ordering_checks += run.checks;
+    for v in run.violations {
+        rep.violation(v);
+    }
+    rep.crash_points += run.log.events.len() as u64;
+    let mut rng = SmallRng::seed_from_u64(w.seed ^ opts.seed);
+    let mut cur = CrashCursor::new(&run.log);
+    loop {
+        let n = cur.pos();
+        let refs = ref_at(&run.recs, n);
+        let uns = cur.unsynced();
+        let ctx = |kind: &str| format!("{} (seed {}) crash after I/O {n} [{kind}]", w.name, w.seed);
+        let mut variants: Vec<(&str, Vec<Fate>)> = vec![("prefix", vec![Fate::Keep; uns.len()])];
+        if !uns.is_empty() {
+            variants.push(("durable", vec![Fate::Drop; uns.len()]));
+        }
+        if uns.len() >= 2 && uns.len() <= opts.exhaustive_max {
+            for mask in 1..(1u32 << uns.len()) - 1 {
+                variants.push((
+                    "subset",
+                    (0..uns.len())
+                        .map(|k| {
+                            if mask >> k & 1 == 1 {
+                                Fate::Drop
+                            } else {
+                                Fate::Keep
+                            }
+                        })
+                        .collect(),
+                ));
+            }
+        } else if uns.len() > opts.exhaustive_max {
+            for k in uns.len().saturating_sub(8)..uns.len() {
+                let mut f = vec![Fate::Keep; uns.len()];
+                f[k] = Fate::Drop;
+                variants.push(("drop_one", f));
+            }
+            for _ in 0..opts.random_subsets {
+                variants.push((
+                    "random_subset",
+                    (0..uns.len())
+                        .map(|_| {
+                            if rng.random_bool(0.5) {
+                                Fate::Drop
+                            } else {
+                                Fate::Keep
+                            }
+                        })
+                        .collect(),
+                ));
+            }
+        }
+        if let Some(k) = uns
+            .iter()
+            .rposition(|(d, _)| cur.kind(*d) == DevKind::Table)
+        {
+            let sectors = cur.write_len(uns[k].1).div_ceil(SECTOR);
+            let mut tears = Vec::new();
+            if sectors >= 2 {
+                for p in [1, sectors / 2, sectors - 1] {
+                    tears.push(Fate::Prefix(p));
+                    tears.push(Fate::Suffix(p));
+                }
+            }
+            tears.push(Fate::Garbage(
+                rng.random_range(0..sectors.max(1)),
+                rng.random(),
+            ));
+            tears.dedup();
+            for t in tears {
+                let mut f = vec![Fate::Keep; uns.len()];
+                f[k] = t;
+                variants.push(("torn", f));
+            }
+        }
+        for (kind, fates) in &variants {
+            rep.state(kind);
+            let images = cur.image(|k| fates.get(k).copied().unwrap_or(Fate::Keep));
+            recover_and_check(&images, refs, rep, &|| ctx(kind));
+        }
+        if opts.recovery_crash_stride > 0 && n % opts.recovery_crash_stride == 0 {
+            let images = cur.image(|_| Fate::Keep);
+            crash_recovery(&images, refs, w.seed, rep, &|| ctx("prefix"));
+        }
+        if !cur.advance() {
+            break;
+        }
+    }
+    // F9: EIO on the N-th I/O, once and forever; then recover from what is durable.
+    if opts.eio_points > 0 {
+        let total = run.clock.max(1);
+        let step = (total / opts.eio_points as u64).max(1);
+        let mut at = 0;
+        while at < total {
+            for forever in [false, true] {
+                let f = Faults {
+                    eio_at: Some(at),
+                    eio_forever: forever,
+                    ..Faults::default()
+                };
+                let r = catch_unwind(AssertUnwindSafe(|| run_workload(w, f, false)));
+                let Ok(r) = r else {
+                    rep.violation(format!(
+                        "{} (seed {}): panic with EIO at I/O {at}",
+                        w.name, w.seed
+                    ));
+                    continue;
+                };
+                let mut c = CrashCursor::new(&r.log);
+                while c.advance() {}
+                let refs = ref_at(&r.recs, usize::MAX - 1);
+                let ctx = || {
+                    format!(
+                        "{} (seed {}) EIO at I/O {at} forever={forever}",
+                        w.name, w.seed
+                    )
+                };
+                for (kind, fate) in [("eio_prefix", Fate::Keep), ("eio_durable", Fate::Drop)] {
+                    rep.state(kind);
+                    recover_and_check(&c.image(|_| fate), refs, rep, &ctx);
+                }
+            }
+            at += step;
+        }
+    }
+}
+
+/// Run the crash-state enumerator over `opts.workloads` generated workloads.
+#[must_use]
+pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
+    let start = std::time::Instant::now();
+    let workloads = catalogue(opts.workloads, opts.seed);
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    } else {
+        opts.threads
+    };
+    let next = AtomicUsize::new(0);
+    let total = Mutex::new(CrashReport {
+        seed: opts.seed,
+        workloads: workloads.len(),
+        ..CrashReport::default()
+    });
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                crate::engine::set_canary_skip_cbw_flush(opts.canary);
+                let mut rep = CrashReport::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(w) = workloads.get(i) else { break };
+                    enumerate(w, opts, &mut rep);
+                }
+                crate::engine::set_canary_skip_cbw_flush(false);
+                total.lock().merge(rep, opts.keep_violations);
+            });
+        }
+    });
+    let mut r = total.into_inner();
+    r.states_total = r.states.values().sum();
+    r.elapsed_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    r
+}
