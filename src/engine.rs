@@ -122,6 +122,9 @@ pub(crate) struct VolumeHandle {
     /// Writers hold it shared; establishing a session on this volume holds it exclusively, so
     /// T0 falls between writes.
     gate: RwLock<()>,
+    /// Set when an `Establish` with this volume as source failed to commit: the session may
+    /// still be durable, so writes are refused until the table is reopened and recovered.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 impl VolumeHandle {
@@ -134,7 +137,7 @@ impl VolumeHandle {
     }
 
     fn check_live(&self) -> Result<()> {
-        if self.sync.is_failed() {
+        if self.sync.is_failed() || self.fenced.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::Poisoned {
                 target: self.name(),
             });
@@ -347,6 +350,7 @@ impl Engine {
             info,
             sync: GroupSync::default(),
             gate: RwLock::new(()),
+            fenced: std::sync::atomic::AtomicBool::new(false),
         });
         self.volumes.write().insert(id, h);
         id
@@ -461,7 +465,13 @@ impl Engine {
         // Re-validate against sessions established while we waited.
         self.validate(&src.info, &tgt.info, spec.grain, &desc.extents)?;
         src.flush()?;
-        self.table.commit(vec![Entry::Establish(desc)])?;
+        if let Err(e) = self.table.commit(vec![Entry::Establish(desc)]) {
+            // The entry may have reached the table (a failed durability point says nothing
+            // either way): recovery may resume the session, so its source must not change
+            // without copy-before-write. Refuse source writes until the table is reopened.
+            src.fenced.store(true, std::sync::atomic::Ordering::Release);
+            return Err(e);
+        }
         self.refresh_active();
         Ok(id)
     }

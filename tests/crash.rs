@@ -201,3 +201,38 @@ fn every_single_bit_flip_is_detected() {
     }
     assert!(flips >= 2 * 1024 + 2 * 512 + 4096);
 }
+
+/// Regression: an `Establish` whose table sync fails may still be durable, so the engine must
+/// not let source writes bypass copy-before-write afterwards (found by the sync-failure sweep).
+#[test]
+fn failed_establish_fences_the_source() {
+    use timezero::fault::{Faults, SimWorld};
+    use timezero::volume::Volume;
+    let world = SimWorld::new(5);
+    let layout = engine_options().table.layout().unwrap();
+    let table = world.add_table("t", vec![0; layout.file_bytes() as usize]);
+    let a = world.add_volume("a", vec![1; 65536]);
+    let b = world.add_volume("b", vec![0; 65536]);
+    let engine = timezero::engine::Engine::create(Arc::new(table), engine_options()).unwrap();
+    let (ia, ib) = (a.info().id, b.info().id);
+    engine.attach(Arc::new(a));
+    engine.attach(Arc::new(b));
+    // The next flush is the source flush of establish; the one after it the table sync.
+    world.set_faults(Faults {
+        fail_sync_at: Some(world.flushes() + 1),
+        ..Faults::default()
+    });
+    let spec = timezero::engine::SessionSpec {
+        source: ia,
+        target: ib,
+        extents: Vec::new(),
+        grain: timezero::ids::GrainSize::new(4096).unwrap(),
+        mode: CopyMode::NoCopy,
+    };
+    assert!(engine.establish(&spec).is_err());
+    let w = engine.write(ia, 0, &[2; 4096]);
+    assert!(
+        matches!(w, Err(Error::Poisoned { .. })),
+        "source write after a failed establish: {w:?}"
+    );
+}

@@ -53,6 +53,9 @@ pub struct Faults {
     pub eio_forever: bool,
     /// Every flush/sync fails with EIO (F9).
     pub fail_sync: bool,
+    /// The flush/sync with this 0-based index (counting flushes of all devices) fails once
+    /// with EIO; its writes stay unsynced (F9).
+    pub fail_sync_at: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -69,6 +72,7 @@ pub(crate) struct WorldState {
     devs: Vec<Dev>,
     log: Vec<IoEvent>,
     clock: u64,
+    flushes: u64,
     faults: Faults,
     checker: Option<OrderingChecker>,
     violations: Vec<String>,
@@ -107,6 +111,7 @@ impl SimWorld {
                 devs: Vec::new(),
                 log: Vec::new(),
                 clock: 0,
+                flushes: 0,
                 faults: Faults::default(),
                 checker: None,
                 violations: Vec::new(),
@@ -180,6 +185,12 @@ impl SimWorld {
     #[must_use]
     pub fn ordering_checks(&self) -> u64 {
         self.state.lock().checker.as_ref().map_or(0, |c| c.checks)
+    }
+
+    /// Flushes/syncs issued so far (failed ones included).
+    #[must_use]
+    pub fn flushes(&self) -> u64 {
+        self.state.lock().flushes
     }
 
     /// I/Os issued so far (reads included).
@@ -277,7 +288,9 @@ impl SimWorld {
         let mut s = self.state.lock();
         let name = s.devs[dev].name.clone();
         Self::tick(&mut s, "flush", &name, 0)?;
-        if s.faults.fail_sync {
+        let k = s.flushes;
+        s.flushes += 1;
+        if s.faults.fail_sync || s.faults.fail_sync_at == Some(k) {
             return Err(Error::io(
                 "flush",
                 format!("{name} (sim, seed {})", s.seed),
