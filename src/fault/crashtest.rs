@@ -1032,6 +1032,15 @@ fn enumerate(w: &Workload, opts: &CrashtestOptions, rep: &mut CrashReport) {
                 f[k] = t;
                 variants.push(("torn", f));
             }
+            // Earlier unsynced table writes: one garbage sector each, the rest kept.
+            for (j, (d, i)) in uns.iter().enumerate().take(k) {
+                if cur.kind(*d) == DevKind::Table {
+                    let n = cur.write_len(*i).div_ceil(SECTOR).max(1);
+                    let mut f = vec![Fate::Keep; uns.len()];
+                    f[j] = Fate::Garbage(rng.random_range(0..n), rng.random());
+                    variants.push(("torn_earlier", f));
+                }
+            }
         }
         for (kind, fates) in &variants {
             rep.state(kind);
