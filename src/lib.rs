@@ -13,8 +13,8 @@ pub mod cli;
 pub mod control;
 pub mod copier;
 pub mod engine;
-pub mod nbd;
 #[cfg(feature = "fault")]
 pub mod fault;
+pub mod nbd;
 pub mod session;
 pub mod sync;
