@@ -485,11 +485,24 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
             from,
         } => {
             let vid = volume_id(e, volume)?;
-            let data = std::fs::read(from)
-                .map_err(|er| Error::io("read", from.display().to_string(), 0, er))?;
-            e.write(vid, *offset, &data)?;
+            let shown = from.display().to_string();
+            let mut f = std::fs::File::open(from).map_err(|er| Error::io("open", &shown, 0, er))?;
+            let len = f.metadata().map_err(|er| Error::io("stat", &shown, 0, er))?.len();
+            crate::volume::check_range(*offset, len, e.volume(vid)?.size(), "volume")?;
+            // Bounded memory whatever the file's size: write it in chunks.
+            let mut buf = vec![0u8; 4 << 20];
+            let mut done = 0u64;
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf)
+                    .map_err(|er| Error::io("read", &shown, done, er))?;
+                if n == 0 {
+                    break;
+                }
+                e.write(vid, *offset + done, &buf[..n])?;
+                done += n as u64;
+            }
             e.flush(vid)?;
-            let _ = writeln!(out, "wrote {} bytes at {offset}", data.len());
+            let _ = writeln!(out, "wrote {done} bytes at {offset}");
         }
     }
     Ok(out)
