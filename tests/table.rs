@@ -441,3 +441,56 @@ fn many_commits_wrap_the_journal_through_checkpoints() {
     let e = common::reopen(&storage, &vols);
     assert_eq!(common::image(&e, last), t0);
 }
+
+#[test]
+fn table_full_is_a_typed_error_and_ended_sessions_make_room() {
+    // A 64 KiB checkpoint area holds bitmaps for about 500k grains in all.
+    let opts = timezero::activity::TableOptions {
+        journal_bytes: 128 * 1024,
+        checkpoint_bytes: 64 * 1024,
+    };
+    let storage = common::mem_storage(&opts);
+    let e = common::create(&storage, opts);
+    let s = e.attach(Arc::new(MemVolume::new("s", 1 << 20)));
+    let t = e.attach(Arc::new(MemVolume::new("t", 1 << 20)));
+    // A huge sparse-looking source is not needed: a 4 KiB grain over many extents of a small
+    // volume is enough to exceed the area with several sessions' descriptors and bitmaps.
+    let ext = |i: u64| ExtentSpec {
+        source_offset: i * 4096,
+        target_offset: i * 4096,
+        len: 4096,
+    };
+    let spec = SessionSpec {
+        extents: (0..64).map(ext).collect(),
+        grain: GrainSize::new(4096).unwrap(),
+        ..SessionSpec::whole(s, t)
+    };
+    let first = e.establish(&spec).unwrap();
+    // Another session with the same extents on another target would not overlap the first's
+    // target; use fresh targets until the table is full.
+    let mut n = 1;
+    let err = loop {
+        let tn = e.attach(Arc::new(MemVolume::new(&format!("t{n}"), 1 << 20)));
+        match e.establish(&SessionSpec {
+            target: tn,
+            ..spec.clone()
+        }) {
+            Ok(_) => n += 1,
+            Err(err) => break err,
+        }
+        assert!(n < 1000, "table never filled");
+    };
+    assert!(matches!(err, Error::TableFull { .. }), "{err}");
+    // Ending one session makes room: it is forgotten to fit the next.
+    e.withdraw(first).unwrap();
+    let tn = e.attach(Arc::new(MemVolume::new("again", 1 << 20)));
+    e.establish(&SessionSpec {
+        target: tn,
+        ..spec.clone()
+    })
+    .unwrap();
+    assert!(
+        e.session(first).is_err(),
+        "the withdrawn session was forgotten to make room"
+    );
+}

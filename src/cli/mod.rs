@@ -487,7 +487,10 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
             let vid = volume_id(e, volume)?;
             let shown = from.display().to_string();
             let mut f = std::fs::File::open(from).map_err(|er| Error::io("open", &shown, 0, er))?;
-            let len = f.metadata().map_err(|er| Error::io("stat", &shown, 0, er))?.len();
+            let len = f
+                .metadata()
+                .map_err(|er| Error::io("stat", &shown, 0, er))?
+                .len();
             crate::volume::check_range(*offset, len, e.volume(vid)?.size(), "volume")?;
             // Bounded memory whatever the file's size: write it in chunks.
             let mut buf = vec![0u8; 4 << 20];
