@@ -448,6 +448,7 @@ struct Run {
     checks: u64,
     clock: u64,
     flushes: u64,
+    table_writes: u64,
 }
 
 fn ref_at(recs: &[OpRec], n: usize) -> &RefState {
@@ -502,7 +503,9 @@ fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
     let injecting = faults.eio_at.is_some()
         || faults.fail_sync
         || faults.fail_sync_at.is_some()
-        || faults.crash_after.is_some();
+        || faults.crash_after.is_some()
+        || faults.misdirect_table_write.is_some()
+        || faults.enospc_from.is_some();
     world.set_faults(faults);
     let ids = vol_ids();
     let mut recs = Vec::new();
@@ -549,6 +552,7 @@ fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
                 checks: 0,
                 clock: world.clock(),
                 flushes: world.flushes(),
+                table_writes: world.table_writes(),
             };
         }
     };
@@ -759,6 +763,7 @@ fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
         checks: world.ordering_checks(),
         clock: world.clock(),
         flushes: world.flushes(),
+        table_writes: world.table_writes(),
     }
 }
 
@@ -1122,6 +1127,59 @@ fn enumerate(w: &Workload, opts: &CrashtestOptions, rep: &mut CrashReport) {
             }
             k += fstep;
         }
+        // F8: ENOSPC on every write from the N-th I/O on (table or volume, whichever comes).
+        let mut at = 0;
+        while at < total {
+            let f = Faults {
+                enospc_from: Some(at),
+                ..Faults::default()
+            };
+            sweep_one(w, f, rep, "enospc", &format!("ENOSPC from I/O {at}"));
+            at += step;
+        }
+        // F6: one table write lands in another journal slot (of either mirror copy); nothing
+        // tells the engine. The slot/sequence binding must reject it where it landed, and the
+        // mirror copy must supply the block it should have written.
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(w.seed ^ 0xF6);
+        let layout = engine_options().table.layout().ok();
+        let table_writes = run.table_writes.max(1);
+        let mstep = (table_writes / opts.eio_points as u64).max(1);
+        let mut k = 0;
+        while let (true, Some(l)) = (k < table_writes, layout) {
+            let slots = l.journal_blocks() * 2;
+            let slot = rng.random_range(0..slots);
+            let dest = l.journal(0) + slot * crate::limits::JOURNAL_BLOCK_BYTES as u64;
+            let f = Faults {
+                misdirect_table_write: Some((k, dest)),
+                ..Faults::default()
+            };
+            sweep_one(
+                w,
+                f,
+                rep,
+                "misdirect",
+                &format!("table write {k} misdirected to {dest}"),
+            );
+            k += mstep;
+        }
+    }
+}
+
+/// Run `w` with faults `f` to the end, then recover from the final and from the durable image
+/// and check the oracle.
+fn sweep_one(w: &Workload, f: Faults, rep: &mut CrashReport, kind: &str, what: &str) {
+    let r = catch_unwind(AssertUnwindSafe(|| run_workload(w, f, false)));
+    let Ok(r) = r else {
+        rep.violation(format!("{} (seed {}): panic with {what}", w.name, w.seed));
+        return;
+    };
+    let mut c = CrashCursor::new(&r.log);
+    while c.advance() {}
+    let refs = ref_at(&r.recs, usize::MAX - 1);
+    let ctx = || format!("{} (seed {}) {what}", w.name, w.seed);
+    for (suffix, fate) in [("prefix", Fate::Keep), ("durable", Fate::Drop)] {
+        rep.state(&format!("{kind}_{suffix}"));
+        recover_and_check(&c.image(|_| fate), refs, rep, &ctx);
     }
 }
 

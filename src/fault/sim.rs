@@ -56,6 +56,13 @@ pub struct Faults {
     /// The flush/sync with this 0-based index (counting flushes of all devices) fails once
     /// with EIO; its writes stay unsynced (F9).
     pub fail_sync_at: Option<u64>,
+    /// F6: the table write with this 0-based index (counting table writes only) lands at
+    /// another 512-byte-aligned place: `(index, destination offset)`; the destination is
+    /// clamped into the device. The caller is told nothing.
+    pub misdirect_table_write: Option<(u64, u64)>,
+    /// F8: from the I/O with this 0-based clock index on, every write fails with ENOSPC and
+    /// changes nothing (reads and flushes still work).
+    pub enospc_from: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -73,6 +80,7 @@ pub(crate) struct WorldState {
     log: Vec<IoEvent>,
     clock: u64,
     flushes: u64,
+    table_writes: u64,
     faults: Faults,
     checker: Option<OrderingChecker>,
     violations: Vec<String>,
@@ -112,6 +120,7 @@ impl SimWorld {
                 log: Vec::new(),
                 clock: 0,
                 flushes: 0,
+                table_writes: 0,
                 faults: Faults::default(),
                 checker: None,
                 violations: Vec::new(),
@@ -193,6 +202,12 @@ impl SimWorld {
         self.state.lock().flushes
     }
 
+    /// Table writes issued so far.
+    #[must_use]
+    pub fn table_writes(&self) -> u64 {
+        self.state.lock().table_writes
+    }
+
     /// I/Os issued so far (reads included).
     #[must_use]
     pub fn clock(&self) -> u64 {
@@ -264,7 +279,26 @@ impl SimWorld {
         check_range(off, data.len() as u64, d.current.len() as u64, "sim device")?;
         let name = d.name.clone();
         let kind = d.kind;
+        let dev_len = d.current.len() as u64;
+        let clock = s.clock;
         Self::tick(&mut s, "write", &name, off)?;
+        if s.faults.enospc_from.is_some_and(|n| clock >= n) {
+            return Err(Error::io(
+                "write",
+                format!("{name} (sim, seed {})", s.seed),
+                off,
+                std::io::Error::from_raw_os_error(28),
+            ));
+        }
+        let mut off = off;
+        if kind == DevKind::Table {
+            let k = s.table_writes;
+            s.table_writes += 1;
+            if let Some((_, dest)) = s.faults.misdirect_table_write.filter(|(i, _)| *i == k) {
+                let max = dev_len.saturating_sub(data.len() as u64);
+                off = (dest.min(max) / SECTOR as u64) * SECTOR as u64;
+            }
+        }
         if kind == DevKind::Volume {
             if let Some(mut c) = s.checker.take() {
                 let seed = s.seed;
