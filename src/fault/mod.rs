@@ -5,7 +5,9 @@
 //! Faults covered: F1 (crash after every mutating I/O, including during recovery), F2/F5
 //! (any subset of unsynced writes lost: exhaustive for small counts, drop-one and seeded random
 //! subsets otherwise), F4 (512-byte tears of the last unsynced table write: prefix, suffix,
-//! garbage sector), F7 ([`flip_bit`]), F9 (EIO on the N-th I/O once or forever, failing sync).
+//! garbage sector), F6 (a table write lands in another journal slot), F7 ([`flip_bit`]), F8
+//! (ENOSPC on every write from the N-th I/O), F9 (EIO on the N-th I/O once or forever, failing
+//! sync).
 //! Everything is seeded and deterministic; violation messages name the workload and seed.
 
 mod checker;
