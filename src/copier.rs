@@ -14,6 +14,9 @@ use crate::engine::Engine;
 use crate::ids::SessionId;
 use crate::{Error, Result};
 
+/// Consecutive 200 us yields to copy-before-write traffic before the copier goes on anyway.
+pub const COPIER_YIELDS_MAX: u32 = 25;
+
 /// Copier options.
 #[derive(Debug, Clone)]
 pub struct CopierOptions {
@@ -234,11 +237,21 @@ fn candidates(engine: &Engine, sh: &Shared) -> Vec<SessionId> {
 
 fn worker(engine: &Engine, sh: &Shared) {
     let mut turn = 0usize;
+    let mut yields = 0u32;
     while !sh.stop.load(Ordering::Acquire) {
         if sh.paused.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
+        // Yield to copy-before-write traffic: a first write waits for its own copy and commit,
+        // so it should not also queue behind a large copy batch on the same devices. Bounded,
+        // so a constant stream of first writes cannot starve the copier.
+        if engine.cow_in_flight() > 0 && yields < COPIER_YIELDS_MAX {
+            yields += 1;
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        yields = 0;
         let ids = candidates(engine, sh);
         if ids.is_empty() {
             if sh.opts.exit_when_done {

@@ -254,6 +254,8 @@ pub struct Engine {
     volumes: RwLock<HashMap<VolumeId, Arc<VolumeHandle>>>,
     active: RwLock<Arc<Vec<Arc<Session>>>>,
     options: EngineOptions,
+    /// Copy-before-write writes in progress (the background copier yields to them).
+    cow_inflight: std::sync::atomic::AtomicUsize,
     /// Decisions taken when the table was opened.
     pub decisions: Vec<Decision>,
     /// What opening the table found.
@@ -317,11 +319,19 @@ impl Engine {
             volumes: RwLock::new(HashMap::new()),
             active: RwLock::new(Arc::new(Vec::new())),
             options,
+            cow_inflight: std::sync::atomic::AtomicUsize::new(0),
             decisions: Vec::new(),
             open_report,
         };
         e.refresh_active();
         e
+    }
+
+    /// Copy-before-write writes in progress right now (the background copier yields while
+    /// there are any, so first writes do not queue behind large copy batches).
+    #[must_use]
+    pub fn cow_in_flight(&self) -> usize {
+        self.cow_inflight.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The activity table.
@@ -745,6 +755,7 @@ impl Engine {
         if work.is_empty() {
             return h.write_retry(data, offset);
         }
+        let _busy = InflightGuard::new(&self.cow_inflight);
         work.sort_by_key(|(s, g0, _)| (s.id(), *g0));
         let guards: Vec<_> = work
             .iter()
@@ -1317,6 +1328,22 @@ impl Engine {
         }
         self.refresh_active();
         Ok(out)
+    }
+}
+
+/// Counts a copy-before-write in progress for as long as it lives.
+struct InflightGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InflightGuard<'a> {
+    fn new(c: &'a std::sync::atomic::AtomicUsize) -> Self {
+        c.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InflightGuard(c)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
