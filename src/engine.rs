@@ -757,6 +757,17 @@ impl Engine {
         }
         let _busy = InflightGuard::new(&self.cow_inflight);
         work.sort_by_key(|(s, g0, _)| (s.id(), *g0));
+        // One range per session and overlapping grains: a volume that is both the source and
+        // the target of one session can map a single write onto the same image grains twice,
+        // and a thread must never wait for a range it already holds.
+        let mut merged: Vec<(Arc<Session>, u64, u64)> = Vec::with_capacity(work.len());
+        for (s, g0, g1) in work {
+            match merged.last_mut() {
+                Some((ms, _, m1)) if ms.id() == s.id() && g0 <= *m1 => *m1 = (*m1).max(g1),
+                _ => merged.push((s, g0, g1)),
+            }
+        }
+        let work = merged;
         let guards: Vec<_> = work
             .iter()
             .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))

@@ -358,3 +358,37 @@ fn completed_session_image_is_target() {
     assert_eq!(e.session(id).unwrap().state(), SessionState::Completed);
     assert_eq!(common::image(&e, id), t0);
 }
+
+/// A volume that is both the source and the target of one session: one write can touch the
+/// same image grains through its source piece and its target piece. It must not deadlock on its
+/// own grain lock (it did once), and the image must follow the model.
+#[test]
+fn write_touching_source_and_target_of_one_session() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let opts = common::small_table();
+        let storage = common::mem_storage(&opts);
+        let v = Arc::new(MemVolume::with_data("v", &common::pattern(11, VOL)));
+        let e = common::create(&storage, opts);
+        let a = e.attach(v.clone() as Arc<dyn Volume>);
+        let spec = SessionSpec {
+            extents: vec![ExtentSpec {
+                source_offset: 0,
+                target_offset: 65536,
+                len: 8192,
+            }],
+            grain: GrainSize::new(4096).unwrap(),
+            ..SessionSpec::whole(a, a)
+        };
+        let id = e.establish(&spec).unwrap();
+        let t0 = v.snapshot()[..8192].to_vec();
+        let data = common::pattern(12, 80000);
+        e.write(a, 0, &data).unwrap();
+        // The target range now holds the user's bytes (target-write semantics).
+        assert_eq!(common::image(&e, id), data[65536..65536 + 8192].to_vec());
+        assert_ne!(t0, data[..8192].to_vec());
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("write deadlocked on its own grain lock");
+}
