@@ -12,6 +12,7 @@
 
 mod checker;
 pub mod crashtest;
+pub mod fuzzing;
 mod sim;
 
 pub use checker::OrderingChecker;

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run every cargo-fuzz target for SECONDS each (default 30).
+#
+#   scripts/fuzz.sh [SECONDS]
+#
+# New inputs go to fuzz/target/corpus-work/<target> (not committed); the committed seeds in
+# fuzz/corpus/<target> are read only. Crashes land in fuzz/artifacts/<target>/.
+# Without a nightly toolchain or cargo-fuzz the run is SKIPPED (exit 0, and it says so).
+set -euo pipefail
+secs="${1:-30}"
+cd "$(dirname "$0")/.."
+targets=(table_decode table_open op_script nbd_request)
+
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    echo "fuzz.sh: SKIPPED: no nightly toolchain (rustup toolchain install nightly)"
+    exit 0
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "fuzz.sh: SKIPPED: cargo-fuzz not installed (cargo install cargo-fuzz)"
+    exit 0
+fi
+
+failed=()
+for t in "${targets[@]}"; do
+    work="fuzz/target/corpus-work/$t"
+    mkdir -p "$work"
+    echo "=== fuzz $t for ${secs}s"
+    if ! (cd fuzz && cargo +nightly fuzz run "$t" "../$work" "corpus/$t" -- \
+        -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1); then
+        failed+=("$t")
+    fi
+done
+if ((${#failed[@]})); then
+    echo "fuzz.sh: FAILED: ${failed[*]} (see fuzz/artifacts/)"
+    exit 1
+fi
+echo "fuzz.sh: all ${#targets[@]} targets ran ${secs}s each without a crash"
