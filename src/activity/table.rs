@@ -237,11 +237,15 @@ impl Table {
         let mut sessions = BTreeMap::new();
         let mut bitmap_bytes = 0u64;
         for img in &ckpt.sessions {
-            let s = Session::from_image(img).map_err(corrupt)?;
-            bitmap_bytes += img.desc.grains().div_ceil(8);
-            if bitmap_bytes > layout.checkpoint_bytes
-                || sessions.insert(s.id(), Arc::new(s)).is_some()
-            {
+            // Check the bitmap budget before building the session: an ended session carries
+            // no bitmap on disk, so its extents alone could otherwise demand any allocation.
+            bitmap_bytes = bitmap_bytes.saturating_add(img.desc.grains().div_ceil(8));
+            let s = if bitmap_bytes > layout.checkpoint_bytes {
+                None
+            } else {
+                Some(Session::from_image(img).map_err(corrupt)?)
+            };
+            if s.is_none_or(|s| sessions.insert(s.id(), Arc::new(s)).is_some()) {
                 return Err(corrupt(Corruption::Field {
                     what: "checkpoint",
                     field: "sessions",
