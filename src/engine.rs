@@ -675,25 +675,8 @@ impl Engine {
             return Ok(false);
         }
         // Ended extents never complete; the session completes when every live extent has.
-        for (i, _) in s
-            .desc
-            .extents
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| st.ended[*i].is_none())
-        {
-            let Some(p) = s
-                .map
-                .image_pieces(0, s.map.image_len())
-                .into_iter()
-                .find(|p| p.extent == i)
-            else {
-                continue;
-            };
-            let (g0, g1) = s.map.grains_of(&p);
-            if !s.bits().all_set(g0, g1 - g0) {
-                return Ok(false);
-            }
+        if !live_extents_copied(&*s) {
+            return Ok(false);
         }
         // Every bit is durable, so every target grain is durable: the target is independent.
         self.table.commit(vec![Entry::SetState {
@@ -1134,6 +1117,9 @@ impl Engine {
                     from = next;
                 }
                 None if from == 0 => break,
+                // Grains of ended extents stay uncopied for good: stop once every live
+                // extent is copied instead of wrapping forever.
+                None if live_extents_copied(&*self.session(id)?) => break,
                 None => from = 0,
             }
         }
@@ -1319,7 +1305,10 @@ impl Engine {
                 self.attach(v.clone());
             }
         }
-        for s in self.active.read().clone().iter() {
+        // Snapshot the active list first: a guard held across the loop would deadlock with
+        // `terminate` -> `refresh_active`, which takes the lock exclusively.
+        let active = self.active.read().clone();
+        for s in active.iter() {
             if s.desc.source.id != vol && s.desc.target.id != vol {
                 continue;
             }
@@ -1356,6 +1345,19 @@ impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
+}
+
+/// Every grain of every extent that has not ended is copied.
+fn live_extents_copied(s: &Session) -> bool {
+    let st = s.status();
+    s.map
+        .image_pieces(0, s.map.image_len())
+        .iter()
+        .filter(|p| st.ended.get(p.extent).is_some_and(Option::is_none))
+        .all(|p| {
+            let (g0, g1) = s.map.grains_of(p);
+            s.bits().all_set(g0, g1 - g0)
+        })
 }
 
 fn overlaps(a: u64, al: u64, b: u64, bl: u64) -> bool {

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use crate::activity::format::{CopyMode, ExtentSpec};
 use crate::copier::{Copier, CopierOptions};
-use crate::engine::{Engine, EngineOptions, RestartPolicy, SessionSpec};
+use crate::engine::{Engine, EngineOptions, Outcome, RestartPolicy, SessionSpec};
 use crate::ids::{GrainSize, SessionId};
 use crate::units::{format_size, parse_size};
 use crate::{Error, Result};
@@ -453,26 +453,46 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
             let canon = std::fs::canonicalize(volume)
                 .map_err(|er| Error::io("open", volume.display().to_string(), 0, er))?;
             let l = canon.display().to_string();
-            let old = e
-                .table()
-                .sessions()
+            let uses = |x: &crate::session::Session| {
+                x.desc.source.locator == l || x.desc.target.locator == l
+            };
+            let id_in = |x: &crate::session::Session| {
+                if x.desc.source.locator == l {
+                    x.desc.source.id
+                } else {
+                    x.desc.target.id
+                }
+            };
+            // The identity the table knows for this path: an active session's first (a stale,
+            // ended session may name an earlier file at the same path).
+            let sessions = e.table().sessions();
+            let old = sessions
                 .iter()
-                .find_map(|x| {
-                    if x.desc.source.locator == l {
-                        Some(x.desc.source.id)
-                    } else if x.desc.target.locator == l {
-                        Some(x.desc.target.id)
-                    } else {
-                        None
-                    }
-                })
+                .filter(|x| uses(x))
+                .max_by_key(|x| (x.is_active(), x.id()))
+                .map(|x| id_in(x))
                 .ok_or_else(|| Error::UnknownVolume(volume.display().to_string()))?;
+            // A local open has already reconciled every session with the volumes as they are
+            // now (the same comparison a reset makes): report what it decided for this volume.
+            let mut said = 0;
+            for d in &e.decisions {
+                let on = sessions.iter().any(|x| x.id().0 == d.session && uses(x));
+                if on
+                    && matches!(
+                        d.outcome,
+                        Outcome::Terminated(_) | Outcome::ResumedPartly(_)
+                    )
+                {
+                    let _ = writeln!(out, "s{}: {:?} (on open)", d.session, d.outcome);
+                    said += 1;
+                }
+            }
             let now: Arc<dyn crate::volume::Volume> = Arc::new(crate::volume::FileVolume::open(
                 volume,
                 &crate::volume::FileVolumeOptions::default(),
             )?);
             let ds = e.reset(old, Some(now))?;
-            if ds.is_empty() {
+            if ds.is_empty() && said == 0 {
                 let _ = writeln!(out, "no active session uses {}", volume.display());
             }
             for d in ds {
