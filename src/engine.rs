@@ -675,7 +675,7 @@ impl Engine {
             return Ok(false);
         }
         // Ended extents never complete; the session completes when every live extent has.
-        if !live_extents_copied(&*s) {
+        if !live_extents_copied(&s) {
             return Ok(false);
         }
         // Every bit is durable, so every target grain is durable: the target is independent.
