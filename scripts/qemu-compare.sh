@@ -3,7 +3,9 @@
 #  1. qemu-img bench of 4 KiB first writes (64 KiB stride) through the copy-before-write filter
 #     vs the same bench on the raw file;
 #  2. qemu-img convert -t none -T none vs `timezero copy` of the same image.
-# Usage: scripts/qemu-compare.sh [DIR]   (env: SIZE_MIB=512 ROUNDS=3 DEPTH=32 TIMEZERO=path)
+# Usage: scripts/qemu-compare.sh [DIR]   (env: SIZE_MIB=512 ROUNDS=3 DEPTH=32 TIMEZERO=path
+#                                          TZ_FLAGS="--direct" for O_DIRECT engine volumes)
+# The NBD read comparison (qemu-img convert from `timezero serve`) is scripts/nbd-compare.sh.
 set -euo pipefail
 
 if ! command -v qemu-img >/dev/null 2>&1; then
@@ -18,6 +20,7 @@ fi
 SIZE_MIB=${SIZE_MIB:-512}
 ROUNDS=${ROUNDS:-3}
 DEPTH=${DEPTH:-32}
+read -r -a TZ_FLAGS <<<"${TZ_FLAGS:-}"
 COUNT=$((SIZE_MIB * 16)) # one write per 64 KiB unit
 DIR=$(mktemp -d "${1:-${TMPDIR:-/tmp}}/qemu-compare.XXXXXX")
 trap 'rm -rf "$DIR"' EXIT
@@ -37,7 +40,7 @@ fi
 CBW="driver=copy-before-write,file.driver=raw,file.file.driver=file,file.file.filename=$SRC,target.driver=raw,target.file.driver=file,target.file.filename=$TGT"
 
 echo "qemu-compare: ${SIZE_MIB} MiB images, $ROUNDS rounds, depth $DEPTH, aio $AIO, in $DIR"
-echo "qemu-img: $(qemu-img --version | head -1); timezero: $TZ_BIN"
+echo "qemu-img: $(qemu-img --version | head -1); timezero: $TZ_BIN ${TZ_FLAGS[*]}"
 cbw_r=() conv_r=()
 for r in $(seq 1 "$ROUNDS"); do
     zero "$TGT"
@@ -56,7 +59,7 @@ for r in $(seq 1 "$ROUNDS"); do
         zero "$TGT"; rm -f "$TAB" "$TAB.holder"
         "$TZ_BIN" init "$TAB" >/dev/null
         "$TZ_BIN" establish "$TAB" "$SRC" "$TGT" >/dev/null
-        local t0; t0=$(now); "$TZ_BIN" copy "$TAB" >/dev/null 2>&1; echo "$(now) - $t0" | bc -l
+        local t0; t0=$(now); "$TZ_BIN" "${TZ_FLAGS[@]}" copy "$TAB" >/dev/null 2>&1; echo "$(now) - $t0" | bc -l
     }
     if [ $((r % 2)) -eq 1 ]; then qc=$(run_conv); tc=$(run_tz); else tc=$(run_tz); qc=$(run_conv); fi
     ratio=$(echo "$qc / $tc" | bc -l)

@@ -37,6 +37,16 @@ pub struct BenchOptions {
     pub rounds: usize,
     /// Print fio-shaped JSON instead of a table.
     pub json: bool,
+    /// Also write the fio-shaped JSON to this file (whatever `json` says).
+    pub json_out: Option<PathBuf>,
+    /// Writer counts for the already-copied and first-write figures (each 1..=256).
+    pub writers: Vec<usize>,
+    /// Open the engine's volumes through io_uring where the kernel allows
+    /// ([`EngineOptions::io_uring`]).
+    pub io_uring: bool,
+    /// Open the engine's volumes with `O_DIRECT` for the background-copy figure, like the raw
+    /// copy it is compared with.
+    pub direct_copy: bool,
 }
 
 impl Default for BenchOptions {
@@ -46,6 +56,10 @@ impl Default for BenchOptions {
             size: 256 * MIB,
             rounds: 5,
             json: false,
+            json_out: None,
+            writers: vec![1, 32],
+            io_uring: false,
+            direct_copy: false,
         }
     }
 }
@@ -80,7 +94,9 @@ enum Kind {
 
 #[derive(Debug, Clone)]
 struct Figure {
-    name: &'static str,
+    name: String,
+    /// Writer count (write figures measured per writer count), 0 otherwise.
+    writers: usize,
     kind: Kind,
     /// Bytes per operation (I/O figures).
     op_bytes: u64,
@@ -92,14 +108,15 @@ struct Figure {
 
 impl Figure {
     fn new(
-        name: &'static str,
+        name: impl Into<String>,
         kind: Kind,
         op_bytes: u64,
         ratio: Ratio,
         raw_label: &'static str,
     ) -> Self {
         Figure {
-            name,
+            name: name.into(),
+            writers: 0,
             kind,
             op_bytes,
             ratio,
@@ -337,46 +354,70 @@ fn min_max(v: &[f64]) -> (f64, f64) {
         })
 }
 
-const F_COPIED_1: usize = 0;
-const F_COPIED_32: usize = 1;
-const F_FIRST_1: usize = 2;
-const F_FIRST_32: usize = 3;
-const F_FLOOR_1: usize = 4;
-const F_READ_UNCOPIED: usize = 5;
-const F_READ_COPIED: usize = 6;
-const F_COPY: usize = 7;
-const F_RECOVERY: usize = 8;
+/// Where each figure sits in the list built by [`figures`].
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Number of writer counts.
+    n: usize,
+}
 
-fn figures() -> Vec<Figure> {
-    vec![
-        Figure::new(
-            "already-copied 4KiB write, 1 writer",
+impl Layout {
+    fn copied(self, k: usize) -> usize {
+        k
+    }
+    fn first(self, k: usize) -> usize {
+        self.n + k
+    }
+    fn floor(self) -> usize {
+        2 * self.n
+    }
+    fn read_uncopied(self) -> usize {
+        2 * self.n + 1
+    }
+    fn read_copied(self) -> usize {
+        2 * self.n + 2
+    }
+    fn copy(self) -> usize {
+        2 * self.n + 3
+    }
+    fn recovery(self) -> usize {
+        2 * self.n + 4
+    }
+}
+
+fn plural(w: usize) -> &'static str {
+    if w == 1 {
+        "writer"
+    } else {
+        "writers"
+    }
+}
+
+fn figures(writers: &[usize]) -> Vec<Figure> {
+    let mut v = Vec::new();
+    for &w in writers {
+        let mut f = Figure::new(
+            format!("already-copied 4KiB write, {w} {}", plural(w)),
             Kind::Write,
             IO as u64,
             Ratio::Cost,
             "pwrite",
-        ),
-        Figure::new(
-            "already-copied 4KiB write, 32 writers",
-            Kind::Write,
-            IO as u64,
-            Ratio::Cost,
-            "pwrite",
-        ),
-        Figure::new(
-            "first write 4KiB + flush, 1 writer",
-            Kind::Write,
-            IO as u64,
-            Ratio::Cost,
-            "pwrite+fdatasync",
-        ),
-        Figure::new(
-            "first write 4KiB + flush, 32 writers",
+        );
+        f.writers = w;
+        v.push(f);
+    }
+    for &w in writers {
+        let mut f = Figure::new(
+            format!("first write 4KiB + flush, {w} {}", plural(w)),
             Kind::Write,
             IO as u64,
             Ratio::Cost,
             "pwrite+fdatasync",
-        ),
+        );
+        f.writers = w;
+        v.push(f);
+    }
+    v.extend([
         Figure::new(
             "first write 4KiB + flush, 1 writer, vs floor",
             Kind::Write,
@@ -403,7 +444,7 @@ fn figures() -> Vec<Figure> {
             Kind::Copy,
             0,
             Ratio::Speed,
-            "1MiB read+write copy",
+            "1MiB O_DIRECT read+write copy",
         ),
         Figure::new(
             "recovery (Engine::open_path)",
@@ -412,22 +453,35 @@ fn figures() -> Vec<Figure> {
             Ratio::None,
             "-",
         ),
-    ]
+    ]);
+    v
 }
 
 /// Operation counts for a volume of `size` bytes.
 struct Counts {
     fast_ops: usize,
+    /// First writes at one writer (also the floor); grains `0..first_1`.
     first_1: usize,
-    first_32: usize,
+    /// First writes per figure at more than one writer; each figure gets its own grains after
+    /// `first_1`.
+    first_many: usize,
 }
 
-fn counts(size: u64) -> Counts {
+fn counts(size: u64, writers: &[usize]) -> Counts {
     let grains = usize::try_from(size / GRAIN).unwrap_or(usize::MAX);
+    let first_1 = (grains / 8).min(512);
+    let many = writers.iter().filter(|w| **w != 1).count().max(1);
     Counts {
         fast_ops: 50_000,
-        first_1: (grains / 8).min(512),
-        first_32: (grains / 2).min(2048),
+        first_1,
+        first_many: ((grains - first_1) / many).min(2048),
+    }
+}
+
+fn engine_options(opts: &BenchOptions) -> EngineOptions {
+    EngineOptions {
+        io_uring: opts.io_uring,
+        ..EngineOptions::default()
     }
 }
 
@@ -445,6 +499,26 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write, log: &mut dyn Write) -> Res
     if opts.rounds == 0 || opts.rounds > 1000 {
         return Err(Error::invalid("bench rounds", format!("{}", opts.rounds)));
     }
+    let mut writers = opts.writers.clone();
+    writers.sort_unstable();
+    writers.dedup();
+    if writers.is_empty() || writers.iter().any(|w| *w == 0 || *w > 256) {
+        return Err(Error::invalid(
+            "bench writers",
+            format!("{:?} (each 1..=256)", opts.writers),
+        ));
+    }
+    let c = counts(opts.size, &writers);
+    if writers.iter().any(|w| *w != 1 && c.first_many < *w) {
+        return Err(Error::invalid(
+            "bench writers",
+            "too many writer counts for this size (each needs its own grains)",
+        ));
+    }
+    let opts = &BenchOptions {
+        writers,
+        ..opts.clone()
+    };
     let _ = writeln!(
         log,
         "timezero bench: {} per volume, {} rounds",
@@ -454,34 +528,70 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write, log: &mut dyn Write) -> Res
     let files = Files::create(opts)?;
     let _ = writeln!(log, "files in {}", files.dir.display());
     {
-        let e = Engine::create_path(&files.table, EngineOptions::default())?;
+        let e = Engine::create_path(&files.table, engine_options(opts))?;
         let s = attach(&e, &files.src)?;
         let t = attach(&e, &files.tgt)?;
         e.establish(&whole(s, t, CopyMode::NoCopy))?;
     }
-    let mut figs = figures();
-    let mut direct = true;
+    let mut figs = figures(&opts.writers);
+    let mut run = RunInfo {
+        direct: true,
+        backend: "",
+        copy_backend: "",
+    };
     for round in 0..opts.rounds {
         let _ = writeln!(log, "round {}/{}", round + 1, opts.rounds);
-        direct &= one_round(opts, &files, &mut figs, round)?;
+        one_round(opts, &files, &mut figs, round, &mut run)?;
+        if round == 0 {
+            let _ = writeln!(
+                log,
+                "engine backend {}; background copy backend {}{}",
+                run.backend,
+                run.copy_backend,
+                if opts.direct_copy { " O_DIRECT" } else { "" }
+            );
+        }
+    }
+    if let Some(p) = &opts.json_out {
+        let mut f = File::create(p).map_err(|e| io_err("create", p, e))?;
+        print_json(opts, &figs, &run, &mut f)?;
     }
     if opts.json {
-        print_json(opts, &figs, out)
+        print_json(opts, &figs, &run, out)
     } else {
-        print_table(opts, &figs, direct, out)
+        print_table(opts, &figs, &run, out)
     }
 }
 
-fn one_round(opts: &BenchOptions, f: &Files, figs: &mut [Figure], round: usize) -> Result<bool> {
+/// Facts about a run, for the report.
+struct RunInfo {
+    /// Whether the raw copy used `O_DIRECT` on both sides in every round.
+    direct: bool,
+    /// The engine's file backend.
+    backend: &'static str,
+    /// The file backend of the engine that ran the background copy.
+    copy_backend: &'static str,
+}
+
+fn one_round(
+    opts: &BenchOptions,
+    f: &Files,
+    figs: &mut [Figure],
+    round: usize,
+    run: &mut RunInfo,
+) -> Result<()> {
     let size = opts.size;
-    let c = counts(size);
+    let c = counts(size, &opts.writers);
+    let lay = Layout {
+        n: opts.writers.len(),
+    };
     let salt = round as u64 * 7919;
     let raw_first = round % 2 == 0;
 
     // (e) recovery of the table, with this run's sessions over the files.
     let t0 = Instant::now();
-    let e = Arc::new(Engine::open_path(&f.table, EngineOptions::default())?);
-    figs[F_RECOVERY]
+    let mut e = Arc::new(Engine::open_path(&f.table, engine_options(opts))?);
+    figs[lay.recovery()]
         .engine
         .per_round
         .push(t0.elapsed().as_secs_f64() * 1e3);
@@ -493,6 +603,7 @@ fn one_round(opts: &BenchOptions, f: &Files, figs: &mut [Figure], round: usize) 
         }
     }
     let id = e.establish(&whole(src, tgt, CopyMode::NoCopy))?;
+    run.backend = e.backend_name();
 
     let raw = open_rw(&f.raw)?;
     let raw_tgt = open_rw(&f.raw_tgt)?;
@@ -508,7 +619,7 @@ fn one_round(opts: &BenchOptions, f: &Files, figs: &mut [Figure], round: usize) 
     pair(
         raw_first,
         figs,
-        F_READ_UNCOPIED,
+        lay.read_uncopied(),
         || run_ops(1, c.fast_ops, eng_read),
         || run_ops(1, c.fast_ops, raw_read),
     )?;
@@ -552,17 +663,24 @@ fn one_round(opts: &BenchOptions, f: &Files, figs: &mut [Figure], round: usize) 
         )
     };
     let e1 = e1?;
-    record(&mut figs[F_FLOOR_1].engine, e1.clone());
-    record(&mut figs[F_FLOOR_1].raw, fl);
-    record(&mut figs[F_FIRST_1].engine, e1);
-    record(&mut figs[F_FIRST_1].raw, r1);
-    pair(
-        raw_first,
-        figs,
-        F_FIRST_32,
-        || run_ops(32, c.first_32, first(c.first_1)),
-        || run_ops(32, c.first_32, raw_sync(c.first_1)),
-    )?;
+    record(&mut figs[lay.floor()].engine, e1.clone());
+    record(&mut figs[lay.floor()].raw, fl);
+    let mut base = c.first_1;
+    for (k, &w) in opts.writers.iter().enumerate() {
+        if w == 1 {
+            record(&mut figs[lay.first(k)].engine, e1.clone());
+            record(&mut figs[lay.first(k)].raw, r1.clone());
+            continue;
+        }
+        pair(
+            raw_first,
+            figs,
+            lay.first(k),
+            || run_ops(w, c.first_many, first(base)),
+            || run_ops(w, c.first_many, raw_sync(base)),
+        )?;
+        base += c.first_many;
+    }
 
     // Every grain copied, session still active: the already-copied path.
     let grains = size / GRAIN;
@@ -572,11 +690,11 @@ fn one_round(opts: &BenchOptions, f: &Files, figs: &mut [Figure], round: usize) 
         count: grains,
     }])?;
     let salt2 = salt ^ 0xabcd;
-    for (fig, threads) in [(F_COPIED_1, 1), (F_COPIED_32, 32)] {
+    for (k, &threads) in opts.writers.iter().enumerate() {
         pair(
             raw_first,
             figs,
-            fig,
+            lay.copied(k),
             || {
                 run_ops(threads, c.fast_ops, |i, b| {
                     e.write(src, rand_off(i, size, salt2), b)
@@ -594,13 +712,27 @@ fn one_round(opts: &BenchOptions, f: &Files, figs: &mut [Figure], round: usize) 
     pair(
         raw_first,
         figs,
-        F_READ_COPIED,
+        lay.read_copied(),
         || run_ops(1, c.fast_ops, eng_read),
         || run_ops(1, c.fast_ops, raw_read),
     )?;
     e.withdraw(id)?;
 
-    // (d) background copy vs a raw copy of the same size.
+    // (d) background copy vs a raw copy of the same size; with `direct_copy` the engine is
+    // reopened with O_DIRECT volumes so that both sides bypass the page cache.
+    let (src, tgt) = if opts.direct_copy {
+        drop(raw);
+        drop(raw_tgt);
+        drop(src_file);
+        drop(e);
+        let mut eo = engine_options(opts);
+        eo.file_options.direct = true;
+        e = Arc::new(Engine::open_path(&f.table, eo)?);
+        (attach(&e, &f.src)?, attach(&e, &f.tgt)?)
+    } else {
+        (src, tgt)
+    };
+    run.copy_backend = e.backend_name();
     let mut direct = true;
     let eng_copy = || -> Result<f64> {
         let cid = e.establish(&whole(src, tgt, CopyMode::Copy))?;
@@ -625,9 +757,10 @@ fn one_round(opts: &BenchOptions, f: &Files, figs: &mut [Figure], round: usize) 
         direct = direct && d;
         (ev, r)
     };
-    figs[F_COPY].engine.per_round.push(ev);
-    figs[F_COPY].raw.per_round.push(rv);
-    Ok(direct)
+    figs[lay.copy()].engine.per_round.push(ev);
+    figs[lay.copy()].raw.per_round.push(rv);
+    run.direct &= direct;
+    Ok(())
 }
 
 type Measured = Result<(f64, Vec<u64>)>;
@@ -668,9 +801,10 @@ fn fmt_side(kind: Kind, s: &Side) -> String {
 fn print_table(
     opts: &BenchOptions,
     figs: &[Figure],
-    direct: bool,
+    run: &RunInfo,
     out: &mut dyn Write,
 ) -> Result<()> {
+    let direct = run.direct;
     let w = |e: std::io::Error| Error::io("write", "stdout", 0, e);
     writeln!(
         out,
@@ -682,6 +816,18 @@ fn print_table(
     writeln!(
         out,
         "ratio = median of per-round ratios; cost = engine time per op / raw, speed = engine rate / raw"
+    )
+    .map_err(w)?;
+    writeln!(
+        out,
+        "engine backend: {} (buffered); background copy: {}{}",
+        run.backend,
+        run.copy_backend,
+        if opts.direct_copy {
+            " with O_DIRECT volumes"
+        } else {
+            " buffered"
+        }
     )
     .map_err(w)?;
     for f in figs {
@@ -784,9 +930,38 @@ fn job_json(name: String, f: &Figure, side: &Side) -> serde_json::Value {
     serde_json::Value::Object(j)
 }
 
-fn print_json(opts: &BenchOptions, figs: &[Figure], out: &mut dyn Write) -> Result<()> {
+/// Median/min/max rate and latency percentiles of one side, for the per-writer summary.
+fn side_summary(s: &Side) -> serde_json::Value {
+    let (lo, hi) = min_max(&s.per_round);
+    let mut lat = s.lat_ns.clone();
+    lat.sort_unstable();
+    serde_json::json!({
+        "iops_median": median(&s.per_round), "iops_min": lo, "iops_max": hi,
+        "lat_p50_ns": percentile(&lat, 50.0), "lat_p99_ns": percentile(&lat, 99.0),
+    })
+}
+
+fn print_json(
+    opts: &BenchOptions,
+    figs: &[Figure],
+    run: &RunInfo,
+    out: &mut dyn Write,
+) -> Result<()> {
     let mut jobs = Vec::new();
     let mut ratios = Vec::new();
+    let mut by_writers = Vec::new();
+    for f in figs.iter().filter(|f| f.writers > 0) {
+        let r = f.ratios();
+        let (lo, hi) = min_max(&r);
+        by_writers.push(serde_json::json!({
+            "figure": if f.name.starts_with("first") { "first-write" } else { "already-copied" },
+            "writers": f.writers,
+            "engine": side_summary(&f.engine),
+            "raw": side_summary(&f.raw),
+            "raw_label": f.raw_label,
+            "cost_ratio": {"median": median(&r), "min": lo, "max": hi},
+        }));
+    }
     for f in figs {
         jobs.push(job_json(format!("engine: {}", f.name), f, &f.engine));
         if f.ratio != Ratio::None {
@@ -812,7 +987,11 @@ fn print_json(opts: &BenchOptions, figs: &[Figure], out: &mut dyn Write) -> Resu
             .unwrap_or(0),
         "global options": {
             "size": opts.size, "rounds": opts.rounds, "bs": IO, "grain": GRAIN,
+            "writers": opts.writers, "backend": run.backend,
+            "copy_backend": run.copy_backend, "direct_copy": opts.direct_copy,
+            "raw_copy_direct": run.direct,
         },
+        "by_writers": by_writers,
         "jobs": jobs,
         "ratios": ratios,
     });
@@ -831,10 +1010,35 @@ mod tests {
             size: 16 * MIB,
             rounds: 1,
             json: true,
+            ..BenchOptions::default()
         };
         let mut out = Vec::new();
         run(&opts, &mut out, &mut std::io::sink()).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert!(v["jobs"].as_array().unwrap().len() >= 9);
+    }
+
+    #[test]
+    fn writers_io_uring_and_direct_copy() {
+        let opts = BenchOptions {
+            dir: None,
+            size: 16 * MIB,
+            rounds: 1,
+            json: true,
+            json_out: None,
+            writers: vec![4, 1, 16],
+            io_uring: true,
+            direct_copy: true,
+        };
+        let mut out = Vec::new();
+        run(&opts, &mut out, &mut std::io::sink()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let w = v["by_writers"].as_array().unwrap();
+        assert_eq!(w.len(), 6);
+        assert_eq!(w[0]["writers"], 1);
+        assert_eq!(w[5]["figure"], "first-write");
+        assert!(w[5]["engine"]["iops_median"].as_f64().unwrap() > 0.0);
+        let b = v["global options"]["backend"].as_str().unwrap();
+        assert!(b == "io_uring" || b == "pread", "{b}");
     }
 }

@@ -22,6 +22,44 @@ use crate::sync::GroupSync;
 use crate::volume::{check_range, FileVolume, FileVolumeOptions, Volume, VolumeInfo};
 use crate::{Error, Result};
 
+/// Name of the pread/pwrite file backend ([`FileVolume`]), as reported by
+/// [`Engine::backend_name`].
+pub const BACKEND_PREAD: &str = "pread";
+
+/// Name of the io_uring file backend (`UringVolume`), as reported by [`Engine::backend_name`].
+pub const BACKEND_IO_URING: &str = "io_uring";
+
+/// Open a file volume the way the engine does: with [`crate::volume::open_best`] (io_uring where
+/// the kernel allows, pread otherwise) when `io_uring` is set, with [`FileVolume`] (pread)
+/// otherwise. Returns the volume and the backend's name ([`BACKEND_PREAD`] or
+/// [`BACKEND_IO_URING`]).
+///
+/// pread is the default because `timezero bench` measured io_uring slower for the engine's
+/// buffered, synchronous, one-request-per-thread access pattern (see docs/benchmarks.md).
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be opened or inspected.
+pub fn open_file_volume(
+    path: &Path,
+    options: &FileVolumeOptions,
+    io_uring: bool,
+) -> Result<(Arc<dyn Volume>, &'static str)> {
+    if io_uring {
+        return crate::volume::open_best(path, options);
+    }
+    Ok((Arc::new(FileVolume::open(path, options)?), BACKEND_PREAD))
+}
+
+#[cfg(feature = "uring")]
+fn uring_allowed() -> bool {
+    crate::volume::uring_available()
+}
+
+#[cfg(not(feature = "uring"))]
+fn uring_allowed() -> bool {
+    false
+}
+
 #[cfg(feature = "fault")]
 thread_local! {
     static CANARY_SKIP_CBW_FLUSH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -64,6 +102,10 @@ pub struct EngineOptions {
     pub on_copy_error: CopyErrorPolicy,
     /// Options for file volumes the engine opens itself. Default = buffered, read-write.
     pub file_options: FileVolumeOptions,
+    /// Open file volumes through io_uring where the kernel allows ([`crate::volume::open_best`])
+    /// instead of pread/pwrite. Default = false (pread measured faster for the engine's
+    /// buffered I/O on the project machine; see docs/benchmarks.md).
+    pub io_uring: bool,
     /// Sizes for a newly created table.
     pub table: TableOptions,
 }
@@ -77,11 +119,15 @@ pub trait VolumeResolver: Send + Sync {
     fn resolve(&self, r: &VolumeRef) -> Result<Option<Arc<dyn Volume>>>;
 }
 
-/// Resolves locators as file paths.
+/// Resolves locators as file paths (see [`open_file_volume`] for the backend).
 #[derive(Debug, Clone, Default)]
 pub struct FileResolver {
     /// Options for opening.
     pub options: FileVolumeOptions,
+    /// Use io_uring where the kernel allows (see [`EngineOptions::io_uring`]).
+    pub io_uring: bool,
+    /// The backend of the first volume this resolver opened.
+    pub backend: std::sync::OnceLock<&'static str>,
 }
 
 impl VolumeResolver for FileResolver {
@@ -89,7 +135,9 @@ impl VolumeResolver for FileResolver {
         if r.locator.starts_with("mem:") || !Path::new(&r.locator).exists() {
             return Ok(None);
         }
-        Ok(Some(Arc::new(FileVolume::open(&r.locator, &self.options)?)))
+        let (v, name) = open_file_volume(Path::new(&r.locator), &self.options, self.io_uring)?;
+        let _ = self.backend.set(name);
+        Ok(Some(v))
     }
 }
 
@@ -256,6 +304,8 @@ pub struct Engine {
     options: EngineOptions,
     /// Copy-before-write writes in progress (the background copier yields to them).
     cow_inflight: std::sync::atomic::AtomicUsize,
+    /// The backend of the first file volume this engine opened.
+    backend: std::sync::OnceLock<&'static str>,
     /// Decisions taken when the table was opened.
     pub decisions: Vec<Decision>,
     /// What opening the table found.
@@ -283,8 +333,14 @@ impl Engine {
         let storage: Arc<dyn TableStorage> = Arc::new(MmapStorage::open(path)?);
         let resolver = FileResolver {
             options: options.file_options.clone(),
+            io_uring: options.io_uring,
+            backend: std::sync::OnceLock::new(),
         };
-        Engine::open(storage, &resolver, options)
+        let e = Engine::open(storage, &resolver, options)?;
+        if let Some(name) = resolver.backend.get() {
+            let _ = e.backend.set(name);
+        }
+        Ok(e)
     }
 
     /// Create a table on `storage`.
@@ -320,6 +376,7 @@ impl Engine {
             active: RwLock::new(Arc::new(Vec::new())),
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
+            backend: std::sync::OnceLock::new(),
             decisions: Vec::new(),
             open_report,
         };
@@ -371,8 +428,35 @@ impl Engine {
     /// # Errors
     /// I/O errors.
     pub fn attach_path(&self, path: &Path) -> Result<VolumeId> {
-        let v = FileVolume::open(path, &self.options.file_options)?;
-        Ok(self.attach(Arc::new(v)))
+        Ok(self.attach(self.open_file(path)?))
+    }
+
+    /// Open (without attaching) a file volume with this engine's file options and backend.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn open_file(&self, path: &Path) -> Result<Arc<dyn Volume>> {
+        let (v, name) = open_file_volume(path, &self.options.file_options, self.options.io_uring)?;
+        let _ = self.backend.set(name);
+        Ok(v)
+    }
+
+    /// The file backend in use: [`BACKEND_IO_URING`] or [`BACKEND_PREAD`]. This is the backend
+    /// of the first file volume the engine opened (io_uring may fall back to pread when the
+    /// kernel refuses), or, before any, the one [`EngineOptions::io_uring`] asks for.
+    #[must_use]
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend.get() {
+            Some(name) => name,
+            None if self.options.io_uring && uring_allowed() => BACKEND_IO_URING,
+            None => BACKEND_PREAD,
+        }
+    }
+
+    /// Whether file volumes are opened with `O_DIRECT`.
+    #[must_use]
+    pub fn direct(&self) -> bool {
+        self.options.file_options.direct
     }
 
     pub(crate) fn handle(&self, id: VolumeId) -> Result<Arc<VolumeHandle>> {

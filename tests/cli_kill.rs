@@ -131,6 +131,14 @@ fn sigkill_during_writes_and_copy_then_resume() {
         st.contains("s2 withdrawn") && st.contains("Withdrawn"),
         "{st}"
     );
+    assert!(st.trim_end().ends_with("backend pread"), "{st}");
+    // Global flag: io_uring where the kernel allows (pread otherwise).
+    let st = ok(&["status", p(&table), "--io-uring"]);
+    let last = st.lines().last().unwrap_or_default().to_string();
+    assert!(
+        last == "backend io_uring" || last == "backend pread",
+        "{st}"
+    );
     let rec = ok(&["recover", p(&table), "--json"]);
     assert!(rec.contains("decisions"), "{rec}");
 }

@@ -24,6 +24,38 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Volume I/O options for the engine (any command).
+    #[command(flatten)]
+    pub io: IoFlags,
+}
+
+/// How the engine opens file volumes; global flags accepted by every command.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct IoFlags {
+    /// Open file volumes through io_uring where the kernel allows (default: pread/pwrite, which
+    /// measured faster for buffered I/O; see docs/benchmarks.md).
+    #[arg(long, global = true)]
+    pub io_uring: bool,
+    /// Open file volumes with O_DIRECT (bypass the page cache). For `bench`: only the engine's
+    /// background-copy figure.
+    #[arg(long, global = true)]
+    pub direct: bool,
+}
+
+impl IoFlags {
+    /// Engine options with these flags and `restart`.
+    #[must_use]
+    pub fn engine_options(&self, restart: RestartPolicy) -> EngineOptions {
+        EngineOptions {
+            restart,
+            io_uring: self.io_uring,
+            file_options: crate::volume::FileVolumeOptions {
+                direct: self.direct,
+                ..crate::volume::FileVolumeOptions::default()
+            },
+            ..EngineOptions::default()
+        }
+    }
 }
 
 fn size_arg(s: &str) -> std::result::Result<u64, String> {
@@ -116,6 +148,16 @@ pub enum Command {
         /// Rounds; figures are medians over rounds.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Writer counts for the already-copied and first-write figures (e.g. 1,4,16,32).
+        /// The global --io-uring selects the engine's backend; the global --direct opens the
+        /// engine's volumes with O_DIRECT for the background-copy figure (the raw copy is
+        /// O_DIRECT already; the other raw figures are buffered, so the engine stays buffered
+        /// there).
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        writers: Vec<usize>,
+        /// Also write the JSON to this file (e.g. for scripts/plot-bench.py).
+        #[arg(long)]
+        json_out: Option<PathBuf>,
     },
     /// Read a session's T0 image.
     Read {
@@ -240,7 +282,7 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    match run(cli.command) {
+    match run(cli.command, cli.io) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("timezero: {e}");
@@ -249,14 +291,8 @@ pub fn main() -> i32 {
     }
 }
 
-fn open(table: &Path, restart: RestartPolicy) -> Result<Engine> {
-    Engine::open_path(
-        table,
-        EngineOptions {
-            restart,
-            ..EngineOptions::default()
-        },
-    )
+fn open(table: &Path, restart: RestartPolicy, io: IoFlags) -> Result<Engine> {
+    Engine::open_path(table, io.engine_options(restart))
 }
 
 fn parse_extent(s: &str) -> Result<ExtentSpec> {
@@ -487,10 +523,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
                     said += 1;
                 }
             }
-            let now: Arc<dyn crate::volume::Volume> = Arc::new(crate::volume::FileVolume::open(
-                volume,
-                &crate::volume::FileVolumeOptions::default(),
-            )?);
+            let now = e.open_file(volume)?;
             let ds = e.reset(old, Some(now))?;
             if ds.is_empty() && said == 0 {
                 let _ = writeln!(out, "no active session uses {}", volume.display());
@@ -532,8 +565,8 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
 }
 
 /// Run `cmd` on the table: locally, or through the control socket of the process serving it.
-fn local_or_remote(table: &Path, cmd: Remote) -> Result<String> {
-    match open(table, RestartPolicy::Resume) {
+fn local_or_remote(table: &Path, cmd: Remote, io: IoFlags) -> Result<String> {
+    match open(table, RestartPolicy::Resume, io) {
         Ok(e) => execute(&Arc::new(e), &cmd, true),
         Err(Error::Locked { path, holder }) => {
             match crate::control::request(&crate::control::socket_path(table), &cmd) {
@@ -545,7 +578,7 @@ fn local_or_remote(table: &Path, cmd: Remote) -> Result<String> {
     }
 }
 
-fn run(cmd: Command) -> Result<()> {
+fn run(cmd: Command, io: IoFlags) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let text = match cmd {
         Command::Bench {
@@ -553,12 +586,18 @@ fn run(cmd: Command) -> Result<()> {
             dir,
             size,
             rounds,
+            writers,
+            json_out,
         } => {
             let opts = crate::bench::BenchOptions {
                 dir,
                 size,
                 rounds,
                 json,
+                json_out,
+                writers,
+                io_uring: io.io_uring,
+                direct_copy: io.direct,
             };
             crate::bench::run(&opts, &mut out, &mut std::io::stderr())?;
             String::new()
@@ -601,8 +640,9 @@ fn run(cmd: Command) -> Result<()> {
                 grain,
                 nocopy,
             },
+            io,
         )?,
-        Command::Status { table, json } => local_or_remote(&table, Remote::Status { json })?,
+        Command::Status { table, json } => local_or_remote(&table, Remote::Status { json }, io)?,
         Command::Copy {
             table,
             session,
@@ -617,6 +657,7 @@ fn run(cmd: Command) -> Result<()> {
                 threads,
                 convert,
             },
+            io,
         )?,
         Command::Write {
             table,
@@ -630,11 +671,12 @@ fn run(cmd: Command) -> Result<()> {
                 offset,
                 from,
             },
+            io,
         )?,
         Command::Withdraw { table, session } => {
-            local_or_remote(&table, Remote::Withdraw { session: session.0 })?
+            local_or_remote(&table, Remote::Withdraw { session: session.0 }, io)?
         }
-        Command::Reset { table, volume } => local_or_remote(&table, Remote::Reset { volume })?,
+        Command::Reset { table, volume } => local_or_remote(&table, Remote::Reset { volume }, io)?,
         Command::Read {
             table,
             session,
@@ -642,7 +684,7 @@ fn run(cmd: Command) -> Result<()> {
             len,
             to,
         } => {
-            let e = open(&table, RestartPolicy::Resume)?;
+            let e = open(&table, RestartPolicy::Resume, io)?;
             if len > crate::limits::IO_BYTES_MAX {
                 return Err(Error::invalid("read", "length over 64 MiB; use export"));
             }
@@ -662,7 +704,7 @@ fn run(cmd: Command) -> Result<()> {
             session,
             output,
         } => {
-            let e = open(&table, RestartPolicy::Resume)?;
+            let e = open(&table, RestartPolicy::Resume, io)?;
             let n = export(&e, session, &output)?;
             format!("exported {n} bytes of {session} to {}\n", output.display())
         }
@@ -678,6 +720,7 @@ fn run(cmd: Command) -> Result<()> {
                 } else {
                     RestartPolicy::Resume
                 },
+                io,
             )?;
             let mut t = String::new();
             use std::fmt::Write as _;
@@ -708,6 +751,7 @@ fn run(cmd: Command) -> Result<()> {
                 allow_remote,
                 writable_images,
                 &volumes,
+                io,
             )?;
             String::new()
         }
@@ -743,9 +787,10 @@ fn serve(
     allow_remote: bool,
     writable_images: bool,
     volumes: &[PathBuf],
+    io: IoFlags,
 ) -> Result<()> {
     use crate::nbd::{EngineRegistry, NbdConfig, NbdServer};
-    let e = Arc::new(open(table, RestartPolicy::Resume)?);
+    let e = Arc::new(open(table, RestartPolicy::Resume, io)?);
     for v in volumes {
         volume_id(&e, v)?;
     }
@@ -768,7 +813,14 @@ fn serve(
     let control =
         crate::control::ControlServer::start(e.clone(), &crate::control::socket_path(table))?;
     let mut o = std::io::stdout().lock();
-    let _ = writeln!(o, "serving {} on {}", table.display(), sock.display());
+    let _ = writeln!(
+        o,
+        "serving {} on {} (backend {}{})",
+        table.display(),
+        sock.display(),
+        e.backend_name(),
+        if e.direct() { ", O_DIRECT" } else { "" }
+    );
     if let Some(t) = &tcp {
         let _ = writeln!(o, "serving on tcp {:?}", t.tcp_addr());
     }
@@ -892,5 +944,11 @@ fn status_text(out: &mut String, e: &Engine, json: bool) -> Result<()> {
             s.reason.map(|r| format!(" reason {r}")).unwrap_or_default()
         );
     }
+    let _ = writeln!(
+        out,
+        "backend {}{}",
+        e.backend_name(),
+        if e.direct() { " (O_DIRECT)" } else { "" }
+    );
     Ok(())
 }
