@@ -88,44 +88,40 @@ impl AtomicBitmap {
     /// True when every bit in `start..start+count` is set.
     #[must_use]
     pub fn all_set(&self, start: u64, count: u64) -> bool {
-        let end = start.saturating_add(count).min(self.len);
-        let mut i = start;
-        while i < end {
-            let wi = (i / 64) as usize;
-            let lo = i % 64;
-            let hi = (end - (i - lo)).min(64);
-            let mask = if hi == 64 {
-                u64::MAX << lo
-            } else {
-                ((1u64 << hi) - 1) & (u64::MAX << lo)
-            };
-            if self.words[wi].load(Ordering::Acquire) & mask != mask {
-                return false;
-            }
-            i = i - lo + 64;
-        }
-        true
+        self.word_masks(start, count)
+            .all(|(wi, mask)| self.words[wi].load(Ordering::Acquire) & mask == mask)
     }
 
     /// Set bits `start..start+count`; returns how many were newly set.
     pub fn set_range(&self, start: u64, count: u64) -> u64 {
+        self.word_masks(start, count)
+            .map(|(wi, mask)| {
+                let old = self.words[wi].fetch_or(mask, Ordering::AcqRel);
+                u64::from((mask & !old).count_ones())
+            })
+            .sum()
+    }
+
+    /// The (word index, bit mask) pairs covering bits `start..start+count` (clipped to the
+    /// bitmap).
+    fn word_masks(&self, start: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
         let end = start.saturating_add(count).min(self.len);
         let mut i = start;
-        let mut newly = 0u64;
-        while i < end {
-            let wi = (i / 64) as usize;
+        std::iter::from_fn(move || {
+            if i >= end {
+                return None;
+            }
             let lo = i % 64;
-            let hi = (end - (i - lo)).min(64);
+            let base = i - lo;
+            let hi = (end - base).min(64);
             let mask = if hi == 64 {
                 u64::MAX << lo
             } else {
                 ((1u64 << hi) - 1) & (u64::MAX << lo)
             };
-            let old = self.words[wi].fetch_or(mask, Ordering::AcqRel);
-            newly += u64::from((mask & !old).count_ones());
-            i = i - lo + 64;
-        }
-        newly
+            i = base + 64;
+            Some((usize::try_from(base / 64).unwrap_or(usize::MAX), mask))
+        })
     }
 
     /// Number of set bits.

@@ -1459,12 +1459,7 @@ fn session_status(s: &Session) -> SessionStatus {
         target: s.desc.target.locator.clone(),
         grain_bytes: s.desc.grain.bytes(),
         extents: s.desc.extents.clone(),
-        ended_extents: st
-            .ended
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.clone().map(|r| (i as u32, r)))
-            .collect(),
+        ended_extents: st.ended_list(),
         grains_copied: if st.state == SessionState::Completed {
             s.desc.grains()
         } else {

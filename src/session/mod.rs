@@ -55,6 +55,18 @@ pub struct Status {
     pub ended: Vec<Option<Reason>>,
 }
 
+impl Status {
+    /// The ended extents as (index, reason).
+    #[must_use]
+    pub fn ended_list(&self) -> Vec<(u32, Reason)> {
+        self.ended
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.clone().map(|r| (u32::try_from(i).unwrap_or(u32::MAX), r)))
+            .collect()
+    }
+}
+
 /// One session: descriptor, status, copied bits and grain locks.
 #[derive(Debug)]
 pub struct Session {
@@ -147,12 +159,7 @@ impl Session {
             state: st.state,
             mode: st.mode,
             reason: st.reason.clone(),
-            ended_extents: st
-                .ended
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| r.clone().map(|r| (i as u32, r)))
-                .collect(),
+            ended_extents: st.ended_list(),
             bitmap: if st.state == SessionState::Active {
                 self.bits.to_bytes()
             } else {

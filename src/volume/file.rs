@@ -1,7 +1,7 @@
 //! Regular files and block devices through pread/pwrite.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::{check_range, Volume, VolumeInfo};
@@ -37,25 +37,12 @@ impl FileVolume {
     /// [`Error::Io`] when the file cannot be opened or inspected.
     pub fn open(path: impl AsRef<Path>, options: &FileVolumeOptions) -> Result<Self> {
         let path = path.as_ref();
-        let shown = path.display().to_string();
-        let mut oo = OpenOptions::new();
-        oo.read(true).write(!options.read_only);
-        if options.direct {
-            oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
-        }
-        let file = oo.open(path).map_err(|e| Error::io("open", &shown, 0, e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io("stat", &shown, 0, e))?;
-        let size = if meta.file_type().is_file() {
-            meta.len()
-        } else {
-            use std::io::{Seek, SeekFrom};
-            (&file)
-                .seek(SeekFrom::End(0))
-                .map_err(|e| Error::io("seek", &shown, 0, e))?
-        };
-        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let super::OpenedFile {
+            file,
+            meta,
+            size,
+            canonical: abs,
+        } = super::open_file(path, options)?;
         Ok(FileVolume {
             file,
             path: abs,

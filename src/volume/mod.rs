@@ -99,6 +99,47 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// An opened file or block device with what its backends need to know about it.
+pub(crate) struct OpenedFile {
+    pub(crate) file: std::fs::File,
+    pub(crate) meta: std::fs::Metadata,
+    pub(crate) size: u64,
+    pub(crate) canonical: std::path::PathBuf,
+}
+
+/// Open `path` for the file backends (pread and io_uring): flags, size (seeking to the end for
+/// block devices) and the canonical path used as the locator.
+pub(crate) fn open_file(path: &Path, options: &FileVolumeOptions) -> Result<OpenedFile> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display().to_string();
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true).write(!options.read_only);
+    if options.direct {
+        oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+    }
+    let file = oo
+        .open(path)
+        .map_err(|e| crate::Error::io("open", &shown, 0, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| crate::Error::io("stat", &shown, 0, e))?;
+    let size = if meta.file_type().is_file() {
+        meta.len()
+    } else {
+        use std::io::{Seek, SeekFrom};
+        (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|e| crate::Error::io("seek", &shown, 0, e))?
+    };
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok(OpenedFile {
+        file,
+        meta,
+        size,
+        canonical,
+    })
+}
+
 /// Check that `offset..offset+len` lies within `size`.
 ///
 /// # Errors

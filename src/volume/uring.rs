@@ -37,10 +37,10 @@
 //! completion queue can never overflow.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::num::NonZeroUsize;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -178,24 +178,12 @@ impl UringVolume {
         entries: u32,
     ) -> Result<Self> {
         let shown = path.display().to_string();
-        let mut oo = OpenOptions::new();
-        oo.read(true).write(!options.read_only);
-        if options.direct {
-            oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
-        }
-        let file = oo.open(path).map_err(|e| Error::io("open", &shown, 0, e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io("stat", &shown, 0, e))?;
-        let size = if meta.file_type().is_file() {
-            meta.len()
-        } else {
-            use std::io::{Seek, SeekFrom};
-            (&file)
-                .seek(SeekFrom::End(0))
-                .map_err(|e| Error::io("seek", &shown, 0, e))?
-        };
-        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let super::OpenedFile {
+            file,
+            meta,
+            size,
+            canonical: abs,
+        } = super::open_file(path, options)?;
         let rings = (0..rings.max(1))
             .map(|_| Ring::new(entries))
             .collect::<io::Result<Vec<_>>>()
