@@ -494,3 +494,28 @@ fn table_full_is_a_typed_error_and_ended_sessions_make_room() {
         "the withdrawn session was forgotten to make room"
     );
 }
+
+#[test]
+fn a_missing_volume_terminates_with_volume_missing() {
+    let (storage, vols, id) = table_with_session();
+    // Reopen with only the source: the target cannot be found.
+    let e = common::reopen(&storage, &vols[..1]);
+    let st = e.session(id).unwrap().status();
+    assert_eq!(st.state, SessionState::Terminated);
+    assert_eq!(st.reason.unwrap().code, ReasonCode::VolumeMissing);
+    // A reset that finds the volume gone does the same for a live session.
+    drop(e);
+    let opts = common::small_table();
+    let storage = common::mem_storage(&opts);
+    let e = common::create(&storage, opts);
+    let a = e.attach(vols[0].clone() as Arc<dyn Volume>);
+    let t = Arc::new(MemVolume::new("t2", 1 << 20));
+    let b = e.attach(t.clone() as Arc<dyn Volume>);
+    let id = e.establish(&SessionSpec::whole(a, b)).unwrap();
+    let ds = e.reset(b, None).unwrap();
+    assert_eq!(ds.len(), 1);
+    assert_eq!(
+        e.session(id).unwrap().status().reason.unwrap().code,
+        ReasonCode::VolumeMissing
+    );
+}
