@@ -519,3 +519,31 @@ fn a_missing_volume_terminates_with_volume_missing() {
         ReasonCode::VolumeMissing
     );
 }
+
+#[test]
+fn shrinking_away_every_extent_terminates_the_session() {
+    let opts = common::small_table();
+    let storage = common::mem_storage(&opts);
+    let e = common::create(&storage, opts);
+    let s = Arc::new(MemVolume::with_data("s", &common::pattern(8, 1 << 20)));
+    let t = Arc::new(MemVolume::new("t", 1 << 20));
+    let a = e.attach(s.clone() as Arc<dyn Volume>);
+    let b = e.attach(t.clone() as Arc<dyn Volume>);
+    let ext = ExtentSpec {
+        source_offset: 917_504,
+        target_offset: 0,
+        len: 131_072,
+    };
+    let id = e
+        .establish(&SessionSpec {
+            extents: vec![ext],
+            ..SessionSpec::whole(a, b)
+        })
+        .unwrap();
+    s.resize(1 << 19);
+    let ds = e.reset(a, Some(s.clone() as Arc<dyn Volume>)).unwrap();
+    assert_eq!(ds.len(), 1);
+    let st = e.session(id).unwrap().status();
+    assert_eq!(st.state, SessionState::Terminated);
+    assert_eq!(st.reason.unwrap().code, ReasonCode::VolumeShrunk);
+}
