@@ -257,6 +257,10 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Error-sweep points per workload (EIO, failed sync, ENOSPC, misdirected table
+        /// writes); `all` sweeps every I/O.
+        #[arg(long, default_value = "12")]
+        eio_points: String,
     },
     /// (internal) Writers and a throttled copier that run until killed; used by `demo`.
     #[command(hide = true)]
@@ -771,8 +775,19 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             workloads,
             seed,
             json,
+            eio_points,
         } => {
-            crashtest(workloads, seed, json)?;
+            let points = if eio_points == "all" {
+                usize::MAX
+            } else {
+                eio_points.parse().map_err(|_| {
+                    Error::invalid(
+                        "--eio-points",
+                        format!("'{eio_points}' is not a number or 'all'"),
+                    )
+                })?
+            };
+            crashtest(workloads, seed, json, points)?;
             String::new()
         }
     };
@@ -845,10 +860,11 @@ fn serve(
 }
 
 #[cfg(feature = "fault")]
-fn crashtest(workloads: usize, seed: u64, json: bool) -> Result<()> {
+fn crashtest(workloads: usize, seed: u64, json: bool, eio_points: usize) -> Result<()> {
     let r = crate::fault::crashtest(&crate::fault::CrashtestOptions {
         workloads,
         seed,
+        eio_points,
         ..crate::fault::CrashtestOptions::default()
     });
     let mut out = std::io::stdout().lock();
@@ -882,7 +898,7 @@ fn crashtest(workloads: usize, seed: u64, json: bool) -> Result<()> {
 }
 
 #[cfg(not(feature = "fault"))]
-fn crashtest(_workloads: usize, _seed: u64, _json: bool) -> Result<()> {
+fn crashtest(_workloads: usize, _seed: u64, _json: bool, _eio_points: usize) -> Result<()> {
     Err(Error::invalid(
         "command",
         "crashtest needs a build with the `fault` feature (cargo build --features fault)",
