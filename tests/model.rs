@@ -4,7 +4,9 @@
 //! withdraw / convert / crash-and-reopen on in-memory volumes, every active session's image equals
 //! a trivially correct reference model (a full copy of the source extents taken at establish,
 //! changed only by writes that land on the session's target).
-//! Method: proptest generates operation sequences; after each step the touched images are
+//! Method: proptest generates operation sequences on simulated devices with the online ordering
+//! checker on (every source write is checked against the durable table and target bytes);
+//! after each step the touched images are
 //! compared byte for byte, and at the end every image is.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
@@ -15,7 +17,10 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use timezero::activity::format::{CopyMode, ExtentSpec, SessionState};
+use timezero::activity::TableStorage;
+use timezero::engine::{Engine, EngineOptions, MapResolver};
 use timezero::engine::{Outcome, SessionSpec};
+use timezero::fault::{SimVolume, SimWorld};
 use timezero::ids::{GrainSize, SessionId};
 use timezero::volume::{MemVolume, Volume};
 use timezero::Error;
@@ -92,18 +97,33 @@ fn check_image(
     Ok(())
 }
 
+fn snapshot(v: &SimVolume) -> Vec<u8> {
+    let mut b = vec![0u8; VOL];
+    v.read_at(&mut b, 0).unwrap();
+    b
+}
+
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    // Simulated devices with the online ordering checker on: every source write the engine
+    // issues is checked against the durable table and target bytes at that moment.
     let opts = common::small_table();
-    let storage = common::mem_storage(&opts);
-    let vols: Vec<Arc<MemVolume>> = (0..NVOL)
-        .map(|i| {
-            Arc::new(MemVolume::with_data(
-                &format!("v{i}"),
-                &common::pattern(i as u64 + 1, VOL),
-            ))
-        })
+    let world = SimWorld::new(0);
+    let storage: Arc<dyn TableStorage> = Arc::new(world.add_table(
+        "table",
+        vec![0; opts.layout().unwrap().file_bytes() as usize],
+    ));
+    let vols: Vec<Arc<SimVolume>> = (0..NVOL)
+        .map(|i| Arc::new(world.add_volume(&format!("v{i}"), common::pattern(i as u64 + 1, VOL))))
         .collect();
-    let mut e = common::create(&storage, opts);
+    world.enable_checker();
+    let mut e = Engine::create(
+        storage.clone(),
+        EngineOptions {
+            table: opts,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
     let ids: Vec<_> = vols
         .iter()
         .map(|v| e.attach(v.clone() as Arc<dyn Volume>))
@@ -154,7 +174,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 };
                 // The reference is the image read from the model's idea of the source: the
                 // volume's current bytes (all writes go through the engine).
-                let before = vols[src].snapshot();
+                let before = snapshot(&vols[src]);
                 match e.establish(&spec) {
                     Ok(id) => {
                         let mut r = Vec::new();
@@ -191,6 +211,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     continue;
                 }
                 let data = common::pattern(seed, len as usize);
+                world.note_user_write(&vols[vol].info().locator, off, len);
                 e.write(ids[vol], off, &data).unwrap();
                 // Writes landing on an active session's target change its image.
                 for (id, r, live) in &mut m.sessions {
@@ -221,6 +242,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let off = off % il;
                 let len = len.min(il - off);
                 let data = common::pattern(seed, len as usize);
+                {
+                    let s = e.session(*id).unwrap();
+                    for p in s.map.image_pieces(off, len) {
+                        world.note_user_write(&s.desc.target.locator, p.target_offset, p.len);
+                    }
+                }
                 match e.write_image(*id, off, &data) {
                     Ok(()) => {
                         prop_assert!(*live);
@@ -293,7 +320,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Reopen => {
                 drop(e);
-                e = common::reopen(&storage, &vols);
+                let mut r = MapResolver::default();
+                for v in &vols {
+                    r.add(v.clone() as Arc<dyn Volume>);
+                }
+                e = Engine::open(storage.clone(), &r, EngineOptions::default()).unwrap();
                 for v in &vols {
                     if e.volume(v.info().id).is_err() {
                         e.attach(v.clone() as Arc<dyn Volume>);
@@ -309,6 +340,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
     }
+    let v = world.violations();
+    prop_assert!(v.is_empty(), "ordering violations: {:?}", v);
     for (id, r, live) in &m.sessions {
         if *live {
             check_image(&e, *id, r)?;
@@ -391,4 +424,30 @@ fn write_touching_source_and_target_of_one_session() {
     });
     rx.recv_timeout(std::time::Duration::from_secs(20))
         .expect("write deadlocked on its own grain lock");
+}
+
+/// The model test's ordering checker is live: with the copy-before-write target flush skipped
+/// (the fault feature's canary), the same kind of run must fail.
+#[test]
+fn model_checker_catches_a_skipped_flush() {
+    timezero::engine::set_canary_skip_cbw_flush(true);
+    let ops = vec![
+        Op::Establish {
+            src: 0,
+            tgt: 1,
+            grain_shift: 12,
+            ext: vec![(0, 0, 4)],
+            nocopy: true,
+        },
+        Op::Write {
+            vol: 0,
+            off: 100,
+            len: 5000,
+            seed: 9,
+        },
+    ];
+    let r = run(ops);
+    timezero::engine::set_canary_skip_cbw_flush(false);
+    let err = r.expect_err("a skipped flush must be caught");
+    assert!(err.to_string().contains("ordering"), "{err}");
 }
