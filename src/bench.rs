@@ -395,27 +395,21 @@ fn plural(w: usize) -> &'static str {
 
 fn figures(writers: &[usize]) -> Vec<Figure> {
     let mut v = Vec::new();
-    for &w in writers {
-        let mut f = Figure::new(
-            format!("already-copied 4KiB write, {w} {}", plural(w)),
-            Kind::Write,
-            IO as u64,
-            Ratio::Cost,
-            "pwrite",
-        );
-        f.writers = w;
-        v.push(f);
-    }
-    for &w in writers {
-        let mut f = Figure::new(
-            format!("first write 4KiB + flush, {w} {}", plural(w)),
-            Kind::Write,
-            IO as u64,
-            Ratio::Cost,
-            "pwrite+fdatasync",
-        );
-        f.writers = w;
-        v.push(f);
+    for (what, raw) in [
+        ("already-copied 4KiB write", "pwrite"),
+        ("first write 4KiB + flush", "pwrite+fdatasync"),
+    ] {
+        for &w in writers {
+            let mut f = Figure::new(
+                format!("{what}, {w} {}", plural(w)),
+                Kind::Write,
+                IO as u64,
+                Ratio::Cost,
+                raw,
+            );
+            f.writers = w;
+            v.push(f);
+        }
     }
     v.extend([
         Figure::new(

@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 #![allow(clippy::expect_used, reason = "tests fail loudly")]
 
+mod common;
+
 use std::sync::Arc;
 
 use timezero::activity::format::{ExtentSpec, ReasonCode, SessionState};
@@ -21,15 +23,7 @@ const TGT_B: u64 = 4 * K;
 const NAMES: [&str; 3] = ["src", "tgta", "tgtb"];
 
 fn pattern(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::pattern(seed, usize::try_from(len).unwrap())
 }
 
 fn ext(s: u64, t: u64, l: u64) -> ExtentSpec {
