@@ -104,7 +104,7 @@ fn writers_copier_and_readers_on_one_session() {
 #[test]
 fn copier_pause_resume_rate_and_progress() {
     let dir = tempfile::tempdir().unwrap();
-    let size = 8usize << 20;
+    let size = 32usize << 20;
     std::fs::write(dir.path().join("src"), common::pattern(5, size)).unwrap();
     FileVolume::create(
         dir.path().join("tgt"),
@@ -140,18 +140,19 @@ fn copier_pause_resume_rate_and_progress() {
         paused_at.bytes_copied > 0,
         "copier made no progress before the pause"
     );
-    // 0.5 s at 4 MiB/s is about 2 MiB; allow generous slack for one batch of overshoot.
+    // About 0.6 s at 4 MiB/s before the pause took effect: ~2.4 MiB. Unthrottled, this machine
+    // copies the whole 32 MiB in well under that time; allow 2.5x slack for batches in flight.
     assert!(
-        paused_at.bytes_copied <= 2 * rate,
+        paused_at.bytes_copied <= 6 << 20,
         "rate limit not honoured: {}",
         paused_at.bytes_copied
     );
-    assert_eq!(still.grains_total, 128);
+    assert_eq!(still.grains_total, 512);
     assert!(!still.done);
     c.resume();
     let p = c.join().unwrap();
     assert!(p.done);
-    assert_eq!(p.grains_copied, 128);
+    assert_eq!(p.grains_copied, 512);
     assert_eq!(
         e.session(id).unwrap().state(),
         timezero::activity::format::SessionState::Completed
