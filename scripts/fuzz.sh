@@ -49,4 +49,4 @@ if ((${#failed[@]})); then
     echo "fuzz.sh: FAILED: ${failed[*]} (see fuzz/artifacts/)"
     exit 1
 fi
-echo "fuzz.sh: all ${#targets[@]} targets ran ${secs}s each without a crash"
+echo "fuzz.sh: all ${#targets[@]} targets ran (at most ${secs}s each${FUZZ_RUNS:+, run counts from FUZZ_RUNS=$FUZZ_RUNS}${FUZZ_SEED:+, seed $FUZZ_SEED}) without a crash"
