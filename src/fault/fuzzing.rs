@@ -467,6 +467,8 @@ pub fn check_op_script(data: &[u8]) {
         panic!("create failed without faults");
     };
     let mut ids: Vec<_> = vols.iter().map(|v| e.attach(v.clone())).collect();
+    // The online ordering checker watches every source write the engine issues.
+    world.enable_checker();
     let now = world.clock();
     world.set_faults(match mode {
         0 => Faults::default(),
@@ -542,6 +544,7 @@ pub fn check_op_script(data: &[u8]) {
                 let off = u64::from(r.u16()) % OP_VOLUME_BYTES as u64;
                 let len = (u64::from(r.u16()) % 20_000 + 1).min(OP_VOLUME_BYTES as u64 - off);
                 let data = fill(u64::from(r.u8()) + 100, len as usize);
+                world.note_user_write(&locators[vol], off, len);
                 let ok = e.write(ids[vol], off, &data).is_ok();
                 m.volume_write(vol, off, &data, ok);
             }
@@ -562,6 +565,15 @@ pub fn check_op_script(data: &[u8]) {
                 let (o, n) = (off as usize, len as usize);
                 if write {
                     let data = fill(u64::from(seed) + 1000, n);
+                    if let Ok(sess) = e.session(id) {
+                        for p in sess.map.image_pieces(off, len) {
+                            world.note_user_write(
+                                &sess.desc.target.locator,
+                                p.target_offset,
+                                p.len,
+                            );
+                        }
+                    }
                     if e.write_image(id, off, &data).is_ok() {
                         s.image[o..o + n].copy_from_slice(&data);
                         s.unknown[o..o + n].fill(false);
@@ -625,6 +637,8 @@ pub fn check_op_script(data: &[u8]) {
         }
     }
     check_all(&e, &mut m, &locators);
+    let v = world.violations();
+    assert!(v.is_empty(), "ordering checker: {v:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
