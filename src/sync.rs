@@ -19,6 +19,8 @@ struct State {
 pub struct GroupSync {
     state: Mutex<State>,
     cv: Condvar,
+    /// Mirror of `state.failed.is_some()`, read lock-free on every write.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl GroupSync {
@@ -58,6 +60,8 @@ impl GroupSync {
                 Ok(()) => st.completed = mine,
                 Err(e) => {
                     st.failed = Some(e.to_string());
+                    self.failed
+                        .store(true, std::sync::atomic::Ordering::Release);
                     self.cv.notify_all();
                     return Err(e);
                 }
@@ -70,7 +74,7 @@ impl GroupSync {
     /// True after a failed flush.
     #[must_use]
     pub fn is_failed(&self) -> bool {
-        self.state.lock().failed.is_some()
+        self.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Flushes completed so far.
