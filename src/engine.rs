@@ -561,9 +561,12 @@ impl Engine {
         src.flush()?;
         if let Err(e) = self.table.commit(vec![Entry::Establish(desc)]) {
             // The entry may have reached the table (a failed durability point says nothing
-            // either way): recovery may resume the session, so its source must not change
-            // without copy-before-write. Refuse source writes until the table is reopened.
+            // either way): recovery may resume the session, so neither its source (which would
+            // change without copy-before-write) nor its target (whose writes the resumed
+            // session's copier would overwrite, and its image would not show) may change.
+            // Refuse writes to both until the table is reopened and recovery decides.
             src.fenced.store(true, std::sync::atomic::Ordering::Release);
+            tgt.fenced.store(true, std::sync::atomic::Ordering::Release);
             return Err(e);
         }
         self.refresh_active();

@@ -269,4 +269,11 @@ fn failed_establish_fences_the_source() {
         matches!(w, Err(Error::Poisoned { .. })),
         "source write after a failed establish: {w:?}"
     );
+    // The target too: a resumed session's copier would overwrite the write, and its image would
+    // not show it (found by the op_script fuzz target).
+    let w = engine.write(ib, 0, &[3; 4096]);
+    assert!(
+        matches!(w, Err(Error::Poisoned { .. })),
+        "target write after a failed establish: {w:?}"
+    );
 }
