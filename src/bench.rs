@@ -826,30 +826,10 @@ fn print_table(
     .map_err(w)?;
     for f in figs {
         writeln!(out, "{}", f.name).map_err(w)?;
-        let mut lat = f.engine.lat_ns.clone();
-        lat.sort_unstable();
-        let p = if lat.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "  (p50 {:.1} us, p99 {:.1} us)",
-                percentile(&lat, 50.0) as f64 / 1e3,
-                percentile(&lat, 99.0) as f64 / 1e3
-            )
-        };
+        let p = latency_text(&f.engine.lat_ns);
         writeln!(out, "  engine: {}{p}", fmt_side(f.kind, &f.engine)).map_err(w)?;
         if f.ratio != Ratio::None {
-            let mut lat = f.raw.lat_ns.clone();
-            lat.sort_unstable();
-            let p = if lat.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "  (p50 {:.1} us, p99 {:.1} us)",
-                    percentile(&lat, 50.0) as f64 / 1e3,
-                    percentile(&lat, 99.0) as f64 / 1e3
-                )
-            };
+            let p = latency_text(&f.raw.lat_ns);
             let label = if f.kind == Kind::Copy && !direct {
                 "1MiB buffered copy (O_DIRECT refused)"
             } else {
@@ -991,6 +971,20 @@ fn print_json(
     });
     let s = serde_json::to_string_pretty(&v).map_err(|e| Error::invalid("json", e.to_string()))?;
     writeln!(out, "{s}").map_err(|e| Error::io("write", "stdout", 0, e))
+}
+
+/// "  (p50 X us, p99 Y us)" for a set of latencies in ns, empty when there are none.
+fn latency_text(lat_ns: &[u64]) -> String {
+    if lat_ns.is_empty() {
+        return String::new();
+    }
+    let mut lat = lat_ns.to_vec();
+    lat.sort_unstable();
+    format!(
+        "  (p50 {:.1} us, p99 {:.1} us)",
+        percentile(&lat, 50.0) as f64 / 1e3,
+        percentile(&lat, 99.0) as f64 / 1e3
+    )
 }
 
 #[cfg(test)]

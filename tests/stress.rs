@@ -17,15 +17,20 @@ use timezero::engine::{Engine, EngineOptions, SessionSpec};
 use timezero::ids::GrainSize;
 use timezero::volume::{FileVolume, FileVolumeOptions};
 
-#[test]
-fn writers_copier_and_readers_on_one_session() {
+/// A table, a source file holding `data` and an empty target file of the same size, attached.
+fn file_engine(
+    data: &[u8],
+) -> (
+    tempfile::TempDir,
+    Arc<Engine>,
+    timezero::ids::VolumeId,
+    timezero::ids::VolumeId,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let size = 16usize << 20;
-    let t0 = common::pattern(42, size);
-    std::fs::write(dir.path().join("src"), &t0).unwrap();
+    std::fs::write(dir.path().join("src"), data).unwrap();
     FileVolume::create(
         dir.path().join("tgt"),
-        size as u64,
+        data.len() as u64,
         &FileVolumeOptions::default(),
     )
     .unwrap();
@@ -33,6 +38,14 @@ fn writers_copier_and_readers_on_one_session() {
         Arc::new(Engine::create_path(&dir.path().join("table"), EngineOptions::default()).unwrap());
     let src = e.attach_path(&dir.path().join("src")).unwrap();
     let tgt = e.attach_path(&dir.path().join("tgt")).unwrap();
+    (dir, e, src, tgt)
+}
+
+#[test]
+fn writers_copier_and_readers_on_one_session() {
+    let size = 16usize << 20;
+    let t0 = common::pattern(42, size);
+    let (_dir, e, src, tgt) = file_engine(&t0);
     let id = e
         .establish(&SessionSpec {
             grain: GrainSize::new(16384).unwrap(),
@@ -103,19 +116,8 @@ fn writers_copier_and_readers_on_one_session() {
 /// copier near its budget (loosely: a shared machine); progress counts grains and bytes.
 #[test]
 fn copier_pause_resume_rate_and_progress() {
-    let dir = tempfile::tempdir().unwrap();
     let size = 32usize << 20;
-    std::fs::write(dir.path().join("src"), common::pattern(5, size)).unwrap();
-    FileVolume::create(
-        dir.path().join("tgt"),
-        size as u64,
-        &FileVolumeOptions::default(),
-    )
-    .unwrap();
-    let e =
-        Arc::new(Engine::create_path(&dir.path().join("table"), EngineOptions::default()).unwrap());
-    let src = e.attach_path(&dir.path().join("src")).unwrap();
-    let tgt = e.attach_path(&dir.path().join("tgt")).unwrap();
+    let (_dir, e, src, tgt) = file_engine(&common::pattern(5, size));
     let id = e.establish(&SessionSpec::whole(src, tgt)).unwrap();
     let rate = 4u64 << 20;
     let c = Copier::start(
