@@ -92,6 +92,14 @@ impl AtomicBitmap {
             .all(|(wi, mask)| self.words[wi].load(Ordering::Acquire) & mask == mask)
     }
 
+    /// How many bits in `start..start+count` are set (clipped to the bitmap).
+    #[must_use]
+    pub fn count_set(&self, start: u64, count: u64) -> u64 {
+        self.word_masks(start, count)
+            .map(|(wi, mask)| u64::from((self.words[wi].load(Ordering::Acquire) & mask).count_ones()))
+            .sum()
+    }
+
     /// Set bits `start..start+count`; returns how many were newly set.
     pub fn set_range(&self, start: u64, count: u64) -> u64 {
         self.word_masks(start, count)

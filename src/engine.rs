@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+use rustc_hash::FxHashMap;
 
 use crate::activity::format::{
     CopyMode, Entry, ExtentSpec, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef,
@@ -203,6 +204,15 @@ impl VolumeHandle {
     }
 }
 
+/// Issue a write to a volume whose covering sessions were checked (bits set, or extents or
+/// sessions ended). The fence orders those checks, and the bit stores of a copy-before-write,
+/// before the write; it pairs with the fence in `Engine::read_piece`, whose lock-free reads of
+/// uncopied source grains re-check the bits after reading.
+fn release_write(h: &VolumeHandle, data: &[u8], offset: u64) -> Result<()> {
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    h.write_retry(data, offset)
+}
+
 fn retry(mut f: impl FnMut() -> Result<()>) -> Result<()> {
     let mut last = None;
     for _ in 0..crate::limits::DATA_IO_RETRIES_MAX {
@@ -299,7 +309,7 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Engine {
     table: Table,
-    volumes: RwLock<HashMap<VolumeId, Arc<VolumeHandle>>>,
+    volumes: RwLock<FxHashMap<VolumeId, Arc<VolumeHandle>>>,
     active: RwLock<Arc<Vec<Arc<Session>>>>,
     options: EngineOptions,
     /// Copy-before-write writes in progress (the background copier yields to them).
@@ -372,7 +382,7 @@ impl Engine {
     fn from_table(table: Table, open_report: OpenReport, options: EngineOptions) -> Engine {
         let e = Engine {
             table,
-            volumes: RwLock::new(HashMap::new()),
+            volumes: RwLock::new(FxHashMap::default()),
             active: RwLock::new(Arc::new(Vec::new())),
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
@@ -823,7 +833,7 @@ impl Engine {
             }
         }
         if work.is_empty() {
-            return h.write_retry(data, offset);
+            return release_write(&h, data, offset);
         }
         let _busy = InflightGuard::new(&self.cow_inflight);
         work.sort_by_key(|(s, g0, _)| (s.id(), *g0));
@@ -856,11 +866,11 @@ impl Engine {
                             )?;
                         }
                     }
-                    return h.write_retry(data, offset);
+                    return release_write(&h, data, offset);
                 }
             }
         }
-        let r = h.write_retry(data, offset);
+        let r = release_write(&h, data, offset);
         drop(guards);
         r
     }
@@ -984,13 +994,61 @@ impl Engine {
             });
         }
         check_range(offset, buf.len() as u64, s.map.image_len(), "session image")?;
-        let tgt = self.handle(s.desc.target.id)?;
         let completed = state == SessionState::Completed;
-        let src = if completed {
-            tgt.clone()
-        } else {
-            self.handle(s.desc.source.id)?
+        let get = |vols: &FxHashMap<VolumeId, Arc<VolumeHandle>>, v: VolumeId| {
+            vols.get(&v)
+                .cloned()
+                .ok_or_else(|| Error::UnknownVolume(v.to_string()))
         };
+        // Fast path: lock-free reads under the volume map's read guard (no handle reference
+        // counting; nothing is waited for while the guard is held). Returns false when a
+        // piece must be read again under its grain lock.
+        {
+            let vols = self.volumes.read();
+            let unknown = |v: VolumeId| Error::UnknownVolume(v.to_string());
+            let tgt = vols.get(&s.desc.target.id).ok_or_else(|| unknown(s.desc.target.id))?;
+            let src = if completed {
+                tgt
+            } else {
+                vols.get(&s.desc.source.id)
+                    .ok_or_else(|| unknown(s.desc.source.id))?
+            };
+            if self.read_pieces(&s, src, tgt, completed, offset, buf, false)? {
+                return Ok(());
+            }
+        }
+        // Slow path, taken when a copy-before-write raced a lock-free read: the grain locks
+        // exclude copy-before-write, and no map guard is held while waiting for them.
+        let (src, tgt) = {
+            let vols = self.volumes.read();
+            let tgt = get(&vols, s.desc.target.id)?;
+            let src = if completed {
+                Arc::clone(&tgt)
+            } else {
+                get(&vols, s.desc.source.id)?
+            };
+            (src, tgt)
+        };
+        self.read_pieces(&s, &src, &tgt, completed, offset, buf, true)
+            .map(|_| ())
+    }
+
+    /// Read the image range `offset..offset+buf.len()` piece by piece. Copied pieces come from
+    /// the target without a lock (copied grains never go back to uncopied). For the others:
+    /// without `locked`, read lock-free and return false as soon as a piece may have changed
+    /// under the read; with `locked`, hold the piece's grain lock while reading it.
+    #[allow(clippy::too_many_arguments, reason = "one private helper of read_image")]
+    fn read_pieces(
+        &self,
+        s: &Session,
+        src: &VolumeHandle,
+        tgt: &VolumeHandle,
+        completed: bool,
+        offset: u64,
+        buf: &mut [u8],
+        locked: bool,
+    ) -> Result<bool> {
+        let id = s.id();
         for p in s.map.image_pieces(offset, buf.len() as u64) {
             if let Some(r) = s.extent_end(p.extent) {
                 return Err(Error::ExtentTerminated {
@@ -1005,33 +1063,72 @@ impl Engine {
             let out = &mut buf[bo..bo + bl];
             let (g0, g1) = s.map.grains_of(&p);
             if completed || s.bits().all_set(g0, g1 - g0) {
-                // Copied grains never go back to uncopied: no lock needed.
                 tgt.read_retry(out, p.target_offset)?;
                 continue;
             }
-            let _g = s.locks.lock(g0, g1);
-            let gb = s.map.grain_bytes();
-            let mut g = g0;
-            while g < g1 {
-                let copied = s.bits().get(g);
-                let start = g;
-                while g < g1 && s.bits().get(g) == copied {
-                    g += 1;
-                }
-                let lo = (start * gb).max(p.image_offset);
-                let hi = (g * gb).min(p.image_offset + p.len);
-                let o = usize::try_from(lo - p.image_offset)
-                    .map_err(|_| Error::invalid("read", "offset"))?;
-                let l = usize::try_from(hi - lo).map_err(|_| Error::invalid("read", "len"))?;
-                let delta = lo - p.image_offset;
-                if copied {
-                    tgt.read_retry(&mut out[o..o + l], p.target_offset + delta)?;
-                } else {
-                    src.read_retry(&mut out[o..o + l], p.source_offset + delta)?;
-                }
+            // A source write is released only after its grains' bits are set in memory (or,
+            // for an ended extent or session, after the end is recorded), so bits still clear
+            // and the extent still live after a lock-free read mean the source bytes read were
+            // T0 bytes.
+            if locked {
+                let _g = s.locks.lock(g0, g1);
+                self.read_piece(s, &p, out, src, tgt, true)?;
+            } else if !self.read_piece(s, &p, out, src, tgt, false)? {
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Read one image piece grain run by grain run (copied runs from the target, the others
+    /// from the source). Without `locked`, returns false when a run read from the source may
+    /// have changed under the read (its grains got copied, or the extent or session ended).
+    fn read_piece(
+        &self,
+        s: &Session,
+        p: &Piece,
+        out: &mut [u8],
+        src: &VolumeHandle,
+        tgt: &VolumeHandle,
+        locked: bool,
+    ) -> Result<bool> {
+        let (g0, g1) = s.map.grains_of(p);
+        let gb = s.map.grain_bytes();
+        let mut from_source = false;
+        let mut copied_seen = 0u64;
+        let mut g = g0;
+        while g < g1 {
+            let copied = s.bits().get(g);
+            let start = g;
+            while g < g1 && s.bits().get(g) == copied {
+                g += 1;
+            }
+            let lo = (start * gb).max(p.image_offset);
+            let hi = (g * gb).min(p.image_offset + p.len);
+            let o = usize::try_from(lo - p.image_offset)
+                .map_err(|_| Error::invalid("read", "offset"))?;
+            let l = usize::try_from(hi - lo).map_err(|_| Error::invalid("read", "len"))?;
+            let delta = lo - p.image_offset;
+            if copied {
+                copied_seen += g - start;
+                tgt.read_retry(&mut out[o..o + l], p.target_offset + delta)?;
+            } else {
+                src.read_retry(&mut out[o..o + l], p.source_offset + delta)?;
+                from_source = true;
+            }
+        }
+        if locked || !from_source {
+            return Ok(true);
+        }
+        // Pairs with the fence before every source write in `Engine::write`: the source bytes
+        // above were read before the bits, extent end and state below.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if s.extent_end(p.extent).is_some() || s.state() != SessionState::Active {
+            return Ok(false);
+        }
+        // Bits only go from clear to set: as many set now as were found set above means that
+        // no grain read from the source was copied meanwhile.
+        Ok(s.bits().count_set(g0, g1 - g0) == copied_seen)
     }
 
     /// Write to a session's image (target-write semantics: the grains leave the relationship).
@@ -1439,10 +1536,9 @@ fn live_extents_copied(s: &Session) -> bool {
     let st = s.status();
     s.map
         .image_pieces(0, s.map.image_len())
-        .iter()
         .filter(|p| st.ended.get(p.extent).is_some_and(Option::is_none))
         .all(|p| {
-            let (g0, g1) = s.map.grains_of(p);
+            let (g0, g1) = s.map.grains_of(&p);
             s.bits().all_set(g0, g1 - g0)
         })
 }

@@ -7,7 +7,9 @@
 //!   the target and commit the bit while holding the lock; then write the source; unlock;
 //! - background copier: `try_hold` the grain; if the bit is still clear, copy source to target
 //!   and commit the bit while still holding; release (`Engine::copy_data` + `commit_copied`);
-//! - image reader: if the bit is set read the target, else lock and read the source;
+//! - image reader (`Engine::read_image`): if the bit is set read the target; else read the
+//!   source without the lock and re-check the bit afterwards: still clear, the value stands;
+//!   set meanwhile, read again under the lock (bit set: target, else source);
 //! - target writer: lock; complete the grain (copy source to target when the bit is clear); set
 //!   the bit; write the target; unlock.
 //!
@@ -25,6 +27,8 @@
 //! target before it records the bit): what the target holds durably is what matters, and a copy
 //! in flight must stay under the grain hold until then. The negative control releases the hold
 //! before that step (the bug fixed in `Engine::copy_data`/`commit_copied`) and must be caught.
+//! A second negative control drops the image reader's re-check after its lock-free source read
+//! and must be caught too.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
 
@@ -147,20 +151,34 @@ fn copier(g: &Grain, buggy: bool) {
     }
 }
 
+/// How the image reader reads an uncopied grain.
+#[derive(Clone, Copy, PartialEq)]
+enum Reader {
+    /// The engine's: lock-free source read, then re-check the bit; fall back to the lock.
+    Optimistic,
+    /// Negative control: lock-free source read trusted without a re-check.
+    NoRecheck,
+}
+
 /// Image reader: the value it read, checked against T0 / the target write.
-fn image_reader(g: &Grain) {
+fn image_reader(g: &Grain, mode: Reader) {
     let tw_before = g.target_write_started.load(Ordering::SeqCst);
     let v = if g.bit.load(Ordering::SeqCst) {
         g.target.load(Ordering::SeqCst)
     } else {
-        g.lock.lock();
-        let v = if g.bit.load(Ordering::SeqCst) {
-            g.target.load(Ordering::SeqCst)
+        let v = g.read_source();
+        if mode == Reader::NoRecheck || !g.bit.load(Ordering::SeqCst) {
+            v
         } else {
-            g.read_source()
-        };
-        g.lock.release();
-        v
+            g.lock.lock();
+            let v = if g.bit.load(Ordering::SeqCst) {
+                g.target.load(Ordering::SeqCst)
+            } else {
+                g.read_source()
+            };
+            g.lock.release();
+            v
+        }
     };
     let tw_after = g.target_write_started.load(Ordering::SeqCst);
     let ok = v == T0 || (v == TW && (tw_before || tw_after));
@@ -201,7 +219,7 @@ fn final_check(g: &Grain) {
 }
 
 /// One execution: all four actors (two copiers) race on one grain.
-fn scenario(buggy: bool) {
+fn scenario(buggy: bool, reader: Reader) {
     let g = Arc::new(Grain::new());
     let mut hs = Vec::new();
     for actor in 0..5 {
@@ -209,19 +227,19 @@ fn scenario(buggy: bool) {
         hs.push(thread::spawn(move || match actor {
             0 => source_writer(&g),
             1 | 2 => copier(&g, buggy),
-            3 => image_reader(&g),
+            3 => image_reader(&g, reader),
             _ => target_writer(&g),
         }));
     }
     for h in hs {
         h.join().unwrap();
     }
-    image_reader(&g);
+    image_reader(&g, reader);
     final_check(&g);
 }
 
 /// Without the target writer: the image must be exactly T0 at the end, whatever ran.
-fn scenario_no_target_write(buggy: bool) {
+fn scenario_no_target_write(buggy: bool, reader: Reader) {
     let g = Arc::new(Grain::new());
     let mut hs = Vec::new();
     for actor in 0..4 {
@@ -229,13 +247,13 @@ fn scenario_no_target_write(buggy: bool) {
         hs.push(thread::spawn(move || match actor {
             0 => source_writer(&g),
             1 | 2 => copier(&g, buggy),
-            _ => image_reader(&g),
+            _ => image_reader(&g, reader),
         }));
     }
     for h in hs {
         h.join().unwrap();
     }
-    image_reader(&g);
+    image_reader(&g, reader);
     final_check(&g);
 }
 
@@ -243,9 +261,12 @@ const ITERATIONS: usize = 3000;
 
 #[test]
 fn per_grain_protocol_holds() {
-    shuttle::check_random(|| scenario(false), ITERATIONS);
-    shuttle::check_random(|| scenario_no_target_write(false), ITERATIONS);
-    shuttle::check_pct(|| scenario(false), ITERATIONS, 3);
+    shuttle::check_random(|| scenario(false, Reader::Optimistic), ITERATIONS);
+    shuttle::check_random(
+        || scenario_no_target_write(false, Reader::Optimistic),
+        ITERATIONS,
+    );
+    shuttle::check_pct(|| scenario(false, Reader::Optimistic), ITERATIONS, 3);
     println!(
         "per-grain protocol: {} random + {ITERATIONS} PCT schedules, no violation",
         2 * ITERATIONS
@@ -257,7 +278,21 @@ fn per_grain_protocol_holds() {
 #[test]
 fn early_release_is_caught() {
     let r = std::panic::catch_unwind(|| {
-        shuttle::check_random(|| scenario(true), ITERATIONS);
+        shuttle::check_random(|| scenario(true, Reader::Optimistic), ITERATIONS);
     });
     assert!(r.is_err(), "the checker missed the early-release bug");
+}
+
+/// Negative control: an image reader that trusts a lock-free source read without re-checking
+/// the bit must be caught (a copy-before-write between its bit test and its read hands it the
+/// new source bytes).
+#[test]
+fn lock_free_read_without_recheck_is_caught() {
+    let r = std::panic::catch_unwind(|| {
+        shuttle::check_random(
+            || scenario_no_target_write(false, Reader::NoRecheck),
+            ITERATIONS,
+        );
+    });
+    assert!(r.is_err(), "the checker missed the unchecked lock-free read");
 }

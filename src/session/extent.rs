@@ -73,14 +73,15 @@ impl ExtentMap {
         self.ext.is_empty()
     }
 
-    /// Pieces of the image range `off..off+len` (caller checked the range).
+    /// Pieces of the image range `off..off+len` (caller checked the range), in image order;
+    /// allocates nothing.
     #[must_use]
-    pub fn image_pieces(&self, off: u64, len: u64) -> Vec<Piece> {
+    pub fn image_pieces(&self, off: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
         let end = off + len;
         self.ext
             .iter()
             .enumerate()
-            .filter_map(|(i, &(io, so, to, l))| {
+            .filter_map(move |(i, &(io, so, to, l))| {
                 let s = off.max(io);
                 let e = end.min(io + l);
                 (s < e).then(|| Piece {
@@ -91,17 +92,16 @@ impl ExtentMap {
                     len: e - s,
                 })
             })
-            .collect()
     }
 
     /// Pieces of the source-volume range `off..off+len` covered by the session.
     #[must_use]
-    pub fn source_pieces(&self, off: u64, len: u64) -> Vec<Piece> {
+    pub fn source_pieces(&self, off: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
         let end = off.saturating_add(len);
         self.ext
             .iter()
             .enumerate()
-            .filter_map(|(i, &(io, so, to, l))| {
+            .filter_map(move |(i, &(io, so, to, l))| {
                 let s = off.max(so);
                 let e = end.min(so + l);
                 (s < e).then(|| Piece {
@@ -112,17 +112,16 @@ impl ExtentMap {
                     len: e - s,
                 })
             })
-            .collect()
     }
 
     /// Pieces of the target-volume range `off..off+len` covered by the session.
     #[must_use]
-    pub fn target_pieces(&self, off: u64, len: u64) -> Vec<Piece> {
+    pub fn target_pieces(&self, off: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
         let end = off.saturating_add(len);
         self.ext
             .iter()
             .enumerate()
-            .filter_map(|(i, &(io, so, to, l))| {
+            .filter_map(move |(i, &(io, so, to, l))| {
                 let s = off.max(to);
                 let e = end.min(to + l);
                 (s < e).then(|| Piece {
@@ -133,7 +132,6 @@ impl ExtentMap {
                     len: e - s,
                 })
             })
-            .collect()
     }
 
     /// Grain range (first, end) covering the image bytes of a piece.
@@ -149,8 +147,11 @@ impl ExtentMap {
     pub fn grain_piece(&self, g0: u64, g1: u64) -> Option<Piece> {
         let off = g0 << self.shift;
         let len = (g1 - g0) << self.shift;
-        let p = self.image_pieces(off, len);
-        (p.len() == 1 && p[0].len == len).then(|| p[0])
+        let mut it = self.image_pieces(off, len);
+        match (it.next(), it.next()) {
+            (Some(p), None) if p.len == len => Some(p),
+            _ => None,
+        }
     }
 
     /// Extent index holding image grain `g`, with the end grain of that extent.
