@@ -2,7 +2,8 @@
 # Side-by-side with QEMU, interleaved round by round (see docs/design anchors):
 #  1. qemu-img bench of 4 KiB first writes (64 KiB stride) through the copy-before-write filter
 #     vs the same bench on the raw file;
-#  2. qemu-img convert -t none -T none vs `timezero copy` of the same image.
+#  2. qemu-img convert -n -t none -T none vs `timezero copy` of the same image, both into a
+#     preallocated zero-filled target.
 # Usage: scripts/qemu-compare.sh [DIR]   (env: SIZE_MIB=512 ROUNDS=3 DEPTH=32 TIMEZERO=path
 #                                          TZ_FLAGS="--direct" for O_DIRECT engine volumes)
 # The NBD read comparison (qemu-img convert from `timezero serve`) is scripts/nbd-compare.sh.
@@ -54,12 +55,22 @@ for r in $(seq 1 "$ROUNDS"); do
 
     # Copy of the same image: qemu-img convert (O_DIRECT both sides) vs timezero copy.
     sync
-    run_conv() { rm -f "$OUT"; local t0; t0=$(now); qemu-img convert -t none -T none -f raw -O raw "$SRC" "$OUT"; sync; echo "$(now) - $t0" | bc -l; }
+    # Both sides write into a preallocated, zero-filled target (as a block device would be),
+    # prepared and synced before the clock starts, so that neither pays for block allocation
+    # nor competes with the write-back of the other's preparation.
+    settle() { sync; sleep 2; }
+    run_conv() {
+        zero "$OUT"; settle
+        local t0; t0=$(now); qemu-img convert -n -t none -T none -f raw -O raw "$SRC" "$OUT"; sync; echo "$(now) - $t0" | bc -l
+    }
     run_tz() {
         zero "$TGT"; rm -f "$TAB" "$TAB.holder"
         "$TZ_BIN" init "$TAB" >/dev/null
         "$TZ_BIN" establish "$TAB" "$SRC" "$TGT" >/dev/null
-        local t0; t0=$(now); "$TZ_BIN" "${TZ_FLAGS[@]}" copy "$TAB" >/dev/null 2>&1; echo "$(now) - $t0" | bc -l
+        settle
+        local t0 t1; t0=$(now); "$TZ_BIN" "${TZ_FLAGS[@]}" copy "$TAB" >/dev/null 2>&1; t1=$(now)
+        cmp -s "$SRC" "$TGT" || { echo "qemu-compare: the timezero copy differs from the source" >&2; return 1; }
+        echo "$t1 - $t0" | bc -l
     }
     if [ $((r % 2)) -eq 1 ]; then qc=$(run_conv); tc=$(run_tz); else tc=$(run_tz); qc=$(run_conv); fi
     ratio=$(echo "$qc / $tc" | bc -l)

@@ -23,6 +23,10 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 const IO: usize = 4096;
 const GRAIN: u64 = 64 * KIB;
+/// Size of the stand-in journal of the rule-2 floor (records written round-robin).
+const JOURNAL_BYTES: u64 = 16 * MIB;
+/// One record of the rule-2 floor: a 512-byte sector.
+const RECORD: usize = 512;
 const COPY_CHUNK: usize = 1 << 20;
 const DIRECT_ALIGN: usize = 4096;
 
@@ -150,6 +154,8 @@ struct Files {
     raw: PathBuf,
     raw_tgt: PathBuf,
     raw_copy: PathBuf,
+    /// A preallocated file standing for a journal in the rule-2 floor.
+    raw_journal: PathBuf,
     table: PathBuf,
 }
 
@@ -218,6 +224,7 @@ impl Files {
             raw: dir.join("raw.img"),
             raw_tgt: dir.join("raw-tgt.img"),
             raw_copy: dir.join("raw-copy.img"),
+            raw_journal: dir.join("raw-journal.img"),
             table: dir.join("table.tz"),
             dir,
             _tmp: tmp,
@@ -227,6 +234,7 @@ impl Files {
         fill_file(&f.raw, opts.size, 2)?;
         fill_file(&f.raw_tgt, opts.size, 0)?;
         fill_file(&f.raw_copy, opts.size, 0)?;
+        fill_file(&f.raw_journal, JOURNAL_BYTES, 0)?;
         Ok(f)
     }
 }
@@ -371,17 +379,20 @@ impl Layout {
     fn floor(self) -> usize {
         2 * self.n
     }
-    fn read_uncopied(self) -> usize {
+    fn floor_rule2(self) -> usize {
         2 * self.n + 1
     }
-    fn read_copied(self) -> usize {
+    fn read_uncopied(self) -> usize {
         2 * self.n + 2
     }
-    fn copy(self) -> usize {
+    fn read_copied(self) -> usize {
         2 * self.n + 3
     }
-    fn recovery(self) -> usize {
+    fn copy(self) -> usize {
         2 * self.n + 4
+    }
+    fn recovery(self) -> usize {
+        2 * self.n + 5
     }
 }
 
@@ -418,6 +429,13 @@ fn figures(writers: &[usize]) -> Vec<Figure> {
             IO as u64,
             Ratio::Cost,
             "floor: rd64K+wr64K+sync+wr4K+sync",
+        ),
+        Figure::new(
+            "first write 4KiB + flush, 1 writer, vs rule-2 floor",
+            Kind::Write,
+            IO as u64,
+            Ratio::Cost,
+            "floor: rd64K+wr64K+sync+wr512+sync+wr4K+sync",
         ),
         Figure::new(
             "image read 4KiB, uncopied grains",
@@ -647,19 +665,37 @@ fn one_round(
             .and_then(|()| raw.sync_data())
             .map_err(|e| io_err("floor", &f.raw, e))
     };
+    // The floor of a rule-2 copy-before-write (crash model): the target's durability point,
+    // then a record and the table's durability point, before the source write.
+    let journal = open_rw(&f.raw_journal)?;
+    let floor2 = |i: usize, b: &mut [u8]| {
+        let off = i as u64 * GRAIN;
+        let rec = (i * RECORD) as u64 % JOURNAL_BYTES;
+        let mut g = vec![0u8; GRAIN as usize];
+        raw.read_exact_at(&mut g, off)
+            .and_then(|()| raw_tgt.write_all_at(&g, off))
+            .and_then(|()| raw_tgt.sync_data())
+            .and_then(|()| journal.write_all_at(&g[..RECORD], rec))
+            .and_then(|()| journal.sync_data())
+            .and_then(|()| raw.write_all_at(b, off))
+            .and_then(|()| raw.sync_data())
+            .map_err(|e| io_err("floor", &f.raw, e))
+    };
     let e1 = run_ops(1, c.first_1, first(0));
-    let (r1, fl) = if raw_first {
+    let (r1, fl, fl2) = if raw_first {
         let fl = run_ops(1, c.first_1, floor)?;
-        (run_ops(1, c.first_1, raw_sync(0))?, fl)
+        let fl2 = run_ops(1, c.first_1, floor2)?;
+        (run_ops(1, c.first_1, raw_sync(0))?, fl, fl2)
     } else {
-        (
-            run_ops(1, c.first_1, raw_sync(0))?,
-            run_ops(1, c.first_1, floor)?,
-        )
+        let r1 = run_ops(1, c.first_1, raw_sync(0))?;
+        let fl2 = run_ops(1, c.first_1, floor2)?;
+        (r1, run_ops(1, c.first_1, floor)?, fl2)
     };
     let e1 = e1?;
     record(&mut figs[lay.floor()].engine, e1.clone());
     record(&mut figs[lay.floor()].raw, fl);
+    record(&mut figs[lay.floor_rule2()].engine, e1.clone());
+    record(&mut figs[lay.floor_rule2()].raw, fl2);
     let mut base = c.first_1;
     for (k, &w) in opts.writers.iter().enumerate() {
         if w == 1 {

@@ -96,7 +96,9 @@ impl AtomicBitmap {
     #[must_use]
     pub fn count_set(&self, start: u64, count: u64) -> u64 {
         self.word_masks(start, count)
-            .map(|(wi, mask)| u64::from((self.words[wi].load(Ordering::Acquire) & mask).count_ones()))
+            .map(|(wi, mask)| {
+                u64::from((self.words[wi].load(Ordering::Acquire) & mask).count_ones())
+            })
             .sum()
     }
 

@@ -275,36 +275,33 @@ fn worker(engine: &Engine, sh: &Shared) {
                 continue;
             }
         }
-        let from = {
-            let mut c = sh.cursors.lock();
-            let cur = c.entry(id).or_insert(0);
-            let f = *cur;
-            *cur = f + batch;
-            f
-        };
-        // Several batches share one target flush and one table commit.
-        let mut runs = Vec::new();
-        let mut next_from = from;
-        let mut result = Ok(Some(()));
+        // Several batches share one target flush and one table commit: reserve a span of that
+        // many bytes for this worker, so that workers copy disjoint ranges.
         let commit_bytes = match sh.opts.rate_bytes_per_s {
             Some(r) => sh.opts.commit_bytes.min(r / 10).max(batch * grain),
             None => sh.opts.commit_bytes.max(batch * grain),
         };
-        let mut moved = 0u64;
-        while moved < commit_bytes && !sh.stop.load(Ordering::Acquire) {
-            match engine.copy_data(id, next_from, batch) {
+        let span = (commit_bytes / grain).max(batch);
+        let from = {
+            let mut c = sh.cursors.lock();
+            let cur = c.entry(id).or_insert(0);
+            let f = *cur;
+            *cur = f + span;
+            f
+        };
+        let end = from.saturating_add(span);
+        let mut runs = Vec::new();
+        let mut next_from = from;
+        let mut result = Ok(Some(()));
+        while next_from < end && !sh.stop.load(Ordering::Acquire) {
+            match engine.copy_data(id, next_from, batch.min(end - next_from)) {
                 Ok(Some((next, run))) => {
-                    let got = run.is_some();
                     if let Some(h) = run {
                         let (g0, g1) = h.range();
                         sh.bytes.fetch_add((g1 - g0) * grain, Ordering::Relaxed);
-                        moved += (g1 - g0) * grain;
                         runs.push(h);
                     }
                     next_from = next;
-                    if !got {
-                        break;
-                    }
                 }
                 Ok(None) => {
                     result = Ok(None);

@@ -204,6 +204,12 @@ impl VolumeHandle {
     }
 }
 
+thread_local! {
+    /// The background copy's data buffer, one per thread (see [`Engine::copy_data`]).
+    static COPY_BUF: std::cell::RefCell<crate::volume::AlignedBuf> =
+        std::cell::RefCell::new(crate::volume::AlignedBuf::new(0));
+}
+
 /// Issue a write to a volume whose covering sessions were checked (bits set, or extents or
 /// sessions ended). The fence orders those checks, and the bit stores of a copy-before-write,
 /// before the write; it pairs with the fence in `Engine::read_piece`, whose lock-free reads of
@@ -939,9 +945,11 @@ impl Engine {
         let mut bufs = Vec::with_capacity(merged.len());
         for (v, s, e) in &merged {
             let h = self.handle(*v)?;
-            let mut b =
-                vec![0u8; usize::try_from(e - s).map_err(|_| Error::invalid("copy", "too large"))?];
-            h.read_retry(&mut b, *s)?;
+            // Aligned, so that O_DIRECT volumes read into it without a bounce copy.
+            let mut b = crate::volume::AlignedBuf::new(
+                usize::try_from(e - s).map_err(|_| Error::invalid("copy", "too large"))?,
+            );
+            h.read_retry(b.get_mut(), *s)?;
             bufs.push(b);
         }
         let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
@@ -959,7 +967,7 @@ impl Engine {
                 .map_err(|_| Error::invalid("copy", "offset"))?;
             let len = usize::try_from(r.p.len).map_err(|_| Error::invalid("copy", "len"))?;
             let th = self.handle(r.s.desc.target.id)?;
-            th.write_retry(&bufs[i][off..off + len], r.p.target_offset)?;
+            th.write_retry(&bufs[i].get()[off..off + len], r.p.target_offset)?;
             if !targets.iter().any(|t| t.info.id == th.info.id) {
                 targets.push(th);
             }
@@ -1006,7 +1014,9 @@ impl Engine {
         {
             let vols = self.volumes.read();
             let unknown = |v: VolumeId| Error::UnknownVolume(v.to_string());
-            let tgt = vols.get(&s.desc.target.id).ok_or_else(|| unknown(s.desc.target.id))?;
+            let tgt = vols
+                .get(&s.desc.target.id)
+                .ok_or_else(|| unknown(s.desc.target.id))?;
             let src = if completed {
                 tgt
             } else {
@@ -1037,7 +1047,10 @@ impl Engine {
     /// the target without a lock (copied grains never go back to uncopied). For the others:
     /// without `locked`, read lock-free and return false as soon as a piece may have changed
     /// under the read; with `locked`, hold the piece's grain lock while reading it.
-    #[allow(clippy::too_many_arguments, reason = "one private helper of read_image")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one private helper of read_image"
+    )]
     fn read_pieces(
         &self,
         s: &Session,
@@ -1253,9 +1266,15 @@ impl Engine {
             .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
         let src = self.handle(s.desc.source.id)?;
         let tgt = self.handle(s.desc.target.id)?;
-        let mut buf = vec![0u8; usize::try_from(p.len).map_err(|_| Error::invalid("copy", "len"))?];
-        src.read_retry(&mut buf, p.source_offset)?;
-        tgt.write_retry(&buf, p.target_offset)?;
+        let len = usize::try_from(p.len).map_err(|_| Error::invalid("copy", "len"))?;
+        COPY_BUF.with(|b| {
+            // One aligned buffer per copying thread, reused: no allocation per batch, and no
+            // bounce copy for O_DIRECT volumes.
+            let mut b = b.borrow_mut();
+            b.resize(len);
+            src.read_retry(b.get_mut(), p.source_offset)?;
+            tgt.write_retry(b.get(), p.target_offset)
+        })?;
         Ok(Some((g + run, Some(hold))))
     }
 

@@ -114,7 +114,15 @@ fn sigkill_during_writes_and_copy_then_resume() {
             "round {round}: s2 image"
         );
     }
-    let out = ok(&["copy", p(&table), "s1"]);
+    let out = ok(&[
+        "copy",
+        p(&table),
+        "s1",
+        "--batch",
+        "256KiB",
+        "--threads",
+        "3",
+    ]);
     assert!(out.contains("s1 completed"), "{out}");
     ok(&["export", p(&table), "s1", p(&d.join("out"))]);
     assert!(std::fs::read(d.join("out")).unwrap() == t0);
@@ -183,6 +191,7 @@ fn cli_errors_are_one_line_and_typed() {
             "aligned",
         ),
         (vec!["withdraw", p(&table), "s9"], "unknown session"),
+        (vec!["copy", p(&table), "--batch", "8MiB"], "batch"),
         (
             vec![
                 "establish",

@@ -294,5 +294,8 @@ fn lock_free_read_without_recheck_is_caught() {
             ITERATIONS,
         );
     });
-    assert!(r.is_err(), "the checker missed the unchecked lock-free read");
+    assert!(
+        r.is_err(),
+        "the checker missed the unchecked lock-free read"
+    );
 }

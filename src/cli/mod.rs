@@ -116,6 +116,9 @@ pub enum Command {
         /// Worker threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Bytes per copy request (e.g. 4MiB; at most 4 MiB) [default: 1MiB].
+        #[arg(long, value_parser = size_arg)]
+        batch: Option<u64>,
         /// Convert the session to copy mode first if it is a no-copy session.
         #[arg(long)]
         convert: bool,
@@ -354,6 +357,9 @@ pub enum Remote {
         rate: Option<u64>,
         /// Threads.
         threads: usize,
+        /// Bytes per copy request.
+        #[serde(default)]
+        batch: Option<u64>,
         /// Convert first.
         convert: bool,
     },
@@ -418,6 +424,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
             session,
             rate,
             threads,
+            batch,
             convert,
         } => {
             let session = session.map(SessionId);
@@ -443,12 +450,15 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
                     ));
                 }
             }
-            let opts = CopierOptions {
+            let mut opts = CopierOptions {
                 threads: *threads,
                 rate_bytes_per_s: *rate,
                 sessions: session.into_iter().collect(),
                 ..CopierOptions::default()
             };
+            if let Some(b) = batch {
+                opts.batch_bytes = *b;
+            }
             let c = Copier::start(e.clone(), opts)?;
             let tty = progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
             let mut last = std::time::Instant::now();
@@ -652,6 +662,7 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             session,
             rate,
             threads,
+            batch,
             convert,
         } => local_or_remote(
             &table,
@@ -659,6 +670,7 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
                 session: session.map(|s| s.0),
                 rate,
                 threads,
+                batch,
                 convert,
             },
             io,

@@ -75,7 +75,6 @@ impl ExtentMap {
 
     /// Pieces of the image range `off..off+len` (caller checked the range), in image order;
     /// allocates nothing.
-    #[must_use]
     pub fn image_pieces(&self, off: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
         let end = off + len;
         self.ext
@@ -95,7 +94,6 @@ impl ExtentMap {
     }
 
     /// Pieces of the source-volume range `off..off+len` covered by the session.
-    #[must_use]
     pub fn source_pieces(&self, off: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
         let end = off.saturating_add(len);
         self.ext
@@ -115,7 +113,6 @@ impl ExtentMap {
     }
 
     /// Pieces of the target-volume range `off..off+len` covered by the session.
-    #[must_use]
     pub fn target_pieces(&self, off: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
         let end = off.saturating_add(len);
         self.ext

@@ -18,6 +18,15 @@ impl AlignedBuf {
         let start = raw.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
         AlignedBuf { raw, start, len }
     }
+    /// Make the buffer `len` bytes long, reusing its allocation when it is large enough (the
+    /// contents are unspecified afterwards).
+    pub(crate) fn resize(&mut self, len: usize) {
+        if self.raw.len() - self.start >= len {
+            self.len = len;
+        } else {
+            *self = AlignedBuf::new(len);
+        }
+    }
     /// The aligned bytes.
     pub(crate) fn get(&self) -> &[u8] {
         &self.raw[self.start..self.start + self.len]

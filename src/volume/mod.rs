@@ -7,6 +7,7 @@
 //! failure, fault injection, ordering checks) wraps a `Volume` and is itself a `Volume`.
 
 mod aligned;
+pub(crate) use aligned::AlignedBuf;
 mod file;
 mod mem;
 // The io_uring backend is the one place that needs `unsafe` (see docs/unsafe.md).
