@@ -622,7 +622,9 @@ fn one_round(
     let src_file = File::open(&f.src).map_err(|e| io_err("open", &f.src, e))?;
 
     // (c) image reads of uncopied grains.
-    let eng_read = |i: usize, b: &mut [u8]| e.read_image(id, rand_off(i, size, salt), b);
+    // The image opened once, as the raw side opens its file once.
+    let img = e.image(id)?;
+    let eng_read = |i: usize, b: &mut [u8]| img.read_at(rand_off(i, size, salt), b);
     let raw_read = |i: usize, b: &mut [u8]| {
         src_file
             .read_exact_at(b, rand_off(i, size, salt))
@@ -762,6 +764,7 @@ fn one_round(
         eng_read,
         raw_read,
     )?;
+    drop(img);
     e.withdraw(id)?;
 
     // (d) background copy vs a raw copy of the same size; with `direct_copy` the engine is

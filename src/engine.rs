@@ -204,6 +204,64 @@ impl VolumeHandle {
     }
 }
 
+/// An open session image (from [`Engine::image`]). Holds the session and its volume handles,
+/// so a read costs no lookup; when a volume was attached or replaced since it was opened (a
+/// reset), reads fall back to [`Engine::read_image`], which resolves the volumes again.
+pub struct Image<'e> {
+    engine: &'e Engine,
+    session: Arc<Session>,
+    src: Arc<VolumeHandle>,
+    tgt: Arc<VolumeHandle>,
+    epoch: u64,
+}
+
+impl std::fmt::Debug for Image<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("session", &self.session.id())
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Image<'_> {
+    /// The session.
+    #[must_use]
+    pub fn id(&self) -> SessionId {
+        self.session.id()
+    }
+
+    /// Read the image at `offset`, exactly as [`Engine::read_image`] does.
+    ///
+    /// # Errors
+    /// As [`Engine::read_image`].
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let e = self.engine;
+        if e.volumes_epoch.load(std::sync::atomic::Ordering::Acquire) != self.epoch {
+            return e.read_image(self.session.id(), offset, buf);
+        }
+        let s = &self.session;
+        let state = s.state();
+        if !matches!(state, SessionState::Active | SessionState::Completed) {
+            return Err(Error::NotActive {
+                id: s.id(),
+                state: state.to_string(),
+            });
+        }
+        check_range(offset, buf.len() as u64, s.map.image_len(), "session image")?;
+        let completed = state == SessionState::Completed;
+        if !completed && self.src.info.id != s.desc.source.id {
+            // The source was not attached when the image was opened.
+            return e.read_image(s.id(), offset, buf);
+        }
+        if e.read_pieces(s, &self.src, &self.tgt, completed, offset, buf, false)? {
+            return Ok(());
+        }
+        e.read_pieces(s, &self.src, &self.tgt, completed, offset, buf, true)
+            .map(|_| ())
+    }
+}
+
 thread_local! {
     /// The background copy's data buffer, one per thread (see [`Engine::copy_data`]).
     static COPY_BUF: std::cell::RefCell<crate::volume::AlignedBuf> =
@@ -211,11 +269,12 @@ thread_local! {
 }
 
 /// Issue a write to a volume whose covering sessions were checked (bits set, or extents or
-/// sessions ended). The fence orders those checks, and the bit stores of a copy-before-write,
-/// before the write; it pairs with the fence in `Engine::read_piece`, whose lock-free reads of
-/// uncopied source grains re-check the bits after reading.
+/// sessions ended). The release fence orders those checks, and the bit stores of a
+/// copy-before-write, before the write's stores (the writer half of a sequence lock); it pairs
+/// with the acquire fence in `Engine::read_piece`, whose lock-free reads of uncopied source
+/// grains re-check the bits after reading.
 fn release_write(h: &VolumeHandle, data: &[u8], offset: u64) -> Result<()> {
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
     h.write_retry(data, offset)
 }
 
@@ -316,6 +375,9 @@ pub enum Outcome {
 pub struct Engine {
     table: Table,
     volumes: RwLock<FxHashMap<VolumeId, Arc<VolumeHandle>>>,
+    /// Bumped (under the `volumes` write lock) whenever a handle is added or replaced: an
+    /// [`Image`] resolved under an older value looks its volumes up again.
+    volumes_epoch: std::sync::atomic::AtomicU64,
     active: RwLock<Arc<Vec<Arc<Session>>>>,
     options: EngineOptions,
     /// Copy-before-write writes in progress (the background copier yields to them).
@@ -389,6 +451,7 @@ impl Engine {
         let e = Engine {
             table,
             volumes: RwLock::new(FxHashMap::default()),
+            volumes_epoch: std::sync::atomic::AtomicU64::new(0),
             active: RwLock::new(Arc::new(Vec::new())),
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
@@ -435,7 +498,11 @@ impl Engine {
             gate: RwLock::new(()),
             fenced: std::sync::atomic::AtomicBool::new(false),
         });
-        self.volumes.write().insert(id, h);
+        let mut vols = self.volumes.write();
+        vols.insert(id, h);
+        self.volumes_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        drop(vols);
         id
     }
 
@@ -1043,6 +1110,35 @@ impl Engine {
             .map(|_| ())
     }
 
+    /// Open a session's image for repeated reads: [`Image::read_at`] reads like
+    /// [`Engine::read_image`] without looking the session and its volumes up on every call.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::UnknownVolume`].
+    pub fn image(&self, id: SessionId) -> Result<Image<'_>> {
+        let session = self.session(id)?;
+        let vols = self.volumes.read();
+        let epoch = self
+            .volumes_epoch
+            .load(std::sync::atomic::Ordering::Acquire);
+        let get = |v: VolumeId| {
+            vols.get(&v)
+                .cloned()
+                .ok_or_else(|| Error::UnknownVolume(v.to_string()))
+        };
+        let tgt = get(session.desc.target.id)?;
+        // A completed session reads only its target: its source may be gone.
+        let src = get(session.desc.source.id).unwrap_or_else(|_| Arc::clone(&tgt));
+        drop(vols);
+        Ok(Image {
+            engine: self,
+            session,
+            src,
+            tgt,
+            epoch,
+        })
+    }
+
     /// Read the image range `offset..offset+buf.len()` piece by piece. Copied pieces come from
     /// the target without a lock (copied grains never go back to uncopied). For the others:
     /// without `locked`, read lock-free and return false as soon as a piece may have changed
@@ -1133,9 +1229,10 @@ impl Engine {
         if locked || !from_source {
             return Ok(true);
         }
-        // Pairs with the fence before every source write in `Engine::write`: the source bytes
-        // above were read before the bits, extent end and state below.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        // The reader half of a sequence lock, paired with the release fence before every source
+        // write in `Engine::write`: the source bytes above were read before the bits, extent
+        // end and state below are loaded.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         if s.extent_end(p.extent).is_some() || s.state() != SessionState::Active {
             return Ok(false);
         }

@@ -88,6 +88,29 @@ fn writers_copier_and_readers_on_one_session() {
             }
         }));
     }
+    {
+        // Small reads through an image opened once: many lock-free reads racing the writers'
+        // copy-before-write on the same grains.
+        let e = e.clone();
+        let t0 = t0.clone();
+        let stop = stop.clone();
+        hs.push(std::thread::spawn(move || {
+            let img = e.image(id).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let x = common::pattern(n + 11, 16);
+                let off = (u64::from_le_bytes(x[..8].try_into().unwrap()) % (size as u64 - 8192))
+                    as usize;
+                let mut b = vec![0u8; 1 + usize::from(x[8]) * 16];
+                img.read_at(off as u64, &mut b).unwrap();
+                assert!(
+                    b[..] == t0[off..off + b.len()],
+                    "image handle read at {off} differs from T0"
+                );
+                n += 1;
+            }
+        }));
+    }
     let c = Copier::start(
         e.clone(),
         CopierOptions {
