@@ -723,6 +723,10 @@ fn one_round(
         count: grains,
     }])?;
     let salt2 = salt ^ 0xabcd;
+    // The raw side writes the same file, at the same offsets, through its own descriptor (every
+    // grain is copied, so the image does not depend on the source any more): both sides see the
+    // same inode, page cache and write-back state.
+    let raw_src = open_rw(&f.src)?;
     for (k, &threads) in opts.writers.iter().enumerate() {
         if threads == 1 {
             pair_sliced(
@@ -732,8 +736,9 @@ fn one_round(
                 c.fast_ops,
                 |i, b| e.write(src, rand_off(i, size, salt2), b),
                 |i, b| {
-                    raw.write_all_at(b, rand_off(i, size, salt2))
-                        .map_err(|e| io_err("pwrite", &f.raw, e))
+                    raw_src
+                        .write_all_at(b, rand_off(i, size, salt2))
+                        .map_err(|e| io_err("pwrite", &f.src, e))
                 },
             )?;
             continue;
@@ -749,8 +754,9 @@ fn one_round(
             },
             || {
                 run_ops(threads, c.fast_ops, |i, b| {
-                    raw.write_all_at(b, rand_off(i, size, salt2))
-                        .map_err(|e| io_err("pwrite", &f.raw, e))
+                    raw_src
+                        .write_all_at(b, rand_off(i, size, salt2))
+                        .map_err(|e| io_err("pwrite", &f.src, e))
                 })
             },
         )?;
@@ -771,6 +777,7 @@ fn one_round(
     // reopened with O_DIRECT volumes so that both sides bypass the page cache.
     let (src, tgt) = if opts.direct_copy {
         drop(raw);
+        drop(raw_src);
         drop(raw_tgt);
         drop(src_file);
         drop(e);
