@@ -51,6 +51,10 @@ pub struct BenchOptions {
     /// Open the engine's volumes with `O_DIRECT` for the background-copy figure, like the raw
     /// copy it is compared with.
     pub direct_copy: bool,
+    /// The `timezero` binary, to measure the recovery of a 1 TiB session in a fresh process
+    /// (`timezero recovery-probe`, once per round): time and peak resident memory. `None`
+    /// skips that measurement.
+    pub probe_exe: Option<PathBuf>,
 }
 
 impl Default for BenchOptions {
@@ -63,6 +67,7 @@ impl Default for BenchOptions {
             json_out: None,
             writers: vec![1, 32],
             io_uring: false,
+            probe_exe: None,
             direct_copy: false,
         }
     }
@@ -550,6 +555,7 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write, log: &mut dyn Write) -> Res
         direct: true,
         backend: "",
         copy_backend: "",
+        big_recovery: None,
     };
     for round in 0..opts.rounds {
         let _ = writeln!(log, "round {}/{}", round + 1, opts.rounds);
@@ -564,6 +570,9 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write, log: &mut dyn Write) -> Res
             );
         }
     }
+    if let Some(exe) = &opts.probe_exe {
+        run.big_recovery = big_recovery(opts, &files, exe, log)?;
+    }
     if let Some(p) = &opts.json_out {
         let mut f = File::create(p).map_err(|e| io_err("create", p, e))?;
         print_json(opts, &figs, &run, &mut f)?;
@@ -571,8 +580,159 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write, log: &mut dyn Write) -> Res
     if opts.json {
         print_json(opts, &figs, &run, out)
     } else {
-        print_table(opts, &figs, &run, out)
+        print_table(opts, &figs, &run, out)?;
+        if let Some(b) = &run.big_recovery {
+            print_big_recovery(b, out);
+        }
+        Ok(())
     }
+}
+
+/// Size of the source (and target) of the large-recovery measurement.
+const BIG_SOURCE_BYTES: u64 = 1 << 40;
+
+/// The recovery of a session over a 1 TiB sparse source, each round in a fresh process.
+#[derive(Debug, Clone)]
+struct BigRecovery {
+    grains: u64,
+    bitmap_bytes: u64,
+    open_ms: Vec<f64>,
+    growth_kib: Vec<f64>,
+}
+
+/// Build a table holding one session over a 1 TiB sparse source (half its grains copied) and
+/// open it `opts.rounds` times, each in a fresh `timezero recovery-probe` process. `None` when
+/// the file system cannot hold a 1 TiB sparse file.
+fn big_recovery(
+    opts: &BenchOptions,
+    f: &Files,
+    exe: &Path,
+    log: &mut dyn Write,
+) -> Result<Option<BigRecovery>> {
+    let src = f.dir.join("big-src.img");
+    let tgt = f.dir.join("big-tgt.img");
+    let table = f.dir.join("big-table.tz");
+    for p in [&src, &tgt] {
+        let file = File::create(p).map_err(|e| io_err("create", p, e))?;
+        if let Err(e) = file.set_len(BIG_SOURCE_BYTES) {
+            let _ = writeln!(
+                log,
+                "1 TiB recovery skipped: {} cannot hold a 1 TiB sparse file ({e})",
+                f.dir.display()
+            );
+            return Ok(None);
+        }
+    }
+    let grains = BIG_SOURCE_BYTES / GRAIN;
+    {
+        let e = Engine::create_path(&table, EngineOptions::default())?;
+        let s = attach(&e, &src)?;
+        let t = attach(&e, &tgt)?;
+        let id = e.establish(&whole(s, t, CopyMode::Copy))?;
+        e.table().commit(vec![Entry::SetBits {
+            session: id,
+            start: 0,
+            count: grains / 2,
+        }])?;
+    }
+    let mut b = BigRecovery {
+        grains,
+        bitmap_bytes: grains.div_ceil(8),
+        open_ms: Vec::new(),
+        growth_kib: Vec::new(),
+    };
+    for _ in 0..opts.rounds {
+        let o = std::process::Command::new(exe)
+            .arg("recovery-probe")
+            .arg(&table)
+            .output()
+            .map_err(|e| io_err("spawn", exe, e))?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        if !o.status.success() {
+            return Err(Error::invalid(
+                "recovery probe",
+                format!(
+                    "{}: {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_str(text.trim())
+            .map_err(|e| Error::invalid("recovery probe output", e.to_string()))?;
+        let num = |k: &str| {
+            v[k].as_f64()
+                .ok_or_else(|| Error::invalid("recovery probe output", format!("no {k}")))
+        };
+        b.open_ms.push(num("open_ms")?);
+        b.growth_kib
+            .push((num("hwm_after_kib")? - num("rss_before_kib")?).max(0.0));
+    }
+    Ok(Some(b))
+}
+
+fn print_big_recovery(b: &BigRecovery, out: &mut dyn Write) {
+    let (lo, hi) = min_max(&b.open_ms);
+    let (glo, ghi) = min_max(&b.growth_kib);
+    let mib = |k: f64| k / 1024.0;
+    let _ = writeln!(
+        out,
+        "recovery, 1 TiB sparse session ({} grains, {:.1} MiB bitmap, half copied), fresh process",
+        b.grains,
+        b.bitmap_bytes as f64 / MIB as f64
+    );
+    let _ = writeln!(
+        out,
+        "  Engine::open_path: {:.2} [{lo:.2}..{hi:.2}] ms",
+        median(&b.open_ms)
+    );
+    let _ = writeln!(
+        out,
+        "  peak resident growth: {:.1} [{:.1}..{:.1}] MiB (bitmap + 32 MiB = {:.1} MiB)",
+        mib(median(&b.growth_kib)),
+        mib(glo),
+        mib(ghi),
+        b.bitmap_bytes as f64 / MIB as f64 + 32.0
+    );
+}
+
+/// `timezero recovery-probe TABLE`: open the table with its volumes (full recovery) in this
+/// fresh process and report, as one JSON line, the time it took and the process's resident
+/// memory before and at its peak after (from `/proc/self/status`).
+///
+/// # Errors
+/// Engine errors; [`Error::Invalid`] when `/proc/self/status` cannot be read.
+pub fn recovery_probe(table: &Path) -> Result<String> {
+    let before = proc_status_kib("VmRSS")?;
+    let t0 = Instant::now();
+    let e = Engine::open_path(table, EngineOptions::default())?;
+    let open_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let hwm = proc_status_kib("VmHWM")?;
+    let anon = proc_status_kib("RssAnon")?;
+    let file = proc_status_kib("RssFile")?;
+    let grains: u64 = e.status().iter().map(|s| s.grains_total).sum();
+    drop(e);
+    Ok(serde_json::json!({
+        "open_ms": open_ms,
+        "rss_before_kib": before,
+        "hwm_after_kib": hwm,
+        "rss_anon_after_kib": anon,
+        "rss_file_after_kib": file,
+        "grains": grains,
+    })
+    .to_string())
+}
+
+/// A `kB` field of `/proc/self/status`.
+fn proc_status_kib(key: &str) -> Result<u64> {
+    let p = Path::new("/proc/self/status");
+    let text = std::fs::read_to_string(p).map_err(|e| io_err("read", p, e))?;
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+            rest.trim().trim_end_matches("kB").trim().parse().ok()
+        })
+        .ok_or_else(|| Error::invalid("/proc/self/status", format!("no {key} field")))
 }
 
 /// Facts about a run, for the report.
@@ -583,6 +743,8 @@ struct RunInfo {
     backend: &'static str,
     /// The file backend of the engine that ran the background copy.
     copy_backend: &'static str,
+    /// The 1 TiB recovery measurement, when made.
+    big_recovery: Option<BigRecovery>,
 }
 
 fn one_round(
@@ -1071,6 +1233,11 @@ fn print_json(
             "copy_backend": run.copy_backend, "direct_copy": opts.direct_copy,
             "raw_copy_direct": run.direct,
         },
+        "recovery_1tib": run.big_recovery.as_ref().map(|b| serde_json::json!({
+            "grains": b.grains, "bitmap_bytes": b.bitmap_bytes,
+            "open_ms": {"median": median(&b.open_ms), "values": b.open_ms},
+            "peak_rss_growth_kib": {"median": median(&b.growth_kib), "values": b.growth_kib},
+        })),
         "by_writers": by_writers,
         "jobs": jobs,
         "ratios": ratios,

@@ -217,3 +217,29 @@ fn cli_errors_are_one_line_and_typed() {
     let err = String::from_utf8(o.stderr).unwrap();
     assert!(err.contains("held by pid"), "{err}");
 }
+
+/// `timezero recovery-probe` (used by `timezero bench`) opens a table in a fresh process and
+/// reports the recovery time and the process's resident memory as one JSON line.
+#[test]
+fn recovery_probe_reports_time_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let table = d.join("t.tzt");
+    std::fs::write(d.join("a"), vec![1u8; 1 << 20]).unwrap();
+    std::fs::write(d.join("b"), vec![0u8; 1 << 20]).unwrap();
+    ok(&["init", p(&table)]);
+    ok(&["establish", p(&table), p(&d.join("a")), p(&d.join("b"))]);
+    let out = ok(&["recovery-probe", p(&table)]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["grains"], 16, "{out}");
+    let before = v["rss_before_kib"].as_f64().unwrap();
+    let peak = v["hwm_after_kib"].as_f64().unwrap();
+    assert!(before > 0.0 && peak >= before, "{out}");
+    assert!(v["open_ms"].as_f64().unwrap() >= 0.0, "{out}");
+    // A missing table is a one-line error, not a panic.
+    let o = tz()
+        .args(["recovery-probe", p(&d.join("none"))])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+}

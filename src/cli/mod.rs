@@ -265,6 +265,13 @@ pub enum Command {
         #[arg(long, default_value = "12")]
         eio_points: String,
     },
+    /// (internal) Open a table in this fresh process and print the recovery time and peak
+    /// resident memory as JSON; used by `bench`.
+    #[command(hide = true)]
+    RecoveryProbe {
+        /// The table.
+        table: PathBuf,
+    },
     /// (internal) Writers and a throttled copier that run until killed; used by `demo`.
     #[command(hide = true)]
     Workload {
@@ -612,6 +619,7 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
                 writers,
                 io_uring: io.io_uring,
                 direct_copy: io.direct,
+                probe_exe: std::env::current_exe().ok(),
             };
             crate::bench::run(&opts, &mut out, &mut std::io::stderr())?;
             String::new()
@@ -779,6 +787,7 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             demo::run(keep, seed)?;
             String::new()
         }
+        Command::RecoveryProbe { table } => crate::bench::recovery_probe(&table)? + "\n",
         Command::Workload { table, seed, rate } => {
             demo::workload(&table, seed, rate)?;
             String::new()
