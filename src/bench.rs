@@ -1290,6 +1290,7 @@ mod tests {
             writers: vec![4, 1, 16],
             io_uring: true,
             direct_copy: true,
+            probe_exe: None,
         };
         let mut out = Vec::new();
         run(&opts, &mut out, &mut std::io::sink()).unwrap();
