@@ -1,4 +1,5 @@
-//! Criterion micro-benchmarks of the engine's hot paths, all in memory (MemVolume, MemStorage).
+//! Criterion micro-benchmarks of the engine's hot paths, all in memory (MemVolume, MemStorage),
+//! except the `uring_direct` group, which reads an `O_DIRECT` file in /var/tmp.
 //!
 //! Run with `cargo bench --bench hot_path`. Figures and their meaning: docs/benchmarks.md.
 
@@ -297,5 +298,76 @@ fn recovery(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bitmap, writes, reads, table, recovery);
+/// Unaligned `O_DIRECT` reads through the io_uring volume, with the registered bounce-buffer
+/// pool (`READ_FIXED`) and without it (a bounce buffer allocated per call, pages pinned per
+/// request). Reads a 64 MiB file of non-zero data in /var/tmp, so every read reaches the device.
+#[cfg(feature = "uring")]
+fn uring_direct(c: &mut Criterion) {
+    use std::io::Write;
+    use timezero::volume::{FileVolumeOptions, UringVolume};
+
+    if !timezero::volume::uring_available() {
+        eprintln!("uring_direct: io_uring is not available here; skipping");
+        return;
+    }
+    let size = 64 * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("timezero-bench-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir in /var/tmp");
+    let path = dir.path().join("vol");
+    {
+        let mut f = std::fs::File::create(&path).expect("create");
+        let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 + 1).collect();
+        for _ in 0..size / MIB {
+            f.write_all(&chunk).expect("fill");
+        }
+        f.sync_all().expect("sync");
+    }
+    let opts = FileVolumeOptions {
+        direct: true,
+        read_only: false,
+    };
+    let pooled = match UringVolume::open(&path, &opts) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("uring_direct: O_DIRECT refused ({e}); skipping");
+            return;
+        }
+    };
+    let plain = UringVolume::open_without_buffer_pool(&path, &opts).expect("open");
+    if pooled.registered_buffers() == 0 {
+        eprintln!("uring_direct: the kernel refused to register buffers; both figures allocate");
+    }
+    let mut g = c.benchmark_group("uring_direct");
+    for (len, name_len) in [(4096usize, "4KiB"), (128 * 1024, "128KiB")] {
+        let mut buf = vec![0u8; len];
+        for (v, how) in [
+            (&pooled, "registered buffers"),
+            (&plain, "allocated bounce buffer"),
+        ] {
+            let mut off = 0u64;
+            g.bench_function(format!("read_at {name_len} unaligned, {how}"), |b| {
+                b.iter(|| {
+                    off = (off + 4096 * 37) % (size - 2 * len as u64);
+                    v.read_at(black_box(&mut buf), off + 100).expect("read")
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+#[cfg(not(feature = "uring"))]
+fn uring_direct(_c: &mut Criterion) {}
+
+criterion_group!(
+    benches,
+    bitmap,
+    writes,
+    reads,
+    table,
+    recovery,
+    uring_direct
+);
 criterion_main!(benches);
