@@ -2,7 +2,8 @@
 # Side-by-side with QEMU, interleaved round by round (see docs/design anchors):
 #  1. qemu-img bench of 4 KiB first writes (64 KiB stride) through the copy-before-write filter
 #     vs the same bench on the raw file;
-#  2. qemu-img convert -n -t none -T none vs `timezero copy` of the same image, both into a
+#  2. `timezero bench` first writes at the same depth vs raw pwrite+fdatasync (same process);
+#  3. qemu-img convert -n -t none -T none vs `timezero copy` of the same image, both into a
 #     preallocated zero-filled target.
 # Usage: scripts/qemu-compare.sh [DIR]   (env: SIZE_MIB=512 ROUNDS=3 DEPTH=32 TIMEZERO=path
 #                                          TZ_FLAGS="--direct" for O_DIRECT engine volumes)
@@ -42,7 +43,7 @@ CBW="driver=copy-before-write,file.driver=raw,file.file.driver=file,file.file.fi
 
 echo "qemu-compare: ${SIZE_MIB} MiB images, $ROUNDS rounds, depth $DEPTH, aio $AIO, in $DIR"
 echo "qemu-img: $(qemu-img --version | head -1); timezero: $TZ_BIN ${TZ_FLAGS[*]}"
-cbw_r=() conv_r=()
+cbw_r=() conv_r=() tzfw_r=()
 for r in $(seq 1 "$ROUNDS"); do
     zero "$TGT"
     run_raw() { qemu-img bench -w -f raw -t none -i "$AIO" -c "$COUNT" -d "$DEPTH" -s 4096 -S 65536 --pattern=0xaa "$SRC" | secs; }
@@ -52,6 +53,18 @@ for r in $(seq 1 "$ROUNDS"); do
     cbw_r+=("$ratio")
     printf 'round %d: first writes x%d: raw %.3f s (%.0f IOPS), QEMU copy-before-write %.3f s (%.0f IOPS), ratio %.2fx\n' \
         "$r" "$COUNT" "$raw" "$(echo "$COUNT / $raw" | bc -l)" "$cbw" "$(echo "$COUNT / $cbw" | bc -l)" "$ratio"
+
+    # timezero's first writes at the same depth ($DEPTH writer threads, each request to a fresh
+    # 64 KiB grain), each made durable (target flush, table commit, the writer's source flush),
+    # against raw pwrite+fdatasync interleaved in the same process (`timezero bench`; its other
+    # figures are ignored here). QEMU's filter above persists nothing, so each system is
+    # compared with its own raw counterpart.
+    if command -v python3 >/dev/null 2>&1; then
+        tzfw=$("$TZ_BIN" bench --dir "$DIR" --writers "$DEPTH" --rounds 1 --size 256MiB --json 2>/dev/null |
+            python3 -c 'import json, sys; d = json.load(sys.stdin); w = sys.argv[1]; print(next(r["median"] for r in d["ratios"] if r["figure"] == "first write 4KiB + flush, %s writers" % w))' "$DEPTH")
+        tzfw_r+=("$tzfw")
+        printf 'round %d: timezero first writes x%d writers, durable: %.2fx raw pwrite+fdatasync (time ratio)\n' "$r" "$DEPTH" "$tzfw"
+    fi
 
     # Copy of the same image: qemu-img convert (O_DIRECT both sides) vs timezero copy.
     sync
@@ -80,4 +93,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 printf 'median: QEMU copy-before-write first write / raw = %.2fx (time ratio)\n' "$(med "${cbw_r[@]}")"
+if [ ${#tzfw_r[@]} -gt 0 ]; then
+    printf 'median: timezero durable first write / raw pwrite+fdatasync = %.2fx (time ratio, %d writers)\n' "$(med "${tzfw_r[@]}")" "$DEPTH"
+fi
 printf 'median: timezero copy speed / qemu-img convert = %.2fx\n' "$(med "${conv_r[@]}")"
