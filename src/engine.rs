@@ -206,7 +206,7 @@ impl VolumeHandle {
 
 /// An open session image (from [`Engine::image`]). Holds the session and its volume handles,
 /// so a read costs no lookup; when a volume was attached or replaced since it was opened (a
-/// reset), reads fall back to [`Engine::read_image`], which resolves the volumes again.
+/// reset), a read resolves the volumes again first.
 pub struct Image<'e> {
     engine: &'e Engine,
     session: Arc<Session>,
@@ -238,8 +238,15 @@ impl Image<'_> {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let e = self.engine;
         if e.volumes_epoch.load(std::sync::atomic::Ordering::Acquire) != self.epoch {
-            return e.read_image(self.session.id(), offset, buf);
+            return e.image(self.session.id())?.read_now(offset, buf);
         }
+        self.read_now(offset, buf)
+    }
+
+    /// Read with the handles resolved when this image was opened: lock-free first, then, if a
+    /// copy-before-write raced the read, again under the grain locks.
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let e = self.engine;
         let s = &self.session;
         let state = s.state();
         if !matches!(state, SessionState::Active | SessionState::Completed) {
@@ -252,7 +259,7 @@ impl Image<'_> {
         let completed = state == SessionState::Completed;
         if !completed && self.src.info.id != s.desc.source.id {
             // The source was not attached when the image was opened.
-            return e.read_image(s.id(), offset, buf);
+            return Err(Error::UnknownVolume(s.desc.source.id.to_string()));
         }
         if e.read_pieces(s, &self.src, &self.tgt, completed, offset, buf, false)? {
             return Ok(());
@@ -1060,54 +1067,7 @@ impl Engine {
     /// [`Error::NotActive`] for withdrawn or terminated sessions, [`Error::ExtentTerminated`],
     /// [`Error::OutOfRange`], I/O errors.
     pub fn read_image(&self, id: SessionId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let s = self.session(id)?;
-        let state = s.state();
-        if !matches!(state, SessionState::Active | SessionState::Completed) {
-            return Err(Error::NotActive {
-                id,
-                state: state.to_string(),
-            });
-        }
-        check_range(offset, buf.len() as u64, s.map.image_len(), "session image")?;
-        let completed = state == SessionState::Completed;
-        let get = |vols: &FxHashMap<VolumeId, Arc<VolumeHandle>>, v: VolumeId| {
-            vols.get(&v)
-                .cloned()
-                .ok_or_else(|| Error::UnknownVolume(v.to_string()))
-        };
-        // Fast path: lock-free reads under the volume map's read guard (no handle reference
-        // counting; nothing is waited for while the guard is held). Returns false when a
-        // piece must be read again under its grain lock.
-        {
-            let vols = self.volumes.read();
-            let unknown = |v: VolumeId| Error::UnknownVolume(v.to_string());
-            let tgt = vols
-                .get(&s.desc.target.id)
-                .ok_or_else(|| unknown(s.desc.target.id))?;
-            let src = if completed {
-                tgt
-            } else {
-                vols.get(&s.desc.source.id)
-                    .ok_or_else(|| unknown(s.desc.source.id))?
-            };
-            if self.read_pieces(&s, src, tgt, completed, offset, buf, false)? {
-                return Ok(());
-            }
-        }
-        // Slow path, taken when a copy-before-write raced a lock-free read: the grain locks
-        // exclude copy-before-write, and no map guard is held while waiting for them.
-        let (src, tgt) = {
-            let vols = self.volumes.read();
-            let tgt = get(&vols, s.desc.target.id)?;
-            let src = if completed {
-                Arc::clone(&tgt)
-            } else {
-                get(&vols, s.desc.source.id)?
-            };
-            (src, tgt)
-        };
-        self.read_pieces(&s, &src, &tgt, completed, offset, buf, true)
-            .map(|_| ())
+        self.image(id)?.read_now(offset, buf)
     }
 
     /// Open a session's image for repeated reads: [`Image::read_at`] reads like
