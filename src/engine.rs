@@ -1186,19 +1186,39 @@ impl Engine {
                 from_source = true;
             }
         }
-        if locked || !from_source {
+        if !from_source {
             return Ok(true);
         }
         // The reader half of a sequence lock, paired with the release fence before every source
         // write in `Engine::write`: the source bytes above were read before the bits, extent
         // end and state below are loaded.
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        if s.extent_end(p.extent).is_some() || s.state() != SessionState::Active {
+        if let Some(r) = s.extent_end(p.extent) {
+            // Source writes to an ended extent skip copy-before-write (even under the lock).
+            if locked {
+                return Err(Error::ExtentTerminated {
+                    id: s.id(),
+                    extent: p.extent as u32,
+                    reason: r.to_string(),
+                });
+            }
+            return Ok(false);
+        }
+        let state = s.state();
+        if state != SessionState::Active {
+            // Withdrawn or terminated during the read: its source writes no longer copy first.
+            if locked {
+                return Err(Error::NotActive {
+                    id: s.id(),
+                    state: state.to_string(),
+                });
+            }
             return Ok(false);
         }
         // Bits only go from clear to set: as many set now as were found set above means that
-        // no grain read from the source was copied meanwhile.
-        Ok(s.bits().count_set(g0, g1 - g0) == copied_seen)
+        // no grain read from the source was copied meanwhile. (Under the lock no copy can
+        // happen.)
+        Ok(locked || s.bits().count_set(g0, g1 - g0) == copied_seen)
     }
 
     /// Write to a session's image (target-write semantics: the grains leave the relationship).

@@ -158,3 +158,45 @@ fn lock_free_read_racing_copy_before_write_returns_t0() {
         "a lock-free image read returned bytes written after T0"
     );
 }
+
+/// A session withdrawn while an image read of an uncopied grain is in its source read: source
+/// writes no longer copy first, so the read must not return whatever the source now holds as
+/// the image. It returns `NotActive` (before, the retry under the grain lock returned the new
+/// source bytes).
+#[test]
+fn read_racing_withdraw_and_source_write_is_not_active() {
+    let opts = common::small_table();
+    let storage = common::mem_storage(&opts);
+    let e = Arc::new(common::create(&storage, opts));
+    let t0 = common::pattern(6, SIZE);
+    let src_vol = Arc::new(PausingSource {
+        inner: MemVolume::with_data("src", &t0),
+        reader: std::sync::Mutex::new(None),
+        in_read: std::sync::Barrier::new(2),
+        go: std::sync::Barrier::new(2),
+    });
+    let src = e.attach(src_vol.clone());
+    let tgt = e.attach(Arc::new(MemVolume::new("tgt", SIZE)));
+    let id = e.establish(&SessionSpec::whole(src, tgt)).unwrap();
+    let reader = {
+        let e = e.clone();
+        let src_vol = src_vol.clone();
+        std::thread::spawn(move || {
+            *src_vol.reader.lock().unwrap() = Some(std::thread::current().id());
+            let mut b = vec![0u8; 4096];
+            e.read_image(id, 131_072, &mut b).map(|()| b)
+        })
+    };
+    src_vol.in_read.wait();
+    e.withdraw(id).unwrap();
+    e.write(src, 131_072, &[0x55; 4096]).unwrap();
+    src_vol.go.wait();
+    match reader.join().unwrap() {
+        Err(Error::NotActive { .. }) => {}
+        Ok(b) => assert!(
+            b[..] == t0[131_072..131_072 + 4096],
+            "a read racing a withdraw returned post-T0 bytes as the image"
+        ),
+        Err(other) => panic!("unexpected error {other}"),
+    }
+}
