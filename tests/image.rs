@@ -118,17 +118,23 @@ impl timezero::volume::Volume for PausingSource {
     }
 }
 
-/// The lock-free read of an uncopied grain is re-checked: when the grain was copied and the
-/// source overwritten between the bit test and the source read, the read is done again and
-/// returns T0 (from the target).
-#[test]
-fn lock_free_read_racing_copy_before_write_returns_t0() {
+/// A no-copy session over a [`PausingSource`] holding `t0`, and a reader thread that reads 4 KiB
+/// of the image at `off` (through an opened `Image` when `opened`) and stops inside its source
+/// read; returns once it is stopped there. Let it go on with `src.go.wait()`.
+struct Race {
+    e: Arc<timezero::engine::Engine>,
+    src_vol: Arc<PausingSource>,
+    src: timezero::ids::VolumeId,
+    id: SessionId,
+    reader: std::thread::JoinHandle<timezero::Result<Vec<u8>>>,
+}
+
+fn race(t0: &[u8], off: u64, opened: bool) -> Race {
     let opts = common::small_table();
     let storage = common::mem_storage(&opts);
     let e = Arc::new(common::create(&storage, opts));
-    let t0 = common::pattern(5, SIZE);
     let src_vol = Arc::new(PausingSource {
-        inner: MemVolume::with_data("src", &t0),
+        inner: MemVolume::with_data("src", t0),
         reader: std::sync::Mutex::new(None),
         in_read: std::sync::Barrier::new(2),
         go: std::sync::Barrier::new(2),
@@ -141,18 +147,37 @@ fn lock_free_read_racing_copy_before_write_returns_t0() {
         let src_vol = src_vol.clone();
         std::thread::spawn(move || {
             *src_vol.reader.lock().unwrap() = Some(std::thread::current().id());
-            let img = e.image(id).unwrap();
             let mut b = vec![0u8; 4096];
-            img.read_at(65_536, &mut b).unwrap();
-            b
+            if opened {
+                e.image(id)?.read_at(off, &mut b)?;
+            } else {
+                e.read_image(id, off, &mut b)?;
+            }
+            Ok(b)
         })
     };
     src_vol.in_read.wait();
-    // The reader has tested the bit (clear) and is about to read the source: copy the grain
-    // and overwrite the source under it.
-    e.write(src, 65_536, &[0x77; 4096]).unwrap();
-    src_vol.go.wait();
-    let b = reader.join().unwrap();
+    Race {
+        e,
+        src_vol,
+        src,
+        id,
+        reader,
+    }
+}
+
+/// The lock-free read of an uncopied grain is re-checked: when the grain was copied and the
+/// source overwritten between the bit test and the source read, the read is done again and
+/// returns T0 (from the target).
+#[test]
+fn lock_free_read_racing_copy_before_write_returns_t0() {
+    let t0 = common::pattern(5, SIZE);
+    let r = race(&t0, 65_536, true);
+    // The reader has tested the bit (clear) and is reading the source: copy the grain and
+    // overwrite the source under it.
+    r.e.write(r.src, 65_536, &[0x77; 4096]).unwrap();
+    r.src_vol.go.wait();
+    let b = r.reader.join().unwrap().unwrap();
     assert!(
         b[..] == t0[65_536..65_536 + 4096],
         "a lock-free image read returned bytes written after T0"
@@ -165,33 +190,12 @@ fn lock_free_read_racing_copy_before_write_returns_t0() {
 /// source bytes).
 #[test]
 fn read_racing_withdraw_and_source_write_is_not_active() {
-    let opts = common::small_table();
-    let storage = common::mem_storage(&opts);
-    let e = Arc::new(common::create(&storage, opts));
     let t0 = common::pattern(6, SIZE);
-    let src_vol = Arc::new(PausingSource {
-        inner: MemVolume::with_data("src", &t0),
-        reader: std::sync::Mutex::new(None),
-        in_read: std::sync::Barrier::new(2),
-        go: std::sync::Barrier::new(2),
-    });
-    let src = e.attach(src_vol.clone());
-    let tgt = e.attach(Arc::new(MemVolume::new("tgt", SIZE)));
-    let id = e.establish(&SessionSpec::whole(src, tgt)).unwrap();
-    let reader = {
-        let e = e.clone();
-        let src_vol = src_vol.clone();
-        std::thread::spawn(move || {
-            *src_vol.reader.lock().unwrap() = Some(std::thread::current().id());
-            let mut b = vec![0u8; 4096];
-            e.read_image(id, 131_072, &mut b).map(|()| b)
-        })
-    };
-    src_vol.in_read.wait();
-    e.withdraw(id).unwrap();
-    e.write(src, 131_072, &[0x55; 4096]).unwrap();
-    src_vol.go.wait();
-    match reader.join().unwrap() {
+    let r = race(&t0, 131_072, false);
+    r.e.withdraw(r.id).unwrap();
+    r.e.write(r.src, 131_072, &[0x55; 4096]).unwrap();
+    r.src_vol.go.wait();
+    match r.reader.join().unwrap() {
         Err(Error::NotActive { .. }) => {}
         Ok(b) => assert!(
             b[..] == t0[131_072..131_072 + 4096],
