@@ -647,47 +647,31 @@ impl Ring {
         let token = self.acquire();
         // Lengths are clamped by the callers to `MAX_CHUNK`, which fits in `u32`.
         let entry = match op {
-            Op::Read {
-                buf,
-                offset,
-                fixed: Some(index),
-            } => {
-                self.fixed_requests.fetch_add(1, Ordering::Relaxed);
+            Op::Read { buf, offset, fixed } => {
                 let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-                opcode::ReadFixed::new(fd, buf.as_mut_ptr(), len, index)
-                    .offset(offset)
-                    .build()
+                let ptr = buf.as_mut_ptr();
+                match fixed {
+                    Some(index) => {
+                        self.fixed_requests.fetch_add(1, Ordering::Relaxed);
+                        opcode::ReadFixed::new(fd, ptr, len, index)
+                            .offset(offset)
+                            .build()
+                    }
+                    None => opcode::Read::new(fd, ptr, len).offset(offset).build(),
+                }
             }
-            Op::Read {
-                buf,
-                offset,
-                fixed: None,
-            } => {
+            Op::Write { buf, offset, fixed } => {
                 let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-                opcode::Read::new(fd, buf.as_mut_ptr(), len)
-                    .offset(offset)
-                    .build()
-            }
-            Op::Write {
-                buf,
-                offset,
-                fixed: Some(index),
-            } => {
-                self.fixed_requests.fetch_add(1, Ordering::Relaxed);
-                let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-                opcode::WriteFixed::new(fd, buf.as_ptr(), len, index)
-                    .offset(offset)
-                    .build()
-            }
-            Op::Write {
-                buf,
-                offset,
-                fixed: None,
-            } => {
-                let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-                opcode::Write::new(fd, buf.as_ptr(), len)
-                    .offset(offset)
-                    .build()
+                let ptr = buf.as_ptr();
+                match fixed {
+                    Some(index) => {
+                        self.fixed_requests.fetch_add(1, Ordering::Relaxed);
+                        opcode::WriteFixed::new(fd, ptr, len, index)
+                            .offset(offset)
+                            .build()
+                    }
+                    None => opcode::Write::new(fd, ptr, len).offset(offset).build(),
+                }
             }
             Op::Fsync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
