@@ -109,6 +109,17 @@ fn bitmap(c: &mut Criterion) {
     g.finish();
 }
 
+/// Record every grain of a session over `size` bytes as copied (the session stays active).
+fn mark_all_copied(e: &Engine, id: SessionId, size: u64) {
+    e.table()
+        .commit(vec![Entry::SetBits {
+            session: id,
+            start: 0,
+            count: size / GRAIN,
+        }])
+        .expect("commit");
+}
+
 fn writes(c: &mut Criterion) {
     let mut g = c.benchmark_group("write");
     let data = vec![0xabu8; 4096];
@@ -138,13 +149,7 @@ fn writes(c: &mut Criterion) {
     // Already copied: every bit set, session still active.
     {
         let (e, src, _tgt, id) = engine_with_session(size);
-        e.table()
-            .commit(vec![Entry::SetBits {
-                session: id,
-                start: 0,
-                count: size / GRAIN,
-            }])
-            .expect("commit");
+        mark_all_copied(&e, id, size);
         let mut off = 0u64;
         g.bench_function("already copied 4KiB", |b| {
             b.iter(|| {
@@ -208,13 +213,7 @@ fn reads(c: &mut Criterion) {
             e.read_image(id, off, black_box(&mut buf)).expect("read")
         })
     });
-    e.table()
-        .commit(vec![Entry::SetBits {
-            session: id,
-            start: 0,
-            count: size / GRAIN,
-        }])
-        .expect("commit");
+    mark_all_copied(&e, id, size);
     g.bench_function("image read 4KiB, copied grain", |b| {
         b.iter(|| {
             off = (off + 4096 * 37) % size;
