@@ -311,8 +311,10 @@ pub fn check_table_open(data: &[u8]) {
 pub const OP_VOLUME_BYTES: usize = 64 * 1024;
 const OP_VOLUMES: usize = 3;
 
-/// Deterministic fill pattern.
-fn fill(seed: u64, len: usize) -> Vec<u8> {
+/// Deterministic pseudo-random bytes (xorshift64 seeded by `seed`); the fuzz checks and the
+/// integration tests fill their volumes with it.
+#[must_use]
+pub fn fill(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {

@@ -48,15 +48,7 @@ pub fn reopen(storage: &Arc<MemStorage>, vols: &[Arc<MemVolume>]) -> Engine {
 
 /// Deterministic pseudo-random bytes.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    timezero::fault::fuzzing::fill(seed, len)
 }
 
 /// Read a session's whole image.
