@@ -45,9 +45,8 @@ pub struct BenchOptions {
     pub json_out: Option<PathBuf>,
     /// Writer counts for the already-copied and first-write figures (each 1..=256).
     pub writers: Vec<usize>,
-    /// Open the engine's volumes through io_uring where the kernel allows
-    /// ([`EngineOptions::io_uring`]).
-    pub io_uring: bool,
+    /// The engine's file backend ([`EngineOptions::backend`]).
+    pub backend: crate::engine::Backend,
     /// Open the engine's volumes with `O_DIRECT` for the background-copy figure, like the raw
     /// copy it is compared with.
     pub direct_copy: bool,
@@ -66,7 +65,7 @@ impl Default for BenchOptions {
             json: false,
             json_out: None,
             writers: vec![1, 32],
-            io_uring: false,
+            backend: crate::engine::Backend::Auto,
             probe_exe: None,
             direct_copy: false,
         }
@@ -497,7 +496,7 @@ fn counts(size: u64, writers: &[usize]) -> Counts {
 
 fn engine_options(opts: &BenchOptions) -> EngineOptions {
     EngineOptions {
-        io_uring: opts.io_uring,
+        backend: opts.backend,
         ..EngineOptions::default()
     }
 }
@@ -1288,7 +1287,7 @@ mod tests {
             json: true,
             json_out: None,
             writers: vec![4, 1, 16],
-            io_uring: true,
+            backend: crate::engine::Backend::IoUring,
             direct_copy: true,
             probe_exe: None,
         };

@@ -30,25 +30,58 @@ pub const BACKEND_PREAD: &str = "pread";
 /// Name of the io_uring file backend (`UringVolume`), as reported by [`Engine::backend_name`].
 pub const BACKEND_IO_URING: &str = "io_uring";
 
-/// Open a file volume the way the engine does: with [`crate::volume::open_best`] (io_uring where
-/// the kernel allows, pread otherwise) when `io_uring` is set, with [`FileVolume`] (pread)
-/// otherwise. Returns the volume and the backend's name ([`BACKEND_PREAD`] or
-/// [`BACKEND_IO_URING`]).
-///
-/// pread is the default because `timezero bench` measured io_uring slower for the engine's
-/// buffered, synchronous, one-request-per-thread access pattern (see docs/benchmarks.md).
+/// Open a file volume the way the engine does, with `backend` (see [`Backend`]). Returns the
+/// volume and the backend's name ([`BACKEND_PREAD`] or [`BACKEND_IO_URING`]).
 ///
 /// # Errors
 /// [`Error::Io`] when the file cannot be opened or inspected.
 pub fn open_file_volume(
     path: &Path,
     options: &FileVolumeOptions,
-    io_uring: bool,
+    backend: Backend,
 ) -> Result<(Arc<dyn Volume>, &'static str)> {
-    if io_uring {
+    if backend.uses_uring(options.direct) {
         return crate::volume::open_best(path, options);
     }
     Ok((Arc::new(FileVolume::open(path, options)?), BACKEND_PREAD))
+}
+
+/// Which backend the engine opens file volumes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// io_uring for `O_DIRECT` volumes where the kernel allows, pread/pwrite for buffered ones
+    /// (the default). For one synchronous request per thread, io_uring matches pread on
+    /// `O_DIRECT` files and saves the bounce allocation of unaligned transfers (registered
+    /// buffers), but costs more on buffered files: page-cache reads pay the ring round trip and
+    /// buffered writes on ext4 run in a kernel worker thread (figures in docs/benchmarks.md).
+    #[default]
+    Auto,
+    /// pread/pwrite ([`FileVolume`]) for every volume.
+    Pread,
+    /// io_uring for every volume where the kernel allows, pread/pwrite otherwise.
+    IoUring,
+}
+
+impl Backend {
+    /// Whether a volume opened with (`direct`) or without `O_DIRECT` should try io_uring.
+    #[must_use]
+    pub fn uses_uring(self, direct: bool) -> bool {
+        match self {
+            Backend::Auto => direct,
+            Backend::Pread => false,
+            Backend::IoUring => true,
+        }
+    }
+
+    /// The name used on the command line and in reports: `auto`, `pread` or `io-uring`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Pread => "pread",
+            Backend::IoUring => "io-uring",
+        }
+    }
 }
 
 #[cfg(feature = "uring")]
@@ -103,10 +136,9 @@ pub struct EngineOptions {
     pub on_copy_error: CopyErrorPolicy,
     /// Options for file volumes the engine opens itself. Default = buffered, read-write.
     pub file_options: FileVolumeOptions,
-    /// Open file volumes through io_uring where the kernel allows ([`crate::volume::open_best`])
-    /// instead of pread/pwrite. Default = false (pread measured faster for the engine's
-    /// buffered I/O on the project machine; see docs/benchmarks.md).
-    pub io_uring: bool,
+    /// File backend. Default = [`Backend::Auto`]: io_uring for `O_DIRECT` volumes where the
+    /// kernel allows, pread/pwrite for buffered ones.
+    pub backend: Backend,
     /// Sizes for a newly created table.
     pub table: TableOptions,
 }
@@ -125,10 +157,10 @@ pub trait VolumeResolver: Send + Sync {
 pub struct FileResolver {
     /// Options for opening.
     pub options: FileVolumeOptions,
-    /// Use io_uring where the kernel allows (see [`EngineOptions::io_uring`]).
-    pub io_uring: bool,
+    /// File backend (see [`EngineOptions::backend`]).
+    pub backend: Backend,
     /// The backend of the first volume this resolver opened.
-    pub backend: std::sync::OnceLock<&'static str>,
+    pub opened: std::sync::OnceLock<&'static str>,
 }
 
 impl VolumeResolver for FileResolver {
@@ -136,8 +168,8 @@ impl VolumeResolver for FileResolver {
         if r.locator.starts_with("mem:") || !Path::new(&r.locator).exists() {
             return Ok(None);
         }
-        let (v, name) = open_file_volume(Path::new(&r.locator), &self.options, self.io_uring)?;
-        let _ = self.backend.set(name);
+        let (v, name) = open_file_volume(Path::new(&r.locator), &self.options, self.backend)?;
+        let _ = self.opened.set(name);
         Ok(Some(v))
     }
 }
@@ -418,11 +450,11 @@ impl Engine {
         let storage: Arc<dyn TableStorage> = Arc::new(MmapStorage::open(path)?);
         let resolver = FileResolver {
             options: options.file_options.clone(),
-            io_uring: options.io_uring,
-            backend: std::sync::OnceLock::new(),
+            backend: options.backend,
+            opened: std::sync::OnceLock::new(),
         };
         let e = Engine::open(storage, &resolver, options)?;
-        if let Some(name) = resolver.backend.get() {
+        if let Some(name) = resolver.opened.get() {
             let _ = e.backend.set(name);
         }
         Ok(e)
@@ -526,19 +558,26 @@ impl Engine {
     /// # Errors
     /// I/O errors.
     pub fn open_file(&self, path: &Path) -> Result<Arc<dyn Volume>> {
-        let (v, name) = open_file_volume(path, &self.options.file_options, self.options.io_uring)?;
+        let (v, name) = open_file_volume(path, &self.options.file_options, self.options.backend)?;
         let _ = self.backend.set(name);
         Ok(v)
     }
 
     /// The file backend in use: [`BACKEND_IO_URING`] or [`BACKEND_PREAD`]. This is the backend
     /// of the first file volume the engine opened (io_uring may fall back to pread when the
-    /// kernel refuses), or, before any, the one [`EngineOptions::io_uring`] asks for.
+    /// kernel refuses), or, before any, the one [`EngineOptions::backend`] would pick.
     #[must_use]
     pub fn backend_name(&self) -> &'static str {
         match self.backend.get() {
             Some(name) => name,
-            None if self.options.io_uring && uring_allowed() => BACKEND_IO_URING,
+            None if self
+                .options
+                .backend
+                .uses_uring(self.options.file_options.direct)
+                && uring_allowed() =>
+            {
+                BACKEND_IO_URING
+            }
             None => BACKEND_PREAD,
         }
     }

@@ -194,3 +194,53 @@ backend_suite! {
     io_uring_o_direct => super::uring_direct,
     in_memory => super::mem,
 }
+
+/// The default backend picks io_uring for `O_DIRECT` volumes (where the kernel allows) and
+/// pread/pwrite for buffered ones; `Pread` and `IoUring` force one for every volume.
+#[test]
+fn engine_backend_choice_follows_direct() {
+    use timezero::engine::{Backend, BACKEND_IO_URING, BACKEND_PREAD};
+    let dir = tempfile::tempdir().unwrap();
+    let uring = timezero::volume::uring_available();
+    let expected = |backend: Backend, direct: bool| {
+        if backend.uses_uring(direct) && uring {
+            BACKEND_IO_URING
+        } else {
+            BACKEND_PREAD
+        }
+    };
+    assert_eq!(EngineOptions::default().backend, Backend::Auto);
+    assert!(Backend::Auto.uses_uring(true) && !Backend::Auto.uses_uring(false));
+    for (i, backend) in [Backend::Auto, Backend::Pread, Backend::IoUring]
+        .into_iter()
+        .enumerate()
+    {
+        for direct in [false, true] {
+            let opts = EngineOptions {
+                backend,
+                file_options: FileVolumeOptions {
+                    direct,
+                    read_only: false,
+                },
+                ..EngineOptions::default()
+            };
+            let table = dir.path().join(format!("t{i}{direct}.tzt"));
+            let e = Engine::create_path(&table, opts).unwrap();
+            // Before any volume is opened: the backend the options would pick.
+            assert_eq!(e.backend_name(), expected(backend, direct));
+            let vol = dir.path().join(format!("v{i}{direct}"));
+            write_file(&vol, &vec![7u8; 1 << 20]);
+            match e.attach_path(&vol) {
+                Ok(id) => {
+                    assert_eq!(e.backend_name(), expected(backend, direct), "{backend:?}");
+                    let mut buf = vec![0u8; 5000];
+                    let v = e.volume(id).unwrap();
+                    v.read_at(&mut buf, 3).unwrap();
+                    assert!(buf.iter().all(|&b| b == 7));
+                }
+                Err(err) if direct => println!("skipping O_DIRECT: {err}"),
+                Err(err) => panic!("attach: {err}"),
+            }
+        }
+    }
+}

@@ -135,6 +135,7 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
     let t0 = e.attach_path(&d.join("tgt0.img"))?;
     let t1 = e.attach_path(&d.join("tgt1.img"))?;
     let t2 = e.attach_path(&d.join("tgt2.img"))?;
+    say(&format!("file volumes through {}", e.backend_name()));
     // Three sessions: a whole-volume copy, an overlapping no-copy extent session with a smaller
     // grain on the same source, and a copy session with a large grain on another source.
     let s1 = e.establish(&SessionSpec::whole(a, t0))?;

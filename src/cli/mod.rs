@@ -32,9 +32,13 @@ pub struct Cli {
 /// How the engine opens file volumes; global flags accepted by every command.
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct IoFlags {
-    /// Open file volumes through io_uring where the kernel allows (default: pread/pwrite, which
-    /// measured faster for buffered I/O; see docs/benchmarks.md).
-    #[arg(long, global = true)]
+    /// File backend: auto = io_uring for O_DIRECT volumes where the kernel allows and
+    /// pread/pwrite for buffered ones (the faster of the two for each, see docs/benchmarks.md);
+    /// pread; io-uring = io_uring for every volume where the kernel allows.
+    #[arg(long, global = true, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// Same as --backend io-uring.
+    #[arg(long, global = true, conflicts_with = "backend")]
     pub io_uring: bool,
     /// Open file volumes with O_DIRECT (bypass the page cache). For `bench`: only the engine's
     /// background-copy figure.
@@ -42,13 +46,36 @@ pub struct IoFlags {
     pub direct: bool,
 }
 
+/// The `--backend` values (see [`crate::engine::Backend`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    /// io_uring for O_DIRECT volumes, pread/pwrite for buffered ones.
+    #[default]
+    Auto,
+    /// pread/pwrite for every volume.
+    Pread,
+    /// io_uring for every volume where the kernel allows.
+    IoUring,
+}
+
 impl IoFlags {
+    /// The engine backend these flags select.
+    #[must_use]
+    pub fn backend(&self) -> crate::engine::Backend {
+        use crate::engine::Backend;
+        match (self.io_uring, self.backend) {
+            (true, _) | (false, BackendArg::IoUring) => Backend::IoUring,
+            (false, BackendArg::Pread) => Backend::Pread,
+            (false, BackendArg::Auto) => Backend::Auto,
+        }
+    }
+
     /// Engine options with these flags and `restart`.
     #[must_use]
     pub fn engine_options(&self, restart: RestartPolicy) -> EngineOptions {
         EngineOptions {
             restart,
-            io_uring: self.io_uring,
+            backend: self.backend(),
             file_options: crate::volume::FileVolumeOptions {
                 direct: self.direct,
                 ..crate::volume::FileVolumeOptions::default()
@@ -495,8 +522,11 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
             }
             let _ = writeln!(
                 out,
-                "copied {} bytes; {}/{} grains",
-                p.bytes_copied, p.grains_copied, p.grains_total
+                "copied {} bytes; {}/{} grains; backend {}",
+                p.bytes_copied,
+                p.grains_copied,
+                p.grains_total,
+                e.backend_name()
             );
             for s in e.status() {
                 let _ = writeln!(out, "s{} {}", s.id, s.state);
@@ -617,7 +647,7 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
                 json,
                 json_out,
                 writers,
-                io_uring: io.io_uring,
+                backend: io.backend(),
                 direct_copy: io.direct,
                 probe_exe: std::env::current_exe().ok(),
             };

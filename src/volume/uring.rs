@@ -3,71 +3,65 @@
 //! # Design
 //!
 //! The [`Volume`] API is synchronous: a caller hands in a borrowed buffer and blocks until the
-//! transfer is complete. Queue depth therefore comes from many threads calling at once, and the
-//! backend's job is to keep their requests in flight together instead of serialising them.
+//! transfer is complete. Queue depth comes from many threads calling at once, so the backend's
+//! job is to let every calling thread have its request in the kernel without waiting for any
+//! other thread.
 //!
-//! A [`UringVolume`] owns a small pool of rings (one per CPU, at most [`MAX_RINGS`]); each
-//! thread is pinned to one ring of the pool by a thread-local slot number. Within a ring:
+//! Every thread that transfers through a [`UringVolume`] gets **its own ring**, created on first
+//! use and kept in a thread-local slot for the life of the thread (shared by every volume the
+//! thread touches; the descriptor travels in each entry). A thread has at most one request in
+//! flight, so a transfer is: push one entry, `io_uring_enter(to_submit = 1, min_complete = 1)`,
+//! pop its completion. There is no lock, no hand-over between threads and no dispatch map. The
+//! ring is created with `IORING_SETUP_SINGLE_ISSUER` and `IORING_SETUP_DEFER_TASKRUN` where the
+//! kernel accepts them (completion work then runs in the submitting thread's own
+//! `io_uring_enter`), and without them otherwise.
 //!
-//! * **Submission** is serialised by a mutex that is held only to push one SQE and hand it to
-//!   the kernel with `io_uring_enter(to_submit)`. The mutex is released before waiting, so any
-//!   number of requests (up to the ring's completion-queue size) are in flight at once.
-//! * **Completion** is dispatched by `user_data`: every request carries a unique token. One
-//!   waiting caller at a time (the *reaper*) blocks in `io_uring_enter(GETEVENTS, min_complete =
-//!   1)` without holding any lock, then drains the whole completion queue into a token → result
-//!   map and wakes the other waiters, which pick their own result out of the map. When the reaper
-//!   finds its own result it returns and another waiter takes over. No extra thread is needed and
-//!   a lost wake-up is impossible: a new reaper's `min_complete = 1` returns at once if
-//!   completions arrived between the previous reaper's drain and its hand-over.
+//! An earlier design shared a pool of rings between threads (a submission mutex and one thread
+//! at a time reaping for the others); with 8 threads on 2 rings, 4 KiB `O_DIRECT` reads cost
+//! 1.39x a plain `pread` because of the wake-ups between threads (docs/benchmarks.md).
 //!
-//! Why a pool of rings and not just one: the kernel executes many requests inline in the
-//! submitting `io_uring_enter` (page-cache hits, most buffered writes) under a per-ring lock, so
-//! a single ring would serialise that work across all threads. A pool keeps those copies
-//! parallel, while the per-ring dispatch keeps the queue depth of slow (device) requests.
+//! **Flushes** call `fdatasync(2)` directly: the kernel runs an io_uring fsync in a worker
+//! thread, which only adds a hand-over for a caller that blocks on it anyway.
+//!
+//! **Fallback.** When a thread cannot create its ring (the kernel refuses: too many rings,
+//! memory limits) or a ring became unusable (see below), that thread's transfers use
+//! `pread`/`pwrite` on the same descriptor, with the same bounce handling as
+//! [`super::FileVolume`]; the thread tries to create a ring again on a later transfer.
 //!
 //! # Registered bounce buffers
 //!
 //! An `O_DIRECT` transfer whose offset, length or buffer address is not aligned goes through an
-//! aligned bounce buffer. For volumes opened with `O_DIRECT`, every ring registers a small pool
-//! of bounce buffers with the kernel when it is created ([`POOL_BUFS`] of [`POOL_BUF_BYTES`]
-//! each, `IORING_REGISTER_BUFFERS`). A bounced transfer whose aligned span fits in one of them
-//! leases a free one and goes out as `READ_FIXED` / `WRITE_FIXED`: no allocation, no page faults
-//! and no per-request page pinning in the kernel. When the span is larger, every buffer of the
-//! ring is leased, or registration was refused (`RLIMIT_MEMLOCK`, `ENOMEM`, `EPERM`), the
-//! transfer uses a freshly allocated bounce buffer and plain reads and writes instead. Aligned
-//! transfers always use the caller's buffer directly: copying them into a registered buffer would
-//! cost more than the pinning it saves.
+//! aligned bounce buffer. The first time a thread needs one for an `O_DIRECT` volume, its ring
+//! registers one buffer of [`FIXED_BUF_BYTES`] with the kernel (`IORING_REGISTER_BUFFERS`). A
+//! bounced transfer whose aligned span fits in it goes out as `READ_FIXED` / `WRITE_FIXED`: no
+//! allocation, no page faults and no per-request page pinning in the kernel. When the span is
+//! larger, or registration was refused (`RLIMIT_MEMLOCK`, `ENOMEM`, `EPERM`), the transfer uses a
+//! freshly allocated bounce buffer and plain reads and writes instead. One buffer per thread is
+//! enough: a thread runs one transfer at a time, and a read-modify-write uses the same buffer
+//! for its read and its write. Aligned transfers always use the caller's buffer directly.
 //!
 //! # Buffer lifetime
 //!
 //! Every request borrows the caller's slice (or a bounce buffer) for the duration of one blocking
-//! call, and that call returns only after the request's completion has been reaped, on success
-//! and on every error path. The single exception is a failed `io_uring_enter` submission: the
-//! kernel then did not consume the SQE, and the ring is marked unusable so that nothing ever
-//! submits it later (the reaper always enters with `to_submit = 0`).
+//! call, and that call returns only after the request's completion has been popped, on success
+//! and on every error path. The single exception is an `io_uring_enter` that fails without
+//! consuming the entry: the kernel then never saw the request, and the ring is discarded (closing
+//! it, so that nothing ever submits the stale entry); the thread gets a new ring later.
 //!
-//! Registered bounce buffers are allocated once per ring and live exactly as long as the ring:
-//! they are never resized, moved (only their owning handles move; the heap memory stays put) or
-//! freed while it exists, and the ring is torn down (which unregisters them) before they are
-//! freed. A buffer is leased to one request at a time through a lock guard, which is released
-//! only after the blocking call that used it has returned, i.e. after its completion was reaped.
-//!
-//! The number of requests in the kernel per ring is bounded by the completion-queue size, so the
-//! completion queue can never overflow.
+//! A thread's registered buffer lives exactly as long as its ring: it is never resized or freed
+//! while the ring exists, and the ring is torn down (which unregisters it) before it is freed.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
-use std::num::NonZeroUsize;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use io_uring::{opcode, types, EnterFlags, IoUring, Probe};
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use io_uring::{opcode, types, IoUring, Probe};
 
 use super::{check_range, FileVolumeOptions, Volume, VolumeInfo};
 use crate::ids::{Generation, VolumeId};
@@ -76,28 +70,19 @@ use crate::{Error, Result};
 /// Alignment used for `O_DIRECT` transfers (same as the file backend).
 use super::aligned::{align_down, align_up, AlignedBuf, DIRECT_ALIGN_BYTES};
 
-/// Submission-queue entries per ring (the completion queue gets twice as many).
-const RING_ENTRIES: u32 = 64;
-
-/// Upper bound on the number of rings per volume.
-const MAX_RINGS: usize = 4;
+/// Submission-queue entries of a thread's ring (a thread has one request in flight).
+const RING_ENTRIES: u32 = 4;
 
 /// Largest transfer handed to one SQE. A multiple of [`DIRECT_ALIGN_BYTES`] so that the pieces
 /// of an aligned `O_DIRECT` transfer stay aligned, and below `u32::MAX` (the SQE length field).
 const MAX_CHUNK: usize = 1 << 30;
 
-/// Registered bounce buffers per ring of an `O_DIRECT` volume (see the module documentation).
-/// At most this many unaligned transfers per ring use registered buffers at once; more fall back
-/// to allocated bounce buffers.
-const POOL_BUFS: usize = 4;
+/// Size of a thread's registered bounce buffer: the largest aligned span of an unaligned
+/// `O_DIRECT` transfer that goes through it. A multiple of [`DIRECT_ALIGN_BYTES`]; locked against
+/// `RLIMIT_MEMLOCK` once per thread that bounces `O_DIRECT` transfers.
+const FIXED_BUF_BYTES: usize = 256 * 1024;
 
-/// Size of one registered bounce buffer: the largest aligned span of an unaligned `O_DIRECT`
-/// transfer that goes through the pool. A multiple of [`DIRECT_ALIGN_BYTES`]. With
-/// [`POOL_BUFS`] buffers per ring and [`MAX_RINGS`] rings, a volume locks at most 4 MiB against
-/// `RLIMIT_MEMLOCK`.
-const POOL_BUF_BYTES: usize = 256 * 1024;
-
-/// The `op` of errors raised while creating the rings of a volume.
+/// The `op` of errors raised while opening a volume whose rings cannot work at all.
 const SETUP_OP: &str = "io_uring_setup";
 
 /// Pause before retrying a transiently refused `io_uring_enter` (`EAGAIN`, `EBUSY`).
@@ -105,7 +90,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(1);
 
 /// Whether this process may use io_uring for file I/O.
 ///
-/// Creates a small ring, checks that the kernel supports the read, write, fsync and no-op
+/// Creates a small ring, checks that the kernel supports the read, write, fixed-buffer and no-op
 /// opcodes, and runs a no-op through it. The answer is computed once per process and cached.
 /// `false` when the kernel is too old, io_uring is disabled (`kernel.io_uring_disabled`), or a
 /// seccomp filter refuses the system calls (`ENOSYS`, `EPERM`); callers then use
@@ -116,8 +101,8 @@ pub fn uring_available() -> bool {
     *AVAILABLE.get_or_init(|| probe().is_ok())
 }
 
-/// Whether `e` is the kernel refusing to create a volume's rings (as opposed to a problem with
-/// the file itself); [`super::open_best`] falls back to the file backend on these.
+/// Whether `e` is the kernel refusing io_uring for a volume (as opposed to a problem with the
+/// file itself); [`super::open_best`] falls back to the file backend on these.
 pub(super) fn is_setup_error(e: &Error) -> bool {
     matches!(e, Error::Io { op, .. } if *op == SETUP_OP)
 }
@@ -130,7 +115,8 @@ fn probe() -> io::Result<()> {
         opcode::Nop::CODE,
         opcode::Read::CODE,
         opcode::Write::CODE,
-        opcode::Fsync::CODE,
+        opcode::ReadFixed::CODE,
+        opcode::WriteFixed::CODE,
     ] {
         if !ops.is_supported(code) {
             return Err(io::Error::new(
@@ -160,19 +146,22 @@ fn probe() -> io::Result<()> {
     Ok(())
 }
 
-/// A file or block device accessed through a pool of io_uring instances.
+/// A file or block device accessed through io_uring, one ring per calling thread.
 ///
 /// Identity, size and locator are derived exactly as for [`super::FileVolume`]; see the module
-/// documentation for how concurrent callers share the rings.
+/// documentation for how threads use their rings.
 pub struct UringVolume {
-    // Declared before `file`: the rings are torn down before the descriptor they refer to is
-    // closed (no request is ever in flight at drop time anyway, see `Ring::run`).
-    rings: Vec<Ring>,
     file: File,
     path: PathBuf,
     id: VolumeId,
     size: u64,
     direct: bool,
+    /// Bounce unaligned `O_DIRECT` transfers through the thread's registered buffer.
+    pool: bool,
+    /// Requests submitted with a registered buffer (`READ_FIXED` / `WRITE_FIXED`).
+    fixed_requests: AtomicU64,
+    /// Transfers that went through `pread`/`pwrite` because the thread had no usable ring.
+    fallback_transfers: AtomicU64,
 }
 
 impl std::fmt::Debug for UringVolume {
@@ -182,10 +171,39 @@ impl std::fmt::Debug for UringVolume {
             .field("id", &self.id)
             .field("size", &self.size)
             .field("direct", &self.direct)
-            .field("rings", &self.rings.len())
-            .field("registered_buffers", &self.registered_buffers())
+            .field(
+                "fixed_requests",
+                &self.fixed_requests.load(Ordering::Relaxed),
+            )
+            .field(
+                "fallback_transfers",
+                &self.fallback_transfers.load(Ordering::Relaxed),
+            )
             .finish_non_exhaustive()
     }
+}
+
+/// One request. The buffers are borrowed for as long as [`LocalRing::run`] runs, and `run` does
+/// not return before the kernel is done with them. `fixed: true` means that `buf` lies within
+/// the ring's registered buffer (index 0).
+enum Op<'b> {
+    Read {
+        buf: &'b mut [u8],
+        offset: u64,
+        fixed: bool,
+    },
+    Write {
+        buf: &'b [u8],
+        offset: u64,
+        fixed: bool,
+    },
+}
+
+/// Where a transfer's bytes go: the caller's buffer, the ring's registered buffer, or an
+/// allocated bounce buffer.
+enum Bounce {
+    Fixed,
+    Owned(AlignedBuf),
 }
 
 impl UringVolume {
@@ -193,16 +211,13 @@ impl UringVolume {
     ///
     /// # Errors
     /// [`Error::Io`] when the file cannot be opened or inspected, or (with op
-    /// `"io_uring_setup"`) when the kernel refuses to create the rings.
+    /// `"io_uring_setup"`) when the calling thread cannot create its ring.
     pub fn open(path: impl AsRef<Path>, options: &FileVolumeOptions) -> Result<Self> {
-        let count = std::thread::available_parallelism()
-            .map_or(1, NonZeroUsize::get)
-            .min(MAX_RINGS);
-        Self::open_with(path.as_ref(), options, count, RING_ENTRIES, true)
+        Self::open_with(path.as_ref(), options, true)
     }
 
     /// [`UringVolume::open`] without registered bounce buffers: unaligned `O_DIRECT` transfers
-    /// always allocate their bounce buffer. For measuring what the pool saves; use
+    /// always allocate their bounce buffer. For measuring what registration saves; use
     /// [`UringVolume::open`] otherwise.
     ///
     /// # Errors
@@ -212,39 +227,31 @@ impl UringVolume {
         path: impl AsRef<Path>,
         options: &FileVolumeOptions,
     ) -> Result<Self> {
-        let count = std::thread::available_parallelism()
-            .map_or(1, NonZeroUsize::get)
-            .min(MAX_RINGS);
-        Self::open_with(path.as_ref(), options, count, RING_ENTRIES, false)
+        Self::open_with(path.as_ref(), options, false)
     }
 
-    /// [`UringVolume::open`] with `rings` rings of `entries` submission entries each, with
-    /// registered bounce buffers if `pool` and the volume is opened with `O_DIRECT`.
-    fn open_with(
-        path: &Path,
-        options: &FileVolumeOptions,
-        rings: usize,
-        entries: u32,
-        pool: bool,
-    ) -> Result<Self> {
+    fn open_with(path: &Path, options: &FileVolumeOptions, pool: bool) -> Result<Self> {
         let shown = path.display().to_string();
+        // The opening thread's ring: if even that cannot be created, io_uring is of no use here.
+        if !with_ring(|r| r.is_some()) {
+            let e = io::Error::other("cannot create an io_uring instance");
+            return Err(Error::io(SETUP_OP, &shown, 0, e));
+        }
         let super::OpenedFile {
             file,
             meta,
             size,
             canonical: abs,
         } = super::open_file(path, options)?;
-        let rings = (0..rings.max(1))
-            .map(|_| Ring::new(entries, pool && options.direct))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| Error::io(SETUP_OP, &shown, 0, e))?;
         Ok(UringVolume {
-            rings,
             file,
             path: abs,
             id: VolumeId::from_parts(meta.dev(), meta.ino()),
             size,
             direct: options.direct,
+            pool,
+            fixed_requests: AtomicU64::new(0),
+            fallback_transfers: AtomicU64::new(0),
         })
     }
 
@@ -254,21 +261,17 @@ impl UringVolume {
         &self.path
     }
 
-    /// Number of bounce buffers registered with the kernel, over all rings: 0 unless the volume
-    /// was opened with `O_DIRECT` and the kernel accepted the registration (see the module
-    /// documentation of the io_uring backend).
+    /// Requests submitted with a registered buffer (`READ_FIXED` / `WRITE_FIXED`) so far.
     #[must_use]
-    pub fn registered_buffers(&self) -> usize {
-        self.rings.iter().map(|r| r.fixed.bufs.len()).sum()
+    pub fn fixed_requests(&self) -> u64 {
+        self.fixed_requests.load(Ordering::Relaxed)
     }
 
-    /// Requests submitted with a registered buffer (`READ_FIXED` / `WRITE_FIXED`) so far.
-    #[cfg(test)]
-    fn fixed_requests(&self) -> u64 {
-        self.rings
-            .iter()
-            .map(|r| r.fixed_requests.load(Ordering::Relaxed))
-            .sum()
+    /// Transfers so far that used `pread`/`pwrite` because the calling thread had no usable
+    /// ring (see the module documentation).
+    #[must_use]
+    pub fn fallback_transfers(&self) -> u64 {
+        self.fallback_transfers.load(Ordering::Relaxed)
     }
 
     fn shown(&self) -> String {
@@ -279,17 +282,7 @@ impl UringVolume {
         types::Fd(self.file.as_raw_fd())
     }
 
-    /// The ring of the pool that the calling thread uses.
-    fn ring(&self) -> &Ring {
-        static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SLOT: usize = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
-        }
-        let slot = SLOT.with(|s| *s);
-        &self.rings[slot % self.rings.len()]
-    }
-
-    /// Whether a transfer can go to an `O_DIRECT` descriptor as is.
+    /// Whether a transfer can go to the descriptor as is (always, unless `O_DIRECT`).
     fn direct_ok(&self, ptr: *const u8, offset: u64, len: usize) -> bool {
         !self.direct
             || (offset % DIRECT_ALIGN_BYTES as u64 == 0
@@ -297,46 +290,27 @@ impl UringVolume {
                 && ptr.align_offset(DIRECT_ALIGN_BYTES) == 0)
     }
 
-    /// Fill `buf` from `offset`, continuing short reads. End of file is an error only if it comes
-    /// before the first `need` bytes are read; the rest of `buf` is then zero-filled (used for
-    /// `O_DIRECT` bounce buffers that extend past the end of a file).
-    ///
-    /// With `fixed = Some(i)`, `buf` lies within registered buffer `i` of `ring`.
-    fn read_exact(
-        &self,
-        ring: &Ring,
-        buf: &mut [u8],
-        offset: u64,
-        need: usize,
-        fixed: Option<u16>,
-    ) -> Result<()> {
+    /// The aligned span `(start, len)` of an unaligned `O_DIRECT` transfer.
+    fn span(offset: u64, len: usize, op: &'static str) -> Result<(u64, usize)> {
+        let start = align_down(offset);
+        let end = align_up(offset + len as u64);
+        let len = usize::try_from(end - start).map_err(|_| Error::invalid(op, "too large"))?;
+        Ok((start, len))
+    }
+
+    /// Read `buf.len()` bytes at `offset` into `buf` with `pread`, continuing short reads. End of
+    /// file is an error only if it comes before the first `need` bytes; the rest of `buf` is then
+    /// zero-filled (bounce buffers that extend past the end of a file).
+    fn pread_exact(&self, buf: &mut [u8], offset: u64, need: usize) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
-            let end = buf.len().min(done + MAX_CHUNK);
-            let want = end - done;
-            let res = ring
-                .run(
-                    self.fd(),
-                    Op::Read {
-                        buf: &mut buf[done..end],
-                        offset: at,
-                        fixed,
-                    },
-                )
-                .map_err(|e| Error::io("read", self.shown(), at, e))?;
-            match transferred(res, want) {
+            match self.file.read_at(&mut buf[done..], at) {
                 Ok(0) if done >= need => {
                     buf[done..].fill(0);
                     return Ok(());
                 }
-                Ok(0) => {
-                    let e = io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("end of file after {done} of {need} bytes"),
-                    );
-                    return Err(Error::io("read", self.shown(), at, e));
-                }
+                Ok(0) => return Err(Error::io("read", self.shown(), at, eof(done, need))),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Error::io("read", self.shown(), at, e)),
@@ -345,24 +319,82 @@ impl UringVolume {
         Ok(())
     }
 
-    /// Write all of `buf` at `offset`, continuing short writes.
-    ///
-    /// With `fixed = Some(i)`, `buf` lies within registered buffer `i` of `ring`.
-    fn write_all(&self, ring: &Ring, buf: &[u8], offset: u64, fixed: Option<u16>) -> Result<()> {
+    /// Fill `buf` from `offset` through `ring` (or `pread` without one), continuing short reads;
+    /// end of file as in [`UringVolume::pread_exact`]. With `fixed`, `buf` lies within the ring's
+    /// registered buffer.
+    fn read_exact(
+        &self,
+        ring: Option<&mut LocalRing>,
+        buf: &mut [u8],
+        offset: u64,
+        need: usize,
+        fixed: bool,
+    ) -> Result<()> {
+        let Some(ring) = ring else {
+            self.fallback_transfers.fetch_add(1, Ordering::Relaxed);
+            return self.pread_exact(buf, offset, need);
+        };
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
             let end = buf.len().min(done + MAX_CHUNK);
             let want = end - done;
+            if fixed {
+                self.fixed_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            let op = Op::Read {
+                buf: &mut buf[done..end],
+                offset: at,
+                fixed,
+            };
             let res = ring
-                .run(
-                    self.fd(),
-                    Op::Write {
-                        buf: &buf[done..end],
-                        offset: at,
-                        fixed,
-                    },
-                )
+                .run(self.fd(), op)
+                .map_err(|e| Error::io("read", self.shown(), at, e))?;
+            match transferred(res, want) {
+                Ok(0) if done >= need => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(0) => return Err(Error::io("read", self.shown(), at, eof(done, need))),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", self.shown(), at, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write all of `buf` at `offset` through `ring` (or `pwrite` without one), continuing short
+    /// writes. With `fixed`, `buf` lies within the ring's registered buffer.
+    fn write_all(
+        &self,
+        ring: Option<&mut LocalRing>,
+        buf: &[u8],
+        offset: u64,
+        fixed: bool,
+    ) -> Result<()> {
+        let Some(ring) = ring else {
+            self.fallback_transfers.fetch_add(1, Ordering::Relaxed);
+            return self
+                .file
+                .write_all_at(buf, offset)
+                .map_err(|e| Error::io("write", self.shown(), offset, e));
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let end = buf.len().min(done + MAX_CHUNK);
+            let want = end - done;
+            if fixed {
+                self.fixed_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            let op = Op::Write {
+                buf: &buf[done..end],
+                offset: at,
+                fixed,
+            };
+            let res = ring
+                .run(self.fd(), op)
                 .map_err(|e| Error::io("write", self.shown(), at, e))?;
             match transferred(res, want) {
                 Ok(0) => {
@@ -376,6 +408,96 @@ impl UringVolume {
         }
         Ok(())
     }
+
+    /// The bounce buffer for an aligned span of `len` bytes: the ring's registered buffer when
+    /// it fits (registering it on first use), an allocated one otherwise.
+    fn bounce(&self, ring: Option<&mut LocalRing>, len: usize) -> Bounce {
+        match ring {
+            Some(r) if self.pool && len <= FIXED_BUF_BYTES => {
+                if r.fixed_buffer() {
+                    Bounce::Fixed
+                } else {
+                    Bounce::Owned(AlignedBuf::new(len))
+                }
+            }
+            _ => Bounce::Owned(AlignedBuf::new(len)),
+        }
+    }
+
+    fn read_on(&self, mut ring: Option<&mut LocalRing>, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.direct_ok(buf.as_ptr(), offset, buf.len()) {
+            return self.read_exact(ring, buf, offset, buf.len(), false);
+        }
+        let (start, len) = Self::span(offset, buf.len(), "read")?;
+        let skip = usize::try_from(offset - start).unwrap_or(0);
+        let need = skip + buf.len();
+        // The aligned tail may lie past the end of a file whose size is not aligned.
+        match self.bounce(ring.as_deref_mut(), len) {
+            Bounce::Fixed => {
+                let r = ring.expect("a fixed buffer implies a ring");
+                let mut fixed = r.take_fixed(len);
+                let res = self.read_exact(Some(r), fixed.get_mut(), start, need, true);
+                if res.is_ok() {
+                    buf.copy_from_slice(&fixed.get()[skip..need]);
+                }
+                r.put_fixed(fixed);
+                res
+            }
+            Bounce::Owned(mut b) => {
+                self.read_exact(ring, b.get_mut(), start, need, false)?;
+                buf.copy_from_slice(&b.get()[skip..need]);
+                Ok(())
+            }
+        }
+    }
+
+    fn write_on(&self, mut ring: Option<&mut LocalRing>, buf: &[u8], offset: u64) -> Result<()> {
+        if self.direct_ok(buf.as_ptr(), offset, buf.len()) {
+            return self.write_all(ring, buf, offset, false);
+        }
+        let (start, len) = Self::span(offset, buf.len(), "write")?;
+        if start + len as u64 > self.size {
+            // Writing the whole aligned tail would extend the file.
+            return Err(Error::Misaligned {
+                offset,
+                len: buf.len() as u64,
+                align: DIRECT_ALIGN_BYTES as u64,
+            });
+        }
+        let skip = usize::try_from(offset - start).unwrap_or(0);
+        let partial = skip != 0 || len != buf.len();
+        match self.bounce(ring.as_deref_mut(), len) {
+            Bounce::Fixed => {
+                let r = ring.expect("a fixed buffer implies a ring");
+                let mut fixed = r.take_fixed(len);
+                let res = (|| {
+                    if partial {
+                        // Read-modify-write of the partial sectors at either edge.
+                        self.read_exact(Some(&mut *r), fixed.get_mut(), start, len, true)?;
+                    }
+                    fixed.get_mut()[skip..skip + buf.len()].copy_from_slice(buf);
+                    self.write_all(Some(&mut *r), fixed.get(), start, true)
+                })();
+                r.put_fixed(fixed);
+                res
+            }
+            Bounce::Owned(mut b) => {
+                if partial {
+                    self.read_exact(ring.as_deref_mut(), b.get_mut(), start, len, false)?;
+                }
+                b.get_mut()[skip..skip + buf.len()].copy_from_slice(buf);
+                self.write_all(ring, b.get(), start, false)
+            }
+        }
+    }
+}
+
+/// The end-of-file error of a read that stopped after `done` of `need` bytes.
+fn eof(done: usize, need: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("end of file after {done} of {need} bytes"),
+    )
 }
 
 /// Interpret a read or write completion for a request of `want` bytes.
@@ -407,398 +529,233 @@ impl Volume for UringVolume {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size, "volume")?;
-        let ring = self.ring();
-        if self.direct_ok(buf.as_ptr(), offset, buf.len()) {
-            return self.read_exact(ring, buf, offset, buf.len(), None);
-        }
-        let start = align_down(offset);
-        let end = align_up(offset + buf.len() as u64);
-        let len = usize::try_from(end - start).map_err(|_| Error::invalid("read", "too large"))?;
-        // A registered buffer when one is free and large enough, else an allocated one. The
-        // lease is given back when it goes out of scope, after the read's completion was reaped.
-        let mut lease = ring.fixed.lease(len);
-        let mut owned;
-        let (bounce, fixed) = match lease.as_mut() {
-            Some(lease) => lease.get_mut(len),
-            None => {
-                owned = AlignedBuf::new(len);
-                (owned.get_mut(), None)
-            }
-        };
-        let skip = usize::try_from(offset - start).unwrap_or(0);
-        // The aligned tail may lie past the end of a file whose size is not aligned.
-        self.read_exact(ring, bounce, start, skip + buf.len(), fixed)?;
-        buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
-        Ok(())
+        with_ring(|ring| self.read_on(ring, buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size, "volume")?;
-        let ring = self.ring();
-        if self.direct_ok(buf.as_ptr(), offset, buf.len()) {
-            return self.write_all(ring, buf, offset, None);
-        }
-        let start = align_down(offset);
-        let end = align_up(offset + buf.len() as u64);
-        if end > self.size {
-            // Writing the whole aligned tail would extend the file.
-            return Err(Error::Misaligned {
-                offset,
-                len: buf.len() as u64,
-                align: DIRECT_ALIGN_BYTES as u64,
-            });
-        }
-        let len = usize::try_from(end - start).map_err(|_| Error::invalid("write", "too large"))?;
-        // As in `read_at`: the lease outlives both requests that use the buffer.
-        let mut lease = ring.fixed.lease(len);
-        let mut owned;
-        let (bounce, fixed) = match lease.as_mut() {
-            Some(lease) => lease.get_mut(len),
-            None => {
-                owned = AlignedBuf::new(len);
-                (owned.get_mut(), None)
-            }
-        };
-        if start != offset || end != offset + buf.len() as u64 {
-            // Read-modify-write of the partial sectors at either edge.
-            self.read_exact(ring, bounce, start, len, fixed)?;
-        }
-        let skip = usize::try_from(offset - start).unwrap_or(0);
-        bounce[skip..skip + buf.len()].copy_from_slice(buf);
-        self.write_all(ring, bounce, start, fixed)
+        with_ring(|ring| self.write_on(ring, buf, offset))
     }
 
     fn flush(&self) -> Result<()> {
-        loop {
-            let res = self
-                .ring()
-                .run(self.fd(), Op::Fsync)
-                .map_err(|e| Error::io("fdatasync", self.shown(), 0, e))?;
-            if res >= 0 {
-                return Ok(());
-            }
-            let e = io::Error::from_raw_os_error(-res);
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(Error::io("fdatasync", self.shown(), 0, e));
-            }
-        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", self.shown(), 0, e))
     }
 }
 
-/// One request. The buffers are borrowed for as long as [`Ring::run`] runs, and `run` does not
-/// return before the kernel is done with them. `fixed: Some(i)` means that `buf` lies within
-/// registered buffer `i` of the ring that runs the request (`READ_FIXED` / `WRITE_FIXED`).
-enum Op<'b> {
-    Read {
-        buf: &'b mut [u8],
-        offset: u64,
-        fixed: Option<u16>,
-    },
-    Write {
-        buf: &'b [u8],
-        offset: u64,
-        fixed: Option<u16>,
-    },
-    Fsync,
+thread_local! {
+    /// The calling thread's ring; `None` before the first transfer and after a ring was
+    /// discarded (a new one is created on the next transfer).
+    static RING: RefCell<Option<LocalRing>> = const { RefCell::new(None) };
 }
 
-/// Bounce buffers registered with one ring for unaligned `O_DIRECT` transfers (see the module
-/// documentation). Element `i` is the ring's registered buffer `i`; empty when the volume is not
-/// `O_DIRECT` or the kernel refused the registration.
-struct FixedPool {
-    /// Each buffer behind its own lock: a held guard is the lease of that buffer. Every buffer is
-    /// [`POOL_BUF_BYTES`] long and is never resized (its heap memory never moves).
-    bufs: Vec<Mutex<AlignedBuf>>,
-}
-
-/// Exclusive use of one registered buffer; dropping it gives the buffer back to its pool.
-struct FixedLease<'p> {
-    index: u16,
-    buf: MutexGuard<'p, AlignedBuf>,
-}
-
-impl FixedLease<'_> {
-    /// The first `len` bytes of the buffer and its registered index (`len` is at most
-    /// [`POOL_BUF_BYTES`], checked by [`FixedPool::lease`]).
-    fn get_mut(&mut self, len: usize) -> (&mut [u8], Option<u16>) {
-        let index = self.index;
-        let bytes = self.buf.get_mut();
-        let len = len.min(bytes.len());
-        (&mut bytes[..len], Some(index))
-    }
-}
-
-impl FixedPool {
-    /// A pool without buffers: every bounced transfer allocates.
-    fn empty() -> Self {
-        FixedPool { bufs: Vec::new() }
-    }
-
-    /// Allocate [`POOL_BUFS`] buffers and register them with `uring`; an empty pool when the
-    /// kernel refuses (`RLIMIT_MEMLOCK`, `ENOMEM`, `EPERM`, no support), which only costs speed.
-    ///
-    /// The caller must keep the returned pool alive, unchanged, for as long as `uring` exists
-    /// (the ring declares it after `uring`, so the ring is dropped first).
-    fn register(uring: &IoUring) -> Self {
-        let mut bufs: Vec<AlignedBuf> = (0..POOL_BUFS)
-            .map(|_| AlignedBuf::new(POOL_BUF_BYTES))
-            .collect();
-        let iovecs: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| {
-                let bytes = b.get_mut();
-                libc::iovec {
-                    iov_base: bytes.as_mut_ptr().cast(),
-                    iov_len: bytes.len(),
-                }
-            })
-            .collect();
-        // SAFETY: every iovec describes the whole usable part of one live `AlignedBuf`. The
-        // buffers move into the returned pool, which the ring keeps, unchanged, until after the
-        // io_uring instance (and with it the registration) is destroyed: `Ring` declares `fixed`
-        // after `uring`, buffers are never resized or replaced (moving an `AlignedBuf` moves only
-        // its handle, not the heap memory the iovec points at), and the pool is never taken out
-        // of the ring. The kernel touches a buffer only while a request names it, and such a
-        // request holds the buffer's lease for its whole life (see `FixedLease`).
-        match unsafe { uring.submitter().register_buffers(&iovecs) } {
-            Ok(()) => FixedPool {
-                bufs: bufs.into_iter().map(Mutex::new).collect(),
-            },
-            Err(_) => FixedPool::empty(),
-        }
-    }
-
-    /// Lease a free buffer for an aligned span of `len` bytes; `None` when `len` does not fit in
-    /// one buffer or every buffer is in use.
-    fn lease(&self, len: usize) -> Option<FixedLease<'_>> {
-        if len > POOL_BUF_BYTES {
+/// Run `f` with the calling thread's ring, creating it if needed; `None` when the thread cannot
+/// have one (creation refused, or the slot is unreachable: thread teardown, re-entry), in which
+/// case the caller uses plain system calls. A ring that `f` marked broken is discarded.
+fn with_ring<R>(f: impl FnOnce(Option<&mut LocalRing>) -> R) -> R {
+    let mut f = Some(f);
+    let out = RING.try_with(|cell| {
+        let Ok(mut slot) = cell.try_borrow_mut() else {
             return None;
-        }
-        self.bufs.iter().enumerate().find_map(|(i, b)| {
-            Some(FixedLease {
-                index: u16::try_from(i).ok()?,
-                buf: b.try_lock()?,
-            })
-        })
-    }
-}
-
-/// One io_uring instance shared by several threads (see the module documentation).
-struct Ring {
-    uring: IoUring,
-    /// Held while pushing to and submitting the submission queue. `true` once a submission
-    /// failed and left an SQE the kernel has not consumed; the ring then never submits again.
-    sq: Mutex<bool>,
-    /// Completion dispatch state; also the lock under which the completion queue is drained.
-    cq: Mutex<CqState>,
-    /// Signalled whenever completions were drained or a request slot was freed.
-    cv: Condvar,
-    /// Most requests in the kernel at once (the completion-queue size: no overflow possible).
-    max_in_flight: usize,
-    /// Registered bounce buffers. Declared after `uring` so that the ring, and with it the
-    /// registration, is destroyed before the buffers are freed.
-    fixed: FixedPool,
-    /// Requests submitted with a registered buffer.
-    fixed_requests: AtomicU64,
-}
-
-struct CqState {
-    /// A caller is blocked in `io_uring_enter(GETEVENTS)` for this ring.
-    reaping: bool,
-    /// Requests submitted (or being submitted) whose completion has not been drained yet.
-    in_flight: usize,
-    /// Last token handed out.
-    next_token: u64,
-    /// Drained results not yet picked up by their callers, by token.
-    done: HashMap<u64, i32>,
-}
-
-impl Ring {
-    /// A ring with `entries` submission entries, with registered bounce buffers if `pool`.
-    fn new(entries: u32, pool: bool) -> io::Result<Self> {
-        let uring = IoUring::new(entries)?;
-        let max_in_flight = uring.params().cq_entries() as usize;
-        let fixed = if pool {
-            FixedPool::register(&uring)
-        } else {
-            FixedPool::empty()
         };
-        Ok(Ring {
+        if slot.is_none() && !rings_refused() {
+            if let Ok(r) = LocalRing::new() {
+                *slot = Some(r);
+            }
+        }
+        let f = f.take()?;
+        let out = f(slot.as_mut());
+        if slot.as_ref().is_some_and(|r| r.broken) {
+            // Closing the ring drops the entry the kernel never consumed.
+            *slot = None;
+        }
+        Some(out)
+    });
+    match (out, f) {
+        (Ok(Some(out)), _) => out,
+        (_, Some(f)) => f(None),
+        // `f` ran and produced a value, which was returned above.
+        (_, None) => unreachable!("with_ring: the closure ran but returned nothing"),
+    }
+}
+
+/// Whether this thread may not create a ring: set by tests to exercise the fallback.
+#[cfg(test)]
+fn rings_refused() -> bool {
+    tests::rings_refused()
+}
+
+#[cfg(not(test))]
+#[inline]
+fn rings_refused() -> bool {
+    false
+}
+
+/// The registered bounce buffer of a ring.
+enum FixedBuf {
+    /// Not registered yet: register on first need.
+    Untried,
+    /// Registered as buffer index 0. `None` while a transfer holds it (`take_fixed`).
+    Registered(Option<AlignedBuf>),
+    /// The kernel refused the registration; bounce with allocated buffers.
+    Refused,
+}
+
+/// One thread's io_uring instance (see the module documentation).
+struct LocalRing {
+    uring: IoUring,
+    /// Declared after `uring`, so that the ring, and with it the registration, is destroyed
+    /// before the buffer is freed.
+    fixed: FixedBuf,
+    /// Last `user_data` handed out.
+    token: u64,
+    /// An entry is in the submission queue that the kernel refused to consume: discard the ring.
+    broken: bool,
+}
+
+impl LocalRing {
+    fn new() -> io::Result<Self> {
+        // Single issuer (only this thread submits) with deferred task work where supported
+        // (Linux 6.1+), plain otherwise.
+        let uring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::new(RING_ENTRIES))?;
+        Ok(LocalRing {
             uring,
-            sq: Mutex::new(false),
-            cq: Mutex::new(CqState {
-                reaping: false,
-                in_flight: 0,
-                next_token: 0,
-                done: HashMap::with_capacity(max_in_flight),
-            }),
-            cv: Condvar::new(),
-            max_in_flight,
-            fixed,
-            fixed_requests: AtomicU64::new(0),
+            fixed: FixedBuf::Untried,
+            token: 0,
+            broken: false,
         })
     }
 
-    /// Submit `op` on `fd` and block until its completion has been reaped; returns the raw
+    /// Whether the registered buffer can be used (registering it on first call).
+    fn fixed_buffer(&mut self) -> bool {
+        if matches!(self.fixed, FixedBuf::Untried) {
+            let mut buf = AlignedBuf::new(FIXED_BUF_BYTES);
+            let bytes = buf.get_mut();
+            let iov = libc::iovec {
+                iov_base: bytes.as_mut_ptr().cast(),
+                iov_len: bytes.len(),
+            };
+            // SAFETY: the iovec describes the whole usable part of `buf`, which moves into
+            // `self.fixed` and stays alive, never resized (moving an `AlignedBuf` moves only its
+            // handle, not the heap memory the iovec points at), until after the io_uring
+            // instance and with it the registration is destroyed: `LocalRing` declares `fixed`
+            // after `uring`, and a buffer taken out by `take_fixed` is always put back by the
+            // same transfer. The kernel touches the buffer only while a request names it, and
+            // requests run one at a time, each completing before `run` returns.
+            self.fixed = match unsafe { self.uring.submitter().register_buffers(&[iov]) } {
+                Ok(()) => FixedBuf::Registered(Some(buf)),
+                Err(_) => FixedBuf::Refused,
+            };
+        }
+        matches!(self.fixed, FixedBuf::Registered(Some(_)))
+    }
+
+    /// Take the registered buffer for a transfer of an aligned span of `len` bytes (at most
+    /// [`FIXED_BUF_BYTES`]); the caller must give it back with [`LocalRing::put_fixed`].
+    /// Call only after [`LocalRing::fixed_buffer`] returned `true`.
+    fn take_fixed(&mut self, len: usize) -> FixedLease {
+        let buf = match &mut self.fixed {
+            FixedBuf::Registered(b) => b.take(),
+            _ => None,
+        }
+        .expect("take_fixed: the registered buffer is available");
+        FixedLease { buf, len }
+    }
+
+    /// Give the registered buffer back.
+    fn put_fixed(&mut self, lease: FixedLease) {
+        if let FixedBuf::Registered(slot) = &mut self.fixed {
+            *slot = Some(lease.buf);
+        }
+    }
+
+    /// Submit `op` on `fd` and block until its completion has been popped; returns the raw
     /// completion result (a byte count or a negated errno).
     ///
-    /// `Err` only when the request could not be submitted, in which case the kernel never saw it.
-    fn run(&self, fd: types::Fd, op: Op<'_>) -> io::Result<i32> {
-        let token = self.acquire();
+    /// `Err` only when the request could not be submitted, in which case the kernel never saw
+    /// it and the ring is marked broken (see [`with_ring`]).
+    fn run(&mut self, fd: types::Fd, op: Op<'_>) -> io::Result<i32> {
+        self.token = self.token.wrapping_add(1);
+        let token = self.token;
         // Lengths are clamped by the callers to `MAX_CHUNK`, which fits in `u32`.
         let entry = match op {
             Op::Read { buf, offset, fixed } => {
                 let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
                 let ptr = buf.as_mut_ptr();
-                match fixed {
-                    Some(index) => {
-                        self.fixed_requests.fetch_add(1, Ordering::Relaxed);
-                        opcode::ReadFixed::new(fd, ptr, len, index)
-                            .offset(offset)
-                            .build()
-                    }
-                    None => opcode::Read::new(fd, ptr, len).offset(offset).build(),
+                if fixed {
+                    opcode::ReadFixed::new(fd, ptr, len, 0)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::Read::new(fd, ptr, len).offset(offset).build()
                 }
             }
             Op::Write { buf, offset, fixed } => {
                 let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
                 let ptr = buf.as_ptr();
-                match fixed {
-                    Some(index) => {
-                        self.fixed_requests.fetch_add(1, Ordering::Relaxed);
-                        opcode::WriteFixed::new(fd, ptr, len, index)
-                            .offset(offset)
-                            .build()
-                    }
-                    None => opcode::Write::new(fd, ptr, len).offset(offset).build(),
+                if fixed {
+                    opcode::WriteFixed::new(fd, ptr, len, 0)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::Write::new(fd, ptr, len).offset(offset).build()
                 }
             }
-            Op::Fsync => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
         }
         .user_data(token);
-
-        let mut broken = self.sq.lock();
-        if *broken {
-            drop(broken);
-            self.release();
-            return Err(io::Error::other(
-                "io_uring ring unusable after a failed submission",
-            ));
-        }
-        {
-            // SAFETY: `submission_shared` requires that no other `SubmissionQueue` of this ring
-            // exists. Every one is created with the `sq` mutex held (as here) and dropped before
-            // it is released.
-            let mut sq = unsafe { self.uring.submission_shared() };
-            // SAFETY: the entry points at the buffer of `op`, which is borrowed for the whole of
-            // this call (lifetime of `Op`), and at `fd`, which the volume keeps open while `&self`
-            // is borrowed. A fixed-buffer entry names a buffer registered with this very ring
-            // (the caller leased it from `self.fixed` and holds the lease beyond this call); the
-            // kernel checks that the address range lies inside that registered buffer. This function returns only after `wait` has reaped the completion of
-            // `token`, or without the kernel ever having consumed the entry (failed submission,
-            // after which the ring is marked broken and never submits again), so the kernel
-            // never touches the buffer after we return.
-            let pushed = unsafe { sq.push(&entry) };
-            if pushed.is_err() {
-                // Cannot happen: every submission empties the queue before the mutex is released.
-                drop(sq);
-                drop(broken);
-                self.release();
-                return Err(io::Error::other("io_uring submission queue full"));
-            }
-            // Dropping `sq` publishes the new tail to the kernel.
+        // SAFETY: the entry points at the buffer of `op`, which is borrowed for the whole of this
+        // call (lifetime of `Op`), and at `fd`, which the volume keeps open while it is borrowed
+        // by its caller. A fixed-buffer entry names buffer 0 registered with this very ring, and
+        // its caller took that buffer out for the duration of the transfer; the kernel checks
+        // that the address range lies inside it. This function returns only after the entry's
+        // completion was popped, or with the entry never consumed by the kernel, in which case
+        // the ring is marked broken and discarded before anything else submits on it.
+        if unsafe { self.uring.submission().push(&entry) }.is_err() {
+            // Cannot happen: the queue is empty between calls (one request at a time).
+            return Err(io::Error::other("io_uring submission queue full"));
         }
         loop {
-            match self.uring.submitter().submit() {
-                Ok(_) => {}
-                Err(e) if is_transient(&e) => std::thread::sleep(RETRY_PAUSE),
-                Err(e) => {
-                    // io_uring_enter fails only when it consumed no entry, so ours is still in
-                    // the queue, unseen. Never submit on this ring again.
-                    *broken = true;
-                    drop(broken);
-                    self.release();
+            if let Err(e) = self.uring.submit_and_wait(1) {
+                let unsent = !self.uring.submission().is_empty();
+                if unsent && !is_transient(&e) {
+                    // io_uring_enter consumed nothing: our entry is still in the queue, unseen.
+                    self.broken = true;
                     return Err(e);
                 }
+                if !is_transient(&e) {
+                    // Unexpected while waiting, but our request is in the kernel and its buffer
+                    // must not be given back: keep polling for its completion.
+                    std::thread::sleep(RETRY_PAUSE);
+                }
             }
-            // SAFETY: as above, the `sq` mutex is held and no other `SubmissionQueue` exists.
-            if unsafe { self.uring.submission_shared() }.is_empty() {
-                break;
-            }
-        }
-        drop(broken);
-        Ok(self.wait(token))
-    }
-
-    /// Reserve room for one request in the kernel and return its token.
-    fn acquire(&self) -> u64 {
-        let mut st = self.cq.lock();
-        while st.in_flight >= self.max_in_flight {
-            self.cv.wait(&mut st);
-        }
-        st.in_flight += 1;
-        st.next_token = st.next_token.wrapping_add(1);
-        st.next_token
-    }
-
-    /// Give back the room of a request the kernel never saw.
-    fn release(&self) {
-        let mut st = self.cq.lock();
-        st.in_flight = st.in_flight.saturating_sub(1);
-        self.cv.notify_all();
-    }
-
-    /// Block until the completion of `token` has been reaped and return its result.
-    fn wait(&self, token: u64) -> i32 {
-        let mut st = self.cq.lock();
-        loop {
-            if let Some(res) = st.done.remove(&token) {
-                return res;
-            }
-            if st.reaping {
-                self.cv.wait(&mut st);
-                continue;
-            }
-            st.reaping = true;
-            let entered = MutexGuard::unlocked(&mut st, || self.enter_getevents());
-            self.drain(&mut st);
-            st.reaping = false;
-            self.cv.notify_all();
-            if let Err(e) = entered {
-                if e.kind() != io::ErrorKind::Interrupted && !is_transient(&e) {
-                    // Unexpected, but our request is still in the kernel and its buffer must
-                    // not be given back: poll the completion queue instead of blocking.
-                    MutexGuard::unlocked(&mut st, || std::thread::sleep(RETRY_PAUSE));
+            // Only this thread submits on this ring and it has one request in flight, so the
+            // next completion is ours; anything else would be a stale one to skip.
+            while let Some(cqe) = self.uring.completion().next() {
+                if cqe.user_data() == token {
+                    return Ok(cqe.result());
                 }
             }
         }
     }
+}
 
-    /// Block until at least one completion is available (without submitting anything).
-    fn enter_getevents(&self) -> io::Result<usize> {
-        // SAFETY: `enter` is a raw `io_uring_enter`. With `to_submit = 0` the kernel reads no
-        // submission entry (so none left in the queue can be submitted by this call);
-        // `GETEVENTS` with `min_complete = 1` only waits; the null argument (no signal mask,
-        // no extended argument flag) is valid.
-        unsafe {
-            self.uring
-                .submitter()
-                .enter::<()>(0, 1, EnterFlags::GETEVENTS.bits(), None)
-        }
+/// The ring's registered buffer while a transfer uses its first `len` bytes.
+struct FixedLease {
+    buf: AlignedBuf,
+    len: usize,
+}
+
+impl FixedLease {
+    fn get(&self) -> &[u8] {
+        &self.buf.get()[..self.len]
     }
-
-    /// Move every available completion into the dispatch map.
-    fn drain(&self, st: &mut MutexGuard<'_, CqState>) {
-        // SAFETY: `completion_shared` requires that no other `CompletionQueue` of this ring
-        // exists. One is only ever created here, with the `cq` mutex held (`st` is its guard),
-        // and dropped before this function returns.
-        let cq = unsafe { self.uring.completion_shared() };
-        for cqe in cq {
-            st.done.insert(cqe.user_data(), cqe.result());
-            st.in_flight = st.in_flight.saturating_sub(1);
-        }
+    fn get_mut(&mut self) -> &mut [u8] {
+        &mut self.buf.get_mut()[..self.len]
     }
 }
 
@@ -919,44 +876,6 @@ mod tests {
     }
 
     #[test]
-    fn many_threads_share_a_tiny_ring() {
-        if unavailable() {
-            return;
-        }
-        // One ring with room for 2 requests in the kernel (CQ of 4 at most) and 24 threads:
-        // exercises waiting for room, reaper hand-over and dispatch of foreign completions.
-        const THREADS: u64 = 24;
-        const CHUNK: usize = 4096 + 17;
-        const ROUNDS: u64 = 40;
-        let size = THREADS as usize * CHUNK;
-        let (_dir, path) = fixture(size);
-        let v =
-            UringVolume::open_with(&path, &FileVolumeOptions::default(), 1, 2, true).expect("open");
-        std::thread::scope(|s| {
-            for t in 0..THREADS {
-                let v = &v;
-                s.spawn(move || {
-                    let at = t * CHUNK as u64;
-                    for r in 0..ROUNDS {
-                        let data = pattern(t * 1000 + r, CHUNK);
-                        v.write_at(&data, at).expect("write");
-                        let mut back = vec![0u8; CHUNK];
-                        v.read_at(&mut back, at).expect("read");
-                        assert_eq!(back, data);
-                        if r % 8 == 0 {
-                            v.flush().expect("flush");
-                        }
-                    }
-                });
-            }
-        });
-        let st = v.rings[0].cq.lock();
-        assert_eq!(st.in_flight, 0);
-        assert!(st.done.is_empty());
-        assert!(!st.reaping);
-    }
-
-    #[test]
     fn out_of_range_is_an_error() {
         if unavailable() {
             return;
@@ -1027,14 +946,14 @@ mod tests {
         assert_eq!(&on_disk[16384..16384 + 8192], aligned.get());
     }
 
-    /// Open `path` with `O_DIRECT` and `rings` rings (with or without the registered pool);
-    /// `None` (after a message) when the file system refuses `O_DIRECT`.
-    fn open_direct(path: &Path, rings: usize, pool: bool) -> Option<UringVolume> {
+    /// Open `path` with `O_DIRECT` (with or without registered buffers); `None` (after a
+    /// message) when the file system refuses `O_DIRECT`.
+    fn open_direct(path: &Path, pool: bool) -> Option<UringVolume> {
         let opts = FileVolumeOptions {
             direct: true,
             read_only: false,
         };
-        match UringVolume::open_with(path, &opts, rings, RING_ENTRIES, pool) {
+        match UringVolume::open_with(path, &opts, pool) {
             Ok(v) => Some(v),
             Err(Error::Io {
                 op: "open", source, ..
@@ -1046,11 +965,17 @@ mod tests {
         }
     }
 
-    /// Every registered buffer of every ring is free (no lease leaked).
-    fn all_buffers_free(v: &UringVolume) -> bool {
-        v.rings
-            .iter()
-            .all(|r| r.fixed.bufs.iter().all(|b| b.try_lock().is_some()))
+    /// Whether the calling thread's ring has its registered buffer (registering it now if it
+    /// was never tried); `false` when the kernel refused.
+    fn registers_here() -> bool {
+        with_ring(|r| r.is_some_and(LocalRing::fixed_buffer))
+    }
+
+    /// The calling thread's registered buffer is not held by any transfer (no lease leaked).
+    fn no_lease_outstanding() -> bool {
+        RING.with(
+            |c| !matches!(&*c.borrow(), Some(r) if matches!(r.fixed, FixedBuf::Registered(None))),
+        )
     }
 
     /// A buffer of `len` bytes starting one byte past an aligned address, so that even requests
@@ -1068,27 +993,26 @@ mod tests {
         let (_dir, path) = fixture(0);
         let mut model = pattern(77, SIZE);
         std::fs::write(&path, &model).expect("fill");
-        let Some(v) = open_direct(&path, 1, true) else {
+        let Some(v) = open_direct(&path, true) else {
             return;
         };
-        if v.registered_buffers() == 0 {
+        if !registers_here() {
             eprintln!("the kernel refused to register buffers; skipping");
             return;
         }
-        assert_eq!(v.registered_buffers(), POOL_BUFS);
-        let edge = POOL_BUF_BYTES as u64;
+        let edge = FIXED_BUF_BYTES as u64;
         // (offset, length, whether the aligned span fits in one registered buffer)
         let cases: [(u64, usize, bool); 10] = [
-            (1, 100, true),                                      // file start
-            (0, 5000, true),                                     // aligned offset, odd length
-            (4095, 2, true),                                     // straddles a sector boundary
-            (700_001, 10_000, true),                             // middle
-            (8191, 250_000, true),                               // just below the buffer size
-            (4097, POOL_BUF_BYTES - 2, true),                    // span exactly one buffer
-            (4097, POOL_BUF_BYTES, false),                       // span one sector more
-            (12_345, 3 * POOL_BUF_BYTES + 7, false),             // well above
-            (SIZE as u64 - 777, 777, true),                      // file end
-            (SIZE as u64 - edge - 1, POOL_BUF_BYTES + 1, false), // tail, above the buffer size
+            (1, 100, true),                                       // file start
+            (0, 5000, true),                                      // aligned offset, odd length
+            (4095, 2, true),                                      // straddles a sector boundary
+            (700_001, 10_000, true),                              // middle
+            (8191, 250_000, true),                                // just below the buffer size
+            (4097, FIXED_BUF_BYTES - 2, true),                    // span exactly one buffer
+            (4097, FIXED_BUF_BYTES, false),                       // span one sector more
+            (12_345, 3 * FIXED_BUF_BYTES + 7, false),             // well above
+            (SIZE as u64 - 777, 777, true),                       // file end
+            (SIZE as u64 - edge - 1, FIXED_BUF_BYTES + 1, false), // tail, above the buffer size
         ];
         for (i, &(off, len, fits)) in cases.iter().enumerate() {
             let at = usize::try_from(off).expect("offset");
@@ -1121,7 +1045,7 @@ mod tests {
         v.read_at(aligned.get_mut(), 16384).expect("aligned read");
         v.write_at(aligned.get(), 16384).expect("aligned write");
         assert_eq!(v.fixed_requests(), before);
-        assert!(all_buffers_free(&v));
+        assert!(no_lease_outstanding());
         v.flush().expect("flush");
         drop(v);
         let on_disk = std::fs::read(&path).expect("read file");
@@ -1138,10 +1062,10 @@ mod tests {
         let (_dir, path) = fixture(0);
         let data = pattern(5, size);
         std::fs::write(&path, &data).expect("fill");
-        let Some(v) = open_direct(&path, 1, true) else {
+        let Some(v) = open_direct(&path, true) else {
             return;
         };
-        if v.registered_buffers() == 0 {
+        if !registers_here() {
             eprintln!("the kernel refused to register buffers; skipping");
             return;
         }
@@ -1150,44 +1074,7 @@ mod tests {
         assert!(back == data[size - 3000..]);
         // A short READ_FIXED up to the end of file, then one that finds the end.
         assert!(v.fixed_requests() > 0);
-        assert!(all_buffers_free(&v));
-    }
-
-    #[test]
-    fn direct_fixed_pool_exhausted_falls_back() {
-        if unavailable() {
-            return;
-        }
-        let (_dir, path) = fixture(0);
-        let mut model = pattern(3, 1 << 20);
-        std::fs::write(&path, &model).expect("fill");
-        let Some(v) = open_direct(&path, 1, true) else {
-            return;
-        };
-        if v.registered_buffers() == 0 {
-            eprintln!("the kernel refused to register buffers; skipping");
-            return;
-        }
-        // Hold every registered buffer: transfers must still work, without the pool.
-        let leases: Vec<_> = (0..POOL_BUFS)
-            .map(|_| v.rings[0].fixed.lease(4096).expect("free buffer"))
-            .collect();
-        assert!(v.rings[0].fixed.lease(4096).is_none());
-        let data = pattern(11, 6000);
-        v.write_at(&data, 5000).expect("write");
-        model[5000..11_000].copy_from_slice(&data);
-        let mut back = vec![0u8; 6000];
-        v.read_at(&mut back, 5000).expect("read");
-        assert!(back == data);
-        assert_eq!(v.fixed_requests(), 0, "no fixed request while exhausted");
-        drop(leases);
-        // Free again: the same transfer takes the pool.
-        v.read_at(&mut back, 5000).expect("read");
-        assert!(back == data);
-        assert_eq!(v.fixed_requests(), 1);
-        v.flush().expect("flush");
-        drop(v);
-        assert!(std::fs::read(&path).expect("read file") == model);
+        assert!(no_lease_outstanding());
     }
 
     #[test]
@@ -1195,8 +1082,8 @@ mod tests {
         if unavailable() {
             return;
         }
-        // One ring, so 12 threads compete for its POOL_BUFS buffers; leases must never be
-        // shared or leaked, and bytes must land exactly. Each thread's range starts and ends
+        // 12 threads, each with its own ring and registered buffer; leases must never leak and
+        // bytes must land exactly. Each thread's range starts and ends
         // inside its own sectors (unaligned writes read-modify-write whole sectors, so threads
         // sharing a sector would race by design).
         const THREADS: u64 = 12;
@@ -1204,10 +1091,10 @@ mod tests {
         const STRIDE: usize = 5 * 4096;
         const ROUNDS: u64 = 30;
         let (_dir, path) = fixture(THREADS as usize * STRIDE);
-        let Some(v) = open_direct(&path, 1, true) else {
+        let Some(v) = open_direct(&path, true) else {
             return;
         };
-        if v.registered_buffers() == 0 {
+        if !registers_here() {
             eprintln!("the kernel refused to register buffers; skipping");
             return;
         }
@@ -1223,11 +1110,12 @@ mod tests {
                         v.read_at(&mut back, at).expect("read");
                         assert!(back == data, "thread {t} round {r}");
                     }
+                    assert!(no_lease_outstanding(), "thread {t} leaked its buffer");
                 });
             }
         });
-        assert!(v.fixed_requests() > 0, "the pool was never used");
-        assert!(all_buffers_free(&v), "a lease leaked");
+        assert!(v.fixed_requests() > 0, "no registered buffer was ever used");
+        assert_eq!(v.fallback_transfers(), 0);
         v.flush().expect("flush");
         drop(v);
         let on_disk = std::fs::read(&path).expect("read file");
@@ -1246,10 +1134,10 @@ mod tests {
             return;
         }
         let (_dir, path) = fixture(16384);
-        let Some(v) = open_direct(&path, 1, true) else {
+        let Some(v) = open_direct(&path, true) else {
             return;
         };
-        if v.registered_buffers() == 0 {
+        if !registers_here() {
             eprintln!("the kernel refused to register buffers; skipping");
             return;
         }
@@ -1267,7 +1155,10 @@ mod tests {
             other => panic!("expected an UnexpectedEof I/O error, got {other:?}"),
         }
         assert!(v.fixed_requests() > 0);
-        assert!(all_buffers_free(&v), "lease not given back after an error");
+        assert!(
+            no_lease_outstanding(),
+            "lease not given back after an error"
+        );
     }
 
     #[test]
@@ -1277,7 +1168,6 @@ mod tests {
         }
         let (_dir, path) = fixture(1 << 20);
         let buffered = UringVolume::open(&path, &FileVolumeOptions::default()).expect("open");
-        assert_eq!(buffered.registered_buffers(), 0);
         let data = pattern(1, 5000);
         buffered.write_at(&data, 123).expect("write");
         let mut back = vec![0u8; 5000];
@@ -1285,10 +1175,9 @@ mod tests {
         assert!(back == data);
         assert_eq!(buffered.fixed_requests(), 0);
         drop(buffered);
-        let Some(v) = open_direct(&path, 2, false) else {
+        let Some(v) = open_direct(&path, false) else {
             return;
         };
-        assert_eq!(v.registered_buffers(), 0);
         let data = pattern(2, 7000);
         v.write_at(&data, 8193).expect("write");
         v.read_at(&mut back, 123).expect("read");
@@ -1347,5 +1236,100 @@ mod tests {
         v.read_at(&mut back, 10).expect("read");
         assert_eq!(&back, b"hello");
         v.flush().expect("flush");
+    }
+
+    thread_local! {
+        /// Set by a test: this thread may not create a ring (as if the kernel refused).
+        static REFUSE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Whether ring creation is refused on this thread (tests only; always `false` otherwise).
+    pub(super) fn rings_refused() -> bool {
+        REFUSE.with(std::cell::Cell::get)
+    }
+
+    #[test]
+    fn every_thread_uses_its_own_ring() {
+        if unavailable() {
+            return;
+        }
+        // 24 threads at once, each with a transfer in flight through its own ring; the rings
+        // stay with their threads, and no transfer falls back to plain system calls.
+        const THREADS: u64 = 24;
+        const CHUNK: usize = 4096 + 17;
+        const ROUNDS: u64 = 40;
+        let (_dir, path) = fixture(THREADS as usize * CHUNK);
+        let v = UringVolume::open(&path, &FileVolumeOptions::default()).expect("open");
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let v = &v;
+                s.spawn(move || {
+                    let at = t * CHUNK as u64;
+                    for r in 0..ROUNDS {
+                        let data = pattern(t * 1000 + r, CHUNK);
+                        v.write_at(&data, at).expect("write");
+                        let mut back = vec![0u8; CHUNK];
+                        v.read_at(&mut back, at).expect("read");
+                        assert_eq!(back, data);
+                        if r % 8 == 0 {
+                            v.flush().expect("flush");
+                        }
+                    }
+                    assert!(RING.with(|c| c.borrow().as_ref().is_some_and(|r| !r.broken)));
+                });
+            }
+        });
+        assert_eq!(v.fallback_transfers(), 0);
+        let on_disk = std::fs::read(&path).expect("read file");
+        for t in 0..THREADS {
+            let at = t as usize * CHUNK;
+            assert!(on_disk[at..at + CHUNK] == pattern(t * 1000 + ROUNDS - 1, CHUNK)[..]);
+        }
+    }
+
+    #[test]
+    fn thread_without_a_ring_falls_back_to_system_calls() {
+        if unavailable() {
+            return;
+        }
+        let (_dir, path) = fixture(0);
+        let mut model = pattern(21, 1 << 20);
+        std::fs::write(&path, &model).expect("fill");
+        let buffered = UringVolume::open(&path, &FileVolumeOptions::default()).expect("open");
+        let direct = open_direct(&path, true);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // This thread cannot have a ring: every transfer goes through pread/pwrite,
+                // unaligned O_DIRECT ones through an allocated bounce buffer.
+                REFUSE.with(|r| r.set(true));
+                RING.with(|c| *c.borrow_mut() = None);
+                let data = pattern(22, 5000);
+                buffered.write_at(&data, 777).expect("write");
+                model[777..5777].copy_from_slice(&data);
+                let mut back = vec![0u8; 5000];
+                buffered.read_at(&mut back, 777).expect("read");
+                assert!(back == data);
+                assert_eq!(buffered.fallback_transfers(), 2);
+                if let Some(d) = &direct {
+                    let data = pattern(23, 3000);
+                    d.write_at(&data, 9000).expect("direct write");
+                    model[9000..12_000].copy_from_slice(&data);
+                    let mut back = vec![0u8; 3000];
+                    d.read_at(&mut back, 9000).expect("direct read");
+                    assert!(back == data);
+                    // Read-modify-write (read + write), then the read.
+                    assert_eq!(d.fallback_transfers(), 3);
+                    assert_eq!(d.fixed_requests(), 0);
+                }
+                // Allowed again: the next transfer creates a ring.
+                REFUSE.with(|r| r.set(false));
+                buffered.read_at(&mut back, 777).expect("read");
+                assert_eq!(buffered.fallback_transfers(), 2);
+                assert!(RING.with(|c| c.borrow().is_some()));
+            });
+        });
+        buffered.flush().expect("flush");
+        drop((buffered, direct));
+        assert!(std::fs::read(&path).expect("read file") == model);
     }
 }
