@@ -347,7 +347,7 @@ fn uring_direct(c: &mut Criterion) {
         let arms: [(&dyn Volume, &str); 3] = [
             (&pooled, "registered buffers"),
             (&plain, "allocated bounce buffer"),
-            (&pread, "pread, allocated bounce buffer"),
+            (&pread, "pread, reused bounce buffer"),
         ];
         for (v, how) in arms {
             let mut off = 0u64;

@@ -30,8 +30,14 @@ pub const BACKEND_PREAD: &str = "pread";
 /// Name of the io_uring file backend (`UringVolume`), as reported by [`Engine::backend_name`].
 pub const BACKEND_IO_URING: &str = "io_uring";
 
+/// Name of the mixed backend that [`Backend::Auto`] opens for `O_DIRECT` volumes: pread/pwrite,
+/// with unaligned transfers through an io_uring registered buffer
+/// (`UringVolume::open_registered_only`).
+pub const BACKEND_PREAD_IO_URING: &str = "pread+io_uring";
+
 /// Open a file volume the way the engine does, with `backend` (see [`Backend`]). Returns the
-/// volume and the backend's name ([`BACKEND_PREAD`] or [`BACKEND_IO_URING`]).
+/// volume and the backend's name ([`BACKEND_PREAD`], [`BACKEND_PREAD_IO_URING`] or
+/// [`BACKEND_IO_URING`]).
 ///
 /// # Errors
 /// [`Error::Io`] when the file cannot be opened or inspected.
@@ -40,20 +46,25 @@ pub fn open_file_volume(
     options: &FileVolumeOptions,
     backend: Backend,
 ) -> Result<(Arc<dyn Volume>, &'static str)> {
-    if backend.uses_uring(options.direct) {
-        return crate::volume::open_best(path, options);
+    match backend {
+        Backend::IoUring => crate::volume::open_best(path, options),
+        Backend::Auto if options.direct => crate::volume::open_registered_only(path, options),
+        Backend::Auto | Backend::Pread => {
+            Ok((Arc::new(FileVolume::open(path, options)?), BACKEND_PREAD))
+        }
     }
-    Ok((Arc::new(FileVolume::open(path, options)?), BACKEND_PREAD))
 }
 
 /// Which backend the engine opens file volumes with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// io_uring for `O_DIRECT` volumes where the kernel allows, pread/pwrite for buffered ones
-    /// (the default). For one synchronous request per thread, io_uring matches pread on
-    /// `O_DIRECT` files and saves the bounce allocation of unaligned transfers (registered
-    /// buffers), but costs more on buffered files: page-cache reads pay the ring round trip and
-    /// buffered writes on ext4 run in a kernel worker thread (figures in docs/benchmarks.md).
+    /// io_uring where it measured faster (the default): for `O_DIRECT` volumes where the
+    /// kernel allows, unaligned transfers go through an io_uring registered buffer and the rest
+    /// through pread/pwrite ([`BACKEND_PREAD_IO_URING`]); buffered volumes use pread/pwrite.
+    /// For one synchronous request per thread, io_uring cost more than a plain system call in
+    /// every other case measured: page-cache reads pay the ring round trip, buffered writes on
+    /// ext4 run in a kernel worker thread, aligned `O_DIRECT` writes spend longer in
+    /// submission (figures in docs/benchmarks.md).
     #[default]
     Auto,
     /// pread/pwrite ([`FileVolume`]) for every volume.
@@ -63,13 +74,25 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Whether a volume opened with (`direct`) or without `O_DIRECT` should try io_uring.
+    /// Whether a volume opened with (`direct`) or without `O_DIRECT` should try io_uring (for
+    /// some or all of its transfers).
     #[must_use]
     pub fn uses_uring(self, direct: bool) -> bool {
         match self {
             Backend::Auto => direct,
             Backend::Pread => false,
             Backend::IoUring => true,
+        }
+    }
+
+    /// The name [`Engine::backend_name`] reports for a volume opened with this backend, when
+    /// the kernel allows io_uring.
+    #[must_use]
+    pub fn opened_name(self, direct: bool) -> &'static str {
+        match self {
+            Backend::IoUring => BACKEND_IO_URING,
+            Backend::Auto if direct => BACKEND_PREAD_IO_URING,
+            Backend::Auto | Backend::Pread => BACKEND_PREAD,
         }
     }
 
@@ -563,21 +586,18 @@ impl Engine {
         Ok(v)
     }
 
-    /// The file backend in use: [`BACKEND_IO_URING`] or [`BACKEND_PREAD`]. This is the backend
+    /// The file backend in use: [`BACKEND_PREAD`], [`BACKEND_PREAD_IO_URING`] or
+    /// [`BACKEND_IO_URING`]. This is the backend
     /// of the first file volume the engine opened (io_uring may fall back to pread when the
     /// kernel refuses), or, before any, the one [`EngineOptions::backend`] would pick.
     #[must_use]
     pub fn backend_name(&self) -> &'static str {
         match self.backend.get() {
             Some(name) => name,
-            None if self
+            None if uring_allowed() => self
                 .options
                 .backend
-                .uses_uring(self.options.file_options.direct)
-                && uring_allowed() =>
-            {
-                BACKEND_IO_URING
-            }
+                .opened_name(self.options.file_options.direct),
             None => BACKEND_PREAD,
         }
     }

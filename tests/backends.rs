@@ -1,6 +1,7 @@
 //! The same volume and engine suite over every backend.
 //!
-//! Goal: pread (buffered and O_DIRECT), io_uring (buffered and O_DIRECT) and in-memory volumes
+//! Goal: pread (buffered and O_DIRECT), io_uring (buffered and O_DIRECT, and the default mixed
+//! O_DIRECT backend: pread plus io_uring registered buffers) and in-memory volumes
 //! behave the same under the engine. Method: one macro stamps the suite per backend; the
 //! io_uring instances skip with a message when the kernel refuses io_uring, and O_DIRECT ones
 //! when the file system refuses it.
@@ -66,6 +67,27 @@ fn uring_direct(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
     }
     write_file(p, data);
     match timezero::volume::UringVolume::open(
+        p,
+        &FileVolumeOptions {
+            direct: true,
+            read_only: false,
+        },
+    ) {
+        Ok(v) => Some(Arc::new(v)),
+        Err(e) => {
+            println!("skipping O_DIRECT io_uring: {e}");
+            None
+        }
+    }
+}
+
+fn uring_registered_only_direct(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
+    if !timezero::volume::uring_available() {
+        println!("skipping io_uring: not available on this kernel");
+        return None;
+    }
+    write_file(p, data);
+    match timezero::volume::UringVolume::open_registered_only(
         p,
         &FileVolumeOptions {
             direct: true,
@@ -192,6 +214,7 @@ backend_suite! {
     pread_o_direct => super::pread_direct,
     io_uring_buffered => super::uring,
     io_uring_o_direct => super::uring_direct,
+    io_uring_registered_only_o_direct => super::uring_registered_only_direct,
     in_memory => super::mem,
 }
 
@@ -199,15 +222,13 @@ backend_suite! {
 /// pread/pwrite for buffered ones; `Pread` and `IoUring` force one for every volume.
 #[test]
 fn engine_backend_choice_follows_direct() {
-    use timezero::engine::{Backend, BACKEND_IO_URING, BACKEND_PREAD};
+    use timezero::engine::{Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING};
     let dir = tempfile::tempdir().unwrap();
     let uring = timezero::volume::uring_available();
-    let expected = |backend: Backend, direct: bool| {
-        if backend.uses_uring(direct) && uring {
-            BACKEND_IO_URING
-        } else {
-            BACKEND_PREAD
-        }
+    let expected = |backend: Backend, direct: bool| match (uring, backend, direct) {
+        (false, _, _) | (_, Backend::Pread, _) | (_, Backend::Auto, false) => BACKEND_PREAD,
+        (true, Backend::Auto, true) => BACKEND_PREAD_IO_URING,
+        (true, Backend::IoUring, _) => BACKEND_IO_URING,
     };
     assert_eq!(EngineOptions::default().backend, Backend::Auto);
     assert!(Backend::Auto.uses_uring(true) && !Backend::Auto.uses_uring(false));

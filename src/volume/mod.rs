@@ -38,16 +38,44 @@ pub fn open_best(
     path: impl AsRef<Path>,
     options: &FileVolumeOptions,
 ) -> Result<(Arc<dyn Volume>, &'static str)> {
-    let path = path.as_ref();
+    open_uring_or_pread(path.as_ref(), options, true)
+}
+
+/// Open a file or block device with io_uring used only for the transfers where it measured
+/// faster (`UringVolume::open_registered_only`: unaligned `O_DIRECT` transfers through a
+/// registered buffer), pread/pwrite for the rest. Returns the volume and `"pread+io_uring"`,
+/// or `"pread"` ([`FileVolume`]) when the crate lacks the `uring` feature or the kernel refuses.
+///
+/// # Errors
+/// [`crate::Error::Io`] when the file cannot be opened or inspected.
+pub fn open_registered_only(
+    path: impl AsRef<Path>,
+    options: &FileVolumeOptions,
+) -> Result<(Arc<dyn Volume>, &'static str)> {
+    open_uring_or_pread(path.as_ref(), options, false)
+}
+
+fn open_uring_or_pread(
+    path: &Path,
+    options: &FileVolumeOptions,
+    everywhere: bool,
+) -> Result<(Arc<dyn Volume>, &'static str)> {
     #[cfg(feature = "uring")]
     if uring::uring_available() {
-        match UringVolume::open(path, options) {
-            Ok(v) => return Ok((Arc::new(v), "io_uring")),
+        let opened = if everywhere {
+            UringVolume::open(path, options).map(|v| (v, "io_uring"))
+        } else {
+            UringVolume::open_registered_only(path, options).map(|v| (v, "pread+io_uring"))
+        };
+        match opened {
+            Ok((v, name)) => return Ok((Arc::new(v), name)),
             // Ring creation refused (e.g. RLIMIT_MEMLOCK, too many rings): use pread instead.
             Err(e) if uring::is_setup_error(&e) => {}
             Err(e) => return Err(e),
         }
     }
+    #[cfg(not(feature = "uring"))]
+    let _ = everywhere;
     Ok((Arc::new(FileVolume::open(path, options)?), "pread"))
 }
 

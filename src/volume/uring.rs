@@ -158,10 +158,16 @@ pub struct UringVolume {
     direct: bool,
     /// Bounce unaligned `O_DIRECT` transfers through the thread's registered buffer.
     pool: bool,
+    /// Send every transfer through io_uring; otherwise only those that use the registered
+    /// buffer (see [`UringVolume::open_registered_only`]).
+    everywhere: bool,
     /// Requests submitted with a registered buffer (`READ_FIXED` / `WRITE_FIXED`).
     fixed_requests: AtomicU64,
     /// Transfers that went through `pread`/`pwrite` because the thread had no usable ring.
     fallback_transfers: AtomicU64,
+    /// Requests submitted to a ring (tests only: a shared counter costs on the hot path).
+    #[cfg(test)]
+    ring_requests: AtomicU64,
 }
 
 impl std::fmt::Debug for UringVolume {
@@ -199,13 +205,6 @@ enum Op<'b> {
     },
 }
 
-/// Where a transfer's bytes go: the caller's buffer, the ring's registered buffer, or an
-/// allocated bounce buffer.
-enum Bounce {
-    Fixed,
-    Owned(AlignedBuf),
-}
-
 impl UringVolume {
     /// Open an existing file or block device.
     ///
@@ -213,7 +212,24 @@ impl UringVolume {
     /// [`Error::Io`] when the file cannot be opened or inspected, or (with op
     /// `"io_uring_setup"`) when the calling thread cannot create its ring.
     pub fn open(path: impl AsRef<Path>, options: &FileVolumeOptions) -> Result<Self> {
-        Self::open_with(path.as_ref(), options, true)
+        Self::open_with(path.as_ref(), options, true, true)
+    }
+
+    /// Open an existing file or block device using io_uring only where it measured faster
+    /// than plain system calls for one synchronous request: unaligned `O_DIRECT` transfers
+    /// whose aligned span fits the thread's registered buffer (`READ_FIXED` / `WRITE_FIXED`,
+    /// no bounce allocation and no per-request page pinning). Every other transfer uses
+    /// `pread`/`pwrite` on the same descriptor, and flushes use `fdatasync`. This is what the
+    /// engine's default backend opens for `O_DIRECT` volumes (see docs/benchmarks.md for the
+    /// measurements behind the split).
+    ///
+    /// # Errors
+    /// As [`UringVolume::open`].
+    pub fn open_registered_only(
+        path: impl AsRef<Path>,
+        options: &FileVolumeOptions,
+    ) -> Result<Self> {
+        Self::open_with(path.as_ref(), options, true, false)
     }
 
     /// [`UringVolume::open`] without registered bounce buffers: unaligned `O_DIRECT` transfers
@@ -227,10 +243,15 @@ impl UringVolume {
         path: impl AsRef<Path>,
         options: &FileVolumeOptions,
     ) -> Result<Self> {
-        Self::open_with(path.as_ref(), options, false)
+        Self::open_with(path.as_ref(), options, false, true)
     }
 
-    fn open_with(path: &Path, options: &FileVolumeOptions, pool: bool) -> Result<Self> {
+    fn open_with(
+        path: &Path,
+        options: &FileVolumeOptions,
+        pool: bool,
+        everywhere: bool,
+    ) -> Result<Self> {
         let shown = path.display().to_string();
         // The opening thread's ring: if even that cannot be created, io_uring is of no use here.
         if !with_ring(|r| r.is_some()) {
@@ -250,8 +271,11 @@ impl UringVolume {
             size,
             direct: options.direct,
             pool,
+            everywhere,
             fixed_requests: AtomicU64::new(0),
             fallback_transfers: AtomicU64::new(0),
+            #[cfg(test)]
+            ring_requests: AtomicU64::new(0),
         })
     }
 
@@ -267,11 +291,25 @@ impl UringVolume {
         self.fixed_requests.load(Ordering::Relaxed)
     }
 
-    /// Transfers so far that used `pread`/`pwrite` because the calling thread had no usable
-    /// ring (see the module documentation).
+    /// Transfers (calls of `read_at` / `write_at`) so far that used `pread`/`pwrite` because
+    /// the calling thread had no usable ring (see the module documentation).
     #[must_use]
     pub fn fallback_transfers(&self) -> u64 {
         self.fallback_transfers.load(Ordering::Relaxed)
+    }
+
+    fn count_request(&self, fixed: bool) {
+        if fixed {
+            self.fixed_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        #[cfg(test)]
+        self.ring_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_fallback(&self, fell_back: bool) {
+        if fell_back {
+            self.fallback_transfers.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn shown(&self) -> String {
@@ -331,7 +369,6 @@ impl UringVolume {
         fixed: bool,
     ) -> Result<()> {
         let Some(ring) = ring else {
-            self.fallback_transfers.fetch_add(1, Ordering::Relaxed);
             return self.pread_exact(buf, offset, need);
         };
         let mut done = 0usize;
@@ -339,9 +376,7 @@ impl UringVolume {
             let at = offset + done as u64;
             let end = buf.len().min(done + MAX_CHUNK);
             let want = end - done;
-            if fixed {
-                self.fixed_requests.fetch_add(1, Ordering::Relaxed);
-            }
+            self.count_request(fixed);
             let op = Op::Read {
                 buf: &mut buf[done..end],
                 offset: at,
@@ -374,7 +409,6 @@ impl UringVolume {
         fixed: bool,
     ) -> Result<()> {
         let Some(ring) = ring else {
-            self.fallback_transfers.fetch_add(1, Ordering::Relaxed);
             return self
                 .file
                 .write_all_at(buf, offset)
@@ -385,9 +419,7 @@ impl UringVolume {
             let at = offset + done as u64;
             let end = buf.len().min(done + MAX_CHUNK);
             let want = end - done;
-            if fixed {
-                self.fixed_requests.fetch_add(1, Ordering::Relaxed);
-            }
+            self.count_request(fixed);
             let op = Op::Write {
                 buf: &buf[done..end],
                 offset: at,
@@ -409,51 +441,51 @@ impl UringVolume {
         Ok(())
     }
 
-    /// The bounce buffer for an aligned span of `len` bytes: the ring's registered buffer when
-    /// it fits (registering it on first use), an allocated one otherwise.
-    fn bounce(&self, ring: Option<&mut LocalRing>, len: usize) -> Bounce {
-        match ring {
-            Some(r) if self.pool && len <= FIXED_BUF_BYTES => {
-                if r.fixed_buffer() {
-                    Bounce::Fixed
-                } else {
-                    Bounce::Owned(AlignedBuf::new(len))
-                }
-            }
-            _ => Bounce::Owned(AlignedBuf::new(len)),
-        }
+    /// Whether an unaligned `O_DIRECT` transfer with an aligned span of `len` bytes can use
+    /// the ring's registered buffer (registering it on first use).
+    fn fixed_fits(&self, ring: Option<&mut LocalRing>, len: usize) -> bool {
+        self.pool && len <= FIXED_BUF_BYTES && ring.is_some_and(LocalRing::fixed_buffer)
+    }
+
+    /// The ring to use for a transfer that needs no registered buffer: none (plain system
+    /// calls) unless the volume sends every transfer through io_uring.
+    fn plain_ring<'r>(&self, ring: Option<&'r mut LocalRing>) -> Option<&'r mut LocalRing> {
+        ring.filter(|_| self.everywhere)
     }
 
     fn read_on(&self, mut ring: Option<&mut LocalRing>, buf: &mut [u8], offset: u64) -> Result<()> {
         if self.direct_ok(buf.as_ptr(), offset, buf.len()) {
-            return self.read_exact(ring, buf, offset, buf.len(), false);
+            return self.read_exact(self.plain_ring(ring), buf, offset, buf.len(), false);
         }
         let (start, len) = Self::span(offset, buf.len(), "read")?;
         let skip = usize::try_from(offset - start).unwrap_or(0);
         let need = skip + buf.len();
         // The aligned tail may lie past the end of a file whose size is not aligned.
-        match self.bounce(ring.as_deref_mut(), len) {
-            Bounce::Fixed => {
-                let r = ring.expect("a fixed buffer implies a ring");
+        let fits = self.fixed_fits(ring.as_deref_mut(), len);
+        match ring {
+            Some(r) if fits => {
                 let mut fixed = r.take_fixed(len);
-                let res = self.read_exact(Some(r), fixed.get_mut(), start, need, true);
+                let res = self.read_exact(Some(&mut *r), fixed.get_mut(), start, need, true);
                 if res.is_ok() {
                     buf.copy_from_slice(&fixed.get()[skip..need]);
                 }
                 r.put_fixed(fixed);
                 res
             }
-            Bounce::Owned(mut b) => {
-                self.read_exact(ring, b.get_mut(), start, need, false)?;
-                buf.copy_from_slice(&b.get()[skip..need]);
-                Ok(())
+            ring => {
+                let ring = self.plain_ring(ring);
+                super::file::with_bounce(len, |b| {
+                    self.read_exact(ring, b, start, need, false)?;
+                    buf.copy_from_slice(&b[skip..need]);
+                    Ok(())
+                })
             }
         }
     }
 
     fn write_on(&self, mut ring: Option<&mut LocalRing>, buf: &[u8], offset: u64) -> Result<()> {
         if self.direct_ok(buf.as_ptr(), offset, buf.len()) {
-            return self.write_all(ring, buf, offset, false);
+            return self.write_all(self.plain_ring(ring), buf, offset, false);
         }
         let (start, len) = Self::span(offset, buf.len(), "write")?;
         if start + len as u64 > self.size {
@@ -466,9 +498,9 @@ impl UringVolume {
         }
         let skip = usize::try_from(offset - start).unwrap_or(0);
         let partial = skip != 0 || len != buf.len();
-        match self.bounce(ring.as_deref_mut(), len) {
-            Bounce::Fixed => {
-                let r = ring.expect("a fixed buffer implies a ring");
+        let fits = self.fixed_fits(ring.as_deref_mut(), len);
+        match ring {
+            Some(r) if fits => {
                 let mut fixed = r.take_fixed(len);
                 let res = (|| {
                     if partial {
@@ -481,12 +513,15 @@ impl UringVolume {
                 r.put_fixed(fixed);
                 res
             }
-            Bounce::Owned(mut b) => {
-                if partial {
-                    self.read_exact(ring.as_deref_mut(), b.get_mut(), start, len, false)?;
-                }
-                b.get_mut()[skip..skip + buf.len()].copy_from_slice(buf);
-                self.write_all(ring, b.get(), start, false)
+            ring => {
+                let mut ring = self.plain_ring(ring);
+                super::file::with_bounce(len, |b| {
+                    if partial {
+                        self.read_exact(ring.as_deref_mut(), b, start, len, false)?;
+                    }
+                    b[skip..skip + buf.len()].copy_from_slice(buf);
+                    self.write_all(ring, b, start, false)
+                })
             }
         }
     }
@@ -529,12 +564,18 @@ impl Volume for UringVolume {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size, "volume")?;
-        with_ring(|ring| self.read_on(ring, buf, offset))
+        with_ring(|ring| {
+            self.count_fallback(ring.is_none());
+            self.read_on(ring, buf, offset)
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size, "volume")?;
-        with_ring(|ring| self.write_on(ring, buf, offset))
+        with_ring(|ring| {
+            self.count_fallback(ring.is_none());
+            self.write_on(ring, buf, offset)
+        })
     }
 
     fn flush(&self) -> Result<()> {
@@ -953,7 +994,7 @@ mod tests {
             direct: true,
             read_only: false,
         };
-        match UringVolume::open_with(path, &opts, pool) {
+        match UringVolume::open_with(path, &opts, pool, true) {
             Ok(v) => Some(v),
             Err(Error::Io {
                 op: "open", source, ..
@@ -1317,8 +1358,7 @@ mod tests {
                     let mut back = vec![0u8; 3000];
                     d.read_at(&mut back, 9000).expect("direct read");
                     assert!(back == data);
-                    // Read-modify-write (read + write), then the read.
-                    assert_eq!(d.fallback_transfers(), 3);
+                    assert_eq!(d.fallback_transfers(), 2);
                     assert_eq!(d.fixed_requests(), 0);
                 }
                 // Allowed again: the next transfer creates a ring.
@@ -1331,5 +1371,79 @@ mod tests {
         buffered.flush().expect("flush");
         drop((buffered, direct));
         assert!(std::fs::read(&path).expect("read file") == model);
+    }
+
+    #[test]
+    fn registered_only_sends_just_the_bounced_transfers_through_the_ring() {
+        if unavailable() {
+            return;
+        }
+        let (_dir, path) = fixture(0);
+        let mut model = pattern(31, 1 << 20);
+        std::fs::write(&path, &model).expect("fill");
+        let opts = FileVolumeOptions {
+            direct: true,
+            read_only: false,
+        };
+        let v = match UringVolume::open_registered_only(&path, &opts) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("O_DIRECT refused ({e}); skipping");
+                return;
+            }
+        };
+        // Aligned: plain system calls.
+        let mut aligned = AlignedBuf::new(8192);
+        v.read_at(aligned.get_mut(), 16384).expect("aligned read");
+        assert!(aligned.get() == &model[16384..16384 + 8192]);
+        aligned.get_mut().copy_from_slice(&pattern(32, 8192));
+        v.write_at(aligned.get(), 16384).expect("aligned write");
+        model[16384..16384 + 8192].copy_from_slice(aligned.get());
+        v.flush().expect("flush");
+        assert_eq!(v.ring_requests.load(Ordering::Relaxed), 0);
+        // Unaligned and small enough: the registered buffer, through the ring.
+        let data = pattern(33, 5000);
+        v.write_at(&data, 4097).expect("unaligned write");
+        model[4097..9097].copy_from_slice(&data);
+        let mut back = vec![0u8; 5000];
+        v.read_at(&mut back, 4097).expect("unaligned read");
+        assert!(back == data);
+        if registers_here() {
+            // Read-modify-write (2) and the read (1).
+            assert_eq!(v.fixed_requests(), 3);
+            assert_eq!(v.ring_requests.load(Ordering::Relaxed), 3);
+        } else {
+            assert_eq!(v.ring_requests.load(Ordering::Relaxed), 0);
+        }
+        // Unaligned but larger than the registered buffer: a bounce buffer and system calls.
+        let before = v.ring_requests.load(Ordering::Relaxed);
+        let big = pattern(34, FIXED_BUF_BYTES + 10);
+        v.write_at(&big, 100_001).expect("large unaligned write");
+        model[100_001..100_001 + big.len()].copy_from_slice(&big);
+        let mut back = vec![0u8; big.len()];
+        v.read_at(&mut back, 100_001).expect("large unaligned read");
+        assert!(back == big);
+        assert_eq!(v.ring_requests.load(Ordering::Relaxed), before);
+        assert_eq!(v.fallback_transfers(), 0);
+        v.flush().expect("flush");
+        drop(v);
+        assert!(std::fs::read(&path).expect("read file") == model);
+    }
+
+    #[test]
+    fn every_transfer_goes_through_the_ring_with_open() {
+        if unavailable() {
+            return;
+        }
+        let (_dir, path) = fixture(1 << 20);
+        let v = UringVolume::open(&path, &FileVolumeOptions::default()).expect("open");
+        let data = pattern(35, 5000);
+        v.write_at(&data, 3).expect("write");
+        let mut back = vec![0u8; 5000];
+        v.read_at(&mut back, 3).expect("read");
+        assert!(back == data);
+        v.flush().expect("flush");
+        // Flushes are fdatasync calls, not ring requests.
+        assert_eq!(v.ring_requests.load(Ordering::Relaxed), 2);
     }
 }
