@@ -77,6 +77,7 @@ impl AtomicBitmap {
 
     /// Test bit `i`. Out-of-range bits read as set (nothing to copy there).
     #[must_use]
+    #[inline]
     pub fn get(&self, i: u64) -> bool {
         if i >= self.len {
             return true;

@@ -249,6 +249,7 @@ impl VolumeHandle {
         Ok(())
     }
 
+    #[inline(always)]
     fn read_retry(&self, buf: &mut [u8], off: u64) -> Result<()> {
         retry(|| self.vol.read_at(buf, off))
     }
@@ -300,6 +301,7 @@ impl Image<'_> {
 
     /// Read with the handles resolved when this image was opened: lock-free first, then, if a
     /// copy-before-write raced the read, again under the grain locks.
+    #[inline(always)]
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let e = self.engine;
         let s = &self.session;
@@ -316,7 +318,25 @@ impl Image<'_> {
             // The source was not attached when the image was opened.
             return Err(Error::UnknownVolume(s.desc.source.id.to_string()));
         }
-        if e.read_pieces(s, &self.src, &self.tgt, completed, offset, buf, false)? {
+        if let Some(p) = s.map.within_one_grain(offset, buf.len() as u64) {
+            // A read within one grain (most small reads): the general path below, specialised.
+            if s.extent_end(p.extent).is_none() {
+                let g = p.image_offset >> s.map.shift();
+                if completed || s.bits().get(g) {
+                    return self.tgt.read_retry(buf, p.target_offset);
+                }
+                self.src.read_retry(buf, p.source_offset)?;
+                // As in `Engine::read_piece`: the source bytes were read before the bit, the
+                // extent end and the state are loaded again.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+                if !s.bits().get(g)
+                    && s.extent_end(p.extent).is_none()
+                    && s.state() == SessionState::Active
+                {
+                    return Ok(());
+                }
+            }
+        } else if e.read_pieces(s, &self.src, &self.tgt, completed, offset, buf, false)? {
             return Ok(());
         }
         e.read_pieces(s, &self.src, &self.tgt, completed, offset, buf, true)
@@ -340,6 +360,7 @@ fn release_write(h: &VolumeHandle, data: &[u8], offset: u64) -> Result<()> {
     h.write_retry(data, offset)
 }
 
+#[inline(always)]
 fn retry(mut f: impl FnMut() -> Result<()>) -> Result<()> {
     let mut last = None;
     for _ in 0..crate::limits::DATA_IO_RETRIES_MAX {

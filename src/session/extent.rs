@@ -93,6 +93,30 @@ impl ExtentMap {
             })
     }
 
+    /// The single piece of the image range `off..off+len` (caller checked the range) when the
+    /// range lies within one grain of one extent, as for most small reads; `None` otherwise.
+    #[inline]
+    #[must_use]
+    pub fn within_one_grain(&self, off: u64, len: u64) -> Option<Piece> {
+        let last = off.checked_add(len)?.checked_sub(1)?;
+        if off >> self.shift != last >> self.shift {
+            return None;
+        }
+        self.ext
+            .iter()
+            .position(|&(io, _, _, l)| off >= io && last < io + l)
+            .map(|i| {
+                let (io, so, to, _) = self.ext[i];
+                Piece {
+                    extent: i,
+                    image_offset: off,
+                    source_offset: so + (off - io),
+                    target_offset: to + (off - io),
+                    len,
+                }
+            })
+    }
+
     /// Pieces of the source-volume range `off..off+len` covered by the session.
     pub fn source_pieces(&self, off: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
         let end = off.saturating_add(len);

@@ -199,6 +199,7 @@ impl Session {
 
     /// The copied bits.
     #[must_use]
+    #[inline]
     pub fn bits(&self) -> &AtomicBitmap {
         &self.bits
     }
@@ -220,6 +221,7 @@ impl Session {
 
     /// Lifecycle state, without taking the status lock.
     #[must_use]
+    #[inline]
     pub fn state(&self) -> SessionState {
         SessionState::from_code(self.state.load(Ordering::Acquire))
             .unwrap_or(SessionState::Terminated)
@@ -227,6 +229,7 @@ impl Session {
 
     /// Why extent `i` ended, if it did.
     #[must_use]
+    #[inline]
     pub fn extent_end(&self, i: usize) -> Option<Reason> {
         if !self.ended_any.load(Ordering::Acquire) {
             return None;

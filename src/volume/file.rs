@@ -1,7 +1,7 @@
 //! Regular files and block devices through pread/pwrite.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{check_range, Volume, VolumeInfo};
@@ -89,6 +89,51 @@ impl FileVolume {
     }
 }
 
+/// `read_exact_at` through rustix's direct system call: on this path every user-space frame
+/// between the system call and the caller costs a mispredicted return (the kernel refills the
+/// return stack buffer on the way out, a speculation mitigation), so the libc wrapper and
+/// std's generic loop are left out.
+fn pread_exact(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::pread(file, &mut *buf, offset) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "failed to fill whole buffer",
+                ))
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all_at` through rustix's direct system call (see [`pread_exact`]).
+fn pwrite_all(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::pwrite(file, buf, offset) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "failed to write whole buffer",
+                ))
+            }
+            Ok(n) => {
+                buf = &buf[n..];
+                offset += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Largest bounce buffer kept per thread for reuse; larger spans allocate per transfer.
 const KEPT_BOUNCE_BYTES: usize = 1 << 20;
 
@@ -137,17 +182,14 @@ impl Volume for FileVolume {
             || (self.aligned(offset, buf.len())
                 && buf.as_ptr().align_offset(DIRECT_ALIGN_BYTES) == 0)
         {
-            return self
-                .file
-                .read_exact_at(buf, offset)
+            return pread_exact(&self.file, buf, offset)
                 .map_err(|e| Error::io("read", self.shown(), offset, e));
         }
         let start = align_down(offset);
         let end = align_up(offset + buf.len() as u64);
         let len = usize::try_from(end - start).map_err(|_| Error::invalid("read", "too large"))?;
         with_bounce(len, |bounce| {
-            self.file
-                .read_exact_at(bounce, start)
+            pread_exact(&self.file, bounce, start)
                 .map_err(|e| Error::io("read", self.shown(), start, e))?;
             let skip = usize::try_from(offset - start).unwrap_or(0);
             buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
@@ -161,9 +203,7 @@ impl Volume for FileVolume {
             || (self.aligned(offset, buf.len())
                 && buf.as_ptr().align_offset(DIRECT_ALIGN_BYTES) == 0)
         {
-            return self
-                .file
-                .write_all_at(buf, offset)
+            return pwrite_all(&self.file, buf, offset)
                 .map_err(|e| Error::io("write", self.shown(), offset, e));
         }
         let start = align_down(offset);
@@ -172,14 +212,12 @@ impl Volume for FileVolume {
         with_bounce(len, |bounce| {
             if start != offset || end != offset + buf.len() as u64 {
                 // Read-modify-write of the partial sectors at either edge.
-                self.file
-                    .read_exact_at(bounce, start)
+                pread_exact(&self.file, bounce, start)
                     .map_err(|e| Error::io("read", self.shown(), start, e))?;
             }
             let skip = usize::try_from(offset - start).unwrap_or(0);
             bounce[skip..skip + buf.len()].copy_from_slice(buf);
-            self.file
-                .write_all_at(bounce, start)
+            pwrite_all(&self.file, bounce, start)
                 .map_err(|e| Error::io("write", self.shown(), start, e))
         })
     }
