@@ -254,6 +254,7 @@ impl VolumeHandle {
         retry(|| self.vol.read_at(buf, off))
     }
 
+    #[inline(always)]
     fn write_retry(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_live()?;
         retry(|| self.vol.write_at(buf, off))
@@ -355,6 +356,7 @@ thread_local! {
 /// copy-before-write, before the write's stores (the writer half of a sequence lock); it pairs
 /// with the acquire fence in `Engine::read_piece`, whose lock-free reads of uncopied source
 /// grains re-check the bits after reading.
+#[inline(always)]
 fn release_write(h: &VolumeHandle, data: &[u8], offset: u64) -> Result<()> {
     std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
     h.write_retry(data, offset)
@@ -978,14 +980,15 @@ impl Engine {
             if !s.is_active() {
                 continue;
             }
-            let mut pieces = Vec::new();
-            if s.desc.source.id == vol {
-                pieces.extend(s.map.source_pieces(offset, data.len() as u64));
-            }
-            if s.desc.target.id == vol {
-                pieces.extend(s.map.target_pieces(offset, data.len() as u64));
-            }
-            for p in pieces {
+            // No allocation: this loop runs for every write, most of which find nothing to do.
+            let len = data.len() as u64;
+            let as_source = (s.desc.source.id == vol).then(|| s.map.source_pieces(offset, len));
+            let as_target = (s.desc.target.id == vol).then(|| s.map.target_pieces(offset, len));
+            for p in as_source
+                .into_iter()
+                .flatten()
+                .chain(as_target.into_iter().flatten())
+            {
                 let (g0, g1) = s.map.grains_of(&p);
                 if s.extent_live(p.extent) && !s.bits().all_set(g0, g1 - g0) {
                     work.push((s.clone(), g0, g1));
