@@ -922,7 +922,12 @@ fn one_round(
             },
         )?;
     }
-    // (c) image reads of copied grains.
+    // (c) image reads of copied grains. With `direct_copy`, the previous round's O_DIRECT copy
+    // dropped the target's cached pages; load them again so that both sides read from the page
+    // cache, as the raw side does.
+    if opts.direct_copy {
+        warm_page_cache(&f.tgt)?;
+    }
     pair_sliced(
         raw_first,
         figs,
@@ -978,6 +983,21 @@ fn one_round(
     figs[lay.copy()].raw.per_round.push(rv);
     run.direct &= direct;
     Ok(())
+}
+
+/// Read `path` once through the page cache (1 MiB at a time).
+fn warm_page_cache(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| io_err("open", path, e))?;
+    let mut buf = vec![0u8; MIB as usize];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("read", path, e)),
+        }
+    }
 }
 
 type Measured = Result<(f64, Vec<u64>)>;
