@@ -118,9 +118,9 @@ impl timezero::volume::Volume for PausingSource {
     }
 }
 
-/// A no-copy session over a [`PausingSource`] holding `t0`, and a reader thread that reads 4 KiB
-/// of the image at `off` (through an opened `Image` when `opened`) and stops inside its source
-/// read; returns once it is stopped there. Let it go on with `src.go.wait()`.
+/// A no-copy session over a [`PausingSource`] holding `t0`, and a reader thread that reads `len`
+/// bytes of the image at `off` (through an opened `Image` when `opened`) and stops inside its
+/// source read; returns once it is stopped there. Let it go on with `src.go.wait()`.
 struct Race {
     e: Arc<timezero::engine::Engine>,
     src_vol: Arc<PausingSource>,
@@ -129,7 +129,7 @@ struct Race {
     reader: std::thread::JoinHandle<timezero::Result<Vec<u8>>>,
 }
 
-fn race(t0: &[u8], off: u64, opened: bool) -> Race {
+fn race(t0: &[u8], off: u64, len: usize, opened: bool) -> Race {
     let opts = common::small_table();
     let storage = common::mem_storage(&opts);
     let e = Arc::new(common::create(&storage, opts));
@@ -147,7 +147,7 @@ fn race(t0: &[u8], off: u64, opened: bool) -> Race {
         let src_vol = src_vol.clone();
         std::thread::spawn(move || {
             *src_vol.reader.lock().unwrap() = Some(std::thread::current().id());
-            let mut b = vec![0u8; 4096];
+            let mut b = vec![0u8; len];
             if opened {
                 e.image(id)?.read_at(off, &mut b)?;
             } else {
@@ -168,20 +168,24 @@ fn race(t0: &[u8], off: u64, opened: bool) -> Race {
 
 /// The lock-free read of an uncopied grain is re-checked: when the grain was copied and the
 /// source overwritten between the bit test and the source read, the read is done again and
-/// returns T0 (from the target).
+/// returns T0 (from the target). Checked for a read within one grain (the specialised path)
+/// and for one across two grains (the general path).
 #[test]
 fn lock_free_read_racing_copy_before_write_returns_t0() {
-    let t0 = common::pattern(5, SIZE);
-    let r = race(&t0, 65_536, true);
-    // The reader has tested the bit (clear) and is reading the source: copy the grain and
-    // overwrite the source under it.
-    r.e.write(r.src, 65_536, &[0x77; 4096]).unwrap();
-    r.src_vol.go.wait();
-    let b = r.reader.join().unwrap().unwrap();
-    assert!(
-        b[..] == t0[65_536..65_536 + 4096],
-        "a lock-free image read returned bytes written after T0"
-    );
+    for (off, len) in [(65_536u64, 4096usize), (65_536 - 4096, 8192)] {
+        let t0 = common::pattern(5, SIZE);
+        let r = race(&t0, off, len, true);
+        // The reader has tested the bit (clear) and is reading the source: copy the grain at
+        // 64 KiB and overwrite the source under it.
+        r.e.write(r.src, 65_536, &[0x77; 4096]).unwrap();
+        r.src_vol.go.wait();
+        let b = r.reader.join().unwrap().unwrap();
+        let at = usize::try_from(off).unwrap();
+        assert!(
+            b[..] == t0[at..at + len],
+            "a lock-free image read of {len} bytes at {off} returned bytes written after T0"
+        );
+    }
 }
 
 /// A session withdrawn while an image read of an uncopied grain is in its source read: source
@@ -190,17 +194,20 @@ fn lock_free_read_racing_copy_before_write_returns_t0() {
 /// source bytes).
 #[test]
 fn read_racing_withdraw_and_source_write_is_not_active() {
-    let t0 = common::pattern(6, SIZE);
-    let r = race(&t0, 131_072, false);
-    r.e.withdraw(r.id).unwrap();
-    r.e.write(r.src, 131_072, &[0x55; 4096]).unwrap();
-    r.src_vol.go.wait();
-    match r.reader.join().unwrap() {
-        Err(Error::NotActive { .. }) => {}
-        Ok(b) => assert!(
-            b[..] == t0[131_072..131_072 + 4096],
-            "a read racing a withdraw returned post-T0 bytes as the image"
-        ),
-        Err(other) => panic!("unexpected error {other}"),
+    for (off, len) in [(131_072u64, 4096usize), (131_072 - 4096, 8192)] {
+        let t0 = common::pattern(6, SIZE);
+        let r = race(&t0, off, len, false);
+        r.e.withdraw(r.id).unwrap();
+        r.e.write(r.src, 131_072, &[0x55; 4096]).unwrap();
+        r.src_vol.go.wait();
+        let at = usize::try_from(off).unwrap();
+        match r.reader.join().unwrap() {
+            Err(Error::NotActive { .. }) => {}
+            Ok(b) => assert!(
+                b[..] == t0[at..at + len],
+                "a read racing a withdraw returned post-T0 bytes as the image"
+            ),
+            Err(other) => panic!("unexpected error {other}"),
+        }
     }
 }
