@@ -89,23 +89,35 @@ impl FileVolume {
     }
 }
 
-/// `read_exact_at` through rustix's direct system call: on this path every user-space frame
-/// between the system call and the caller costs a mispredicted return (the kernel refills the
-/// return stack buffer on the way out, a speculation mitigation), so the libc wrapper and
+/// Fill `buf` from `offset` with `pread` (rustix's direct system call), continuing short reads.
+/// End of file is an error (`UnexpectedEof`) only if it comes before the first `need` bytes;
+/// the rest of `buf` is then zero-filled (an `O_DIRECT` bounce buffer whose aligned span reaches
+/// past the end of a file whose size is not aligned). Shared by both file backends.
+///
+/// The direct system call matters on the hot path: every user-space frame between the system
+/// call and the caller costs a mispredicted return per request on kernels that refill the
+/// return stack buffer on each kernel exit (a speculation mitigation), so the libc wrapper and
 /// std's generic loop are left out.
-fn pread_exact(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        match rustix::io::pread(file, &mut *buf, offset) {
+pub(super) fn pread_exact(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    need: usize,
+) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        match rustix::io::pread(file, &mut buf[done..], offset + done as u64) {
+            Ok(0) if done >= need => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
             Ok(0) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    "failed to fill whole buffer",
+                    format!("end of file after {done} of {need} bytes"),
                 ))
             }
-            Ok(n) => {
-                buf = &mut buf[n..];
-                offset += n as u64;
-            }
+            Ok(n) => done += n,
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
@@ -114,7 +126,7 @@ fn pread_exact(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Res
 }
 
 /// `write_all_at` through rustix's direct system call (see [`pread_exact`]).
-fn pwrite_all(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
+pub(super) fn pwrite_all(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
     while !buf.is_empty() {
         match rustix::io::pwrite(file, buf, offset) {
             Ok(0) => {
@@ -182,16 +194,17 @@ impl Volume for FileVolume {
             || (self.aligned(offset, buf.len())
                 && buf.as_ptr().align_offset(DIRECT_ALIGN_BYTES) == 0)
         {
-            return pread_exact(&self.file, buf, offset)
+            return pread_exact(&self.file, buf, offset, buf.len())
                 .map_err(|e| Error::io("read", self.shown(), offset, e));
         }
         let start = align_down(offset);
         let end = align_up(offset + buf.len() as u64);
         let len = usize::try_from(end - start).map_err(|_| Error::invalid("read", "too large"))?;
+        let skip = usize::try_from(offset - start).unwrap_or(0);
         with_bounce(len, |bounce| {
-            pread_exact(&self.file, bounce, start)
+            // The aligned tail may lie past the end of a file whose size is not aligned.
+            pread_exact(&self.file, bounce, start, skip + buf.len())
                 .map_err(|e| Error::io("read", self.shown(), start, e))?;
-            let skip = usize::try_from(offset - start).unwrap_or(0);
             buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
             Ok(())
         })
@@ -208,11 +221,19 @@ impl Volume for FileVolume {
         }
         let start = align_down(offset);
         let end = align_up(offset + buf.len() as u64);
+        if end > self.size {
+            // Writing the whole aligned tail would extend the file.
+            return Err(Error::Misaligned {
+                offset,
+                len: buf.len() as u64,
+                align: DIRECT_ALIGN_BYTES as u64,
+            });
+        }
         let len = usize::try_from(end - start).map_err(|_| Error::invalid("write", "too large"))?;
         with_bounce(len, |bounce| {
             if start != offset || end != offset + buf.len() as u64 {
                 // Read-modify-write of the partial sectors at either edge.
-                pread_exact(&self.file, bounce, start)
+                pread_exact(&self.file, bounce, start, len)
                     .map_err(|e| Error::io("read", self.shown(), start, e))?;
             }
             let skip = usize::try_from(offset - start).unwrap_or(0);

@@ -54,7 +54,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -336,30 +336,10 @@ impl UringVolume {
         Ok((start, len))
     }
 
-    /// Read `buf.len()` bytes at `offset` into `buf` with `pread`, continuing short reads. End of
-    /// file is an error only if it comes before the first `need` bytes; the rest of `buf` is then
-    /// zero-filled (bounce buffers that extend past the end of a file).
-    fn pread_exact(&self, buf: &mut [u8], offset: u64, need: usize) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            match self.file.read_at(&mut buf[done..], at) {
-                Ok(0) if done >= need => {
-                    buf[done..].fill(0);
-                    return Ok(());
-                }
-                Ok(0) => return Err(Error::io("read", self.shown(), at, eof(done, need))),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io("read", self.shown(), at, e)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Fill `buf` from `offset` through `ring` (or `pread` without one), continuing short reads;
-    /// end of file as in [`UringVolume::pread_exact`]. With `fixed`, `buf` lies within the ring's
-    /// registered buffer.
+    /// Fill `buf` from `offset` through `ring` (or `pread` without one), continuing short reads.
+    /// End of file is an error only if it comes before the first `need` bytes; the rest of `buf`
+    /// is then zero-filled (bounce buffers that extend past the end of a file). With `fixed`,
+    /// `buf` lies within the ring's registered buffer.
     fn read_exact(
         &self,
         ring: Option<&mut LocalRing>,
@@ -369,7 +349,8 @@ impl UringVolume {
         fixed: bool,
     ) -> Result<()> {
         let Some(ring) = ring else {
-            return self.pread_exact(buf, offset, need);
+            return super::file::pread_exact(&self.file, buf, offset, need)
+                .map_err(|e| Error::io("read", self.shown(), offset, e));
         };
         let mut done = 0usize;
         while done < buf.len() {
@@ -409,9 +390,7 @@ impl UringVolume {
         fixed: bool,
     ) -> Result<()> {
         let Some(ring) = ring else {
-            return self
-                .file
-                .write_all_at(buf, offset)
+            return super::file::pwrite_all(&self.file, buf, offset)
                 .map_err(|e| Error::io("write", self.shown(), offset, e));
         };
         let mut done = 0usize;
