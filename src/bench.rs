@@ -446,14 +446,14 @@ fn figures(writers: &[usize]) -> Vec<Figure> {
             Kind::Read,
             IO as u64,
             Ratio::Cost,
-            "pread",
+            "pread of the source",
         ),
         Figure::new(
             "image read 4KiB, copied grains",
             Kind::Read,
             IO as u64,
             Ratio::Cost,
-            "pread",
+            "pread of the target",
         ),
         Figure::new(
             "background copy (Copier, 2 threads)",
@@ -923,19 +923,28 @@ fn one_round(
         )?;
     }
     // (c) image reads of copied grains. With `direct_copy`, the previous round's O_DIRECT copy
-    // dropped the target's cached pages; load them again so that both sides read from the page
-    // cache, as the raw side does.
+    // dropped the target's cached pages; load them again so that neither side reads the disk.
+    // Every grain is copied, so the image lives in the target: the raw side reads the target
+    // file at the same offsets (same inode, same cached pages), as the uncopied figure reads
+    // the source.
     if opts.direct_copy {
         warm_page_cache(&f.tgt)?;
     }
+    let tgt_file = File::open(&f.tgt).map_err(|e| io_err("open", &f.tgt, e))?;
+    let raw_read_target = |i: usize, b: &mut [u8]| {
+        tgt_file
+            .read_exact_at(b, rand_off(i, size, salt))
+            .map_err(|e| io_err("pread", &f.tgt, e))
+    };
     pair_sliced(
         raw_first,
         figs,
         lay.read_copied(),
         c.fast_ops,
         eng_read,
-        raw_read,
+        raw_read_target,
     )?;
+    drop(tgt_file);
     drop(img);
     e.withdraw(id)?;
 
