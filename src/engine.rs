@@ -10,13 +10,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
 use crate::activity::format::{
     CopyMode, Entry, ExtentSpec, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef,
 };
 use crate::activity::{MmapStorage, OpenReport, Table, TableOptions, TableStorage};
+
 use crate::ids::{GrainSize, SessionId, VolumeId};
 use crate::session::{GrainHold, Piece, Session};
 use crate::sync::GroupSync;
@@ -224,8 +226,9 @@ pub(crate) struct VolumeHandle {
     pub(crate) info: VolumeInfo,
     sync: GroupSync,
     /// Writers hold it shared; establishing a session on this volume holds it exclusively, so
-    /// T0 falls between writes.
-    gate: RwLock<()>,
+    /// T0 falls between writes. Sharded: a writer locks only its thread's shard, so the writers
+    /// of a volume do not all update one shared lock word (establish locks every shard).
+    gate: crossbeam::sync::ShardedLock<()>,
     /// Set when an `Establish` with this volume as source failed to commit: the session may
     /// still be durable, so writes are refused until the table is reopened and recovered.
     fenced: std::sync::atomic::AtomicBool,
@@ -459,11 +462,19 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Engine {
     table: Table,
-    volumes: RwLock<FxHashMap<VolumeId, Arc<VolumeHandle>>>,
-    /// Bumped (under the `volumes` write lock) whenever a handle is added or replaced: an
-    /// [`Image`] resolved under an older value looks its volumes up again.
+    /// The attached volumes, as a snapshot that readers load without a lock or a shared
+    /// reference-count update (every write looks its volume up here, from many threads).
+    volumes: ArcSwap<FxHashMap<VolumeId, Arc<VolumeHandle>>>,
+    /// Serialises changes of `volumes` (copy, insert, store).
+    volumes_change: Mutex<()>,
+    /// Bumped after every change of `volumes` (a handle added or replaced): an [`Image`]
+    /// resolved under an older value looks its volumes up again.
     volumes_epoch: std::sync::atomic::AtomicU64,
-    active: RwLock<Arc<Vec<Arc<Session>>>>,
+    /// The active sessions, as a snapshot (loaded by every write, like `volumes`).
+    active: ArcSwap<Vec<Arc<Session>>>,
+    /// Serialises `refresh_active` (read the table, store the snapshot), so that a snapshot
+    /// taken earlier never replaces one taken later.
+    active_change: Mutex<()>,
     options: EngineOptions,
     /// Copy-before-write writes in progress (the background copier yields to them).
     cow_inflight: std::sync::atomic::AtomicUsize,
@@ -535,9 +546,11 @@ impl Engine {
     fn from_table(table: Table, open_report: OpenReport, options: EngineOptions) -> Engine {
         let e = Engine {
             table,
-            volumes: RwLock::new(FxHashMap::default()),
+            volumes: ArcSwap::from_pointee(FxHashMap::default()),
+            volumes_change: Mutex::new(()),
             volumes_epoch: std::sync::atomic::AtomicU64::new(0),
-            active: RwLock::new(Arc::new(Vec::new())),
+            active: ArcSwap::from_pointee(Vec::new()),
+            active_change: Mutex::new(()),
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
             backend: std::sync::OnceLock::new(),
@@ -562,13 +575,14 @@ impl Engine {
     }
 
     fn refresh_active(&self) {
+        let _change = self.active_change.lock();
         let v: Vec<_> = self
             .table
             .sessions()
             .into_iter()
             .filter(|s| s.is_active())
             .collect();
-        *self.active.write() = Arc::new(v);
+        self.active.store(Arc::new(v));
     }
 
     /// Attach a volume so sessions can use it; returns its id. Attaching the same identity again
@@ -580,14 +594,19 @@ impl Engine {
             vol,
             info,
             sync: GroupSync::default(),
-            gate: RwLock::new(()),
+            gate: crossbeam::sync::ShardedLock::new(()),
             fenced: std::sync::atomic::AtomicBool::new(false),
         });
-        let mut vols = self.volumes.write();
+        let change = self.volumes_change.lock();
+        let mut vols = FxHashMap::clone(&self.volumes.load());
         vols.insert(id, h);
+        self.volumes.store(Arc::new(vols));
+        // After the store: an `Image` that loads the epoch and then the map never pairs a new
+        // epoch with an old map (it may pair an old epoch with a new map, and then merely
+        // resolves its volumes once more).
         self.volumes_epoch
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        drop(vols);
+        drop(change);
         id
     }
 
@@ -633,7 +652,7 @@ impl Engine {
 
     pub(crate) fn handle(&self, id: VolumeId) -> Result<Arc<VolumeHandle>> {
         self.volumes
-            .read()
+            .load()
             .get(&id)
             .cloned()
             .ok_or_else(|| Error::UnknownVolume(id.to_string()))
@@ -644,7 +663,7 @@ impl Engine {
     pub fn attached(&self) -> Vec<VolumeInfo> {
         let mut v: Vec<_> = self
             .volumes
-            .read()
+            .load()
             .values()
             .map(|h| h.info.clone())
             .collect();
@@ -656,7 +675,7 @@ impl Engine {
     #[must_use]
     pub fn volume_by_locator(&self, locator: &str) -> Option<VolumeId> {
         self.volumes
-            .read()
+            .load()
             .values()
             .find(|h| h.info.locator == locator)
             .map(|h| h.info.id)
@@ -726,8 +745,15 @@ impl Engine {
         } else {
             (&tgt, &src)
         };
-        let _ga = a.gate.write();
-        let _gb = (a.info.id != b.info.id).then(|| b.gate.write());
+        let _ga = a
+            .gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _gb = (a.info.id != b.info.id).then(|| {
+            b.gate
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
         // Re-validate against sessions established while we waited.
         self.validate(&src.info, &tgt.info, spec.grain, &desc.extents)?;
         src.flush()?;
@@ -822,7 +848,7 @@ impl Engine {
         }
         // Against other active sessions: targets are exclusive; a range is never both a source
         // and a target.
-        for s in self.active.read().iter() {
+        for s in self.active.load().iter() {
             for o in &s.desc.extents {
                 for e in extents {
                     if s.desc.target.id == tgt.id
@@ -965,7 +991,12 @@ impl Engine {
     /// [`Error::OutOfRange`], I/O and table errors (the source write is not issued when copying
     /// failed, under [`CopyErrorPolicy::FailWrite`]).
     pub fn write(&self, vol: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
-        let h = self.handle(vol)?;
+        // Borrowed from the loaded snapshot: no reference count shared by every writer of the
+        // volume is touched (the snapshot stays alive while `vols` does).
+        let vols = self.volumes.load();
+        let h = vols
+            .get(&vol)
+            .ok_or_else(|| Error::UnknownVolume(vol.to_string()))?;
         check_range(offset, data.len() as u64, h.info.size, "volume")?;
         if data.len() as u64 > crate::limits::IO_BYTES_MAX {
             return Err(Error::invalid(
@@ -973,8 +1004,11 @@ impl Engine {
                 format!("{} bytes exceeds the per-request limit", data.len()),
             ));
         }
-        let _gate = h.gate.read();
-        let active = self.active.read().clone();
+        let _gate = h
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let active = self.active.load();
         let mut work: Vec<(Arc<Session>, u64, u64)> = Vec::new();
         for s in active.iter() {
             if !s.is_active() {
@@ -996,7 +1030,7 @@ impl Engine {
             }
         }
         if work.is_empty() {
-            return release_write(&h, data, offset);
+            return release_write(h, data, offset);
         }
         let _busy = InflightGuard::new(&self.cow_inflight);
         work.sort_by_key(|(s, g0, _)| (s.id(), *g0));
@@ -1029,11 +1063,11 @@ impl Engine {
                             )?;
                         }
                     }
-                    return release_write(&h, data, offset);
+                    return release_write(h, data, offset);
                 }
             }
         }
-        let r = release_write(&h, data, offset);
+        let r = release_write(h, data, offset);
         drop(guards);
         r
     }
@@ -1160,10 +1194,11 @@ impl Engine {
     /// [`Error::UnknownSession`], [`Error::UnknownVolume`].
     pub fn image(&self, id: SessionId) -> Result<Image<'_>> {
         let session = self.session(id)?;
-        let vols = self.volumes.read();
+        // The epoch before the map (see `Engine::attach`).
         let epoch = self
             .volumes_epoch
             .load(std::sync::atomic::Ordering::Acquire);
+        let vols = self.volumes.load();
         let get = |v: VolumeId| {
             vols.get(&v)
                 .cloned()
@@ -1498,7 +1533,7 @@ impl Engine {
                 // A completed session's image is its target: attach it when it is still the
                 // same volume, so the image stays readable.
                 if s.status().state == SessionState::Completed
-                    && self.volumes.read().get(&s.desc.target.id).is_none()
+                    && self.volumes.load().get(&s.desc.target.id).is_none()
                 {
                     if let Some(v) = resolver.resolve(&s.desc.target)? {
                         let i = v.info();
@@ -1527,7 +1562,7 @@ impl Engine {
             }
             let mut vols = Vec::new();
             for r in [&s.desc.source, &s.desc.target] {
-                let v = match self.volumes.read().get(&r.id) {
+                let v = match self.volumes.load().get(&r.id) {
                     Some(h) => Some(h.vol.clone()),
                     None => resolver.resolve(r)?,
                 };
@@ -1640,7 +1675,7 @@ impl Engine {
         }
         self.table.commit(entries)?;
         for v in [src, tgt] {
-            if self.volumes.read().get(&v.info().id).is_none() {
+            if self.volumes.load().get(&v.info().id).is_none() {
                 self.attach(v);
             }
         }
@@ -1668,9 +1703,8 @@ impl Engine {
                 self.attach(v.clone());
             }
         }
-        // Snapshot the active list first: a guard held across the loop would deadlock with
-        // `terminate` -> `refresh_active`, which takes the lock exclusively.
-        let active = self.active.read().clone();
+        // Snapshot the active list first (`terminate` -> `refresh_active` replaces it).
+        let active = self.active.load_full();
         for s in active.iter() {
             if s.desc.source.id != vol && s.desc.target.id != vol {
                 continue;
@@ -1679,7 +1713,7 @@ impl Engine {
                 if r.id == vol {
                     now.clone()
                 } else {
-                    self.volumes.read().get(&r.id).map(|h| h.vol.clone())
+                    self.volumes.load().get(&r.id).map(|h| h.vol.clone())
                 }
             };
             out.push(self.reconcile(
