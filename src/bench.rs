@@ -1258,6 +1258,7 @@ fn print_json(
         "global options": {
             "size": opts.size, "rounds": opts.rounds, "bs": IO, "grain": GRAIN,
             "writers": opts.writers, "backend": run.backend,
+            "backend_option": opts.backend.name(),
             "copy_backend": run.copy_backend, "direct_copy": opts.direct_copy,
             "raw_copy_direct": run.direct,
         },
@@ -1328,6 +1329,7 @@ mod tests {
         assert_eq!(w[0]["writers"], 1);
         assert_eq!(w[5]["figure"], "first-write");
         assert!(w[5]["engine"]["iops_median"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["global options"]["backend_option"], "io-uring");
         let b = v["global options"]["backend"].as_str().unwrap();
         assert!(b == "io_uring" || b == "pread", "{b}");
     }
