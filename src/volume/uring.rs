@@ -24,9 +24,9 @@
 //! thread, which only adds a hand-over for a caller that blocks on it anyway.
 //!
 //! **Fallback.** When a thread cannot create its ring (the kernel refuses: too many rings,
-//! memory limits) or a ring became unusable (see below), that thread's transfers use
-//! `pread`/`pwrite` on the same descriptor, with the same bounce handling as
-//! [`super::FileVolume`]; the thread tries to create a ring again on a later transfer.
+//! memory limits), that thread's transfers use `pread`/`pwrite` on the same descriptor from then
+//! on, with the same bounce handling as [`super::FileVolume`]. A ring that became unusable (see
+//! below) is dropped and the thread creates a new one on its next transfer.
 //!
 //! # Registered bounce buffers
 //!
@@ -51,7 +51,7 @@
 //! A thread's registered buffer lives exactly as long as its ring: it is never resized or freed
 //! while the ring exists, and the ring is torn down (which unregisters it) before it is freed.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -568,6 +568,8 @@ thread_local! {
     /// The calling thread's ring; `None` before the first transfer and after a ring was
     /// discarded (a new one is created on the next transfer).
     static RING: RefCell<Option<LocalRing>> = const { RefCell::new(None) };
+    /// The kernel refused to create a ring for this thread: do not ask again.
+    static NO_RING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Run `f` with the calling thread's ring, creating it if needed; `None` when the thread cannot
@@ -579,9 +581,17 @@ fn with_ring<R>(f: impl FnOnce(Option<&mut LocalRing>) -> R) -> R {
         let Ok(mut slot) = cell.try_borrow_mut() else {
             return None;
         };
-        if slot.is_none() && !rings_refused() {
-            if let Ok(r) = LocalRing::new() {
-                *slot = Some(r);
+        if slot.is_none() && !NO_RING.with(Cell::get) {
+            let created = if rings_refused() {
+                Err(io::Error::other("ring creation refused (test)"))
+            } else {
+                LocalRing::new()
+            };
+            match created {
+                Ok(r) => *slot = Some(r),
+                // Refused (limits, memory): this thread uses plain system calls from now on
+                // rather than paying a failing `io_uring_setup` on every transfer.
+                Err(_) => NO_RING.with(|n| n.set(true)),
             }
         }
         let f = f.take()?;
@@ -1325,7 +1335,6 @@ mod tests {
                 // This thread cannot have a ring: every transfer goes through pread/pwrite,
                 // unaligned O_DIRECT ones through an allocated bounce buffer.
                 REFUSE.with(|r| r.set(true));
-                RING.with(|c| *c.borrow_mut() = None);
                 let data = pattern(22, 5000);
                 buffered.write_at(&data, 777).expect("write");
                 model[777..5777].copy_from_slice(&data);
@@ -1343,13 +1352,22 @@ mod tests {
                     assert_eq!(d.fallback_transfers(), 2);
                     assert_eq!(d.fixed_requests(), 0);
                 }
-                // Allowed again: the next transfer creates a ring.
+                // A refusal is remembered: no new attempt on this thread.
                 REFUSE.with(|r| r.set(false));
                 buffered.read_at(&mut back, 777).expect("read");
-                assert_eq!(buffered.fallback_transfers(), 2);
+                assert_eq!(buffered.fallback_transfers(), 3);
+                assert!(RING.with(|c| c.borrow().is_none()));
+            });
+        });
+        // Another thread gets its ring.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut back = vec![0u8; 100];
+                buffered.read_at(&mut back, 777).expect("read");
                 assert!(RING.with(|c| c.borrow().is_some()));
             });
         });
+        assert_eq!(buffered.fallback_transfers(), 3);
         buffered.flush().expect("flush");
         drop((buffered, direct));
         assert!(std::fs::read(&path).expect("read file") == model);
