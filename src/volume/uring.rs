@@ -819,6 +819,14 @@ mod tests {
         (dir, path)
     }
 
+    /// A file of `len` bytes of `pattern(seed, len)`, and those bytes.
+    fn patterned(seed: u64, len: usize) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+        let (dir, path) = fixture(0);
+        let bytes = pattern(seed, len);
+        std::fs::write(&path, &bytes).expect("fill");
+        (dir, path, bytes)
+    }
+
     fn pattern(seed: u64, len: usize) -> Vec<u8> {
         (0..len as u64)
             .map(|i| (i.wrapping_mul(31).wrapping_add(seed * 7) % 251) as u8)
@@ -1020,9 +1028,7 @@ mod tests {
             return;
         }
         const SIZE: usize = 2 << 20;
-        let (_dir, path) = fixture(0);
-        let mut model = pattern(77, SIZE);
-        std::fs::write(&path, &model).expect("fill");
+        let (_dir, path, mut model) = patterned(77, SIZE);
         let Some(v) = open_direct(&path, true) else {
             return;
         };
@@ -1089,9 +1095,7 @@ mod tests {
         }
         // The last sector is partial: the aligned span reaches past the end of the file.
         let size = (1 << 20) + 1234;
-        let (_dir, path) = fixture(0);
-        let data = pattern(5, size);
-        std::fs::write(&path, &data).expect("fill");
+        let (_dir, path, data) = patterned(5, size);
         let Some(v) = open_direct(&path, true) else {
             return;
         };
@@ -1325,9 +1329,7 @@ mod tests {
         if unavailable() {
             return;
         }
-        let (_dir, path) = fixture(0);
-        let mut model = pattern(21, 1 << 20);
-        std::fs::write(&path, &model).expect("fill");
+        let (_dir, path, mut model) = patterned(21, 1 << 20);
         let buffered = UringVolume::open(&path, &FileVolumeOptions::default()).expect("open");
         let direct = open_direct(&path, true);
         std::thread::scope(|s| {
@@ -1378,9 +1380,7 @@ mod tests {
         if unavailable() {
             return;
         }
-        let (_dir, path) = fixture(0);
-        let mut model = pattern(31, 1 << 20);
-        std::fs::write(&path, &model).expect("fill");
+        let (_dir, path, mut model) = patterned(31, 1 << 20);
         let opts = FileVolumeOptions {
             direct: true,
             read_only: false,
