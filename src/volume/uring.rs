@@ -819,6 +819,23 @@ mod tests {
         (dir, path)
     }
 
+    /// Shrink the 16 KiB file behind `v` to 8 KiB and read across the new end of file: the read
+    /// fails with an `UnexpectedEof` I/O error.
+    fn shrink_and_read_past_eof(v: &UringVolume, path: &Path) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(8192))
+            .expect("truncate");
+        let mut buf = vec![0u8; 200];
+        match v.read_at(&mut buf, 8192 - 100) {
+            Err(Error::Io {
+                op: "read", source, ..
+            }) => assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("expected an UnexpectedEof I/O error, got {other:?}"),
+        }
+    }
+
     /// A file of `len` bytes of `pattern(seed, len)`, and those bytes.
     fn patterned(seed: u64, len: usize) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
         let (dir, path) = fixture(0);
@@ -1175,19 +1192,8 @@ mod tests {
             eprintln!("the kernel refused to register buffers; skipping");
             return;
         }
-        // Shrink the file behind the volume's back: the bounced read hits end of file.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_len(8192))
-            .expect("truncate");
-        let mut buf = vec![0u8; 200];
-        match v.read_at(&mut buf, 8192 - 100) {
-            Err(Error::Io {
-                op: "read", source, ..
-            }) => assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof),
-            other => panic!("expected an UnexpectedEof I/O error, got {other:?}"),
-        }
+        // The bounced read hits end of file.
+        shrink_and_read_past_eof(&v, &path);
         assert!(v.fixed_requests() > 0);
         assert!(
             no_lease_outstanding(),
@@ -1235,21 +1241,8 @@ mod tests {
         }
         let (_dir, path) = fixture(16384);
         let v = UringVolume::open(&path, &FileVolumeOptions::default()).expect("open");
-        // Shrink the file behind the volume's back: its cached size still says 16384.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_len(8192))
-            .expect("truncate");
-        let mut buf = vec![0u8; 200];
-        match v.read_at(&mut buf, 8192 - 100) {
-            Err(Error::Io {
-                op: "read", source, ..
-            }) => {
-                assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof);
-            }
-            other => panic!("expected an UnexpectedEof I/O error, got {other:?}"),
-        }
+        // The volume's cached size still says 16384.
+        shrink_and_read_past_eof(&v, &path);
         let mut tail = vec![0u8; 100];
         v.read_at(&mut tail, 8192 - 100)
             .expect("bytes before EOF still readable");
