@@ -1004,11 +1004,17 @@ mod tests {
     /// Open `path` with `O_DIRECT` (with or without registered buffers); `None` (after a
     /// message) when the file system refuses `O_DIRECT`.
     fn open_direct(path: &Path, pool: bool) -> Option<UringVolume> {
+        open_direct_with(path, pool, true)
+    }
+
+    /// [`open_direct`], sending every transfer through the ring when `everywhere`, only those
+    /// using the registered buffer otherwise (`open_registered_only`).
+    fn open_direct_with(path: &Path, pool: bool, everywhere: bool) -> Option<UringVolume> {
         let opts = FileVolumeOptions {
             direct: true,
             read_only: false,
         };
-        match UringVolume::open_with(path, &opts, pool, true) {
+        match UringVolume::open_with(path, &opts, pool, everywhere) {
             Ok(v) => Some(v),
             Err(Error::Io {
                 op: "open", source, ..
@@ -1374,16 +1380,9 @@ mod tests {
             return;
         }
         let (_dir, path, mut model) = patterned(31, 1 << 20);
-        let opts = FileVolumeOptions {
-            direct: true,
-            read_only: false,
-        };
-        let v = match UringVolume::open_registered_only(&path, &opts) {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("O_DIRECT refused ({e}); skipping");
-                return;
-            }
+        // As `open_registered_only` opens it.
+        let Some(v) = open_direct_with(&path, true, false) else {
+            return;
         };
         // Aligned: plain system calls.
         let mut aligned = AlignedBuf::new(8192);
