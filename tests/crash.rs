@@ -151,7 +151,7 @@ fn every_single_bit_flip_is_detected() {
     let sbs: Vec<Superblock> = (0..2u32)
         .filter_map(|c| {
             let o = Layout::superblock(c) as usize;
-            Superblock::decode(&good[o..o + 4096], c).ok()
+            Superblock::decode(&good[o..o + 4096]).ok()
         })
         .collect();
     let current = *sbs
@@ -167,8 +167,8 @@ fn every_single_bit_flip_is_detected() {
         // Open reads only the newest checkpoint while it verifies.
         let is_current = sb.generation == current.generation;
         regions.push((
-            format!("checkpoint{}", sb.copy()),
-            layout.checkpoint(sb.copy()),
+            format!("checkpoint{}", sb.area),
+            layout.checkpoint(sb.area),
             sb.ckpt_len,
             is_current,
         ));
@@ -275,5 +275,64 @@ fn failed_establish_fences_the_source() {
     assert!(
         matches!(w, Err(Error::Poisoned { .. })),
         "target write after a failed establish: {w:?}"
+    );
+}
+
+/// The state the enumerator found with seed 99: in workload `reopen#33`, the checkpoint that
+/// recovery writes on open (table write 23) landed at 268,800, in the journal's second copy and
+/// across into the checkpoint area holding the current checkpoint. With two checkpoint areas and
+/// no read-back, a crash after the superblock switch left no valid superblock/checkpoint pair
+/// and every acknowledged session was lost. The table's canary brings back that scheme: the
+/// same write must then be caught, and with the real scheme no state may violate the oracle.
+#[test]
+fn misdirected_checkpoint_write_in_recovery_keeps_the_table() {
+    let w = timezero::fault::catalogue(60, 99)
+        .into_iter()
+        .find(|w| w.name == "reopen#33")
+        .expect("workload reopen#33 in catalogue(60, 99)");
+    assert_eq!(w.seed, 3_419_378_616_714_001_472);
+    let r = timezero::fault::check_misdirected_write(&w, 23, 268_800);
+    assert!(r.states_total >= 10, "only {} states", r.states_total);
+    assert_eq!(r.violations, 0, "{:?}", r.violation_samples);
+
+    timezero::activity::set_canary_unverified_checkpoint(true);
+    let weak = timezero::fault::check_misdirected_write(&w, 23, 268_800);
+    timezero::activity::set_canary_unverified_checkpoint(false);
+    assert!(
+        weak.violation_samples
+            .iter()
+            .any(|v| v.contains("recovery failed with acknowledged sessions")),
+        "the unverified checkpoint scheme went unnoticed: {:?}",
+        weak.violation_samples
+    );
+}
+
+/// Negative control of the misdirect sweep: with the unverified two-area checkpoint scheme
+/// switched back on, sending table writes to superblock slots and checkpoint areas and crashing
+/// afterwards must find tables that lost acknowledged sessions.
+#[test]
+fn canary_unverified_checkpoint_is_caught() {
+    let opts = CrashtestOptions {
+        workloads: 6,
+        seed: 2,
+        threads: 2,
+        canary_checkpoint: true,
+        eio_points: 16,
+        recovery_crash_stride: 0,
+        ..CrashtestOptions::default()
+    };
+    let r = crashtest(&opts);
+    println!(
+        "checkpoint canary: {} states, {} violations; first: {:?}",
+        r.states_total,
+        r.violations,
+        r.violation_samples.first()
+    );
+    assert!(
+        r.violation_samples
+            .iter()
+            .any(|v| v.contains("misdirected") && v.contains("acknowledged sessions")),
+        "the misdirect sweep missed the unverified checkpoint scheme: {:?}",
+        r.violation_samples
     );
 }

@@ -85,10 +85,10 @@ fn write_seed_corpus() {
     write("table_decode", "superblock", sb_bytes);
     let sb = [0u32, 1]
         .iter()
-        .filter_map(|&c| Superblock::decode(&t[c as usize * 4096..(c as usize + 1) * 4096], c).ok())
+        .filter_map(|&c| Superblock::decode(&t[c as usize * 4096..(c as usize + 1) * 4096]).ok())
         .max_by_key(|s| s.generation)
         .unwrap();
-    let c0 = l.checkpoint(sb.copy()) as usize;
+    let c0 = l.checkpoint(sb.area) as usize;
     write(
         "table_decode",
         "checkpoint",

@@ -18,7 +18,7 @@ use timezero::volume::{MemVolume, Volume};
 /// A table whose newest checkpoint (one generation past the template's) holds `sessions`.
 fn table_with_checkpoint(sessions: &[SessionImage], next_session: u64) -> Vec<u8> {
     let mut t = fuzzing::template_table();
-    let sb1 = Superblock::decode(&t[4096..8192], 1).unwrap();
+    let sb1 = Superblock::decode(&t[4096..8192]).unwrap();
     let l = Layout {
         journal_bytes: 128 * 1024,
         checkpoint_bytes: 64 * 1024,
@@ -36,6 +36,7 @@ fn table_with_checkpoint(sessions: &[SessionImage], next_session: u64) -> Vec<u8
     t[c0..c0 + ck.len()].copy_from_slice(&ck);
     let sb = Superblock {
         generation,
+        area: 0,
         ckpt_seq: 1 << 40,
         ckpt_len: ck.len() as u64,
         ckpt_crc: crc32fast::hash(&ck),

@@ -4,17 +4,20 @@
 //!
 //! | region            | size               | why here |
 //! |-------------------|--------------------|----------|
-//! | superblock 0      | 4096               | generation-even copy; a fixed place to start |
-//! | superblock 1      | 4096               | generation-odd copy; a torn or flipped superblock falls back to the other |
+//! | superblock slot 0 | 4096               | a fixed place to start |
+//! | superblock slot 1 | 4096               | the other superblock: a torn, flipped or misdirected one falls back to it |
 //! | journal copy A    | `journal_bytes`    | 512-byte blocks, block `seq` lives at slot `seq % n` |
 //! | journal copy B    | `journal_bytes`    | mirror of A: a damaged block is read from the other copy |
-//! | checkpoint area 0 | `checkpoint_bytes` | full state at an even generation |
-//! | checkpoint area 1 | `checkpoint_bytes` | full state at an odd generation |
+//! | checkpoint areas 0, 1, 2 | 3 x `checkpoint_bytes` | full states; the two newest superblocks name two of them, a new checkpoint goes to the third |
 //!
 //! A commit writes its blocks into both journal copies and then makes the file durable once.
-//! A checkpoint is written into the area its superblock generation selects and becomes current
-//! only when that superblock is durable; the older checkpoint and every journal block since it
-//! are kept, so a damaged newer checkpoint falls back to the older one plus the journal.
+//! A checkpoint is written into the area that neither superblock names, read back, and becomes
+//! current only when a superblock naming it is durable and read back; that superblock replaces
+//! the older one (or one that no longer verifies). The other pair and every journal block since
+//! its checkpoint are kept, so a damaged newer pair falls back to the older one plus the journal.
+//! Neither a superblock nor a checkpoint is bound to its slot or area by position (the
+//! superblock names its area; its generation orders the two), so a copy written to the wrong
+//! slot is still a valid superblock.
 
 use super::codec::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, Reader, Writer};
 use crate::error::Corruption;
@@ -25,7 +28,7 @@ use crate::limits::{
 };
 
 /// Format version written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Superblock magic.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"TZTBLSB\0";
 /// Checkpoint magic.
@@ -38,6 +41,10 @@ pub const BLOCK_HEADER_BYTES: usize = 48;
 pub const BLOCK_PAYLOAD_BYTES: usize = JOURNAL_BLOCK_BYTES - BLOCK_HEADER_BYTES;
 /// Bytes of the checkpoint header.
 pub const CHECKPOINT_HEADER_BYTES: usize = 64;
+/// Superblock slots.
+pub const SUPERBLOCK_SLOTS: u32 = 2;
+/// Checkpoint areas: the two that the superblocks name and one to write the next into.
+pub const CHECKPOINT_AREAS: u32 = 3;
 /// Offset of the CRC inside a superblock.
 const SB_CRC_OFFSET: usize = 124;
 
@@ -54,10 +61,10 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Offset of superblock `copy` (0 or 1).
+    /// Offset of superblock slot `slot` (0 or 1).
     #[must_use]
-    pub fn superblock(copy: u32) -> u64 {
-        u64::from(copy) * SUPERBLOCK_BYTES as u64
+    pub fn superblock(slot: u32) -> u64 {
+        u64::from(slot) * SUPERBLOCK_BYTES as u64
     }
     /// Offset of journal copy `copy` (0 = A, 1 = B).
     #[must_use]
@@ -74,7 +81,7 @@ impl Layout {
     pub fn block(&self, copy: u32, seq: u64) -> u64 {
         self.journal(copy) + (seq % self.journal_blocks()) * JOURNAL_BLOCK_BYTES as u64
     }
-    /// Offset of checkpoint area `area`.
+    /// Offset of checkpoint area `area` (0, 1 or 2).
     #[must_use]
     pub fn checkpoint(&self, area: u32) -> u64 {
         self.journal(2) + u64::from(area) * self.checkpoint_bytes
@@ -82,21 +89,25 @@ impl Layout {
     /// Total file size.
     #[must_use]
     pub fn file_bytes(&self) -> u64 {
-        self.checkpoint(2)
+        self.checkpoint(CHECKPOINT_AREAS)
     }
 }
 
 /// A superblock: names the current checkpoint and where journal replay starts.
 ///
-/// Bytes: magic\[8\] version u32, copy u32, table_id\[16\], generation u64, journal_bytes u64,
-/// checkpoint_bytes u64, area u32, flags u32, ckpt_seq u64, ckpt_len u64, ckpt_crc u32,
-/// reserved u32, created_unix_ms u64, reserved\[28\], crc u32 (over bytes 0..124).
+/// Bytes: magic\[8\] version u32, reserved u32, table_id\[16\], generation u64,
+/// journal_bytes u64, checkpoint_bytes u64, area u32, flags u32, ckpt_seq u64, ckpt_len u64,
+/// ckpt_crc u32, reserved u32, created_unix_ms u64, reserved\[28\], crc u32 (over bytes 0..124).
+///
+/// A superblock is valid in either slot: the newer generation of the two valid ones is current.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Superblock {
     /// Table identity.
     pub table_id: TableId,
-    /// Generation; copy = generation % 2, checkpoint area = generation % 2.
+    /// Generation: the higher of two valid superblocks is the newer.
     pub generation: u64,
+    /// Checkpoint area (0, 1 or 2) holding this generation's checkpoint.
+    pub area: u32,
     /// Region sizes.
     pub layout: Layout,
     /// First journal sequence not contained in the checkpoint.
@@ -110,24 +121,17 @@ pub struct Superblock {
 }
 
 impl Superblock {
-    /// Which superblock copy and checkpoint area this generation uses.
-    #[must_use]
-    pub fn copy(&self) -> u32 {
-        u32::from(self.generation % 2 == 1)
-    }
-
     /// Encode into a full superblock slot.
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; SUPERBLOCK_BYTES];
         b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
         put_u32(&mut b, 8, FORMAT_VERSION);
-        put_u32(&mut b, 12, self.copy());
         b[16..32].copy_from_slice(&self.table_id);
         put_u64(&mut b, 32, self.generation);
         put_u64(&mut b, 40, self.layout.journal_bytes);
         put_u64(&mut b, 48, self.layout.checkpoint_bytes);
-        put_u32(&mut b, 56, self.copy());
+        put_u32(&mut b, 56, self.area);
         put_u32(&mut b, 60, 0);
         put_u64(&mut b, 64, self.ckpt_seq);
         put_u64(&mut b, 72, self.ckpt_len);
@@ -138,11 +142,11 @@ impl Superblock {
         b
     }
 
-    /// Decode and validate the superblock found in slot `copy`.
+    /// Decode and validate a superblock (from either slot).
     ///
     /// # Errors
     /// A [`Corruption`] naming what failed; sizes are checked against the limits.
-    pub fn decode(b: &[u8], copy: u32) -> Result<Self, Corruption> {
+    pub fn decode(b: &[u8]) -> Result<Self, Corruption> {
         const WHAT: &str = "superblock";
         if b.len() < SUPERBLOCK_BYTES {
             return Err(Corruption::Truncated { what: WHAT });
@@ -171,6 +175,7 @@ impl Superblock {
         let sb = Superblock {
             table_id,
             generation: get_u64(b, 32),
+            area: get_u32(b, 56),
             layout: Layout {
                 journal_bytes: get_u64(b, 40),
                 checkpoint_bytes: get_u64(b, 48),
@@ -180,8 +185,12 @@ impl Superblock {
             ckpt_crc: get_u32(b, 80),
             created_unix_ms: get_u64(b, 88),
         };
-        if get_u32(b, 12) != copy || sb.copy() != copy || get_u32(b, 56) != copy {
-            return Err(Corruption::Misplaced { what: WHAT });
+        if sb.area >= CHECKPOINT_AREAS {
+            return Err(Corruption::Field {
+                what: WHAT,
+                field: "area",
+                value: u64::from(sb.area),
+            });
         }
         validate_layout(&sb.layout)?;
         if sb.ckpt_len < CHECKPOINT_HEADER_BYTES as u64 || sb.ckpt_len > sb.layout.checkpoint_bytes
@@ -930,7 +939,7 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
             found: get_u32(b, 8),
         });
     }
-    if get_u32(b, 12) != sb.copy()
+    if get_u32(b, 12) != sb.area
         || b[16..32] != sb.table_id
         || get_u64(b, 32) != sb.generation
         || get_u64(b, 40) != sb.ckpt_seq

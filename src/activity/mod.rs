@@ -14,4 +14,6 @@ mod storage;
 mod table;
 
 pub use storage::{MemStorage, MmapStorage, TableStorage};
+#[cfg(feature = "fault")]
+pub use table::set_canary_unverified_checkpoint;
 pub use table::{OpenReport, Table, TableOptions, TableStats};

@@ -19,6 +19,16 @@ pub trait TableStorage: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`Error::OutOfRange`] or an I/O error.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Read `buf.len()` bytes at `offset` from the medium, after a durability point, to verify
+    /// that a superblock or checkpoint landed where it was written. Implementations should
+    /// bypass caches that would return the written bytes whatever reached the medium; the
+    /// default reads as [`TableStorage::read`] does.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] or an I/O error.
+    fn read_back(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read(offset, buf)
+    }
     /// Write `data` at `offset`.
     ///
     /// # Errors

@@ -10,6 +10,7 @@ use super::codec::Writer;
 use super::format::{
     decode_block, decode_checkpoint, encode_block, encode_checkpoint, BlockHeader, Entry, Layout,
     Reason, ReasonCode, SessionDesc, SessionState, Superblock, TableId, BLOCK_PAYLOAD_BYTES,
+    CHECKPOINT_AREAS, SUPERBLOCK_SLOTS,
 };
 use super::storage::TableStorage;
 use crate::error::Corruption;
@@ -89,14 +90,49 @@ pub struct TableStats {
 #[derive(Debug)]
 struct Writer_ {
     next_seq: u64,
+    /// Highest generation written or seen; the next checkpoint takes the one after it.
     generation: u64,
-    /// Journal blocks from this sequence on must be kept (the older checkpoint's start).
+    /// Journal blocks from this sequence on must be kept (the fallback checkpoint's start).
     retain_from: u64,
     /// Sequence of the newest checkpoint.
     ckpt_seq: u64,
     next_session: u64,
     created_unix_ms: u64,
+    /// What each superblock slot is believed to hold (`None`: nothing valid).
+    slots: [Option<Superblock>; SUPERBLOCK_SLOTS as usize],
+    /// The slot holding the current (newest durable) superblock.
+    current_slot: usize,
 }
+
+#[cfg(feature = "fault")]
+thread_local! {
+    static CANARY_UNVERIFIED_CHECKPOINT: std::cell::Cell<bool> =
+        const { std::cell::Cell::new(false) };
+}
+
+/// Fault-harness canary: while on, checkpoints written by the calling thread use the older,
+/// unsafe scheme: two areas chosen by generation parity, the older superblock always replaced,
+/// nothing read back. One misdirected table write followed by a crash can then leave no valid
+/// superblock/checkpoint pair; the enumerator's misdirect sweep must catch it.
+#[cfg(feature = "fault")]
+pub fn set_canary_unverified_checkpoint(on: bool) {
+    CANARY_UNVERIFIED_CHECKPOINT.with(|c| c.set(on));
+}
+
+fn canary_unverified_checkpoint() -> bool {
+    #[cfg(feature = "fault")]
+    {
+        CANARY_UNVERIFIED_CHECKPOINT.with(std::cell::Cell::get)
+    }
+    #[cfg(not(feature = "fault"))]
+    {
+        false
+    }
+}
+
+/// How often a superblock or checkpoint that does not read back as written is written again
+/// before the table gives up (and is poisoned).
+const READ_BACK_TRIES: usize = 3;
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -147,22 +183,24 @@ impl Table {
         let mut table_id = [0u8; 16];
         rand::Rng::fill(&mut rand::rng(), &mut table_id[..]);
         let created = now_ms();
-        // Generations 0 and 1 both hold the empty state, so either superblock alone suffices.
-        for generation in 0..2u64 {
-            let area = u32::from(generation == 1);
-            let ck = encode_checkpoint(&table_id, area, generation, 0, 1, &[]);
-            storage.write(layout.checkpoint(area), &ck)?;
+        // Generations 0 and 1 both hold the empty state (areas and slots 0 and 1), so either
+        // superblock alone suffices.
+        for slot in 0..SUPERBLOCK_SLOTS {
+            let generation = u64::from(slot);
+            let ck = encode_checkpoint(&table_id, slot, generation, 0, 1, &[]);
+            storage.write(layout.checkpoint(slot), &ck)?;
             storage.sync()?;
             let sb = Superblock {
                 table_id,
                 generation,
+                area: slot,
                 layout,
                 ckpt_seq: 0,
                 ckpt_len: ck.len() as u64,
                 ckpt_crc: crc32fast::hash(&ck),
                 created_unix_ms: created,
             };
-            storage.write(Layout::superblock(sb.copy()), &sb.encode())?;
+            storage.write(Layout::superblock(slot), &sb.encode())?;
             storage.sync()?;
         }
         let (t, _) = Table::open(storage)?;
@@ -186,23 +224,29 @@ impl Table {
         if storage.len() < 2 * SUPERBLOCK_BYTES as u64 {
             return Err(corrupt(Corruption::Truncated { what: "table" }));
         }
-        let mut sbs = Vec::new();
+        // (slot, superblock) for every slot that holds a valid superblock.
+        let mut sbs: Vec<(usize, Superblock)> = Vec::new();
+        let mut slots = [None; SUPERBLOCK_SLOTS as usize];
         let mut first_err = None;
-        for copy in 0..2u32 {
+        for slot in 0..SUPERBLOCK_SLOTS {
             let mut b = vec![0u8; SUPERBLOCK_BYTES];
-            storage.read(Layout::superblock(copy), &mut b)?;
-            match Superblock::decode(&b, copy) {
-                Ok(sb) if sb.layout.file_bytes() <= storage.len() => sbs.push(sb),
+            storage.read(Layout::superblock(slot), &mut b)?;
+            match Superblock::decode(&b) {
+                Ok(sb) if sb.layout.file_bytes() <= storage.len() => {
+                    slots[slot as usize] = Some(sb);
+                    sbs.push((slot as usize, sb));
+                }
                 Ok(_) => first_err = first_err.or(Some(Corruption::Truncated { what: "table" })),
                 Err(e) => first_err = first_err.or(Some(e)),
             }
         }
-        if sbs.len() == 2 && (sbs[0].table_id != sbs[1].table_id || sbs[0].layout != sbs[1].layout)
+        if sbs.len() == 2
+            && (sbs[0].1.table_id != sbs[1].1.table_id || sbs[0].1.layout != sbs[1].1.layout)
         {
             return Err(corrupt(Corruption::Misplaced { what: "superblock" }));
         }
-        sbs.sort_by_key(|s| std::cmp::Reverse(s.generation));
-        let Some(newest) = sbs.first().copied() else {
+        sbs.sort_by_key(|(_, s)| std::cmp::Reverse(s.generation));
+        let Some((_, newest)) = sbs.first().copied() else {
             return Err(corrupt(
                 first_err.unwrap_or(Corruption::NoValidCopy { what: "superblock" }),
             ));
@@ -214,21 +258,21 @@ impl Table {
             ..OpenReport::default()
         };
         let mut base = None;
-        for (i, sb) in sbs.iter().enumerate() {
+        for (i, (slot, sb)) in sbs.iter().enumerate() {
             let len = usize::try_from(sb.ckpt_len)
                 .map_err(|_| corrupt(Corruption::Truncated { what: "checkpoint" }))?;
             let mut b = vec![0u8; len];
-            storage.read(layout.checkpoint(sb.copy()), &mut b)?;
+            storage.read(layout.checkpoint(sb.area), &mut b)?;
             match decode_checkpoint(&b, sb) {
                 Ok(c) => {
                     report.fell_back = i > 0;
-                    base = Some((*sb, c));
+                    base = Some((*slot, *sb, c));
                     break;
                 }
                 Err(e) => first_err = Some(e),
             }
         }
-        let Some((base_sb, ckpt)) = base else {
+        let Some((base_slot, base_sb, ckpt)) = base else {
             return Err(corrupt(
                 first_err.unwrap_or(Corruption::NoValidCopy { what: "checkpoint" }),
             ));
@@ -352,7 +396,7 @@ impl Table {
             }
         }
         let next_seq = max_seen.map_or(seq, |m| m.saturating_add(1)).max(seq);
-        let max_gen = sbs.iter().map(|s| s.generation).max().unwrap_or(0);
+        let max_gen = sbs.iter().map(|(_, s)| s.generation).max().unwrap_or(0);
         let table = Table {
             storage,
             table_id,
@@ -367,6 +411,8 @@ impl Table {
                 ckpt_seq: base_sb.ckpt_seq,
                 next_session,
                 created_unix_ms: newest.created_unix_ms,
+                slots,
+                current_slot: base_slot,
             }),
             poisoned: AtomicBool::new(false),
             stats: TableStats::default(),
@@ -622,9 +668,37 @@ impl Table {
     }
 
     /// Write a checkpoint of the applied (durable) state and switch superblocks.
+    ///
+    /// Safe against one misdirected table write (anywhere in the file) followed by a crash at
+    /// any point: the new checkpoint goes to the area neither superblock names and is read back
+    /// before any superblock names it; the new superblock replaces the older pair, or the pair
+    /// that no longer reads back (so the other one, with the journal kept since its checkpoint,
+    /// stays valid throughout); and it is read back too. When the pair kept as the fallback
+    /// does not verify, a second checkpoint follows so that two valid pairs exist again.
     fn checkpoint(&self, w: &mut Writer_) -> Result<()> {
+        for _ in 0..2 {
+            if self.checkpoint_once(w)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One checkpoint and superblock switch; returns whether the pair kept as the fallback
+    /// verified.
+    fn checkpoint_once(&self, w: &mut Writer_) -> Result<bool> {
         let generation = w.generation + 1;
-        let area = u32::from(generation % 2 == 1);
+        let named = |a: u32| w.slots.iter().flatten().any(|s| s.area == a);
+        let area = (0..u64::from(CHECKPOINT_AREAS))
+            .map(|i| u32::try_from((generation + i) % u64::from(CHECKPOINT_AREAS)).unwrap_or(0))
+            .find(|a| !named(*a))
+            .unwrap_or(0);
+        let canary = canary_unverified_checkpoint();
+        let area = if canary {
+            u32::from(generation % 2 == 1)
+        } else {
+            area
+        };
         let images: Vec<_> = self.sessions.read().values().map(|s| s.image()).collect();
         let ck = encode_checkpoint(
             &self.table_id,
@@ -639,27 +713,90 @@ impl Table {
                 what: "checkpoint area",
             });
         }
-        self.storage.write(self.layout.checkpoint(area), &ck)?;
-        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        self.storage.sync()?;
+        self.write_verified(self.layout.checkpoint(area), &ck, "checkpoint", canary)?;
+        // Which pairs still verify on the medium: a misdirected write may have hit one.
+        let mut valid = [false; SUPERBLOCK_SLOTS as usize];
+        for (slot, v) in valid.iter_mut().enumerate() {
+            if let Some(sb) = w.slots[slot] {
+                *v = canary || self.pair_verifies(slot, &sb)?;
+            }
+        }
+        let current = w.current_slot;
+        let other = 1 - current;
+        let slot = if valid[current] { other } else { current };
+        let kept = 1 - slot;
         let sb = Superblock {
             table_id: self.table_id,
             generation,
+            area,
             layout: self.layout,
             ckpt_seq: w.next_seq,
             ckpt_len: ck.len() as u64,
             ckpt_crc: crc32fast::hash(&ck),
             created_unix_ms: w.created_unix_ms,
         };
-        self.storage
-            .write(Layout::superblock(sb.copy()), &sb.encode())?;
-        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        self.storage.sync()?;
-        w.retain_from = w.ckpt_seq;
+        let slot_u32 = u32::try_from(slot).unwrap_or(0);
+        self.write_verified(
+            Layout::superblock(slot_u32),
+            &sb.encode(),
+            "superblock",
+            canary,
+        )?;
+        w.slots[slot] = Some(sb);
+        w.current_slot = slot;
+        w.retain_from = match w.slots[kept] {
+            Some(k) if valid[kept] => k.ckpt_seq.max(w.retain_from),
+            _ => w.next_seq,
+        };
         w.ckpt_seq = w.next_seq;
         w.generation = generation;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(valid[kept])
+    }
+
+    /// Write `data` at `offset`, make it durable and read it back; write again while it does
+    /// not read back as written (a misdirected write), up to [`READ_BACK_TRIES`] times.
+    /// `trust` skips the read-back (the fault harness's canary only).
+    fn write_verified(&self, offset: u64, data: &[u8], what: &str, trust: bool) -> Result<()> {
+        let mut back = vec![0u8; data.len()];
+        for _ in 0..READ_BACK_TRIES {
+            self.storage.write(offset, data)?;
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+            self.storage.sync()?;
+            if trust {
+                return Ok(());
+            }
+            self.storage.read_back(offset, &mut back)?;
+            if back == data {
+                return Ok(());
+            }
+        }
+        Err(Error::io(
+            "read back",
+            self.storage.name(),
+            offset,
+            std::io::Error::other(format!(
+                "{what} did not read back as written after {READ_BACK_TRIES} writes"
+            )),
+        ))
+    }
+
+    /// Whether `slot` still holds `sb` and the checkpoint it names still matches its CRC.
+    fn pair_verifies(&self, slot: usize, sb: &Superblock) -> Result<bool> {
+        let mut b = vec![0u8; SUPERBLOCK_BYTES];
+        let slot_u32 = u32::try_from(slot).unwrap_or(0);
+        self.storage
+            .read_back(Layout::superblock(slot_u32), &mut b)?;
+        if b != sb.encode() {
+            return Ok(false);
+        }
+        let Ok(len) = usize::try_from(sb.ckpt_len) else {
+            return Ok(false);
+        };
+        let mut ck = vec![0u8; len];
+        self.storage
+            .read_back(self.layout.checkpoint(sb.area), &mut ck)?;
+        Ok(crc32fast::hash(&ck) == sb.ckpt_crc)
     }
 }
 

@@ -125,6 +125,8 @@ pub struct CrashtestOptions {
     pub eio_points: usize,
     /// Run with the engine's canary (skipped copy-before-write target flush) switched on.
     pub canary: bool,
+    /// Run with the table's checkpoint canary (the unverified two-area scheme) switched on.
+    pub canary_checkpoint: bool,
     /// Violation messages kept in the report.
     pub keep_violations: usize,
 }
@@ -140,6 +142,7 @@ impl Default for CrashtestOptions {
             recovery_crash_stride: 4,
             eio_points: 12,
             canary: false,
+            canary_checkpoint: false,
             keep_violations: 20,
         }
     }
@@ -449,6 +452,7 @@ struct Run {
     clock: u64,
     flushes: u64,
     table_writes: u64,
+    table_reads: u64,
 }
 
 fn ref_at(recs: &[OpRec], n: usize) -> &RefState {
@@ -505,6 +509,7 @@ fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
         || faults.fail_sync_at.is_some()
         || faults.crash_after.is_some()
         || faults.misdirect_table_write.is_some()
+        || faults.misdirect_table_read.is_some()
         || faults.enospc_from.is_some();
     world.set_faults(faults);
     let ids = vol_ids();
@@ -553,6 +558,7 @@ fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
                 clock: world.clock(),
                 flushes: world.flushes(),
                 table_writes: world.table_writes(),
+                table_reads: world.table_reads(),
             };
         }
     };
@@ -764,6 +770,7 @@ fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
         clock: world.clock(),
         flushes: world.flushes(),
         table_writes: world.table_writes(),
+        table_reads: world.table_reads(),
     }
 }
 
@@ -1137,30 +1144,124 @@ fn enumerate(w: &Workload, opts: &CrashtestOptions, rep: &mut CrashReport) {
             sweep_one(w, f, rep, "enospc", &format!("ENOSPC from I/O {at}"));
             at += step;
         }
-        // F6: one table write lands in another journal slot (of either mirror copy); nothing
-        // tells the engine. The slot/sequence binding must reject it where it landed, and the
-        // mirror copy must supply the block it should have written.
+        // F6: one table write lands somewhere else in the table; nothing tells the engine.
+        // Each sampled write is sent to four places: another journal slot (of either mirror
+        // copy), a superblock slot, a checkpoint area and any 512-byte-aligned offset. The
+        // state is then crashed at points after the misdirected write (see `sweep_misdirect`).
         let mut rng = rand::rngs::SmallRng::seed_from_u64(w.seed ^ 0xF6);
         let layout = engine_options().table.layout().ok();
         let table_writes = run.table_writes.max(1);
         let mstep = (table_writes / opts.eio_points as u64).max(1);
         let mut k = 0;
         while let (true, Some(l)) = (k < table_writes, layout) {
-            let slots = l.journal_blocks() * 2;
-            let slot = rng.random_range(0..slots);
-            let dest = l.journal(0) + slot * crate::limits::JOURNAL_BLOCK_BYTES as u64;
+            for dest in misdirect_destinations(&l, &mut rng) {
+                sweep_misdirect(w, k, dest, rep);
+            }
+            k += mstep;
+        }
+        // Misdirected reads: one table read returns the bytes of another place.
+        let reads = run.table_reads.max(1);
+        let rstep = (reads / opts.eio_points as u64).max(1);
+        let mut k = 0;
+        while let (true, Some(l)) = (k < reads, layout) {
+            let dests = misdirect_destinations(&l, &mut rng);
+            let dest = dests[usize::try_from(k).unwrap_or(0) % dests.len()];
             let f = Faults {
-                misdirect_table_write: Some((k, dest)),
+                misdirect_table_read: Some((k, dest)),
                 ..Faults::default()
             };
             sweep_one(
                 w,
                 f,
                 rep,
-                "misdirect",
-                &format!("table write {k} misdirected to {dest}"),
+                "misread",
+                &format!("table read {k} misdirected to {dest}"),
             );
-            k += mstep;
+            k += rstep;
+        }
+    }
+}
+
+/// Four places for a misdirected table write: another journal slot, a superblock slot, a
+/// checkpoint area (its start or a sector inside it) and any 512-byte-aligned offset.
+fn misdirect_destinations(l: &crate::activity::format::Layout, rng: &mut SmallRng) -> [u64; 4] {
+    use crate::activity::format::{CHECKPOINT_AREAS, SUPERBLOCK_SLOTS};
+    let sector = crate::limits::JOURNAL_BLOCK_BYTES as u64;
+    let slot = rng.random_range(0..l.journal_blocks() * 2);
+    let journal = l.journal(0) + slot * sector;
+    let sb = crate::activity::format::Layout::superblock(rng.random_range(0..SUPERBLOCK_SLOTS));
+    let area = l.checkpoint(rng.random_range(0..CHECKPOINT_AREAS));
+    let inside = rng.random_range(0..4u64) * sector;
+    let anywhere = rng.random_range(0..l.file_bytes() / sector) * sector;
+    [journal, sb, area + inside, anywhere]
+}
+
+/// Run workload `w` with its `k`-th table write sent to `dest`, crash at points after it, and
+/// check every recovery against the oracle (the misdirect sweep of [`crashtest`] for one write).
+#[must_use]
+pub fn check_misdirected_write(w: &Workload, k: u64, dest: u64) -> CrashReport {
+    let mut rep = CrashReport {
+        seed: w.seed,
+        workloads: 1,
+        ..CrashReport::default()
+    };
+    sweep_misdirect(w, k, dest, &mut rep);
+    rep.states_total = rep.states.values().sum();
+    rep
+}
+
+/// Crash points sampled after the misdirected write: the next few I/Os one by one, then evenly
+/// spaced to the end of the log.
+const MISDIRECT_CRASH_POINTS: usize = 12;
+
+/// Run `w` with its `k`-th table write sent to `dest`; recover the final and the durable image,
+/// then crash at points after the misdirected write (the writes the engine issued next, kept or
+/// lost) and recover each: one misdirected write followed by a crash anywhere must never lose
+/// an acknowledged session or serve a wrong image.
+fn sweep_misdirect(w: &Workload, k: u64, dest: u64, rep: &mut CrashReport) {
+    let what = format!("table write {k} misdirected to {dest}");
+    let f = Faults {
+        misdirect_table_write: Some((k, dest)),
+        ..Faults::default()
+    };
+    let r = catch_unwind(AssertUnwindSafe(|| run_workload(w, f, false)));
+    let Ok(r) = r else {
+        rep.violation(format!("{} (seed {}): panic with {what}", w.name, w.seed));
+        return;
+    };
+    let table_dev = r
+        .log
+        .devices
+        .iter()
+        .position(|d| d.1 == crate::fault::DevKind::Table);
+    let at = r
+        .log
+        .events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, crate::fault::IoEvent::Write { dev, .. } if Some(*dev) == table_dev))
+        .nth(usize::try_from(k).unwrap_or(usize::MAX))
+        .map(|(i, _)| i);
+    let end = r.log.events.len();
+    let mut points: Vec<usize> = Vec::new();
+    if let Some(at) = at {
+        let after = end - at;
+        let near = (MISDIRECT_CRASH_POINTS / 2).min(after);
+        points.extend((1..=near).map(|i| at + i));
+        let far = MISDIRECT_CRASH_POINTS - near;
+        points.extend((1..=far).map(|i| at + near + (after - near) * i / far));
+        points.dedup();
+    }
+    points.push(usize::MAX);
+    let mut c = CrashCursor::new(&r.log);
+    for p in points {
+        while c.pos() < p.min(end) && c.advance() {}
+        let n = c.pos();
+        let refs = ref_at(&r.recs, if p == usize::MAX { usize::MAX - 1 } else { n });
+        let ctx = || format!("{} (seed {}) {what}, crash after I/O {n}", w.name, w.seed);
+        for (suffix, fate) in [("prefix", Fate::Keep), ("durable", Fate::Drop)] {
+            rep.state(&format!("misdirect_{suffix}"));
+            recover_and_check(&c.image(|_| fate), refs, rep, &ctx);
         }
     }
 }
@@ -1203,6 +1304,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
                 crate::engine::set_canary_skip_cbw_flush(opts.canary);
+                crate::activity::set_canary_unverified_checkpoint(opts.canary_checkpoint);
                 let mut rep = CrashReport::default();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -1210,6 +1312,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
                     enumerate(w, opts, &mut rep);
                 }
                 crate::engine::set_canary_skip_cbw_flush(false);
+                crate::activity::set_canary_unverified_checkpoint(false);
                 total.lock().merge(rep, opts.keep_violations);
             });
         }

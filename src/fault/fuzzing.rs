@@ -70,18 +70,16 @@ impl Bytes<'_> {
 // ---------------------------------------------------------------------------------------------
 // table_decode
 
-/// Feed `data` to every table decoder: [`Superblock::decode`] (both slots), [`decode_block`]
+/// Feed `data` to every table decoder: [`Superblock::decode`], [`decode_block`]
 /// (with and without an expected sequence), [`Entry::decode_all`], and [`decode_checkpoint`]
 /// with a superblock built to vouch for the bytes (CRC and length), so the checkpoint parser
 /// itself is reached.
 pub fn check_table_decode(data: &[u8]) {
-    for copy in 0..2 {
-        let _ = Superblock::decode(data, copy);
-    }
+    let _ = Superblock::decode(data);
     let mut sb_slot = vec![0u8; SUPERBLOCK_BYTES];
     let n = data.len().min(SUPERBLOCK_BYTES);
     sb_slot[..n].copy_from_slice(&data[..n]);
-    let _ = Superblock::decode(&sb_slot, 0);
+    let _ = Superblock::decode(&sb_slot);
     let table_id: [u8; 16] = data
         .get(8..24)
         .and_then(|s| s.try_into().ok())
@@ -100,6 +98,7 @@ pub fn check_table_decode(data: &[u8]) {
         let sb = Superblock {
             table_id: id,
             generation: get_u64(32),
+            area: u32::from_le_bytes(data[12..16].try_into().unwrap_or([0; 4])),
             layout: layout(),
             ckpt_seq: get_u64(40),
             ckpt_len: data.len() as u64,
@@ -110,7 +109,7 @@ pub fn check_table_decode(data: &[u8]) {
             // Everything decoded must re-encode and decode to the same value.
             let again = crate::activity::format::encode_checkpoint(
                 &sb.table_id,
-                sb.copy(),
+                sb.area,
                 sb.generation,
                 c.seq,
                 c.next_session,
@@ -230,9 +229,8 @@ pub fn reseal(img: &mut [u8]) {
         let Some(sb) = img.get(o..o + SUPERBLOCK_BYTES) else {
             continue;
         };
-        let generation = u64::from_le_bytes(sb[32..40].try_into().unwrap_or([0; 8]));
         let ckpt_len = u64::from_le_bytes(sb[72..80].try_into().unwrap_or([0; 8]));
-        let area = u32::from(generation % 2 == 1);
+        let area = u32::from_le_bytes(sb[56..60].try_into().unwrap_or([0; 4]));
         let c0 = usize::try_from(l.checkpoint(area)).unwrap_or(usize::MAX);
         let crc = usize::try_from(ckpt_len)
             .ok()

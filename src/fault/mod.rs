@@ -5,7 +5,9 @@
 //! Faults covered: F1 (crash after every mutating I/O, including during recovery), F2/F5
 //! (any subset of unsynced writes lost: exhaustive for small counts, drop-one and seeded random
 //! subsets otherwise), F4 (512-byte tears of the last unsynced table write: prefix, suffix,
-//! garbage sector), F6 (a table write lands in another journal slot), F7 ([`flip_bit`]), F8
+//! garbage sector), F6 (a table write lands elsewhere in the table: another journal slot, a
+//! superblock slot, a checkpoint area or anywhere, then a crash at points after it; and a table
+//! read returns another place's bytes), F7 ([`flip_bit`]), F8
 //! (ENOSPC on every write from the N-th I/O), F9 (EIO on the N-th I/O once or forever, failing
 //! sync).
 //! Everything is seeded and deterministic; violation messages name the workload and seed.
@@ -17,7 +19,8 @@ mod sim;
 
 pub use checker::OrderingChecker;
 pub use crashtest::{
-    catalogue, crashtest, engine_options, CrashReport, CrashtestOptions, Op, Workload,
+    catalogue, check_misdirected_write, crashtest, engine_options, CrashReport, CrashtestOptions,
+    Op, Workload,
 };
 pub use sim::{
     flip_bit, CrashCursor, CrashLog, DevKind, Fate, Faults, IoEvent, SimStorage, SimVolume,

@@ -60,6 +60,9 @@ pub struct Faults {
     /// another 512-byte-aligned place: `(index, destination offset)`; the destination is
     /// clamped into the device. The caller is told nothing.
     pub misdirect_table_write: Option<(u64, u64)>,
+    /// The table read with this 0-based index (counting table reads only) returns the bytes at
+    /// another 512-byte-aligned place: `(index, source offset)`, clamped into the device.
+    pub misdirect_table_read: Option<(u64, u64)>,
     /// F8: from the I/O with this 0-based clock index on, every write fails with ENOSPC and
     /// changes nothing (reads and flushes still work).
     pub enospc_from: Option<u64>,
@@ -81,6 +84,7 @@ pub(crate) struct WorldState {
     clock: u64,
     flushes: u64,
     table_writes: u64,
+    table_reads: u64,
     faults: Faults,
     checker: Option<OrderingChecker>,
     violations: Vec<String>,
@@ -121,6 +125,7 @@ impl SimWorld {
                 clock: 0,
                 flushes: 0,
                 table_writes: 0,
+                table_reads: 0,
                 faults: Faults::default(),
                 checker: None,
                 violations: Vec::new(),
@@ -208,6 +213,12 @@ impl SimWorld {
         self.state.lock().table_writes
     }
 
+    /// Table reads issued so far.
+    #[must_use]
+    pub fn table_reads(&self) -> u64 {
+        self.state.lock().table_reads
+    }
+
     /// I/Os issued so far (reads included).
     #[must_use]
     pub fn clock(&self) -> u64 {
@@ -267,7 +278,18 @@ impl SimWorld {
         let d = &s.devs[dev];
         check_range(off, buf.len() as u64, d.current.len() as u64, "sim device")?;
         let name = d.name.clone();
+        let kind = d.kind;
+        let dev_len = d.current.len() as u64;
         Self::tick(&mut s, "read", &name, off)?;
+        let mut off = off;
+        if kind == DevKind::Table {
+            let k = s.table_reads;
+            s.table_reads += 1;
+            if let Some((_, src)) = s.faults.misdirect_table_read.filter(|(i, _)| *i == k) {
+                let max = dev_len.saturating_sub(buf.len() as u64);
+                off = (src.min(max) / SECTOR as u64) * SECTOR as u64;
+            }
+        }
         let o = usize::try_from(off).map_err(|_| Error::invalid("offset", "too large"))?;
         buf.copy_from_slice(&s.devs[dev].current[o..o + buf.len()]);
         Ok(())
