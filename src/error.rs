@@ -21,7 +21,11 @@ pub enum Corruption {
         what: &'static str,
     },
     /// A structure's format version is not one this build reads.
-    #[error("{what}: unsupported version {found}")]
+    #[error(
+        "{what}: unsupported format version {found} (this build reads version {}; create the \
+         table again with this build)",
+        crate::activity::format::FORMAT_VERSION
+    )]
     BadVersion {
         /// Which structure.
         what: &'static str,

@@ -59,6 +59,9 @@ pub struct MmapStorage {
     path: PathBuf,
     len: u64,
     file: File,
+    /// The same file opened with `O_DIRECT` for [`TableStorage::read_back`], where the file
+    /// system allows it (not on tmpfs, for example).
+    direct: Option<File>,
 }
 
 fn holder_path(path: &Path) -> PathBuf {
@@ -156,11 +159,21 @@ impl MmapStorage {
     fn map(file: File, path: &Path, len: u64) -> Result<Self> {
         let map = MappedFile::map(&file, len)
             .map_err(|e| Error::io("mmap", path.display().to_string(), 0, e))?;
+        let direct = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let flag = i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap_or(0);
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(flag)
+                .open(path)
+                .ok()
+        };
         Ok(MmapStorage {
             map: Mutex::new(map),
             path: path.to_path_buf(),
             len,
             file,
+            direct,
         })
     }
 }
@@ -184,6 +197,47 @@ impl TableStorage for MmapStorage {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let r = range(offset, buf.len(), self.len)?;
         buf.copy_from_slice(&self.map.lock().bytes()[r]);
+        Ok(())
+    }
+    /// Reads through the `O_DIRECT` descriptor where there is one, so that the bytes come from
+    /// the device rather than the page cache the write went through; falls back to the mapping
+    /// when the file system refuses direct reads.
+    fn read_back(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        use crate::volume::aligned::{align_down, align_up, AlignedBuf};
+        crate::volume::check_range(offset, buf.len() as u64, self.len, "table")?;
+        let Some(direct) = &self.direct else {
+            return self.read(offset, buf);
+        };
+        let start = align_down(offset);
+        let end = offset + buf.len() as u64;
+        let need =
+            usize::try_from(end - start).map_err(|_| Error::invalid("read back", "too large"))?;
+        let span = usize::try_from(align_up(end) - start)
+            .map_err(|_| Error::invalid("read back", "too large"))?;
+        let mut b = AlignedBuf::new(span);
+        let mut done = 0usize;
+        while done < need {
+            match rustix::io::pread(direct, &mut b.get_mut()[done..], start + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                // The file system refused this direct read: read through the mapping.
+                Err(rustix::io::Errno::INVAL) => return self.read(offset, buf),
+                Err(e) => {
+                    return Err(Error::io(
+                        "read back",
+                        self.path.display().to_string(),
+                        offset,
+                        e.into(),
+                    ))
+                }
+            }
+        }
+        if done < need {
+            return self.read(offset, buf);
+        }
+        let skip = usize::try_from(offset - start).unwrap_or(0);
+        buf.copy_from_slice(&b.get()[skip..skip + buf.len()]);
         Ok(())
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {

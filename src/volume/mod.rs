@@ -6,7 +6,7 @@
 //! [`MemVolume`] (in memory, for tests and simulations). Everything else (latching of the first
 //! failure, fault injection, ordering checks) wraps a `Volume` and is itself a `Volume`.
 
-mod aligned;
+pub(crate) mod aligned;
 pub(crate) use aligned::AlignedBuf;
 mod file;
 mod mem;
