@@ -818,6 +818,7 @@ fn run_session(input: Vec<u8>) -> Vec<u8> {
         &writer,
         &|| {},
         &reg,
+        &Arc::default(),
         &server_config,
         || true,
     );
