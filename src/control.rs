@@ -515,8 +515,15 @@ pub fn request(
             Some(c) => c,
             None => connect(path)?,
         };
-        send_request(&c, path, Request::Run(cmd.clone()))?;
-        match converse(&c, path, len, ch, interrupt)? {
+        let answer = match send_request(&c, path, Request::Run(cmd.clone())) {
+            Ok(()) => converse(&c, path, len, ch, interrupt)?,
+            // A busy server may answer and hang up before reading the request.
+            Err(e) => match read_frame(&mut BufReader::new(&c), path) {
+                Ok(Frame::Busy(_)) => None,
+                _ => return Err(e),
+            },
+        };
+        match answer {
             Some(r) => return r,
             None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
             None => {
@@ -613,12 +620,15 @@ pub fn shutdown(path: &Path) -> Result<()> {
     let deadline = Instant::now() + CONTROL_BUSY_RETRY;
     loop {
         let c = connect(path)?;
-        send_request(&c, path, Request::Shutdown)?;
-        match read_frame(&mut BufReader::new(&c), path)? {
-            Frame::Failed { error, .. } => return Err(Error::Remote(error)),
-            Frame::Busy(why) if Instant::now() >= deadline => return Err(Error::Remote(why)),
-            Frame::Busy(_) => std::thread::sleep(Duration::from_millis(200)),
-            _ => return Ok(()),
+        let sent = send_request(&c, path, Request::Shutdown);
+        match read_frame(&mut BufReader::new(&c), path) {
+            Err(_) if sent.is_err() => return sent,
+            r => match r? {
+                Frame::Failed { error, .. } => return Err(Error::Remote(error)),
+                Frame::Busy(why) if Instant::now() >= deadline => return Err(Error::Remote(why)),
+                Frame::Busy(_) => std::thread::sleep(Duration::from_millis(200)),
+                _ => return Ok(()),
+            },
         }
     }
 }
