@@ -381,7 +381,7 @@ impl ServerChannel<'_> {
     fn frame(&mut self, f: &Frame) -> Result<()> {
         write_frame(&mut &*self.stream, f).map_err(|e| {
             self.gone = true;
-            Error::io("write", &self.ctx.path.display().to_string(), 0, e)
+            Error::io("write", self.ctx.path.display().to_string(), 0, e)
         })
     }
 
@@ -579,8 +579,16 @@ fn frames(
             Frame::Busy(_) => return Ok(None),
             Frame::Send => {
                 let input = ch.input()?;
-                let n = std::io::copy(&mut input.take(len), &mut &*c)
-                    .map_err(|e| Error::io("send", shown, 0, e))?;
+                let n = match std::io::copy(&mut input.take(len), &mut &*c) {
+                    Ok(n) => n,
+                    // The server stopped reading: its reason comes next.
+                    Err(e) => match read_frame(&mut r, path) {
+                        Ok(Frame::Failed { error, .. }) => {
+                            return Ok(Some(Err(Error::Remote(error))))
+                        }
+                        _ => return Err(Error::io("send", shown, 0, e)),
+                    },
+                };
                 if n < len {
                     return Err(Error::invalid(
                         "write",

@@ -21,10 +21,6 @@ fn tz() -> Command {
     Command::new(env!("CARGO_BIN_EXE_timezero"))
 }
 
-fn p(x: &Path) -> &str {
-    x.to_str().expect("utf-8 path")
-}
-
 fn run_in(dir: &Path, args: &[&str]) -> Output {
     tz().current_dir(dir)
         .args(args)
@@ -524,9 +520,10 @@ fn hostile_forwarded_copy_progress_interrupt_pause_resume_rate() {
         ok_in(d, &["resume", "t.tzt", "s1"]).trim(),
         "copy of s1 resumed"
     );
-    let at = wait_line(&lines, at + 1, |l| {
+    let resumed = wait_line(&lines, at + 1, |l| {
         l.starts_with("copy ") && !l.contains("paused")
     });
+    assert!(lines.lock().expect("lines")[resumed].contains("limit 256KiB/s"));
     assert_eq!(
         ok_in(d, &["rate", "t.tzt", "s1", "1GiB"]).trim(),
         "copy of s1 limited to 1GiB/s"
@@ -535,7 +532,13 @@ fn hostile_forwarded_copy_progress_interrupt_pause_resume_rate() {
     // deadline.
     let st = wait_child(&mut copy);
     assert!(st.success(), "{:?}", lines.lock().expect("lines"));
-    let _ = at;
+    let last = lines
+        .lock()
+        .expect("lines")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!last.starts_with("timezero:"), "{last}");
     let mut out = String::new();
     copy.stdout
         .take()
