@@ -1,20 +1,55 @@
 //! The control socket of a serving process: while `timezero serve` holds a table, other
-//! `timezero` commands on that table send their request here (one JSON line) and get the text
-//! they would have printed (one JSON line back).
+//! `timezero` commands on that table send their request here and the serving process runs them.
+//!
+//! Protocol (version [`PROTOCOL_VERSION`]): the client sends one JSON line
+//! `{"v":2,"req":...}`. The server answers with JSON lines ("frames"): any number of progress
+//! lines, data frames (a line announcing N bytes, then those N raw bytes: the bytes of `read`
+//! and `export`, which the client writes where it was asked to), and one final line with the
+//! command's output or error. A `write` request is answered first with a line asking for its
+//! bytes, which the client then streams (exactly the announced length): no file path ever
+//! crosses the socket for data, and every path that does is absolute (the client canonicalises
+//! it; the server refuses a relative one). While a command runs, anything the client sends, or
+//! the client hanging up, asks the server to stop it (Ctrl-C on the client).
+//!
+//! The server serves at most [`CONTROL_CONNECTIONS_MAX`] connections at once, one thread each;
+//! further clients get a `busy` reply at once (the client retries for a while), and a client
+//! that does not send its request within [`CONTROL_READ_TIMEOUT`] is dropped.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::cli::{execute, Remote};
+use crate::copier::CopierControl;
 use crate::engine::Engine;
+use crate::ids::SessionId;
 use crate::{Error, Result};
+
+/// Version of the control protocol spoken by this build.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Most control connections served at once; more get a `busy` reply.
+pub const CONTROL_CONNECTIONS_MAX: usize = 16;
+/// Longest a control client may take to send its request line.
+pub const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client keeps retrying a busy server.
+pub const CONTROL_BUSY_RETRY: Duration = Duration::from_secs(20);
 
 /// Longest request line accepted.
 const REQUEST_BYTES_MAX: u64 = 64 * 1024;
+/// Longest reply line accepted (a `status --json` of many sessions).
+const FRAME_BYTES_MAX: u64 = 64 << 20;
+/// Largest data frame either side sends or accepts.
+const DATA_FRAME_BYTES_MAX: u64 = 4 << 20;
+/// Longest silence while a `write` streams its bytes, or while a reply cannot be written.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping server lets running commands finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The control socket path of a table: `TABLE.ctl`.
 #[must_use]
@@ -31,140 +66,558 @@ enum Request {
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Reply {
-    output: Option<String>,
-    error: Option<String>,
+struct Envelope {
+    v: u32,
+    req: Request,
+}
+
+/// One line from the server.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum Frame {
+    /// Too many control connections; try again.
+    Busy(String),
+    /// Send the `write` bytes now.
+    Send,
+    /// A progress line for the client's standard error.
+    Progress(String),
+    /// This many raw bytes follow.
+    Data(u64),
+    /// The command succeeded; its output.
+    Done(String),
+    /// The command failed; `interrupted` when it was stopped at the client's request.
+    Failed { error: String, interrupted: bool },
+}
+
+/// How a command talks to whoever asked for it: the local terminal, or a client of the control
+/// socket.
+pub trait Channel {
+    /// The bytes of a `write` (exactly the length the request names).
+    ///
+    /// # Errors
+    /// When the bytes cannot be had.
+    fn input(&mut self) -> Result<&mut dyn Read>;
+    /// Data for the caller (`read`, `export`).
+    ///
+    /// # Errors
+    /// When the data cannot be delivered.
+    fn output(&mut self, bytes: &[u8]) -> Result<()>;
+    /// One line of progress.
+    fn progress(&mut self, line: &str);
+    /// How often a running copy reports progress.
+    fn progress_interval(&self) -> Duration;
+    /// `Some(error to return)` when the caller asked to stop the command (Ctrl-C), or the
+    /// serving process is stopping.
+    fn interrupted(&mut self) -> Option<Error>;
+    /// The running copies of the serving process (`None` outside one).
+    fn copies(&self) -> Option<CopyRegistry>;
+}
+
+/// The copies running in a serving process, so that `pause`, `resume` and `rate` can reach
+/// them.
+#[derive(Debug, Clone, Default)]
+pub struct CopyRegistry {
+    inner: Arc<Mutex<(u64, HashMap<u64, CopierControl>)>>,
+}
+
+/// Removes a copy from its [`CopyRegistry`] when dropped.
+#[derive(Debug)]
+pub struct Registered {
+    registry: CopyRegistry,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.inner.lock().1.remove(&self.id);
+    }
+}
+
+impl CopyRegistry {
+    /// Record a running copy until the returned guard is dropped.
+    #[must_use]
+    pub fn register(&self, c: CopierControl) -> Registered {
+        let mut g = self.inner.lock();
+        g.0 += 1;
+        let id = g.0;
+        g.1.insert(id, c);
+        Registered {
+            registry: self.clone(),
+            id,
+        }
+    }
+
+    /// The running copies that copy `session` (those started for it, and those started for
+    /// every session while it is an active copy-mode session).
+    #[must_use]
+    pub fn find(&self, engine: &Engine, session: SessionId) -> Vec<CopierControl> {
+        let copying = engine.session(session).is_ok_and(|s| {
+            s.is_active() && s.status().mode == crate::activity::format::CopyMode::Copy
+        });
+        self.inner
+            .lock()
+            .1
+            .values()
+            .filter(|c| c.sessions().contains(&session) || (c.sessions().is_empty() && copying))
+            .cloned()
+            .collect()
+    }
 }
 
 /// A listening control socket.
 #[derive(Debug)]
 pub struct ControlServer {
-    stop: Arc<AtomicBool>,
-    path: PathBuf,
+    ctx: Arc<Ctx>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+#[derive(Debug)]
+struct Ctx {
+    engine: Arc<Engine>,
+    path: PathBuf,
+    table: String,
+    stop: AtomicBool,
+    active: AtomicUsize,
+    copies: CopyRegistry,
+}
+
+/// Counts a connection being served; uncounts it when dropped.
+struct Slot(Arc<Ctx>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl ControlServer {
-    /// Listen at `path` (a stale socket file is replaced).
+    /// Listen at `path` (a stale socket file is replaced) for commands on `table`.
     ///
     /// # Errors
     /// I/O errors.
-    pub fn start(engine: Arc<Engine>, path: &Path) -> Result<ControlServer> {
+    pub fn start(engine: Arc<Engine>, path: &Path, table: &Path) -> Result<ControlServer> {
         let _ = std::fs::remove_file(path);
         let l = UnixListener::bind(path)
             .map_err(|e| Error::io("bind", path.display().to_string(), 0, e))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
+        let ctx = Arc::new(Ctx {
+            engine,
+            path: path.to_path_buf(),
+            table: table.display().to_string(),
+            stop: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            copies: CopyRegistry::default(),
+        });
+        let c2 = ctx.clone();
         let thread = std::thread::Builder::new()
             .name("tz-control".into())
-            .spawn(move || {
-                for conn in l.incoming() {
-                    if st.load(Ordering::Acquire) {
-                        break;
-                    }
-                    let Ok(c) = conn else { continue };
-                    let e = engine.clone();
-                    let st2 = st.clone();
-                    // One thread per request: a long `copy` must not block `status`.
-                    let _ = std::thread::Builder::new()
-                        .name("tz-control-req".into())
-                        .spawn(move || {
-                            let _ = handle(&e, c, &st2);
-                        });
-                }
-            })
+            .spawn(move || accept_loop(&l, &c2))
             .map_err(|e| Error::io("spawn", "control", 0, e))?;
         Ok(ControlServer {
-            stop,
-            path: path.to_path_buf(),
+            ctx,
             thread: Some(thread),
         })
     }
 
-    /// Block until a client asks the server to shut down.
+    /// Connections being served right now.
+    #[must_use]
+    pub fn active(&self) -> usize {
+        self.ctx.active.load(Ordering::Acquire)
+    }
+
+    /// Block until a client asks the server to shut down; then stop the running copies and
+    /// wait (a bounded time) for the commands still running to answer their clients.
     pub fn wait_shutdown(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        self.ctx.stop.store(true, Ordering::Release);
+        let _ = std::fs::remove_file(&self.ctx.path);
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while self.active() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
+        self.ctx.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            // Wake the accept loop.
+            let _ = UnixStream::connect(&self.ctx.path);
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.ctx.path);
     }
 }
 
-fn handle(e: &Arc<Engine>, c: UnixStream, stop: &AtomicBool) -> std::io::Result<()> {
-    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+fn accept_loop(l: &UnixListener, ctx: &Arc<Ctx>) {
+    for conn in l.incoming() {
+        if ctx.stop.load(Ordering::Acquire) {
+            break;
+        }
+        let Ok(c) = conn else {
+            // Out of descriptors or similar: back off instead of spinning.
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        if ctx.active.fetch_add(1, Ordering::AcqRel) >= CONTROL_CONNECTIONS_MAX {
+            ctx.active.fetch_sub(1, Ordering::AcqRel);
+            busy(&c);
+            continue;
+        }
+        let slot = Slot(ctx.clone());
+        // One thread per connection, at most CONTROL_CONNECTIONS_MAX of them: a long `copy`
+        // must not block `status`.
+        let spawned = std::thread::Builder::new()
+            .name("tz-control-req".into())
+            .spawn(move || {
+                let ctx = slot.0.clone();
+                let _ = handle(&ctx, &c);
+                drop(slot);
+            });
+        if spawned.is_err() {
+            // The closure (with its slot and connection) is gone; the client sees a hang-up.
+            continue;
+        }
+    }
+}
+
+/// Tell a client over the connection limit to come back later; never blocks for long.
+fn busy(c: &UnixStream) {
+    let _ = c.set_write_timeout(Some(Duration::from_millis(100)));
+    let f = Frame::Busy(format!(
+        "busy: {CONTROL_CONNECTIONS_MAX} control connections in use"
+    ));
+    let _ = write_frame(&mut &*c, &f);
+}
+
+fn write_frame(w: &mut dyn Write, f: &Frame) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(f).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line)
+}
+
+/// Read one request and run it.
+fn handle(ctx: &Ctx, c: &UnixStream) -> std::io::Result<()> {
+    c.set_read_timeout(Some(CONTROL_READ_TIMEOUT))?;
+    c.set_write_timeout(Some(STREAM_TIMEOUT))?;
+    let mut reader = BufReader::new(c);
     let mut line = String::new();
-    BufReader::new((&c).take(REQUEST_BYTES_MAX)).read_line(&mut line)?;
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Run(cmd)) => match execute(e, &cmd, false) {
-            Ok(o) => Reply {
-                output: Some(o),
-                error: None,
-            },
-            Err(er) => Reply {
-                output: None,
-                error: Some(er.to_string()),
-            },
+    (&mut reader).take(REQUEST_BYTES_MAX).read_line(&mut line)?;
+    c.set_read_timeout(Some(STREAM_TIMEOUT))?;
+    let reply = match parse_request(&line) {
+        Err(why) => Frame::Failed {
+            error: why,
+            interrupted: false,
         },
         Ok(Request::Shutdown) => {
-            stop.store(true, Ordering::Release);
-            Reply {
-                output: Some("shutting down\n".into()),
-                error: None,
-            }
+            ctx.stop.store(true, Ordering::Release);
+            // Wake the accept loop so it sees the stop flag.
+            let _ = UnixStream::connect(&ctx.path);
+            Frame::Done("shutting down\n".into())
         }
-        Err(er) => Reply {
-            output: None,
-            error: Some(format!("bad control request: {er}")),
-        },
+        Ok(Request::Run(cmd)) => run(ctx, c, reader, &cmd),
     };
-    let mut w = &c;
-    w.write_all(serde_json::to_string(&reply).unwrap_or_default().as_bytes())?;
-    w.write_all(b"\n")?;
-    if stop.load(Ordering::Acquire) {
-        // Wake the accept loop so it sees the stop flag.
-        let _ = UnixStream::connect(c.local_addr()?.as_pathname().unwrap_or(Path::new("")));
+    write_frame(&mut &*c, &reply)
+}
+
+fn parse_request(line: &str) -> std::result::Result<Request, String> {
+    #[derive(serde::Deserialize)]
+    struct Version {
+        v: Option<u32>,
     }
-    Ok(())
+    let v = serde_json::from_str::<Version>(line)
+        .map_err(|e| format!("bad control request: {e}"))?
+        .v;
+    if v != Some(PROTOCOL_VERSION) {
+        return Err(format!(
+            "control protocol version {} is not spoken here (this server speaks {PROTOCOL_VERSION}); \
+             use the same timezero build as the server",
+            v.map_or_else(|| "1".to_string(), |v| v.to_string())
+        ));
+    }
+    serde_json::from_str::<Envelope>(line)
+        .map(|e| e.req)
+        .map_err(|e| format!("bad control request: {e}"))
 }
 
-fn send(path: &Path, req: &Request) -> Result<Reply> {
-    let shown = path.display().to_string();
-    let mut c = UnixStream::connect(path).map_err(|e| Error::io("connect", &shown, 0, e))?;
-    let body =
-        serde_json::to_string(req).map_err(|e| Error::invalid("control request", e.to_string()))?;
-    c.write_all(body.as_bytes())
-        .and_then(|()| c.write_all(b"\n"))
-        .map_err(|e| Error::io("write", &shown, 0, e))?;
-    let mut line = String::new();
-    BufReader::new(&c)
-        .read_line(&mut line)
-        .map_err(|e| Error::io("read", &shown, 0, e))?;
-    serde_json::from_str(&line).map_err(|e| Error::invalid("control reply", e.to_string()))
+fn run(ctx: &Ctx, c: &UnixStream, reader: BufReader<&UnixStream>, cmd: &Remote) -> Frame {
+    if let Some(p) = cmd.paths().into_iter().find(|p| !p.is_absolute()) {
+        return Frame::Failed {
+            error: format!(
+                "relative path {} sent to the server of {}: a forwarded command must name \
+                 absolute paths",
+                p.display(),
+                ctx.table
+            ),
+            interrupted: false,
+        };
+    }
+    let mut ch = ServerChannel {
+        ctx,
+        stream: c,
+        reader,
+        gone: false,
+    };
+    match execute(&ctx.engine, cmd, &mut ch) {
+        Ok(o) => Frame::Done(o),
+        Err(e) => Frame::Failed {
+            interrupted: matches!(e, Error::Interrupted(_)),
+            error: e.to_string(),
+        },
+    }
 }
 
-/// Run `cmd` in the process serving the table. The outer `Result` is the transport; the inner
-/// one is the command's own outcome (its error text comes back as [`Error::Invalid`]).
+/// The serving side of a command's [`Channel`]: frames on the connection.
+struct ServerChannel<'a> {
+    ctx: &'a Ctx,
+    stream: &'a UnixStream,
+    reader: BufReader<&'a UnixStream>,
+    /// The client hung up, asked to stop, or cannot be written to.
+    gone: bool,
+}
+
+impl ServerChannel<'_> {
+    fn frame(&mut self, f: &Frame) -> Result<()> {
+        write_frame(&mut &*self.stream, f).map_err(|e| {
+            self.gone = true;
+            Error::io("write", self.ctx.path.display().to_string(), 0, e)
+        })
+    }
+
+    /// True when the client has sent something (a stop request) or hung up; never blocks
+    /// for more than a millisecond.
+    fn client_stopped(&mut self) -> bool {
+        if self.gone || !self.reader.buffer().is_empty() {
+            return true;
+        }
+        if self
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .is_err()
+        {
+            return false;
+        }
+        let r = match self.reader.fill_buf() {
+            Ok(_) => true,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::Interrupted
+            ),
+        };
+        let _ = self.stream.set_read_timeout(Some(STREAM_TIMEOUT));
+        self.gone = r;
+        r
+    }
+}
+
+impl Channel for ServerChannel<'_> {
+    fn input(&mut self) -> Result<&mut dyn Read> {
+        self.frame(&Frame::Send)?;
+        Ok(&mut self.reader)
+    }
+
+    fn output(&mut self, bytes: &[u8]) -> Result<()> {
+        for chunk in bytes.chunks(usize::try_from(DATA_FRAME_BYTES_MAX).unwrap_or(1 << 22)) {
+            self.frame(&Frame::Data(chunk.len() as u64))?;
+            (&mut &*self.stream).write_all(chunk).map_err(|e| {
+                self.gone = true;
+                Error::io("write", self.ctx.path.display().to_string(), 0, e)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn progress(&mut self, line: &str) {
+        let _ = self.frame(&Frame::Progress(line.to_string()));
+    }
+
+    fn progress_interval(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn interrupted(&mut self) -> Option<Error> {
+        if self.ctx.stop.load(Ordering::Acquire) {
+            return Some(Error::Remote(format!(
+                "the server of {} stopped; run copy again to resume",
+                self.ctx.table
+            )));
+        }
+        self.client_stopped()
+            .then(|| Error::Interrupted("run copy again to resume".into()))
+    }
+
+    fn copies(&self) -> Option<CopyRegistry> {
+        Some(self.ctx.copies.clone())
+    }
+}
+
+/// Connect to a control socket.
 ///
 /// # Errors
 /// I/O errors reaching the socket.
-pub fn request(path: &Path, cmd: &Remote) -> Result<Result<String>> {
-    let r = send(path, &Request::Run(cmd.clone()))?;
-    Ok(match (r.output, r.error) {
-        (Some(o), None) => Ok(o),
-        (_, Some(er)) => Err(Error::invalid("remote command", er)),
-        (None, None) => Err(Error::invalid("remote command", "empty reply")),
+pub fn connect(path: &Path) -> Result<UnixStream> {
+    UnixStream::connect(path).map_err(|e| Error::io("connect", path.display().to_string(), 0, e))
+}
+
+fn send_request(c: &UnixStream, path: &Path, req: Request) -> Result<()> {
+    let body = serde_json::to_string(&Envelope {
+        v: PROTOCOL_VERSION,
+        req,
     })
+    .map_err(|e| Error::invalid("control request", e.to_string()))?;
+    (&mut &*c)
+        .write_all(format!("{body}\n").as_bytes())
+        .map_err(|e| Error::io("write", path.display().to_string(), 0, e))
+}
+
+fn read_frame(r: &mut BufReader<&UnixStream>, path: &Path) -> Result<Frame> {
+    let shown = path.display().to_string();
+    let mut line = String::new();
+    let n = r
+        .take(FRAME_BYTES_MAX)
+        .read_line(&mut line)
+        .map_err(|e| Error::io("read", &shown, 0, e))?;
+    if n == 0 {
+        return Err(Error::Remote(format!(
+            "the server behind {shown} hung up before answering"
+        )));
+    }
+    serde_json::from_str(&line)
+        .map_err(|e| Error::invalid("control reply", format!("from {shown}: {e}")))
+}
+
+/// Run `cmd` in the process serving the table through the control socket at `path`: its
+/// progress, data and output reach `ch` as if it ran here. `first` is a connection already
+/// made (else one is made). When `interrupt` becomes true the server is asked to stop the
+/// command.
+///
+/// # Errors
+/// I/O errors reaching the socket, a busy server that stays busy, and the command's own
+/// errors ([`Error::Remote`], or [`Error::Interrupted`] when it was stopped on request).
+pub fn request(
+    path: &Path,
+    first: Option<UnixStream>,
+    cmd: &Remote,
+    ch: &mut dyn Channel,
+    interrupt: Option<&AtomicBool>,
+) -> Result<String> {
+    let len = match cmd {
+        Remote::Write { len, .. } => *len,
+        _ => 0,
+    };
+    let deadline = Instant::now() + CONTROL_BUSY_RETRY;
+    let mut first = first;
+    loop {
+        let c = match first.take() {
+            Some(c) => c,
+            None => connect(path)?,
+        };
+        let answer = match send_request(&c, path, Request::Run(cmd.clone())) {
+            Ok(()) => converse(&c, path, len, ch, interrupt)?,
+            // A busy server may answer and hang up before reading the request.
+            Err(e) => match read_frame(&mut BufReader::new(&c), path) {
+                Ok(Frame::Busy(_)) => None,
+                _ => return Err(e),
+            },
+        };
+        match answer {
+            Some(r) => return r,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            None => {
+                return Err(Error::Remote(format!(
+                    "the server behind {} stayed busy for {}s",
+                    path.display(),
+                    CONTROL_BUSY_RETRY.as_secs()
+                )))
+            }
+        }
+    }
+}
+
+/// Read frames to the final one; `None` for a busy server.
+fn converse(
+    c: &UnixStream,
+    path: &Path,
+    len: u64,
+    ch: &mut dyn Channel,
+    interrupt: Option<&AtomicBool>,
+) -> Result<Option<Result<String>>> {
+    let shown = path.display().to_string();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        if let Some(flag) = interrupt {
+            let done = &done;
+            s.spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    if flag.load(Ordering::Acquire) {
+                        let _ = (&mut &*c).write_all(b"stop\n");
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+        let r = frames(c, path, &shown, len, ch);
+        done.store(true, Ordering::Release);
+        r
+    })
+}
+
+fn frames(
+    c: &UnixStream,
+    path: &Path,
+    shown: &str,
+    len: u64,
+    ch: &mut dyn Channel,
+) -> Result<Option<Result<String>>> {
+    let mut r = BufReader::new(c);
+    loop {
+        match read_frame(&mut r, path)? {
+            Frame::Busy(_) => return Ok(None),
+            Frame::Send => {
+                let input = ch.input()?;
+                let n = match std::io::copy(&mut input.take(len), &mut &*c) {
+                    Ok(n) => n,
+                    // The server stopped reading: its reason comes next.
+                    Err(e) => match read_frame(&mut r, path) {
+                        Ok(Frame::Failed { error, .. }) => {
+                            return Ok(Some(Err(Error::Remote(error))))
+                        }
+                        _ => return Err(Error::io("send", shown, 0, e)),
+                    },
+                };
+                if n < len {
+                    return Err(Error::invalid(
+                        "write",
+                        format!("input ended after {n} of {len} bytes"),
+                    ));
+                }
+            }
+            Frame::Progress(p) => ch.progress(&p),
+            Frame::Data(n) if n > DATA_FRAME_BYTES_MAX => {
+                return Err(Error::invalid(
+                    "control reply",
+                    format!("from {shown}: data frame of {n} bytes"),
+                ))
+            }
+            Frame::Data(n) => {
+                let mut buf = vec![0u8; usize::try_from(n).unwrap_or(0)];
+                r.read_exact(&mut buf)
+                    .map_err(|e| Error::io("read", shown, 0, e))?;
+                ch.output(&buf)?;
+            }
+            Frame::Done(o) => return Ok(Some(Ok(o))),
+            Frame::Failed { interrupted, .. } if interrupted => {
+                return Ok(Some(Err(Error::Interrupted(
+                    "run copy again to resume".into(),
+                ))))
+            }
+            Frame::Failed { error, .. } => return Ok(Some(Err(Error::Remote(error)))),
+        }
+    }
 }
 
 /// Ask the serving process to stop.
@@ -172,5 +625,18 @@ pub fn request(path: &Path, cmd: &Remote) -> Result<Result<String>> {
 /// # Errors
 /// I/O errors reaching the socket.
 pub fn shutdown(path: &Path) -> Result<()> {
-    send(path, &Request::Shutdown).map(|_| ())
+    let deadline = Instant::now() + CONTROL_BUSY_RETRY;
+    loop {
+        let c = connect(path)?;
+        let sent = send_request(&c, path, Request::Shutdown);
+        match read_frame(&mut BufReader::new(&c), path) {
+            Err(_) if sent.is_err() => return sent,
+            r => match r? {
+                Frame::Failed { error, .. } => return Err(Error::Remote(error)),
+                Frame::Busy(why) if Instant::now() >= deadline => return Err(Error::Remote(why)),
+                Frame::Busy(_) => std::thread::sleep(Duration::from_millis(200)),
+                _ => return Ok(()),
+            },
+        }
+    }
 }

@@ -76,6 +76,63 @@ struct Shared {
     cursors: Mutex<HashMap<SessionId, u64>>,
     error: Mutex<Option<Error>>,
     opts: CopierOptions,
+    /// The rate limit in force (0 = none) and when and at how many bytes it took effect.
+    rate: Mutex<(u64, Instant, u64)>,
+}
+
+impl Shared {
+    /// The rate limit in force, with the time and byte count it is measured from.
+    fn rate(&self) -> Option<(u64, Instant, u64)> {
+        let r = *self.rate.lock();
+        (r.0 > 0).then_some(r)
+    }
+}
+
+/// A handle on a running [`Copier`] that can pause, resume and re-rate it from another thread.
+#[derive(Debug, Clone)]
+pub struct CopierControl(Arc<Shared>);
+
+impl CopierControl {
+    /// Pause after the current batches.
+    pub fn pause(&self) {
+        self.0.paused.store(true, Ordering::Release);
+    }
+
+    /// Resume.
+    pub fn resume(&self) {
+        self.0.paused.store(false, Ordering::Release);
+    }
+
+    /// True while paused.
+    #[must_use]
+    pub fn paused(&self) -> bool {
+        self.0.paused.load(Ordering::Acquire)
+    }
+
+    /// Change the rate limit (`None` = unlimited); it is measured afresh from now.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a rate of 0.
+    pub fn set_rate(&self, bytes_per_s: Option<u64>) -> Result<()> {
+        if bytes_per_s == Some(0) {
+            return Err(Error::invalid("copy rate", "0 bytes/s"));
+        }
+        let bytes = self.0.bytes.load(Ordering::Relaxed);
+        *self.0.rate.lock() = (bytes_per_s.unwrap_or(0), Instant::now(), bytes);
+        Ok(())
+    }
+
+    /// The rate limit in force (`None` = unlimited).
+    #[must_use]
+    pub fn rate(&self) -> Option<u64> {
+        self.0.rate().map(|r| r.0)
+    }
+
+    /// The sessions the copier was started for (empty = every active copy-mode session).
+    #[must_use]
+    pub fn sessions(&self) -> &[SessionId] {
+        &self.0.opts.sessions
+    }
 }
 
 /// A running copier. Dropping it stops the workers.
@@ -107,14 +164,16 @@ impl Copier {
         if opts.rate_bytes_per_s == Some(0) {
             return Err(Error::invalid("copy rate", "0 bytes/s"));
         }
+        let started = Instant::now();
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             done: AtomicBool::new(false),
             bytes: AtomicU64::new(0),
-            started: Instant::now(),
+            started,
             cursors: Mutex::new(HashMap::new()),
             error: Mutex::new(None),
+            rate: Mutex::new((opts.rate_bytes_per_s.unwrap_or(0), started, 0)),
             opts,
         });
         let workers = (0..shared.opts.threads)
@@ -142,6 +201,12 @@ impl Copier {
     /// Resume.
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::Release);
+    }
+
+    /// A handle to pause, resume or re-rate this copier from elsewhere.
+    #[must_use]
+    pub fn control(&self) -> CopierControl {
+        CopierControl(self.shared.clone())
     }
 
     /// Current progress.
@@ -266,10 +331,11 @@ fn worker(engine: &Engine, sh: &Shared) {
         let Ok(s) = engine.session(id) else { continue };
         let grain = s.desc.grain.bytes();
         let batch = (sh.opts.batch_bytes / grain).max(1);
-        if let Some(rate) = sh.opts.rate_bytes_per_s {
+        let rate = sh.rate();
+        if let Some((rate, since, base)) = rate {
             // Sleep until the bytes already moved fit the rate.
-            let due = sh.bytes.load(Ordering::Relaxed) as f64 / rate as f64;
-            let el = sh.started.elapsed().as_secs_f64();
+            let due = sh.bytes.load(Ordering::Relaxed).saturating_sub(base) as f64 / rate as f64;
+            let el = since.elapsed().as_secs_f64();
             if due > el {
                 std::thread::sleep(Duration::from_secs_f64((due - el).min(0.05)));
                 continue;
@@ -277,7 +343,7 @@ fn worker(engine: &Engine, sh: &Shared) {
         }
         // Several batches share one target flush and one table commit: reserve a span of that
         // many bytes for this worker, so that workers copy disjoint ranges.
-        let commit_bytes = match sh.opts.rate_bytes_per_s {
+        let commit_bytes = match rate.map(|r| r.0) {
             Some(r) => sh.opts.commit_bytes.min(r / 10).max(batch * grain),
             None => sh.opts.commit_bytes.max(batch * grain),
         };

@@ -208,6 +208,14 @@ pub enum Error {
         /// Why it ended.
         reason: String,
     },
+    /// A long command was stopped on request (Ctrl-C) before it finished; what it did so far
+    /// is durable.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
+    /// A command run by the process serving a table failed there; its message as that process
+    /// gave it.
+    #[error("{0}")]
+    Remote(String),
 }
 
 impl Error {

@@ -3,14 +3,16 @@
 
 mod demo;
 
-use std::io::Write as _;
+use std::io::{Read, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::activity::format::{CopyMode, ExtentSpec};
+use crate::control::Channel;
 use crate::copier::{Copier, CopierOptions};
 use crate::engine::{Engine, EngineOptions, Outcome, RestartPolicy, SessionSpec};
 use crate::ids::{GrainSize, SessionId};
@@ -270,6 +272,45 @@ pub enum Command {
         /// Source volumes to attach and export beyond those of existing sessions.
         #[arg(long = "volume")]
         volumes: Vec<PathBuf>,
+        /// Most NBD connections at once over all exports; a client over the limit is refused
+        /// during the handshake.
+        #[arg(long, default_value_t = crate::nbd::CONNECTIONS_MAX)]
+        max_connections: usize,
+        /// Most NBD connections to one export.
+        #[arg(long, default_value_t = crate::nbd::CONNECTIONS_PER_EXPORT_MAX)]
+        max_connections_per_export: usize,
+        /// Seconds a client may take for the whole NBD handshake (0 = no limit).
+        #[arg(long, default_value_t = crate::nbd::HANDSHAKE_TIMEOUT_SECS)]
+        handshake_timeout: u64,
+        /// Seconds a connected NBD client may send no request before it is disconnected
+        /// (0 = never).
+        #[arg(long, default_value_t = crate::nbd::IDLE_TIMEOUT_SECS)]
+        idle_timeout: u64,
+    },
+    /// Pause the copy of a session running in the process serving the table.
+    Pause {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+    },
+    /// Resume a paused copy of a session running in the process serving the table.
+    Resume {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+    },
+    /// Change the rate limit of the copy of a session running in the process serving the
+    /// table.
+    Rate {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+        /// Bytes per second (e.g. 100MiB).
+        #[arg(value_parser = size_arg)]
+        bytes_per_s: u64,
     },
     /// Ask the process serving a table to stop.
     Stop {
@@ -325,6 +366,10 @@ pub fn main() -> i32 {
     };
     match run(cli.command, cli.io) {
         Ok(()) => 0,
+        Err(e @ Error::Interrupted(_)) => {
+            eprintln!("timezero: {e}");
+            130
+        }
         Err(e) => {
             eprintln!("timezero: {e}");
             1
@@ -407,22 +452,88 @@ pub enum Remote {
         /// Volume path.
         volume: PathBuf,
     },
-    /// `write`.
+    /// `write`: the bytes follow the request (see [`crate::control::Channel::input`]).
     Write {
         /// Volume path.
         volume: PathBuf,
         /// Offset.
         offset: u64,
-        /// Source file of the bytes.
-        from: PathBuf,
+        /// How many bytes.
+        len: u64,
+    },
+    /// `read`: the image bytes go back to the caller.
+    Read {
+        /// Session.
+        session: u64,
+        /// Image offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// `export`: the whole image goes back to the caller.
+    Export {
+        /// Session.
+        session: u64,
+    },
+    /// `pause`: pause the running copy of a session.
+    Pause {
+        /// Session.
+        session: u64,
+    },
+    /// `resume`: resume the paused copy of a session.
+    Resume {
+        /// Session.
+        session: u64,
+    },
+    /// `rate`: change the rate limit of the running copy of a session.
+    Rate {
+        /// Session.
+        session: u64,
+        /// Bytes per second.
+        bytes_per_s: u64,
     },
 }
 
-/// Run a [`Remote`] command on an open engine.
+impl Remote {
+    /// The file paths the command names.
+    #[must_use]
+    pub fn paths(&self) -> Vec<&Path> {
+        match self {
+            Remote::Establish { source, target, .. } => vec![source, target],
+            Remote::Reset { volume } | Remote::Write { volume, .. } => vec![volume],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The same command with every path made absolute and canonical (so that it names the same
+    /// files in a process with another working directory).
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming a path that cannot be resolved.
+    pub fn canonical(mut self) -> Result<Remote> {
+        let canon = |p: &mut PathBuf| -> Result<()> {
+            *p = std::fs::canonicalize(&*p)
+                .map_err(|e| Error::io("resolve", p.display().to_string(), 0, e))?;
+            Ok(())
+        };
+        match &mut self {
+            Remote::Establish { source, target, .. } => {
+                canon(source)?;
+                canon(target)?;
+            }
+            Remote::Reset { volume } | Remote::Write { volume, .. } => canon(volume)?,
+            _ => {}
+        }
+        Ok(self)
+    }
+}
+
+/// Run a [`Remote`] command on an open engine; `io` carries its input, output, progress and
+/// interruptions.
 ///
 /// # Errors
-/// The command's errors.
-pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> {
+/// The command's errors; [`Error::Interrupted`] when it was stopped on request.
+pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<String> {
     let mut out = String::new();
     use std::fmt::Write as _;
     match cmd {
@@ -494,32 +605,21 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
                 opts.batch_bytes = *b;
             }
             let c = Copier::start(e.clone(), opts)?;
-            let tty = progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let _registered = io.copies().map(|r| r.register(c.control()));
             let mut last = std::time::Instant::now();
             while !c.finished() {
                 std::thread::sleep(Duration::from_millis(100));
-                if progress && (tty || last.elapsed() >= Duration::from_secs(2)) {
+                if let Some(er) = io.interrupted() {
+                    // Everything copied so far is committed when the workers stop.
+                    c.stop()?;
+                    return Err(er);
+                }
+                if last.elapsed() >= io.progress_interval() {
                     last = std::time::Instant::now();
-                    let p = c.progress();
-                    let pct = if p.grains_total == 0 {
-                        100.0
-                    } else {
-                        100.0 * p.grains_copied as f64 / p.grains_total as f64
-                    };
-                    let eta = p.eta_s.map_or("?".to_string(), |s| format!("{s:.0}s"));
-                    let end = if tty { "\r" } else { "\n" };
-                    eprint!(
-                        "copy {pct:5.1}% {}/{} grains {:.1} MiB/s eta {eta}   {end}",
-                        p.grains_copied,
-                        p.grains_total,
-                        p.bytes_per_s / 1_048_576.0
-                    );
+                    io.progress(&progress_line(&c));
                 }
             }
             let p = c.join()?;
-            if tty {
-                eprintln!();
-            }
             let _ = writeln!(
                 out,
                 "copied {} bytes; {}/{} grains; backend {}",
@@ -586,24 +686,24 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
         Remote::Write {
             volume,
             offset,
-            from,
+            len,
         } => {
             let vid = volume_id(e, volume)?;
-            let shown = from.display().to_string();
-            let mut f = std::fs::File::open(from).map_err(|er| Error::io("open", &shown, 0, er))?;
-            let len = f
-                .metadata()
-                .map_err(|er| Error::io("stat", &shown, 0, er))?
-                .len();
-            crate::volume::check_range(*offset, len, e.volume(vid)?.size(), "volume")?;
-            // Bounded memory whatever the file's size: write it in chunks.
+            crate::volume::check_range(*offset, *len, e.volume(vid)?.size(), "volume")?;
+            let input = io.input()?;
+            // Bounded memory whatever the length: write in chunks.
             let mut buf = vec![0u8; 4 << 20];
             let mut done = 0u64;
-            loop {
-                let n = std::io::Read::read(&mut f, &mut buf)
-                    .map_err(|er| Error::io("read", &shown, done, er))?;
+            while done < *len {
+                let want = usize::try_from((*len - done).min(buf.len() as u64)).unwrap_or(0);
+                let n = input
+                    .read(&mut buf[..want])
+                    .map_err(|er| Error::io("read", "write input", done, er))?;
                 if n == 0 {
-                    break;
+                    return Err(Error::invalid(
+                        "write",
+                        format!("input ended after {done} of {len} bytes"),
+                    ));
                 }
                 e.write(vid, *offset + done, &buf[..n])?;
                 done += n as u64;
@@ -611,22 +711,233 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, progress: bool) -> Result<String> 
             e.flush(vid)?;
             let _ = writeln!(out, "wrote {done} bytes at {offset}");
         }
+        Remote::Read {
+            session,
+            offset,
+            len,
+        } => {
+            if *len > crate::limits::IO_BYTES_MAX {
+                return Err(Error::invalid("read", "length over 64 MiB; use export"));
+            }
+            let mut buf = vec![0u8; usize::try_from(*len).unwrap_or(0)];
+            e.read_image(SessionId(*session), *offset, &mut buf)?;
+            io.output(&buf)?;
+        }
+        Remote::Export { session } => {
+            export(e, SessionId(*session), io)?;
+        }
+        Remote::Pause { session } | Remote::Resume { session } | Remote::Rate { session, .. } => {
+            let id = SessionId(*session);
+            let copies = io
+                .copies()
+                .map(|r| r.find(e, id))
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| Error::invalid("session", format!("no copy of {id} is running")))?;
+            for c in &copies {
+                match cmd {
+                    Remote::Pause { .. } => c.pause(),
+                    Remote::Resume { .. } => c.resume(),
+                    Remote::Rate { bytes_per_s, .. } => c.set_rate(Some(*bytes_per_s))?,
+                    _ => {}
+                }
+            }
+            let what = match cmd {
+                Remote::Pause { .. } => "paused".to_string(),
+                Remote::Resume { .. } => "resumed".to_string(),
+                Remote::Rate { bytes_per_s, .. } => {
+                    format!("limited to {}/s", format_size(*bytes_per_s))
+                }
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "copy of {id} {what}");
+        }
     }
     Ok(out)
 }
 
+/// One line of a running copy's progress.
+fn progress_line(c: &Copier) -> String {
+    let p = c.progress();
+    let ctl = c.control();
+    let pct = if p.grains_total == 0 {
+        100.0
+    } else {
+        100.0 * p.grains_copied as f64 / p.grains_total as f64
+    };
+    let eta = p.eta_s.map_or("?".to_string(), |s| format!("{s:.0}s"));
+    let limit = ctl
+        .rate()
+        .map(|r| format!(" limit {}/s", format_size(r)))
+        .unwrap_or_default();
+    let paused = if ctl.paused() { " paused" } else { "" };
+    format!(
+        "copy {pct:5.1}% {}/{} grains {:.1} MiB/s eta {eta}{limit}{paused}",
+        p.grains_copied,
+        p.grains_total,
+        p.bytes_per_s / 1_048_576.0
+    )
+}
+
 /// Run `cmd` on the table: locally, or through the control socket of the process serving it.
-fn local_or_remote(table: &Path, cmd: Remote, io: IoFlags) -> Result<String> {
-    match open(table, RestartPolicy::Resume, io) {
-        Ok(e) => execute(&Arc::new(e), &cmd, true),
-        Err(Error::Locked { path, holder }) => {
-            match crate::control::request(&crate::control::socket_path(table), &cmd) {
-                Ok(r) => r,
-                Err(_) => Err(Error::Locked { path, holder }),
+fn local_or_remote(table: &Path, cmd: Remote, io: IoFlags, ch: &mut Local) -> Result<String> {
+    let sock = crate::control::socket_path(table);
+    // A server that is starting or stopping holds the table without answering yet.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match open(table, RestartPolicy::Resume, io) {
+            Ok(e) => return execute(&Arc::new(e), &cmd, ch),
+            Err(Error::Locked { path, holder }) => match crate::control::connect(&sock) {
+                Ok(c) => {
+                    let cmd = cmd.canonical()?;
+                    let flag = ch.interrupt.clone();
+                    return crate::control::request(&sock, Some(c), &cmd, ch, flag.as_deref());
+                }
+                Err(_) if sock.exists() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(_) => return Err(Error::Locked { path, holder }),
+            },
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Run `cmd` (`pause`, `resume`, `rate`) in the process serving the table.
+fn remote_only(table: &Path, session: SessionId, cmd: &Remote) -> Result<String> {
+    let sock = crate::control::socket_path(table);
+    let c = crate::control::connect(&sock).map_err(|_| {
+        Error::invalid(
+            "session",
+            format!(
+                "no copy of {session} is running: no process serves {} ({} does not answer)",
+                table.display(),
+                sock.display()
+            ),
+        )
+    })?;
+    crate::control::request(&sock, Some(c), cmd, &mut Local::default(), None)
+}
+
+/// Where `read` and `export` put the image bytes.
+#[derive(Debug, Default)]
+enum Sink {
+    /// Nowhere (the command has no data).
+    #[default]
+    None,
+    /// Standard output.
+    Stdout,
+    /// A file, created at the first bytes (or at the end when there are none).
+    File(PathBuf, Option<std::fs::File>),
+}
+
+/// The local side of a command: the terminal, Ctrl-C, and the files named on the command line.
+#[derive(Debug, Default)]
+struct Local {
+    /// The bytes of `write --from` and that file's name.
+    input: Option<(std::fs::File, String)>,
+    sink: Sink,
+    /// Bytes given to the sink.
+    written: u64,
+    /// Set by SIGINT/SIGTERM.
+    interrupt: Option<Arc<AtomicBool>>,
+    /// A progress line is showing on a terminal without its newline.
+    open_line: bool,
+}
+
+impl Local {
+    fn file(&mut self) -> Result<&mut std::fs::File> {
+        let Sink::File(p, f) = &mut self.sink else {
+            return Err(Error::invalid("output", "no file"));
+        };
+        if f.is_none() {
+            *f = Some(
+                std::fs::File::create(&*p)
+                    .map_err(|er| Error::io("create", p.display().to_string(), 0, er))?,
+            );
+        }
+        f.as_mut()
+            .ok_or_else(|| Error::invalid("output", p.display().to_string()))
+    }
+
+    /// End the progress line and make a file sink durable.
+    fn finish(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.open_line) {
+            eprintln!();
+        }
+        if let Sink::File(p, _) = &self.sink {
+            let p = p.display().to_string();
+            self.file()?
+                .sync_all()
+                .map_err(|er| Error::io("fsync", p, 0, er))?;
+        }
+        Ok(())
+    }
+}
+
+impl Channel for Local {
+    fn input(&mut self) -> Result<&mut dyn Read> {
+        match &mut self.input {
+            Some((f, _)) => Ok(f),
+            None => Err(Error::invalid("write", "no input file")),
+        }
+    }
+
+    fn output(&mut self, bytes: &[u8]) -> Result<()> {
+        let at = self.written;
+        match &self.sink {
+            Sink::None => return Err(Error::invalid("output", "this command has no data")),
+            Sink::Stdout => std::io::stdout()
+                .write_all(bytes)
+                .map_err(|er| Error::io("write", "stdout", at, er))?,
+            Sink::File(p, _) => {
+                let p = p.display().to_string();
+                self.file()?
+                    .write_all(bytes)
+                    .map_err(|er| Error::io("write", p, at, er))?;
             }
         }
-        Err(e) => Err(e),
+        self.written += bytes.len() as u64;
+        Ok(())
     }
+
+    fn progress(&mut self, line: &str) {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("{line}   \r");
+            self.open_line = true;
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn progress_interval(&self) -> Duration {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(2)
+        }
+    }
+
+    fn interrupted(&mut self) -> Option<Error> {
+        self.interrupt
+            .as_ref()
+            .filter(|f| f.load(Ordering::Acquire))
+            .map(|_| Error::Interrupted("run copy again to resume".into()))
+    }
+
+    fn copies(&self) -> Option<crate::control::CopyRegistry> {
+        None
+    }
+}
+
+/// A flag set by SIGINT or SIGTERM; a second signal ends the process at once (exit 130).
+fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())
+            .and_then(|_| signal_hook::flag::register(sig, flag.clone()))
+            .map_err(|e| Error::io("install signal handler", "SIGINT/SIGTERM", 0, e))?;
+    }
+    Ok(flag)
 }
 
 fn run(cmd: Command, io: IoFlags) -> Result<()> {
@@ -693,8 +1004,11 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
                 nocopy,
             },
             io,
+            &mut Local::default(),
         )?,
-        Command::Status { table, json } => local_or_remote(&table, Remote::Status { json }, io)?,
+        Command::Status { table, json } => {
+            local_or_remote(&table, Remote::Status { json }, io, &mut Local::default())?
+        }
         Command::Copy {
             table,
             session,
@@ -702,35 +1016,58 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             threads,
             batch,
             convert,
-        } => local_or_remote(
-            &table,
-            Remote::Copy {
-                session: session.map(|s| s.0),
-                rate,
-                threads,
-                batch,
-                convert,
-            },
-            io,
-        )?,
+        } => {
+            let mut ch = Local {
+                interrupt: Some(interrupt_flag()?),
+                ..Local::default()
+            };
+            let r = local_or_remote(
+                &table,
+                Remote::Copy {
+                    session: session.map(|s| s.0),
+                    rate,
+                    threads,
+                    batch,
+                    convert,
+                },
+                io,
+                &mut ch,
+            );
+            ch.finish()?;
+            r?
+        }
         Command::Write {
             table,
             volume,
             offset,
             from,
-        } => local_or_remote(
-            &table,
-            Remote::Write {
+        } => {
+            let shown = from.display().to_string();
+            let f = std::fs::File::open(&from).map_err(|er| Error::io("open", &shown, 0, er))?;
+            let len = f
+                .metadata()
+                .map_err(|er| Error::io("stat", &shown, 0, er))?
+                .len();
+            let mut ch = Local {
+                input: Some((f, shown)),
+                ..Local::default()
+            };
+            let cmd = Remote::Write {
                 volume,
                 offset,
-                from,
-            },
-            io,
-        )?,
-        Command::Withdraw { table, session } => {
-            local_or_remote(&table, Remote::Withdraw { session: session.0 }, io)?
+                len,
+            };
+            local_or_remote(&table, cmd, io, &mut ch)?
         }
-        Command::Reset { table, volume } => local_or_remote(&table, Remote::Reset { volume }, io)?,
+        Command::Withdraw { table, session } => local_or_remote(
+            &table,
+            Remote::Withdraw { session: session.0 },
+            io,
+            &mut Local::default(),
+        )?,
+        Command::Reset { table, volume } => {
+            local_or_remote(&table, Remote::Reset { volume }, io, &mut Local::default())?
+        }
         Command::Read {
             table,
             session,
@@ -738,19 +1075,17 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             len,
             to,
         } => {
-            let e = open(&table, RestartPolicy::Resume, io)?;
-            if len > crate::limits::IO_BYTES_MAX {
-                return Err(Error::invalid("read", "length over 64 MiB; use export"));
-            }
-            let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
-            e.read_image(session, offset, &mut buf)?;
-            match to {
-                Some(p) => std::fs::write(&p, &buf)
-                    .map_err(|er| Error::io("write", p.display().to_string(), 0, er))?,
-                None => out
-                    .write_all(&buf)
-                    .map_err(|er| Error::io("write", "stdout", 0, er))?,
-            }
+            let mut ch = Local {
+                sink: to.map_or(Sink::Stdout, |p| Sink::File(p, None)),
+                ..Local::default()
+            };
+            let cmd = Remote::Read {
+                session: session.0,
+                offset,
+                len,
+            };
+            local_or_remote(&table, cmd, io, &mut ch)?;
+            ch.finish()?;
             String::new()
         }
         Command::Export {
@@ -758,10 +1093,37 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             session,
             output,
         } => {
-            let e = open(&table, RestartPolicy::Resume, io)?;
-            let n = export(&e, session, &output)?;
-            format!("exported {n} bytes of {session} to {}\n", output.display())
+            let mut ch = Local {
+                sink: Sink::File(output.clone(), None),
+                ..Local::default()
+            };
+            let cmd = Remote::Export { session: session.0 };
+            local_or_remote(&table, cmd, io, &mut ch)?;
+            ch.finish()?;
+            format!(
+                "exported {} bytes of {session} to {}\n",
+                ch.written,
+                output.display()
+            )
         }
+        Command::Pause { table, session } => {
+            remote_only(&table, session, &Remote::Pause { session: session.0 })?
+        }
+        Command::Resume { table, session } => {
+            remote_only(&table, session, &Remote::Resume { session: session.0 })?
+        }
+        Command::Rate {
+            table,
+            session,
+            bytes_per_s,
+        } => remote_only(
+            &table,
+            session,
+            &Remote::Rate {
+                session: session.0,
+                bytes_per_s,
+            },
+        )?,
         Command::Recover {
             table,
             terminate_incomplete,
@@ -797,14 +1159,27 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             allow_remote,
             writable_images,
             volumes,
+            max_connections,
+            max_connections_per_export,
+            handshake_timeout,
+            idle_timeout,
         } => {
+            let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+            let config = crate::nbd::NbdConfig {
+                allow_remote,
+                connections_max: max_connections,
+                connections_per_export_max: max_connections_per_export,
+                handshake_timeout: secs(handshake_timeout),
+                idle_timeout: secs(idle_timeout),
+                ..crate::nbd::NbdConfig::default()
+            };
             serve(
                 &table,
                 socket,
                 listen,
-                allow_remote,
                 writable_images,
                 &volumes,
+                config,
                 io,
             )?;
             String::new()
@@ -850,24 +1225,18 @@ fn serve(
     table: &Path,
     socket: Option<PathBuf>,
     listen: Option<String>,
-    allow_remote: bool,
     writable_images: bool,
     volumes: &[PathBuf],
+    config: crate::nbd::NbdConfig,
     io: IoFlags,
 ) -> Result<()> {
-    use crate::nbd::{EngineRegistry, NbdConfig, NbdServer};
+    use crate::nbd::{EngineRegistry, NbdServer};
     let e = Arc::new(open(table, RestartPolicy::Resume, io)?);
     for v in volumes {
         volume_id(&e, v)?;
     }
     let registry = Arc::new(EngineRegistry::new(e.clone(), writable_images));
-    let server = NbdServer::new(
-        registry.clone(),
-        NbdConfig {
-            allow_remote,
-            ..NbdConfig::default()
-        },
-    );
+    let server = NbdServer::new(registry.clone(), config);
     let sock = socket.unwrap_or_else(|| {
         let mut p = table.as_os_str().to_owned();
         p.push(".nbd");
@@ -876,8 +1245,11 @@ fn serve(
     let _ = std::fs::remove_file(&sock);
     let unix = server.serve_unix(&sock)?;
     let tcp = listen.map(|a| server.serve_tcp(a.as_str())).transpose()?;
-    let control =
-        crate::control::ControlServer::start(e.clone(), &crate::control::socket_path(table))?;
+    let control = crate::control::ControlServer::start(
+        e.clone(),
+        &crate::control::socket_path(table),
+        table,
+    )?;
     let mut o = std::io::stdout().lock();
     let _ = writeln!(
         o,
@@ -956,12 +1328,10 @@ fn crashtest(_workloads: usize, _seed: u64, _json: bool, _eio_points: usize) -> 
     ))
 }
 
-/// Write a session's whole image to `output`; returns bytes written.
-fn export(e: &Engine, session: SessionId, output: &Path) -> Result<u64> {
+/// Send a session's whole image to `io` in chunks; returns its length.
+fn export(e: &Engine, session: SessionId, io: &mut dyn Channel) -> Result<u64> {
     let s = e.session(session)?;
     let len = s.map.image_len();
-    let mut f = std::fs::File::create(output)
-        .map_err(|er| Error::io("create", output.display().to_string(), 0, er))?;
     let chunk = 4u64 << 20;
     let mut buf = vec![0u8; usize::try_from(chunk).unwrap_or(1 << 22)];
     let mut off = 0;
@@ -969,12 +1339,9 @@ fn export(e: &Engine, session: SessionId, output: &Path) -> Result<u64> {
         let n = chunk.min(len - off);
         let b = &mut buf[..usize::try_from(n).unwrap_or(0)];
         e.read_image(session, off, b)?;
-        f.write_all(b)
-            .map_err(|er| Error::io("write", output.display().to_string(), off, er))?;
+        io.output(b)?;
         off += n;
     }
-    f.sync_all()
-        .map_err(|er| Error::io("fsync", output.display().to_string(), 0, er))?;
     Ok(len)
 }
 

@@ -6,6 +6,7 @@
 //! in any order. A per-connection budget bounds how many requests (and how many payload bytes)
 //! are in flight, so memory use is bounded by configuration, never by what a client claims.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::ToSocketAddrs;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -36,13 +37,22 @@ pub const PAYLOAD_MAX_BYTES: u32 = 32 << 20;
 pub const PAYLOAD_CEILING_BYTES: u32 = 1 << 30;
 /// Default most simultaneous connections (over all listeners of one [`NbdServer`]).
 pub const CONNECTIONS_MAX: usize = 64;
+/// Default most simultaneous connections to one export.
+pub const CONNECTIONS_PER_EXPORT_MAX: usize = 16;
+/// Default seconds a connection in transmission may send no request before it is closed.
+pub const IDLE_TIMEOUT_SECS: u64 = 300;
+/// Most clients over the connection limit being told so at once; beyond that a client over
+/// the limit is closed without a word.
+pub const REFUSALS_MAX: usize = 8;
+/// Longest a client over the limit may take to ask for something and be refused.
+pub const REFUSAL_TIMEOUT_SECS: u64 = 5;
 /// Default most requests in flight on one connection.
 pub const IN_FLIGHT_MAX_REQUESTS: usize = 16;
 /// Default most payload bytes (write data and read buffers) in flight on one connection.
 pub const IN_FLIGHT_MAX_BYTES: u64 = 64 << 20;
 /// Default worker threads per connection.
 pub const WORKERS_PER_CONNECTION: usize = 4;
-/// Default time a client may stay silent during the handshake.
+/// Default time a client may take for the whole handshake.
 pub const HANDSHAKE_TIMEOUT_SECS: u64 = 30;
 /// Most options one handshake may send before the server hangs up.
 pub const HANDSHAKE_MAX_OPTIONS: usize = 256;
@@ -63,16 +73,24 @@ pub struct NbdConfig {
     /// Largest read or write payload; larger reads get `EOVERFLOW`, larger writes end the
     /// connection (their payload is not read).
     pub payload_max_bytes: u32,
-    /// Most simultaneous connections; further connections are closed at once.
+    /// Most simultaneous connections; a client over the limit gets `NBD_REP_ERR_POLICY` for
+    /// every option it sends (at most [`REFUSALS_MAX`] such clients at once, each for at most
+    /// [`REFUSAL_TIMEOUT_SECS`]; more are closed at once).
     pub connections_max: usize,
+    /// Most simultaneous connections to one export; an `NBD_OPT_GO` over the limit gets
+    /// `NBD_REP_ERR_POLICY` (an `NBD_OPT_EXPORT_NAME`, which cannot be refused, a hang-up).
+    pub connections_per_export_max: usize,
     /// Most requests in flight on one connection.
     pub in_flight_max_requests: usize,
     /// Most payload bytes in flight on one connection.
     pub in_flight_max_bytes: u64,
     /// Worker threads per connection.
     pub workers_per_connection: usize,
-    /// Longest silence allowed during the handshake (`None`: wait forever).
+    /// Longest the whole handshake may take (`None`: no limit).
     pub handshake_timeout: Option<Duration>,
+    /// Longest a connection in transmission may send no request (`None`: no limit). Requests
+    /// already received are still answered.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for NbdConfig {
@@ -81,10 +99,12 @@ impl Default for NbdConfig {
             allow_remote: false,
             payload_max_bytes: PAYLOAD_MAX_BYTES,
             connections_max: CONNECTIONS_MAX,
+            connections_per_export_max: CONNECTIONS_PER_EXPORT_MAX,
             in_flight_max_requests: IN_FLIGHT_MAX_REQUESTS,
             in_flight_max_bytes: IN_FLIGHT_MAX_BYTES,
             workers_per_connection: WORKERS_PER_CONNECTION,
             handshake_timeout: Some(Duration::from_secs(HANDSHAKE_TIMEOUT_SECS)),
+            idle_timeout: Some(Duration::from_secs(IDLE_TIMEOUT_SECS)),
         }
     }
 }
@@ -97,14 +117,17 @@ impl NbdConfig {
             / MIN_BLOCK_MAX_BYTES
             * MIN_BLOCK_MAX_BYTES;
         let in_flight = self.in_flight_max_requests.max(1);
+        let connections = self.connections_max.max(1);
         NbdConfig {
             allow_remote: self.allow_remote,
             payload_max_bytes: payload,
-            connections_max: self.connections_max.max(1),
+            connections_max: connections,
+            connections_per_export_max: self.connections_per_export_max.clamp(1, connections),
             in_flight_max_requests: in_flight,
             in_flight_max_bytes: self.in_flight_max_bytes.max(u64::from(payload)),
             workers_per_connection: self.workers_per_connection.clamp(1, in_flight),
             handshake_timeout: self.handshake_timeout.filter(|d| !d.is_zero()),
+            idle_timeout: self.idle_timeout.filter(|d| !d.is_zero()),
         }
     }
 }
@@ -128,6 +151,49 @@ struct Inner {
     registry: Arc<dyn ExportRegistry>,
     config: NbdConfig,
     active: AtomicUsize,
+    /// Clients over the limit being refused right now.
+    refusing: AtomicUsize,
+    exports: Arc<ExportCounts>,
+}
+
+/// Connections per export, bounded by [`NbdConfig::connections_per_export_max`].
+#[derive(Debug, Default)]
+pub(crate) struct ExportCounts {
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+/// One connection's hold on its export; released when dropped.
+struct ExportClaim {
+    counts: Arc<ExportCounts>,
+    name: String,
+}
+
+impl ExportCounts {
+    /// Count a connection to `name`, unless it already has `max`.
+    fn claim(self: &Arc<Self>, name: &str, max: usize) -> Option<ExportClaim> {
+        let mut c = self.counts.lock();
+        let n = c.entry(name.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ExportClaim {
+            counts: Arc::clone(self),
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for ExportClaim {
+    fn drop(&mut self) {
+        let mut c = self.counts.counts.lock();
+        if let Some(n) = c.get_mut(&self.name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.name);
+            }
+        }
+    }
 }
 
 impl NbdServer {
@@ -139,6 +205,8 @@ impl NbdServer {
                 registry,
                 config: config.sanitized(),
                 active: AtomicUsize::new(0),
+                refusing: AtomicUsize::new(0),
+                exports: Arc::default(),
             }),
         }
     }
@@ -262,6 +330,8 @@ pub struct ServerHandle {
 struct Conn {
     stream: Arc<Stream>,
     thread: JoinHandle<()>,
+    /// False for a client being refused (it does not count as a connection).
+    counted: bool,
 }
 
 impl ServerHandle {
@@ -295,7 +365,7 @@ impl ServerHandle {
         self.conns
             .lock()
             .values()
-            .filter(|c| !c.thread.is_finished())
+            .filter(|c| c.counted && !c.thread.is_finished())
             .count()
     }
 
@@ -456,10 +526,6 @@ fn accept_loop(
             }
         };
         reap(conns);
-        if inner.active.load(Ordering::SeqCst) >= inner.config.connections_max {
-            stream.shutdown();
-            continue;
-        }
         let stream = Arc::new(stream);
         let mut map = conns.lock();
         // Checked under the lock so a concurrent shutdown either sees this connection or
@@ -467,22 +533,78 @@ fn accept_loop(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        inner.active.fetch_add(1, Ordering::SeqCst);
-        let guard = ActiveGuard(Arc::clone(inner));
-        let (conn_inner, conn_stream) = (Arc::clone(inner), Arc::clone(&stream));
         let id = next_id;
         next_id += 1;
-        let spawned = thread::Builder::new()
-            .name(format!("nbd-conn-{id}"))
-            .spawn(move || {
-                let _guard = guard;
-                run_connection(&conn_inner, &conn_stream);
-            });
+        let over = inner.active.load(Ordering::SeqCst) >= inner.config.connections_max;
+        let spawned = if over {
+            spawn_refusal(inner, &stream, id)
+        } else {
+            inner.active.fetch_add(1, Ordering::SeqCst);
+            let guard = ActiveGuard(Arc::clone(inner));
+            let (conn_inner, conn_stream) = (Arc::clone(inner), Arc::clone(&stream));
+            thread::Builder::new()
+                .name(format!("nbd-conn-{id}"))
+                .spawn(move || {
+                    let _guard = guard;
+                    run_connection(&conn_inner, &conn_stream);
+                })
+                .ok()
+        };
         // On failure the closure (and with it the guard and the stream) is dropped.
-        if let Ok(thread) = spawned {
-            map.insert(id, Conn { stream, thread });
+        match spawned {
+            Some(thread) => {
+                map.insert(
+                    id,
+                    Conn {
+                        stream,
+                        thread,
+                        counted: !over,
+                    },
+                );
+            }
+            None => stream.shutdown(),
         }
     }
+}
+
+/// Uncounts a client being refused.
+struct RefusalGuard(Arc<Inner>);
+
+impl Drop for RefusalGuard {
+    fn drop(&mut self) {
+        self.0.refusing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Start telling a client over the connection limit that it is refused; `None` when too many
+/// are being refused already (the caller closes the connection).
+fn spawn_refusal(inner: &Arc<Inner>, stream: &Arc<Stream>, id: u64) -> Option<JoinHandle<()>> {
+    if inner.refusing.fetch_add(1, Ordering::SeqCst) >= REFUSALS_MAX {
+        inner.refusing.fetch_sub(1, Ordering::SeqCst);
+        return None;
+    }
+    let guard = RefusalGuard(Arc::clone(inner));
+    let (conn_inner, conn_stream) = (Arc::clone(inner), Arc::clone(stream));
+    thread::Builder::new()
+        .name(format!("nbd-refuse-{id}"))
+        .spawn(move || {
+            let _guard = guard;
+            let limit = Duration::from_secs(REFUSAL_TIMEOUT_SECS);
+            let t = conn_inner
+                .config
+                .handshake_timeout
+                .map_or(limit, |h| h.min(limit));
+            let deadline = Cell::new(Some(Instant::now() + t));
+            let reader = TimedReader::new(&conn_stream, &deadline, None);
+            let writer = Mutex::new(&*conn_stream);
+            let why = format!(
+                "server has {} connections, the most it allows; try again later",
+                conn_inner.config.connections_max
+            );
+            let _ = refuse(&mut BufReader::new(reader), &writer, &why);
+            conn_stream.shutdown();
+        })
+        .ok()
 }
 
 fn reap(conns: &Mutex<HashMap<u64, Conn>>) {
@@ -499,16 +621,72 @@ fn reap(conns: &Mutex<HashMap<u64, Conn>>) {
     }
 }
 
+/// Reads a socket under a deadline (the handshake's, while set) or else an idle timeout per
+/// read.
+struct TimedReader<'a> {
+    stream: &'a Stream,
+    deadline: &'a Cell<Option<Instant>>,
+    idle: Option<Duration>,
+    /// The read timeout last set on the socket.
+    set: Option<Option<Duration>>,
+}
+
+impl<'a> TimedReader<'a> {
+    fn new(
+        stream: &'a Stream,
+        deadline: &'a Cell<Option<Instant>>,
+        idle: Option<Duration>,
+    ) -> Self {
+        TimedReader {
+            stream,
+            deadline,
+            idle,
+            set: None,
+        }
+    }
+}
+
+impl Read for TimedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let t = match self.deadline.get() {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                Some(left)
+            }
+            None => self.idle,
+        };
+        if self.set != Some(t) {
+            self.stream.set_read_timeout(t)?;
+            self.set = Some(t);
+        }
+        (&mut &*self.stream).read(buf)
+    }
+}
+
 fn run_connection(inner: &Inner, stream: &Stream) {
     let cfg = &inner.config;
-    if stream.set_read_timeout(cfg.handshake_timeout).is_ok() {
-        let reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
-        let writer = Mutex::new(stream);
-        let kill = || stream.shutdown();
-        serve_connection(reader, &writer, &kill, &*inner.registry, cfg, || {
-            stream.set_read_timeout(None).is_ok()
-        });
-    }
+    let deadline = Cell::new(cfg.handshake_timeout.map(|t| Instant::now() + t));
+    let reader = BufReader::with_capacity(
+        READ_BUFFER_BYTES,
+        TimedReader::new(stream, &deadline, cfg.idle_timeout),
+    );
+    let writer = Mutex::new(stream);
+    let kill = || stream.shutdown();
+    serve_connection(
+        reader,
+        &writer,
+        &kill,
+        &*inner.registry,
+        &inner.exports,
+        cfg,
+        || {
+            deadline.set(None);
+            true
+        },
+    );
     stream.shutdown();
 }
 
@@ -523,10 +701,11 @@ pub(crate) fn serve_connection<R: Read, W: Write + Send>(
     writer: &Mutex<W>,
     kill: &(dyn Fn() + Sync),
     registry: &dyn ExportRegistry,
+    exports: &Arc<ExportCounts>,
     cfg: &NbdConfig,
     enter_transmission: impl FnOnce() -> bool,
 ) {
-    let Ok(Some(neg)) = handshake(&mut reader, writer, registry, cfg) else {
+    let Ok(Some(neg)) = handshake(&mut reader, writer, registry, exports, cfg) else {
         return;
     };
     if enter_transmission() {
@@ -543,6 +722,8 @@ struct Negotiated {
     structured: bool,
     read_only: bool,
     min_block: u32,
+    /// This connection's place in its export's count.
+    _claim: ExportClaim,
 }
 
 fn send<W: Write>(w: &Mutex<W>, bytes: &[u8]) -> io::Result<()> {
@@ -561,41 +742,93 @@ fn lookup(registry: &dyn ExportRegistry, name: &str) -> Option<(String, Arc<dyn 
     Some((name, export))
 }
 
+/// Send the greeting and read the client's flags; `None` for a client this server cannot talk
+/// to (unknown flags, or not fixed newstyle: this server speaks nothing else).
+fn greet<R: Read, W: Write>(r: &mut R, w: &Mutex<W>) -> io::Result<Option<ClientFlags>> {
+    send(w, &proto::encode_greeting())?;
+    let mut raw = [0u8; 4];
+    r.read_exact(&mut raw)?;
+    Ok(match ClientFlags::parse(u32::from_be_bytes(raw)) {
+        Ok(f) if f.fixed_newstyle => Some(f),
+        _ => None,
+    })
+}
+
+/// Read one option; `None` for one that ends the connection (bad magic, too much data).
+fn read_option<R: Read>(r: &mut R) -> io::Result<Option<(OptionHeader, Vec<u8>)>> {
+    let mut hb = [0u8; OPTION_HEADER_BYTES];
+    r.read_exact(&mut hb)?;
+    let Ok(h) = OptionHeader::parse(&hb) else {
+        return Ok(None);
+    };
+    if h.length > OPTION_DATA_MAX_BYTES {
+        return Ok(None);
+    }
+    let mut data = vec![0u8; h.length as usize];
+    r.read_exact(&mut data)?;
+    Ok(Some((h, data)))
+}
+
+/// Refuse a client over the connection limit: every option it sends is answered with
+/// `NBD_REP_ERR_POLICY` and `why`, until it aborts or leaves.
+///
+/// `NBD_REP_ERR_POLICY` ("forbidden by server policy") is the reply the protocol has for a
+/// request that is valid but that the server will not grant by its own rules, which is what a
+/// connection limit is. `NBD_REP_ERR_UNKNOWN` would tell the client the export does not exist,
+/// `NBD_REP_ERR_SHUTDOWN` that the server is going away, and `NBD_REP_ERR_TOO_BIG` concerns
+/// request sizes; none of them is true here. `NBD_OPT_EXPORT_NAME` has no error reply, so a
+/// client using it only sees the connection close.
+fn refuse<R: Read, W: Write>(r: &mut R, w: &Mutex<W>, why: &str) -> io::Result<()> {
+    if greet(r, w)?.is_none() {
+        return Ok(());
+    }
+    for _ in 0..HANDSHAKE_MAX_OPTIONS {
+        let Some((h, _)) = read_option(r)? else {
+            return Ok(());
+        };
+        match h.option {
+            proto::OPT_EXPORT_NAME => return Ok(()),
+            proto::OPT_ABORT => {
+                return send(w, &encode_option_reply(h.option, proto::REP_ACK, &[]))
+            }
+            _ => send(
+                w,
+                &encode_option_reply(h.option, proto::REP_ERR_POLICY, why.as_bytes()),
+            )?,
+        }
+    }
+    Ok(())
+}
+
 /// Run the handshake; `Ok(None)` means the connection is to be closed.
 fn handshake<R: Read, W: Write>(
     r: &mut R,
     w: &Mutex<W>,
     registry: &dyn ExportRegistry,
+    exports: &Arc<ExportCounts>,
     cfg: &NbdConfig,
 ) -> io::Result<Option<Negotiated>> {
-    send(w, &proto::encode_greeting())?;
-    let mut raw = [0u8; 4];
-    r.read_exact(&mut raw)?;
     // Unknown client flags must end the connection; so does a client that is not fixed
     // newstyle (this server speaks nothing else).
-    let client = match ClientFlags::parse(u32::from_be_bytes(raw)) {
-        Ok(f) if f.fixed_newstyle => f,
-        _ => return Ok(None),
+    let Some(client) = greet(r, w)? else {
+        return Ok(None);
     };
     let mut structured = false;
     for _ in 0..HANDSHAKE_MAX_OPTIONS {
-        let mut hb = [0u8; OPTION_HEADER_BYTES];
-        r.read_exact(&mut hb)?;
-        let Ok(h) = OptionHeader::parse(&hb) else {
+        let Some((h, data)) = read_option(r)? else {
             return Ok(None);
         };
-        if h.length > OPTION_DATA_MAX_BYTES {
-            return Ok(None);
-        }
-        let mut data = vec![0u8; h.length as usize];
-        r.read_exact(&mut data)?;
         let reply = |rep: u32, d: &[u8]| send(w, &encode_option_reply(h.option, rep, d));
         match h.option {
             proto::OPT_EXPORT_NAME => {
                 let Ok(name) = parse_string(&data, "export name") else {
                     return Ok(None);
                 };
-                let Some((_, export)) = lookup(registry, &name) else {
+                let Some((name, export)) = lookup(registry, &name) else {
+                    return Ok(None);
+                };
+                // Over the export's limit: this option has no error reply.
+                let Some(claim) = exports.claim(&name, cfg.connections_per_export_max) else {
                     return Ok(None);
                 };
                 let read_only = export.read_only();
@@ -614,6 +847,7 @@ fn handshake<R: Read, W: Write>(
                     structured,
                     read_only,
                     min_block,
+                    _claim: claim,
                 }));
             }
             proto::OPT_ABORT => {
@@ -650,7 +884,9 @@ fn handshake<R: Read, W: Write>(
             }
             proto::OPT_INFO | proto::OPT_GO => {
                 let go = h.option == proto::OPT_GO;
-                if let Some(neg) = info_or_go(go, &data, registry, cfg, structured, &reply)? {
+                if let Some(neg) =
+                    info_or_go(go, &data, registry, exports, cfg, structured, &reply)?
+                {
                     return Ok(Some(neg));
                 }
             }
@@ -665,6 +901,7 @@ fn info_or_go(
     go: bool,
     data: &[u8],
     registry: &dyn ExportRegistry,
+    exports: &Arc<ExportCounts>,
     cfg: &NbdConfig,
     structured: bool,
     reply: &dyn Fn(u32, &[u8]) -> io::Result<()>,
@@ -679,6 +916,19 @@ fn info_or_go(
     let Some((name, export)) = lookup(registry, &req.name) else {
         reply(proto::REP_ERR_UNKNOWN, b"unknown export")?;
         return Ok(None);
+    };
+    // A GO takes a place in the export's count for the life of the connection. Over the limit
+    // the client is refused by policy (see `refuse`) and may ask for another export.
+    let claim = if go {
+        let max = cfg.connections_per_export_max;
+        let Some(c) = exports.claim(&name, max) else {
+            let why = format!("export {name} has {max} connections, the most it allows");
+            reply(proto::REP_ERR_POLICY, why.as_bytes())?;
+            return Ok(None);
+        };
+        Some(c)
+    } else {
+        None
     };
     let read_only = export.read_only();
     let flags = transmission_flags(read_only, export.multi_conn());
@@ -722,11 +972,12 @@ fn info_or_go(
     }
     reply(proto::REP_INFO, &block_info)?;
     reply(proto::REP_ACK, &[])?;
-    Ok(go.then_some(Negotiated {
+    Ok(claim.map(|c| Negotiated {
         export,
         structured,
         read_only,
         min_block: min,
+        _claim: c,
     }))
 }
 

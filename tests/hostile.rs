@@ -1,0 +1,614 @@
+//! Hostile use of the real `timezero` binary: a serving process and the clients around it, over
+//! real sockets, with bounded counts and deadlines (never fixed sleeps as the only wait).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use timezero::nbd::proto::{
+    self, encode_option, parse_greeting, InfoRequest, OptionReplyHeader, SimpleReply,
+    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, GREETING_BYTES, INFO_BLOCK_SIZE,
+    OPTION_REPLY_HEADER_BYTES, SIMPLE_REPLY_HEADER_BYTES,
+};
+
+/// Generous bound for anything that should happen "soon" on a loaded 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn tz() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_timezero"))
+}
+
+fn run_in(dir: &Path, args: &[&str]) -> Output {
+    tz().current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run timezero")
+}
+
+fn ok_in(dir: &Path, args: &[&str]) -> String {
+    let o = run_in(dir, args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("utf-8 output")
+}
+
+fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    std::fs::write(path, &data).expect("write file");
+    data
+}
+
+/// Poll `f` until it returns `Some`, or panic with `what` after [`DEADLINE`].
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `timezero serve` process, stopped (or killed) when dropped.
+struct Server {
+    child: Child,
+    table: PathBuf,
+}
+
+impl Server {
+    fn start(cwd: &Path, table: &Path, extra: &[&str]) -> Server {
+        let child = tz()
+            .current_dir(cwd)
+            .arg("serve")
+            .arg(table)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        let table = if table.is_absolute() {
+            table.to_path_buf()
+        } else {
+            cwd.join(table)
+        };
+        let ctl = timezero::control::socket_path(&table);
+        wait_for("the control socket", || UnixStream::connect(&ctl).ok());
+        Server { child, table }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn nbd(&self) -> PathBuf {
+        let mut s = self.table.as_os_str().to_owned();
+        s.push(".nbd");
+        PathBuf::from(s)
+    }
+
+    fn threads(&self) -> usize {
+        let st = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        st.lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Threads line")
+    }
+
+    /// Wait for the process to exit (after `timezero stop`).
+    fn wait_exit(&mut self) {
+        let child = &mut self.child;
+        wait_for("the server to exit", || child.try_wait().ok().flatten());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Lines a child writes to a pipe, collected by a thread.
+fn collect_lines(r: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l2 = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            l2.lock().expect("lines").push(line);
+        }
+    });
+    lines
+}
+
+/// Wait for a line satisfying `pred` at index `from` or later; returns its index.
+fn wait_line(lines: &Mutex<Vec<String>>, from: usize, pred: impl Fn(&str) -> bool) -> usize {
+    wait_for("a matching line", || {
+        let l = lines.lock().expect("lines");
+        (from..l.len()).find(|&i| pred(&l[i]))
+    })
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+}
+
+fn wait_child(c: &mut Child) -> std::process::ExitStatus {
+    wait_for("the client to exit", || c.try_wait().ok().flatten())
+}
+
+/// A table in `dir` with one session s1 (`src.img` -> `tgt.img`, `len` bytes); returns the
+/// source bytes.
+fn table_with_session(dir: &Path, len: usize) -> Vec<u8> {
+    let src = random_file(&dir.join("src.img"), len, 7);
+    std::fs::write(dir.join("tgt.img"), vec![0u8; len]).expect("target");
+    ok_in(dir, &["init", "t.tzt"]);
+    assert_eq!(
+        ok_in(dir, &["establish", "t.tzt", "src.img", "tgt.img"]).trim(),
+        "s1"
+    );
+    src
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarded commands and paths.
+
+/// A client in one directory and a server in another: relative paths name the client's files,
+/// `write --from` sends the client's bytes, `read --to` and `export` write the client's files;
+/// the server itself refuses a relative path.
+#[test]
+fn hostile_forwarded_paths_are_the_clients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).expect("a");
+    std::fs::create_dir_all(&b).expect("b");
+    let src_a = random_file(&a.join("src.img"), 1 << 20, 1);
+    std::fs::write(a.join("tgt.img"), vec![0u8; 1 << 20]).expect("tgt");
+    let data = random_file(&a.join("data.bin"), 4096, 2);
+    // Decoys with the same names in the server's directory.
+    let src_b = random_file(&b.join("src.img"), 1 << 20, 3);
+    std::fs::write(b.join("tgt.img"), vec![0u8; 1 << 20]).expect("tgt");
+    random_file(&b.join("data.bin"), 4096, 4);
+    ok_in(&a, &["init", "t.tzt"]);
+    let server = Server::start(&b, Path::new("../a/t.tzt"), &[]);
+
+    assert_eq!(
+        ok_in(&a, &["establish", "t.tzt", "src.img", "tgt.img"]).trim(),
+        "s1"
+    );
+    let status = ok_in(&a, &["status", "t.tzt"]);
+    let canon_a = std::fs::canonicalize(&a).expect("canon");
+    assert!(
+        status.contains(&format!("{}/src.img", canon_a.display())),
+        "{status}"
+    );
+    let out = ok_in(
+        &a,
+        &["write", "t.tzt", "src.img", "4096", "--from", "data.bin"],
+    );
+    assert_eq!(out.trim(), "wrote 4096 bytes at 4096");
+    let now_a = std::fs::read(a.join("src.img")).expect("src a");
+    assert_eq!(&now_a[4096..8192], &data[..]);
+    assert_eq!(std::fs::read(b.join("src.img")).expect("src b"), src_b);
+
+    // The T0 image still holds the old bytes; the client writes the files it names.
+    ok_in(
+        &a,
+        &["read", "t.tzt", "s1", "4096", "4096", "--to", "old.bin"],
+    );
+    assert_eq!(
+        std::fs::read(a.join("old.bin")).expect("old"),
+        &src_a[4096..8192]
+    );
+    assert!(!b.join("old.bin").exists());
+    let o = run_in(&a, &["read", "t.tzt", "s1", "0", "16"]);
+    assert!(o.status.success());
+    assert_eq!(o.stdout, &src_a[..16]);
+    let out = ok_in(&a, &["export", "t.tzt", "s1", "image.raw"]);
+    assert!(
+        out.contains("exported 1048576 bytes of s1 to image.raw"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(a.join("image.raw")).expect("image"), src_a);
+    assert!(!b.join("image.raw").exists());
+
+    // A missing --from file is the client's error, naming it.
+    let o = run_in(
+        &a,
+        &["write", "t.tzt", "src.img", "0", "--from", "nope.bin"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("nope.bin"), "{err}");
+
+    // The server refuses a relative path sent by hand.
+    let ctl = timezero::control::socket_path(&a.join("t.tzt"));
+    let mut c = UnixStream::connect(&ctl).expect("connect");
+    c.write_all(b"{\"v\":2,\"req\":{\"Run\":{\"Reset\":{\"volume\":\"src.img\"}}}}\n")
+        .expect("send");
+    let mut reply = String::new();
+    BufReader::new(&c).read_line(&mut reply).expect("reply");
+    assert!(reply.contains("Failed"), "{reply}");
+    assert!(reply.contains("relative path src.img"), "{reply}");
+    drop(server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// NBD connection limits.
+
+/// A minimal NBD client.
+struct Nbd {
+    s: UnixStream,
+}
+
+impl Nbd {
+    /// Connect and greet; `None` when the server hangs up first.
+    fn greet(path: &Path) -> Option<Nbd> {
+        let mut s = UnixStream::connect(path).ok()?;
+        s.set_read_timeout(Some(DEADLINE)).ok()?;
+        let mut g = [0u8; GREETING_BYTES];
+        s.read_exact(&mut g).ok()?;
+        parse_greeting(&g).ok()?;
+        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .ok()?;
+        Some(Nbd { s })
+    }
+
+    /// `NBD_OPT_GO`: `Ok` when granted, else the error reply and its message.
+    fn go(&mut self, name: &str) -> std::io::Result<Result<(), (u32, String)>> {
+        let req = InfoRequest {
+            name: name.into(),
+            infos: vec![INFO_BLOCK_SIZE],
+        };
+        self.s
+            .write_all(&encode_option(proto::OPT_GO, &req.encode()))?;
+        loop {
+            let mut h = [0u8; OPTION_REPLY_HEADER_BYTES];
+            self.s.read_exact(&mut h)?;
+            let h = OptionReplyHeader::parse(&h).map_err(std::io::Error::other)?;
+            let mut data = vec![0u8; h.length as usize];
+            self.s.read_exact(&mut data)?;
+            match h.reply {
+                proto::REP_INFO => {}
+                proto::REP_ACK => return Ok(Ok(())),
+                e => return Ok(Err((e, String::from_utf8_lossy(&data).into_owned()))),
+            }
+        }
+    }
+
+    fn read(&mut self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        let r = proto::Request {
+            flags: 0,
+            command: proto::Command::Read,
+            cookie: 7,
+            offset,
+            length: len,
+        };
+        self.s.write_all(&r.encode())?;
+        let mut h = [0u8; SIMPLE_REPLY_HEADER_BYTES];
+        self.s.read_exact(&mut h)?;
+        let rep = SimpleReply::parse(&h).map_err(std::io::Error::other)?;
+        assert_eq!((rep.error, rep.cookie), (0, 7));
+        let mut v = vec![0u8; len as usize];
+        self.s.read_exact(&mut v)?;
+        Ok(v)
+    }
+
+    /// True once the server has closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// A fresh client that gets `export` and reads its first 4 KiB, or `None` if refused.
+fn served(sock: &Path, export: &str) -> Option<Vec<u8>> {
+    let mut c = Nbd::greet(sock)?;
+    c.go(export).ok()?.ok()?;
+    c.read(0, 4096).ok()
+}
+
+/// 100 clients that connect and say nothing, and clients idle after the handshake, do not keep
+/// a new client out: the handshake deadline and the idle timeout free their places.
+#[test]
+fn hostile_nbd_idle_clients_do_not_lock_out_new_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = table_with_session(d, 1 << 20);
+    let server = Server::start(
+        d,
+        Path::new("t.tzt"),
+        &[
+            "--max-connections",
+            "8",
+            "--handshake-timeout",
+            "1",
+            "--idle-timeout",
+            "2",
+        ],
+    );
+    let sock = server.nbd();
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    let got = wait_for("a new client to be served", || served(&sock, "src.img"));
+    assert_eq!(got, &src[..4096]);
+    drop(idle);
+
+    // Clients that finished the handshake and then send nothing are closed after the idle
+    // timeout, so a full server takes new clients again.
+    let mut quiet: Vec<Nbd> = (0..8)
+        .map(|_| {
+            wait_for("a slot", || {
+                let mut c = Nbd::greet(&sock)?;
+                c.go("s1").ok()?.ok()?;
+                Some(c)
+            })
+        })
+        .collect();
+    for c in &mut quiet {
+        assert!(c.closed(), "an idle client stays connected");
+    }
+    let got = wait_for("a client after the idle ones", || served(&sock, "s1"));
+    assert_eq!(got, &src[..4096]);
+}
+
+/// Over the per-export limit, `NBD_OPT_GO` is refused with `NBD_REP_ERR_POLICY` and the client
+/// can pick another export; over the total limit every option is refused the same way; a
+/// place that frees up is taken by the next client.
+#[test]
+fn hostile_nbd_clients_over_the_limits_are_refused_by_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = table_with_session(d, 1 << 20);
+    let server = Server::start(
+        d,
+        Path::new("t.tzt"),
+        &[
+            "--max-connections",
+            "3",
+            "--max-connections-per-export",
+            "2",
+            "--idle-timeout",
+            "0",
+        ],
+    );
+    let sock = server.nbd();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = Nbd::greet(&sock).expect("greet");
+        assert_eq!(c.go("src.img").expect("go"), Ok(()));
+        held.push(c);
+    }
+    let mut third = Nbd::greet(&sock).expect("greet");
+    match third.go("src.img").expect("go") {
+        Err((rep, why)) => {
+            assert_eq!(rep, proto::REP_ERR_POLICY, "{why}");
+            assert!(why.contains("src.img"), "{why}");
+        }
+        Ok(()) => panic!("a third client of src.img was let in"),
+    }
+    assert_eq!(third.go("s1").expect("go"), Ok(()));
+    assert_eq!(third.read(0, 4096).expect("read"), &src[..4096]);
+
+    // The server is full: a fourth client is told so, by policy, whatever it asks.
+    let mut fourth = Nbd::greet(&sock).expect("a refused client still gets the greeting");
+    match fourth.go("s1").expect("go") {
+        Err((rep, why)) => {
+            assert_eq!(rep, proto::REP_ERR_POLICY, "{why}");
+            assert!(why.contains("3 connections"), "{why}");
+        }
+        Ok(()) => panic!("a client over the total limit was let in"),
+    }
+    drop(fourth);
+    // A freed place goes to the next client.
+    drop(held.pop());
+    let got = wait_for("the freed place", || served(&sock, "src.img"));
+    assert_eq!(got, &src[..4096]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The control socket.
+
+/// Hundreds of idle control connections do not make hundreds of threads, and a command still
+/// gets through.
+#[test]
+fn hostile_control_idle_connections_stay_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    table_with_session(d, 1 << 20);
+    let server = Server::start(d, Path::new("t.tzt"), &[]);
+    let before = server.threads();
+    let ctl = timezero::control::socket_path(&d.join("t.tzt"));
+    let idle: Vec<UnixStream> = (0..300)
+        .map(|_| UnixStream::connect(&ctl).expect("connect"))
+        .collect();
+    // The last one is over the limit: it is told so at once.
+    let mut line = String::new();
+    let last = idle.last().expect("last");
+    last.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    BufReader::new(last)
+        .read_line(&mut line)
+        .expect("busy reply");
+    assert!(line.contains("Busy"), "{line}");
+    let threads = server.threads();
+    assert!(
+        threads <= before + timezero::control::CONTROL_CONNECTIONS_MAX,
+        "{threads} threads (from {before})"
+    );
+    let out = ok_in(d, &["status", "t.tzt"]);
+    assert!(out.contains("s1 active"), "{out}");
+    drop(idle);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies through the server.
+
+/// A throttled copy forwarded through the server reports progress to the client; Ctrl-C on the
+/// client stops it in the server; a new copy can be paused, resumed and re-rated from other
+/// clients and completes the session.
+#[test]
+fn hostile_forwarded_copy_progress_interrupt_pause_resume_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = table_with_session(d, 32 << 20);
+    let server = Server::start(d, Path::new("t.tzt"), &[]);
+
+    let mut copy = tz()
+        .current_dir(d)
+        .args(["copy", "t.tzt", "s1", "--rate", "256KiB"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("copy");
+    let lines = collect_lines(copy.stderr.take().expect("stderr"));
+    wait_line(&lines, 0, |l| {
+        l.starts_with("copy ") && l.contains("grains")
+    });
+    signal(copy.id(), "-INT");
+    let st = wait_child(&mut copy);
+    assert_eq!(st.code(), Some(130));
+    wait_line(&lines, 0, |l| {
+        l.contains("interrupted: run copy again to resume")
+    });
+    // The server holds no copy of s1 any more, and s1 is not complete.
+    let o = run_in(d, &["pause", "t.tzt", "s1"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no copy of s1 is running"), "{err}");
+    let status = ok_in(d, &["status", "t.tzt"]);
+    assert!(status.contains("s1 active"), "{status}");
+
+    let mut copy = tz()
+        .current_dir(d)
+        .args(["copy", "t.tzt", "s1", "--rate", "256KiB"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("copy");
+    let lines = collect_lines(copy.stderr.take().expect("stderr"));
+    let first = wait_line(&lines, 0, |l| l.starts_with("copy "));
+    assert!(lines.lock().expect("lines")[first].contains("limit 256KiB/s"));
+    assert_eq!(
+        ok_in(d, &["pause", "t.tzt", "s1"]).trim(),
+        "copy of s1 paused"
+    );
+    let at = wait_line(&lines, first + 1, |l| l.ends_with(" paused"));
+    assert_eq!(
+        ok_in(d, &["resume", "t.tzt", "s1"]).trim(),
+        "copy of s1 resumed"
+    );
+    let resumed = wait_line(&lines, at + 1, |l| {
+        l.starts_with("copy ") && !l.contains("paused")
+    });
+    assert!(lines.lock().expect("lines")[resumed].contains("limit 256KiB/s"));
+    assert_eq!(
+        ok_in(d, &["rate", "t.tzt", "s1", "1GiB"]).trim(),
+        "copy of s1 limited to 1GiB/s"
+    );
+    // At 256 KiB/s the copy would need two minutes; at the new rate it ends well before the
+    // deadline.
+    let st = wait_child(&mut copy);
+    assert!(st.success(), "{:?}", lines.lock().expect("lines"));
+    let last = lines
+        .lock()
+        .expect("lines")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!last.starts_with("timezero:"), "{last}");
+    let mut out = String::new();
+    copy.stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("stdout");
+    assert!(out.contains("s1 completed"), "{out}");
+    drop(server);
+    assert_eq!(std::fs::read(d.join("tgt.img")).expect("target"), src);
+}
+
+/// `stop` during a forwarded copy ends it with a message naming the table, not the stopped
+/// server as a holder; a later copy completes the session.
+#[test]
+fn hostile_stop_during_forwarded_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = table_with_session(d, 32 << 20);
+    let mut server = Server::start(d, Path::new("t.tzt"), &[]);
+    let mut copy = tz()
+        .current_dir(d)
+        .args(["copy", "t.tzt", "s1", "--rate", "256KiB"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("copy");
+    let lines = collect_lines(copy.stderr.take().expect("stderr"));
+    wait_line(&lines, 0, |l| l.starts_with("copy "));
+    ok_in(d, &["stop", "t.tzt"]);
+    let st = wait_child(&mut copy);
+    assert_eq!(st.code(), Some(1));
+    let at = wait_line(&lines, 0, |l| l.starts_with("timezero:"));
+    let msg = lines.lock().expect("lines")[at].clone();
+    assert!(msg.contains("stopped; run copy again to resume"), "{msg}");
+    assert!(msg.contains("t.tzt"), "{msg}");
+    assert!(!msg.contains("held by"), "{msg}");
+    server.wait_exit();
+    let out = ok_in(d, &["copy", "t.tzt", "s1"]);
+    assert!(out.contains("s1 completed"), "{out}");
+    assert_eq!(std::fs::read(d.join("tgt.img")).expect("target"), src);
+}
+
+/// Ctrl-C on a standalone copy stops it cleanly: the message says how to resume, what was
+/// copied is durable, and a later copy completes the session byte for byte.
+#[test]
+fn hostile_standalone_copy_interrupt_is_clean() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = table_with_session(d, 32 << 20);
+    let mut copy = tz()
+        .current_dir(d)
+        .args(["copy", "t.tzt", "s1", "--rate", "512KiB"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("copy");
+    let lines = collect_lines(copy.stderr.take().expect("stderr"));
+    wait_line(&lines, 0, |l| l.starts_with("copy "));
+    signal(copy.id(), "-INT");
+    let st = wait_child(&mut copy);
+    assert_eq!(st.code(), Some(130));
+    wait_line(&lines, 0, |l| {
+        l == "timezero: interrupted: run copy again to resume"
+    });
+    let json = ok_in(d, &["status", "t.tzt", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v[0]["state"], "Active", "{json}");
+    let copied = v[0]["grains_copied"].as_u64().expect("copied");
+    assert!(copied > 0 && copied < 512, "{json}");
+    let out = ok_in(d, &["copy", "t.tzt", "s1"]);
+    assert!(out.contains("s1 completed"), "{out}");
+    assert_eq!(std::fs::read(d.join("tgt.img")).expect("target"), src);
+}
