@@ -166,6 +166,10 @@ pub struct EngineOptions {
     pub backend: Backend,
     /// Sizes for a newly created table.
     pub table: TableOptions,
+    /// Open a table that is older than its rollback witness (see [`Table::open_with`]),
+    /// terminating every active session with `TableRolledBack`, instead of refusing it.
+    /// Default = false.
+    pub accept_rollback: bool,
 }
 
 /// Finds a session's volumes again when a table is opened.
@@ -436,6 +440,46 @@ pub struct SessionStatus {
     pub created_unix_ms: u64,
 }
 
+/// The committed state of a table read without taking it (see [`read_status`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableSnapshot {
+    /// Every session, as the table's durable state has it.
+    pub sessions: Vec<SessionStatus>,
+    /// The process holding the table (`pid N (command)`), if one does.
+    pub holder: Option<String>,
+}
+
+/// Read the committed state of the table at `path` without taking it and without changing
+/// anything: no lock, no recovery, no reconcile, no checkpoint (see
+/// [`Table::open_read_only`]). Works while another process holds and writes the table; the
+/// sessions are as its last commit left them (a session whose volume has gone still shows as
+/// it was until the holder, or the next open, reconciles it).
+///
+/// # Errors
+/// I/O errors; [`Error::Corrupt`] when no committed state can be read (after a few tries, in
+/// case a writer was switching checkpoints).
+pub fn read_status(path: &Path) -> Result<TableSnapshot> {
+    const TRIES: usize = 10;
+    let mut last = None;
+    for _ in 0..TRIES {
+        let storage: Arc<dyn TableStorage> = Arc::new(MmapStorage::open_read_only(path)?);
+        match Table::open_read_only(storage) {
+            Ok((t, _)) => {
+                return Ok(TableSnapshot {
+                    sessions: t.sessions().iter().map(|s| session_status(s)).collect(),
+                    holder: crate::activity::table_holder(path),
+                })
+            }
+            Err(e @ Error::Corrupt { .. }) => {
+                last = Some(e);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::invalid("status", "no committed state could be read")))
+}
+
 /// What recovery decided for one session.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Decision {
@@ -536,7 +580,7 @@ impl Engine {
         resolver: &dyn VolumeResolver,
         options: EngineOptions,
     ) -> Result<Engine> {
-        let (table, report) = Table::open(storage)?;
+        let (table, report) = Table::open_with(storage, options.accept_rollback)?;
         let mut e = Engine::from_table(table, report, options);
         let decisions = e.reconcile_all(resolver)?;
         e.decisions = decisions;

@@ -110,6 +110,27 @@ pub enum Error {
         #[source]
         kind: Corruption,
     },
+    /// The table file is older than its rollback witness: it was put back from an older copy
+    /// (or the witness belongs to a newer copy of it).
+    #[error(
+        "activity table {path} was rolled back: it ends at journal sequence {table_seq} but its \
+         witness {path}.witness saw sequence {witness_seq} committed; its images cannot be \
+         trusted (recover --accept-rollback opens it and ends every active session)"
+    )]
+    RolledBack {
+        /// Path of the table.
+        path: String,
+        /// Where the table's journal ends.
+        table_seq: u64,
+        /// The newest committed sequence the witness recorded.
+        witness_seq: u64,
+    },
+    /// The table was opened read-only.
+    #[error("activity table {path} is open read-only")]
+    ReadOnly {
+        /// Path of the table.
+        path: String,
+    },
     /// Another process holds the table.
     #[error("activity table {path} is held by {holder}")]
     Locked {

@@ -612,3 +612,97 @@ fn hostile_standalone_copy_interrupt_is_clean() {
     assert!(out.contains("s1 completed"), "{out}");
     assert_eq!(std::fs::read(d.join("tgt.img")).expect("target"), src);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The table file itself: rolled back, and read while another process holds it.
+
+/// A table file put back from an older copy (same inode, `cat old > t.tzt`) after an engine
+/// write is refused by every command that opens it, naming both sequences; `recover
+/// --accept-rollback` opens it and ends every active session (reason TableRolledBack), so no
+/// image of it is served afterwards.
+#[test]
+fn hostile_rolled_back_table_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    table_with_session(d, 1 << 20);
+    let old = std::fs::read(d.join("t.tzt")).expect("table");
+    random_file(&d.join("data.bin"), 4096, 9);
+    ok_in(d, &["write", "t.tzt", "src.img", "0", "--from", "data.bin"]);
+    // Put the old bytes back into the same file (same inode, as `cat old > t.tzt` would).
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("t.tzt"))
+        .expect("table");
+    f.write_all(&old).expect("put back");
+    f.sync_all().expect("sync");
+    drop(f);
+    for args in [
+        &["recover", "t.tzt"][..],
+        &["export", "t.tzt", "s1", "out.img"][..],
+    ] {
+        let o = run_in(d, args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("rolled back") && err.contains("witness") && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!d.join("out.img").exists());
+    let st = ok_in(d, &["status", "t.tzt"]);
+    assert!(st.contains("rolled back"), "{st}");
+    let out = ok_in(d, &["recover", "t.tzt", "--accept-rollback"]);
+    assert!(out.contains("rolled back"), "{out}");
+    let json = ok_in(d, &["status", "t.tzt", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let s = v.as_array().expect("sessions")[0].clone();
+    assert_eq!(s["state"], "Terminated", "{json}");
+    assert_eq!(s["reason"]["code"], "TableRolledBack", "{json}");
+    let o = run_in(d, &["export", "t.tzt", "s1", "out.img"]);
+    assert_eq!(o.status.code(), Some(1));
+    // Accepted once: the witness now follows the table again.
+    ok_in(d, &["recover", "t.tzt"]);
+}
+
+/// `status` changes nothing: a target moved away while `status` runs is still there for the
+/// session afterwards (status neither reconciles nor terminates), and `status` works while
+/// another process (a running `copy`, which serves no control socket) holds the table, naming
+/// that process.
+#[test]
+fn hostile_status_is_read_only_and_works_while_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = table_with_session(d, 8 << 20);
+    std::fs::rename(d.join("tgt.img"), d.join("tgt.away")).expect("move target away");
+    let st = ok_in(d, &["status", "t.tzt", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&st).expect("json");
+    assert_eq!(v[0]["state"], "Active", "{st}");
+    std::fs::rename(d.join("tgt.away"), d.join("tgt.img")).expect("move target back");
+    let json = ok_in(d, &["status", "t.tzt", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v[0]["state"], "Active", "{json}");
+    assert!(v[0]["reason"].is_null(), "{json}");
+
+    let mut copy = tz()
+        .current_dir(d)
+        .args(["copy", "t.tzt", "s1", "--rate", "256KiB"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("copy");
+    let lines = collect_lines(copy.stderr.take().expect("stderr"));
+    wait_line(&lines, 0, |l| l.starts_with("copy "));
+    let text = ok_in(d, &["status", "t.tzt"]);
+    assert!(
+        text.contains(&format!("held by pid {}", copy.id())),
+        "{text}"
+    );
+    assert!(text.contains("s1"), "{text}");
+    signal(copy.id(), "-INT");
+    wait_child(&mut copy);
+    let out = ok_in(d, &["copy", "t.tzt", "s1"]);
+    assert!(out.contains("s1 completed"), "{out}");
+    assert_eq!(std::fs::read(d.join("tgt.img")).expect("target"), src);
+    let text = ok_in(d, &["status", "t.tzt"]);
+    assert!(text.contains("not held"), "{text}");
+}

@@ -205,6 +205,53 @@ impl Superblock {
     }
 }
 
+/// Magic of the rollback witness kept beside a table file.
+pub const WITNESS_MAGIC: [u8; 8] = *b"TZWITNS\0";
+/// Bytes of an encoded rollback witness.
+pub const WITNESS_BYTES: usize = 40;
+
+/// The rollback witness: the newest journal sequence a table is known to have committed, kept
+/// outside the table file (`TABLE.witness`) so that a table file put back from an older copy is
+/// noticed. Bytes: magic\[8\], table_id\[16\], seq u64, crc u32 (over bytes 0..32), reserved u32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Witness {
+    /// The table it vouches for.
+    pub table_id: TableId,
+    /// Every journal sequence below this one was committed.
+    pub seq: u64,
+}
+
+impl Witness {
+    /// Encode.
+    #[must_use]
+    pub fn encode(&self) -> [u8; WITNESS_BYTES] {
+        let mut b = [0u8; WITNESS_BYTES];
+        b[0..8].copy_from_slice(&WITNESS_MAGIC);
+        b[8..24].copy_from_slice(&self.table_id);
+        put_u64(&mut b, 24, self.seq);
+        let crc = crc32fast::hash(&b[..32]);
+        put_u32(&mut b, 32, crc);
+        b
+    }
+
+    /// Decode; `None` for anything that is not a whole, intact witness.
+    #[must_use]
+    pub fn decode(b: &[u8]) -> Option<Witness> {
+        if b.len() < WITNESS_BYTES
+            || b[0..8] != WITNESS_MAGIC
+            || crc32fast::hash(&b[..32]) != get_u32(b, 32)
+        {
+            return None;
+        }
+        let mut table_id = [0u8; 16];
+        table_id.copy_from_slice(&b[8..24]);
+        Some(Witness {
+            table_id,
+            seq: get_u64(b, 24),
+        })
+    }
+}
+
 /// Check region sizes read from disk against the limits.
 ///
 /// # Errors
@@ -470,6 +517,8 @@ pub enum ReasonCode {
     CopyFailed,
     /// A reset notification found the volume changed.
     ResetMismatch,
+    /// The table file was older than its rollback witness and was opened anyway.
+    TableRolledBack,
 }
 
 impl ReasonCode {
@@ -485,6 +534,7 @@ impl ReasonCode {
             ReasonCode::TableDamaged => 8,
             ReasonCode::CopyFailed => 9,
             ReasonCode::ResetMismatch => 10,
+            ReasonCode::TableRolledBack => 11,
         }
     }
     fn from_code(c: u16) -> Option<Self> {
@@ -499,6 +549,7 @@ impl ReasonCode {
             8 => ReasonCode::TableDamaged,
             9 => ReasonCode::CopyFailed,
             10 => ReasonCode::ResetMismatch,
+            11 => ReasonCode::TableRolledBack,
             _ => return None,
         })
     }

@@ -29,6 +29,23 @@ pub trait TableStorage: Send + Sync + std::fmt::Debug {
     fn read_back(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.read(offset, buf)
     }
+    /// The rollback witness kept beside the table, if this storage keeps one (see
+    /// [`crate::activity::format::Witness`]). The default keeps none.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn read_witness(&self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Replace the rollback witness; `durable` makes it durable before returning. The default
+    /// keeps none.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn write_witness(&self, bytes: &[u8], durable: bool) -> Result<()> {
+        let _ = (bytes, durable);
+        Ok(())
+    }
     /// Write `data` at `offset`.
     ///
     /// # Errors
@@ -62,6 +79,37 @@ pub struct MmapStorage {
     /// The same file opened with `O_DIRECT` for [`TableStorage::read_back`], where the file
     /// system allows it (not on tmpfs, for example).
     direct: Option<File>,
+    /// `TABLE.witness`, the rollback witness (`None` when opened read-only).
+    witness: Option<File>,
+    /// Opened with [`MmapStorage::open_read_only`]: writes are refused, no lock is held.
+    read_only: bool,
+}
+
+/// The rollback witness file of a table: `TABLE.witness`.
+#[must_use]
+pub fn witness_path(table: &Path) -> PathBuf {
+    let mut p = table.as_os_str().to_owned();
+    p.push(".witness");
+    PathBuf::from(p)
+}
+
+/// Who holds the table at `path` right now, as its holder file records it (`pid N (command)`),
+/// or `None` when no process holds its lock.
+#[must_use]
+pub fn table_holder(path: &Path) -> Option<String> {
+    use rustix::fs::{flock, FlockOperation};
+    let file = File::open(path).ok()?;
+    match flock(&file, FlockOperation::NonBlockingLockShared) {
+        Ok(()) => {
+            let _ = flock(&file, FlockOperation::Unlock);
+            None
+        }
+        Err(_) => Some(
+            std::fs::read_to_string(holder_path(path))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "another process".to_string()),
+        ),
+    }
 }
 
 fn holder_path(path: &Path) -> PathBuf {
@@ -134,7 +182,7 @@ impl MmapStorage {
                     .map_err(|e| Error::io("fsync dir", dir.display().to_string(), 0, e))?;
             }
         }
-        Self::map(file, path, len)
+        Self::map(file, path, len, false)
     }
 
     /// Open an existing table file and map it.
@@ -153,10 +201,28 @@ impl MmapStorage {
             .metadata()
             .map_err(|e| Error::io("stat", &shown, 0, e))?
             .len();
-        Self::map(file, path, len)
+        Self::map(file, path, len, false)
     }
 
-    fn map(file: File, path: &Path, len: u64) -> Result<Self> {
+    /// Open an existing table file for reading only: no lock is taken (another process may
+    /// hold and write it), nothing is created, and every write is refused.
+    ///
+    /// # Errors
+    /// I/O errors with context.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let shown = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|e| Error::io("open", &shown, 0, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &shown, 0, e))?
+            .len();
+        Self::map(file, path, len, true)
+    }
+
+    fn map(file: File, path: &Path, len: u64, read_only: bool) -> Result<Self> {
         let map = MappedFile::map(&file, len)
             .map_err(|e| Error::io("mmap", path.display().to_string(), 0, e))?;
         let direct = {
@@ -168,19 +234,37 @@ impl MmapStorage {
                 .open(path)
                 .ok()
         };
+        let witness = if read_only {
+            None
+        } else {
+            let wp = witness_path(path);
+            Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&wp)
+                    .map_err(|e| Error::io("open", wp.display().to_string(), 0, e))?,
+            )
+        };
         Ok(MmapStorage {
             map: Mutex::new(map),
             path: path.to_path_buf(),
             len,
             file,
             direct,
+            witness,
+            read_only,
         })
     }
 }
 
 impl Drop for MmapStorage {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(holder_path(&self.path));
+        if !self.read_only {
+            let _ = std::fs::remove_file(holder_path(&self.path));
+        }
     }
 }
 
@@ -240,7 +324,32 @@ impl TableStorage for MmapStorage {
         buf.copy_from_slice(&b.get()[skip..skip + buf.len()]);
         Ok(())
     }
+    fn read_witness(&self) -> Result<Option<Vec<u8>>> {
+        let wp = witness_path(&self.path);
+        match std::fs::read(&wp) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read", wp.display().to_string(), 0, e)),
+        }
+    }
+    fn write_witness(&self, bytes: &[u8], durable: bool) -> Result<()> {
+        let Some(f) = &self.witness else {
+            return Ok(());
+        };
+        let shown = || witness_path(&self.path).display().to_string();
+        std::os::unix::fs::FileExt::write_all_at(f, bytes, 0)
+            .map_err(|e| Error::io("write", shown(), 0, e))?;
+        if durable {
+            rustix::fs::fdatasync(f).map_err(|e| Error::io("fdatasync", shown(), 0, e.into()))?;
+        }
+        Ok(())
+    }
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.display().to_string(),
+            });
+        }
         // Stores go through pwrite, not the mapping: a store into a shared mapping makes the
         // kernel update the file's mtime inside a file-system transaction on the first write
         // fault of each page, which turns every later fdatasync into a journal commit
@@ -253,6 +362,11 @@ impl TableStorage for MmapStorage {
             .map_err(|e| Error::io("write", self.path.display().to_string(), offset, e))
     }
     fn sync(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.display().to_string(),
+            });
+        }
         // fdatasync on the descriptor writes back the mapping's dirty pages (they are the file's
         // page-cache pages) and flushes the device cache. msync(MS_SYNC) would do the same with
         // fsync semantics, also committing the mtime change every store into the mapping makes:

@@ -9,8 +9,8 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use super::codec::Writer;
 use super::format::{
     decode_block, decode_checkpoint, encode_block, encode_checkpoint, BlockHeader, Entry, Layout,
-    Reason, ReasonCode, SessionDesc, SessionState, Superblock, TableId, BLOCK_PAYLOAD_BYTES,
-    CHECKPOINT_AREAS, SUPERBLOCK_SLOTS,
+    Reason, ReasonCode, SessionDesc, SessionState, Superblock, TableId, Witness,
+    BLOCK_PAYLOAD_BYTES, CHECKPOINT_AREAS, SUPERBLOCK_SLOTS,
 };
 use super::storage::TableStorage;
 use crate::error::Corruption;
@@ -69,6 +69,10 @@ pub struct OpenReport {
     pub blocks_repaired: u64,
     /// True when a damaged block was found before intact later commits (sessions terminated).
     pub journal_hole: bool,
+    /// `(where the journal ends, what the witness saw)` when the table was older than its
+    /// rollback witness and was opened with `accept_rollback` (its active sessions were
+    /// terminated).
+    pub rolled_back: Option<(u64, u64)>,
     /// Superblock copies that failed to verify (0, 1 or 2). A damaged newest superblock is
     /// invisible in `fell_back` (its generation is unreadable), so it is counted here.
     pub damaged_superblocks: u32,
@@ -156,6 +160,8 @@ pub struct Table {
     queue_cv: Condvar,
     writer: Mutex<Writer_>,
     poisoned: AtomicBool,
+    /// Opened with [`Table::open_read_only`]: nothing is ever written.
+    read_only: bool,
     /// Counters.
     pub stats: TableStats,
 }
@@ -216,6 +222,100 @@ impl Table {
     /// [`Error::Corrupt`] when no valid superblock/checkpoint pair exists or a committed entry is
     /// invalid; I/O errors.
     pub fn open(storage: Arc<dyn TableStorage>) -> Result<(Table, OpenReport)> {
+        Table::open_with(storage, false)
+    }
+
+    /// [`Table::open`], then compare the table with its rollback witness
+    /// ([`super::format::Witness`]): a table whose journal ends before the sequence its witness
+    /// saw committed was put back from an older copy, and is refused with
+    /// [`Error::RolledBack`] unless `accept_rollback`; then every active session is terminated
+    /// with [`ReasonCode::TableRolledBack`] (durably, by the checkpoint open writes) and
+    /// [`OpenReport::rolled_back`] says so. The witness is made durable with the table's state
+    /// after open.
+    ///
+    /// # Errors
+    /// As [`Table::open`]; [`Error::RolledBack`].
+    pub fn open_with(
+        storage: Arc<dyn TableStorage>,
+        accept_rollback: bool,
+    ) -> Result<(Table, OpenReport)> {
+        let (table, mut report) = Table::replay(storage, false)?;
+        if let Some((table_seq, witness_seq)) = table.rolled_back()? {
+            if !accept_rollback {
+                return Err(Error::RolledBack {
+                    path: table.storage.name(),
+                    table_seq,
+                    witness_seq,
+                });
+            }
+            report.rolled_back = Some((table_seq, witness_seq));
+            let reason = Reason::new(
+                ReasonCode::TableRolledBack,
+                format!(
+                    "table ends at journal sequence {table_seq}, its witness saw {witness_seq}"
+                ),
+            );
+            for s in table.sessions.read().values() {
+                if s.is_active() {
+                    s.apply(&Entry::SetState {
+                        session: s.id(),
+                        state: SessionState::Terminated,
+                        reason: Some(reason.clone()),
+                    })
+                    .map_err(|kind| Error::Corrupt {
+                        path: table.storage.name(),
+                        kind,
+                    })?;
+                }
+            }
+        }
+        {
+            let mut w = table.writer.lock();
+            table.checkpoint(&mut w)?;
+        }
+        Ok((table, report))
+    }
+
+    /// `(where the journal ends, what the witness saw)` when the witness (of this table) saw
+    /// more committed than the table holds.
+    fn rolled_back(&self) -> Result<Option<(u64, u64)>> {
+        let Some(bytes) = self.storage.read_witness()? else {
+            return Ok(None);
+        };
+        let next_seq = self.writer.lock().next_seq;
+        Ok(Witness::decode(&bytes)
+            .filter(|w| w.table_id == self.table_id && w.seq > next_seq)
+            .map(|w| (next_seq, w.seq)))
+    }
+
+    /// Record `next_seq` in the witness; `durable` at checkpoints and close. A witness that
+    /// cannot be written only weakens rollback detection, never the table: errors are ignored
+    /// (an I/O error on the table itself is what poisons it).
+    fn note_witness(&self, next_seq: u64, durable: bool) {
+        if self.read_only {
+            return;
+        }
+        let w = Witness {
+            table_id: self.table_id,
+            seq: next_seq,
+        };
+        let _ = self.storage.write_witness(&w.encode(), durable);
+    }
+
+    /// Read the committed state of a table without writing anything: the same replay as
+    /// [`Table::open`] (newest valid pair, journal, holes), but no checkpoint is written, the
+    /// rollback witness is neither checked nor updated, and every later commit fails with
+    /// [`Error::ReadOnly`]. Safe on a table another process is writing: what it shows is some
+    /// committed state (a commit in flight is not applied); a reader racing a checkpoint may
+    /// get [`Error::Corrupt`] and should try again.
+    ///
+    /// # Errors
+    /// As [`Table::open`].
+    pub fn open_read_only(storage: Arc<dyn TableStorage>) -> Result<(Table, OpenReport)> {
+        Table::replay(storage, true)
+    }
+
+    fn replay(storage: Arc<dyn TableStorage>, read_only: bool) -> Result<(Table, OpenReport)> {
         let name = storage.name();
         let corrupt = |kind: Corruption| Error::Corrupt {
             path: name.clone(),
@@ -415,12 +515,9 @@ impl Table {
                 current_slot: base_slot,
             }),
             poisoned: AtomicBool::new(false),
+            read_only,
             stats: TableStats::default(),
         };
-        {
-            let mut w = table.writer.lock();
-            table.checkpoint(&mut w)?;
-        }
         Ok((table, report))
     }
 
@@ -512,6 +609,11 @@ impl Table {
     pub fn commit(&self, entries: Vec<Entry>) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
+        }
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.storage.name(),
+            });
         }
         let mut q = self.queue.lock();
         if let Some(f) = &q.failed {
@@ -642,6 +744,7 @@ impl Table {
         }
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.storage.sync()?;
+        self.note_witness(w.next_seq, false);
         self.stats
             .commits
             .fetch_add(chunks.len() as u64, Ordering::Relaxed);
@@ -750,6 +853,7 @@ impl Table {
         };
         w.ckpt_seq = w.next_seq;
         w.generation = generation;
+        self.note_witness(w.next_seq, true);
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(valid[kept])
     }
@@ -797,6 +901,16 @@ impl Table {
         self.storage
             .read_back(self.layout.checkpoint(sb.area), &mut ck)?;
         Ok(crc32fast::hash(&ck) == sb.ckpt_crc)
+    }
+}
+
+impl Drop for Table {
+    /// Makes the rollback witness durable (a table closed cleanly leaves it current).
+    fn drop(&mut self) {
+        if !self.is_poisoned() {
+            let next_seq = self.writer.lock().next_seq;
+            self.note_witness(next_seq, true);
+        }
     }
 }
 

@@ -231,6 +231,11 @@ pub enum Command {
         /// original time-zero design).
         #[arg(long)]
         terminate_incomplete: bool,
+        /// Open a table file that is older than its rollback witness (put back from an older
+        /// copy): every active session is terminated (reason TableRolledBack) and no image of
+        /// it is served.
+        #[arg(long)]
+        accept_rollback: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -1006,9 +1011,7 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             io,
             &mut Local::default(),
         )?,
-        Command::Status { table, json } => {
-            local_or_remote(&table, Remote::Status { json }, io, &mut Local::default())?
-        }
+        Command::Status { table, json } => status_command(&table, json)?,
         Command::Copy {
             table,
             session,
@@ -1127,16 +1130,20 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
         Command::Recover {
             table,
             terminate_incomplete,
+            accept_rollback,
             json,
         } => {
-            let e = open(
+            let restart = if terminate_incomplete {
+                RestartPolicy::TerminateIncomplete
+            } else {
+                RestartPolicy::Resume
+            };
+            let e = Engine::open_path(
                 &table,
-                if terminate_incomplete {
-                    RestartPolicy::TerminateIncomplete
-                } else {
-                    RestartPolicy::Resume
+                EngineOptions {
+                    accept_rollback,
+                    ..io.engine_options(restart)
                 },
-                io,
             )?;
             let mut t = String::new();
             use std::fmt::Write as _;
@@ -1146,6 +1153,12 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             } else {
                 let r = &e.open_report;
                 let _ = writeln!(t, "generation {} fell_back {} replayed {} commits ({} blocks, {} repaired) journal_hole {}", r.generation, r.fell_back, r.commits_replayed, r.blocks_replayed, r.blocks_repaired, r.journal_hole);
+                if let Some((table_seq, witness_seq)) = r.rolled_back {
+                    let _ = writeln!(
+                        t,
+                        "rolled back: the table ends at journal sequence {table_seq}, its witness saw {witness_seq}; every active session was terminated"
+                    );
+                }
                 for d in &e.decisions {
                     let _ = writeln!(t, "s{}: {:?}", d.session, d.outcome);
                 }
@@ -1345,9 +1358,52 @@ fn export(e: &Engine, session: SessionId, io: &mut dyn Channel) -> Result<u64> {
     Ok(len)
 }
 
+/// `status`: the serving process's live state when one serves the table, else the committed
+/// state read without taking the table (never a reconcile: `status` changes nothing).
+fn status_command(table: &Path, json: bool) -> Result<String> {
+    use std::fmt::Write as _;
+    let sock = crate::control::socket_path(table);
+    if let Ok(c) = crate::control::connect(&sock) {
+        let cmd = Remote::Status { json };
+        return crate::control::request(&sock, Some(c), &cmd, &mut Local::default(), None);
+    }
+    let snap = crate::engine::read_status(table)?;
+    let mut out = String::new();
+    session_lines(&mut out, snap.sessions, json)?;
+    if !json {
+        match snap.holder {
+            Some(h) => {
+                let _ = writeln!(out, "held by {h}: the last committed state is shown");
+            }
+            None => {
+                let _ = writeln!(out, "not held by any process");
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn status_text(out: &mut String, e: &Engine, json: bool) -> Result<()> {
     use std::fmt::Write as _;
-    let st = e.status();
+    session_lines(out, e.status(), json)?;
+    if !json {
+        let _ = writeln!(
+            out,
+            "backend {}{}",
+            e.backend_name(),
+            if e.direct() { " (O_DIRECT)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// The session lines of `status` (text), or the sessions as JSON.
+fn session_lines(
+    out: &mut String,
+    st: Vec<crate::engine::SessionStatus>,
+    json: bool,
+) -> Result<()> {
+    use std::fmt::Write as _;
     if json {
         let s = serde_json::to_string_pretty(&st)
             .map_err(|er| Error::invalid("json", er.to_string()))?;
@@ -1378,11 +1434,5 @@ fn status_text(out: &mut String, e: &Engine, json: bool) -> Result<()> {
             s.reason.map(|r| format!(" reason {r}")).unwrap_or_default()
         );
     }
-    let _ = writeln!(
-        out,
-        "backend {}{}",
-        e.backend_name(),
-        if e.direct() { " (O_DIRECT)" } else { "" }
-    );
     Ok(())
 }
