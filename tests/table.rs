@@ -280,7 +280,7 @@ fn every_error_variant_from_its_input() {
     ));
     assert!(matches!(
         e.establish(&spec(vec![ext(0, 0, 65536), ext(0, 65536, 65536)], t)),
-        Err(Error::Overlap { .. })
+        Err(Error::ExtentsOverlap { side: "source", .. })
     ));
     assert!(matches!(
         e.establish(&spec(vec![ext(0, 0, 131072)], s)),
