@@ -324,6 +324,9 @@ pub enum Command {
     Stop {
         /// The table.
         table: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the fault-injection crash-state enumerator (needs the `fault` feature).
     #[cfg_attr(not(feature = "fault"), command(hide = true))]
@@ -1160,7 +1163,10 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             )?;
             String::new()
         }
-        Command::Stop { table } => {
+        Command::Stop {
+            table,
+            json: as_json,
+        } => {
             let sock = crate::control::socket_path(&table);
             if let Err(er) = crate::control::shutdown(&sock) {
                 return Err(match er {
@@ -1175,7 +1181,15 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                     er => Fail::Run(er),
                 });
             }
-            format!("asked the server of {} to stop\n", table.display())
+            let o = output::StopOut {
+                table: table.display().to_string(),
+                asked: true,
+            };
+            if as_json {
+                json(&o)?
+            } else {
+                format!("asked the server of {} to stop\n", o.table)
+            }
         }
         Command::Demo { keep, seed } => {
             demo::run(keep, seed)?;
@@ -1316,7 +1330,9 @@ fn serve(
         if e.direct() { ", O_DIRECT" } else { "" }
     );
     if let Some(t) = &tcp {
-        let _ = writeln!(o, "serving on tcp {:?}", t.tcp_addr());
+        if let Some(a) = t.tcp_addr() {
+            let _ = writeln!(o, "serving on tcp {a}");
+        }
     }
     let _ = writeln!(
         o,

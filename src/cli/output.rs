@@ -425,3 +425,12 @@ pub struct InitOut {
     /// Bytes per checkpoint area.
     pub checkpoint_bytes: u64,
 }
+
+/// `stop`.
+#[derive(Debug, Serialize)]
+pub struct StopOut {
+    /// The table's path.
+    pub table: String,
+    /// The serving process was asked to stop.
+    pub asked: bool,
+}
