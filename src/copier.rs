@@ -64,6 +64,52 @@ pub struct Progress {
     pub eta_s: Option<f64>,
     /// True when no work is left.
     pub done: bool,
+    /// Durability points this copier made (one target flush and one table commit each).
+    pub commits: u64,
+    /// Copied runs those commits recorded.
+    pub runs: u64,
+}
+
+/// The spans of grains handed out to workers, per session. A worker reserves a span, copies
+/// it, commits it, and finishes it; spans handed out are disjoint, and the cursor of a session
+/// goes back to its start only when no span of it is in flight (so that a worker never copies
+/// grains of another worker's span, whose bits are still clear until that worker commits).
+#[derive(Debug, Default)]
+struct Spans {
+    /// Next grain to hand out, per session.
+    next: HashMap<SessionId, u64>,
+    /// Spans handed out and not yet finished, per session.
+    in_flight: HashMap<SessionId, usize>,
+}
+
+impl Spans {
+    /// Hand out `[from, from + len)`; returns `from`.
+    fn reserve(&mut self, id: SessionId, len: u64) -> u64 {
+        let cur = self.next.entry(id).or_insert(0);
+        let from = *cur;
+        *cur = from.saturating_add(len);
+        *self.in_flight.entry(id).or_insert(0) += 1;
+        from
+    }
+
+    /// A span is done; the worker got as far as `reached`.
+    fn finish(&mut self, id: SessionId, reached: u64) {
+        let cur = self.next.entry(id).or_insert(0);
+        *cur = (*cur).max(reached);
+        if let Some(n) = self.in_flight.get_mut(&id) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Nothing is left after the cursor: go back to the start, unless spans are in flight
+    /// (their grains are not copied yet). Returns whether it went back.
+    fn wrap(&mut self, id: SessionId) -> bool {
+        if self.in_flight.get(&id).copied().unwrap_or(0) > 0 {
+            return false;
+        }
+        self.next.insert(id, 0);
+        true
+    }
 }
 
 #[derive(Debug)]
@@ -73,7 +119,9 @@ struct Shared {
     done: AtomicBool,
     bytes: AtomicU64,
     started: Instant,
-    cursors: Mutex<HashMap<SessionId, u64>>,
+    spans: Mutex<Spans>,
+    commits: AtomicU64,
+    runs: AtomicU64,
     error: Mutex<Option<Error>>,
     opts: CopierOptions,
     /// The rate limit in force (0 = none) and when and at how many bytes it took effect.
@@ -171,7 +219,9 @@ impl Copier {
             done: AtomicBool::new(false),
             bytes: AtomicU64::new(0),
             started,
-            cursors: Mutex::new(HashMap::new()),
+            spans: Mutex::new(Spans::default()),
+            commits: AtomicU64::new(0),
+            runs: AtomicU64::new(0),
             error: Mutex::new(None),
             rate: Mutex::new((opts.rate_bytes_per_s.unwrap_or(0), started, 0)),
             opts,
@@ -247,6 +297,8 @@ impl Copier {
             bytes_per_s: rate,
             eta_s: (rate > 0.0).then(|| (remaining_grains * gb) as f64 / rate),
             done: self.shared.done.load(Ordering::Acquire),
+            commits: self.shared.commits.load(Ordering::Relaxed),
+            runs: self.shared.runs.load(Ordering::Relaxed),
         }
     }
 
@@ -348,13 +400,7 @@ fn worker(engine: &Engine, sh: &Shared) {
             None => sh.opts.commit_bytes.max(batch * grain),
         };
         let span = (commit_bytes / grain).max(batch);
-        let from = {
-            let mut c = sh.cursors.lock();
-            let cur = c.entry(id).or_insert(0);
-            let f = *cur;
-            *cur = f + span;
-            f
-        };
+        let from = sh.spans.lock().reserve(id, span);
         let end = from.saturating_add(span);
         let mut runs = Vec::new();
         let mut next_from = from;
@@ -379,21 +425,27 @@ fn worker(engine: &Engine, sh: &Shared) {
                 }
             }
         }
-        if let Err(e) = engine.commit_copied(id, runs) {
+        let committed = runs.len() as u64;
+        let commit = engine.commit_copied(id, runs);
+        sh.spans.lock().finish(id, next_from);
+        if let Err(e) = commit {
             sh.error.lock().get_or_insert(e);
             sh.stop.store(true, Ordering::Release);
             continue;
         }
-        {
-            let mut c = sh.cursors.lock();
-            let cur = c.entry(id).or_insert(0);
-            *cur = (*cur).max(next_from);
+        if committed > 0 {
+            sh.commits.fetch_add(1, Ordering::Relaxed);
+            sh.runs.fetch_add(committed, Ordering::Relaxed);
         }
         match result {
             Ok(Some(())) => {}
             Ok(None) => {
-                // Nothing left after `from`: wrap, and complete when every bit is set.
-                sh.cursors.lock().insert(id, 0);
+                // Nothing left after `from`: once no other span is in flight, wrap, and
+                // complete when every bit is set.
+                if !sh.spans.lock().wrap(id) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
                 match engine.complete_if_done(id) {
                     Ok(true) => {}
                     Ok(false) => std::thread::sleep(Duration::from_millis(1)),
@@ -408,5 +460,47 @@ fn worker(engine: &Engine, sh: &Shared) {
                 sh.stop.store(true, Ordering::Release);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+    use super::*;
+
+    /// Spans handed out to concurrent workers never overlap, and the cursor does not go back to
+    /// the start while a span is in flight.
+    #[test]
+    fn spans_are_disjoint_and_wrap_waits_for_spans_in_flight() {
+        let spans = Arc::new(Mutex::new(Spans::default()));
+        let id = SessionId(1);
+        let handed: Vec<u64> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| {
+                    let spans = spans.clone();
+                    sc.spawn(move || {
+                        (0..50)
+                            .map(|_| spans.lock().reserve(id, 16))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let mut starts = handed.clone();
+        starts.sort_unstable();
+        starts.dedup();
+        assert_eq!(starts.len(), 200, "a span was handed out twice");
+        for w in starts.windows(2) {
+            assert!(w[1] >= w[0] + 16, "spans {} and {} overlap", w[0], w[1]);
+        }
+        let mut sp = spans.lock();
+        // 200 spans in flight: no wrap until every one is finished.
+        for (i, from) in handed.iter().enumerate() {
+            assert!(!sp.wrap(id), "wrapped with {} spans in flight", 200 - i);
+            sp.finish(id, from + 16);
+        }
+        assert!(sp.wrap(id));
+        assert_eq!(sp.reserve(id, 16), 0);
     }
 }

@@ -324,7 +324,7 @@ impl Image<'_> {
         let completed = state == SessionState::Completed;
         if !completed && self.src.info.id != s.desc.source.id {
             // The source was not attached when the image was opened.
-            return Err(Error::UnknownVolume(s.desc.source.id.to_string()));
+            return Err(Error::UnknownVolume(s.desc.source.locator.clone()));
         }
         if let Some(p) = s.map.within_one_grain(offset, buf.len() as u64) {
             // A read within one grain (most small reads): the general path below, specialised.
@@ -380,6 +380,18 @@ fn retry(mut f: impl FnMut() -> Result<()>) -> Result<()> {
         }
     }
     Err(last.unwrap_or_else(|| Error::invalid("retry", "no attempt made")))
+}
+
+/// The detail of an identity mismatch: which volume was replaced, by path.
+fn replaced_message(role: &str, was: &VolumeRef, now: &VolumeInfo) -> String {
+    if was.locator == now.locator {
+        format!(
+            "{role} {} was replaced by another file (different device and inode)",
+            was.locator
+        )
+    } else {
+        format!("{role} {} is now {}", was.locator, now.locator)
+    }
 }
 
 /// What to establish.
@@ -447,6 +459,9 @@ pub struct TableSnapshot {
     pub sessions: Vec<SessionStatus>,
     /// The process holding the table (`pid N (command)`), if one does.
     pub holder: Option<String>,
+    /// `(where the journal ends, what the witness saw)` when the table file is older than its
+    /// rollback witness (every command that opens it refuses it).
+    pub rolled_back: Option<(u64, u64)>,
 }
 
 /// Read the committed state of the table at `path` without taking it and without changing
@@ -468,6 +483,7 @@ pub fn read_status(path: &Path) -> Result<TableSnapshot> {
                 return Ok(TableSnapshot {
                     sessions: t.sessions().iter().map(|s| session_status(s)).collect(),
                     holder: crate::activity::table_holder(path),
+                    rolled_back: t.rolled_back()?,
                 })
             }
             Err(e @ Error::Corrupt { .. }) => {
@@ -524,6 +540,9 @@ pub struct Engine {
     cow_inflight: std::sync::atomic::AtomicUsize,
     /// The backend of the first file volume this engine opened.
     backend: std::sync::OnceLock<&'static str>,
+    /// Identity (device and inode) of the table's file, when the table is a file: it is
+    /// never accepted as a volume.
+    table_file: Option<VolumeId>,
     /// Decisions taken when the table was opened.
     pub decisions: Vec<Decision>,
     /// What opening the table found.
@@ -535,12 +554,18 @@ impl Engine {
     ///
     /// # Errors
     /// I/O errors; `AlreadyExists` when the file exists.
+    ///
+    /// The table is built under a temporary name in the same directory and renamed into place
+    /// only when it is complete (file and directory synced), so a failed create (a full disk)
+    /// leaves nothing behind.
     pub fn create_path(path: &Path, options: EngineOptions) -> Result<Engine> {
         let layout = options.table.layout()?;
-        let storage: Arc<dyn TableStorage> =
-            Arc::new(MmapStorage::create(path, layout.file_bytes())?);
-        let table = Table::create(storage, &options.table)?;
-        Ok(Engine::from_table(table, OpenReport::default(), options))
+        crate::volume::create_complete(path, |tmp| {
+            let storage: Arc<dyn TableStorage> =
+                Arc::new(MmapStorage::create(tmp, layout.file_bytes())?);
+            Table::create(storage, &options.table).map(drop)
+        })?;
+        Engine::open_path(path, options)
     }
 
     /// Open an existing table file, recover, and reconcile its sessions against file volumes.
@@ -554,10 +579,11 @@ impl Engine {
             backend: options.backend,
             opened: std::sync::OnceLock::new(),
         };
-        let e = Engine::open(storage, &resolver, options)?;
+        let mut e = Engine::open(storage, &resolver, options)?;
         if let Some(name) = resolver.opened.get() {
             let _ = e.backend.set(name);
         }
+        e.table_file = Some(crate::volume::file_identity(path)?);
         Ok(e)
     }
 
@@ -598,6 +624,7 @@ impl Engine {
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
             backend: std::sync::OnceLock::new(),
+            table_file: None,
             decisions: Vec::new(),
             open_report,
         };
@@ -658,8 +685,30 @@ impl Engine {
     ///
     /// # Errors
     /// I/O errors.
+    ///
+    /// [`Error::NotAVolume`] when `path` is the table's own file (by device and inode, so a
+    /// hard link or a symbolic link to it is refused too).
     pub fn attach_path(&self, path: &Path) -> Result<VolumeId> {
-        Ok(self.attach(self.open_file(path)?))
+        let v = self.open_file(path)?;
+        self.refuse_table_file(&v.info())?;
+        Ok(self.attach(v))
+    }
+
+    /// [`Error::NotAVolume`] when `info` is the table's own file.
+    fn refuse_table_file(&self, info: &VolumeInfo) -> Result<()> {
+        if self.table_file == Some(info.id) {
+            return Err(Error::NotAVolume {
+                path: info.locator.clone(),
+                why: format!("it is the activity table {}", self.table.name()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Identity (device and inode) of the table's file, when it is a file.
+    #[must_use]
+    pub fn table_file(&self) -> Option<VolumeId> {
+        self.table_file
     }
 
     /// Open (without attaching) a file volume with this engine's file options and backend.
@@ -745,10 +794,13 @@ impl Engine {
     ///
     /// # Errors
     /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::TargetTooSmall`],
-    /// [`Error::TargetInUse`], [`Error::Overlap`], [`Error::UnknownVolume`], table errors.
+    /// [`Error::TargetInUse`], [`Error::Overlap`], [`Error::ExtentsOverlap`],
+    /// [`Error::UnknownVolume`], [`Error::NotAVolume`] (the table's own file), table errors.
     pub fn establish(&self, spec: &SessionSpec) -> Result<SessionId> {
         let src = self.handle(spec.source)?;
         let tgt = self.handle(spec.target)?;
+        self.refuse_table_file(&src.info)?;
+        self.refuse_table_file(&tgt.info)?;
         let g = spec.grain.bytes();
         let extents = if spec.extents.is_empty() {
             let len = src.info.size - src.info.size % g;
@@ -848,33 +900,36 @@ impl Engine {
             }
             check_range(e.source_offset, e.len, src.size, "source volume")?;
         }
-        let tgt_need = extents
+        if let Some(e) = extents
             .iter()
-            .map(|e| e.target_offset.saturating_add(e.len))
-            .max()
-            .unwrap_or(0);
-        if tgt_need > tgt.size {
+            .find(|e| e.target_offset.saturating_add(e.len) > tgt.size)
+        {
             return Err(Error::TargetTooSmall {
-                source_len: tgt_need,
-                target: tgt.size,
+                target: tgt.locator.clone(),
+                offset: e.target_offset,
+                len: e.len,
+                size: tgt.size,
             });
         }
         // Within the session: no two extents overlap on either side, and on one volume no
         // source range overlaps a target range.
+        let range = |o: u64, l: u64| format!("{o}+{l}");
         for (i, a) in extents.iter().enumerate() {
             for b in &extents[i + 1..] {
                 if overlaps(a.source_offset, a.len, b.source_offset, b.len) {
-                    return Err(Error::Overlap {
-                        volume: src.id,
-                        offset: b.source_offset,
-                        len: b.len,
+                    return Err(Error::ExtentsOverlap {
+                        side: "source",
+                        volume: src.locator.clone(),
+                        first: range(a.source_offset, a.len),
+                        second: range(b.source_offset, b.len),
                     });
                 }
                 if overlaps(a.target_offset, a.len, b.target_offset, b.len) {
-                    return Err(Error::Overlap {
-                        volume: tgt.id,
-                        offset: b.target_offset,
-                        len: b.len,
+                    return Err(Error::ExtentsOverlap {
+                        side: "target",
+                        volume: tgt.locator.clone(),
+                        first: range(a.target_offset, a.len),
+                        second: range(b.target_offset, b.len),
                     });
                 }
             }
@@ -882,7 +937,7 @@ impl Engine {
                 for b in extents {
                     if overlaps(a.source_offset, a.len, b.target_offset, b.len) {
                         return Err(Error::Overlap {
-                            volume: src.id,
+                            volume: src.locator.clone(),
                             offset: b.target_offset,
                             len: b.len,
                         });
@@ -899,7 +954,7 @@ impl Engine {
                         && overlaps(o.target_offset, o.len, e.target_offset, e.len)
                     {
                         return Err(Error::TargetInUse {
-                            volume: tgt.id,
+                            volume: tgt.locator.clone(),
                             offset: e.target_offset,
                             len: e.len,
                             other: s.id(),
@@ -909,7 +964,7 @@ impl Engine {
                         && overlaps(o.source_offset, o.len, e.target_offset, e.len)
                     {
                         return Err(Error::Overlap {
-                            volume: tgt.id,
+                            volume: tgt.locator.clone(),
                             offset: e.target_offset,
                             len: e.len,
                         });
@@ -918,7 +973,7 @@ impl Engine {
                         && overlaps(o.target_offset, o.len, e.source_offset, e.len)
                     {
                         return Err(Error::Overlap {
-                            volume: src.id,
+                            volume: src.locator.clone(),
                             offset: e.source_offset,
                             len: e.len,
                         });
@@ -1235,22 +1290,29 @@ impl Engine {
     /// [`Engine::read_image`] without looking the session and its volumes up on every call.
     ///
     /// # Errors
-    /// [`Error::UnknownSession`], [`Error::UnknownVolume`].
+    /// [`Error::UnknownSession`], [`Error::NotActive`], [`Error::UnknownVolume`].
     pub fn image(&self, id: SessionId) -> Result<Image<'_>> {
         let session = self.session(id)?;
+        let state = session.state();
+        if !matches!(state, SessionState::Active | SessionState::Completed) {
+            return Err(Error::NotActive {
+                id,
+                state: state.to_string(),
+            });
+        }
         // The epoch before the map (see `Engine::attach`).
         let epoch = self
             .volumes_epoch
             .load(std::sync::atomic::Ordering::Acquire);
         let vols = self.volumes.load();
-        let get = |v: VolumeId| {
-            vols.get(&v)
+        let get = |v: &VolumeRef| {
+            vols.get(&v.id)
                 .cloned()
-                .ok_or_else(|| Error::UnknownVolume(v.to_string()))
+                .ok_or_else(|| Error::UnknownVolume(v.locator.clone()))
         };
-        let tgt = get(session.desc.target.id)?;
+        let tgt = get(&session.desc.target)?;
         // A completed session reads only its target: its source may be gone.
-        let src = get(session.desc.source.id).unwrap_or_else(|_| Arc::clone(&tgt));
+        let src = get(&session.desc.source).unwrap_or_else(|_| Arc::clone(&tgt));
         drop(vols);
         Ok(Image {
             engine: self,
@@ -1648,10 +1710,7 @@ impl Engine {
         let (si, ti) = (src.info(), tgt.info());
         let check = |now: &VolumeInfo, was: &VolumeRef, role: &str| -> Option<Reason> {
             if now.id != was.id {
-                Some(Reason::new(
-                    mismatch,
-                    format!("{role} {} is now {}", was.id, now.id),
-                ))
+                Some(Reason::new(mismatch, replaced_message(role, was, now)))
             } else if now.generation != was.generation {
                 Some(Reason::new(
                     ReasonCode::GenerationMismatch,

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::ids::{SessionId, VolumeId};
+use crate::ids::SessionId;
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -82,8 +82,9 @@ pub enum Corruption {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An I/O call failed.
-    #[error("{op} at offset {offset} on {target}: {source}")]
+    /// An I/O call failed. The offset is shown for positioned transfers (`read`, `write`)
+    /// only.
+    #[error("{}", io_message(op, target, *offset, source))]
     Io {
         /// What was being done (`read`, `write`, `flush`, `open`, ...).
         op: &'static str,
@@ -161,19 +162,23 @@ pub enum Error {
         /// Size of that thing in bytes.
         size: u64,
     },
-    /// The target extents are smaller than the source extents.
-    #[error("target extents hold {target} bytes, source extents need {source_len}")]
+    /// A target extent ends past the end of the target volume.
+    #[error("target extent {offset}+{len} ends past the end of {target} ({size} bytes)")]
     TargetTooSmall {
-        /// Bytes the source extents cover.
-        source_len: u64,
-        /// Bytes the target extents cover.
-        target: u64,
+        /// The target volume (its path).
+        target: String,
+        /// Start of the target extent.
+        offset: u64,
+        /// Length of the target extent.
+        len: u64,
+        /// Size of the target volume in bytes.
+        size: u64,
     },
     /// Two active sessions would write the same target range.
     #[error("target range {offset}+{len} on {volume} is already the target of {other}")]
     TargetInUse {
-        /// The target volume.
-        volume: VolumeId,
+        /// The target volume (its path).
+        volume: String,
         /// Start of the conflicting range.
         offset: u64,
         /// Length of the conflicting range.
@@ -184,12 +189,42 @@ pub enum Error {
     /// A session's source and target ranges overlap, or a range would be both source and target.
     #[error("source and target ranges overlap on {volume} at {offset}+{len}")]
     Overlap {
-        /// The volume.
-        volume: VolumeId,
+        /// The volume (its path).
+        volume: String,
         /// Start of the overlapping range.
         offset: u64,
         /// Length of the overlapping range.
         len: u64,
+    },
+    /// Two extents of one session overlap on the same side (two source or two target ranges).
+    #[error("{side} extents {first} and {second} of the session overlap on {volume}")]
+    ExtentsOverlap {
+        /// `source` or `target`.
+        side: &'static str,
+        /// The volume (its path).
+        volume: String,
+        /// The first extent's range on that side, `OFFSET+LEN`.
+        first: String,
+        /// The second extent's range on that side, `OFFSET+LEN`.
+        second: String,
+    },
+    /// A file was offered as a volume that must never be one (the activity table itself,
+    /// another table, a table's holder or control file, a socket).
+    #[error("{path} cannot be used as a volume: {why}")]
+    NotAVolume {
+        /// The path offered.
+        path: String,
+        /// What it is.
+        why: String,
+    },
+    /// A volume about to be overwritten visibly holds data (see
+    /// [`crate::volume::visible_data`]).
+    #[error("target {path} holds data ({found}) that the session would overwrite; pass --force to establish anyway")]
+    HoldsData {
+        /// The volume (its path).
+        path: String,
+        /// What was found.
+        found: String,
     },
     /// No session with this id is in the table.
     #[error("unknown session {0}")]
@@ -237,6 +272,17 @@ pub enum Error {
     /// gave it.
     #[error("{0}")]
     Remote(String),
+}
+
+/// Operations at a byte offset: their messages name the offset.
+const POSITIONED_OPS: [&str; 4] = ["read", "write", "pread", "pwrite"];
+
+fn io_message(op: &str, target: &str, offset: u64, source: &std::io::Error) -> String {
+    if POSITIONED_OPS.contains(&op) {
+        format!("{op} {target} at offset {offset}: {source}")
+    } else {
+        format!("{op} {target}: {source}")
+    }
 }
 
 impl Error {

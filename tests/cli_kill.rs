@@ -61,7 +61,7 @@ fn sigkill_during_writes_and_copy_then_resume() {
         "--grain",
         "16KiB",
     ]);
-    assert_eq!(s1.trim(), "s1");
+    assert!(s1.starts_with("s1: "), "{s1}");
     let s2 = ok(&[
         "establish",
         p(&table),
@@ -71,7 +71,7 @@ fn sigkill_during_writes_and_copy_then_resume() {
         "1MiB:1MiB@0",
         "--nocopy",
     ]);
-    assert_eq!(s2.trim(), "s2");
+    assert!(s2.starts_with("s2: "), "{s2}");
     let ref2 = t0[1 << 20..2 << 20].to_vec();
     for round in 0..6u64 {
         let mut child = tz()
@@ -131,8 +131,9 @@ fn sigkill_during_writes_and_copy_then_resume() {
     assert!(std::fs::read(d.join("out2")).unwrap() == ref2);
     let st = ok(&["status", p(&table), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&st).unwrap();
-    assert_eq!(v[0]["state"], "Completed");
-    assert_eq!(v[1]["state"], "Active");
+    assert_eq!(v["sessions"][0]["session"], "s1");
+    assert_eq!(v["sessions"][0]["state"], "completed");
+    assert_eq!(v["sessions"][1]["state"], "active");
     ok(&["withdraw", p(&table), "s2"]);
     let st = ok(&["status", p(&table)]);
     assert!(
@@ -191,7 +192,16 @@ fn cli_errors_are_one_line_and_typed() {
             "aligned",
         ),
         (vec!["withdraw", p(&table), "s9"], "unknown session"),
-        (vec!["copy", p(&table), "--batch", "8MiB"], "batch"),
+    ] {
+        let o = tz().args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // Flag values out of range are usage errors stating the range: exit 2, one line.
+    for (args, needle) in [
+        (vec!["copy", p(&table), "--batch", "8MiB"], "4KiB to 4MiB"),
         (
             vec![
                 "establish",
@@ -201,11 +211,11 @@ fn cli_errors_are_one_line_and_typed() {
                 "--grain",
                 "3KiB",
             ],
-            "grain",
+            "power of two from 4KiB to 1MiB",
         ),
     ] {
         let o = tz().args(&args).output().unwrap();
-        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8(o.stderr).unwrap();
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains(needle), "{args:?}: {err}");

@@ -150,7 +150,7 @@ fn every_single_bit_flip_is_detected() {
     // mirror copies.
     let sbs: Vec<Superblock> = (0..2u32)
         .filter_map(|c| {
-            let o = Layout::superblock(c) as usize;
+            let o = layout.superblock(c) as usize;
             Superblock::decode(&good[o..o + 4096]).ok()
         })
         .collect();
@@ -160,8 +160,8 @@ fn every_single_bit_flip_is_detected() {
         .expect("a valid superblock");
     let jb = 512u64;
     let mut regions: Vec<(String, u64, u64, bool)> = vec![
-        ("superblock0".into(), Layout::superblock(0), 128, true),
-        ("superblock1".into(), Layout::superblock(1), 128, true),
+        ("superblock0".into(), layout.superblock(0), 128, true),
+        ("superblock1".into(), layout.superblock(1), 128, true),
     ];
     for sb in &sbs {
         // Open reads only the newest checkpoint while it verifies.

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use timezero::activity::format::{Layout, Superblock};
+use timezero::activity::format::{superblock_offset, Layout, Superblock};
 use timezero::fault::fuzzing;
 use timezero::nbd::proto;
 
@@ -85,7 +85,10 @@ fn write_seed_corpus() {
     write("table_decode", "superblock", sb_bytes);
     let sb = [0u32, 1]
         .iter()
-        .filter_map(|&c| Superblock::decode(&t[c as usize * 4096..(c as usize + 1) * 4096]).ok())
+        .filter_map(|&c| {
+            let o = superblock_offset(c, t.len() as u64) as usize;
+            Superblock::decode(&t[o..o + 4096]).ok()
+        })
         .max_by_key(|s| s.generation)
         .unwrap();
     let c0 = l.checkpoint(sb.area) as usize;

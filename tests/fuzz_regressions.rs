@@ -18,7 +18,8 @@ use timezero::volume::{MemVolume, Volume};
 /// A table whose newest checkpoint (one generation past the template's) holds `sessions`.
 fn table_with_checkpoint(sessions: &[SessionImage], next_session: u64) -> Vec<u8> {
     let mut t = fuzzing::template_table();
-    let sb1 = Superblock::decode(&t[4096..8192]).unwrap();
+    let end = t.len();
+    let sb1 = Superblock::decode(&t[end - 4096..]).unwrap();
     let l = Layout {
         journal_bytes: 128 * 1024,
         checkpoint_bytes: 64 * 1024,

@@ -188,6 +188,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                     Err(
                         Error::Overlap { .. }
+                        | Error::ExtentsOverlap { .. }
                         | Error::TargetInUse { .. }
                         | Error::OutOfRange { .. }
                         | Error::TargetTooSmall { .. }

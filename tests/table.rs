@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use timezero::activity::codec::Writer;
 use timezero::activity::format::{
-    decode_block, encode_block, BlockHeader, CopyMode, Entry, ExtentSpec, Layout, Reason,
-    ReasonCode, SessionDesc, SessionState, Superblock, VolumeRef,
+    decode_block, encode_block, superblock_offset, BlockHeader, CopyMode, Entry, ExtentSpec,
+    Layout, Reason, ReasonCode, SessionDesc, SessionState, Superblock, VolumeRef,
 };
 use timezero::activity::{MemStorage, Table, TableStorage};
 use timezero::engine::{Engine, EngineOptions, SessionSpec};
@@ -190,17 +190,18 @@ fn table_with_session() -> (Arc<MemStorage>, Vec<Arc<MemVolume>>, SessionId) {
 fn damaged_superblock_falls_back_to_the_other_copy() {
     let (storage, vols, id) = table_with_session();
     let bytes = storage.snapshot();
-    for copy in 0..2u64 {
+    let slot_at = |slot: u32| superblock_offset(slot, bytes.len() as u64) as usize;
+    for copy in 0..2u32 {
         let mut b = bytes.clone();
-        b[(copy * 4096 + 20) as usize] ^= 0x10;
+        b[slot_at(copy) + 20] ^= 0x10;
         let st = Arc::new(MemStorage::from_bytes("t", b));
         let e = common::reopen(&st, &vols);
         assert_eq!(e.session(id).unwrap().copied(), 2, "copy {copy}");
     }
     // Both damaged: a typed error.
-    let mut b = bytes;
-    b[20] ^= 1;
-    b[4096 + 20] ^= 1;
+    let mut b = bytes.clone();
+    b[slot_at(0) + 20] ^= 1;
+    b[slot_at(1) + 20] ^= 1;
     let st: Arc<dyn TableStorage> = Arc::new(MemStorage::from_bytes("t", b));
     match Table::open(st) {
         Err(Error::Corrupt { .. }) => {}
@@ -278,7 +279,7 @@ fn every_error_variant_from_its_input() {
     ));
     assert!(matches!(
         e.establish(&spec(vec![ext(0, 0, 65536), ext(0, 65536, 65536)], t)),
-        Err(Error::Overlap { .. })
+        Err(Error::ExtentsOverlap { side: "source", .. })
     ));
     assert!(matches!(
         e.establish(&spec(vec![ext(0, 0, 131072)], s)),

@@ -43,6 +43,22 @@ pub const BLOCK_PAYLOAD_BYTES: usize = JOURNAL_BLOCK_BYTES - BLOCK_HEADER_BYTES;
 pub const CHECKPOINT_HEADER_BYTES: usize = 64;
 /// Superblock slots.
 pub const SUPERBLOCK_SLOTS: u32 = 2;
+/// The largest single write the table issues (checkpoints are written in pieces of at most
+/// this size), and the gap left after each checkpoint area: one write that lands in the wrong
+/// place can never reach two checkpoint areas, nor a checkpoint area and the superblock slot at
+/// the end of the file; the two slots are the file's first and last 4 KiB.
+pub const TABLE_WRITE_MAX_BYTES: usize = 64 * 1024;
+
+/// Offset of superblock slot `slot` in a table file of `file_len` bytes: slot 0 at the start,
+/// slot 1 in the last 4 KiB (so either can be found without the other).
+#[must_use]
+pub fn superblock_offset(slot: u32, file_len: u64) -> u64 {
+    if slot == 0 {
+        0
+    } else {
+        file_len.saturating_sub(SUPERBLOCK_BYTES as u64)
+    }
+}
 /// Checkpoint areas: the two that the superblocks name and one to write the next into.
 pub const CHECKPOINT_AREAS: u32 = 3;
 /// Offset of the CRC inside a superblock.
@@ -61,10 +77,10 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Offset of superblock slot `slot` (0 or 1).
+    /// Offset of superblock slot `slot` (0: the start of the file, 1: its last 4 KiB).
     #[must_use]
-    pub fn superblock(slot: u32) -> u64 {
-        u64::from(slot) * SUPERBLOCK_BYTES as u64
+    pub fn superblock(&self, slot: u32) -> u64 {
+        superblock_offset(slot, self.file_bytes())
     }
     /// Offset of journal copy `copy` (0 = A, 1 = B).
     #[must_use]
@@ -81,15 +97,16 @@ impl Layout {
     pub fn block(&self, copy: u32, seq: u64) -> u64 {
         self.journal(copy) + (seq % self.journal_blocks()) * JOURNAL_BLOCK_BYTES as u64
     }
-    /// Offset of checkpoint area `area` (0, 1 or 2).
+    /// Offset of checkpoint area `area` (0, 1 or 2); each is followed by a gap of
+    /// [`TABLE_WRITE_MAX_BYTES`].
     #[must_use]
     pub fn checkpoint(&self, area: u32) -> u64 {
-        self.journal(2) + u64::from(area) * self.checkpoint_bytes
+        self.journal(2) + u64::from(area) * (self.checkpoint_bytes + TABLE_WRITE_MAX_BYTES as u64)
     }
     /// Total file size.
     #[must_use]
     pub fn file_bytes(&self) -> u64 {
-        self.checkpoint(CHECKPOINT_AREAS)
+        self.checkpoint(CHECKPOINT_AREAS) + SUPERBLOCK_BYTES as u64
     }
 }
 

@@ -8,9 +8,9 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::codec::Writer;
 use super::format::{
-    decode_block, decode_checkpoint, encode_block, encode_checkpoint, BlockHeader, Entry, Layout,
-    Reason, ReasonCode, SessionDesc, SessionState, Superblock, TableId, Witness,
-    BLOCK_PAYLOAD_BYTES, CHECKPOINT_AREAS, SUPERBLOCK_SLOTS,
+    decode_block, decode_checkpoint, encode_block, encode_checkpoint, superblock_offset,
+    BlockHeader, Entry, Layout, Reason, ReasonCode, SessionDesc, SessionState, Superblock, TableId,
+    Witness, BLOCK_PAYLOAD_BYTES, CHECKPOINT_AREAS, SUPERBLOCK_SLOTS, TABLE_WRITE_MAX_BYTES,
 };
 use super::storage::TableStorage;
 use crate::error::Corruption;
@@ -162,6 +162,9 @@ pub struct Table {
     poisoned: AtomicBool,
     /// Opened with [`Table::open_read_only`]: nothing is ever written.
     read_only: bool,
+    /// Set once open has checked the table against its rollback witness: only then may the
+    /// witness be written (a table refused as rolled back must not lower it on drop).
+    witness_checked: AtomicBool,
     /// Counters.
     pub stats: TableStats,
 }
@@ -206,7 +209,7 @@ impl Table {
                 ckpt_crc: crc32fast::hash(&ck),
                 created_unix_ms: created,
             };
-            storage.write(Layout::superblock(slot), &sb.encode())?;
+            storage.write(layout.superblock(slot), &sb.encode())?;
             storage.sync()?;
         }
         let (t, _) = Table::open(storage)?;
@@ -269,6 +272,7 @@ impl Table {
                 }
             }
         }
+        table.witness_checked.store(true, Ordering::Release);
         {
             let mut w = table.writer.lock();
             table.checkpoint(&mut w)?;
@@ -276,9 +280,12 @@ impl Table {
         Ok((table, report))
     }
 
-    /// `(where the journal ends, what the witness saw)` when the witness (of this table) saw
-    /// more committed than the table holds.
-    fn rolled_back(&self) -> Result<Option<(u64, u64)>> {
+    /// `(where the journal ends, what the witness saw)` when the table's rollback witness saw
+    /// more committed than the table holds (see [`Table::open_with`]).
+    ///
+    /// # Errors
+    /// I/O errors reading the witness.
+    pub fn rolled_back(&self) -> Result<Option<(u64, u64)>> {
         let Some(bytes) = self.storage.read_witness()? else {
             return Ok(None);
         };
@@ -292,7 +299,7 @@ impl Table {
     /// cannot be written only weakens rollback detection, never the table: errors are ignored
     /// (an I/O error on the table itself is what poisons it).
     fn note_witness(&self, next_seq: u64, durable: bool) {
-        if self.read_only {
+        if self.read_only || !self.witness_checked.load(Ordering::Acquire) {
             return;
         }
         let w = Witness {
@@ -330,9 +337,9 @@ impl Table {
         let mut first_err = None;
         for slot in 0..SUPERBLOCK_SLOTS {
             let mut b = vec![0u8; SUPERBLOCK_BYTES];
-            storage.read(Layout::superblock(slot), &mut b)?;
+            storage.read(superblock_offset(slot, storage.len()), &mut b)?;
             match Superblock::decode(&b) {
-                Ok(sb) if sb.layout.file_bytes() <= storage.len() => {
+                Ok(sb) if sb.layout.file_bytes() == storage.len() => {
                     slots[slot as usize] = Some(sb);
                     sbs.push((slot as usize, sb));
                 }
@@ -516,6 +523,7 @@ impl Table {
             }),
             poisoned: AtomicBool::new(false),
             read_only,
+            witness_checked: AtomicBool::new(false),
             stats: TableStats::default(),
         };
         Ok((table, report))
@@ -840,7 +848,7 @@ impl Table {
         };
         let slot_u32 = u32::try_from(slot).unwrap_or(0);
         self.write_verified(
-            Layout::superblock(slot_u32),
+            self.layout.superblock(slot_u32),
             &sb.encode(),
             "superblock",
             canary,
@@ -864,7 +872,10 @@ impl Table {
     fn write_verified(&self, offset: u64, data: &[u8], what: &str, trust: bool) -> Result<()> {
         let mut back = vec![0u8; data.len()];
         for _ in 0..READ_BACK_TRIES {
-            self.storage.write(offset, data)?;
+            for (i, piece) in data.chunks(TABLE_WRITE_MAX_BYTES).enumerate() {
+                self.storage
+                    .write(offset + (i * TABLE_WRITE_MAX_BYTES) as u64, piece)?;
+            }
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
             self.storage.sync()?;
             if trust {
@@ -890,7 +901,7 @@ impl Table {
         let mut b = vec![0u8; SUPERBLOCK_BYTES];
         let slot_u32 = u32::try_from(slot).unwrap_or(0);
         self.storage
-            .read_back(Layout::superblock(slot_u32), &mut b)?;
+            .read_back(self.layout.superblock(slot_u32), &mut b)?;
         if b != sb.encode() {
             return Ok(false);
         }

@@ -236,8 +236,12 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
             return Err(Error::invalid(
                 "demo",
                 format!(
-                    "expected every session resumed or completed, got {:?}",
+                    "expected every session resumed or completed, got {}",
                     e.decisions
+                        .iter()
+                        .map(|d| super::output::DecisionOut::of(d, None).text())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ),
             ));
         }

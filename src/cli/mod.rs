@@ -1,7 +1,13 @@
 //! The `timezero` binary's commands. No engine logic lives here: each command parses its
 //! arguments, calls the library, and prints.
 
+mod args;
 mod demo;
+mod guard;
+mod output;
+
+pub use args::parse_extent;
+pub use guard::check_volume;
 
 use std::io::{Read, Write as _};
 use std::path::{Path, PathBuf};
@@ -11,17 +17,19 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::activity::format::{CopyMode, ExtentSpec};
+use crate::activity::format::{CopyMode, SessionState};
 use crate::control::Channel;
 use crate::copier::{Copier, CopierOptions};
 use crate::engine::{Engine, EngineOptions, Outcome, RestartPolicy, SessionSpec};
 use crate::ids::{GrainSize, SessionId};
-use crate::units::{format_size, parse_size};
+use crate::units::format_size;
 use crate::{Error, Result};
+
+use output::{json, DecisionOut};
 
 /// Crash-consistent point-in-time (time zero) copies of block storage.
 #[derive(Debug, Parser)]
-#[command(name = "timezero", version, about)]
+#[command(name = "timezero", version, about, after_help = args::SIZES_HELP)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -87,26 +95,31 @@ impl IoFlags {
     }
 }
 
-fn size_arg(s: &str) -> std::result::Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
 /// Commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a new, empty activity table.
+    #[command(after_help = args::SIZES_HELP)]
     Init {
         /// Path of the table file (must not exist).
         table: PathBuf,
-        /// Bytes per journal copy (e.g. 8MiB).
-        #[arg(long, value_parser = size_arg, default_value = "8MiB")]
+        /// Bytes per journal copy (128KiB to 1GiB, a multiple of 512 bytes).
+        #[arg(long, value_parser = args::journal, default_value = "8MiB")]
         journal: u64,
-        /// Bytes per checkpoint area; bounds the bitmaps of all sessions (8MiB covers 4 TiB of
-        /// source at a 64 KiB grain).
-        #[arg(long, value_parser = size_arg, default_value = "8MiB")]
+        /// Bytes per checkpoint area (64KiB to 4GiB, a multiple of 4KiB); bounds the bitmaps
+        /// of all sessions (8MiB covers 4 TiB of source at a 64 KiB grain).
+        #[arg(long, value_parser = args::capacity, default_value = "8MiB")]
         capacity: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Establish a session (T0 is now) and print its id.
+    /// Establish a session (T0 is now) and print its id, direction and T0.
+    ///
+    /// The target is refused when it visibly holds data in the ranges the session would
+    /// overwrite (a file-system or partition-table signature, or non-zero bytes in the first or
+    /// last MiB) unless --force is given.
+    #[command(after_help = args::SIZES_HELP)]
     Establish {
         /// The table.
         table: PathBuf,
@@ -116,14 +129,20 @@ pub enum Command {
         target: PathBuf,
         /// Source extent OFFSET:LEN, optionally @TARGET_OFFSET (default: same offset); repeat
         /// for more. Default: the whole source.
-        #[arg(long = "extent")]
+        #[arg(long = "extent", value_parser = args::extent)]
         extents: Vec<String>,
         /// Grain size (power of two, 4KiB to 1MiB).
-        #[arg(long, value_parser = size_arg, default_value = "64KiB")]
+        #[arg(long, value_parser = args::grain, default_value = "64KiB")]
         grain: u64,
         /// Copy-before-write only: no background copy until converted.
         #[arg(long)]
         nocopy: bool,
+        /// Establish even when the target holds data (it will be overwritten).
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show sessions.
     Status {
@@ -134,36 +153,50 @@ pub enum Command {
         json: bool,
     },
     /// Run the background copy to completion (resumable after a kill).
+    #[command(after_help = args::SIZES_HELP)]
     Copy {
         /// The table.
         table: PathBuf,
         /// Only this session.
         session: Option<SessionId>,
-        /// Rate limit in bytes per second (e.g. 100MiB).
-        #[arg(long, value_parser = size_arg)]
+        /// Rate limit in bytes per second (e.g. 100MiB; at least 1).
+        #[arg(long, value_parser = args::rate)]
         rate: Option<u64>,
-        /// Worker threads.
-        #[arg(long, default_value_t = 2)]
+        /// Worker threads (1 to 64).
+        #[arg(long, value_parser = args::threads, default_value = "2")]
         threads: usize,
-        /// Bytes per copy request (e.g. 4MiB; at most 4 MiB) [default: 1MiB].
-        #[arg(long, value_parser = size_arg)]
+        /// Bytes per copy request (4KiB to 4MiB) [default: 1MiB].
+        #[arg(long, value_parser = args::batch)]
         batch: Option<u64>,
         /// Convert the session to copy mode first if it is a no-copy session.
         #[arg(long)]
         convert: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Write a file's bytes to a volume through the engine (copy-before-write).
+    /// Write a file's bytes to a volume through the engine (copy-before-write). The whole
+    /// range is checked against the volume before the first byte is written.
+    #[command(after_help = args::SIZES_HELP)]
     Write {
         /// The table.
         table: PathBuf,
         /// The volume (source or target of sessions in the table, or any file).
         volume: PathBuf,
         /// Byte offset.
-        #[arg(value_parser = size_arg)]
+        #[arg(value_parser = args::size)]
         offset: u64,
         /// File with the bytes to write.
         #[arg(long)]
         from: PathBuf,
+        /// Bytes to write (default: the whole --from file). Required when --from is not a
+        /// regular file (a pipe or a device such as /dev/zero); then at most 64MiB, read
+        /// completely before anything is written.
+        #[arg(long, value_parser = args::size)]
+        len: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure the engine against the raw file in one process (interleaved rounds on temporary
     /// files): already-copied and first writes, image reads, background copy, recovery.
@@ -175,7 +208,7 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Size of each volume file (e.g. 256MiB).
-        #[arg(long, value_parser = size_arg, default_value = "256MiB")]
+        #[arg(long, value_parser = args::size, default_value = "256MiB")]
         size: u64,
         /// Rounds; figures are medians over rounds.
         #[arg(long, default_value_t = 5)]
@@ -192,29 +225,40 @@ pub enum Command {
         json_out: Option<PathBuf>,
     },
     /// Read a session's T0 image.
+    #[command(after_help = args::SIZES_HELP)]
     Read {
         /// The table.
         table: PathBuf,
         /// Session id.
         session: SessionId,
         /// Image offset.
-        #[arg(value_parser = size_arg)]
+        #[arg(value_parser = args::size)]
         offset: u64,
-        /// Length.
-        #[arg(value_parser = size_arg)]
+        /// Length (1 byte to 64MiB; `export` writes a whole image).
+        #[arg(value_parser = args::read_len)]
         len: u64,
         /// Write to this file instead of standard output.
         #[arg(long)]
         to: Option<PathBuf>,
+        /// With --to: print what was written as JSON.
+        #[arg(long, requires = "to")]
+        json: bool,
     },
-    /// Write a session's whole T0 image to a file.
+    /// Write a session's whole T0 image to a file (built under a temporary name in the same
+    /// directory and renamed into place when complete).
     Export {
         /// The table.
         table: PathBuf,
         /// Session id.
         session: SessionId,
-        /// Output file.
+        /// Output file (must not exist unless --force).
         output: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// End a session.
     Withdraw {
@@ -222,6 +266,9 @@ pub enum Command {
         table: PathBuf,
         /// Session id.
         session: SessionId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Open the table, recover, reconcile every session, and print the decisions.
     Recover {
@@ -246,6 +293,9 @@ pub enum Command {
         table: PathBuf,
         /// The volume.
         volume: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// The self-checking demo: temporary volumes, sessions, concurrent writers, a throttled
     /// copy killed with SIGKILL and resumed, and a byte-for-byte check of every image.
@@ -313,16 +363,20 @@ pub enum Command {
         table: PathBuf,
         /// Session id.
         session: SessionId,
-        /// Bytes per second (e.g. 100MiB).
-        #[arg(value_parser = size_arg)]
+        /// Bytes per second (e.g. 100MiB; at least 1).
+        #[arg(value_parser = args::rate)]
         bytes_per_s: u64,
     },
     /// Ask the process serving a table to stop.
     Stop {
         /// The table.
         table: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the fault-injection crash-state enumerator (needs the `fault` feature).
+    #[cfg_attr(not(feature = "fault"), command(hide = true))]
     Crashtest {
         /// Number of generated workloads.
         #[arg(long, default_value_t = 60)]
@@ -354,9 +408,41 @@ pub enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
         /// Copy rate.
-        #[arg(long, value_parser = size_arg, default_value = "8MiB")]
+        #[arg(long, value_parser = args::rate, default_value = "8MiB")]
         rate: u64,
     },
+}
+
+/// Why a command failed: a usage error (exit 2) or a runtime error (exit 1).
+#[derive(Debug)]
+enum Fail {
+    /// The arguments are wrong: exit 2.
+    Usage(String),
+    /// A runtime error with its own message: exit 1.
+    Message(String),
+    /// A library error: exit 1.
+    Run(Error),
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Run(e)
+    }
+}
+
+/// A clap error as one line: the message without the usage block that follows it.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let head = text
+        .split("\n\nUsage:")
+        .next()
+        .unwrap_or_default()
+        .split("\n\nFor more information")
+        .next()
+        .unwrap_or_default();
+    let joined = head.split_whitespace().collect::<Vec<_>>().join(" ");
+    let msg = joined.strip_prefix("error: ").unwrap_or(&joined);
+    format!("{msg} (see --help)")
 }
 
 /// Run the CLI; returns the process exit code (0 ok, 1 error, 2 usage).
@@ -364,18 +450,30 @@ pub enum Command {
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            eprintln!("timezero: {}", one_line(&e));
+            return 2;
+        }
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { 2 } else { 0 };
+            return 0;
         }
     };
     match run(cli.command, cli.io) {
         Ok(()) => 0,
-        Err(e @ Error::Interrupted(_)) => {
+        Err(Fail::Usage(m)) => {
+            eprintln!("timezero: {m}");
+            2
+        }
+        Err(Fail::Message(m)) => {
+            eprintln!("timezero: {m}");
+            1
+        }
+        Err(Fail::Run(e @ Error::Interrupted(_))) => {
             eprintln!("timezero: {e}");
             130
         }
-        Err(e) => {
+        Err(Fail::Run(e)) => {
             eprintln!("timezero: {e}");
             1
         }
@@ -386,23 +484,9 @@ fn open(table: &Path, restart: RestartPolicy, io: IoFlags) -> Result<Engine> {
     Engine::open_path(table, io.engine_options(restart))
 }
 
-fn parse_extent(s: &str) -> Result<ExtentSpec> {
-    let (main, tgt) = match s.split_once('@') {
-        Some((m, t)) => (m, Some(parse_size(t)?)),
-        None => (s, None),
-    };
-    let (o, l) = main.split_once(':').ok_or_else(|| {
-        Error::invalid("extent", format!("'{s}' is not OFFSET:LEN[@TARGET_OFFSET]"))
-    })?;
-    let source_offset = parse_size(o)?;
-    Ok(ExtentSpec {
-        source_offset,
-        target_offset: tgt.unwrap_or(source_offset),
-        len: parse_size(l)?,
-    })
-}
-
+/// The attached volume at `path`, attaching it after [`check_volume`] when it is not yet.
 fn volume_id(engine: &Engine, path: &Path) -> Result<crate::ids::VolumeId> {
+    check_volume(path, Path::new(&engine.table().name()))?;
     let canon = std::fs::canonicalize(path)
         .map_err(|e| Error::io("open", path.display().to_string(), 0, e))?;
     match engine.volume_by_locator(&canon.display().to_string()) {
@@ -427,6 +511,12 @@ pub enum Remote {
         grain: u64,
         /// No-copy mode.
         nocopy: bool,
+        /// Establish even when the target holds data.
+        #[serde(default)]
+        force: bool,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
     },
     /// `status`.
     Status {
@@ -446,16 +536,25 @@ pub enum Remote {
         batch: Option<u64>,
         /// Convert first.
         convert: bool,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
     },
     /// `withdraw`.
     Withdraw {
         /// Session.
         session: u64,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
     },
     /// `reset`.
     Reset {
         /// Volume path.
         volume: PathBuf,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
     },
     /// `write`: the bytes follow the request (see [`crate::control::Channel::input`]).
     Write {
@@ -465,6 +564,9 @@ pub enum Remote {
         offset: u64,
         /// How many bytes.
         len: u64,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
     },
     /// `read`: the image bytes go back to the caller.
     Read {
@@ -505,7 +607,7 @@ impl Remote {
     pub fn paths(&self) -> Vec<&Path> {
         match self {
             Remote::Establish { source, target, .. } => vec![source, target],
-            Remote::Reset { volume } | Remote::Write { volume, .. } => vec![volume],
+            Remote::Reset { volume, .. } | Remote::Write { volume, .. } => vec![volume],
             _ => Vec::new(),
         }
     }
@@ -526,7 +628,7 @@ impl Remote {
                 canon(source)?;
                 canon(target)?;
             }
-            Remote::Reset { volume } | Remote::Write { volume, .. } => canon(volume)?,
+            Remote::Reset { volume, .. } | Remote::Write { volume, .. } => canon(volume)?,
             _ => {}
         }
         Ok(self)
@@ -539,8 +641,6 @@ impl Remote {
 /// # Errors
 /// The command's errors; [`Error::Interrupted`] when it was stopped on request.
 pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<String> {
-    let mut out = String::new();
-    use std::fmt::Write as _;
     match cmd {
         Remote::Establish {
             source,
@@ -548,17 +648,16 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             extents,
             grain,
             nocopy,
+            force,
+            json: as_json,
         } => {
-            let src = volume_id(e, source)?;
-            let tgt = volume_id(e, target)?;
-            let extents = extents
-                .iter()
-                .map(|s| parse_extent(s))
-                .collect::<Result<Vec<_>>>()?;
             let spec = SessionSpec {
-                source: src,
-                target: tgt,
-                extents,
+                source: volume_id(e, source)?,
+                target: volume_id(e, target)?,
+                extents: extents
+                    .iter()
+                    .map(|s| parse_extent(s))
+                    .collect::<Result<Vec<_>>>()?,
                 grain: GrainSize::new(*grain)?,
                 mode: if *nocopy {
                     CopyMode::NoCopy
@@ -566,135 +665,95 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
                     CopyMode::Copy
                 },
             };
+            if !force {
+                refuse_target_with_data(e, &spec, target)?;
+            }
             let id = e.establish(&spec)?;
-            let _ = writeln!(out, "{id}");
+            let st = e
+                .status()
+                .into_iter()
+                .find(|s| s.id == id.0)
+                .ok_or(Error::UnknownSession(id))?;
+            let o = output::EstablishOut::new(
+                &st,
+                source.display().to_string(),
+                target.display().to_string(),
+            );
+            if *as_json {
+                json(&o)
+            } else {
+                Ok(o.text())
+            }
         }
-        Remote::Status { json } => status_text(&mut out, e, *json)?,
+        Remote::Status { json: as_json } => {
+            let o = output::StatusOut {
+                sessions: e.status().iter().map(output::SessionOut::of).collect(),
+                backend: Some(e.backend_name().to_string()),
+                direct: Some(e.direct()),
+                held_by: None,
+                rolled_back: None,
+            };
+            if *as_json {
+                json(&o)
+            } else {
+                Ok(o.text())
+            }
+        }
         Remote::Copy {
             session,
             rate,
             threads,
             batch,
             convert,
+            json: as_json,
+        } => copy(
+            e,
+            session.map(SessionId),
+            *rate,
+            *threads,
+            *batch,
+            *convert,
+            *as_json,
+            io,
+        ),
+        Remote::Withdraw {
+            session,
+            json: as_json,
         } => {
-            let session = session.map(SessionId);
-            if let Some(id) = session {
-                let s = e.session(id)?;
-                let state = s.status().state;
-                if state == crate::activity::format::SessionState::Completed {
-                    let _ = writeln!(out, "{id} completed");
-                    return Ok(out);
-                }
-                if !s.is_active() {
-                    return Err(Error::NotActive {
-                        id,
-                        state: state.to_string(),
-                    });
-                }
-                if *convert {
-                    e.convert_to_copy(id)?;
-                } else if s.status().mode == CopyMode::NoCopy {
-                    return Err(Error::invalid(
-                        "copy",
-                        format!("{id} is a no-copy session; pass --convert to convert it"),
-                    ));
-                }
-            }
-            let mut opts = CopierOptions {
-                threads: *threads,
-                rate_bytes_per_s: *rate,
-                sessions: session.into_iter().collect(),
-                ..CopierOptions::default()
+            let id = SessionId(*session);
+            e.withdraw(id)?;
+            let o = output::SessionStateOut {
+                session: id.to_string(),
+                state: SessionState::Withdrawn.to_string(),
             };
-            if let Some(b) = batch {
-                opts.batch_bytes = *b;
-            }
-            let c = Copier::start(e.clone(), opts)?;
-            let _registered = io.copies().map(|r| r.register(c.control()));
-            let mut last = std::time::Instant::now();
-            while !c.finished() {
-                std::thread::sleep(Duration::from_millis(100));
-                if let Some(er) = io.interrupted() {
-                    // Everything copied so far is committed when the workers stop.
-                    c.stop()?;
-                    return Err(er);
-                }
-                if last.elapsed() >= io.progress_interval() {
-                    last = std::time::Instant::now();
-                    io.progress(&progress_line(&c));
-                }
-            }
-            let p = c.join()?;
-            let _ = writeln!(
-                out,
-                "copied {} bytes; {}/{} grains; backend {}",
-                p.bytes_copied,
-                p.grains_copied,
-                p.grains_total,
-                e.backend_name()
-            );
-            for s in e.status() {
-                let _ = writeln!(out, "s{} {}", s.id, s.state);
+            if *as_json {
+                json(&o)
+            } else {
+                Ok(format!("{} {}\n", o.session, o.state))
             }
         }
-        Remote::Withdraw { session } => {
-            e.withdraw(SessionId(*session))?;
-            let _ = writeln!(out, "s{session} withdrawn");
-        }
-        Remote::Reset { volume } => {
-            let canon = std::fs::canonicalize(volume)
-                .map_err(|er| Error::io("open", volume.display().to_string(), 0, er))?;
-            let l = canon.display().to_string();
-            let uses = |x: &crate::session::Session| {
-                x.desc.source.locator == l || x.desc.target.locator == l
-            };
-            let id_in = |x: &crate::session::Session| {
-                if x.desc.source.locator == l {
-                    x.desc.source.id
-                } else {
-                    x.desc.target.id
-                }
-            };
-            // The identity the table knows for this path: an active session's first (a stale,
-            // ended session may name an earlier file at the same path).
-            let sessions = e.table().sessions();
-            let old = sessions
-                .iter()
-                .filter(|x| uses(x))
-                .max_by_key(|x| (x.is_active(), x.id()))
-                .map(|x| id_in(x))
-                .ok_or_else(|| Error::UnknownVolume(volume.display().to_string()))?;
-            // A local open has already reconciled every session with the volumes as they are
-            // now (the same comparison a reset makes): report what it decided for this volume.
-            let mut said = 0;
-            for d in &e.decisions {
-                let on = sessions.iter().any(|x| x.id().0 == d.session && uses(x));
-                if on
-                    && matches!(
-                        d.outcome,
-                        Outcome::Terminated(_) | Outcome::ResumedPartly(_)
-                    )
-                {
-                    let _ = writeln!(out, "s{}: {:?} (on open)", d.session, d.outcome);
-                    said += 1;
-                }
-            }
-            let now = e.open_file(volume)?;
-            let ds = e.reset(old, Some(now))?;
-            if ds.is_empty() && said == 0 {
-                let _ = writeln!(out, "no active session uses {}", volume.display());
-            }
-            for d in ds {
-                let _ = writeln!(out, "s{}: {:?}", d.session, d.outcome);
-            }
-        }
+        Remote::Reset {
+            volume,
+            json: as_json,
+        } => reset(e, volume, *as_json),
         Remote::Write {
             volume,
             offset,
             len,
+            json: as_json,
         } => {
             let vid = volume_id(e, volume)?;
-            crate::volume::check_range(*offset, *len, e.volume(vid)?.size(), "volume")?;
+            let size = e.volume(vid)?.size();
+            if offset.checked_add(*len).is_none_or(|end| end > size) {
+                return Err(Error::invalid(
+                    "write",
+                    format!(
+                        "{len} bytes at offset {offset} do not fit {} ({size} bytes); nothing \
+                         was written",
+                        volume.display()
+                    ),
+                ));
+            }
             let input = io.input()?;
             // Bounded memory whatever the length: write in chunks.
             let mut buf = vec![0u8; 4 << 20];
@@ -714,7 +773,16 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
                 done += n as u64;
             }
             e.flush(vid)?;
-            let _ = writeln!(out, "wrote {done} bytes at {offset}");
+            let o = output::WriteOut {
+                volume: volume.display().to_string(),
+                offset: *offset,
+                bytes: done,
+            };
+            if *as_json {
+                json(&o)
+            } else {
+                Ok(format!("wrote {done} bytes at {offset} of {}\n", o.volume))
+            }
         }
         Remote::Read {
             session,
@@ -727,9 +795,11 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             let mut buf = vec![0u8; usize::try_from(*len).unwrap_or(0)];
             e.read_image(SessionId(*session), *offset, &mut buf)?;
             io.output(&buf)?;
+            Ok(String::new())
         }
         Remote::Export { session } => {
             export(e, SessionId(*session), io)?;
+            Ok(String::new())
         }
         Remote::Pause { session } | Remote::Resume { session } | Remote::Rate { session, .. } => {
             let id = SessionId(*session);
@@ -754,8 +824,238 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
                 }
                 _ => String::new(),
             };
-            let _ = writeln!(out, "copy of {id} {what}");
+            Ok(format!("copy of {id} {what}\n"))
         }
+    }
+}
+
+/// The establish policy of the command line: refuse a target that visibly holds data in the
+/// ranges the session would overwrite.
+fn refuse_target_with_data(e: &Engine, spec: &SessionSpec, target: &Path) -> Result<()> {
+    let ranges: Vec<(u64, u64)> = if spec.extents.is_empty() {
+        let size = e.volume(spec.source)?.size();
+        vec![(0, size - size % spec.grain.bytes())]
+    } else {
+        spec.extents
+            .iter()
+            .map(|x| (x.target_offset, x.len))
+            .collect()
+    };
+    match crate::volume::visible_data(e.volume(spec.target)?.as_ref(), &ranges)? {
+        Some(found) => Err(Error::HoldsData {
+            path: target.display().to_string(),
+            found,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The decision texts of a reset or an open, with the sessions' states now.
+fn decisions_out(e: &Engine, ds: &[crate::engine::Decision]) -> Vec<DecisionOut> {
+    ds.iter()
+        .map(|d| {
+            let state = e.session(SessionId(d.session)).ok().map(|s| s.state());
+            DecisionOut::of(d, state)
+        })
+        .collect()
+}
+
+fn reset(e: &Engine, volume: &Path, as_json: bool) -> Result<String> {
+    let canon = std::fs::canonicalize(volume)
+        .map_err(|er| Error::io("open", volume.display().to_string(), 0, er))?;
+    let l = canon.display().to_string();
+    let uses =
+        |x: &crate::session::Session| x.desc.source.locator == l || x.desc.target.locator == l;
+    let id_in = |x: &crate::session::Session| {
+        if x.desc.source.locator == l {
+            x.desc.source.id
+        } else {
+            x.desc.target.id
+        }
+    };
+    // The identity the table knows for this path: an active session's first (a stale,
+    // ended session may name an earlier file at the same path).
+    let sessions = e.table().sessions();
+    let old = sessions
+        .iter()
+        .filter(|x| uses(x))
+        .max_by_key(|x| (x.is_active(), x.id()))
+        .map(|x| id_in(x))
+        .ok_or_else(|| Error::UnknownVolume(volume.display().to_string()))?;
+    // A local open has already reconciled every session with the volumes as they are
+    // now (the same comparison a reset makes): report what it decided for this volume.
+    let mut decided: Vec<crate::engine::Decision> = e
+        .decisions
+        .iter()
+        .filter(|d| {
+            sessions.iter().any(|x| x.id().0 == d.session && uses(x))
+                && matches!(
+                    d.outcome,
+                    Outcome::Terminated(_) | Outcome::ResumedPartly(_)
+                )
+        })
+        .cloned()
+        .collect();
+    let now = e.open_file(volume)?;
+    decided.extend(e.reset(old, Some(now))?);
+    let o = output::ResetOut {
+        volume: volume.display().to_string(),
+        decisions: decisions_out(e, &decided),
+    };
+    if as_json {
+        return json(&o);
+    }
+    if o.decisions.is_empty() {
+        return Ok(format!("no active session uses {}\n", o.volume));
+    }
+    Ok(o.decisions.iter().map(|d| d.text() + "\n").collect())
+}
+
+/// The bytes of `write --from FROM [--len LEN]` and their length: a regular file is read as
+/// it is sent (LEN defaults to its size and may not exceed it); anything else (a pipe,
+/// `/dev/zero`) needs LEN (checked by `check_write_input`) and is read completely first, so a
+/// short pipe writes nothing.
+fn write_input(from: &Path, len: Option<u64>) -> Result<(Box<dyn Read>, u64)> {
+    let shown = from.display().to_string();
+    // stat, not open: opening a FIFO would block until a writer appears.
+    let meta = std::fs::metadata(from).map_err(|er| Error::io("stat", &shown, 0, er))?;
+    let regular = meta.is_file();
+    let len = match (len, regular) {
+        (Some(l), true) if l > meta.len() => {
+            return Err(Error::invalid(
+                "--len",
+                format!("{l} bytes is more than the {} bytes of {shown}", meta.len()),
+            ))
+        }
+        (Some(l), _) => l,
+        (None, true) => meta.len(),
+        (None, false) => return Err(Error::invalid("--from", not_regular(&shown, &meta))),
+    };
+    let f = std::fs::File::open(from).map_err(|er| Error::io("open", &shown, 0, er))?;
+    if regular {
+        return Ok((Box::new(f.take(len)), len));
+    }
+    let mut all = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    f.take(len)
+        .read_to_end(&mut all)
+        .map_err(|er| Error::io("read", &shown, 0, er))?;
+    if (all.len() as u64) < len {
+        return Err(Error::invalid(
+            "--from",
+            format!("{shown} ended after {} of {len} bytes", all.len()),
+        ));
+    }
+    Ok((Box::new(std::io::Cursor::new(all)), len))
+}
+
+/// Why a `--from` that is not a regular file needs `--len`.
+fn not_regular(shown: &str, meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::FileTypeExt as _;
+    let ft = meta.file_type();
+    let what = if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    };
+    format!("{shown} is {what}; give --len (at most 64MiB)")
+}
+
+#[allow(clippy::too_many_arguments, reason = "the flags of one command")]
+fn copy(
+    e: &Arc<Engine>,
+    session: Option<SessionId>,
+    rate: Option<u64>,
+    threads: usize,
+    batch: Option<u64>,
+    convert: bool,
+    as_json: bool,
+    io: &mut dyn Channel,
+) -> Result<String> {
+    if let Some(id) = session {
+        let s = e.session(id)?;
+        let state = s.status().state;
+        if state == SessionState::Completed {
+            let o = output::SessionStateOut {
+                session: id.to_string(),
+                state: state.to_string(),
+            };
+            return if as_json {
+                json(&o)
+            } else {
+                Ok(format!("{id} completed\n"))
+            };
+        }
+        if !s.is_active() {
+            return Err(Error::NotActive {
+                id,
+                state: state.to_string(),
+            });
+        }
+        if convert {
+            e.convert_to_copy(id)?;
+        } else if s.status().mode == CopyMode::NoCopy {
+            return Err(Error::invalid(
+                "copy",
+                format!("{id} is a no-copy session; pass --convert to convert it"),
+            ));
+        }
+    }
+    let mut opts = CopierOptions {
+        threads,
+        rate_bytes_per_s: rate,
+        sessions: session.into_iter().collect(),
+        ..CopierOptions::default()
+    };
+    if let Some(b) = batch {
+        opts.batch_bytes = b;
+    }
+    let c = Copier::start(e.clone(), opts)?;
+    let _registered = io.copies().map(|r| r.register(c.control()));
+    let mut last = std::time::Instant::now();
+    while !c.finished() {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(er) = io.interrupted() {
+            // Everything copied so far is committed when the workers stop.
+            c.stop()?;
+            return Err(er);
+        }
+        if last.elapsed() >= io.progress_interval() {
+            last = std::time::Instant::now();
+            io.progress(&progress_line(&c));
+        }
+    }
+    let p = c.join()?;
+    let o = output::CopyOut {
+        bytes_copied: p.bytes_copied,
+        grains_copied: p.grains_copied,
+        grains_total: p.grains_total,
+        backend: e.backend_name().to_string(),
+        sessions: e
+            .status()
+            .iter()
+            .map(|s| output::SessionStateOut {
+                session: SessionId(s.id).to_string(),
+                state: s.state.to_string(),
+            })
+            .collect(),
+    };
+    if as_json {
+        return json(&o);
+    }
+    let mut out = format!(
+        "copied {} bytes; {}/{} grains; backend {}\n",
+        o.bytes_copied, o.grains_copied, o.grains_total, o.backend
+    );
+    for s in &o.sessions {
+        out.push_str(&format!("{} {}\n", s.session, s.state));
     }
     Ok(out)
 }
@@ -831,15 +1131,18 @@ enum Sink {
     None,
     /// Standard output.
     Stdout,
-    /// A file, created at the first bytes (or at the end when there are none).
-    File(PathBuf, Option<std::fs::File>),
+    /// A file, written under a temporary name in its directory (created at the first bytes,
+    /// or at the end when there are none) and renamed into place by [`Local::finish`]; it
+    /// replaces an existing file only when the flag is set. A command that fails leaves
+    /// nothing (the temporary file is removed).
+    File(PathBuf, Option<tempfile::NamedTempFile>, bool),
 }
 
 /// The local side of a command: the terminal, Ctrl-C, and the files named on the command line.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Local {
     /// The bytes of `write --from` and that file's name.
-    input: Option<(std::fs::File, String)>,
+    input: Option<(Box<dyn Read>, String)>,
     sink: Sink,
     /// Bytes given to the sink.
     written: u64,
@@ -851,29 +1154,58 @@ struct Local {
 
 impl Local {
     fn file(&mut self) -> Result<&mut std::fs::File> {
-        let Sink::File(p, f) = &mut self.sink else {
+        let Sink::File(p, f, _) = &mut self.sink else {
             return Err(Error::invalid("output", "no file"));
         };
         if f.is_none() {
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             *f = Some(
-                std::fs::File::create(&*p)
+                tempfile::Builder::new()
+                    .prefix(&format!(".{name}."))
+                    .suffix(".tmp")
+                    .tempfile_in(dir)
                     .map_err(|er| Error::io("create", p.display().to_string(), 0, er))?,
             );
         }
         f.as_mut()
+            .map(tempfile::NamedTempFile::as_file_mut)
             .ok_or_else(|| Error::invalid("output", p.display().to_string()))
     }
 
-    /// End the progress line and make a file sink durable.
+    /// End the progress line; make a file sink durable and rename it into place.
     fn finish(&mut self) -> Result<()> {
         if std::mem::take(&mut self.open_line) {
             eprintln!();
         }
-        if let Sink::File(p, _) = &self.sink {
-            let p = p.display().to_string();
-            self.file()?
+        if matches!(self.sink, Sink::File(..)) {
+            self.file()?;
+        }
+        if let Sink::File(p, f, replace) = &mut self.sink {
+            let shown = p.display().to_string();
+            let Some(tmp) = f.take() else {
+                return Ok(());
+            };
+            tmp.as_file()
                 .sync_all()
-                .map_err(|er| Error::io("fsync", p, 0, er))?;
+                .map_err(|er| Error::io("fsync", &shown, 0, er))?;
+            let placed = if *replace {
+                tmp.persist(&*p)
+            } else {
+                tmp.persist_noclobber(&*p)
+            };
+            placed.map_err(|er| Error::io("rename into", &shown, 0, er.error))?;
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            crate::volume::sync_dir(dir)?;
         }
         Ok(())
     }
@@ -882,7 +1214,7 @@ impl Local {
 impl Channel for Local {
     fn input(&mut self) -> Result<&mut dyn Read> {
         match &mut self.input {
-            Some((f, _)) => Ok(f),
+            Some((f, _)) => Ok(f.as_mut()),
             None => Err(Error::invalid("write", "no input file")),
         }
     }
@@ -894,7 +1226,7 @@ impl Channel for Local {
             Sink::Stdout => std::io::stdout()
                 .write_all(bytes)
                 .map_err(|er| Error::io("write", "stdout", at, er))?,
-            Sink::File(p, _) => {
+            Sink::File(p, _, _) => {
                 let p = p.display().to_string();
                 self.file()?
                     .write_all(bytes)
@@ -945,7 +1277,7 @@ fn interrupt_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-fn run(cmd: Command, io: IoFlags) -> Result<()> {
+fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
     let mut out = std::io::stdout().lock();
     let text = match cmd {
         Command::Bench {
@@ -974,24 +1306,8 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             table,
             journal,
             capacity,
-        } => {
-            let opts = EngineOptions {
-                table: crate::activity::TableOptions {
-                    journal_bytes: journal,
-                    checkpoint_bytes: capacity,
-                },
-                ..EngineOptions::default()
-            };
-            let e = Engine::create_path(&table, opts)?;
-            let l = e.table().layout();
-            format!(
-                "created {} ({} bytes: journal 2x{}, checkpoints 2x{})\n",
-                table.display(),
-                l.file_bytes(),
-                format_size(l.journal_bytes),
-                format_size(l.checkpoint_bytes)
-            )
-        }
+            json: as_json,
+        } => init(&table, journal, capacity, as_json)?,
         Command::Establish {
             table,
             source,
@@ -999,6 +1315,8 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             extents,
             grain,
             nocopy,
+            force,
+            json,
         } => local_or_remote(
             &table,
             Remote::Establish {
@@ -1007,6 +1325,8 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
                 extents,
                 grain,
                 nocopy,
+                force,
+                json,
             },
             io,
             &mut Local::default(),
@@ -1019,6 +1339,7 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             threads,
             batch,
             convert,
+            json,
         } => {
             let mut ch = Local {
                 interrupt: Some(interrupt_flag()?),
@@ -1032,6 +1353,7 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
                     threads,
                     batch,
                     convert,
+                    json,
                 },
                 io,
                 &mut ch,
@@ -1044,42 +1366,58 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             volume,
             offset,
             from,
+            len,
+            json,
         } => {
-            let shown = from.display().to_string();
-            let f = std::fs::File::open(&from).map_err(|er| Error::io("open", &shown, 0, er))?;
-            let len = f
-                .metadata()
-                .map_err(|er| Error::io("stat", &shown, 0, er))?
-                .len();
+            check_write_input(&from, len)?;
+            let (input, len) = write_input(&from, len)?;
             let mut ch = Local {
-                input: Some((f, shown)),
+                input: Some((input, from.display().to_string())),
                 ..Local::default()
             };
             let cmd = Remote::Write {
                 volume,
                 offset,
                 len,
+                json,
             };
             local_or_remote(&table, cmd, io, &mut ch)?
         }
-        Command::Withdraw { table, session } => local_or_remote(
+        Command::Withdraw {
+            table,
+            session,
+            json,
+        } => local_or_remote(
             &table,
-            Remote::Withdraw { session: session.0 },
+            Remote::Withdraw {
+                session: session.0,
+                json,
+            },
             io,
             &mut Local::default(),
         )?,
-        Command::Reset { table, volume } => {
-            local_or_remote(&table, Remote::Reset { volume }, io, &mut Local::default())?
-        }
+        Command::Reset {
+            table,
+            volume,
+            json,
+        } => local_or_remote(
+            &table,
+            Remote::Reset { volume, json },
+            io,
+            &mut Local::default(),
+        )?,
         Command::Read {
             table,
             session,
             offset,
             len,
             to,
+            json: as_json,
         } => {
             let mut ch = Local {
-                sink: to.map_or(Sink::Stdout, |p| Sink::File(p, None)),
+                sink: to
+                    .clone()
+                    .map_or(Sink::Stdout, |p| Sink::File(p, None, true)),
                 ..Local::default()
             };
             let cmd = Remote::Read {
@@ -1089,25 +1427,47 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             };
             local_or_remote(&table, cmd, io, &mut ch)?;
             ch.finish()?;
-            String::new()
+            match to {
+                Some(p) if as_json => json(&output::ImageOut {
+                    session: session.to_string(),
+                    offset,
+                    bytes: len,
+                    output: p.display().to_string(),
+                })?,
+                _ => String::new(),
+            }
         }
         Command::Export {
             table,
             session,
             output,
+            force,
+            json: as_json,
         } => {
+            if !force && output.symlink_metadata().is_ok() {
+                return Err(Fail::Message(format!(
+                    "{} exists; pass --force to replace it",
+                    output.display()
+                )));
+            }
             let mut ch = Local {
-                sink: Sink::File(output.clone(), None),
+                sink: Sink::File(output.clone(), None, force),
                 ..Local::default()
             };
             let cmd = Remote::Export { session: session.0 };
             local_or_remote(&table, cmd, io, &mut ch)?;
             ch.finish()?;
-            format!(
-                "exported {} bytes of {session} to {}\n",
-                ch.written,
-                output.display()
-            )
+            let o = output::ImageOut {
+                session: session.to_string(),
+                offset: 0,
+                bytes: ch.written,
+                output: output.display().to_string(),
+            };
+            if as_json {
+                json(&o)?
+            } else {
+                format!("exported {} bytes of {session} to {}\n", o.bytes, o.output)
+            }
         }
         Command::Pause { table, session } => {
             remote_only(&table, session, &Remote::Pause { session: session.0 })?
@@ -1131,7 +1491,7 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             table,
             terminate_incomplete,
             accept_rollback,
-            json,
+            json: as_json,
         } => {
             let restart = if terminate_incomplete {
                 RestartPolicy::TerminateIncomplete
@@ -1145,25 +1505,15 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
                     ..io.engine_options(restart)
                 },
             )?;
-            let mut t = String::new();
-            use std::fmt::Write as _;
-            if json {
-                let v = serde_json::json!({"open": e.open_report, "decisions": e.decisions});
-                let _ = writeln!(t, "{v}");
+            let o = output::RecoverOut {
+                open: e.open_report.clone(),
+                decisions: decisions_out(&e, &e.decisions),
+            };
+            if as_json {
+                json(&o)?
             } else {
-                let r = &e.open_report;
-                let _ = writeln!(t, "generation {} fell_back {} replayed {} commits ({} blocks, {} repaired) journal_hole {}", r.generation, r.fell_back, r.commits_replayed, r.blocks_replayed, r.blocks_repaired, r.journal_hole);
-                if let Some((table_seq, witness_seq)) = r.rolled_back {
-                    let _ = writeln!(
-                        t,
-                        "rolled back: the table ends at journal sequence {table_seq}, its witness saw {witness_seq}; every active session was terminated"
-                    );
-                }
-                for d in &e.decisions {
-                    let _ = writeln!(t, "s{}: {:?}", d.session, d.outcome);
-                }
+                o.text()
             }
-            t
         }
         Command::Serve {
             table,
@@ -1177,6 +1527,9 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             handshake_timeout,
             idle_timeout,
         } => {
+            if let Some(a) = &listen {
+                check_listen(a, allow_remote)?;
+            }
             let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
             let config = crate::nbd::NbdConfig {
                 allow_remote,
@@ -1197,9 +1550,33 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
             )?;
             String::new()
         }
-        Command::Stop { table } => {
-            crate::control::shutdown(&crate::control::socket_path(&table))?;
-            format!("asked the server of {} to stop\n", table.display())
+        Command::Stop {
+            table,
+            json: as_json,
+        } => {
+            let sock = crate::control::socket_path(&table);
+            if let Err(er) = crate::control::shutdown(&sock) {
+                return Err(match er {
+                    Error::Io { ref source, .. }
+                        if matches!(
+                            source.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        ) =>
+                    {
+                        Fail::Message(format!("no server is running for {}", table.display()))
+                    }
+                    er => Fail::Run(er),
+                });
+            }
+            let o = output::StopOut {
+                table: table.display().to_string(),
+                asked: true,
+            };
+            if as_json {
+                json(&o)?
+            } else {
+                format!("asked the server of {} to stop\n", o.table)
+            }
         }
         Command::Demo { keep, seed } => {
             demo::run(keep, seed)?;
@@ -1220,10 +1597,9 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
                 usize::MAX
             } else {
                 eio_points.parse().map_err(|_| {
-                    Error::invalid(
-                        "--eio-points",
-                        format!("'{eio_points}' is not a number or 'all'"),
-                    )
+                    Fail::Usage(format!(
+                        "--eio-points '{eio_points}' is not a number or 'all'"
+                    ))
                 })?
             };
             crashtest(workloads, seed, json, points)?;
@@ -1231,6 +1607,71 @@ fn run(cmd: Command, io: IoFlags) -> Result<()> {
         }
     };
     let _ = out.write_all(text.as_bytes());
+    Ok(())
+}
+
+fn init(table: &Path, journal: u64, capacity: u64, as_json: bool) -> Result<String> {
+    let opts = EngineOptions {
+        table: crate::activity::TableOptions {
+            journal_bytes: journal,
+            checkpoint_bytes: capacity,
+        },
+        ..EngineOptions::default()
+    };
+    let e = Engine::create_path(table, opts)?;
+    let l = e.table().layout();
+    let o = output::InitOut {
+        table: table.display().to_string(),
+        bytes: l.file_bytes(),
+        journal_bytes: l.journal_bytes,
+        checkpoint_bytes: l.checkpoint_bytes,
+    };
+    if as_json {
+        return json(&o);
+    }
+    Ok(format!(
+        "created {} ({} bytes: journal 2x{}, checkpoints 2x{})\n",
+        o.table,
+        o.bytes,
+        crate::units::format_size(o.journal_bytes),
+        crate::units::format_size(o.checkpoint_bytes)
+    ))
+}
+
+/// `write --from`: input that is not a regular file needs `--len` (a FIFO would otherwise
+/// block, a device never end), at most 64 MiB of it.
+fn check_write_input(from: &Path, len: Option<u64>) -> std::result::Result<(), Fail> {
+    let shown = from.display().to_string();
+    // stat, not open: opening a FIFO blocks until a writer appears.
+    let meta = std::fs::metadata(from).map_err(|er| Error::io("stat", &shown, 0, er))?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    match len {
+        None => Err(Fail::Usage(format!(
+            "--from {}",
+            not_regular(&shown, &meta)
+        ))),
+        Some(l) if l > crate::limits::IO_BYTES_MAX => Err(Fail::Usage(format!(
+            "--len {l} is over 64MiB, the most read from {shown}, which is not a regular file"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// `serve --listen`: a non-loopback address needs `--allow-remote`.
+fn check_listen(addr: &str, allow_remote: bool) -> std::result::Result<(), Fail> {
+    use std::net::ToSocketAddrs as _;
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .map_err(|er| Fail::Usage(format!("--listen {addr}: {er}")))?
+        .collect();
+    if !allow_remote && addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(Fail::Usage(format!(
+            "--listen {addr} is not a loopback address; pass --allow-remote to listen on it \
+             (NBD has no authentication)"
+        )));
+    }
     Ok(())
 }
 
@@ -1273,7 +1714,9 @@ fn serve(
         if e.direct() { ", O_DIRECT" } else { "" }
     );
     if let Some(t) = &tcp {
-        let _ = writeln!(o, "serving on tcp {:?}", t.tcp_addr());
+        if let Some(a) = t.tcp_addr() {
+            let _ = writeln!(o, "serving on tcp {a}");
+        }
     }
     let _ = writeln!(
         o,
@@ -1334,10 +1777,16 @@ fn crashtest(workloads: usize, seed: u64, json: bool, eio_points: usize) -> Resu
 }
 
 #[cfg(not(feature = "fault"))]
-fn crashtest(_workloads: usize, _seed: u64, _json: bool, _eio_points: usize) -> Result<()> {
-    Err(Error::invalid(
-        "command",
-        "crashtest needs a build with the `fault` feature (cargo build --features fault)",
+fn crashtest(
+    _workloads: usize,
+    _seed: u64,
+    _json: bool,
+    _eio_points: usize,
+) -> std::result::Result<(), Fail> {
+    Err(Fail::Usage(
+        "crashtest is not in this build; run it with \
+         `cargo run --release --features fault -- crashtest ...`"
+            .to_string(),
     ))
 }
 
@@ -1360,79 +1809,27 @@ fn export(e: &Engine, session: SessionId, io: &mut dyn Channel) -> Result<u64> {
 
 /// `status`: the serving process's live state when one serves the table, else the committed
 /// state read without taking the table (never a reconcile: `status` changes nothing).
-fn status_command(table: &Path, json: bool) -> Result<String> {
-    use std::fmt::Write as _;
-    let sock = crate::control::socket_path(table);
-    if let Ok(c) = crate::control::connect(&sock) {
-        let cmd = Remote::Status { json };
-        return crate::control::request(&sock, Some(c), &cmd, &mut Local::default(), None);
-    }
-    let snap = crate::engine::read_status(table)?;
-    let mut out = String::new();
-    session_lines(&mut out, snap.sessions, json)?;
-    if !json {
-        match snap.holder {
-            Some(h) => {
-                let _ = writeln!(out, "held by {h}: the last committed state is shown");
-            }
-            None => {
-                let _ = writeln!(out, "not held by any process");
-            }
+fn status_command(table: &Path, as_json: bool) -> Result<String> {
+    // Only a process that holds the table can be serving it: a control socket nobody holds the
+    // table behind is stale (or not ours) and is not asked.
+    if crate::activity::table_holder(table).is_some() {
+        let sock = crate::control::socket_path(table);
+        if let Ok(c) = crate::control::connect(&sock) {
+            let cmd = Remote::Status { json: as_json };
+            return crate::control::request(&sock, Some(c), &cmd, &mut Local::default(), None);
         }
     }
-    Ok(out)
-}
-
-fn status_text(out: &mut String, e: &Engine, json: bool) -> Result<()> {
-    use std::fmt::Write as _;
-    session_lines(out, e.status(), json)?;
-    if !json {
-        let _ = writeln!(
-            out,
-            "backend {}{}",
-            e.backend_name(),
-            if e.direct() { " (O_DIRECT)" } else { "" }
-        );
+    let snap = crate::engine::read_status(table)?;
+    let o = output::StatusOut {
+        sessions: snap.sessions.iter().map(output::SessionOut::of).collect(),
+        backend: None,
+        direct: None,
+        held_by: snap.holder,
+        rolled_back: snap.rolled_back,
+    };
+    if as_json {
+        json(&o)
+    } else {
+        Ok(o.text())
     }
-    Ok(())
-}
-
-/// The session lines of `status` (text), or the sessions as JSON.
-fn session_lines(
-    out: &mut String,
-    st: Vec<crate::engine::SessionStatus>,
-    json: bool,
-) -> Result<()> {
-    use std::fmt::Write as _;
-    if json {
-        let s = serde_json::to_string_pretty(&st)
-            .map_err(|er| Error::invalid("json", er.to_string()))?;
-        let _ = writeln!(out, "{s}");
-        return Ok(());
-    }
-    if st.is_empty() {
-        let _ = writeln!(out, "no sessions");
-    }
-    for s in st {
-        let pct = if s.grains_total == 0 {
-            100.0
-        } else {
-            100.0 * s.grains_copied as f64 / s.grains_total as f64
-        };
-        let _ = writeln!(
-            out,
-            "s{} {} {:?} grain {} {} -> {} extents {} copied {}/{} ({pct:.1}%){}",
-            s.id,
-            s.state,
-            s.mode,
-            format_size(s.grain_bytes),
-            s.source,
-            s.target,
-            s.extents.len(),
-            s.grains_copied,
-            s.grains_total,
-            s.reason.map(|r| format!(" reason {r}")).unwrap_or_default()
-        );
-    }
-    Ok(())
 }

@@ -1189,7 +1189,7 @@ fn misdirect_destinations(l: &crate::activity::format::Layout, rng: &mut SmallRn
     let sector = crate::limits::JOURNAL_BLOCK_BYTES as u64;
     let slot = rng.random_range(0..l.journal_blocks() * 2);
     let journal = l.journal(0) + slot * sector;
-    let sb = crate::activity::format::Layout::superblock(rng.random_range(0..SUPERBLOCK_SLOTS));
+    let sb = l.superblock(rng.random_range(0..SUPERBLOCK_SLOTS));
     let area = l.checkpoint(rng.random_range(0..CHECKPOINT_AREAS));
     let inside = rng.random_range(0..4u64) * sector;
     let anywhere = rng.random_range(0..l.file_bytes() / sector) * sector;

@@ -225,7 +225,7 @@ pub fn reseal(img: &mut [u8]) {
         }
     }
     for copy in 0..2u32 {
-        let o = usize::try_from(Layout::superblock(copy)).unwrap_or(usize::MAX);
+        let o = usize::try_from(l.superblock(copy)).unwrap_or(usize::MAX);
         let Some(sb) = img.get(o..o + SUPERBLOCK_BYTES) else {
             continue;
         };

@@ -10,6 +10,7 @@ pub(crate) mod aligned;
 pub(crate) use aligned::AlignedBuf;
 mod file;
 mod mem;
+mod probe;
 // The io_uring backend is the one place that needs `unsafe` (see docs/unsafe.md).
 #[cfg(feature = "uring")]
 #[allow(unsafe_code)]
@@ -17,6 +18,7 @@ mod uring;
 
 pub use file::{FileVolume, FileVolumeOptions};
 pub use mem::MemVolume;
+pub use probe::{create_complete, file_identity, sync_dir, visible_data, PROBE_BYTES};
 #[cfg(feature = "uring")]
 pub use uring::{uring_available, UringVolume};
 
