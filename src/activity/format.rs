@@ -5,10 +5,11 @@
 //! | region            | size               | why here |
 //! |-------------------|--------------------|----------|
 //! | superblock slot 0 | 4096               | a fixed place to start |
-//! | superblock slot 1 | 4096               | the other superblock: a torn, flipped or misdirected one falls back to it |
+//! | reserved          | 4096               | zero |
 //! | journal copy A    | `journal_bytes`    | 512-byte blocks, block `seq` lives at slot `seq % n` |
 //! | journal copy B    | `journal_bytes`    | mirror of A: a damaged block is read from the other copy |
-//! | checkpoint areas 0, 1, 2 | 3 x `checkpoint_bytes` | full states; the two newest superblocks name two of them, a new checkpoint goes to the third |
+//! | checkpoint areas 0, 1, 2 | 3 x (`checkpoint_bytes` + 64 KiB gap) | full states; the two newest superblocks name two of them, a new checkpoint goes to the third |
+//! | superblock slot 1 | 4096               | the file's last 4 KiB: the other superblock, far from slot 0 |
 //!
 //! A commit writes its blocks into both journal copies and then makes the file durable once.
 //! A checkpoint is written into the area that neither superblock names, read back, and becomes
