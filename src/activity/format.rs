@@ -408,6 +408,11 @@ pub enum SessionState {
     Withdrawn,
     /// Ended by the engine with a reason.
     Terminated,
+    /// On hold: its source or target cannot be found or opened (the reason names which). The
+    /// relationship and its copied bits are kept; writes that would need copy-before-write,
+    /// image reads and the background copy are refused until the volume is back with the same
+    /// identity and the session resumes (or it is withdrawn or terminated).
+    Suspended,
 }
 
 impl SessionState {
@@ -419,6 +424,7 @@ impl SessionState {
             SessionState::Completed => 2,
             SessionState::Withdrawn => 3,
             SessionState::Terminated => 4,
+            SessionState::Suspended => 5,
         }
     }
     /// Decode an on-disk code.
@@ -429,8 +435,16 @@ impl SessionState {
             2 => Some(SessionState::Completed),
             3 => Some(SessionState::Withdrawn),
             4 => Some(SessionState::Terminated),
+            5 => Some(SessionState::Suspended),
             _ => None,
         }
+    }
+
+    /// Whether the relationship still holds (active or suspended): the session keeps its
+    /// copied bits and has not ended.
+    #[must_use]
+    pub fn is_live(self) -> bool {
+        matches!(self, SessionState::Active | SessionState::Suspended)
     }
 }
 
@@ -441,6 +455,7 @@ impl std::fmt::Display for SessionState {
             SessionState::Completed => "completed",
             SessionState::Withdrawn => "withdrawn",
             SessionState::Terminated => "terminated",
+            SessionState::Suspended => "suspended",
         };
         f.write_str(s)
     }
@@ -454,7 +469,9 @@ pub enum ReasonCode {
     Withdrawn,
     /// The named "terminate incomplete" restart policy ended it.
     RestartPolicy,
-    /// A volume could not be found or opened.
+    /// A volume could not be found (written by earlier builds, which terminated the session;
+    /// this build suspends it with [`ReasonCode::SourceUnavailable`] or
+    /// [`ReasonCode::TargetUnavailable`]).
     VolumeMissing,
     /// A volume now has another identity (replaced, or source and target swapped).
     IdentityMismatch,
@@ -470,6 +487,10 @@ pub enum ReasonCode {
     CopyFailed,
     /// A reset notification found the volume changed.
     ResetMismatch,
+    /// The session's source volume cannot be found or opened (the session is suspended).
+    SourceUnavailable,
+    /// The session's target volume cannot be found or opened (the session is suspended).
+    TargetUnavailable,
 }
 
 impl ReasonCode {
@@ -485,6 +506,8 @@ impl ReasonCode {
             ReasonCode::TableDamaged => 8,
             ReasonCode::CopyFailed => 9,
             ReasonCode::ResetMismatch => 10,
+            ReasonCode::SourceUnavailable => 11,
+            ReasonCode::TargetUnavailable => 12,
         }
     }
     fn from_code(c: u16) -> Option<Self> {
@@ -499,6 +522,8 @@ impl ReasonCode {
             8 => ReasonCode::TableDamaged,
             9 => ReasonCode::CopyFailed,
             10 => ReasonCode::ResetMismatch,
+            11 => ReasonCode::SourceUnavailable,
+            12 => ReasonCode::TargetUnavailable,
             _ => return None,
         })
     }
@@ -851,7 +876,8 @@ pub struct SessionImage {
     pub reason: Option<Reason>,
     /// Ended extents and why.
     pub ended_extents: Vec<(u32, Reason)>,
-    /// Bitmap bytes (bit `i` of byte `i / 8`, LSB first); empty for ended sessions.
+    /// Bitmap bytes (bit `i` of byte `i / 8`, LSB first); empty for ended sessions (kept for
+    /// active and suspended ones).
     pub bitmap: Vec<u8>,
 }
 
