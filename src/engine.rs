@@ -946,6 +946,19 @@ impl Engine {
         Ok(())
     }
 
+    /// Ok when the session is active; else the error a use of it gets: [`Error::Suspended`]
+    /// (naming the unavailable volume) or [`Error::NotActive`].
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::Suspended`], [`Error::NotActive`].
+    pub fn check_active(&self, id: SessionId) -> Result<()> {
+        let s = self.session(id)?;
+        if s.is_active() {
+            return Ok(());
+        }
+        Err(not_usable(&s))
+    }
+
     /// Convert a no-copy session to copy mode (the background copier then fills the target).
     ///
     /// # Errors
