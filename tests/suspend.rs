@@ -312,3 +312,354 @@ fn withdraw_and_terminate_incomplete_end_a_suspended_session() {
     assert_eq!(st.reason.unwrap().code, ReasonCode::RestartPolicy);
     assert!(decision(&e, f.s1).was_suspended);
 }
+
+// Through the command line, on real files.
+
+mod cli {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    const MIB: usize = 1 << 20;
+
+    fn run(dir: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("run timezero")
+    }
+
+    fn ok(dir: &Path, args: &[&str]) -> String {
+        let o = run(dir, args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).expect("utf-8")
+    }
+
+    /// Runs and must fail with exit 1 and one line on stderr; returns that line.
+    fn fails(dir: &Path, args: &[&str]) -> String {
+        let o = run(dir, args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        err
+    }
+
+    fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+        let data = timezero::fault::fuzzing::fill(seed, len);
+        std::fs::write(path, &data).expect("write file");
+        data
+    }
+
+    /// `init`, then a session `SRC` -> `TGT` (1 MiB each, 64 KiB grains) on table `TABLE`.
+    fn session(d: &Path, table: &str, src: &str, tgt: &str, seed: u64) -> Vec<u8> {
+        let data = if d.join(src).exists() {
+            std::fs::read(d.join(src)).expect("source")
+        } else {
+            random_file(&d.join(src), MIB, seed)
+        };
+        std::fs::write(d.join(tgt), vec![0u8; MIB]).expect("target");
+        ok(d, &["init", table]);
+        assert_eq!(ok(d, &["establish", table, src, tgt]).trim(), "s1");
+        data
+    }
+
+    fn export(d: &Path, table: &str, session: &str) -> Vec<u8> {
+        let out = format!("{session}.{table}.out");
+        let _ = std::fs::remove_file(d.join(&out));
+        ok(d, &["export", table, session, &out]);
+        std::fs::read(d.join(out)).expect("exported image")
+    }
+
+    fn canon(d: &Path, name: &str) -> String {
+        std::fs::canonicalize(d)
+            .expect("dir")
+            .join(name)
+            .display()
+            .to_string()
+    }
+
+    /// The target moved away for a moment: commands suspend the session instead of ending it;
+    /// what would bypass copy-before-write is refused with the session and path named; moved
+    /// back, `resume` resumes it and its image is still T0-exact.
+    #[test]
+    fn moved_target_suspends_and_resumes_t0_exact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let t0 = session(d, "t.tzt", "src.img", "tgt.img", 1);
+        std::fs::write(d.join("patch"), vec![0xee; 4096]).expect("patch");
+        ok(d, &["write", "t.tzt", "src.img", "0", "--from", "patch"]);
+        std::fs::rename(d.join("tgt.img"), d.join("tgt.away")).expect("move away");
+        let tgt = canon(d, "tgt.img");
+
+        let st = ok(d, &["status", "t.tzt"]);
+        assert!(st.contains("s1 suspended"), "{st}");
+        assert!(st.contains("TargetUnavailable: not found"), "{st}");
+        assert!(st.contains(&format!("volume {tgt}")), "{st}");
+        let js: serde_json::Value =
+            serde_json::from_str(&ok(d, &["status", "t.tzt", "--json"])).expect("json");
+        assert_eq!(js[0]["state"], "Suspended");
+        assert_eq!(js[0]["reason"]["code"], "TargetUnavailable");
+        assert_eq!(js[0]["unavailable"], tgt.as_str());
+
+        let before = std::fs::read(d.join("src.img")).expect("src");
+        let err = fails(
+            d,
+            &["write", "t.tzt", "src.img", "131072", "--from", "patch"],
+        );
+        assert!(
+            err.contains("session s1 is suspended") && err.contains(&tgt),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(d.join("src.img")).expect("src"), before);
+        let err = fails(d, &["read", "t.tzt", "s1", "0", "4096", "--to", "r.out"]);
+        assert!(err.contains("session s1 is suspended"), "{err}");
+        let err = fails(d, &["copy", "t.tzt", "s1"]);
+        assert!(err.contains("session s1 is suspended"), "{err}");
+        let err = fails(d, &["resume", "t.tzt", "s1"]);
+        assert!(
+            err.contains("session s1 is suspended") && err.contains(&tgt),
+            "{err}"
+        );
+
+        std::fs::rename(d.join("tgt.away"), d.join("tgt.img")).expect("move back");
+        assert_eq!(ok(d, &["resume", "t.tzt", "s1"]).trim(), "s1 resumed");
+        let st = ok(d, &["status", "t.tzt"]);
+        assert!(
+            st.contains("s1 active") && st.contains("copied 1/16"),
+            "{st}"
+        );
+        assert!(export(d, "t.tzt", "s1") == t0, "image differs from T0");
+        ok(
+            d,
+            &["write", "t.tzt", "src.img", "131072", "--from", "patch"],
+        );
+        assert!(export(d, "t.tzt", "s1") == t0, "image differs from T0");
+        ok(d, &["copy", "t.tzt", "s1"]);
+        assert!(std::fs::read(d.join("tgt.img")).expect("tgt") == t0);
+    }
+
+    /// A directory at a target's path suspends that session only: every command on the table
+    /// still works, the other session is untouched; `reset` reports the suspension and, with
+    /// the file back, the resumption.
+    #[test]
+    fn directory_at_volume_path_suspends_only_its_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let t1 = session(d, "t.tzt", "src1.img", "tgt1.img", 2);
+        let t2 = random_file(&d.join("src2.img"), MIB, 3);
+        std::fs::write(d.join("tgt2.img"), vec![0u8; MIB]).expect("tgt2");
+        assert_eq!(
+            ok(d, &["establish", "t.tzt", "src2.img", "tgt2.img"]).trim(),
+            "s2"
+        );
+        std::fs::write(d.join("patch"), vec![0x11; 8192]).expect("patch");
+        std::fs::rename(d.join("tgt1.img"), d.join("tgt1.away")).expect("move away");
+        std::fs::create_dir(d.join("tgt1.img")).expect("mkdir");
+
+        let st = ok(d, &["status", "t.tzt"]);
+        assert!(
+            st.contains("s1 suspended") && st.contains("Is a directory"),
+            "{st}"
+        );
+        assert!(st.contains("s2 active"), "{st}");
+        ok(
+            d,
+            &["write", "t.tzt", "src2.img", "65536", "--from", "patch"],
+        );
+        assert!(export(d, "t.tzt", "s2") == t2, "s2 image differs from T0");
+        let err = fails(
+            d,
+            &["write", "t.tzt", "src1.img", "65536", "--from", "patch"],
+        );
+        assert!(err.contains("session s1 is suspended"), "{err}");
+        let out = ok(d, &["reset", "t.tzt", "tgt1.img"]);
+        assert!(out.contains("s1: Suspended"), "{out}");
+
+        std::fs::remove_dir(d.join("tgt1.img")).expect("rmdir");
+        std::fs::rename(d.join("tgt1.away"), d.join("tgt1.img")).expect("move back");
+        let out = ok(d, &["reset", "t.tzt", "tgt1.img"]);
+        assert!(out.contains("s1: Resumed"), "{out}");
+        assert!(export(d, "t.tzt", "s1") == t1, "s1 image differs from T0");
+    }
+
+    /// Makes a file immutable while it lives (root and a file system with the attribute only).
+    struct Immutable(PathBuf);
+
+    impl Immutable {
+        fn set(path: &Path) -> Option<Immutable> {
+            let st = Command::new("chattr").arg("+i").arg(path).output().ok()?;
+            st.status.success().then(|| Immutable(path.to_path_buf()))
+        }
+    }
+
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        }
+    }
+
+    /// An immutable target (it cannot be opened for writing) suspends its session instead of
+    /// failing every command; writable again, the session resumes.
+    #[test]
+    fn immutable_target_suspends_its_session() {
+        let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        if !root {
+            eprintln!("skipped: chattr +i needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let t0 = session(d, "t.tzt", "src.img", "tgt.img", 4);
+        let Some(guard) = Immutable::set(&d.join("tgt.img")) else {
+            eprintln!(
+                "skipped: the file system of {} refuses chattr +i",
+                d.display()
+            );
+            return;
+        };
+        let st = ok(d, &["status", "t.tzt"]);
+        assert!(
+            st.contains("s1 suspended") && st.contains("not permitted"),
+            "{st}"
+        );
+        std::fs::write(d.join("patch"), vec![0x22; 4096]).expect("patch");
+        let err = fails(d, &["write", "t.tzt", "src.img", "0", "--from", "patch"]);
+        assert!(err.contains("session s1 is suspended"), "{err}");
+        drop(guard);
+        assert_eq!(ok(d, &["resume", "t.tzt", "s1"]).trim(), "s1 resumed");
+        ok(d, &["write", "t.tzt", "src.img", "0", "--from", "patch"]);
+        assert!(export(d, "t.tzt", "s1") == t0, "image differs from T0");
+    }
+
+    /// A `timezero serve` process, killed when dropped.
+    struct Server(Child);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Forwarded to a running `serve`: a reset of a volume that is gone suspends its session,
+    /// writes and reads are refused, and `resume` resumes it once the volume is back.
+    #[test]
+    fn reset_and_resume_forwarded_to_serve() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let t0 = session(d, "t.tzt", "src.img", "tgt.img", 5);
+        let server = Server(
+            Command::new(env!("CARGO_BIN_EXE_timezero"))
+                .current_dir(d)
+                .args(["serve", "t.tzt"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("serve"),
+        );
+        let ctl = timezero::control::socket_path(&d.join("t.tzt"));
+        let start = Instant::now();
+        while UnixStream::connect(&ctl).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no control socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::write(d.join("patch"), vec![0x33; 4096]).expect("patch");
+        std::fs::rename(d.join("tgt.img"), d.join("tgt.away")).expect("move away");
+        let tgt = canon(d, "tgt.img");
+        let out = ok(d, &["reset", "t.tzt", "tgt.img"]);
+        assert!(out.contains("s1: Suspended"), "{out}");
+        assert!(ok(d, &["status", "t.tzt"]).contains("s1 suspended"));
+        let err = fails(d, &["write", "t.tzt", "src.img", "0", "--from", "patch"]);
+        assert!(
+            err.contains("session s1 is suspended") && err.contains(&tgt),
+            "{err}"
+        );
+        let err = fails(d, &["read", "t.tzt", "s1", "0", "4096", "--to", "r.out"]);
+        assert!(err.contains("session s1 is suspended"), "{err}");
+        let err = fails(d, &["resume", "t.tzt", "s1"]);
+        assert!(err.contains("session s1 is suspended"), "{err}");
+
+        std::fs::rename(d.join("tgt.away"), d.join("tgt.img")).expect("move back");
+        assert_eq!(ok(d, &["resume", "t.tzt", "s1"]).trim(), "s1 resumed");
+        ok(d, &["write", "t.tzt", "src.img", "0", "--from", "patch"]);
+        assert!(export(d, "t.tzt", "s1") == t0, "image differs from T0");
+        // Active and no copy running: `resume` has nothing to resume.
+        let err = fails(d, &["resume", "t.tzt", "s1"]);
+        assert!(err.contains("no copy of s1 is running"), "{err}");
+        drop(server);
+    }
+
+    /// `recover --terminate-incomplete` and `withdraw` end a suspended session; a volume back
+    /// with another identity (a copy at the same path) terminates it.
+    #[test]
+    fn suspended_sessions_still_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        for (table, tgt) in [
+            ("a.tzt", "ta.img"),
+            ("b.tzt", "tb.img"),
+            ("c.tzt", "tc.img"),
+        ] {
+            session(d, table, "src.img", tgt, 6);
+            std::fs::rename(d.join(tgt), d.join("away")).expect("move away");
+            assert!(ok(d, &["status", table]).contains("s1 suspended"));
+            std::fs::rename(d.join("away"), d.join(format!("{tgt}.away"))).expect("keep");
+        }
+        let out = ok(d, &["recover", "a.tzt", "--terminate-incomplete"]);
+        assert!(
+            out.contains("s1: Terminated") && out.contains("RestartPolicy"),
+            "{out}"
+        );
+        assert!(ok(d, &["status", "a.tzt"]).contains("s1 terminated"));
+        assert_eq!(ok(d, &["withdraw", "b.tzt", "s1"]).trim(), "s1 withdrawn");
+        assert!(ok(d, &["status", "b.tzt"]).contains("s1 withdrawn"));
+        // A copy is another file (another inode): another volume.
+        std::fs::copy(d.join("tc.img.away"), d.join("tc.img")).expect("copy back");
+        let st = ok(d, &["status", "c.tzt"]);
+        assert!(
+            st.contains("s1 terminated") && st.contains("IdentityMismatch"),
+            "{st}"
+        );
+    }
+}
+
+/// A full table forgets ended sessions to make room, never a suspended one.
+#[test]
+fn a_full_table_never_forgets_a_suspended_session() {
+    let f = fixture();
+    let all = [&f.vols[0], &f.vols[1], &f.vols[2], &f.vols[3]];
+    let e = open(&f.storage, &resolver(&all));
+    e.reset(f.vols[1].info().id, None).unwrap();
+    let src = f.vols[2].info().id;
+    // More sessions than the table holds at once: each is withdrawn, and the ended ones are
+    // forgotten to make room for the next.
+    for n in 0..1100 {
+        let t = e.attach(Arc::new(MemVolume::new(&format!("t{n}"), 65_536)));
+        let spec = SessionSpec {
+            mode: timezero::activity::format::CopyMode::NoCopy,
+            extents: vec![timezero::activity::format::ExtentSpec {
+                source_offset: 0,
+                target_offset: 0,
+                len: 65_536,
+            }],
+            ..SessionSpec::whole(src, t)
+        };
+        let id = e.establish(&spec).unwrap();
+        e.withdraw(id).unwrap();
+    }
+    assert_eq!(
+        e.session(f.s1).unwrap().status().state,
+        SessionState::Suspended
+    );
+    assert!(e.session(f.s2).is_ok());
+}
