@@ -2,6 +2,8 @@
 //! suspends the sessions using it (durably), blocks nothing else, refuses what would bypass
 //! copy-before-write, and resumes when the volume is back as it was.
 
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
 mod common;
 
 use std::sync::Arc;
