@@ -315,10 +315,7 @@ impl Image<'_> {
         let s = &self.session;
         let state = s.state();
         if !matches!(state, SessionState::Active | SessionState::Completed) {
-            return Err(Error::NotActive {
-                id: s.id(),
-                state: state.to_string(),
-            });
+            return Err(not_usable(s));
         }
         check_range(offset, buf.len() as u64, s.map.image_len(), "session image")?;
         let completed = state == SessionState::Completed;
@@ -432,8 +429,11 @@ pub struct SessionStatus {
     pub state: SessionState,
     /// Mode.
     pub mode: CopyMode,
-    /// Why it ended.
+    /// Why it ended, or why it is suspended.
     pub reason: Option<Reason>,
+    /// For a suspended session: the path (locator) of the volume that cannot be found or
+    /// opened.
+    pub unavailable: Option<String>,
     /// Source locator.
     pub source: String,
     /// Target locator.
@@ -503,6 +503,18 @@ pub struct Decision {
     pub session: u64,
     /// Outcome.
     pub outcome: Outcome,
+    /// The session was suspended before this decision (so `Resumed` means it left suspension).
+    pub was_suspended: bool,
+}
+
+impl Decision {
+    fn new(session: SessionId, outcome: Outcome, was_suspended: bool) -> Self {
+        Decision {
+            session: session.0,
+            outcome,
+            was_suspended,
+        }
+    }
 }
 
 /// Recovery outcome for a session.
@@ -514,6 +526,8 @@ pub enum Outcome {
     ResumedPartly(Vec<(u32, Reason)>),
     /// Terminated.
     Terminated(Reason),
+    /// Suspended: its source or target cannot be found or opened (the reason says which).
+    Suspended(Reason),
     /// Already ended (completed, withdrawn, terminated) before.
     Ended,
 }
@@ -530,7 +544,8 @@ pub struct Engine {
     /// Bumped after every change of `volumes` (a handle added or replaced): an [`Image`]
     /// resolved under an older value looks its volumes up again.
     volumes_epoch: std::sync::atomic::AtomicU64,
-    /// The active sessions, as a snapshot (loaded by every write, like `volumes`).
+    /// The live (active and suspended) sessions, as a snapshot (loaded by every write, like
+    /// `volumes`).
     active: ArcSwap<Vec<Arc<Session>>>,
     /// Serialises `refresh_active` (read the table, store the snapshot), so that a snapshot
     /// taken earlier never replaces one taken later.
@@ -651,7 +666,7 @@ impl Engine {
             .table
             .sessions()
             .into_iter()
-            .filter(|s| s.is_active())
+            .filter(|s| s.is_live())
             .collect();
         self.active.store(Arc::new(v));
     }
@@ -679,6 +694,31 @@ impl Engine {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         drop(change);
         id
+    }
+
+    /// Detach a volume (its handle is dropped once no I/O in flight holds it): a volume found
+    /// gone must not be used through a handle opened before.
+    fn detach(&self, id: VolumeId) {
+        let change = self.volumes_change.lock();
+        if self.volumes.load().contains_key(&id) {
+            let mut vols = FxHashMap::clone(&self.volumes.load());
+            vols.remove(&id);
+            self.volumes.store(Arc::new(vols));
+            self.volumes_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        drop(change);
+    }
+
+    /// A resolver that opens file volumes the way this engine does (its file options and
+    /// backend), for [`Engine::resume`].
+    #[must_use]
+    pub fn file_resolver(&self) -> FileResolver {
+        FileResolver {
+            options: self.options.file_options.clone(),
+            backend: self.options.backend,
+            opened: std::sync::OnceLock::new(),
+        }
     }
 
     /// Attach a file volume by path.
@@ -990,7 +1030,7 @@ impl Engine {
     /// [`Error::UnknownSession`], [`Error::NotActive`], table errors.
     pub fn withdraw(&self, id: SessionId) -> Result<()> {
         let s = self.session(id)?;
-        if !s.is_active() {
+        if !s.is_live() {
             return Err(Error::NotActive {
                 id,
                 state: s.status().state.to_string(),
@@ -1005,13 +1045,26 @@ impl Engine {
         Ok(())
     }
 
+    /// Ok when the session is active; else the error a use of it gets: [`Error::Suspended`]
+    /// (naming the unavailable volume) or [`Error::NotActive`].
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::Suspended`], [`Error::NotActive`].
+    pub fn check_active(&self, id: SessionId) -> Result<()> {
+        let s = self.session(id)?;
+        if s.is_active() {
+            return Ok(());
+        }
+        Err(not_usable(&s))
+    }
+
     /// Convert a no-copy session to copy mode (the background copier then fills the target).
     ///
     /// # Errors
     /// [`Error::UnknownSession`], [`Error::NotActive`], table errors.
     pub fn convert_to_copy(&self, id: SessionId) -> Result<()> {
         let s = self.session(id)?;
-        if !s.is_active() {
+        if !s.is_live() {
             return Err(Error::NotActive {
                 id,
                 state: s.status().state.to_string(),
@@ -1026,13 +1079,13 @@ impl Engine {
         }])
     }
 
-    /// Terminate a session with a reason.
+    /// Terminate a session (active or suspended) with a reason.
     ///
     /// # Errors
     /// Table errors.
     pub fn terminate(&self, id: SessionId, reason: Reason) -> Result<()> {
         let s = self.session(id)?;
-        if !s.is_active() {
+        if !s.is_live() {
             return Ok(());
         }
         self.table.commit(vec![Entry::SetState {
@@ -1110,7 +1163,8 @@ impl Engine {
         let active = self.active.load();
         let mut work: Vec<(Arc<Session>, u64, u64)> = Vec::new();
         for s in active.iter() {
-            if !s.is_active() {
+            let state = s.state();
+            if !state.is_live() {
                 continue;
             }
             // No allocation: this loop runs for every write, most of which find nothing to do.
@@ -1124,6 +1178,10 @@ impl Engine {
             {
                 let (g0, g1) = s.map.grains_of(&p);
                 if s.extent_live(p.extent) && !s.bits().all_set(g0, g1 - g0) {
+                    if state == SessionState::Suspended {
+                        // Copy-before-write needs both volumes: refuse rather than bypass it.
+                        return Err(suspended_error(s));
+                    }
                     work.push((s.clone(), g0, g1));
                 }
             }
@@ -1280,7 +1338,8 @@ impl Engine {
     /// Read the image of a session at `offset` (image coordinates: its extents end to end).
     ///
     /// # Errors
-    /// [`Error::NotActive`] for withdrawn or terminated sessions, [`Error::ExtentTerminated`],
+    /// [`Error::NotActive`] for withdrawn or terminated sessions, [`Error::Suspended`] for
+    /// suspended ones, [`Error::ExtentTerminated`],
     /// [`Error::OutOfRange`], I/O errors.
     pub fn read_image(&self, id: SessionId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.image(id)?.read_now(offset, buf)
@@ -1290,10 +1349,14 @@ impl Engine {
     /// [`Engine::read_image`] without looking the session and its volumes up on every call.
     ///
     /// # Errors
-    /// [`Error::UnknownSession`], [`Error::NotActive`], [`Error::UnknownVolume`].
+    /// [`Error::UnknownSession`], [`Error::NotActive`], [`Error::UnknownVolume`],
+    /// [`Error::Suspended`].
     pub fn image(&self, id: SessionId) -> Result<Image<'_>> {
         let session = self.session(id)?;
         let state = session.state();
+        if state == SessionState::Suspended {
+            return Err(suspended_error(&session));
+        }
         if !matches!(state, SessionState::Active | SessionState::Completed) {
             return Err(Error::NotActive {
                 id,
@@ -1430,12 +1493,10 @@ impl Engine {
         }
         let state = s.state();
         if state != SessionState::Active {
-            // Withdrawn or terminated during the read: its source writes no longer copy first.
+            // Withdrawn, terminated or suspended during the read: its source writes no longer
+            // copy first (or are refused).
             if locked {
-                return Err(Error::NotActive {
-                    id: s.id(),
-                    state: state.to_string(),
-                });
+                return Err(not_usable(s));
             }
             return Ok(false);
         }
@@ -1452,10 +1513,7 @@ impl Engine {
     pub fn write_image(&self, id: SessionId, offset: u64, data: &[u8]) -> Result<()> {
         let s = self.session(id)?;
         if !s.is_active() {
-            return Err(Error::NotActive {
-                id,
-                state: s.status().state.to_string(),
-            });
+            return Err(not_usable(&s));
         }
         check_range(
             offset,
@@ -1631,83 +1689,75 @@ impl Engine {
         Ok(total)
     }
 
-    /// Reconcile every active session with its volumes (open time).
+    /// Reconcile every live (active or suspended) session with its volumes (open time).
     fn reconcile_all(&self, resolver: &dyn VolumeResolver) -> Result<Vec<Decision>> {
         let mut out = Vec::new();
         for s in self.table.sessions() {
-            if !s.is_active() {
+            if !s.is_live() {
                 // A completed session's image is its target: attach it when it is still the
-                // same volume, so the image stays readable.
+                // same volume, so the image stays readable. (A target that cannot be opened
+                // leaves the image unreadable; it does not keep the table from opening.)
                 if s.status().state == SessionState::Completed
                     && self.volumes.load().get(&s.desc.target.id).is_none()
                 {
-                    if let Some(v) = resolver.resolve(&s.desc.target)? {
+                    if let Ok(Some(v)) = resolver.resolve(&s.desc.target) {
                         let i = v.info();
                         if i.id == s.desc.target.id && i.generation == s.desc.target.generation {
                             self.attach(v);
                         }
                     }
                 }
-                out.push(Decision {
-                    session: s.id().0,
-                    outcome: Outcome::Ended,
-                });
+                out.push(Decision::new(s.id(), Outcome::Ended, false));
                 continue;
             }
+            let was_suspended = s.state() == SessionState::Suspended;
             if self.options.restart == RestartPolicy::TerminateIncomplete {
                 let r = Reason::new(
                     ReasonCode::RestartPolicy,
                     "terminate-incomplete restart policy",
                 );
                 self.terminate(s.id(), r.clone())?;
-                out.push(Decision {
-                    session: s.id().0,
-                    outcome: Outcome::Terminated(r),
-                });
+                out.push(Decision::new(s.id(), Outcome::Terminated(r), was_suspended));
                 continue;
             }
-            let mut vols = Vec::new();
-            for r in [&s.desc.source, &s.desc.target] {
-                let v = match self.volumes.load().get(&r.id) {
-                    Some(h) => Some(h.vol.clone()),
-                    None => resolver.resolve(r)?,
-                };
-                vols.push(v);
-            }
-            let d = self.reconcile(
-                &s,
-                vols[0].clone(),
-                vols[1].clone(),
-                ReasonCode::IdentityMismatch,
-            )?;
-            out.push(d);
+            let src = self.find_volume(&s.desc.source, resolver);
+            let tgt = self.find_volume(&s.desc.target, resolver);
+            out.push(self.reconcile(&s, src, tgt, ReasonCode::IdentityMismatch)?);
         }
         self.refresh_active();
         Ok(out)
     }
 
-    /// Compare a session's extents with what its volumes are now; resume, end extents, or
-    /// terminate. Attaches the volumes when the session resumes.
+    /// A session's volume: the attached one with its identity, else what the resolver finds.
+    /// A resolver error makes the volume unavailable (the session is suspended), never the
+    /// whole open fail.
+    fn find_volume(&self, r: &VolumeRef, resolver: &dyn VolumeResolver) -> Found {
+        if let Some(h) = self.volumes.load().get(&r.id) {
+            return Found::Here(h.vol.clone());
+        }
+        match resolver.resolve(r) {
+            Ok(Some(v)) => Found::Here(v),
+            Ok(None) => Found::Missing,
+            Err(e) => Found::Unusable(e.to_string()),
+        }
+    }
+
+    /// Compare a session's extents with what its volumes are now; resume, end extents,
+    /// suspend, or terminate. Attaches the volumes when the session resumes.
+    ///
+    /// A volume that is present but is another volume now (identity, generation, sector size)
+    /// terminates the session; otherwise a volume that is missing or cannot be opened
+    /// suspends it (the first of source and target that is, with why); otherwise the extents
+    /// are checked against the sizes and a suspended session becomes active again.
     fn reconcile(
         &self,
         s: &Arc<Session>,
-        src: Option<Arc<dyn Volume>>,
-        tgt: Option<Arc<dyn Volume>>,
+        src: Found,
+        tgt: Found,
         mismatch: ReasonCode,
     ) -> Result<Decision> {
         let id = s.id();
-        let (Some(src), Some(tgt)) = (src, tgt) else {
-            let r = Reason::new(
-                ReasonCode::VolumeMissing,
-                "source or target volume not found",
-            );
-            self.terminate(id, r.clone())?;
-            return Ok(Decision {
-                session: id.0,
-                outcome: Outcome::Terminated(r),
-            });
-        };
-        let (si, ti) = (src.info(), tgt.info());
+        let was_suspended = s.state() == SessionState::Suspended;
         let check = |now: &VolumeInfo, was: &VolumeRef, role: &str| -> Option<Reason> {
             if now.id != was.id {
                 Some(Reason::new(mismatch, replaced_message(role, was, now)))
@@ -1731,15 +1781,21 @@ impl Engine {
                 None
             }
         };
-        if let Some(r) =
-            check(&si, &s.desc.source, "source").or_else(|| check(&ti, &s.desc.target, "target"))
-        {
+        let si = src.info();
+        let ti = tgt.info();
+        let changed = si
+            .as_ref()
+            .and_then(|i| check(i, &s.desc.source, "source"))
+            .or_else(|| ti.as_ref().and_then(|i| check(i, &s.desc.target, "target")));
+        if let Some(r) = changed {
             self.terminate(id, r.clone())?;
-            return Ok(Decision {
-                session: id.0,
-                outcome: Outcome::Terminated(r),
-            });
+            return Ok(Decision::new(id, Outcome::Terminated(r), was_suspended));
         }
+        let (src, tgt) = match (src, tgt) {
+            (Found::Here(a), Found::Here(b)) => (a, b),
+            (src, tgt) => return self.suspend(s, src, tgt),
+        };
+        let (si, ti) = (src.info(), tgt.info());
         let st = s.status();
         let mut ended = Vec::new();
         let mut entries = Vec::new();
@@ -1771,52 +1827,104 @@ impl Engine {
                 |(_, r)| r.clone(),
             );
             self.terminate(id, r.clone())?;
-            return Ok(Decision {
-                session: id.0,
-                outcome: Outcome::Terminated(r),
-            });
+            return Ok(Decision::new(id, Outcome::Terminated(r), was_suspended));
         }
-        self.table.commit(entries)?;
+        // Attach before a suspended session becomes active again: its first copy-before-write
+        // finds both volumes.
         for v in [src, tgt] {
             if self.volumes.load().get(&v.info().id).is_none() {
                 self.attach(v);
             }
         }
-        Ok(Decision {
-            session: id.0,
-            outcome: if ended.is_empty() {
-                Outcome::Resumed
-            } else {
-                Outcome::ResumedPartly(ended)
-            },
-        })
+        if was_suspended {
+            entries.push(Entry::SetState {
+                session: id,
+                state: SessionState::Active,
+                reason: None,
+            });
+        }
+        self.table.commit(entries)?;
+        let outcome = if ended.is_empty() {
+            Outcome::Resumed
+        } else {
+            Outcome::ResumedPartly(ended)
+        };
+        Ok(Decision::new(id, outcome, was_suspended))
+    }
+
+    /// Suspend a session because its source or target (the first of them that is) is missing
+    /// or cannot be opened; durable before it returns. The unavailable volume is detached (a
+    /// handle opened before it went away must not be used), the present one attached.
+    fn suspend(&self, s: &Arc<Session>, src: Found, tgt: Found) -> Result<Decision> {
+        let id = s.id();
+        let was_suspended = s.state() == SessionState::Suspended;
+        let (code, why, gone) = match (&src, &tgt) {
+            (Found::Missing | Found::Unusable(_), _) => {
+                (ReasonCode::SourceUnavailable, src.why(), &s.desc.source)
+            }
+            _ => (ReasonCode::TargetUnavailable, tgt.why(), &s.desc.target),
+        };
+        let r = Reason::new(code, why);
+        self.detach(gone.id);
+        for f in [src, tgt] {
+            if let Found::Here(v) = f {
+                if self.volumes.load().get(&v.info().id).is_none() {
+                    self.attach(v);
+                }
+            }
+        }
+        if s.status().reason.as_ref() != Some(&r) || !was_suspended {
+            self.table.commit(vec![Entry::SetState {
+                session: id,
+                state: SessionState::Suspended,
+                reason: Some(r.clone()),
+            }])?;
+        }
+        Ok(Decision::new(id, Outcome::Suspended(r), was_suspended))
     }
 
     /// A storage subsystem reports a reset of volume `vol` (device reset, re-attach,
-    /// replacement). `now` is the volume as it is after the reset (`None`: gone). Each session
-    /// using it is compared with what it now is and resumes, loses extents, or terminates.
+    /// replacement). `now` is the volume as it is after the reset (`None`: gone). Each live
+    /// session using it is compared with what it now is and resumes (a suspended one too, when
+    /// its volumes are back), loses extents, is suspended (the volume is gone), or terminates.
     ///
     /// # Errors
     /// Table errors.
     pub fn reset(&self, vol: VolumeId, now: Option<Arc<dyn Volume>>) -> Result<Vec<Decision>> {
+        self.reset_found(vol, now.map_or(Found::Missing, Found::Here))
+    }
+
+    /// A reset of volume `vol` after which it exists but cannot be opened (`why`: the error
+    /// opening it gave): every live session using it is suspended.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub fn reset_unavailable(&self, vol: VolumeId, why: &str) -> Result<Vec<Decision>> {
+        self.reset_found(vol, Found::Unusable(why.to_string()))
+    }
+
+    fn reset_found(&self, vol: VolumeId, now: Found) -> Result<Vec<Decision>> {
         let mut out = Vec::new();
-        if let Some(v) = &now {
+        if let Found::Here(v) = &now {
             if v.info().id == vol {
                 // The handle is replaced so later I/O goes to the re-attached device.
                 self.attach(v.clone());
             }
         }
-        // Snapshot the active list first (`terminate` -> `refresh_active` replaces it).
+        // Snapshot the live list first (`terminate` -> `refresh_active` replaces it).
         let active = self.active.load_full();
         for s in active.iter() {
             if s.desc.source.id != vol && s.desc.target.id != vol {
                 continue;
             }
-            let pick = |r: &VolumeRef| -> Option<Arc<dyn Volume>> {
+            let pick = |r: &VolumeRef| -> Found {
                 if r.id == vol {
                     now.clone()
                 } else {
-                    self.volumes.load().get(&r.id).map(|h| h.vol.clone())
+                    self.volumes
+                        .load()
+                        .get(&r.id)
+                        .map_or(Found::Missing, |h| Found::Here(h.vol.clone()))
                 }
             };
             out.push(self.reconcile(
@@ -1828,6 +1936,61 @@ impl Engine {
         }
         self.refresh_active();
         Ok(out)
+    }
+
+    /// Try to resume a suspended session: find its volumes again (attached ones, else through
+    /// `resolver`, e.g. [`Engine::file_resolver`]) and reconcile it as opening the table
+    /// would. The decision says whether it resumed, stays suspended (the volume is still
+    /// unavailable) or terminated (the volume came back as another volume). An active session
+    /// is left as it is (`Resumed`, `was_suspended` false).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::NotActive`] for an ended session, table errors.
+    pub fn resume(&self, id: SessionId, resolver: &dyn VolumeResolver) -> Result<Decision> {
+        let s = self.session(id)?;
+        match s.state() {
+            SessionState::Suspended => {}
+            SessionState::Active => return Ok(Decision::new(id, Outcome::Resumed, false)),
+            state => {
+                return Err(Error::NotActive {
+                    id,
+                    state: state.to_string(),
+                })
+            }
+        }
+        let src = self.find_volume(&s.desc.source, resolver);
+        let tgt = self.find_volume(&s.desc.target, resolver);
+        let d = self.reconcile(&s, src, tgt, ReasonCode::IdentityMismatch);
+        self.refresh_active();
+        d
+    }
+}
+
+/// What reconciling finds for one of a session's volumes.
+#[derive(Clone)]
+enum Found {
+    /// Present (its identity is checked next).
+    Here(Arc<dyn Volume>),
+    /// Not found.
+    Missing,
+    /// Present but cannot be opened; the error.
+    Unusable(String),
+}
+
+impl Found {
+    fn info(&self) -> Option<VolumeInfo> {
+        match self {
+            Found::Here(v) => Some(v.info()),
+            Found::Missing | Found::Unusable(_) => None,
+        }
+    }
+
+    fn why(&self) -> String {
+        match self {
+            Found::Here(_) => String::new(),
+            Found::Missing => "not found".to_string(),
+            Found::Unusable(e) => e.clone(),
+        }
     }
 }
 
@@ -1869,6 +2032,8 @@ fn session_status(s: &Session) -> SessionStatus {
         id: s.id().0,
         state: st.state,
         mode: st.mode,
+        unavailable: (st.state == SessionState::Suspended)
+            .then(|| unavailable_volume(s, st.reason.as_ref()).1.to_string()),
         reason: st.reason.clone(),
         source: s.desc.source.locator.clone(),
         target: s.desc.target.locator.clone(),
@@ -1882,5 +2047,38 @@ fn session_status(s: &Session) -> SessionStatus {
         },
         grains_total: s.desc.grains(),
         created_unix_ms: s.desc.created_unix_ms,
+    }
+}
+
+/// Which volume of a suspended session is unavailable (by its reason code): role and path.
+fn unavailable_volume<'s>(s: &'s Session, reason: Option<&Reason>) -> (&'static str, &'s str) {
+    if reason.is_some_and(|r| r.code == ReasonCode::SourceUnavailable) {
+        ("source", &s.desc.source.locator)
+    } else {
+        ("target", &s.desc.target.locator)
+    }
+}
+
+/// The error for a use of a suspended session: names it, the unavailable volume and why.
+fn suspended_error(s: &Session) -> Error {
+    let reason = s.status().reason;
+    let (role, path) = unavailable_volume(s, reason.as_ref());
+    Error::Suspended {
+        id: s.id(),
+        role,
+        path: path.to_string(),
+        why: reason.map_or_else(|| "unavailable".to_string(), |r| r.detail),
+    }
+}
+
+/// The error for reading or writing the image of a session that is not active:
+/// [`Error::Suspended`] or [`Error::NotActive`].
+fn not_usable(s: &Session) -> Error {
+    match s.state() {
+        SessionState::Suspended => suspended_error(s),
+        state => Error::NotActive {
+            id: s.id(),
+            state: state.to_string(),
+        },
     }
 }

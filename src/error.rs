@@ -240,6 +240,23 @@ pub enum Error {
         /// Its current state.
         state: String,
     },
+    /// The session is suspended: one of its volumes cannot be found or opened. Writes that
+    /// would need copy-before-write for it, its image reads and its background copy wait until
+    /// the volume is back with the same identity and the session resumes.
+    #[error(
+        "session {id} is suspended: its {role} {path} is unavailable ({why}); it resumes when \
+         that volume is back"
+    )]
+    Suspended {
+        /// The session.
+        id: SessionId,
+        /// Which of its volumes is unavailable: `source` or `target`.
+        role: &'static str,
+        /// That volume's path (locator).
+        path: String,
+        /// Why it is unavailable (not found, or the error opening it gave).
+        why: String,
+    },
     /// A configuration value or argument is invalid.
     #[error("invalid {what}: {why}")]
     Invalid {

@@ -495,13 +495,13 @@ fn table_full_is_a_typed_error_and_ended_sessions_make_room() {
 }
 
 #[test]
-fn a_missing_volume_terminates_with_volume_missing() {
+fn a_missing_volume_suspends_the_session() {
     let (storage, vols, id) = table_with_session();
     // Reopen with only the source: the target cannot be found.
     let e = common::reopen(&storage, &vols[..1]);
     let st = e.session(id).unwrap().status();
-    assert_eq!(st.state, SessionState::Terminated);
-    assert_eq!(st.reason.unwrap().code, ReasonCode::VolumeMissing);
+    assert_eq!(st.state, SessionState::Suspended);
+    assert_eq!(st.reason.unwrap().code, ReasonCode::TargetUnavailable);
     // A reset that finds the volume gone does the same for a live session.
     drop(e);
     let opts = common::small_table();
@@ -513,10 +513,9 @@ fn a_missing_volume_terminates_with_volume_missing() {
     let id = e.establish(&SessionSpec::whole(a, b)).unwrap();
     let ds = e.reset(b, None).unwrap();
     assert_eq!(ds.len(), 1);
-    assert_eq!(
-        e.session(id).unwrap().status().reason.unwrap().code,
-        ReasonCode::VolumeMissing
-    );
+    let st = e.session(id).unwrap().status();
+    assert_eq!(st.state, SessionState::Suspended);
+    assert_eq!(st.reason.unwrap().code, ReasonCode::TargetUnavailable);
 }
 
 #[test]

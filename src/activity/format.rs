@@ -473,6 +473,11 @@ pub enum SessionState {
     Withdrawn,
     /// Ended by the engine with a reason.
     Terminated,
+    /// On hold: its source or target cannot be found or opened (the reason names which). The
+    /// relationship and its copied bits are kept; writes that would need copy-before-write,
+    /// image reads and the background copy are refused until the volume is back with the same
+    /// identity and the session resumes (or it is withdrawn or terminated).
+    Suspended,
 }
 
 impl SessionState {
@@ -484,6 +489,7 @@ impl SessionState {
             SessionState::Completed => 2,
             SessionState::Withdrawn => 3,
             SessionState::Terminated => 4,
+            SessionState::Suspended => 5,
         }
     }
     /// Decode an on-disk code.
@@ -494,8 +500,16 @@ impl SessionState {
             2 => Some(SessionState::Completed),
             3 => Some(SessionState::Withdrawn),
             4 => Some(SessionState::Terminated),
+            5 => Some(SessionState::Suspended),
             _ => None,
         }
+    }
+
+    /// Whether the relationship still holds (active or suspended): the session keeps its
+    /// copied bits and has not ended.
+    #[must_use]
+    pub fn is_live(self) -> bool {
+        matches!(self, SessionState::Active | SessionState::Suspended)
     }
 }
 
@@ -506,6 +520,7 @@ impl std::fmt::Display for SessionState {
             SessionState::Completed => "completed",
             SessionState::Withdrawn => "withdrawn",
             SessionState::Terminated => "terminated",
+            SessionState::Suspended => "suspended",
         };
         f.write_str(s)
     }
@@ -519,7 +534,9 @@ pub enum ReasonCode {
     Withdrawn,
     /// The named "terminate incomplete" restart policy ended it.
     RestartPolicy,
-    /// A volume could not be found or opened.
+    /// A volume could not be found (written by earlier builds, which terminated the session;
+    /// this build suspends it with [`ReasonCode::SourceUnavailable`] or
+    /// [`ReasonCode::TargetUnavailable`]).
     VolumeMissing,
     /// A volume now has another identity (replaced, or source and target swapped).
     IdentityMismatch,
@@ -535,6 +552,10 @@ pub enum ReasonCode {
     CopyFailed,
     /// A reset notification found the volume changed.
     ResetMismatch,
+    /// The session's source volume cannot be found or opened (the session is suspended).
+    SourceUnavailable,
+    /// The session's target volume cannot be found or opened (the session is suspended).
+    TargetUnavailable,
     /// The table file was older than its rollback witness and was opened anyway.
     TableRolledBack,
 }
@@ -552,7 +573,9 @@ impl ReasonCode {
             ReasonCode::TableDamaged => 8,
             ReasonCode::CopyFailed => 9,
             ReasonCode::ResetMismatch => 10,
-            ReasonCode::TableRolledBack => 11,
+            ReasonCode::SourceUnavailable => 11,
+            ReasonCode::TargetUnavailable => 12,
+            ReasonCode::TableRolledBack => 13,
         }
     }
     fn from_code(c: u16) -> Option<Self> {
@@ -567,7 +590,9 @@ impl ReasonCode {
             8 => ReasonCode::TableDamaged,
             9 => ReasonCode::CopyFailed,
             10 => ReasonCode::ResetMismatch,
-            11 => ReasonCode::TableRolledBack,
+            11 => ReasonCode::SourceUnavailable,
+            12 => ReasonCode::TargetUnavailable,
+            13 => ReasonCode::TableRolledBack,
             _ => return None,
         })
     }
@@ -920,7 +945,8 @@ pub struct SessionImage {
     pub reason: Option<Reason>,
     /// Ended extents and why.
     pub ended_extents: Vec<(u32, Reason)>,
-    /// Bitmap bytes (bit `i` of byte `i / 8`, LSB first); empty for ended sessions.
+    /// Bitmap bytes (bit `i` of byte `i / 8`, LSB first); empty for ended sessions (kept for
+    /// active and suspended ones).
     pub bitmap: Vec<u8>,
 }
 

@@ -492,7 +492,7 @@ impl Table {
                 format!("journal block {seq} damaged in both copies"),
             );
             for s in sessions.values() {
-                if s.is_active() {
+                if s.is_live() {
                     s.apply(&Entry::SetState {
                         session: s.id(),
                         state: SessionState::Terminated,
@@ -595,7 +595,7 @@ impl Table {
                 .sessions
                 .read()
                 .values()
-                .find(|s| !s.is_active())
+                .find(|s| !s.is_live())
                 .map(|s| s.id());
             match victim {
                 Some(v) => self.commit(vec![Entry::Forget { session: v }])?,

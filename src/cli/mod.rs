@@ -349,7 +349,8 @@ pub enum Command {
         /// Session id.
         session: SessionId,
     },
-    /// Resume a paused copy of a session running in the process serving the table.
+    /// Resume a suspended session whose volume is back (here, or in the process serving the
+    /// table), or else the paused copy of a session running in the process serving the table.
     Resume {
         /// The table.
         table: PathBuf,
@@ -484,6 +485,25 @@ fn open(table: &Path, restart: RestartPolicy, io: IoFlags) -> Result<Engine> {
     Engine::open_path(table, io.engine_options(restart))
 }
 
+/// The locator a volume path is known by: its canonical path, or, when the file is gone, its
+/// canonical directory joined with its name.
+fn locator_of(path: &Path) -> Result<String> {
+    let err = |e| Error::io("resolve", path.display().to_string(), 0, e);
+    match std::fs::canonicalize(path) {
+        Ok(p) => Ok(p.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let name = path.file_name().ok_or_else(|| err(e))?;
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            let dir = std::fs::canonicalize(dir).map_err(err)?;
+            Ok(dir.join(name).display().to_string())
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
 /// The attached volume at `path`, attaching it after [`check_volume`] when it is not yet.
 fn volume_id(engine: &Engine, path: &Path) -> Result<crate::ids::VolumeId> {
     check_volume(path, Path::new(&engine.table().name()))?;
@@ -587,7 +607,7 @@ pub enum Remote {
         /// Session.
         session: u64,
     },
-    /// `resume`: resume the paused copy of a session.
+    /// `resume`: resume a suspended session, or else the paused copy of a session.
     Resume {
         /// Session.
         session: u64,
@@ -628,7 +648,9 @@ impl Remote {
                 canon(source)?;
                 canon(target)?;
             }
-            Remote::Reset { volume, .. } | Remote::Write { volume, .. } => canon(volume)?,
+            // A volume being reset may be gone: name it by its canonical directory.
+            Remote::Reset { volume, .. } => *volume = PathBuf::from(locator_of(volume)?),
+            Remote::Write { volume, .. } => canon(volume)?,
             _ => {}
         }
         Ok(self)
@@ -641,6 +663,13 @@ impl Remote {
 /// # Errors
 /// The command's errors; [`Error::Interrupted`] when it was stopped on request.
 pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<String> {
+    // `resume`: a suspended session first; otherwise a paused copy, below.
+    if let Remote::Resume { session } = cmd {
+        let mut out = String::new();
+        if resume_suspended(e, SessionId(*session), io, &mut out)? {
+            return Ok(out);
+        }
+    }
     match cmd {
         Remote::Establish {
             source,
@@ -803,11 +832,25 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
         }
         Remote::Pause { session } | Remote::Resume { session } | Remote::Rate { session, .. } => {
             let id = SessionId(*session);
+            let serving = io.copies().is_some();
             let copies = io
                 .copies()
                 .map(|r| r.find(e, id))
                 .filter(|c| !c.is_empty())
-                .ok_or_else(|| Error::invalid("session", format!("no copy of {id} is running")))?;
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "session",
+                        if serving {
+                            format!("no copy of {id} is running")
+                        } else {
+                            format!(
+                                "no copy of {id} is running: no process serves {} ({id} is not \
+                                 suspended)",
+                                e.table().name()
+                            )
+                        },
+                    )
+                })?;
             for c in &copies {
                 match cmd {
                     Remote::Pause { .. } => c.pause(),
@@ -861,9 +904,7 @@ fn decisions_out(e: &Engine, ds: &[crate::engine::Decision]) -> Vec<DecisionOut>
 }
 
 fn reset(e: &Engine, volume: &Path, as_json: bool) -> Result<String> {
-    let canon = std::fs::canonicalize(volume)
-        .map_err(|er| Error::io("open", volume.display().to_string(), 0, er))?;
-    let l = canon.display().to_string();
+    let l = locator_of(volume)?;
     let uses =
         |x: &crate::session::Session| x.desc.source.locator == l || x.desc.target.locator == l;
     let id_in = |x: &crate::session::Session| {
@@ -873,13 +914,13 @@ fn reset(e: &Engine, volume: &Path, as_json: bool) -> Result<String> {
             x.desc.target.id
         }
     };
-    // The identity the table knows for this path: an active session's first (a stale,
-    // ended session may name an earlier file at the same path).
+    // The identity the table knows for this path: a live (active or suspended) session's
+    // first (a stale, ended session may name an earlier file at the same path).
     let sessions = e.table().sessions();
     let old = sessions
         .iter()
         .filter(|x| uses(x))
-        .max_by_key(|x| (x.is_active(), x.id()))
+        .max_by_key(|x| (x.is_live(), x.id()))
         .map(|x| id_in(x))
         .ok_or_else(|| Error::UnknownVolume(volume.display().to_string()))?;
     // A local open has already reconciled every session with the volumes as they are
@@ -889,15 +930,22 @@ fn reset(e: &Engine, volume: &Path, as_json: bool) -> Result<String> {
         .iter()
         .filter(|d| {
             sessions.iter().any(|x| x.id().0 == d.session && uses(x))
-                && matches!(
-                    d.outcome,
-                    Outcome::Terminated(_) | Outcome::ResumedPartly(_)
-                )
+                && (d.was_suspended
+                    || matches!(
+                        d.outcome,
+                        Outcome::Terminated(_) | Outcome::ResumedPartly(_) | Outcome::Suspended(_)
+                    ))
         })
         .cloned()
         .collect();
-    let now = e.open_file(volume)?;
-    decided.extend(e.reset(old, Some(now))?);
+    // Gone: its sessions are suspended; present but unopenable (a directory now, no
+    // permission): the same, with the error.
+    let ds = match e.open_file(Path::new(&l)) {
+        Ok(now) => e.reset(old, Some(now))?,
+        Err(_) if !Path::new(&l).exists() => e.reset(old, None)?,
+        Err(er) => e.reset_unavailable(old, &er.to_string())?,
+    };
+    decided.extend(ds);
     let o = output::ResetOut {
         volume: volume.display().to_string(),
         decisions: decisions_out(e, &decided),
@@ -993,12 +1041,7 @@ fn copy(
                 Ok(format!("{id} completed\n"))
             };
         }
-        if !s.is_active() {
-            return Err(Error::NotActive {
-                id,
-                state: state.to_string(),
-            });
-        }
+        e.check_active(id)?;
         if convert {
             e.convert_to_copy(id)?;
         } else if s.status().mode == CopyMode::NoCopy {
@@ -1058,6 +1101,39 @@ fn copy(
         out.push_str(&format!("{} {}\n", s.session, s.state));
     }
     Ok(out)
+}
+
+/// `resume` of a suspended session: find its volumes again and reconcile it. Returns false
+/// (nothing done) when the session is not suspended and was not resumed when this process
+/// opened the table, so that `resume` goes on to a paused copy.
+fn resume_suspended(e: &Engine, id: SessionId, io: &dyn Channel, out: &mut String) -> Result<bool> {
+    use std::fmt::Write as _;
+    let d = if e.session(id)?.state() == crate::activity::format::SessionState::Suspended {
+        e.resume(id, &e.file_resolver())?
+    } else {
+        // Opened here (not in a server): opening already reconciled the session.
+        match e.decisions.iter().find(|d| d.session == id.0) {
+            Some(d) if io.copies().is_none() && d.was_suspended => d.clone(),
+            _ => return Ok(false),
+        }
+    };
+    match &d.outcome {
+        Outcome::Resumed => {
+            let _ = writeln!(out, "{id} resumed");
+        }
+        Outcome::ResumedPartly(ended) => {
+            let _ = writeln!(out, "{id} resumed; extents ended: {ended:?}");
+        }
+        Outcome::Suspended(_) => e.check_active(id)?,
+        Outcome::Terminated(r) => {
+            return Err(Error::invalid(
+                "resume",
+                format!("{id} terminated instead: {r}"),
+            ))
+        }
+        Outcome::Ended => e.check_active(id)?,
+    }
+    Ok(true)
 }
 
 /// One line of a running copy's progress.
@@ -1472,9 +1548,12 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
         Command::Pause { table, session } => {
             remote_only(&table, session, &Remote::Pause { session: session.0 })?
         }
-        Command::Resume { table, session } => {
-            remote_only(&table, session, &Remote::Resume { session: session.0 })?
-        }
+        Command::Resume { table, session } => local_or_remote(
+            &table,
+            Remote::Resume { session: session.0 },
+            io,
+            &mut Local::default(),
+        )?,
         Command::Rate {
             table,
             session,

@@ -158,8 +158,10 @@ pub struct SessionOut {
     pub percent: f64,
     /// Extents.
     pub extents: Vec<ExtentOut>,
-    /// Why it ended, when it did.
+    /// Why it ended, or why it is suspended.
     pub reason: Option<ReasonOut>,
+    /// The path of the volume a suspended session is waiting for.
+    pub unavailable: Option<String>,
 }
 
 impl SessionOut {
@@ -200,6 +202,7 @@ impl SessionOut {
                 })
                 .collect(),
             reason: s.reason.as_ref().map(ReasonOut::of),
+            unavailable: s.unavailable.clone(),
         }
     }
 }
@@ -251,6 +254,9 @@ impl StatusOut {
             );
             if let Some(r) = &s.reason {
                 let _ = write!(out, "  reason {r}");
+            }
+            if let Some(p) = &s.unavailable {
+                let _ = write!(out, "; volume {p}");
             }
             for (i, e) in s.extents.iter().enumerate() {
                 if let Some(r) = &e.ended {
@@ -313,6 +319,7 @@ impl DecisionOut {
             Outcome::Terminated(r) => {
                 ("terminated".to_string(), Some(ReasonOut::of(r)), Vec::new())
             }
+            Outcome::Suspended(r) => ("suspended".to_string(), Some(ReasonOut::of(r)), Vec::new()),
             Outcome::Ended => (
                 state.map_or_else(|| "ended".to_string(), |s| s.to_string()),
                 None,

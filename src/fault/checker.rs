@@ -55,7 +55,7 @@ impl OrderingChecker {
         };
         self.checks += 1;
         for s in table.sessions() {
-            if !s.is_active() || w.dev_by_locator(&s.desc.source.locator) != Some(dev) {
+            if !s.is_live() || w.dev_by_locator(&s.desc.source.locator) != Some(dev) {
                 continue;
             }
             let Some(tgt) = w.dev_by_locator(&s.desc.target.locator) else {

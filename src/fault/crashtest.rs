@@ -92,6 +92,28 @@ pub enum Op {
     },
     /// Drop the engine and recover it from the same (uncrashed) devices.
     Reopen,
+    /// Drop the engine and recover it with volume `vol` missing (absent from the resolver):
+    /// every live session using it must be suspended, and its image reads and the writes
+    /// that would need copy-before-write for it must be refused.
+    ReopenWithout {
+        /// Volume index.
+        vol: usize,
+    },
+    /// `Engine::reset` of volume `vol` reporting it gone: the same checks as `ReopenWithout`.
+    ResetGone {
+        /// Volume index.
+        vol: usize,
+    },
+    /// `Engine::reset` of volume `vol` reporting it back as it was.
+    ResetBack {
+        /// Volume index.
+        vol: usize,
+    },
+    /// `Engine::resume` of a session with every volume available again.
+    Resume {
+        /// Session index.
+        sess: usize,
+    },
 }
 
 /// A named script.
@@ -227,7 +249,7 @@ fn ext(s: u64, t: u64, l: u64) -> ExtentSpec {
     }
 }
 
-/// The catalogue: `n` workloads from six parameterized templates.
+/// The catalogue: `n` workloads from seven parameterized templates.
 #[must_use]
 pub fn catalogue(n: usize, seed: u64) -> Vec<Workload> {
     (0..n)
@@ -400,6 +422,21 @@ pub fn catalogue(n: usize, seed: u64) -> Vec<Workload> {
                     ops.push(Op::Withdraw { sess: 0 });
                     ops.push(w(&mut r));
                     ops.push(Op::Reopen);
+                    // Suspended and resumed (appended, so the steps above and their I/O stay
+                    // as they were): session 1's target, then its source, missing at reopen
+                    // or gone on a reset; back through reopen, a reset and resume.
+                    ops.push(Op::ReopenWithout { vol: 2 });
+                    ops.push(Op::Reopen);
+                    ops.push(w(&mut r));
+                    ops.push(Op::ResetGone { vol: 2 });
+                    ops.push(Op::Resume { sess: 1 });
+                    ops.push(w(&mut r));
+                    ops.push(Op::ResetGone { vol: 2 });
+                    ops.push(Op::ResetBack { vol: 2 });
+                    ops.push(w(&mut r));
+                    ops.push(Op::ReopenWithout { vol: 0 });
+                    ops.push(Op::Reopen);
+                    ops.push(w(&mut r));
                 }
             }
             Workload {
@@ -675,7 +712,11 @@ fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
                 engine.withdraw(id)
             }
             Op::Convert { sess } => engine.convert_to_copy(sid(sess)),
-            Op::Reopen => {
+            Op::Reopen | Op::ReopenWithout { .. } => {
+                let missing = match op {
+                    Op::ReopenWithout { vol } => Some(*vol),
+                    _ => None,
+                };
                 let old = std::mem::replace(
                     &mut engine,
                     match Engine::create(
@@ -690,15 +731,32 @@ fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
                     },
                 );
                 drop(old);
-                match Engine::open(storage.clone(), &resolver, engine_options()) {
+                let mut without = resolver.clone();
+                if let Some(v) = missing {
+                    without.volumes.remove(&vols[v].info().locator);
+                }
+                match Engine::open(storage.clone(), &without, engine_options()) {
                     Ok(e) => {
-                        attach(&e);
+                        for (i, v) in vols.iter().enumerate() {
+                            if Some(i) != missing {
+                                e.attach(v.clone());
+                            }
+                        }
                         engine = e;
-                        Ok(())
+                        missing.map_or(Ok(()), |v| probe_suspended(&engine, ids[v], v))
                     }
                     Err(e) => Err(e),
                 }
             }
+            Op::ResetGone { vol } => engine
+                .reset(ids[*vol], None)
+                .and_then(|_| probe_suspended(&engine, ids[*vol], *vol)),
+            Op::ResetBack { vol } => engine
+                .reset(ids[*vol], Some(vols[*vol].clone()))
+                .and_then(|ds| expect_resumed(&ds)),
+            Op::Resume { sess } => engine
+                .resume(sid(sess), &resolver)
+                .and_then(|d| expect_resumed(&[d])),
         };
         let end = world.log_len();
         match r {
@@ -772,6 +830,63 @@ fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
         table_writes: world.table_writes(),
         table_reads: world.table_reads(),
     }
+}
+
+/// After volume `vol` (id `gone`) went missing: every live session using it is suspended, its
+/// image reads are refused, and so is a write to its other volume at an uncopied grain (which
+/// would need copy-before-write). Nothing reaches a device.
+fn probe_suspended(engine: &Engine, gone: VolumeId, vol: usize) -> crate::Result<()> {
+    let fail = |why: String| Err(Error::invalid("suspend", why));
+    for s in engine.table().sessions() {
+        if !s.is_live() || (s.desc.source.id != gone && s.desc.target.id != gone) {
+            continue;
+        }
+        if s.state() != SessionState::Suspended {
+            return fail(format!(
+                "session {} is {} with volume {vol} missing",
+                s.id(),
+                s.state()
+            ));
+        }
+        let mut b = [0u8; 512];
+        match engine.read_image(s.id(), 0, &mut b) {
+            Err(Error::Suspended { .. }) => {}
+            other => return fail(format!("image read of suspended {}: {other:?}", s.id())),
+        }
+        let Some(g) = s.bits().next_clear(0) else {
+            continue;
+        };
+        let live = s
+            .map
+            .extent_of_grain(g)
+            .is_some_and(|(x, _)| s.extent_live(x));
+        let Some(p) = s.map.grain_piece(g, g + 1).filter(|_| live) else {
+            continue;
+        };
+        let (other, off) = if s.desc.source.id == gone {
+            (s.desc.target.id, p.target_offset)
+        } else {
+            (s.desc.source.id, p.source_offset)
+        };
+        match engine.write(other, off, &[0x5a; 512]) {
+            Err(Error::Suspended { .. }) => {}
+            r => return fail(format!("write to the other volume of {}: {r:?}", s.id())),
+        }
+    }
+    Ok(())
+}
+
+/// Every decision resumed a session.
+fn expect_resumed(ds: &[crate::engine::Decision]) -> crate::Result<()> {
+    for d in ds {
+        if !matches!(d.outcome, crate::engine::Outcome::Resumed) {
+            return Err(Error::invalid(
+                "resume",
+                format!("session {} did not resume: {:?}", d.session, d.outcome),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Compare a recovered engine with the reference state.
@@ -871,6 +986,14 @@ fn check_one(e: &Engine, st: &SessionStatus, sref: &SessRef, rep: &mut CrashRepo
                 out.push(format!("session {} withdrawn without a withdraw", st.id));
             }
             "withdrawn".to_string()
+        }
+        SessionState::Suspended => {
+            // Every volume is present when the oracle runs: recovery must resume it.
+            out.push(format!(
+                "session {} is suspended although its volumes are present ({:?})",
+                st.id, st.reason
+            ));
+            "suspended".to_string()
         }
         SessionState::Terminated => match &st.reason {
             Some(r) => format!("terminated:{:?}", r.code),

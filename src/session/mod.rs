@@ -117,9 +117,7 @@ impl Session {
     /// [`Corruption`] when the image is inconsistent.
     pub fn from_image(img: &SessionImage) -> Result<Self, Corruption> {
         let s = Session::new(img.desc.clone());
-        if img.state == SessionState::Active
-            && img.bitmap.len() as u64 != img.desc.grains().div_ceil(8)
-        {
+        if img.state.is_live() && img.bitmap.len() as u64 != img.desc.grains().div_ceil(8) {
             return Err(Corruption::Field {
                 what: "checkpoint",
                 field: "bitmap",
@@ -150,7 +148,7 @@ impl Session {
         })
     }
 
-    /// The checkpoint image (bitmaps only for active sessions).
+    /// The checkpoint image (bitmaps only for active and suspended sessions).
     #[must_use]
     pub fn image(&self) -> SessionImage {
         let st = self.status.lock();
@@ -160,7 +158,7 @@ impl Session {
             mode: st.mode,
             reason: st.reason.clone(),
             ended_extents: st.ended_list(),
-            bitmap: if st.state == SessionState::Active {
+            bitmap: if st.state.is_live() {
                 self.bits.to_bytes()
             } else {
                 Vec::new()
@@ -189,6 +187,13 @@ impl Session {
     #[must_use]
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire)
+    }
+
+    /// Whether the relationship still holds: active or suspended (not ended).
+    #[must_use]
+    #[inline]
+    pub fn is_live(&self) -> bool {
+        self.state().is_live()
     }
 
     /// A copy of the status.
