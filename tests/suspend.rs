@@ -440,10 +440,7 @@ mod cli {
         std::fs::rename(d.join("tgt.away"), d.join("tgt.img")).expect("move back");
         assert_eq!(ok(d, &["resume", "t.tzt", "s1"]).trim(), "s1 resumed");
         let st = ok(d, &["status", "t.tzt"]);
-        assert!(
-            st.contains("s1 active") && st.contains(" 1/16 "),
-            "{st}"
-        );
+        assert!(st.contains("s1 active") && st.contains(" 1/16 "), "{st}");
         assert!(export(d, "t.tzt", "s1") == t0, "image differs from T0");
         ok(
             d,

@@ -48,8 +48,32 @@ impl TableOptions {
             journal_bytes: self.journal_bytes,
             checkpoint_bytes: self.checkpoint_bytes,
         };
-        super::format::validate_layout(&l)
-            .map_err(|c| Error::invalid("table size", c.to_string()))?;
+        use crate::limits::{
+            CHECKPOINT_MAX_BYTES, CHECKPOINT_MIN_BYTES, JOURNAL_MAX_BYTES, JOURNAL_MIN_BYTES,
+        };
+        if super::format::validate_layout(&l).is_err() {
+            let journal_ok = (JOURNAL_MIN_BYTES..=JOURNAL_MAX_BYTES).contains(&l.journal_bytes)
+                && l.journal_bytes % JOURNAL_BLOCK_BYTES as u64 == 0;
+            return Err(if journal_ok {
+                Error::invalid(
+                    "checkpoint capacity",
+                    format!(
+                        "{} bytes: must be a multiple of 4096 from {CHECKPOINT_MIN_BYTES} to \
+                         {CHECKPOINT_MAX_BYTES}",
+                        l.checkpoint_bytes
+                    ),
+                )
+            } else {
+                Error::invalid(
+                    "journal size",
+                    format!(
+                        "{} bytes: must be a multiple of {JOURNAL_BLOCK_BYTES} from \
+                         {JOURNAL_MIN_BYTES} to {JOURNAL_MAX_BYTES}",
+                        l.journal_bytes
+                    ),
+                )
+            });
+        }
         Ok(l)
     }
 }

@@ -34,15 +34,7 @@ pub fn check_volume(path: &Path, table: &Path) -> Result<()> {
         return refuse("it is a socket (an NBD or control socket?)".to_string());
     }
     if !ft.is_file() && !ft.is_block_device() {
-        let what = if ft.is_dir() {
-            "a directory"
-        } else if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_char_device() {
-            "a character device"
-        } else {
-            "not a regular file"
-        };
+        let what = file_kind(&ft);
         return refuse(format!("it is {what}, not a file or block device"));
     }
     let id = file_identity(path)?;
@@ -67,4 +59,23 @@ pub fn check_volume(path: &Path, table: &Path) -> Result<()> {
         return refuse("it is a timezero activity table".to_string());
     }
     Ok(())
+}
+
+/// What kind of file `ft` is, in words (`a FIFO`, `a directory`, ...).
+pub(super) fn file_kind(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
 }

@@ -998,21 +998,7 @@ fn write_input(from: &Path, len: Option<u64>) -> Result<(Box<dyn Read>, u64)> {
 
 /// Why a `--from` that is not a regular file needs `--len`.
 fn not_regular(shown: &str, meta: &std::fs::Metadata) -> String {
-    use std::os::unix::fs::FileTypeExt as _;
-    let ft = meta.file_type();
-    let what = if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_char_device() {
-        "a character device"
-    } else if ft.is_block_device() {
-        "a block device"
-    } else if ft.is_socket() {
-        "a socket"
-    } else if ft.is_dir() {
-        "a directory"
-    } else {
-        "not a regular file"
-    };
+    let what = guard::file_kind(&meta.file_type());
     format!("{shown} is {what}; give --len (at most 64MiB)")
 }
 
