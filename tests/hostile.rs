@@ -1359,3 +1359,31 @@ mod bad_input {
         assert!(row.starts_with("s1 completed") && row.contains("100.0%") && row.contains("1MiB"));
     }
 }
+
+/// A target moved away for a moment: a command that opens the table suspends the session
+/// instead of ending it, a write that would need copy-before-write is refused (naming the
+/// session and the path) and leaves the source as it was; moved back, `resume` resumes the
+/// session and its image is still the source at T0.
+#[test]
+fn hostile_missing_then_returned_volume_suspends_and_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let src = table_with_session(d, 1 << 20);
+    random_file(&d.join("data.bin"), 4096, 11);
+    std::fs::rename(d.join("tgt.img"), d.join("tgt.away")).expect("move target away");
+    let o = run_in(d, &["write", "t.tzt", "src.img", "0", "--from", "data.bin"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("session s1 is suspended") && err.contains("tgt.img"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(d.join("src.img")).expect("source"), src);
+    let st = ok_in(d, &["status", "t.tzt"]);
+    assert!(st.contains("s1 suspended"), "{st}");
+    std::fs::rename(d.join("tgt.away"), d.join("tgt.img")).expect("move target back");
+    assert_eq!(ok_in(d, &["resume", "t.tzt", "s1"]).trim(), "s1 resumed");
+    ok_in(d, &["write", "t.tzt", "src.img", "0", "--from", "data.bin"]);
+    ok_in(d, &["export", "t.tzt", "s1", "image.raw"]);
+    assert_eq!(std::fs::read(d.join("image.raw")).expect("image"), src);
+}
