@@ -190,18 +190,7 @@ impl MmapStorage {
     /// # Errors
     /// I/O errors with context, [`Error::Locked`] when another process holds it.
     pub fn open(path: &Path) -> Result<Self> {
-        let shown = path.display().to_string();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io("open", &shown, 0, e))?;
-        lock_exclusive(&file, path)?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io("stat", &shown, 0, e))?
-            .len();
-        Self::map(file, path, len, false)
+        Self::open_existing(path, false)
     }
 
     /// Open an existing table file for reading only: no lock is taken (another process may
@@ -210,16 +199,24 @@ impl MmapStorage {
     /// # Errors
     /// I/O errors with context.
     pub fn open_read_only(path: &Path) -> Result<Self> {
+        Self::open_existing(path, true)
+    }
+
+    fn open_existing(path: &Path, read_only: bool) -> Result<Self> {
         let shown = path.display().to_string();
         let file = OpenOptions::new()
             .read(true)
+            .write(!read_only)
             .open(path)
             .map_err(|e| Error::io("open", &shown, 0, e))?;
+        if !read_only {
+            lock_exclusive(&file, path)?;
+        }
         let len = file
             .metadata()
             .map_err(|e| Error::io("stat", &shown, 0, e))?
             .len();
-        Self::map(file, path, len, true)
+        Self::map(file, path, len, read_only)
     }
 
     fn map(file: File, path: &Path, len: u64, read_only: bool) -> Result<Self> {
