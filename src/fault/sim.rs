@@ -283,12 +283,8 @@ impl SimWorld {
         Self::tick(&mut s, "read", &name, off)?;
         let mut off = off;
         if kind == DevKind::Table {
-            let k = s.table_reads;
-            s.table_reads += 1;
-            if let Some((_, src)) = s.faults.misdirect_table_read.filter(|(i, _)| *i == k) {
-                let max = dev_len.saturating_sub(buf.len() as u64);
-                off = (src.min(max) / SECTOR as u64) * SECTOR as u64;
-            }
+            let fault = s.faults.misdirect_table_read;
+            off = misplaced(&mut s.table_reads, fault, off, buf.len(), dev_len);
         }
         let o = usize::try_from(off).map_err(|_| Error::invalid("offset", "too large"))?;
         buf.copy_from_slice(&s.devs[dev].current[o..o + buf.len()]);
@@ -314,12 +310,8 @@ impl SimWorld {
         }
         let mut off = off;
         if kind == DevKind::Table {
-            let k = s.table_writes;
-            s.table_writes += 1;
-            if let Some((_, dest)) = s.faults.misdirect_table_write.filter(|(i, _)| *i == k) {
-                let max = dev_len.saturating_sub(data.len() as u64);
-                off = (dest.min(max) / SECTOR as u64) * SECTOR as u64;
-            }
+            let fault = s.faults.misdirect_table_write;
+            off = misplaced(&mut s.table_writes, fault, off, data.len(), dev_len);
         }
         if kind == DevKind::Volume {
             if let Some(mut c) = s.checker.take() {
@@ -417,6 +409,26 @@ pub struct CrashLog {
     pub devices: Vec<(String, DevKind, Vec<u8>)>,
     /// Writes and flushes in issue order.
     pub events: Vec<IoEvent>,
+}
+
+/// Count one table I/O in `counter`; when `fault` names this one `(index, place)`, return the
+/// sector-aligned place (clamped into the device) it lands at instead of `off` (F6).
+fn misplaced(
+    counter: &mut u64,
+    fault: Option<(u64, u64)>,
+    off: u64,
+    len: usize,
+    dev_len: u64,
+) -> u64 {
+    let k = *counter;
+    *counter += 1;
+    match fault {
+        Some((i, place)) if i == k => {
+            let max = dev_len.saturating_sub(len as u64);
+            (place.min(max) / SECTOR as u64) * SECTOR as u64
+        }
+        _ => off,
+    }
 }
 
 /// What happens to one unsynced write in a crash image.
