@@ -11,7 +11,8 @@ pub mod bench;
 pub mod bitmap;
 pub mod cli;
 pub mod control;
-pub mod copier;
+/// The background copier (see [`engine::copier`]).
+pub use engine::copier;
 pub mod engine;
 #[cfg(feature = "fault")]
 pub mod fault;

@@ -10,6 +10,7 @@ pub(crate) mod aligned;
 pub(crate) use aligned::AlignedBuf;
 mod file;
 mod mem;
+mod open;
 mod probe;
 // The io_uring backend is the one place that needs `unsafe` (see docs/unsafe.md).
 #[cfg(feature = "uring")]
@@ -18,6 +19,10 @@ mod uring;
 
 pub use file::{FileVolume, FileVolumeOptions};
 pub use mem::MemVolume;
+pub(crate) use open::uring_allowed;
+pub use open::{
+    open_file_volume, Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING,
+};
 pub use probe::{create_complete, file_identity, sync_dir, visible_data, PROBE_BYTES};
 #[cfg(feature = "uring")]
 pub use uring::{uring_available, UringVolume};

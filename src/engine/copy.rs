@@ -1,0 +1,161 @@
+//! The background copy's primitives: copy a run of uncopied grains and keep it held
+//! ([`Engine::copy_data`]), make it durable and record it ([`Engine::commit_copied`]).
+
+use crate::activity::format::Entry;
+
+use super::lifecycle::live_extents_copied;
+use super::Engine;
+use crate::ids::SessionId;
+use crate::session::GrainHold;
+use crate::{Error, Result};
+
+thread_local! {
+    /// The background copy's data buffer, one per thread (see [`Engine::copy_data`]).
+    static COPY_BUF: std::cell::RefCell<crate::volume::AlignedBuf> =
+        std::cell::RefCell::new(crate::volume::AlignedBuf::new(0));
+}
+
+impl Engine {
+    /// Copy up to `max_grains` uncopied grains of a session starting the search at grain
+    /// `from`, make them durable and commit their bits; returns the grain after the last one
+    /// examined and how many grains were copied (`None` when none is left from `from`). Grains
+    /// locked by a writer are skipped (the writer copies them).
+    ///
+    /// # Errors
+    /// I/O and table errors.
+    pub fn copy_batch(
+        &self,
+        id: SessionId,
+        from: u64,
+        max_grains: u64,
+    ) -> Result<Option<(u64, u64)>> {
+        match self.copy_data(id, from, max_grains)? {
+            None => Ok(None),
+            Some((next, None)) => Ok(Some((next, 0))),
+            Some((next, Some(hold))) => {
+                let (g0, g1) = hold.range();
+                self.commit_copied(id, vec![hold])?;
+                Ok(Some((next, g1 - g0)))
+            }
+        }
+    }
+
+    /// The data half of [`Engine::copy_batch`]: copy up to `max_grains` uncopied grains to the
+    /// target and return them *still held*, without making them durable or recording them. The
+    /// caller passes the holds to [`Engine::commit_copied`] (many at once, to share one flush
+    /// and one commit). Holding the grains until their bits are durable is what keeps a source
+    /// writer from changing them while a copy of them is in flight (see
+    /// [`Session::try_hold`](crate::session::Session::try_hold)). A hold dropped without a commit is simply copied again later.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn copy_data(
+        &self,
+        id: SessionId,
+        from: u64,
+        max_grains: u64,
+    ) -> Result<Option<(u64, Option<GrainHold>)>> {
+        let s = self.session(id)?;
+        if !s.is_active() {
+            return Ok(None);
+        }
+        let Some(g) = s.bits().next_clear(from) else {
+            return Ok(None);
+        };
+        let (ext, ext_end) = s
+            .map
+            .extent_of_grain(g)
+            .ok_or_else(|| Error::invalid("grain", "outside extents"))?;
+        if !s.extent_live(ext) {
+            return Ok(Some((ext_end, None)));
+        }
+        let run = s.bits().clear_run(g, max_grains.min(ext_end - g)).max(1);
+        let Some(hold) = s.try_hold(g, g + run) else {
+            return Ok(Some((g + 1, None)));
+        };
+        // Re-check under the hold: bits set before we took it shrink the run to the uncopied
+        // prefix; none can be set while we hold it.
+        let uncopied = s.bits().clear_run(g, run);
+        if uncopied == 0 {
+            return Ok(Some((g + 1, None)));
+        }
+        let (run, hold) = if uncopied == run {
+            (run, hold)
+        } else {
+            // The hold must cover exactly the grains whose bits will be committed.
+            drop(hold);
+            match s.try_hold(g, g + uncopied) {
+                Some(h) if s.bits().clear_run(g, uncopied) == uncopied => (uncopied, h),
+                _ => return Ok(Some((g + 1, None))),
+            }
+        };
+        let p = s
+            .map
+            .grain_piece(g, g + run)
+            .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
+        let src = self.handle(s.desc.source.id)?;
+        let tgt = self.handle(s.desc.target.id)?;
+        let len = usize::try_from(p.len).map_err(|_| Error::invalid("copy", "len"))?;
+        COPY_BUF.with(|b| {
+            // One aligned buffer per copying thread, reused: no allocation per batch, and no
+            // bounce copy for O_DIRECT volumes.
+            let mut b = b.borrow_mut();
+            b.resize(len);
+            src.read_retry(b.get_mut(), p.source_offset)?;
+            tgt.write_retry(b.get(), p.target_offset)
+        })?;
+        Ok(Some((g + run, Some(hold))))
+    }
+
+    /// Make the target of a session durable, then record the grains that
+    /// [`Engine::copy_data`] copied (rule 3: bits only after their data), then release them.
+    ///
+    /// # Errors
+    /// I/O and table errors.
+    pub fn commit_copied(&self, id: SessionId, holds: Vec<GrainHold>) -> Result<()> {
+        if holds.is_empty() {
+            return Ok(());
+        }
+        let s = self.session(id)?;
+        self.handle(s.desc.target.id)?.flush()?;
+        let entries = holds
+            .iter()
+            .map(|h| {
+                let (start, end) = h.range();
+                Entry::SetBits {
+                    session: id,
+                    start,
+                    count: end - start,
+                }
+            })
+            .collect();
+        self.table.commit(entries)?;
+        drop(holds);
+        Ok(())
+    }
+
+    /// Run the background copy of one session to the end in the calling thread. Returns grains
+    /// copied.
+    ///
+    /// # Errors
+    /// I/O and table errors.
+    pub fn copy_all(&self, id: SessionId, batch_grains: u64) -> Result<u64> {
+        let mut total = 0;
+        let mut from = 0;
+        loop {
+            match self.copy_batch(id, from, batch_grains)? {
+                Some((next, n)) => {
+                    total += n;
+                    from = next;
+                }
+                None if from == 0 => break,
+                // Grains of ended extents stay uncopied for good: stop once every live
+                // extent is copied instead of wrapping forever.
+                None if live_extents_copied(&*self.session(id)?) => break,
+                None => from = 0,
+            }
+        }
+        self.complete_if_done(id)?;
+        Ok(total)
+    }
+}

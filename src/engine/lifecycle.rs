@@ -1,0 +1,354 @@
+//! Session lifecycle: what to establish ([`SessionSpec`]), establishing it (validation, the
+//! write gate, one commit), withdrawing, converting no-copy to copy, terminating and completing.
+
+use crate::activity::format::{
+    CopyMode, Entry, ExtentSpec, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef,
+};
+
+use super::{not_usable, Engine};
+use crate::ids::{GrainSize, SessionId, VolumeId};
+use crate::session::Session;
+use crate::volume::{check_range, VolumeInfo};
+use crate::{Error, Result};
+
+/// What to establish.
+#[derive(Debug, Clone)]
+pub struct SessionSpec {
+    /// Source volume (attached).
+    pub source: VolumeId,
+    /// Target volume (attached).
+    pub target: VolumeId,
+    /// Extents; empty means the whole source at the same offsets in the target.
+    pub extents: Vec<ExtentSpec>,
+    /// Grain. Default = 64 KiB.
+    pub grain: GrainSize,
+    /// Mode.
+    pub mode: CopyMode,
+}
+
+impl SessionSpec {
+    /// A whole-volume copy session with the default grain.
+    #[must_use]
+    pub fn whole(source: VolumeId, target: VolumeId) -> Self {
+        SessionSpec {
+            source,
+            target,
+            extents: Vec::new(),
+            grain: GrainSize::DEFAULT,
+            mode: CopyMode::Copy,
+        }
+    }
+}
+
+impl Engine {
+    /// Establish a session: from the moment this returns, its image reads as the source did.
+    ///
+    /// # Errors
+    /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::TargetTooSmall`],
+    /// [`Error::TargetInUse`], [`Error::Overlap`], [`Error::ExtentsOverlap`],
+    /// [`Error::UnknownVolume`], [`Error::NotAVolume`] (the table's own file), table errors.
+    pub fn establish(&self, spec: &SessionSpec) -> Result<SessionId> {
+        let src = self.handle(spec.source)?;
+        let tgt = self.handle(spec.target)?;
+        self.refuse_table_file(&src.info)?;
+        self.refuse_table_file(&tgt.info)?;
+        let g = spec.grain.bytes();
+        let extents = if spec.extents.is_empty() {
+            let len = src.info.size - src.info.size % g;
+            if len == 0 {
+                return Err(Error::OutOfRange {
+                    offset: 0,
+                    len: g,
+                    what: "source volume",
+                    size: src.info.size,
+                });
+            }
+            vec![ExtentSpec {
+                source_offset: 0,
+                target_offset: 0,
+                len,
+            }]
+        } else {
+            spec.extents.clone()
+        };
+        self.validate(&src.info, &tgt.info, spec.grain, &extents)?;
+        let id = self.table.allocate_session_id();
+        let desc = SessionDesc {
+            id,
+            mode: spec.mode,
+            grain: spec.grain,
+            source: VolumeRef::from(&src.info),
+            target: VolumeRef::from(&tgt.info),
+            extents,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
+                .unwrap_or(0),
+        };
+        self.table.make_room(&desc)?;
+        // T0: drain writers of both volumes (in id order), make the source durable, commit.
+        let (a, b) = if src.info.id <= tgt.info.id {
+            (&src, &tgt)
+        } else {
+            (&tgt, &src)
+        };
+        let _ga = a
+            .gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _gb = (a.info.id != b.info.id).then(|| {
+            b.gate
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
+        // Re-validate against sessions established while we waited.
+        self.validate(&src.info, &tgt.info, spec.grain, &desc.extents)?;
+        src.flush()?;
+        if let Err(e) = self.table.commit(vec![Entry::Establish(desc)]) {
+            // The entry may have reached the table (a failed durability point says nothing
+            // either way): recovery may resume the session, so neither its source (which would
+            // change without copy-before-write) nor its target (whose writes the resumed
+            // session's copier would overwrite, and its image would not show) may change.
+            // Refuse writes to both until the table is reopened and recovery decides.
+            src.fenced.store(true, std::sync::atomic::Ordering::Release);
+            tgt.fenced.store(true, std::sync::atomic::Ordering::Release);
+            return Err(e);
+        }
+        self.refresh_active();
+        Ok(id)
+    }
+
+    fn validate(
+        &self,
+        src: &VolumeInfo,
+        tgt: &VolumeInfo,
+        grain: GrainSize,
+        extents: &[ExtentSpec],
+    ) -> Result<()> {
+        let g = grain.bytes();
+        if extents.is_empty() || extents.len() > crate::limits::EXTENTS_PER_SESSION_MAX {
+            return Err(Error::invalid(
+                "extents",
+                format!(
+                    "{} extents (1 to {} allowed)",
+                    extents.len(),
+                    crate::limits::EXTENTS_PER_SESSION_MAX
+                ),
+            ));
+        }
+        let align = g
+            .max(u64::from(src.sector_size))
+            .max(u64::from(tgt.sector_size));
+        for e in extents {
+            for off in [e.source_offset, e.target_offset] {
+                if off % align != 0 || e.len % align != 0 || e.len == 0 {
+                    return Err(Error::Misaligned {
+                        offset: off,
+                        len: e.len,
+                        align,
+                    });
+                }
+            }
+            check_range(e.source_offset, e.len, src.size, "source volume")?;
+        }
+        if let Some(e) = extents
+            .iter()
+            .find(|e| e.target_offset.saturating_add(e.len) > tgt.size)
+        {
+            return Err(Error::TargetTooSmall {
+                target: tgt.locator.clone(),
+                offset: e.target_offset,
+                len: e.len,
+                size: tgt.size,
+            });
+        }
+        // Within the session: no two extents overlap on either side, and on one volume no
+        // source range overlaps a target range.
+        let range = |o: u64, l: u64| format!("{o}+{l}");
+        for (i, a) in extents.iter().enumerate() {
+            for b in &extents[i + 1..] {
+                if overlaps(a.source_offset, a.len, b.source_offset, b.len) {
+                    return Err(Error::ExtentsOverlap {
+                        side: "source",
+                        volume: src.locator.clone(),
+                        first: range(a.source_offset, a.len),
+                        second: range(b.source_offset, b.len),
+                    });
+                }
+                if overlaps(a.target_offset, a.len, b.target_offset, b.len) {
+                    return Err(Error::ExtentsOverlap {
+                        side: "target",
+                        volume: tgt.locator.clone(),
+                        first: range(a.target_offset, a.len),
+                        second: range(b.target_offset, b.len),
+                    });
+                }
+            }
+            if src.id == tgt.id {
+                for b in extents {
+                    if overlaps(a.source_offset, a.len, b.target_offset, b.len) {
+                        return Err(Error::Overlap {
+                            volume: src.locator.clone(),
+                            offset: b.target_offset,
+                            len: b.len,
+                        });
+                    }
+                }
+            }
+        }
+        // Against other active sessions: targets are exclusive; a range is never both a source
+        // and a target.
+        for s in self.active.load().iter() {
+            for o in &s.desc.extents {
+                for e in extents {
+                    if s.desc.target.id == tgt.id
+                        && overlaps(o.target_offset, o.len, e.target_offset, e.len)
+                    {
+                        return Err(Error::TargetInUse {
+                            volume: tgt.locator.clone(),
+                            offset: e.target_offset,
+                            len: e.len,
+                            other: s.id(),
+                        });
+                    }
+                    if s.desc.source.id == tgt.id
+                        && overlaps(o.source_offset, o.len, e.target_offset, e.len)
+                    {
+                        return Err(Error::Overlap {
+                            volume: tgt.locator.clone(),
+                            offset: e.target_offset,
+                            len: e.len,
+                        });
+                    }
+                    if s.desc.target.id == src.id
+                        && overlaps(o.target_offset, o.len, e.source_offset, e.len)
+                    {
+                        return Err(Error::Overlap {
+                            volume: src.locator.clone(),
+                            offset: e.source_offset,
+                            len: e.len,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// End a session at the user's request.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::NotActive`], table errors.
+    pub fn withdraw(&self, id: SessionId) -> Result<()> {
+        let s = self.session(id)?;
+        if !s.is_live() {
+            return Err(Error::NotActive {
+                id,
+                state: s.status().state.to_string(),
+            });
+        }
+        self.table.commit(vec![Entry::SetState {
+            session: id,
+            state: SessionState::Withdrawn,
+            reason: Some(Reason::new(ReasonCode::Withdrawn, "withdrawn by request")),
+        }])?;
+        self.refresh_active();
+        Ok(())
+    }
+
+    /// Ok when the session is active; else the error a use of it gets: [`Error::Suspended`]
+    /// (naming the unavailable volume) or [`Error::NotActive`].
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::Suspended`], [`Error::NotActive`].
+    pub fn check_active(&self, id: SessionId) -> Result<()> {
+        let s = self.session(id)?;
+        if s.is_active() {
+            return Ok(());
+        }
+        Err(not_usable(&s))
+    }
+
+    /// Convert a no-copy session to copy mode (the background copier then fills the target).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::NotActive`], table errors.
+    pub fn convert_to_copy(&self, id: SessionId) -> Result<()> {
+        let s = self.session(id)?;
+        if !s.is_live() {
+            return Err(Error::NotActive {
+                id,
+                state: s.status().state.to_string(),
+            });
+        }
+        if s.status().mode == CopyMode::Copy {
+            return Ok(());
+        }
+        self.table.commit(vec![Entry::SetMode {
+            session: id,
+            mode: CopyMode::Copy,
+        }])
+    }
+
+    /// Terminate a session (active or suspended) with a reason.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub fn terminate(&self, id: SessionId, reason: Reason) -> Result<()> {
+        let s = self.session(id)?;
+        if !s.is_live() {
+            return Ok(());
+        }
+        self.table.commit(vec![Entry::SetState {
+            session: id,
+            state: SessionState::Terminated,
+            reason: Some(reason),
+        }])?;
+        self.refresh_active();
+        Ok(())
+    }
+
+    /// Mark a copy-mode session complete if every grain is copied. Returns true when it is
+    /// (now or before) complete.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub fn complete_if_done(&self, id: SessionId) -> Result<bool> {
+        let s = self.session(id)?;
+        let st = s.status();
+        if st.state == SessionState::Completed {
+            return Ok(true);
+        }
+        if st.state != SessionState::Active || st.mode != CopyMode::Copy {
+            return Ok(false);
+        }
+        // Ended extents never complete; the session completes when every live extent has.
+        if !live_extents_copied(&s) {
+            return Ok(false);
+        }
+        // Every bit is durable, so every target grain is durable: the target is independent.
+        self.table.commit(vec![Entry::SetState {
+            session: id,
+            state: SessionState::Completed,
+            reason: None,
+        }])?;
+        self.refresh_active();
+        Ok(true)
+    }
+}
+
+/// Every grain of every extent that has not ended is copied.
+pub(super) fn live_extents_copied(s: &Session) -> bool {
+    let st = s.status();
+    s.map
+        .image_pieces(0, s.map.image_len())
+        .filter(|p| st.ended.get(p.extent).is_some_and(Option::is_none))
+        .all(|p| {
+            let (g0, g1) = s.map.grains_of(&p);
+            s.bits().all_set(g0, g1 - g0)
+        })
+}
+
+fn overlaps(a: u64, al: u64, b: u64, bl: u64) -> bool {
+    a < b.saturating_add(bl) && b < a.saturating_add(al)
+}

@@ -1,0 +1,609 @@
+//! The engine: one activity table, the volumes its sessions use, and every I/O path that
+//! crosses a session.
+//!
+//! # The single mutation point
+//!
+//! Session state changes in exactly one place: [`Table::commit`]. Every change (establish,
+//! copied bits, ended extents, state changes) is a list of journal entries committed by the
+//! table; the in-memory [`Session`] objects are updated by the table *after* those entries are
+//! durable. Nothing in this module changes a session any other way, so memory never runs ahead
+//! of the disk and a set copied bit always means "durable, and its data durable before it".
+//!
+//! # Write order
+//!
+//! A source write that touches uncopied grains (crash-model rule 2, in `write.rs`): lock the
+//! grains (per session, in session order) -> read the old bytes once -> write every target that
+//! needs them -> flush those targets (shared) -> commit the copied bits (shared) -> release the
+//! source write -> unlock. A write that touches only copied or uncovered grains checks the
+//! bitmap and goes straight to the volume. The background copy (`copy.rs`, driven by
+//! [`copier`]) holds grains, copies, flushes the target, commits, then releases (rule 3).
+//!
+//! # Rooms
+//!
+//! | file | concern |
+//! |---|---|
+//! | `mod.rs` | [`Engine`]: open/create, attach volumes, status, direct volume I/O |
+//! | `lifecycle.rs` | [`SessionSpec`], establish, withdraw, convert, terminate, complete |
+//! | `write.rs` | source writes with copy-before-write, target writes ([`Engine::write_image`]) |
+//! | `image.rs` | [`Image`] and the lock-free image read with its re-check |
+//! | `copy.rs` | [`Engine::copy_data`] / [`Engine::commit_copied`] / [`Engine::copy_all`] |
+//! | `copier.rs` | [`copier::Copier`]: background workers, rate limit, pause, progress |
+//! | `recovery.rs` | reconcile on open, on reset and on resume; [`Decision`], [`RestartPolicy`] |
+
+pub mod copier;
+mod copy;
+mod image;
+mod lifecycle;
+mod recovery;
+mod write;
+
+pub use crate::volume::{
+    open_file_volume, Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING,
+};
+pub use image::Image;
+pub use lifecycle::SessionSpec;
+pub use recovery::{Decision, FileResolver, MapResolver, Outcome, RestartPolicy, VolumeResolver};
+#[cfg(feature = "fault")]
+pub use write::set_canary_skip_cbw_flush;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+
+use crate::activity::format::{CopyMode, ExtentSpec, Reason, ReasonCode, SessionState};
+use crate::activity::{MmapStorage, OpenReport, Table, TableOptions, TableStorage};
+
+use crate::ids::{SessionId, VolumeId};
+use crate::session::Session;
+use crate::sync::GroupSync;
+use crate::volume::{FileVolumeOptions, Volume, VolumeInfo};
+use crate::{Error, Result};
+
+/// What to do when copying old data for a source write fails after bounded retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyErrorPolicy {
+    /// Fail the source write; the session stays intact. Default.
+    #[default]
+    FailWrite,
+    /// Terminate the session (reason `CopyFailed`) and let the source write proceed.
+    TerminateSession,
+}
+
+/// Engine options.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Restart policy. Default = [`RestartPolicy::Resume`].
+    pub restart: RestartPolicy,
+    /// Copy error policy. Default = [`CopyErrorPolicy::FailWrite`].
+    pub on_copy_error: CopyErrorPolicy,
+    /// Options for file volumes the engine opens itself. Default = buffered, read-write.
+    pub file_options: FileVolumeOptions,
+    /// File backend. Default = [`Backend::Auto`]: io_uring for `O_DIRECT` volumes where the
+    /// kernel allows, pread/pwrite for buffered ones.
+    pub backend: Backend,
+    /// Sizes for a newly created table.
+    pub table: TableOptions,
+    /// Open a table that is older than its rollback witness (see [`Table::open_with`]),
+    /// terminating every active session with `TableRolledBack`, instead of refusing it.
+    /// Default = false.
+    pub accept_rollback: bool,
+}
+
+/// An attached volume with its durability group and write gate.
+#[derive(Debug)]
+pub(crate) struct VolumeHandle {
+    pub(crate) vol: Arc<dyn Volume>,
+    pub(crate) info: VolumeInfo,
+    sync: GroupSync,
+    /// Writers hold it shared; establishing a session on this volume holds it exclusively, so
+    /// T0 falls between writes. Sharded: a writer locks only its thread's shard, so the writers
+    /// of a volume do not all update one shared lock word (establish locks every shard).
+    gate: crossbeam::sync::ShardedLock<()>,
+    /// Set when an `Establish` with this volume as source failed to commit: the session may
+    /// still be durable, so writes are refused until the table is reopened and recovered.
+    fenced: std::sync::atomic::AtomicBool,
+}
+
+impl VolumeHandle {
+    fn name(&self) -> String {
+        self.info.locator.clone()
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.sync.sync(&self.name(), || self.vol.flush())
+    }
+
+    fn check_live(&self) -> Result<()> {
+        if self.sync.is_failed() || self.fenced.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::Poisoned {
+                target: self.name(),
+            });
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn read_retry(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        retry(|| self.vol.read_at(buf, off))
+    }
+
+    #[inline(always)]
+    fn write_retry(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_live()?;
+        retry(|| self.vol.write_at(buf, off))
+    }
+}
+
+#[inline(always)]
+fn retry(mut f: impl FnMut() -> Result<()>) -> Result<()> {
+    let mut last = None;
+    for _ in 0..crate::limits::DATA_IO_RETRIES_MAX {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(e @ Error::Io { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::invalid("retry", "no attempt made")))
+}
+
+/// A session's status, for display and JSON.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionStatus {
+    /// Id.
+    pub id: u64,
+    /// State.
+    pub state: SessionState,
+    /// Mode.
+    pub mode: CopyMode,
+    /// Why it ended, or why it is suspended.
+    pub reason: Option<Reason>,
+    /// For a suspended session: the path (locator) of the volume that cannot be found or
+    /// opened.
+    pub unavailable: Option<String>,
+    /// Source locator.
+    pub source: String,
+    /// Target locator.
+    pub target: String,
+    /// Grain in bytes.
+    pub grain_bytes: u64,
+    /// Extents.
+    pub extents: Vec<ExtentSpec>,
+    /// Ended extents (index, reason).
+    pub ended_extents: Vec<(u32, Reason)>,
+    /// Grains copied.
+    pub grains_copied: u64,
+    /// Grains in total.
+    pub grains_total: u64,
+    /// T0, ms since the epoch.
+    pub created_unix_ms: u64,
+}
+
+/// The committed state of a table read without taking it (see [`read_status`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableSnapshot {
+    /// Every session, as the table's durable state has it.
+    pub sessions: Vec<SessionStatus>,
+    /// The process holding the table (`pid N (command)`), if one does.
+    pub holder: Option<String>,
+    /// `(where the journal ends, what the witness saw)` when the table file is older than its
+    /// rollback witness (every command that opens it refuses it).
+    pub rolled_back: Option<(u64, u64)>,
+}
+
+/// Read the committed state of the table at `path` without taking it and without changing
+/// anything: no lock, no recovery, no reconcile, no checkpoint (see
+/// [`Table::open_read_only`]). Works while another process holds and writes the table; the
+/// sessions are as its last commit left them (a session whose volume has gone still shows as
+/// it was until the holder, or the next open, reconciles it).
+///
+/// # Errors
+/// I/O errors; [`Error::Corrupt`] when no committed state can be read (after a few tries, in
+/// case a writer was switching checkpoints).
+pub fn read_status(path: &Path) -> Result<TableSnapshot> {
+    const TRIES: usize = 10;
+    let mut last = None;
+    for _ in 0..TRIES {
+        let storage: Arc<dyn TableStorage> = Arc::new(MmapStorage::open_read_only(path)?);
+        match Table::open_read_only(storage) {
+            Ok((t, _)) => {
+                return Ok(TableSnapshot {
+                    sessions: t.sessions().iter().map(|s| session_status(s)).collect(),
+                    holder: crate::activity::table_holder(path),
+                    rolled_back: t.rolled_back()?,
+                })
+            }
+            Err(e @ Error::Corrupt { .. }) => {
+                last = Some(e);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::invalid("status", "no committed state could be read")))
+}
+
+/// The engine: one activity table and the volumes its sessions use.
+#[derive(Debug)]
+pub struct Engine {
+    table: Table,
+    /// The attached volumes, as a snapshot that readers load without a lock or a shared
+    /// reference-count update (every write looks its volume up here, from many threads).
+    volumes: ArcSwap<FxHashMap<VolumeId, Arc<VolumeHandle>>>,
+    /// Serialises changes of `volumes` (copy, insert, store).
+    volumes_change: Mutex<()>,
+    /// Bumped after every change of `volumes` (a handle added or replaced): an [`Image`]
+    /// resolved under an older value looks its volumes up again.
+    volumes_epoch: std::sync::atomic::AtomicU64,
+    /// The live (active and suspended) sessions, as a snapshot (loaded by every write, like
+    /// `volumes`).
+    active: ArcSwap<Vec<Arc<Session>>>,
+    /// Serialises `refresh_active` (read the table, store the snapshot), so that a snapshot
+    /// taken earlier never replaces one taken later.
+    active_change: Mutex<()>,
+    options: EngineOptions,
+    /// Copy-before-write writes in progress (the background copier yields to them).
+    cow_inflight: std::sync::atomic::AtomicUsize,
+    /// The backend of the first file volume this engine opened.
+    backend: std::sync::OnceLock<&'static str>,
+    /// Identity (device and inode) of the table's file, when the table is a file: it is
+    /// never accepted as a volume.
+    table_file: Option<VolumeId>,
+    /// Decisions taken when the table was opened.
+    pub decisions: Vec<Decision>,
+    /// What opening the table found.
+    pub open_report: OpenReport,
+}
+
+impl Engine {
+    /// Create a new table file at `path` and open an engine on it.
+    ///
+    /// # Errors
+    /// I/O errors; `AlreadyExists` when the file exists.
+    ///
+    /// The table is built under a temporary name in the same directory and renamed into place
+    /// only when it is complete (file and directory synced), so a failed create (a full disk)
+    /// leaves nothing behind.
+    pub fn create_path(path: &Path, options: EngineOptions) -> Result<Engine> {
+        let layout = options.table.layout()?;
+        crate::volume::create_complete(path, |tmp| {
+            let storage: Arc<dyn TableStorage> =
+                Arc::new(MmapStorage::create(tmp, layout.file_bytes())?);
+            Table::create(storage, &options.table).map(drop)
+        })?;
+        Engine::open_path(path, options)
+    }
+
+    /// Open an existing table file, recover, and reconcile its sessions against file volumes.
+    ///
+    /// # Errors
+    /// I/O errors, [`Error::Locked`], [`Error::Corrupt`].
+    pub fn open_path(path: &Path, options: EngineOptions) -> Result<Engine> {
+        let storage: Arc<dyn TableStorage> = Arc::new(MmapStorage::open(path)?);
+        let resolver = FileResolver {
+            options: options.file_options.clone(),
+            backend: options.backend,
+            opened: std::sync::OnceLock::new(),
+        };
+        let mut e = Engine::open(storage, &resolver, options)?;
+        if let Some(name) = resolver.opened.get() {
+            let _ = e.backend.set(name);
+        }
+        e.table_file = Some(crate::volume::file_identity(path)?);
+        Ok(e)
+    }
+
+    /// Create a table on `storage`.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn create(storage: Arc<dyn TableStorage>, options: EngineOptions) -> Result<Engine> {
+        let table = Table::create(storage, &options.table)?;
+        Ok(Engine::from_table(table, OpenReport::default(), options))
+    }
+
+    /// Open the table on `storage`, recover, and reconcile sessions against the volumes the
+    /// resolver finds.
+    ///
+    /// # Errors
+    /// I/O errors, [`Error::Corrupt`].
+    pub fn open(
+        storage: Arc<dyn TableStorage>,
+        resolver: &dyn VolumeResolver,
+        options: EngineOptions,
+    ) -> Result<Engine> {
+        let (table, report) = Table::open_with(storage, options.accept_rollback)?;
+        let mut e = Engine::from_table(table, report, options);
+        let decisions = e.reconcile_all(resolver)?;
+        e.decisions = decisions;
+        Ok(e)
+    }
+
+    fn from_table(table: Table, open_report: OpenReport, options: EngineOptions) -> Engine {
+        let e = Engine {
+            table,
+            volumes: ArcSwap::from_pointee(FxHashMap::default()),
+            volumes_change: Mutex::new(()),
+            volumes_epoch: std::sync::atomic::AtomicU64::new(0),
+            active: ArcSwap::from_pointee(Vec::new()),
+            active_change: Mutex::new(()),
+            options,
+            cow_inflight: std::sync::atomic::AtomicUsize::new(0),
+            backend: std::sync::OnceLock::new(),
+            table_file: None,
+            decisions: Vec::new(),
+            open_report,
+        };
+        e.refresh_active();
+        e
+    }
+
+    /// Copy-before-write writes in progress right now (the background copier yields while
+    /// there are any, so first writes do not queue behind large copy batches).
+    #[must_use]
+    pub fn cow_in_flight(&self) -> usize {
+        self.cow_inflight.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The activity table.
+    #[must_use]
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    fn refresh_active(&self) {
+        let _change = self.active_change.lock();
+        let v: Vec<_> = self
+            .table
+            .sessions()
+            .into_iter()
+            .filter(|s| s.is_live())
+            .collect();
+        self.active.store(Arc::new(v));
+    }
+
+    /// Attach a volume so sessions can use it; returns its id. Attaching the same identity again
+    /// replaces the handle.
+    pub fn attach(&self, vol: Arc<dyn Volume>) -> VolumeId {
+        let info = vol.info();
+        let id = info.id;
+        let h = Arc::new(VolumeHandle {
+            vol,
+            info,
+            sync: GroupSync::default(),
+            gate: crossbeam::sync::ShardedLock::new(()),
+            fenced: std::sync::atomic::AtomicBool::new(false),
+        });
+        let change = self.volumes_change.lock();
+        let mut vols = FxHashMap::clone(&self.volumes.load());
+        vols.insert(id, h);
+        self.volumes.store(Arc::new(vols));
+        // After the store: an `Image` that loads the epoch and then the map never pairs a new
+        // epoch with an old map (it may pair an old epoch with a new map, and then merely
+        // resolves its volumes once more).
+        self.volumes_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        drop(change);
+        id
+    }
+
+    /// Detach a volume (its handle is dropped once no I/O in flight holds it): a volume found
+    /// gone must not be used through a handle opened before.
+    fn detach(&self, id: VolumeId) {
+        let change = self.volumes_change.lock();
+        if self.volumes.load().contains_key(&id) {
+            let mut vols = FxHashMap::clone(&self.volumes.load());
+            vols.remove(&id);
+            self.volumes.store(Arc::new(vols));
+            self.volumes_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        drop(change);
+    }
+
+    /// A resolver that opens file volumes the way this engine does (its file options and
+    /// backend), for [`Engine::resume`].
+    #[must_use]
+    pub fn file_resolver(&self) -> FileResolver {
+        FileResolver {
+            options: self.options.file_options.clone(),
+            backend: self.options.backend,
+            opened: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Attach a file volume by path.
+    ///
+    /// # Errors
+    /// I/O errors.
+    ///
+    /// [`Error::NotAVolume`] when `path` is the table's own file (by device and inode, so a
+    /// hard link or a symbolic link to it is refused too).
+    pub fn attach_path(&self, path: &Path) -> Result<VolumeId> {
+        let v = self.open_file(path)?;
+        self.refuse_table_file(&v.info())?;
+        Ok(self.attach(v))
+    }
+
+    /// [`Error::NotAVolume`] when `info` is the table's own file.
+    fn refuse_table_file(&self, info: &VolumeInfo) -> Result<()> {
+        if self.table_file == Some(info.id) {
+            return Err(Error::NotAVolume {
+                path: info.locator.clone(),
+                why: format!("it is the activity table {}", self.table.name()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Identity (device and inode) of the table's file, when it is a file.
+    #[must_use]
+    pub fn table_file(&self) -> Option<VolumeId> {
+        self.table_file
+    }
+
+    /// Open (without attaching) a file volume with this engine's file options and backend.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn open_file(&self, path: &Path) -> Result<Arc<dyn Volume>> {
+        let (v, name) = open_file_volume(path, &self.options.file_options, self.options.backend)?;
+        let _ = self.backend.set(name);
+        Ok(v)
+    }
+
+    /// The file backend in use: [`BACKEND_PREAD`], [`BACKEND_PREAD_IO_URING`] or
+    /// [`BACKEND_IO_URING`]. This is the backend
+    /// of the first file volume the engine opened (io_uring may fall back to pread when the
+    /// kernel refuses), or, before any, the one [`EngineOptions::backend`] would pick.
+    #[must_use]
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend.get() {
+            Some(name) => name,
+            None if crate::volume::uring_allowed() => self
+                .options
+                .backend
+                .opened_name(self.options.file_options.direct),
+            None => BACKEND_PREAD,
+        }
+    }
+
+    /// Whether file volumes are opened with `O_DIRECT`.
+    #[must_use]
+    pub fn direct(&self) -> bool {
+        self.options.file_options.direct
+    }
+
+    pub(crate) fn handle(&self, id: VolumeId) -> Result<Arc<VolumeHandle>> {
+        self.volumes
+            .load()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::UnknownVolume(id.to_string()))
+    }
+
+    /// Every attached volume as it was when attached.
+    #[must_use]
+    pub fn attached(&self) -> Vec<VolumeInfo> {
+        let mut v: Vec<_> = self
+            .volumes
+            .load()
+            .values()
+            .map(|h| h.info.clone())
+            .collect();
+        v.sort_by(|a, b| a.locator.cmp(&b.locator));
+        v
+    }
+
+    /// Find an attached volume by locator (path).
+    #[must_use]
+    pub fn volume_by_locator(&self, locator: &str) -> Option<VolumeId> {
+        self.volumes
+            .load()
+            .values()
+            .find(|h| h.info.locator == locator)
+            .map(|h| h.info.id)
+    }
+
+    /// The attached volume.
+    ///
+    /// # Errors
+    /// [`Error::UnknownVolume`].
+    pub fn volume(&self, id: VolumeId) -> Result<Arc<dyn Volume>> {
+        Ok(self.handle(id)?.vol.clone())
+    }
+
+    /// A session.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`].
+    pub fn session(&self, id: SessionId) -> Result<Arc<Session>> {
+        self.table.session(id).ok_or(Error::UnknownSession(id))
+    }
+
+    /// Status of every session in the table.
+    #[must_use]
+    pub fn status(&self) -> Vec<SessionStatus> {
+        self.table
+            .sessions()
+            .iter()
+            .map(|s| session_status(s))
+            .collect()
+    }
+
+    /// Read from an attached volume directly (no session semantics).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.handle(vol)?.read_retry(buf, offset)
+    }
+
+    /// Make completed writes to a volume durable.
+    ///
+    /// # Errors
+    /// I/O errors; the volume latches as poisoned after a failed flush.
+    pub fn flush(&self, vol: VolumeId) -> Result<()> {
+        self.handle(vol)?.flush()
+    }
+}
+
+fn session_status(s: &Session) -> SessionStatus {
+    let st = s.status();
+    SessionStatus {
+        id: s.id().0,
+        state: st.state,
+        mode: st.mode,
+        unavailable: (st.state == SessionState::Suspended)
+            .then(|| unavailable_volume(s, st.reason.as_ref()).1.to_string()),
+        reason: st.reason.clone(),
+        source: s.desc.source.locator.clone(),
+        target: s.desc.target.locator.clone(),
+        grain_bytes: s.desc.grain.bytes(),
+        extents: s.desc.extents.clone(),
+        ended_extents: st.ended_list(),
+        grains_copied: if st.state == SessionState::Completed {
+            s.desc.grains()
+        } else {
+            s.copied()
+        },
+        grains_total: s.desc.grains(),
+        created_unix_ms: s.desc.created_unix_ms,
+    }
+}
+
+/// Which volume of a suspended session is unavailable (by its reason code): role and path.
+fn unavailable_volume<'s>(s: &'s Session, reason: Option<&Reason>) -> (&'static str, &'s str) {
+    if reason.is_some_and(|r| r.code == ReasonCode::SourceUnavailable) {
+        ("source", &s.desc.source.locator)
+    } else {
+        ("target", &s.desc.target.locator)
+    }
+}
+
+/// The error for a use of a suspended session: names it, the unavailable volume and why.
+fn suspended_error(s: &Session) -> Error {
+    let reason = s.status().reason;
+    let (role, path) = unavailable_volume(s, reason.as_ref());
+    Error::Suspended {
+        id: s.id(),
+        role,
+        path: path.to_string(),
+        why: reason.map_or_else(|| "unavailable".to_string(), |r| r.detail),
+    }
+}
+
+/// The error for reading or writing the image of a session that is not active:
+/// [`Error::Suspended`] or [`Error::NotActive`].
+fn not_usable(s: &Session) -> Error {
+    match s.state() {
+        SessionState::Suspended => suspended_error(s),
+        state => Error::NotActive {
+            id: s.id(),
+            state: state.to_string(),
+        },
+    }
+}

@@ -1,0 +1,430 @@
+//! Recovery: reconciling each live session with what its volumes are now, on open, on a
+//! reset notification and on resume; the restart policies and the decisions taken.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::activity::format::{Entry, Reason, ReasonCode, SessionState, VolumeRef};
+
+use super::Engine;
+use crate::ids::{SessionId, VolumeId};
+use crate::session::Session;
+use crate::volume::{open_file_volume, Backend};
+use crate::volume::{FileVolumeOptions, Volume, VolumeInfo};
+use crate::{Error, Result};
+
+/// What to do with incomplete sessions when a table is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestartPolicy {
+    /// Resume every session whose durable state verifies against its volumes. Default.
+    #[default]
+    Resume,
+    /// Terminate every active session (the source patent's rule).
+    TerminateIncomplete,
+}
+
+/// Finds a session's volumes again when a table is opened.
+pub trait VolumeResolver: Send + Sync {
+    /// The volume the locator names, or `None` when it is gone.
+    ///
+    /// # Errors
+    /// An I/O error other than "not found".
+    fn resolve(&self, r: &VolumeRef) -> Result<Option<Arc<dyn Volume>>>;
+}
+
+/// Resolves locators as file paths (see [`open_file_volume`] for the backend).
+#[derive(Debug, Clone, Default)]
+pub struct FileResolver {
+    /// Options for opening.
+    pub options: FileVolumeOptions,
+    /// File backend (see [`EngineOptions::backend`](super::EngineOptions::backend)).
+    pub backend: Backend,
+    /// The backend of the first volume this resolver opened.
+    pub opened: std::sync::OnceLock<&'static str>,
+}
+
+impl VolumeResolver for FileResolver {
+    fn resolve(&self, r: &VolumeRef) -> Result<Option<Arc<dyn Volume>>> {
+        if r.locator.starts_with("mem:") || !Path::new(&r.locator).exists() {
+            return Ok(None);
+        }
+        let (v, name) = open_file_volume(Path::new(&r.locator), &self.options, self.backend)?;
+        let _ = self.opened.set(name);
+        Ok(Some(v))
+    }
+}
+
+/// Resolves locators from a fixed map (in-memory volumes, tests, harnesses).
+#[derive(Debug, Default, Clone)]
+pub struct MapResolver {
+    /// Locator -> volume.
+    pub volumes: HashMap<String, Arc<dyn Volume>>,
+}
+
+impl MapResolver {
+    /// Add a volume under its own locator.
+    pub fn add(&mut self, v: Arc<dyn Volume>) {
+        self.volumes.insert(v.info().locator, v);
+    }
+}
+
+impl VolumeResolver for MapResolver {
+    fn resolve(&self, r: &VolumeRef) -> Result<Option<Arc<dyn Volume>>> {
+        Ok(self.volumes.get(&r.locator).cloned())
+    }
+}
+
+/// The detail of an identity mismatch: which volume was replaced, by path.
+fn replaced_message(role: &str, was: &VolumeRef, now: &VolumeInfo) -> String {
+    if was.locator == now.locator {
+        format!(
+            "{role} {} was replaced by another file (different device and inode)",
+            was.locator
+        )
+    } else {
+        format!("{role} {} is now {}", was.locator, now.locator)
+    }
+}
+
+/// What recovery decided for one session.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Decision {
+    /// Session.
+    pub session: u64,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// The session was suspended before this decision (so `Resumed` means it left suspension).
+    pub was_suspended: bool,
+}
+
+impl Decision {
+    fn new(session: SessionId, outcome: Outcome, was_suspended: bool) -> Self {
+        Decision {
+            session: session.0,
+            outcome,
+            was_suspended,
+        }
+    }
+}
+
+/// Recovery outcome for a session.
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum Outcome {
+    /// Resumed with all extents.
+    Resumed,
+    /// Resumed with some extents ended (index, reason).
+    ResumedPartly(Vec<(u32, Reason)>),
+    /// Terminated.
+    Terminated(Reason),
+    /// Suspended: its source or target cannot be found or opened (the reason says which).
+    Suspended(Reason),
+    /// Already ended (completed, withdrawn, terminated) before.
+    Ended,
+}
+
+impl Engine {
+    /// Reconcile every live (active or suspended) session with its volumes (open time).
+    pub(super) fn reconcile_all(&self, resolver: &dyn VolumeResolver) -> Result<Vec<Decision>> {
+        let mut out = Vec::new();
+        for s in self.table.sessions() {
+            if !s.is_live() {
+                // A completed session's image is its target: attach it when it is still the
+                // same volume, so the image stays readable. (A target that cannot be opened
+                // leaves the image unreadable; it does not keep the table from opening.)
+                if s.status().state == SessionState::Completed
+                    && self.volumes.load().get(&s.desc.target.id).is_none()
+                {
+                    if let Ok(Some(v)) = resolver.resolve(&s.desc.target) {
+                        let i = v.info();
+                        if i.id == s.desc.target.id && i.generation == s.desc.target.generation {
+                            self.attach(v);
+                        }
+                    }
+                }
+                out.push(Decision::new(s.id(), Outcome::Ended, false));
+                continue;
+            }
+            let was_suspended = s.state() == SessionState::Suspended;
+            if self.options.restart == RestartPolicy::TerminateIncomplete {
+                let r = Reason::new(
+                    ReasonCode::RestartPolicy,
+                    "terminate-incomplete restart policy",
+                );
+                self.terminate(s.id(), r.clone())?;
+                out.push(Decision::new(s.id(), Outcome::Terminated(r), was_suspended));
+                continue;
+            }
+            let src = self.find_volume(&s.desc.source, resolver);
+            let tgt = self.find_volume(&s.desc.target, resolver);
+            out.push(self.reconcile(&s, src, tgt, ReasonCode::IdentityMismatch)?);
+        }
+        self.refresh_active();
+        Ok(out)
+    }
+
+    /// A session's volume: the attached one with its identity, else what the resolver finds.
+    /// A resolver error makes the volume unavailable (the session is suspended), never the
+    /// whole open fail.
+    fn find_volume(&self, r: &VolumeRef, resolver: &dyn VolumeResolver) -> Found {
+        if let Some(h) = self.volumes.load().get(&r.id) {
+            return Found::Here(h.vol.clone());
+        }
+        match resolver.resolve(r) {
+            Ok(Some(v)) => Found::Here(v),
+            Ok(None) => Found::Missing,
+            Err(e) => Found::Unusable(e.to_string()),
+        }
+    }
+
+    /// Compare a session's extents with what its volumes are now; resume, end extents,
+    /// suspend, or terminate. Attaches the volumes when the session resumes.
+    ///
+    /// A volume that is present but is another volume now (identity, generation, sector size)
+    /// terminates the session; otherwise a volume that is missing or cannot be opened
+    /// suspends it (the first of source and target that is, with why); otherwise the extents
+    /// are checked against the sizes and a suspended session becomes active again.
+    fn reconcile(
+        &self,
+        s: &Arc<Session>,
+        src: Found,
+        tgt: Found,
+        mismatch: ReasonCode,
+    ) -> Result<Decision> {
+        let id = s.id();
+        let was_suspended = s.state() == SessionState::Suspended;
+        let check = |now: &VolumeInfo, was: &VolumeRef, role: &str| -> Option<Reason> {
+            if now.id != was.id {
+                Some(Reason::new(mismatch, replaced_message(role, was, now)))
+            } else if now.generation != was.generation {
+                Some(Reason::new(
+                    ReasonCode::GenerationMismatch,
+                    format!(
+                        "{role} generation {} is now {}",
+                        was.generation, now.generation
+                    ),
+                ))
+            } else if now.sector_size != was.sector_size {
+                Some(Reason::new(
+                    ReasonCode::SectorSizeMismatch,
+                    format!(
+                        "{role} sector size {} is now {}",
+                        was.sector_size, now.sector_size
+                    ),
+                ))
+            } else {
+                None
+            }
+        };
+        let si = src.info();
+        let ti = tgt.info();
+        let changed = si
+            .as_ref()
+            .and_then(|i| check(i, &s.desc.source, "source"))
+            .or_else(|| ti.as_ref().and_then(|i| check(i, &s.desc.target, "target")));
+        if let Some(r) = changed {
+            self.terminate(id, r.clone())?;
+            return Ok(Decision::new(id, Outcome::Terminated(r), was_suspended));
+        }
+        let (src, tgt) = match (src, tgt) {
+            (Found::Here(a), Found::Here(b)) => (a, b),
+            (src, tgt) => return self.suspend(s, src, tgt),
+        };
+        let (si, ti) = (src.info(), tgt.info());
+        let st = s.status();
+        let mut ended = Vec::new();
+        let mut entries = Vec::new();
+        for (i, e) in s.desc.extents.iter().enumerate() {
+            if st.ended[i].is_some() {
+                continue;
+            }
+            let fits = e.source_offset + e.len <= si.size && e.target_offset + e.len <= ti.size;
+            if !fits {
+                let r = Reason::new(
+                    ReasonCode::VolumeShrunk,
+                    format!(
+                        "extent {i} no longer fits (source {} bytes, target {} bytes)",
+                        si.size, ti.size
+                    ),
+                );
+                entries.push(Entry::EndExtent {
+                    session: id,
+                    extent: i as u32,
+                    reason: r.clone(),
+                });
+                ended.push((i as u32, r));
+            }
+        }
+        let live = st.ended.iter().filter(|x| x.is_none()).count();
+        if ended.len() == live {
+            let r = ended.first().map_or_else(
+                || Reason::new(ReasonCode::VolumeShrunk, "no extent left"),
+                |(_, r)| r.clone(),
+            );
+            self.terminate(id, r.clone())?;
+            return Ok(Decision::new(id, Outcome::Terminated(r), was_suspended));
+        }
+        // Attach before a suspended session becomes active again: its first copy-before-write
+        // finds both volumes.
+        for v in [src, tgt] {
+            if self.volumes.load().get(&v.info().id).is_none() {
+                self.attach(v);
+            }
+        }
+        if was_suspended {
+            entries.push(Entry::SetState {
+                session: id,
+                state: SessionState::Active,
+                reason: None,
+            });
+        }
+        self.table.commit(entries)?;
+        let outcome = if ended.is_empty() {
+            Outcome::Resumed
+        } else {
+            Outcome::ResumedPartly(ended)
+        };
+        Ok(Decision::new(id, outcome, was_suspended))
+    }
+
+    /// Suspend a session because its source or target (the first of them that is) is missing
+    /// or cannot be opened; durable before it returns. The unavailable volume is detached (a
+    /// handle opened before it went away must not be used), the present one attached.
+    fn suspend(&self, s: &Arc<Session>, src: Found, tgt: Found) -> Result<Decision> {
+        let id = s.id();
+        let was_suspended = s.state() == SessionState::Suspended;
+        let (code, why, gone) = match (&src, &tgt) {
+            (Found::Missing | Found::Unusable(_), _) => {
+                (ReasonCode::SourceUnavailable, src.why(), &s.desc.source)
+            }
+            _ => (ReasonCode::TargetUnavailable, tgt.why(), &s.desc.target),
+        };
+        let r = Reason::new(code, why);
+        self.detach(gone.id);
+        for f in [src, tgt] {
+            if let Found::Here(v) = f {
+                if self.volumes.load().get(&v.info().id).is_none() {
+                    self.attach(v);
+                }
+            }
+        }
+        if s.status().reason.as_ref() != Some(&r) || !was_suspended {
+            self.table.commit(vec![Entry::SetState {
+                session: id,
+                state: SessionState::Suspended,
+                reason: Some(r.clone()),
+            }])?;
+        }
+        Ok(Decision::new(id, Outcome::Suspended(r), was_suspended))
+    }
+
+    /// A storage subsystem reports a reset of volume `vol` (device reset, re-attach,
+    /// replacement). `now` is the volume as it is after the reset (`None`: gone). Each live
+    /// session using it is compared with what it now is and resumes (a suspended one too, when
+    /// its volumes are back), loses extents, is suspended (the volume is gone), or terminates.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub fn reset(&self, vol: VolumeId, now: Option<Arc<dyn Volume>>) -> Result<Vec<Decision>> {
+        self.reset_found(vol, now.map_or(Found::Missing, Found::Here))
+    }
+
+    /// A reset of volume `vol` after which it exists but cannot be opened (`why`: the error
+    /// opening it gave): every live session using it is suspended.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub fn reset_unavailable(&self, vol: VolumeId, why: &str) -> Result<Vec<Decision>> {
+        self.reset_found(vol, Found::Unusable(why.to_string()))
+    }
+
+    fn reset_found(&self, vol: VolumeId, now: Found) -> Result<Vec<Decision>> {
+        let mut out = Vec::new();
+        if let Found::Here(v) = &now {
+            if v.info().id == vol {
+                // The handle is replaced so later I/O goes to the re-attached device.
+                self.attach(v.clone());
+            }
+        }
+        // Snapshot the live list first (`terminate` -> `refresh_active` replaces it).
+        let active = self.active.load_full();
+        for s in active.iter() {
+            if s.desc.source.id != vol && s.desc.target.id != vol {
+                continue;
+            }
+            let pick = |r: &VolumeRef| -> Found {
+                if r.id == vol {
+                    now.clone()
+                } else {
+                    self.volumes
+                        .load()
+                        .get(&r.id)
+                        .map_or(Found::Missing, |h| Found::Here(h.vol.clone()))
+                }
+            };
+            out.push(self.reconcile(
+                s,
+                pick(&s.desc.source),
+                pick(&s.desc.target),
+                ReasonCode::ResetMismatch,
+            )?);
+        }
+        self.refresh_active();
+        Ok(out)
+    }
+
+    /// Try to resume a suspended session: find its volumes again (attached ones, else through
+    /// `resolver`, e.g. [`Engine::file_resolver`]) and reconcile it as opening the table
+    /// would. The decision says whether it resumed, stays suspended (the volume is still
+    /// unavailable) or terminated (the volume came back as another volume). An active session
+    /// is left as it is (`Resumed`, `was_suspended` false).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSession`], [`Error::NotActive`] for an ended session, table errors.
+    pub fn resume(&self, id: SessionId, resolver: &dyn VolumeResolver) -> Result<Decision> {
+        let s = self.session(id)?;
+        match s.state() {
+            SessionState::Suspended => {}
+            SessionState::Active => return Ok(Decision::new(id, Outcome::Resumed, false)),
+            state => {
+                return Err(Error::NotActive {
+                    id,
+                    state: state.to_string(),
+                })
+            }
+        }
+        let src = self.find_volume(&s.desc.source, resolver);
+        let tgt = self.find_volume(&s.desc.target, resolver);
+        let d = self.reconcile(&s, src, tgt, ReasonCode::IdentityMismatch);
+        self.refresh_active();
+        d
+    }
+}
+
+/// What reconciling finds for one of a session's volumes.
+#[derive(Clone)]
+enum Found {
+    /// Present (its identity is checked next).
+    Here(Arc<dyn Volume>),
+    /// Not found.
+    Missing,
+    /// Present but cannot be opened; the error.
+    Unusable(String),
+}
+
+impl Found {
+    fn info(&self) -> Option<VolumeInfo> {
+        match self {
+            Found::Here(v) => Some(v.info()),
+            Found::Missing | Found::Unusable(_) => None,
+        }
+    }
+
+    fn why(&self) -> String {
+        match self {
+            Found::Here(_) => String::new(),
+            Found::Missing => "not found".to_string(),
+            Found::Unusable(e) => e.clone(),
+        }
+    }
+}

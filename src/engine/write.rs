@@ -1,0 +1,278 @@
+//! The source write path: copy-before-write of uncopied grains (read old bytes once, write
+//! every target, flush, commit the bits, then release the source write) and target writes.
+
+use std::sync::Arc;
+
+use crate::activity::format::{Entry, Reason, ReasonCode, SessionState};
+
+use super::{not_usable, suspended_error, CopyErrorPolicy, Engine, VolumeHandle};
+use crate::ids::{SessionId, VolumeId};
+use crate::session::{Piece, Session};
+use crate::volume::check_range;
+use crate::{Error, Result};
+
+#[cfg(feature = "fault")]
+thread_local! {
+    static CANARY_SKIP_CBW_FLUSH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Fault-harness canary: while on, copy-before-write in the calling thread skips the target
+/// flush before committing copied bits (a deliberate rule-2 violation the harness must catch).
+/// Thread-local so that parallel tests are not affected.
+#[cfg(feature = "fault")]
+pub fn set_canary_skip_cbw_flush(on: bool) {
+    CANARY_SKIP_CBW_FLUSH.with(|c| c.set(on));
+}
+
+/// Issue a write to a volume whose covering sessions were checked (bits set, or extents or
+/// sessions ended). The release fence orders those checks, and the bit stores of a
+/// copy-before-write, before the write's stores (the writer half of a sequence lock); it pairs
+/// with the acquire fence in `Engine::read_piece`, whose lock-free reads of uncopied source
+/// grains re-check the bits after reading.
+#[inline(always)]
+fn release_write(h: &VolumeHandle, data: &[u8], offset: u64) -> Result<()> {
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    h.write_retry(data, offset)
+}
+
+impl Engine {
+    /// Write `data` at `offset` of an attached volume through the engine: copy-before-write for
+    /// sessions it is the source of, grain completion for sessions it is the target of.
+    /// Durable only after [`Engine::flush`].
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`], I/O and table errors (the source write is not issued when copying
+    /// failed, under [`CopyErrorPolicy::FailWrite`]).
+    pub fn write(&self, vol: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
+        // Borrowed from the loaded snapshot: no reference count shared by every writer of the
+        // volume is touched (the snapshot stays alive while `vols` does).
+        let vols = self.volumes.load();
+        let h = vols
+            .get(&vol)
+            .ok_or_else(|| Error::UnknownVolume(vol.to_string()))?;
+        check_range(offset, data.len() as u64, h.info.size, "volume")?;
+        if data.len() as u64 > crate::limits::IO_BYTES_MAX {
+            return Err(Error::invalid(
+                "write",
+                format!("{} bytes exceeds the per-request limit", data.len()),
+            ));
+        }
+        let _gate = h
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let active = self.active.load();
+        let mut work: Vec<(Arc<Session>, u64, u64)> = Vec::new();
+        for s in active.iter() {
+            let state = s.state();
+            if !state.is_live() {
+                continue;
+            }
+            // No allocation: this loop runs for every write, most of which find nothing to do.
+            let len = data.len() as u64;
+            let as_source = (s.desc.source.id == vol).then(|| s.map.source_pieces(offset, len));
+            let as_target = (s.desc.target.id == vol).then(|| s.map.target_pieces(offset, len));
+            for p in as_source
+                .into_iter()
+                .flatten()
+                .chain(as_target.into_iter().flatten())
+            {
+                let (g0, g1) = s.map.grains_of(&p);
+                if s.extent_live(p.extent) && !s.bits().all_set(g0, g1 - g0) {
+                    if state == SessionState::Suspended {
+                        // Copy-before-write needs both volumes: refuse rather than bypass it.
+                        return Err(suspended_error(s));
+                    }
+                    work.push((s.clone(), g0, g1));
+                }
+            }
+        }
+        if work.is_empty() {
+            return release_write(h, data, offset);
+        }
+        let _busy = InflightGuard::new(&self.cow_inflight);
+        work.sort_by_key(|(s, g0, _)| (s.id(), *g0));
+        // One range per session and overlapping grains: a volume that is both the source and
+        // the target of one session can map a single write onto the same image grains twice,
+        // and a thread must never wait for a range it already holds.
+        let mut merged: Vec<(Arc<Session>, u64, u64)> = Vec::with_capacity(work.len());
+        for (s, g0, g1) in work {
+            match merged.last_mut() {
+                Some((ms, _, m1)) if ms.id() == s.id() && g0 <= *m1 => *m1 = (*m1).max(g1),
+                _ => merged.push((s, g0, g1)),
+            }
+        }
+        let work = merged;
+        let guards: Vec<_> = work
+            .iter()
+            .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
+            .collect();
+        let r = self.copy_runs(&work);
+        if let Err(e) = r {
+            match self.options.on_copy_error {
+                CopyErrorPolicy::FailWrite => return Err(e),
+                CopyErrorPolicy::TerminateSession => {
+                    drop(guards);
+                    for (s, _, _) in &work {
+                        if !s.bits().all_set(0, s.desc.grains()) {
+                            self.terminate(
+                                s.id(),
+                                Reason::new(ReasonCode::CopyFailed, e.to_string()),
+                            )?;
+                        }
+                    }
+                    return release_write(h, data, offset);
+                }
+            }
+        }
+        let r = release_write(h, data, offset);
+        drop(guards);
+        r
+    }
+
+    /// Copy the T0 bytes of every still-uncopied grain in `work` (session, grain range; locks
+    /// held by the caller) to its target, make it durable, and commit the bits.
+    fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)]) -> Result<()> {
+        // (session, first grain, end grain, source vol, source off, target vol, target off, len)
+        struct Run {
+            s: Arc<Session>,
+            g0: u64,
+            g1: u64,
+            p: Piece,
+        }
+        let mut runs = Vec::new();
+        for (s, g0, g1) in work {
+            let mut g = *g0;
+            while g < *g1 {
+                if s.bits().get(g) {
+                    g += 1;
+                    continue;
+                }
+                let start = g;
+                let (_, ext_end) = s
+                    .map
+                    .extent_of_grain(g)
+                    .ok_or_else(|| Error::invalid("grain", "outside extents"))?;
+                while g < *g1 && g < ext_end && !s.bits().get(g) {
+                    g += 1;
+                }
+                let p = s
+                    .map
+                    .grain_piece(start, g)
+                    .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
+                runs.push(Run {
+                    s: s.clone(),
+                    g0: start,
+                    g1: g,
+                    p,
+                });
+            }
+        }
+        if runs.is_empty() {
+            return Ok(());
+        }
+        // One read of the old bytes serves every session that needs them: merge source ranges
+        // per source volume.
+        let mut reads: Vec<(VolumeId, u64, u64)> = runs
+            .iter()
+            .map(|r| {
+                (
+                    r.s.desc.source.id,
+                    r.p.source_offset,
+                    r.p.source_offset + r.p.len,
+                )
+            })
+            .collect();
+        reads.sort_unstable();
+        let mut merged: Vec<(VolumeId, u64, u64)> = Vec::new();
+        for (v, s, e) in reads {
+            match merged.last_mut() {
+                Some(m) if m.0 == v && s <= m.2 => m.2 = m.2.max(e),
+                _ => merged.push((v, s, e)),
+            }
+        }
+        let mut bufs = Vec::with_capacity(merged.len());
+        for (v, s, e) in &merged {
+            let h = self.handle(*v)?;
+            // Aligned, so that O_DIRECT volumes read into it without a bounce copy.
+            let mut b = crate::volume::AlignedBuf::new(
+                usize::try_from(e - s).map_err(|_| Error::invalid("copy", "too large"))?,
+            );
+            h.read_retry(b.get_mut(), *s)?;
+            bufs.push(b);
+        }
+        let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
+        let mut entries = Vec::with_capacity(runs.len());
+        for r in &runs {
+            let i = merged
+                .iter()
+                .position(|(v, s, e)| {
+                    *v == r.s.desc.source.id
+                        && *s <= r.p.source_offset
+                        && r.p.source_offset + r.p.len <= *e
+                })
+                .ok_or_else(|| Error::invalid("copy", "run not covered by a read"))?;
+            let off = usize::try_from(r.p.source_offset - merged[i].1)
+                .map_err(|_| Error::invalid("copy", "offset"))?;
+            let len = usize::try_from(r.p.len).map_err(|_| Error::invalid("copy", "len"))?;
+            let th = self.handle(r.s.desc.target.id)?;
+            th.write_retry(&bufs[i].get()[off..off + len], r.p.target_offset)?;
+            if !targets.iter().any(|t| t.info.id == th.info.id) {
+                targets.push(th);
+            }
+            entries.push(Entry::SetBits {
+                session: r.s.id(),
+                start: r.g0,
+                count: r.g1 - r.g0,
+            });
+        }
+        for t in &targets {
+            #[cfg(feature = "fault")]
+            if CANARY_SKIP_CBW_FLUSH.with(std::cell::Cell::get) {
+                continue;
+            }
+            t.flush()?;
+        }
+        self.table.commit(entries)
+    }
+
+    /// Write to a session's image (target-write semantics: the grains leave the relationship).
+    ///
+    /// # Errors
+    /// As [`Engine::write`] and [`Engine::read_image`].
+    pub fn write_image(&self, id: SessionId, offset: u64, data: &[u8]) -> Result<()> {
+        let s = self.session(id)?;
+        if !s.is_active() {
+            return Err(not_usable(&s));
+        }
+        check_range(
+            offset,
+            data.len() as u64,
+            s.map.image_len(),
+            "session image",
+        )?;
+        for p in s.map.image_pieces(offset, data.len() as u64) {
+            let o = usize::try_from(p.image_offset - offset)
+                .map_err(|_| Error::invalid("write", "offset"))?;
+            let l = usize::try_from(p.len).map_err(|_| Error::invalid("write", "len"))?;
+            self.write(s.desc.target.id, p.target_offset, &data[o..o + l])?;
+        }
+        Ok(())
+    }
+}
+
+/// Counts a copy-before-write in progress for as long as it lives.
+struct InflightGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InflightGuard<'a> {
+    fn new(c: &'a std::sync::atomic::AtomicUsize) -> Self {
+        c.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InflightGuard(c)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
