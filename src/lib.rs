@@ -3,6 +3,7 @@
 pub mod error;
 pub mod ids;
 pub mod limits;
+pub mod model;
 pub mod units;
 pub mod volume;
 pub use error::{Error, Result};

@@ -1,8 +1,8 @@
 //! Value parsers for the command line: every flag's range is checked while parsing, so a value
 //! out of range is a usage error (exit 2) that states the valid range.
 
-use crate::activity::format::ExtentSpec;
 use crate::limits;
+use crate::model::ExtentSpec;
 use crate::units::{format_size, parse_size};
 use crate::{Error, Result};
 

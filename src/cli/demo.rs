@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
 
-use crate::activity::format::{CopyMode, ExtentSpec, SessionState};
 use crate::copier::{Copier, CopierOptions};
 use crate::engine::{Engine, EngineOptions, Outcome, SessionSpec};
 use crate::ids::{GrainSize, SessionId};
+use crate::model::{CopyMode, ExtentSpec, SessionState};
 use crate::volume::{FileVolume, FileVolumeOptions};
 use crate::{Error, Result};
 

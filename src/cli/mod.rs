@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::activity::format::{CopyMode, SessionState};
 use crate::control::Channel;
 use crate::copier::{Copier, CopierOptions};
 use crate::engine::{Engine, EngineOptions, Outcome, RestartPolicy, SessionSpec};
 use crate::ids::{GrainSize, SessionId};
+use crate::model::{CopyMode, SessionState};
 use crate::units::format_size;
 use crate::{Error, Result};
 

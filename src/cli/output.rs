@@ -6,10 +6,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::activity::format::{CopyMode, Reason, SessionState};
 use crate::activity::OpenReport;
 use crate::engine::{Decision, Outcome, SessionStatus};
 use crate::ids::SessionId;
+use crate::model::{CopyMode, Reason, SessionState};
 use crate::units::{format_size, rfc3339_ms};
 use crate::{Error, Result};
 

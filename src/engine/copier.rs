@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::activity::format::{CopyMode, SessionState};
 use crate::engine::Engine;
 use crate::ids::SessionId;
+use crate::model::{CopyMode, SessionState};
 use crate::{Error, Result};
 
 /// Consecutive 200 us yields to copy-before-write traffic before the copier goes on anyway.

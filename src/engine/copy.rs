@@ -1,7 +1,7 @@
 //! The background copy's primitives: copy a run of uncopied grains and keep it held
 //! ([`Engine::copy_data`]), make it durable and record it ([`Engine::commit_copied`]).
 
-use crate::activity::format::Entry;
+use crate::model::Entry;
 
 use super::lifecycle::live_extents_copied;
 use super::Engine;

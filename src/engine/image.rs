@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::activity::format::{SessionState, VolumeRef};
+use crate::model::{SessionState, VolumeRef};
 
 use super::{not_usable, suspended_error, Engine, VolumeHandle};
 use crate::ids::SessionId;

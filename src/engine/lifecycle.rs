@@ -1,7 +1,7 @@
 //! Session lifecycle: what to establish ([`SessionSpec`]), establishing it (validation, the
 //! write gate, one commit), withdrawing, converting no-copy to copy, terminating and completing.
 
-use crate::activity::format::{
+use crate::model::{
     CopyMode, Entry, ExtentSpec, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef,
 };
 

@@ -53,8 +53,8 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
-use crate::activity::format::{CopyMode, ExtentSpec, Reason, ReasonCode, SessionState};
 use crate::activity::{MmapStorage, OpenReport, Table, TableOptions, TableStorage};
+use crate::model::{CopyMode, ExtentSpec, Reason, ReasonCode, SessionState};
 
 use crate::ids::{SessionId, VolumeId};
 use crate::session::Session;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::activity::format::{Entry, Reason, ReasonCode, SessionState, VolumeRef};
+use crate::model::{Entry, Reason, ReasonCode, SessionState, VolumeRef};
 
 use super::Engine;
 use crate::ids::{SessionId, VolumeId};

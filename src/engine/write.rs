@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::activity::format::{Entry, Reason, ReasonCode, SessionState};
+use crate::model::{Entry, Reason, ReasonCode, SessionState};
 
 use super::{not_usable, suspended_error, CopyErrorPolicy, Engine, VolumeHandle};
 use crate::ids::{SessionId, VolumeId};

@@ -1,6 +1,6 @@
 //! Extent and grain arithmetic for one session.
 
-use crate::activity::format::SessionDesc;
+use crate::model::SessionDesc;
 
 /// A piece of one extent: image and volume coordinates of a contiguous byte range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

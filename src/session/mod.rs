@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::activity::format::{CopyMode, Entry, Reason, SessionDesc, SessionImage, SessionState};
 use crate::bitmap::AtomicBitmap;
 use crate::error::Corruption;
 use crate::ids::SessionId;
+use crate::model::{CopyMode, Entry, Reason, SessionDesc, SessionImage, SessionState};
 
 /// Grains held through [`Session::try_hold`]; released on drop.
 #[derive(Debug)]
