@@ -11,6 +11,7 @@ pub mod activity;
 pub mod bench;
 pub mod bitmap;
 pub mod cli;
+pub mod command;
 pub mod control;
 /// The background copier (see [`engine::copier`]).
 pub use engine::copier;

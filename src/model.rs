@@ -44,6 +44,41 @@ pub struct ExtentSpec {
     pub len: u64,
 }
 
+impl ExtentSpec {
+    /// Parse `OFFSET:LEN[@TARGET_OFFSET]`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Invalid`] naming the text.
+    pub fn parse(s: &str) -> crate::Result<ExtentSpec> {
+        let bad = |why: String| {
+            crate::Error::invalid(
+                "extent",
+                format!("'{s}' is not OFFSET:LEN[@TARGET_OFFSET] ({why})"),
+            )
+        };
+        let (main, tgt) = match s.split_once('@') {
+            Some((m, t)) => (
+                m,
+                Some(crate::units::parse_size(t).map_err(|e| bad(e.to_string()))?),
+            ),
+            None => (s, None),
+        };
+        let (o, l) = main
+            .split_once(':')
+            .ok_or_else(|| bad("no ':' between offset and length".to_string()))?;
+        let source_offset = crate::units::parse_size(o).map_err(|e| bad(e.to_string()))?;
+        let len = crate::units::parse_size(l).map_err(|e| bad(e.to_string()))?;
+        if len == 0 {
+            return Err(bad("the length is 0".to_string()));
+        }
+        Ok(ExtentSpec {
+            source_offset,
+            target_offset: tgt.unwrap_or(source_offset),
+            len,
+        })
+    }
+}
+
 /// Whether the background copier fills the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum CopyMode {

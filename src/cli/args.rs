@@ -108,34 +108,12 @@ pub fn extent(s: &str) -> std::result::Result<String, String> {
     })
 }
 
-/// Parse `OFFSET:LEN[@TARGET_OFFSET]`.
+/// Parse `OFFSET:LEN[@TARGET_OFFSET]` (see [`ExtentSpec::parse`]).
 ///
 /// # Errors
 /// [`Error::Invalid`] naming the text.
 pub fn parse_extent(s: &str) -> Result<ExtentSpec> {
-    let bad = |why: String| {
-        Error::invalid(
-            "extent",
-            format!("'{s}' is not OFFSET:LEN[@TARGET_OFFSET] ({why})"),
-        )
-    };
-    let (main, tgt) = match s.split_once('@') {
-        Some((m, t)) => (m, Some(parse_size(t).map_err(|e| bad(e.to_string()))?)),
-        None => (s, None),
-    };
-    let (o, l) = main
-        .split_once(':')
-        .ok_or_else(|| bad("no ':' between offset and length".to_string()))?;
-    let source_offset = parse_size(o).map_err(|e| bad(e.to_string()))?;
-    let len = parse_size(l).map_err(|e| bad(e.to_string()))?;
-    if len == 0 {
-        return Err(bad("the length is 0".to_string()));
-    }
-    Ok(ExtentSpec {
-        source_offset,
-        target_offset: tgt.unwrap_or(source_offset),
-        len,
-    })
+    ExtentSpec::parse(s)
 }
 
 #[cfg(test)]

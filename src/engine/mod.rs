@@ -274,7 +274,19 @@ impl Engine {
                 Arc::new(MmapStorage::create(tmp, layout.file_bytes())?);
             Table::create(storage, &options.table).map(drop)
         })?;
-        Engine::open_path(path, options)
+        // The file was created and unlocked by this process a moment ago. A lock on it now is
+        // held by a child process that another thread of this process forked while the
+        // creating descriptor was open (the child keeps a copy of it until it execs), or by
+        // another process that opened the new table at once: wait briefly for the first.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match Engine::open_path(path, options.clone()) {
+                Err(Error::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Open an existing table file, recover, and reconcile its sessions against file volumes.

@@ -338,6 +338,39 @@ impl Engine {
         self.reset_found(vol, Found::Unusable(why.to_string()))
     }
 
+    /// A reset of the file volume whose locator (canonical path, as the table records it) is
+    /// `locator`: the identity the table knows for that path (a live session's first, since an
+    /// ended session may name an earlier file at the same path) is reset to what the path is
+    /// now. Gone: its sessions are suspended; present but unopenable (a directory now, no
+    /// permission): the same, with the error; present: reconciled as [`Engine::reset`] does.
+    ///
+    /// # Errors
+    /// [`Error::UnknownVolume`] when no session names the path; table errors.
+    pub fn reset_locator(&self, locator: &str) -> Result<Vec<Decision>> {
+        let sessions = self.table.sessions();
+        let old = sessions
+            .iter()
+            .filter_map(|x| {
+                let id = if x.desc.source.locator == locator {
+                    x.desc.source.id
+                } else if x.desc.target.locator == locator {
+                    x.desc.target.id
+                } else {
+                    return None;
+                };
+                Some(((x.is_live(), x.id()), id))
+            })
+            .max_by_key(|(k, _)| *k)
+            .map(|(_, id)| id)
+            .ok_or_else(|| Error::UnknownVolume(locator.to_string()))?;
+        let path = std::path::Path::new(locator);
+        match self.open_file(path) {
+            Ok(now) => self.reset(old, Some(now)),
+            Err(_) if !path.exists() => self.reset(old, None),
+            Err(er) => self.reset_unavailable(old, &er.to_string()),
+        }
+    }
+
     fn reset_found(&self, vol: VolumeId, now: Found) -> Result<Vec<Decision>> {
         let mut out = Vec::new();
         if let Found::Here(v) = &now {

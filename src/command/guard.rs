@@ -62,7 +62,7 @@ pub fn check_volume(path: &Path, table: &Path) -> Result<()> {
 }
 
 /// What kind of file `ft` is, in words (`a FIFO`, `a directory`, ...).
-pub(super) fn file_kind(ft: &std::fs::FileType) -> &'static str {
+pub(crate) fn file_kind(ft: &std::fs::FileType) -> &'static str {
     if ft.is_file() {
         "a regular file"
     } else if ft.is_dir() {
