@@ -4,6 +4,9 @@
 //! Every `check_*` function takes arbitrary bytes. It returns normally when the library behaved
 //! (any typed `Err` is fine) and panics when it did not: a panic inside the library, or, for
 //! [`check_op_script`], an image that differs from the reference model.
+//!
+//! [`check_nbd`] is written beside the NBD wire format (`src/nbd/fuzz.rs`) and re-exported
+//! here with the others.
 
 use std::sync::{Arc, OnceLock};
 
@@ -16,8 +19,10 @@ use crate::activity::{MemStorage, TableOptions, TableStorage};
 use crate::engine::{Engine, EngineOptions, MapResolver, SessionSpec};
 use crate::ids::{GrainSize, SessionId};
 use crate::limits::{JOURNAL_BLOCK_BYTES, SUPERBLOCK_BYTES};
-use crate::nbd::proto;
 use crate::volume::{MemVolume, Volume};
+
+/// The check behind the `nbd_request` target lives beside the NBD code it exercises.
+pub use crate::nbd::fuzz::check_nbd;
 
 /// Table sizes used by the fuzz targets: the smallest valid layout.
 #[must_use]
@@ -40,16 +45,20 @@ fn table_len() -> usize {
 }
 
 /// Little cursor over fuzz bytes; yields zeros once exhausted.
-struct Bytes<'a> {
+pub(crate) struct Bytes<'a> {
     b: &'a [u8],
     pos: usize,
 }
 
-impl Bytes<'_> {
+impl<'a> Bytes<'a> {
+    /// A reader at the start of `b`.
+    pub(crate) fn new(b: &'a [u8]) -> Self {
+        Bytes { b, pos: 0 }
+    }
     fn done(&self) -> bool {
         self.pos >= self.b.len()
     }
-    fn u8(&mut self) -> u8 {
+    pub(crate) fn u8(&mut self) -> u8 {
         let v = self.b.get(self.pos).copied().unwrap_or(0);
         self.pos += 1;
         v
@@ -57,7 +66,7 @@ impl Bytes<'_> {
     fn u16(&mut self) -> u16 {
         u16::from_le_bytes([self.u8(), self.u8()])
     }
-    fn u32(&mut self) -> u32 {
+    pub(crate) fn u32(&mut self) -> u32 {
         u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
     }
     fn rest(&mut self) -> &[u8] {
@@ -639,57 +648,4 @@ pub fn check_op_script(data: &[u8]) {
     check_all(&e, &mut m, &locators);
     let v = world.violations();
     assert!(v.is_empty(), "ordering checker: {v:?}");
-}
-
-// ---------------------------------------------------------------------------------------------
-// nbd_request
-
-/// Feed `data` to every parser of `src/nbd/proto.rs` (greeting, client flags, option header,
-/// option reply header, export name, `NBD_OPT_INFO`/`GO` data, info reply, request header with
-/// [`proto::check_request`], simple and structured reply headers, error chunk) and check that
-/// what parses re-encodes to the same bytes where an encoder exists.
-pub fn check_nbd(data: &[u8]) {
-    let _ = proto::parse_greeting(data);
-    if let Some(b) = data.get(..4) {
-        let raw = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        if let Ok(f) = proto::ClientFlags::parse(raw) {
-            assert_eq!(proto::ClientFlags::parse(f.encode()), Ok(f));
-        }
-    }
-    if let Ok(h) = proto::OptionHeader::parse(data) {
-        assert_eq!(proto::OptionHeader::parse(&h.encode()), Ok(h));
-    }
-    let _ = proto::OptionReplyHeader::parse(data);
-    let _ = proto::parse_rep_server(data);
-    let _ = proto::parse_string(data, "fuzz");
-    if let Ok(i) = proto::InfoRequest::parse(data) {
-        assert_eq!(proto::InfoRequest::parse(&i.encode()), Ok(i));
-    }
-    if let Ok(i) = proto::Info::parse(data) {
-        if !matches!(i, proto::Info::Unknown(_)) {
-            assert_eq!(proto::Info::parse(&i.encode()), Ok(i));
-        }
-    }
-    if let Ok(req) = proto::Request::parse(data) {
-        assert_eq!(proto::Request::parse(&req.encode()), Ok(req));
-        let tail = data.get(proto::REQUEST_HEADER_BYTES..).unwrap_or(&[]);
-        let mut t = Bytes { b: tail, pos: 0 };
-        let lim = proto::ExportLimits {
-            size: u64::from(t.u32()) << (t.u8() % 32),
-            read_only: t.u8() & 1 == 1,
-            min_block: 1 << (t.u8() % 13),
-            max_payload: t.u32(),
-        };
-        if proto::check_request(&req, &lim).is_ok()
-            && matches!(req.command, proto::Command::Read | proto::Command::Write)
-        {
-            assert!(req.offset + u64::from(req.length) <= lim.size);
-            assert!(req.length <= lim.max_payload);
-        }
-    }
-    let _ = proto::SimpleReply::parse(data);
-    let _ = proto::ChunkHeader::parse(data);
-    for kind in [proto::REPLY_TYPE_ERROR, proto::REPLY_TYPE_ERROR_OFFSET] {
-        let _ = proto::ErrorChunk::parse(kind, data);
-    }
 }
