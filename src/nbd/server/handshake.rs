@@ -17,9 +17,13 @@ use crate::nbd::proto::{
 
 /// The outcome of a successful handshake.
 pub(super) struct Negotiated {
+    /// The export chosen.
     pub(super) export: Arc<dyn NbdExport>,
+    /// Whether `NBD_OPT_STRUCTURED_REPLY` was granted.
     pub(super) structured: bool,
+    /// Whether the export was read-only when it was chosen.
     pub(super) read_only: bool,
+    /// The minimum block size advertised (requests must be aligned to it).
     pub(super) min_block: u32,
     /// This connection's place in its export's count.
     _claim: ExportClaim,

@@ -41,15 +41,15 @@
 //! enough: a thread runs one transfer at a time, and a read-modify-write uses the same buffer
 //! for its read and its write. Aligned transfers always use the caller's buffer directly.
 //!
-//!
 //! # Layout
 //!
-//! This file is the safe part of the backend: opening, the probing policy, the [`Volume`]
-//! implementation, and the choice for each transfer between the caller's buffer, the registered
-//! bounce buffer, an allocated bounce buffer and plain system calls. Everything that hands
-//! memory to the kernel lives in `ring` (the one module allowed `unsafe`, see docs/unsafe.md):
-//! the per-thread ring, one-request-at-a-time submission, and the registered buffer, together
-//! with the rules that keep every buffer alive until the kernel is done with it.
+//! This file is the safe part of the backend: opening, the probing policy, the thread-local
+//! slot that holds each thread's ring, the [`Volume`] implementation, and the choice for each
+//! transfer between the caller's buffer, the registered bounce buffer, an allocated bounce
+//! buffer and plain system calls. Everything that hands memory to the kernel lives in `ring`
+//! (the one module allowed `unsafe`, see docs/unsafe.md): the ring wrapper, one-request-at-a-time
+//! submission, and the registered buffer, together with the rules that keep every buffer alive
+//! until the kernel is done with it.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
