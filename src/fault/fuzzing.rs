@@ -4,6 +4,9 @@
 //! Every `check_*` function takes arbitrary bytes. It returns normally when the library behaved
 //! (any typed `Err` is fine) and panics when it did not: a panic inside the library, or, for
 //! [`check_op_script`], an image that differs from the reference model.
+//!
+//! [`check_nbd`] is written beside the NBD wire format (`src/nbd/fuzz.rs`) and re-exported
+//! here with the others.
 
 use std::sync::{Arc, OnceLock};
 
@@ -14,10 +17,12 @@ use crate::activity::format::{
 };
 use crate::activity::{MemStorage, TableOptions, TableStorage};
 use crate::engine::{Engine, EngineOptions, MapResolver, SessionSpec};
-use crate::ids::{GrainSize, SessionId};
+use crate::ids::{GrainSize, SessionId, VolumeId};
 use crate::limits::{JOURNAL_BLOCK_BYTES, SUPERBLOCK_BYTES};
-use crate::nbd::proto;
 use crate::volume::{MemVolume, Volume};
+
+/// The check behind the `nbd_request` target lives beside the NBD code it exercises.
+pub use crate::nbd::fuzz::check_nbd;
 
 /// Table sizes used by the fuzz targets: the smallest valid layout.
 #[must_use]
@@ -40,16 +45,20 @@ fn table_len() -> usize {
 }
 
 /// Little cursor over fuzz bytes; yields zeros once exhausted.
-struct Bytes<'a> {
+pub(crate) struct Bytes<'a> {
     b: &'a [u8],
     pos: usize,
 }
 
-impl Bytes<'_> {
+impl<'a> Bytes<'a> {
+    /// A reader at the start of `b`.
+    pub(crate) fn new(b: &'a [u8]) -> Self {
+        Bytes { b, pos: 0 }
+    }
     fn done(&self) -> bool {
         self.pos >= self.b.len()
     }
-    fn u8(&mut self) -> u8 {
+    pub(crate) fn u8(&mut self) -> u8 {
         let v = self.b.get(self.pos).copied().unwrap_or(0);
         self.pos += 1;
         v
@@ -57,7 +66,7 @@ impl Bytes<'_> {
     fn u16(&mut self) -> u16 {
         u16::from_le_bytes([self.u8(), self.u8()])
     }
-    fn u32(&mut self) -> u32 {
+    pub(crate) fn u32(&mut self) -> u32 {
         u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
     }
     fn rest(&mut self) -> &[u8] {
@@ -364,6 +373,13 @@ struct OpModel {
 }
 
 impl OpModel {
+    /// The engine's id of the model session picked by `k` (modulo their number), if any.
+    fn session_id(&self, k: usize) -> Option<SessionId> {
+        self.sessions
+            .get(k % self.sessions.len().max(1))
+            .and_then(|s| s.id)
+    }
+
     /// A write of `data` at `off` of volume `vol`: `Some(true)` succeeded, `Some(false)` failed.
     fn volume_write(&mut self, vol: usize, off: u64, data: &[u8], ok: bool) {
         for s in &mut self.sessions {
@@ -490,55 +506,7 @@ pub fn check_op_script(data: &[u8]) {
         steps += 1;
         let op = r.u8() % 8;
         match op {
-            0 => {
-                let src = usize::from(r.u8()) % OP_VOLUMES;
-                let tgt = usize::from(r.u8()) % OP_VOLUMES;
-                let flags = r.u8();
-                let g = 4096u64 << (flags & 1);
-                let nocopy = flags & 2 != 0;
-                let next = 1 + usize::from(flags >> 2 & 1);
-                let extents: Vec<ExtentSpec> = (0..next)
-                    .map(|_| ExtentSpec {
-                        source_offset: u64::from(r.u8() % 16) * g,
-                        target_offset: u64::from(r.u8() % 16) * g,
-                        len: u64::from(r.u8() % 6 + 1) * g,
-                    })
-                    .collect();
-                let spec = SessionSpec {
-                    source: ids[src],
-                    target: ids[tgt],
-                    extents: extents.clone(),
-                    grain: GrainSize::new(g).unwrap_or(GrainSize::DEFAULT),
-                    mode: if nocopy {
-                        CopyMode::NoCopy
-                    } else {
-                        CopyMode::Copy
-                    },
-                };
-                // T0 is what the source device holds now: failed writes may or may not have
-                // landed, so the device, not a model, is the reference.
-                let before = world.current_images()[1 + src].clone();
-                let mut image = Vec::new();
-                for x in &extents {
-                    let (s, l) = (x.source_offset as usize, x.len as usize);
-                    if s + l <= before.len() {
-                        image.extend_from_slice(&before[s..s + l]);
-                    }
-                }
-                let id = e.establish(&spec).ok();
-                let covered = image.len() as u64 == extents.iter().map(|x| x.len).sum::<u64>();
-                if id.is_some() || covered {
-                    let unknown = vec![false; image.len()];
-                    m.sessions.push(RefSession {
-                        id,
-                        src,
-                        tgt,
-                        extents,
-                        image,
-                        unknown,
-                    });
-                }
-            }
+            0 => op_establish(&mut r, &e, &ids, &world, &mut m),
             1 => {
                 let vol = usize::from(r.u8()) % OP_VOLUMES;
                 let off = u64::from(r.u16()) % OP_VOLUME_BYTES as u64;
@@ -548,79 +516,25 @@ pub fn check_op_script(data: &[u8]) {
                 let ok = e.write(ids[vol], off, &data).is_ok();
                 m.volume_write(vol, off, &data, ok);
             }
-            2 | 3 => {
-                let write = op == 3;
-                let k = usize::from(r.u8());
-                let off = u64::from(r.u16());
-                let len = u64::from(r.u16()) % 20_000 + 1;
-                let seed = r.u8();
-                let nsess = m.sessions.len().max(1);
-                let Some(s) = m.sessions.get_mut(k % nsess) else {
-                    continue;
-                };
-                let Some(id) = s.id else { continue };
-                let il = s.image.len() as u64;
-                let off = off % il;
-                let len = len.min(il - off);
-                let (o, n) = (off as usize, len as usize);
-                if write {
-                    let data = fill(u64::from(seed) + 1000, n);
-                    if let Ok(sess) = e.session(id) {
-                        for p in sess.map.image_pieces(off, len) {
-                            world.note_user_write(
-                                &sess.desc.target.locator,
-                                p.target_offset,
-                                p.len,
-                            );
-                        }
-                    }
-                    if e.write_image(id, off, &data).is_ok() {
-                        s.image[o..o + n].copy_from_slice(&data);
-                        s.unknown[o..o + n].fill(false);
-                    } else {
-                        s.unknown[o..o + n].fill(true);
-                    }
-                } else {
-                    let active = e.session(id).is_ok_and(|x| x.is_active());
-                    let mut b = vec![0u8; n];
-                    if e.read_image(id, off, &mut b).is_ok() && active {
-                        compare("read", id, o, &b, s);
-                    }
-                }
-            }
+            2 | 3 => op_image(&mut r, op == 3, &e, &world, &mut m),
             4 => {
                 let k = usize::from(r.u8());
                 let from = u64::from(r.u8() % 32);
                 let max = u64::from(r.u8() % 8 + 1);
-                if let Some(id) = m
-                    .sessions
-                    .get(k % m.sessions.len().max(1))
-                    .and_then(|s| s.id)
-                {
+                if let Some(id) = m.session_id(k) {
                     let _ = e.copy_batch(id, from, max);
                     let _ = e.complete_if_done(id);
                 }
             }
             5 => {
                 let k = usize::from(r.u8());
-                if let Some(id) = m
-                    .sessions
-                    .get(k % m.sessions.len().max(1))
-                    .and_then(|s| s.id)
-                {
+                if let Some(id) = m.session_id(k) {
                     let _ = e.withdraw(id);
                 }
             }
             6 => {
                 drop(e);
-                let mut opened = None;
-                for _ in 0..2 {
-                    if let Ok(x) = Engine::open(table.clone(), &resolver, options.clone()) {
-                        opened = Some(x);
-                        break;
-                    }
-                }
-                let Some(x) = opened else {
+                let Some(x) = reopen(&table, &resolver, &options) else {
                     assert!(mode != 0, "reopen failed without faults");
                     return;
                 };
@@ -641,55 +555,113 @@ pub fn check_op_script(data: &[u8]) {
     assert!(v.is_empty(), "ordering checker: {v:?}");
 }
 
-// ---------------------------------------------------------------------------------------------
-// nbd_request
+/// Script operation 0 of [`check_op_script`]: establish a session described by the next bytes
+/// and, when the engine accepted it or its T0 image is known, add it to the model.
+fn op_establish(
+    r: &mut Bytes<'_>,
+    e: &Engine,
+    ids: &[VolumeId],
+    world: &SimWorld,
+    m: &mut OpModel,
+) {
+    let src = usize::from(r.u8()) % OP_VOLUMES;
+    let tgt = usize::from(r.u8()) % OP_VOLUMES;
+    let flags = r.u8();
+    let g = 4096u64 << (flags & 1);
+    let nocopy = flags & 2 != 0;
+    let next = 1 + usize::from(flags >> 2 & 1);
+    let extents: Vec<ExtentSpec> = (0..next)
+        .map(|_| ExtentSpec {
+            source_offset: u64::from(r.u8() % 16) * g,
+            target_offset: u64::from(r.u8() % 16) * g,
+            len: u64::from(r.u8() % 6 + 1) * g,
+        })
+        .collect();
+    let spec = SessionSpec {
+        source: ids[src],
+        target: ids[tgt],
+        extents: extents.clone(),
+        grain: GrainSize::new(g).unwrap_or(GrainSize::DEFAULT),
+        mode: if nocopy {
+            CopyMode::NoCopy
+        } else {
+            CopyMode::Copy
+        },
+    };
+    // T0 is what the source device holds now: failed writes may or may not have
+    // landed, so the device, not a model, is the reference.
+    let before = world.current_images()[1 + src].clone();
+    let mut image = Vec::new();
+    for x in &extents {
+        let (s, l) = (x.source_offset as usize, x.len as usize);
+        if s + l <= before.len() {
+            image.extend_from_slice(&before[s..s + l]);
+        }
+    }
+    let id = e.establish(&spec).ok();
+    let covered = image.len() as u64 == extents.iter().map(|x| x.len).sum::<u64>();
+    if id.is_some() || covered {
+        let unknown = vec![false; image.len()];
+        m.sessions.push(RefSession {
+            id,
+            src,
+            tgt,
+            extents,
+            image,
+            unknown,
+        });
+    }
+}
 
-/// Feed `data` to every parser of `src/nbd/proto.rs` (greeting, client flags, option header,
-/// option reply header, export name, `NBD_OPT_INFO`/`GO` data, info reply, request header with
-/// [`proto::check_request`], simple and structured reply headers, error chunk) and check that
-/// what parses re-encodes to the same bytes where an encoder exists.
-pub fn check_nbd(data: &[u8]) {
-    let _ = proto::parse_greeting(data);
-    if let Some(b) = data.get(..4) {
-        let raw = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        if let Ok(f) = proto::ClientFlags::parse(raw) {
-            assert_eq!(proto::ClientFlags::parse(f.encode()), Ok(f));
+/// Script operations 2 (image read, compared with the model while the session is active) and 3
+/// (image write, recorded in the model) of [`check_op_script`].
+fn op_image(r: &mut Bytes<'_>, write: bool, e: &Engine, world: &SimWorld, m: &mut OpModel) {
+    let k = usize::from(r.u8());
+    let off = u64::from(r.u16());
+    let len = u64::from(r.u16()) % 20_000 + 1;
+    let seed = r.u8();
+    let nsess = m.sessions.len().max(1);
+    let Some(s) = m.sessions.get_mut(k % nsess) else {
+        return;
+    };
+    let Some(id) = s.id else { return };
+    let il = s.image.len() as u64;
+    let off = off % il;
+    let len = len.min(il - off);
+    let (o, n) = (off as usize, len as usize);
+    if write {
+        let data = fill(u64::from(seed) + 1000, n);
+        if let Ok(sess) = e.session(id) {
+            for p in sess.map.image_pieces(off, len) {
+                world.note_user_write(&sess.desc.target.locator, p.target_offset, p.len);
+            }
+        }
+        if e.write_image(id, off, &data).is_ok() {
+            s.image[o..o + n].copy_from_slice(&data);
+            s.unknown[o..o + n].fill(false);
+        } else {
+            s.unknown[o..o + n].fill(true);
+        }
+    } else {
+        let active = e.session(id).is_ok_and(|x| x.is_active());
+        let mut b = vec![0u8; n];
+        if e.read_image(id, off, &mut b).is_ok() && active {
+            compare("read", id, o, &b, s);
         }
     }
-    if let Ok(h) = proto::OptionHeader::parse(data) {
-        assert_eq!(proto::OptionHeader::parse(&h.encode()), Ok(h));
-    }
-    let _ = proto::OptionReplyHeader::parse(data);
-    let _ = proto::parse_rep_server(data);
-    let _ = proto::parse_string(data, "fuzz");
-    if let Ok(i) = proto::InfoRequest::parse(data) {
-        assert_eq!(proto::InfoRequest::parse(&i.encode()), Ok(i));
-    }
-    if let Ok(i) = proto::Info::parse(data) {
-        if !matches!(i, proto::Info::Unknown(_)) {
-            assert_eq!(proto::Info::parse(&i.encode()), Ok(i));
+}
+
+/// Open the engine again over the same table (two attempts), as script operation 6 of
+/// [`check_op_script`] does.
+fn reopen(
+    table: &Arc<dyn TableStorage>,
+    resolver: &MapResolver,
+    options: &EngineOptions,
+) -> Option<Engine> {
+    for _ in 0..2 {
+        if let Ok(x) = Engine::open(table.clone(), resolver, options.clone()) {
+            return Some(x);
         }
     }
-    if let Ok(req) = proto::Request::parse(data) {
-        assert_eq!(proto::Request::parse(&req.encode()), Ok(req));
-        let tail = data.get(proto::REQUEST_HEADER_BYTES..).unwrap_or(&[]);
-        let mut t = Bytes { b: tail, pos: 0 };
-        let lim = proto::ExportLimits {
-            size: u64::from(t.u32()) << (t.u8() % 32),
-            read_only: t.u8() & 1 == 1,
-            min_block: 1 << (t.u8() % 13),
-            max_payload: t.u32(),
-        };
-        if proto::check_request(&req, &lim).is_ok()
-            && matches!(req.command, proto::Command::Read | proto::Command::Write)
-        {
-            assert!(req.offset + u64::from(req.length) <= lim.size);
-            assert!(req.length <= lim.max_payload);
-        }
-    }
-    let _ = proto::SimpleReply::parse(data);
-    let _ = proto::ChunkHeader::parse(data);
-    for kind in [proto::REPLY_TYPE_ERROR, proto::REPLY_TYPE_ERROR_OFFSET] {
-        let _ = proto::ErrorChunk::parse(kind, data);
-    }
+    None
 }

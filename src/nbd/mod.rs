@@ -19,10 +19,20 @@
 //! client-supplied size beyond the configured limits ([`NbdConfig`]). TCP listeners are
 //! limited to loopback unless [`NbdConfig::allow_remote`] is set: NBD has no authentication.
 //!
-//! [`proto`] holds the wire format as pure functions, usable by clients and fuzzers.
+//! Layout:
+//!
+//! - [`proto`] (`proto/`): the wire format as pure functions, usable by clients and fuzzers:
+//!   constants, shared encoding helpers, option haggling, transmission requests, replies.
+//! - `server/`: the wire format over sockets: listeners, limits and the accept loop; the
+//!   handshake; the transmission pipeline of one connection.
+//! - `export.rs` and `engine_export.rs`: what is served ([`NbdExport`], registries).
+//! - `fuzz.rs` (feature `fault`): the `nbd_request` fuzz check, re-exported as
+//!   `fault::fuzzing::check_nbd`.
 
 mod engine_export;
 mod export;
+#[cfg(feature = "fault")]
+pub(crate) mod fuzz;
 pub mod proto;
 mod server;
 #[cfg(test)]
