@@ -102,6 +102,22 @@ pub enum Error {
         /// The volume or table.
         target: String,
     },
+    /// An earlier I/O failure latched this volume (see [`crate::volume::CheckedVolume`]): the
+    /// first failure's operation, offset and operating-system error, repeated on every later
+    /// call. Unlike [`Error::Poisoned`] it keeps that error's kind (`source()` is an
+    /// [`std::io::Error`] of the same kind, and of the same `raw_os_error` when it had one).
+    #[error("{}", poisoned_io_message(target, op, *offset, source))]
+    PoisonedIo {
+        /// The volume (the failed call's target, usually a path).
+        target: String,
+        /// The operation that failed first (`write`, `fdatasync`, ...).
+        op: &'static str,
+        /// Its byte offset, 0 where none applies.
+        offset: u64,
+        /// The first failure's error, rebuilt with the same kind and message.
+        #[source]
+        source: std::io::Error,
+    },
     /// The activity table's bytes are damaged or not a table.
     #[error("activity table {path}: {kind}")]
     Corrupt {
@@ -302,6 +318,15 @@ fn io_message(op: &str, target: &str, offset: u64, source: &std::io::Error) -> S
     }
 }
 
+fn poisoned_io_message(target: &str, op: &str, offset: u64, source: &std::io::Error) -> String {
+    let at = if POSITIONED_OPS.contains(&op) {
+        format!(" at offset {offset}")
+    } else {
+        String::new()
+    };
+    format!("{target} is poisoned by an earlier failed {op}{at} ({source}); reopen it to recover")
+}
+
 impl Error {
     /// Wrap an I/O error with the operation, target and offset.
     pub fn io(
@@ -316,6 +341,23 @@ impl Error {
             offset,
             source,
         }
+    }
+
+    /// The [`std::io::ErrorKind`] of an I/O failure ([`Error::Io`], or the first failure an
+    /// [`Error::PoisonedIo`] repeats); `None` for every other error.
+    #[must_use]
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            Error::Io { source, .. } | Error::PoisonedIo { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+
+    /// True for the errors of a latched volume or table ([`Error::Poisoned`],
+    /// [`Error::PoisonedIo`]): every later call fails the same way until it is reopened.
+    #[must_use]
+    pub fn is_poisoned(&self) -> bool {
+        matches!(self, Error::Poisoned { .. } | Error::PoisonedIo { .. })
     }
 
     /// Build an [`Error::Invalid`].

@@ -1,8 +1,9 @@
 //! The same volume and engine suite over every backend.
 //!
 //! Goal: pread (buffered and O_DIRECT), io_uring (buffered and O_DIRECT, and the default mixed
-//! O_DIRECT backend: pread plus io_uring registered buffers) and in-memory volumes
-//! behave the same under the engine. Method: one macro stamps the suite per backend; the
+//! O_DIRECT backend: pread plus io_uring registered buffers), in-memory volumes, and the
+//! decorators `CheckedVolume` and `FaultyVolume` (no fault armed) over pread files behave the
+//! same under the engine. Method: one macro stamps the suite per backend; the
 //! io_uring instances skip with a message when the kernel refuses io_uring, and O_DIRECT ones
 //! when the file system refuses it.
 
@@ -14,8 +15,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use timezero::engine::{Engine, EngineOptions, SessionSpec};
+use timezero::fault::FaultyVolume;
 use timezero::ids::GrainSize;
-use timezero::volume::{FileVolume, FileVolumeOptions, MemVolume, Volume};
+use timezero::volume::{CheckedVolume, FileVolume, FileVolumeOptions, MemVolume, Volume};
 use timezero::Error;
 
 /// Create a file of `data` and open it with the backend; `None` = backend unavailable here.
@@ -94,6 +96,29 @@ fn uring_registered_only_direct(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>
     uring_direct_with(p, data, |p, o| {
         timezero::volume::UringVolume::open_registered_only(p, o)
     })
+}
+
+/// `CheckedVolume` over the pread backend: healthy, it behaves as the plain backend.
+fn checked_pread(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
+    write_file(p, data);
+    Some(Arc::new(CheckedVolume::new(
+        FileVolume::open(p, &FileVolumeOptions::default()).unwrap(),
+    )))
+}
+
+/// `FaultyVolume` (no fault armed, crash shadow on) over the pread backend: it behaves as the
+/// plain backend.
+fn faulty_pread(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
+    write_file(p, data);
+    Some(Arc::new(FaultyVolume::new(
+        FileVolume::open(p, &FileVolumeOptions::default()).unwrap(),
+    )))
+}
+
+/// `FaultyVolume` over the `O_DIRECT` pread backend (its shadow reads are unaligned).
+fn faulty_pread_direct(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
+    let inner = pread_direct(p, data)?;
+    Some(Arc::new(FaultyVolume::new(inner)))
 }
 
 fn mem(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
@@ -246,6 +271,9 @@ backend_suite! {
     io_uring_o_direct => super::uring_direct,
     io_uring_registered_only_o_direct => super::uring_registered_only_direct,
     in_memory => super::mem,
+    checked_pread_buffered => super::checked_pread,
+    faulty_pread_buffered => super::faulty_pread,
+    faulty_pread_o_direct => super::faulty_pread_direct,
 }
 
 /// The default backend picks io_uring for `O_DIRECT` volumes (where the kernel allows) and

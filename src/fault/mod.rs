@@ -10,10 +10,14 @@
 //! read returns another place's bytes), F7 ([`flip_bit`]), F8
 //! (ENOSPC on every write from the N-th I/O), F9 (EIO on the N-th I/O once or forever, failing
 //! sync).
+//! [`FaultyVolume`] brings the volume faults to any [`crate::volume::Volume`] (a real file or
+//! device): failed reads, writes and flushes, ENOSPC past a size, torn writes, and a crash that
+//! loses what no flush covered.
 //! Everything is seeded and deterministic; violation messages name the workload and seed.
 
 mod checker;
 pub mod crashtest;
+mod faulty;
 pub mod fuzzing;
 mod sim;
 
@@ -22,6 +26,7 @@ pub use crashtest::{
     catalogue, check_misdirected_write, crashtest, engine_options, CrashReport, CrashtestOptions,
     Op, Workload,
 };
+pub use faulty::{CrashMode, FaultCounts, FaultPlan, FaultyVolume, InjectedError, Trigger};
 pub use sim::{
     flip_bit, CrashCursor, CrashLog, DevKind, Fate, Faults, IoEvent, SimStorage, SimVolume,
     SimWorld, SECTOR,

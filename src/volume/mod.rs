@@ -4,10 +4,12 @@
 //! [`FileVolume`] (regular files and block devices, pread/pwrite, optional `O_DIRECT`),
 //! `UringVolume` (the same through `io_uring`, with the `uring` feature; see [`open_best`]),
 //! [`MemVolume`] (in memory, for tests and simulations). Everything else (latching of the first
-//! failure, fault injection, ordering checks) wraps a `Volume` and is itself a `Volume`.
+//! failure: [`CheckedVolume`]; fault injection: `timezero::fault::FaultyVolume` with the `fault`
+//! feature; ordering checks) wraps a `Volume` and is itself a `Volume`.
 
 pub(crate) mod aligned;
 pub(crate) use aligned::AlignedBuf;
+mod checked;
 mod file;
 mod mem;
 mod open;
@@ -17,6 +19,7 @@ mod probe;
 #[cfg(feature = "uring")]
 mod uring;
 
+pub use checked::{CheckedVolume, FirstFailure};
 pub use file::{FileVolume, FileVolumeOptions};
 pub use mem::MemVolume;
 pub(crate) use open::uring_allowed;
@@ -132,6 +135,45 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     /// Size in bytes (shortcut for `info().size`).
     fn size(&self) -> u64 {
         self.info().size
+    }
+}
+
+/// A shared volume is a volume: decorators such as [`CheckedVolume`] can wrap an
+/// `Arc<dyn Volume>` or an `Arc` the caller keeps a clone of.
+impl<V: Volume + ?Sized> Volume for Arc<V> {
+    fn info(&self) -> VolumeInfo {
+        (**self).info()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+}
+
+/// A boxed volume is a volume.
+impl<V: Volume + ?Sized> Volume for Box<V> {
+    fn info(&self) -> VolumeInfo {
+        (**self).info()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
     }
 }
 
