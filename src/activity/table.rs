@@ -214,7 +214,7 @@ impl Table {
             ));
         }
         let mut table_id = [0u8; 16];
-        rand::Rng::fill(&mut rand::rng(), &mut table_id[..]);
+        fill_random(&mut table_id)?;
         let created = now_ms();
         // Generations 0 and 1 both hold the empty state (areas and slots 0 and 1), so either
         // superblock alone suffices.
@@ -986,6 +986,26 @@ fn apply(
                 value: session.0,
             })?;
             s.apply(e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Fill `buf` from the kernel's random source (`getrandom`, waiting for it to be seeded).
+fn fill_random(buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::rand::getrandom(&mut buf[done..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                return Err(Error::io(
+                    "getrandom",
+                    "table id",
+                    0,
+                    std::io::Error::from_raw_os_error(e.raw_os_error()),
+                ))
+            }
         }
     }
     Ok(())
