@@ -550,3 +550,133 @@ pub(super) fn print_json(
         serde_json::to_string_pretty(&doc).map_err(|e| Error::invalid("json", e.to_string()))?;
     writeln!(out, "{s}").map_err(|e| Error::io("write", "stdout", 0, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::figures::figures;
+
+    fn keys(v: &serde_json::Value) -> Vec<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
+    /// The document of a run with two writer counts, two rounds and made-up measurements,
+    /// checked to list its keys in the order of a `serde_json` map (the document reads the same
+    /// as when it was built from `json!` maps).
+    fn sample() -> serde_json::Value {
+        let opts = BenchOptions {
+            writers: vec![1, 4],
+            rounds: 2,
+            ..BenchOptions::default()
+        };
+        let mut figs = figures(&opts.writers);
+        for f in &mut figs {
+            for s in [&mut f.engine, &mut f.raw] {
+                s.per_round = vec![100.0, 200.0];
+                s.lat_ns = vec![3, 1, 2];
+            }
+        }
+        let run = RunInfo {
+            direct: true,
+            backend: "pread",
+            copy_backend: "pread",
+            big_recovery: Some(BigRecovery {
+                grains: 16,
+                bitmap_bytes: 2,
+                open_ms: vec![1.5, 2.5],
+                growth_kib: vec![4.0, 8.0],
+            }),
+        };
+        let text = serde_json::to_string(&BenchJson::new(&opts, &figs, &run)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(text, serde_json::to_string(&v).unwrap());
+        v
+    }
+
+    /// The keys scripts/plot-bench.py, scripts/qemu-compare.sh and docs/bench-writers.json rely
+    /// on: top level, global options, per writer count.
+    #[test]
+    fn json_top_level_and_by_writers_keys() {
+        let v = sample();
+        assert_eq!(
+            keys(&v),
+            [
+                "by_writers",
+                "fio version",
+                "global options",
+                "jobs",
+                "ratios",
+                "recovery_1tib",
+                "timestamp"
+            ]
+        );
+        assert_eq!(keys(&v["global options"]).len(), 10);
+        assert_eq!(v["global options"]["writers"], serde_json::json!([1, 4]));
+        let w = &v["by_writers"];
+        assert_eq!(w.as_array().unwrap().len(), 4);
+        assert_eq!(
+            keys(&w[0]),
+            [
+                "cost_ratio",
+                "engine",
+                "figure",
+                "raw",
+                "raw_label",
+                "writers"
+            ]
+        );
+        assert_eq!(w[3]["figure"], "first-write");
+        assert_eq!(w[3]["writers"], 4);
+        assert_eq!(
+            keys(&w[0]["raw"]),
+            [
+                "iops_max",
+                "iops_median",
+                "iops_min",
+                "lat_p50_ns",
+                "lat_p99_ns"
+            ]
+        );
+        assert_eq!(w[0]["engine"]["iops_median"], 150.0);
+        assert_eq!(w[0]["engine"]["lat_p50_ns"], 2);
+    }
+
+    /// The fio-shaped jobs, the ratios and the 1 TiB recovery.
+    #[test]
+    fn json_jobs_ratios_and_recovery_keys() {
+        let v = sample();
+        let jobs = v["jobs"].as_array().unwrap();
+        // Every figure has both sides but the recovery, which has only the engine's.
+        assert_eq!(jobs.len(), 2 * figures(&[1, 4]).len() - 1);
+        assert_eq!(keys(&jobs[0]), ["jobname", "write"]);
+        assert_eq!(keys(&jobs[0]["write"]), ["bw", "iops", "lat_ns", "rounds"]);
+        assert_eq!(
+            keys(&jobs[0]["write"]["lat_ns"]["percentile"]),
+            [
+                "1.000000",
+                "10.000000",
+                "5.000000",
+                "50.000000",
+                "90.000000",
+                "95.000000",
+                "99.000000",
+                "99.900000"
+            ]
+        );
+        let recovery = jobs.last().unwrap();
+        assert_eq!(keys(recovery), ["jobname", "sync"]);
+        assert_eq!(
+            keys(&recovery["sync"]["rounds"]),
+            ["max_ms", "median_ms", "min_ms", "values_ms"]
+        );
+        assert_eq!(recovery["sync"]["lat_ns"]["percentile"]["50.000000"], 150e6);
+        let r = &v["ratios"][0];
+        assert_eq!(keys(r), ["figure", "kind", "max", "median", "min"]);
+        assert_eq!(r["kind"], "cost");
+        assert_eq!(
+            keys(&v["recovery_1tib"]),
+            ["bitmap_bytes", "grains", "open_ms", "peak_rss_growth_kib"]
+        );
+        assert_eq!(v["recovery_1tib"]["open_ms"]["median"], 2.0);
+    }
+}
