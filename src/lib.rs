@@ -2,33 +2,33 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 // Layers, lowest first (docs/design.md lists them; tests/layers.rs checks every import).
-pub mod error;
-pub mod ids;
-pub mod limits;
-pub mod units;
-pub mod volume;
-pub mod model;
-pub mod bitmap;
-pub mod sync;
-pub mod session;
 pub mod activity;
-pub mod engine;
-pub mod nbd;
+#[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
+pub mod bench;
+pub mod bitmap;
+#[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
+pub mod cli;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod command;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod control;
-#[cfg(feature = "cli")]
-#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
-pub mod bench;
+pub mod engine;
+pub mod error;
 #[cfg(feature = "fault")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fault")))]
 pub mod fault;
-#[cfg(feature = "cli")]
-#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
-pub mod cli;
+pub mod ids;
+pub mod limits;
+pub mod model;
+pub mod nbd;
+pub mod session;
+pub mod sync;
+pub mod units;
+pub mod volume;
 
 /// The background copier (see [`engine::copier`]).
 pub use engine::copier;

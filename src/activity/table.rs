@@ -333,6 +333,29 @@ impl Table {
         let _ = self.storage.write_witness(&w.encode(), durable);
     }
 
+    /// Make the rollback witness current and durable now, and report a failure (a table that
+    /// is dropped does the same and ignores failures). Nothing else is pending: every commit
+    /// is durable before it returns.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`] after an earlier failure; I/O errors writing the witness.
+    pub fn close(&self) -> Result<()> {
+        if self.is_poisoned() {
+            return Err(Error::Poisoned {
+                target: self.storage.name(),
+            });
+        }
+        if self.read_only || !self.witness_checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let next_seq = self.writer.lock().next_seq;
+        let w = Witness {
+            table_id: self.table_id,
+            seq: next_seq,
+        };
+        self.storage.write_witness(&w.encode(), true)
+    }
+
     /// Read the committed state of a table without writing anything: the same replay as
     /// [`Table::open`] (newest valid pair, journal, holes), but no checkpoint is written, the
     /// rollback witness is neither checked nor updated, and every later commit fails with

@@ -353,6 +353,37 @@ impl Engine {
         e
     }
 
+    /// Close the engine and report what a drop would hide: every attached volume is flushed
+    /// (writes made through [`Engine::write`] and [`Engine::write_image`] become durable) and
+    /// the table's rollback witness is made current ([`Table::close`]). Every step runs even
+    /// after a failure; the first failure is returned. Dropping an engine flushes no volume
+    /// and ignores a failure of the witness.
+    ///
+    /// # Errors
+    /// The first flush or table error.
+    pub fn close(self) -> Result<()> {
+        let mut first = None;
+        let volumes = self.volumes.load_full();
+        let mut handles: Vec<_> = volumes.values().collect();
+        handles.sort_by(|a, b| a.info.locator.cmp(&b.info.locator));
+        for h in handles {
+            if let Err(e) = h.flush() {
+                first.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.table.close() {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// What recovery decided for each session when the table was opened (empty for a new
+    /// table); the same as the public field `decisions`.
+    #[must_use]
+    pub fn open_decisions(&self) -> &[Decision] {
+        &self.decisions
+    }
+
     /// Copy-before-write writes in progress right now (the background copier yields while
     /// there are any, so first writes do not queue behind large copy batches).
     #[must_use]
