@@ -380,7 +380,7 @@ fn close_flushes_every_volume_and_reports_a_failed_flush() {
     assert_eq!(src.unflushed_sectors(), 0, "close flushed the source");
     src.crash(CrashMode::DropAll).unwrap();
     let mut got = vec![0u8; 4096];
-    src.read_at(&mut got, 0).unwrap();
+    src.read_at(0, &mut got).unwrap();
     assert_eq!(
         got,
         vec![0x5a; 4096],

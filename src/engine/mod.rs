@@ -133,14 +133,14 @@ impl VolumeHandle {
     }
 
     #[inline(always)]
-    fn read_retry(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        retry(|| self.vol.read_at(buf, off))
+    fn read_retry(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        retry(|| self.vol.read_at(off, buf))
     }
 
     #[inline(always)]
-    fn write_retry(&self, buf: &[u8], off: u64) -> Result<()> {
+    fn write_retry(&self, off: u64, buf: &[u8]) -> Result<()> {
         self.check_live()?;
-        retry(|| self.vol.write_at(buf, off))
+        retry(|| self.vol.write_at(off, buf))
     }
 }
 
@@ -687,7 +687,7 @@ impl Engine {
     /// # Errors
     /// I/O errors.
     pub fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.handle(vol)?.read_retry(buf, offset)
+        self.handle(vol)?.read_retry(offset, buf)
     }
 
     /// Make completed writes to a volume durable.
