@@ -184,7 +184,7 @@ fn check_after(
         let s = e.session(*id).unwrap();
         let st = s.status();
         if on.contains(&i) {
-            let d = ds.iter().find(|d| d.session == id.0).expect(ctx);
+            let d = ds.iter().find(|d| d.session == *id).expect(ctx);
             let (term, ended) = expected(c, i);
             match (&term, &d.outcome) {
                 (Some(code), Outcome::Terminated(r)) => {

@@ -87,7 +87,7 @@ fn open(storage: &Arc<MemStorage>, r: &dyn VolumeResolver) -> Engine {
 }
 
 fn decision(e: &Engine, id: SessionId) -> &timezero::engine::Decision {
-    e.decisions.iter().find(|d| d.session == id.0).unwrap()
+    e.decisions.iter().find(|d| d.session == id).unwrap()
 }
 
 /// A missing target suspends its session on open (instead of terminating it); the other

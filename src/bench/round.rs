@@ -89,7 +89,7 @@ impl<'a> Round<'a> {
         let tgt = attach(&e, &self.f.tgt)?;
         for s in e.status() {
             if s.state == SessionState::Active {
-                e.withdraw(SessionId(s.id))?;
+                e.withdraw(s.id)?;
             }
         }
         let id = e.establish(&whole(src, tgt, CopyMode::NoCopy))?;

@@ -240,7 +240,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             let st = e
                 .status()
                 .into_iter()
-                .find(|s| s.id == id.0)
+                .find(|s| s.id == id)
                 .ok_or(Error::UnknownSession(id))?;
             let o = output::EstablishOut::new(
                 &st,
@@ -436,7 +436,7 @@ fn refuse_target_with_data(e: &Engine, spec: &SessionSpec, target: &Path) -> Res
 pub fn decisions_out(e: &Engine, ds: &[crate::engine::Decision]) -> Vec<DecisionOut> {
     ds.iter()
         .map(|d| {
-            let state = e.session(SessionId(d.session)).ok().map(|s| s.state());
+            let state = e.session(d.session).ok().map(|s| s.state());
             DecisionOut::of(d, state)
         })
         .collect()
@@ -453,7 +453,7 @@ fn reset(e: &Engine, volume: &Path, as_json: bool) -> Result<String> {
         .decisions
         .iter()
         .filter(|d| {
-            sessions.iter().any(|x| x.id().0 == d.session && uses(x))
+            sessions.iter().any(|x| x.id() == d.session && uses(x))
                 && (d.was_suspended
                     || matches!(
                         d.outcome,
@@ -549,7 +549,7 @@ fn copy(
             .status()
             .iter()
             .map(|s| output::SessionStateOut {
-                session: SessionId(s.id).to_string(),
+                session: s.id.to_string(),
                 state: s.state.to_string(),
             })
             .collect(),
@@ -576,7 +576,7 @@ fn resume_suspended(e: &Engine, id: SessionId, io: &dyn Channel, out: &mut Strin
         e.resume(id, &e.file_resolver())?
     } else {
         // Opened here (not in a server): opening already reconciled the session.
-        match e.decisions.iter().find(|d| d.session == id.0) {
+        match e.decisions.iter().find(|d| d.session == id) {
             Some(d) if io.copies().is_none() && d.was_suspended => d.clone(),
             _ => return Ok(false),
         }

@@ -8,7 +8,6 @@ use serde::Serialize;
 
 use crate::activity::OpenReport;
 use crate::engine::{Decision, Outcome, SessionStatus};
-use crate::ids::SessionId;
 use crate::model::{CopyMode, Reason, SessionState};
 use crate::units::{format_size, rfc3339_ms};
 use crate::{Error, Result};
@@ -174,7 +173,7 @@ impl SessionOut {
                 .map(|(_, r)| ReasonOut::of(r))
         };
         SessionOut {
-            session: SessionId(s.id).to_string(),
+            session: s.id.to_string(),
             state: s.state.to_string(),
             mode: mode_word(s.mode),
             source: s.source.clone(),
@@ -327,7 +326,7 @@ impl DecisionOut {
             ),
         };
         DecisionOut {
-            session: SessionId(d.session).to_string(),
+            session: d.session.to_string(),
             outcome,
             reason,
             ended_extents: ended,

@@ -161,7 +161,7 @@ fn retry(mut f: impl FnMut() -> Result<()>) -> Result<()> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SessionStatus {
     /// Id.
-    pub id: u64,
+    pub id: SessionId,
     /// State.
     pub state: SessionState,
     /// Mode.
@@ -702,7 +702,7 @@ impl Engine {
 fn session_status(s: &Session) -> SessionStatus {
     let st = s.status();
     SessionStatus {
-        id: s.id().0,
+        id: s.id(),
         state: st.state,
         mode: st.mode,
         unavailable: (st.state == SessionState::Suspended)

@@ -91,7 +91,7 @@ fn replaced_message(role: &str, was: &VolumeRef, now: &VolumeInfo) -> String {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Decision {
     /// Session.
-    pub session: u64,
+    pub session: SessionId,
     /// Outcome.
     pub outcome: Outcome,
     /// The session was suspended before this decision (so `Resumed` means it left suspension).
@@ -101,7 +101,7 @@ pub struct Decision {
 impl Decision {
     fn new(session: SessionId, outcome: Outcome, was_suspended: bool) -> Self {
         Decision {
-            session: session.0,
+            session,
             outcome,
             was_suspended,
         }

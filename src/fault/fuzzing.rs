@@ -301,7 +301,7 @@ pub fn check_table_open(data: &[u8]) {
     };
     for st in e.status() {
         let mut b = [0u8; 512];
-        let _ = e.read_image(SessionId(st.id), 0, &mut b);
+        let _ = e.read_image(st.id, 0, &mut b);
     }
     drop(e);
     // The open wrote a fresh checkpoint; a second open must accept what the first wrote.
@@ -418,7 +418,7 @@ fn check_all(e: &Engine, m: &mut OpModel, vol_locators: &[String]) {
         if st.state != SessionState::Active {
             continue;
         }
-        let id = SessionId(st.id);
+        let id = st.id;
         let idx = match m.sessions.iter().position(|s| s.id == Some(id)) {
             Some(i) => i,
             None => {

@@ -79,7 +79,7 @@ pub(super) fn ref_at(recs: &[OpRec], n: usize) -> &RefState {
 pub(super) fn check_engine(e: &Engine, refs: &RefState, rep: &mut CrashReport) {
     let mut out: Vec<String> = Vec::new();
     for st in e.status() {
-        if let Some(sref) = refs.sessions.get(&st.id) {
+        if let Some(sref) = refs.sessions.get(&st.id.0) {
             check_one(e, &st, sref, rep);
             continue;
         }
@@ -166,7 +166,7 @@ fn check_one(e: &Engine, st: &SessionStatus, sref: &SessRef, rep: &mut CrashRepo
 /// target writes not yet durable (any subset of the first six, applied in order).
 fn check_image(e: &Engine, st: &SessionStatus, sref: &SessRef, out: &mut Vec<String>) {
     let mut buf = vec![0u8; sref.image.len()];
-    match e.read_image(SessionId(st.id), 0, &mut buf) {
+    match e.read_image(st.id, 0, &mut buf) {
         Ok(()) => {
             let k = sref.pending.len().min(6);
             let alts: Vec<Vec<u8>> = (1..1usize << k)
