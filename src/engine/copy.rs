@@ -134,12 +134,50 @@ impl Engine {
         Ok(())
     }
 
-    /// Run the background copy of one session to the end in the calling thread. Returns grains
-    /// copied.
+    /// Run the background copy of one session to the end in the calling thread, and complete
+    /// the session when every live grain is copied. Returns grains copied.
     ///
     /// # Errors
     /// I/O and table errors.
     pub fn copy_all(&self, id: SessionId, batch_grains: u64) -> Result<u64> {
+        self.copy_all_with(id, batch_grains, |_| std::ops::ControlFlow::Continue(()))
+    }
+
+    /// As [`Engine::copy_all`], calling `progress` after every batch with the session's copied
+    /// and total grains; when it returns [`std::ops::ControlFlow::Break`] the copy stops there
+    /// (everything copied so far is durable and recorded; a later copy goes on from it).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::ops::ControlFlow;
+    /// # use timezero::activity::MemStorage;
+    /// # use timezero::prelude::*;
+    /// # fn main() -> timezero::Result<()> {
+    /// # let layout = TableOptions::default().layout()?;
+    /// # let engine = Engine::create(Arc::new(MemStorage::new("t", layout.file_bytes())), EngineOptions::default())?;
+    /// # let src = engine.attach(Arc::new(MemVolume::with_data("src", &vec![3u8; 1 << 20])));
+    /// # let tgt = engine.attach(Arc::new(MemVolume::new("tgt", 1 << 20)));
+    /// let id = engine.establish(&SessionSpec::whole(src, tgt))?; // 16 grains of 64 KiB
+    /// let mut seen = Vec::new();
+    /// let r = engine.copy_all_with(id, 4, |p| {
+    ///     seen.push(p.grains_copied);
+    ///     if p.grains_copied >= 8 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    /// });
+    /// assert!(matches!(r, Err(Error::Interrupted(_))));
+    /// assert_eq!(seen, [4, 8]);
+    /// assert_eq!(engine.copy_all(id, 4)?, 8); // the rest, then the session completes
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// I/O and table errors; [`Error::Interrupted`] when `progress` stopped it.
+    pub fn copy_all_with(
+        &self,
+        id: SessionId,
+        batch_grains: u64,
+        mut progress: impl FnMut(CopyProgress) -> std::ops::ControlFlow<()>,
+    ) -> Result<u64> {
         let mut total = 0;
         let mut from = 0;
         loop {
@@ -147,6 +185,17 @@ impl Engine {
                 Some((next, n)) => {
                     total += n;
                     from = next;
+                    let s = self.session(id)?;
+                    let p = CopyProgress {
+                        grains_copied: s.copied(),
+                        grains_total: s.desc.grains(),
+                    };
+                    if progress(p).is_break() {
+                        return Err(Error::Interrupted(format!(
+                            "copy of session {id} stopped at {} of {} grains",
+                            p.grains_copied, p.grains_total
+                        )));
+                    }
                 }
                 None if from == 0 => break,
                 // Grains of ended extents stay uncopied for good: stop once every live
@@ -158,4 +207,13 @@ impl Engine {
         self.complete_if_done(id)?;
         Ok(total)
     }
+}
+
+/// How far [`Engine::copy_all_with`] has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyProgress {
+    /// The session's copied grains (durable).
+    pub grains_copied: u64,
+    /// The session's grains in total.
+    pub grains_total: u64,
 }
