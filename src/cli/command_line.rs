@@ -1,0 +1,396 @@
+//! The command line as clap parses it: the global I/O flags and one variant per command.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use super::args;
+use crate::engine::{EngineOptions, RestartPolicy};
+use crate::ids::SessionId;
+
+/// Crash-consistent point-in-time (time zero) copies of block storage.
+#[derive(Debug, Parser)]
+#[command(name = "timezero", version, about, after_help = args::SIZES_HELP)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Volume I/O options for the engine (any command).
+    #[command(flatten)]
+    pub io: IoFlags,
+}
+
+/// How the engine opens file volumes; global flags accepted by every command.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct IoFlags {
+    /// File backend: auto = io_uring for O_DIRECT volumes where the kernel allows and
+    /// pread/pwrite for buffered ones (the faster of the two for each, see docs/benchmarks.md);
+    /// pread; io-uring = io_uring for every volume where the kernel allows.
+    #[arg(long, global = true, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// Same as --backend io-uring.
+    #[arg(long, global = true, conflicts_with = "backend")]
+    pub io_uring: bool,
+    /// Open file volumes with O_DIRECT (bypass the page cache). For `bench`: only the engine's
+    /// background-copy figure.
+    #[arg(long, global = true)]
+    pub direct: bool,
+}
+
+/// The `--backend` values (see [`crate::engine::Backend`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    /// io_uring for O_DIRECT volumes, pread/pwrite for buffered ones.
+    #[default]
+    Auto,
+    /// pread/pwrite for every volume.
+    Pread,
+    /// io_uring for every volume where the kernel allows.
+    IoUring,
+}
+
+impl IoFlags {
+    /// The engine backend these flags select.
+    #[must_use]
+    pub fn backend(&self) -> crate::engine::Backend {
+        use crate::engine::Backend;
+        match (self.io_uring, self.backend) {
+            (true, _) | (false, BackendArg::IoUring) => Backend::IoUring,
+            (false, BackendArg::Pread) => Backend::Pread,
+            (false, BackendArg::Auto) => Backend::Auto,
+        }
+    }
+
+    /// Engine options with these flags and `restart`.
+    #[must_use]
+    pub fn engine_options(&self, restart: RestartPolicy) -> EngineOptions {
+        EngineOptions {
+            restart,
+            backend: self.backend(),
+            file_options: crate::volume::FileVolumeOptions {
+                direct: self.direct,
+                ..crate::volume::FileVolumeOptions::default()
+            },
+            ..EngineOptions::default()
+        }
+    }
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new, empty activity table.
+    #[command(after_help = args::SIZES_HELP)]
+    Init {
+        /// Path of the table file (must not exist).
+        table: PathBuf,
+        /// Bytes per journal copy (128KiB to 1GiB, a multiple of 512 bytes).
+        #[arg(long, value_parser = args::journal, default_value = "8MiB")]
+        journal: u64,
+        /// Bytes per checkpoint area (64KiB to 4GiB, a multiple of 4KiB); bounds the bitmaps
+        /// of all sessions (8MiB covers 4 TiB of source at a 64 KiB grain).
+        #[arg(long, value_parser = args::capacity, default_value = "8MiB")]
+        capacity: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Establish a session (T0 is now) and print its id, direction and T0.
+    ///
+    /// The target is refused when it visibly holds data in the ranges the session would
+    /// overwrite (a file-system or partition-table signature, or non-zero bytes in the first or
+    /// last MiB) unless --force is given.
+    #[command(after_help = args::SIZES_HELP)]
+    Establish {
+        /// The table.
+        table: PathBuf,
+        /// Source volume (file or block device).
+        source: PathBuf,
+        /// Target volume.
+        target: PathBuf,
+        /// Source extent OFFSET:LEN, optionally @TARGET_OFFSET (default: same offset); repeat
+        /// for more. Default: the whole source.
+        #[arg(long = "extent", value_parser = args::extent)]
+        extents: Vec<String>,
+        /// Grain size (power of two, 4KiB to 1MiB).
+        #[arg(long, value_parser = args::grain, default_value = "64KiB")]
+        grain: u64,
+        /// Copy-before-write only: no background copy until converted.
+        #[arg(long)]
+        nocopy: bool,
+        /// Establish even when the target holds data (it will be overwritten).
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show sessions.
+    Status {
+        /// The table.
+        table: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the background copy to completion (resumable after a kill).
+    #[command(after_help = args::SIZES_HELP)]
+    Copy {
+        /// The table.
+        table: PathBuf,
+        /// Only this session.
+        session: Option<SessionId>,
+        /// Rate limit in bytes per second (e.g. 100MiB; at least 1).
+        #[arg(long, value_parser = args::rate)]
+        rate: Option<u64>,
+        /// Worker threads (1 to 64).
+        #[arg(long, value_parser = args::threads, default_value = "2")]
+        threads: usize,
+        /// Bytes per copy request (4KiB to 4MiB) [default: 1MiB].
+        #[arg(long, value_parser = args::batch)]
+        batch: Option<u64>,
+        /// Convert the session to copy mode first if it is a no-copy session.
+        #[arg(long)]
+        convert: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a file's bytes to a volume through the engine (copy-before-write). The whole
+    /// range is checked against the volume before the first byte is written.
+    #[command(after_help = args::SIZES_HELP)]
+    Write {
+        /// The table.
+        table: PathBuf,
+        /// The volume (source or target of sessions in the table, or any file).
+        volume: PathBuf,
+        /// Byte offset.
+        #[arg(value_parser = args::size)]
+        offset: u64,
+        /// File with the bytes to write.
+        #[arg(long)]
+        from: PathBuf,
+        /// Bytes to write (default: the whole --from file). Required when --from is not a
+        /// regular file (a pipe or a device such as /dev/zero); then at most 64MiB, read
+        /// completely before anything is written.
+        #[arg(long, value_parser = args::size)]
+        len: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the engine against the raw file in one process (interleaved rounds on temporary
+    /// files): already-copied and first writes, image reads, background copy, recovery.
+    Bench {
+        /// Print fio-shaped JSON.
+        #[arg(long)]
+        json: bool,
+        /// Directory for the temporary files (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of each volume file (e.g. 256MiB).
+        #[arg(long, value_parser = args::size, default_value = "256MiB")]
+        size: u64,
+        /// Rounds; figures are medians over rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Writer counts for the already-copied and first-write figures (e.g. 1,4,16,32).
+        /// The global --io-uring selects the engine's backend; the global --direct opens the
+        /// engine's volumes with O_DIRECT for the background-copy figure (the raw copy is
+        /// O_DIRECT already; the other raw figures are buffered, so the engine stays buffered
+        /// there).
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        writers: Vec<usize>,
+        /// Also write the JSON to this file (e.g. for scripts/plot-bench.py).
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// Read a session's T0 image.
+    #[command(after_help = args::SIZES_HELP)]
+    Read {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+        /// Image offset.
+        #[arg(value_parser = args::size)]
+        offset: u64,
+        /// Length (1 byte to 64MiB; `export` writes a whole image).
+        #[arg(value_parser = args::read_len)]
+        len: u64,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// With --to: print what was written as JSON.
+        #[arg(long, requires = "to")]
+        json: bool,
+    },
+    /// Write a session's whole T0 image to a file (built under a temporary name in the same
+    /// directory and renamed into place when complete).
+    Export {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+        /// Output file (must not exist unless --force).
+        output: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a session.
+    Withdraw {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open the table, recover, reconcile every session, and print the decisions.
+    Recover {
+        /// The table.
+        table: PathBuf,
+        /// Terminate every incomplete session instead of resuming (the restart rule of the
+        /// original time-zero design).
+        #[arg(long)]
+        terminate_incomplete: bool,
+        /// Open a table file that is older than its rollback witness (put back from an older
+        /// copy): every active session is terminated (reason TableRolledBack) and no image of
+        /// it is served.
+        #[arg(long)]
+        accept_rollback: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Raise a reset notification for a volume and reconcile the sessions using it.
+    Reset {
+        /// The table.
+        table: PathBuf,
+        /// The volume.
+        volume: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The self-checking demo: temporary volumes, sessions, concurrent writers, a throttled
+    /// copy killed with SIGKILL and resumed, and a byte-for-byte check of every image.
+    Demo {
+        /// Keep the temporary directory and print its path.
+        #[arg(long)]
+        keep: bool,
+        /// Seed for the random data and writes.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Hold the table and serve source volumes and session images over NBD; other commands
+    /// on the same table reach this process through its control socket (`TABLE.ctl`).
+    Serve {
+        /// The table.
+        table: PathBuf,
+        /// Unix socket to listen on (default `TABLE.nbd`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// TCP address to listen on as well (loopback only unless --allow-remote).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Allow a non-loopback --listen address (NBD has no authentication).
+        #[arg(long)]
+        allow_remote: bool,
+        /// Let clients write session images (target-write semantics).
+        #[arg(long)]
+        writable_images: bool,
+        /// Source volumes to attach and export beyond those of existing sessions.
+        #[arg(long = "volume")]
+        volumes: Vec<PathBuf>,
+        /// Most NBD connections at once over all exports; a client over the limit is refused
+        /// during the handshake.
+        #[arg(long, default_value_t = crate::nbd::CONNECTIONS_MAX)]
+        max_connections: usize,
+        /// Most NBD connections to one export.
+        #[arg(long, default_value_t = crate::nbd::CONNECTIONS_PER_EXPORT_MAX)]
+        max_connections_per_export: usize,
+        /// Seconds a client may take for the whole NBD handshake (0 = no limit).
+        #[arg(long, default_value_t = crate::nbd::HANDSHAKE_TIMEOUT_SECS)]
+        handshake_timeout: u64,
+        /// Seconds a connected NBD client may send no request before it is disconnected
+        /// (0 = never).
+        #[arg(long, default_value_t = crate::nbd::IDLE_TIMEOUT_SECS)]
+        idle_timeout: u64,
+    },
+    /// Pause the copy of a session running in the process serving the table.
+    Pause {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+    },
+    /// Resume a suspended session whose volume is back (here, or in the process serving the
+    /// table), or else the paused copy of a session running in the process serving the table.
+    Resume {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+    },
+    /// Change the rate limit of the copy of a session running in the process serving the
+    /// table.
+    Rate {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+        /// Bytes per second (e.g. 100MiB; at least 1).
+        #[arg(value_parser = args::rate)]
+        bytes_per_s: u64,
+    },
+    /// Ask the process serving a table to stop.
+    Stop {
+        /// The table.
+        table: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the fault-injection crash-state enumerator (needs the `fault` feature).
+    #[cfg_attr(not(feature = "fault"), command(hide = true))]
+    Crashtest {
+        /// Number of generated workloads.
+        #[arg(long, default_value_t = 60)]
+        workloads: usize,
+        /// Master seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Error-sweep points per workload (EIO, failed sync, ENOSPC, misdirected table
+        /// writes); `all` sweeps every I/O.
+        #[arg(long, default_value = "12")]
+        eio_points: String,
+    },
+    /// (internal) Open a table in this fresh process and print the recovery time and peak
+    /// resident memory as JSON; used by `bench`.
+    #[command(hide = true)]
+    RecoveryProbe {
+        /// The table.
+        table: PathBuf,
+    },
+    /// (internal) Writers and a throttled copier that run until killed; used by `demo`.
+    #[command(hide = true)]
+    Workload {
+        /// The table.
+        table: PathBuf,
+        /// Seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Copy rate.
+        #[arg(long, value_parser = args::rate, default_value = "8MiB")]
+        rate: u64,
+    },
+}
