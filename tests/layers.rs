@@ -303,30 +303,46 @@ fn crate_refs(tokens: &[Token]) -> Vec<(String, usize)> {
     refs
 }
 
-/// What src/lib.rs declares: its modules in order, and the items it re-exports by name, each
-/// mapped to the module it comes from.
+/// What src/lib.rs declares at its top level: its file modules (`mod x;`) in order, and the
+/// items it re-exports by name (`pub use x::{A, b::C}`), each mapped to the first segment of its
+/// path. Inline modules (`mod prelude { .. }`) are facades over the layers, not layers: they are
+/// skipped with their bodies.
 fn lib_rs(src: &str) -> (Vec<String>, BTreeMap<String, String>) {
     let tokens = tokenize(&blank_non_code(src));
     let mut modules = Vec::new();
     let mut reexports = BTreeMap::new();
     let mut i = 0;
     while i < tokens.len() {
-        if tokens[i].text == "mod" && is_ident(text(&tokens, i + 1)) {
+        let t = tokens[i].text.as_str();
+        if t == "mod" && is_ident(text(&tokens, i + 1)) {
+            if text(&tokens, i + 2) == "{" {
+                i = past_matching(&tokens, i + 2);
+                continue;
+            }
             modules.push(tokens[i + 1].text.clone());
-        }
-        if tokens[i].text == "use" {
+        } else if t == "use" {
             let end = (i..tokens.len())
                 .find(|&k| tokens[k].text == ";")
                 .unwrap_or(tokens.len());
-            let from = text(&tokens, i + 1).to_string();
+            let mut first = i + 1;
+            if matches!(text(&tokens, first), "crate" | "self") && text(&tokens, first + 1) == "::"
+            {
+                first += 2;
+            }
+            let from = text(&tokens, first).to_string();
             // The name each leaf is known by at the root: the identifier before `,`, `}` or `;`.
-            for k in i + 2..end {
+            for k in first + 1..end {
                 let next = text(&tokens, k + 1);
                 if is_ident(&tokens[k].text) && matches!(next, "," | "}" | ";") {
                     reexports.insert(tokens[k].text.clone(), from.clone());
                 }
             }
             i = end;
+        } else if t == "{" {
+            // The body of a function, an impl or a macro at the top level: nothing in it
+            // declares a module or re-exports at the root.
+            i = past_matching(&tokens, i);
+            continue;
         }
         i += 1;
     }
@@ -431,7 +447,7 @@ fn edges(root: &Path, modules: &[String], reexports: &BTreeMap<String, String>) 
         for (name, line) in crate_refs(&tokens) {
             let to = if modules.contains(&name) {
                 name
-            } else if let Some(m) = reexports.get(&name) {
+            } else if let Some(m) = reexports.get(&name).filter(|m| modules.contains(m)) {
                 m.clone()
             } else {
                 panic!(
@@ -554,10 +570,13 @@ fn layer_list_and_lib_rs_are_read() {
                   the engine\n```\n## Next\n```\nnot this\n```\n";
     assert_eq!(layer_list(design), ["units", "engine"]);
     let lib = "pub mod a;\n#[cfg(feature = \"f\")]\npub mod b;\npub use a::{Error, Result};\n\
-               /// doc\npub use b::inner::thing;\n";
+               /// doc\npub use b::inner::thing;\npub use self::b::Other;\n\
+               pub mod prelude {\n    pub use crate::a::Error;\n    pub use crate::b::Inner;\n}\n";
     let (modules, reexports) = lib_rs(lib);
     assert_eq!(modules, ["a", "b"]);
     assert_eq!(reexports.get("Error").map(String::as_str), Some("a"));
     assert_eq!(reexports.get("Result").map(String::as_str), Some("a"));
     assert_eq!(reexports.get("thing").map(String::as_str), Some("b"));
+    assert_eq!(reexports.get("Other").map(String::as_str), Some("b"));
+    assert_eq!(reexports.get("Inner"), None);
 }
