@@ -362,3 +362,51 @@ fn checked_target_latches_a_failed_write_under_the_engine() {
     let e = f.reopen();
     assert!(common::image(&e, id) == f.t0);
 }
+
+/// `Engine::close` makes the writes made through the engine durable (a crash after it loses
+/// none of them) and reports a volume flush failure that a drop would hide.
+#[test]
+fn close_flushes_every_volume_and_reports_a_failed_flush() {
+    let f = Files::new(31);
+    let src = faulty_file(&f.path("src"), &f.t0);
+    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
+    let (e, a, _) = f.engine(src.clone(), tgt.clone());
+    e.write(a, 0, &[0x5a; 4096]).unwrap();
+    assert!(
+        src.unflushed_sectors() > 0,
+        "the source write is not yet durable"
+    );
+    e.close().unwrap();
+    assert_eq!(src.unflushed_sectors(), 0, "close flushed the source");
+    src.crash(CrashMode::DropAll).unwrap();
+    let mut got = vec![0u8; 4096];
+    src.read_at(&mut got, 0).unwrap();
+    assert_eq!(
+        got,
+        vec![0x5a; 4096],
+        "the write survived a crash after close"
+    );
+
+    // A flush that fails: close reports it (after flushing the other volumes).
+    let f = Files::new(32);
+    let src = faulty_file(&f.path("src"), &f.t0);
+    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
+    let (e, a, _) = f.engine(src.clone(), tgt.clone());
+    e.write(a, 0, &[0x5a; 4096]).unwrap();
+    let flushes = src.counts().flushes;
+    src.arm(FaultPlan::new().fail_flush(Trigger::forever(flushes)));
+    let err = e.close().unwrap_err();
+    assert_eq!(
+        raw_os_error(&err),
+        Some(5),
+        "EIO from the failed flush: {err:?}"
+    );
+    assert!(err.to_string().contains("src"), "{err}");
+    assert!(
+        src.unflushed_sectors() > 0,
+        "the failed flush made nothing durable"
+    );
+    assert_eq!(tgt.unflushed_sectors(), 0);
+    // The table itself closed cleanly: it reopens with the session resumed.
+    drop(f.reopen());
+}

@@ -221,7 +221,7 @@ impl Table {
             ));
         }
         let mut table_id = [0u8; 16];
-        rand::Rng::fill(&mut rand::rng(), &mut table_id[..]);
+        fill_random(&mut table_id)?;
         let created = now_ms();
         // Generations 0 and 1 both hold the empty state (areas and slots 0 and 1), so either
         // superblock alone suffices.
@@ -338,6 +338,29 @@ impl Table {
             seq: next_seq,
         };
         let _ = self.storage.write_witness(&w.encode(), durable);
+    }
+
+    /// Make the rollback witness current and durable now, and report a failure (a table that
+    /// is dropped does the same and ignores failures). Nothing else is pending: every commit
+    /// is durable before it returns.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`] after an earlier failure; I/O errors writing the witness.
+    pub fn close(&self) -> Result<()> {
+        if self.is_poisoned() {
+            return Err(Error::Poisoned {
+                target: self.storage.name(),
+            });
+        }
+        if self.read_only || !self.witness_checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let next_seq = self.writer.lock().next_seq;
+        let w = Witness {
+            table_id: self.table_id,
+            seq: next_seq,
+        };
+        self.storage.write_witness(&w.encode(), true)
     }
 
     /// Read the committed state of a table without writing anything: the same replay as
@@ -993,6 +1016,26 @@ fn apply(
                 value: session.0,
             })?;
             s.apply(e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Fill `buf` from the kernel's random source (`getrandom`, waiting for it to be seeded).
+fn fill_random(buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::rand::getrandom(&mut buf[done..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                return Err(Error::io(
+                    "getrandom",
+                    "table id",
+                    0,
+                    std::io::Error::from_raw_os_error(e.raw_os_error()),
+                ))
+            }
         }
     }
     Ok(())

@@ -184,6 +184,37 @@ impl CopierControl {
 }
 
 /// A running copier. Dropping it stops the workers.
+///
+/// # Example
+///
+/// Copy one session's source to its target in the background; the copier completes the
+/// session when every grain is copied, and the target then holds the T0 image by itself.
+///
+/// ```
+/// use std::sync::Arc;
+/// use timezero::activity::MemStorage;
+/// use timezero::prelude::*;
+/// use timezero::SessionState;
+///
+/// # fn main() -> timezero::Result<()> {
+/// let layout = TableOptions::default().layout()?;
+/// let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+/// let engine = Arc::new(Engine::create(table, EngineOptions::default())?);
+/// let source = engine.attach(Arc::new(MemVolume::with_data("src", &[3u8; 4 << 20])));
+/// let tgt = Arc::new(MemVolume::new("tgt", 4 << 20));
+/// let target = engine.attach(tgt.clone());
+/// let session = engine.establish(&SessionSpec::whole(source, target))?;
+///
+/// let opts = CopierOptions { sessions: vec![session], ..CopierOptions::default() };
+/// let progress = Copier::start(engine.clone(), opts)?.join()?;
+/// assert!(progress.done);
+/// assert_eq!(progress.grains_copied, progress.grains_total);
+/// assert_eq!(engine.session(session)?.state(), SessionState::Completed);
+/// assert_eq!(engine.status()[0].state, SessionState::Completed);
+/// assert_eq!(tgt.snapshot(), vec![3u8; 4 << 20]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Copier {
     engine: Arc<Engine>,

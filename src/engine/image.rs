@@ -12,7 +12,7 @@ use crate::{Error, Result};
 
 /// An open session image (from [`Engine::image`]). Holds the session and its volume handles,
 /// so a read costs no lookup; when a volume was attached or replaced since it was opened (a
-/// reset), a read resolves the volumes again first.
+/// reset), a read resolves the volumes again first. [`Engine::image`] has an example.
 pub struct Image<'e> {
     engine: &'e Engine,
     session: Arc<Session>,
@@ -108,6 +108,38 @@ impl Engine {
     /// # Errors
     /// [`Error::UnknownSession`], [`Error::NotActive`], [`Error::UnknownVolume`],
     /// [`Error::Suspended`].
+    ///
+    /// # Example
+    ///
+    /// Open the image once and read it at several offsets: grains the source has rewritten
+    /// since T0 and grains it has not both read as T0.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use timezero::activity::MemStorage;
+    /// use timezero::prelude::*;
+    ///
+    /// # fn main() -> timezero::Result<()> {
+    /// let layout = TableOptions::default().layout()?;
+    /// let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+    /// let engine = Engine::create(table, EngineOptions::default())?;
+    /// // Each 64 KiB of the source holds its own index.
+    /// let data: Vec<u8> = (0..1u32 << 20).map(|i| (i >> 16) as u8).collect();
+    /// let source = engine.attach(Arc::new(MemVolume::with_data("src", &data)));
+    /// let target = engine.attach(Arc::new(MemVolume::new("tgt", 1 << 20)));
+    /// let session = engine.establish(&SessionSpec::whole(source, target))?;
+    /// engine.write(source, 3 << 16, &[0xff; 4096])?;
+    ///
+    /// let image = engine.image(session)?;
+    /// assert_eq!(image.id(), session);
+    /// let mut buf = [0u8; 512];
+    /// for grain in [0u64, 3, 15] {
+    ///     image.read_at(grain << 16, &mut buf)?;
+    ///     assert_eq!(buf, [grain as u8; 512]);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn image(&self, id: SessionId) -> Result<Image<'_>> {
         let session = self.session(id)?;
         let state = session.state();

@@ -12,6 +12,36 @@ use crate::volume::{check_range, VolumeInfo};
 use crate::{Error, Result};
 
 /// What to establish.
+///
+/// # Example
+///
+/// [`SessionSpec::whole`] copies the whole source with the default grain; the struct-update
+/// form changes what differs from it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use timezero::activity::MemStorage;
+/// use timezero::prelude::*;
+///
+/// # fn main() -> timezero::Result<()> {
+/// let layout = TableOptions::default().layout()?;
+/// let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+/// let engine = Engine::create(table, EngineOptions::default())?;
+/// let source = engine.attach(Arc::new(MemVolume::new("src", 1 << 20)));
+/// let target = engine.attach(Arc::new(MemVolume::new("tgt", 1 << 20)));
+///
+/// let whole = SessionSpec::whole(source, target);
+/// assert!(whole.extents.is_empty()); // the whole source, same offsets in the target
+/// assert_eq!((whole.grain, whole.mode), (GrainSize::DEFAULT, CopyMode::Copy));
+///
+/// let spec = SessionSpec { grain: GrainSize::new(16 << 10)?, mode: CopyMode::NoCopy, ..whole };
+/// let id = engine.establish(&spec)?;
+/// let status = engine.status();
+/// assert_eq!((status[0].id, status[0].grain_bytes), (id.0, 16 << 10));
+/// assert_eq!(status[0].grains_total, (1 << 20) / (16 << 10));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct SessionSpec {
     /// Source volume (attached).
@@ -47,6 +77,42 @@ impl Engine {
     /// [`Error::Misaligned`], [`Error::OutOfRange`], [`Error::TargetTooSmall`],
     /// [`Error::TargetInUse`], [`Error::Overlap`], [`Error::ExtentsOverlap`],
     /// [`Error::UnknownVolume`], [`Error::NotAVolume`] (the table's own file), table errors.
+    ///
+    /// # Example
+    ///
+    /// A no-copy session of the source's second 256 KiB, placed at the start of a smaller
+    /// target: only first writes inside the extent copy old bytes to the target.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use timezero::activity::MemStorage;
+    /// use timezero::prelude::*;
+    ///
+    /// # fn main() -> timezero::Result<()> {
+    /// let layout = TableOptions::default().layout()?;
+    /// let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+    /// let engine = Engine::create(table, EngineOptions::default())?;
+    /// let source = engine.attach(Arc::new(MemVolume::with_data("src", &[7u8; 1 << 20])));
+    /// let tgt = Arc::new(MemVolume::new("tgt", 256 << 10));
+    /// let target = engine.attach(tgt.clone());
+    /// let extent = ExtentSpec { source_offset: 256 << 10, target_offset: 0, len: 256 << 10 };
+    /// let spec = SessionSpec {
+    ///     extents: vec![extent],
+    ///     mode: CopyMode::NoCopy,
+    ///     ..SessionSpec::whole(source, target)
+    /// };
+    /// let session = engine.establish(&spec)?;
+    ///
+    /// engine.write(source, 0, &[1u8; 4096])?; // outside the extent: the target is untouched
+    /// assert!(tgt.snapshot().iter().all(|&b| b == 0));
+    /// engine.write(source, 256 << 10, &[2u8; 4096])?; // inside: its grain is copied first
+    /// assert!(tgt.snapshot()[..64 << 10].iter().all(|&b| b == 7));
+    /// let mut image = [0u8; 4096];
+    /// engine.read_image(session, 0, &mut image)?; // image offset 0 = source offset 256 KiB
+    /// assert_eq!(image, [7u8; 4096]);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn establish(&self, spec: &SessionSpec) -> Result<SessionId> {
         let src = self.handle(spec.source)?;
         let tgt = self.handle(spec.target)?;

@@ -227,6 +227,36 @@ pub fn read_status(path: &Path) -> Result<TableSnapshot> {
 }
 
 /// The engine: one activity table and the volumes its sessions use.
+///
+/// # Example
+///
+/// A table in memory, a source and a target, one session: after a write to the source, the
+/// session's image still reads as the source did when the session was established (T0).
+///
+/// ```
+/// use std::sync::Arc;
+/// use timezero::activity::MemStorage;
+/// use timezero::prelude::*;
+///
+/// # fn main() -> timezero::Result<()> {
+/// let layout = TableOptions::default().layout()?;
+/// let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+/// let engine = Engine::create(table, EngineOptions::default())?;
+///
+/// let source = engine.attach(Arc::new(MemVolume::with_data("src", &[1u8; 256 << 10])));
+/// let target = engine.attach(Arc::new(MemVolume::new("tgt", 256 << 10)));
+/// let session = engine.establish(&SessionSpec::whole(source, target))?; // T0
+///
+/// engine.write(source, 0, &[2u8; 4096])?; // copy-before-write, then the new bytes
+/// let mut now = [0u8; 4096];
+/// engine.read(source, 0, &mut now)?;
+/// assert_eq!(now, [2u8; 4096]);
+/// let mut image = [0u8; 4096];
+/// engine.read_image(session, 0, &mut image)?;
+/// assert_eq!(image, [1u8; 4096]); // T0 bytes
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Engine {
     table: Table,
@@ -351,6 +381,103 @@ impl Engine {
         };
         e.refresh_active();
         e
+    }
+
+    /// Close the engine and report what a drop would hide: every attached volume is flushed
+    /// (writes made through [`Engine::write`] and [`Engine::write_image`] become durable) and
+    /// the table's rollback witness is made current ([`Table::close`]). Every step runs even
+    /// after a failure; the first failure is returned. Dropping an engine flushes no volume
+    /// and ignores a failure of the witness.
+    ///
+    /// # Errors
+    /// The first flush or table error.
+    ///
+    /// # Example
+    ///
+    /// A file-backed table: write through the engine, close it, and find the write durable
+    /// and the session resumed when the table is opened again.
+    ///
+    /// ```
+    /// use timezero::prelude::*;
+    ///
+    /// # fn main() -> timezero::Result<()> {
+    /// let dir = tempfile::tempdir().expect("temporary directory");
+    /// let (src, tgt) = (dir.path().join("src"), dir.path().join("tgt"));
+    /// std::fs::write(&src, vec![5u8; 1 << 20]).expect("source");
+    /// std::fs::write(&tgt, vec![0u8; 1 << 20]).expect("target");
+    /// let table = dir.path().join("t.tzt");
+    ///
+    /// let engine = Engine::create_path(&table, EngineOptions::default())?;
+    /// let source = engine.attach_path(&src)?;
+    /// let target = engine.attach_path(&tgt)?;
+    /// let session = engine.establish(&SessionSpec::whole(source, target))?;
+    /// engine.write(source, 0, &[6u8; 4096])?;
+    /// engine.close()?; // every volume flushed, the table closed
+    ///
+    /// let engine = Engine::open_path(&table, EngineOptions::default())?;
+    /// let mut buf = [0u8; 4096];
+    /// engine.read_image(session, 0, &mut buf)?;
+    /// assert_eq!(buf, [5u8; 4096]); // still T0
+    /// assert_eq!(std::fs::read(&src).expect("read source")[..4096], [6u8; 4096]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn close(self) -> Result<()> {
+        let mut first = None;
+        let volumes = self.volumes.load_full();
+        let mut handles: Vec<_> = volumes.values().collect();
+        handles.sort_by(|a, b| a.info.locator.cmp(&b.info.locator));
+        for h in handles {
+            if let Err(e) = h.flush() {
+                first.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.table.close() {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// What recovery decided for each session when the table was opened (empty for a new
+    /// table); the same as the public field `decisions`.
+    ///
+    /// # Example
+    ///
+    /// A session whose target file is replaced while the table is closed is terminated when
+    /// the table is opened again; one whose volumes are unchanged is resumed.
+    ///
+    /// ```
+    /// use timezero::prelude::*;
+    /// use timezero::Outcome;
+    ///
+    /// # fn main() -> timezero::Result<()> {
+    /// let dir = tempfile::tempdir().expect("temporary directory");
+    /// let file = |name: &str, byte: u8| {
+    ///     let p = dir.path().join(name);
+    ///     std::fs::write(&p, vec![byte; 256 << 10]).expect("volume file");
+    ///     p
+    /// };
+    /// let (src, kept, replaced) = (file("src", 1), file("kept", 0), file("replaced", 0));
+    /// let table = dir.path().join("t.tzt");
+    /// let engine = Engine::create_path(&table, EngineOptions::default())?;
+    /// assert!(engine.open_decisions().is_empty()); // a new table
+    /// let source = engine.attach_path(&src)?;
+    /// let a = engine.establish(&SessionSpec::whole(source, engine.attach_path(&kept)?))?;
+    /// let b = engine.establish(&SessionSpec::whole(source, engine.attach_path(&replaced)?))?;
+    /// engine.close()?;
+    ///
+    /// let other = file("other", 0);
+    /// std::fs::rename(&other, &replaced).expect("rename"); // same path, another file
+    /// let engine = Engine::open_path(&table, EngineOptions::default())?;
+    /// let outcome = |id: SessionId| engine.open_decisions().iter().find(|d| d.session == id.0);
+    /// assert!(matches!(outcome(a).map(|d| &d.outcome), Some(Outcome::Resumed)));
+    /// assert!(matches!(outcome(b).map(|d| &d.outcome), Some(Outcome::Terminated(_))));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn open_decisions(&self) -> &[Decision] {
+        &self.decisions
     }
 
     /// Copy-before-write writes in progress right now (the background copier yields while

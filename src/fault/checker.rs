@@ -10,8 +10,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::sim::WorldState;
 use crate::activity::{MemStorage, Table, TableStorage};
+
+/// What the checker reads of the simulated devices (implemented by the simulated world, so the
+/// checker depends on nothing of it).
+pub(crate) trait Devices {
+    /// The device whose volume has this locator (`mem:NAME`).
+    fn dev_by_locator(&self, locator: &str) -> Option<usize>;
+    /// The bytes of device `dev` that a crash right now would leave.
+    fn durable(&self, dev: usize) -> &[u8];
+    /// The bytes of device `dev` as written so far.
+    fn current(&self, dev: usize) -> &[u8];
+    /// The table device, once there is one.
+    fn table_dev(&self) -> Option<usize>;
+}
 
 /// State of the online ordering checker (lives inside a [`super::SimWorld`]).
 #[derive(Debug, Default)]
@@ -38,7 +50,7 @@ impl OrderingChecker {
     /// Check a write of `len` bytes at `off` to volume `dev` before it is applied.
     pub(crate) fn on_volume_write(
         &mut self,
-        w: &WorldState,
+        w: &dyn Devices,
         dev: usize,
         off: u64,
         len: u64,

@@ -6,7 +6,7 @@ use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::checker::OrderingChecker;
+use super::checker::{Devices, OrderingChecker};
 use crate::activity::TableStorage;
 use crate::volume::{check_range, MemVolume, Volume, VolumeInfo};
 use crate::{Error, Result};
@@ -78,7 +78,7 @@ struct Dev {
 }
 
 #[derive(Debug)]
-pub(crate) struct WorldState {
+struct WorldState {
     devs: Vec<Dev>,
     log: Vec<IoEvent>,
     clock: u64,
@@ -91,18 +91,18 @@ pub(crate) struct WorldState {
     seed: u64,
 }
 
-impl WorldState {
-    pub(crate) fn dev_by_locator(&self, locator: &str) -> Option<usize> {
+impl Devices for WorldState {
+    fn dev_by_locator(&self, locator: &str) -> Option<usize> {
         let name = locator.strip_prefix("mem:")?;
         self.devs.iter().position(|d| d.name == name)
     }
-    pub(crate) fn durable(&self, dev: usize) -> &[u8] {
+    fn durable(&self, dev: usize) -> &[u8] {
         &self.devs[dev].durable
     }
-    pub(crate) fn current(&self, dev: usize) -> &[u8] {
+    fn current(&self, dev: usize) -> &[u8] {
         &self.devs[dev].current
     }
-    pub(crate) fn table_dev(&self) -> Option<usize> {
+    fn table_dev(&self) -> Option<usize> {
         self.devs.iter().position(|d| d.kind == DevKind::Table)
     }
 }
@@ -316,7 +316,7 @@ impl SimWorld {
         if kind == DevKind::Volume {
             if let Some(mut c) = s.checker.take() {
                 let seed = s.seed;
-                let found = c.on_volume_write(&s, dev, off, data.len() as u64);
+                let found = c.on_volume_write(&*s, dev, off, data.len() as u64);
                 s.violations
                     .extend(found.into_iter().map(|v| format!("{v} (seed {seed})")));
                 s.checker = Some(c);

@@ -21,6 +21,33 @@ pub struct FileVolumeOptions {
 }
 
 /// A file or block device accessed with positioned reads and writes.
+///
+/// # Example
+///
+/// ```
+/// use timezero::prelude::*;
+/// use timezero::FileVolumeOptions;
+///
+/// # fn main() -> timezero::Result<()> {
+/// let dir = tempfile::tempdir().expect("temporary directory");
+/// let path = dir.path().join("disk.img");
+/// let vol = FileVolume::create(&path, 1 << 20, &FileVolumeOptions::default())?;
+/// assert_eq!(vol.info().size, 1 << 20);
+/// vol.write_at(&[9u8; 4096], 8192)?;
+/// vol.flush()?; // fdatasync: the write is durable
+///
+/// // Opened again: the same file is the same volume (device and inode), with the data.
+/// let read_only = FileVolumeOptions { read_only: true, ..FileVolumeOptions::default() };
+/// let again = FileVolume::open(&path, &read_only)?;
+/// assert_eq!(again.info().id, vol.info().id);
+/// assert_eq!(again.path(), vol.path());
+/// let mut buf = [0u8; 4096];
+/// again.read_at(&mut buf, 8192)?;
+/// assert_eq!(buf, [9u8; 4096]);
+/// assert!(again.write_at(&buf, 0).is_err()); // opened read-only
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct FileVolume {
     file: File,

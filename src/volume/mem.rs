@@ -8,6 +8,32 @@ use crate::Result;
 
 /// A volume held in memory. Every write is immediately "durable"; identity, size and
 /// generation can be changed to simulate replacement, resize and re-format.
+///
+/// # Example
+///
+/// ```
+/// use timezero::ids::Generation;
+/// use timezero::prelude::*;
+///
+/// # fn main() -> timezero::Result<()> {
+/// let vol = MemVolume::with_data("disk", &[1u8; 8192]);
+/// let info = vol.info();
+/// assert_eq!((info.size, info.sector_size), (8192, 512));
+/// assert_eq!(info.locator, "mem:disk");
+/// assert_eq!(info.id, MemVolume::new("disk", 4096).info().id); // the id comes from the name
+///
+/// vol.write_at(&[2u8; 512], 512)?;
+/// let mut buf = [0u8; 1024];
+/// vol.read_at(&mut buf, 0)?;
+/// assert_eq!((&buf[..512], &buf[512..]), (&[1u8; 512][..], &[2u8; 512][..]));
+/// assert!(vol.read_at(&mut buf, 8192 - 512).is_err()); // past the end
+///
+/// vol.set_generation(Generation(1)); // as a re-format would
+/// assert_eq!(vol.info().generation, Generation(1));
+/// assert_eq!(vol.snapshot().len(), 8192);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct MemVolume {
     name: String,

@@ -117,6 +117,69 @@ pub struct VolumeInfo {
 /// Implementations must loop over short transfers or report them as errors, and must make
 /// [`Volume::flush`] a real durability point: when it returns `Ok`, every write that returned
 /// before it was called survives power loss.
+///
+/// # Example
+///
+/// A device of your own: here a buffer behind a mutex, with an identity built from a serial
+/// number that names this device and no other, and generation 0 until its contents are
+/// replaced behind the engine's back.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use timezero::activity::MemStorage;
+/// use timezero::ids::{Generation, VolumeId};
+/// use timezero::prelude::*;
+/// use timezero::volume::{check_range, VolumeInfo};
+///
+/// #[derive(Debug)]
+/// struct RamDisk { serial: u64, data: Mutex<Vec<u8>> }
+///
+/// impl Volume for RamDisk {
+///     fn info(&self) -> VolumeInfo {
+///         let size = self.data.lock().expect("lock").len() as u64;
+///         VolumeInfo {
+///             id: VolumeId::from_parts(0x7261_6d64, self.serial), // "ramd", serial
+///             size,
+///             sector_size: 512,
+///             generation: Generation(0),
+///             locator: format!("ramdisk:{}", self.serial),
+///         }
+///     }
+///     fn read_at(&self, buf: &mut [u8], offset: u64) -> timezero::Result<()> {
+///         let data = self.data.lock().expect("lock");
+///         check_range(offset, buf.len() as u64, data.len() as u64, "ramdisk")?;
+///         let o = offset as usize; // in range, so it fits
+///         buf.copy_from_slice(&data[o..o + buf.len()]);
+///         Ok(())
+///     }
+///     fn write_at(&self, buf: &[u8], offset: u64) -> timezero::Result<()> {
+///         let mut data = self.data.lock().expect("lock");
+///         check_range(offset, buf.len() as u64, data.len() as u64, "ramdisk")?;
+///         let o = offset as usize;
+///         data[o..o + buf.len()].copy_from_slice(buf);
+///         Ok(())
+///     }
+///     fn flush(&self) -> timezero::Result<()> {
+///         Ok(()) // memory: nothing to make durable
+///     }
+/// }
+///
+/// # fn main() -> timezero::Result<()> {
+/// let layout = TableOptions::default().layout()?;
+/// let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+/// let engine = Engine::create(table, EngineOptions::default())?;
+/// let disk = |serial, byte| Arc::new(RamDisk { serial, data: Mutex::new(vec![byte; 1 << 20]) });
+/// let source = engine.attach(disk(1, 4));
+/// let target = engine.attach(disk(2, 0));
+/// let session = engine.establish(&SessionSpec::whole(source, target))?;
+/// engine.write(source, 0, &[8u8; 4096])?;
+/// let mut buf = [0u8; 4096];
+/// engine.read_image(session, 0, &mut buf)?;
+/// assert_eq!(buf, [4u8; 4096]);
+/// assert_eq!(engine.volume(target)?.info().locator, "ramdisk:2");
+/// # Ok(())
+/// # }
+/// ```
 pub trait Volume: Send + Sync + std::fmt::Debug {
     /// Current identity and size.
     fn info(&self) -> VolumeInfo;

@@ -1,0 +1,333 @@
+//! One round: every figure measured once, engine and raw sides interleaved; which side goes
+//! first alternates from round to round.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::figures::{counts, Counts, Figure, Layout};
+use super::files::{attach, io_err, open_rw, warm_page_cache, whole, Files};
+use super::measure::{pair, pair_sliced, rand_off, raw_copy, run_ops};
+use super::report::RunInfo;
+use super::{engine_options, BenchOptions, GRAIN, JOURNAL_BYTES, RECORD};
+use crate::activity::format::{CopyMode, Entry, SessionState};
+use crate::copier::{Copier, CopierOptions};
+use crate::engine::{Engine, Image};
+use crate::ids::{SessionId, VolumeId};
+use crate::Result;
+
+/// Measure every figure once (round `round`, 0-based) into `figs`; facts about the engine go
+/// to `run`.
+pub(super) fn one_round(
+    opts: &BenchOptions,
+    f: &Files,
+    figs: &mut [Figure],
+    round: usize,
+    run: &mut RunInfo,
+) -> Result<()> {
+    let r = Round::new(opts, f, round);
+    let (e, s) = r.recover(figs, run)?;
+    // The image opened once, as the raw side opens its file once.
+    let img = e.image(s.id)?;
+    r.read_uncopied(figs, &img)?;
+    r.first_writes(figs, &e, s.src)?;
+    r.already_copied(figs, &e, s)?;
+    r.read_copied(figs, &img)?;
+    drop(img);
+    e.withdraw(s.id)?;
+    r.background_copy(figs, e, s, run)
+}
+
+/// The session a round measures: the source and target files attached to the engine.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    src: VolumeId,
+    tgt: VolumeId,
+    id: SessionId,
+}
+
+/// What every measurement of a round shares.
+struct Round<'a> {
+    opts: &'a BenchOptions,
+    f: &'a Files,
+    size: u64,
+    c: Counts,
+    lay: Layout,
+    /// Seed of the offsets of the image reads (and, altered, of the already-copied writes).
+    salt: u64,
+    /// Whether the raw side goes first in this round.
+    raw_first: bool,
+}
+
+impl<'a> Round<'a> {
+    fn new(opts: &'a BenchOptions, f: &'a Files, round: usize) -> Self {
+        Round {
+            opts,
+            f,
+            size: opts.size,
+            c: counts(opts.size, &opts.writers),
+            lay: Layout {
+                n: opts.writers.len(),
+            },
+            salt: round as u64 * 7919,
+            raw_first: round % 2 == 0,
+        }
+    }
+
+    /// (e) Recovery of the table, with this run's sessions over the files (timed); then a
+    /// fresh no-copy session over the whole source, every older one withdrawn.
+    fn recover(&self, figs: &mut [Figure], run: &mut RunInfo) -> Result<(Arc<Engine>, Session)> {
+        let t0 = Instant::now();
+        let e = Arc::new(Engine::open_path(&self.f.table, engine_options(self.opts))?);
+        figs[self.lay.recovery()]
+            .engine
+            .per_round
+            .push(t0.elapsed().as_secs_f64() * 1e3);
+        let src = attach(&e, &self.f.src)?;
+        let tgt = attach(&e, &self.f.tgt)?;
+        for s in e.status() {
+            if s.state == SessionState::Active {
+                e.withdraw(SessionId(s.id))?;
+            }
+        }
+        let id = e.establish(&whole(src, tgt, CopyMode::NoCopy))?;
+        run.backend = e.backend_name();
+        Ok((e, Session { src, tgt, id }))
+    }
+
+    /// (c) Image reads of uncopied grains against preads of the source.
+    fn read_uncopied(&self, figs: &mut [Figure], img: &Image<'_>) -> Result<()> {
+        let (size, salt) = (self.size, self.salt);
+        let path = &self.f.src;
+        let src_file = File::open(path).map_err(|e| io_err("open", path, e))?;
+        pair_sliced(
+            self.raw_first,
+            figs,
+            self.lay.read_uncopied(),
+            self.c.fast_ops,
+            |i, b| img.read_at(rand_off(i, size, salt), b),
+            |i, b| {
+                src_file
+                    .read_exact_at(b, rand_off(i, size, salt))
+                    .map_err(|e| io_err("pread", path, e))
+            },
+        )
+    }
+
+    /// (b) First writes with durability at every writer count, against raw writes each made
+    /// durable, and (one writer) against the physical floor and the rule-2 floor.
+    fn first_writes(&self, figs: &mut [Figure], e: &Engine, src: VolumeId) -> Result<()> {
+        let (c, lay, raw_first) = (&self.c, self.lay, self.raw_first);
+        let raw_path = &self.f.raw;
+        let raw = open_rw(raw_path)?;
+        let raw_tgt = open_rw(&self.f.raw_tgt)?;
+        let journal = open_rw(&self.f.raw_journal)?;
+        let first = |base: usize| {
+            move |i: usize, b: &mut [u8]| {
+                let off = (base + i) as u64 * GRAIN;
+                e.write(src, off, b)?;
+                e.flush(src)
+            }
+        };
+        let raw_sync = |base: usize| {
+            let raw = &raw;
+            move |i: usize, b: &mut [u8]| {
+                let off = (base + i) as u64 * GRAIN;
+                raw.write_all_at(b, off)
+                    .and_then(|()| raw.sync_data())
+                    .map_err(|e| io_err("pwrite+fdatasync", raw_path, e))
+            }
+        };
+        let floor = |i: usize, b: &mut [u8]| floor_write(&raw, &raw_tgt, None, i, b, raw_path);
+        // The floor of a rule-2 copy-before-write (crash model): the target's durability point,
+        // then a record and the table's durability point, before the source write.
+        let floor2 =
+            |i: usize, b: &mut [u8]| floor_write(&raw, &raw_tgt, Some(&journal), i, b, raw_path);
+        let e1 = run_ops(1, c.first_1, first(0));
+        let (r1, fl, fl2) = if raw_first {
+            let fl = run_ops(1, c.first_1, floor)?;
+            let fl2 = run_ops(1, c.first_1, floor2)?;
+            (run_ops(1, c.first_1, raw_sync(0))?, fl, fl2)
+        } else {
+            let r1 = run_ops(1, c.first_1, raw_sync(0))?;
+            let fl2 = run_ops(1, c.first_1, floor2)?;
+            (r1, run_ops(1, c.first_1, floor)?, fl2)
+        };
+        let e1 = e1?;
+        figs[lay.floor()].engine.record(e1.clone());
+        figs[lay.floor()].raw.record(fl);
+        figs[lay.floor_rule2()].engine.record(e1.clone());
+        figs[lay.floor_rule2()].raw.record(fl2);
+        let mut base = c.first_1;
+        for (k, &w) in self.opts.writers.iter().enumerate() {
+            if w == 1 {
+                figs[lay.first(k)].engine.record(e1.clone());
+                figs[lay.first(k)].raw.record(r1.clone());
+                continue;
+            }
+            pair(
+                raw_first,
+                figs,
+                lay.first(k),
+                || run_ops(w, c.first_many, first(base)),
+                || run_ops(w, c.first_many, raw_sync(base)),
+            )?;
+            base += c.first_many;
+        }
+        Ok(())
+    }
+
+    /// (a) Every grain copied, session still active: the already-copied path at every writer
+    /// count, against raw writes to the same file.
+    fn already_copied(&self, figs: &mut [Figure], e: &Engine, s: Session) -> Result<()> {
+        let (size, lay, raw_first, fast_ops) =
+            (self.size, self.lay, self.raw_first, self.c.fast_ops);
+        let grains = size / GRAIN;
+        e.table().commit(vec![Entry::SetBits {
+            session: s.id,
+            start: 0,
+            count: grains,
+        }])?;
+        let salt2 = self.salt ^ 0xabcd;
+        // The raw side writes the same file, at the same offsets, through its own descriptor
+        // (every grain is copied, so the image does not depend on the source any more): both
+        // sides see the same inode, page cache and write-back state.
+        let path = &self.f.src;
+        let raw_src = open_rw(path)?;
+        let eng_write = |i: usize, b: &mut [u8]| e.write(s.src, rand_off(i, size, salt2), b);
+        let raw_write = |i: usize, b: &mut [u8]| {
+            raw_src
+                .write_all_at(b, rand_off(i, size, salt2))
+                .map_err(|e| io_err("pwrite", path, e))
+        };
+        for (k, &threads) in self.opts.writers.iter().enumerate() {
+            if threads == 1 {
+                pair_sliced(
+                    raw_first,
+                    figs,
+                    lay.copied(k),
+                    fast_ops,
+                    eng_write,
+                    raw_write,
+                )?;
+                continue;
+            }
+            pair(
+                raw_first,
+                figs,
+                lay.copied(k),
+                || run_ops(threads, fast_ops, eng_write),
+                || run_ops(threads, fast_ops, raw_write),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// (c) Image reads of copied grains against preads of the target.
+    fn read_copied(&self, figs: &mut [Figure], img: &Image<'_>) -> Result<()> {
+        let (size, salt) = (self.size, self.salt);
+        let path = &self.f.tgt;
+        // With `direct_copy`, the previous round's O_DIRECT copy dropped the target's cached
+        // pages; load them again so that neither side reads the disk. Every grain is copied, so
+        // the image lives in the target: the raw side reads the target file at the same offsets
+        // (same inode, same cached pages), as the uncopied figure reads the source.
+        if self.opts.direct_copy {
+            warm_page_cache(path)?;
+        }
+        let tgt_file = File::open(path).map_err(|e| io_err("open", path, e))?;
+        pair_sliced(
+            self.raw_first,
+            figs,
+            self.lay.read_copied(),
+            self.c.fast_ops,
+            |i, b| img.read_at(rand_off(i, size, salt), b),
+            |i, b| {
+                tgt_file
+                    .read_exact_at(b, rand_off(i, size, salt))
+                    .map_err(|e| io_err("pread", path, e))
+            },
+        )
+    }
+
+    /// (d) Background copy vs a raw copy of the same size; with `direct_copy` the engine is
+    /// reopened with O_DIRECT volumes so that both sides bypass the page cache.
+    fn background_copy(
+        &self,
+        figs: &mut [Figure],
+        e: Arc<Engine>,
+        s: Session,
+        run: &mut RunInfo,
+    ) -> Result<()> {
+        let (f, size) = (self.f, self.size);
+        let (e, src, tgt) = if self.opts.direct_copy {
+            drop(e);
+            let mut eo = engine_options(self.opts);
+            eo.file_options.direct = true;
+            let e = Arc::new(Engine::open_path(&f.table, eo)?);
+            let (src, tgt) = (attach(&e, &f.src)?, attach(&e, &f.tgt)?);
+            (e, src, tgt)
+        } else {
+            (e, s.src, s.tgt)
+        };
+        run.copy_backend = e.backend_name();
+        let mut direct = true;
+        let eng_copy = || -> Result<f64> {
+            let cid = e.establish(&whole(src, tgt, CopyMode::Copy))?;
+            let t0 = Instant::now();
+            let cp = Copier::start(
+                e.clone(),
+                CopierOptions {
+                    sessions: vec![cid],
+                    ..CopierOptions::default()
+                },
+            )?;
+            let p = cp.join()?;
+            Ok(p.bytes_copied as f64 / t0.elapsed().as_secs_f64())
+        };
+        let (ev, rv) = if self.raw_first {
+            let (r, d) = raw_copy(&f.src, &f.raw_copy, size)?;
+            direct = d;
+            (eng_copy()?, r)
+        } else {
+            let ev = eng_copy()?;
+            let (r, d) = raw_copy(&f.src, &f.raw_copy, size)?;
+            direct = direct && d;
+            (ev, r)
+        };
+        figs[self.lay.copy()].engine.per_round.push(ev);
+        figs[self.lay.copy()].raw.per_round.push(rv);
+        run.direct &= direct;
+        Ok(())
+    }
+}
+
+/// One first write at the physical floor, grain `i`: read the grain's 64 KiB from `raw`, write
+/// it to `raw_tgt` and make it durable; with a `journal` (the rule-2 floor), write a 512-byte
+/// record there and make it durable; then write `b` over the grain and make it durable.
+fn floor_write(
+    raw: &File,
+    raw_tgt: &File,
+    journal: Option<&File>,
+    i: usize,
+    b: &[u8],
+    path: &Path,
+) -> Result<()> {
+    let off = i as u64 * GRAIN;
+    let mut g = vec![0u8; GRAIN as usize];
+    raw.read_exact_at(&mut g, off)
+        .and_then(|()| raw_tgt.write_all_at(&g, off))
+        .and_then(|()| raw_tgt.sync_data())
+        .and_then(|()| match journal {
+            Some(j) => {
+                let rec = (i * RECORD) as u64 % JOURNAL_BYTES;
+                j.write_all_at(&g[..RECORD], rec)
+                    .and_then(|()| j.sync_data())
+            }
+            None => Ok(()),
+        })
+        .and_then(|()| raw.write_all_at(b, off))
+        .and_then(|()| raw.sync_data())
+        .map_err(|e| io_err("floor", path, e))
+}

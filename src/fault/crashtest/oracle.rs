@@ -1,0 +1,240 @@
+//! The oracle: the expected state of every session as a workload runs (T0 images, target writes
+//! not yet durable, what may have been withdrawn), and the check of a recovered engine against
+//! it.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use super::{engine_options, CrashReport, VOLUMES};
+use crate::activity::format::SessionState;
+use crate::activity::{MemStorage, TableStorage};
+use crate::engine::{Engine, MapResolver, SessionStatus};
+use crate::ids::SessionId;
+use crate::volume::MemVolume;
+use crate::Error;
+
+/// Expected state of one session.
+#[derive(Debug, Clone)]
+pub(super) struct SessRef {
+    /// T0 image, updated by durable target writes.
+    pub(super) image: Arc<Vec<u8>>,
+    /// Target writes not yet durable, in issue order: per grain, the image may show any
+    /// subset of them applied in order.
+    pub(super) pending: Vec<(u64, Vec<u8>)>,
+    /// Grain bytes.
+    pub(super) grain: u64,
+    /// Index of the target volume.
+    pub(super) target_vol: usize,
+    /// Establish returned Ok: must never be missing.
+    pub(super) required: bool,
+    /// A target write in `pending` failed: they all stay undecided even after a flush.
+    pub(super) sticky: bool,
+    /// A withdraw was issued but not acknowledged: the session may be withdrawn.
+    pub(super) may_withdraw: bool,
+    /// A withdraw was acknowledged.
+    pub(super) withdrawn: bool,
+}
+
+/// Expected state of every session at one point of a workload.
+#[derive(Debug, Clone, Default)]
+pub(super) struct RefState {
+    /// By session id.
+    pub(super) sessions: BTreeMap<u64, SessRef>,
+    /// Establishes in flight or failed (ids unknown): each may or may not exist.
+    pub(super) pending_establish: Vec<SessRef>,
+}
+
+/// One step of a workload: its I/Os (log positions `begin..end`) and the expected state while
+/// it runs and after it.
+#[derive(Debug)]
+pub(super) struct OpRec {
+    /// Log position where the step's I/Os begin.
+    pub(super) begin: usize,
+    /// Log position after its last I/O (`usize::MAX`: the step never finished).
+    pub(super) end: usize,
+    /// Expected state while the step runs.
+    pub(super) inflight: RefState,
+    /// Expected state after it.
+    pub(super) after: RefState,
+}
+
+/// The expected state after the first `n` I/Os of the log.
+pub(super) fn ref_at(recs: &[OpRec], n: usize) -> &RefState {
+    static EMPTY: std::sync::OnceLock<RefState> = std::sync::OnceLock::new();
+    let mut cur = None;
+    for r in recs {
+        if r.end <= n {
+            cur = Some(&r.after);
+        } else if r.begin < n {
+            return &r.inflight;
+        } else {
+            break;
+        }
+    }
+    cur.unwrap_or_else(|| EMPTY.get_or_init(RefState::default))
+}
+
+/// Compare a recovered engine with the reference state.
+pub(super) fn check_engine(e: &Engine, refs: &RefState, rep: &mut CrashReport) {
+    let mut out: Vec<String> = Vec::new();
+    for st in e.status() {
+        if let Some(sref) = refs.sessions.get(&st.id) {
+            check_one(e, &st, sref, rep);
+            continue;
+        }
+        // An unacknowledged establish: some candidate must fit.
+        let mut best: Option<CrashReport> = None;
+        for c in &refs.pending_establish {
+            let mut trial = CrashReport::default();
+            check_one(e, &st, c, &mut trial);
+            let better = best
+                .as_ref()
+                .is_none_or(|b| trial.violations < b.violations);
+            if better {
+                best = Some(trial);
+            }
+        }
+        match best {
+            Some(b) => rep.merge(b, 20),
+            None => out.push(format!(
+                "session {} appeared that was never established",
+                st.id
+            )),
+        }
+    }
+    for (id, s) in &refs.sessions {
+        // Ended sessions may be forgotten to make room; active ones never.
+        if s.required && !s.withdrawn && !s.may_withdraw && e.session(SessionId(*id)).is_err() {
+            out.push(format!(
+                "acknowledged session {id} is missing after recovery"
+            ));
+        }
+    }
+    for v in out {
+        rep.violation(v);
+    }
+}
+
+/// Check one recovered session against its reference.
+fn check_one(e: &Engine, st: &SessionStatus, sref: &SessRef, rep: &mut CrashReport) {
+    let mut out: Vec<String> = Vec::new();
+    let kind = match st.state {
+        SessionState::Active | SessionState::Completed => {
+            if sref.withdrawn {
+                out.push(format!(
+                    "session {} is {:?} after an acknowledged withdraw",
+                    st.id, st.state
+                ));
+            }
+            check_image(e, st, sref, &mut out);
+            if st.state == SessionState::Active {
+                "resumed".to_string()
+            } else {
+                "completed".to_string()
+            }
+        }
+        SessionState::Withdrawn => {
+            if !(sref.may_withdraw || sref.withdrawn) {
+                out.push(format!("session {} withdrawn without a withdraw", st.id));
+            }
+            "withdrawn".to_string()
+        }
+        SessionState::Suspended => {
+            // Every volume is present when the oracle runs: recovery must resume it.
+            out.push(format!(
+                "session {} is suspended although its volumes are present ({:?})",
+                st.id, st.reason
+            ));
+            "suspended".to_string()
+        }
+        SessionState::Terminated => match &st.reason {
+            Some(r) => format!("terminated:{:?}", r.code),
+            None => {
+                out.push(format!("session {} terminated without a reason", st.id));
+                "terminated:none".to_string()
+            }
+        },
+    };
+    *rep.outcomes.entry(kind).or_default() += 1;
+    for v in out {
+        rep.violation(v);
+    }
+}
+
+/// Read the image of a live session: every grain must be its T0 bytes, or show some of the
+/// target writes not yet durable (any subset of the first six, applied in order).
+fn check_image(e: &Engine, st: &SessionStatus, sref: &SessRef, out: &mut Vec<String>) {
+    let mut buf = vec![0u8; sref.image.len()];
+    match e.read_image(SessionId(st.id), 0, &mut buf) {
+        Ok(()) => {
+            let k = sref.pending.len().min(6);
+            let alts: Vec<Vec<u8>> = (1..1usize << k)
+                .map(|mask| {
+                    let mut a = sref.image.to_vec();
+                    for (j, (o, d)) in sref.pending.iter().enumerate().take(k) {
+                        if mask >> j & 1 == 1 {
+                            let o = *o as usize;
+                            a[o..o + d.len()].copy_from_slice(d);
+                        }
+                    }
+                    a
+                })
+                .collect();
+            let g = sref.grain as usize;
+            for (i, got) in buf.chunks(g).enumerate() {
+                let want = &sref.image[i * g..i * g + got.len()];
+                let ok = got == want || alts.iter().any(|a| &a[i * g..i * g + got.len()] == got);
+                if !ok {
+                    out.push(format!(
+                        "session {} ({:?}, {} of {} grains copied): image grain {i} differs \
+                         from T0",
+                        st.id, st.state, st.grains_copied, st.grains_total
+                    ));
+                    break;
+                }
+            }
+        }
+        Err(Error::ExtentTerminated { .. }) => {}
+        Err(err) => out.push(format!("session {}: read_image failed: {err}", st.id)),
+    }
+}
+
+fn mem_table(img: &[u8]) -> Arc<dyn TableStorage> {
+    Arc::new(MemStorage::from_bytes("crash", img.to_vec()))
+}
+
+/// Recover from device images (table first, then [`VOLUMES`]) and check the oracle.
+pub(super) fn recover_and_check(
+    images: &[Vec<u8>],
+    refs: &RefState,
+    rep: &mut CrashReport,
+    ctx: &dyn Fn() -> String,
+) {
+    let before = rep.violations;
+    let mut resolver = MapResolver::default();
+    for (i, n) in VOLUMES.iter().enumerate() {
+        resolver.add(Arc::new(MemVolume::with_data(n, &images[i + 1])));
+    }
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        Engine::open(mem_table(&images[0]), &resolver, engine_options())
+    }));
+    match r {
+        Err(_) => rep.violation("recovery panicked".to_string()),
+        Ok(Err(e)) => {
+            *rep.outcomes.entry("open_error".to_string()).or_default() += 1;
+            if refs.sessions.values().any(|s| s.required) {
+                rep.violation(format!("recovery failed with acknowledged sessions: {e}"));
+            }
+        }
+        Ok(Ok(e)) => check_engine(&e, refs, rep),
+    }
+    if rep.violations > before {
+        let c = ctx();
+        let n = rep.violation_samples.len();
+        let new = usize::try_from(rep.violations - before).unwrap_or(0).min(n);
+        for v in &mut rep.violation_samples[n - new..] {
+            *v = format!("{c}: {v}");
+        }
+    }
+}
