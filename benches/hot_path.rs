@@ -42,11 +42,11 @@ impl Volume for SparseVolume {
             locator: format!("mem:{}", self.name),
         }
     }
-    fn read_at(&self, buf: &mut [u8], _offset: u64) -> timezero::Result<()> {
+    fn read_at(&self, _offset: u64, buf: &mut [u8]) -> timezero::Result<()> {
         buf.fill(0);
         Ok(())
     }
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> timezero::Result<()> {
+    fn write_at(&self, _offset: u64, _buf: &[u8]) -> timezero::Result<()> {
         Ok(())
     }
     fn flush(&self) -> timezero::Result<()> {
@@ -204,7 +204,7 @@ fn reads(c: &mut Criterion) {
     g.bench_function("volume read_at 4KiB (baseline)", |b| {
         b.iter(|| {
             off = (off + 4096 * 37) % size;
-            src_vol.read_at(black_box(&mut buf), off).expect("read")
+            src_vol.read_at(off, black_box(&mut buf)).expect("read")
         })
     });
     g.bench_function("image read 4KiB, uncopied grain", |b| {
@@ -337,7 +337,7 @@ fn uring_direct(c: &mut Criterion) {
     let plain = UringVolume::open_without_buffer_pool(&path, &opts).expect("open");
     let pread = timezero::volume::FileVolume::open(&path, &opts).expect("open");
     let mut probe = [0u8; 10];
-    pooled.read_at(&mut probe, 100).expect("read");
+    pooled.read_at(100, &mut probe).expect("read");
     if pooled.fixed_requests() == 0 {
         eprintln!("uring_direct: the kernel refused to register buffers; all figures allocate");
     }
@@ -354,7 +354,7 @@ fn uring_direct(c: &mut Criterion) {
             g.bench_function(format!("read_at {name_len} unaligned, {how}"), |b| {
                 b.iter(|| {
                     off = (off + 4096 * 37) % (size - 2 * len as u64);
-                    v.read_at(black_box(&mut buf), off + 100).expect("read")
+                    v.read_at(off + 100, black_box(&mut buf)).expect("read")
                 })
             });
         }

@@ -47,9 +47,9 @@ fn run(v: &Arc<dyn Volume>, threads: usize, len: usize, write: bool, n: usize) -
                     x ^= x << 17;
                     let off = (x % (SIZE / len as u64)) * len as u64;
                     let r = if write {
-                        v.write_at(buf.get(), off)
+                        v.write_at(off, buf.get())
                     } else {
-                        v.read_at(buf.get(), off)
+                        v.read_at(off, buf.get())
                     };
                     r.expect("transfer");
                 }
@@ -110,7 +110,7 @@ fn main() {
         for (v, out) in [(&p, &mut rp), (&u, &mut ru)] {
             let t = Instant::now();
             for _ in 0..50 {
-                v.write_at(&block.raw[block.start..block.start + 4096], 0)
+                v.write_at(0, &block.raw[block.start..block.start + 4096])
                     .expect("write");
                 v.flush().expect("flush");
             }

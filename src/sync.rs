@@ -2,25 +2,27 @@
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::{Error, Result};
+use crate::Result;
 
 #[derive(Debug, Default)]
 struct State {
     started: u64,
     completed: u64,
     running: bool,
-    failed: Option<String>,
 }
 
 /// Coalesces flushes: a caller that needs its completed writes durable waits for the first flush
-/// that *starts* after its call, and starts one itself when none is running. The first failure
-/// latches: every later call returns [`Error::Poisoned`].
+/// that *starts* after its call, and starts one itself when none is running.
+///
+/// It does not latch: a failed flush fails the caller that ran it, and the callers that waited
+/// for that flush run the next one themselves and get its result. On Linux a flush after a
+/// failed one may succeed although the writes it should have covered are lost, so pair it with a
+/// volume that latches its first failure ([`crate::volume::CheckedVolume`], as the engine
+/// does): every flush after the failure then fails at once, with the first error.
 #[derive(Debug, Default)]
 pub struct GroupSync {
     state: Mutex<State>,
     cv: Condvar,
-    /// Mirror of `state.failed.is_some()`, read lock-free on every write.
-    failed: std::sync::atomic::AtomicBool,
 }
 
 impl GroupSync {
@@ -28,17 +30,13 @@ impl GroupSync {
     /// concurrent callers. `flush` performs one durability point.
     ///
     /// # Errors
-    /// The flush's error (for the caller that ran it) or [`Error::Poisoned`].
-    pub fn sync(&self, name: &str, flush: impl FnOnce() -> Result<()>) -> Result<()> {
+    /// The error of the flush this call ran (its own, or the next one after a failed flush it
+    /// waited for).
+    pub fn sync(&self, flush: impl FnOnce() -> Result<()>) -> Result<()> {
         let mut st = self.state.lock();
         let target = st.started + 1;
         let mut flush = Some(flush);
         loop {
-            if let Some(f) = &st.failed {
-                return Err(Error::Poisoned {
-                    target: format!("{name} ({f})"),
-                });
-            }
             if st.completed >= target {
                 return Ok(());
             }
@@ -59,9 +57,6 @@ impl GroupSync {
             match r {
                 Ok(()) => st.completed = mine,
                 Err(e) => {
-                    st.failed = Some(e.to_string());
-                    self.failed
-                        .store(true, std::sync::atomic::Ordering::Release);
                     self.cv.notify_all();
                     return Err(e);
                 }
@@ -69,12 +64,6 @@ impl GroupSync {
             self.cv.notify_all();
             // `flush` was consumed: our target is `mine` or earlier, so the loop ends now.
         }
-    }
-
-    /// True after a failed flush.
-    #[must_use]
-    pub fn is_failed(&self) -> bool {
-        self.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Flushes completed so far.

@@ -134,18 +134,18 @@ fn volume_roundtrip_and_errors(open: Opener) {
         return;
     };
     let data = common::pattern(1, 12345);
-    v.write_at(&data, 777).unwrap();
+    v.write_at(777, &data).unwrap();
     v.flush().unwrap();
     let mut back = vec![0u8; data.len()];
-    v.read_at(&mut back, 777).unwrap();
+    v.read_at(777, &mut back).unwrap();
     assert_eq!(back, data);
     let mut b = [0u8; 10];
     assert!(matches!(
-        v.read_at(&mut b, (1 << 20) - 5),
+        v.read_at((1 << 20) - 5, &mut b),
         Err(Error::OutOfRange { .. })
     ));
     assert!(matches!(
-        v.write_at(&b, u64::MAX - 2),
+        v.write_at(u64::MAX - 2, &b),
         Err(Error::OutOfRange { .. })
     ));
     // Concurrent writers to disjoint ranges.
@@ -155,7 +155,7 @@ fn volume_roundtrip_and_errors(open: Opener) {
             std::thread::spawn(move || {
                 for i in 0..16u64 {
                     let d = common::pattern(t * 100 + i, 4096);
-                    v.write_at(&d, (t * 16 + i) * 4096).unwrap();
+                    v.write_at((t * 16 + i) * 4096, &d).unwrap();
                 }
             })
         })
@@ -166,7 +166,7 @@ fn volume_roundtrip_and_errors(open: Opener) {
     for t in 0..8u64 {
         for i in 0..16u64 {
             let mut got = vec![0u8; 4096];
-            v.read_at(&mut got, (t * 16 + i) * 4096).unwrap();
+            v.read_at((t * 16 + i) * 4096, &mut got).unwrap();
             assert_eq!(got, common::pattern(t * 100 + i, 4096));
         }
     }
@@ -184,23 +184,23 @@ fn unaligned_file_tail(open: Opener) {
     assert_eq!(v.size(), size as u64);
     for (off, len) in [(size - 3000, 3000usize), (size - 1, 1), (size - 5000, 4766)] {
         let mut back = vec![0u8; len];
-        v.read_at(&mut back, off as u64).unwrap();
+        v.read_at(off as u64, &mut back).unwrap();
         assert!(back == model[off..off + len], "read {len} at {off}");
     }
     // Writes that stay within the last whole sector succeed on every backend; an O_DIRECT write
     // whose aligned span would extend the file is refused with `Misaligned`, never torn.
     let data = common::pattern(9, 1000);
     let at = size - 1234 - 1000;
-    v.write_at(&data, at as u64).unwrap();
+    v.write_at(at as u64, &data).unwrap();
     model[at..at + 1000].copy_from_slice(&data);
-    match v.write_at(&data[..10], (size - 10) as u64) {
+    match v.write_at((size - 10) as u64, &data[..10]) {
         Ok(()) => model[size - 10..].copy_from_slice(&data[..10]),
         Err(Error::Misaligned { .. }) => {}
         Err(e) => panic!("tail write: {e}"),
     }
     v.flush().unwrap();
     let mut back = vec![0u8; 5000];
-    v.read_at(&mut back, (size - 5000) as u64).unwrap();
+    v.read_at((size - 5000) as u64, &mut back).unwrap();
     assert!(back == model[size - 5000..], "tail after writes");
 }
 
@@ -239,7 +239,7 @@ fn engine_session_over_backend(open: Opener) {
     assert_eq!(common::image(&e, id), t0);
     e.copy_all(id, 8).unwrap();
     let mut got = vec![0u8; size];
-    tgt.read_at(&mut got, 0).unwrap();
+    tgt.read_at(0, &mut got).unwrap();
     assert!(got == t0, "completed target differs from T0");
 }
 
@@ -314,7 +314,7 @@ fn engine_backend_choice_follows_direct() {
                     assert_eq!(e.backend_name(), expected(backend, direct), "{backend:?}");
                     let mut buf = vec![0u8; 5000];
                     let v = e.volume(id).unwrap();
-                    v.read_at(&mut buf, 3).unwrap();
+                    v.read_at(3, &mut buf).unwrap();
                     assert!(buf.iter().all(|&b| b == 7));
                 }
                 Err(err) if direct => println!("skipping O_DIRECT: {err}"),

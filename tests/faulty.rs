@@ -75,7 +75,7 @@ impl Files {
 
 fn raw_os_error(e: &Error) -> Option<i32> {
     match e {
-        Error::Io { source, .. } => source.raw_os_error(),
+        Error::Io { source, .. } | Error::PoisonedIo { source, .. } => source.raw_os_error(),
         other => panic!("expected an I/O error, got {other}"),
     }
 }
@@ -380,7 +380,7 @@ fn close_flushes_every_volume_and_reports_a_failed_flush() {
     assert_eq!(src.unflushed_sectors(), 0, "close flushed the source");
     src.crash(CrashMode::DropAll).unwrap();
     let mut got = vec![0u8; 4096];
-    src.read_at(&mut got, 0).unwrap();
+    src.read_at(0, &mut got).unwrap();
     assert_eq!(
         got,
         vec![0x5a; 4096],
@@ -409,4 +409,48 @@ fn close_flushes_every_volume_and_reports_a_failed_flush() {
     assert_eq!(tgt.unflushed_sectors(), 0);
     // The table itself closed cleanly: it reopens with the session resumed.
     drop(f.reopen());
+}
+
+/// A failed target flush latches the target for the engine: a later copy-before-write to it
+/// fails at once with the first error (EIO) although the device's next flush would report
+/// success (the writes the failed flush should have covered may be lost), the source keeps its
+/// T0 bytes, and the image still reads T0, before and after a reopen.
+#[test]
+fn failed_flush_latches_the_volume_with_its_first_error() {
+    let f = Files::new(33);
+    let src = faulty_file(&f.path("src"), &f.t0);
+    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
+    let (e, a, id) = f.engine(src.clone(), tgt.clone());
+    let failing = tgt.counts().flushes;
+    tgt.arm(FaultPlan::new().fail_flush(Trigger::once(failing)));
+
+    // The copy-before-write's flush fails (its retry meets the latch): EIO either way.
+    let first = e.write(a, 0, &[0x11; 4096]).unwrap_err();
+    assert_eq!(raw_os_error(&first), Some(5), "{first:?}");
+    let writes = tgt.counts().writes;
+    let later = e.write(a, 2 * GRAIN as u64, &[0x22; 4096]).unwrap_err();
+    assert!(
+        matches!(later, Error::PoisonedIo { .. }) && raw_os_error(&later) == Some(5),
+        "a later copy-before-write fails with the first error: {later:?}"
+    );
+    let c = tgt.counts();
+    assert_eq!(
+        c.flushes,
+        failing + 1,
+        "no flush reached the device after the failed one"
+    );
+    assert_eq!(
+        c.writes, writes,
+        "no write reached the device after the latch"
+    );
+    // Flushing the latched volume fails the same way; the source is untouched.
+    assert!(matches!(
+        e.flush(tgt.info().id),
+        Err(Error::PoisonedIo { .. })
+    ));
+    assert!(std::fs::read(f.path("src")).unwrap() == f.t0);
+    assert!(common::image(&e, id) == f.t0);
+    drop(e);
+    let e = f.reopen();
+    assert!(common::image(&e, id) == f.t0);
 }

@@ -93,7 +93,7 @@ impl timezero::volume::Volume for PausingSource {
     fn info(&self) -> timezero::volume::VolumeInfo {
         self.inner.info()
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> timezero::Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> timezero::Result<()> {
         let me = std::thread::current().id();
         let pause = {
             let mut r = self.reader.lock().unwrap();
@@ -108,10 +108,10 @@ impl timezero::volume::Volume for PausingSource {
             self.in_read.wait();
             self.go.wait();
         }
-        self.inner.read_at(buf, offset)
+        self.inner.read_at(offset, buf)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> timezero::Result<()> {
-        self.inner.write_at(buf, offset)
+    fn write_at(&self, offset: u64, buf: &[u8]) -> timezero::Result<()> {
+        self.inner.write_at(offset, buf)
     }
     fn flush(&self) -> timezero::Result<()> {
         self.inner.flush()

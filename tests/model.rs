@@ -99,7 +99,7 @@ fn check_image(
 
 fn snapshot(v: &SimVolume) -> Vec<u8> {
     let mut b = vec![0u8; VOL];
-    v.read_at(&mut b, 0).unwrap();
+    v.read_at(0, &mut b).unwrap();
     b
 }
 

@@ -135,7 +135,7 @@ fn nbd_qemu_io_write_read_zero_discard_flush() {
     }
     let env = Env::new();
     env.disk
-        .write_at(&vec![0xee; 64 * KIB], 128 * KIB as u64)
+        .write_at(128 * KIB as u64, &vec![0xee; 64 * KIB])
         .expect("seed");
     let out = qemu_io_ok(
         &env.dir,
@@ -236,7 +236,7 @@ fn nbd_qemu_img_info_and_convert() {
     let data: Vec<u8> = (0..DISK_BYTES)
         .map(|i| (i / 4096) as u8 ^ (i as u8))
         .collect();
-    env.disk.write_at(&data, 0).expect("seed");
+    env.disk.write_at(0, &data).expect("seed");
     let url = env.url("disk");
 
     let (ok, out) = run(&env.dir, "qemu-img", &["info", "-f", "raw", &url]);

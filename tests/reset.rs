@@ -86,11 +86,11 @@ impl Volume for Sectored {
         i.sector_size = self.1;
         i
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.0.read_at(buf, offset)
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.read_at(offset, buf)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.0.write_at(buf, offset)
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.0.write_at(offset, buf)
     }
     fn flush(&self) -> Result<()> {
         self.0.flush()

@@ -232,11 +232,11 @@ impl Volume for FailingFlush {
     fn info(&self) -> VolumeInfo {
         self.0.info()
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> timezero::Result<()> {
-        self.0.read_at(buf, offset)
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> timezero::Result<()> {
+        self.0.read_at(offset, buf)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> timezero::Result<()> {
-        self.0.write_at(buf, offset)
+    fn write_at(&self, offset: u64, buf: &[u8]) -> timezero::Result<()> {
+        self.0.write_at(offset, buf)
     }
     fn flush(&self) -> timezero::Result<()> {
         Err(Error::io(

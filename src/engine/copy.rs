@@ -101,8 +101,8 @@ impl Engine {
             // bounce copy for O_DIRECT volumes.
             let mut b = b.borrow_mut();
             b.resize(len);
-            src.read_retry(b.get_mut(), p.source_offset)?;
-            tgt.write_retry(b.get(), p.target_offset)
+            src.read_retry(p.source_offset, b.get_mut())?;
+            tgt.write_retry(p.target_offset, b.get())
         })?;
         Ok(Some((g + run, Some(hold))))
     }

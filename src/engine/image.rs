@@ -70,9 +70,9 @@ impl Image<'_> {
             if s.extent_end(p.extent).is_none() {
                 let g = p.image_offset >> s.map.shift();
                 if completed || s.bits().get(g) {
-                    return self.tgt.read_retry(buf, p.target_offset);
+                    return self.tgt.read_retry(p.target_offset, buf);
                 }
-                self.src.read_retry(buf, p.source_offset)?;
+                self.src.read_retry(p.source_offset, buf)?;
                 // As in `Engine::read_piece`: the source bytes were read before the bit, the
                 // extent end and the state are loaded again.
                 std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
@@ -208,7 +208,7 @@ impl Engine {
             let out = &mut buf[bo..bo + bl];
             let (g0, g1) = s.map.grains_of(&p);
             if completed || s.bits().all_set(g0, g1 - g0) {
-                tgt.read_retry(out, p.target_offset)?;
+                tgt.read_retry(p.target_offset, out)?;
                 continue;
             }
             // A source write is released only after its grains' bits are set in memory (or,
@@ -256,9 +256,9 @@ impl Engine {
             let delta = lo - p.image_offset;
             if copied {
                 copied_seen += g - start;
-                tgt.read_retry(&mut out[o..o + l], p.target_offset + delta)?;
+                tgt.read_retry(p.target_offset + delta, &mut out[o..o + l])?;
             } else {
-                src.read_retry(&mut out[o..o + l], p.source_offset + delta)?;
+                src.read_retry(p.source_offset + delta, &mut out[o..o + l])?;
                 from_source = true;
             }
         }

@@ -59,7 +59,7 @@ use crate::model::{CopyMode, ExtentSpec, Reason, ReasonCode, SessionState};
 use crate::ids::{SessionId, VolumeId};
 use crate::session::Session;
 use crate::sync::GroupSync;
-use crate::volume::{FileVolumeOptions, Volume, VolumeInfo};
+use crate::volume::{CheckedVolume, FileVolumeOptions, Volume, VolumeInfo};
 use crate::{Error, Result};
 
 /// What to do when copying old data for a source write fails after bounded retries.
@@ -95,7 +95,11 @@ pub struct EngineOptions {
 /// An attached volume with its durability group and write gate.
 #[derive(Debug)]
 pub(crate) struct VolumeHandle {
-    pub(crate) vol: Arc<dyn Volume>,
+    /// The volume, latching its first failed flush: every later write and flush fails at once
+    /// with that error (a flush after a failed one may report success for lost writes). Failed
+    /// writes do not latch (they are retried, and a write that finally fails fails its caller);
+    /// reads go on after the latch (image reads of copied grains stay possible).
+    pub(crate) vol: CheckedVolume<Arc<dyn Volume>>,
     pub(crate) info: VolumeInfo,
     sync: GroupSync,
     /// Writers hold it shared; establishing a session on this volume holds it exclusively, so
@@ -113,27 +117,30 @@ impl VolumeHandle {
     }
 
     fn flush(&self) -> Result<()> {
-        self.sync.sync(&self.name(), || self.vol.flush())
+        self.sync.sync(|| self.vol.flush())
     }
 
     fn check_live(&self) -> Result<()> {
-        if self.sync.is_failed() || self.fenced.load(std::sync::atomic::Ordering::Acquire) {
+        if self.fenced.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::Poisoned {
                 target: self.name(),
             });
+        }
+        if let Some(first) = self.vol.first_error() {
+            return Err(first.to_error());
         }
         Ok(())
     }
 
     #[inline(always)]
-    fn read_retry(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        retry(|| self.vol.read_at(buf, off))
+    fn read_retry(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        retry(|| self.vol.read_at(off, buf))
     }
 
     #[inline(always)]
-    fn write_retry(&self, buf: &[u8], off: u64) -> Result<()> {
+    fn write_retry(&self, off: u64, buf: &[u8]) -> Result<()> {
         self.check_live()?;
-        retry(|| self.vol.write_at(buf, off))
+        retry(|| self.vol.write_at(off, buf))
     }
 }
 
@@ -510,7 +517,9 @@ impl Engine {
         let info = vol.info();
         let id = info.id;
         let h = Arc::new(VolumeHandle {
-            vol,
+            vol: CheckedVolume::new(vol)
+                .latch_writes(false)
+                .serve_reads_when_failed(true),
             info,
             sync: GroupSync::default(),
             gate: crossbeam::sync::ShardedLock::new(()),
@@ -652,7 +661,7 @@ impl Engine {
     /// # Errors
     /// [`Error::UnknownVolume`].
     pub fn volume(&self, id: VolumeId) -> Result<Arc<dyn Volume>> {
-        Ok(self.handle(id)?.vol.clone())
+        Ok(self.handle(id)?.vol.inner().clone())
     }
 
     /// A session.
@@ -678,7 +687,7 @@ impl Engine {
     /// # Errors
     /// I/O errors.
     pub fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.handle(vol)?.read_retry(buf, offset)
+        self.handle(vol)?.read_retry(offset, buf)
     }
 
     /// Make completed writes to a volume durable.

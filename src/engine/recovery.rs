@@ -168,7 +168,7 @@ impl Engine {
     /// whole open fail.
     fn find_volume(&self, r: &VolumeRef, resolver: &dyn VolumeResolver) -> Found {
         if let Some(h) = self.volumes.load().get(&r.id) {
-            return Found::Here(h.vol.clone());
+            return Found::Here(h.vol.inner().clone());
         }
         match resolver.resolve(r) {
             Ok(Some(v)) => Found::Here(v),
@@ -392,7 +392,7 @@ impl Engine {
                     self.volumes
                         .load()
                         .get(&r.id)
-                        .map_or(Found::Missing, |h| Found::Here(h.vol.clone()))
+                        .map_or(Found::Missing, |h| Found::Here(h.vol.inner().clone()))
                 }
             };
             out.push(self.reconcile(

@@ -30,9 +30,9 @@ pub fn set_canary_skip_cbw_flush(on: bool) {
 /// with the acquire fence in `Engine::read_piece`, whose lock-free reads of uncopied source
 /// grains re-check the bits after reading.
 #[inline(always)]
-fn release_write(h: &VolumeHandle, data: &[u8], offset: u64) -> Result<()> {
+fn release_write(h: &VolumeHandle, offset: u64, data: &[u8]) -> Result<()> {
     std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-    h.write_retry(data, offset)
+    h.write_retry(offset, data)
 }
 
 impl Engine {
@@ -88,7 +88,7 @@ impl Engine {
             }
         }
         if work.is_empty() {
-            return release_write(h, data, offset);
+            return release_write(h, offset, data);
         }
         let _busy = InflightGuard::new(&self.cow_inflight);
         work.sort_by_key(|(s, g0, _)| (s.id(), *g0));
@@ -121,11 +121,11 @@ impl Engine {
                             )?;
                         }
                     }
-                    return release_write(h, data, offset);
+                    return release_write(h, offset, data);
                 }
             }
         }
-        let r = release_write(h, data, offset);
+        let r = release_write(h, offset, data);
         drop(guards);
         r
     }
@@ -198,7 +198,7 @@ impl Engine {
             let mut b = crate::volume::AlignedBuf::new(
                 usize::try_from(e - s).map_err(|_| Error::invalid("copy", "too large"))?,
             );
-            h.read_retry(b.get_mut(), *s)?;
+            h.read_retry(*s, b.get_mut())?;
             bufs.push(b);
         }
         let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
@@ -216,7 +216,7 @@ impl Engine {
                 .map_err(|_| Error::invalid("copy", "offset"))?;
             let len = usize::try_from(r.p.len).map_err(|_| Error::invalid("copy", "len"))?;
             let th = self.handle(r.s.desc.target.id)?;
-            th.write_retry(&bufs[i].get()[off..off + len], r.p.target_offset)?;
+            th.write_retry(r.p.target_offset, &bufs[i].get()[off..off + len])?;
             if !targets.iter().any(|t| t.info.id == th.info.id) {
                 targets.push(th);
             }

@@ -231,20 +231,20 @@ struct State {
 /// use timezero::volume::{MemVolume, Volume};
 ///
 /// let v = FaultyVolume::new(MemVolume::new("disk", 4096));
-/// v.write_at(&[1u8; 512], 0)?;
+/// v.write_at(0, &[1u8; 512])?;
 /// v.flush()?;
-/// v.write_at(&[2u8; 512], 0)?; // never flushed
+/// v.write_at(0, &[2u8; 512])?; // never flushed
 ///
 /// // The next write (index 2) fails with EIO and writes nothing.
 /// v.arm(FaultPlan::new().fail_write(Trigger::once(2)));
-/// let e = v.write_at(&[3u8; 512], 512).unwrap_err();
+/// let e = v.write_at(512, &[3u8; 512]).unwrap_err();
 /// assert!(matches!(&e, timezero::Error::Io { source, .. } if source.raw_os_error() == Some(5)));
 /// assert_eq!(v.counts().writes, 3);
 ///
 /// // Power loss: the unflushed write is gone.
 /// v.crash(CrashMode::DropAll)?;
 /// let mut buf = [0u8; 512];
-/// v.read_at(&mut buf, 0)?;
+/// v.read_at(0, &mut buf)?;
 /// assert_eq!(buf, [1u8; 512]);
 /// # Ok::<(), timezero::Error>(())
 /// ```
@@ -354,7 +354,7 @@ impl<V: Volume> FaultyVolume<V> {
                 run.extend_from_slice(st.durable.get(&dropped[j]).map_or(&[][..], |v| v));
                 j += 1;
             }
-            self.inner.write_at(&run, start * SECTOR as u64)?;
+            self.inner.write_at(start * SECTOR as u64, &run)?;
             i = j;
         }
         self.inner.flush()?;
@@ -376,7 +376,7 @@ impl<V: Volume> FaultyVolume<V> {
         let size = usize::try_from(self.inner.size())
             .map_err(|_| Error::invalid("crash image", "volume too large for memory"))?;
         let mut img = vec![0u8; size];
-        self.inner.read_at(&mut img, 0)?;
+        self.inner.read_at(0, &mut img)?;
         for s in dropped_sectors(&st.durable, mode) {
             if let Some(bytes) = st.durable.get(&s) {
                 let at = usize::try_from(s)
@@ -416,7 +416,7 @@ impl<V: Volume> FaultyVolume<V> {
         let to = ((last + 1) * SECTOR as u64).min(size);
         let n = usize::try_from(to - from).map_err(|_| Error::invalid("write", "too large"))?;
         let mut old = vec![0u8; n];
-        self.inner.read_at(&mut old, from)?;
+        self.inner.read_at(from, &mut old)?;
         for (k, chunk) in old.chunks(SECTOR).enumerate() {
             st.durable
                 .entry(first + k as u64)
@@ -467,7 +467,7 @@ impl<V: Volume> Volume for FaultyVolume<V> {
         self.inner.info()
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let hit = {
             let mut st = self.state.lock();
             let n = st.counts.reads;
@@ -482,10 +482,10 @@ impl<V: Volume> Volume for FaultyVolume<V> {
         if let Some(t) = hit {
             return Err(self.injected("read", offset, t.error));
         }
-        self.inner.read_at(buf, offset)
+        self.inner.read_at(offset, buf)
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let mut st = self.state.lock();
         let n = st.counts.writes;
         st.counts.writes += 1;
@@ -520,7 +520,7 @@ impl<V: Volume> Volume for FaultyVolume<V> {
             }
         }
         if !data.is_empty() || torn.is_none() {
-            self.inner.write_at(data, offset)?;
+            self.inner.write_at(offset, data)?;
         }
         match torn {
             Some(e) => Err(self.injected("write", offset, e)),
@@ -574,13 +574,13 @@ mod tests {
     fn empty_plan_passes_everything_through_and_counts() {
         let v = vol();
         let d = bytes(1, 1000);
-        v.write_at(&d, 300).unwrap();
+        v.write_at(300, &d).unwrap();
         let mut back = vec![0u8; 1000];
-        v.read_at(&mut back, 300).unwrap();
+        v.read_at(300, &mut back).unwrap();
         assert_eq!(back, d);
         v.flush().unwrap();
         assert!(matches!(
-            v.write_at(&d, SIZE as u64 - 10),
+            v.write_at(SIZE as u64 - 10, &d),
             Err(Error::OutOfRange { .. })
         ));
         assert_eq!(
@@ -604,15 +604,15 @@ mod tests {
             MemVolume::new("d", SIZE),
             FaultPlan::new().fail_write(Trigger::once(1)),
         );
-        v.write_at(&[1; 10], 0).unwrap();
-        let e = v.write_at(&[2; 10], 100).unwrap_err();
+        v.write_at(0, &[1; 10]).unwrap();
+        let e = v.write_at(100, &[2; 10]).unwrap_err();
         assert_eq!(raw(&e), Some(5));
         assert!(e
             .to_string()
             .contains("write mem:d (injected fault) at offset 100"));
         // Nothing of the failed write landed.
         assert_eq!(&v.inner().snapshot()[100..110], &[0u8; 10]);
-        v.write_at(&[3; 10], 100).unwrap();
+        v.write_at(100, &[3; 10]).unwrap();
         assert_eq!(&v.inner().snapshot()[100..110], &[3u8; 10]);
         let c = v.counts();
         assert_eq!((c.writes, c.injected), (3, 1));
@@ -627,11 +627,11 @@ mod tests {
                 .fail_flush(Trigger::once(0).errno(28)),
         );
         let mut b = [9u8; 4];
-        v.read_at(&mut b, 0).unwrap();
-        v.read_at(&mut b, 0).unwrap();
+        v.read_at(0, &mut b).unwrap();
+        v.read_at(0, &mut b).unwrap();
         for _ in 0..3 {
             let mut b = [9u8; 4];
-            let e = v.read_at(&mut b, 0).unwrap_err();
+            let e = v.read_at(0, &mut b).unwrap_err();
             assert_eq!(e.io_kind(), Some(ErrorKind::TimedOut));
             assert_eq!(b, [9u8; 4], "a failed read touched the buffer");
         }
@@ -654,10 +654,10 @@ mod tests {
             MemVolume::new("d", SIZE),
             FaultPlan::new().enospc_beyond(4096),
         );
-        v.write_at(&[1; 96], 4000).unwrap(); // ends exactly at the limit
-        let e = v.write_at(&[2; 100], 4000).unwrap_err();
+        v.write_at(4000, &[1; 96]).unwrap(); // ends exactly at the limit
+        let e = v.write_at(4000, &[2; 100]).unwrap_err();
         assert_eq!(raw(&e), Some(28));
-        let e = v.write_at(&[2; 1], 5000).unwrap_err();
+        let e = v.write_at(5000, &[2; 1]).unwrap_err();
         assert_eq!(raw(&e), Some(28));
         let snap = v.inner().snapshot();
         assert_eq!(&snap[4000..4096], &[1u8; 96][..]);
@@ -675,7 +675,7 @@ mod tests {
                 FaultPlan::new().tear_write(Trigger::once(0).errno(5), seed),
             );
             let off = 700u64;
-            let e = v.write_at(&data, off).unwrap_err();
+            let e = v.write_at(off, &data).unwrap_err();
             assert_eq!(raw(&e), Some(5));
             let snap = v.inner().snapshot();
             let region = &snap[700..4700];
@@ -695,7 +695,7 @@ mod tests {
                 MemVolume::with_data("d", &vec![0xAA; SIZE]),
                 FaultPlan::new().tear_write(Trigger::once(0), seed),
             );
-            let _ = w.write_at(&data, off);
+            let _ = w.write_at(off, &data);
             assert_eq!(w.inner().snapshot(), snap);
         }
         // Boundaries at 1024, 1536, ..., 4608: the seeds pick more than one.
@@ -709,8 +709,8 @@ mod tests {
             MemVolume::new("d", SIZE),
             FaultPlan::new().tear_write(Trigger::forever(0), 1),
         );
-        assert!(v.write_at(&[5; 100], 1030).is_err());
-        assert!(v.write_at(&[5; 512], 1024).is_err());
+        assert!(v.write_at(1030, &[5; 100]).is_err());
+        assert!(v.write_at(1024, &[5; 512]).is_err());
         assert!(v.inner().snapshot().iter().all(|&b| b == 0));
         assert_eq!(v.counts().injected, 2);
     }
@@ -718,12 +718,12 @@ mod tests {
     #[test]
     fn crash_drops_every_unflushed_write() {
         let v = vol();
-        v.write_at(&bytes(1, 2000), 100).unwrap();
+        v.write_at(100, &bytes(1, 2000)).unwrap();
         v.flush().unwrap();
         let flushed = v.inner().snapshot();
-        v.write_at(&bytes(2, 3000), 1500).unwrap();
-        v.write_at(&bytes(3, 10), 7000).unwrap();
-        v.write_at(&bytes(4, 10), 1600).unwrap(); // again, over an already kept sector
+        v.write_at(1500, &bytes(2, 3000)).unwrap();
+        v.write_at(7000, &bytes(3, 10)).unwrap();
+        v.write_at(1600, &bytes(4, 10)).unwrap(); // again, over an already kept sector
         assert_eq!(v.unflushed_sectors(), 7 + 1);
         let img = v.crash_image(CrashMode::DropAll).unwrap();
         assert_eq!(img, flushed);
@@ -746,7 +746,7 @@ mod tests {
             MemVolume::with_data("d", &vec![0xAA; SIZE]),
             FaultPlan::new().fail_flush(Trigger::once(0)),
         );
-        v.write_at(&[1; 512], 512).unwrap();
+        v.write_at(512, &[1; 512]).unwrap();
         assert!(v.flush().is_err());
         assert_eq!(v.unflushed_sectors(), 1);
         v.crash(CrashMode::DropAll).unwrap();
@@ -757,7 +757,7 @@ mod tests {
     fn random_crash_keeps_or_drops_whole_sectors_deterministically() {
         let v = vol();
         let d = bytes(9, SIZE);
-        v.write_at(&d, 0).unwrap();
+        v.write_at(0, &d).unwrap();
         let a = v.crash_image(CrashMode::Random { seed: 42 }).unwrap();
         let b = v.crash_image(CrashMode::Random { seed: 42 }).unwrap();
         assert_eq!(a, b);
@@ -784,8 +784,8 @@ mod tests {
             MemVolume::with_data("d", &vec![0x11; size]),
             FaultPlan::new().tear_write(Trigger::once(1), 3),
         );
-        v.write_at(&[0x22; 150], SIZE as u64 - 50).unwrap();
-        assert!(v.write_at(&[0x33; 2048], 0).is_err());
+        v.write_at(SIZE as u64 - 50, &[0x22; 150]).unwrap();
+        assert!(v.write_at(0, &[0x33; 2048]).is_err());
         assert_eq!(
             v.unflushed_sectors(),
             2 + (v.inner().snapshot()[..2048]
@@ -800,7 +800,7 @@ mod tests {
     #[test]
     fn crash_without_shadow_is_refused() {
         let v = vol().track_crash(false);
-        v.write_at(&[1; 10], 0).unwrap();
+        v.write_at(0, &[1; 10]).unwrap();
         assert_eq!(v.unflushed_sectors(), 0);
         assert!(matches!(
             v.crash(CrashMode::DropAll),

@@ -391,10 +391,10 @@ impl Volume for SimVolume {
     fn info(&self) -> VolumeInfo {
         self.info.clone()
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.world.read(self.dev, offset, buf)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.world.write(self.dev, offset, buf)
     }
     fn flush(&self) -> Result<()> {

@@ -213,7 +213,7 @@ impl VolumeExport {
         let mut done = 0u64;
         while done < len {
             let n = usize::try_from(len - done).unwrap_or(usize::MAX).min(chunk);
-            self.volume.write_at(&zeroes[..n], offset + done)?;
+            self.volume.write_at(offset + done, &zeroes[..n])?;
             done += n as u64;
         }
         Ok(())
@@ -236,12 +236,12 @@ impl NbdExport for VolumeExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.volume.read_at(buf, offset)
+        self.volume.read_at(offset, buf)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_writable("write", offset)?;
-        self.volume.write_at(data, offset)?;
+        self.volume.write_at(offset, data)?;
         if fua {
             self.volume.flush()?;
         }

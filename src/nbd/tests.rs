@@ -585,7 +585,7 @@ fn nbd_hostile_connections_are_closed() {
 #[test]
 fn nbd_export_name_honours_no_zeroes() {
     let f = Fixture::new(NbdConfig::default());
-    f.disk.write_at(&[5; 8], 0).expect("seed");
+    f.disk.write_at(0, &[5; 8]).expect("seed");
     for no_zeroes in [false, true] {
         let mut c = unix(&f.path);
         c.greet(FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 });

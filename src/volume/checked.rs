@@ -111,10 +111,10 @@ impl FirstFailure {
 /// use timezero::volume::{CheckedVolume, MemVolume, Volume};
 ///
 /// let v = CheckedVolume::new(MemVolume::new("disk", 4096));
-/// v.write_at(b"hello", 0)?;
+/// v.write_at(0, b"hello")?;
 /// v.flush()?;
 /// let mut buf = [0u8; 5];
-/// v.read_at(&mut buf, 0)?;
+/// v.read_at(0, &mut buf)?;
 /// assert_eq!(&buf, b"hello");
 /// assert!(!v.is_failed());
 /// assert!(v.first_error().is_none());
@@ -232,11 +232,11 @@ impl<V: Volume> Volume for CheckedVolume<V> {
         self.inner.info()
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         if !self.serve_reads {
             self.check()?;
         }
-        let r = self.inner.read_at(buf, offset);
+        let r = self.inner.read_at(offset, buf);
         if self.latch_reads {
             if let Err(e) = &r {
                 self.latch(e);
@@ -245,9 +245,9 @@ impl<V: Volume> Volume for CheckedVolume<V> {
         r
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check()?;
-        let r = self.inner.write_at(buf, offset);
+        let r = self.inner.write_at(offset, buf);
         if self.latch_writes {
             if let Err(e) = &r {
                 self.latch(e);
@@ -307,19 +307,19 @@ mod tests {
         fn info(&self) -> VolumeInfo {
             self.mem().info()
         }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
             *self.calls.lock() += 1;
             if let Some(e) = self.fail_read.lock().take() {
                 return Err(Self::err("read", offset, e));
             }
-            self.mem().read_at(buf, offset)
+            self.mem().read_at(offset, buf)
         }
-        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
             *self.calls.lock() += 1;
             if let Some(e) = self.fail_write.lock().take() {
                 return Err(Self::err("write", offset, e));
             }
-            self.mem().write_at(buf, offset)
+            self.mem().write_at(offset, buf)
         }
         fn flush(&self) -> Result<()> {
             *self.calls.lock() += 1;
@@ -352,7 +352,7 @@ mod tests {
     #[test]
     fn failed_flush_latches_every_later_call_with_the_first_error() {
         let v = CheckedVolume::new(Failing::new());
-        v.write_at(b"abc", 100).unwrap();
+        v.write_at(100, b"abc").unwrap();
         *v.inner().fail_flush.lock() = Some(std::io::Error::from_raw_os_error(5));
         let first = v.flush().unwrap_err();
         // The failing call returns the inner error itself.
@@ -375,8 +375,8 @@ mod tests {
         // Every later call fails fast, without reaching the inner volume.
         let mut buf = [0u8; 3];
         for e in [
-            v.write_at(b"xyz", 0).unwrap_err(),
-            v.read_at(&mut buf, 100).unwrap_err(),
+            v.write_at(0, b"xyz").unwrap_err(),
+            v.read_at(100, &mut buf).unwrap_err(),
             v.flush().unwrap_err(),
         ] {
             let (target, op, off, kind, raw, msg) = poisoned_parts(&e);
@@ -402,9 +402,9 @@ mod tests {
         let v = CheckedVolume::new(Failing::new());
         *v.inner().fail_write.lock() =
             Some(std::io::Error::new(ErrorKind::TimedOut, "device timed out"));
-        let e = v.write_at(&[1u8; 10], 4096).unwrap_err();
+        let e = v.write_at(4096, &[1u8; 10]).unwrap_err();
         assert_eq!(e.io_kind(), Some(ErrorKind::TimedOut));
-        let e = v.write_at(&[2u8; 10], 0).unwrap_err();
+        let e = v.write_at(0, &[2u8; 10]).unwrap_err();
         let (_, op, off, kind, raw, msg) = poisoned_parts(&e);
         assert_eq!(
             (op, off, kind, raw, msg.as_str()),
@@ -425,20 +425,20 @@ mod tests {
         let v = CheckedVolume::new(Failing::new());
         *v.inner().fail_read.lock() = Some(std::io::Error::from_raw_os_error(5));
         let mut buf = [0u8; 4];
-        assert!(matches!(v.read_at(&mut buf, 0), Err(Error::Io { .. })));
+        assert!(matches!(v.read_at(0, &mut buf), Err(Error::Io { .. })));
         assert!(!v.is_failed());
-        v.write_at(b"ok!!", 0).unwrap();
-        v.read_at(&mut buf, 0).unwrap();
+        v.write_at(0, b"ok!!").unwrap();
+        v.read_at(0, &mut buf).unwrap();
         assert_eq!(&buf, b"ok!!");
 
         let v = CheckedVolume::new(Failing::new()).latch_reads(true);
         *v.inner().fail_read.lock() = Some(std::io::Error::from_raw_os_error(5));
-        assert!(matches!(v.read_at(&mut buf, 8), Err(Error::Io { .. })));
+        assert!(matches!(v.read_at(8, &mut buf), Err(Error::Io { .. })));
         assert!(v.is_failed());
         assert_eq!(v.first_error().unwrap().op, "read");
         assert_eq!(v.first_error().unwrap().offset, 8);
         assert!(matches!(
-            v.write_at(b"x", 0),
+            v.write_at(0, b"x"),
             Err(Error::PoisonedIo { op: "read", .. })
         ));
     }
@@ -449,20 +449,20 @@ mod tests {
             .latch_writes(false)
             .serve_reads_when_failed(true);
         *v.inner().fail_write.lock() = Some(std::io::Error::from_raw_os_error(5));
-        assert!(matches!(v.write_at(b"zz", 0), Err(Error::Io { .. })));
+        assert!(matches!(v.write_at(0, b"zz"), Err(Error::Io { .. })));
         assert!(
             !v.is_failed(),
             "a failed write latched with latch_writes(false)"
         );
         // The retry reaches the device and succeeds.
-        v.write_at(b"zz", 0).unwrap();
+        v.write_at(0, b"zz").unwrap();
         *v.inner().fail_flush.lock() = Some(std::io::Error::from_raw_os_error(5));
         assert!(v.flush().is_err());
         assert!(v.is_failed());
-        assert!(matches!(v.write_at(b"q", 0), Err(Error::PoisonedIo { .. })));
+        assert!(matches!(v.write_at(0, b"q"), Err(Error::PoisonedIo { .. })));
         // Reads are still served.
         let mut buf = [0u8; 2];
-        v.read_at(&mut buf, 0).unwrap();
+        v.read_at(0, &mut buf).unwrap();
         assert_eq!(&buf, b"zz");
     }
 
@@ -470,16 +470,16 @@ mod tests {
     fn refused_requests_do_not_latch() {
         let v = CheckedVolume::new(MemVolume::new("m", 1024));
         assert!(matches!(
-            v.write_at(&[0u8; 10], 1020),
+            v.write_at(1020, &[0u8; 10]),
             Err(Error::OutOfRange { .. })
         ));
         let mut buf = [0u8; 10];
         assert!(matches!(
-            v.read_at(&mut buf, u64::MAX - 1),
+            v.read_at(u64::MAX - 1, &mut buf),
             Err(Error::OutOfRange { .. })
         ));
         assert!(!v.is_failed());
-        v.write_at(&[7u8; 10], 0).unwrap();
+        v.write_at(0, &[7u8; 10]).unwrap();
         assert_eq!(v.size(), 1024);
         assert_eq!(v.info(), v.inner().info());
         assert_eq!(&v.into_inner().snapshot()[..10], &[7u8; 10]);

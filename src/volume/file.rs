@@ -33,7 +33,7 @@ pub struct FileVolumeOptions {
 /// let path = dir.path().join("disk.img");
 /// let vol = FileVolume::create(&path, 1 << 20, &FileVolumeOptions::default())?;
 /// assert_eq!(vol.info().size, 1 << 20);
-/// vol.write_at(&[9u8; 4096], 8192)?;
+/// vol.write_at(8192, &[9u8; 4096])?;
 /// vol.flush()?; // fdatasync: the write is durable
 ///
 /// // Opened again: the same file is the same volume (device and inode), with the data.
@@ -42,9 +42,9 @@ pub struct FileVolumeOptions {
 /// assert_eq!(again.info().id, vol.info().id);
 /// assert_eq!(again.path(), vol.path());
 /// let mut buf = [0u8; 4096];
-/// again.read_at(&mut buf, 8192)?;
+/// again.read_at(8192, &mut buf)?;
 /// assert_eq!(buf, [9u8; 4096]);
-/// assert!(again.write_at(&buf, 0).is_err()); // opened read-only
+/// assert!(again.write_at(0, &buf).is_err()); // opened read-only
 /// # Ok(())
 /// # }
 /// ```
@@ -215,7 +215,7 @@ impl Volume for FileVolume {
         }
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size, "volume")?;
         if !self.direct
             || (self.aligned(offset, buf.len())
@@ -237,7 +237,7 @@ impl Volume for FileVolume {
         })
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size, "volume")?;
         if !self.direct
             || (self.aligned(offset, buf.len())

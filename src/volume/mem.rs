@@ -22,11 +22,11 @@ use crate::Result;
 /// assert_eq!(info.locator, "mem:disk");
 /// assert_eq!(info.id, MemVolume::new("disk", 4096).info().id); // the id comes from the name
 ///
-/// vol.write_at(&[2u8; 512], 512)?;
+/// vol.write_at(512, &[2u8; 512])?;
 /// let mut buf = [0u8; 1024];
-/// vol.read_at(&mut buf, 0)?;
+/// vol.read_at(0, &mut buf)?;
 /// assert_eq!((&buf[..512], &buf[512..]), (&[1u8; 512][..], &[2u8; 512][..]));
-/// assert!(vol.read_at(&mut buf, 8192 - 512).is_err()); // past the end
+/// assert!(vol.read_at(8192 - 512, &mut buf).is_err()); // past the end
 ///
 /// vol.set_generation(Generation(1)); // as a re-format would
 /// assert_eq!(vol.info().generation, Generation(1));
@@ -107,7 +107,7 @@ impl Volume for MemVolume {
         }
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let s = self.state.read();
         check_range(offset, buf.len() as u64, s.data.len() as u64, "volume")?;
         let o =
@@ -116,7 +116,7 @@ impl Volume for MemVolume {
         Ok(())
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let mut s = self.state.write();
         check_range(offset, buf.len() as u64, s.data.len() as u64, "volume")?;
         let o =

@@ -145,14 +145,14 @@ pub struct VolumeInfo {
 ///             locator: format!("ramdisk:{}", self.serial),
 ///         }
 ///     }
-///     fn read_at(&self, buf: &mut [u8], offset: u64) -> timezero::Result<()> {
+///     fn read_at(&self, offset: u64, buf: &mut [u8]) -> timezero::Result<()> {
 ///         let data = self.data.lock().expect("lock");
 ///         check_range(offset, buf.len() as u64, data.len() as u64, "ramdisk")?;
 ///         let o = offset as usize; // in range, so it fits
 ///         buf.copy_from_slice(&data[o..o + buf.len()]);
 ///         Ok(())
 ///     }
-///     fn write_at(&self, buf: &[u8], offset: u64) -> timezero::Result<()> {
+///     fn write_at(&self, offset: u64, buf: &[u8]) -> timezero::Result<()> {
 ///         let mut data = self.data.lock().expect("lock");
 ///         check_range(offset, buf.len() as u64, data.len() as u64, "ramdisk")?;
 ///         let o = offset as usize;
@@ -188,13 +188,13 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     ///
     /// # Errors
     /// [`crate::Error::Io`] with the offset, or [`crate::Error::OutOfRange`].
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
 
     /// Write all of `buf` at `offset` (not yet durable).
     ///
     /// # Errors
     /// [`crate::Error::Io`] with the offset, or [`crate::Error::OutOfRange`].
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
 
     /// Make every completed write durable (fdatasync or equivalent).
     ///
@@ -215,11 +215,11 @@ impl<V: Volume + ?Sized> Volume for Arc<V> {
     fn info(&self) -> VolumeInfo {
         (**self).info()
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        (**self).read_at(buf, offset)
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        (**self).read_at(offset, buf)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        (**self).write_at(buf, offset)
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        (**self).write_at(offset, buf)
     }
     fn flush(&self) -> Result<()> {
         (**self).flush()
@@ -234,11 +234,11 @@ impl<V: Volume + ?Sized> Volume for Box<V> {
     fn info(&self) -> VolumeInfo {
         (**self).info()
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        (**self).read_at(buf, offset)
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        (**self).read_at(offset, buf)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        (**self).write_at(buf, offset)
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        (**self).write_at(offset, buf)
     }
     fn flush(&self) -> Result<()> {
         (**self).flush()

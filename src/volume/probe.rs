@@ -61,7 +61,7 @@ pub fn visible_data(vol: &dyn Volume, ranges: &[(u64, u64)]) -> Result<Option<St
         let tail_start = end.saturating_sub(PROBE_BYTES).max(offset);
         for (at, n) in [(offset, head), (tail_start, end - tail_start)] {
             let b = &mut buf[..usize::try_from(n).unwrap_or(0)];
-            vol.read_at(b, at)?;
+            vol.read_at(at, b)?;
             if at == 0 {
                 if let Some(sig) = signature(b) {
                     return Ok(Some(sig.to_string()));

@@ -477,7 +477,7 @@ impl Volume for UringVolume {
         }
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size, "volume")?;
         with_ring(|ring| {
             self.count_fallback(ring.is_none());
@@ -485,7 +485,7 @@ impl Volume for UringVolume {
         })
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size, "volume")?;
         with_ring(|ring| {
             self.count_fallback(ring.is_none());

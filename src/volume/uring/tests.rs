@@ -31,7 +31,7 @@ fn shrink_and_read_past_eof(v: &UringVolume, path: &Path) {
         .and_then(|f| f.set_len(8192))
         .expect("truncate");
     let mut buf = vec![0u8; 200];
-    match v.read_at(&mut buf, 8192 - 100) {
+    match v.read_at(8192 - 100, &mut buf) {
         Err(Error::Io {
             op: "read", source, ..
         }) => assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof),
@@ -80,16 +80,16 @@ fn roundtrip_at_odd_offsets() {
     .enumerate()
     {
         let data = pattern(i as u64 + 1, len);
-        v.write_at(&data, off).expect("write");
+        v.write_at(off, &data).expect("write");
         let mut back = vec![0u8; len];
-        v.read_at(&mut back, off).expect("read");
+        v.read_at(off, &mut back).expect("read");
         assert_eq!(back, data, "offset {off}");
     }
     v.flush().expect("flush");
     let on_disk = std::fs::read(&path).expect("read file");
     assert_eq!(&on_disk[4097..5097], &pattern(2, 1000)[..]);
     let mut empty = [0u8; 0];
-    v.read_at(&mut empty, 1 << 20).expect("empty read at end");
+    v.read_at(1 << 20, &mut empty).expect("empty read at end");
 }
 
 #[test]
@@ -110,12 +110,12 @@ fn concurrent_writers_disjoint_ranges() {
                 for k in 0..PER_THREAD {
                     let idx = k * THREADS + t;
                     let data = pattern(idx, CHUNK);
-                    v.write_at(&data, idx * CHUNK as u64).expect("write");
+                    v.write_at(idx * CHUNK as u64, &data).expect("write");
                     if k % 16 == 0 {
                         v.flush().expect("flush");
                     }
                     let mut back = vec![0u8; CHUNK];
-                    v.read_at(&mut back, idx * CHUNK as u64).expect("read");
+                    v.read_at(idx * CHUNK as u64, &mut back).expect("read");
                     assert_eq!(back, data);
                 }
             });
@@ -125,7 +125,7 @@ fn concurrent_writers_disjoint_ranges() {
     let on_disk = std::fs::read(&path).expect("read file");
     for idx in 0..THREADS * PER_THREAD {
         let mut back = vec![0u8; CHUNK];
-        v.read_at(&mut back, idx * CHUNK as u64).expect("read");
+        v.read_at(idx * CHUNK as u64, &mut back).expect("read");
         let want = pattern(idx, CHUNK);
         assert_eq!(back, want, "chunk {idx}");
         let at = idx as usize * CHUNK;
@@ -142,22 +142,22 @@ fn out_of_range_is_an_error() {
     let v = UringVolume::open(&path, &FileVolumeOptions::default()).expect("open");
     let mut buf = [0u8; 20];
     assert!(matches!(
-        v.read_at(&mut buf, 8180),
+        v.read_at(8180, &mut buf),
         Err(Error::OutOfRange { .. })
     ));
     assert!(matches!(
-        v.write_at(&buf, 8190),
+        v.write_at(8190, &buf),
         Err(Error::OutOfRange { .. })
     ));
     assert!(matches!(
-        v.read_at(&mut buf, u64::MAX - 5),
+        v.read_at(u64::MAX - 5, &mut buf),
         Err(Error::OutOfRange { .. })
     ));
     assert!(matches!(
-        v.write_at(&buf, u64::MAX),
+        v.write_at(u64::MAX, &buf),
         Err(Error::OutOfRange { .. })
     ));
-    v.read_at(&mut buf, 8172).expect("last bytes are readable");
+    v.read_at(8172, &mut buf).expect("last bytes are readable");
 }
 
 #[test]
@@ -182,16 +182,16 @@ fn direct_roundtrip_unaligned() {
     };
     // Unaligned offset, length and (most likely) buffer address.
     let data = pattern(9, 10_000);
-    v.write_at(&data[1..], 4097).expect("write");
+    v.write_at(4097, &data[1..]).expect("write");
     let mut back = vec![0u8; 9_999];
-    v.read_at(&mut back, 4097).expect("read");
+    v.read_at(4097, &mut back).expect("read");
     assert_eq!(back, data[1..]);
     // Aligned request through an aligned buffer takes the direct path.
     let mut aligned = AlignedBuf::new(8192);
     aligned.get_mut().copy_from_slice(&pattern(3, 8192));
-    v.write_at(aligned.get(), 16384).expect("aligned write");
+    v.write_at(16384, aligned.get()).expect("aligned write");
     let mut back = AlignedBuf::new(8192);
-    v.read_at(back.get_mut(), 16384).expect("aligned read");
+    v.read_at(16384, back.get_mut()).expect("aligned read");
     assert_eq!(back.get(), aligned.get());
     v.flush().expect("flush");
     drop(v);
@@ -279,31 +279,31 @@ fn direct_fixed_buffers_roundtrip() {
         // Reads of what is on disk first.
         let before = v.fixed_requests();
         let mut back = vec![0u8; len];
-        v.read_at(&mut back, off).expect("read");
+        v.read_at(off, &mut back).expect("read");
         assert!(back == model[at..at + len], "read case {i} ({off}, {len})");
         let used = v.fixed_requests() - before;
         assert_eq!(used > 0, fits, "read case {i}: {used} fixed requests");
         // Then a write (read-modify-write at the edges) and a read back.
         let data = pattern(i as u64 + 100, len);
         let before = v.fixed_requests();
-        v.write_at(&data, off).expect("write");
+        v.write_at(off, &data).expect("write");
         let used = v.fixed_requests() - before;
         assert_eq!(used > 0, fits, "write case {i}: {used} fixed requests");
         model[at..at + len].copy_from_slice(&data);
-        v.read_at(&mut back, off).expect("read back");
+        v.read_at(off, &mut back).expect("read back");
         assert!(back == data, "read back case {i} ({off}, {len})");
     }
     // An aligned offset and length from a misaligned address is bounced too.
     let (mut raw, skew) = misaligned(8192);
     let before = v.fixed_requests();
-    v.read_at(&mut raw.get_mut()[skew..], 16384).expect("read");
+    v.read_at(16384, &mut raw.get_mut()[skew..]).expect("read");
     assert!(raw.get()[skew..] == model[16384..16384 + 8192]);
     assert_eq!(v.fixed_requests() - before, 1, "one READ_FIXED, no RMW");
     // Aligned transfers from aligned buffers never use the pool.
     let mut aligned = AlignedBuf::new(8192);
     let before = v.fixed_requests();
-    v.read_at(aligned.get_mut(), 16384).expect("aligned read");
-    v.write_at(aligned.get(), 16384).expect("aligned write");
+    v.read_at(16384, aligned.get_mut()).expect("aligned read");
+    v.write_at(16384, aligned.get()).expect("aligned write");
     assert_eq!(v.fixed_requests(), before);
     assert!(no_lease_outstanding());
     v.flush().expect("flush");
@@ -328,7 +328,7 @@ fn direct_tail_read_of_unaligned_file_uses_fixed_buffer() {
         return;
     }
     let mut back = vec![0u8; 3000];
-    v.read_at(&mut back, size as u64 - 3000).expect("tail read");
+    v.read_at(size as u64 - 3000, &mut back).expect("tail read");
     assert!(back == data[size - 3000..]);
     // A short READ_FIXED up to the end of file, then one that finds the end.
     assert!(v.fixed_requests() > 0);
@@ -363,9 +363,9 @@ fn direct_fixed_pool_under_many_threads() {
                 let at = 100 + t * STRIDE as u64;
                 for r in 0..ROUNDS {
                     let data = pattern(t * 1000 + r, CHUNK);
-                    v.write_at(&data, at).expect("write");
+                    v.write_at(at, &data).expect("write");
                     let mut back = vec![0u8; CHUNK];
-                    v.read_at(&mut back, at).expect("read");
+                    v.read_at(at, &mut back).expect("read");
                     assert!(back == data, "thread {t} round {r}");
                 }
                 assert!(no_lease_outstanding(), "thread {t} leaked its buffer");
@@ -416,9 +416,9 @@ fn no_pool_without_direct_or_when_disabled() {
     let (_dir, path) = fixture(1 << 20);
     let buffered = UringVolume::open(&path, &FileVolumeOptions::default()).expect("open");
     let data = pattern(1, 5000);
-    buffered.write_at(&data, 123).expect("write");
+    buffered.write_at(123, &data).expect("write");
     let mut back = vec![0u8; 5000];
-    buffered.read_at(&mut back, 123).expect("read");
+    buffered.read_at(123, &mut back).expect("read");
     assert!(back == data);
     assert_eq!(buffered.fixed_requests(), 0);
     // `open` sends every transfer through the ring; flushes are fdatasync calls.
@@ -429,14 +429,14 @@ fn no_pool_without_direct_or_when_disabled() {
         return;
     };
     let data = pattern(2, 7000);
-    v.write_at(&data, 8193).expect("write");
-    v.read_at(&mut back, 123).expect("read");
+    v.write_at(8193, &data).expect("write");
+    v.read_at(123, &mut back).expect("read");
     assert!(
         back == pattern(1, 5000),
         "buffered write visible to O_DIRECT"
     );
     let mut back = vec![0u8; 7000];
-    v.read_at(&mut back, 8193).expect("read");
+    v.read_at(8193, &mut back).expect("read");
     assert!(back == data);
     assert_eq!(v.fixed_requests(), 0);
 }
@@ -451,7 +451,7 @@ fn read_past_eof_is_an_error() {
     // The volume's cached size still says 16384.
     shrink_and_read_past_eof(&v, &path);
     let mut tail = vec![0u8; 100];
-    v.read_at(&mut tail, 8192 - 100)
+    v.read_at(8192 - 100, &mut tail)
         .expect("bytes before EOF still readable");
 }
 
@@ -467,9 +467,9 @@ fn open_best_picks_uring() {
             "pread"
         }
     );
-    v.write_at(b"hello", 10).expect("write");
+    v.write_at(10, b"hello").expect("write");
     let mut back = [0u8; 5];
-    v.read_at(&mut back, 10).expect("read");
+    v.read_at(10, &mut back).expect("read");
     assert_eq!(&back, b"hello");
     v.flush().expect("flush");
 }
@@ -503,9 +503,9 @@ fn every_thread_uses_its_own_ring() {
                 let at = t * CHUNK as u64;
                 for r in 0..ROUNDS {
                     let data = pattern(t * 1000 + r, CHUNK);
-                    v.write_at(&data, at).expect("write");
+                    v.write_at(at, &data).expect("write");
                     let mut back = vec![0u8; CHUNK];
-                    v.read_at(&mut back, at).expect("read");
+                    v.read_at(at, &mut back).expect("read");
                     assert_eq!(back, data);
                     if r % 8 == 0 {
                         v.flush().expect("flush");
@@ -537,25 +537,25 @@ fn thread_without_a_ring_falls_back_to_system_calls() {
             // unaligned O_DIRECT ones through an allocated bounce buffer.
             REFUSE.with(|r| r.set(true));
             let data = pattern(22, 5000);
-            buffered.write_at(&data, 777).expect("write");
+            buffered.write_at(777, &data).expect("write");
             model[777..5777].copy_from_slice(&data);
             let mut back = vec![0u8; 5000];
-            buffered.read_at(&mut back, 777).expect("read");
+            buffered.read_at(777, &mut back).expect("read");
             assert!(back == data);
             assert_eq!(buffered.fallback_transfers(), 2);
             if let Some(d) = &direct {
                 let data = pattern(23, 3000);
-                d.write_at(&data, 9000).expect("direct write");
+                d.write_at(9000, &data).expect("direct write");
                 model[9000..12_000].copy_from_slice(&data);
                 let mut back = vec![0u8; 3000];
-                d.read_at(&mut back, 9000).expect("direct read");
+                d.read_at(9000, &mut back).expect("direct read");
                 assert!(back == data);
                 assert_eq!(d.fallback_transfers(), 2);
                 assert_eq!(d.fixed_requests(), 0);
             }
             // A refusal is remembered: no new attempt on this thread.
             REFUSE.with(|r| r.set(false));
-            buffered.read_at(&mut back, 777).expect("read");
+            buffered.read_at(777, &mut back).expect("read");
             assert_eq!(buffered.fallback_transfers(), 3);
             assert!(RING.with(|c| c.borrow().is_none()));
         });
@@ -564,7 +564,7 @@ fn thread_without_a_ring_falls_back_to_system_calls() {
     std::thread::scope(|s| {
         s.spawn(|| {
             let mut back = vec![0u8; 100];
-            buffered.read_at(&mut back, 777).expect("read");
+            buffered.read_at(777, &mut back).expect("read");
             assert!(RING.with(|c| c.borrow().is_some()));
         });
     });
@@ -586,19 +586,19 @@ fn registered_only_sends_just_the_bounced_transfers_through_the_ring() {
     };
     // Aligned: plain system calls.
     let mut aligned = AlignedBuf::new(8192);
-    v.read_at(aligned.get_mut(), 16384).expect("aligned read");
+    v.read_at(16384, aligned.get_mut()).expect("aligned read");
     assert!(aligned.get() == &model[16384..16384 + 8192]);
     aligned.get_mut().copy_from_slice(&pattern(32, 8192));
-    v.write_at(aligned.get(), 16384).expect("aligned write");
+    v.write_at(16384, aligned.get()).expect("aligned write");
     model[16384..16384 + 8192].copy_from_slice(aligned.get());
     v.flush().expect("flush");
     assert_eq!(v.ring_requests.load(Ordering::Relaxed), 0);
     // Unaligned and small enough: the registered buffer, through the ring.
     let data = pattern(33, 5000);
-    v.write_at(&data, 4097).expect("unaligned write");
+    v.write_at(4097, &data).expect("unaligned write");
     model[4097..9097].copy_from_slice(&data);
     let mut back = vec![0u8; 5000];
-    v.read_at(&mut back, 4097).expect("unaligned read");
+    v.read_at(4097, &mut back).expect("unaligned read");
     assert!(back == data);
     if registers_here() {
         // Read-modify-write (2) and the read (1).
@@ -610,10 +610,10 @@ fn registered_only_sends_just_the_bounced_transfers_through_the_ring() {
     // Unaligned but larger than the registered buffer: a bounce buffer and system calls.
     let before = v.ring_requests.load(Ordering::Relaxed);
     let big = pattern(34, FIXED_BUF_BYTES + 10);
-    v.write_at(&big, 100_001).expect("large unaligned write");
+    v.write_at(100_001, &big).expect("large unaligned write");
     model[100_001..100_001 + big.len()].copy_from_slice(&big);
     let mut back = vec![0u8; big.len()];
-    v.read_at(&mut back, 100_001).expect("large unaligned read");
+    v.read_at(100_001, &mut back).expect("large unaligned read");
     assert!(back == big);
     assert_eq!(v.ring_requests.load(Ordering::Relaxed), before);
     assert_eq!(v.fallback_transfers(), 0);
