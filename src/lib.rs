@@ -1,7 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-// Layers, lowest first (docs/design.md lists them; tests/layers.rs checks every import).
+// The modules, alphabetically. docs/design.md ("## Layers") lists them lowest first, and
+// tests/layers.rs checks every reference between them against that list.
 pub mod activity;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]

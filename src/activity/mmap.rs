@@ -4,7 +4,7 @@ use std::fs::File;
 
 use memmap2::{Mmap, MmapOptions};
 
-/// A shared, read-only mapping of a whole table file. Stores go through the file descriptor
+/// A shared, read-only mapping of a whole table file. Writes go through the file descriptor
 /// (see `MmapStorage::write`); the mapping shows them because both use the same page cache.
 #[derive(Debug)]
 pub struct MappedFile {
@@ -23,7 +23,7 @@ impl MappedFile {
         // `MmapStorage` lives (it keeps the `File` alive beside the map), so no cooperating
         // process truncates or writes it while mapped. The file was fully allocated with
         // fallocate at creation and its length is never changed afterwards, so every page of
-        // the mapping is backed and stores cannot raise SIGBUS for lack of space. The map is
+        // the mapping lies within the file and is backed (no SIGBUS past its end). The map is
         // only read through `&[u8]` borrows guarded by a mutex; it is never written through.
         let map = unsafe { MmapOptions::new().len(len).map(file)? };
         Ok(MappedFile { map })

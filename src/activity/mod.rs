@@ -14,7 +14,8 @@ mod mmap;
 mod storage;
 mod table;
 
-pub use storage::{table_holder, witness_path, MemStorage, MmapStorage, TableStorage};
+pub use crate::volume::witness_path;
+pub use storage::{table_holder, MemStorage, MmapStorage, TableStorage};
 #[cfg(feature = "fault")]
 pub use table::set_canary_unverified_checkpoint;
 pub use table::{OpenReport, Table, TableOptions, TableStats};

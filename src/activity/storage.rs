@@ -1,4 +1,5 @@
-//! Where a table's bytes live: a narrow trait, the mmap-backed file, and an in-memory store.
+//! Where a table's bytes live: a narrow trait, the table file (read through a read-only mapping,
+//! written with `pwrite`), and an in-memory store.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -7,6 +8,7 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 
 use super::mmap::MappedFile;
+use crate::volume::witness_path;
 use crate::{Error, Result};
 
 /// Storage for one activity table. `write` changes the bytes (not yet durable); `sync` is the
@@ -64,12 +66,14 @@ pub trait TableStorage: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// An activity table file, memory-mapped; `sync` is `fdatasync` of the file, which writes back
-/// the mapping's dirty pages.
+/// An activity table file. Reads copy from a shared, read-only mapping of the whole file;
+/// writes go through `pwrite` on the file's descriptor (nothing is ever written through the
+/// mapping, which shows the same page-cache pages); `sync` is `fdatasync` of the descriptor.
 ///
-/// The file is fully allocated (`fallocate`) at creation, so stores into the mapping can never
-/// fault with `SIGBUS` for lack of space. The process holds an exclusive `flock` on the file for
-/// as long as this value lives, and records who it is in `PATH.holder`.
+/// The file is allocated (`fallocate`) and zero-filled at creation and its length never changes
+/// afterwards, so a later write only overwrites blocks already written and allocates nothing.
+/// Unless opened read-only, the process holds an exclusive `flock` on the file for as
+/// long as this value lives, and records who it is in `PATH.holder`.
 #[derive(Debug)]
 pub struct MmapStorage {
     map: Mutex<MappedFile>,
@@ -83,14 +87,6 @@ pub struct MmapStorage {
     witness: Option<File>,
     /// Opened with [`MmapStorage::open_read_only`]: writes are refused, no lock is held.
     read_only: bool,
-}
-
-/// The rollback witness file of a table: `TABLE.witness`.
-#[must_use]
-pub fn witness_path(table: &Path) -> PathBuf {
-    let mut p = table.as_os_str().to_owned();
-    p.push(".witness");
-    PathBuf::from(p)
 }
 
 /// Who holds the table at `path` right now, as its holder file records it (`pid N (command)`),
@@ -157,8 +153,8 @@ impl MmapStorage {
         lock_exclusive(&file, path)?;
         rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len)
             .map_err(|e| Error::io("fallocate", &shown, 0, e.into()))?;
-        // fallocate leaves "unwritten" extents: the first store to each block would then change
-        // file-system metadata, and every commit's msync would wait for a metadata journal
+        // fallocate leaves "unwritten" extents: the first write to each block would then change
+        // file-system metadata, and that commit's fdatasync would wait for a metadata journal
         // commit. Writing zeros once makes every later commit a pure overwrite.
         let zeros = vec![0u8; 1 << 20];
         let mut off = 0u64;
@@ -347,12 +343,12 @@ impl TableStorage for MmapStorage {
                 path: self.path.display().to_string(),
             });
         }
-        // Stores go through pwrite, not the mapping: a store into a shared mapping makes the
-        // kernel update the file's mtime inside a file-system transaction on the first write
-        // fault of each page, which turns every later fdatasync into a journal commit
-        // (measured: 1.1-1.5 ms per table commit instead of 0.2 ms). The mapping stays
-        // coherent: it maps the same page-cache pages pwrite fills. This is the read-mapped,
-        // write-through-the-descriptor design LMDB uses by default.
+        // Writes go through pwrite, never through the mapping (which is read-only): a store into
+        // a shared writable mapping makes the kernel update the file's mtime inside a
+        // file-system transaction on the first write fault of each page, which turns every later
+        // fdatasync into a journal commit (measured: 1.1-1.5 ms per table commit instead of
+        // 0.2 ms). The mapping stays coherent: it maps the same page-cache pages pwrite fills.
+        // This is the read-mapped, write-through-the-descriptor design LMDB uses by default.
         crate::volume::check_range(offset, data.len() as u64, self.len, "table")?;
         let _map = self.map.lock();
         std::os::unix::fs::FileExt::write_all_at(&self.file, data, offset)
@@ -364,10 +360,10 @@ impl TableStorage for MmapStorage {
                 path: self.path.display().to_string(),
             });
         }
-        // fdatasync on the descriptor writes back the mapping's dirty pages (they are the file's
-        // page-cache pages) and flushes the device cache. msync(MS_SYNC) would do the same with
-        // fsync semantics, also committing the mtime change every store into the mapping makes:
-        // one file-system journal commit (milliseconds) per table commit.
+        // fdatasync on the descriptor writes back the page-cache pages pwrite dirtied (the same
+        // pages the mapping shows) and flushes the device cache. There are no dirty mapped pages
+        // for msync to write: nothing is stored through the mapping. Unlike fsync, fdatasync does
+        // not force out the mtime change a pwrite makes (it is not needed to read the data back).
         let _map = self.map.lock();
         rustix::fs::fdatasync(&self.file)
             .map_err(|e| Error::io("fdatasync", self.path.display().to_string(), 0, e.into()))

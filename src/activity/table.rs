@@ -19,6 +19,13 @@ use crate::limits::{COMMIT_BLOCKS_MAX, JOURNAL_BLOCK_BYTES, SESSIONS_MAX, SUPERB
 use crate::session::Session;
 use crate::{Error, Result};
 
+/// Bytes a session described by `desc` needs in a checkpoint.
+fn checkpoint_bytes(desc: &SessionDesc) -> u64 {
+    let mut w = Writer::default();
+    desc.encode(&mut w);
+    w.buf.len() as u64 + 64 + desc.extents.len() as u64 * 300 + desc.grains().div_ceil(8)
+}
+
 /// Sizes of a new table.
 #[derive(Debug, Clone, Copy)]
 pub struct TableOptions {
@@ -621,7 +628,7 @@ impl Table {
             .sessions
             .read()
             .values()
-            .map(|s| s.checkpoint_bytes())
+            .map(|s| checkpoint_bytes(&s.desc))
             .sum();
         (used + 64, self.layout.checkpoint_bytes)
     }
@@ -631,7 +638,7 @@ impl Table {
     /// # Errors
     /// [`Error::TableFull`].
     pub fn make_room(&self, desc: &SessionDesc) -> Result<()> {
-        let need = Session::new(desc.clone()).checkpoint_bytes();
+        let need = checkpoint_bytes(desc);
         loop {
             let (used, cap) = self.capacity();
             let count = self.sessions.read().len();

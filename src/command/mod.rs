@@ -115,7 +115,7 @@ pub enum Remote {
         #[serde(default)]
         json: bool,
     },
-    /// `write`: the bytes follow the request (see [`crate::control::Channel::input`]).
+    /// `write`: the bytes follow the request (see [`Channel::input`]).
     Write {
         /// Volume path.
         volume: PathBuf,
@@ -572,7 +572,7 @@ fn copy(
 /// opened the table, so that `resume` goes on to a paused copy.
 fn resume_suspended(e: &Engine, id: SessionId, io: &dyn Channel, out: &mut String) -> Result<bool> {
     use std::fmt::Write as _;
-    let d = if e.session(id)?.state() == crate::activity::format::SessionState::Suspended {
+    let d = if e.session(id)?.state() == SessionState::Suspended {
         e.resume(id, &e.file_resolver())?
     } else {
         // Opened here (not in a server): opening already reconciled the session.

@@ -45,20 +45,16 @@ fn table_len() -> usize {
 }
 
 /// Little cursor over fuzz bytes; yields zeros once exhausted.
-pub(crate) struct Bytes<'a> {
+struct Bytes<'a> {
     b: &'a [u8],
     pos: usize,
 }
 
-impl<'a> Bytes<'a> {
-    /// A reader at the start of `b`.
-    pub(crate) fn new(b: &'a [u8]) -> Self {
-        Bytes { b, pos: 0 }
-    }
+impl Bytes<'_> {
     fn done(&self) -> bool {
         self.pos >= self.b.len()
     }
-    pub(crate) fn u8(&mut self) -> u8 {
+    fn u8(&mut self) -> u8 {
         let v = self.b.get(self.pos).copied().unwrap_or(0);
         self.pos += 1;
         v
@@ -66,7 +62,7 @@ impl<'a> Bytes<'a> {
     fn u16(&mut self) -> u16 {
         u16::from_le_bytes([self.u8(), self.u8()])
     }
-    pub(crate) fn u32(&mut self) -> u32 {
+    fn u32(&mut self) -> u32 {
         u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
     }
     fn rest(&mut self) -> &[u8] {

@@ -10,9 +10,9 @@
 use std::sync::Arc;
 
 use super::export::{ExportRegistry, NbdExport, ZERO_CHUNK_BYTES};
-use crate::activity::format::SessionState;
 use crate::engine::Engine;
 use crate::ids::{SessionId, VolumeId};
+use crate::model::SessionState;
 use crate::Result;
 
 /// The engine's volumes and session images as NBD exports.

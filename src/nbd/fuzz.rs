@@ -3,7 +3,6 @@
 //! other fuzz checks.
 
 use super::proto;
-use crate::fault::fuzzing::Bytes;
 
 /// Feed `data` to every parser of [`crate::nbd::proto`] (greeting, client flags, option header,
 /// option reply header, export name, `NBD_OPT_INFO`/`GO` data, info reply, request header with
@@ -34,12 +33,14 @@ pub fn check_nbd(data: &[u8]) {
     if let Ok(req) = proto::Request::parse(data) {
         assert_eq!(proto::Request::parse(&req.encode()), Ok(req));
         let tail = data.get(proto::REQUEST_HEADER_BYTES..).unwrap_or(&[]);
-        let mut t = Bytes::new(tail);
+        // Limits from the bytes after the header, read as zeros past the end.
+        let byte = |i: usize| tail.get(i).copied().unwrap_or(0);
+        let le32 = |i: usize| u32::from_le_bytes([byte(i), byte(i + 1), byte(i + 2), byte(i + 3)]);
         let lim = proto::ExportLimits {
-            size: u64::from(t.u32()) << (t.u8() % 32),
-            read_only: t.u8() & 1 == 1,
-            min_block: 1 << (t.u8() % 13),
-            max_payload: t.u32(),
+            size: u64::from(le32(0)) << (byte(4) % 32),
+            read_only: byte(5) & 1 == 1,
+            min_block: 1 << (byte(6) % 13),
+            max_payload: le32(7),
         };
         if proto::check_request(&req, &lim).is_ok()
             && matches!(req.command, proto::Command::Read | proto::Command::Write)

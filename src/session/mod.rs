@@ -166,17 +166,6 @@ impl Session {
         }
     }
 
-    /// Bytes this session needs in a checkpoint.
-    #[must_use]
-    pub fn checkpoint_bytes(&self) -> u64 {
-        let mut w = crate::activity::codec::Writer::default();
-        self.desc.encode(&mut w);
-        w.buf.len() as u64
-            + 64
-            + self.desc.extents.len() as u64 * 300
-            + self.desc.grains().div_ceil(8)
-    }
-
     /// Id.
     #[must_use]
     pub fn id(&self) -> SessionId {

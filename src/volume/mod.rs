@@ -1,11 +1,17 @@
-//! Volumes: the only door to storage.
+//! Volumes: the only door to the data of sources and targets (the activity table keeps its bytes
+//! in its own storage, `activity::TableStorage`).
 //!
 //! A [`Volume`] is a block-addressable store with an identity ([`VolumeInfo`]). Backends:
 //! [`FileVolume`] (regular files and block devices, pread/pwrite, optional `O_DIRECT`),
 //! `UringVolume` (the same through `io_uring`, with the `uring` feature; see [`open_best`]),
-//! [`MemVolume`] (in memory, for tests and simulations). Everything else (latching of the first
-//! failure: [`CheckedVolume`]; fault injection: `timezero::fault::FaultyVolume` with the `fault`
-//! feature; ordering checks) wraps a `Volume` and is itself a `Volume`.
+//! [`MemVolume`] (in memory, for tests and simulations). Decorators wrap any `Volume` and are
+//! themselves `Volume`s: [`CheckedVolume`] (here) latches the first failure, and
+//! `timezero::fault::FaultyVolume` (feature `fault`) injects faults and crashes. The fault
+//! harness's simulated devices (`timezero::fault::SimVolume`, which feed its ordering checker)
+//! implement `Volume` directly and wrap nothing.
+//!
+//! Also here: opening a file volume with a chosen backend ([`open_file_volume`]), and looking
+//! at files before they are used (identities, visible data, creating a file only when complete).
 
 pub(crate) mod aligned;
 pub(crate) use aligned::AlignedBuf;
@@ -26,7 +32,9 @@ pub(crate) use open::uring_allowed;
 pub use open::{
     open_file_volume, Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING,
 };
-pub use probe::{create_complete, file_identity, sync_dir, visible_data, PROBE_BYTES};
+pub use probe::{
+    create_complete, file_identity, sync_dir, visible_data, witness_path, PROBE_BYTES,
+};
 #[cfg(feature = "uring")]
 pub use uring::{uring_available, UringVolume};
 

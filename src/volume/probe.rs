@@ -131,7 +131,7 @@ pub fn create_complete(path: &Path, build: impl FnOnce(&Path) -> Result<()>) -> 
         let mut holder = tmp.clone().into_os_string();
         holder.push(".holder");
         let _ = std::fs::remove_file(holder);
-        let _ = std::fs::remove_file(crate::activity::witness_path(&tmp));
+        let _ = std::fs::remove_file(witness_path(&tmp));
     };
     let placed = build(&tmp).and_then(|()| rename_noreplace(&tmp, path));
     if let Err(e) = placed {
@@ -146,13 +146,22 @@ pub fn create_complete(path: &Path, build: impl FnOnce(&Path) -> Result<()>) -> 
             e => e,
         });
     }
-    let witness = crate::activity::witness_path(&tmp);
+    let witness = witness_path(&tmp);
     if witness.exists() {
-        let to = crate::activity::witness_path(path);
+        let to = witness_path(path);
         std::fs::rename(&witness, &to)
             .map_err(|e| Error::io("rename into", to.display().to_string(), 0, e))?;
     }
     sync_dir(parent_dir(path))
+}
+
+/// The rollback witness file of a table: `TABLE.witness`. It is named here, below the table
+/// code, because [`create_complete`] moves it along with the table file it creates.
+#[must_use]
+pub fn witness_path(table: &Path) -> PathBuf {
+    let mut p = table.as_os_str().to_owned();
+    p.push(".witness");
+    PathBuf::from(p)
 }
 
 /// Rename `from` to `to`, failing with `AlreadyExists` instead of replacing `to`.
