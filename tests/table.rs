@@ -326,9 +326,13 @@ fn every_error_variant_from_its_input() {
             ..
         })
     ));
+    // Latched with the first error: its kind and operation are kept.
     assert!(matches!(
         e.write(s, 0, &[1u8; 10]),
-        Err(Error::Poisoned { .. })
+        Err(Error::PoisonedIo {
+            op: "fdatasync",
+            ..
+        })
     ));
     let mut img = vec![0u8; 10];
     e.read_image(b, 0, &mut img).unwrap();
