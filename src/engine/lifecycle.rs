@@ -37,7 +37,7 @@ use crate::{Error, Result};
 /// let spec = SessionSpec { grain: GrainSize::new(16 << 10)?, mode: CopyMode::NoCopy, ..whole };
 /// let id = engine.establish(&spec)?;
 /// let status = engine.status();
-/// assert_eq!((status[0].id, status[0].grain_bytes), (id.0, 16 << 10));
+/// assert_eq!((status[0].id, status[0].grain_bytes), (id, 16 << 10));
 /// assert_eq!(status[0].grains_total, (1 << 20) / (16 << 10));
 /// # Ok(())
 /// # }

@@ -477,7 +477,7 @@ impl Engine {
     /// let other = file("other", 0);
     /// std::fs::rename(&other, &replaced).expect("rename"); // same path, another file
     /// let engine = Engine::open_path(&table, EngineOptions::default())?;
-    /// let outcome = |id: SessionId| engine.open_decisions().iter().find(|d| d.session == id.0);
+    /// let outcome = |id: SessionId| engine.open_decisions().iter().find(|d| d.session == id);
     /// assert!(matches!(outcome(a).map(|d| &d.outcome), Some(Outcome::Resumed)));
     /// assert!(matches!(outcome(b).map(|d| &d.outcome), Some(Outcome::Terminated(_))));
     /// # Ok(())
