@@ -11,6 +11,7 @@ pub mod codec;
 pub mod format;
 #[allow(unsafe_code)]
 mod mmap;
+mod replay;
 mod storage;
 mod table;
 

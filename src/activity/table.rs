@@ -8,9 +8,9 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::codec::Writer;
 use super::format::{
-    decode_block, decode_checkpoint, encode_block, encode_checkpoint, superblock_offset,
-    BlockHeader, Entry, Layout, Reason, ReasonCode, SessionDesc, SessionState, Superblock, TableId,
-    Witness, BLOCK_PAYLOAD_BYTES, CHECKPOINT_AREAS, SUPERBLOCK_SLOTS, TABLE_WRITE_MAX_BYTES,
+    encode_block, encode_checkpoint, BlockHeader, Entry, Layout, Reason, ReasonCode, SessionDesc,
+    SessionState, Superblock, TableId, Witness, BLOCK_PAYLOAD_BYTES, CHECKPOINT_AREAS,
+    SUPERBLOCK_SLOTS, TABLE_WRITE_MAX_BYTES,
 };
 use super::storage::TableStorage;
 use crate::error::Corruption;
@@ -377,210 +377,30 @@ impl Table {
     }
 
     fn replay(storage: Arc<dyn TableStorage>, read_only: bool) -> Result<(Table, OpenReport)> {
-        let name = storage.name();
-        let corrupt = |kind: Corruption| Error::Corrupt {
-            path: name.clone(),
-            kind,
-        };
-        if storage.len() < 2 * SUPERBLOCK_BYTES as u64 {
-            return Err(corrupt(Corruption::Truncated { what: "table" }));
-        }
-        // (slot, superblock) for every slot that holds a valid superblock.
-        let mut sbs: Vec<(usize, Superblock)> = Vec::new();
-        let mut slots = [None; SUPERBLOCK_SLOTS as usize];
-        let mut first_err = None;
-        for slot in 0..SUPERBLOCK_SLOTS {
-            let mut b = vec![0u8; SUPERBLOCK_BYTES];
-            storage.read(superblock_offset(slot, storage.len()), &mut b)?;
-            match Superblock::decode(&b) {
-                Ok(sb) if sb.layout.file_bytes() == storage.len() => {
-                    slots[slot as usize] = Some(sb);
-                    sbs.push((slot as usize, sb));
-                }
-                Ok(_) => first_err = first_err.or(Some(Corruption::Truncated { what: "table" })),
-                Err(e) => first_err = first_err.or(Some(e)),
-            }
-        }
-        if sbs.len() == 2
-            && (sbs[0].1.table_id != sbs[1].1.table_id || sbs[0].1.layout != sbs[1].1.layout)
-        {
-            return Err(corrupt(Corruption::Misplaced { what: "superblock" }));
-        }
-        sbs.sort_by_key(|(_, s)| std::cmp::Reverse(s.generation));
-        let Some((_, newest)) = sbs.first().copied() else {
-            return Err(corrupt(
-                first_err.unwrap_or(Corruption::NoValidCopy { what: "superblock" }),
-            ));
-        };
-        let layout = newest.layout;
-        let table_id = newest.table_id;
-        let mut report = OpenReport {
-            damaged_superblocks: 2 - sbs.len() as u32,
-            ..OpenReport::default()
-        };
-        let mut base = None;
-        for (i, (slot, sb)) in sbs.iter().enumerate() {
-            let len = usize::try_from(sb.ckpt_len)
-                .map_err(|_| corrupt(Corruption::Truncated { what: "checkpoint" }))?;
-            let mut b = vec![0u8; len];
-            storage.read(layout.checkpoint(sb.area), &mut b)?;
-            match decode_checkpoint(&b, sb) {
-                Ok(c) => {
-                    report.fell_back = i > 0;
-                    base = Some((*slot, *sb, c));
-                    break;
-                }
-                Err(e) => first_err = Some(e),
-            }
-        }
-        let Some((base_slot, base_sb, ckpt)) = base else {
-            return Err(corrupt(
-                first_err.unwrap_or(Corruption::NoValidCopy { what: "checkpoint" }),
-            ));
-        };
-        report.generation = base_sb.generation;
-        let mut sessions = BTreeMap::new();
-        let mut bitmap_bytes = 0u64;
-        for img in &ckpt.sessions {
-            // Check the bitmap budget before building the session: an ended session carries
-            // no bitmap on disk, so its extents alone could otherwise demand any allocation.
-            bitmap_bytes = bitmap_bytes.saturating_add(img.desc.grains().div_ceil(8));
-            let s = if bitmap_bytes > layout.checkpoint_bytes {
-                None
-            } else {
-                Some(Session::from_image(img).map_err(corrupt)?)
-            };
-            if s.is_none_or(|s| sessions.insert(s.id(), Arc::new(s)).is_some()) {
-                return Err(corrupt(Corruption::Field {
-                    what: "checkpoint",
-                    field: "sessions",
-                    value: img.desc.id.0,
-                }));
-            }
-        }
-        let mut next_session = ckpt.next_session;
-        // Replay.
-        let n = layout.journal_blocks();
-        let mut seq = ckpt.seq;
-        let read_block = |copy: u32, s: u64| -> Result<Vec<u8>> {
-            let mut b = vec![0u8; JOURNAL_BLOCK_BYTES];
-            storage.read(layout.block(copy, s), &mut b)?;
-            Ok(b)
-        };
-        loop {
-            let mut payload = Vec::new();
-            let mut count = None;
-            let mut ok = true;
-            let mut i = 0u64;
-            while count.is_none_or(|c| i < c) {
-                let s = seq + i;
-                let mut got = None;
-                for copy in 0..2 {
-                    let b = read_block(copy, s)?;
-                    if let Ok((h, p)) = decode_block(&b, &table_id, Some(s)) {
-                        if h.commit_seq == seq
-                            && count.is_none_or(|c| c == u64::from(h.block_count))
-                        {
-                            if copy == 1 {
-                                report.blocks_repaired += 1;
-                            }
-                            got = Some((h, p.to_vec()));
-                            break;
-                        }
-                    }
-                }
-                let Some((h, p)) = got else {
-                    ok = false;
-                    break;
-                };
-                count = Some(u64::from(h.block_count));
-                payload.extend_from_slice(&p);
-                i += 1;
-            }
-            if !ok {
-                break;
-            }
-            let c = count.unwrap_or(0);
-            let entries = Entry::decode_all(&payload).map_err(corrupt)?;
-            for e in &entries {
-                apply(
-                    &mut sessions,
-                    &mut next_session,
-                    &mut bitmap_bytes,
-                    layout.checkpoint_bytes,
-                    e,
-                )
-                .map_err(corrupt)?;
-            }
-            report.blocks_replayed += c;
-            report.commits_replayed += 1;
-            seq += c;
-            if seq - ckpt.seq > n {
-                return Err(corrupt(Corruption::Field {
-                    what: "journal",
-                    field: "length",
-                    value: seq,
-                }));
-            }
-        }
-        // Look for committed blocks beyond the stop point: a hole before the tail.
-        let mut max_seen = None::<u64>;
-        let mut hole = false;
-        for copy in 0..2 {
-            for slot in 0..n {
-                let b = read_block(copy, slot)?;
-                if let Ok((h, _)) = decode_block(&b, &table_id, None) {
-                    if h.seq % n == slot {
-                        max_seen = Some(max_seen.map_or(h.seq, |m| m.max(h.seq)));
-                        if h.commit_seq > seq {
-                            hole = true;
-                        }
-                    }
-                }
-            }
-        }
-        if hole {
-            report.journal_hole = true;
-            let reason = Reason::new(
-                ReasonCode::TableDamaged,
-                format!("journal block {seq} damaged in both copies"),
-            );
-            for s in sessions.values() {
-                if s.is_live() {
-                    s.apply(&Entry::SetState {
-                        session: s.id(),
-                        state: SessionState::Terminated,
-                        reason: Some(reason.clone()),
-                    })
-                    .map_err(corrupt)?;
-                }
-            }
-        }
-        let next_seq = max_seen.map_or(seq, |m| m.saturating_add(1)).max(seq);
-        let max_gen = sbs.iter().map(|(_, s)| s.generation).max().unwrap_or(0);
+        let r = super::replay::replay(&*storage)?;
         let table = Table {
             storage,
-            table_id,
-            layout,
-            sessions: RwLock::new(sessions),
+            table_id: r.table_id,
+            layout: r.layout,
+            sessions: RwLock::new(r.sessions),
             queue: Mutex::new(Queue::default()),
             queue_cv: Condvar::new(),
             writer: Mutex::new(Writer_ {
-                next_seq,
-                generation: max_gen,
-                retain_from: base_sb.ckpt_seq,
-                ckpt_seq: base_sb.ckpt_seq,
-                next_session,
-                created_unix_ms: newest.created_unix_ms,
-                slots,
-                current_slot: base_slot,
+                next_seq: r.next_seq,
+                generation: r.max_generation,
+                retain_from: r.base.ckpt_seq,
+                ckpt_seq: r.base.ckpt_seq,
+                next_session: r.next_session,
+                created_unix_ms: r.newest.created_unix_ms,
+                slots: r.slots,
+                current_slot: r.base_slot,
             }),
             poisoned: AtomicBool::new(false),
             read_only,
             witness_checked: AtomicBool::new(false),
             stats: TableStats::default(),
         };
-        Ok((table, report))
+        Ok((table, r.report))
     }
 
     /// The table's identity.
@@ -980,7 +800,7 @@ impl Drop for Table {
 }
 
 /// Apply one durable entry to the in-memory state. Shared by replay and the commit leader.
-fn apply(
+pub(super) fn apply(
     sessions: &mut BTreeMap<SessionId, Arc<Session>>,
     next_session: &mut u64,
     bitmap_bytes: &mut u64,
