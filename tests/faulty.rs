@@ -73,6 +73,29 @@ impl Files {
     }
 }
 
+/// A source holding the T0 pattern of `seed` and a zeroed target, both `FaultyVolume`s over
+/// real files, and an engine with one whole-volume session between them.
+#[allow(
+    clippy::type_complexity,
+    reason = "the parts a test takes apart at once"
+)]
+fn setup(
+    seed: u64,
+) -> (
+    Files,
+    Arc<FaultyVolume<FileVolume>>,
+    Arc<FaultyVolume<FileVolume>>,
+    Engine,
+    VolumeId,
+    SessionId,
+) {
+    let f = Files::new(seed);
+    let src = faulty_file(&f.path("src"), &f.t0);
+    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
+    let (e, a, id) = f.engine(src.clone(), tgt.clone());
+    (f, src, tgt, e, a, id)
+}
+
 fn raw_os_error(e: &Error) -> Option<i32> {
     match e {
         Error::Io { source, .. } | Error::PoisonedIo { source, .. } => source.raw_os_error(),
@@ -85,10 +108,7 @@ fn raw_os_error(e: &Error) -> Option<i32> {
 /// image is T0 before and after the table is reopened.
 #[test]
 fn failing_target_write_fails_the_source_write_and_keeps_t0() {
-    let f = Files::new(21);
-    let src = faulty_file(&f.path("src"), &f.t0);
-    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
-    let (e, a, id) = f.engine(src.clone(), tgt.clone());
+    let (f, src, tgt, e, a, id) = setup(21);
     let before = tgt.counts();
     tgt.arm(FaultPlan::new().fail_write(Trigger::forever(before.writes)));
 
@@ -128,10 +148,7 @@ fn failing_target_write_fails_the_source_write_and_keeps_t0() {
 /// image stays T0, and the counters show the one extra write.
 #[test]
 fn one_failed_target_write_is_retried() {
-    let f = Files::new(22);
-    let src = faulty_file(&f.path("src"), &f.t0);
-    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
-    let (e, a, id) = f.engine(src.clone(), tgt.clone());
+    let (f, src, tgt, e, a, id) = setup(22);
     let before = tgt.counts();
     tgt.arm(FaultPlan::new().fail_write(Trigger::once(before.writes)));
     e.write(a, 200_000, &[0x5A; 100]).unwrap();
@@ -154,10 +171,7 @@ fn one_failed_target_write_is_retried() {
 /// grain's T0 bytes, the grain stays uncopied and the image T0, also after reopening.
 #[test]
 fn torn_target_write_fails_the_source_write_and_keeps_t0() {
-    let f = Files::new(23);
-    let src = faulty_file(&f.path("src"), &f.t0);
-    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
-    let (e, a, id) = f.engine(src.clone(), tgt.clone());
+    let (f, src, tgt, e, a, id) = setup(23);
     let before = tgt.counts();
     tgt.arm(FaultPlan::new().tear_write(Trigger::forever(before.writes), 7));
 
@@ -204,10 +218,7 @@ fn torn_target_write_fails_the_source_write_and_keeps_t0() {
 /// source write with ENOSPC; grains below the limit copy normally.
 #[test]
 fn enospc_on_the_target_fails_copy_before_write_past_the_limit() {
-    let f = Files::new(24);
-    let src = faulty_file(&f.path("src"), &f.t0);
-    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
-    let (e, a, id) = f.engine(src.clone(), tgt.clone());
+    let (f, _src, tgt, e, a, id) = setup(24);
     tgt.arm(FaultPlan::new().enospc_beyond(SIZE as u64 / 2));
     e.write(a, 1000, &[1; 10]).unwrap();
     let err = e.write(a, SIZE as u64 - 10, &[2; 10]).unwrap_err();
@@ -290,10 +301,7 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
 /// committed, and the reopened image reads the target's old bytes there.
 #[test]
 fn crash_catches_copy_before_write_without_target_flush() {
-    let f = Files::new(27);
-    let src = faulty_file(&f.path("src"), &f.t0);
-    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
-    let (e, a, id) = f.engine(src.clone(), tgt.clone());
+    let (f, src, tgt, e, a, id) = setup(27);
     timezero::engine::set_canary_skip_cbw_flush(true);
     let r = e.write(a, 3 * GRAIN as u64 + 5, &[0x99; 10]);
     timezero::engine::set_canary_skip_cbw_flush(false);
@@ -367,10 +375,7 @@ fn checked_target_latches_a_failed_write_under_the_engine() {
 /// none of them) and reports a volume flush failure that a drop would hide.
 #[test]
 fn close_flushes_every_volume_and_reports_a_failed_flush() {
-    let f = Files::new(31);
-    let src = faulty_file(&f.path("src"), &f.t0);
-    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
-    let (e, a, _) = f.engine(src.clone(), tgt.clone());
+    let (_f, src, _tgt, e, a, _) = setup(31);
     e.write(a, 0, &[0x5a; 4096]).unwrap();
     assert!(
         src.unflushed_sectors() > 0,
@@ -388,10 +393,7 @@ fn close_flushes_every_volume_and_reports_a_failed_flush() {
     );
 
     // A flush that fails: close reports it (after flushing the other volumes).
-    let f = Files::new(32);
-    let src = faulty_file(&f.path("src"), &f.t0);
-    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
-    let (e, a, _) = f.engine(src.clone(), tgt.clone());
+    let (f, src, tgt, e, a, _) = setup(32);
     e.write(a, 0, &[0x5a; 4096]).unwrap();
     let flushes = src.counts().flushes;
     src.arm(FaultPlan::new().fail_flush(Trigger::forever(flushes)));
@@ -417,10 +419,7 @@ fn close_flushes_every_volume_and_reports_a_failed_flush() {
 /// T0 bytes, and the image still reads T0, before and after a reopen.
 #[test]
 fn failed_flush_latches_the_volume_with_its_first_error() {
-    let f = Files::new(33);
-    let src = faulty_file(&f.path("src"), &f.t0);
-    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
-    let (e, a, id) = f.engine(src.clone(), tgt.clone());
+    let (f, _src, tgt, e, a, id) = setup(33);
     let failing = tgt.counts().flushes;
     tgt.arm(FaultPlan::new().fail_flush(Trigger::once(failing)));
 
