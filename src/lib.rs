@@ -35,7 +35,7 @@ pub mod volume;
 pub use engine::copier;
 
 pub use activity::TableOptions;
-pub use engine::copier::{Copier, CopierOptions};
+pub use engine::copier::{Copier, CopierEvent, CopierOptions};
 pub use engine::{
     Decision, Engine, EngineOptions, Image, Outcome, RestartPolicy, SessionSpec, SessionStatus,
 };
