@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use crate::ids::SessionId;
+use crate::state::{Reason, SessionState};
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -254,7 +255,7 @@ pub enum Error {
         /// The session.
         id: SessionId,
         /// Its current state.
-        state: String,
+        state: SessionState,
     },
     /// The session is suspended: one of its volumes cannot be found or opened. Writes that
     /// would need copy-before-write for it, its image reads and its background copy wait until
@@ -295,7 +296,7 @@ pub enum Error {
         /// Index of the extent within the session.
         extent: u32,
         /// Why it ended.
-        reason: String,
+        reason: Reason,
     },
     /// A long command was stopped on request (Ctrl-C) before it finished; what it did so far
     /// is durable.

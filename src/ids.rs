@@ -3,7 +3,9 @@
 use std::fmt;
 
 /// Identifier of a session inside one activity table (never reused within that table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct SessionId(pub u64);
 
 impl fmt::Display for SessionId {

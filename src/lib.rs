@@ -27,6 +27,7 @@ pub mod limits;
 pub mod model;
 pub mod nbd;
 pub mod session;
+pub mod state;
 pub mod sync;
 pub mod units;
 pub mod volume;

@@ -286,7 +286,7 @@ impl Engine {
         if !s.is_live() {
             return Err(Error::NotActive {
                 id,
-                state: s.status().state.to_string(),
+                state: s.status().state,
             });
         }
         self.table.commit(vec![Entry::SetState {
@@ -320,7 +320,7 @@ impl Engine {
         if !s.is_live() {
             return Err(Error::NotActive {
                 id,
-                state: s.status().state.to_string(),
+                state: s.status().state,
             });
         }
         if s.status().mode == CopyMode::Copy {

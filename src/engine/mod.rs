@@ -750,9 +750,6 @@ fn suspended_error(s: &Session) -> Error {
 fn not_usable(s: &Session) -> Error {
     match s.state() {
         SessionState::Suspended => suspended_error(s),
-        state => Error::NotActive {
-            id: s.id(),
-            state: state.to_string(),
-        },
+        state => Error::NotActive { id: s.id(), state },
     }
 }

@@ -383,12 +383,7 @@ impl Engine {
         match s.state() {
             SessionState::Suspended => {}
             SessionState::Active => return Ok(Decision::new(id, Outcome::Resumed, false)),
-            state => {
-                return Err(Error::NotActive {
-                    id,
-                    state: state.to_string(),
-                })
-            }
+            state => return Err(Error::NotActive { id, state }),
         }
         let src = self.find_volume(&s.desc.source, resolver);
         let tgt = self.find_volume(&s.desc.target, resolver);
