@@ -41,7 +41,7 @@ pub use engine::{
     Decision, Engine, EngineOptions, Image, Outcome, RestartPolicy, SessionSpec, SessionStatus,
 };
 pub use error::{Error, Result};
-pub use ids::{GrainSize, SessionId, VolumeId};
+pub use ids::{GrainCount, GrainIndex, GrainSize, SessionId, VolumeId};
 pub use model::{CopyMode, ExtentSpec, Reason, ReasonCode, SessionState};
 pub use volume::{FileVolume, FileVolumeOptions, MemVolume, Volume, VolumeInfo};
 
@@ -51,7 +51,7 @@ pub mod prelude {
     pub use crate::engine::copier::{Copier, CopierOptions};
     pub use crate::engine::{Engine, EngineOptions, Image, SessionSpec};
     pub use crate::error::{Error, Result};
-    pub use crate::ids::{GrainSize, SessionId};
+    pub use crate::ids::{GrainCount, GrainIndex, GrainSize, SessionId};
     pub use crate::model::{CopyMode, ExtentSpec};
     pub use crate::volume::{FileVolume, MemVolume, Volume};
 }

@@ -263,7 +263,10 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
                 .unwrap();
         }
         // A background copy of session 1 written to its target but never committed.
-        let (_, hold) = e.copy_data(s1, 0, 4).unwrap().unwrap();
+        let (_, hold) = e
+            .copy_data(s1, timezero::GrainIndex(0), timezero::GrainCount(4))
+            .unwrap()
+            .unwrap();
         drop(hold);
         // Another round of source writes over copied grains.
         e.write(a, 10, &[0x77; 600]).unwrap();
@@ -291,7 +294,7 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
         assert!(common::image(&e, s1) == f.t0, "{mode:?}: image 1 is not T0");
         assert!(common::image(&e, s2) == f.t0, "{mode:?}: image 2 is not T0");
         // The background copy finishes from the crashed state with T0 targets.
-        e.copy_all(s1, 4).unwrap();
+        e.copy_all(s1, timezero::GrainCount(4)).unwrap();
         assert!(std::fs::read(f.path("t1")).unwrap() == f.t0, "{mode:?}");
     }
 }

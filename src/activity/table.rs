@@ -14,7 +14,7 @@ use super::format::{
 };
 use super::storage::TableStorage;
 use crate::error::Corruption;
-use crate::ids::SessionId;
+use crate::ids::{Seq, SessionId};
 use crate::limits::{COMMIT_BLOCKS_MAX, JOURNAL_BLOCK_BYTES, SESSIONS_MAX, SUPERBLOCK_BYTES};
 use crate::session::Session;
 use crate::{Error, Result};
@@ -103,7 +103,7 @@ pub struct OpenReport {
     /// `(where the journal ends, what the witness saw)` when the table was older than its
     /// rollback witness and was opened with `accept_rollback` (its active sessions were
     /// terminated).
-    pub rolled_back: Option<(u64, u64)>,
+    pub rolled_back: Option<(Seq, Seq)>,
     /// Superblock copies that failed to verify (0, 1 or 2). A damaged newest superblock is
     /// invisible in `fell_back` (its generation is unreadable), so it is counted here.
     pub damaged_superblocks: u32,
@@ -316,14 +316,14 @@ impl Table {
     ///
     /// # Errors
     /// I/O errors reading the witness.
-    pub fn rolled_back(&self) -> Result<Option<(u64, u64)>> {
+    pub fn rolled_back(&self) -> Result<Option<(Seq, Seq)>> {
         let Some(bytes) = self.storage.read_witness()? else {
             return Ok(None);
         };
         let next_seq = self.writer.lock().next_seq;
         Ok(Witness::decode(&bytes)
             .filter(|w| w.table_id == self.table_id && w.seq > next_seq)
-            .map(|w| (next_seq, w.seq)))
+            .map(|w| (Seq(next_seq), Seq(w.seq))))
     }
 
     /// Record `next_seq` in the witness; `durable` at checkpoints and close. A witness that

@@ -265,7 +265,7 @@ fn phase2(st: &Setup, seed: u64, c: &mut Check) -> Result<()> {
             .status()
             .iter()
             .all(|s| matches!(s.state, SessionState::Active | SessionState::Completed));
-        let copied: u64 = e.status().iter().map(|s| s.grains_copied).sum();
+        let copied: u64 = e.status().iter().map(|s| s.grains_copied.get()).sum();
         say(&format!("phase 2.{round}: workload killed ({status}); reopened: replayed {} commits, {resumed} active sessions resumed, none terminated, {copied} grains copied so far", e.open_report.commits_replayed));
         if !bad.is_empty() || !ended_ok || resumed == 0 {
             return Err(Error::invalid(

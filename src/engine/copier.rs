@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::engine::Engine;
-use crate::ids::SessionId;
+use crate::ids::{GrainCount, GrainIndex, SessionId};
 use crate::model::{CopyMode, SessionState};
 use crate::{Error, Result};
 
@@ -606,15 +606,16 @@ fn copy_span(
     let mut result = Ok(true);
     let mut grains = 0;
     while next_from < end && !sh.stop.load(Ordering::Acquire) {
-        match engine.copy_data(id, next_from, batch.min(end - next_from)) {
+        let max = GrainCount(batch.min(end - next_from));
+        match engine.copy_data(id, GrainIndex(next_from), max) {
             Ok(Some((next, run))) => {
                 if let Some(h) = run {
-                    let (g0, g1) = h.range();
-                    grains += g1 - g0;
-                    sh.bytes.fetch_add((g1 - g0) * grain, Ordering::Relaxed);
+                    let n = h.count().get();
+                    grains += n;
+                    sh.bytes.fetch_add(n * grain, Ordering::Relaxed);
                     runs.push(h);
                 }
-                next_from = next;
+                next_from = next.get();
             }
             Ok(None) => {
                 result = Ok(false);

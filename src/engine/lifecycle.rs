@@ -38,7 +38,7 @@ use crate::{Error, Result};
 /// let id = engine.establish(&spec)?;
 /// let status = engine.status();
 /// assert_eq!((status[0].id, status[0].grain_bytes), (id, 16 << 10));
-/// assert_eq!(status[0].grains_total, (1 << 20) / (16 << 10));
+/// assert_eq!(status[0].grains_total, GrainCount((1 << 20) / (16 << 10)));
 /// # Ok(())
 /// # }
 /// ```
