@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use timezero::activity::format::{CopyMode, Entry, ExtentSpec};
 use timezero::activity::{MemStorage, Table, TableStorage};
-use timezero::bitmap::AtomicBitmap;
 use timezero::engine::{Engine, EngineOptions, SessionSpec};
+use timezero::fault::internals::AtomicBitmap;
 use timezero::ids::{Generation, GrainSize, SessionId, VolumeId};
 use timezero::volume::{MemVolume, Volume, VolumeInfo};
 

@@ -7,7 +7,7 @@ pub mod activity;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod bench;
-pub mod bitmap;
+mod bitmap;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;
@@ -27,9 +27,9 @@ pub mod limits;
 pub mod model;
 pub mod nbd;
 pub mod session;
-pub mod state;
-pub mod sync;
-pub mod units;
+mod state;
+mod sync;
+mod units;
 pub mod volume;
 
 /// The background copier (see [`engine::copier`]).

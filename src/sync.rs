@@ -65,10 +65,4 @@ impl GroupSync {
             // `flush` was consumed: our target is `mine` or earlier, so the loop ends now.
         }
     }
-
-    /// Flushes completed so far.
-    #[must_use]
-    pub fn flushes(&self) -> u64 {
-        self.state.lock().completed
-    }
 }

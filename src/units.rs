@@ -65,6 +65,7 @@ pub fn parse_size(s: &str) -> crate::Result<u64> {
 /// Milliseconds since the Unix epoch as an RFC 3339 UTC time with milliseconds
 /// (`2026-12-01T23:08:00.123Z`).
 #[must_use]
+#[cfg(feature = "cli")]
 pub fn rfc3339_ms(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
@@ -128,6 +129,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn rfc3339() {
         assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");

@@ -104,7 +104,7 @@ fn digest(t: &Table) -> Vec<Digest> {
                 st.state,
                 st.mode,
                 st.reason.map(|r| r.code),
-                s.bits().to_bytes(),
+                s.image().bitmap,
             )
         })
         .collect()

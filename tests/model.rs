@@ -223,10 +223,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     if s.desc.target.id != ids[vol] {
                         continue;
                     }
-                    for p in s.map.target_pieces(off, len) {
-                        let d = (p.target_offset - off) as usize;
-                        r[p.image_offset as usize..(p.image_offset + p.len) as usize]
-                            .copy_from_slice(&data[d..d + p.len as usize]);
+                    for (img, tgt, n) in mapped(&s.desc.extents, true, off, len) {
+                        let d = (tgt - off) as usize;
+                        r[img as usize..(img + n) as usize]
+                            .copy_from_slice(&data[d..d + n as usize]);
                     }
                 }
             }
@@ -245,8 +245,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let data = common::pattern(seed, len as usize);
                 {
                     let s = e.session(*id).unwrap();
-                    for p in s.map.image_pieces(off, len) {
-                        world.note_user_write(&s.desc.target.locator, p.target_offset, p.len);
+                    for (_, tgt, n) in mapped(&s.desc.extents, false, off, len) {
+                        world.note_user_write(&s.desc.target.locator, tgt, n);
                     }
                 }
                 match e.write_image(*id, off, &data) {
@@ -453,4 +453,22 @@ fn model_checker_catches_a_skipped_flush() {
     timezero::engine::set_canary_skip_cbw_flush(false);
     let err = r.expect_err("a skipped flush must be caught");
     assert!(err.to_string().contains("ordering"), "{err}");
+}
+
+/// The parts of `[off, off + len)` a session's extents map, as (image offset, target offset,
+/// length): `off` is a target offset when `on_target`, else an image offset. The image is the
+/// extents laid end to end in their order; worked out here, independently of the engine.
+fn mapped(extents: &[ExtentSpec], on_target: bool, off: u64, len: u64) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    let mut img = 0;
+    for e in extents {
+        let base = if on_target { e.target_offset } else { img };
+        let lo = off.max(base);
+        let hi = (off + len).min(base + e.len);
+        if lo < hi {
+            out.push((img + (lo - base), e.target_offset + (lo - base), hi - lo));
+        }
+        img += e.len;
+    }
+    out
 }

@@ -51,7 +51,7 @@ fn fixture() -> Fixture {
     // Copy-before-write of grains 0 and 1 of s1: they must stay copied across suspension.
     e.write(ids[0], 0, &[9u8; 70_000]).unwrap();
     e.flush(ids[0]).unwrap();
-    assert_eq!(e.session(s1).unwrap().copied(), 2);
+    assert_eq!(e.session(s1).unwrap().copied(), timezero::GrainCount(2));
     Fixture {
         storage,
         vols,
@@ -152,7 +152,7 @@ fn missing_target_suspends_on_open_and_resumes_when_back() {
     let s = e.session(f.s1).unwrap();
     assert_eq!(s.status().state, SessionState::Active);
     assert_eq!(s.status().reason, None);
-    assert_eq!(s.copied(), 2);
+    assert_eq!(s.copied(), timezero::GrainCount(2));
     assert_eq!(common::image(&e, f.s1), f.t0[0]);
     e.write(ia, 200_000, &[1u8; 4096]).unwrap();
     assert_eq!(common::image(&e, f.s1), f.t0[0]);

@@ -196,7 +196,11 @@ fn damaged_superblock_falls_back_to_the_other_copy() {
         b[slot_at(copy) + 20] ^= 0x10;
         let st = Arc::new(MemStorage::from_bytes("t", b));
         let e = common::reopen(&st, &vols);
-        assert_eq!(e.session(id).unwrap().copied(), 2, "copy {copy}");
+        assert_eq!(
+            e.session(id).unwrap().copied(),
+            timezero::GrainCount(2),
+            "copy {copy}"
+        );
     }
     // Both damaged: a typed error.
     let mut b = bytes.clone();
@@ -222,7 +226,7 @@ fn damaged_journal_block_is_read_from_its_mirror() {
     }
     let st = Arc::new(MemStorage::from_bytes("t", b));
     let e = common::reopen(&st, &vols);
-    assert_eq!(e.session(id).unwrap().copied(), 2);
+    assert_eq!(e.session(id).unwrap().copied(), timezero::GrainCount(2));
     assert_eq!(e.session(id).unwrap().status().state, SessionState::Active);
 }
 

@@ -445,7 +445,7 @@ impl Copier {
                 copied += if st.state == SessionState::Completed {
                     s.desc.grains()
                 } else {
-                    s.copied()
+                    s.copied().get()
                 };
                 total += s.desc.grains();
             }

@@ -45,7 +45,7 @@ impl Engine {
     /// caller passes the holds to [`Engine::commit_copied`] (many at once, to share one flush
     /// and one commit). Holding the grains until their bits are durable is what keeps a source
     /// writer from changing them while a copy of them is in flight (see
-    /// [`Session::try_hold`](crate::session::Session::try_hold)). A hold dropped without a commit is simply copied again later.
+    /// [`GrainHold`]). A hold dropped without a commit is simply copied again later.
     ///
     /// # Errors
     /// I/O errors.
@@ -189,7 +189,7 @@ impl Engine {
                     from = next;
                     let s = self.session(id)?;
                     let p = CopyProgress {
-                        grains_copied: GrainCount(s.copied()),
+                        grains_copied: s.copied(),
                         grains_total: GrainCount(s.desc.grains()),
                     };
                     if progress(p).is_break() {

@@ -714,11 +714,11 @@ fn session_status(s: &Session) -> SessionStatus {
         grain_bytes: s.desc.grain.bytes(),
         extents: s.desc.extents.clone(),
         ended_extents: st.ended_list(),
-        grains_copied: GrainCount(if st.state == SessionState::Completed {
-            s.desc.grains()
+        grains_copied: if st.state == SessionState::Completed {
+            GrainCount(s.desc.grains())
         } else {
             s.copied()
-        }),
+        },
         grains_total: GrainCount(s.desc.grains()),
         created_unix_ms: s.desc.created_unix_ms,
     }

@@ -19,6 +19,7 @@ mod checker;
 pub mod crashtest;
 mod faulty;
 pub mod fuzzing;
+pub mod internals;
 mod sim;
 
 pub use checker::OrderingChecker;

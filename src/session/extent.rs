@@ -61,18 +61,6 @@ impl ExtentMap {
         self.shift
     }
 
-    /// Number of extents.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.ext.len()
-    }
-
-    /// True when there are no extents (never for a valid session).
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.ext.is_empty()
-    }
-
     /// Pieces of the image range `off..off+len` (caller checked the range), in image order;
     /// allocates nothing.
     pub fn image_pieces(&self, off: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {

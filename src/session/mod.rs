@@ -3,13 +3,14 @@
 //! A [`Session`] is created by the activity table when an `Establish` entry is committed (or
 //! replayed) and changed only by the table's commit leader applying later entries, after they
 //! are durable. The engine reads its copied bits lock-free and serialises work on its grains
-//! with its [`RangeLock`].
+//! with its grain range lock. Outside the crate a session is read-only: its descriptor, state,
+//! status, copied count and checkpoint image.
 
 mod extent;
 mod lock;
 
-pub use extent::{ExtentMap, Piece};
-pub use lock::{RangeGuard, RangeLock};
+pub(crate) use extent::{ExtentMap, Piece};
+pub(crate) use lock::RangeLock;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -21,7 +22,8 @@ use crate::error::Corruption;
 use crate::ids::{GrainCount, GrainIndex, SessionId};
 use crate::model::{CopyMode, Entry, Reason, SessionDesc, SessionImage, SessionState};
 
-/// Grains held through [`Session::try_hold`]; released on drop.
+/// Grains of a session held by a copy in flight ([`crate::engine::Engine::copy_data`]): no
+/// writer changes them until the hold is committed or dropped; released on drop.
 #[derive(Debug)]
 pub struct GrainHold {
     session: Arc<Session>,
@@ -79,7 +81,7 @@ pub struct Session {
     /// What was established.
     pub desc: SessionDesc,
     /// Extent arithmetic.
-    pub map: ExtentMap,
+    pub(crate) map: ExtentMap,
     status: Mutex<Status>,
     active: AtomicBool,
     /// State code mirror of `status.state`, for lock-free reads.
@@ -89,13 +91,13 @@ pub struct Session {
     bits: AtomicBitmap,
     copied: AtomicU64,
     /// Grain locks (image grain indices).
-    pub locks: RangeLock,
+    pub(crate) locks: RangeLock,
 }
 
 impl Session {
     /// A freshly established session (no grain copied).
     #[must_use]
-    pub fn new(desc: SessionDesc) -> Self {
+    pub(crate) fn new(desc: SessionDesc) -> Self {
         let grains = desc.grains();
         let n = desc.extents.len();
         let status = Status {
@@ -121,7 +123,7 @@ impl Session {
     ///
     /// # Errors
     /// [`Corruption`] when the image is inconsistent.
-    pub fn from_image(img: &SessionImage) -> Result<Self, Corruption> {
+    pub(crate) fn from_image(img: &SessionImage) -> Result<Self, Corruption> {
         let s = Session::new(img.desc.clone());
         if img.state.is_live() && img.bitmap.len() as u64 != img.desc.grains().div_ceil(8) {
             return Err(Corruption::Field {
@@ -178,6 +180,12 @@ impl Session {
         self.desc.id
     }
 
+    /// Length of the session's image in bytes (its extents laid end to end).
+    #[must_use]
+    pub fn image_len(&self) -> u64 {
+        self.map.image_len()
+    }
+
     /// Is copy-before-write in force (cheap).
     #[must_use]
     pub fn is_active(&self) -> bool {
@@ -200,14 +208,14 @@ impl Session {
     /// The copied bits.
     #[must_use]
     #[inline]
-    pub fn bits(&self) -> &AtomicBitmap {
+    pub(crate) fn bits(&self) -> &AtomicBitmap {
         &self.bits
     }
 
-    /// Grains copied so far.
+    /// Grains copied so far (their bits are durable).
     #[must_use]
-    pub fn copied(&self) -> u64 {
-        self.copied.load(Ordering::Acquire)
+    pub fn copied(&self) -> GrainCount {
+        GrainCount(self.copied.load(Ordering::Acquire))
     }
 
     /// Is extent `i` still in force.
@@ -244,7 +252,7 @@ impl Session {
     /// lock. So while a caller holds a grain whose bit is clear, no one can set that bit, and
     /// every writer of the source grain must wait for the lock: the source still holds T0.
     #[must_use]
-    pub fn try_hold(self: &Arc<Self>, g0: u64, g1: u64) -> Option<GrainHold> {
+    pub(crate) fn try_hold(self: &Arc<Self>, g0: u64, g1: u64) -> Option<GrainHold> {
         if !self.locks.try_acquire(g0, g1) {
             return None;
         }
@@ -258,7 +266,7 @@ impl Session {
     ///
     /// # Errors
     /// [`Corruption`] when the entry cannot apply (bit range or extent out of range).
-    pub fn apply(&self, e: &Entry) -> Result<(), Corruption> {
+    pub(crate) fn apply(&self, e: &Entry) -> Result<(), Corruption> {
         match e {
             Entry::SetBits { start, count, .. } => {
                 if start

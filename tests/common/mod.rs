@@ -54,7 +54,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// Read a session's whole image.
 pub fn image(e: &Engine, id: timezero::ids::SessionId) -> Vec<u8> {
     let s = e.session(id).unwrap();
-    let mut b = vec![0u8; s.map.image_len() as usize];
+    let mut b = vec![0u8; s.image_len() as usize];
     e.read_image(id, 0, &mut b).unwrap();
     b
 }
