@@ -42,7 +42,7 @@ use timezero::fault::powerloss::{
 };
 use timezero::ids::SessionId;
 
-const SRC: usize = 1 << 20;
+const SRC: usize = 2 << 20;
 const TGT2: usize = 256 << 10;
 const TGT3: usize = 256 << 10;
 /// Slot of one client write: writes never overlap, so each byte has one "new" value.
@@ -110,6 +110,11 @@ struct Outcome {
     direct_opens: u64,
     sessions_checked: usize,
     acked_writes: usize,
+    writes: usize,
+    acked_sessions: usize,
+    cut: Option<timezero::fault::powerloss::CutReport>,
+    marks: Vec<u64>,
+    backend_seen: Option<String>,
 }
 
 struct Rig {
@@ -121,6 +126,10 @@ struct Rig {
     flags: Vec<String>,
     canary: bool,
     pl: PowerLoss,
+    /// Mutating operations counted when each phase began: establish, serve.
+    marks: std::sync::Mutex<Vec<u64>>,
+    /// The backend `serve` reported (`pread`, `io_uring`, with `, O_DIRECT`).
+    backend_seen: std::sync::Mutex<Option<String>>,
 }
 
 impl Rig {
@@ -201,6 +210,8 @@ fn one_cut(cfg: &Cfg) -> Outcome {
             .collect(),
         canary: cfg.canary,
         pl: mount.handle(),
+        marks: std::sync::Mutex::new(Vec::new()),
+        backend_seen: std::sync::Mutex::new(None),
         _root: root,
     };
     let mut writes: Vec<ClientWrite> = Vec::new();
@@ -214,9 +225,22 @@ fn one_cut(cfg: &Cfg) -> Outcome {
     let mut out = Outcome {
         ops: pl.ops(),
         direct_opens: pl.direct_opens(),
+        writes: writes.len(),
+        acked_sessions: acked_sessions.len(),
+        cut: pl.cut_report(),
+        marks: rig.marks.lock().unwrap().clone(),
+        backend_seen: rig.backend_seen.lock().unwrap().clone(),
         ..Outcome::default()
     };
     let trace = pl.trace();
+    if std::env::var_os("TIMEZERO_POWERLOSS_TRACE").is_some() {
+        for e in &trace {
+            println!("trace {} {} {:?}", e.seq, e.path, match &e.op {
+                timezero::fault::powerloss::TraceOp::Write { offset, len, .. } => format!("write {offset}+{len}"),
+                o => format!("{o:?}"),
+            });
+        }
+    }
     let initial = pl.initial_files();
     mount.unmount().unwrap();
     let ord = check_ordering(&trace, &initial, &mnt, "t.tzt");
@@ -261,6 +285,7 @@ fn scenario(
         ],
     ];
     let targets = ["tgt", "tgt2", "tgt3"];
+    rig.marks.lock().unwrap().push(rig.pl.ops());
     for (k, extra) in sessions.iter().enumerate() {
         let (src, tgt) = (rig.m("src"), rig.m(targets[k]));
         let mut args = vec!["establish", &table, &src, &tgt];
@@ -309,6 +334,7 @@ fn scenario(
         }
         return true;
     }
+    rig.marks.lock().unwrap().push(rig.pl.ops());
     serve_phase(rig, rng, writes, &mut next_write);
     true
 }
@@ -339,6 +365,9 @@ fn serve_phase(
     let mut ready = false;
     for line in BufReader::new(serve.stdout.take().unwrap()).lines() {
         let Ok(line) = line else { break };
+        if let Some((_, b)) = line.split_once(" (backend ") {
+            *rig.backend_seen.lock().unwrap() = Some(b.trim_end_matches(')').to_string());
+        }
         if let Some(x) = line.strip_prefix("exports: ") {
             exports = x.to_string();
         }
@@ -352,11 +381,11 @@ fn serve_phase(
         kill(&mut serve);
         return;
     }
-    // Plans for two writer threads (two writes each) and one NBD client (three writes).
-    let plans: Vec<Vec<(usize, Vec<u8>)>> = (0..2)
-        .map(|_| (0..2).map(|_| next_write(rng)).collect())
+    // Plans for three writer threads (three writes each) and one NBD client (four writes).
+    let plans: Vec<Vec<(usize, Vec<u8>)>> = (0..3)
+        .map(|_| (0..3).map(|_| next_write(rng)).collect())
         .collect();
-    let nbd_plan: Vec<(usize, usize, u8)> = (0..3)
+    let nbd_plan: Vec<(usize, usize, u8)> = (0..4)
         .map(|_| {
             let (off, data) = next_write(rng);
             (off, data.len(), rng.random_range(1..=255u8))
@@ -418,8 +447,8 @@ fn serve_phase(
     }
 }
 
-/// NBD writes to the source export with `qemu-io`: the first with FUA, then two plain writes
-/// and a flush. Returns the writes with what the client was told.
+/// NBD writes to the source export with `qemu-io`: the first with FUA, then plain writes and
+/// a flush. Returns the writes with what the client was told.
 fn nbd_writes(
     rig: &Rig,
     sock: &Path,
@@ -461,7 +490,8 @@ fn nbd_writes(
         assert!(!failed, "qemu-io {args:?} with the power on:\n{text}");
     }
     // FUA write: durable once acknowledged; the plain ones: once the flush after them
-    // succeeded, which the whole run's success shows (qemu-io reports a failed flush).
+    // succeeded, which the whole run's success shows (qemu-io exits with 1 when any of its
+    // commands failed, the flush included).
     plan.iter()
         .enumerate()
         .map(|(k, (off, len, pat))| ClientWrite {
@@ -603,6 +633,7 @@ struct Totals {
     acked: usize,
     samples: Vec<String>,
     backends_direct: BTreeMap<&'static str, u64>,
+    backends_seen: BTreeMap<&'static str, std::collections::BTreeSet<String>>,
 }
 
 impl Totals {
@@ -618,6 +649,12 @@ impl Totals {
             .backends_direct
             .entry(BACKENDS[cfg.backend % BACKENDS.len()].0)
             .or_default() += o.direct_opens;
+        if let Some(b) = o.backend_seen {
+            self.backends_seen
+                .entry(BACKENDS[cfg.backend % BACKENDS.len()].0)
+                .or_default()
+                .insert(b);
+        }
         for v in o
             .wrong_images
             .iter()
@@ -653,19 +690,33 @@ fn campaign(cuts: u64, seed: u64, canary: bool) -> Totals {
     };
     let probe = one_cut(&probe_cfg);
     let length = probe.ops.max(1);
-    println!("powerloss: scenario length {length} mutating operations (seed {seed})");
+    // Phases: init (most of its operations zero-fill the table), the establishes, serve. Cuts
+    // are drawn 15% in init, 15% in the establishes, 70% in the serve phase or just after it.
+    let (est, srv) = match probe.marks.as_slice() {
+        [e, s, ..] => (*e, *s),
+        _ => panic!("the probe run did not reach serve: {probe:?}"),
+    };
+    println!(
+        "powerloss: scenario length {length} mutating operations (establish from {est}, serve \
+         from {srv}; seed {seed})"
+    );
     totals.add(&probe_cfg, probe);
     let mut rng = SmallRng::seed_from_u64(seed);
     let cfgs: Vec<Cfg> = (1..cuts)
         .map(|k| Cfg {
             seed: seed.wrapping_mul(1000).wrapping_add(k),
-            at_op: Some(rng.random_range(0..length + length / 8)),
+            at_op: Some(match rng.random_range(0..100) {
+                0..15 => rng.random_range(0..est),
+                15..30 => rng.random_range(est..srv),
+                _ => rng.random_range(srv..length + 4),
+            }),
             policy: LossPolicy::ALL[rng.random_range(0..LossPolicy::ALL.len())],
             backend: usize::try_from(k).unwrap(),
             canary,
             serve: true,
         })
         .collect();
+    let verbose = std::env::var_os("TIMEZERO_POWERLOSS_VERBOSE").is_some();
     let results = std::sync::Mutex::new(Vec::new());
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -674,6 +725,23 @@ fn campaign(cuts: u64, seed: u64, canary: bool) -> Totals {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(cfg) = cfgs.get(i) else { break };
                 let o = one_cut(cfg);
+                if verbose {
+                    println!(
+                        "cut seed {} at {:?}/{} {} {}: sessions {} acked, writes {}/{} acked, \
+                         O_DIRECT opens {}, {:?}, violations {}",
+                        cfg.seed,
+                        cfg.at_op,
+                        o.ops,
+                        cfg.policy.name(),
+                        BACKENDS[cfg.backend % BACKENDS.len()].0,
+                        o.acked_sessions,
+                        o.acked_writes,
+                        o.writes,
+                        o.direct_opens,
+                        o.cut,
+                        o.wrong_images.len() + o.lost_writes.len() + o.ordering.len()
+                    );
+                }
                 results.lock().unwrap().push((cfg.clone(), o));
             });
         }
@@ -683,11 +751,12 @@ fn campaign(cuts: u64, seed: u64, canary: bool) -> Totals {
     }
     println!(
         "powerloss: {} sessions checked, {} acknowledged writes checked, {} ordering checks, \
-         O_DIRECT opens by backend {:?}, {:.1} s",
+         O_DIRECT opens by backend {:?}, backends serve reported {:?}, {:.1} s",
         totals.sessions,
         totals.acked,
         totals.ordering_checks,
         totals.backends_direct,
+        totals.backends_seen,
         start.elapsed().as_secs_f64()
     );
     for v in &totals.samples {
