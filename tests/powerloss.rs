@@ -146,7 +146,7 @@ impl Rig {
     /// Run a command to its end; `Ok(stdout)` on success, `Err` when it failed after the power
     /// was cut; a failure with the power on fails the test.
     fn run(&self, args: &[&str]) -> Result<String, ()> {
-        let o = self.cmd().args(args).output().unwrap();
+        let o = with_deadline(self.cmd().args(args), &args);
         if o.status.success() {
             return Ok(String::from_utf8_lossy(&o.stdout).into_owned());
         }
@@ -160,6 +160,27 @@ impl Rig {
 
     fn m(&self, name: &str) -> String {
         self.mnt.join(name).to_str().unwrap().to_string()
+    }
+}
+
+/// Run a command to its end, killing it (and failing the test) if it takes longer than a minute:
+/// a command that hangs after a power cut would otherwise hang the test.
+fn with_deadline(cmd: &mut Command, what: &dyn std::fmt::Debug) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            kill(&mut child);
+            panic!("{what:?} did not end within a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
 
@@ -473,11 +494,10 @@ fn nbd_writes(
     }
     args.push("-c".into());
     args.push("flush".into());
-    let o = Command::new("qemu-io")
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = with_deadline(
+        Command::new("qemu-io").args(&args).stdin(Stdio::null()),
+        &args,
+    );
     let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     let lines: Vec<&str> = text.lines().collect();
     let wrote = |off: usize, len: usize| {
@@ -772,8 +792,14 @@ fn power_cuts_under_the_binary_keep_images_and_acknowledged_writes() {
     }
     let cuts = env_u64("TIMEZERO_POWERLOSS_CUTS", 200);
     let seed = env_u64("TIMEZERO_POWERLOSS_SEED", 17);
-    let t = campaign(cuts, seed, false);
+    // `TIMEZERO_POWERLOSS_CANARY=1`: the same campaign with the canary on, expected to fail.
+    let canary = std::env::var_os("TIMEZERO_POWERLOSS_CANARY").is_some_and(|v| v == "1");
+    let t = campaign(cuts, seed, canary);
     println!("{}", t.line());
+    if canary {
+        assert!(t.wrong + t.lost + t.ordering > 0, "the canary went unnoticed");
+        return;
+    }
     assert_eq!(t.cuts, cuts);
     assert!(t.sessions > 0 && t.acked > 0 && t.ordering_checks > 0, "{t:?}");
     assert_eq!(
