@@ -871,3 +871,154 @@ fn local_writes_survive_a_cut_after_the_last_operation() {
         );
     }
 }
+
+/// The layer itself, through plain file calls: unsynced writes are visible to readers but lost
+/// in a cut, `fdatasync` and `O_DSYNC` make them durable, `O_DIRECT` opens are accepted, and
+/// every operation after the cut fails with EIO.
+#[test]
+fn layer_keeps_writes_volatile_until_a_durability_point() {
+    use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+    if !fuse_or_skip("layer_keeps_writes_volatile_until_a_durability_point") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (b, m) = (root.path().join("b"), root.path().join("m"));
+    std::fs::create_dir(&b).unwrap();
+    std::fs::create_dir(&m).unwrap();
+    for name in ["lost", "synced", "dsync", "torn", "direct"] {
+        std::fs::write(b.join(name), vec![1u8; 16 << 10]).unwrap();
+    }
+    let mount = PowerLossMount::mount(
+        &b,
+        &m,
+        CutPlan {
+            at_op: None,
+            policy: LossPolicy::DropAll,
+            seed: 1,
+            record_data: true,
+        },
+    )
+    .unwrap();
+    let m = mount.mountpoint().to_path_buf();
+    let pl = mount.handle();
+    let open = |name: &str, flags: i32| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(m.join(name))
+            .unwrap()
+    };
+    let lost = open("lost", 0);
+    lost.write_all_at(&[2u8; 5000], 100).unwrap();
+    let mut back = vec![0u8; 5000];
+    lost.read_at(&mut back, 100).unwrap();
+    assert_eq!(back, vec![2u8; 5000], "a reader sees its own unsynced write");
+    let synced = open("synced", 0);
+    synced.write_all_at(&[3u8; 4096], 4096).unwrap();
+    synced.sync_data().unwrap();
+    synced.write_all_at(&[4u8; 512], 0).unwrap();
+    let mut dsync = open("dsync", 0o10000);
+    dsync.seek(SeekFrom::Start(8192)).unwrap();
+    dsync.write_all(&[5u8; 100]).unwrap();
+    let direct = open("direct", 0o40000);
+    assert_eq!(pl.direct_opens(), 1);
+    let mut whole = Vec::new();
+    open("direct", 0).read_to_end(&mut whole).unwrap();
+    assert_eq!(whole.len(), 16 << 10);
+    // Growing a file with unsynced writes: readers see the new size.
+    let grown = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(m.join("grown"))
+        .unwrap();
+    grown.write_all_at(&[6u8; 300], 0).unwrap();
+    assert_eq!(std::fs::metadata(m.join("grown")).unwrap().len(), 300);
+    // The 5000-byte write reaches FUSE as two requests (3996 + 1004 bytes: the kernel split it
+    // at the file's 4 KiB page boundary), so four writes are pending in three files.
+    assert_eq!(pl.pending_writes(), 4);
+    let r = pl.cut_now();
+    assert_eq!((r.pending, r.kept, r.files), (4, 0, 3), "{r:?}");
+    assert_eq!(
+        lost.write_at(&[9u8; 10], 0).unwrap_err().raw_os_error(),
+        Some(5),
+        "EIO after the cut"
+    );
+    assert!(std::fs::metadata(m.join("lost")).is_err());
+    let trace = pl.trace();
+    drop((lost, synced, dsync, direct, grown));
+    mount.unmount().unwrap();
+    let file = |name: &str| std::fs::read(b.join(name)).unwrap();
+    assert_eq!(file("lost"), vec![1u8; 16 << 10], "unsynced write lost");
+    let s = file("synced");
+    assert_eq!(&s[4096..8192], &[3u8; 4096][..], "fdatasync kept its write");
+    assert_eq!(&s[..512], &[1u8; 512][..], "the write after it was lost");
+    assert_eq!(&file("dsync")[8192..8292], &[5u8; 100][..], "O_DSYNC write kept");
+    assert_eq!(file("grown"), Vec::<u8>::new(), "the created file is kept, empty");
+    let flushes = trace
+        .iter()
+        .filter(|e| matches!(e.op, timezero::fault::powerloss::TraceOp::Flush { .. }))
+        .count();
+    assert!(flushes >= 2, "{trace:?}");
+}
+
+/// Torn cuts keep whole aligned pieces only: every 512-byte sector of a torn write is all old
+/// or all new, and with a random subset each write is all old or all new.
+#[test]
+fn torn_cuts_keep_whole_pieces() {
+    use std::os::unix::fs::FileExt as _;
+    if !fuse_or_skip("torn_cuts_keep_whole_pieces") {
+        return;
+    }
+    for (policy, piece) in [
+        (LossPolicy::Torn(512), 512usize),
+        (LossPolicy::Torn(4096), 4096),
+        (LossPolicy::RandomSubset, 64 << 10),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let (b, m) = (root.path().join("b"), root.path().join("m"));
+        std::fs::create_dir(&b).unwrap();
+        std::fs::create_dir(&m).unwrap();
+        std::fs::write(b.join("f"), vec![0u8; 1 << 20]).unwrap();
+        let mount = PowerLossMount::mount(
+            &b,
+            &m,
+            CutPlan {
+                at_op: Some(17),
+                policy,
+                seed: 3,
+                record_data: false,
+            },
+        )
+        .unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mount.mountpoint().join("f"))
+            .unwrap();
+        // 16 writes of 64 KiB with distinct bytes (the open is not counted; the 18th
+        // mutating operation is refused).
+        for k in 0..16u8 {
+            f.write_all_at(&vec![k + 1; 64 << 10], u64::from(k) * (64 << 10))
+                .unwrap();
+        }
+        f.write_all_at(&[0xff; 10], 0).unwrap();
+        assert!(f.write_all_at(&[0xff; 10], 0).is_err(), "the cut came at 17");
+        let r = mount.handle().cut_report().unwrap();
+        drop(f);
+        mount.unmount().unwrap();
+        let got = std::fs::read(b.join("f")).unwrap();
+        let mut kept = 0;
+        for (i, chunk) in got.chunks(piece).enumerate() {
+            let new = u8::try_from(i * piece / (64 << 10) + 1).unwrap();
+            let first = if i == 0 { chunk[10] } else { chunk[0] };
+            assert!(first == 0 || first == new, "{policy:?}: piece {i}");
+            let from = if i == 0 { 10 } else { 0 };
+            assert!(chunk[from..].iter().all(|&x| x == first), "{policy:?}: piece {i} mixed");
+            kept += usize::from(first == new);
+        }
+        let pieces = (1 << 20) / piece;
+        assert!(kept > 0 && kept < pieces, "{policy:?}: {kept} of {pieces} kept, {r:?}");
+    }
+}
