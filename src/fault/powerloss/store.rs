@@ -381,6 +381,9 @@ impl Store {
 
     /// A write: kept volatile (overlay and pending list) until the file's next durability point.
     pub(crate) fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        if self.cut.is_some() {
+            return Err(libc_eio());
+        }
         let backing = self.backing_len(ino)?;
         let end = offset.saturating_add(data.len() as u64);
         let mut missing = Vec::new();
@@ -427,6 +430,9 @@ impl Store {
 
     /// A durability point for one file: its volatile writes reach the backing file, in order.
     pub(crate) fn persist(&mut self, ino: u64) -> Result<(), Errno> {
+        if self.cut.is_some() {
+            return Err(libc_eio());
+        }
         let Some(v) = self.volatile.remove(&ino) else {
             return Ok(());
         };
@@ -437,7 +443,7 @@ impl Store {
         Ok(())
     }
 
-    /// Volatile writes pending on a file (tests and reports).
+    /// Volatile writes pending in all files (tests and reports).
     pub(crate) fn pending_writes(&self) -> u64 {
         self.volatile.values().map(|v| v.pending.len() as u64).sum()
     }
@@ -502,5 +508,76 @@ impl Store {
         }
         self.cut = Some(report.clone());
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
+    use super::*;
+
+    fn store(policy: LossPolicy, cut_at: Option<u64>) -> (tempfile::TempDir, Store, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), vec![1u8; 10_000]).unwrap();
+        let mut s = Store::new(dir.path(), cut_at, policy, 7, true);
+        let ino = s.ino_of(Path::new("f"));
+        (dir, s, ino)
+    }
+
+    #[test]
+    fn reads_see_volatile_writes_and_only_durable_ones_reach_the_file() {
+        let (dir, mut s, ino) = store(LossPolicy::DropAll, None);
+        s.write(ino, 4000, &[2u8; 200]).unwrap();
+        s.write(ino, 9990, &[3u8; 20]).unwrap();
+        let b = s.read(ino, 3990, 300).unwrap();
+        assert_eq!(&b[..10], &[1u8; 10][..]);
+        assert_eq!(&b[10..210], &[2u8; 200][..]);
+        assert_eq!(&b[210..], &[1u8; 90][..]);
+        let tail = s.read(ino, 9990, 100).unwrap();
+        assert_eq!(tail, vec![3u8; 20], "the visible size grew to 10010");
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), vec![1u8; 10_000]);
+        s.persist(ino).unwrap();
+        s.write(ino, 0, &[4u8; 10]).unwrap();
+        let r = s.power_cut(3);
+        assert_eq!((r.pending, r.kept), (1, 0));
+        let f = std::fs::read(dir.path().join("f")).unwrap();
+        assert_eq!(f.len(), 10_010);
+        assert_eq!(&f[..10], &[1u8; 10][..], "the unsynced write is lost");
+        assert_eq!(&f[4000..4200], &[2u8; 200][..]);
+        assert_eq!(&f[9990..], &[3u8; 20][..]);
+        assert_eq!(s.write(ino, 0, &[5]), Err(libc_eio()), "nothing after the cut");
+        assert_eq!(s.persist(ino), Err(libc_eio()));
+        assert_eq!(s.tick(), Err(libc_eio()));
+    }
+
+    #[test]
+    fn the_planned_operation_cuts_and_freezes() {
+        let (dir, mut s, ino) = store(LossPolicy::RandomSubset, Some(8));
+        for k in 0..8u8 {
+            s.tick().unwrap();
+            s.write(ino, u64::from(k) * 1000, &[10 + k; 1000]).unwrap();
+        }
+        assert_eq!(s.tick(), Err(libc_eio()));
+        let r = s.cut.clone().unwrap();
+        assert_eq!((r.at_op, r.pending), (8, 8));
+        let f = std::fs::read(dir.path().join("f")).unwrap();
+        let kept = (0..8)
+            .filter(|k| f[k * 1000..(k + 1) * 1000].iter().all(|&x| x == 10 + *k as u8))
+            .count();
+        let old = (0..8)
+            .filter(|k| f[k * 1000..(k + 1) * 1000].iter().all(|&x| x == 1))
+            .count();
+        assert_eq!(kept + old, 8, "whole writes only");
+        assert_eq!(kept as u64, r.kept);
+        assert_eq!(s.tick(), Err(libc_eio()));
+        // The same seed gives the same survivors.
+        let (dir2, mut s2, ino2) = store(LossPolicy::RandomSubset, Some(8));
+        for k in 0..8u8 {
+            s2.tick().unwrap();
+            s2.write(ino2, u64::from(k) * 1000, &[10 + k; 1000]).unwrap();
+        }
+        let _ = s2.tick();
+        assert_eq!(std::fs::read(dir2.path().join("f")).unwrap(), f);
     }
 }
