@@ -37,8 +37,7 @@ use rand::{Rng, SeedableRng};
 use timezero::activity::{MmapStorage, TableStorage};
 use timezero::engine::{Backend, Engine, EngineOptions};
 use timezero::fault::powerloss::{
-    check_ordering, unavailable, CutPlan, LossPolicy, PowerLoss, PowerLossMount,
-    SurvivorResolver,
+    check_ordering, unavailable, CutPlan, LossPolicy, PowerLoss, PowerLossMount, SurvivorResolver,
 };
 use timezero::ids::SessionId;
 
@@ -256,10 +255,16 @@ fn one_cut(cfg: &Cfg) -> Outcome {
     let trace = pl.trace();
     if std::env::var_os("TIMEZERO_POWERLOSS_TRACE").is_some() {
         for e in &trace {
-            println!("trace {} {} {:?}", e.seq, e.path, match &e.op {
-                timezero::fault::powerloss::TraceOp::Write { offset, len, .. } => format!("write {offset}+{len}"),
-                o => format!("{o:?}"),
-            });
+            println!(
+                "trace {} {} {:?}",
+                e.seq,
+                e.path,
+                match &e.op {
+                    timezero::fault::powerloss::TraceOp::Write { offset, len, .. } =>
+                        format!("write {offset}+{len}"),
+                    o => format!("{o:?}"),
+                }
+            );
         }
     }
     let initial = pl.initial_files();
@@ -281,14 +286,7 @@ fn scenario(
 ) -> bool {
     let table = p(&rig.table).to_string();
     if rig
-        .run(&[
-            "init",
-            &table,
-            "--journal",
-            "128KiB",
-            "--capacity",
-            "64KiB",
-        ])
+        .run(&["init", &table, "--journal", "128KiB", "--capacity", "64KiB"])
         .is_err()
     {
         return false;
@@ -336,14 +334,7 @@ fn scenario(
             let from = rig.scratch.join(format!("w{off}"));
             std::fs::write(&from, &data).unwrap();
             let src = rig.m("src");
-            let r = rig.run(&[
-                "write",
-                &table,
-                &src,
-                &off.to_string(),
-                "--from",
-                p(&from),
-            ]);
+            let r = rig.run(&["write", &table, &src, &off.to_string(), "--from", p(&from)]);
             writes.push(ClientWrite {
                 offset: off,
                 data,
@@ -427,14 +418,8 @@ fn serve_phase(
                     for (k, (off, data)) in plan.into_iter().enumerate() {
                         let from = rig.scratch.join(format!("w{t}-{k}"));
                         std::fs::write(&from, &data).unwrap();
-                        let r = rig.run(&[
-                            "write",
-                            table,
-                            src,
-                            &off.to_string(),
-                            "--from",
-                            p(&from),
-                        ]);
+                        let r =
+                            rig.run(&["write", table, src, &off.to_string(), "--from", p(&from)]);
                         let stop = r.is_err();
                         done.push(ClientWrite {
                             offset: off,
@@ -498,7 +483,8 @@ fn nbd_writes(
         Command::new("qemu-io").args(&args).stdin(Stdio::null()),
         &args,
     );
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     let lines: Vec<&str> = text.lines().collect();
     let wrote = |off: usize, len: usize| {
         lines
@@ -552,8 +538,8 @@ fn check_survivor(
                     w.data.len()
                 ));
             }
-        } else if let Some(i) = (0..w.data.len())
-            .find(|&i| got[i] != w.data[i] && got[i] != t0[w.offset + i])
+        } else if let Some(i) =
+            (0..w.data.len()).find(|&i| got[i] != w.data[i] && got[i] != t0[w.offset + i])
         {
             out.lost_writes.push(format!(
                 "{tag}: byte {} of unacknowledged write {}+{} is neither old nor new",
@@ -565,8 +551,9 @@ fn check_survivor(
         expect_old[w.offset..w.offset + w.data.len()].fill(false);
     }
     if let Some(i) = (0..SRC).find(|&i| expect_old[i] && src[i] != t0[i]) {
-        out.lost_writes
-            .push(format!("{tag}: source byte {i} changed though nobody wrote it"));
+        out.lost_writes.push(format!(
+            "{tag}: source byte {i} changed though nobody wrote it"
+        ));
     }
     // Recovery on the backing files, without FUSE.
     let opened = MmapStorage::open(&rig.backing.join("t.tzt"));
@@ -589,8 +576,9 @@ fn check_survivor(
         Ok(e) => e,
         Err(er) => {
             if init_ok {
-                out.wrong_images
-                    .push(format!("{tag}: recovery of an acknowledged table failed: {er}"));
+                out.wrong_images.push(format!(
+                    "{tag}: recovery of an acknowledged table failed: {er}"
+                ));
             }
             return;
         }
@@ -598,10 +586,7 @@ fn check_survivor(
     let refs: BTreeMap<u64, Vec<u8>> = [
         (1, t0.to_vec()),
         (2, t0[256 << 10..512 << 10].to_vec()),
-        (
-            3,
-            [&t0[..128 << 10], &t0[640 << 10..768 << 10]].concat(),
-        ),
+        (3, [&t0[..128 << 10], &t0[640 << 10..768 << 10]].concat()),
     ]
     .into_iter()
     .collect();
@@ -797,11 +782,17 @@ fn power_cuts_under_the_binary_keep_images_and_acknowledged_writes() {
     let t = campaign(cuts, seed, canary);
     println!("{}", t.line());
     if canary {
-        assert!(t.wrong + t.lost + t.ordering > 0, "the canary went unnoticed");
+        assert!(
+            t.wrong + t.lost + t.ordering > 0,
+            "the canary went unnoticed"
+        );
         return;
     }
     assert_eq!(t.cuts, cuts);
-    assert!(t.sessions > 0 && t.acked > 0 && t.ordering_checks > 0, "{t:?}");
+    assert!(
+        t.sessions > 0 && t.acked > 0 && t.ordering_checks > 0,
+        "{t:?}"
+    );
     assert_eq!(
         (t.wrong, t.lost, t.ordering),
         (0, 0, 0),
@@ -845,7 +836,10 @@ fn skipped_target_flush_canary_is_caught() {
         ordering += o.ordering.len();
     }
     assert!(wrong > 0, "the oracle missed the skipped flush");
-    assert!(ordering > 0, "the ordering checker missed the skipped flush");
+    assert!(
+        ordering > 0,
+        "the ordering checker missed the skipped flush"
+    );
 }
 
 /// The same local scenario without the canary: no violation (the control for the canary test).
@@ -914,7 +908,11 @@ fn layer_keeps_writes_volatile_until_a_durability_point() {
     lost.write_all_at(&[2u8; 5000], 100).unwrap();
     let mut back = vec![0u8; 5000];
     lost.read_at(&mut back, 100).unwrap();
-    assert_eq!(back, vec![2u8; 5000], "a reader sees its own unsynced write");
+    assert_eq!(
+        back,
+        vec![2u8; 5000],
+        "a reader sees its own unsynced write"
+    );
     let synced = open("synced", 0);
     synced.write_all_at(&[3u8; 4096], 4096).unwrap();
     synced.sync_data().unwrap();
@@ -955,8 +953,16 @@ fn layer_keeps_writes_volatile_until_a_durability_point() {
     let s = file("synced");
     assert_eq!(&s[4096..8192], &[3u8; 4096][..], "fdatasync kept its write");
     assert_eq!(&s[..512], &[1u8; 512][..], "the write after it was lost");
-    assert_eq!(&file("dsync")[8192..8292], &[5u8; 100][..], "O_DSYNC write kept");
-    assert_eq!(file("grown"), Vec::<u8>::new(), "the created file is kept, empty");
+    assert_eq!(
+        &file("dsync")[8192..8292],
+        &[5u8; 100][..],
+        "O_DSYNC write kept"
+    );
+    assert_eq!(
+        file("grown"),
+        Vec::<u8>::new(),
+        "the created file is kept, empty"
+    );
     let flushes = trace
         .iter()
         .filter(|e| matches!(e.op, timezero::fault::powerloss::TraceOp::Flush { .. }))
@@ -1004,7 +1010,10 @@ fn torn_cuts_keep_whole_pieces() {
                 .unwrap();
         }
         f.write_all_at(&[0xff; 10], 0).unwrap();
-        assert!(f.write_all_at(&[0xff; 10], 0).is_err(), "the cut came at 17");
+        assert!(
+            f.write_all_at(&[0xff; 10], 0).is_err(),
+            "the cut came at 17"
+        );
         let r = mount.handle().cut_report().unwrap();
         drop(f);
         mount.unmount().unwrap();
@@ -1015,10 +1024,16 @@ fn torn_cuts_keep_whole_pieces() {
             let first = if i == 0 { chunk[10] } else { chunk[0] };
             assert!(first == 0 || first == new, "{policy:?}: piece {i}");
             let from = if i == 0 { 10 } else { 0 };
-            assert!(chunk[from..].iter().all(|&x| x == first), "{policy:?}: piece {i} mixed");
+            assert!(
+                chunk[from..].iter().all(|&x| x == first),
+                "{policy:?}: piece {i} mixed"
+            );
             kept += usize::from(first == new);
         }
         let pieces = (1 << 20) / piece;
-        assert!(kept > 0 && kept < pieces, "{policy:?}: {kept} of {pieces} kept, {r:?}");
+        assert!(
+            kept > 0 && kept < pieces,
+            "{policy:?}: {kept} of {pieces} kept, {r:?}"
+        );
     }
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 
@@ -275,9 +275,9 @@ impl Filesystem for PowerLossFs {
             let rf = rustix::fs::RenameFlags::from_bits_truncate(flags.bits());
             rustix::fs::renameat_with(
                 rustix::fs::CWD,
-                &s.real(&from),
+                s.real(&from),
                 rustix::fs::CWD,
-                &s.real(&to),
+                s.real(&to),
                 rf,
             )
             .map_err(|e| e.raw_os_error())?;
@@ -484,7 +484,7 @@ impl Filesystem for PowerLossFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let mut s = self.store.lock();
         let r = s.alive().and_then(|()| {
-            rustix::fs::statvfs(&s.real(Path::new(""))).map_err(|e| e.raw_os_error())
+            rustix::fs::statvfs(s.real(Path::new(""))).map_err(|e| e.raw_os_error())
         });
         match r {
             Ok(v) => reply.statfs(

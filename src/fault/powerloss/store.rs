@@ -334,7 +334,9 @@ impl Store {
 
     /// The size readers see: the backing size, or larger when volatile writes extend it.
     pub(crate) fn visible_size(&self, ino: u64, backing: u64) -> u64 {
-        self.volatile.get(&ino).map_or(backing, |v| v.size.max(backing))
+        self.volatile
+            .get(&ino)
+            .map_or(backing, |v| v.size.max(backing))
     }
 
     fn read_backing(&mut self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
@@ -438,7 +440,8 @@ impl Store {
         };
         let f = self.file(ino)?;
         for p in &v.pending {
-            f.write_all_at(&p.data, p.offset).map_err(|e| errno_of(&e))?;
+            f.write_all_at(&p.data, p.offset)
+                .map_err(|e| errno_of(&e))?;
         }
         Ok(())
     }
@@ -536,7 +539,10 @@ mod tests {
         assert_eq!(&b[210..], &[1u8; 90][..]);
         let tail = s.read(ino, 9990, 100).unwrap();
         assert_eq!(tail, vec![3u8; 20], "the visible size grew to 10010");
-        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), vec![1u8; 10_000]);
+        assert_eq!(
+            std::fs::read(dir.path().join("f")).unwrap(),
+            vec![1u8; 10_000]
+        );
         s.persist(ino).unwrap();
         s.write(ino, 0, &[4u8; 10]).unwrap();
         let r = s.power_cut(3);
@@ -546,7 +552,11 @@ mod tests {
         assert_eq!(&f[..10], &[1u8; 10][..], "the unsynced write is lost");
         assert_eq!(&f[4000..4200], &[2u8; 200][..]);
         assert_eq!(&f[9990..], &[3u8; 20][..]);
-        assert_eq!(s.write(ino, 0, &[5]), Err(libc_eio()), "nothing after the cut");
+        assert_eq!(
+            s.write(ino, 0, &[5]),
+            Err(libc_eio()),
+            "nothing after the cut"
+        );
         assert_eq!(s.persist(ino), Err(libc_eio()));
         assert_eq!(s.tick(), Err(libc_eio()));
     }
@@ -563,7 +573,11 @@ mod tests {
         assert_eq!((r.at_op, r.pending), (8, 8));
         let f = std::fs::read(dir.path().join("f")).unwrap();
         let kept = (0..8)
-            .filter(|k| f[k * 1000..(k + 1) * 1000].iter().all(|&x| x == 10 + *k as u8))
+            .filter(|k| {
+                f[k * 1000..(k + 1) * 1000]
+                    .iter()
+                    .all(|&x| x == 10 + *k as u8)
+            })
             .count();
         let old = (0..8)
             .filter(|k| f[k * 1000..(k + 1) * 1000].iter().all(|&x| x == 1))
@@ -575,7 +589,8 @@ mod tests {
         let (dir2, mut s2, ino2) = store(LossPolicy::RandomSubset, Some(8));
         for k in 0..8u8 {
             s2.tick().unwrap();
-            s2.write(ino2, u64::from(k) * 1000, &[10 + k; 1000]).unwrap();
+            s2.write(ino2, u64::from(k) * 1000, &[10 + k; 1000])
+                .unwrap();
         }
         let _ = s2.tick();
         assert_eq!(std::fs::read(dir2.path().join("f")).unwrap(), f);
