@@ -19,7 +19,10 @@
 //! identities recorded through the mount) and checked. File backends rotate per cut.
 //!
 //! `TIMEZERO_POWERLOSS_CUTS` and `TIMEZERO_POWERLOSS_SEED` change the number of cuts and the
-//! seed (`scripts/powerloss.sh`). Without `/dev/fuse` or root the tests print why and skip.
+//! seed (`scripts/powerloss.sh`), `TIMEZERO_POWERLOSS_CANARY=1` runs the campaign with the
+//! canary (it must then fail), `TIMEZERO_POWERLOSS_VERBOSE=1` prints a line per cut and
+//! `TIMEZERO_POWERLOSS_TRACE=1` every traced operation. Where FUSE cannot be mounted (no
+//! `/dev/fuse`, not root, a trial mount fails) the tests print why and skip.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
 
@@ -968,6 +971,29 @@ fn layer_keeps_writes_volatile_until_a_durability_point() {
         .filter(|e| matches!(e.op, timezero::fault::powerloss::TraceOp::Flush { .. }))
         .count();
     assert!(flushes >= 2, "{trace:?}");
+    let synced: Vec<String> = pl
+        .file_trace("synced")
+        .iter()
+        .map(|e| match &e.op {
+            timezero::fault::powerloss::TraceOp::Write { offset, len, .. } => {
+                format!("write {offset}+{len}")
+            }
+            timezero::fault::powerloss::TraceOp::Flush { datasync } => {
+                format!("flush datasync={datasync}")
+            }
+            o => format!("{o:?}"),
+        })
+        .collect();
+    assert_eq!(
+        synced,
+        [
+            "Open { flags: 32770 }",
+            "write 4096+4096",
+            "flush datasync=true",
+            "write 0+512"
+        ],
+        "the trace of one file, in order"
+    );
 }
 
 /// Torn cuts keep whole aligned pieces only: every 512-byte sector of a torn write is all old

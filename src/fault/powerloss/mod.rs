@@ -153,10 +153,23 @@ impl PowerLoss {
         s.power_cut(n)
     }
 
-    /// The trace so far.
+    /// The trace so far, every file in one order.
     #[must_use]
     pub fn trace(&self) -> Vec<TraceEvent> {
         self.store.lock().trace.clone()
+    }
+
+    /// The trace of one file (path relative to the mount point, as it was named when each
+    /// operation happened), with the global sequence numbers.
+    #[must_use]
+    pub fn file_trace(&self, path: &str) -> Vec<TraceEvent> {
+        self.store
+            .lock()
+            .trace
+            .iter()
+            .filter(|e| e.path == path)
+            .cloned()
+            .collect()
     }
 
     /// Contents of the backing directory's top-level regular files at mount time (empty
@@ -175,8 +188,9 @@ pub struct PowerLossMount {
     handle: PowerLoss,
 }
 
-/// Why a power-loss mount cannot be made here (`None` when it can): no `/dev/fuse`, or not
-/// root (the mount is made with `mount(2)`, without `fusermount`).
+/// Why a power-loss mount cannot be made here (`None` when it can): no `/dev/fuse`, not root
+/// (the mount is made with `mount(2)`, without `fusermount`), or a trial mount of an empty
+/// directory failed (for example in a container without the right to mount).
 #[must_use]
 pub fn unavailable() -> Option<String> {
     if !Path::new("/dev/fuse").exists() {
@@ -185,7 +199,23 @@ pub fn unavailable() -> Option<String> {
     if !rustix::process::geteuid().is_root() {
         return Some("not root (the FUSE mount is made with mount(2) directly)".to_string());
     }
-    None
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = std::env::temp_dir().join(format!("timezero-fuse-probe-{}-{n}", std::process::id()));
+    let (b, m) = (base.join("b"), base.join("m"));
+    let made = std::fs::create_dir_all(&b).and_then(|()| std::fs::create_dir_all(&m));
+    let why = match made {
+        Err(e) => Some(format!("cannot make a trial directory: {e}")),
+        Ok(()) => match PowerLossMount::mount(&b, &m, CutPlan::default()) {
+            Ok(mount) => mount
+                .unmount()
+                .err()
+                .map(|e| format!("trial unmount failed: {e}")),
+            Err(e) => Some(format!("trial mount failed: {e}")),
+        },
+    };
+    let _ = std::fs::remove_dir_all(&base);
+    why
 }
 
 impl PowerLossMount {

@@ -19,7 +19,8 @@ pub struct OrderingReport {
     pub writes: u64,
     /// Flushes replayed.
     pub flushes: u64,
-    /// Source writes the checker examined (writes while a durable table existed).
+    /// Writes (to any file but the table) the checker examined while a durable table existed;
+    /// it compares those that reach a live session's source with the durable state.
     pub checks: u64,
     /// Violations, each naming the trace sequence number and file of the write that broke the
     /// rule.
