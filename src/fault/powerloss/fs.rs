@@ -141,6 +141,8 @@ impl Filesystem for PowerLossFs {
         let r = (|| -> Result<FileAttr, i32> {
             if mode.is_some() || size.is_some() {
                 s.tick()?;
+            } else {
+                s.alive()?;
             }
             let rel = s.rel(ino.0).ok_or(2)?;
             let real = s.real(&rel);
