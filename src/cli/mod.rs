@@ -62,6 +62,7 @@ fn one_line(e: &clap::Error) -> String {
 /// Run the CLI; returns the process exit code (0 ok, 1 error, 2 usage).
 #[must_use]
 pub fn main() -> i32 {
+    canary_from_env();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
@@ -91,6 +92,16 @@ pub fn main() -> i32 {
             eprintln!("timezero: {e}");
             1
         }
+    }
+}
+
+/// `TIMEZERO_CANARY_SKIP_CBW_FLUSH=1` turns on the engine's skipped-flush canary in every
+/// thread (builds with the `fault` feature only; elsewhere the variable is ignored): the
+/// power-loss test runs the binary with it to show that it catches the broken ordering.
+fn canary_from_env() {
+    #[cfg(feature = "fault")]
+    if std::env::var_os("TIMEZERO_CANARY_SKIP_CBW_FLUSH").is_some_and(|v| v == "1") {
+        crate::engine::set_canary_skip_cbw_flush_all_threads(true);
     }
 }
 

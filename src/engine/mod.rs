@@ -45,7 +45,7 @@ pub use image::Image;
 pub use lifecycle::SessionSpec;
 pub use recovery::{Decision, FileResolver, MapResolver, Outcome, RestartPolicy, VolumeResolver};
 #[cfg(feature = "fault")]
-pub use write::set_canary_skip_cbw_flush;
+pub use write::{set_canary_skip_cbw_flush, set_canary_skip_cbw_flush_all_threads};
 
 use std::path::Path;
 use std::sync::Arc;

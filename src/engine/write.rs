@@ -25,6 +25,17 @@ pub fn set_canary_skip_cbw_flush(on: bool) {
     CANARY_SKIP_CBW_FLUSH.with(|c| c.set(on));
 }
 
+#[cfg(feature = "fault")]
+static CANARY_SKIP_CBW_FLUSH_ALL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The same canary for every thread of the process (the binary turns it on at startup when
+/// `TIMEZERO_CANARY_SKIP_CBW_FLUSH=1`, in `fault` builds only, for the power-loss test).
+#[cfg(feature = "fault")]
+pub fn set_canary_skip_cbw_flush_all_threads(on: bool) {
+    CANARY_SKIP_CBW_FLUSH_ALL.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Issue a write to a volume whose covering sessions were checked (bits set, or extents or
 /// sessions ended). The release fence orders those checks, and the bit stores of a
 /// copy-before-write, before the write's stores (the writer half of a sequence lock); it pairs
@@ -166,7 +177,9 @@ impl Engine {
         }
         for t in &targets {
             #[cfg(feature = "fault")]
-            if CANARY_SKIP_CBW_FLUSH.with(std::cell::Cell::get) {
+            if CANARY_SKIP_CBW_FLUSH.with(std::cell::Cell::get)
+                || CANARY_SKIP_CBW_FLUSH_ALL.load(std::sync::atomic::Ordering::Relaxed)
+            {
                 continue;
             }
             t.flush()?;

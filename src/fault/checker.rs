@@ -34,6 +34,9 @@ pub struct OrderingChecker {
     user: Vec<(usize, u64, u64)>,
     /// Source writes checked.
     pub checks: u64,
+    /// The durable table bytes last opened and what opening them gave (`None`: no valid table
+    /// yet): reopened only when the durable bytes changed, that is after a table flush.
+    opened: Option<(Vec<u8>, Option<Table>)>,
 }
 
 impl OrderingChecker {
@@ -55,16 +58,40 @@ impl OrderingChecker {
         off: u64,
         len: u64,
     ) -> Vec<String> {
-        let mut out = Vec::new();
+        let out = Vec::new();
         let Some(tdev) = w.table_dev() else {
             return out;
         };
-        let storage: Arc<dyn TableStorage> =
-            Arc::new(MemStorage::from_bytes("durable", w.durable(tdev).to_vec()));
-        let Ok((table, _)) = Table::open(storage) else {
+        let durable = w.durable(tdev);
+        if !matches!(&self.opened, Some((b, _)) if b.as_slice() == durable) {
+            let storage: Arc<dyn TableStorage> =
+                Arc::new(MemStorage::from_bytes("durable", durable.to_vec()));
+            let table = Table::open(storage).ok().map(|(t, _)| t);
+            self.opened = Some((durable.to_vec(), table));
+        }
+        match self.opened.take() {
+            Some((bytes, Some(table))) => {
+                let found = self.check_sessions(w, &table, dev, off, len, out);
+                self.opened = Some((bytes, Some(table)));
+                found
+            }
             // No durable table yet (creation in progress): no session can exist.
-            return out;
-        };
+            other => {
+                self.opened = other;
+                out
+            }
+        }
+    }
+
+    fn check_sessions(
+        &mut self,
+        w: &dyn Devices,
+        table: &Table,
+        dev: usize,
+        off: u64,
+        len: u64,
+        mut out: Vec<String>,
+    ) -> Vec<String> {
         self.checks += 1;
         for s in table.sessions() {
             if !s.is_live() || w.dev_by_locator(&s.desc.source.locator) != Some(dev) {

@@ -13,6 +13,8 @@
 //! [`FaultyVolume`] brings the volume faults to any [`crate::volume::Volume`] (a real file or
 //! device): failed reads, writes and flushes, ENOSPC past a size, torn writes, and a crash that
 //! loses what no flush covered.
+//! [`powerloss`] brings power cuts to real processes: a FUSE file system that keeps every write
+//! volatile until `fsync`/`fdatasync` and drops (all, some, or torn pieces of) the rest.
 //! Everything is seeded and deterministic; violation messages name the workload and seed.
 
 mod checker;
@@ -20,6 +22,7 @@ pub mod crashtest;
 mod faulty;
 pub mod fuzzing;
 pub mod internals;
+pub mod powerloss;
 mod sim;
 
 pub use checker::OrderingChecker;
