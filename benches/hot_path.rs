@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use timezero::activity::format::{CopyMode, Entry, ExtentSpec};
 use timezero::activity::{MemStorage, Table, TableStorage};
 use timezero::engine::{Engine, EngineOptions, SessionSpec};
-use timezero::fault::internals::AtomicBitmap;
+use timezero::fault::internals::{commit, AtomicBitmap};
 use timezero::ids::{Generation, GrainSize, SessionId, VolumeId};
 use timezero::volume::{MemVolume, Volume, VolumeInfo};
 
@@ -111,13 +111,15 @@ fn bitmap(c: &mut Criterion) {
 
 /// Record every grain of a session over `size` bytes as copied (the session stays active).
 fn mark_all_copied(e: &Engine, id: SessionId, size: u64) {
-    e.table()
-        .commit(vec![Entry::SetBits {
+    commit(
+        e.table(),
+        vec![Entry::SetBits {
             session: id,
             start: 0,
             count: size / GRAIN,
-        }])
-        .expect("commit");
+        }],
+    )
+    .expect("commit");
 }
 
 fn writes(c: &mut Criterion) {
@@ -230,13 +232,15 @@ fn table(c: &mut Criterion) {
     g.bench_function("commit SetBits (MemStorage)", |b| {
         b.iter(|| {
             i = (i + 1) % 1024;
-            e.table()
-                .commit(vec![Entry::SetBits {
+            commit(
+                e.table(),
+                vec![Entry::SetBits {
                     session: id,
                     start: i,
                     count: 1,
-                }])
-                .expect("commit")
+                }],
+            )
+            .expect("commit")
         })
     });
     g.finish();
@@ -264,13 +268,15 @@ fn table_image(size: u64) -> Vec<u8> {
     let step = (grains / 2 / 256).max(1);
     let mut g = 0;
     while g < grains / 2 {
-        e.table()
-            .commit(vec![Entry::SetBits {
+        commit(
+            e.table(),
+            vec![Entry::SetBits {
                 session: id,
                 start: g,
                 count: step.min(grains / 2 - g),
-            }])
-            .expect("commit");
+            }],
+        )
+        .expect("commit");
         g += step;
     }
     drop(e);

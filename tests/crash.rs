@@ -135,14 +135,15 @@ fn every_single_bit_flip_is_detected() {
     engine
         .copy_batch(id, timezero::GrainIndex(0), timezero::GrainCount(3))
         .unwrap();
-    engine
-        .table()
-        .commit(vec![Entry::SetBits {
+    timezero::fault::internals::commit(
+        engine.table(),
+        vec![Entry::SetBits {
             session: id,
             start: 7,
             count: 2,
-        }])
-        .unwrap();
+        }],
+    )
+    .unwrap();
     drop(engine);
     let good = store.snapshot();
     let (t, _) = Table::open(Arc::new(MemStorage::from_bytes("t", good.clone()))).unwrap();

@@ -3,7 +3,7 @@
 //! A table is a preallocated, memory-mapped file (see [`self::format`] for every byte): two
 //! superblocks, a mirrored journal of 512-byte CRC-checked blocks, and three checkpoint areas
 //! (two named by the superblocks, one to write the next checkpoint into).
-//! [`Table::commit`] is the only way state changes: entries are written to the journal, made
+//! `Table::commit` (crate-internal) is the only way state changes: entries are written to the journal, made
 //! durable (many callers share one durability point), and only then applied to the in-memory
 //! [`crate::session::Session`]s.
 

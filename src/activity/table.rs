@@ -346,7 +346,7 @@ impl Table {
     ///
     /// # Errors
     /// [`Error::Poisoned`] after an earlier failure; I/O errors writing the witness.
-    pub fn close(&self) -> Result<()> {
+    pub(crate) fn close(&self) -> Result<()> {
         if self.is_poisoned() {
             return Err(Error::Poisoned {
                 target: self.storage.name(),
@@ -434,7 +434,7 @@ impl Table {
     }
 
     /// Reserve the next session id (durable once the `Establish` entry commits).
-    pub fn allocate_session_id(&self) -> SessionId {
+    pub(crate) fn allocate_session_id(&self) -> SessionId {
         let mut w = self.writer.lock();
         let id = SessionId(w.next_session);
         w.next_session += 1;
@@ -457,7 +457,7 @@ impl Table {
     ///
     /// # Errors
     /// [`Error::TableFull`].
-    pub fn make_room(&self, desc: &SessionDesc) -> Result<()> {
+    pub(crate) fn make_room(&self, desc: &SessionDesc) -> Result<()> {
         let need = checkpoint_bytes(desc);
         loop {
             let (used, cap) = self.capacity();
@@ -488,7 +488,7 @@ impl Table {
     ///
     /// # Errors
     /// [`Error::Poisoned`] after an earlier failure; I/O errors; [`Error::TableFull`].
-    pub fn commit(&self, entries: Vec<Entry>) -> Result<()> {
+    pub(crate) fn commit(&self, entries: Vec<Entry>) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }

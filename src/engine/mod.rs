@@ -3,7 +3,7 @@
 //!
 //! # The single mutation point
 //!
-//! Session state changes in exactly one place: [`Table::commit`]. Every change (establish,
+//! Session state changes in exactly one place: `Table::commit`. Every change (establish,
 //! copied bits, ended extents, state changes) is a list of journal entries committed by the
 //! table; the in-memory [`Session`] objects are updated by the table *after* those entries are
 //! durable. Nothing in this module changes a session any other way, so memory never runs ahead
@@ -393,7 +393,7 @@ impl Engine {
 
     /// Close the engine and report what a drop would hide: every attached volume is flushed
     /// (writes made through [`Engine::write`] and [`Engine::write_image`] become durable) and
-    /// the table's rollback witness is made current ([`Table::close`]). Every step runs even
+    /// the table's rollback witness is made current (the table's close). Every step runs even
     /// after a failure; the first failure is returned. Dropping an engine flushes no volume
     /// and ignores a failure of the witness.
     ///
