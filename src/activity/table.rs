@@ -178,6 +178,8 @@ struct Queue {
     done_batch: u64,
     leader: bool,
     failed: Option<String>,
+    /// Ranges of `pending` that must go into one journal commit ([`Table::commit_atomic`]).
+    atomic: Vec<std::ops::Range<usize>>,
 }
 
 /// An open activity table.
@@ -458,11 +460,20 @@ impl Table {
     /// # Errors
     /// [`Error::TableFull`].
     pub fn make_room(&self, desc: &SessionDesc) -> Result<()> {
-        let need = checkpoint_bytes(desc);
+        self.make_room_for(std::slice::from_ref(desc))
+    }
+
+    /// Check that new sessions (a consistency group) fit together; forget the oldest ended
+    /// sessions to make room.
+    ///
+    /// # Errors
+    /// [`Error::TableFull`].
+    pub fn make_room_for(&self, descs: &[SessionDesc]) -> Result<()> {
+        let need: u64 = descs.iter().map(checkpoint_bytes).sum();
         loop {
             let (used, cap) = self.capacity();
             let count = self.sessions.read().len();
-            if used + need <= cap && count < SESSIONS_MAX {
+            if used + need <= cap && count + descs.len() <= SESSIONS_MAX {
                 return Ok(());
             }
             let victim = self
@@ -473,7 +484,9 @@ impl Table {
                 .map(|s| s.id());
             match victim {
                 Some(v) => self.commit(vec![Entry::Forget { session: v }])?,
-                None if count >= SESSIONS_MAX => return Err(Error::TableFull { what: "sessions" }),
+                None if count + descs.len() > SESSIONS_MAX => {
+                    return Err(Error::TableFull { what: "sessions" })
+                }
                 None => {
                     return Err(Error::TableFull {
                         what: "checkpoint capacity (bitmaps)",
@@ -489,6 +502,40 @@ impl Table {
     /// # Errors
     /// [`Error::Poisoned`] after an earlier failure; I/O errors; [`Error::TableFull`].
     pub fn commit(&self, entries: Vec<Entry>) -> Result<()> {
+        self.commit_inner(entries, false)
+    }
+
+    /// Bytes the largest single journal commit holds: entries committed together by
+    /// [`Table::commit_atomic`] must fit in it.
+    #[must_use]
+    pub fn commit_payload_max() -> usize {
+        COMMIT_BLOCKS_MAX * BLOCK_PAYLOAD_BYTES
+    }
+
+    /// [`Table::commit`], with every entry of `entries` in one journal commit: after a crash
+    /// at any point, recovery finds all of them or none (a consistency group's `Establish`
+    /// entries, or the state changes that end all of its sessions). Entries of other callers
+    /// may share the durability point, never split these.
+    ///
+    /// # Errors
+    /// As [`Table::commit`]; [`Error::Invalid`] when the entries do not fit in one commit
+    /// ([`Table::commit_payload_max`] bytes).
+    pub fn commit_atomic(&self, entries: Vec<Entry>) -> Result<()> {
+        let bytes: usize = entries.iter().map(Entry::encoded_len).sum();
+        if bytes > Self::commit_payload_max() {
+            return Err(Error::invalid(
+                "commit",
+                format!(
+                    "{} entries need {bytes} bytes in one journal commit; at most {} fit",
+                    entries.len(),
+                    Self::commit_payload_max()
+                ),
+            ));
+        }
+        self.commit_inner(entries, true)
+    }
+
+    fn commit_inner(&self, entries: Vec<Entry>, atomic: bool) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -502,6 +549,10 @@ impl Table {
             return Err(Error::Poisoned {
                 target: format!("{} ({f})", self.storage.name()),
             });
+        }
+        if atomic {
+            let start = q.pending.len();
+            q.atomic.push(start..start + entries.len());
         }
         q.pending.extend(entries);
         let mine = q.open_batch;
@@ -517,10 +568,11 @@ impl Table {
             if !q.leader {
                 q.leader = true;
                 let batch = std::mem::take(&mut q.pending);
+                let atomic = std::mem::take(&mut q.atomic);
                 let id = q.open_batch;
                 q.open_batch += 1;
                 drop(q);
-                let r = self.write_batch(&batch);
+                let r = self.write_batch(&batch, &atomic);
                 q = self.queue.lock();
                 q.leader = false;
                 match r {
@@ -545,7 +597,9 @@ impl Table {
         self.poisoned.load(Ordering::Acquire)
     }
 
-    fn write_batch(&self, batch: &[Entry]) -> Result<()> {
+    /// Write `batch` as journal commits, sync once, apply. `atomic` lists ranges of the batch
+    /// that each go into one commit whole.
+    fn write_batch(&self, batch: &[Entry], atomic: &[std::ops::Range<usize>]) -> Result<()> {
         let mut w = self.writer.lock();
         // Validate before writing: a bad entry must never reach the disk.
         {
@@ -576,13 +630,21 @@ impl Table {
                 }
             }
         }
-        // Split into commits at entry boundaries.
+        // Split into commits at entry boundaries (never inside an atomic range).
         let max_payload = COMMIT_BLOCKS_MAX * BLOCK_PAYLOAD_BYTES;
         let mut chunks: Vec<Vec<u8>> = Vec::new();
         let mut cur = Writer::default();
-        for e in batch {
+        let mut i = 0;
+        while i < batch.len() {
+            let unit = atomic
+                .iter()
+                .find(|r| r.start == i && r.end > i)
+                .map_or(i..i + 1, Clone::clone);
+            i = unit.end.min(batch.len()).max(unit.start + 1);
             let mut ew = Writer::default();
-            e.encode(&mut ew);
+            for e in &batch[unit.start..i] {
+                e.encode(&mut ew);
+            }
             if ew.buf.len() > max_payload {
                 return Err(Error::invalid(
                     "journal entry",

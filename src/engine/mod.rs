@@ -24,6 +24,7 @@
 //! |---|---|
 //! | `mod.rs` | [`Engine`]: open/create, attach volumes, status, direct volume I/O |
 //! | `lifecycle.rs` | [`SessionSpec`], establish, withdraw, convert, terminate, complete |
+//! | `group.rs` | consistency groups: [`Engine::establish_group`], [`Engine::withdraw_group`] |
 //! | `write.rs` | source writes with copy-before-write, target writes ([`Engine::write_image`]) |
 //! | `image.rs` | [`Image`] and the lock-free image read with its re-check |
 //! | `copy.rs` | [`Engine::copy_data`] / [`Engine::commit_copied`] / [`Engine::copy_all`] |
@@ -32,6 +33,7 @@
 
 pub mod copier;
 mod copy;
+mod group;
 mod image;
 mod lifecycle;
 mod recovery;
@@ -188,6 +190,8 @@ pub struct SessionStatus {
     pub grains_total: u64,
     /// T0, ms since the epoch.
     pub created_unix_ms: u64,
+    /// The consistency group the session was established in, if any.
+    pub group: Option<String>,
 }
 
 /// The committed state of a table read without taking it (see [`read_status`]).
@@ -282,6 +286,8 @@ pub struct Engine {
     /// Serialises `refresh_active` (read the table, store the snapshot), so that a snapshot
     /// taken earlier never replaces one taken later.
     active_change: Mutex<()>,
+    /// Serialises consistency-group establishes (a group name is taken once).
+    groups_change: Mutex<()>,
     options: EngineOptions,
     /// Copy-before-write writes in progress (the background copier yields to them).
     cow_inflight: std::sync::atomic::AtomicUsize,
@@ -380,6 +386,7 @@ impl Engine {
             volumes_epoch: std::sync::atomic::AtomicU64::new(0),
             active: ArcSwap::from_pointee(Vec::new()),
             active_change: Mutex::new(()),
+            groups_change: Mutex::new(()),
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
             backend: std::sync::OnceLock::new(),
@@ -721,6 +728,7 @@ fn session_status(s: &Session) -> SessionStatus {
         },
         grains_total: s.desc.grains(),
         created_unix_ms: s.desc.created_unix_ms,
+        group: s.desc.group.clone(),
     }
 }
 
