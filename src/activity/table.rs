@@ -435,6 +435,12 @@ impl Table {
         self.sessions.read().get(&id).cloned()
     }
 
+    /// The id the next [`Table::allocate_session_id`] would return.
+    #[must_use]
+    pub fn next_session_id(&self) -> SessionId {
+        SessionId(self.writer.lock().next_session)
+    }
+
     /// Reserve the next session id (durable once the `Establish` entry commits).
     pub fn allocate_session_id(&self) -> SessionId {
         let mut w = self.writer.lock();

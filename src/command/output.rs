@@ -92,6 +92,8 @@ pub struct EstablishOut {
     pub size_bytes: u64,
     /// Extents.
     pub extents: Vec<ExtentOut>,
+    /// The consistency group, if any.
+    pub group: Option<String>,
 }
 
 impl EstablishOut {
@@ -108,13 +110,19 @@ impl EstablishOut {
             grain_bytes: s.grain_bytes,
             size_bytes: s.size_bytes,
             extents: s.extents,
+            group: s.group,
         }
     }
 
     /// `s1: SRC -> TGT at T0 TIME (...)`: the session id first.
     pub fn text(&self) -> String {
+        let group = self
+            .group
+            .as_ref()
+            .map(|g| format!(", group {g}"))
+            .unwrap_or_default();
         format!(
-            "{}: {} -> {} at T0 {} ({}, {} in {} extent{}, grain {})\n",
+            "{}: {} -> {} at T0 {} ({}, {} in {} extent{}, grain {}{group})\n",
             self.session,
             self.source,
             self.target,
@@ -161,6 +169,8 @@ pub struct SessionOut {
     pub reason: Option<ReasonOut>,
     /// The path of the volume a suspended session is waiting for.
     pub unavailable: Option<String>,
+    /// The consistency group the session was established in, if any.
+    pub group: Option<String>,
 }
 
 impl SessionOut {
@@ -202,6 +212,7 @@ impl SessionOut {
                 .collect(),
             reason: s.reason.as_ref().map(ReasonOut::of),
             unavailable: s.unavailable.clone(),
+            group: s.group.clone(),
         }
     }
 }
@@ -251,6 +262,9 @@ impl StatusOut {
                 s.source,
                 s.target
             );
+            if let Some(g) = &s.group {
+                let _ = write!(out, "  group {g}");
+            }
             if let Some(r) = &s.reason {
                 let _ = write!(out, "  reason {r}");
             }
@@ -411,6 +425,24 @@ pub struct CopyOut {
     /// The file backend.
     pub backend: String,
     /// Each session's state afterwards.
+    pub sessions: Vec<SessionStateOut>,
+}
+
+/// `establish` of a consistency group.
+#[derive(Debug, Serialize)]
+pub struct GroupOut {
+    /// The group's name.
+    pub group: String,
+    /// Its sessions, in pair order.
+    pub sessions: Vec<EstablishOut>,
+}
+
+/// `withdraw --group`.
+#[derive(Debug, Serialize)]
+pub struct GroupStateOut {
+    /// The group's name.
+    pub group: String,
+    /// Its sessions and their states.
     pub sessions: Vec<SessionStateOut>,
 }
 
