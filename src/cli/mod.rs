@@ -239,10 +239,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             json,
         } => {
             let cmd = match (session, group) {
-                (Some(s), _) => Remote::Withdraw {
-                    session: s.0,
-                    json,
-                },
+                (Some(s), _) => Remote::Withdraw { session: s.0, json },
                 (None, Some(group)) => Remote::WithdrawGroup { group, json },
                 (None, None) => {
                     return Err(Fail::Usage(

@@ -296,7 +296,15 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             nocopy,
             force,
             json: as_json,
-        } => establish_group(e, pairs, group.as_deref(), *grain, *nocopy, *force, *as_json),
+        } => establish_group(
+            e,
+            pairs,
+            group.as_deref(),
+            *grain,
+            *nocopy,
+            *force,
+            *as_json,
+        ),
         Remote::WithdrawGroup {
             group,
             json: as_json,
