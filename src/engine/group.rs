@@ -16,6 +16,33 @@ use crate::limits::GROUP_NAME_BYTES_MAX;
 use crate::model::{Entry, ExtentSpec, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef};
 use crate::{Error, Result};
 
+#[cfg(feature = "fault")]
+thread_local! {
+    static CANARY_SPLIT_GROUP_COMMIT: std::cell::Cell<bool> =
+        const { std::cell::Cell::new(false) };
+}
+
+/// Fault-harness canary: while on, a group establish in the calling thread commits each
+/// session in a commit of its own (each durable before the next is written), so a crash
+/// between two of them leaves part of the group; the enumerator's all-or-none check must catch
+/// it. Thread-local so that parallel tests are not affected.
+#[cfg(feature = "fault")]
+pub fn set_canary_split_group_commit(on: bool) {
+    CANARY_SPLIT_GROUP_COMMIT.with(|c| c.set(on));
+}
+
+/// Commit a group's entries: one atomic commit (the canary splits it).
+fn commit_group(table: &crate::activity::Table, entries: Vec<Entry>) -> Result<()> {
+    #[cfg(feature = "fault")]
+    if CANARY_SPLIT_GROUP_COMMIT.with(std::cell::Cell::get) {
+        for e in entries {
+            table.commit(vec![e])?;
+        }
+        return Ok(());
+    }
+    table.commit_atomic(entries)
+}
+
 /// One pair of a group being established: its handles and extents.
 struct Pair {
     src: Arc<VolumeHandle>,
@@ -201,7 +228,7 @@ impl Engine {
         for s in sources {
             s.flush()?;
         }
-        if let Err(e) = self.table.commit_atomic(entries) {
+        if let Err(e) = commit_group(&self.table, entries) {
             // As for a single establish: the commit may have reached the table, and recovery
             // may resume every session of the group; no source or target of it may change
             // until the table is reopened and recovery decides.

@@ -43,6 +43,8 @@ pub use crate::volume::{
     open_file_volume, Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING,
 };
 pub use copy::CopyProgress;
+#[cfg(feature = "fault")]
+pub use group::set_canary_split_group_commit;
 pub use image::Image;
 pub use lifecycle::SessionSpec;
 pub use recovery::{Decision, FileResolver, MapResolver, Outcome, RestartPolicy, VolumeResolver};

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::oracle::{check_engine, recover_and_check, ref_at, OpRec, RefState, SessRef};
+use super::oracle::{
+    check_engine, recover_and_check, ref_at, OpRec, PendingGroup, RefState, SessRef,
+};
 use super::workload::{fill, Op, Workload};
 use super::{engine_options, sweeps, CrashReport, CrashtestOptions, VOLUMES, VOLUME_BYTES};
 use crate::activity::format::{CopyMode, ExtentSpec, SessionState};
@@ -244,6 +246,26 @@ impl Harness<'_> {
                 grain,
                 mode,
             } => self.establish(*src, *tgt, extents, *grain, *mode, x),
+            Op::EstablishGroup {
+                name,
+                pairs,
+                grain,
+                mode,
+                fails_at,
+            } => self.establish_group(name, pairs, *grain, *mode, *fails_at, x),
+            Op::WithdrawGroup { name } => {
+                if let Some(ids) = x.after.groups.get(name).cloned() {
+                    for id in ids {
+                        if let Some(s) = x.inflight.sessions.get_mut(&id) {
+                            s.may_withdraw = true;
+                        }
+                        if let Some(s) = x.after.sessions.get_mut(&id) {
+                            s.withdrawn = true;
+                        }
+                    }
+                }
+                e.withdraw_group(name).map(|_| ())
+            }
             Op::Write {
                 vol,
                 off,
@@ -343,6 +365,83 @@ impl Harness<'_> {
                 ..sref
             },
         );
+        Ok(())
+    }
+
+    /// Establish a consistency group: like [`Harness::establish`] for every pair, with one T0
+    /// (what the sources hold now), and all or none of the sessions in the expected states.
+    /// With `fails_at`, the establish must fail on that pair and establish nothing.
+    fn establish_group(
+        &mut self,
+        name: &str,
+        pairs: &[(usize, usize, Vec<ExtentSpec>)],
+        grain: u64,
+        mode: CopyMode,
+        fails_at: Option<usize>,
+        x: &mut Expect,
+    ) -> crate::Result<()> {
+        let now = self.world.current_images();
+        let members: Vec<SessRef> = pairs
+            .iter()
+            .map(|(src, tgt, extents)| {
+                let mut image = Vec::new();
+                for e in extents {
+                    let (s, l) = (e.source_offset as usize, e.len as usize);
+                    image.extend_from_slice(&now[1 + src][s..s + l]);
+                }
+                SessRef {
+                    image: Arc::new(image),
+                    pending: Vec::new(),
+                    grain,
+                    target_vol: *tgt,
+                    required: false,
+                    sticky: false,
+                    may_withdraw: false,
+                    withdrawn: false,
+                }
+            })
+            .collect();
+        x.inflight.pending_groups.push(PendingGroup {
+            name: name.to_string(),
+            members: members.clone(),
+        });
+        let g = GrainSize::new(grain)?;
+        let specs: Vec<SessionSpec> = pairs
+            .iter()
+            .map(|(src, tgt, extents)| SessionSpec {
+                source: self.ids[*src],
+                target: self.ids[*tgt],
+                extents: extents.clone(),
+                grain: g,
+                mode,
+            })
+            .collect();
+        let r = self.engine.establish_group(name, &specs);
+        if let Some(at) = fails_at {
+            // Nothing was established: the expected state after is the one before (while it
+            // runs, and if it unexpectedly succeeds, the group stays pending: all or none).
+            return match r {
+                Err(Error::GroupPair { pair, .. }) if pair == at => Ok(()),
+                other => Err(Error::invalid(
+                    "group",
+                    format!("{name}: expected a failure at pair {at}, got {other:?}"),
+                )),
+            };
+        }
+        let ids = r?;
+        x.after
+            .groups
+            .insert(name.to_string(), ids.iter().map(|i| i.0).collect());
+        for (id, m) in ids.iter().zip(members) {
+            self.sids.push(*id);
+            x.after.sessions.insert(
+                id.0,
+                SessRef {
+                    required: true,
+                    ..m
+                },
+            );
+        }
         Ok(())
     }
 
