@@ -28,6 +28,9 @@ use timezero::Error;
 const VOL: usize = 128 * 1024;
 const NVOL: usize = 4;
 
+/// A generated pair of a group: source, target, extents (in grains).
+type Pair = (usize, usize, Vec<(u64, u64, u64)>);
+
 #[derive(Debug, Clone)]
 enum Op {
     Establish {
@@ -63,7 +66,7 @@ enum Op {
     },
     /// A consistency group: one session per (source, target, extents), one T0.
     GroupEstablish {
-        pairs: Vec<(usize, usize, Vec<(u64, u64, u64)>)>,
+        pairs: Vec<Pair>,
         grain_shift: u8,
         nocopy: bool,
     },
