@@ -265,6 +265,17 @@ pub enum Error {
         /// One of its live sessions.
         other: SessionId,
     },
+    /// Only an ended session (completed, withdrawn, terminated) can be forgotten.
+    #[error(
+        "session {id} is {state}: only an ended session (completed, withdrawn, terminated) can \
+         be forgotten; withdraw it first"
+    )]
+    NotEnded {
+        /// The session.
+        id: SessionId,
+        /// Its state (`active` or `suspended`).
+        state: String,
+    },
     /// No live session belongs to a consistency group of this name.
     #[error("no live session in group {0}")]
     UnknownGroup(String),

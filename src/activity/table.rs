@@ -195,6 +195,8 @@ pub struct Table {
     poisoned: AtomicBool,
     /// Opened with [`Table::open_read_only`]: nothing is ever written.
     read_only: bool,
+    /// Held while ended sessions are chosen and forgotten (by `make_room_for` or `forget`).
+    forgetting: Mutex<()>,
     /// Set once open has checked the table against its rollback witness: only then may the
     /// witness be written (a table refused as rolled back must not lower it on drop).
     witness_checked: AtomicBool,
@@ -399,6 +401,7 @@ impl Table {
             }),
             poisoned: AtomicBool::new(false),
             read_only,
+            forgetting: Mutex::new(()),
             witness_checked: AtomicBool::new(false),
             stats: TableStats::default(),
         };
@@ -461,6 +464,43 @@ impl Table {
         (used + 64, self.layout.checkpoint_bytes)
     }
 
+    /// The ended sessions (completed, withdrawn, terminated) in the order
+    /// [`Table::make_room`] forgets them when a new session needs room: lowest id (oldest)
+    /// first.
+    #[must_use]
+    pub fn forget_order(&self) -> Vec<SessionId> {
+        self.sessions
+            .read()
+            .values()
+            .filter(|s| !s.is_live())
+            .map(|s| s.id())
+            .collect()
+    }
+
+    /// Forget the ended sessions among `ids` (one commit): they leave the table. Sessions that
+    /// are live or already gone are left out; returns those forgotten. Serialised with the
+    /// forgetting of [`Table::make_room`], so a session is never forgotten twice.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub fn forget(&self, ids: &[SessionId]) -> Result<Vec<SessionId>> {
+        let _forgetting = self.forgetting.lock();
+        let ended: Vec<SessionId> = {
+            let sessions = self.sessions.read();
+            ids.iter()
+                .copied()
+                .filter(|id| sessions.get(id).is_some_and(|s| !s.is_live()))
+                .collect()
+        };
+        self.commit(
+            ended
+                .iter()
+                .map(|id| Entry::Forget { session: *id })
+                .collect(),
+        )?;
+        Ok(ended)
+    }
+
     /// Check that a new session fits; forget the oldest ended sessions to make room.
     ///
     /// # Errors
@@ -476,18 +516,14 @@ impl Table {
     /// [`Error::TableFull`].
     pub fn make_room_for(&self, descs: &[SessionDesc]) -> Result<()> {
         let need: u64 = descs.iter().map(checkpoint_bytes).sum();
+        let _forgetting = self.forgetting.lock();
         loop {
             let (used, cap) = self.capacity();
             let count = self.sessions.read().len();
             if used + need <= cap && count + descs.len() <= SESSIONS_MAX {
                 return Ok(());
             }
-            let victim = self
-                .sessions
-                .read()
-                .values()
-                .find(|s| !s.is_live())
-                .map(|s| s.id());
+            let victim = self.forget_order().first().copied();
             match victim {
                 Some(v) => self.commit(vec![Entry::Forget { session: v }])?,
                 None if count + descs.len() > SESSIONS_MAX => {

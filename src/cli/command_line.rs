@@ -267,6 +267,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove an ended session (completed, withdrawn, terminated) from the table, or with
+    /// --ended every ended session; active and suspended sessions are refused. (An establish
+    /// that needs room forgets the oldest ended sessions on its own; `status` lists them.)
+    Forget {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        #[arg(required_unless_present = "ended", conflicts_with = "ended")]
+        session: Option<SessionId>,
+        /// Every ended session.
+        #[arg(long)]
+        ended: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Open the table, recover, reconcile every session, and print the decisions.
     Recover {
         /// The table.

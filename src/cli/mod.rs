@@ -249,6 +249,28 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             };
             local_or_remote(&table, cmd, io, &mut Local::default())?
         }
+        Command::Forget {
+            table,
+            session,
+            ended,
+            json,
+        } => {
+            let session = match (session, ended) {
+                (Some(s), false) => Some(s.0),
+                (None, true) => None,
+                _ => {
+                    return Err(Fail::Usage(
+                        "forget needs a SESSION or --ended (not both)".to_string(),
+                    ))
+                }
+            };
+            local_or_remote(
+                &table,
+                Remote::Forget { session, json },
+                io,
+                &mut Local::default(),
+            )?
+        }
         Command::Reset {
             table,
             volume,
@@ -586,6 +608,7 @@ fn status_command(table: &Path, as_json: bool) -> Result<String> {
         direct: None,
         held_by: snap.holder,
         rolled_back: snap.rolled_back,
+        room: Some(output::RoomOut::of(&snap.room)),
     };
     if as_json {
         json(&o)

@@ -103,6 +103,14 @@ pub enum Remote {
         #[serde(default)]
         json: bool,
     },
+    /// `forget`: remove one ended session, or every ended session.
+    Forget {
+        /// The session (`None`: every ended session).
+        session: Option<u64>,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
+    },
     /// `status`.
     Status {
         /// JSON output.
@@ -328,6 +336,32 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
                     .collect())
             }
         }
+        Remote::Forget {
+            session,
+            json: as_json,
+        } => {
+            let ids = match session {
+                Some(s) => {
+                    let id = SessionId(*s);
+                    e.forget(id)?;
+                    vec![id]
+                }
+                None => e.forget_ended()?,
+            };
+            let o = output::ForgetOut {
+                forgotten: ids.iter().map(ToString::to_string).collect(),
+            };
+            if *as_json {
+                json(&o)
+            } else if o.forgotten.is_empty() {
+                Ok("no ended session to forget\n".to_string())
+            } else {
+                Ok(o.forgotten
+                    .iter()
+                    .map(|s| format!("{s} forgotten\n"))
+                    .collect())
+            }
+        }
         Remote::Status { json: as_json } => {
             let o = output::StatusOut {
                 sessions: e.status().iter().map(output::SessionOut::of).collect(),
@@ -335,6 +369,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
                 direct: Some(e.direct()),
                 held_by: None,
                 rolled_back: None,
+                room: Some(output::RoomOut::of(&e.room())),
             };
             if *as_json {
                 json(&o)

@@ -231,6 +231,72 @@ pub struct StatusOut {
     /// `(where the journal ends, what the witness saw)` when the table file is older than its
     /// rollback witness.
     pub rolled_back: Option<(u64, u64)>,
+    /// Room for new sessions, and the ended sessions making room would forget first.
+    pub room: Option<RoomOut>,
+}
+
+/// Room for new sessions in `status`.
+#[derive(Debug, Serialize)]
+pub struct RoomOut {
+    /// Session slots free.
+    pub slots_free: usize,
+    /// Session slots in all.
+    pub slots_total: usize,
+    /// Checkpoint bytes the sessions need.
+    pub capacity_used: u64,
+    /// Bytes of a checkpoint area.
+    pub capacity_bytes: u64,
+    /// The ended sessions an establish that needs room forgets, first to last (`s1`).
+    pub forget_order: Vec<String>,
+}
+
+impl RoomOut {
+    /// From the engine's room.
+    pub fn of(r: &crate::engine::Room) -> Self {
+        RoomOut {
+            slots_free: r.slots_free,
+            slots_total: r.sessions_max,
+            capacity_used: r.capacity_used,
+            capacity_bytes: r.capacity_bytes,
+            forget_order: r.forget_order.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// `room: N of M session slots free, ...; forgotten first when room is needed: s1 s2`.
+    pub fn text(&self) -> String {
+        const SHOWN: usize = 8;
+        let mut t = format!(
+            "room: {} of {} session slots free, checkpoint {} of {} used",
+            self.slots_free,
+            self.slots_total,
+            format_size(self.capacity_used),
+            format_size(self.capacity_bytes)
+        );
+        if self.forget_order.is_empty() {
+            t.push_str("; no ended session to forget\n");
+            return t;
+        }
+        let more = self.forget_order.len().saturating_sub(SHOWN);
+        let _ = write!(
+            t,
+            "; ended sessions forgotten first when room is needed: {}{}",
+            self.forget_order[..self.forget_order.len() - more].join(" "),
+            if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            }
+        );
+        t.push('\n');
+        t
+    }
+}
+
+/// `forget`.
+#[derive(Debug, Serialize)]
+pub struct ForgetOut {
+    /// The sessions forgotten (`s1`).
+    pub forgotten: Vec<String>,
 }
 
 impl StatusOut {
@@ -277,6 +343,9 @@ impl StatusOut {
                 }
             }
             out.push('\n');
+        }
+        if let Some(r) = &self.room {
+            out.push_str(&r.text());
         }
         if let Some((table_seq, witness_seq)) = self.rolled_back {
             let _ = writeln!(

@@ -24,6 +24,7 @@
 //! |---|---|
 //! | `mod.rs` | [`Engine`]: open/create, attach volumes, status, direct volume I/O |
 //! | `lifecycle.rs` | [`SessionSpec`], establish, withdraw, convert, terminate, complete |
+//! | `forget.rs` | [`Room`], [`Engine::forget`], [`Engine::forget_ended`] |
 //! | `group.rs` | consistency groups: [`Engine::establish_group`], [`Engine::withdraw_group`] |
 //! | `write.rs` | source writes with copy-before-write, target writes ([`Engine::write_image`]) |
 //! | `image.rs` | [`Image`] and the lock-free image read with its re-check |
@@ -33,6 +34,7 @@
 
 pub mod copier;
 mod copy;
+mod forget;
 mod group;
 mod image;
 mod lifecycle;
@@ -43,6 +45,7 @@ pub use crate::volume::{
     open_file_volume, Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING,
 };
 pub use copy::CopyProgress;
+pub use forget::{table_room, Room};
 #[cfg(feature = "fault")]
 pub use group::set_canary_split_group_commit;
 pub use image::Image;
@@ -206,6 +209,8 @@ pub struct TableSnapshot {
     /// `(where the journal ends, what the witness saw)` when the table file is older than its
     /// rollback witness (every command that opens it refuses it).
     pub rolled_back: Option<(u64, u64)>,
+    /// Room for new sessions, and the ended sessions making room would forget first.
+    pub room: Room,
 }
 
 /// Read the committed state of the table at `path` without taking it and without changing
@@ -228,6 +233,7 @@ pub fn read_status(path: &Path) -> Result<TableSnapshot> {
                     sessions: t.sessions().iter().map(|s| session_status(s)).collect(),
                     holder: crate::activity::table_holder(path),
                     rolled_back: t.rolled_back()?,
+                    room: table_room(&t),
                 })
             }
             Err(e @ Error::Corrupt { .. }) => {
