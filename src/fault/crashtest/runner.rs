@@ -271,7 +271,7 @@ impl Harness<'_> {
                 off,
                 len,
                 fill: f,
-            } => e.write(ids[*vol], *off, &fill(*f, *len)),
+            } => self.write(*vol, *off, &fill(*f, *len), x),
             Op::Flush { vol } => {
                 let r = e.flush(ids[*vol]);
                 for s in x.after.sessions.values_mut() {
@@ -443,6 +443,31 @@ impl Harness<'_> {
             );
         }
         Ok(())
+    }
+
+    /// A write to volume `vol`. Where it lands on the target of a live session (a volume that
+    /// stopped being a target only if a withdraw succeeded, which an injected fault may have
+    /// prevented), it is a target write of that session: pending in the expected states like
+    /// [`Harness::write_image`], and told to the ordering checker as the user's.
+    fn write(&mut self, vol: usize, off: u64, data: &[u8], x: &mut Expect) -> crate::Result<()> {
+        let len = data.len() as u64;
+        for s in self.engine.table().sessions() {
+            if !s.is_live() || s.desc.target.id != self.ids[vol] {
+                continue;
+            }
+            for p in s.map.target_pieces(off, len) {
+                self.world
+                    .note_user_write(&s.desc.target.locator, p.target_offset, p.len);
+                let d = usize::try_from(p.target_offset - off).unwrap_or(0);
+                let bytes = data[d..d + usize::try_from(p.len).unwrap_or(0)].to_vec();
+                for st in [&mut x.inflight, &mut x.after] {
+                    if let Some(r) = st.sessions.get_mut(&s.id().0) {
+                        r.pending.push((p.image_offset, bytes.clone()));
+                    }
+                }
+            }
+        }
+        self.engine.write(self.ids[vol], off, data)
     }
 
     /// A target write through session `sess`: pending in the expected states until a flush of
