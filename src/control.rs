@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use crate::command::{execute, Remote};
 pub use crate::command::{Channel, CopyRegistry, Registered};
 use crate::engine::Engine;
+use crate::ids::SessionId;
+use crate::state::{Reason, SessionState};
 use crate::{Error, Result};
 
 /// Version of the control protocol spoken by this build.
@@ -80,8 +82,226 @@ enum Frame {
     Data(u64),
     /// The command succeeded; its output.
     Done(String),
-    /// The command failed; `interrupted` when it was stopped at the client's request.
-    Failed { error: String, interrupted: bool },
+    /// The command failed; `interrupted` when it was stopped at the client's request. `typed`
+    /// carries the error's variant when the client can rebuild it.
+    Failed {
+        error: String,
+        interrupted: bool,
+        #[serde(default)]
+        typed: Option<WireError>,
+    },
+}
+
+impl Frame {
+    fn failed(error: String) -> Frame {
+        Frame::Failed {
+            error,
+            interrupted: false,
+            typed: None,
+        }
+    }
+}
+
+/// The variants of [`Error`] a caller matches on, as they cross the control socket, so that a
+/// command forwarded to the serving process fails with the same variant as it would here. The
+/// others (I/O errors, corruption, invalid input: their fields name static strings of this
+/// build) come back as [`Error::Remote`] with the server's message.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum WireError {
+    UnknownSession(SessionId),
+    UnknownVolume(String),
+    NotActive {
+        id: SessionId,
+        state: SessionState,
+    },
+    Suspended {
+        id: SessionId,
+        target_role: bool,
+        path: String,
+        why: String,
+    },
+    ExtentTerminated {
+        id: SessionId,
+        extent: u32,
+        reason: Reason,
+    },
+    TargetTooSmall {
+        target: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    TargetInUse {
+        volume: String,
+        offset: u64,
+        len: u64,
+        other: SessionId,
+    },
+    Overlap {
+        volume: String,
+        offset: u64,
+        len: u64,
+    },
+    Misaligned {
+        offset: u64,
+        len: u64,
+        align: u64,
+    },
+    NotAVolume {
+        path: String,
+        why: String,
+    },
+    HoldsData {
+        path: String,
+        found: String,
+    },
+    ReadOnly {
+        path: String,
+    },
+    Interrupted(String),
+}
+
+impl WireError {
+    /// The typed form of `e`, when it has one.
+    fn of(e: &Error) -> Option<WireError> {
+        Some(match e {
+            Error::UnknownSession(id) => WireError::UnknownSession(*id),
+            Error::UnknownVolume(v) => WireError::UnknownVolume(v.clone()),
+            Error::NotActive { id, state } => WireError::NotActive {
+                id: *id,
+                state: *state,
+            },
+            Error::Suspended {
+                id,
+                role,
+                path,
+                why,
+            } => WireError::Suspended {
+                id: *id,
+                target_role: *role == "target",
+                path: path.clone(),
+                why: why.clone(),
+            },
+            Error::ExtentTerminated { id, extent, reason } => WireError::ExtentTerminated {
+                id: *id,
+                extent: *extent,
+                reason: reason.clone(),
+            },
+            Error::TargetTooSmall {
+                target,
+                offset,
+                len,
+                size,
+            } => WireError::TargetTooSmall {
+                target: target.clone(),
+                offset: *offset,
+                len: *len,
+                size: *size,
+            },
+            Error::TargetInUse {
+                volume,
+                offset,
+                len,
+                other,
+            } => WireError::TargetInUse {
+                volume: volume.clone(),
+                offset: *offset,
+                len: *len,
+                other: *other,
+            },
+            Error::Overlap {
+                volume,
+                offset,
+                len,
+            } => WireError::Overlap {
+                volume: volume.clone(),
+                offset: *offset,
+                len: *len,
+            },
+            Error::Misaligned { offset, len, align } => WireError::Misaligned {
+                offset: *offset,
+                len: *len,
+                align: *align,
+            },
+            Error::NotAVolume { path, why } => WireError::NotAVolume {
+                path: path.clone(),
+                why: why.clone(),
+            },
+            Error::HoldsData { path, found } => WireError::HoldsData {
+                path: path.clone(),
+                found: found.clone(),
+            },
+            Error::ReadOnly { path } => WireError::ReadOnly { path: path.clone() },
+            Error::Interrupted(m) => WireError::Interrupted(m.clone()),
+            _ => return None,
+        })
+    }
+
+    fn into_error(self) -> Error {
+        match self {
+            WireError::UnknownSession(id) => Error::UnknownSession(id),
+            WireError::UnknownVolume(v) => Error::UnknownVolume(v),
+            WireError::NotActive { id, state } => Error::NotActive { id, state },
+            WireError::Suspended {
+                id,
+                target_role,
+                path,
+                why,
+            } => Error::Suspended {
+                id,
+                role: if target_role { "target" } else { "source" },
+                path,
+                why,
+            },
+            WireError::ExtentTerminated { id, extent, reason } => {
+                Error::ExtentTerminated { id, extent, reason }
+            }
+            WireError::TargetTooSmall {
+                target,
+                offset,
+                len,
+                size,
+            } => Error::TargetTooSmall {
+                target,
+                offset,
+                len,
+                size,
+            },
+            WireError::TargetInUse {
+                volume,
+                offset,
+                len,
+                other,
+            } => Error::TargetInUse {
+                volume,
+                offset,
+                len,
+                other,
+            },
+            WireError::Overlap {
+                volume,
+                offset,
+                len,
+            } => Error::Overlap {
+                volume,
+                offset,
+                len,
+            },
+            WireError::Misaligned { offset, len, align } => {
+                Error::Misaligned { offset, len, align }
+            }
+            WireError::NotAVolume { path, why } => Error::NotAVolume { path, why },
+            WireError::HoldsData { path, found } => Error::HoldsData { path, found },
+            WireError::ReadOnly { path } => Error::ReadOnly { path },
+            WireError::Interrupted(m) => Error::Interrupted(m),
+        }
+    }
+}
+
+/// The error a `Failed` frame stands for: its variant when the server sent one, else its
+/// message as [`Error::Remote`].
+fn remote_error(error: String, typed: Option<WireError>) -> Error {
+    typed.map_or(Error::Remote(error), WireError::into_error)
 }
 
 /// A listening control socket.
@@ -227,10 +447,7 @@ fn handle(ctx: &Ctx, c: &UnixStream) -> std::io::Result<()> {
     (&mut reader).take(REQUEST_BYTES_MAX).read_line(&mut line)?;
     c.set_read_timeout(Some(STREAM_TIMEOUT))?;
     let reply = match parse_request(&line) {
-        Err(why) => Frame::Failed {
-            error: why,
-            interrupted: false,
-        },
+        Err(why) => Frame::failed(why),
         Ok(Request::Shutdown) => {
             ctx.stop.store(true, Ordering::Release);
             // Wake the accept loop so it sees the stop flag.
@@ -264,15 +481,12 @@ fn parse_request(line: &str) -> std::result::Result<Request, String> {
 
 fn run(ctx: &Ctx, c: &UnixStream, reader: BufReader<&UnixStream>, cmd: &Remote) -> Frame {
     if let Some(p) = cmd.paths().into_iter().find(|p| !p.is_absolute()) {
-        return Frame::Failed {
-            error: format!(
-                "relative path {} sent to the server of {}: a forwarded command must name \
-                 absolute paths",
-                p.display(),
-                ctx.table
-            ),
-            interrupted: false,
-        };
+        return Frame::failed(format!(
+            "relative path {} sent to the server of {}: a forwarded command must name absolute \
+             paths",
+            p.display(),
+            ctx.table
+        ));
     }
     let mut ch = ServerChannel {
         ctx,
@@ -284,6 +498,7 @@ fn run(ctx: &Ctx, c: &UnixStream, reader: BufReader<&UnixStream>, cmd: &Remote) 
         Ok(o) => Frame::Done(o),
         Err(e) => Frame::Failed {
             interrupted: matches!(e, Error::Interrupted(_)),
+            typed: WireError::of(&e),
             error: e.to_string(),
         },
     }
@@ -417,7 +632,9 @@ fn read_frame(r: &mut BufReader<&UnixStream>, path: &Path) -> Result<Frame> {
 ///
 /// # Errors
 /// I/O errors reaching the socket, a busy server that stays busy, and the command's own
-/// errors ([`Error::Remote`], or [`Error::Interrupted`] when it was stopped on request).
+/// errors: the same variant as the command gives when run here for the errors a caller matches
+/// on (unknown or inactive sessions, overlaps, suspended sessions, ...), [`Error::Interrupted`]
+/// when it was stopped on request, else [`Error::Remote`] with the server's message.
 pub fn request(
     path: &Path,
     first: Option<UnixStream>,
@@ -504,8 +721,8 @@ fn frames(
                     Ok(n) => n,
                     // The server stopped reading: its reason comes next.
                     Err(e) => match read_frame(&mut r, path) {
-                        Ok(Frame::Failed { error, .. }) => {
-                            return Ok(Some(Err(Error::Remote(error))))
+                        Ok(Frame::Failed { error, typed, .. }) => {
+                            return Ok(Some(Err(remote_error(error, typed))))
                         }
                         _ => return Err(Error::io("send", shown, 0, e)),
                     },
@@ -536,7 +753,7 @@ fn frames(
                     "run copy again to resume".into(),
                 ))))
             }
-            Frame::Failed { error, .. } => return Ok(Some(Err(Error::Remote(error)))),
+            Frame::Failed { error, typed, .. } => return Ok(Some(Err(remote_error(error, typed)))),
         }
     }
 }
@@ -553,11 +770,100 @@ pub fn shutdown(path: &Path) -> Result<()> {
         match read_frame(&mut BufReader::new(&c), path) {
             Err(_) if sent.is_err() => return sent,
             r => match r? {
-                Frame::Failed { error, .. } => return Err(Error::Remote(error)),
+                Frame::Failed { error, typed, .. } => return Err(remote_error(error, typed)),
                 Frame::Busy(why) if Instant::now() >= deadline => return Err(Error::Remote(why)),
                 Frame::Busy(_) => std::thread::sleep(Duration::from_millis(200)),
                 _ => return Ok(()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+    use super::*;
+    use crate::command::CopyRegistry;
+    use crate::engine::{EngineOptions, SessionSpec};
+    use crate::volume::{FileVolume, FileVolumeOptions};
+
+    /// A channel with no input that keeps what it is given.
+    struct Quiet;
+
+    impl Channel for Quiet {
+        fn input(&mut self) -> Result<&mut dyn Read> {
+            Err(Error::invalid("input", "none in this test"))
+        }
+        fn output(&mut self, _: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        fn progress(&mut self, _: &str) {}
+        fn progress_interval(&self) -> Duration {
+            Duration::from_secs(3600)
+        }
+        fn interrupted(&mut self) -> Option<Error> {
+            None
+        }
+        fn copies(&self) -> Option<CopyRegistry> {
+            None
+        }
+    }
+
+    /// A command forwarded to the serving process fails with the variant it fails with here
+    /// (state and reason typed), and one without a typed form keeps its message.
+    #[test]
+    fn forwarded_errors_keep_their_variant() {
+        let d = tempfile::tempdir().unwrap();
+        let table = d.path().join("t.tzt");
+        let e = Arc::new(Engine::create_path(&table, EngineOptions::default()).unwrap());
+        let vol = |n: &str| {
+            let p = d.path().join(n);
+            FileVolume::create(&p, 1 << 20, &FileVolumeOptions::default()).unwrap();
+            e.attach_path(&p).unwrap()
+        };
+        let (a, b, c) = (vol("a"), vol("b"), vol("c"));
+        let id = e.establish(&SessionSpec::whole(a, b)).unwrap();
+        e.withdraw(id).unwrap();
+        e.establish(&SessionSpec::whole(a, c)).unwrap();
+        let sock = d.path().join("t.ctl");
+        let _server = ControlServer::start(e.clone(), &sock, &table).unwrap();
+        let run = |cmd: Remote| request(&sock, None, &cmd, &mut Quiet, None).unwrap_err();
+
+        let err = run(Remote::Withdraw {
+            session: id.0,
+            json: false,
+        });
+        assert!(
+            matches!(err, Error::NotActive { id: i, state: SessionState::Withdrawn } if i == id),
+            "{err:?}"
+        );
+        let err = run(Remote::Withdraw {
+            session: 99,
+            json: false,
+        });
+        assert!(
+            matches!(err, Error::UnknownSession(SessionId(99))),
+            "{err:?}"
+        );
+        // Establishing onto a volume used as a source: `Overlap`, typed, naming the volume.
+        let err = run(Remote::Establish {
+            source: d.path().join("c"),
+            target: d.path().join("a"),
+            extents: Vec::new(),
+            grain: 65536,
+            nocopy: false,
+            force: true,
+            json: false,
+        });
+        let local = e
+            .establish(&SessionSpec::whole(c, a))
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.to_string(), local.to_string());
+        assert_eq!(
+            std::mem::discriminant(&err),
+            std::mem::discriminant(&local),
+            "{err:?} vs {local:?}"
+        );
     }
 }

@@ -5,7 +5,8 @@
 
 use std::path::PathBuf;
 
-use crate::ids::SessionId;
+use crate::ids::{Seq, SessionId};
+use crate::state::{Reason, SessionState};
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -130,17 +131,19 @@ pub enum Error {
     /// The table file is older than its rollback witness: it was put back from an older copy
     /// (or the witness belongs to a newer copy of it).
     #[error(
-        "activity table {path} was rolled back: it ends at journal sequence {table_seq} but its \
-         witness {path}.witness saw sequence {witness_seq} committed; its images cannot be \
-         trusted (recover --accept-rollback opens it and ends every active session)"
+        "activity table {path} was rolled back: it ends at journal sequence {} but its \
+         witness {path}.witness saw sequence {} committed; its images cannot be \
+         trusted (recover --accept-rollback opens it and ends every active session)",
+        table_seq.0,
+        witness_seq.0
     )]
     RolledBack {
         /// Path of the table.
         path: String,
         /// Where the table's journal ends.
-        table_seq: u64,
+        table_seq: Seq,
         /// The newest committed sequence the witness recorded.
-        witness_seq: u64,
+        witness_seq: Seq,
     },
     /// The table was opened read-only.
     #[error("activity table {path} is open read-only")]
@@ -309,7 +312,7 @@ pub enum Error {
         /// The session.
         id: SessionId,
         /// Its current state.
-        state: String,
+        state: SessionState,
     },
     /// The session is suspended: one of its volumes cannot be found or opened. Writes that
     /// would need copy-before-write for it, its image reads and its background copy wait until
@@ -350,7 +353,7 @@ pub enum Error {
         /// Index of the extent within the session.
         extent: u32,
         /// Why it ended.
-        reason: String,
+        reason: Reason,
     },
     /// A long command was stopped on request (Ctrl-C) before it finished; what it did so far
     /// is durable.

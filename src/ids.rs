@@ -3,7 +3,9 @@
 use std::fmt;
 
 /// Identifier of a session inside one activity table (never reused within that table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct SessionId(pub u64);
 
 impl fmt::Display for SessionId {
@@ -58,8 +60,33 @@ impl fmt::Display for Generation {
 }
 
 /// Index of a grain in a session's grain space (the session's extents laid end to end).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+#[serde(transparent)]
 pub struct GrainIndex(pub u64);
+
+impl GrainIndex {
+    /// The first grain.
+    pub const ZERO: GrainIndex = GrainIndex(0);
+
+    /// The index as a number.
+    #[must_use]
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The grain `n` grains after this one.
+    #[must_use]
+    pub const fn plus(self, n: GrainCount) -> GrainIndex {
+        GrainIndex(self.0.saturating_add(n.0))
+    }
+
+    /// How many grains lie from this one up to (not including) `end`; zero when `end` is not
+    /// after it.
+    #[must_use]
+    pub const fn until(self, end: GrainIndex) -> GrainCount {
+        GrainCount(end.0.saturating_sub(self.0))
+    }
+}
 
 impl fmt::Display for GrainIndex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -68,8 +95,45 @@ impl fmt::Display for GrainIndex {
 }
 
 /// A number of grains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+#[serde(transparent)]
 pub struct GrainCount(pub u64);
+
+impl GrainCount {
+    /// No grains.
+    pub const ZERO: GrainCount = GrainCount(0);
+
+    /// The count as a number.
+    #[must_use]
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The bytes of this many grains of `grain` bytes each (saturating).
+    #[must_use]
+    pub const fn bytes(self, grain: GrainSize) -> u64 {
+        self.0.saturating_mul(grain.0 as u64)
+    }
+}
+
+impl std::ops::Add for GrainCount {
+    type Output = GrainCount;
+    fn add(self, o: GrainCount) -> GrainCount {
+        GrainCount(self.0.saturating_add(o.0))
+    }
+}
+
+impl std::ops::AddAssign for GrainCount {
+    fn add_assign(&mut self, o: GrainCount) {
+        *self = *self + o;
+    }
+}
+
+impl std::iter::Sum for GrainCount {
+    fn sum<I: Iterator<Item = GrainCount>>(iter: I) -> GrainCount {
+        iter.fold(GrainCount::ZERO, |a, b| a + b)
+    }
+}
 
 impl fmt::Display for GrainCount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -78,8 +142,17 @@ impl fmt::Display for GrainCount {
 }
 
 /// Sequence number of a journal block; monotonic for the life of a table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+#[serde(transparent)]
 pub struct Seq(pub u64);
+
+impl Seq {
+    /// The sequence number as a number.
+    #[must_use]
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
 
 impl fmt::Display for Seq {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

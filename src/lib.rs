@@ -27,6 +27,7 @@ pub mod limits;
 pub mod model;
 pub mod nbd;
 pub mod session;
+pub mod state;
 pub mod sync;
 pub mod units;
 pub mod volume;
@@ -35,12 +36,12 @@ pub mod volume;
 pub use engine::copier;
 
 pub use activity::TableOptions;
-pub use engine::copier::{Copier, CopierOptions};
+pub use engine::copier::{Copier, CopierEvent, CopierOptions};
 pub use engine::{
     Decision, Engine, EngineOptions, Image, Outcome, RestartPolicy, SessionSpec, SessionStatus,
 };
 pub use error::{Error, Result};
-pub use ids::{GrainSize, SessionId, VolumeId};
+pub use ids::{GrainCount, GrainIndex, GrainSize, SessionId, VolumeId};
 pub use model::{CopyMode, ExtentSpec, Reason, ReasonCode, SessionState};
 pub use volume::{FileVolume, FileVolumeOptions, MemVolume, Volume, VolumeInfo};
 
@@ -50,7 +51,7 @@ pub mod prelude {
     pub use crate::engine::copier::{Copier, CopierOptions};
     pub use crate::engine::{Engine, EngineOptions, Image, SessionSpec};
     pub use crate::error::{Error, Result};
-    pub use crate::ids::{GrainSize, SessionId};
+    pub use crate::ids::{GrainCount, GrainIndex, GrainSize, SessionId};
     pub use crate::model::{CopyMode, ExtentSpec};
     pub use crate::volume::{FileVolume, MemVolume, Volume};
 }

@@ -237,7 +237,7 @@ fn engine_session_over_backend(open: Opener) {
             .unwrap();
     }
     assert_eq!(common::image(&e, id), t0);
-    e.copy_all(id, 8).unwrap();
+    e.copy_all(id, timezero::GrainCount(8)).unwrap();
     let mut got = vec![0u8; size];
     tgt.read_at(0, &mut got).unwrap();
     assert!(got == t0, "completed target differs from T0");

@@ -132,7 +132,9 @@ fn every_single_bit_flip_is_detected() {
             mode: CopyMode::Copy,
         })
         .unwrap();
-    engine.copy_batch(id, 0, 3).unwrap();
+    engine
+        .copy_batch(id, timezero::GrainIndex(0), timezero::GrainCount(3))
+        .unwrap();
     engine
         .table()
         .commit(vec![Entry::SetBits {

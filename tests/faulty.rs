@@ -263,7 +263,10 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
                 .unwrap();
         }
         // A background copy of session 1 written to its target but never committed.
-        let (_, hold) = e.copy_data(s1, 0, 4).unwrap().unwrap();
+        let (_, hold) = e
+            .copy_data(s1, timezero::GrainIndex(0), timezero::GrainCount(4))
+            .unwrap()
+            .unwrap();
         drop(hold);
         // Another round of source writes over copied grains.
         e.write(a, 10, &[0x77; 600]).unwrap();
@@ -291,7 +294,7 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
         assert!(common::image(&e, s1) == f.t0, "{mode:?}: image 1 is not T0");
         assert!(common::image(&e, s2) == f.t0, "{mode:?}: image 2 is not T0");
         // The background copy finishes from the crashed state with T0 targets.
-        e.copy_all(s1, 4).unwrap();
+        e.copy_all(s1, timezero::GrainCount(4)).unwrap();
         assert!(std::fs::read(f.path("t1")).unwrap() == f.t0, "{mode:?}");
     }
 }
@@ -452,4 +455,84 @@ fn failed_flush_latches_the_volume_with_its_first_error() {
     drop(e);
     let e = f.reopen();
     assert!(common::image(&e, id) == f.t0);
+}
+
+/// The copier reports every durability point, the completion once, and a failure: over real
+/// files, two sessions, one of whose targets starts failing every flush half way.
+#[test]
+fn copier_events_report_commits_completion_and_failure() {
+    use std::sync::Mutex;
+    use timezero::copier::{Copier, CopierEvent, CopierOptions};
+
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Committed(SessionId, u64),
+        Completed(SessionId),
+        Failed(String),
+    }
+    fn record(log: &Arc<Mutex<Vec<Seen>>>) -> impl Fn(&CopierEvent<'_>) + Send + Sync + 'static {
+        let log = log.clone();
+        move |ev| {
+            let s = match ev {
+                CopierEvent::Committed { session, bytes, .. } => Seen::Committed(*session, *bytes),
+                CopierEvent::Completed { session } => Seen::Completed(*session),
+                CopierEvent::Failed { error } => Seen::Failed(error.to_string()),
+                _ => return,
+            };
+            log.lock().unwrap().push(s);
+        }
+    }
+
+    // Healthy: every byte of the session is reported in commits, then one completion.
+    let (_f, _src, _tgt, e, _a, id) = setup(31);
+    let e = Arc::new(e);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let opts = CopierOptions {
+        batch_bytes: 128 << 10,
+        commit_bytes: 256 << 10,
+        ..CopierOptions::default()
+    };
+    let p = Copier::start_with_events(e.clone(), opts.clone(), record(&log))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(p.done);
+    let seen = std::mem::take(&mut *log.lock().unwrap());
+    let committed: u64 = seen
+        .iter()
+        .map(|s| match s {
+            Seen::Committed(sid, b) if *sid == id => *b,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(committed, SIZE as u64, "{seen:?}");
+    assert_eq!(p.commits, (seen.len() - 1) as u64, "{seen:?}");
+    assert_eq!(seen.last(), Some(&Seen::Completed(id)), "{seen:?}");
+    assert_eq!(
+        seen.iter()
+            .filter(|s| matches!(s, Seen::Completed(_)))
+            .count(),
+        1
+    );
+
+    // Failing: the target's every flush fails; the copier reports the error and stops, and
+    // join returns it. No commit is reported (none was made durable).
+    let (_f, _src, tgt, e, _a, _id) = setup(32);
+    tgt.arm(FaultPlan::new().fail_flush(Trigger::forever(0)));
+    let e = Arc::new(e);
+    let err = Copier::start_with_events(e, opts, record(&log))
+        .unwrap()
+        .join()
+        .unwrap_err();
+    let seen = std::mem::take(&mut *log.lock().unwrap());
+    assert!(
+        seen.iter().any(|s| *s == Seen::Failed(err.to_string())),
+        "{seen:?} / {err}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| matches!(s, Seen::Committed(..) | Seen::Completed(_))),
+        "{seen:?}"
+    );
 }

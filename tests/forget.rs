@@ -42,7 +42,7 @@ fn forget_removes_ended_sessions_and_refuses_live_ones() {
     let completed = e.establish(&spec(&vols[0], &vols[2])).unwrap();
     let terminated = e.establish(&spec(&vols[0], &vols[3])).unwrap();
     e.withdraw(withdrawn).unwrap();
-    e.copy_all(completed, 2).unwrap();
+    e.copy_all(completed, timezero::GrainCount(2)).unwrap();
     assert_eq!(
         e.session(completed).unwrap().state(),
         SessionState::Completed

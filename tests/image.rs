@@ -53,7 +53,11 @@ fn image_handle_reads_the_t0_image_through_every_change() {
     assert!(both(&e, &img, id) == t0, "image wrong after re-attach");
 
     // Copy everything: the session completes and reads come from the target only.
-    while e.copy_batch(id, 0, 64).unwrap().is_some() {}
+    while e
+        .copy_batch(id, timezero::GrainIndex(0), timezero::GrainCount(64))
+        .unwrap()
+        .is_some()
+    {}
     e.complete_if_done(id).unwrap();
     assert!(both(&e, &img, id) == t0, "completed image is not T0");
 

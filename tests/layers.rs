@@ -26,6 +26,12 @@ const ALLOWED: &[(&str, &str, &str)] = &[
     ),
     (
         "error",
+        "state",
+        "`NotActive` and `ExtentTerminated` carry the session's state and the extent's reason as \
+         typed values, which a caller matches on; `state` builds nothing with `Error`",
+    ),
+    (
+        "error",
         "activity",
         "`Corruption::BadVersion` prints the table format version this build reads, \
          `activity::format::FORMAT_VERSION`; carrying it in the variant instead would change a \

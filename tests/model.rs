@@ -21,7 +21,7 @@ use timezero::activity::TableStorage;
 use timezero::engine::{Engine, EngineOptions, MapResolver};
 use timezero::engine::{Outcome, SessionSpec};
 use timezero::fault::{SimVolume, SimWorld};
-use timezero::ids::{GrainSize, SessionId};
+use timezero::ids::{GrainCount, GrainIndex, GrainSize, SessionId};
 use timezero::volume::{MemVolume, Volume};
 use timezero::Error;
 
@@ -346,7 +346,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let Some((id, _, _)) = m.sessions.get(sess) else {
                     continue;
                 };
-                let _ = e.copy_batch(*id, 0, grains).unwrap();
+                let _ = e
+                    .copy_batch(*id, GrainIndex(0), GrainCount(grains))
+                    .unwrap();
                 let done = e.complete_if_done(*id).unwrap();
                 if done {
                     // A completed session's target is independent: later target writes still
@@ -518,7 +520,7 @@ fn completed_session_image_is_target() {
         .unwrap();
     let t0 = src.snapshot();
     e.write(a, 100, &[1u8; 9000]).unwrap();
-    e.copy_all(id, 5).unwrap();
+    e.copy_all(id, GrainCount(5)).unwrap();
     assert_eq!(
         e.session(id).unwrap().status().state,
         SessionState::Completed

@@ -67,11 +67,11 @@ fn workload(e: &Engine, src: VolumeId, ids: [SessionId; 2], round: u8) {
     };
     w(0, 6000);
     w(5 * K, K);
-    let _ = e.copy_batch(ids[1], 0, 2);
+    let _ = e.copy_batch(ids[1], timezero::GrainIndex(0), timezero::GrainCount(2));
     w(13 * K, 2 * K);
     let _ = e.flush(src);
     w(3 * K, 2 * K);
-    let _ = e.copy_batch(ids[0], 0, 3);
+    let _ = e.copy_batch(ids[0], timezero::GrainIndex(0), timezero::GrainCount(3));
     w(15 * K, K);
     let _ = e.flush(src);
 }
@@ -232,7 +232,7 @@ fn check_after(
     }
     for id in ids {
         if e.session(id).unwrap().is_active() {
-            let _ = e.copy_all(id, 2);
+            let _ = e.copy_all(id, timezero::GrainCount(2));
         }
     }
     for (i, id) in ids.iter().enumerate() {

@@ -129,7 +129,7 @@ fn writers_copier_and_readers_on_one_session() {
     }
     assert_eq!(common::image(&e, id), t0, "image differs after the race");
     c.stop().unwrap();
-    e.copy_all(id, 64).unwrap();
+    e.copy_all(id, timezero::GrainCount(64)).unwrap();
     let mut tb = vec![0u8; size];
     e.read(tgt, 0, &mut tb).unwrap();
     assert!(tb == t0, "completed target differs from T0");

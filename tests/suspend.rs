@@ -136,7 +136,10 @@ fn missing_target_suspends_on_open_and_resumes_when_back() {
         Err(Error::Suspended { .. })
     ));
     assert!(matches!(e.image(f.s1), Err(Error::Suspended { .. })));
-    assert_eq!(e.copy_all(f.s1, 4).unwrap(), 0);
+    assert_eq!(
+        e.copy_all(f.s1, timezero::GrainCount(4)).unwrap(),
+        timezero::GrainCount(0)
+    );
     assert_eq!(
         e.session(f.s1).unwrap().status().state,
         SessionState::Suspended
@@ -153,7 +156,7 @@ fn missing_target_suspends_on_open_and_resumes_when_back() {
     assert_eq!(common::image(&e, f.s1), f.t0[0]);
     e.write(ia, 200_000, &[1u8; 4096]).unwrap();
     assert_eq!(common::image(&e, f.s1), f.t0[0]);
-    e.copy_all(f.s1, 4).unwrap();
+    e.copy_all(f.s1, timezero::GrainCount(4)).unwrap();
     assert_eq!(
         e.session(f.s1).unwrap().status().state,
         SessionState::Completed

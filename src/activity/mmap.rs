@@ -20,7 +20,8 @@ impl MappedFile {
         let len = usize::try_from(len)
             .map_err(|_| std::io::Error::other("table larger than address space"))?;
         // SAFETY: the file is locked with an exclusive flock for as long as the owning
-        // `MmapStorage` lives (it keeps the `File` alive beside the map), so no cooperating
+        // `MmapStorage` lives (it keeps the `File` alive beside the map; a table opened
+        // read-only, without the lock, is never mapped but read with pread), so no cooperating
         // process truncates or writes it while mapped. The file was fully allocated with
         // fallocate at creation and its length is never changed afterwards, so every page of
         // the mapping lies within the file and is backed (no SIGBUS past its end). The map is

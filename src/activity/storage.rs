@@ -76,7 +76,10 @@ pub trait TableStorage: Send + Sync + std::fmt::Debug {
 /// long as this value lives, and records who it is in `PATH.holder`.
 #[derive(Debug)]
 pub struct MmapStorage {
-    map: Mutex<MappedFile>,
+    /// The read-only mapping reads come from; `None` when opened read-only (another process
+    /// may write the file then, so its bytes are read with `pread` into the caller's buffer
+    /// instead of being borrowed from a mapping that could change under the borrow).
+    map: Mutex<Option<MappedFile>>,
     path: PathBuf,
     len: u64,
     file: File,
@@ -216,8 +219,14 @@ impl MmapStorage {
     }
 
     fn map(file: File, path: &Path, len: u64, read_only: bool) -> Result<Self> {
-        let map = MappedFile::map(&file, len)
-            .map_err(|e| Error::io("mmap", path.display().to_string(), 0, e))?;
+        let map = if read_only {
+            None
+        } else {
+            Some(
+                MappedFile::map(&file, len)
+                    .map_err(|e| Error::io("mmap", path.display().to_string(), 0, e))?,
+            )
+        };
         let direct = {
             use std::os::unix::fs::OpenOptionsExt as _;
             let flag = i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap_or(0);
@@ -273,7 +282,11 @@ impl TableStorage for MmapStorage {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let r = range(offset, buf.len(), self.len)?;
-        buf.copy_from_slice(&self.map.lock().bytes()[r]);
+        match &*self.map.lock() {
+            Some(m) => buf.copy_from_slice(&m.bytes()[r]),
+            None => std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+                .map_err(|e| Error::io("read", self.path.display().to_string(), offset, e))?,
+        }
         Ok(())
     }
     /// Reads through the `O_DIRECT` descriptor where there is one, so that the bytes come from

@@ -14,7 +14,7 @@ use super::format::{
 };
 use super::storage::TableStorage;
 use crate::error::Corruption;
-use crate::ids::SessionId;
+use crate::ids::{Seq, SessionId};
 use crate::limits::{COMMIT_BLOCKS_MAX, JOURNAL_BLOCK_BYTES, SESSIONS_MAX, SUPERBLOCK_BYTES};
 use crate::session::Session;
 use crate::{Error, Result};
@@ -103,7 +103,7 @@ pub struct OpenReport {
     /// `(where the journal ends, what the witness saw)` when the table was older than its
     /// rollback witness and was opened with `accept_rollback` (its active sessions were
     /// terminated).
-    pub rolled_back: Option<(u64, u64)>,
+    pub rolled_back: Option<(Seq, Seq)>,
     /// Superblock copies that failed to verify (0, 1 or 2). A damaged newest superblock is
     /// invisible in `fell_back` (its generation is unreadable), so it is counted here.
     pub damaged_superblocks: u32,
@@ -320,14 +320,14 @@ impl Table {
     ///
     /// # Errors
     /// I/O errors reading the witness.
-    pub fn rolled_back(&self) -> Result<Option<(u64, u64)>> {
+    pub fn rolled_back(&self) -> Result<Option<(Seq, Seq)>> {
         let Some(bytes) = self.storage.read_witness()? else {
             return Ok(None);
         };
         let next_seq = self.writer.lock().next_seq;
         Ok(Witness::decode(&bytes)
             .filter(|w| w.table_id == self.table_id && w.seq > next_seq)
-            .map(|w| (next_seq, w.seq)))
+            .map(|w| (Seq(next_seq), Seq(w.seq))))
     }
 
     /// Record `next_seq` in the witness; `durable` at checkpoints and close. A witness that
@@ -639,68 +639,45 @@ impl Table {
         self.poisoned.load(Ordering::Acquire)
     }
 
+    /// Every entry names a session that exists (or that the batch establishes), and no
+    /// establish reuses an id.
+    fn validate_batch(&self, batch: &[Entry]) -> Result<()> {
+        let sessions = self.sessions.read();
+        for e in batch {
+            match e {
+                Entry::Establish(d) => {
+                    if sessions.contains_key(&d.id) {
+                        return Err(Error::invalid(
+                            "establish",
+                            format!("session {} exists", d.id),
+                        ));
+                    }
+                }
+                Entry::SetBits { session, .. }
+                | Entry::SetState { session, .. }
+                | Entry::SetMode { session, .. }
+                | Entry::EndExtent { session, .. }
+                | Entry::Forget { session } => {
+                    if !sessions.contains_key(session)
+                        && !batch
+                            .iter()
+                            .any(|x| matches!(x, Entry::Establish(d) if d.id == *session))
+                    {
+                        return Err(Error::UnknownSession(*session));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Write `batch` as journal commits, sync once, apply. `atomic` lists ranges of the batch
     /// that each go into one commit whole.
     fn write_batch(&self, batch: &[Entry], atomic: &[std::ops::Range<usize>]) -> Result<()> {
         let mut w = self.writer.lock();
         // Validate before writing: a bad entry must never reach the disk.
-        {
-            let sessions = self.sessions.read();
-            for e in batch {
-                match e {
-                    Entry::Establish(d) => {
-                        if sessions.contains_key(&d.id) {
-                            return Err(Error::invalid(
-                                "establish",
-                                format!("session {} exists", d.id),
-                            ));
-                        }
-                    }
-                    Entry::SetBits { session, .. }
-                    | Entry::SetState { session, .. }
-                    | Entry::SetMode { session, .. }
-                    | Entry::EndExtent { session, .. }
-                    | Entry::Forget { session } => {
-                        if !sessions.contains_key(session)
-                            && !batch
-                                .iter()
-                                .any(|x| matches!(x, Entry::Establish(d) if d.id == *session))
-                        {
-                            return Err(Error::UnknownSession(*session));
-                        }
-                    }
-                }
-            }
-        }
-        // Split into commits at entry boundaries (never inside an atomic range).
-        let max_payload = COMMIT_BLOCKS_MAX * BLOCK_PAYLOAD_BYTES;
-        let mut chunks: Vec<Vec<u8>> = Vec::new();
-        let mut cur = Writer::default();
-        let mut i = 0;
-        while i < batch.len() {
-            let unit = atomic
-                .iter()
-                .find(|r| r.start == i && r.end > i)
-                .map_or(i..i + 1, Clone::clone);
-            i = unit.end.min(batch.len()).max(unit.start + 1);
-            let mut ew = Writer::default();
-            for e in &batch[unit.start..i] {
-                e.encode(&mut ew);
-            }
-            if ew.buf.len() > max_payload {
-                return Err(Error::invalid(
-                    "journal entry",
-                    format!("{} bytes exceeds {max_payload}", ew.buf.len()),
-                ));
-            }
-            if cur.buf.len() + ew.buf.len() > max_payload {
-                chunks.push(std::mem::take(&mut cur.buf));
-            }
-            cur.bytes(&ew.buf);
-        }
-        if !cur.buf.is_empty() {
-            chunks.push(cur.buf);
-        }
+        self.validate_batch(batch)?;
+        let chunks = encode_commits(batch, atomic)?;
         let n = self.layout.journal_blocks();
         for chunk in &chunks {
             let blocks = chunk.len().div_ceil(BLOCK_PAYLOAD_BYTES).max(1) as u64;
@@ -963,4 +940,38 @@ fn fill_random(buf: &mut [u8]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Encode a batch into commit payloads, split at entry boundaries where one commit would be
+/// too large, never inside one of the `atomic` ranges (each goes into one commit whole).
+fn encode_commits(batch: &[Entry], atomic: &[std::ops::Range<usize>]) -> Result<Vec<Vec<u8>>> {
+    let max_payload = COMMIT_BLOCKS_MAX * BLOCK_PAYLOAD_BYTES;
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut cur = Writer::default();
+    let mut i = 0;
+    while i < batch.len() {
+        let unit = atomic
+            .iter()
+            .find(|r| r.start == i && r.end > i)
+            .map_or(i..i + 1, Clone::clone);
+        i = unit.end.min(batch.len()).max(unit.start + 1);
+        let mut ew = Writer::default();
+        for e in &batch[unit.start..i] {
+            e.encode(&mut ew);
+        }
+        if ew.buf.len() > max_payload {
+            return Err(Error::invalid(
+                "journal entry",
+                format!("{} bytes exceeds {max_payload}", ew.buf.len()),
+            ));
+        }
+        if cur.buf.len() + ew.buf.len() > max_payload {
+            chunks.push(std::mem::take(&mut cur.buf));
+        }
+        cur.bytes(&ew.buf);
+    }
+    if !cur.buf.is_empty() {
+        chunks.push(cur.buf);
+    }
+    Ok(chunks)
 }

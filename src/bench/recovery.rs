@@ -134,7 +134,7 @@ pub fn recovery_probe(table: &Path) -> Result<String> {
     let hwm = proc_status_kib("VmHWM")?;
     let anon = proc_status_kib("RssAnon")?;
     let file = proc_status_kib("RssFile")?;
-    let grains: u64 = e.status().iter().map(|s| s.grains_total).sum();
+    let grains: u64 = e.status().iter().map(|s| s.grains_total.get()).sum();
     drop(e);
     let report = ProbeReport {
         grains,

@@ -10,7 +10,7 @@ use rand::{Rng, RngCore, SeedableRng};
 
 use crate::copier::{Copier, CopierOptions};
 use crate::engine::{Engine, EngineOptions, Outcome, SessionSpec};
-use crate::ids::{GrainSize, SessionId};
+use crate::ids::{GrainSize, SessionId, VolumeId};
 use crate::model::{CopyMode, ExtentSpec, SessionState};
 use crate::volume::{FileVolume, FileVolumeOptions};
 use crate::{Error, Result};
@@ -109,9 +109,22 @@ fn writers(
         .collect()
 }
 
-/// Run the demo.
-pub fn run(keep: bool, seed: u64) -> Result<()> {
-    let t_start = Instant::now();
+/// What the demo set up: its directory, table, volumes, sessions and their T0 references.
+struct Setup {
+    dir: tempfile::TempDir,
+    table: std::path::PathBuf,
+    /// Session ids: whole-volume copy, two-extent no-copy, large-grain copy.
+    s: [SessionId; 3],
+    /// Targets of the first and third session.
+    t0: VolumeId,
+    t2: VolumeId,
+    /// Each session's T0 image.
+    refs: [Vec<u8>; 3],
+}
+
+/// Make the source and target files, the table and three sessions; the engine is returned with
+/// the sources' ids for the writers.
+fn setup(seed: u64) -> Result<(Setup, Engine, [VolumeId; 2])> {
     let dir = tempfile::Builder::new()
         .prefix("timezero-demo")
         .tempdir()
@@ -166,17 +179,36 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
     ref2.extend_from_slice(&src0[20 << 20..24 << 20]);
     let ref3 = src1.clone();
     say(&format!("established {s1} (copy, 64KiB grain), {s2} (no-copy, 2 extents, 16KiB grain), {s3} (copy, 256KiB grain)"));
-    let mut c = Check {
-        images: 0,
-        bytes: 0,
-    };
 
-    // Phase 1: concurrent writers against a throttled background copy, image checks while
-    // they run.
+    Ok((
+        Setup {
+            dir,
+            table,
+            s: [s1, s2, s3],
+            t0,
+            t2,
+            refs: [ref1, ref2, ref3],
+        },
+        e,
+        [a, b],
+    ))
+}
+
+/// Check all three images against their references.
+fn verify_all(e: &Engine, st: &Setup, c: &mut Check) -> Result<()> {
+    for (id, r) in st.s.iter().zip(&st.refs) {
+        verify(e, *id, r, c)?;
+    }
+    Ok(())
+}
+
+/// Phase 1: concurrent writers against a throttled background copy, image checks while they
+/// run.
+fn phase1(e: Engine, st: &Setup, sources: [VolumeId; 2], seed: u64, c: &mut Check) -> Result<()> {
     let e = Arc::new(e);
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
-    let ws = writers(&e, &[a, b], seed, &stop, &writes);
+    let ws = writers(&e, &sources, seed, &stop, &writes);
     let copier = Copier::start(
         e.clone(),
         CopierOptions {
@@ -185,9 +217,7 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
         },
     )?;
     std::thread::sleep(Duration::from_millis(600));
-    verify(&e, s1, &ref1, &mut c)?;
-    verify(&e, s2, &ref2, &mut c)?;
-    verify(&e, s3, &ref3, &mut c)?;
+    verify_all(&e, st, c)?;
     let p = copier.stop()?;
     stop.store(true, Ordering::Release);
     for w in ws {
@@ -195,14 +225,19 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
             .map_err(|_| Error::invalid("demo", "writer thread panicked"))??;
     }
     say(&format!("phase 1: {} concurrent writes, copier moved {} bytes ({}/{} grains); 3 images verified while writing", writes.load(Ordering::Relaxed), p.bytes_copied, p.grains_copied, p.grains_total));
-    drop(e);
 
-    // Phase 2: a separate process runs writers and the copier; kill it with SIGKILL.
+    Ok(())
+}
+
+/// Phase 2: a separate process runs writers and the copier; it is killed with SIGKILL, twice,
+/// and every image is checked after each reopen.
+fn phase2(st: &Setup, seed: u64, c: &mut Check) -> Result<()> {
+    let table = &st.table;
     let exe = std::env::current_exe().map_err(|er| Error::io("current_exe", "self", 0, er))?;
     for round in 0..2u64 {
         let mut child = std::process::Command::new(&exe)
             .arg("workload")
-            .arg(&table)
+            .arg(table)
             .arg("--seed")
             .arg((seed + round + 1).to_string())
             .stdout(std::process::Stdio::null())
@@ -215,7 +250,7 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
         let status = child
             .wait()
             .map_err(|er| Error::io("wait", "workload", 0, er))?;
-        let e = Engine::open_path(&table, EngineOptions::default())?;
+        let e = Engine::open_path(table, EngineOptions::default())?;
         let resumed = e
             .decisions
             .iter()
@@ -230,7 +265,7 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
             .status()
             .iter()
             .all(|s| matches!(s.state, SessionState::Active | SessionState::Completed));
-        let copied: u64 = e.status().iter().map(|s| s.grains_copied).sum();
+        let copied: u64 = e.status().iter().map(|s| s.grains_copied.get()).sum();
         say(&format!("phase 2.{round}: workload killed ({status}); reopened: replayed {} commits, {resumed} active sessions resumed, none terminated, {copied} grains copied so far", e.open_report.commits_replayed));
         if !bad.is_empty() || !ended_ok || resumed == 0 {
             return Err(Error::invalid(
@@ -245,15 +280,20 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
                 ),
             ));
         }
-        verify(&e, s1, &ref1, &mut c)?;
-        verify(&e, s2, &ref2, &mut c)?;
-        verify(&e, s3, &ref3, &mut c)?;
+        verify_all(&e, st, c)?;
     }
 
-    // Phase 3: finish the copy, check the targets themselves, convert the no-copy session.
-    let e = Arc::new(Engine::open_path(&table, EngineOptions::default())?);
+    Ok(())
+}
+
+/// Phase 3: finish the copy, check the targets themselves, convert the no-copy session and
+/// finish it too. Returns the engine for the closing figures.
+fn phase3(st: &Setup, c: &mut Check) -> Result<Arc<Engine>> {
+    let [s1, s2, s3] = st.s;
+    let [ref1, ref2, ref3] = &st.refs;
+    let e = Arc::new(Engine::open_path(&st.table, EngineOptions::default())?);
     Copier::start(e.clone(), CopierOptions::default())?.join()?;
-    for (id, target, reference) in [(s1, t0, &ref1), (s3, t2, &ref3)] {
+    for (id, target, reference) in [(s1, st.t0, ref1), (s3, st.t2, ref3)] {
         let st = e.session(id)?.status().state;
         if st != SessionState::Completed {
             return Err(Error::invalid(
@@ -261,7 +301,7 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
                 format!("{id} is {st}, expected completed"),
             ));
         }
-        verify(&e, id, reference, &mut c)?;
+        verify(&e, id, reference, c)?;
         let mut tbuf = vec![0u8; reference.len()];
         e.read(target, 0, &mut tbuf)?;
         if &tbuf != reference {
@@ -272,10 +312,10 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
         }
         c.bytes += tbuf.len() as u64;
     }
-    verify(&e, s2, &ref2, &mut c)?;
+    verify(&e, s2, ref2, c)?;
     e.convert_to_copy(s2)?;
     Copier::start(e.clone(), CopierOptions::default())?.join()?;
-    verify(&e, s2, &ref2, &mut c)?;
+    verify(&e, s2, ref2, c)?;
     let st2 = e.session(s2)?.status().state;
     if st2 != SessionState::Completed {
         return Err(Error::invalid(
@@ -283,6 +323,20 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
             format!("{s2} is {st2} after conversion, expected completed"),
         ));
     }
+    Ok(e)
+}
+
+/// Run the demo: set up, then the three phases, each checking every image it can reach.
+pub fn run(keep: bool, seed: u64) -> Result<()> {
+    let t_start = Instant::now();
+    let (st, e, sources) = setup(seed)?;
+    let mut c = Check {
+        images: 0,
+        bytes: 0,
+    };
+    phase1(e, &st, sources, seed, &mut c)?;
+    phase2(&st, seed, &mut c)?;
+    let e = phase3(&st, &mut c)?;
     let stats = &e.table().stats;
     say(&format!("phase 3: all sessions completed; targets equal their T0 references ({} table syncs in this open)", stats.syncs.load(Ordering::Relaxed)));
     say(&format!(
@@ -292,7 +346,7 @@ pub fn run(keep: bool, seed: u64) -> Result<()> {
         t_start.elapsed().as_secs_f64()
     ));
     if keep {
-        let p = dir.keep();
+        let p = st.dir.keep();
         say(&format!("kept {}", p.display()));
     }
     Ok(())

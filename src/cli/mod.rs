@@ -607,7 +607,7 @@ fn status_command(table: &Path, as_json: bool) -> Result<String> {
         backend: None,
         direct: None,
         held_by: snap.holder,
-        rolled_back: snap.rolled_back,
+        rolled_back: snap.rolled_back.map(|(t, w)| (t.get(), w.get())),
         room: Some(output::RoomOut::of(&snap.room)),
     };
     if as_json {

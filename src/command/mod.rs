@@ -243,6 +243,9 @@ impl Remote {
 /// Run a [`Remote`] command on an open engine; `io` carries its input, output, progress and
 /// interruptions.
 ///
+/// Long because it is the dispatch table of every command the CLI and the control socket
+/// share: one arm per command, each a few lines that call the engine and format the answer.
+///
 /// # Errors
 /// The command's errors; [`Error::Interrupted`] when it was stopped on request.
 pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<String> {

@@ -192,12 +192,12 @@ impl SessionOut {
             t0_unix_ms: s.created_unix_ms,
             grain_bytes: s.grain_bytes,
             size_bytes: s.extents.iter().map(|e| e.len).sum(),
-            grains_copied: s.grains_copied,
-            grains_total: s.grains_total,
-            percent: if s.grains_total == 0 {
+            grains_copied: s.grains_copied.get(),
+            grains_total: s.grains_total.get(),
+            percent: if s.grains_total.get() == 0 {
                 100.0
             } else {
-                (1000.0 * s.grains_copied as f64 / s.grains_total as f64).round() / 10.0
+                (1000.0 * s.grains_copied.get() as f64 / s.grains_total.get() as f64).round() / 10.0
             },
             extents: s
                 .extents

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::engine::Engine;
-use crate::ids::SessionId;
+use crate::ids::{GrainCount, GrainIndex, SessionId};
 use crate::model::{CopyMode, SessionState};
 use crate::{Error, Result};
 
@@ -126,6 +126,58 @@ struct Shared {
     opts: CopierOptions,
     /// The rate limit in force (0 = none) and when and at how many bytes it took effect.
     rate: Mutex<(u64, Instant, u64)>,
+    /// Where events go.
+    events: EventSink,
+    /// Sessions a `Completed` event was sent for (each is sent once).
+    completed: Mutex<Vec<SessionId>>,
+}
+
+/// What a running copier reports to the callback given to [`Copier::start_with_events`].
+///
+/// The callback runs on a worker thread, between two batches: it should return quickly (send
+/// the event down a channel to do more). Progress figures across all sessions stay available
+/// from [`Copier::progress`] at any time.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CopierEvent<'a> {
+    /// A durability point: `grains` more grains of `session` (`bytes` bytes) are on the target,
+    /// the target is flushed and the table commit recording them is durable.
+    Committed {
+        /// The session.
+        session: SessionId,
+        /// Grains this commit recorded.
+        grains: u64,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// `session` is complete: every grain of its live extents is copied and the session's
+    /// state is durably `Completed`; its target holds the T0 image by itself. Sent once per
+    /// session.
+    Completed {
+        /// The session.
+        session: SessionId,
+    },
+    /// The copier stops on this error; [`Copier::join`] and [`Copier::stop`] return it.
+    Failed {
+        /// The error.
+        error: &'a Error,
+    },
+}
+
+/// The event callback, if any.
+type EventFn = Box<dyn Fn(&CopierEvent<'_>) + Send + Sync>;
+
+/// Holds the callback; `Debug` without showing it.
+struct EventSink(Option<EventFn>);
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "EventSink(callback)"
+        } else {
+            "EventSink(none)"
+        })
+    }
 }
 
 impl Shared {
@@ -133,6 +185,34 @@ impl Shared {
     fn rate(&self) -> Option<(u64, Instant, u64)> {
         let r = *self.rate.lock();
         (r.0 > 0).then_some(r)
+    }
+
+    fn emit(&self, ev: &CopierEvent<'_>) {
+        if let Some(f) = &self.events.0 {
+            f(ev);
+        }
+    }
+
+    /// Record the first error, report it, and stop every worker.
+    fn fail(&self, e: Error) {
+        self.emit(&CopierEvent::Failed { error: &e });
+        self.error.lock().get_or_insert(e);
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// A session was found complete: report it the first time.
+    fn completed(&self, id: SessionId) {
+        let first = {
+            let mut c = self.completed.lock();
+            let first = !c.contains(&id);
+            if first {
+                c.push(id);
+            }
+            first
+        };
+        if first {
+            self.emit(&CopierEvent::Completed { session: id });
+        }
     }
 }
 
@@ -228,6 +308,63 @@ impl Copier {
     /// # Errors
     /// [`Error::Invalid`] for zero threads or batch size.
     pub fn start(engine: Arc<Engine>, opts: CopierOptions) -> Result<Copier> {
+        Self::start_inner(engine, opts, EventSink(None))
+    }
+
+    /// Start workers that report every durability point, every completed session and a
+    /// failure to `on_event` (see [`CopierEvent`]).
+    ///
+    /// # Example
+    ///
+    /// Count the commits and see the session complete, through a channel:
+    ///
+    /// ```
+    /// use std::sync::{mpsc, Arc};
+    /// use timezero::activity::MemStorage;
+    /// use timezero::copier::CopierEvent;
+    /// use timezero::prelude::*;
+    ///
+    /// # fn main() -> timezero::Result<()> {
+    /// let layout = TableOptions::default().layout()?;
+    /// let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+    /// let engine = Arc::new(Engine::create(table, EngineOptions::default())?);
+    /// let source = engine.attach(Arc::new(MemVolume::with_data("src", &[7u8; 4 << 20])));
+    /// let target = engine.attach(Arc::new(MemVolume::new("tgt", 4 << 20)));
+    /// let session = engine.establish(&SessionSpec::whole(source, target))?;
+    ///
+    /// let (tx, rx) = mpsc::channel();
+    /// let tx = std::sync::Mutex::new(tx);
+    /// let copier = Copier::start_with_events(engine.clone(), CopierOptions::default(), move |ev| {
+    ///     let msg = match ev {
+    ///         CopierEvent::Committed { bytes, .. } => Some(*bytes),
+    ///         CopierEvent::Completed { .. } => Some(0),
+    ///         _ => None,
+    ///     };
+    ///     if let (Some(m), Ok(tx)) = (msg, tx.lock()) {
+    ///         let _ = tx.send(m);
+    ///     }
+    /// })?;
+    /// copier.join()?;
+    /// let got: Vec<u64> = rx.try_iter().collect();
+    /// // Every byte was reported once, in commits, then the completion (a 0).
+    /// assert_eq!(got.iter().sum::<u64>(), 4 << 20);
+    /// assert_eq!(got.last(), Some(&0));
+    /// # let _ = session;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Copier::start`].
+    pub fn start_with_events(
+        engine: Arc<Engine>,
+        opts: CopierOptions,
+        on_event: impl Fn(&CopierEvent<'_>) + Send + Sync + 'static,
+    ) -> Result<Copier> {
+        Self::start_inner(engine, opts, EventSink(Some(Box::new(on_event))))
+    }
+
+    fn start_inner(engine: Arc<Engine>, opts: CopierOptions, events: EventSink) -> Result<Copier> {
         if opts.threads == 0 || opts.threads > 64 {
             return Err(Error::invalid(
                 "copier threads",
@@ -255,6 +392,8 @@ impl Copier {
             runs: AtomicU64::new(0),
             error: Mutex::new(None),
             rate: Mutex::new((opts.rate_bytes_per_s.unwrap_or(0), started, 0)),
+            events,
+            completed: Mutex::new(Vec::new()),
             opts,
         });
         let workers = (0..shared.opts.threads)
@@ -424,74 +563,84 @@ fn worker(engine: &Engine, sh: &Shared) {
                 continue;
             }
         }
-        // Several batches share one target flush and one table commit: reserve a span of that
-        // many bytes for this worker, so that workers copy disjoint ranges.
-        let commit_bytes = match rate.map(|r| r.0) {
-            Some(r) => sh.opts.commit_bytes.min(r / 10).max(batch * grain),
-            None => sh.opts.commit_bytes.max(batch * grain),
-        };
-        let span = (commit_bytes / grain).max(batch);
-        let from = sh.spans.lock().reserve(id, span);
-        let end = from.saturating_add(span);
-        let mut runs = Vec::new();
-        let mut next_from = from;
-        let mut result = Ok(Some(()));
-        while next_from < end && !sh.stop.load(Ordering::Acquire) {
-            match engine.copy_data(id, next_from, batch.min(end - next_from)) {
-                Ok(Some((next, run))) => {
-                    if let Some(h) = run {
-                        let (g0, g1) = h.range();
-                        sh.bytes.fetch_add((g1 - g0) * grain, Ordering::Relaxed);
-                        runs.push(h);
-                    }
-                    next_from = next;
-                }
-                Ok(None) => {
-                    result = Ok(None);
-                    break;
-                }
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        let committed = runs.len() as u64;
-        let commit = engine.commit_copied(id, runs);
-        sh.spans.lock().finish(id, next_from);
-        if let Err(e) = commit {
-            sh.error.lock().get_or_insert(e);
-            sh.stop.store(true, Ordering::Release);
-            continue;
-        }
-        if committed > 0 {
-            sh.commits.fetch_add(1, Ordering::Relaxed);
-            sh.runs.fetch_add(committed, Ordering::Relaxed);
-        }
-        match result {
-            Ok(Some(())) => {}
-            Ok(None) => {
-                // Nothing left after `from`: once no other span is in flight, wrap, and
-                // complete when every bit is set.
+        match copy_span(engine, sh, id, grain, batch, rate.map(|r| r.0)) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Nothing left after the span's start: once no other span is in flight, wrap,
+                // and complete when every bit is set.
                 if !sh.spans.lock().wrap(id) {
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
                 }
                 match engine.complete_if_done(id) {
-                    Ok(true) => {}
+                    Ok(true) => sh.completed(id),
                     Ok(false) => std::thread::sleep(Duration::from_millis(1)),
-                    Err(e) => {
-                        sh.error.lock().get_or_insert(e);
-                        sh.stop.store(true, Ordering::Release);
-                    }
+                    Err(e) => sh.fail(e),
                 }
             }
+            Err(e) => sh.fail(e),
+        }
+    }
+}
+
+/// Copy one span of a session and commit it (one target flush and one table commit for
+/// several batches). Returns false when nothing was left to copy after the span's start.
+fn copy_span(
+    engine: &Engine,
+    sh: &Shared,
+    id: SessionId,
+    grain: u64,
+    batch: u64,
+    rate: Option<u64>,
+) -> Result<bool> {
+    // Reserve a span of that many bytes for this worker, so that workers copy disjoint ranges.
+    let commit_bytes = match rate {
+        Some(r) => sh.opts.commit_bytes.min(r / 10).max(batch * grain),
+        None => sh.opts.commit_bytes.max(batch * grain),
+    };
+    let span = (commit_bytes / grain).max(batch);
+    let from = sh.spans.lock().reserve(id, span);
+    let end = from.saturating_add(span);
+    let mut runs = Vec::new();
+    let mut next_from = from;
+    let mut result = Ok(true);
+    let mut grains = 0;
+    while next_from < end && !sh.stop.load(Ordering::Acquire) {
+        let max = GrainCount(batch.min(end - next_from));
+        match engine.copy_data(id, GrainIndex(next_from), max) {
+            Ok(Some((next, run))) => {
+                if let Some(h) = run {
+                    let n = h.count().get();
+                    grains += n;
+                    sh.bytes.fetch_add(n * grain, Ordering::Relaxed);
+                    runs.push(h);
+                }
+                next_from = next.get();
+            }
+            Ok(None) => {
+                result = Ok(false);
+                break;
+            }
             Err(e) => {
-                sh.error.lock().get_or_insert(e);
-                sh.stop.store(true, Ordering::Release);
+                result = Err(e);
+                break;
             }
         }
     }
+    let committed = runs.len() as u64;
+    let commit = engine.commit_copied(id, runs);
+    sh.spans.lock().finish(id, next_from);
+    commit?;
+    if committed > 0 {
+        sh.commits.fetch_add(1, Ordering::Relaxed);
+        sh.runs.fetch_add(committed, Ordering::Relaxed);
+        sh.emit(&CopierEvent::Committed {
+            session: id,
+            grains,
+            bytes: grains * grain,
+        });
+    }
+    result
 }
 
 #[cfg(test)]

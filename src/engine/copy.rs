@@ -5,7 +5,7 @@ use crate::model::Entry;
 
 use super::lifecycle::live_extents_copied;
 use super::Engine;
-use crate::ids::SessionId;
+use crate::ids::{GrainCount, GrainIndex, SessionId};
 use crate::session::GrainHold;
 use crate::{Error, Result};
 
@@ -26,16 +26,16 @@ impl Engine {
     pub fn copy_batch(
         &self,
         id: SessionId,
-        from: u64,
-        max_grains: u64,
-    ) -> Result<Option<(u64, u64)>> {
+        from: GrainIndex,
+        max_grains: GrainCount,
+    ) -> Result<Option<(GrainIndex, GrainCount)>> {
         match self.copy_data(id, from, max_grains)? {
             None => Ok(None),
-            Some((next, None)) => Ok(Some((next, 0))),
+            Some((next, None)) => Ok(Some((next, GrainCount::ZERO))),
             Some((next, Some(hold))) => {
-                let (g0, g1) = hold.range();
+                let n = hold.count();
                 self.commit_copied(id, vec![hold])?;
-                Ok(Some((next, g1 - g0)))
+                Ok(Some((next, n)))
             }
         }
     }
@@ -52,9 +52,10 @@ impl Engine {
     pub fn copy_data(
         &self,
         id: SessionId,
-        from: u64,
-        max_grains: u64,
-    ) -> Result<Option<(u64, Option<GrainHold>)>> {
+        from: GrainIndex,
+        max_grains: GrainCount,
+    ) -> Result<Option<(GrainIndex, Option<GrainHold>)>> {
+        let (from, max_grains) = (from.get(), max_grains.get());
         let s = self.session(id)?;
         if !s.is_active() {
             return Ok(None);
@@ -67,17 +68,17 @@ impl Engine {
             .extent_of_grain(g)
             .ok_or_else(|| Error::invalid("grain", "outside extents"))?;
         if !s.extent_live(ext) {
-            return Ok(Some((ext_end, None)));
+            return Ok(Some((GrainIndex(ext_end), None)));
         }
         let run = s.bits().clear_run(g, max_grains.min(ext_end - g)).max(1);
         let Some(hold) = s.try_hold(g, g + run) else {
-            return Ok(Some((g + 1, None)));
+            return Ok(Some((GrainIndex(g + 1), None)));
         };
         // Re-check under the hold: bits set before we took it shrink the run to the uncopied
         // prefix; none can be set while we hold it.
         let uncopied = s.bits().clear_run(g, run);
         if uncopied == 0 {
-            return Ok(Some((g + 1, None)));
+            return Ok(Some((GrainIndex(g + 1), None)));
         }
         let (run, hold) = if uncopied == run {
             (run, hold)
@@ -86,7 +87,7 @@ impl Engine {
             drop(hold);
             match s.try_hold(g, g + uncopied) {
                 Some(h) if s.bits().clear_run(g, uncopied) == uncopied => (uncopied, h),
-                _ => return Ok(Some((g + 1, None))),
+                _ => return Ok(Some((GrainIndex(g + 1), None))),
             }
         };
         let p = s
@@ -104,7 +105,7 @@ impl Engine {
             src.read_retry(p.source_offset, b.get_mut())?;
             tgt.write_retry(p.target_offset, b.get())
         })?;
-        Ok(Some((g + run, Some(hold))))
+        Ok(Some((GrainIndex(g + run), Some(hold))))
     }
 
     /// Make the target of a session durable, then record the grains that
@@ -121,11 +122,11 @@ impl Engine {
         let entries = holds
             .iter()
             .map(|h| {
-                let (start, end) = h.range();
+                let (start, _) = h.range();
                 Entry::SetBits {
                     session: id,
-                    start,
-                    count: end - start,
+                    start: start.get(),
+                    count: h.count().get(),
                 }
             })
             .collect();
@@ -139,7 +140,7 @@ impl Engine {
     ///
     /// # Errors
     /// I/O and table errors.
-    pub fn copy_all(&self, id: SessionId, batch_grains: u64) -> Result<u64> {
+    pub fn copy_all(&self, id: SessionId, batch_grains: GrainCount) -> Result<GrainCount> {
         self.copy_all_with(id, batch_grains, |_| std::ops::ControlFlow::Continue(()))
     }
 
@@ -159,13 +160,14 @@ impl Engine {
     /// # let tgt = engine.attach(Arc::new(MemVolume::new("tgt", 1 << 20)));
     /// let id = engine.establish(&SessionSpec::whole(src, tgt))?; // 16 grains of 64 KiB
     /// let mut seen = Vec::new();
-    /// let r = engine.copy_all_with(id, 4, |p| {
-    ///     seen.push(p.grains_copied);
-    ///     if p.grains_copied >= 8 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    /// let batch = GrainCount(4);
+    /// let r = engine.copy_all_with(id, batch, |p| {
+    ///     seen.push(p.grains_copied.get());
+    ///     if p.grains_copied >= GrainCount(8) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     /// });
     /// assert!(matches!(r, Err(Error::Interrupted(_))));
     /// assert_eq!(seen, [4, 8]);
-    /// assert_eq!(engine.copy_all(id, 4)?, 8); // the rest, then the session completes
+    /// assert_eq!(engine.copy_all(id, batch)?, GrainCount(8)); // the rest; the session completes
     /// # Ok(())
     /// # }
     /// ```
@@ -175,11 +177,11 @@ impl Engine {
     pub fn copy_all_with(
         &self,
         id: SessionId,
-        batch_grains: u64,
+        batch_grains: GrainCount,
         mut progress: impl FnMut(CopyProgress) -> std::ops::ControlFlow<()>,
-    ) -> Result<u64> {
-        let mut total = 0;
-        let mut from = 0;
+    ) -> Result<GrainCount> {
+        let mut total = GrainCount::ZERO;
+        let mut from = GrainIndex::ZERO;
         loop {
             match self.copy_batch(id, from, batch_grains)? {
                 Some((next, n)) => {
@@ -187,21 +189,22 @@ impl Engine {
                     from = next;
                     let s = self.session(id)?;
                     let p = CopyProgress {
-                        grains_copied: s.copied(),
-                        grains_total: s.desc.grains(),
+                        grains_copied: GrainCount(s.copied()),
+                        grains_total: GrainCount(s.desc.grains()),
                     };
                     if progress(p).is_break() {
                         return Err(Error::Interrupted(format!(
-                            "copy of session {id} stopped at {} of {} grains",
-                            p.grains_copied, p.grains_total
+                            "copy of session {id} stopped at {} of {}",
+                            p.grains_copied.get(),
+                            p.grains_total
                         )));
                     }
                 }
-                None if from == 0 => break,
+                None if from == GrainIndex::ZERO => break,
                 // Grains of ended extents stay uncopied for good: stop once every live
                 // extent is copied instead of wrapping forever.
                 None if live_extents_copied(&*self.session(id)?) => break,
-                None => from = 0,
+                None => from = GrainIndex::ZERO,
             }
         }
         self.complete_if_done(id)?;
@@ -213,7 +216,7 @@ impl Engine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyProgress {
     /// The session's copied grains (durable).
-    pub grains_copied: u64,
+    pub grains_copied: GrainCount,
     /// The session's grains in total.
-    pub grains_total: u64,
+    pub grains_total: GrainCount,
 }

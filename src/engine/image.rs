@@ -147,10 +147,7 @@ impl Engine {
             return Err(suspended_error(&session));
         }
         if !matches!(state, SessionState::Active | SessionState::Completed) {
-            return Err(Error::NotActive {
-                id,
-                state: state.to_string(),
-            });
+            return Err(Error::NotActive { id, state });
         }
         // The epoch before the map (see `Engine::attach`).
         let epoch = self
@@ -199,7 +196,7 @@ impl Engine {
                 return Err(Error::ExtentTerminated {
                     id,
                     extent: p.extent as u32,
-                    reason: r.to_string(),
+                    reason: r.clone(),
                 });
             }
             let bo = usize::try_from(p.image_offset - offset)
@@ -275,7 +272,7 @@ impl Engine {
                 return Err(Error::ExtentTerminated {
                     id: s.id(),
                     extent: p.extent as u32,
-                    reason: r.to_string(),
+                    reason: r.clone(),
                 });
             }
             return Ok(false);

@@ -38,7 +38,7 @@ use crate::{Error, Result};
 /// let id = engine.establish(&spec)?;
 /// let status = engine.status();
 /// assert_eq!((status[0].id, status[0].grain_bytes), (id, 16 << 10));
-/// assert_eq!(status[0].grains_total, (1 << 20) / (16 << 10));
+/// assert_eq!(status[0].grains_total, GrainCount((1 << 20) / (16 << 10)));
 /// # Ok(())
 /// # }
 /// ```
@@ -229,42 +229,18 @@ impl Engine {
                 size: tgt.size,
             });
         }
-        // Within the session: no two extents overlap on either side, and on one volume no
-        // source range overlaps a target range.
-        let range = |o: u64, l: u64| format!("{o}+{l}");
-        for (i, a) in extents.iter().enumerate() {
-            for b in &extents[i + 1..] {
-                if overlaps(a.source_offset, a.len, b.source_offset, b.len) {
-                    return Err(Error::ExtentsOverlap {
-                        side: "source",
-                        volume: src.locator.clone(),
-                        first: range(a.source_offset, a.len),
-                        second: range(b.source_offset, b.len),
-                    });
-                }
-                if overlaps(a.target_offset, a.len, b.target_offset, b.len) {
-                    return Err(Error::ExtentsOverlap {
-                        side: "target",
-                        volume: tgt.locator.clone(),
-                        first: range(a.target_offset, a.len),
-                        second: range(b.target_offset, b.len),
-                    });
-                }
-            }
-            if src.id == tgt.id {
-                for b in extents {
-                    if overlaps(a.source_offset, a.len, b.target_offset, b.len) {
-                        return Err(Error::Overlap {
-                            volume: src.locator.clone(),
-                            offset: b.target_offset,
-                            len: b.len,
-                        });
-                    }
-                }
-            }
-        }
-        // Against other active sessions: targets are exclusive; a range is never both a source
-        // and a target.
+        validate_within(src, tgt, extents)?;
+        self.validate_against_active(src, tgt, extents)
+    }
+
+    /// Against the other active sessions: targets are exclusive, and no range is both a source
+    /// and a target.
+    fn validate_against_active(
+        &self,
+        src: &VolumeInfo,
+        tgt: &VolumeInfo,
+        extents: &[ExtentSpec],
+    ) -> Result<()> {
         for s in self.active.load().iter() {
             for o in &s.desc.extents {
                 for e in extents {
@@ -311,7 +287,7 @@ impl Engine {
         if !s.is_live() {
             return Err(Error::NotActive {
                 id,
-                state: s.status().state.to_string(),
+                state: s.status().state,
             });
         }
         self.table.commit(vec![Entry::SetState {
@@ -345,7 +321,7 @@ impl Engine {
         if !s.is_live() {
             return Err(Error::NotActive {
                 id,
-                state: s.status().state.to_string(),
+                state: s.status().state,
             });
         }
         if s.status().mode == CopyMode::Copy {
@@ -418,4 +394,42 @@ pub(super) fn live_extents_copied(s: &Session) -> bool {
 
 fn overlaps(a: u64, al: u64, b: u64, bl: u64) -> bool {
     a < b.saturating_add(bl) && b < a.saturating_add(al)
+}
+
+/// Within one session: no two extents overlap on either side, and on one volume no source range
+/// overlaps a target range.
+fn validate_within(src: &VolumeInfo, tgt: &VolumeInfo, extents: &[ExtentSpec]) -> Result<()> {
+    let range = |o: u64, l: u64| format!("{o}+{l}");
+    for (i, a) in extents.iter().enumerate() {
+        for b in &extents[i + 1..] {
+            if overlaps(a.source_offset, a.len, b.source_offset, b.len) {
+                return Err(Error::ExtentsOverlap {
+                    side: "source",
+                    volume: src.locator.clone(),
+                    first: range(a.source_offset, a.len),
+                    second: range(b.source_offset, b.len),
+                });
+            }
+            if overlaps(a.target_offset, a.len, b.target_offset, b.len) {
+                return Err(Error::ExtentsOverlap {
+                    side: "target",
+                    volume: tgt.locator.clone(),
+                    first: range(a.target_offset, a.len),
+                    second: range(b.target_offset, b.len),
+                });
+            }
+        }
+        if src.id == tgt.id {
+            for b in extents {
+                if overlaps(a.source_offset, a.len, b.target_offset, b.len) {
+                    return Err(Error::Overlap {
+                        volume: src.locator.clone(),
+                        offset: b.target_offset,
+                        len: b.len,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -64,7 +64,7 @@ use rustc_hash::FxHashMap;
 use crate::activity::{MmapStorage, OpenReport, Table, TableOptions, TableStorage};
 use crate::model::{CopyMode, ExtentSpec, Reason, ReasonCode, SessionState};
 
-use crate::ids::{SessionId, VolumeId};
+use crate::ids::{GrainCount, Seq, SessionId, VolumeId};
 use crate::session::Session;
 use crate::sync::GroupSync;
 use crate::volume::{CheckedVolume, FileVolumeOptions, Volume, VolumeInfo};
@@ -189,10 +189,10 @@ pub struct SessionStatus {
     pub extents: Vec<ExtentSpec>,
     /// Ended extents (index, reason).
     pub ended_extents: Vec<(u32, Reason)>,
-    /// Grains copied.
-    pub grains_copied: u64,
+    /// Grains copied (durably recorded).
+    pub grains_copied: GrainCount,
     /// Grains in total.
-    pub grains_total: u64,
+    pub grains_total: GrainCount,
     /// T0, ms since the epoch.
     pub created_unix_ms: u64,
     /// The consistency group the session was established in, if any.
@@ -208,7 +208,7 @@ pub struct TableSnapshot {
     pub holder: Option<String>,
     /// `(where the journal ends, what the witness saw)` when the table file is older than its
     /// rollback witness (every command that opens it refuses it).
-    pub rolled_back: Option<(u64, u64)>,
+    pub rolled_back: Option<(Seq, Seq)>,
     /// Room for new sessions, and the ended sessions making room would forget first.
     pub room: Room,
 }
@@ -729,12 +729,12 @@ fn session_status(s: &Session) -> SessionStatus {
         grain_bytes: s.desc.grain.bytes(),
         extents: s.desc.extents.clone(),
         ended_extents: st.ended_list(),
-        grains_copied: if st.state == SessionState::Completed {
+        grains_copied: GrainCount(if st.state == SessionState::Completed {
             s.desc.grains()
         } else {
             s.copied()
-        },
-        grains_total: s.desc.grains(),
+        }),
+        grains_total: GrainCount(s.desc.grains()),
         created_unix_ms: s.desc.created_unix_ms,
         group: s.desc.group.clone(),
     }
@@ -766,9 +766,6 @@ fn suspended_error(s: &Session) -> Error {
 fn not_usable(s: &Session) -> Error {
     match s.state() {
         SessionState::Suspended => suspended_error(s),
-        state => Error::NotActive {
-            id: s.id(),
-            state: state.to_string(),
-        },
+        state => Error::NotActive { id: s.id(), state },
     }
 }

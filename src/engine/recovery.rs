@@ -193,35 +193,13 @@ impl Engine {
     ) -> Result<Decision> {
         let id = s.id();
         let was_suspended = s.state() == SessionState::Suspended;
-        let check = |now: &VolumeInfo, was: &VolumeRef, role: &str| -> Option<Reason> {
-            if now.id != was.id {
-                Some(Reason::new(mismatch, replaced_message(role, was, now)))
-            } else if now.generation != was.generation {
-                Some(Reason::new(
-                    ReasonCode::GenerationMismatch,
-                    format!(
-                        "{role} generation {} is now {}",
-                        was.generation, now.generation
-                    ),
-                ))
-            } else if now.sector_size != was.sector_size {
-                Some(Reason::new(
-                    ReasonCode::SectorSizeMismatch,
-                    format!(
-                        "{role} sector size {} is now {}",
-                        was.sector_size, now.sector_size
-                    ),
-                ))
-            } else {
-                None
-            }
-        };
-        let si = src.info();
-        let ti = tgt.info();
-        let changed = si
-            .as_ref()
-            .and_then(|i| check(i, &s.desc.source, "source"))
-            .or_else(|| ti.as_ref().and_then(|i| check(i, &s.desc.target, "target")));
+        let changed = src
+            .info()
+            .and_then(|i| identity_change(mismatch, &i, &s.desc.source, "source"))
+            .or_else(|| {
+                tgt.info()
+                    .and_then(|i| identity_change(mismatch, &i, &s.desc.target, "target"))
+            });
         if let Some(r) = changed {
             self.terminate(id, r.clone())?;
             return Ok(Decision::new(id, Outcome::Terminated(r), was_suspended));
@@ -232,29 +210,15 @@ impl Engine {
         };
         let (si, ti) = (src.info(), tgt.info());
         let st = s.status();
-        let mut ended = Vec::new();
-        let mut entries = Vec::new();
-        for (i, e) in s.desc.extents.iter().enumerate() {
-            if st.ended[i].is_some() {
-                continue;
-            }
-            let fits = e.source_offset + e.len <= si.size && e.target_offset + e.len <= ti.size;
-            if !fits {
-                let r = Reason::new(
-                    ReasonCode::VolumeShrunk,
-                    format!(
-                        "extent {i} no longer fits (source {} bytes, target {} bytes)",
-                        si.size, ti.size
-                    ),
-                );
-                entries.push(Entry::EndExtent {
-                    session: id,
-                    extent: i as u32,
-                    reason: r.clone(),
-                });
-                ended.push((i as u32, r));
-            }
-        }
+        let ended = shrunk_extents(s, &st.ended, si.size, ti.size);
+        let mut entries: Vec<Entry> = ended
+            .iter()
+            .map(|(i, r)| Entry::EndExtent {
+                session: id,
+                extent: *i,
+                reason: r.clone(),
+            })
+            .collect();
         let live = st.ended.iter().filter(|x| x.is_none()).count();
         if ended.len() == live {
             let r = ended.first().map_or_else(
@@ -419,12 +383,7 @@ impl Engine {
         match s.state() {
             SessionState::Suspended => {}
             SessionState::Active => return Ok(Decision::new(id, Outcome::Resumed, false)),
-            state => {
-                return Err(Error::NotActive {
-                    id,
-                    state: state.to_string(),
-                })
-            }
+            state => return Err(Error::NotActive { id, state }),
         }
         let src = self.find_volume(&s.desc.source, resolver);
         let tgt = self.find_volume(&s.desc.target, resolver);
@@ -460,4 +419,63 @@ impl Found {
             Found::Unusable(e) => e.clone(),
         }
     }
+}
+
+/// Why a volume found now is not the one a session recorded (`None` when it is): another
+/// volume (`mismatch` says which code that gets), another generation, another sector size.
+fn identity_change(
+    mismatch: ReasonCode,
+    now: &VolumeInfo,
+    was: &VolumeRef,
+    role: &str,
+) -> Option<Reason> {
+    if now.id != was.id {
+        Some(Reason::new(mismatch, replaced_message(role, was, now)))
+    } else if now.generation != was.generation {
+        Some(Reason::new(
+            ReasonCode::GenerationMismatch,
+            format!(
+                "{role} generation {} is now {}",
+                was.generation, now.generation
+            ),
+        ))
+    } else if now.sector_size != was.sector_size {
+        Some(Reason::new(
+            ReasonCode::SectorSizeMismatch,
+            format!(
+                "{role} sector size {} is now {}",
+                was.sector_size, now.sector_size
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
+/// The session's live extents that no longer fit the volumes' sizes, each with its reason.
+fn shrunk_extents(
+    s: &Session,
+    ended: &[Option<Reason>],
+    source_size: u64,
+    target_size: u64,
+) -> Vec<(u32, Reason)> {
+    let mut out = Vec::new();
+    for (i, e) in s.desc.extents.iter().enumerate() {
+        if ended.get(i).is_some_and(Option::is_some) {
+            continue;
+        }
+        let fits = e.source_offset + e.len <= source_size && e.target_offset + e.len <= target_size;
+        if !fits {
+            out.push((
+                i as u32,
+                Reason::new(
+                    ReasonCode::VolumeShrunk,
+                    format!(
+                        "extent {i} no longer fits (source {source_size} bytes, target {target_size} bytes)"
+                    ),
+                ),
+            ));
+        }
+    }
+    out
 }

@@ -1,6 +1,7 @@
 //! The source write path: copy-before-write of uncopied grains (read old bytes once, write
 //! every target, flush, commit the bits, then release the source write) and target writes.
 
+use crate::volume::AlignedBuf;
 use std::sync::Arc;
 
 use crate::model::{Entry, Reason, ReasonCode, SessionState};
@@ -133,74 +134,11 @@ impl Engine {
     /// Copy the T0 bytes of every still-uncopied grain in `work` (session, grain range; locks
     /// held by the caller) to its target, make it durable, and commit the bits.
     fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)]) -> Result<()> {
-        // (session, first grain, end grain, source vol, source off, target vol, target off, len)
-        struct Run {
-            s: Arc<Session>,
-            g0: u64,
-            g1: u64,
-            p: Piece,
-        }
-        let mut runs = Vec::new();
-        for (s, g0, g1) in work {
-            let mut g = *g0;
-            while g < *g1 {
-                if s.bits().get(g) {
-                    g += 1;
-                    continue;
-                }
-                let start = g;
-                let (_, ext_end) = s
-                    .map
-                    .extent_of_grain(g)
-                    .ok_or_else(|| Error::invalid("grain", "outside extents"))?;
-                while g < *g1 && g < ext_end && !s.bits().get(g) {
-                    g += 1;
-                }
-                let p = s
-                    .map
-                    .grain_piece(start, g)
-                    .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
-                runs.push(Run {
-                    s: s.clone(),
-                    g0: start,
-                    g1: g,
-                    p,
-                });
-            }
-        }
+        let runs = uncopied_runs(work)?;
         if runs.is_empty() {
             return Ok(());
         }
-        // One read of the old bytes serves every session that needs them: merge source ranges
-        // per source volume.
-        let mut reads: Vec<(VolumeId, u64, u64)> = runs
-            .iter()
-            .map(|r| {
-                (
-                    r.s.desc.source.id,
-                    r.p.source_offset,
-                    r.p.source_offset + r.p.len,
-                )
-            })
-            .collect();
-        reads.sort_unstable();
-        let mut merged: Vec<(VolumeId, u64, u64)> = Vec::new();
-        for (v, s, e) in reads {
-            match merged.last_mut() {
-                Some(m) if m.0 == v && s <= m.2 => m.2 = m.2.max(e),
-                _ => merged.push((v, s, e)),
-            }
-        }
-        let mut bufs = Vec::with_capacity(merged.len());
-        for (v, s, e) in &merged {
-            let h = self.handle(*v)?;
-            // Aligned, so that O_DIRECT volumes read into it without a bounce copy.
-            let mut b = crate::volume::AlignedBuf::new(
-                usize::try_from(e - s).map_err(|_| Error::invalid("copy", "too large"))?,
-            );
-            h.read_retry(*s, b.get_mut())?;
-            bufs.push(b);
-        }
+        let (merged, bufs) = self.read_old(&runs)?;
         let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
         let mut entries = Vec::with_capacity(runs.len());
         for r in &runs {
@@ -234,6 +172,41 @@ impl Engine {
             t.flush()?;
         }
         self.table.commit(entries)
+    }
+
+    /// Read the old bytes the runs need. One read serves every session that needs a range:
+    /// source ranges are merged per source volume. Returns the merged ranges (volume, start,
+    /// end) and one buffer per range.
+    fn read_old(&self, runs: &[Run]) -> Result<(Vec<ReadRange>, Vec<AlignedBuf>)> {
+        let mut reads: Vec<ReadRange> = runs
+            .iter()
+            .map(|r| {
+                (
+                    r.s.desc.source.id,
+                    r.p.source_offset,
+                    r.p.source_offset + r.p.len,
+                )
+            })
+            .collect();
+        reads.sort_unstable();
+        let mut merged: Vec<ReadRange> = Vec::new();
+        for (v, s, e) in reads {
+            match merged.last_mut() {
+                Some(m) if m.0 == v && s <= m.2 => m.2 = m.2.max(e),
+                _ => merged.push((v, s, e)),
+            }
+        }
+        let mut bufs = Vec::with_capacity(merged.len());
+        for (v, s, e) in &merged {
+            let h = self.handle(*v)?;
+            // Aligned, so that O_DIRECT volumes read into it without a bounce copy.
+            let mut b = AlignedBuf::new(
+                usize::try_from(e - s).map_err(|_| Error::invalid("copy", "too large"))?,
+            );
+            h.read_retry(*s, b.get_mut())?;
+            bufs.push(b);
+        }
+        Ok((merged, bufs))
     }
 
     /// Write to a session's image (target-write semantics: the grains leave the relationship).
@@ -275,4 +248,48 @@ impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
+}
+
+/// A range of one source volume read once for copy-before-write: volume, start, end.
+type ReadRange = (VolumeId, u64, u64);
+
+/// A run of uncopied grains of one session, inside one extent, and where its bytes live.
+struct Run {
+    s: Arc<Session>,
+    g0: u64,
+    g1: u64,
+    p: Piece,
+}
+
+/// The runs of still-uncopied grains in `work` (session, grain range), each within one extent.
+fn uncopied_runs(work: &[(Arc<Session>, u64, u64)]) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for (s, g0, g1) in work {
+        let mut g = *g0;
+        while g < *g1 {
+            if s.bits().get(g) {
+                g += 1;
+                continue;
+            }
+            let start = g;
+            let (_, ext_end) = s
+                .map
+                .extent_of_grain(g)
+                .ok_or_else(|| Error::invalid("grain", "outside extents"))?;
+            while g < *g1 && g < ext_end && !s.bits().get(g) {
+                g += 1;
+            }
+            let p = s
+                .map
+                .grain_piece(start, g)
+                .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
+            runs.push(Run {
+                s: s.clone(),
+                g0: start,
+                g1: g,
+                p,
+            });
+        }
+    }
+    Ok(runs)
 }

@@ -17,7 +17,7 @@ use crate::activity::format::{
 };
 use crate::activity::{MemStorage, TableOptions, TableStorage};
 use crate::engine::{Engine, EngineOptions, MapResolver, SessionSpec};
-use crate::ids::{GrainSize, SessionId, VolumeId};
+use crate::ids::{GrainCount, GrainIndex, GrainSize, SessionId, VolumeId};
 use crate::limits::{JOURNAL_BLOCK_BYTES, SUPERBLOCK_BYTES};
 use crate::volume::{MemVolume, Volume};
 
@@ -191,7 +191,7 @@ fn build_template() -> Vec<u8> {
     });
     if let Ok(a) = a {
         let _ = e.write(ids[0], 100, &[7u8; 9000]);
-        let _ = e.copy_batch(a, 0, 3);
+        let _ = e.copy_batch(a, GrainIndex(0), GrainCount(3));
     }
     if let Ok(b) = b {
         let _ = e.withdraw(b);
@@ -204,7 +204,7 @@ fn build_template() -> Vec<u8> {
             e.attach(v.clone() as Arc<dyn Volume>);
         }
         if let Ok(a) = a {
-            let _ = e.copy_batch(a, 4, 2);
+            let _ = e.copy_batch(a, GrainIndex(4), GrainCount(2));
         }
     }
     storage.snapshot()
@@ -518,7 +518,7 @@ pub fn check_op_script(data: &[u8]) {
                 let from = u64::from(r.u8() % 32);
                 let max = u64::from(r.u8() % 8 + 1);
                 if let Some(id) = m.session_id(k) {
-                    let _ = e.copy_batch(id, from, max);
+                    let _ = e.copy_batch(id, GrainIndex(from), GrainCount(max));
                     let _ = e.complete_if_done(id);
                 }
             }

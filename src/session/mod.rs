@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 
 use crate::bitmap::AtomicBitmap;
 use crate::error::Corruption;
-use crate::ids::SessionId;
+use crate::ids::{GrainCount, GrainIndex, SessionId};
 use crate::model::{CopyMode, Entry, Reason, SessionDesc, SessionImage, SessionState};
 
 /// Grains held through [`Session::try_hold`]; released on drop.
@@ -29,10 +29,16 @@ pub struct GrainHold {
 }
 
 impl GrainHold {
-    /// The held grain range.
+    /// The held grains: the first one and the one after the last.
     #[must_use]
-    pub fn range(&self) -> (u64, u64) {
-        self.range
+    pub fn range(&self) -> (GrainIndex, GrainIndex) {
+        (GrainIndex(self.range.0), GrainIndex(self.range.1))
+    }
+
+    /// How many grains are held.
+    #[must_use]
+    pub fn count(&self) -> GrainCount {
+        GrainCount(self.range.1 - self.range.0)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::activity::format::{CopyMode, ExtentSpec, SessionState};
 use crate::activity::{MemStorage, TableStorage};
 use crate::engine::{Engine, MapResolver, SessionSpec};
 use crate::fault::sim::{CrashCursor, CrashLog, DevKind, Fate, Faults, SimWorld, SECTOR};
-use crate::ids::{GrainSize, SessionId, VolumeId};
+use crate::ids::{GrainCount, GrainIndex, GrainSize, SessionId, VolumeId};
 use crate::volume::{MemVolume, Volume};
 use crate::Error;
 
@@ -290,10 +290,10 @@ impl Harness<'_> {
                 len,
                 fill: f,
             } => self.write_image(*sess, *off, &fill(*f, *len), x),
-            Op::CopyBatch { sess, from, max } => {
-                e.copy_batch(self.sid(*sess), *from, *max).map(|_| ())
-            }
-            Op::CopyAll { sess } => e.copy_all(self.sid(*sess), 4).map(|_| ()),
+            Op::CopyBatch { sess, from, max } => e
+                .copy_batch(self.sid(*sess), GrainIndex(*from), GrainCount(*max))
+                .map(|_| ()),
+            Op::CopyAll { sess } => e.copy_all(self.sid(*sess), GrainCount(4)).map(|_| ()),
             Op::Withdraw { sess } => {
                 let id = self.sid(*sess);
                 if let Some(s) = x.inflight.sessions.get_mut(&id.0) {

@@ -311,6 +311,14 @@ fn errno_mapping() {
         EPERM
     );
     assert_eq!(errno_for(&io(rustix::io::Errno::IO.raw_os_error())), EIO);
+    // A latched volume answers with its first error's errno: a full disk stays ENOSPC.
+    let poisoned = crate::Error::PoisonedIo {
+        target: "t".into(),
+        op: "write",
+        offset: 0,
+        source: std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
+    };
+    assert_eq!(errno_for(&poisoned), ENOSPC);
     assert_eq!(errno_for(&crate::Error::invalid("x", "y")), EINVAL);
     let oor = crate::Error::OutOfRange {
         offset: 0,

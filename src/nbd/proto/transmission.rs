@@ -211,21 +211,23 @@ pub fn check_request(req: &Request, lim: &ExportLimits) -> std::result::Result<(
 pub fn errno_for(err: &crate::Error) -> u32 {
     use rustix::io::Errno;
     match err {
-        crate::Error::Io { source, .. } => match Errno::from_io_error(source) {
-            Some(e) if e == Errno::PERM || e == Errno::ACCESS || e == Errno::ROFS => EPERM,
-            Some(e) if e == Errno::NOSPC || e == Errno::DQUOT || e == Errno::FBIG => ENOSPC,
-            Some(e) if e == Errno::INVAL => EINVAL,
-            Some(e) if e == Errno::OVERFLOW => EOVERFLOW,
-            Some(e) if e == Errno::NOMEM => ENOMEM,
-            Some(e) if e == Errno::NOTSUP || e == Errno::OPNOTSUPP => ENOTSUP,
-            _ => match source.kind() {
-                std::io::ErrorKind::PermissionDenied => EPERM,
-                std::io::ErrorKind::InvalidInput => EINVAL,
-                std::io::ErrorKind::Unsupported => ENOTSUP,
-                std::io::ErrorKind::OutOfMemory => ENOMEM,
-                _ => EIO,
-            },
-        },
+        crate::Error::Io { source, .. } | crate::Error::PoisonedIo { source, .. } => {
+            match Errno::from_io_error(source) {
+                Some(e) if e == Errno::PERM || e == Errno::ACCESS || e == Errno::ROFS => EPERM,
+                Some(e) if e == Errno::NOSPC || e == Errno::DQUOT || e == Errno::FBIG => ENOSPC,
+                Some(e) if e == Errno::INVAL => EINVAL,
+                Some(e) if e == Errno::OVERFLOW => EOVERFLOW,
+                Some(e) if e == Errno::NOMEM => ENOMEM,
+                Some(e) if e == Errno::NOTSUP || e == Errno::OPNOTSUPP => ENOTSUP,
+                _ => match source.kind() {
+                    std::io::ErrorKind::PermissionDenied => EPERM,
+                    std::io::ErrorKind::InvalidInput => EINVAL,
+                    std::io::ErrorKind::Unsupported => ENOTSUP,
+                    std::io::ErrorKind::OutOfMemory => ENOMEM,
+                    _ => EIO,
+                },
+            }
+        }
         crate::Error::OutOfRange { .. } | crate::Error::Misaligned { .. } => EINVAL,
         crate::Error::Invalid { .. } => EINVAL,
         _ => EIO,
