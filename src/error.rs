@@ -227,6 +227,61 @@ pub enum Error {
         /// The second extent's range on that side, `OFFSET+LEN`.
         second: String,
     },
+    /// One pair of a consistency group could not be established; no session of the group
+    /// was (a group is established whole or not at all).
+    #[error("group {group}: pair {pair} ({source_path} -> {target_path}): {error}")]
+    GroupPair {
+        /// The group's name.
+        group: String,
+        /// The pair's position in the group, from 1 (argument order).
+        pair: usize,
+        /// The pair's source (its path).
+        source_path: String,
+        /// The pair's target (its path).
+        target_path: String,
+        /// What is wrong with it.
+        #[source]
+        error: Box<Error>,
+    },
+    /// A pair of a consistency group would use a range that an earlier pair of the same group
+    /// uses as its target (or, for a target, as its source).
+    #[error("{what} {offset}+{len} on {volume} is also used by pair {other} of the group")]
+    GroupConflict {
+        /// `target range` or `source range`.
+        what: &'static str,
+        /// The volume (its path).
+        volume: String,
+        /// Start of the conflicting range.
+        offset: u64,
+        /// Length of the conflicting range.
+        len: u64,
+        /// The earlier pair, from 1.
+        other: usize,
+    },
+    /// A consistency group of this name still has a live (active or suspended) session.
+    #[error(
+        "group {name} already exists (session {other} is live); withdraw it or choose another name"
+    )]
+    GroupExists {
+        /// The group's name.
+        name: String,
+        /// One of its live sessions.
+        other: SessionId,
+    },
+    /// Only an ended session (completed, withdrawn, terminated) can be forgotten.
+    #[error(
+        "session {id} is {state}: only an ended session (completed, withdrawn, terminated) can \
+         be forgotten; withdraw it first"
+    )]
+    NotEnded {
+        /// The session.
+        id: SessionId,
+        /// Its state (`active` or `suspended`).
+        state: String,
+    },
+    /// No live session belongs to a consistency group of this name.
+    #[error("no live session in group {0}")]
+    UnknownGroup(String),
     /// A file was offered as a volume that must never be one (the activity table itself,
     /// another table, a table's holder or control file, a socket).
     #[error("{path} cannot be used as a volume: {why}")]

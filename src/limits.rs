@@ -20,6 +20,8 @@ pub const EXTENTS_PER_SESSION_MAX: usize = 256;
 pub const LOCATOR_BYTES_MAX: usize = 4096;
 /// Longest termination message stored in a table.
 pub const REASON_BYTES_MAX: usize = 256;
+/// Longest consistency-group name stored in a table.
+pub const GROUP_NAME_BYTES_MAX: usize = 64;
 /// Most blocks one journal commit may span.
 pub const COMMIT_BLOCKS_MAX: usize = 64;
 /// Default journal size (per copy).

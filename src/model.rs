@@ -121,6 +121,9 @@ pub struct SessionDesc {
     pub extents: Vec<ExtentSpec>,
     /// T0, ms since the Unix epoch.
     pub created_unix_ms: u64,
+    /// The consistency group the session was established in (every session of a group shares
+    /// one T0 and was made durable by one commit); `None` for a session established alone.
+    pub group: Option<String>,
 }
 
 impl SessionDesc {

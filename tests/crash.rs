@@ -339,3 +339,41 @@ fn canary_unverified_checkpoint_is_caught() {
         r.violation_samples
     );
 }
+
+/// Negative control of the all-or-none check: with a group's sessions committed one by one
+/// (the group canary), a crash between two of the commits leaves part of the group, and the
+/// enumerator must report it; with the real single commit (`enumerator_finds_no_violation`,
+/// whose `basic` workloads end with a group) it never happens.
+#[test]
+fn canary_split_group_commit_is_caught() {
+    let opts = CrashtestOptions {
+        workloads: 1,
+        seed: 2,
+        threads: 1,
+        canary_split_group: true,
+        eio_points: 0,
+        recovery_crash_stride: 0,
+        ..CrashtestOptions::default()
+    };
+    let r = crashtest(&opts);
+    println!(
+        "group canary: {} states, {} violations; first: {:?}",
+        r.states_total,
+        r.violations,
+        r.violation_samples.first()
+    );
+    assert!(
+        r.violation_samples
+            .iter()
+            .any(|v| v.contains("group g: 1 of its 2 sessions after recovery")),
+        "a partly established group went unnoticed: {:?}",
+        r.violation_samples
+    );
+    let clean = crashtest(&CrashtestOptions {
+        canary_split_group: false,
+        ..opts
+    });
+    assert_eq!(clean.violations, 0, "{:?}", clean.violation_samples);
+    assert!(clean.outcomes.get("group_all").copied().unwrap_or(0) > 0);
+    assert!(clean.outcomes.get("group_none").copied().unwrap_or(0) > 0);
+}

@@ -72,6 +72,7 @@ fn huge_ended_session_in_checkpoint_is_refused_not_allocated() {
             len: 1 << 60,
         }],
         created_unix_ms: 0,
+        group: None,
     };
     let img = SessionImage {
         desc,

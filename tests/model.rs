@@ -1,7 +1,7 @@
 //! Model-based test of the engine.
 //!
-//! Goal: under any sequence of establish / source write / target write / image read / copy step /
-//! withdraw / convert / crash-and-reopen on in-memory volumes, every active session's image equals
+//! Goal: under any sequence of establish / group establish / source write / target write / image
+//! read / copy step / withdraw / group withdraw / convert / crash-and-reopen on in-memory volumes, every active session's image equals
 //! a trivially correct reference model (a full copy of the source extents taken at establish,
 //! changed only by writes that land on the session's target).
 //! Method: proptest generates operation sequences on simulated devices with the online ordering
@@ -27,6 +27,9 @@ use timezero::Error;
 
 const VOL: usize = 128 * 1024;
 const NVOL: usize = 4;
+
+/// A generated pair of a group: source, target, extents (in grains).
+type Pair = (usize, usize, Vec<(u64, u64, u64)>);
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -61,6 +64,16 @@ enum Op {
     Withdraw {
         sess: usize,
     },
+    /// A consistency group: one session per (source, target, extents), one T0.
+    GroupEstablish {
+        pairs: Vec<Pair>,
+        grain_shift: u8,
+        nocopy: bool,
+    },
+    /// Withdraw the `which`-th group established (modulo their number).
+    GroupWithdraw {
+        which: usize,
+    },
     Convert {
         sess: usize,
     },
@@ -77,6 +90,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0usize..8, 1u64..9).prop_map(|(sess, grains)| Op::Copy { sess, grains }),
         1 => (0usize..8).prop_map(|sess| Op::Withdraw { sess }),
         1 => (0usize..8).prop_map(|sess| Op::Convert { sess }),
+        1 => (proptest::collection::vec((0..NVOL, 0..NVOL, proptest::collection::vec((0u64..32, 0u64..32, 1u64..6), 1..3)), 1..4), 12u8..15, any::<bool>())
+            .prop_map(|(pairs, grain_shift, nocopy)| Op::GroupEstablish { pairs, grain_shift, nocopy }),
+        1 => (0usize..4).prop_map(|which| Op::GroupWithdraw { which }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -85,6 +101,45 @@ struct Model {
     /// Per established session: id, reference image, live (active or completed: the image
     /// reads; completed sessions read their independent target).
     sessions: Vec<(SessionId, Vec<u8>, bool)>,
+    /// Per established group: its name and its sessions' indices in `sessions`.
+    groups: Vec<(String, Vec<usize>)>,
+}
+
+/// The extents of a generated pair at grain `g`.
+fn extents_of(ext: &[(u64, u64, u64)], g: u64) -> Vec<ExtentSpec> {
+    ext.iter()
+        .map(|&(s, t, l)| ExtentSpec {
+            source_offset: s * g,
+            target_offset: t * g,
+            len: l * g,
+        })
+        .collect()
+}
+
+/// The errors a generated establish may meet (its ranges are random).
+fn expected_refusal(e: &Error) -> bool {
+    match e {
+        Error::GroupPair { error, .. } => expected_refusal(error),
+        Error::Overlap { .. }
+        | Error::ExtentsOverlap { .. }
+        | Error::TargetInUse { .. }
+        | Error::OutOfRange { .. }
+        | Error::TargetTooSmall { .. }
+        | Error::Misaligned { .. }
+        | Error::GroupConflict { .. } => true,
+        _ => false,
+    }
+}
+
+/// Whether volume `tgt` is the target of a completed session the model still reads (see the
+/// establish step).
+fn completed_target(e: &Engine, m: &Model, tgt: timezero::ids::VolumeId) -> bool {
+    m.sessions.iter().any(|(id, _, live)| {
+        *live && {
+            let s = e.session(*id).unwrap();
+            s.state() == SessionState::Completed && s.desc.target.id == tgt
+        }
+    })
 }
 
 fn check_image(
@@ -130,6 +185,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         .collect();
     let mut m = Model {
         sessions: Vec::new(),
+        groups: Vec::new(),
     };
     for op in ops {
         match op {
@@ -313,6 +369,92 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                     Err(Error::NotActive { .. }) => prop_assert!(!active),
                     Err(x) => return Err(TestCaseError::fail(format!("withdraw: {x}"))),
+                }
+            }
+            Op::GroupEstablish {
+                pairs,
+                grain_shift,
+                nocopy,
+            } => {
+                if pairs.iter().any(|p| completed_target(&e, &m, ids[p.1])) {
+                    continue;
+                }
+                let g = 1u64 << grain_shift;
+                let specs: Vec<SessionSpec> = pairs
+                    .iter()
+                    .map(|(src, tgt, ext)| SessionSpec {
+                        source: ids[*src],
+                        target: ids[*tgt],
+                        extents: extents_of(ext, g),
+                        grain: GrainSize::new(g).unwrap(),
+                        mode: if nocopy {
+                            CopyMode::NoCopy
+                        } else {
+                            CopyMode::Copy
+                        },
+                    })
+                    .collect();
+                // One T0: every source as it is now.
+                let before: Vec<Vec<u8>> = vols.iter().map(|v| snapshot(v)).collect();
+                let name = format!("g{}", m.groups.len());
+                let count = e.status().len();
+                match e.establish_group(&name, &specs) {
+                    Ok(got) => {
+                        prop_assert_eq!(got.len(), pairs.len());
+                        let mut members = Vec::new();
+                        for (id, (src, _, _), spec) in got
+                            .iter()
+                            .zip(&pairs)
+                            .zip(&specs)
+                            .map(|((a, b), c)| (a, b, c))
+                        {
+                            let mut r = Vec::new();
+                            for x in &spec.extents {
+                                r.extend_from_slice(
+                                    &before[*src][x.source_offset as usize
+                                        ..(x.source_offset + x.len) as usize],
+                                );
+                            }
+                            members.push(m.sessions.len());
+                            m.sessions.push((*id, r, true));
+                        }
+                        m.groups.push((name, members));
+                    }
+                    Err(x) if expected_refusal(&x) => {
+                        prop_assert_eq!(e.status().len(), count, "a refused group left sessions");
+                    }
+                    Err(other) => {
+                        return Err(TestCaseError::fail(format!(
+                            "group establish: unexpected {other}"
+                        )))
+                    }
+                }
+            }
+            Op::GroupWithdraw { which } => {
+                if m.groups.is_empty() {
+                    continue;
+                }
+                let (name, members) = m.groups[which % m.groups.len()].clone();
+                let live: Vec<SessionId> = members
+                    .iter()
+                    .map(|i| m.sessions[*i].0)
+                    .filter(|id| e.session(*id).unwrap().is_live())
+                    .collect();
+                match e.withdraw_group(&name) {
+                    Ok(got) => {
+                        prop_assert_eq!(&got, &live);
+                        for i in members {
+                            let (id, _, l) = &mut m.sessions[i];
+                            if got.contains(id) {
+                                *l = false;
+                            }
+                        }
+                    }
+                    Err(Error::UnknownGroup(_)) => prop_assert!(live.is_empty()),
+                    Err(x) => return Err(TestCaseError::fail(format!("group withdraw: {x}"))),
+                }
+                for id in live {
+                    prop_assert_eq!(e.session(id).unwrap().state(), SessionState::Withdrawn);
                 }
             }
             Op::Convert { sess } => {

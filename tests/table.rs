@@ -43,6 +43,7 @@ fn desc() -> SessionDesc {
             len: 131072,
         }],
         created_unix_ms: 123,
+        group: None,
     }
 }
 

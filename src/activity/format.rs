@@ -31,12 +31,12 @@ use crate::error::Corruption;
 use crate::ids::{Generation, GrainSize, SessionId, VolumeId};
 
 use crate::limits::{
-    EXTENTS_PER_SESSION_MAX, JOURNAL_BLOCK_BYTES, LOCATOR_BYTES_MAX, REASON_BYTES_MAX,
-    SUPERBLOCK_BYTES,
+    EXTENTS_PER_SESSION_MAX, GROUP_NAME_BYTES_MAX, JOURNAL_BLOCK_BYTES, LOCATOR_BYTES_MAX,
+    REASON_BYTES_MAX, SUPERBLOCK_BYTES,
 };
 
 /// Format version written by this build.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Superblock magic.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"TZTBLSB\0";
@@ -450,6 +450,8 @@ impl SessionDesc {
             w.u64(e.target_offset);
             w.u64(e.len);
         }
+        // Version 3: the consistency group's name (length 0: none).
+        w.str16(self.group.as_deref().unwrap_or(""));
     }
 
     /// Decode and validate ranges (grain, extent count, alignment, overflow).
@@ -493,6 +495,7 @@ impl SessionDesc {
         if total.is_none() {
             return Err(r.bad("extent_total", 0));
         }
+        let group = r.str16(GROUP_NAME_BYTES_MAX, "group")?;
         Ok(SessionDesc {
             id,
             mode,
@@ -501,6 +504,7 @@ impl SessionDesc {
             target,
             extents,
             created_unix_ms,
+            group: (!group.is_empty()).then_some(group),
         })
     }
 }

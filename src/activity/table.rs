@@ -178,6 +178,8 @@ struct Queue {
     done_batch: u64,
     leader: bool,
     failed: Option<String>,
+    /// Ranges of `pending` that must go into one journal commit ([`Table::commit_atomic`]).
+    atomic: Vec<std::ops::Range<usize>>,
 }
 
 /// An open activity table.
@@ -193,6 +195,8 @@ pub struct Table {
     poisoned: AtomicBool,
     /// Opened with [`Table::open_read_only`]: nothing is ever written.
     read_only: bool,
+    /// Held while ended sessions are chosen and forgotten (by `make_room_for` or `forget`).
+    forgetting: Mutex<()>,
     /// Set once open has checked the table against its rollback witness: only then may the
     /// witness be written (a table refused as rolled back must not lower it on drop).
     witness_checked: AtomicBool,
@@ -397,6 +401,7 @@ impl Table {
             }),
             poisoned: AtomicBool::new(false),
             read_only,
+            forgetting: Mutex::new(()),
             witness_checked: AtomicBool::new(false),
             stats: TableStats::default(),
         };
@@ -433,6 +438,12 @@ impl Table {
         self.sessions.read().get(&id).cloned()
     }
 
+    /// The id the next session established on this table gets.
+    #[must_use]
+    pub fn next_session_id(&self) -> SessionId {
+        SessionId(self.writer.lock().next_session)
+    }
+
     /// Reserve the next session id (durable once the `Establish` entry commits).
     pub(crate) fn allocate_session_id(&self) -> SessionId {
         let mut w = self.writer.lock();
@@ -453,27 +464,71 @@ impl Table {
         (used + 64, self.layout.checkpoint_bytes)
     }
 
+    /// The ended sessions (completed, withdrawn, terminated) in the order
+    /// An establish forgets them when a new session needs room: lowest id (oldest)
+    /// first.
+    #[must_use]
+    pub fn forget_order(&self) -> Vec<SessionId> {
+        self.sessions
+            .read()
+            .values()
+            .filter(|s| !s.is_live())
+            .map(|s| s.id())
+            .collect()
+    }
+
+    /// Forget the ended sessions among `ids` (one commit): they leave the table. Sessions that
+    /// are live or already gone are left out; returns those forgotten. Serialised with the
+    /// forgetting of [`Table::make_room`], so a session is never forgotten twice.
+    ///
+    /// # Errors
+    /// Table errors.
+    pub(crate) fn forget(&self, ids: &[SessionId]) -> Result<Vec<SessionId>> {
+        let _forgetting = self.forgetting.lock();
+        let ended: Vec<SessionId> = {
+            let sessions = self.sessions.read();
+            ids.iter()
+                .copied()
+                .filter(|id| sessions.get(id).is_some_and(|s| !s.is_live()))
+                .collect()
+        };
+        self.commit(
+            ended
+                .iter()
+                .map(|id| Entry::Forget { session: *id })
+                .collect(),
+        )?;
+        Ok(ended)
+    }
+
     /// Check that a new session fits; forget the oldest ended sessions to make room.
     ///
     /// # Errors
     /// [`Error::TableFull`].
     pub(crate) fn make_room(&self, desc: &SessionDesc) -> Result<()> {
-        let need = checkpoint_bytes(desc);
+        self.make_room_for(std::slice::from_ref(desc))
+    }
+
+    /// Check that new sessions (a consistency group) fit together; forget the oldest ended
+    /// sessions to make room.
+    ///
+    /// # Errors
+    /// [`Error::TableFull`].
+    pub(crate) fn make_room_for(&self, descs: &[SessionDesc]) -> Result<()> {
+        let need: u64 = descs.iter().map(checkpoint_bytes).sum();
+        let _forgetting = self.forgetting.lock();
         loop {
             let (used, cap) = self.capacity();
             let count = self.sessions.read().len();
-            if used + need <= cap && count < SESSIONS_MAX {
+            if used + need <= cap && count + descs.len() <= SESSIONS_MAX {
                 return Ok(());
             }
-            let victim = self
-                .sessions
-                .read()
-                .values()
-                .find(|s| !s.is_live())
-                .map(|s| s.id());
+            let victim = self.forget_order().first().copied();
             match victim {
                 Some(v) => self.commit(vec![Entry::Forget { session: v }])?,
-                None if count >= SESSIONS_MAX => return Err(Error::TableFull { what: "sessions" }),
+                None if count + descs.len() > SESSIONS_MAX => {
+                    return Err(Error::TableFull { what: "sessions" })
+                }
                 None => {
                     return Err(Error::TableFull {
                         what: "checkpoint capacity (bitmaps)",
@@ -489,6 +544,40 @@ impl Table {
     /// # Errors
     /// [`Error::Poisoned`] after an earlier failure; I/O errors; [`Error::TableFull`].
     pub(crate) fn commit(&self, entries: Vec<Entry>) -> Result<()> {
+        self.commit_inner(entries, false)
+    }
+
+    /// Bytes the largest single journal commit holds: entries committed together by
+    /// [`Table::commit_atomic`] must fit in it.
+    #[must_use]
+    pub(crate) fn commit_payload_max() -> usize {
+        COMMIT_BLOCKS_MAX * BLOCK_PAYLOAD_BYTES
+    }
+
+    /// [`Table::commit`], with every entry of `entries` in one journal commit: after a crash
+    /// at any point, recovery finds all of them or none (a consistency group's `Establish`
+    /// entries, or the state changes that end all of its sessions). Entries of other callers
+    /// may share the durability point, never split these.
+    ///
+    /// # Errors
+    /// As [`Table::commit`]; [`Error::Invalid`] when the entries do not fit in one commit
+    /// ([`Table::commit_payload_max`] bytes).
+    pub(crate) fn commit_atomic(&self, entries: Vec<Entry>) -> Result<()> {
+        let bytes: usize = entries.iter().map(Entry::encoded_len).sum();
+        if bytes > Self::commit_payload_max() {
+            return Err(Error::invalid(
+                "commit",
+                format!(
+                    "{} entries need {bytes} bytes in one journal commit; at most {} fit",
+                    entries.len(),
+                    Self::commit_payload_max()
+                ),
+            ));
+        }
+        self.commit_inner(entries, true)
+    }
+
+    fn commit_inner(&self, entries: Vec<Entry>, atomic: bool) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -502,6 +591,10 @@ impl Table {
             return Err(Error::Poisoned {
                 target: format!("{} ({f})", self.storage.name()),
             });
+        }
+        if atomic {
+            let start = q.pending.len();
+            q.atomic.push(start..start + entries.len());
         }
         q.pending.extend(entries);
         let mine = q.open_batch;
@@ -517,10 +610,11 @@ impl Table {
             if !q.leader {
                 q.leader = true;
                 let batch = std::mem::take(&mut q.pending);
+                let atomic = std::mem::take(&mut q.atomic);
                 let id = q.open_batch;
                 q.open_batch += 1;
                 drop(q);
-                let r = self.write_batch(&batch);
+                let r = self.write_batch(&batch, &atomic);
                 q = self.queue.lock();
                 q.leader = false;
                 match r {
@@ -577,11 +671,13 @@ impl Table {
         Ok(())
     }
 
-    fn write_batch(&self, batch: &[Entry]) -> Result<()> {
+    /// Write `batch` as journal commits, sync once, apply. `atomic` lists ranges of the batch
+    /// that each go into one commit whole.
+    fn write_batch(&self, batch: &[Entry], atomic: &[std::ops::Range<usize>]) -> Result<()> {
         let mut w = self.writer.lock();
         // Validate before writing: a bad entry must never reach the disk.
         self.validate_batch(batch)?;
-        let chunks = encode_commits(batch)?;
+        let chunks = encode_commits(batch, atomic)?;
         let n = self.layout.journal_blocks();
         for chunk in &chunks {
             let blocks = chunk.len().div_ceil(BLOCK_PAYLOAD_BYTES).max(1) as u64;
@@ -847,14 +943,22 @@ fn fill_random(buf: &mut [u8]) -> Result<()> {
 }
 
 /// Encode a batch into commit payloads, split at entry boundaries where one commit would be
-/// too large.
-fn encode_commits(batch: &[Entry]) -> Result<Vec<Vec<u8>>> {
+/// too large, never inside one of the `atomic` ranges (each goes into one commit whole).
+fn encode_commits(batch: &[Entry], atomic: &[std::ops::Range<usize>]) -> Result<Vec<Vec<u8>>> {
     let max_payload = COMMIT_BLOCKS_MAX * BLOCK_PAYLOAD_BYTES;
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     let mut cur = Writer::default();
-    for e in batch {
+    let mut i = 0;
+    while i < batch.len() {
+        let unit = atomic
+            .iter()
+            .find(|r| r.start == i && r.end > i)
+            .map_or(i..i + 1, Clone::clone);
+        i = unit.end.min(batch.len()).max(unit.start + 1);
         let mut ew = Writer::default();
-        e.encode(&mut ew);
+        for e in &batch[unit.start..i] {
+            e.encode(&mut ew);
+        }
         if ew.buf.len() > max_payload {
             return Err(Error::invalid(
                 "journal entry",

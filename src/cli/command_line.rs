@@ -97,6 +97,10 @@ pub enum Command {
     },
     /// Establish a session (T0 is now) and print its id, direction and T0.
     ///
+    /// With more SOURCE TARGET pairs (or --group), establish a consistency group: every pair
+    /// at one T0, all durable in one commit (all or none, also after a crash), one line per
+    /// session in pair order.
+    ///
     /// The target is refused when it visibly holds data in the ranges the session would
     /// overwrite (a file-system or partition-table signature, or non-zero bytes in the first or
     /// last MiB) unless --force is given.
@@ -108,6 +112,13 @@ pub enum Command {
         source: PathBuf,
         /// Target volume.
         target: PathBuf,
+        /// More SOURCE TARGET pairs: a consistency group (whole volumes).
+        #[arg(value_name = "SOURCE TARGET")]
+        more: Vec<PathBuf>,
+        /// Name of the consistency group (letters, digits, '.', '_', '-'; at most 64 bytes;
+        /// default with several pairs: group-N after the first session's number).
+        #[arg(long)]
+        group: Option<String>,
         /// Source extent OFFSET:LEN, optionally @TARGET_OFFSET (default: same offset); repeat
         /// for more. Default: the whole source.
         #[arg(long = "extent", value_parser = args::extent)]
@@ -241,12 +252,33 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// End a session.
+    /// End a session, or with --group every live session of a consistency group (in one
+    /// commit).
     Withdraw {
         /// The table.
         table: PathBuf,
         /// Session id.
-        session: SessionId,
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        session: Option<SessionId>,
+        /// End every live session of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an ended session (completed, withdrawn, terminated) from the table, or with
+    /// --ended every ended session; active and suspended sessions are refused. (An establish
+    /// that needs room forgets the oldest ended sessions on its own; `status` lists them.)
+    Forget {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        #[arg(required_unless_present = "ended", conflicts_with = "ended")]
+        session: Option<SessionId>,
+        /// Every ended session.
+        #[arg(long)]
+        ended: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,

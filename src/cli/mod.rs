@@ -147,25 +147,50 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             table,
             source,
             target,
+            more,
+            group,
             extents,
             grain,
             nocopy,
             force,
             json,
-        } => local_or_remote(
-            &table,
-            Remote::Establish {
-                source,
-                target,
-                extents,
-                grain,
-                nocopy,
-                force,
-                json,
-            },
-            io,
-            &mut Local::default(),
-        )?,
+        } => {
+            let cmd = if more.is_empty() && group.is_none() {
+                Remote::Establish {
+                    source,
+                    target,
+                    extents,
+                    grain,
+                    nocopy,
+                    force,
+                    json,
+                }
+            } else {
+                if more.len() % 2 != 0 {
+                    return Err(Fail::Usage(format!(
+                        "establish takes SOURCE TARGET pairs: {} has no target",
+                        more[more.len() - 1].display()
+                    )));
+                }
+                if !extents.is_empty() {
+                    return Err(Fail::Usage(
+                        "--extent applies to a single pair; a group establishes whole volumes"
+                            .to_string(),
+                    ));
+                }
+                let mut pairs = vec![(source, target)];
+                pairs.extend(more.chunks(2).map(|c| (c[0].clone(), c[1].clone())));
+                Remote::EstablishGroup {
+                    pairs,
+                    group,
+                    grain,
+                    nocopy,
+                    force,
+                    json,
+                }
+            };
+            local_or_remote(&table, cmd, io, &mut Local::default())?
+        }
         Command::Status { table, json } => status_command(&table, json)?,
         Command::Copy {
             table,
@@ -221,16 +246,42 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
         Command::Withdraw {
             table,
             session,
+            group,
             json,
-        } => local_or_remote(
-            &table,
-            Remote::Withdraw {
-                session: session.0,
-                json,
-            },
-            io,
-            &mut Local::default(),
-        )?,
+        } => {
+            let cmd = match (session, group) {
+                (Some(s), _) => Remote::Withdraw { session: s.0, json },
+                (None, Some(group)) => Remote::WithdrawGroup { group, json },
+                (None, None) => {
+                    return Err(Fail::Usage(
+                        "withdraw needs a SESSION or --group NAME".to_string(),
+                    ))
+                }
+            };
+            local_or_remote(&table, cmd, io, &mut Local::default())?
+        }
+        Command::Forget {
+            table,
+            session,
+            ended,
+            json,
+        } => {
+            let session = match (session, ended) {
+                (Some(s), false) => Some(s.0),
+                (None, true) => None,
+                _ => {
+                    return Err(Fail::Usage(
+                        "forget needs a SESSION or --ended (not both)".to_string(),
+                    ))
+                }
+            };
+            local_or_remote(
+                &table,
+                Remote::Forget { session, json },
+                io,
+                &mut Local::default(),
+            )?
+        }
         Command::Reset {
             table,
             volume,
@@ -568,6 +619,7 @@ fn status_command(table: &Path, as_json: bool) -> Result<String> {
         direct: None,
         held_by: snap.holder,
         rolled_back: snap.rolled_back.map(|(t, w)| (t.get(), w.get())),
+        room: Some(output::RoomOut::of(&snap.room)),
     };
     if as_json {
         json(&o)

@@ -77,6 +77,40 @@ pub enum Remote {
         #[serde(default)]
         json: bool,
     },
+    /// `establish` of several pairs (or of one with a group name): a consistency group, every
+    /// pair at one T0.
+    EstablishGroup {
+        /// (source, target) paths, in argument order.
+        pairs: Vec<(PathBuf, PathBuf)>,
+        /// The group's name (default: `group-` and the first session's number).
+        group: Option<String>,
+        /// Grain bytes.
+        grain: u64,
+        /// No-copy mode.
+        nocopy: bool,
+        /// Establish even when a target holds data.
+        #[serde(default)]
+        force: bool,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
+    },
+    /// `withdraw --group`: end every live session of a consistency group in one commit.
+    WithdrawGroup {
+        /// The group's name.
+        group: String,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
+    },
+    /// `forget`: remove one ended session, or every ended session.
+    Forget {
+        /// The session (`None`: every ended session).
+        session: Option<u64>,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
+    },
     /// `status`.
     Status {
         /// JSON output.
@@ -166,6 +200,10 @@ impl Remote {
     pub fn paths(&self) -> Vec<&Path> {
         match self {
             Remote::Establish { source, target, .. } => vec![source, target],
+            Remote::EstablishGroup { pairs, .. } => pairs
+                .iter()
+                .flat_map(|(s, t)| [s.as_path(), t.as_path()])
+                .collect(),
             Remote::Reset { volume, .. } | Remote::Write { volume, .. } => vec![volume],
             _ => Vec::new(),
         }
@@ -186,6 +224,12 @@ impl Remote {
             Remote::Establish { source, target, .. } => {
                 canon(source)?;
                 canon(target)?;
+            }
+            Remote::EstablishGroup { pairs, .. } => {
+                for (s, t) in pairs {
+                    canon(s)?;
+                    canon(t)?;
+                }
             }
             // A volume being reset may be gone: name it by its canonical directory.
             Remote::Reset { volume, .. } => *volume = PathBuf::from(locator_of(volume)?),
@@ -256,6 +300,71 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
                 Ok(o.text())
             }
         }
+        Remote::EstablishGroup {
+            pairs,
+            group,
+            grain,
+            nocopy,
+            force,
+            json: as_json,
+        } => establish_group(
+            e,
+            pairs,
+            group.as_deref(),
+            *grain,
+            *nocopy,
+            *force,
+            *as_json,
+        ),
+        Remote::WithdrawGroup {
+            group,
+            json: as_json,
+        } => {
+            let ids = e.withdraw_group(group)?;
+            let o: Vec<output::SessionStateOut> = ids
+                .iter()
+                .map(|id| output::SessionStateOut {
+                    session: id.to_string(),
+                    state: SessionState::Withdrawn.to_string(),
+                })
+                .collect();
+            if *as_json {
+                json(&output::GroupStateOut {
+                    group: group.clone(),
+                    sessions: o,
+                })
+            } else {
+                Ok(o.iter()
+                    .map(|s| format!("{} {}\n", s.session, s.state))
+                    .collect())
+            }
+        }
+        Remote::Forget {
+            session,
+            json: as_json,
+        } => {
+            let ids = match session {
+                Some(s) => {
+                    let id = SessionId(*s);
+                    e.forget(id)?;
+                    vec![id]
+                }
+                None => e.forget_ended()?,
+            };
+            let o = output::ForgetOut {
+                forgotten: ids.iter().map(ToString::to_string).collect(),
+            };
+            if *as_json {
+                json(&o)
+            } else if o.forgotten.is_empty() {
+                Ok("no ended session to forget\n".to_string())
+            } else {
+                Ok(o.forgotten
+                    .iter()
+                    .map(|s| format!("{s} forgotten\n"))
+                    .collect())
+            }
+        }
         Remote::Status { json: as_json } => {
             let o = output::StatusOut {
                 sessions: e.status().iter().map(output::SessionOut::of).collect(),
@@ -263,6 +372,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
                 direct: Some(e.direct()),
                 held_by: None,
                 rolled_back: None,
+                room: Some(output::RoomOut::of(&e.room())),
             };
             if *as_json {
                 json(&o)
@@ -411,6 +521,74 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             };
             Ok(format!("copy of {id} {what}\n"))
         }
+    }
+}
+
+/// `establish` of a consistency group: every pair's volumes attached and checked (an error
+/// names the pair), then [`Engine::establish_group`]; one line per session, in pair order.
+#[allow(clippy::too_many_arguments, reason = "the flags of one command")]
+fn establish_group(
+    e: &Engine,
+    pairs: &[(PathBuf, PathBuf)],
+    group: Option<&str>,
+    grain: u64,
+    nocopy: bool,
+    force: bool,
+    as_json: bool,
+) -> Result<String> {
+    let grain = GrainSize::new(grain)?;
+    // Without a name, the group is named after the number its first session will get (ids
+    // are never reused, so the name is new).
+    let name = match group {
+        Some(g) => g.to_string(),
+        None => format!("group-{}", e.table().next_session_id().0),
+    };
+    let mut specs = Vec::with_capacity(pairs.len());
+    for (i, (source, target)) in pairs.iter().enumerate() {
+        let pair_err = |er: Error| Error::GroupPair {
+            group: name.clone(),
+            pair: i + 1,
+            source_path: source.display().to_string(),
+            target_path: target.display().to_string(),
+            error: Box::new(er),
+        };
+        let spec = SessionSpec {
+            source: volume_id(e, source).map_err(pair_err)?,
+            target: volume_id(e, target).map_err(pair_err)?,
+            extents: Vec::new(),
+            grain,
+            mode: if nocopy {
+                CopyMode::NoCopy
+            } else {
+                CopyMode::Copy
+            },
+        };
+        if !force {
+            refuse_target_with_data(e, &spec, target).map_err(pair_err)?;
+        }
+        specs.push(spec);
+    }
+    let ids = e.establish_group(&name, &specs)?;
+    let status = e.status();
+    let mut out = Vec::with_capacity(ids.len());
+    for (id, (source, target)) in ids.iter().zip(pairs) {
+        let st = status
+            .iter()
+            .find(|s| s.id == *id)
+            .ok_or(Error::UnknownSession(*id))?;
+        out.push(output::EstablishOut::new(
+            st,
+            source.display().to_string(),
+            target.display().to_string(),
+        ));
+    }
+    if as_json {
+        json(&output::GroupOut {
+            group: name,
+            sessions: out,
+        })
+    } else {
+        Ok(out.iter().map(output::EstablishOut::text).collect())
     }
 }
 

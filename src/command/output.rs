@@ -92,6 +92,8 @@ pub struct EstablishOut {
     pub size_bytes: u64,
     /// Extents.
     pub extents: Vec<ExtentOut>,
+    /// The consistency group, if any.
+    pub group: Option<String>,
 }
 
 impl EstablishOut {
@@ -108,13 +110,19 @@ impl EstablishOut {
             grain_bytes: s.grain_bytes,
             size_bytes: s.size_bytes,
             extents: s.extents,
+            group: s.group,
         }
     }
 
     /// `s1: SRC -> TGT at T0 TIME (...)`: the session id first.
     pub fn text(&self) -> String {
+        let group = self
+            .group
+            .as_ref()
+            .map(|g| format!(", group {g}"))
+            .unwrap_or_default();
         format!(
-            "{}: {} -> {} at T0 {} ({}, {} in {} extent{}, grain {})\n",
+            "{}: {} -> {} at T0 {} ({}, {} in {} extent{}, grain {}{group})\n",
             self.session,
             self.source,
             self.target,
@@ -161,6 +169,8 @@ pub struct SessionOut {
     pub reason: Option<ReasonOut>,
     /// The path of the volume a suspended session is waiting for.
     pub unavailable: Option<String>,
+    /// The consistency group the session was established in, if any.
+    pub group: Option<String>,
 }
 
 impl SessionOut {
@@ -202,6 +212,7 @@ impl SessionOut {
                 .collect(),
             reason: s.reason.as_ref().map(ReasonOut::of),
             unavailable: s.unavailable.clone(),
+            group: s.group.clone(),
         }
     }
 }
@@ -220,6 +231,72 @@ pub struct StatusOut {
     /// `(where the journal ends, what the witness saw)` when the table file is older than its
     /// rollback witness.
     pub rolled_back: Option<(u64, u64)>,
+    /// Room for new sessions, and the ended sessions making room would forget first.
+    pub room: Option<RoomOut>,
+}
+
+/// Room for new sessions in `status`.
+#[derive(Debug, Serialize)]
+pub struct RoomOut {
+    /// Session slots free.
+    pub slots_free: usize,
+    /// Session slots in all.
+    pub slots_total: usize,
+    /// Checkpoint bytes the sessions need.
+    pub capacity_used: u64,
+    /// Bytes of a checkpoint area.
+    pub capacity_bytes: u64,
+    /// The ended sessions an establish that needs room forgets, first to last (`s1`).
+    pub forget_order: Vec<String>,
+}
+
+impl RoomOut {
+    /// From the engine's room.
+    pub fn of(r: &crate::engine::Room) -> Self {
+        RoomOut {
+            slots_free: r.slots_free,
+            slots_total: r.sessions_max,
+            capacity_used: r.capacity_used,
+            capacity_bytes: r.capacity_bytes,
+            forget_order: r.forget_order.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// `room: N of M session slots free, ...; forgotten first when room is needed: s1 s2`.
+    pub fn text(&self) -> String {
+        const SHOWN: usize = 8;
+        let mut t = format!(
+            "room: {} of {} session slots free, checkpoint {} of {} used",
+            self.slots_free,
+            self.slots_total,
+            format_size(self.capacity_used),
+            format_size(self.capacity_bytes)
+        );
+        if self.forget_order.is_empty() {
+            t.push_str("; no ended session to forget\n");
+            return t;
+        }
+        let more = self.forget_order.len().saturating_sub(SHOWN);
+        let _ = write!(
+            t,
+            "; ended sessions forgotten first when room is needed: {}{}",
+            self.forget_order[..self.forget_order.len() - more].join(" "),
+            if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            }
+        );
+        t.push('\n');
+        t
+    }
+}
+
+/// `forget`.
+#[derive(Debug, Serialize)]
+pub struct ForgetOut {
+    /// The sessions forgotten (`s1`).
+    pub forgotten: Vec<String>,
 }
 
 impl StatusOut {
@@ -251,6 +328,9 @@ impl StatusOut {
                 s.source,
                 s.target
             );
+            if let Some(g) = &s.group {
+                let _ = write!(out, "  group {g}");
+            }
             if let Some(r) = &s.reason {
                 let _ = write!(out, "  reason {r}");
             }
@@ -263,6 +343,9 @@ impl StatusOut {
                 }
             }
             out.push('\n');
+        }
+        if let Some(r) = &self.room {
+            out.push_str(&r.text());
         }
         if let Some((table_seq, witness_seq)) = self.rolled_back {
             let _ = writeln!(
@@ -411,6 +494,24 @@ pub struct CopyOut {
     /// The file backend.
     pub backend: String,
     /// Each session's state afterwards.
+    pub sessions: Vec<SessionStateOut>,
+}
+
+/// `establish` of a consistency group.
+#[derive(Debug, Serialize)]
+pub struct GroupOut {
+    /// The group's name.
+    pub group: String,
+    /// Its sessions, in pair order.
+    pub sessions: Vec<EstablishOut>,
+}
+
+/// `withdraw --group`.
+#[derive(Debug, Serialize)]
+pub struct GroupStateOut {
+    /// The group's name.
+    pub group: String,
+    /// Its sessions and their states.
     pub sessions: Vec<SessionStateOut>,
 }
 

@@ -150,6 +150,7 @@ impl Engine {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
                 .unwrap_or(0),
+            group: None,
         };
         self.table.make_room(&desc)?;
         // T0: drain writers of both volumes (in id order), make the source durable, commit.
@@ -184,7 +185,7 @@ impl Engine {
         Ok(id)
     }
 
-    fn validate(
+    pub(super) fn validate(
         &self,
         src: &VolumeInfo,
         tgt: &VolumeInfo,

@@ -24,6 +24,8 @@
 //! |---|---|
 //! | `mod.rs` | [`Engine`]: open/create, attach volumes, status, direct volume I/O |
 //! | `lifecycle.rs` | [`SessionSpec`], establish, withdraw, convert, terminate, complete |
+//! | `forget.rs` | [`Room`], [`Engine::forget`], [`Engine::forget_ended`] |
+//! | `group.rs` | consistency groups: [`Engine::establish_group`], [`Engine::withdraw_group`] |
 //! | `write.rs` | source writes with copy-before-write, target writes ([`Engine::write_image`]) |
 //! | `image.rs` | [`Image`] and the lock-free image read with its re-check |
 //! | `copy.rs` | [`Engine::copy_data`] / [`Engine::commit_copied`] / [`Engine::copy_all`] |
@@ -32,6 +34,8 @@
 
 pub mod copier;
 mod copy;
+mod forget;
+mod group;
 mod image;
 mod lifecycle;
 mod recovery;
@@ -41,6 +45,9 @@ pub use crate::volume::{
     open_file_volume, Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING,
 };
 pub use copy::CopyProgress;
+pub use forget::{table_room, Room};
+#[cfg(feature = "fault")]
+pub use group::set_canary_split_group_commit;
 pub use image::Image;
 pub use lifecycle::SessionSpec;
 pub use recovery::{Decision, FileResolver, MapResolver, Outcome, RestartPolicy, VolumeResolver};
@@ -188,6 +195,8 @@ pub struct SessionStatus {
     pub grains_total: GrainCount,
     /// T0, ms since the epoch.
     pub created_unix_ms: u64,
+    /// The consistency group the session was established in, if any.
+    pub group: Option<String>,
 }
 
 /// The committed state of a table read without taking it (see [`read_status`]).
@@ -200,6 +209,8 @@ pub struct TableSnapshot {
     /// `(where the journal ends, what the witness saw)` when the table file is older than its
     /// rollback witness (every command that opens it refuses it).
     pub rolled_back: Option<(Seq, Seq)>,
+    /// Room for new sessions, and the ended sessions making room would forget first.
+    pub room: Room,
 }
 
 /// Read the committed state of the table at `path` without taking it and without changing
@@ -222,6 +233,7 @@ pub fn read_status(path: &Path) -> Result<TableSnapshot> {
                     sessions: t.sessions().iter().map(|s| session_status(s)).collect(),
                     holder: crate::activity::table_holder(path),
                     rolled_back: t.rolled_back()?,
+                    room: table_room(&t),
                 })
             }
             Err(e @ Error::Corrupt { .. }) => {
@@ -282,6 +294,8 @@ pub struct Engine {
     /// Serialises `refresh_active` (read the table, store the snapshot), so that a snapshot
     /// taken earlier never replaces one taken later.
     active_change: Mutex<()>,
+    /// Serialises consistency-group establishes (a group name is taken once).
+    groups_change: Mutex<()>,
     options: EngineOptions,
     /// Copy-before-write writes in progress (the background copier yields to them).
     cow_inflight: std::sync::atomic::AtomicUsize,
@@ -380,6 +394,7 @@ impl Engine {
             volumes_epoch: std::sync::atomic::AtomicU64::new(0),
             active: ArcSwap::from_pointee(Vec::new()),
             active_change: Mutex::new(()),
+            groups_change: Mutex::new(()),
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
             backend: std::sync::OnceLock::new(),
@@ -721,6 +736,7 @@ fn session_status(s: &Session) -> SessionStatus {
         },
         grains_total: GrainCount(s.desc.grains()),
         created_unix_ms: s.desc.created_unix_ms,
+        group: s.desc.group.clone(),
     }
 }
 

@@ -47,6 +47,8 @@ pub struct CrashtestOptions {
     pub canary: bool,
     /// Run with the table's checkpoint canary (the unverified two-area scheme) switched on.
     pub canary_checkpoint: bool,
+    /// Run with the group canary (a group's sessions committed one by one) switched on.
+    pub canary_split_group: bool,
     /// Violation messages kept in the report.
     pub keep_violations: usize,
 }
@@ -63,6 +65,7 @@ impl Default for CrashtestOptions {
             eio_points: 12,
             canary: false,
             canary_checkpoint: false,
+            canary_split_group: false,
             keep_violations: 20,
         }
     }
@@ -168,6 +171,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
             s.spawn(|| {
                 crate::engine::set_canary_skip_cbw_flush(opts.canary);
                 crate::activity::set_canary_unverified_checkpoint(opts.canary_checkpoint);
+                crate::engine::set_canary_split_group_commit(opts.canary_split_group);
                 let mut rep = CrashReport::default();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -176,6 +180,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
                 }
                 crate::engine::set_canary_skip_cbw_flush(false);
                 crate::activity::set_canary_unverified_checkpoint(false);
+                crate::engine::set_canary_split_group_commit(false);
                 total.lock().merge(rep, opts.keep_violations);
             });
         }

@@ -43,6 +43,21 @@ pub(super) struct RefState {
     pub(super) sessions: BTreeMap<u64, SessRef>,
     /// Establishes in flight or failed (ids unknown): each may or may not exist.
     pub(super) pending_establish: Vec<SessRef>,
+    /// Group establishes in flight or failed (ids unknown): all of a group's sessions exist,
+    /// or none.
+    pub(super) pending_groups: Vec<PendingGroup>,
+    /// Acknowledged groups: name and session ids. A group is withdrawn in one commit, so its
+    /// sessions are all withdrawn or none.
+    pub(super) groups: BTreeMap<String, Vec<u64>>,
+}
+
+/// A group establish whose outcome is not known: its name and, per pair, the expected session.
+#[derive(Debug, Clone)]
+pub(super) struct PendingGroup {
+    /// The group's name (recorded with each session, so recovered sessions are found by it).
+    pub(super) name: String,
+    /// Expected session per pair, in pair order (ids are allocated in that order).
+    pub(super) members: Vec<SessRef>,
 }
 
 /// One step of a workload: its I/Os (log positions `begin..end`) and the expected state while
@@ -78,10 +93,19 @@ pub(super) fn ref_at(recs: &[OpRec], n: usize) -> &RefState {
 /// Compare a recovered engine with the reference state.
 pub(super) fn check_engine(e: &Engine, refs: &RefState, rep: &mut CrashReport) {
     let mut out: Vec<String> = Vec::new();
-    for st in e.status() {
+    let status = e.status();
+    check_groups(e, &status, refs, rep, &mut out);
+    for st in status {
         if let Some(sref) = refs.sessions.get(&st.id.0) {
             check_one(e, &st, sref, rep);
             continue;
+        }
+        if st
+            .group
+            .as_ref()
+            .is_some_and(|g| refs.pending_groups.iter().any(|p| &p.name == g))
+        {
+            continue; // checked by `check_groups`
         }
         // An unacknowledged establish: some candidate must fit.
         let mut best: Option<CrashReport> = None;
@@ -113,6 +137,53 @@ pub(super) fn check_engine(e: &Engine, refs: &RefState, rep: &mut CrashReport) {
     }
     for v in out {
         rep.violation(v);
+    }
+}
+
+/// All or none: the sessions of a group establish in flight are all recovered (each checked
+/// against its pair's reference) or none is; the sessions of an acknowledged group are all
+/// withdrawn or none is.
+fn check_groups(
+    e: &Engine,
+    status: &[SessionStatus],
+    refs: &RefState,
+    rep: &mut CrashReport,
+    out: &mut Vec<String>,
+) {
+    for p in &refs.pending_groups {
+        let found: Vec<&SessionStatus> = status
+            .iter()
+            .filter(|s| s.group.as_deref() == Some(&p.name) && !refs.sessions.contains_key(&s.id.0))
+            .collect();
+        if found.is_empty() {
+            *rep.outcomes.entry("group_none".to_string()).or_default() += 1;
+            continue;
+        }
+        if found.len() != p.members.len() {
+            out.push(format!(
+                "group {}: {} of its {} sessions after recovery",
+                p.name,
+                found.len(),
+                p.members.len()
+            ));
+            continue;
+        }
+        *rep.outcomes.entry("group_all".to_string()).or_default() += 1;
+        for (st, sref) in found.iter().zip(&p.members) {
+            check_one(e, st, sref, rep);
+        }
+    }
+    for (name, ids) in &refs.groups {
+        let withdrawn: Vec<bool> = status
+            .iter()
+            .filter(|s| ids.contains(&s.id.0))
+            .map(|s| s.state == SessionState::Withdrawn)
+            .collect();
+        if withdrawn.iter().any(|w| *w) && !withdrawn.iter().all(|w| *w) {
+            out.push(format!(
+                "group {name}: some of its sessions are withdrawn, others not"
+            ));
+        }
     }
 }
 

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::oracle::{check_engine, recover_and_check, ref_at, OpRec, RefState, SessRef};
+use super::oracle::{
+    check_engine, recover_and_check, ref_at, OpRec, PendingGroup, RefState, SessRef,
+};
 use super::workload::{fill, Op, Workload};
 use super::{engine_options, sweeps, CrashReport, CrashtestOptions, VOLUMES, VOLUME_BYTES};
 use crate::activity::format::{CopyMode, ExtentSpec, SessionState};
@@ -244,12 +246,32 @@ impl Harness<'_> {
                 grain,
                 mode,
             } => self.establish(*src, *tgt, extents, *grain, *mode, x),
+            Op::EstablishGroup {
+                name,
+                pairs,
+                grain,
+                mode,
+                fails_at,
+            } => self.establish_group(name, pairs, *grain, *mode, *fails_at, x),
+            Op::WithdrawGroup { name } => {
+                if let Some(ids) = x.after.groups.get(name).cloned() {
+                    for id in ids {
+                        if let Some(s) = x.inflight.sessions.get_mut(&id) {
+                            s.may_withdraw = true;
+                        }
+                        if let Some(s) = x.after.sessions.get_mut(&id) {
+                            s.withdrawn = true;
+                        }
+                    }
+                }
+                e.withdraw_group(name).map(|_| ())
+            }
             Op::Write {
                 vol,
                 off,
                 len,
                 fill: f,
-            } => e.write(ids[*vol], *off, &fill(*f, *len)),
+            } => self.write(*vol, *off, &fill(*f, *len), x),
             Op::Flush { vol } => {
                 let r = e.flush(ids[*vol]);
                 for s in x.after.sessions.values_mut() {
@@ -344,6 +366,108 @@ impl Harness<'_> {
             },
         );
         Ok(())
+    }
+
+    /// Establish a consistency group: like [`Harness::establish`] for every pair, with one T0
+    /// (what the sources hold now), and all or none of the sessions in the expected states.
+    /// With `fails_at`, the establish must fail on that pair and establish nothing.
+    fn establish_group(
+        &mut self,
+        name: &str,
+        pairs: &[(usize, usize, Vec<ExtentSpec>)],
+        grain: u64,
+        mode: CopyMode,
+        fails_at: Option<usize>,
+        x: &mut Expect,
+    ) -> crate::Result<()> {
+        let now = self.world.current_images();
+        let members: Vec<SessRef> = pairs
+            .iter()
+            .map(|(src, tgt, extents)| {
+                let mut image = Vec::new();
+                for e in extents {
+                    let (s, l) = (e.source_offset as usize, e.len as usize);
+                    image.extend_from_slice(&now[1 + src][s..s + l]);
+                }
+                SessRef {
+                    image: Arc::new(image),
+                    pending: Vec::new(),
+                    grain,
+                    target_vol: *tgt,
+                    required: false,
+                    sticky: false,
+                    may_withdraw: false,
+                    withdrawn: false,
+                }
+            })
+            .collect();
+        x.inflight.pending_groups.push(PendingGroup {
+            name: name.to_string(),
+            members: members.clone(),
+        });
+        let g = GrainSize::new(grain)?;
+        let specs: Vec<SessionSpec> = pairs
+            .iter()
+            .map(|(src, tgt, extents)| SessionSpec {
+                source: self.ids[*src],
+                target: self.ids[*tgt],
+                extents: extents.clone(),
+                grain: g,
+                mode,
+            })
+            .collect();
+        let r = self.engine.establish_group(name, &specs);
+        if let Some(at) = fails_at {
+            // Nothing was established: the expected state after is the one before (while it
+            // runs, and if it unexpectedly succeeds, the group stays pending: all or none).
+            return match r {
+                Err(Error::GroupPair { pair, .. }) if pair == at => Ok(()),
+                other => Err(Error::invalid(
+                    "group",
+                    format!("{name}: expected a failure at pair {at}, got {other:?}"),
+                )),
+            };
+        }
+        let ids = r?;
+        x.after
+            .groups
+            .insert(name.to_string(), ids.iter().map(|i| i.0).collect());
+        for (id, m) in ids.iter().zip(members) {
+            self.sids.push(*id);
+            x.after.sessions.insert(
+                id.0,
+                SessRef {
+                    required: true,
+                    ..m
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// A write to volume `vol`. Where it lands on the target of a live session (a volume that
+    /// stopped being a target only if a withdraw succeeded, which an injected fault may have
+    /// prevented), it is a target write of that session: pending in the expected states like
+    /// [`Harness::write_image`], and told to the ordering checker as the user's.
+    fn write(&mut self, vol: usize, off: u64, data: &[u8], x: &mut Expect) -> crate::Result<()> {
+        let len = data.len() as u64;
+        for s in self.engine.table().sessions() {
+            if !s.is_live() || s.desc.target.id != self.ids[vol] {
+                continue;
+            }
+            for p in s.map.target_pieces(off, len) {
+                self.world
+                    .note_user_write(&s.desc.target.locator, p.target_offset, p.len);
+                let d = usize::try_from(p.target_offset - off).unwrap_or(0);
+                let bytes = data[d..d + usize::try_from(p.len).unwrap_or(0)].to_vec();
+                for st in [&mut x.inflight, &mut x.after] {
+                    if let Some(r) = st.sessions.get_mut(&s.id().0) {
+                        r.pending.push((p.image_offset, bytes.clone()));
+                    }
+                }
+            }
+        }
+        self.engine.write(self.ids[vol], off, data)
     }
 
     /// A target write through session `sess`: pending in the expected states until a flush of

@@ -23,6 +23,24 @@ pub enum Op {
         /// Mode.
         mode: CopyMode,
     },
+    /// `Engine::establish_group`: one session per pair, at one T0, all or none.
+    EstablishGroup {
+        /// The group's name.
+        name: String,
+        /// (source volume index, target volume index, extents) per pair.
+        pairs: Vec<(usize, usize, Vec<ExtentSpec>)>,
+        /// Grain bytes.
+        grain: u64,
+        /// Mode.
+        mode: CopyMode,
+        /// The establish must fail on this pair (from 1) before any I/O, establishing nothing.
+        fails_at: Option<usize>,
+    },
+    /// `Engine::withdraw_group`.
+    WithdrawGroup {
+        /// The group's name.
+        name: String,
+    },
     /// `Engine::write` of seeded bytes to a source volume.
     Write {
         /// Volume index.
@@ -188,11 +206,16 @@ impl Gen {
 
     /// A write of 1..=24 sectors of seeded bytes somewhere in volume 0.
     fn write(&mut self) -> Op {
+        self.write_to(0)
+    }
+
+    /// A write of 1..=24 sectors of seeded bytes somewhere in volume `vol`.
+    fn write_to(&mut self, vol: usize) -> Op {
         let r = &mut self.r;
         let len = r.random_range(1..=24u64) * 512;
         let off = r.random_range(0..=(VOLUME_BYTES - len) / 512) * 512;
         Op::Write {
-            vol: 0,
+            vol,
             off,
             len,
             fill: r.random(),
@@ -211,7 +234,8 @@ impl Gen {
         }
     }
 
-    /// Source writes before and after T0, one flush.
+    /// Source writes before and after T0, one flush; then a consistency group (appended, so
+    /// the steps before it and their I/O stay as they were).
     fn basic(&mut self) -> Vec<Op> {
         let mut ops = vec![self.write(), self.whole(1)];
         for _ in 0..self.r.random_range(3..6) {
@@ -219,6 +243,47 @@ impl Gen {
         }
         ops.push(Op::Flush { vol: 0 });
         ops.push(self.write());
+        ops.push(self.write());
+        ops.extend(self.group());
+        ops
+    }
+
+    /// A consistency group of two sessions (sessions 1 and 2: volume 0's first half and volume
+    /// 1's first half onto the two halves of volume 2) at one T0, writes to both sources, a
+    /// group that fails on its second pair (its target is session 2's), and the group's
+    /// withdrawal in one commit.
+    fn group(&mut self) -> Vec<Op> {
+        let half = VOLUME_BYTES / 2;
+        let mut ops = vec![
+            Op::Withdraw { sess: 0 },
+            Op::EstablishGroup {
+                name: "g".to_string(),
+                pairs: vec![
+                    (0, 2, vec![ext(0, 0, half)]),
+                    (1, 2, vec![ext(0, half, half)]),
+                ],
+                grain: self.grain,
+                mode: self.mode,
+                fails_at: None,
+            },
+        ];
+        for k in 0..4 {
+            ops.push(self.write_to(k % 2));
+        }
+        ops.push(Op::EstablishGroup {
+            name: "h".to_string(),
+            pairs: vec![
+                (0, 1, vec![ext(half, half, half)]),
+                (1, 2, vec![ext(half, half, half)]),
+            ],
+            grain: self.grain,
+            mode: self.mode,
+            fails_at: Some(2),
+        });
+        ops.push(self.write_to(1));
+        ops.push(Op::WithdrawGroup {
+            name: "g".to_string(),
+        });
         ops.push(self.write());
         ops
     }
@@ -389,5 +454,11 @@ mod tests {
         // Workload i of a catalogue does not depend on how many are generated.
         assert_eq!(format!("{:?}", catalogue(3, 5)[2]), format!("{:?}", a[2]));
         assert!(a[6].ops.len() > 90 * 2, "churn has many steps");
+        assert!(
+            a[0].ops
+                .iter()
+                .any(|o| matches!(o, Op::EstablishGroup { fails_at: None, .. })),
+            "basic ends with a consistency group"
+        );
     }
 }
