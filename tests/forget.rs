@@ -239,3 +239,89 @@ mod cli {
         fails(d, &["forget", "t.tzt", "s1", "--ended"], 2);
     }
 }
+
+/// A copy that took grains of a session before it was withdrawn commits them while `forget`
+/// waits: the forget never slips between the copy and its commit (which would name a session
+/// the table no longer has and fail the table). Holds on every interleaving of the two threads.
+#[test]
+fn forget_waits_for_a_copy_in_flight() {
+    let opts = common::small_table();
+    let storage = common::mem_storage(&opts);
+    let e = Arc::new(common::create(&storage, opts));
+    let s = Arc::new(MemVolume::with_data("s", &vec![5u8; SIZE]));
+    let t = Arc::new(MemVolume::new("t", SIZE));
+    e.attach(s.clone());
+    e.attach(t.clone());
+    let id = e.establish(&spec(&s, &t)).unwrap();
+    let (_, hold) = e
+        .copy_data(id, timezero::GrainIndex(0), timezero::GrainCount(4))
+        .unwrap()
+        .unwrap();
+    let hold = hold.unwrap();
+    e.withdraw(id).unwrap();
+    let forgetter = {
+        let e = e.clone();
+        std::thread::spawn(move || e.forget(id))
+    };
+    e.commit_copied(id, vec![hold]).unwrap();
+    forgetter.join().unwrap().unwrap();
+    assert!(matches!(e.session(id), Err(Error::UnknownSession(_))));
+    // The table is healthy: another session commits and the table reopens.
+    let id2 = e.establish(&spec(&s, &t)).unwrap();
+    e.copy_all(id2, timezero::GrainCount(8)).unwrap();
+    drop(e);
+    let e = common::reopen(&storage, &[s.clone(), t.clone()]);
+    assert_eq!(e.session(id2).unwrap().state(), SessionState::Completed);
+}
+
+/// Establishes racing for the last free session slot: exactly one takes it, the others are
+/// refused with `TableFull`, and the table stays healthy (it reopens with every session). Holds
+/// on every interleaving of the racing threads.
+#[test]
+fn establishes_racing_for_the_last_slot_take_it_once() {
+    const GRAIN: u64 = 4096;
+    let opts = timezero::activity::TableOptions::default();
+    let storage = common::mem_storage(&opts);
+    let e = Arc::new(common::create(&storage, opts));
+    let max = timezero::limits::SESSIONS_MAX as u64;
+    let s = Arc::new(MemVolume::with_data("s", &vec![1u8; GRAIN as usize]));
+    let t = Arc::new(MemVolume::new("t", ((max + 8) * GRAIN) as usize));
+    e.attach(s.clone());
+    e.attach(t.clone());
+    let one = |i: u64| SessionSpec {
+        source: s.info().id,
+        target: t.info().id,
+        extents: vec![timezero::ExtentSpec {
+            source_offset: 0,
+            target_offset: i * GRAIN,
+            len: GRAIN,
+        }],
+        grain: GrainSize::new(GRAIN).unwrap(),
+        mode: timezero::CopyMode::NoCopy,
+    };
+    for i in 0..max - 1 {
+        e.establish(&one(i)).unwrap();
+    }
+    let racers: Vec<_> = (0..4u64)
+        .map(|k| {
+            let e = e.clone();
+            let spec = one(max - 1 + k);
+            std::thread::spawn(move || e.establish(&spec))
+        })
+        .collect();
+    let results: Vec<_> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{results:?}");
+    for r in &results {
+        if let Err(err) = r {
+            assert!(
+                matches!(err, Error::TableFull { what: "sessions" }),
+                "{err}"
+            );
+        }
+    }
+    assert!(!e.table().is_poisoned());
+    drop(e);
+    let e = common::reopen(&storage, &[s.clone(), t.clone()]);
+    assert_eq!(e.status().len() as u64, max);
+}

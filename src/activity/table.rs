@@ -195,8 +195,10 @@ pub struct Table {
     poisoned: AtomicBool,
     /// Opened with [`Table::open_read_only`]: nothing is ever written.
     read_only: bool,
-    /// Held while ended sessions are chosen and forgotten (by `make_room_for` or `forget`).
-    forgetting: Mutex<()>,
+    /// Admission: held while ended sessions are chosen and forgotten (`make_room_for`,
+    /// `forget`), and by an establish from its room check until its `Establish` commit, so
+    /// that two establishes never both count the last free slot.
+    admission: Mutex<()>,
     /// Set once open has checked the table against its rollback witness: only then may the
     /// witness be written (a table refused as rolled back must not lower it on drop).
     witness_checked: AtomicBool,
@@ -401,7 +403,7 @@ impl Table {
             }),
             poisoned: AtomicBool::new(false),
             read_only,
-            forgetting: Mutex::new(()),
+            admission: Mutex::new(()),
             witness_checked: AtomicBool::new(false),
             stats: TableStats::default(),
         };
@@ -464,9 +466,8 @@ impl Table {
         (used + 64, self.layout.checkpoint_bytes)
     }
 
-    /// The ended sessions (completed, withdrawn, terminated) in the order
-    /// An establish forgets them when a new session needs room: lowest id (oldest)
-    /// first.
+    /// The ended sessions (completed, withdrawn, terminated) in the order an establish forgets
+    /// them when a new session needs room: lowest id (oldest) first.
     #[must_use]
     pub fn forget_order(&self) -> Vec<SessionId> {
         self.sessions
@@ -484,28 +485,28 @@ impl Table {
     /// # Errors
     /// Table errors.
     pub(crate) fn forget(&self, ids: &[SessionId]) -> Result<Vec<SessionId>> {
-        let _forgetting = self.forgetting.lock();
-        let ended: Vec<SessionId> = {
+        let _admission = self.admission.lock();
+        let ended: Vec<Arc<Session>> = {
             let sessions = self.sessions.read();
             ids.iter()
-                .copied()
-                .filter(|id| sessions.get(id).is_some_and(|s| !s.is_live()))
+                .filter_map(|id| sessions.get(id).filter(|s| !s.is_live()).cloned())
                 .collect()
         };
+        let _quiet: Vec<_> = ended.iter().map(|s| quiesce(s)).collect();
         self.commit(
             ended
                 .iter()
-                .map(|id| Entry::Forget { session: *id })
+                .map(|s| Entry::Forget { session: s.id() })
                 .collect(),
         )?;
-        Ok(ended)
+        Ok(ended.iter().map(|s| s.id()).collect())
     }
 
     /// Check that a new session fits; forget the oldest ended sessions to make room.
     ///
     /// # Errors
     /// [`Error::TableFull`].
-    pub(crate) fn make_room(&self, desc: &SessionDesc) -> Result<()> {
+    pub(crate) fn make_room(&self, desc: &SessionDesc) -> Result<Admission<'_>> {
         self.make_room_for(std::slice::from_ref(desc))
     }
 
@@ -514,18 +515,21 @@ impl Table {
     ///
     /// # Errors
     /// [`Error::TableFull`].
-    pub(crate) fn make_room_for(&self, descs: &[SessionDesc]) -> Result<()> {
+    pub(crate) fn make_room_for(&self, descs: &[SessionDesc]) -> Result<Admission<'_>> {
         let need: u64 = descs.iter().map(checkpoint_bytes).sum();
-        let _forgetting = self.forgetting.lock();
+        let admission = self.admission.lock();
         loop {
             let (used, cap) = self.capacity();
             let count = self.sessions.read().len();
             if used + need <= cap && count + descs.len() <= SESSIONS_MAX {
-                return Ok(());
+                return Ok(admission);
             }
-            let victim = self.forget_order().first().copied();
+            let victim = self.forget_order().first().and_then(|id| self.session(*id));
             match victim {
-                Some(v) => self.commit(vec![Entry::Forget { session: v }])?,
+                Some(v) => {
+                    let _quiet = quiesce(&v);
+                    self.commit(vec![Entry::Forget { session: v.id() }])?;
+                }
                 None if count + descs.len() > SESSIONS_MAX => {
                     return Err(Error::TableFull { what: "sessions" })
                 }
@@ -974,4 +978,15 @@ fn encode_commits(batch: &[Entry], atomic: &[std::ops::Range<usize>]) -> Result<
         chunks.push(cur.buf);
     }
     Ok(chunks)
+}
+
+/// Room for a new session, held by its establish until the `Establish` entry is committed (see
+/// `Table::make_room_for`): no other establish counts the same free slot meanwhile.
+pub(crate) type Admission<'a> = parking_lot::MutexGuard<'a, ()>;
+
+/// Wait until no copy, copy-before-write or image read works on any grain of an ended session,
+/// and hold them all: a copy that took its grains before the session ended commits their bits
+/// (naming the session) before the session is forgotten, never after.
+fn quiesce(s: &Session) -> crate::session::RangeGuard<'_> {
+    s.locks.lock(0, s.desc.grains().max(1))
 }

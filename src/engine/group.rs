@@ -202,7 +202,8 @@ impl Engine {
                 ),
             ));
         }
-        self.table.make_room_for(&descs)?;
+        // Held until the commit below: no other establish takes the same room.
+        let _room = self.table.make_room_for(&descs)?;
         // T0: drain the writers of every volume of the group (in id order), make every source
         // durable, commit every session at once.
         let mut volumes: Vec<&Arc<VolumeHandle>> =

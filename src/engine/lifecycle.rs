@@ -152,7 +152,8 @@ impl Engine {
                 .unwrap_or(0),
             group: None,
         };
-        self.table.make_room(&desc)?;
+        // Held until the commit below: no other establish takes the same room.
+        let _room = self.table.make_room(&desc)?;
         // T0: drain writers of both volumes (in id order), make the source durable, commit.
         let (a, b) = if src.info.id <= tgt.info.id {
             (&src, &tgt)

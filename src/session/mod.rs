@@ -10,7 +10,7 @@ mod extent;
 mod lock;
 
 pub(crate) use extent::{ExtentMap, Piece};
-pub(crate) use lock::RangeLock;
+pub(crate) use lock::{RangeGuard, RangeLock};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
