@@ -10,10 +10,11 @@
 
 use std::sync::Arc;
 
+use super::lifecycle::Pair;
 use super::{Engine, SessionSpec, VolumeHandle};
 use crate::ids::SessionId;
 use crate::limits::GROUP_NAME_BYTES_MAX;
-use crate::model::{Entry, ExtentSpec, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef};
+use crate::model::{Entry, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef};
 use crate::{Error, Result};
 
 #[cfg(feature = "fault")]
@@ -41,13 +42,6 @@ fn commit_group(table: &crate::activity::Table, entries: Vec<Entry>) -> Result<(
         return Ok(());
     }
     table.commit_atomic(entries)
-}
-
-/// One pair of a group being established: its handles and extents.
-struct Pair {
-    src: Arc<VolumeHandle>,
-    tgt: Arc<VolumeHandle>,
-    extents: Vec<ExtentSpec>,
 }
 
 /// Check a group name: 1 to [`GROUP_NAME_BYTES_MAX`] bytes of ASCII letters, digits, `.`, `_`
@@ -162,7 +156,7 @@ impl Engine {
         let mut pairs: Vec<Pair> = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
             let p = self
-                .group_pair(spec)
+                .session_pair(spec)
                 .and_then(|p| {
                     check_within_group(&pairs, &p)?;
                     Ok(p)
@@ -240,35 +234,6 @@ impl Engine {
         }
         self.refresh_active();
         Ok(descs.iter().map(|d| d.id).collect())
-    }
-
-    /// The handles and extents of one pair, validated alone and against live sessions.
-    fn group_pair(&self, spec: &SessionSpec) -> Result<Pair> {
-        let src = self.handle(spec.source)?;
-        let tgt = self.handle(spec.target)?;
-        self.refuse_table_file(&src.info)?;
-        self.refuse_table_file(&tgt.info)?;
-        let g = spec.grain.bytes();
-        let extents = if spec.extents.is_empty() {
-            let len = src.info.size - src.info.size % g;
-            if len == 0 {
-                return Err(Error::OutOfRange {
-                    offset: 0,
-                    len: g,
-                    what: "source volume",
-                    size: src.info.size,
-                });
-            }
-            vec![ExtentSpec {
-                source_offset: 0,
-                target_offset: 0,
-                len,
-            }]
-        } else {
-            spec.extents.clone()
-        };
-        self.validate(&src.info, &tgt.info, spec.grain, &extents)?;
-        Ok(Pair { src, tgt, extents })
     }
 
     /// The live (active or suspended) sessions of group `name`, by id.

@@ -1,12 +1,13 @@
 //! Session lifecycle: what to establish ([`SessionSpec`]), establishing it (validation, the
 //! write gate, one commit), withdrawing, converting no-copy to copy, terminating and completing.
 
+use std::sync::Arc;
+
+use super::{not_usable, Engine, VolumeHandle};
+use crate::ids::{GrainSize, SessionId, VolumeId};
 use crate::model::{
     CopyMode, Entry, ExtentSpec, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef,
 };
-
-use super::{not_usable, Engine};
-use crate::ids::{GrainSize, SessionId, VolumeId};
 use crate::session::Session;
 use crate::volume::{check_range, VolumeInfo};
 use crate::{Error, Result};
@@ -114,30 +115,7 @@ impl Engine {
     /// # }
     /// ```
     pub fn establish(&self, spec: &SessionSpec) -> Result<SessionId> {
-        let src = self.handle(spec.source)?;
-        let tgt = self.handle(spec.target)?;
-        self.refuse_table_file(&src.info)?;
-        self.refuse_table_file(&tgt.info)?;
-        let g = spec.grain.bytes();
-        let extents = if spec.extents.is_empty() {
-            let len = src.info.size - src.info.size % g;
-            if len == 0 {
-                return Err(Error::OutOfRange {
-                    offset: 0,
-                    len: g,
-                    what: "source volume",
-                    size: src.info.size,
-                });
-            }
-            vec![ExtentSpec {
-                source_offset: 0,
-                target_offset: 0,
-                len,
-            }]
-        } else {
-            spec.extents.clone()
-        };
-        self.validate(&src.info, &tgt.info, spec.grain, &extents)?;
+        let Pair { src, tgt, extents } = self.session_pair(spec)?;
         let id = self.table.allocate_session_id();
         let desc = SessionDesc {
             id,
@@ -277,6 +255,36 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The handles and extents of a session's source and target (whole volumes when the spec
+    /// names no extents), validated alone and against live sessions.
+    pub(super) fn session_pair(&self, spec: &SessionSpec) -> Result<Pair> {
+        let src = self.handle(spec.source)?;
+        let tgt = self.handle(spec.target)?;
+        self.refuse_table_file(&src.info)?;
+        self.refuse_table_file(&tgt.info)?;
+        let g = spec.grain.bytes();
+        let extents = if spec.extents.is_empty() {
+            let len = src.info.size - src.info.size % g;
+            if len == 0 {
+                return Err(Error::OutOfRange {
+                    offset: 0,
+                    len: g,
+                    what: "source volume",
+                    size: src.info.size,
+                });
+            }
+            vec![ExtentSpec {
+                source_offset: 0,
+                target_offset: 0,
+                len,
+            }]
+        } else {
+            spec.extents.clone()
+        };
+        self.validate(&src.info, &tgt.info, spec.grain, &extents)?;
+        Ok(Pair { src, tgt, extents })
     }
 
     /// End a session at the user's request.
@@ -433,4 +441,11 @@ fn validate_within(src: &VolumeInfo, tgt: &VolumeInfo, extents: &[ExtentSpec]) -
         }
     }
     Ok(())
+}
+
+/// A session's source and target being established: their handles and extents.
+pub(super) struct Pair {
+    pub(super) src: Arc<VolumeHandle>,
+    pub(super) tgt: Arc<VolumeHandle>,
+    pub(super) extents: Vec<ExtentSpec>,
 }
