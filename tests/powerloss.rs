@@ -10,7 +10,8 @@
 //!
 //! Method: a power-loss FUSE mount (`timezero::fault::powerloss`) over a fresh backing directory
 //! per cut holds the table and the volumes; the binary runs `init`, three `establish`es (copy,
-//! no-copy with an extent, copy with two extents), then `serve`, with concurrent forwarded
+//! no-copy with an extent, copy with two extents) and a consistency group of two pairs (after a
+//! cut both of its sessions or neither), then `serve`, with concurrent forwarded
 //! `write`s, a throttled forwarded `copy` and, where `qemu-io` exists, NBD writes with FUA and
 //! flush; the mount cuts the power before a seeded mutating operation with a seeded loss
 //! policy (drop all, random subset, torn at 4 KiB or 512 B) and fails everything after it. The
@@ -47,6 +48,13 @@ use timezero::ids::SessionId;
 const SRC: usize = 2 << 20;
 const TGT2: usize = 256 << 10;
 const TGT3: usize = 256 << 10;
+/// Size of each source and target of the consistency group (sessions s4 and s5).
+const GROUP_VOL: usize = 128 << 10;
+
+/// The T0 content of the group's `k`-th source (`src4`, `src5`).
+fn group_source(seed: u64, k: u64) -> Vec<u8> {
+    common::pattern(seed ^ (0x9e0 + k), GROUP_VOL)
+}
 /// Slot of one client write: writes never overlap, so each byte has one "new" value.
 const SLOT: usize = 24 << 10;
 
@@ -209,6 +217,10 @@ fn one_cut(cfg: &Cfg) -> Outcome {
     std::fs::write(backing.join("tgt"), vec![0u8; SRC]).unwrap();
     std::fs::write(backing.join("tgt2"), vec![0u8; TGT2]).unwrap();
     std::fs::write(backing.join("tgt3"), vec![0u8; TGT3]).unwrap();
+    for k in [4, 5] {
+        std::fs::write(backing.join(format!("src{k}")), group_source(cfg.seed, k)).unwrap();
+        std::fs::write(backing.join(format!("tgt{k}")), vec![0u8; GROUP_VOL]).unwrap();
+    }
     let mount = PowerLossMount::mount(
         &backing,
         &mnt,
@@ -319,6 +331,15 @@ fn scenario(
             }
             Err(()) => return true,
         }
+    }
+    // A consistency group of two pairs: s4 and s5, one T0, all or none after a cut.
+    let (s4, t4, s5, t5) = (rig.m("src4"), rig.m("tgt4"), rig.m("src5"), rig.m("tgt5"));
+    match rig.run(&["establish", &table, &s4, &t4, &s5, &t5, "--group", "g"]) {
+        Ok(o) => {
+            assert!(o.starts_with("s4: ") && o.contains("\ns5: "), "{o}");
+            acked.extend([4, 5]);
+        }
+        Err(()) => return true,
     }
     // Slots for client writes, shuffled, never reused.
     let mut slots: Vec<usize> = (0..SRC / SLOT).collect();
@@ -469,7 +490,7 @@ fn nbd_writes(
     }
     let Some(name) = exports
         .split(", ")
-        .find(|e| e.ends_with("src") || e.contains("/src"))
+        .find(|e| e.rsplit('/').next() == Some("src"))
     else {
         panic!("no source export in '{exports}'");
     };
@@ -590,10 +611,22 @@ fn check_survivor(
         (1, t0.to_vec()),
         (2, t0[256 << 10..512 << 10].to_vec()),
         (3, [&t0[..128 << 10], &t0[640 << 10..768 << 10]].concat()),
+        (4, group_source(cfg.seed, 4)),
+        (5, group_source(cfg.seed, 5)),
     ]
     .into_iter()
     .collect();
     let status = e.status();
+    let group: Vec<_> = status
+        .iter()
+        .filter(|s| s.id == SessionId(4) || s.id == SessionId(5))
+        .collect();
+    if group.len() == 1 {
+        out.wrong_images.push(format!(
+            "{tag}: the group came back with one of its two sessions ({})",
+            group[0].id
+        ));
+    }
     for id in acked_sessions {
         if !status.iter().any(|s| s.id == SessionId(*id)) {
             out.wrong_images
@@ -861,7 +894,7 @@ fn local_writes_survive_a_cut_after_the_last_operation() {
             serve: false,
         };
         let o = one_cut(&cfg);
-        assert!(o.sessions_checked == 3 && o.acked_writes == 4, "{o:?}");
+        assert!(o.sessions_checked == 5 && o.acked_writes == 4, "{o:?}");
         assert!(
             o.wrong_images.is_empty() && o.lost_writes.is_empty() && o.ordering.is_empty(),
             "{o:?}"
