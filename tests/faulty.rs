@@ -71,6 +71,22 @@ impl Files {
         }
         e
     }
+    /// The source file still holds T0, so does the image, and so does the image after the
+    /// table is reopened with plain file volumes; returns the reopened engine.
+    fn assert_t0_kept(&self, e: Engine, id: SessionId) -> Engine {
+        assert!(
+            std::fs::read(self.path("src")).unwrap() == self.t0,
+            "source changed"
+        );
+        assert!(common::image(&e, id) == self.t0, "image is not T0");
+        drop(e);
+        let e = self.reopen();
+        assert!(
+            common::image(&e, id) == self.t0,
+            "image after reopen is not T0"
+        );
+        e
+    }
 }
 
 /// A source holding the T0 pattern of `seed` and a zeroed target, both `FaultyVolume`s over
@@ -125,19 +141,8 @@ fn failing_target_write_fails_the_source_write_and_keeps_t0() {
     );
     // The source write was never issued.
     assert_eq!(src.counts().writes, 0);
-    assert!(
-        std::fs::read(f.path("src")).unwrap() == f.t0,
-        "source changed"
-    );
     assert!(std::fs::read(f.path("tgt")).unwrap() == vec![0u8; SIZE]);
-    assert!(common::image(&e, id) == f.t0, "image is not T0");
-
-    drop(e);
-    let e = f.reopen();
-    assert!(
-        common::image(&e, id) == f.t0,
-        "image after reopen is not T0"
-    );
+    let e = f.assert_t0_kept(e, id);
     // The engine works again on the healthy files.
     let a = e.volume_by_locator(&src.info().locator).unwrap();
     e.write(a, 70_000, &[0xEE; 5000]).unwrap();
@@ -192,18 +197,7 @@ fn torn_target_write_fails_the_source_write_and_keeps_t0() {
     assert!(grain[k..].iter().all(|&b| b == 0), "bytes past the tear");
     assert!(tgt_bytes[..g].iter().all(|&b| b == 0));
     assert!(tgt_bytes[g + GRAIN..].iter().all(|&b| b == 0));
-    assert!(
-        std::fs::read(f.path("src")).unwrap() == f.t0,
-        "source changed"
-    );
-    assert!(common::image(&e, id) == f.t0, "image is not T0");
-
-    drop(e);
-    let e = f.reopen();
-    assert!(
-        common::image(&e, id) == f.t0,
-        "image after reopen is not T0"
-    );
+    let e = f.assert_t0_kept(e, id);
     let a = e.volume_by_locator(&src.info().locator).unwrap();
     e.write(a, 70_000, &[0xEE; 5000]).unwrap();
     let tgt_bytes = std::fs::read(f.path("tgt")).unwrap();
@@ -367,11 +361,7 @@ fn checked_target_latches_a_failed_write_under_the_engine() {
         "a latched call reached the device"
     );
     assert_eq!(src.counts().writes, 0);
-    assert!(std::fs::read(f.path("src")).unwrap() == f.t0);
-    assert!(common::image(&e, id) == f.t0);
-    drop(e);
-    let e = f.reopen();
-    assert!(common::image(&e, id) == f.t0);
+    f.assert_t0_kept(e, id);
 }
 
 /// `Engine::close` makes the writes made through the engine durable (a crash after it loses
@@ -450,11 +440,7 @@ fn failed_flush_latches_the_volume_with_its_first_error() {
         e.flush(tgt.info().id),
         Err(Error::PoisonedIo { .. })
     ));
-    assert!(std::fs::read(f.path("src")).unwrap() == f.t0);
-    assert!(common::image(&e, id) == f.t0);
-    drop(e);
-    let e = f.reopen();
-    assert!(common::image(&e, id) == f.t0);
+    f.assert_t0_kept(e, id);
 }
 
 /// The copier reports every durability point, the completion once, and a failure: over real
