@@ -68,6 +68,12 @@ fn p(x: &Path) -> &str {
 
 fn fuse_or_skip(test: &str) -> bool {
     if let Some(why) = unavailable() {
+        // CI sets this where it saw /dev/fuse as root, so that a broken mount fails the run
+        // instead of passing as a skip.
+        assert!(
+            std::env::var_os("TIMEZERO_REQUIRE_FUSE").is_none(),
+            "{test}: TIMEZERO_REQUIRE_FUSE is set but the power-loss mount is unavailable: {why}"
+        );
         println!("SKIPPED {test}: the power-loss mount needs FUSE: {why}");
         return false;
     }

@@ -275,7 +275,27 @@ impl PowerLossMount {
 
     fn unmount_inner(&mut self) -> Result<()> {
         if let Some(s) = self.session.take() {
-            s.umount_and_join().map_err(|e| {
+            // A process forked by another thread of this program holds a copy of every
+            // descriptor open at that instant until it execs (close-on-exec), so a mount whose
+            // files were all closed can still be busy for a moment: retry EBUSY for a while
+            // before giving up.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                match rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty())
+                {
+                    Ok(()) | Err(rustix::io::Errno::INVAL) => break,
+                    Err(rustix::io::Errno::BUSY) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(e) => {
+                        let path = self.mountpoint.display().to_string();
+                        self.session = Some(s);
+                        return Err(Error::io("unmount fuse", path, 0, e.into()));
+                    }
+                }
+            }
+            // Unmounted: the session thread sees the connection end and returns.
+            s.join().map_err(|e| {
                 Error::io("unmount fuse", self.mountpoint.display().to_string(), 0, e)
             })?;
         }
