@@ -131,7 +131,10 @@ mod tests {
         let early = clock.after(t("2026-12-01T10:00:30Z"));
         let late = clock.after(t("2026-12-01T10:01:00Z"));
         let past = clock.after(t("2026-12-01T09:00:00Z"));
-        assert!(past.try_recv().is_ok(), "a deadline already reached fires at once");
+        assert!(
+            past.try_recv().is_ok(),
+            "a deadline already reached fires at once"
+        );
         clock.advance(SignedDuration::from_secs(29));
         assert!(early.try_recv().is_err());
         clock.advance(SignedDuration::from_secs(1));

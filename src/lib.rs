@@ -31,6 +31,9 @@ pub mod model;
 pub mod nbd;
 pub mod session;
 mod state;
+#[cfg(feature = "orchestration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
+pub mod store;
 mod sync;
 mod units;
 pub mod volume;

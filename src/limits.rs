@@ -43,6 +43,11 @@ pub const DATA_IO_RETRIES_MAX: u32 = 3;
 /// Largest single engine I/O request.
 pub const IO_BYTES_MAX: u64 = 64 << 20;
 
+// The orchestration layers (docs/orchestration.md).
+
+/// Highest job and event priority (0 = always executed, 1 lowest).
+pub const PRIORITY_MAX: u8 = 99;
+
 const _: () = assert!(GRAIN_MIN_BYTES.is_power_of_two() && GRAIN_MAX_BYTES.is_power_of_two());
 const _: () =
     assert!(GRAIN_MIN_BYTES <= GRAIN_DEFAULT_BYTES && GRAIN_DEFAULT_BYTES <= GRAIN_MAX_BYTES);
