@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use timezero::activity::format::{CopyMode, Entry, ExtentSpec};
-use timezero::activity::{MemStorage, Table, TableStorage};
-use timezero::engine::{Engine, EngineOptions, SessionSpec};
+use timezero::fault::internals::format::{CopyMode, Entry, ExtentSpec};
+use timezero::fault::internals::Table;
 use timezero::fault::internals::{commit, AtomicBitmap};
-use timezero::ids::{Generation, GrainSize, SessionId, VolumeId};
-use timezero::volume::{MemVolume, Volume, VolumeInfo};
+use timezero::{Engine, EngineOptions, SessionSpec};
+use timezero::{Generation, GrainSize, SessionId, VolumeId};
+use timezero::{MemStorage, TableStorage};
+use timezero::{MemVolume, Volume, VolumeInfo};
 
 const GRAIN: u64 = 64 * 1024;
 const MIB: u64 = 1 << 20;
@@ -309,9 +310,9 @@ fn recovery(c: &mut Criterion) {
 #[cfg(feature = "uring")]
 fn uring_direct(c: &mut Criterion) {
     use std::io::Write;
-    use timezero::volume::{FileVolumeOptions, UringVolume};
+    use timezero::{FileVolumeOptions, UringVolume};
 
-    if !timezero::volume::uring_available() {
+    if !timezero::uring_available() {
         eprintln!("uring_direct: io_uring is not available here; skipping");
         return;
     }
@@ -341,7 +342,7 @@ fn uring_direct(c: &mut Criterion) {
         }
     };
     let plain = UringVolume::open_without_buffer_pool(&path, &opts).expect("open");
-    let pread = timezero::volume::FileVolume::open(&path, &opts).expect("open");
+    let pread = timezero::FileVolume::open(&path, &opts).expect("open");
     let mut probe = [0u8; 10];
     pooled.read_at(100, &mut probe).expect("read");
     if pooled.fixed_requests() == 0 {

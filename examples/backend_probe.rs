@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use timezero::volume::{FileVolume, FileVolumeOptions, UringVolume, Volume};
+use timezero::{FileVolume, FileVolumeOptions, UringVolume, Volume};
 
 const SIZE: u64 = 256 << 20;
 

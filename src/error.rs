@@ -291,8 +291,8 @@ pub enum Error {
         /// What it is.
         why: String,
     },
-    /// A volume about to be overwritten visibly holds data (see
-    /// [`crate::volume::visible_data`]).
+    /// A volume about to be overwritten visibly holds data: a file-system or partition-table
+    /// signature, or non-zero bytes near the start or end of a range.
     #[error("target {path} holds data ({found}) that the session would overwrite; pass --force to establish anyway")]
     HoldsData {
         /// The volume (its path).

@@ -3,7 +3,7 @@
 
 // The modules, alphabetically. docs/design.md ("## Layers") lists them lowest first, and
 // tests/layers.rs checks every reference between them against that list.
-pub mod activity;
+mod activity;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod bench;
@@ -20,44 +20,66 @@ pub mod command;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod control;
-pub mod engine;
-pub mod error;
+mod engine;
+mod error;
 #[cfg(feature = "fault")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fault")))]
 pub mod fault;
-pub mod ids;
+mod ids;
 pub mod limits;
-pub mod model;
+mod model;
 pub mod nbd;
-pub mod session;
+mod session;
 mod state;
 #[cfg(feature = "orchestration")]
 #[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
 pub mod store;
 mod sync;
 mod units;
-pub mod volume;
+mod volume;
 
-/// The background copier (see [`engine::copier`]).
-pub use engine::copier;
+// The public API: the modules above are private (but for the subsystems `nbd`, `limits`, the
+// feature-gated harness and tools, and the orchestration layers), and what a program that links
+// timezero names is re-exported here, grouped by the module it comes from.
 
-pub use activity::TableOptions;
-pub use engine::copier::{Copier, CopierEvent, CopierOptions};
+// The engine: open a table, establish and end sessions, write, read images, copy, recover.
+pub use engine::copier::{Copier, CopierControl, CopierEvent, CopierOptions, Progress};
 pub use engine::{
-    Decision, Engine, EngineOptions, Image, Outcome, RestartPolicy, SessionSpec, SessionStatus,
+    read_status, table_room, CopyErrorPolicy, CopyProgress, Decision, Engine, EngineOptions,
+    FileResolver, Image, MapResolver, Outcome, RestartPolicy, Room, SessionSpec, SessionStatus,
+    TableSnapshot, VolumeResolver,
 };
-pub use error::{Error, Result};
-pub use ids::{GrainCount, GrainIndex, GrainSize, SessionId, VolumeId};
-pub use model::{CopyMode, ExtentSpec, Reason, ReasonCode, SessionState};
-pub use volume::{FileVolume, FileVolumeOptions, MemVolume, Volume, VolumeInfo};
+// Errors.
+pub use error::{Corruption, Error, Result};
+// Identities and units.
+pub use ids::{Generation, GrainCount, GrainIndex, GrainSize, Seq, SessionId, VolumeId};
+// The domain's value types, as the table records them.
+pub use model::{
+    CopyMode, ExtentSpec, Reason, ReasonCode, SessionDesc, SessionImage, SessionState, VolumeRef,
+};
+// A session as the engine shows it (read-only outside the crate).
+pub use session::{GrainHold, Session, Status};
+// The activity table's storage and reports.
+/// A table's 16-byte identity, chosen at `init` and bound into every record.
+pub use activity::format::TableId;
+pub use activity::{
+    table_holder, MemStorage, MmapStorage, OpenReport, TableOptions, TableStats, TableStorage,
+};
+// Volumes: the trait, the backends and opening a file with a backend.
+pub use volume::{
+    check_range, open_file_volume, Backend, CheckedVolume, FileVolume, FileVolumeOptions,
+    FirstFailure, MemVolume, Volume, VolumeInfo, BACKEND_IO_URING, BACKEND_PREAD,
+    BACKEND_PREAD_IO_URING,
+};
+#[cfg(feature = "uring")]
+#[cfg_attr(docsrs, doc(cfg(feature = "uring")))]
+pub use volume::{uring_available, UringVolume};
 
 /// The types most programs that link timezero use: `use timezero::prelude::*;`.
 pub mod prelude {
-    pub use crate::activity::TableOptions;
-    pub use crate::engine::copier::{Copier, CopierOptions};
-    pub use crate::engine::{Engine, EngineOptions, Image, SessionSpec};
-    pub use crate::error::{Error, Result};
-    pub use crate::ids::{GrainCount, GrainIndex, GrainSize, SessionId};
-    pub use crate::model::{CopyMode, ExtentSpec};
-    pub use crate::volume::{FileVolume, MemVolume, Volume};
+    pub use crate::{
+        Copier, CopierOptions, CopyMode, Engine, EngineOptions, Error, ExtentSpec, FileVolume,
+        GrainCount, GrainIndex, GrainSize, Image, MemVolume, Result, SessionId, SessionSpec,
+        TableOptions, Volume,
+    };
 }

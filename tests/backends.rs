@@ -14,11 +14,11 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use timezero::engine::{Engine, EngineOptions, SessionSpec};
 use timezero::fault::FaultyVolume;
-use timezero::ids::GrainSize;
-use timezero::volume::{CheckedVolume, FileVolume, FileVolumeOptions, MemVolume, Volume};
 use timezero::Error;
+use timezero::GrainSize;
+use timezero::{CheckedVolume, FileVolume, FileVolumeOptions, MemVolume, Volume};
+use timezero::{Engine, EngineOptions, SessionSpec};
 
 /// Create a file of `data` and open it with the backend; `None` = backend unavailable here.
 type Opener = fn(&Path, &[u8]) -> Option<Arc<dyn Volume>>;
@@ -52,13 +52,13 @@ fn pread_direct(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
 }
 
 fn uring(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
-    if !timezero::volume::uring_available() {
+    if !timezero::uring_available() {
         println!("skipping io_uring: not available on this kernel");
         return None;
     }
     write_file(p, data);
     Some(Arc::new(
-        timezero::volume::UringVolume::open(p, &FileVolumeOptions::default()).unwrap(),
+        timezero::UringVolume::open(p, &FileVolumeOptions::default()).unwrap(),
     ))
 }
 
@@ -67,9 +67,9 @@ fn uring(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
 fn uring_direct_with(
     p: &Path,
     data: &[u8],
-    open: fn(&Path, &FileVolumeOptions) -> timezero::Result<timezero::volume::UringVolume>,
+    open: fn(&Path, &FileVolumeOptions) -> timezero::Result<timezero::UringVolume>,
 ) -> Option<Arc<dyn Volume>> {
-    if !timezero::volume::uring_available() {
+    if !timezero::uring_available() {
         println!("skipping io_uring: not available on this kernel");
         return None;
     }
@@ -88,13 +88,13 @@ fn uring_direct_with(
 }
 
 fn uring_direct(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
-    uring_direct_with(p, data, |p, o| timezero::volume::UringVolume::open(p, o))
+    uring_direct_with(p, data, |p, o| timezero::UringVolume::open(p, o))
 }
 
 /// The default backend's choice for `O_DIRECT` volumes.
 fn uring_registered_only_direct(p: &Path, data: &[u8]) -> Option<Arc<dyn Volume>> {
     uring_direct_with(p, data, |p, o| {
-        timezero::volume::UringVolume::open_registered_only(p, o)
+        timezero::UringVolume::open_registered_only(p, o)
     })
 }
 
@@ -280,9 +280,9 @@ backend_suite! {
 /// pread/pwrite for buffered ones; `Pread` and `IoUring` force one for every volume.
 #[test]
 fn engine_backend_choice_follows_direct() {
-    use timezero::engine::{Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING};
+    use timezero::{Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING};
     let dir = tempfile::tempdir().unwrap();
-    let uring = timezero::volume::uring_available();
+    let uring = timezero::uring_available();
     let expected = |backend: Backend, direct: bool| match (uring, backend, direct) {
         (false, _, _) | (_, Backend::Pread, _) | (_, Backend::Auto, false) => BACKEND_PREAD,
         (true, Backend::Auto, true) => BACKEND_PREAD_IO_URING,

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use timezero::engine::{Engine, EngineOptions, Outcome};
-use timezero::ids::SessionId;
+use timezero::SessionId;
+use timezero::{Engine, EngineOptions, Outcome};
 
 fn tz() -> Command {
     Command::new(env!("CARGO_BIN_EXE_timezero"))

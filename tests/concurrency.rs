@@ -45,7 +45,7 @@ const TW: u8 = 2;
 /// Target bytes before anything was copied.
 const JUNK: u8 = 9;
 
-/// Copy of `timezero::session::RangeLock` (one grain, so a held flag) on shuttle primitives.
+/// Copy of the engine's `RangeLock` (src/session/lock.rs) (one grain, so a held flag) on shuttle primitives.
 #[derive(Default)]
 struct RangeLock {
     held: Mutex<bool>,

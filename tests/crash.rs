@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
-use timezero::activity::format::{
+use timezero::fault::internals::format::{
     decode_block, CopyMode, Entry, ExtentSpec, Layout, ReasonCode, SessionState, Superblock,
 };
-use timezero::activity::{MemStorage, Table, TableStorage};
+use timezero::fault::internals::Table;
 use timezero::fault::{crashtest, engine_options, flip_bit, CrashtestOptions};
 use timezero::Error;
+use timezero::{MemStorage, TableStorage};
 
 #[test]
 fn enumerator_finds_no_violation() {
@@ -116,11 +117,11 @@ fn every_single_bit_flip_is_detected() {
     let opts = engine_options();
     let layout: Layout = opts.table.layout().unwrap();
     let store = Arc::new(MemStorage::new("t", layout.file_bytes()));
-    let engine = timezero::engine::Engine::create(store.clone(), opts).unwrap();
-    let a = engine.attach(Arc::new(timezero::volume::MemVolume::new("a", 65536)));
-    let b = engine.attach(Arc::new(timezero::volume::MemVolume::new("b", 65536)));
+    let engine = timezero::Engine::create(store.clone(), opts).unwrap();
+    let a = engine.attach(Arc::new(timezero::MemVolume::new("a", 65536)));
+    let b = engine.attach(Arc::new(timezero::MemVolume::new("b", 65536)));
     let id = engine
-        .establish(&timezero::engine::SessionSpec {
+        .establish(&timezero::SessionSpec {
             source: a,
             target: b,
             extents: vec![ExtentSpec {
@@ -128,7 +129,7 @@ fn every_single_bit_flip_is_detected() {
                 target_offset: 0,
                 len: 65536,
             }],
-            grain: timezero::ids::GrainSize::new(4096).unwrap(),
+            grain: timezero::GrainSize::new(4096).unwrap(),
             mode: CopyMode::Copy,
         })
         .unwrap();
@@ -244,13 +245,13 @@ fn every_single_bit_flip_is_detected() {
 #[test]
 fn failed_establish_fences_the_source() {
     use timezero::fault::{Faults, SimWorld};
-    use timezero::volume::Volume;
+    use timezero::Volume;
     let world = SimWorld::new(5);
     let layout = engine_options().table.layout().unwrap();
     let table = world.add_table("t", vec![0; layout.file_bytes() as usize]);
     let a = world.add_volume("a", vec![1; 65536]);
     let b = world.add_volume("b", vec![0; 65536]);
-    let engine = timezero::engine::Engine::create(Arc::new(table), engine_options()).unwrap();
+    let engine = timezero::Engine::create(Arc::new(table), engine_options()).unwrap();
     let (ia, ib) = (a.info().id, b.info().id);
     engine.attach(Arc::new(a));
     engine.attach(Arc::new(b));
@@ -259,11 +260,11 @@ fn failed_establish_fences_the_source() {
         fail_sync_at: Some(world.flushes() + 1),
         ..Faults::default()
     });
-    let spec = timezero::engine::SessionSpec {
+    let spec = timezero::SessionSpec {
         source: ia,
         target: ib,
         extents: Vec::new(),
-        grain: timezero::ids::GrainSize::new(4096).unwrap(),
+        grain: timezero::GrainSize::new(4096).unwrap(),
         mode: CopyMode::NoCopy,
     };
     assert!(engine.establish(&spec).is_err());
@@ -298,9 +299,9 @@ fn misdirected_checkpoint_write_in_recovery_keeps_the_table() {
     assert!(r.states_total >= 10, "only {} states", r.states_total);
     assert_eq!(r.violations, 0, "{:?}", r.violation_samples);
 
-    timezero::activity::set_canary_unverified_checkpoint(true);
+    timezero::fault::internals::set_canary_unverified_checkpoint(true);
     let weak = timezero::fault::check_misdirected_write(&w, 23, 268_800);
-    timezero::activity::set_canary_unverified_checkpoint(false);
+    timezero::fault::internals::set_canary_unverified_checkpoint(false);
     assert!(
         weak.violation_samples
             .iter()

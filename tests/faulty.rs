@@ -14,12 +14,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use timezero::engine::{Engine, EngineOptions, Outcome, SessionSpec};
 use timezero::fault::{CrashMode, FaultPlan, FaultyVolume, Trigger};
-use timezero::ids::{SessionId, VolumeId};
 use timezero::limits::DATA_IO_RETRIES_MAX;
-use timezero::volume::{CheckedVolume, FileVolume, FileVolumeOptions, Volume};
 use timezero::Error;
+use timezero::{CheckedVolume, FileVolume, FileVolumeOptions, Volume};
+use timezero::{Engine, EngineOptions, Outcome, SessionSpec};
+use timezero::{SessionId, VolumeId};
 
 const SIZE: usize = 1 << 20;
 const GRAIN: usize = 64 << 10;
@@ -299,9 +299,9 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
 #[test]
 fn crash_catches_copy_before_write_without_target_flush() {
     let (f, src, tgt, e, a, id) = setup(27);
-    timezero::engine::set_canary_skip_cbw_flush(true);
+    timezero::fault::internals::set_canary_skip_cbw_flush(true);
     let r = e.write(a, 3 * GRAIN as u64 + 5, &[0x99; 10]);
-    timezero::engine::set_canary_skip_cbw_flush(false);
+    timezero::fault::internals::set_canary_skip_cbw_flush(false);
     r.unwrap();
     assert!(
         common::image(&e, id) == f.t0,
@@ -448,7 +448,7 @@ fn failed_flush_latches_the_volume_with_its_first_error() {
 #[test]
 fn copier_events_report_commits_completion_and_failure() {
     use std::sync::Mutex;
-    use timezero::copier::{Copier, CopierEvent, CopierOptions};
+    use timezero::{Copier, CopierEvent, CopierOptions};
 
     #[derive(Debug, PartialEq)]
     enum Seen {

@@ -11,12 +11,12 @@ mod common;
 
 use std::sync::Arc;
 
-use timezero::activity::TableStorage;
-use timezero::engine::{Engine, EngineOptions, MapResolver, SessionSpec};
-use timezero::ids::{GrainSize, SessionId};
-use timezero::model::{Reason, ReasonCode, SessionState};
-use timezero::volume::{MemVolume, Volume};
 use timezero::Error;
+use timezero::TableStorage;
+use timezero::{Engine, EngineOptions, MapResolver, SessionSpec};
+use timezero::{GrainSize, SessionId};
+use timezero::{MemVolume, Volume};
+use timezero::{Reason, ReasonCode, SessionState};
 
 const SIZE: usize = 1 << 20;
 
@@ -280,7 +280,7 @@ fn forget_waits_for_a_copy_in_flight() {
 #[test]
 fn establishes_racing_for_the_last_slot_take_it_once() {
     const GRAIN: u64 = 4096;
-    let opts = timezero::activity::TableOptions::default();
+    let opts = timezero::TableOptions::default();
     let storage = common::mem_storage(&opts);
     let e = Arc::new(common::create(&storage, opts));
     let max = timezero::limits::SESSIONS_MAX as u64;

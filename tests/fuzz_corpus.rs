@@ -9,8 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
-use timezero::activity::format::{superblock_offset, Layout, Superblock};
 use timezero::fault::fuzzing;
+use timezero::fault::internals::format::{superblock_offset, Layout, Superblock};
 use timezero::nbd::proto;
 
 type Check = fn(&[u8]);

@@ -5,15 +5,15 @@
 
 use std::sync::Arc;
 
-use timezero::activity::format::{
+use timezero::fault::fuzzing;
+use timezero::fault::internals::format::{
     encode_checkpoint, CopyMode, ExtentSpec, Layout, SessionDesc, SessionImage, SessionState,
     Superblock, VolumeRef,
 };
-use timezero::activity::{MemStorage, TableStorage};
-use timezero::engine::{Engine, EngineOptions, MapResolver};
-use timezero::fault::fuzzing;
-use timezero::ids::{GrainSize, SessionId};
-use timezero::volume::{MemVolume, Volume};
+use timezero::{Engine, EngineOptions, MapResolver};
+use timezero::{GrainSize, SessionId};
+use timezero::{MemStorage, TableStorage};
+use timezero::{MemVolume, Volume};
 
 /// A table whose newest checkpoint (one generation past the template's) holds `sessions`.
 fn table_with_checkpoint(sessions: &[SessionImage], next_session: u64) -> Vec<u8> {

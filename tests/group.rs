@@ -13,18 +13,18 @@ mod common;
 
 use std::sync::{Arc, Barrier};
 
-use timezero::activity::codec::{Reader, Writer};
-use timezero::activity::format::{Entry, SessionDesc, SessionState};
-use timezero::engine::{Engine, SessionSpec};
-use timezero::ids::{GrainSize, SessionId};
-use timezero::model::ExtentSpec;
-use timezero::volume::MemVolume;
+use timezero::fault::internals::codec::{Reader, Writer};
+use timezero::fault::internals::format::{Entry, SessionDesc, SessionState};
 use timezero::Error;
+use timezero::ExtentSpec;
+use timezero::MemVolume;
+use timezero::{Engine, SessionSpec};
+use timezero::{GrainSize, SessionId};
 
 const SIZE: usize = 256 << 10;
 
 struct Rig {
-    storage: Arc<timezero::activity::MemStorage>,
+    storage: Arc<timezero::MemStorage>,
     vols: Vec<Arc<MemVolume>>,
     engine: Engine,
 }
@@ -53,8 +53,8 @@ fn rig(n: usize) -> Rig {
 }
 
 impl Rig {
-    fn id(&self, i: usize) -> timezero::ids::VolumeId {
-        use timezero::volume::Volume;
+    fn id(&self, i: usize) -> timezero::VolumeId {
+        use timezero::Volume;
         self.vols[i].info().id
     }
     fn spec(&self, s: usize, t: usize) -> SessionSpec {
@@ -169,7 +169,7 @@ fn a_bad_pair_establishes_nothing_and_is_named() {
     );
     // A volume that is not attached (pair 3).
     let mut gone = r.spec(4, 0);
-    gone.source = timezero::ids::VolumeId([7; 16]);
+    gone.source = timezero::VolumeId([7; 16]);
     gone.target = r.id(4);
     check(
         e.establish_group("g", &[r.spec(0, 1), r.spec(2, 3), gone]),
@@ -253,9 +253,9 @@ fn a_group_too_large_for_one_commit_is_refused_whole() {
     assert_eq!(ids.len(), 3);
     drop(e);
     let e = Engine::open(
-        storage.clone() as Arc<dyn timezero::activity::TableStorage>,
-        &timezero::engine::MapResolver::default(),
-        timezero::engine::EngineOptions::default(),
+        storage.clone() as Arc<dyn timezero::TableStorage>,
+        &timezero::MapResolver::default(),
+        timezero::EngineOptions::default(),
     )
     .unwrap();
     let st = e.status();
@@ -386,7 +386,7 @@ mod cli {
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    use timezero::engine::{Engine, EngineOptions};
+    use timezero::{Engine, EngineOptions};
 
     fn tz(dir: &Path) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_timezero"));

@@ -731,9 +731,9 @@ mod bad_input {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use timezero::engine::{Engine, EngineOptions, SessionSpec};
-    use timezero::volume::{FileVolume, FileVolumeOptions};
     use timezero::Error;
+    use timezero::{Engine, EngineOptions, SessionSpec};
+    use timezero::{FileVolume, FileVolumeOptions};
 
     fn tz() -> Command {
         Command::new(env!("CARGO_BIN_EXE_timezero"))
@@ -883,7 +883,7 @@ mod bad_input {
         let raw = FileVolume::open(&table, &FileVolumeOptions::default()).unwrap();
         let tgt = e.attach(Arc::new(raw));
         let r = e.establish(&SessionSpec {
-            mode: timezero::activity::format::CopyMode::NoCopy,
+            mode: timezero::fault::internals::format::CopyMode::NoCopy,
             ..SessionSpec::whole(src, tgt)
         });
         assert!(matches!(r, Err(Error::NotAVolume { .. })), "{r:?}");

@@ -8,14 +8,14 @@ mod common;
 
 use std::sync::Arc;
 
-use timezero::engine::SessionSpec;
-use timezero::ids::SessionId;
-use timezero::volume::MemVolume;
 use timezero::Error;
+use timezero::MemVolume;
+use timezero::SessionId;
+use timezero::SessionSpec;
 
 const SIZE: usize = 4 << 20;
 
-fn both(e: &timezero::engine::Engine, img: &timezero::engine::Image<'_>, id: SessionId) -> Vec<u8> {
+fn both(e: &timezero::Engine, img: &timezero::Image<'_>, id: SessionId) -> Vec<u8> {
     let mut a = vec![0u8; SIZE];
     img.read_at(0, &mut a).unwrap();
     let mut b = vec![0u8; SIZE];
@@ -93,8 +93,8 @@ struct PausingSource {
     go: std::sync::Barrier,
 }
 
-impl timezero::volume::Volume for PausingSource {
-    fn info(&self) -> timezero::volume::VolumeInfo {
+impl timezero::Volume for PausingSource {
+    fn info(&self) -> timezero::VolumeInfo {
         self.inner.info()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> timezero::Result<()> {
@@ -126,9 +126,9 @@ impl timezero::volume::Volume for PausingSource {
 /// bytes of the image at `off` (through an opened `Image` when `opened`) and stops inside its
 /// source read; returns once it is stopped there. Let it go on with `src.go.wait()`.
 struct Race {
-    e: Arc<timezero::engine::Engine>,
+    e: Arc<timezero::Engine>,
     src_vol: Arc<PausingSource>,
-    src: timezero::ids::VolumeId,
+    src: timezero::VolumeId,
     id: SessionId,
     reader: std::thread::JoinHandle<timezero::Result<Vec<u8>>>,
 }

@@ -16,14 +16,14 @@ mod common;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use timezero::activity::format::{CopyMode, ExtentSpec, SessionState};
-use timezero::activity::TableStorage;
-use timezero::engine::{Engine, EngineOptions, MapResolver};
-use timezero::engine::{Outcome, SessionSpec};
+use timezero::fault::internals::format::{CopyMode, ExtentSpec, SessionState};
 use timezero::fault::{SimVolume, SimWorld};
-use timezero::ids::{GrainCount, GrainIndex, GrainSize, SessionId};
-use timezero::volume::{MemVolume, Volume};
 use timezero::Error;
+use timezero::TableStorage;
+use timezero::{Engine, EngineOptions, MapResolver};
+use timezero::{GrainCount, GrainIndex, GrainSize, SessionId};
+use timezero::{MemVolume, Volume};
+use timezero::{Outcome, SessionSpec};
 
 const VOL: usize = 128 * 1024;
 const NVOL: usize = 4;
@@ -133,7 +133,7 @@ fn expected_refusal(e: &Error) -> bool {
 
 /// Whether volume `tgt` is the target of a completed session the model still reads (see the
 /// establish step).
-fn completed_target(e: &Engine, m: &Model, tgt: timezero::ids::VolumeId) -> bool {
+fn completed_target(e: &Engine, m: &Model, tgt: timezero::VolumeId) -> bool {
     m.sessions.iter().any(|(id, _, live)| {
         *live && {
             let s = e.session(*id).unwrap();
@@ -142,11 +142,7 @@ fn completed_target(e: &Engine, m: &Model, tgt: timezero::ids::VolumeId) -> bool
     })
 }
 
-fn check_image(
-    e: &timezero::engine::Engine,
-    id: SessionId,
-    reference: &[u8],
-) -> Result<(), TestCaseError> {
+fn check_image(e: &timezero::Engine, id: SessionId, reference: &[u8]) -> Result<(), TestCaseError> {
     let got = common::image(e, id);
     prop_assert!(got == reference, "image of {} differs from the model", id);
     Ok(())
@@ -575,7 +571,7 @@ fn write_touching_source_and_target_of_one_session() {
 /// (the fault feature's canary), the same kind of run must fail.
 #[test]
 fn model_checker_catches_a_skipped_flush() {
-    timezero::engine::set_canary_skip_cbw_flush(true);
+    timezero::fault::internals::set_canary_skip_cbw_flush(true);
     let ops = vec![
         Op::Establish {
             src: 0,
@@ -592,7 +588,7 @@ fn model_checker_catches_a_skipped_flush() {
         },
     ];
     let r = run(ops);
-    timezero::engine::set_canary_skip_cbw_flush(false);
+    timezero::fault::internals::set_canary_skip_cbw_flush(false);
     let err = r.expect_err("a skipped flush must be caught");
     assert!(err.to_string().contains("ordering"), "{err}");
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use timezero::nbd::{NbdConfig, NbdServer, ServerHandle, StaticRegistry, VolumeExport};
-use timezero::volume::{MemVolume, Volume};
+use timezero::{MemVolume, Volume};
 
 const DISK_BYTES: usize = 4 << 20;
 const RO_BYTES: usize = 1 << 20;

@@ -38,12 +38,12 @@ use std::time::Instant;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use timezero::activity::{MmapStorage, TableStorage};
-use timezero::engine::{Backend, Engine, EngineOptions};
 use timezero::fault::powerloss::{
     check_ordering, unavailable, CutPlan, LossPolicy, PowerLoss, PowerLossMount, SurvivorResolver,
 };
-use timezero::ids::SessionId;
+use timezero::SessionId;
+use timezero::{Backend, Engine, EngineOptions};
+use timezero::{MmapStorage, TableStorage};
 
 const SRC: usize = 2 << 20;
 const TGT2: usize = 256 << 10;

@@ -7,13 +7,13 @@ mod common;
 
 use std::sync::Arc;
 
-use timezero::activity::format::{ExtentSpec, ReasonCode, SessionState};
-use timezero::activity::{MemStorage, TableStorage};
-use timezero::engine::{Engine, MapResolver, Outcome, SessionSpec};
+use timezero::fault::internals::format::{ExtentSpec, ReasonCode, SessionState};
 use timezero::fault::{engine_options, CrashCursor, Fate, Faults, SimWorld};
-use timezero::ids::{Generation, GrainSize, SessionId, VolumeId};
-use timezero::volume::{MemVolume, Volume, VolumeInfo};
+use timezero::{Engine, MapResolver, Outcome, SessionSpec};
 use timezero::{Error, Result};
+use timezero::{Generation, GrainSize, SessionId, VolumeId};
+use timezero::{MemStorage, TableStorage};
+use timezero::{MemVolume, Volume, VolumeInfo};
 
 const K: u64 = 4096;
 const SRC: u64 = 16 * K;
@@ -174,7 +174,7 @@ fn check_after(
     refs: &[Vec<u8>; 2],
     dev: usize,
     c: Change,
-    ds: &[timezero::engine::Decision],
+    ds: &[timezero::Decision],
     ctx: &str,
 ) -> u64 {
     let on: Vec<usize> = if dev == 1 { vec![0, 1] } else { vec![0] };
@@ -482,7 +482,7 @@ fn cli_reset_on_files() {
     );
     let e = Engine::open_path(
         std::path::Path::new(&table),
-        timezero::engine::EngineOptions::default(),
+        timezero::EngineOptions::default(),
     )
     .unwrap();
     let st = e.session(SessionId(1)).unwrap().status();

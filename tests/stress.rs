@@ -12,10 +12,10 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use timezero::copier::{Copier, CopierOptions};
-use timezero::engine::{Engine, EngineOptions, SessionSpec};
-use timezero::ids::GrainSize;
-use timezero::volume::{FileVolume, FileVolumeOptions};
+use timezero::GrainSize;
+use timezero::{Copier, CopierOptions};
+use timezero::{Engine, EngineOptions, SessionSpec};
+use timezero::{FileVolume, FileVolumeOptions};
 
 /// A table, a source file holding `data` and an empty target file of the same size, attached.
 fn file_engine(
@@ -23,8 +23,8 @@ fn file_engine(
 ) -> (
     tempfile::TempDir,
     Arc<Engine>,
-    timezero::ids::VolumeId,
-    timezero::ids::VolumeId,
+    timezero::VolumeId,
+    timezero::VolumeId,
 ) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("src"), data).unwrap();
@@ -180,7 +180,7 @@ fn copier_pause_resume_rate_and_progress() {
     assert_eq!(p.grains_copied, 512);
     assert_eq!(
         e.session(id).unwrap().state(),
-        timezero::activity::format::SessionState::Completed
+        timezero::fault::internals::format::SessionState::Completed
     );
 }
 
@@ -211,7 +211,7 @@ fn copier_workers_share_durability_points() {
     assert_eq!(p.runs, 64, "copied runs of 1 MiB");
     assert_eq!(
         e.session(id).unwrap().state(),
-        timezero::activity::format::SessionState::Completed
+        timezero::fault::internals::format::SessionState::Completed
     );
     drop(e);
     assert_eq!(std::fs::read(dir.path().join("tgt")).unwrap(), data);
@@ -241,6 +241,6 @@ fn one_copier_worker_syncs_once_per_span() {
     assert_eq!(syncs, 5, "4 spans and the completion record");
     assert_eq!(
         e.session(id).unwrap().state(),
-        timezero::activity::format::SessionState::Completed
+        timezero::fault::internals::format::SessionState::Completed
     );
 }

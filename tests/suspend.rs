@@ -8,14 +8,14 @@ mod common;
 
 use std::sync::Arc;
 
-use timezero::activity::format::{ReasonCode, SessionState, VolumeRef};
-use timezero::activity::{MemStorage, TableStorage};
-use timezero::engine::{
+use timezero::fault::internals::format::{ReasonCode, SessionState, VolumeRef};
+use timezero::Error;
+use timezero::SessionId;
+use timezero::{
     Engine, EngineOptions, MapResolver, Outcome, RestartPolicy, SessionSpec, VolumeResolver,
 };
-use timezero::ids::SessionId;
-use timezero::volume::{MemVolume, Volume};
-use timezero::Error;
+use timezero::{MemStorage, TableStorage};
+use timezero::{MemVolume, Volume};
 
 const LEN: usize = 1 << 20;
 
@@ -86,7 +86,7 @@ fn open(storage: &Arc<MemStorage>, r: &dyn VolumeResolver) -> Engine {
     open_with(storage, r, RestartPolicy::Resume)
 }
 
-fn decision(e: &Engine, id: SessionId) -> &timezero::engine::Decision {
+fn decision(e: &Engine, id: SessionId) -> &timezero::Decision {
     e.decisions.iter().find(|d| d.session == id).unwrap()
 }
 
@@ -661,8 +661,8 @@ fn a_full_table_never_forgets_a_suspended_session() {
     for n in 0..1100 {
         let t = e.attach(Arc::new(MemVolume::new(&format!("t{n}"), 65_536)));
         let spec = SessionSpec {
-            mode: timezero::activity::format::CopyMode::NoCopy,
-            extents: vec![timezero::activity::format::ExtentSpec {
+            mode: timezero::fault::internals::format::CopyMode::NoCopy,
+            extents: vec![timezero::fault::internals::format::ExtentSpec {
                 source_offset: 0,
                 target_offset: 0,
                 len: 65_536,

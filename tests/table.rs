@@ -11,17 +11,18 @@ mod common;
 
 use std::sync::Arc;
 
-use timezero::activity::codec::Writer;
-use timezero::activity::format::{
+use timezero::fault::internals::codec::Writer;
+use timezero::fault::internals::format::{
     decode_block, encode_block, superblock_offset, BlockHeader, CopyMode, Entry, ExtentSpec,
     Layout, Reason, ReasonCode, SessionDesc, SessionState, Superblock, VolumeRef,
 };
-use timezero::activity::{MemStorage, Table, TableStorage};
-use timezero::engine::{Engine, EngineOptions, SessionSpec};
-use timezero::error::Corruption;
-use timezero::ids::{Generation, GrainSize, SessionId, VolumeId};
-use timezero::volume::{MemVolume, Volume, VolumeInfo};
+use timezero::fault::internals::Table;
+use timezero::Corruption;
 use timezero::Error;
+use timezero::{Engine, EngineOptions, SessionSpec};
+use timezero::{Generation, GrainSize, SessionId, VolumeId};
+use timezero::{MemStorage, TableStorage};
+use timezero::{MemVolume, Volume, VolumeInfo};
 
 fn desc() -> SessionDesc {
     let v = |n: u8| VolumeRef {
@@ -408,9 +409,9 @@ fn reconcile_terminates_on_identity_and_ends_shrunk_extents() {
     let st: Arc<dyn TableStorage> = storage.clone();
     let e = Engine::open(
         st,
-        &timezero::engine::MapResolver::default(),
+        &timezero::MapResolver::default(),
         EngineOptions {
-            restart: timezero::engine::RestartPolicy::TerminateIncomplete,
+            restart: timezero::RestartPolicy::TerminateIncomplete,
             ..EngineOptions::default()
         },
     )
@@ -453,7 +454,7 @@ fn many_commits_wrap_the_journal_through_checkpoints() {
 #[test]
 fn table_full_is_a_typed_error_and_ended_sessions_make_room() {
     // A 64 KiB checkpoint area holds bitmaps for about 500k grains in all.
-    let opts = timezero::activity::TableOptions {
+    let opts = timezero::TableOptions {
         journal_bytes: 128 * 1024,
         checkpoint_bytes: 64 * 1024,
     };
@@ -560,7 +561,7 @@ fn shrinking_away_every_extent_terminates_the_session() {
 /// size is not a multiple of 4 KiB; out-of-range requests are refused.
 #[test]
 fn file_table_read_back_matches_read() {
-    use timezero::activity::MmapStorage;
+    use timezero::MmapStorage;
     let dir = tempfile::tempdir_in(std::env::var("TMPDIR").unwrap_or("/var/tmp".into()))
         .unwrap_or_else(|_| tempfile::tempdir().unwrap());
     let path = dir.path().join("t.tzt");
@@ -593,7 +594,7 @@ fn file_table_read_back_matches_read() {
 /// checkpoint write sent to offset 0 covering both slots when they were adjacent).
 #[test]
 fn one_write_reaches_at_most_one_superblock_or_checkpoint_area() {
-    use timezero::activity::format::TABLE_WRITE_MAX_BYTES;
+    use timezero::fault::internals::format::TABLE_WRITE_MAX_BYTES;
     for (journal_bytes, checkpoint_bytes) in [(128 << 10, 64 << 10), (8 << 20, 8 << 20)] {
         let l = Layout {
             journal_bytes,

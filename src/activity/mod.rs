@@ -15,7 +15,6 @@ mod replay;
 mod storage;
 mod table;
 
-pub use crate::volume::witness_path;
 pub use storage::{table_holder, MemStorage, MmapStorage, TableStorage};
 #[cfg(feature = "fault")]
 pub use table::set_canary_unverified_checkpoint;

@@ -63,7 +63,7 @@ pub struct BenchOptions {
     /// Writer counts for the already-copied and first-write figures (each 1..=256).
     pub writers: Vec<usize>,
     /// The engine's file backend ([`EngineOptions::backend`]).
-    pub backend: crate::engine::Backend,
+    pub backend: crate::volume::Backend,
     /// Open the engine's volumes with `O_DIRECT` for the background-copy figure, like the raw
     /// copy it is compared with.
     pub direct_copy: bool,
@@ -82,7 +82,7 @@ impl Default for BenchOptions {
             json: false,
             json_out: None,
             writers: vec![1, 32],
-            backend: crate::engine::Backend::Auto,
+            backend: crate::volume::Backend::Auto,
             probe_exe: None,
             direct_copy: false,
         }
@@ -215,7 +215,7 @@ mod tests {
             json: true,
             json_out: None,
             writers: vec![4, 1, 16],
-            backend: crate::engine::Backend::IoUring,
+            backend: crate::volume::Backend::IoUring,
             direct_copy: true,
             probe_exe: None,
         };

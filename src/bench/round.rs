@@ -13,7 +13,7 @@ use super::measure::{pair, pair_sliced, rand_off, raw_copy, run_ops};
 use super::report::RunInfo;
 use super::{engine_options, BenchOptions, GRAIN, JOURNAL_BYTES, RECORD};
 use crate::activity::format::{CopyMode, Entry, SessionState};
-use crate::copier::{Copier, CopierOptions};
+use crate::engine::copier::{Copier, CopierOptions};
 use crate::engine::{Engine, Image};
 use crate::ids::{SessionId, VolumeId};
 use crate::Result;

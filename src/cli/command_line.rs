@@ -37,7 +37,7 @@ pub struct IoFlags {
     pub direct: bool,
 }
 
-/// The `--backend` values (see [`crate::engine::Backend`]).
+/// The `--backend` values (see [`crate::volume::Backend`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendArg {
     /// io_uring for O_DIRECT volumes, pread/pwrite for buffered ones.
@@ -52,8 +52,8 @@ pub enum BackendArg {
 impl IoFlags {
     /// The engine backend these flags select.
     #[must_use]
-    pub fn backend(&self) -> crate::engine::Backend {
-        use crate::engine::Backend;
+    pub fn backend(&self) -> crate::volume::Backend {
+        use crate::volume::Backend;
         match (self.io_uring, self.backend) {
             (true, _) | (false, BackendArg::IoUring) => Backend::IoUring,
             (false, BackendArg::Pread) => Backend::Pread,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore, SeedableRng};
 
-use crate::copier::{Copier, CopierOptions};
+use crate::engine::copier::{Copier, CopierOptions};
 use crate::engine::{Engine, EngineOptions, Outcome, SessionSpec};
 use crate::ids::{GrainSize, SessionId, VolumeId};
 use crate::model::{CopyMode, ExtentSpec, SessionState};

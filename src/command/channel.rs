@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::copier::CopierControl;
+use crate::engine::copier::CopierControl;
 use crate::engine::Engine;
 use crate::ids::SessionId;
 use crate::model::CopyMode;

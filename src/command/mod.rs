@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::copier::{Copier, CopierOptions};
+use crate::engine::copier::{Copier, CopierOptions};
 use crate::engine::{Engine, Outcome, SessionSpec};
 use crate::ids::{GrainSize, SessionId};
 use crate::model::{CopyMode, ExtentSpec, SessionState};

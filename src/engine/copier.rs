@@ -272,7 +272,7 @@ impl CopierControl {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use timezero::activity::MemStorage;
+/// use timezero::MemStorage;
 /// use timezero::prelude::*;
 /// use timezero::SessionState;
 ///
@@ -320,8 +320,8 @@ impl Copier {
     ///
     /// ```
     /// use std::sync::{mpsc, Arc};
-    /// use timezero::activity::MemStorage;
-    /// use timezero::copier::CopierEvent;
+    /// use timezero::MemStorage;
+    /// use timezero::CopierEvent;
     /// use timezero::prelude::*;
     ///
     /// # fn main() -> timezero::Result<()> {

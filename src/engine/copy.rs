@@ -151,7 +151,7 @@ impl Engine {
     /// ```
     /// # use std::sync::Arc;
     /// # use std::ops::ControlFlow;
-    /// # use timezero::activity::MemStorage;
+    /// # use timezero::MemStorage;
     /// # use timezero::prelude::*;
     /// # fn main() -> timezero::Result<()> {
     /// # let layout = TableOptions::default().layout()?;

@@ -66,7 +66,7 @@ impl Engine {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use timezero::activity::MemStorage;
+    /// use timezero::MemStorage;
     /// use timezero::prelude::*;
     ///
     /// # fn main() -> timezero::Result<()> {

@@ -116,7 +116,7 @@ impl Engine {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use timezero::activity::MemStorage;
+    /// use timezero::MemStorage;
     /// use timezero::prelude::*;
     ///
     /// # fn main() -> timezero::Result<()> {

@@ -21,7 +21,7 @@ use crate::{Error, Result};
 ///
 /// ```
 /// use std::sync::Arc;
-/// use timezero::activity::MemStorage;
+/// use timezero::MemStorage;
 /// use timezero::prelude::*;
 ///
 /// # fn main() -> timezero::Result<()> {
@@ -86,7 +86,7 @@ impl Engine {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use timezero::activity::MemStorage;
+    /// use timezero::MemStorage;
     /// use timezero::prelude::*;
     ///
     /// # fn main() -> timezero::Result<()> {

@@ -41,9 +41,7 @@ mod lifecycle;
 mod recovery;
 mod write;
 
-pub use crate::volume::{
-    open_file_volume, Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING,
-};
+use crate::volume::{open_file_volume, Backend, BACKEND_PREAD};
 pub use copy::CopyProgress;
 pub use forget::{table_room, Room};
 #[cfg(feature = "fault")]
@@ -255,7 +253,7 @@ pub fn read_status(path: &Path) -> Result<TableSnapshot> {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use timezero::activity::MemStorage;
+/// use timezero::MemStorage;
 /// use timezero::prelude::*;
 ///
 /// # fn main() -> timezero::Result<()> {
@@ -619,8 +617,8 @@ impl Engine {
         Ok(v)
     }
 
-    /// The file backend in use: [`BACKEND_PREAD`], [`BACKEND_PREAD_IO_URING`] or
-    /// [`BACKEND_IO_URING`]. This is the backend
+    /// The file backend in use: [`BACKEND_PREAD`], [`crate::BACKEND_PREAD_IO_URING`] or
+    /// [`crate::BACKEND_IO_URING`]. This is the backend
     /// of the first file volume the engine opened (io_uring may fall back to pread when the
     /// kernel refuses), or, before any, the one [`EngineOptions::backend`] would pick.
     #[must_use]

@@ -228,7 +228,7 @@ struct State {
 ///
 /// ```
 /// use timezero::fault::{CrashMode, FaultPlan, FaultyVolume, Trigger};
-/// use timezero::volume::{MemVolume, Volume};
+/// use timezero::{MemVolume, Volume};
 ///
 /// let v = FaultyVolume::new(MemVolume::new("disk", 4096));
 /// v.write_at(0, &[1u8; 512])?;

@@ -5,14 +5,26 @@
 /// The lock-free copied bitmap (one bit per grain) the write path tests on every write.
 pub use crate::bitmap::AtomicBitmap;
 
-use crate::activity::Table;
-use crate::model::Entry;
+/// The table itself: opened directly by tests that check recovery below the engine.
+pub use crate::activity::Table;
+/// The table's on-disk format and its bounds-checked encoding, for tests that forge or damage
+/// a table byte by byte (docs/format.md describes the same bytes).
+pub use crate::activity::{codec, format};
+/// A journal entry, as [`commit`] takes them.
+pub use crate::model::Entry;
+
+/// Canaries: each switches off one ordering rule of the engine, so that a test shows its
+/// checker catches the resulting wrong state (docs/crash-model.md).
+pub use crate::activity::set_canary_unverified_checkpoint;
+pub use crate::engine::{
+    set_canary_skip_cbw_flush, set_canary_skip_cbw_flush_all_threads, set_canary_split_group_commit,
+};
 use crate::Result;
 
 /// Commit `entries` to a table directly, past every check the engine makes before it writes
 /// one (that the grains a `SetBits` names were copied, for one): for tests that forge a table
 /// state and benchmarks that time a commit. A program that links timezero changes a table only
-/// through [`crate::engine::Engine`].
+/// through [`crate::Engine`].
 ///
 /// # Errors
 /// As the table's commit: [`crate::Error::Poisoned`], I/O errors, [`crate::Error::TableFull`].

@@ -108,7 +108,7 @@ impl FirstFailure {
 /// Cost while healthy: one atomic load per call.
 ///
 /// ```
-/// use timezero::volume::{CheckedVolume, MemVolume, Volume};
+/// use timezero::{CheckedVolume, MemVolume, Volume};
 ///
 /// let v = CheckedVolume::new(MemVolume::new("disk", 4096));
 /// v.write_at(0, b"hello")?;

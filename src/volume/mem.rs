@@ -12,7 +12,7 @@ use crate::Result;
 /// # Example
 ///
 /// ```
-/// use timezero::ids::Generation;
+/// use timezero::Generation;
 /// use timezero::prelude::*;
 ///
 /// # fn main() -> timezero::Result<()> {

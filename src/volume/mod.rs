@@ -32,9 +32,7 @@ pub(crate) use open::uring_allowed;
 pub use open::{
     open_file_volume, Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING,
 };
-pub use probe::{
-    create_complete, file_identity, sync_dir, visible_data, witness_path, PROBE_BYTES,
-};
+pub use probe::{create_complete, file_identity, sync_dir, visible_data, witness_path};
 #[cfg(feature = "uring")]
 pub use uring::{uring_available, UringVolume};
 
@@ -126,10 +124,10 @@ pub struct VolumeInfo {
 ///
 /// ```
 /// use std::sync::{Arc, Mutex};
-/// use timezero::activity::MemStorage;
-/// use timezero::ids::{Generation, VolumeId};
+/// use timezero::MemStorage;
+/// use timezero::{Generation, VolumeId};
 /// use timezero::prelude::*;
-/// use timezero::volume::{check_range, VolumeInfo};
+/// use timezero::{check_range, VolumeInfo};
 ///
 /// #[derive(Debug)]
 /// struct RamDisk { serial: u64, data: Mutex<Vec<u8>> }

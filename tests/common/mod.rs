@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use timezero::activity::{MemStorage, TableOptions, TableStorage};
-use timezero::engine::{Engine, EngineOptions, MapResolver};
-use timezero::volume::{MemVolume, Volume};
+use timezero::{Engine, EngineOptions, MapResolver};
+use timezero::{MemStorage, TableOptions, TableStorage};
+use timezero::{MemVolume, Volume};
 
 /// Small table options so tests exercise journal wrap and checkpoints.
 pub fn small_table() -> TableOptions {
@@ -52,7 +52,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Read a session's whole image.
-pub fn image(e: &Engine, id: timezero::ids::SessionId) -> Vec<u8> {
+pub fn image(e: &Engine, id: timezero::SessionId) -> Vec<u8> {
     let s = e.session(id).unwrap();
     let mut b = vec![0u8; s.image_len() as usize];
     e.read_image(id, 0, &mut b).unwrap();

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::store::{TraceEvent, TraceOp};
-use crate::engine::{Backend, VolumeResolver};
+use crate::engine::VolumeResolver;
 use crate::fault::checker::{Devices, OrderingChecker};
 use crate::model::VolumeRef;
+use crate::volume::Backend;
 use crate::volume::{open_file_volume, FileVolumeOptions, Volume, VolumeInfo};
 use crate::Result;
 

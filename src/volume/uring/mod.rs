@@ -85,7 +85,8 @@ const SETUP_OP: &str = "io_uring_setup";
 /// opcodes, and runs a no-op through it. The answer is computed once per process and cached.
 /// `false` when the kernel is too old, io_uring is disabled (`kernel.io_uring_disabled`), or a
 /// seccomp filter refuses the system calls (`ENOSYS`, `EPERM`); callers then use
-/// [`super::FileVolume`] instead (see [`super::open_best`]).
+/// [`super::FileVolume`] instead ([`crate::open_file_volume`] with [`crate::Backend::Auto`]
+/// makes this choice).
 #[must_use]
 pub fn uring_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
