@@ -74,6 +74,9 @@ pub use volume::{
 #[cfg(feature = "uring")]
 #[cfg_attr(docsrs, doc(cfg(feature = "uring")))]
 pub use volume::{uring_available, UringVolume};
+// Policy helpers around volumes: whether a volume visibly holds data (the command line refuses
+// such a target without --force), and making a directory entry durable.
+pub use volume::{sync_dir, visible_data, PROBE_BYTES};
 
 /// The types most programs that link timezero use: `use timezero::prelude::*;`.
 pub mod prelude {

@@ -32,7 +32,9 @@ pub(crate) use open::uring_allowed;
 pub use open::{
     open_file_volume, Backend, BACKEND_IO_URING, BACKEND_PREAD, BACKEND_PREAD_IO_URING,
 };
-pub use probe::{create_complete, file_identity, sync_dir, visible_data, witness_path};
+pub use probe::{
+    create_complete, file_identity, sync_dir, visible_data, witness_path, PROBE_BYTES,
+};
 #[cfg(feature = "uring")]
 pub use uring::{uring_available, UringVolume};
 
