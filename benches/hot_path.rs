@@ -68,6 +68,7 @@ fn spec(src: VolumeId, tgt: VolumeId, mode: CopyMode, extents: Vec<ExtentSpec>) 
         extents,
         grain: GrainSize::DEFAULT,
         mode,
+        incremental: false,
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Hand-written over `AtomicU64` words rather than `bitvec`, because the hot path needs a single
 //! `Acquire` load per test and a bulk range set with `fetch_or`, which `bitvec`'s atomic slices
-//! do not expose as directly.
+//! do not expose as directly. An incremental session's change map is the same type for the same
+//! reason: every write through the engine tests it without a lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -111,6 +112,32 @@ impl AtomicBitmap {
             .sum()
     }
 
+    /// Set every bit; returns how many were newly set.
+    pub fn set_all(&self) -> u64 {
+        self.set_range(0, self.len)
+    }
+
+    /// Clear every bit that is set in `mask` (a bitmap of the same length); returns how many
+    /// were cleared. Not atomic as a whole: the caller excludes concurrent setters.
+    pub fn clear_where(&self, mask: &AtomicBitmap) -> u64 {
+        self.words
+            .iter()
+            .zip(&mask.words)
+            .map(|(w, m)| {
+                let m = m.load(Ordering::Acquire);
+                let old = w.fetch_and(!m, Ordering::AcqRel);
+                u64::from((old & m).count_ones())
+            })
+            .sum()
+    }
+
+    /// Clear every bit.
+    pub fn clear_all(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Release);
+        }
+    }
+
     /// The (word index, bit mask) pairs covering bits `start..start+count` (clipped to the
     /// bitmap).
     fn word_masks(&self, start: u64, count: u64) -> impl Iterator<Item = (usize, u64)> {
@@ -193,6 +220,12 @@ mod tests {
             let first_clear = model.iter().position(|x| !*x).map(|p| p as u64);
             prop_assert_eq!(b.next_clear(0), first_clear);
             let rt = AtomicBitmap::from_bytes(len, &b.to_bytes());
+            let all = AtomicBitmap::new(len);
+            prop_assert_eq!(all.set_all(), len);
+            prop_assert_eq!(all.clear_where(&b), b.count_ones());
+            for i in 0..len { prop_assert_eq!(all.get(i), !model[i as usize]); }
+            all.clear_all();
+            prop_assert_eq!(all.count_ones(), 0);
             for i in 0..len { prop_assert_eq!(rt.get(i), model[i as usize]); }
             for s in 0..len {
                 let c = 7.min(len - s);

@@ -114,6 +114,7 @@ enum WireError {
         id: SessionId,
         state: SessionState,
     },
+    NotIncremental(SessionId),
     Suspended {
         id: SessionId,
         target_role: bool,
@@ -167,6 +168,7 @@ impl WireError {
         Some(match e {
             Error::UnknownSession(id) => WireError::UnknownSession(*id),
             Error::UnknownVolume(v) => WireError::UnknownVolume(v.clone()),
+            Error::NotIncremental(id) => WireError::NotIncremental(*id),
             Error::NotActive { id, state } => WireError::NotActive {
                 id: *id,
                 state: *state,
@@ -241,6 +243,7 @@ impl WireError {
         match self {
             WireError::UnknownSession(id) => Error::UnknownSession(id),
             WireError::UnknownVolume(v) => Error::UnknownVolume(v),
+            WireError::NotIncremental(id) => Error::NotIncremental(id),
             WireError::NotActive { id, state } => Error::NotActive { id, state },
             WireError::Suspended {
                 id,
@@ -852,6 +855,7 @@ mod tests {
             extents: Vec::new(),
             grain: 65536,
             nocopy: false,
+            incremental: false,
             force: true,
             json: false,
         });

@@ -314,6 +314,11 @@ pub enum Error {
         /// Its current state.
         state: SessionState,
     },
+    /// A refresh of a session that was not established incremental (it recorded no changes).
+    #[error(
+        "session {0} records no changes (establish it with --incremental to refresh it later)"
+    )]
+    NotIncremental(SessionId),
     /// The session is suspended: one of its volumes cannot be found or opened. Writes that
     /// would need copy-before-write for it, its image reads and its background copy wait until
     /// the volume is back with the same identity and the session resumes.

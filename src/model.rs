@@ -124,6 +124,10 @@ pub struct SessionDesc {
     /// The consistency group the session was established in (every session of a group shares
     /// one T0 and was made durable by one commit); `None` for a session established alone.
     pub group: Option<String>,
+    /// An incremental session records which grains changed after its T0 (a durable change
+    /// map, written before the write it describes), also after its copy completed, so that a
+    /// refresh takes a new T0 and copies only those grains. Copy mode only.
+    pub incremental: bool,
 }
 
 impl SessionDesc {
@@ -134,6 +138,13 @@ impl SessionDesc {
             .iter()
             .map(|e| e.len >> self.grain.shift())
             .sum()
+    }
+
+    /// Bytes of bitmaps a checkpoint holds for the session at most: the copied bitmap, and the
+    /// change map of an incremental session.
+    #[must_use]
+    pub fn bitmap_bytes(&self) -> u64 {
+        self.grains().div_ceil(8) * (1 + u64::from(self.incremental))
     }
 }
 
@@ -167,6 +178,25 @@ pub enum Entry {
         /// New mode.
         mode: CopyMode,
     },
+    /// Grains `start..start+count` of an incremental session changed after its T0 (a source
+    /// write, or a target write through the engine); durable before that write is issued.
+    SetChanged {
+        /// Session.
+        session: SessionId,
+        /// First grain.
+        start: u64,
+        /// Number of grains.
+        count: u64,
+    },
+    /// An incremental session took a new T0: the grains marked changed are copied again (their
+    /// copied bits clear; after a completed copy, every other grain stays copied), the change
+    /// map empties, and the session is active again.
+    Refresh {
+        /// Session.
+        session: SessionId,
+        /// The new T0, ms since the Unix epoch.
+        t0_unix_ms: u64,
+    },
     /// One extent of a session ended while the rest goes on.
     EndExtent {
         /// Session.
@@ -199,4 +229,9 @@ pub struct SessionImage {
     /// Bitmap bytes (bit `i` of byte `i / 8`, LSB first); empty for ended sessions (kept for
     /// active and suspended ones).
     pub bitmap: Vec<u8>,
+    /// The current T0 (the establish's, or the last refresh's), ms since the Unix epoch.
+    pub t0_unix_ms: u64,
+    /// The change map of an incremental session, as `bitmap`; empty when the session is not
+    /// incremental or has ended (a completed incremental session keeps it).
+    pub changed: Vec<u8>,
 }

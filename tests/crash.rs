@@ -131,6 +131,7 @@ fn every_single_bit_flip_is_detected() {
             }],
             grain: timezero::GrainSize::new(4096).unwrap(),
             mode: CopyMode::Copy,
+            incremental: false,
         })
         .unwrap();
     engine
@@ -266,6 +267,7 @@ fn failed_establish_fences_the_source() {
         extents: Vec::new(),
         grain: timezero::GrainSize::new(4096).unwrap(),
         mode: CopyMode::NoCopy,
+        incremental: false,
     };
     assert!(engine.establish(&spec).is_err());
     let w = engine.write(ia, 0, &[2; 4096]);

@@ -298,6 +298,7 @@ fn establishes_racing_for_the_last_slot_take_it_once() {
         }],
         grain: GrainSize::new(GRAIN).unwrap(),
         mode: timezero::CopyMode::NoCopy,
+        incremental: false,
     };
     for i in 0..max - 1 {
         e.establish(&one(i)).unwrap();

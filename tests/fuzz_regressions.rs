@@ -73,6 +73,7 @@ fn huge_ended_session_in_checkpoint_is_refused_not_allocated() {
         }],
         created_unix_ms: 0,
         group: None,
+        incremental: false,
     };
     let img = SessionImage {
         desc,
@@ -81,6 +82,8 @@ fn huge_ended_session_in_checkpoint_is_refused_not_allocated() {
         reason: None,
         ended_extents: Vec::new(),
         bitmap: Vec::new(),
+        t0_unix_ms: 0,
+        changed: Vec::new(),
     };
     let r = open(table_with_checkpoint(&[img], 6));
     assert!(r.is_err(), "a checkpoint over the bitmap budget opened");

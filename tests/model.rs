@@ -223,6 +223,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     } else {
                         CopyMode::Copy
                     },
+                    incremental: false,
                 };
                 // The reference is the image read from the model's idea of the source: the
                 // volume's current bytes (all writes go through the engine).
@@ -388,6 +389,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         } else {
                             CopyMode::Copy
                         },
+                        incremental: false,
                     })
                     .collect();
                 // One T0: every source as it is now.

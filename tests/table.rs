@@ -45,6 +45,7 @@ fn desc() -> SessionDesc {
         }],
         created_unix_ms: 123,
         group: None,
+        incremental: false,
     }
 }
 

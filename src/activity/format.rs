@@ -36,7 +36,7 @@ use crate::limits::{
 };
 
 /// Format version written by this build.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Superblock magic.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"TZTBLSB\0";
@@ -452,6 +452,8 @@ impl SessionDesc {
         }
         // Version 3: the consistency group's name (length 0: none).
         w.str16(self.group.as_deref().unwrap_or(""));
+        // Version 4: flags; bit 0 = incremental (records changes).
+        w.u8(u8::from(self.incremental));
     }
 
     /// Decode and validate ranges (grain, extent count, alignment, overflow).
@@ -496,6 +498,10 @@ impl SessionDesc {
             return Err(r.bad("extent_total", 0));
         }
         let group = r.str16(GROUP_NAME_BYTES_MAX, "group")?;
+        let flags = r.u8()?;
+        if flags > 1 || (flags == 1 && mode != CopyMode::Copy) {
+            return Err(r.bad("flags", u64::from(flags)));
+        }
         Ok(SessionDesc {
             id,
             mode,
@@ -505,6 +511,7 @@ impl SessionDesc {
             extents,
             created_unix_ms,
             group: (!group.is_empty()).then_some(group),
+            incremental: flags == 1,
         })
     }
 }
@@ -520,6 +527,10 @@ const E_SETMODE: u8 = 4;
 const E_ENDEXTENT: u8 = 5;
 
 const E_FORGET: u8 = 6;
+
+const E_SETCHANGED: u8 = 7;
+
+const E_REFRESH: u8 = 8;
 
 fn put_reason(w: &mut Writer, r: &Reason) {
     w.u16(r.code.code());
@@ -588,6 +599,24 @@ impl Entry {
                 w.u8(E_FORGET);
                 w.u64(session.0);
             }
+            Entry::SetChanged {
+                session,
+                start,
+                count,
+            } => {
+                w.u8(E_SETCHANGED);
+                w.u64(session.0);
+                w.u64(*start);
+                w.u64(*count);
+            }
+            Entry::Refresh {
+                session,
+                t0_unix_ms,
+            } => {
+                w.u8(E_REFRESH);
+                w.u64(session.0);
+                w.u64(*t0_unix_ms);
+            }
         }
     }
 
@@ -647,6 +676,15 @@ impl Entry {
                 E_FORGET => Entry::Forget {
                     session: SessionId(r.u64()?),
                 },
+                E_SETCHANGED => Entry::SetChanged {
+                    session: SessionId(r.u64()?),
+                    start: r.u64()?,
+                    count: r.u64()?,
+                },
+                E_REFRESH => Entry::Refresh {
+                    session: SessionId(r.u64()?),
+                    t0_unix_ms: r.u64()?,
+                },
                 k => return Err(r.bad("entry_kind", u64::from(k))),
             };
             out.push(e);
@@ -686,6 +724,10 @@ pub fn encode_checkpoint(
         }
         w.u64(s.bitmap.len() as u64);
         w.bytes(&s.bitmap);
+        // Version 4: the current T0 and the change map.
+        w.u64(s.t0_unix_ms);
+        w.u64(s.changed.len() as u64);
+        w.bytes(&s.changed);
     }
     let mut b = w.buf;
     let payload_len = (b.len() - CHECKPOINT_HEADER_BYTES) as u64;
@@ -794,6 +836,17 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
         let bitmap = r
             .take(usize::try_from(blen).unwrap_or(usize::MAX))?
             .to_vec();
+        let t0_unix_ms = r.u64()?;
+        let clen = r.u64()?;
+        if (clen != 0 && clen != want) || (clen != 0 && !desc.incremental) {
+            return Err(r.bad("changed_len", clen));
+        }
+        if clen > r.remaining() as u64 {
+            return Err(Corruption::Truncated { what: WHAT });
+        }
+        let changed = r
+            .take(usize::try_from(clen).unwrap_or(usize::MAX))?
+            .to_vec();
         sessions.push(SessionImage {
             desc,
             state,
@@ -801,6 +854,8 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
             reason,
             ended_extents,
             bitmap,
+            t0_unix_ms,
+            changed,
         });
     }
     if r.remaining() != 0 {

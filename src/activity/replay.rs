@@ -190,7 +190,7 @@ fn checkpoint_sessions(
     for img in &ckpt.sessions {
         // Check the bitmap budget before building the session: an ended session carries
         // no bitmap on disk, so its extents alone could otherwise demand any allocation.
-        bitmap_bytes = bitmap_bytes.saturating_add(img.desc.grains().div_ceil(8));
+        bitmap_bytes = bitmap_bytes.saturating_add(img.desc.bitmap_bytes());
         let s = if bitmap_bytes > layout.checkpoint_bytes {
             None
         } else {

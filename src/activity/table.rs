@@ -23,7 +23,7 @@ use crate::{Error, Result};
 fn checkpoint_bytes(desc: &SessionDesc) -> u64 {
     let mut w = Writer::default();
     desc.encode(&mut w);
-    w.buf.len() as u64 + 64 + desc.extents.len() as u64 * 300 + desc.grains().div_ceil(8)
+    w.buf.len() as u64 + 80 + desc.extents.len() as u64 * 300 + desc.bitmap_bytes()
 }
 
 /// Sizes of a new table.
@@ -467,13 +467,15 @@ impl Table {
     }
 
     /// The ended sessions (completed, withdrawn, terminated) in the order an establish forgets
-    /// them when a new session needs room: lowest id (oldest) first.
+    /// them when a new session needs room: lowest id (oldest) first. A completed incremental
+    /// session still records changes for its next refresh: it is never forgotten (withdraw it
+    /// first).
     #[must_use]
     pub fn forget_order(&self) -> Vec<SessionId> {
         self.sessions
             .read()
             .values()
-            .filter(|s| !s.is_live())
+            .filter(|s| !s.holds_volumes())
             .map(|s| s.id())
             .collect()
     }
@@ -489,7 +491,7 @@ impl Table {
         let ended: Vec<Arc<Session>> = {
             let sessions = self.sessions.read();
             ids.iter()
-                .filter_map(|id| sessions.get(id).filter(|s| !s.is_live()).cloned())
+                .filter_map(|id| sessions.get(id).filter(|s| !s.holds_volumes()).cloned())
                 .collect()
         };
         let _quiet: Vec<_> = ended.iter().map(|s| quiesce(s)).collect();
@@ -661,6 +663,8 @@ impl Table {
                 | Entry::SetState { session, .. }
                 | Entry::SetMode { session, .. }
                 | Entry::EndExtent { session, .. }
+                | Entry::SetChanged { session, .. }
+                | Entry::Refresh { session, .. }
                 | Entry::Forget { session } => {
                     if !sessions.contains_key(session)
                         && !batch
@@ -894,7 +898,7 @@ pub(super) fn apply(
 ) -> Result<(), Corruption> {
     match e {
         Entry::Establish(d) => {
-            *bitmap_bytes = bitmap_bytes.saturating_add(d.grains().div_ceil(8));
+            *bitmap_bytes = bitmap_bytes.saturating_add(d.bitmap_bytes());
             if *bitmap_bytes > bitmap_limit
                 || sessions.len() >= SESSIONS_MAX
                 || sessions.contains_key(&d.id)
@@ -914,7 +918,9 @@ pub(super) fn apply(
         Entry::SetBits { session, .. }
         | Entry::SetState { session, .. }
         | Entry::SetMode { session, .. }
-        | Entry::EndExtent { session, .. } => {
+        | Entry::EndExtent { session, .. }
+        | Entry::SetChanged { session, .. }
+        | Entry::Refresh { session, .. } => {
             let s = sessions.get(session).ok_or(Corruption::Field {
                 what: "journal entry",
                 field: "session",

@@ -149,5 +149,6 @@ pub(super) fn whole(src: VolumeId, tgt: VolumeId, mode: CopyMode) -> SessionSpec
         extents: Vec::new(),
         grain: GrainSize::DEFAULT,
         mode,
+        incremental: false,
     }
 }

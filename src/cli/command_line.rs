@@ -129,6 +129,10 @@ pub enum Command {
         /// Copy-before-write only: no background copy until converted.
         #[arg(long)]
         nocopy: bool,
+        /// Record which grains change after T0 (copy mode), so that `refresh` later takes a new
+        /// T0 and copies only those.
+        #[arg(long, conflicts_with = "nocopy")]
+        incremental: bool,
         /// Establish even when the target holds data (it will be overwritten).
         #[arg(long)]
         force: bool,
@@ -261,6 +265,23 @@ pub enum Command {
         #[arg(required_unless_present = "group", conflicts_with = "group")]
         session: Option<SessionId>,
         /// End every live session of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a new T0 for an incremental session (established with --incremental; active or
+    /// completed), or with --group for every session of a consistency group in one commit,
+    /// and print how much the copy now moves: only the grains written since the last T0. Run
+    /// `copy` to move them.
+    Refresh {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        session: Option<SessionId>,
+        /// Refresh every session of this consistency group.
         #[arg(long)]
         group: Option<String>,
         /// Print JSON.

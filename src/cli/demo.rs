@@ -169,6 +169,7 @@ fn setup(seed: u64) -> Result<(Setup, Engine, [VolumeId; 2])> {
         ],
         grain: GrainSize::new(16 * 1024)?,
         mode: CopyMode::NoCopy,
+        incremental: false,
     })?;
     let s3 = e.establish(&SessionSpec {
         grain: GrainSize::new(256 * 1024)?,

@@ -152,6 +152,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             extents,
             grain,
             nocopy,
+            incremental,
             force,
             json,
         } => {
@@ -162,6 +163,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                     extents,
                     grain,
                     nocopy,
+                    incremental,
                     force,
                     json,
                 }
@@ -185,6 +187,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                     group,
                     grain,
                     nocopy,
+                    incremental,
                     force,
                     json,
                 }
@@ -257,6 +260,19 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                         "withdraw needs a SESSION or --group NAME".to_string(),
                     ))
                 }
+            };
+            local_or_remote(&table, cmd, io, &mut Local::default())?
+        }
+        Command::Refresh {
+            table,
+            session,
+            group,
+            json,
+        } => {
+            let cmd = Remote::Refresh {
+                session: session.map(|s| s.0),
+                group,
+                json,
             };
             local_or_remote(&table, cmd, io, &mut Local::default())?
         }

@@ -70,6 +70,9 @@ pub enum Remote {
         grain: u64,
         /// No-copy mode.
         nocopy: bool,
+        /// Record changes for `refresh`.
+        #[serde(default)]
+        incremental: bool,
         /// Establish even when the target holds data.
         #[serde(default)]
         force: bool,
@@ -88,9 +91,22 @@ pub enum Remote {
         grain: u64,
         /// No-copy mode.
         nocopy: bool,
+        /// Record changes for `refresh`.
+        #[serde(default)]
+        incremental: bool,
         /// Establish even when a target holds data.
         #[serde(default)]
         force: bool,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
+    },
+    /// `refresh`: a new T0 for an incremental session, or for every session of a group.
+    Refresh {
+        /// The session (`None`: the group).
+        session: Option<u64>,
+        /// The consistency group.
+        group: Option<String>,
         /// JSON output.
         #[serde(default)]
         json: bool,
@@ -263,6 +279,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             extents,
             grain,
             nocopy,
+            incremental,
             force,
             json: as_json,
         } => {
@@ -279,6 +296,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
                 } else {
                     CopyMode::Copy
                 },
+                incremental: *incremental,
             };
             if !force {
                 refuse_target_with_data(e, &spec, target)?;
@@ -305,6 +323,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             group,
             grain,
             nocopy,
+            incremental,
             force,
             json: as_json,
         } => establish_group(
@@ -312,10 +331,30 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             pairs,
             group.as_deref(),
             *grain,
-            *nocopy,
+            Kind {
+                nocopy: *nocopy,
+                incremental: *incremental,
+            },
             *force,
             *as_json,
         ),
+        Remote::Refresh {
+            session,
+            group,
+            json: as_json,
+        } => {
+            let done = match (session, group) {
+                (Some(s), _) => vec![e.refresh(SessionId(*s))?],
+                (None, Some(g)) => e.refresh_group(g)?,
+                (None, None) => return Err(Error::invalid("refresh", "no session or group")),
+            };
+            let o: Vec<output::RefreshOut> = done.iter().map(output::RefreshOut::of).collect();
+            if *as_json {
+                json(&o)
+            } else {
+                Ok(o.iter().map(output::RefreshOut::text).collect())
+            }
+        }
         Remote::WithdrawGroup {
             group,
             json: as_json,
@@ -527,12 +566,19 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
 /// `establish` of a consistency group: every pair's volumes attached and checked (an error
 /// names the pair), then [`Engine::establish_group`]; one line per session, in pair order.
 #[allow(clippy::too_many_arguments, reason = "the flags of one command")]
+/// The kind of sessions an establish makes.
+#[derive(Debug, Clone, Copy)]
+struct Kind {
+    nocopy: bool,
+    incremental: bool,
+}
+
 fn establish_group(
     e: &Engine,
     pairs: &[(PathBuf, PathBuf)],
     group: Option<&str>,
     grain: u64,
-    nocopy: bool,
+    kind: Kind,
     force: bool,
     as_json: bool,
 ) -> Result<String> {
@@ -557,11 +603,12 @@ fn establish_group(
             target: volume_id(e, target).map_err(pair_err)?,
             extents: Vec::new(),
             grain,
-            mode: if nocopy {
+            mode: if kind.nocopy {
                 CopyMode::NoCopy
             } else {
                 CopyMode::Copy
             },
+            incremental: kind.incremental,
         };
         if !force {
             refuse_target_with_data(e, &spec, target).map_err(pair_err)?;
@@ -776,7 +823,7 @@ fn resume_suspended(e: &Engine, id: SessionId, io: &dyn Channel, out: &mut Strin
                 format!("{id} terminated instead: {r}"),
             ))
         }
-        Outcome::Ended => e.check_active(id)?,
+        Outcome::Ended | Outcome::ChangesUnknown(_) => e.check_active(id)?,
     }
     Ok(true)
 }

@@ -171,6 +171,10 @@ pub struct SessionOut {
     pub unavailable: Option<String>,
     /// The consistency group the session was established in, if any.
     pub group: Option<String>,
+    /// Whether the session records changes (`refresh` takes a new T0 copying only those).
+    pub incremental: bool,
+    /// Grains marked changed since T0 (incremental sessions).
+    pub grains_changed: u64,
 }
 
 impl SessionOut {
@@ -213,7 +217,48 @@ impl SessionOut {
             reason: s.reason.as_ref().map(ReasonOut::of),
             unavailable: s.unavailable.clone(),
             group: s.group.clone(),
+            incremental: s.incremental,
+            grains_changed: s.grains_changed.get(),
         }
+    }
+}
+
+/// `refresh`: one line per session.
+#[derive(Debug, Serialize)]
+pub struct RefreshOut {
+    /// `s1`.
+    pub session: String,
+    /// The new T0, RFC 3339.
+    pub t0: String,
+    /// The new T0, ms since the Unix epoch.
+    pub t0_unix_ms: u64,
+    /// Grains the copy moves now.
+    pub grains_to_copy: u64,
+    /// Bytes the copy moves now.
+    pub bytes_to_copy: u64,
+}
+
+impl RefreshOut {
+    /// From the engine's report.
+    pub fn of(r: &crate::engine::Refreshed) -> Self {
+        RefreshOut {
+            session: r.session.to_string(),
+            t0: rfc3339_ms(r.t0_unix_ms),
+            t0_unix_ms: r.t0_unix_ms,
+            grains_to_copy: r.grains_to_copy.get(),
+            bytes_to_copy: r.bytes_to_copy,
+        }
+    }
+
+    /// `s1 refreshed at T0 2026-12-02T10:00:00.000Z: 3 grains (192 KiB) to copy`.
+    pub fn text(&self) -> String {
+        format!(
+            "{} refreshed at T0 {}: {} grains ({}) to copy\n",
+            self.session,
+            self.t0,
+            self.grains_to_copy,
+            format_size(self.bytes_to_copy)
+        )
     }
 }
 
@@ -331,6 +376,9 @@ impl StatusOut {
             if let Some(g) = &s.group {
                 let _ = write!(out, "  group {g}");
             }
+            if s.incremental {
+                let _ = write!(out, "  incremental, {} grains changed", s.grains_changed);
+            }
             if let Some(r) = &s.reason {
                 let _ = write!(out, "  reason {r}");
             }
@@ -402,6 +450,11 @@ impl DecisionOut {
                 ("terminated".to_string(), Some(ReasonOut::of(r)), Vec::new())
             }
             Outcome::Suspended(r) => ("suspended".to_string(), Some(ReasonOut::of(r)), Vec::new()),
+            Outcome::ChangesUnknown(r) => (
+                "completed, every grain marked changed".to_string(),
+                Some(ReasonOut::of(r)),
+                Vec::new(),
+            ),
             Outcome::Ended => (
                 state.map_or_else(|| "ended".to_string(), |s| s.to_string()),
                 None,

@@ -181,6 +181,7 @@ impl Engine {
                 extents: p.extents.clone(),
                 created_unix_ms: t0,
                 group: Some(name.to_string()),
+                incremental: spec.incremental,
             })
             .collect();
         let entries: Vec<Entry> = descs.iter().cloned().map(Entry::Establish).collect();
@@ -236,13 +237,14 @@ impl Engine {
         Ok(descs.iter().map(|d| d.id).collect())
     }
 
-    /// The live (active or suspended) sessions of group `name`, by id.
+    /// The sessions of group `name` that hold their volumes (active, suspended, or completed
+    /// and recording changes), by id.
     #[must_use]
     pub fn live_in_group(&self, name: &str) -> Vec<SessionId> {
         self.table
             .sessions()
             .iter()
-            .filter(|s| s.is_live() && s.desc.group.as_deref() == Some(name))
+            .filter(|s| s.holds_volumes() && s.desc.group.as_deref() == Some(name))
             .map(|s| s.id())
             .collect()
     }

@@ -55,6 +55,9 @@ pub struct SessionSpec {
     pub grain: GrainSize,
     /// Mode.
     pub mode: CopyMode,
+    /// Record the grains that change after T0 (copy mode only), so that
+    /// [`Engine::refresh`] later takes a new T0 and copies only those. Default = off.
+    pub incremental: bool,
 }
 
 impl SessionSpec {
@@ -67,6 +70,7 @@ impl SessionSpec {
             extents: Vec::new(),
             grain: GrainSize::DEFAULT,
             mode: CopyMode::Copy,
+            incremental: false,
         }
     }
 }
@@ -129,6 +133,7 @@ impl Engine {
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
                 .unwrap_or(0),
             group: None,
+            incremental: spec.incremental,
         };
         // Held until the commit below: no other establish takes the same room.
         let _room = self.table.make_room(&desc)?;
@@ -260,6 +265,13 @@ impl Engine {
     /// The handles and extents of a session's source and target (whole volumes when the spec
     /// names no extents), validated alone and against live sessions.
     pub(super) fn session_pair(&self, spec: &SessionSpec) -> Result<Pair> {
+        if spec.incremental && spec.mode != CopyMode::Copy {
+            return Err(Error::invalid(
+                "establish",
+                "an incremental session records changes for a refresh of its copy: it needs \
+                 copy mode, not no-copy",
+            ));
+        }
         let src = self.handle(spec.source)?;
         let tgt = self.handle(spec.target)?;
         self.refuse_table_file(&src.info)?;
@@ -287,13 +299,14 @@ impl Engine {
         Ok(Pair { src, tgt, extents })
     }
 
-    /// End a session at the user's request.
+    /// End a session at the user's request. A completed incremental session stops recording
+    /// changes (it can no longer be refreshed, and may be forgotten).
     ///
     /// # Errors
     /// [`Error::UnknownSession`], [`Error::NotActive`], table errors.
     pub fn withdraw(&self, id: SessionId) -> Result<()> {
         let s = self.session(id)?;
-        if !s.is_live() {
+        if !s.holds_volumes() {
             return Err(Error::NotActive {
                 id,
                 state: s.status().state,

@@ -39,6 +39,7 @@ mod group;
 mod image;
 mod lifecycle;
 mod recovery;
+mod refresh;
 mod write;
 
 use crate::volume::{open_file_volume, Backend, BACKEND_PREAD};
@@ -49,6 +50,7 @@ pub use group::set_canary_split_group_commit;
 pub use image::Image;
 pub use lifecycle::SessionSpec;
 pub use recovery::{Decision, FileResolver, MapResolver, Outcome, RestartPolicy, VolumeResolver};
+pub use refresh::Refreshed;
 #[cfg(feature = "fault")]
 pub use write::{set_canary_skip_cbw_flush, set_canary_skip_cbw_flush_all_threads};
 
@@ -191,10 +193,16 @@ pub struct SessionStatus {
     pub grains_copied: GrainCount,
     /// Grains in total.
     pub grains_total: GrainCount,
-    /// T0, ms since the epoch.
+    /// T0, ms since the epoch: the establish's, or for an incremental session the last
+    /// refresh's.
     pub created_unix_ms: u64,
     /// The consistency group the session was established in, if any.
     pub group: Option<String>,
+    /// Whether the session records changes for [`Engine::refresh`].
+    pub incremental: bool,
+    /// Grains marked changed since T0 (incremental sessions; 0 otherwise): what a refresh now
+    /// would copy again.
+    pub grains_changed: GrainCount,
 }
 
 /// The committed state of a table read without taking it (see [`read_status`]).
@@ -520,7 +528,7 @@ impl Engine {
             .table
             .sessions()
             .into_iter()
-            .filter(|s| s.is_live())
+            .filter(|s| s.holds_volumes())
             .collect();
         self.active.store(Arc::new(v));
     }
@@ -733,8 +741,10 @@ fn session_status(s: &Session) -> SessionStatus {
             s.copied()
         },
         grains_total: GrainCount(s.desc.grains()),
-        created_unix_ms: s.desc.created_unix_ms,
+        created_unix_ms: s.t0_unix_ms(),
         group: s.desc.group.clone(),
+        incremental: s.desc.incremental,
+        grains_changed: s.changed(),
     }
 }
 

@@ -119,6 +119,10 @@ pub enum Outcome {
     Terminated(Reason),
     /// Suspended: its source or target cannot be found or opened (the reason says which).
     Suspended(Reason),
+    /// A completed incremental session whose change map can no longer be vouched for (its
+    /// source or target was replaced, shrank, or cannot be found): every grain is now marked
+    /// changed, so its next refresh copies everything. It stays completed.
+    ChangesUnknown(Reason),
     /// Already ended (completed, withdrawn, terminated) before.
     Ended,
 }
@@ -128,6 +132,12 @@ impl Engine {
     pub(super) fn reconcile_all(&self, resolver: &dyn VolumeResolver) -> Result<Vec<Decision>> {
         let mut out = Vec::new();
         for s in self.table.sessions() {
+            if s.records_changes() && !s.is_live() {
+                let src = self.find_volume(&s.desc.source, resolver);
+                let tgt = self.find_volume(&s.desc.target, resolver);
+                out.push(self.reconcile_recording(&s, src, tgt, ReasonCode::IdentityMismatch)?);
+                continue;
+            }
             if !s.is_live() {
                 // A completed session's image is its target: attach it when it is still the
                 // same volume, so the image stays readable. (A target that cannot be opened
@@ -251,6 +261,63 @@ impl Engine {
         Ok(Decision::new(id, outcome, was_suspended))
     }
 
+    /// A completed incremental session: attach its volumes when both are what it recorded (its
+    /// writes through the engine keep being recorded); else mark every grain changed, durably,
+    /// so that a refresh never trusts a map that may have missed writes.
+    fn reconcile_recording(
+        &self,
+        s: &Arc<Session>,
+        src: Found,
+        tgt: Found,
+        mismatch: ReasonCode,
+    ) -> Result<Decision> {
+        let id = s.id();
+        let problem = match (&src, &tgt) {
+            (Found::Here(a), Found::Here(b)) => {
+                let (si, ti) = (a.info(), b.info());
+                identity_change(mismatch, &si, &s.desc.source, "source")
+                    .or_else(|| identity_change(mismatch, &ti, &s.desc.target, "target"))
+                    .or_else(|| {
+                        shrunk_extents(s, &s.status().ended, si.size, ti.size)
+                            .into_iter()
+                            .next()
+                            .map(|(_, r)| r)
+                    })
+            }
+            (Found::Missing | Found::Unusable(_), _) => Some(Reason::new(
+                ReasonCode::SourceUnavailable,
+                format!("source {}: {}", s.desc.source.locator, src.why()),
+            )),
+            _ => Some(Reason::new(
+                ReasonCode::TargetUnavailable,
+                format!("target {}: {}", s.desc.target.locator, tgt.why()),
+            )),
+        };
+        match problem {
+            None => {
+                for f in [src, tgt] {
+                    if let Found::Here(v) = f {
+                        if self.volumes.load().get(&v.info().id).is_none() {
+                            self.attach(v);
+                        }
+                    }
+                }
+                Ok(Decision::new(id, Outcome::Ended, false))
+            }
+            Some(r) => {
+                let grains = s.desc.grains();
+                if !s.changed_bits().all_set(0, grains) {
+                    self.table.commit(vec![Entry::SetChanged {
+                        session: id,
+                        start: 0,
+                        count: grains,
+                    }])?;
+                }
+                Ok(Decision::new(id, Outcome::ChangesUnknown(r), false))
+            }
+        }
+    }
+
     /// Suspend a session because its source or target (the first of them that is) is missing
     /// or cannot be opened; durable before it returns. The unavailable volume is detached (a
     /// handle opened before it went away must not be used), the present one attached.
@@ -359,12 +426,12 @@ impl Engine {
                         .map_or(Found::Missing, |h| Found::Here(h.vol.inner().clone()))
                 }
             };
-            out.push(self.reconcile(
-                s,
-                pick(&s.desc.source),
-                pick(&s.desc.target),
-                ReasonCode::ResetMismatch,
-            )?);
+            let (src, tgt) = (pick(&s.desc.source), pick(&s.desc.target));
+            out.push(if s.is_live() {
+                self.reconcile(s, src, tgt, ReasonCode::ResetMismatch)?
+            } else {
+                self.reconcile_recording(s, src, tgt, ReasonCode::ResetMismatch)?
+            });
         }
         self.refresh_active();
         Ok(out)

@@ -75,9 +75,14 @@ impl Engine {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let active = self.active.load();
         let mut work: Vec<(Arc<Session>, u64, u64)> = Vec::new();
+        // Grains of incremental sessions this write changes first (their marks are durable
+        // before the write is issued).
+        let mut marks: Vec<(Arc<Session>, u64, u64)> = Vec::new();
         for s in active.iter() {
             let state = s.state();
-            if !state.is_live() {
+            let live = state.is_live();
+            let recording = s.desc.incremental && (live || state == SessionState::Completed);
+            if !live && !recording {
                 continue;
             }
             // No allocation: this loop runs for every write, most of which find nothing to do.
@@ -90,7 +95,13 @@ impl Engine {
                 .chain(as_target.into_iter().flatten())
             {
                 let (g0, g1) = s.map.grains_of(&p);
-                if s.extent_live(p.extent) && !s.bits().all_set(g0, g1 - g0) {
+                if !s.extent_live(p.extent) {
+                    continue;
+                }
+                if recording && !s.changed_bits().all_set(g0, g1 - g0) {
+                    marks.push((s.clone(), g0, g1));
+                }
+                if live && !s.bits().all_set(g0, g1 - g0) {
                     if state == SessionState::Suspended {
                         // Copy-before-write needs both volumes: refuse rather than bypass it.
                         return Err(suspended_error(s));
@@ -99,7 +110,11 @@ impl Engine {
                 }
             }
         }
+        let marks = change_entries(marks);
         if work.is_empty() {
+            if !marks.is_empty() {
+                self.table.commit(marks)?;
+            }
             return release_write(h, offset, data);
         }
         let _busy = InflightGuard::new(&self.cow_inflight);
@@ -119,12 +134,16 @@ impl Engine {
             .iter()
             .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
             .collect();
-        let r = self.copy_runs(&work);
+        let r = self.copy_runs(&work, marks.clone());
         if let Err(e) = r {
             match self.options.on_copy_error {
                 CopyErrorPolicy::FailWrite => return Err(e),
                 CopyErrorPolicy::TerminateSession => {
                     drop(guards);
+                    // The marks went with the failed commit: the write still needs them.
+                    if !marks.is_empty() {
+                        self.table.commit(marks)?;
+                    }
                     for (s, _, _) in &work {
                         if !s.bits().all_set(0, s.desc.grains()) {
                             self.terminate(
@@ -143,11 +162,16 @@ impl Engine {
     }
 
     /// Copy the T0 bytes of every still-uncopied grain in `work` (session, grain range; locks
-    /// held by the caller) to its target, make it durable, and commit the bits.
-    fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)]) -> Result<()> {
+    /// held by the caller) to its target, make it durable, and commit the bits together with
+    /// `marks` (change marks the same write needs).
+    fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)], marks: Vec<Entry>) -> Result<()> {
         let runs = uncopied_runs(work)?;
         if runs.is_empty() {
-            return Ok(());
+            return if marks.is_empty() {
+                Ok(())
+            } else {
+                self.table.commit(marks)
+            };
         }
         let (merged, bufs) = self.read_old(&runs)?;
         let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
@@ -184,6 +208,7 @@ impl Engine {
             }
             t.flush()?;
         }
+        entries.extend(marks);
         self.table.commit(entries)
     }
 
@@ -261,6 +286,34 @@ impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
+}
+
+/// One `SetChanged` entry per session and run of grains (ranges of one session merged).
+fn change_entries(mut marks: Vec<(Arc<Session>, u64, u64)>) -> Vec<Entry> {
+    if marks.is_empty() {
+        return Vec::new();
+    }
+    marks.sort_by_key(|(s, g0, _)| (s.id(), *g0));
+    let mut out: Vec<Entry> = Vec::with_capacity(marks.len());
+    for (s, g0, g1) in marks {
+        if let Some(Entry::SetChanged {
+            session,
+            start,
+            count,
+        }) = out.last_mut()
+        {
+            if *session == s.id() && g0 <= *start + *count {
+                *count = (*start + *count).max(g1) - *start;
+                continue;
+            }
+        }
+        out.push(Entry::SetChanged {
+            session: s.id(),
+            start: g0,
+            count: g1 - g0,
+        });
+    }
+    out
 }
 
 /// A range of one source volume read once for copy-before-write: volume, start, end.

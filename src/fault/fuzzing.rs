@@ -188,6 +188,7 @@ fn build_template() -> Vec<u8> {
         }],
         grain: g,
         mode: CopyMode::NoCopy,
+        incremental: false,
     });
     if let Ok(a) = a {
         let _ = e.write(ids[0], 100, &[7u8; 9000]);
@@ -583,6 +584,7 @@ fn op_establish(
         } else {
             CopyMode::Copy
         },
+        incremental: false,
     };
     // T0 is what the source device holds now: failed writes may or may not have
     // landed, so the device, not a model, is the reference.

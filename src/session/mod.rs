@@ -90,6 +90,11 @@ pub struct Session {
     ended_any: AtomicBool,
     bits: AtomicBitmap,
     copied: AtomicU64,
+    /// The change map of an incremental session (empty otherwise): grains changed since T0,
+    /// each bit set only after its `SetChanged` is durable.
+    changed: AtomicBitmap,
+    /// The current T0 (the establish's, or the last refresh's), ms since the Unix epoch.
+    t0_unix_ms: AtomicU64,
     /// Grain locks (image grain indices).
     pub(crate) locks: RangeLock,
 }
@@ -109,6 +114,8 @@ impl Session {
         Session {
             map: ExtentMap::new(&desc),
             bits: AtomicBitmap::new(grains),
+            changed: AtomicBitmap::new(if desc.incremental { grains } else { 0 }),
+            t0_unix_ms: AtomicU64::new(desc.created_unix_ms),
             desc,
             status: Mutex::new(status),
             active: AtomicBool::new(true),
@@ -134,6 +141,23 @@ impl Session {
         }
         let bits = AtomicBitmap::from_bytes(img.desc.grains(), &img.bitmap);
         let copied = bits.count_ones();
+        let holds_map =
+            img.desc.incremental && (img.state.is_live() || img.state == SessionState::Completed);
+        if holds_map && img.changed.len() as u64 != img.desc.grains().div_ceil(8) {
+            return Err(Corruption::Field {
+                what: "checkpoint",
+                field: "changed",
+                value: img.changed.len() as u64,
+            });
+        }
+        let changed = AtomicBitmap::from_bytes(
+            if img.desc.incremental {
+                img.desc.grains()
+            } else {
+                0
+            },
+            &img.changed,
+        );
         let mut st = s.status.lock();
         st.state = img.state;
         st.mode = img.mode;
@@ -149,9 +173,11 @@ impl Session {
         s.active
             .store(img.state == SessionState::Active, Ordering::Release);
         s.state.store(img.state.code(), Ordering::Release);
+        s.t0_unix_ms.store(img.t0_unix_ms, Ordering::Release);
         Ok(Session {
             bits,
             copied: AtomicU64::new(copied),
+            changed,
             ..s
         })
     }
@@ -171,6 +197,14 @@ impl Session {
             } else {
                 Vec::new()
             },
+            t0_unix_ms: self.t0_unix_ms(),
+            changed: if self.desc.incremental
+                && (st.state.is_live() || st.state == SessionState::Completed)
+            {
+                self.changed.to_bytes()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -184,6 +218,44 @@ impl Session {
     #[must_use]
     pub fn image_len(&self) -> u64 {
         self.map.image_len()
+    }
+
+    /// The current T0 (the establish's, or the last refresh's), ms since the Unix epoch.
+    #[must_use]
+    pub fn t0_unix_ms(&self) -> u64 {
+        self.t0_unix_ms.load(Ordering::Acquire)
+    }
+
+    /// Whether writes through the engine must mark grains changed: an incremental session that
+    /// is live or completed.
+    #[must_use]
+    #[inline]
+    pub fn records_changes(&self) -> bool {
+        self.desc.incremental && {
+            let st = self.state();
+            st.is_live() || st == SessionState::Completed
+        }
+    }
+
+    /// Whether the session still holds its volumes: live, or completed and recording changes
+    /// (its target is reserved for the next refresh, and an establish forgets it only when
+    /// asked to).
+    #[must_use]
+    pub fn holds_volumes(&self) -> bool {
+        self.is_live() || self.records_changes()
+    }
+
+    /// Grains marked changed since T0 (incremental sessions; 0 otherwise).
+    #[must_use]
+    pub fn changed(&self) -> GrainCount {
+        GrainCount(self.changed.count_ones())
+    }
+
+    /// The change map.
+    #[must_use]
+    #[inline]
+    pub(crate) fn changed_bits(&self) -> &AtomicBitmap {
+        &self.changed
     }
 
     /// Is copy-before-write in force (cheap).
@@ -303,6 +375,44 @@ impl Session {
                     })?;
                 *slot = Some(reason.clone());
                 self.ended_any.store(true, Ordering::Release);
+            }
+            Entry::SetChanged { start, count, .. } => {
+                if !self.desc.incremental
+                    || start
+                        .checked_add(*count)
+                        .is_none_or(|end| end > self.changed.len())
+                {
+                    return Err(Corruption::Field {
+                        what: "journal entry",
+                        field: "changed_range",
+                        value: *start,
+                    });
+                }
+                self.changed.set_range(*start, *count);
+            }
+            Entry::Refresh { t0_unix_ms, .. } => {
+                if !self.desc.incremental {
+                    return Err(Corruption::Field {
+                        what: "journal entry",
+                        field: "refresh",
+                        value: self.desc.id.0,
+                    });
+                }
+                let mut st = self.status.lock();
+                if st.state == SessionState::Completed {
+                    // Every grain of a completed copy is on the target (a checkpoint keeps no
+                    // copied bitmap for it, so set them here).
+                    self.bits.set_all();
+                }
+                self.bits.clear_where(&self.changed);
+                self.changed.clear_all();
+                self.copied.store(self.bits.count_ones(), Ordering::Release);
+                self.t0_unix_ms.store(*t0_unix_ms, Ordering::Release);
+                st.state = SessionState::Active;
+                st.reason = None;
+                self.active.store(true, Ordering::Release);
+                self.state
+                    .store(SessionState::Active.code(), Ordering::Release);
             }
             Entry::Establish(_) | Entry::Forget { .. } => {}
         }

@@ -355,6 +355,7 @@ impl Harness<'_> {
                 extents: extents.to_vec(),
                 grain: g,
                 mode,
+                incremental: false,
             })
         })?;
         self.sids.push(id);
@@ -414,6 +415,7 @@ impl Harness<'_> {
                 extents: extents.clone(),
                 grain: g,
                 mode,
+                incremental: false,
             })
             .collect();
         let r = self.engine.establish_group(name, &specs);
