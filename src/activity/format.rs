@@ -838,7 +838,7 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
             .to_vec();
         let t0_unix_ms = r.u64()?;
         let clen = r.u64()?;
-        if (clen != 0 && clen != want) || (clen != 0 && !desc.incremental) {
+        if clen != 0 && (clen != want || !desc.incremental) {
             return Err(r.bad("changed_len", clen));
         }
         if clen > r.remaining() as u64 {
