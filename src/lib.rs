@@ -25,10 +25,16 @@ pub mod error;
 #[cfg(feature = "fault")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fault")))]
 pub mod fault;
+#[cfg(feature = "orchestration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
+pub mod hook;
 pub mod ids;
 pub mod limits;
 pub mod model;
 pub mod nbd;
+#[cfg(feature = "orchestration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
+pub mod quiesce;
 pub mod session;
 mod state;
 #[cfg(feature = "orchestration")]
