@@ -146,7 +146,8 @@ pub struct HookRun {
     /// The signal that ended the leader, when one did.
     pub signal: Option<i32>,
     /// Processes of the group other than the leader that were still running when the leader
-    /// had ended (or at the timeout), and were killed.
+    /// had exited by itself, and were killed (0 after a timeout, when the whole group was
+    /// signalled anyway).
     pub strays_killed: usize,
     /// The last `HOOK_OUTPUT_BYTES_MAX` bytes of stdout (HOOK-09).
     pub stdout: OutputTail,
@@ -298,7 +299,14 @@ pub fn run(spec: &HookSpec, ctx: &HookContext, clock: &dyn Clock) -> HookRun {
             });
         }
     }
-    let strays_killed = pgid.map_or(0, |p| kill_group_and_wait(p, leader));
+    let strays = pgid.map_or(0, |p| kill_group_and_wait(p, leader));
+    // After a timeout the whole group was signalled already: whether a member was still
+    // there at the count is a race, so only a leader's own exit counts strays.
+    let strays_killed = if timed_out || setup_error.is_some() {
+        0
+    } else {
+        strays
+    };
     let status = child.wait();
     // Every process of the group has exited: what they wrote is in the pipes.
     drop(stop_write);
