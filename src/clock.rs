@@ -105,6 +105,16 @@ impl ManualClock {
         }
     }
 
+    /// Block until a timer for exactly `at` is waiting. Unlike [`ManualClock::wait_for_timers`]
+    /// this does not depend on how many other timers (live or abandoned) exist, so a test can
+    /// wait for one known deadline of the code under test.
+    pub fn wait_for_timer_at(&self, at: Timestamp) {
+        let mut inner = self.inner.lock();
+        while !inner.timers.iter().any(|(t, _)| *t == at) {
+            self.registered.wait(&mut inner);
+        }
+    }
+
     fn move_to(inner: &mut ManualInner, to: Timestamp) {
         inner.now = to;
         inner.timers.sort_by_key(|(at, _)| *at);

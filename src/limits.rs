@@ -63,6 +63,8 @@ pub const HOOK_ARGS_MAX: usize = 256;
 pub const HOOK_STDIN_BYTES_MAX: usize = 16 << 20;
 /// Fixed grace after a quiesce or unquiesce timeout before the task stops waiting (QUI-04/05).
 pub const QUIESCE_GRACE_SECS: u64 = 180;
+/// Default quiesce and unquiesce timeout (the fixed grace comes on top).
+pub const QUIESCE_TIMEOUT_DEFAULT_SECS: u64 = 60;
 /// Longest quiesce or unquiesce timeout a plan may set (one hour).
 pub const QUIESCE_TIMEOUT_MAX_SECS: u64 = 3600;
 /// Default time between two runs of a command-mode quiesce's `status_cmd`.
@@ -78,4 +80,5 @@ const _: () = assert!(JOURNAL_MIN_BYTES as usize >= COMMIT_BLOCKS_MAX * JOURNAL_
 const _: () = assert!(HOOK_TIMEOUT_DEFAULT_SECS <= HOOK_TIMEOUT_MAX_SECS);
 const _: () = assert!(HOOK_KILL_GRACE_SECS <= HOOK_KILL_GRACE_MAX_SECS);
 const _: () = assert!(QUIESCE_STATUS_INTERVAL_DEFAULT_SECS < QUIESCE_GRACE_SECS);
+const _: () = assert!(QUIESCE_TIMEOUT_DEFAULT_SECS <= QUIESCE_TIMEOUT_MAX_SECS);
 const _: () = assert!(COPY_BATCH_BYTES_MAX >= GRAIN_MAX_BYTES as u64);

@@ -62,6 +62,12 @@ impl Timeout {
         Timeout(SignedDuration::from_secs(secs))
     }
 
+    /// A positive duration; `None` for zero or less.
+    #[must_use]
+    pub fn from_duration(d: SignedDuration) -> Option<Timeout> {
+        (d.is_positive()).then_some(Timeout(d))
+    }
+
     /// Parse `text` (`"30s"`, `"2m"`, `"1h30m"`) for the setting `what`, refusing zero,
     /// negative values and values above `max_secs`.
     ///
