@@ -58,14 +58,21 @@ fn run_in_thread(
 }
 
 fn pid_from(path: &Path) -> u32 {
-    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Whether `pid` is a process that has not exited (a zombie has).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
-            let state = stat[stat.rfind(')').unwrap() + 1..].trim_start().chars().next();
+            let state = stat[stat.rfind(')').unwrap() + 1..]
+                .trim_start()
+                .chars()
+                .next();
             !matches!(state, Some('Z' | 'X'))
         }
         Err(_) => false,
@@ -219,7 +226,11 @@ fn hook_06_shell_true_opts_in() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let out = dir.path().join("out");
-    let mut s = spec(&["echo \"$TIMEZERO_STAGE:$1\" > \"$2\"", "x y", out.to_str().unwrap()]);
+    let mut s = spec(&[
+        "echo \"$TIMEZERO_STAGE:$1\" > \"$2\"",
+        "x y",
+        out.to_str().unwrap(),
+    ]);
     s.shell = true;
     let r = run(&s, &HookContext::new(Stage::AfterCut), &clock);
     assert!(r.outcome.is_success(), "{:?}", r.outcome);
@@ -508,10 +519,16 @@ fn hook_08_spec_from_the_plan_file_and_on_failure_applied() {
     assert_eq!(hooks.task_pre.run, ["notify", "start"]);
     assert_eq!(hooks.task_pre.on_failure, OnFailure::Warn);
     assert_eq!(hooks.task_pre.timeout.get(), SignedDuration::from_secs(120));
-    assert_eq!(hooks.task_pre.kill_grace.get(), SignedDuration::from_secs(10));
+    assert_eq!(
+        hooks.task_pre.kill_grace.get(),
+        SignedDuration::from_secs(10)
+    );
     assert_eq!(hooks.plan_pre.on_failure, OnFailure::Fail);
     assert_eq!(hooks.plan_pre.timeout.get(), SignedDuration::from_secs(600));
-    assert_eq!(hooks.plan_pre.kill_grace.get(), SignedDuration::from_secs(30));
+    assert_eq!(
+        hooks.plan_pre.kill_grace.get(),
+        SignedDuration::from_secs(30)
+    );
     assert_eq!(hooks.finally.timeout.get(), SignedDuration::from_secs(5400));
 
     for bad in [

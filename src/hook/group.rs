@@ -6,7 +6,6 @@
 //! members may stay zombies for a moment until their new parent reaps them; a zombie has
 //! exited, holds no file (no pipe, no frozen file system) and counts as gone.
 
-
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::process::{kill_process_group, pidfd_open, Pid, PidfdFlags, Signal};
 
@@ -25,7 +24,11 @@ pub fn live_group_members(pgid: u32) -> Vec<u32> {
     };
     let mut live = Vec::new();
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         if let Some((state, group)) = stat_of(pid) {

@@ -196,7 +196,9 @@ mod tests {
     #[test]
     fn tail_keeps_the_last_bytes_and_counts_all() {
         let mut t = Tail::default();
-        let big: Vec<u8> = (0..HOOK_OUTPUT_BYTES_MAX + 10).map(|i| (i % 251) as u8).collect();
+        let big: Vec<u8> = (0..HOOK_OUTPUT_BYTES_MAX + 10)
+            .map(|i| (i % 251) as u8)
+            .collect();
         t.push(&big[..5]);
         t.push(&big[5..]);
         let out = t.finish();

@@ -201,8 +201,7 @@ pub fn run(spec: &HookSpec, ctx: &HookContext, clock: &dyn Clock) -> HookRun {
         };
         return HookRun::not_started(started, clock.now(), err);
     };
-    let (stop_read, stop_write) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-    {
+    let (stop_read, stop_write) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
             let err = HookError::Io {

@@ -104,7 +104,9 @@ impl fmt::Display for Timeout {
 }
 
 /// What a failed hook does to its task or plan (HOOK-08). Default `fail`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OnFailure {
     /// The task (or, for plan hooks, the job) fails.

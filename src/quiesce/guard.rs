@@ -305,7 +305,10 @@ impl Quiescer {
         }
     }
 
-    #[expect(clippy::too_many_arguments, reason = "the parts of one command-mode quiesce")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the parts of one command-mode quiesce"
+    )]
     fn command(
         &self,
         quiesce: &HookSpec,
@@ -337,10 +340,8 @@ impl Quiescer {
                     &ctx.for_stage(Stage::Quiesce),
                     &*clock,
                 );
-                let not_started = matches!(
-                    ran.outcome,
-                    HookOutcome::Failed(HookError::Spawn { .. })
-                );
+                let not_started =
+                    matches!(ran.outcome, HookOutcome::Failed(HookError::Spawn { .. }));
                 started.store(!not_started, Ordering::SeqCst);
                 command_result(Stage::Quiesce, ran.outcome)?;
                 let Some(status) = status else {

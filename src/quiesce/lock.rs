@@ -91,7 +91,13 @@ impl TargetLock {
                 OFlags::RDONLY | OFlags::EXCL | OFlags::CLOEXEC,
                 Mode::empty(),
             )
-            .map_err(|e| if e == Errno::BUSY { busy() } else { io("open", e) })?,
+            .map_err(|e| {
+                if e == Errno::BUSY {
+                    busy()
+                } else {
+                    io("open", e)
+                }
+            })?,
             TargetKind::File => {
                 let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
                     .map_err(|e| io("open", e))?;

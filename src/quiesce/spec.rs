@@ -199,7 +199,8 @@ impl TryFrom<RawQuiesce> for QuiesceSpec {
                 if raw.mounts.is_some() {
                     return Err(unused("mounts"));
                 }
-                let quiesce = HookSpec::new(raw.quiesce_cmd.ok_or_else(|| missing("quiesce_cmd"))?)?;
+                let quiesce =
+                    HookSpec::new(raw.quiesce_cmd.ok_or_else(|| missing("quiesce_cmd"))?)?;
                 let unquiesce =
                     HookSpec::new(raw.unquiesce_cmd.ok_or_else(|| missing("unquiesce_cmd"))?)?;
                 let status = raw.status_cmd.map(HookSpec::new).transpose()?;
