@@ -8,6 +8,7 @@
 //! runner registers its deadlines before it starts the child), so nothing depends on timing.
 //! Survivors of a group are counted from /proc (processes of the group that have not exited).
 #![cfg(feature = "orchestration")]
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -9,6 +9,7 @@
 //! The real `FIFREEZE` backend and the block-device lock run on a loop-mounted ext4 file system
 //! when the test runs as root with mkfs.ext4 and losetup, and print `SKIPPED` otherwise.
 #![cfg(feature = "orchestration")]
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

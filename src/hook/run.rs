@@ -24,13 +24,13 @@ use crate::clock::Clock;
 
 /// The exit code by which a hook asks for its task to be skipped, not failed (HOOK-05).
 pub const EXIT_SKIP: u8 = 75;
-/// The highest exit code reserved for timezero; 100..=255 are the user's (HOOK-05, [001]).
+/// The highest exit code reserved for timezero; 100..=255 are the user's (HOOK-05, \[001\]).
 pub const EXIT_RESERVED_MAX: u8 = 99;
 
 /// Why a hook did not succeed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HookError {
-    /// Exit code 1..=99 other than 75: reserved for timezero ([001]), so the task fails.
+    /// Exit code 1..=99 other than 75: reserved for timezero (\[001\]), so the task fails.
     #[error("hook exited with reserved code {0} (1-99 are reserved; use 100-255)")]
     ReservedExitCode(u8),
     /// Exit code 100..=255: the user's failure code, shown verbatim.

@@ -61,7 +61,7 @@ pub trait QuiesceBackend: Send + Sync + std::fmt::Debug {
     fn thaw(&self, mount: &Path) -> Result<(), BackendError>;
 
     /// Write the file system's dirty data and metadata to disk without blocking writers
-    /// (`syncfs`; [001]'s BufferFlushOnly).
+    /// (`syncfs`; \[001\]'s BufferFlushOnly).
     ///
     /// # Errors
     /// [`BackendError::Io`].

@@ -107,10 +107,14 @@ enum Held {
     /// These mounts were frozen by this quiesce, in this order.
     Frozen(Vec<PathBuf>),
     /// `quiesce_cmd` ran: `unquiesce_cmd` must run.
-    Command {
-        unquiesce: HookSpec,
-        ctx: HookContext,
-    },
+    Command(Box<UnquiesceCommand>),
+}
+
+/// The `unquiesce_cmd` a command-mode quiesce owes, with what it is told.
+#[derive(Debug, Clone)]
+struct UnquiesceCommand {
+    unquiesce: HookSpec,
+    ctx: HookContext,
 }
 
 /// Quiesces and unquiesces through a backend, with deadlines on a clock.
@@ -191,10 +195,10 @@ impl Quiescer {
                 unquiesce,
                 status_interval,
             } => {
-                let held = Held::Command {
+                let held = Held::Command(Box::new(UnquiesceCommand {
                     unquiesce: unquiesce.clone(),
                     ctx: ctx.for_stage(Stage::Unquiesce),
-                };
+                }));
                 self.command(
                     quiesce,
                     status.as_ref(),
@@ -425,7 +429,8 @@ impl Quiescer {
                 })?;
                 (deadline_rx, worker)
             }
-            Held::Command { unquiesce, ctx } => {
+            Held::Command(command) => {
+                let UnquiesceCommand { unquiesce, ctx } = *command;
                 let deadline_rx = self.clock.after(deadline);
                 let clock = Arc::clone(&self.clock);
                 let worker = spawn_worker("quiesce-unquiesce", move || {
@@ -490,7 +495,7 @@ impl Quiesced {
         match &self.held {
             Held::Nothing => false,
             Held::Frozen(m) => !m.is_empty(),
-            Held::Command { .. } => true,
+            Held::Command(_) => true,
         }
     }
 

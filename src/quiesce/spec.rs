@@ -44,7 +44,7 @@ pub enum QuiesceSpecError {
 pub enum QuiesceMode {
     /// Nothing.
     None,
-    /// `syncfs` on each mount ([001]'s BufferFlushOnly): written data is on disk, writers are
+    /// `syncfs` on each mount (\[001\]'s BufferFlushOnly): written data is on disk, writers are
     /// not stopped; nothing to undo.
     Flush {
         /// The mounts, in order.
