@@ -58,15 +58,16 @@ fn stat_of(pid: u32) -> Option<(char, u32)> {
 /// behind, or that ignored SIGTERM).
 pub(super) fn kill_group_and_wait(pgid: Pid, leader: u32) -> usize {
     let raw = pgid.as_raw_pid().unsigned_abs();
-    let mut first = None;
+    // Counted before the signal, so a member that dies of it quickly is still counted.
+    let found = live_group_members(raw)
+        .into_iter()
+        .filter(|&p| p != leader)
+        .count();
     // A group that was sent SIGKILL cannot grow (fork fails with a fatal signal pending), so
     // this ends after at most a few rounds; the bound guards against a kernel without that.
     for _ in 0..64 {
         signal_group(pgid, Signal::KILL);
         let live = live_group_members(raw);
-        if first.is_none() {
-            first = Some(live.iter().filter(|&&p| p != leader).count());
-        }
         if live.is_empty() {
             break;
         }
@@ -74,7 +75,7 @@ pub(super) fn kill_group_and_wait(pgid: Pid, leader: u32) -> usize {
             wait_exit(pid, raw);
         }
     }
-    first.unwrap_or(0)
+    found
 }
 
 /// Wait until process `pid` (a member of group `pgid`) has exited.

@@ -185,6 +185,9 @@ pub(crate) fn later(t: Timestamp, d: SignedDuration) -> Timestamp {
 /// returns, every process of the group has exited, also when the leader exited by itself
 /// (see the module docs). Both deadlines are registered on `clock` before the child starts, so
 /// a test that sees the child running may advance a manual clock at once.
+///
+/// A hook that does not read its stdin makes the write of the document fail with `EPIPE`;
+/// the calling process must ignore SIGPIPE, as every Rust program's `main` does by default.
 #[must_use]
 pub fn run(spec: &HookSpec, ctx: &HookContext, clock: &dyn Clock) -> HookRun {
     let started = clock.now();
