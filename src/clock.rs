@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crossbeam::channel::{Receiver, Sender};
 use jiff::{SignedDuration, Timestamp};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 /// A source of the current instant and of timers.
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -44,6 +44,9 @@ impl Clock for SystemClock {
 #[derive(Debug, Clone)]
 pub struct ManualClock {
     inner: Arc<Mutex<ManualInner>>,
+    /// Notified whenever a timer is registered, so a test can wait for a waiter to be in
+    /// place before it moves the clock ([`ManualClock::wait_for_timers`]).
+    registered: Arc<Condvar>,
 }
 
 #[derive(Debug)]
@@ -61,6 +64,7 @@ impl ManualClock {
                 now: start,
                 timers: Vec::new(),
             })),
+            registered: Arc::new(Condvar::new()),
         }
     }
 
@@ -89,6 +93,28 @@ impl ManualClock {
         self.inner.lock().timers.len()
     }
 
+    /// Block until at least `n` timers are waiting, then return. A test calls this before
+    /// [`ManualClock::advance`] so that the code under test has registered its deadline (it
+    /// called [`Clock::after`]) and the advance cannot come too early; no sleep is involved.
+    /// Timers whose receiver was dropped still count until they fall due, so a test counts
+    /// on a clock whose timers it knows.
+    pub fn wait_for_timers(&self, n: usize) {
+        let mut inner = self.inner.lock();
+        while inner.timers.len() < n {
+            self.registered.wait(&mut inner);
+        }
+    }
+
+    /// Block until a timer for exactly `at` is waiting. Unlike [`ManualClock::wait_for_timers`]
+    /// this does not depend on how many other timers (live or abandoned) exist, so a test can
+    /// wait for one known deadline of the code under test.
+    pub fn wait_for_timer_at(&self, at: Timestamp) {
+        let mut inner = self.inner.lock();
+        while !inner.timers.iter().any(|(t, _)| *t == at) {
+            self.registered.wait(&mut inner);
+        }
+    }
+
     fn move_to(inner: &mut ManualInner, to: Timestamp) {
         inner.now = to;
         inner.timers.sort_by_key(|(at, _)| *at);
@@ -112,6 +138,7 @@ impl Clock for ManualClock {
             let _ = tx.send(Instant::now());
         } else {
             inner.timers.push((deadline, tx));
+            self.registered.notify_all();
         }
         rx
     }
@@ -144,6 +171,23 @@ mod tests {
         clock.set(t("2026-12-01T10:05:00Z"));
         assert!(late.try_recv().is_ok());
         assert_eq!(clock.now(), t("2026-12-01T10:05:00Z"));
+    }
+
+    #[test]
+    fn wait_for_timers_returns_once_another_thread_registered_its_deadline() {
+        let clock = ManualClock::new(t("2026-12-01T10:00:00Z"));
+        let waiter = {
+            let clock = clock.clone();
+            std::thread::spawn(move || {
+                let rx = clock.after(t("2026-12-01T10:01:00Z"));
+                rx.recv().unwrap();
+                clock.now()
+            })
+        };
+        clock.wait_for_timers(1);
+        clock.advance(SignedDuration::from_secs(60));
+        assert_eq!(waiter.join().unwrap(), t("2026-12-01T10:01:00Z"));
+        assert_eq!(clock.pending_timers(), 0);
     }
 
     #[test]

@@ -25,10 +25,16 @@ mod error;
 #[cfg(feature = "fault")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fault")))]
 pub mod fault;
+#[cfg(feature = "orchestration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
+pub mod hook;
 mod ids;
 pub mod limits;
 mod model;
 pub mod nbd;
+#[cfg(feature = "orchestration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
+pub mod quiesce;
 mod session;
 mod state;
 #[cfg(feature = "orchestration")]

@@ -47,10 +47,38 @@ pub const IO_BYTES_MAX: u64 = 64 << 20;
 
 /// Highest job and event priority (0 = always executed, 1 lowest).
 pub const PRIORITY_MAX: u8 = 99;
+/// Default time a hook may run before its process group gets SIGTERM (HOOK-07).
+pub const HOOK_TIMEOUT_DEFAULT_SECS: u64 = 600;
+/// Longest hook timeout a plan may set (one day).
+pub const HOOK_TIMEOUT_MAX_SECS: u64 = 24 * 3600;
+/// Default time between SIGTERM and SIGKILL of a hook's process group (HOOK-07).
+pub const HOOK_KILL_GRACE_SECS: u64 = 10;
+/// Longest kill grace a plan may set.
+pub const HOOK_KILL_GRACE_MAX_SECS: u64 = 600;
+/// How much of a hook's stdout, and separately of its stderr, is kept: the last bytes (HOOK-09).
+pub const HOOK_OUTPUT_BYTES_MAX: usize = 64 * 1024;
+/// Most arguments of a hook command (the program included).
+pub const HOOK_ARGS_MAX: usize = 256;
+/// Largest JSON document written to a hook's stdin.
+pub const HOOK_STDIN_BYTES_MAX: usize = 16 << 20;
+/// Fixed grace after a quiesce or unquiesce timeout before the task stops waiting (QUI-04/05).
+pub const QUIESCE_GRACE_SECS: u64 = 180;
+/// Default quiesce and unquiesce timeout (the fixed grace comes on top).
+pub const QUIESCE_TIMEOUT_DEFAULT_SECS: u64 = 60;
+/// Longest quiesce or unquiesce timeout a plan may set (one hour).
+pub const QUIESCE_TIMEOUT_MAX_SECS: u64 = 3600;
+/// Default time between two runs of a command-mode quiesce's `status_cmd`.
+pub const QUIESCE_STATUS_INTERVAL_DEFAULT_SECS: u64 = 5;
+/// Most mounts one quiesce freezes or flushes.
+pub const QUIESCE_MOUNTS_MAX: usize = 64;
 
 const _: () = assert!(GRAIN_MIN_BYTES.is_power_of_two() && GRAIN_MAX_BYTES.is_power_of_two());
 const _: () =
     assert!(GRAIN_MIN_BYTES <= GRAIN_DEFAULT_BYTES && GRAIN_DEFAULT_BYTES <= GRAIN_MAX_BYTES);
 const _: () = assert!(SUPERBLOCK_BYTES % JOURNAL_BLOCK_BYTES == 0);
 const _: () = assert!(JOURNAL_MIN_BYTES as usize >= COMMIT_BLOCKS_MAX * JOURNAL_BLOCK_BYTES * 4);
+const _: () = assert!(HOOK_TIMEOUT_DEFAULT_SECS <= HOOK_TIMEOUT_MAX_SECS);
+const _: () = assert!(HOOK_KILL_GRACE_SECS <= HOOK_KILL_GRACE_MAX_SECS);
+const _: () = assert!(QUIESCE_STATUS_INTERVAL_DEFAULT_SECS < QUIESCE_GRACE_SECS);
+const _: () = assert!(QUIESCE_TIMEOUT_DEFAULT_SECS <= QUIESCE_TIMEOUT_MAX_SECS);
 const _: () = assert!(COPY_BATCH_BYTES_MAX >= GRAIN_MAX_BYTES as u64);
