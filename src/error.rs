@@ -276,7 +276,7 @@ pub enum Error {
     NotEnded {
         /// The session.
         id: SessionId,
-        /// Its state (`active` or `suspended`).
+        /// Its state (`active`, `suspended`, or a completed session still recording changes).
         state: String,
     },
     /// No live session belongs to a consistency group of this name.

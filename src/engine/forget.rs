@@ -86,10 +86,14 @@ impl Engine {
     /// ```
     pub fn forget(&self, id: SessionId) -> Result<()> {
         let s = self.session(id)?;
-        if s.is_live() {
+        if s.holds_volumes() {
             return Err(Error::NotEnded {
                 id,
-                state: s.state().to_string(),
+                state: if s.is_live() {
+                    s.state().to_string()
+                } else {
+                    format!("{}, recording changes for a refresh", s.state())
+                },
             });
         }
         if self.table.forget(&[id])?.is_empty() {
