@@ -48,6 +48,10 @@ pub const IO_BYTES_MAX: u64 = 64 << 20;
 /// Highest job and event priority (0 = always executed, 1 lowest).
 pub const PRIORITY_MAX: u8 = 99;
 
+/// How long a store connection waits for another process's write transaction before it gives
+/// up with SQLite's "database is locked" (`PRAGMA busy_timeout`).
+pub const STORE_BUSY_TIMEOUT_MS: u64 = 10_000;
+
 const _: () = assert!(GRAIN_MIN_BYTES.is_power_of_two() && GRAIN_MAX_BYTES.is_power_of_two());
 const _: () =
     assert!(GRAIN_MIN_BYTES <= GRAIN_DEFAULT_BYTES && GRAIN_DEFAULT_BYTES <= GRAIN_MAX_BYTES);
