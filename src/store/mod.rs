@@ -36,6 +36,8 @@ mod contract;
 pub mod mem;
 pub mod records;
 pub mod sqlite;
+#[cfg(test)]
+mod sqlite_tests;
 
 pub use change::{Change, ImageQuery, JobQuery, OccurrenceQuery, Toggle};
 pub use mem::MemStore;

@@ -103,6 +103,13 @@ impl SqliteStore {
             move |source| StoreError::Sqlite { op, path, source }
         };
         let conn = self.conn.get_mut();
+        // The usual case, without the write lock: a reader opens while a writer works.
+        let found: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(err("read the schema version"))?;
+        if found == SCHEMA_VERSION {
+            return Ok(());
+        }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err("begin the schema transaction"))?;
