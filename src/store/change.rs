@@ -1,9 +1,9 @@
 //! Changes with their preconditions, and the one place both stores check and apply them.
 //!
-//! [`apply`] runs one [`Change`] against a [`Tx`]: it reads what the precondition names, fails
-//! with [`StoreError::Conflict`] when it does not hold, and writes the new rows. The SQLite store
-//! implements [`Tx`] over its open `BEGIN IMMEDIATE` transaction, the memory store over a staged
-//! copy of its maps; so the two cannot disagree on what a change means.
+//! One crate-internal function (`apply`) runs a [`Change`] against a transaction: it reads what
+//! the precondition names, fails with [`StoreError::Conflict`] when it does not hold, and writes
+//! the new rows. The SQLite store gives it its open `BEGIN IMMEDIATE` transaction, the memory
+//! store a copy of its maps; so the two cannot disagree on what a change means.
 
 use jiff::Timestamp;
 

@@ -672,7 +672,7 @@ pub(super) fn store_08_queries_filter_and_order(store: &dyn Store) {
         }),
         vec![(1, 0), (1, 86_400)]
     );
-    let imgs = vec![
+    let imgs = [
         image(1, 1, "db", "/dev/a", 3000, "20270101"),
         image(2, 1, "db", "/dev/b", 1000, "20270101"),
         image(3, 3, "db", "/dev/a", 2000, "20270102"),
