@@ -1,9 +1,9 @@
 //! [`MemStore`]: the store in memory, with the same contract as [`super::SqliteStore`], for fast
 //! tests of the layers above.
 //!
-//! A commit applies its list to a copy of the maps and keeps the copy only when every change
-//! applied (all or none, by construction; the copy costs time in proportion to the store's size,
-//! which suits tests). Every record written passes through the same JSON encoding as in SQLite,
+//! A commit applies its list to the maps and logs how to undo each write; when a change fails,
+//! the log is played backwards, so the maps are as before the list (all or none). Every record
+//! written passes through the same JSON encoding as in SQLite,
 //! so both stores hold the same values (instants cut to the millisecond).
 
 use std::collections::BTreeMap;
@@ -27,7 +27,7 @@ pub struct MemStore {
     state: Mutex<State>,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct State {
     ids: BTreeMap<IdKind, u64>,
     jobs: BTreeMap<JobId, JobRecord>,
@@ -64,11 +64,19 @@ fn stored<T: Serialize + DeserializeOwned>(v: &T) -> Result<T, StoreError> {
 impl Store for MemStore {
     fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
         let mut state = self.state.lock();
-        let mut next = state.clone();
+        let mut tx = Undo {
+            state: &mut state,
+            log: Vec::new(),
+        };
         for (i, c) in changes.into_iter().enumerate() {
-            apply(&mut next, i, c)?;
+            if let Err(e) = apply(&mut tx, i, c) {
+                let Undo { state, log } = tx;
+                for undo in log.into_iter().rev() {
+                    undo(state);
+                }
+                return Err(e);
+            }
         }
-        *state = next;
         Ok(())
     }
 
@@ -165,96 +173,136 @@ impl Store for MemStore {
     }
 }
 
-impl Tx for State {
+/// One write undone.
+type UndoFn = Box<dyn FnOnce(&mut State) + Send>;
+
+/// The maps during a commit, with how to undo each write made so far.
+struct Undo<'a> {
+    state: &'a mut State,
+    log: Vec<UndoFn>,
+}
+
+/// Insert into a map of [`State`] and log how to put back what was there.
+macro_rules! put {
+    ($self:ident, $map:ident, $key:expr, $value:expr) => {{
+        let key = $key;
+        let old = $self.state.$map.insert(key.clone(), $value);
+        $self.log.push(Box::new(move |s: &mut State| match old {
+            Some(v) => {
+                s.$map.insert(key, v);
+            }
+            None => {
+                s.$map.remove(&key);
+            }
+        }));
+    }};
+}
+
+impl Tx for Undo<'_> {
     fn job(&mut self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
-        Ok(self.jobs.get(&id).cloned())
+        Ok(self.state.jobs.get(&id).cloned())
     }
 
     fn put_job(&mut self, job: &JobRecord, _insert: bool) -> Result<(), StoreError> {
-        self.jobs.insert(job.id, stored(job)?);
+        put!(self, jobs, job.id, stored(job)?);
         Ok(())
     }
 
     fn task(&mut self, job: JobId, index: u32) -> Result<Option<TaskRecord>, StoreError> {
-        Ok(self.tasks.get(&(job, index)).cloned())
+        Ok(self.state.tasks.get(&(job, index)).cloned())
     }
 
     fn put_task(&mut self, task: &TaskRecord, _insert: bool) -> Result<(), StoreError> {
-        self.tasks.insert((task.job, task.index), stored(task)?);
+        put!(self, tasks, (task.job, task.index), stored(task)?);
         Ok(())
     }
 
     fn hook_run(&mut self, key: &HookRunKey) -> Result<Option<HookRunRecord>, StoreError> {
-        Ok(self.hook_runs.get(key).map(|(_, r)| r.clone()))
+        Ok(self.state.hook_runs.get(key).map(|(_, r)| r.clone()))
     }
 
     fn put_hook_run(&mut self, run: &HookRunRecord, insert: bool) -> Result<(), StoreError> {
-        let seq = match (insert, self.hook_runs.get(&run.key)) {
+        let seq = match (insert, self.state.hook_runs.get(&run.key)) {
             (false, Some((seq, _))) => *seq,
             _ => {
-                self.hook_seq += 1;
-                self.hook_seq
+                // A sequence number skipped by an undone list leaves a gap, not a reorder.
+                self.state.hook_seq += 1;
+                self.state.hook_seq
             }
         };
-        self.hook_runs.insert(run.key, (seq, stored(run)?));
+        put!(self, hook_runs, run.key, (seq, stored(run)?));
         Ok(())
     }
 
     fn intent(&mut self, id: IntentId) -> Result<Option<Intent>, StoreError> {
-        Ok(self.intents.get(&id).cloned())
+        Ok(self.state.intents.get(&id).cloned())
     }
 
     fn put_intent(&mut self, intent: &Intent, _insert: bool) -> Result<(), StoreError> {
-        self.intents.insert(intent.id, stored(intent)?);
+        put!(self, intents, intent.id, stored(intent)?);
         Ok(())
     }
 
     fn lease(&mut self, id: LeaseId) -> Result<Option<Lease>, StoreError> {
-        Ok(self.leases.get(&id).cloned())
+        Ok(self.state.leases.get(&id).cloned())
     }
 
     fn lease_on_dev(&mut self, st_dev: u64) -> Result<Option<Lease>, StoreError> {
-        Ok(self.leases.values().find(|l| l.st_dev == st_dev).cloned())
+        Ok(self
+            .state
+            .leases
+            .values()
+            .find(|l| l.st_dev == st_dev)
+            .cloned())
     }
 
     fn insert_lease(&mut self, lease: &Lease) -> Result<(), StoreError> {
-        self.leases.insert(lease.id, stored(lease)?);
+        put!(self, leases, lease.id, stored(lease)?);
         Ok(())
     }
 
     fn delete_lease(&mut self, id: LeaseId) -> Result<(), StoreError> {
-        self.leases.remove(&id);
+        if let Some(old) = self.state.leases.remove(&id) {
+            self.log.push(Box::new(move |s: &mut State| {
+                s.leases.insert(id, old);
+            }));
+        }
         Ok(())
     }
 
     fn image(&mut self, id: ImageId) -> Result<Option<ImageRecord>, StoreError> {
-        Ok(self.images.get(&id).cloned())
+        Ok(self.state.images.get(&id).cloned())
     }
 
     fn put_image(&mut self, image: &ImageRecord, _insert: bool) -> Result<(), StoreError> {
-        self.images.insert(image.id, stored(image)?);
+        put!(self, images, image.id, stored(image)?);
         Ok(())
     }
 
     fn schedule(&mut self, name: &str) -> Result<Option<ScheduleRow>, StoreError> {
-        Ok(self.schedules.get(name).cloned())
+        Ok(self.state.schedules.get(name).cloned())
     }
 
     fn put_schedule(&mut self, s: &ScheduleRow, _insert: bool) -> Result<(), StoreError> {
-        self.schedules.insert(s.name.clone(), stored(s)?);
+        put!(self, schedules, s.name.clone(), stored(s)?);
         Ok(())
     }
 
     fn event(&mut self, id: EventId) -> Result<Option<EventRow>, StoreError> {
-        Ok(self.events.get(&id).cloned())
+        Ok(self.state.events.get(&id).cloned())
     }
 
     fn event_named(&mut self, name: &str) -> Result<Option<EventId>, StoreError> {
-        Ok(self.events.values().find(|e| e.name == name).map(|e| e.id))
+        Ok(self
+            .state
+            .events
+            .values()
+            .find(|e| e.name == name)
+            .map(|e| e.id))
     }
 
     fn put_event(&mut self, e: &EventRow, _insert: bool) -> Result<(), StoreError> {
-        self.events.insert(e.id, stored(e)?);
+        put!(self, events, e.id, stored(e)?);
         Ok(())
     }
 
@@ -263,11 +311,11 @@ impl Tx for State {
         event: EventId,
         due: Timestamp,
     ) -> Result<Option<OccurrenceRow>, StoreError> {
-        Ok(self.occurrences.get(&(event, to_ms(due))).cloned())
+        Ok(self.state.occurrences.get(&(event, to_ms(due))).cloned())
     }
 
     fn insert_occurrence(&mut self, o: &OccurrenceRow) -> Result<(), StoreError> {
-        self.occurrences.insert((o.event, to_ms(o.due)), stored(o)?);
+        put!(self, occurrences, (o.event, to_ms(o.due)), stored(o)?);
         Ok(())
     }
 }

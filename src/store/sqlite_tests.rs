@@ -259,3 +259,45 @@ fn store_13_sqlite_kill9_keeps_every_acknowledged_commit_whole() {
         acked = n;
     }
 }
+
+#[test]
+fn store_10_sqlite_two_handles_share_ids_and_preconditions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orchestration.sqlite");
+    let a = SqliteStore::open(&path).unwrap();
+    let b = SqliteStore::open(&path).unwrap();
+    let ids: Vec<u64> = (0..4)
+        .map(|i| {
+            let s = if i % 2 == 0 { &a } else { &b };
+            s.allocate(IdKind::Job).unwrap()
+        })
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3, 4]);
+    calendar(&a);
+    let j = job(1, 1, at(0), "db", "20270101");
+    let claim = |s: &SqliteStore, owner: &str| {
+        s.commit(vec![Change::Transition {
+            job: j.id,
+            from: JobStateKind::Queued,
+            attempt: 1,
+            to: JobState::Active {
+                phase: Phase::Checks,
+            },
+            to_attempt: 1,
+            owner: Some(owner.to_string()),
+            at: at(1),
+        }])
+    };
+    b.commit(vec![Change::InsertJob {
+        job: j.clone(),
+        occurrence: started(&j),
+    }])
+    .unwrap();
+    // Two daemons claiming one attempt: the second sees the first's claim.
+    claim(&a, "a").unwrap();
+    assert!(matches!(
+        claim(&b, "b"),
+        Err(StoreError::Conflict { change: 0, .. })
+    ));
+    assert_eq!(b.job(j.id).unwrap().unwrap().owner.as_deref(), Some("a"));
+}
