@@ -10,8 +10,8 @@ use jiff::Timestamp;
 use super::ms::to_ms;
 use super::records::{
     EventRow, HookResult, HookRunKey, HookRunRecord, ImageRecord, ImageState, ImageStateKind,
-    Intent, IntentOutcome, JobRecord, JobState, JobStateKind, Lease, OccurrenceOutcome,
-    OccurrenceRow, ScheduleRow, TaskRecord, TaskStatus,
+    Intent, IntentOutcome, JobProgress, JobRecord, JobState, JobStateKind, Lease,
+    OccurrenceOutcome, OccurrenceRow, ScheduleRow, TaskRecord, TaskStatus,
 };
 use super::{BackupDay, EventId, ImageId, IntentId, JobId, LeaseId, StoreError};
 
@@ -39,9 +39,10 @@ pub enum Change {
         /// Its `next_due` after.
         to: Option<Timestamp>,
     },
-    /// Change a job's state. Precondition: the job is in a state of kind `from` at `attempt`.
-    /// The job's attempt becomes `to_attempt`, its owner `owner`; entering `Active` sets
-    /// `started` to `at`, entering `Done` or `Canceled` sets `ended` to `at`.
+    /// Change a job's state (also its phase, Active to Active). Precondition: the job is in a
+    /// state of kind `from` at `attempt`. The job's attempt becomes `to_attempt`, its owner
+    /// `owner`; entering `Active` from another kind sets `started` to `at`, entering `Done` or
+    /// `Canceled` sets `ended` to `at`.
     Transition {
         /// The job.
         job: JobId,
@@ -57,6 +58,16 @@ pub enum Change {
         owner: Option<String>,
         /// When.
         at: Timestamp,
+    },
+    /// Record an active job's progress (copied from the copier on clock ticks; a restore's
+    /// checkpoint, CAT-08). Precondition: the job is `Active` at `attempt`.
+    SetProgress {
+        /// The job.
+        job: JobId,
+        /// The attempt it must be at.
+        attempt: u32,
+        /// Its progress.
+        progress: JobProgress,
     },
     /// Insert a task. Precondition: the job exists and has no task with this index.
     PutTask(TaskRecord),
@@ -349,13 +360,30 @@ pub(crate) fn apply(tx: &mut impl Tx, index: usize, change: Change) -> Result<()
                 )));
             }
             match to.kind() {
-                JobStateKind::Active => j.started = Some(at),
+                // A phase change (Active to Active) keeps the attempt's start.
+                JobStateKind::Active if from != JobStateKind::Active => j.started = Some(at),
                 JobStateKind::Done | JobStateKind::Canceled => j.ended = Some(at),
-                JobStateKind::Queued | JobStateKind::WaitingForRetry => {}
+                _ => {}
             }
             j.state = to;
             j.attempt = to_attempt;
             j.owner = owner;
+            tx.put_job(&j, false)
+        }
+        Change::SetProgress {
+            job,
+            attempt,
+            progress,
+        } => {
+            let mut j = need_job(tx, index, job)?;
+            if j.state.kind() != JobStateKind::Active || j.attempt != attempt {
+                return Err(conflict(format!(
+                    "job {job} is {} at attempt {}, not active at attempt {attempt}",
+                    j.state.kind().as_str(),
+                    j.attempt
+                )));
+            }
+            j.progress = Some(progress);
             tx.put_job(&j, false)
         }
         Change::PutTask(task) => {

@@ -65,7 +65,8 @@ pub(super) fn job(id: u64, event: u64, due: Timestamp, plan: &str, d: &str) -> J
         },
         owner: None,
         plan_text: Some(format!("name = \"{plan}\"\n")),
-        plan_sha256: Some([7; 32]),
+        plan_sha256: Some([0xa7; 32]),
+        progress: None,
         created: due,
         started: None,
         ended: None,
@@ -239,9 +240,38 @@ pub(super) fn store_01_transition_only_from_the_named_state(store: &dyn Store) {
             active(0, TaskStep::Cut),
         )])
         .unwrap();
+    // A phase change keeps the start; progress is recorded while active at that attempt.
+    store
+        .commit(vec![
+            Change::Transition {
+                job: j.id,
+                from: JobStateKind::Active,
+                attempt: 1,
+                to: active(0, TaskStep::Copy),
+                to_attempt: 1,
+                owner: Some("pid 1 boot b".to_string()),
+                at: at(50),
+            },
+            Change::SetProgress {
+                job: j.id,
+                attempt: 1,
+                progress: JobProgress {
+                    bytes_done: 4096,
+                    bytes_total: 1 << 20,
+                    ..JobProgress::default()
+                },
+            },
+        ])
+        .unwrap();
+    conflict_at(store.commit(vec![Change::SetProgress {
+        job: j.id,
+        attempt: 2,
+        progress: JobProgress::default(),
+    }]));
     let now = store.job(j.id).unwrap().unwrap();
-    assert_eq!(now.state, active(0, TaskStep::Cut));
+    assert_eq!(now.state, active(0, TaskStep::Copy));
     assert_eq!(now.started, Some(at(10)));
+    assert_eq!(now.progress.unwrap().bytes_done, 4096);
     assert_eq!(now.owner.as_deref(), Some("pid 1 boot b"));
     assert_eq!(now.ended, None);
     // Failed with attempts left, then queued again as attempt 2 (JOB-07).
@@ -270,6 +300,12 @@ pub(super) fn store_01_transition_only_from_the_named_state(store: &dyn Store) {
         .unwrap();
     let now = store.job(j.id).unwrap().unwrap();
     assert_eq!((now.state.kind(), now.attempt), (JobStateKind::Queued, 2));
+    let (_, what) = conflict_at(store.commit(vec![Change::SetProgress {
+        job: j.id,
+        attempt: 2,
+        progress: JobProgress::default(),
+    }]));
+    assert!(what.contains("queued"), "{what}");
     // Ending sets `ended`; the status follows the reason's code.
     store
         .commit(vec![Change::Transition {

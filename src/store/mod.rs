@@ -43,9 +43,9 @@ pub use change::{Change, ImageQuery, JobQuery, OccurrenceQuery, Toggle};
 pub use mem::MemStore;
 pub use records::{
     EventKind, EventRow, HookResult, HookRunKey, HookRunRecord, HookStage, ImageRecord, ImageState,
-    ImageStateKind, Intent, IntentAction, IntentOutcome, JobKind, JobReason, JobRecord, JobState,
-    JobStateKind, JobStatus, Lease, OccurrenceOutcome, OccurrenceRow, Phase, ScheduleRow,
-    TaskRecord, TaskStatus, TaskStep, WaitReason,
+    ImageStateKind, Intent, IntentAction, IntentOutcome, JobKind, JobProgress, JobReason,
+    JobRecord, JobState, JobStateKind, JobStatus, Lease, OccurrenceOutcome, OccurrenceRow, Phase,
+    ScheduleRow, TaskRecord, TaskStatus, TaskStep, WaitReason,
 };
 pub use sqlite::SqliteStore;
 

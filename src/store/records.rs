@@ -329,8 +329,11 @@ pub struct JobRecord {
     pub owner: Option<String>,
     /// The plan text the job runs (PLAN-18); `None` for jobs without a plan.
     pub plan_text: Option<String>,
-    /// The SHA-256 of `plan_text`.
+    /// The SHA-256 of `plan_text` (64 hex digits in the row).
+    #[serde(with = "sha256_hex")]
     pub plan_sha256: Option<[u8; 32]>,
+    /// The current attempt's progress, once it has some.
+    pub progress: Option<JobProgress>,
     /// When the job was created.
     #[serde(with = "super::ms")]
     pub created: Timestamp,
@@ -340,6 +343,22 @@ pub struct JobRecord {
     /// When it ended.
     #[serde(with = "super::ms::opt")]
     pub ended: Option<Timestamp>,
+}
+
+/// How far an active job got: the copy's bytes, the restore stream's ring counters (CAT-09) and
+/// its checkpoint (CAT-08).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct JobProgress {
+    /// Bytes copied or restored.
+    pub bytes_done: u64,
+    /// Bytes to copy or restore.
+    pub bytes_total: u64,
+    /// Times the restore's writer waited for a full buffer.
+    pub waits_for_full: u64,
+    /// Times the restore's reader waited for an empty buffer.
+    pub waits_for_empty: u64,
+    /// The byte offset a resumed restore stream starts from.
+    pub checkpoint: Option<u64>,
 }
 
 /// A task's status (section 3.2).
@@ -760,6 +779,33 @@ pub struct OccurrenceRow {
     pub backup_day: BackupDay,
     /// What became of it.
     pub outcome: OccurrenceOutcome,
+}
+
+/// A SHA-256 as 64 lowercase hex digits (readable in the `sqlite3` shell).
+mod sha256_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match h {
+            Some(h) => s.serialize_some(&h.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let bad = || serde::de::Error::custom(format!("SHA-256 {text:?} is not 64 hex digits"));
+        if text.len() != 64 || !text.is_ascii() {
+            return Err(bad());
+        }
+        let mut h = [0u8; 32];
+        for (i, b) in h.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Some(h))
+    }
 }
 
 /// Serde forms of the engine's value types that have none of their own (the engine's modules
