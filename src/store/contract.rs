@@ -1033,6 +1033,107 @@ pub(super) fn store_16_records_read_back_as_written(store: &dyn Store) {
     assert_eq!(store.image(ImageId(1)).unwrap(), Some(img));
 }
 
+pub(super) fn store_17_trim_history_forgets_only_what_nothing_needs(store: &dyn Store) {
+    calendar(store);
+    let ended = |id: u64, d: &str| {
+        let mut j = job(id, 1, at(id as i64 * 60), "db", d);
+        j.state = JobState::Done {
+            status: JobStatus::Success,
+            reason: None,
+        };
+        j
+    };
+    let jobs = [
+        ended(1, "20270101"),                 // forgotten
+        ended(2, "20270101"),                 // kept: an image names it
+        ended(3, "20270101"),                 // kept: an open intent
+        job(4, 1, at(240), "db", "20270101"), // kept: queued
+        ended(5, "20270102"),                 // kept: the day is not trimmed
+    ];
+    let mut changes: Vec<Change> = jobs
+        .iter()
+        .map(|j| Change::InsertJob {
+            job: j.clone(),
+            occurrence: started(j),
+        })
+        .collect();
+    changes.extend([
+        Change::PutImage(image(1, 2, "db", "/dev/a", 1, "20270101")),
+        Change::PutIntent(intent(1, 3)),
+        Change::PutIntent(intent(2, 1)),
+        Change::Resolve {
+            intent: IntentId(2),
+            outcome: IntentOutcome::Done,
+            at: at(9),
+        },
+        Change::PutHookRun(HookRunRecord {
+            key: HookRunKey {
+                job: JobId(1),
+                attempt: 1,
+                stage: HookStage::PlanPre,
+                task: None,
+            },
+            argv: vec!["true".to_string()],
+            started: at(1),
+            ended: None,
+            result: None,
+            stdout_tail: Vec::new(),
+            stderr_tail: Vec::new(),
+        }),
+        Change::RecordOccurrence(OccurrenceRow {
+            event: EventId(1),
+            due: at(30),
+            backup_day: day("20270101"),
+            outcome: OccurrenceOutcome::Missed,
+        }),
+        Change::RecordOccurrence(OccurrenceRow {
+            event: EventId(1),
+            due: at(90_000),
+            backup_day: day("20270102"),
+            outcome: OccurrenceOutcome::Missed,
+        }),
+    ]);
+    store.commit(changes).unwrap();
+    let trimmed = store.trim_history(day("20270102")).unwrap();
+    assert_eq!(
+        trimmed,
+        Trimmed {
+            jobs: 1,
+            occurrences: 2
+        }
+    );
+    let ids: Vec<u64> = store
+        .jobs(&JobQuery::default())
+        .unwrap()
+        .iter()
+        .map(|j| j.id.0)
+        .collect();
+    assert_eq!(ids, vec![2, 3, 4, 5]);
+    assert!(store.hook_runs(JobId(1)).unwrap().is_empty());
+    assert_eq!(store.open_intents().unwrap(), vec![intent(1, 3)]);
+    let occ: Vec<OccurrenceOutcome> = store
+        .occurrences(&OccurrenceQuery::default())
+        .unwrap()
+        .into_iter()
+        .map(|o| o.outcome)
+        .collect();
+    assert_eq!(
+        occ,
+        vec![
+            OccurrenceOutcome::Started(JobId(2)),
+            OccurrenceOutcome::Started(JobId(3)),
+            OccurrenceOutcome::Started(JobId(4)),
+            OccurrenceOutcome::Started(JobId(5)),
+            OccurrenceOutcome::Missed,
+        ]
+    );
+    // The forgotten job's occurrence is gone, so nothing names it; trimming again forgets nothing.
+    assert_eq!(
+        store.trim_history(day("20270102")).unwrap(),
+        Trimmed::default()
+    );
+}
+
 macro_rules! contract_suite {
     ($name:ident, $make:expr) => {
         mod $name {
@@ -1090,6 +1191,10 @@ macro_rules! contract_suite {
             #[test]
             fn store_15_events_need_their_schedule_and_a_unique_name() {
                 with_store(super::store_15_events_need_their_schedule_and_a_unique_name);
+            }
+            #[test]
+            fn store_17_trim_history_forgets_only_what_nothing_needs() {
+                with_store(super::store_17_trim_history_forgets_only_what_nothing_needs);
             }
             #[test]
             fn store_16_records_read_back_as_written() {

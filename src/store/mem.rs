@@ -6,7 +6,7 @@
 //! written passes through the same JSON encoding as in SQLite,
 //! so both stores hold the same values (instants cut to the millisecond).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
 use parking_lot::Mutex;
@@ -16,10 +16,12 @@ use serde::Serialize;
 use super::change::{apply, Change, ImageQuery, JobQuery, OccurrenceQuery, Tx};
 use super::ms::to_ms;
 use super::records::{
-    EventRow, HookRunKey, HookRunRecord, ImageRecord, Intent, JobRecord, Lease, OccurrenceRow,
-    ScheduleRow, TaskRecord,
+    EventRow, HookRunKey, HookRunRecord, ImageRecord, Intent, JobRecord, JobStateKind, Lease,
+    OccurrenceOutcome, OccurrenceRow, ScheduleRow, TaskRecord,
 };
-use super::{EventId, IdKind, ImageId, IntentId, JobId, LeaseId, Store, StoreError};
+use super::{
+    BackupDay, EventId, IdKind, ImageId, IntentId, JobId, LeaseId, Store, StoreError, Trimmed,
+};
 
 /// The store in memory; nothing survives the value.
 #[derive(Debug, Default)]
@@ -170,6 +172,47 @@ impl Store for MemStore {
 
     fn open_leases(&self) -> Result<Vec<Lease>, StoreError> {
         Ok(self.state.lock().leases.values().cloned().collect())
+    }
+
+    fn trim_history(&self, before: BackupDay) -> Result<Trimmed, StoreError> {
+        let mut state = self.state.lock();
+        let s = &mut *state;
+        let named: BTreeSet<JobId> = s
+            .images
+            .values()
+            .map(|i| i.job)
+            .chain(
+                s.intents
+                    .values()
+                    .filter(|i| i.outcome.is_none())
+                    .map(|i| i.job),
+            )
+            .chain(s.leases.values().map(|l| l.job))
+            .collect();
+        let gone: BTreeSet<JobId> = s
+            .jobs
+            .values()
+            .filter(|j| {
+                j.backup_day < before
+                    && matches!(j.state.kind(), JobStateKind::Done | JobStateKind::Canceled)
+                    && !named.contains(&j.id)
+            })
+            .map(|j| j.id)
+            .collect();
+        s.tasks.retain(|(j, _), _| !gone.contains(j));
+        s.hook_runs.retain(|k, _| !gone.contains(&k.job));
+        s.intents.retain(|_, i| !gone.contains(&i.job));
+        s.jobs.retain(|id, _| !gone.contains(id));
+        let before_occ = s.occurrences.len();
+        let jobs = &s.jobs;
+        s.occurrences.retain(|_, o| {
+            o.backup_day >= before
+                || matches!(o.outcome, OccurrenceOutcome::Started(j) if jobs.contains_key(&j))
+        });
+        Ok(Trimmed {
+            jobs: gone.len(),
+            occurrences: before_occ - s.occurrences.len(),
+        })
     }
 }
 

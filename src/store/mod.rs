@@ -294,6 +294,24 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// # Errors
     /// As [`Store::jobs`].
     fn open_leases(&self) -> Result<Vec<Lease>, StoreError>;
+
+    /// Forget the history of backup days before `before` (CAL-14, `history_days`): ended jobs
+    /// (`Done`, `Canceled`) of those days that no image, open intent or lease names, with their
+    /// tasks, hook runs and intents, and those days' occurrences except the ones that started a
+    /// job that is kept. In one transaction; SQLite then runs `PRAGMA optimize`.
+    ///
+    /// # Errors
+    /// A storage error; nothing is forgotten then.
+    fn trim_history(&self, before: BackupDay) -> Result<Trimmed, StoreError>;
+}
+
+/// What [`Store::trim_history`] forgot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Trimmed {
+    /// Jobs removed (with their tasks, hook runs and intents).
+    pub jobs: usize,
+    /// Occurrences removed.
+    pub occurrences: usize,
 }
 
 /// Instants in the store: milliseconds since the Unix epoch, as an integer column and in the

@@ -21,10 +21,12 @@ CREATE TABLE events (
     body TEXT NOT NULL
 ) STRICT;
 
+-- `job` is the job an occurrence started, NULL for the others.
 CREATE TABLE occurrences (
     event INTEGER NOT NULL REFERENCES events(id),
     due_at INTEGER NOT NULL,
     backup_day TEXT NOT NULL,
+    job INTEGER,
     body TEXT NOT NULL,
     PRIMARY KEY (event, due_at)
 ) STRICT;

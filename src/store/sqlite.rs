@@ -20,10 +20,12 @@ use serde::Serialize;
 use super::change::{apply, Change, ImageQuery, JobQuery, OccurrenceQuery, Tx};
 use super::ms::to_ms;
 use super::records::{
-    EventRow, HookRunKey, HookRunRecord, ImageRecord, Intent, JobRecord, Lease, OccurrenceRow,
-    ScheduleRow, TaskRecord,
+    EventRow, HookRunKey, HookRunRecord, ImageRecord, Intent, JobRecord, Lease, OccurrenceOutcome,
+    OccurrenceRow, ScheduleRow, TaskRecord,
 };
-use super::{EventId, IdKind, ImageId, IntentId, JobId, LeaseId, Store, StoreError};
+use super::{
+    BackupDay, EventId, IdKind, ImageId, IntentId, JobId, LeaseId, Store, StoreError, Trimmed,
+};
 use crate::limits::STORE_BUSY_TIMEOUT_MS;
 
 /// The schema version this build creates and reads (`PRAGMA user_version`).
@@ -312,6 +314,39 @@ impl Store for SqliteStore {
 
     fn open_leases(&self) -> Result<Vec<Lease>, StoreError> {
         self.select("leases", &[], "id")
+    }
+
+    fn trim_history(&self, before: BackupDay) -> Result<Trimmed, StoreError> {
+        // The ended jobs of earlier days that nothing refers to any more.
+        const GONE: &str = "SELECT id FROM jobs WHERE backup_day < ?1 \
+             AND state IN ('done', 'canceled') \
+             AND id NOT IN (SELECT job FROM images) \
+             AND id NOT IN (SELECT job FROM intents WHERE open = 1) \
+             AND id NOT IN (SELECT job FROM leases)";
+        let day = before.to_string();
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.err("begin"))?;
+        let del = |what: &str| -> Result<usize, StoreError> {
+            tx.execute(&format!("DELETE FROM {what} IN ({GONE})"), [&day])
+                .map_err(self.err("trim history"))
+        };
+        del("tasks WHERE job")?;
+        del("hook_runs WHERE job")?;
+        del("intents WHERE job")?;
+        let jobs = del("jobs WHERE id")?;
+        let occurrences = tx
+            .execute(
+                "DELETE FROM occurrences WHERE backup_day < ?1 \
+                 AND (job IS NULL OR job NOT IN (SELECT id FROM jobs))",
+                [&day],
+            )
+            .map_err(self.err("trim history"))?;
+        tx.commit().map_err(self.err("commit"))?;
+        conn.execute_batch("PRAGMA optimize")
+            .map_err(self.err("optimize"))?;
+        Ok(Trimmed { jobs, occurrences })
     }
 }
 
@@ -612,11 +647,16 @@ impl Tx for SqlTx<'_> {
 
     fn insert_occurrence(&mut self, o: &OccurrenceRow) -> Result<(), StoreError> {
         self.exec(
-            "INSERT INTO occurrences (event, due_at, backup_day, body) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO occurrences (event, due_at, backup_day, job, body) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 int(o.event.0),
                 to_ms(o.due),
                 o.backup_day.to_string(),
+                match o.outcome {
+                    OccurrenceOutcome::Started(j) => Some(int(j.0)),
+                    _ => None,
+                },
                 encode(o)?
             ],
         )
