@@ -72,6 +72,10 @@ pub const QUIESCE_STATUS_INTERVAL_DEFAULT_SECS: u64 = 5;
 /// Most mounts one quiesce freezes or flushes.
 pub const QUIESCE_MOUNTS_MAX: usize = 64;
 
+/// How long a store connection waits for another process's write transaction before it gives
+/// up with SQLite's "database is locked" (`PRAGMA busy_timeout`).
+pub const STORE_BUSY_TIMEOUT_MS: u64 = 10_000;
+
 const _: () = assert!(GRAIN_MIN_BYTES.is_power_of_two() && GRAIN_MAX_BYTES.is_power_of_two());
 const _: () =
     assert!(GRAIN_MIN_BYTES <= GRAIN_DEFAULT_BYTES && GRAIN_DEFAULT_BYTES <= GRAIN_MAX_BYTES);

@@ -1,12 +1,53 @@
 //! The orchestration store: jobs, calendar events and occurrences, hook runs, intents, leases
 //! and catalog images (docs/orchestration.md, section 1.2).
 //!
-//! This module starts with the small value types every orchestration layer names: the ids of
-//! jobs, images and events, the backup day and the priority.
+//! The store is the only door to orchestration state. [`Store::commit`] takes a list of
+//! [`Change`]s, each with its precondition, and applies all of them or none in one transaction
+//! (like the activity table's commit): a calendar occurrence becomes a job in the transaction that
+//! advances its event, a job changes state only from the state its caller saw, a side effect is
+//! bracketed by an [`Intent`] and its outcome. Two implementations keep the same contract:
+//! [`SqliteStore`] (one SQLite file in WAL mode, `synchronous=FULL`, `BEGIN IMMEDIATE` per commit)
+//! and [`MemStore`] (memory, for fast tests of the layers above).
+//!
+//! - [`records`]: the rows (jobs, tasks, hook runs, intents, leases, images, schedules, events,
+//!   occurrences);
+//! - [`change`]: [`Change`], the queries, and the one function that checks and applies a change
+//!   for both stores;
+//! - [`sqlite`] and [`mem`]: the two stores; `schema.sql`: the SQLite schema.
+//!
+//! Decisions: instants are kept as milliseconds since the Unix epoch ([`ms`]; finer parts are
+//! cut); ids come from [`Store::allocate`], a transaction of its own on a counter per kind, so two
+//! processes never hand out one id and an id is never reused even when the list that was to use
+//! it fails; the SQLite schema carries its version in `PRAGMA user_version`
+//! ([`sqlite::SCHEMA_VERSION`]), and a file of a newer version is refused
+//! ([`StoreError::Schema`]).
+//!
+//! Beside them are the small value types every orchestration layer names: the ids of jobs,
+//! images, events, intents and leases, the backup day and the priority.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use jiff::civil::Date;
+
+pub mod change;
+#[cfg(test)]
+mod contract;
+pub mod mem;
+pub mod records;
+pub mod sqlite;
+#[cfg(test)]
+mod sqlite_tests;
+
+pub use change::{Change, ImageQuery, JobQuery, OccurrenceQuery, Toggle};
+pub use mem::MemStore;
+pub use records::{
+    EventKind, EventRow, HookResult, HookRunKey, HookRunRecord, HookStage, ImageRecord, ImageState,
+    ImageStateKind, Intent, IntentAction, IntentOutcome, JobKind, JobProgress, JobReason,
+    JobRecord, JobState, JobStateKind, JobStatus, Lease, OccurrenceOutcome, OccurrenceRow, Phase,
+    ScheduleRow, TaskRecord, TaskStatus, TaskStep, WaitReason,
+};
+pub use sqlite::SqliteStore;
 
 /// Why a value type could not be built from its text or number.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,6 +118,270 @@ id_type!(
     'e',
     "event"
 );
+
+id_type!(
+    /// An intent (`n5`): a side effect recorded before it is done.
+    IntentId,
+    'n',
+    "intent"
+);
+id_type!(
+    /// A freeze lease (`l2`).
+    LeaseId,
+    'l',
+    "lease"
+);
+
+/// The kinds of ids [`Store::allocate`] hands out, one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IdKind {
+    /// [`JobId`].
+    Job,
+    /// [`ImageId`].
+    Image,
+    /// [`EventId`].
+    Event,
+    /// [`IntentId`].
+    Intent,
+    /// [`LeaseId`].
+    Lease,
+}
+
+impl IdKind {
+    /// The counter's name in the store.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdKind::Job => "job",
+            IdKind::Image => "image",
+            IdKind::Event => "event",
+            IdKind::Intent => "intent",
+            IdKind::Lease => "lease",
+        }
+    }
+}
+
+/// Why the store refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A change's precondition did not hold; nothing of the list was applied.
+    #[error("change {change} of the list does not apply: {what}")]
+    Conflict {
+        /// The change's index in the list.
+        change: usize,
+        /// Which precondition failed, with what was found.
+        what: String,
+    },
+    /// A change contradicts itself (e.g. an occurrence that names another job); nothing of the
+    /// list was applied.
+    #[error("change {change} of the list is malformed: {what}")]
+    Invalid {
+        /// The change's index in the list.
+        change: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// SQLite failed.
+    #[error("store {path}: {op}: {source}")]
+    Sqlite {
+        /// What was being done.
+        op: &'static str,
+        /// The store's file.
+        path: PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file's schema is not one this build reads.
+    #[error("store {path} has schema version {found}; this build reads up to {supported}")]
+    Schema {
+        /// The store's file.
+        path: PathBuf,
+        /// The version found.
+        found: i64,
+        /// The newest version this build reads.
+        supported: i64,
+    },
+    /// A stored row does not decode.
+    #[error("store row does not decode: {what}")]
+    Corrupt {
+        /// Which row, and why.
+        what: String,
+    },
+}
+
+/// The orchestration store (docs/orchestration.md, section 1.2). Every query returns rows in a
+/// fixed order, given with each method.
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Apply every change of the list or none, in order, in one transaction; each change's
+    /// precondition is checked inside it, after the changes before it.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] naming the first change whose precondition fails,
+    /// [`StoreError::Invalid`] for a malformed change, or a storage error; in every case nothing
+    /// of the list is applied.
+    fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError>;
+
+    /// A new id of this kind, never handed out before by this store (from 1, increasing; a
+    /// transaction of its own).
+    ///
+    /// # Errors
+    /// A storage error.
+    fn allocate(&self, kind: IdKind) -> Result<u64, StoreError>;
+
+    /// Jobs matching `q`, by id.
+    ///
+    /// # Errors
+    /// A storage error, or [`StoreError::Corrupt`].
+    fn jobs(&self, q: &JobQuery) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// One job.
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
+
+    /// A job's tasks, by index.
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn tasks(&self, job: JobId) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// A job's hook runs, in the order they were started.
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn hook_runs(&self, job: JobId) -> Result<Vec<HookRunRecord>, StoreError>;
+
+    /// Schedules, by name.
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError>;
+
+    /// Events, by id.
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn events(&self) -> Result<Vec<EventRow>, StoreError>;
+
+    /// Occurrences matching `q`, by due instant, then event.
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn occurrences(&self, q: &OccurrenceQuery) -> Result<Vec<OccurrenceRow>, StoreError>;
+
+    /// Images matching `q`, by T0, then id.
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn images(&self, q: &ImageQuery) -> Result<Vec<ImageRecord>, StoreError>;
+
+    /// One image.
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn image(&self, id: ImageId) -> Result<Option<ImageRecord>, StoreError>;
+
+    /// Intents without an outcome, by id (recovery resolves them, section 3.2).
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn open_intents(&self) -> Result<Vec<Intent>, StoreError>;
+
+    /// Leases held, by id.
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn open_leases(&self) -> Result<Vec<Lease>, StoreError>;
+
+    /// Forget the history of backup days before `before` (CAL-14, `history_days`): ended jobs
+    /// (`Done`, `Canceled`) of those days that no image, open intent or lease names, with their
+    /// tasks, hook runs and intents, and those days' occurrences except the ones that started a
+    /// job that is kept. In one transaction; SQLite then runs `PRAGMA optimize`.
+    ///
+    /// # Errors
+    /// A storage error; nothing is forgotten then.
+    fn trim_history(&self, before: BackupDay) -> Result<Trimmed, StoreError>;
+}
+
+/// What [`Store::trim_history`] forgot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Trimmed {
+    /// Jobs removed (with their tasks, hook runs and intents).
+    pub jobs: usize,
+    /// Occurrences removed.
+    pub occurrences: usize,
+}
+
+/// Instants in the store: milliseconds since the Unix epoch, as an integer column and in the
+/// rows' JSON; the parts of a millisecond are cut. Use with `#[serde(with = "ms")]`, or
+/// `ms::opt` for an `Option<Timestamp>`.
+pub mod ms {
+    use jiff::Timestamp;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// The instant as stored.
+    #[must_use]
+    pub fn to_ms(t: Timestamp) -> i64 {
+        t.as_millisecond()
+    }
+
+    /// The instant of a stored number; `None` outside the range of [`Timestamp`].
+    #[must_use]
+    pub fn from_ms(ms: i64) -> Option<Timestamp> {
+        Timestamp::from_millisecond(ms).ok()
+    }
+
+    /// Serialize as milliseconds.
+    ///
+    /// # Errors
+    /// The serializer's.
+    pub fn serialize<S: Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(to_ms(*t))
+    }
+
+    /// Deserialize from milliseconds.
+    ///
+    /// # Errors
+    /// The deserializer's, or a number outside the range of [`Timestamp`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
+        let n = i64::deserialize(d)?;
+        from_ms(n)
+            .ok_or_else(|| serde::de::Error::custom(format!("instant {n} ms is out of range")))
+    }
+
+    /// The same for `Option<Timestamp>` (`null` for `None`).
+    pub mod opt {
+        use jiff::Timestamp;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Serialize as milliseconds or `null`.
+        ///
+        /// # Errors
+        /// The serializer's.
+        pub fn serialize<S: Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => s.serialize_some(&super::to_ms(*t)),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Deserialize from milliseconds or `null`.
+        ///
+        /// # Errors
+        /// The deserializer's, or a number outside the range of [`Timestamp`].
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+            Option::<i64>::deserialize(d)?
+                .map(|n| {
+                    super::from_ms(n).ok_or_else(|| {
+                        serde::de::Error::custom(format!("instant {n} ms is out of range"))
+                    })
+                })
+                .transpose()
+        }
+    }
+}
 
 /// A job's or event's priority: 1 (lowest) to 99 (highest); 0 means always executed, never
 /// suppressed and suppressing nothing.
