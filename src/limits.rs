@@ -79,7 +79,7 @@ pub const STORE_BUSY_TIMEOUT_MS: u64 = 10_000;
 const _: () = assert!(GRAIN_MIN_BYTES.is_power_of_two() && GRAIN_MAX_BYTES.is_power_of_two());
 const _: () =
     assert!(GRAIN_MIN_BYTES <= GRAIN_DEFAULT_BYTES && GRAIN_DEFAULT_BYTES <= GRAIN_MAX_BYTES);
-const _: () = assert!(SUPERBLOCK_BYTES % JOURNAL_BLOCK_BYTES == 0);
+const _: () = assert!(SUPERBLOCK_BYTES.is_multiple_of(JOURNAL_BLOCK_BYTES));
 const _: () = assert!(JOURNAL_MIN_BYTES as usize >= COMMIT_BLOCKS_MAX * JOURNAL_BLOCK_BYTES * 4);
 const _: () = assert!(HOOK_TIMEOUT_DEFAULT_SECS <= HOOK_TIMEOUT_MAX_SECS);
 const _: () = assert!(HOOK_KILL_GRACE_SECS <= HOOK_KILL_GRACE_MAX_SECS);

@@ -50,7 +50,7 @@ pub fn parse_size(s: &str) -> crate::Result<u64> {
         let f: u128 = frac.parse().map_err(|_| too_large())?;
         let den = 10u128.pow(u32::try_from(frac.len()).unwrap_or(18));
         let num = f * u128::from(mult);
-        if num % den != 0 {
+        if !num.is_multiple_of(den) {
             return Err(crate::Error::invalid(
                 "size",
                 format!("'{s}' is not a whole number of bytes"),
@@ -99,7 +99,7 @@ pub fn format_size(n: u64) -> String {
         ("KiB", 1 << 10),
     ];
     for (name, m) in UNITS {
-        if n >= m && n % m == 0 {
+        if n >= m && n.is_multiple_of(m) {
             return format!("{}{name}", n / m);
         }
     }

@@ -3,6 +3,8 @@
 //! those grains. Each test checks the image and the target byte for byte against the source
 //! as it was at the refresh, and what the copy moved against the grains that were written.
 
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
 mod common;
 
 use std::sync::Arc;

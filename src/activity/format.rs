@@ -299,7 +299,7 @@ pub fn validate_layout(l: &Layout) -> Result<(), Corruption> {
     const WHAT: &str = "layout";
     if l.journal_bytes < JOURNAL_MIN_BYTES
         || l.journal_bytes > JOURNAL_MAX_BYTES
-        || l.journal_bytes % JOURNAL_BLOCK_BYTES as u64 != 0
+        || !l.journal_bytes.is_multiple_of(JOURNAL_BLOCK_BYTES as u64)
     {
         return Err(Corruption::Field {
             what: WHAT,
@@ -309,7 +309,7 @@ pub fn validate_layout(l: &Layout) -> Result<(), Corruption> {
     }
     if l.checkpoint_bytes < CHECKPOINT_MIN_BYTES
         || l.checkpoint_bytes > CHECKPOINT_MAX_BYTES
-        || l.checkpoint_bytes % 4096 != 0
+        || !l.checkpoint_bytes.is_multiple_of(4096)
     {
         return Err(Corruption::Field {
             what: WHAT,
@@ -483,9 +483,9 @@ impl SessionDesc {
             };
             let g = grain.bytes();
             if e.len == 0
-                || e.len % g != 0
-                || e.source_offset % g != 0
-                || e.target_offset % g != 0
+                || !e.len.is_multiple_of(g)
+                || !e.source_offset.is_multiple_of(g)
+                || !e.target_offset.is_multiple_of(g)
                 || e.source_offset.checked_add(e.len).is_none()
                 || e.target_offset.checked_add(e.len).is_none()
             {

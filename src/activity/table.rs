@@ -60,7 +60,7 @@ impl TableOptions {
         };
         if super::format::validate_layout(&l).is_err() {
             let journal_ok = (JOURNAL_MIN_BYTES..=JOURNAL_MAX_BYTES).contains(&l.journal_bytes)
-                && l.journal_bytes % JOURNAL_BLOCK_BYTES as u64 == 0;
+                && l.journal_bytes.is_multiple_of(JOURNAL_BLOCK_BYTES as u64);
             return Err(if journal_ok {
                 Error::invalid(
                     "checkpoint capacity",

@@ -98,7 +98,7 @@ fn engine_options(opts: &BenchOptions) -> EngineOptions {
 
 /// `opts` checked, with the writer counts sorted and deduplicated.
 fn checked(opts: &BenchOptions) -> Result<BenchOptions> {
-    if opts.size < 16 * MIB || opts.size % GRAIN != 0 {
+    if opts.size < 16 * MIB || !opts.size.is_multiple_of(GRAIN) {
         return Err(Error::invalid(
             "bench size",
             format!("{} (a multiple of 64KiB, at least 16MiB)", opts.size),

@@ -72,7 +72,7 @@ impl<'a> Round<'a> {
                 n: opts.writers.len(),
             },
             salt: round as u64 * 7919,
-            raw_first: round % 2 == 0,
+            raw_first: round.is_multiple_of(2),
         }
     }
 

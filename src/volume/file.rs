@@ -112,7 +112,7 @@ impl FileVolume {
     }
 
     fn aligned(&self, offset: u64, len: usize) -> bool {
-        offset % DIRECT_ALIGN_BYTES as u64 == 0 && len % DIRECT_ALIGN_BYTES == 0
+        offset.is_multiple_of(DIRECT_ALIGN_BYTES as u64) && len.is_multiple_of(DIRECT_ALIGN_BYTES)
     }
 }
 

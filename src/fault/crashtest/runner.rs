@@ -664,7 +664,7 @@ fn crash_states(w: &Workload, opts: &CrashtestOptions, run: &Run, rep: &mut Cras
             let images = cur.image(|k| fates.get(k).copied().unwrap_or(Fate::Keep));
             recover_and_check(&images, refs, rep, &|| ctx(kind));
         }
-        if opts.recovery_crash_stride > 0 && n % opts.recovery_crash_stride == 0 {
+        if opts.recovery_crash_stride > 0 && n.is_multiple_of(opts.recovery_crash_stride) {
             let images = cur.image(|_| Fate::Keep);
             crash_recovery(&images, refs, w.seed, rep, &|| ctx("prefix"));
         }

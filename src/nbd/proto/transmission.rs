@@ -197,7 +197,7 @@ pub fn check_request(req: &Request, lim: &ExportLimits) -> std::result::Result<(
         });
     }
     let align = u64::from(lim.min_block.max(1));
-    if align > 1 && (req.offset % align != 0 || u64::from(req.length) % align != 0) {
+    if align > 1 && (!req.offset.is_multiple_of(align) || u64::from(req.length) % align != 0) {
         return Err(reject(
             EINVAL,
             "request not aligned to the minimum block size",

@@ -260,8 +260,8 @@ impl UringVolume {
     /// Whether a transfer can go to the descriptor as is (always, unless `O_DIRECT`).
     fn direct_ok(&self, ptr: *const u8, offset: u64, len: usize) -> bool {
         !self.direct
-            || (offset % DIRECT_ALIGN_BYTES as u64 == 0
-                && len % DIRECT_ALIGN_BYTES == 0
+            || (offset.is_multiple_of(DIRECT_ALIGN_BYTES as u64)
+                && len.is_multiple_of(DIRECT_ALIGN_BYTES)
                 && ptr.align_offset(DIRECT_ALIGN_BYTES) == 0)
     }
 
