@@ -513,8 +513,8 @@ pub fn decide(view: &CalendarView, now: Timestamp) -> Vec<Decision> {
                 Decision::Missed { event: e.id, due }
             } else {
                 // Neither missed nor superseded: `due` lies in today's backup day.
-                let index = index
-                    .get_or_insert_with(|| DayIndex::build(view, today, Pending::FromNextDue));
+                let index =
+                    index.get_or_insert_with(|| DayIndex::build(view, today, Pending::FromNextDue));
                 match verdict(view, e, schedule.enabled, due, index) {
                     Verdict::Start { backup_day } => Decision::Start {
                         event: e.id,

@@ -15,7 +15,7 @@ mod tests;
 
 pub use day::{BackupDays, DayBounds};
 pub use decide::{
-    decide, due_at, reschedule, reschedule_event, CalendarView, Decision, DayIndex, DueAt, Event,
+    decide, due_at, reschedule, reschedule_event, CalendarView, DayIndex, Decision, DueAt, Event,
     EventKind, KindTag, Occurrence, OccurrenceOutcome, Pending, Verdict,
 };
 pub use recurrence::{parse_time, Recurrence, RecurrenceError, Schedule, Unit};
