@@ -126,6 +126,10 @@ impl Unit {
 
 /// When a schedule's occurrences fall.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "schedules are few and long-lived; the cron variant is the common one"
+)]
 pub enum Recurrence {
     /// A cron expression (croner: 5 or 6 fields, `L`, `W`, `#`), read in the schedule's zone.
     Cron(croner::Cron),
