@@ -911,6 +911,42 @@ fn cal_15_missed_in_the_current_day_runs_once_earlier_days_are_missed() {
     );
 }
 
+#[test]
+fn cal_15_a_long_outage_is_decided_in_bounded_passes_each_occurrence_once() {
+    let tz = berlin();
+    let start = at("2026-12-01T09:00[Europe/Berlin]");
+    let mut sim = Sim::new(
+        vec![sched("MINUTE", "* * * * *", &tz)],
+        vec![plan_event(1, "minute", "MINUTE", "a", 1)],
+        start,
+    );
+    let back = at("2026-12-11T09:00[Europe/Berlin]");
+    let view = sim.view();
+    let first = decide(&view, back);
+    assert_eq!(
+        first
+            .iter()
+            .filter(|d| d.occurrence().is_some_and(|(e, _)| e == EventId(1)))
+            .count(),
+        crate::limits::OCCURRENCES_PER_EVENT_MAX
+    );
+    assert!(
+        first.iter().any(|d| matches!(
+            d,
+            Decision::Advance { event: EventId(1), to: Some(t), .. } if *t <= back
+        )),
+        "the pass stops at the bound and leaves the rest for the next one"
+    );
+    sim.tick(back);
+    let minutes = sim
+        .occurrences
+        .iter()
+        .filter(|o| o.event == EventId(1))
+        .count();
+    assert_eq!(minutes, 10 * 1440, "every minute has one outcome");
+    assert_eq!(sim.started(), vec![(1, back)]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // CAL-16 DST
 
