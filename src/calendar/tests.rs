@@ -1542,3 +1542,75 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    #[test]
+    fn cal_19_prop_started_events_do_not_depend_on_how_the_clock_moves(
+        events in prop::collection::vec(
+            (sparse_cron_expr(), 0i64..4, any::<bool>(), any::<bool>()), 2..6,
+        ),
+    ) {
+        let tz = berlin();
+        // A Saturday backup day in which Berlin falls back (25 October 2026).
+        let from = at("2026-10-24T08:00[Europe/Berlin]");
+        let to = at("2026-10-25T07:59[Europe/Berlin]");
+        let make = || {
+            let schedules: Vec<Schedule> = events
+                .iter()
+                .enumerate()
+                .map(|(i, (expr, ..))| sched(&format!("S{i}"), expr, &tz))
+                .collect();
+            let evs: Vec<Event> = events
+                .iter()
+                .enumerate()
+                .map(|(i, (_, p, blocking, other))| Event {
+                    blocking: *blocking,
+                    ..plan_event(
+                        i as u64 + 1,
+                        "e",
+                        &format!("S{i}"),
+                        if *other { "b" } else { "a" },
+                        *p,
+                    )
+                })
+                .collect();
+            Sim::new(schedules, evs, from)
+        };
+        let minute = SignedDuration::from_mins(1);
+
+        let clock = ManualClock::new(from);
+        let mut stepped = make();
+        while clock.now() < to {
+            clock.advance(minute);
+            stepped.tick(clock.now());
+        }
+
+        let clock = ManualClock::new(from);
+        let mut heap = make();
+        heap.run_until(&clock, to);
+        let key = |s: &Sim| {
+            let mut v: Vec<(EventId, Timestamp, Option<OccurrenceOutcome>)> = s
+                .occurrences
+                .iter()
+                .map(|o| {
+                    let outcome = match o.outcome {
+                        OccurrenceOutcome::Started(_) => None,
+                        other => Some(other),
+                    };
+                    (o.event, o.due, outcome)
+                })
+                .collect();
+            v.sort_by_key(|(e, t, _)| (*e, *t));
+            v
+        };
+        prop_assert_eq!(key(&stepped), key(&heap));
+
+        let clock = ManualClock::new(from);
+        let mut jump = make();
+        clock.set(to);
+        jump.tick(clock.now());
+        prop_assert_eq!(jump.started_by_day(), stepped.started_by_day());
+    }
+}
