@@ -1111,7 +1111,7 @@ fn cal_18_due_at_explains_every_occurrence_and_writes_nothing() {
 // ---------------------------------------------------------------------------------------------
 // CAL-19 exactly once, however the clock moves, across restarts
 
-fn cal_19_calendar(start: Timestamp) -> Sim {
+fn simulation_calendar(start: Timestamp) -> Sim {
     let tz = berlin();
     let mut blocking = plan_event(6, "block", "NOON_WED", "web", 7);
     blocking.blocking = true;
@@ -1143,7 +1143,7 @@ fn cal_19_one_outcome_per_occurrence_whatever_the_clock_steps_and_restarts() {
 
     // Minute by minute, restarting (records kept, everything else rebuilt) every 97 minutes.
     let clock = ManualClock::new(start);
-    let mut stepped = cal_19_calendar(start);
+    let mut stepped = simulation_calendar(start);
     let mut n = 0u32;
     while clock.now() < end {
         clock.advance(minute);
@@ -1201,7 +1201,7 @@ fn cal_19_one_outcome_per_occurrence_whatever_the_clock_steps_and_restarts() {
 
     // From wake-up to wake-up (the heap) gives the same outcomes.
     let clock = ManualClock::new(start);
-    let mut heap = cal_19_calendar(start);
+    let mut heap = simulation_calendar(start);
     heap.run_until(&clock, end);
     assert_eq!(heap.started(), stepped.started());
     let mut a = heap.occurrences.clone();
@@ -1220,7 +1220,7 @@ fn cal_19_one_outcome_per_occurrence_whatever_the_clock_steps_and_restarts() {
             at(&format!("{to}[Europe/Berlin]")),
         );
         let clock = ManualClock::new(from);
-        let mut jump = cal_19_calendar(from);
+        let mut jump = simulation_calendar(from);
         jump.tick(clock.now());
         clock.set(to);
         jump.tick(clock.now());
