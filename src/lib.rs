@@ -8,6 +8,9 @@ mod activity;
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod bench;
 mod bitmap;
+#[cfg(feature = "orchestration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
+pub mod calendar;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;

@@ -86,3 +86,10 @@ const _: () = assert!(HOOK_KILL_GRACE_SECS <= HOOK_KILL_GRACE_MAX_SECS);
 const _: () = assert!(QUIESCE_STATUS_INTERVAL_DEFAULT_SECS < QUIESCE_GRACE_SECS);
 const _: () = assert!(QUIESCE_TIMEOUT_DEFAULT_SECS <= QUIESCE_TIMEOUT_MAX_SECS);
 const _: () = assert!(COPY_BATCH_BYTES_MAX >= GRAIN_MAX_BYTES as u64);
+/// Largest `N` in `every N UNIT from TIME`.
+pub const EVERY_COUNT_MAX: u32 = 1_000_000;
+/// How far back the calendar looks for a cron schedule's last occurrence (the NEWDAY that
+/// opened a backup day).
+pub const CALENDAR_LOOKBACK_DAYS_MAX: i64 = 3660;
+/// Most occurrences of one event one scheduler pass decides; the rest wait for the next pass.
+pub const OCCURRENCES_PER_EVENT_MAX: usize = 10_000;
