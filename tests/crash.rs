@@ -61,6 +61,35 @@ fn enumerator_finds_no_violation() {
     }
 }
 
+/// A write issued before its change marks are durable leaves, in some crash states, a change
+/// the map does not record; the refresh check (refresh, copy, compare with the source) must
+/// find it.
+#[test]
+fn canary_late_change_marks_are_caught() {
+    let opts = CrashtestOptions {
+        workloads: 11,
+        seed: 7,
+        threads: 2,
+        canary_late_marks: true,
+        eio_points: 0,
+        recovery_crash_stride: 0,
+        ..CrashtestOptions::default()
+    };
+    let r = crashtest(&opts);
+    println!(
+        "late-marks canary: {} states, {} violations; first: {:?}",
+        r.states_total,
+        r.violations,
+        r.violation_samples.first()
+    );
+    assert!(
+        r.violation_samples
+            .iter()
+            .any(|v| v.contains("a change was not recorded")),
+        "an unrecorded change went unnoticed"
+    );
+}
+
 #[test]
 fn canary_skipped_flush_is_caught() {
     let opts = CrashtestOptions {

@@ -313,3 +313,55 @@ fn a_group_refreshes_at_one_t0_and_its_members_only_together() {
         Err(Error::UnknownGroup(_))
     ));
 }
+
+/// Random writes to the source and the target around copies and refreshes: after every step
+/// the image is the source as it was at the last T0, and after a refresh and a full copy the
+/// target equals the source.
+#[test]
+fn random_writes_copies_and_refreshes_keep_each_t0() {
+    use rand::{Rng, SeedableRng};
+    for seed in 0..40u64 {
+        let Setup {
+            src, tgt, e, s, t, ..
+        } = setup();
+        let mut r = rand::rngs::SmallRng::seed_from_u64(seed);
+        let id = e.establish(&incremental(s, t)).unwrap();
+        let mut t0 = src.snapshot();
+        for step in 0..60 {
+            match r.random_range(0..10) {
+                0..=3 => {
+                    let len = r.random_range(1..=24u64) * 512;
+                    let off = r.random_range(0..=(SIZE - len) / 512) * 512;
+                    e.write(s, off, &pattern(r.random(), len as usize)).unwrap();
+                }
+                4 => {
+                    let len = r.random_range(1..=24u64) * 512;
+                    let off = r.random_range(0..=(SIZE - len) / 512) * 512;
+                    let data = pattern(r.random(), len as usize);
+                    if status(&e, id).state == SessionState::Active {
+                        e.write_image(id, off, &data).unwrap();
+                    } else {
+                        e.write(t, off, &data).unwrap();
+                    }
+                    t0[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+                5..=6 => {
+                    let from = r.random_range(0..GRAINS);
+                    e.copy_batch(id, timezero::GrainIndex(from), GrainCount(4))
+                        .unwrap();
+                }
+                7 => {
+                    copy(&e, id);
+                }
+                _ => {
+                    e.refresh(id).unwrap();
+                    t0 = src.snapshot();
+                }
+            }
+            assert_eq!(image(&e, id), t0, "seed {seed} step {step}");
+        }
+        e.refresh(id).unwrap();
+        copy(&e, id);
+        assert_eq!(tgt.snapshot(), src.snapshot(), "seed {seed}");
+    }
+}

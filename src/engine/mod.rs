@@ -52,7 +52,9 @@ pub use lifecycle::SessionSpec;
 pub use recovery::{Decision, FileResolver, MapResolver, Outcome, RestartPolicy, VolumeResolver};
 pub use refresh::Refreshed;
 #[cfg(feature = "fault")]
-pub use write::{set_canary_skip_cbw_flush, set_canary_skip_cbw_flush_all_threads};
+pub use write::{
+    set_canary_late_change_marks, set_canary_skip_cbw_flush, set_canary_skip_cbw_flush_all_threads,
+};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -140,7 +140,17 @@ impl Engine {
                 t0_unix_ms,
             })
             .collect();
-        self.table.commit_atomic(entries)?;
+        if let Err(e) = self.table.commit_atomic(entries) {
+            // The refresh may have reached the table (a failed durability point says nothing
+            // either way), while this engine still holds the old T0: a write now could change a
+            // grain of the new T0 without copying it first. Refuse writes to the sessions'
+            // volumes until the table is reopened and recovery decides, as after a failed
+            // establish.
+            for h in &handles {
+                h.fenced.store(true, std::sync::atomic::Ordering::Release);
+            }
+            return Err(e);
+        }
         self.refresh_active();
         Ok(sessions
             .iter()

@@ -36,6 +36,20 @@ pub fn set_canary_skip_cbw_flush_all_threads(on: bool) {
     CANARY_SKIP_CBW_FLUSH_ALL.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+#[cfg(feature = "fault")]
+thread_local! {
+    static CANARY_LATE_CHANGE_MARKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Fault-harness canary: while on, a write in the calling thread that only needs change marks
+/// (no copy-before-write) is issued *before* its marks are committed, so a crash between the two
+/// leaves a change the map does not record (the enumerator's refresh check must catch it).
+/// Thread-local so that parallel tests are not affected.
+#[cfg(feature = "fault")]
+pub fn set_canary_late_change_marks(on: bool) {
+    CANARY_LATE_CHANGE_MARKS.with(|c| c.set(on));
+}
+
 /// Issue a write to a volume whose covering sessions were checked (bits set, or extents or
 /// sessions ended). The release fence orders those checks, and the bit stores of a
 /// copy-before-write, before the write's stores (the writer half of a sequence lock); it pairs
@@ -112,6 +126,11 @@ impl Engine {
         }
         let marks = change_entries(marks);
         if work.is_empty() {
+            #[cfg(feature = "fault")]
+            if !marks.is_empty() && CANARY_LATE_CHANGE_MARKS.with(std::cell::Cell::get) {
+                release_write(h, offset, data)?;
+                return self.table.commit(marks);
+            }
             if !marks.is_empty() {
                 self.table.commit(marks)?;
             }

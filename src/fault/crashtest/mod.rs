@@ -49,6 +49,9 @@ pub struct CrashtestOptions {
     pub canary_checkpoint: bool,
     /// Run with the group canary (a group's sessions committed one by one) switched on.
     pub canary_split_group: bool,
+    /// Run with the change-mark canary (a write issued before its change marks are durable)
+    /// switched on.
+    pub canary_late_marks: bool,
     /// Violation messages kept in the report.
     pub keep_violations: usize,
 }
@@ -66,6 +69,7 @@ impl Default for CrashtestOptions {
             canary: false,
             canary_checkpoint: false,
             canary_split_group: false,
+            canary_late_marks: false,
             keep_violations: 20,
         }
     }
@@ -172,6 +176,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
                 crate::engine::set_canary_skip_cbw_flush(opts.canary);
                 crate::activity::set_canary_unverified_checkpoint(opts.canary_checkpoint);
                 crate::engine::set_canary_split_group_commit(opts.canary_split_group);
+                crate::engine::set_canary_late_change_marks(opts.canary_late_marks);
                 let mut rep = CrashReport::default();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -181,6 +186,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
                 crate::engine::set_canary_skip_cbw_flush(false);
                 crate::activity::set_canary_unverified_checkpoint(false);
                 crate::engine::set_canary_split_group_commit(false);
+                crate::engine::set_canary_late_change_marks(false);
                 total.lock().merge(rep, opts.keep_violations);
             });
         }

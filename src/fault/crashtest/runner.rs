@@ -245,14 +245,17 @@ impl Harness<'_> {
                 extents,
                 grain,
                 mode,
-            } => self.establish(*src, *tgt, extents, *grain, *mode, x),
+                incremental,
+            } => self.establish(*src, *tgt, extents, (*grain, *mode, *incremental), x),
             Op::EstablishGroup {
                 name,
                 pairs,
                 grain,
                 mode,
+                incremental,
                 fails_at,
-            } => self.establish_group(name, pairs, *grain, *mode, *fails_at, x),
+            } => self.establish_group(name, pairs, (*grain, *mode, *incremental), *fails_at, x),
+            Op::Refresh { sess } => self.refresh(*sess, x),
             Op::WithdrawGroup { name } => {
                 if let Some(ids) = x.after.groups.get(name).cloned() {
                     for id in ids {
@@ -327,8 +330,7 @@ impl Harness<'_> {
         src: usize,
         tgt: usize,
         extents: &[ExtentSpec],
-        grain: u64,
-        mode: CopyMode,
+        (grain, mode, incremental): (u64, CopyMode, bool),
         x: &mut Expect,
     ) -> crate::Result<()> {
         let now = self.world.current_images();
@@ -346,6 +348,7 @@ impl Harness<'_> {
             sticky: false,
             may_withdraw: false,
             withdrawn: false,
+            refreshed: None,
         };
         x.inflight.pending_establish.push(sref.clone());
         let id = GrainSize::new(grain).and_then(|g| {
@@ -355,7 +358,7 @@ impl Harness<'_> {
                 extents: extents.to_vec(),
                 grain: g,
                 mode,
-                incremental: false,
+                incremental,
             })
         })?;
         self.sids.push(id);
@@ -376,8 +379,7 @@ impl Harness<'_> {
         &mut self,
         name: &str,
         pairs: &[(usize, usize, Vec<ExtentSpec>)],
-        grain: u64,
-        mode: CopyMode,
+        (grain, mode, incremental): (u64, CopyMode, bool),
         fails_at: Option<usize>,
         x: &mut Expect,
     ) -> crate::Result<()> {
@@ -399,6 +401,7 @@ impl Harness<'_> {
                     sticky: false,
                     may_withdraw: false,
                     withdrawn: false,
+                    refreshed: None,
                 }
             })
             .collect();
@@ -415,7 +418,7 @@ impl Harness<'_> {
                 extents: extents.clone(),
                 grain: g,
                 mode,
-                incremental: false,
+                incremental,
             })
             .collect();
         let r = self.engine.establish_group(name, &specs);
@@ -454,7 +457,9 @@ impl Harness<'_> {
     fn write(&mut self, vol: usize, off: u64, data: &[u8], x: &mut Expect) -> crate::Result<()> {
         let len = data.len() as u64;
         for s in self.engine.table().sessions() {
-            if !s.is_live() || s.desc.target.id != self.ids[vol] {
+            // A completed incremental session still holds its target: its image is the target,
+            // and a write to it through the engine is recorded as a change.
+            if !s.holds_volumes() || s.desc.target.id != self.ids[vol] {
                 continue;
             }
             for p in s.map.target_pieces(off, len) {
@@ -470,6 +475,38 @@ impl Harness<'_> {
             }
         }
         self.engine.write(self.ids[vol], off, data)
+    }
+
+    /// A refresh of session `sess`: its new T0 is what its source holds now (the refresh flushes
+    /// the source, as establish does). While it runs the image is the old T0 or the new one,
+    /// whole; after it, the new one (earlier target writes no longer show: the grains they
+    /// changed are copied again).
+    fn refresh(&mut self, sess: usize, x: &mut Expect) -> crate::Result<()> {
+        let id = self.sid(sess);
+        if let Ok(s) = self.engine.session(id) {
+            let now = self.world.current_images();
+            let src = self
+                .ids
+                .iter()
+                .position(|v| *v == s.desc.source.id)
+                .unwrap_or(0);
+            let mut image = Vec::new();
+            for e in &s.desc.extents {
+                let (o, l) = (e.source_offset as usize, e.len as usize);
+                image.extend_from_slice(&now[1 + src][o..o + l]);
+            }
+            let image = Arc::new(image);
+            if let Some(r) = x.inflight.sessions.get_mut(&id.0) {
+                r.refreshed = Some(image.clone());
+            }
+            if let Some(r) = x.after.sessions.get_mut(&id.0) {
+                r.image = image;
+                r.pending.clear();
+                r.sticky = false;
+                r.refreshed = None;
+            }
+        }
+        self.engine.refresh(id).map(|_| ())
     }
 
     /// A target write through session `sess`: pending in the expected states until a flush of

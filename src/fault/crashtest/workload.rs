@@ -22,6 +22,8 @@ pub enum Op {
         grain: u64,
         /// Mode.
         mode: CopyMode,
+        /// Record changes (copy mode only).
+        incremental: bool,
     },
     /// `Engine::establish_group`: one session per pair, at one T0, all or none.
     EstablishGroup {
@@ -33,6 +35,8 @@ pub enum Op {
         grain: u64,
         /// Mode.
         mode: CopyMode,
+        /// Record changes (copy mode only).
+        incremental: bool,
         /// The establish must fail on this pair (from 1) before any I/O, establishing nothing.
         fails_at: Option<usize>,
     },
@@ -79,6 +83,11 @@ pub enum Op {
     },
     /// `Engine::copy_all` (completes the session).
     CopyAll {
+        /// Session index.
+        sess: usize,
+    },
+    /// `Engine::refresh`: a new T0 for an incremental session.
+    Refresh {
         /// Session index.
         sess: usize,
     },
@@ -190,6 +199,10 @@ struct Gen {
     r: SmallRng,
     grain: u64,
     mode: CopyMode,
+    /// Whether this workload's whole-volume copy sessions and groups record changes (taken
+    /// from the workload's seed, not from the generator, so every other choice stays as it
+    /// was before incremental sessions existed).
+    incremental: bool,
 }
 
 impl Gen {
@@ -201,7 +214,13 @@ impl Gen {
         } else {
             CopyMode::NoCopy
         };
-        Gen { r, grain, mode }
+        let incremental = mode == CopyMode::Copy && ws.rotate_right(17) & 1 == 1;
+        Gen {
+            r,
+            grain,
+            mode,
+            incremental,
+        }
     }
 
     /// A write of 1..=24 sectors of seeded bytes somewhere in volume 0.
@@ -231,6 +250,7 @@ impl Gen {
             extents: vec![ext(0, 0, VOLUME_BYTES)],
             grain: self.grain,
             mode: self.mode,
+            incremental: self.incremental,
         }
     }
 
@@ -264,6 +284,7 @@ impl Gen {
                 ],
                 grain: self.grain,
                 mode: self.mode,
+                incremental: self.incremental,
                 fails_at: None,
             },
         ];
@@ -278,6 +299,7 @@ impl Gen {
             ],
             grain: self.grain,
             mode: self.mode,
+            incremental: self.incremental,
             fails_at: Some(2),
         });
         ops.push(self.write_to(1));
@@ -297,6 +319,7 @@ impl Gen {
             extents: vec![ext(16384, 0, 16384), ext(40960, 32768, 8192)],
             grain: 4096,
             mode: CopyMode::Copy,
+            incremental: false,
         });
         for _ in 0..4 {
             ops.push(self.write());
@@ -339,6 +362,7 @@ impl Gen {
             extents: vec![ext(0, 0, VOLUME_BYTES)],
             grain: self.grain,
             mode: CopyMode::Copy,
+            incremental: true,
         }];
         for _ in 0..3 {
             ops.push(Op::CopyBatch {
@@ -349,6 +373,25 @@ impl Gen {
             ops.push(self.write());
         }
         ops.push(Op::CopyAll { sess: 0 });
+        ops.push(self.write());
+        ops.extend(self.refresh());
+        ops
+    }
+
+    /// Session 0 is incremental and completed: writes to its source and target, a refresh (a
+    /// new T0), writes racing the new copy, the copy to the end, and a second refresh.
+    fn refresh(&mut self) -> Vec<Op> {
+        let mut ops = vec![self.write(), self.write_to(1), Op::Refresh { sess: 0 }];
+        ops.push(self.write());
+        ops.push(Op::CopyBatch {
+            sess: 0,
+            from: 0,
+            max: 2,
+        });
+        ops.push(self.write());
+        ops.push(Op::CopyAll { sess: 0 });
+        ops.push(self.write());
+        ops.push(Op::Refresh { sess: 0 });
         ops.push(self.write());
         ops
     }
@@ -361,6 +404,7 @@ impl Gen {
             extents: vec![ext(0, 0, VOLUME_BYTES)],
             grain: self.grain,
             mode: CopyMode::NoCopy,
+            incremental: false,
         }];
         ops.push(self.write());
         ops.push(self.write());
@@ -387,6 +431,7 @@ impl Gen {
                 extents: vec![ext(0, 0, VOLUME_BYTES)],
                 grain: 4096,
                 mode: CopyMode::NoCopy,
+                incremental: false,
             });
             if k % 8 == 0 {
                 ops.push(self.write());
@@ -408,6 +453,7 @@ impl Gen {
             extents: vec![ext(8192, 16384, 32768)],
             grain: 8192,
             mode: self.mode,
+            incremental: self.incremental && self.mode == CopyMode::Copy,
         });
         ops.push(Op::CopyBatch {
             sess: 1,
