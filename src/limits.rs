@@ -82,3 +82,12 @@ const _: () = assert!(HOOK_KILL_GRACE_SECS <= HOOK_KILL_GRACE_MAX_SECS);
 const _: () = assert!(QUIESCE_STATUS_INTERVAL_DEFAULT_SECS < QUIESCE_GRACE_SECS);
 const _: () = assert!(QUIESCE_TIMEOUT_DEFAULT_SECS <= QUIESCE_TIMEOUT_MAX_SECS);
 const _: () = assert!(COPY_BATCH_BYTES_MAX >= GRAIN_MAX_BYTES as u64);
+
+/// Most tasks one plan expands into (PLAN-05); a plan that would make more is refused.
+pub const TASKS_PER_PLAN_MAX: usize = 1000;
+/// Most directory entries the expansion of one plan's source patterns reads.
+pub const SOURCE_WALK_ENTRIES_MAX: usize = 100_000;
+/// Longest plan, region or activity name (they become parts of file and group names).
+pub const PLAN_NAME_BYTES_MAX: usize = 48;
+/// Most jobs of one plan at once (`max_jobs`).
+pub const JOBS_PER_PLAN_MAX: u32 = 999;
