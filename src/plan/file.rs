@@ -143,7 +143,8 @@ pub enum MinFree {
 }
 
 impl MinFree {
-    /// Parse `"10%"` or a size such as `"200GiB"`.
+    /// Parse `"10%"` or a size such as `"200GiB"` (a plan file may also give a number of
+    /// bytes).
     ///
     /// # Errors
     /// A message naming the text.
@@ -171,8 +172,16 @@ impl MinFree {
 
 impl<'de> serde::Deserialize<'de> for MinFree {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MinFree, D::Error> {
-        let t = String::deserialize(d)?;
-        MinFree::parse(&t).map_err(serde::de::Error::custom)
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(MinFree::Bytes(n)),
+            Raw::Text(t) => MinFree::parse(&t).map_err(serde::de::Error::custom),
+        }
     }
 }
 
