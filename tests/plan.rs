@@ -1171,3 +1171,61 @@ fn hook_08_on_failure_warn_makes_the_job_partial() {
     let run = r.run(&Plan::parse(&text).unwrap());
     assert_eq!((run.status, run.code()), (PlanStatus::Partial, 1));
 }
+
+#[test]
+fn plan_17_cli_plan_check_prints_tasks_and_exits_0_1_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    std::fs::write(dest.join(".timezero-dest"), "d1\n").unwrap();
+    let src = dir.path().join("vols");
+    std::fs::create_dir(&src).unwrap();
+    for name in ["b.img", "a.img"] {
+        std::fs::write(src.join(name), vec![1u8; SIZE]).unwrap();
+    }
+    let write_plan = |checks: &str| {
+        let text = format!(
+            "name = \"db\"\ntimezone = \"Europe/Berlin\"\n[checks]\nrequire_mount = false\n{checks}\n\
+             [destination]\npath = \"{}\"\nid = \"d1\"\n\
+             [[activity]]\nname = \"vols\"\nsources = [\"{}/*.img\"]\n",
+            dest.display(),
+            src.display()
+        );
+        let path = dir.path().join("db.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let run = |path: &Path, at: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .args(["plan", "check"])
+            .arg(path)
+            .args(["--at", at, "--state"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let night = "2026-12-01T23:00:00+01:00[Europe/Berlin]";
+    let plan = write_plan("window = \"21:30-06:30\"");
+    let (code, out) = run(&plan, night);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(": pass"), "{out}");
+    let a = out.find("/vols/a.img").unwrap();
+    let b = out.find("/vols/b.img").unwrap();
+    assert!(a < b, "byte order: {out}");
+    assert!(out.contains("/dest/db/"), "{out}");
+    assert!(!dest.join("db").exists(), "nothing created");
+    let (code, out) = run(&plan, "2026-12-02T12:00:00+01:00[Europe/Berlin]");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("skip (outside_window)"), "{out}");
+    let (code, out) = run(&write_plan("min_free = \"1000TiB\""), night);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL (destination_space)"), "{out}");
+    let (code, _) = run(&write_plan("min_fre = \"1GiB\""), night);
+    assert_eq!(code, Some(2));
+    let (code, _) = run(&plan, "yesterday");
+    assert_eq!(code, Some(2));
+}
