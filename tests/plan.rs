@@ -1229,3 +1229,62 @@ fn plan_17_cli_plan_check_prints_tasks_and_exits_0_1_2() {
     let (code, _) = run(&plan, "yesterday");
     assert_eq!(code, Some(2));
 }
+
+#[test]
+fn plan_17_the_documented_plan_file_parses() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/orchestration.md"
+    ))
+    .unwrap();
+    let section = &doc[doc.find("### 3.1 Plan file").unwrap()..];
+    let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+    let text = &section[start..start + section[start..].find("```").unwrap()];
+    let plan = Plan::parse(text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(plan.name, "db");
+    assert_eq!(
+        plan.checks.window.unwrap().0.unwrap().to_string(),
+        "21:30-06:30"
+    );
+    assert_eq!(plan.session.copy_rate, Some(200 << 20));
+    assert_eq!(plan.regions[0].extents.len(), 2);
+    assert_eq!(plan.activities.len(), 2);
+    assert!(plan.activities[0].group);
+    assert_eq!(plan.activities[1].regions, vec!["wal*".to_string()]);
+    assert!(plan.hooks.finally.is_some());
+    assert_eq!(plan.retention.unwrap().keep_monthly, Some(12));
+}
+
+#[test]
+fn hook_02_a_failing_task_post_fails_the_task_and_finally_sees_it() {
+    let r = Rig::new();
+    r.exit("task_post", 100);
+    let body = "[[activity]]\nname = \"data\"\nsources = [\"/dev/vg0/db-a\"]\n";
+    let run = r.run(&r.plan("", "", true, body));
+    assert_eq!(
+        statuses(&run),
+        vec![(RunStatus::Failed, Some(JobReason::HookFailed))]
+    );
+    assert_eq!(
+        r.log(),
+        vec![
+            "plan_pre - running",
+            "task_pre 1 running",
+            "after_cut 1 running",
+            "task_post 1 ok",
+            "finally 1 failed",
+            "plan_post - failed",
+            "finally - failed",
+        ]
+    );
+    // The image of a failed task is not kept: its copy had completed (a completed session
+    // holds nothing and is forgotten with the other ended ones); the result names no session
+    // and the target file is removed.
+    assert!(run.tasks[0].sessions.is_empty());
+    assert!(r
+        .engine()
+        .status()
+        .iter()
+        .all(|s| s.state != SessionState::Active));
+    assert!(!r.target("db-a", 1).exists());
+}

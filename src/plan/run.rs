@@ -462,10 +462,6 @@ impl Runner<'_, '_> {
             Ok(()) => (RunStatus::Ok, None, None),
             Err(f) => (f.status, Some(f.reason), Some(f.error)),
         };
-        let mut post_ctx = self.hook_context(Stage::TaskPost, Some(task));
-        post_ctx.session = held.sessions.first().copied();
-        post_ctx.status = status;
-        post_ctx.error.clone_from(&error);
         for (step, stage, spec) in [
             (Step::TaskPost, Stage::TaskPost, hooks.task_post.as_ref()),
             (Step::Finally, Stage::Finally, hooks.finally.as_ref()),
@@ -474,7 +470,11 @@ impl Runner<'_, '_> {
                 // The target stays locked until the end of task_post (QUI-02).
                 held.locks.clear();
             }
-            let c = post_ctx.for_stage(stage);
+            // Each hook sees the status and error as they are when it starts (HOOK-03).
+            let mut c = self.hook_context(stage, Some(task));
+            c.session = held.sessions.first().copied();
+            c.status = status;
+            c.error.clone_from(&error);
             match self.hook(step, stage, spec, c) {
                 Some((Verdict::Fail, m))
                     if matches!(status, RunStatus::Ok | RunStatus::Warning) =>
