@@ -1288,3 +1288,21 @@ fn hook_02_a_failing_task_post_fails_the_task_and_finally_sees_it() {
         .all(|s| s.state != SessionState::Active));
     assert!(!r.target("db-a", 1).exists());
 }
+
+#[test]
+fn plan_ids_each_have_a_test_named_after_them() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let doc = std::fs::read_to_string(format!("{root}/docs/orchestration.md")).unwrap();
+    let tests = std::fs::read_to_string(format!("{root}/tests/plan.rs")).unwrap();
+    let ids: Vec<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("- PLAN-"))
+        .map(|rest| rest[..2].to_string())
+        .collect();
+    assert_eq!(ids.len(), 18, "PLAN-01..18 in the doc");
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|n| !tests.contains(&format!("fn plan_{n}_")))
+        .collect();
+    assert!(missing.is_empty(), "PLAN ids without a test: {missing:?}");
+}

@@ -889,3 +889,41 @@ pub fn effective_window(plan: &Plan, global: &GlobalConfig) -> Option<Window> {
         None => global.window,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_min_free_parse_bytes_and_percentages() {
+        assert_eq!(Size::parse("64KiB"), Ok(Size(64 << 10)));
+        assert_eq!(Size::parse("200GiB"), Ok(Size(200 << 30)));
+        assert!(Size::parse("ten").is_err());
+        assert_eq!(MinFree::parse("10%"), Ok(MinFree::Percent(10)));
+        assert_eq!(MinFree::parse("1MiB"), Ok(MinFree::Bytes(1 << 20)));
+        assert!(MinFree::parse("101%").is_err());
+        assert_eq!(MinFree::Percent(10).bytes(1000), 100);
+        assert_eq!(MinFree::Percent(100).bytes(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn target_templates_know_their_placeholders() {
+        let t = TargetTemplate::parse("{dest}/{plan}/{source}-{task}.img").unwrap();
+        let out = t.render(|n| format!("<{n}>"));
+        assert_eq!(out, "<dest>/<plan>/<source>-<task>.img");
+        assert!(TargetTemplate::parse("{dest}/{x}.img").is_err());
+        assert!(TargetTemplate::parse("{dest/a").is_err());
+        assert!(TargetTemplate::parse("dest}/a").is_err());
+    }
+
+    #[test]
+    fn a_window_crossing_midnight_is_half_open() {
+        let w = Window::parse("21:30-06:30").unwrap();
+        let t = |h, m| Time::new(h, m, 0, 0).unwrap();
+        assert!(w.contains(t(23, 0)) && w.contains(t(6, 29)) && w.contains(t(21, 30)));
+        assert!(!w.contains(t(6, 30)) && !w.contains(t(12, 0)));
+        let day = Window::parse("08:00-17:00").unwrap();
+        assert!(day.contains(t(8, 0)) && !day.contains(t(17, 0)) && !day.contains(t(7, 59)));
+        assert_eq!(w.to_string(), "21:30-06:30");
+    }
+}
