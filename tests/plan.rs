@@ -1306,3 +1306,47 @@ fn plan_ids_each_have_a_test_named_after_them() {
         .collect();
     assert!(missing.is_empty(), "PLAN ids without a test: {missing:?}");
 }
+
+#[test]
+fn hook_01_command_quiesce_runs_between_task_pre_and_after_cut() {
+    let r = Rig::new();
+    let h = r.hook.display();
+    let body = format!(
+        "[[activity]]\nname = \"data\"\nsources = [\"/dev/vg0/db-a\"]\n\
+         quiesce = {{ mode = \"command\", quiesce_cmd = [\"/bin/sh\", \"{h}\"], \
+         unquiesce_cmd = [\"/bin/sh\", \"{h}\"] }}\n"
+    );
+    let run = r.run(&r.plan("", "", true, &body));
+    assert_eq!(run.status, PlanStatus::Ok, "{:?}", run.error);
+    assert_eq!(
+        r.log(),
+        vec![
+            "plan_pre - running",
+            "task_pre 1 running",
+            "quiesce 1 running",
+            "unquiesce 1 running",
+            "after_cut 1 running",
+            "task_post 1 ok",
+            "finally 1 ok",
+            "plan_post - ok",
+            "finally - ok",
+        ]
+    );
+    // A failing quiesce command fails the task before the cut; unquiesce_cmd still runs.
+    r.exit("quiesce", 100);
+    std::fs::remove_file(&r.log).unwrap();
+    std::fs::remove_file(r.target("db-a", 1)).unwrap();
+    let run = r.run(&r.plan("", "", true, &body));
+    assert_eq!(
+        statuses(&run),
+        vec![(RunStatus::Failed, Some(JobReason::QuiesceFailed))]
+    );
+    assert!(!run.steps().contains(&(Step::Cut, Some(1))));
+    assert_eq!(
+        r.log()[2..4],
+        [
+            "quiesce 1 running".to_string(),
+            "unquiesce 1 running".to_string()
+        ]
+    );
+}
