@@ -37,6 +37,9 @@ mod model;
 pub mod nbd;
 #[cfg(feature = "orchestration")]
 #[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
+pub mod plan;
+#[cfg(feature = "orchestration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
 pub mod quiesce;
 mod session;
 mod state;

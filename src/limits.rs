@@ -93,3 +93,12 @@ pub const EVERY_COUNT_MAX: u32 = 1_000_000;
 pub const CALENDAR_LOOKBACK_DAYS_MAX: i64 = 3660;
 /// Most occurrences of one event one scheduler pass decides; the rest wait for the next pass.
 pub const OCCURRENCES_PER_EVENT_MAX: usize = 10_000;
+
+/// Most tasks one plan expands into (PLAN-05); a plan that would make more is refused.
+pub const TASKS_PER_PLAN_MAX: usize = 1000;
+/// Most directory entries the expansion of one plan's source patterns reads.
+pub const SOURCE_WALK_ENTRIES_MAX: usize = 100_000;
+/// Longest plan, region or activity name (they become parts of file and group names).
+pub const PLAN_NAME_BYTES_MAX: usize = 48;
+/// Most jobs of one plan at once (`max_jobs`).
+pub const JOBS_PER_PLAN_MAX: u32 = 999;

@@ -410,6 +410,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Plans (docs/orchestration.md, section 3.1).
+    Plan {
+        /// What to do with a plan.
+        #[command(subcommand)]
+        cmd: PlanCmd,
+    },
     /// Run the fault-injection crash-state enumerator (needs the `fault` feature).
     #[cfg_attr(not(feature = "fault"), command(hide = true))]
     Crashtest {
@@ -445,5 +451,29 @@ pub enum Command {
         /// Copy rate.
         #[arg(long, value_parser = args::rate, default_value = "8MiB")]
         rate: u64,
+    },
+}
+
+/// `timezero plan ...`.
+#[derive(Debug, Subcommand)]
+pub enum PlanCmd {
+    /// Parse a plan, expand it into tasks and run the plan checks (backups allowed, window,
+    /// destination, target names, space) for an instant; print the tasks. Runs no hook,
+    /// quiesces nothing, creates and establishes nothing. Exit 0 when the checks pass (or
+    /// the job would be skipped), 1 when one fails, 2 for a plan file that does not parse.
+    Check {
+        /// The plan file, or the name of a plan in STATE/plans (NAME.toml).
+        plan: PathBuf,
+        /// The instant to check for: RFC 3339 (`2026-12-24T20:00:00Z`), with a zone
+        /// (`2026-12-24T20:00[Europe/Berlin]`), `now`, or `+DURATION` (`+2h`).
+        #[arg(long, default_value = "now")]
+        at: String,
+        /// The state directory holding timezero.toml and plans/ (default: $TIMEZERO_STATE,
+        /// else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }

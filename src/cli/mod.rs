@@ -4,12 +4,13 @@
 mod args;
 mod command_line;
 mod demo;
+mod plan;
 mod serve;
 mod terminal;
 
 pub use crate::command::{check_volume, execute, Remote};
 pub use args::parse_extent;
-pub use command_line::{BackendArg, Cli, Command, IoFlags};
+pub use command_line::{BackendArg, Cli, Command, IoFlags, PlanCmd};
 use serve::{check_listen, serve};
 use terminal::{
     interrupt_flag, local_or_remote, not_regular, remote_only, write_input, Local, Sink,
@@ -487,6 +488,15 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             demo::run(keep, seed)?;
             String::new()
         }
+        Command::Plan {
+            cmd:
+                PlanCmd::Check {
+                    plan: file,
+                    at,
+                    state,
+                    json,
+                },
+        } => plan::check(&file, &at, state, json, &mut out)?,
         Command::RecoveryProbe { table } => crate::bench::recovery_probe(&table)? + "\n",
         Command::Workload { table, seed, rate } => {
             demo::workload(&table, seed, rate)?;

@@ -1,0 +1,125 @@
+//! `timezero plan check`: parse, expand and check a plan for an instant, print the tasks
+//! (PLAN-17). Nothing is run, quiesced, created or established.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use jiff::{SignedDuration, Timestamp, Zoned};
+
+use super::Fail;
+use crate::command::output::json;
+use crate::plan::{self, CheckInput, CheckOutcome, FsFinder, GlobalConfig, Plan};
+use crate::store::{BackupDay, JobId};
+
+/// The state directory: `--state`, else `$TIMEZERO_STATE`, else `/var/lib/timezero`.
+fn state_dir(state: Option<PathBuf>) -> PathBuf {
+    state
+        .or_else(|| std::env::var_os("TIMEZERO_STATE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/timezero"))
+}
+
+/// `--at`: `now`, `+DURATION`, an RFC 3339 instant, or a zoned date-time.
+fn parse_at(text: &str, now: Timestamp) -> Result<Timestamp, Fail> {
+    let t = text.trim();
+    if t == "now" {
+        return Ok(now);
+    }
+    if let Some(d) = t.strip_prefix('+') {
+        let d: SignedDuration = d
+            .parse()
+            .map_err(|_| Fail::Usage(format!("--at '{text}': '+{d}' is no duration (+2h)")))?;
+        return now
+            .checked_add(d)
+            .map_err(|_| Fail::Usage(format!("--at '{text}' is out of range")));
+    }
+    t.parse::<Timestamp>()
+        .or_else(|_| t.parse::<Zoned>().map(|z| z.timestamp()))
+        .map_err(|_| {
+            Fail::Usage(format!(
+                "--at '{text}' is not now, +DURATION, RFC 3339 or DATE-TIME[ZONE]"
+            ))
+        })
+}
+
+/// Run `plan check` and write its report to `out`; a failed check is exit 1.
+pub(super) fn check(
+    file: &Path,
+    at: &str,
+    state: Option<PathBuf>,
+    as_json: bool,
+    out: &mut dyn Write,
+) -> Result<String, Fail> {
+    let state = state_dir(state);
+    let path = if file.exists() || file.components().count() > 1 {
+        file.to_path_buf()
+    } else {
+        state.join("plans").join(format!("{}.toml", file.display()))
+    };
+    let plan = Plan::load(&path).map_err(|e| Fail::Usage(e.to_string()))?;
+    let global =
+        GlobalConfig::load(&state.join("timezero.toml")).map_err(|e| Fail::Usage(e.to_string()))?;
+    let at = parse_at(at, Timestamp::now())?;
+    // Until the calendar names it, the backup day is the civil date of the instant in the
+    // plan's zone, and the job is j0.
+    let backup_day = BackupDay(at.to_zoned(plan.timezone.clone()).date());
+    let report = plan::check(
+        &plan,
+        &CheckInput {
+            global: &global,
+            at,
+            finder: &FsFinder,
+            job: JobId(0),
+            backup_day,
+        },
+    );
+    let text = if as_json {
+        json(&report)?
+    } else {
+        let mut s = format!(
+            "plan {} ({}), at {}: {}\n",
+            plan.name,
+            path.display(),
+            at.to_zoned(plan.timezone.clone()),
+            match report.outcome {
+                CheckOutcome::Pass => "pass".to_string(),
+                CheckOutcome::Skip(r) => format!("skip ({r})"),
+                CheckOutcome::Fail(r) => format!("FAIL ({r})"),
+            }
+        );
+        for p in &report.problems {
+            s += &format!("  problem: {p}\n");
+        }
+        for t in &report.tasks {
+            match &t.skip {
+                Some(skip) => {
+                    s += &format!(
+                        "  task {} [{}] {}: skipped, {skip}\n",
+                        t.index, t.activity, t.pattern
+                    );
+                }
+                None => {
+                    let region = t
+                        .region
+                        .as_deref()
+                        .map(|r| format!(" region {r}"))
+                        .unwrap_or_default();
+                    for src in &t.sources {
+                        s += &format!(
+                            "  task {} [{}] {}{region} -> {}\n",
+                            t.index,
+                            t.activity,
+                            src.source.path,
+                            src.target.display()
+                        );
+                    }
+                }
+            }
+        }
+        s
+    };
+    let _ = out.write_all(text.as_bytes());
+    match report.outcome {
+        CheckOutcome::Pass | CheckOutcome::Skip(_) => Ok(String::new()),
+        CheckOutcome::Fail(r) => Err(Fail::Message(format!("plan check failed: {r}"))),
+    }
+}
