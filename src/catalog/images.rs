@@ -264,7 +264,7 @@ impl<'e> ImageReader<'e> {
                 let vol_err = |source| CatalogError::Volume {
                     op: "read",
                     locator: locator.clone(),
-                    source,
+                    source: Box::new(source),
                 };
                 let total: u64 = extents.iter().map(|e| e.len).sum();
                 crate::check_range(offset, buf.len() as u64, total, "image").map_err(vol_err)?;

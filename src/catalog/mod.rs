@@ -59,9 +59,9 @@ pub enum CatalogError {
     Engine {
         /// What was being done.
         op: &'static str,
-        /// The engine's error.
+        /// The engine's error (boxed: the crate's error is large).
         #[source]
-        source: crate::Error,
+        source: Box<crate::Error>,
     },
     /// No image with this id.
     #[error("image {0} does not exist")]
@@ -123,9 +123,9 @@ pub enum CatalogError {
         op: &'static str,
         /// The volume's locator.
         locator: String,
-        /// The error.
+        /// The error (boxed: the crate's error is large).
         #[source]
-        source: crate::Error,
+        source: Box<crate::Error>,
     },
     /// A file operation failed (removing an expired image's target).
     #[error("{op} {path}: {source}")]
@@ -169,7 +169,10 @@ pub enum CatalogError {
 
 impl CatalogError {
     pub(crate) fn engine(op: &'static str) -> impl FnOnce(crate::Error) -> CatalogError {
-        move |source| CatalogError::Engine { op, source }
+        move |source| CatalogError::Engine {
+            op,
+            source: Box::new(source),
+        }
     }
 
     pub(crate) fn state(image: ImageId, found: ImageStateKind, needed: &'static str) -> Self {
@@ -225,7 +228,7 @@ impl Volumes for FileVolumes {
             .map_err(|source| CatalogError::Volume {
                 op: "open",
                 locator: locator.to_string(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -246,7 +249,7 @@ impl Volumes for FileVolumes {
             crate::sync_dir(dir).map_err(|source| CatalogError::Volume {
                 op: "sync directory of",
                 locator: locator.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         }
         Ok(true)

@@ -190,13 +190,13 @@ pub fn reconcile_decide(
                     });
                 }
             }
-            (ImageStateKind::Expired, CopyMode::NoCopy) if this_table => {
-                if status.is_some_and(|s| s.state.is_live()) {
-                    out.push(ReconcileAction::Withdraw {
-                        image: image.id,
-                        session: image.session,
-                    });
-                }
+            (ImageStateKind::Expired, CopyMode::NoCopy)
+                if this_table && status.is_some_and(|s| s.state.is_live()) =>
+            {
+                out.push(ReconcileAction::Withdraw {
+                    image: image.id,
+                    session: image.session,
+                });
             }
             _ => {}
         }

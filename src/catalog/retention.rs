@@ -66,6 +66,9 @@ pub struct RetentionDecision {
     pub expire: Vec<ImageId>,
 }
 
+/// The period of an image's backup day a rule keeps one image of: (year, month or week, day).
+type Period = fn(&ImageRecord) -> (i32, i32, i32);
+
 /// Choose the images retention expires (pure; see the module's rules).
 ///
 /// # Errors
@@ -92,7 +95,7 @@ pub fn choose_expired(
     let mut out = RetentionDecision::default();
     for (_, mut group) in groups {
         // Newest first.
-        group.sort_by(|a, b| (b.t0_unix_ms, b.id).cmp(&(a.t0_unix_ms, a.id)));
+        group.sort_by_key(|i| std::cmp::Reverse((i.t0_unix_ms, i.id)));
         let mut rules: Vec<Vec<KeepRule>> = vec![Vec::new(); group.len()];
         for (idx, r) in rules.iter_mut().enumerate().take(keep.last as usize) {
             debug_assert!(idx < group.len());
@@ -114,10 +117,10 @@ pub fn choose_expired(
             let d = i.backup_day.0;
             (i32::from(d.year()), i32::from(d.month()), 0)
         };
-        let periods: [(u32, KeepRule, &dyn Fn(&ImageRecord) -> (i32, i32, i32)); 3] = [
-            (keep.daily, KeepRule::Daily, &day),
-            (keep.weekly, KeepRule::Weekly, &week),
-            (keep.monthly, KeepRule::Monthly, &month),
+        let periods: [(u32, KeepRule, Period); 3] = [
+            (keep.daily, KeepRule::Daily, day),
+            (keep.weekly, KeepRule::Weekly, week),
+            (keep.monthly, KeepRule::Monthly, month),
         ];
         for (n, rule, period) in periods {
             let mut seen = HashSet::new();
