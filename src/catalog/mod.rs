@@ -5,7 +5,7 @@
 //! - [`images`]: image rows inserted `Incomplete` at the cut with the engine's facts copied in
 //!   (CAT-01), made `Valid` with their checksums (CAT-01, CAT-03), listed and shown (CAT-02),
 //!   read and verified (CAT-03);
-//! - [`reconcile`]: `Valid` images checked against the engine's sessions and their targets as
+//! - [`reconcile`](mod@reconcile): `Valid` images checked against the engine's sessions and their targets as
 //!   they are now (CAT-04), and half-done expiries finished (CAT-05);
 //! - [`retention`]: the pure choice of the images retention expires, and the two steps of an
 //!   expiry (CAT-05);
