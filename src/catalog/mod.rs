@@ -40,8 +40,9 @@ pub use images::{
 };
 pub use reconcile::{reconcile, reconcile_decide, EngineView, ReconcileAction, ReconcileReport};
 pub use restore::{
-    choose, dest_is_live_source, restore_pieces, run_copy_restore, start_copy_restore, stream,
-    Pick, RestoreMethod, RestorePiece, StreamOptions, StreamProgress, StreamReport,
+    choose, dest_is_live_source, plan_restore, restore_pieces, run_copy_restore,
+    start_copy_restore, stream, Pick, RestoreMethod, RestorePiece, RestorePlan, StreamOptions,
+    StreamProgress, StreamReport,
 };
 pub use retention::{
     choose_expired, expire, finish_expiry, mark_expired, Finished, Keep, KeepRule,

@@ -201,6 +201,39 @@ impl RestoreMethod {
     }
 }
 
+/// What a restore will do: the image, the pieces it reads, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestorePlan {
+    /// The image (always `Valid`).
+    pub image: ImageRecord,
+    /// The pieces, in image order.
+    pub pieces: Vec<RestorePiece>,
+    /// A copy session or a stream.
+    pub method: RestoreMethod,
+}
+
+/// Plan a restore (CAT-06..CAT-08): [`choose`] the image, narrow it with [`restore_pieces`],
+/// and pick the method for `dest` (a locator) from the engine's `status`.
+///
+/// # Errors
+/// As [`choose`] and [`restore_pieces`].
+pub fn plan_restore(
+    store: &dyn Store,
+    status: &[SessionStatus],
+    pick: &Pick,
+    dest: &str,
+    narrow: &[(u64, u64)],
+) -> Result<RestorePlan, CatalogError> {
+    let image = choose(store, pick)?;
+    let pieces = restore_pieces(&image, narrow)?;
+    let method = RestoreMethod::of(&image, dest_is_live_source(status, dest));
+    Ok(RestorePlan {
+        image,
+        pieces,
+        method,
+    })
+}
+
 /// Establish the copy session of a copy image's restore (CAT-07): from `image_target` (the
 /// image's target, attached) to `dest` (attached), the pieces' extents reversed, the image's
 /// grain. Run it with [`run_copy_restore`].

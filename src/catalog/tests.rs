@@ -918,10 +918,16 @@ fn cat_07_copy_restore_reverses_the_extents_and_resumes_after_kill() {
         .unwrap();
     let (dest_vol, dest) = m.volume(MemVolume::new("dest", 4 * MIB as usize));
 
-    let image = restore::choose(&m.store, &Pick::Image(b.image)).unwrap();
-    let live = dest_is_live_source(&m.engine.status(), "mem:dest");
-    assert_eq!(RestoreMethod::of(&image, live), RestoreMethod::CopySession);
-    let pieces = restore_pieces(&image, &[]).unwrap();
+    let plan = plan_restore(
+        &m.store,
+        &m.engine.status(),
+        &Pick::Image(b.image),
+        "mem:dest",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(plan.method, RestoreMethod::CopySession);
+    let (image, pieces) = (plan.image, plan.pieces);
     let r = start_copy_restore(&m.engine, &image, &pieces, tgt, dest).unwrap();
     let st = m.engine.status();
     let st = st.iter().find(|s| s.id == r).unwrap();
@@ -983,11 +989,16 @@ fn cat_08_in_place_restore_streams_through_the_engine_and_keeps_other_sessions_t
         })
         .unwrap();
 
-    let image = restore::choose(&m.store, &Pick::Image(b.image)).unwrap();
-    let live = dest_is_live_source(&m.engine.status(), "mem:src");
-    assert!(live);
-    assert_eq!(RestoreMethod::of(&image, live), RestoreMethod::Stream);
-    let pieces = restore_pieces(&image, &[]).unwrap();
+    let plan = plan_restore(
+        &m.store,
+        &m.engine.status(),
+        &Pick::Image(b.image),
+        "mem:src",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(plan.method, RestoreMethod::Stream);
+    let (image, pieces) = (plan.image, plan.pieces);
     let reader = ImageReader::open(&image, &m.volumes, Some(&m.engine)).unwrap();
     let opts = StreamOptions {
         buffers: 3,
