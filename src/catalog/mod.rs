@@ -204,10 +204,22 @@ pub trait Volumes: Send + Sync + std::fmt::Debug {
 
 /// File volumes by path (`FileVolume`, opened with the options given); removal unlinks the
 /// file and syncs its directory.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FileVolumes {
-    /// How files are opened. Default = buffered, read-write.
+    /// How files are opened. Default = buffered, read-only: the catalog reads targets (for
+    /// checksums, verify, reconcile and a streamed restore) and never writes them.
     pub options: FileVolumeOptions,
+}
+
+impl Default for FileVolumes {
+    fn default() -> Self {
+        FileVolumes {
+            options: FileVolumeOptions {
+                read_only: true,
+                ..FileVolumeOptions::default()
+            },
+        }
+    }
 }
 
 impl Volumes for FileVolumes {
