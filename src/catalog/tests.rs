@@ -1149,3 +1149,38 @@ fn cat_10_a_restore_releases_what_it_held() {
     let report = stream(&m.engine, &reader, dest, &pieces, 0, &opts, &mut |_| Ok(())).unwrap();
     assert_eq!(report.buffers_returned, 2);
 }
+
+#[test]
+fn cat_05_reconcile_never_removes_a_file_a_valid_image_names() {
+    // The same file (same identity) is the target of an expired image and of a valid one.
+    let mut expired = row(1, 1000, "20270101", "mem:src");
+    expired.state = ImageState::Expired;
+    let mut valid = row(2, 2000, "20270102", "mem:src");
+    valid.target = expired.target.clone();
+    let info = crate::VolumeInfo {
+        id: expired.target.id,
+        size: expired.target.size,
+        sector_size: 512,
+        generation: expired.target.generation,
+        locator: expired.target.locator.clone(),
+    };
+    let targets = std::collections::HashMap::from([(info.locator.clone(), Some(info))]);
+    let view = EngineView {
+        table: Path::new("mem-table"),
+        status: &[],
+        decisions: &[],
+    };
+    let both = [expired.clone(), valid];
+    assert_eq!(reconcile_decide(&both, &view, &targets), []);
+    // Alone, the expired image's file is removed.
+    assert_eq!(
+        reconcile_decide(&[expired.clone()], &view, &targets),
+        [ReconcileAction::RemoveTarget {
+            image: expired.id,
+            locator: expired.target.locator.clone()
+        }]
+    );
+    // Nothing at the locator: nothing to remove.
+    let gone = std::collections::HashMap::from([(expired.target.locator.clone(), None)]);
+    assert_eq!(reconcile_decide(&[expired], &view, &gone), []);
+}
