@@ -11,6 +11,9 @@ mod bitmap;
 #[cfg(feature = "orchestration")]
 #[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
 pub mod calendar;
+#[cfg(feature = "orchestration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
+pub mod catalog;
 #[cfg(feature = "cli")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
 pub mod cli;

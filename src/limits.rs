@@ -76,6 +76,21 @@ pub const QUIESCE_MOUNTS_MAX: usize = 64;
 /// up with SQLite's "database is locked" (`PRAGMA busy_timeout`).
 pub const STORE_BUSY_TIMEOUT_MS: u64 = 10_000;
 
+/// Bytes covered by one checksum of a catalog image (CAT-03: CRC32 per MiB).
+pub const IMAGE_CHECKSUM_BLOCK_BYTES: u64 = 1 << 20;
+/// Buffers in a restore stream's ring by default (CAT-09).
+pub const RESTORE_RING_BUFFERS_DEFAULT: usize = 8;
+/// Bytes of each buffer of a restore stream's ring by default (CAT-09).
+pub const RESTORE_BUFFER_BYTES_DEFAULT: usize = 4 << 20;
+/// Most buffers a restore stream's ring may have.
+pub const RESTORE_RING_BUFFERS_MAX: usize = 256;
+/// Largest buffer of a restore stream's ring.
+pub const RESTORE_BUFFER_BYTES_MAX: usize = 64 << 20;
+/// Bytes a restore stream writes between two checkpoints by default (CAT-08).
+pub const RESTORE_CHECKPOINT_BYTES_DEFAULT: u64 = 256 << 20;
+/// Grains one batch of a restore's copy session copies before its bits are committed (CAT-07).
+pub const RESTORE_COPY_BATCH_GRAINS: u64 = 64;
+
 const _: () = assert!(GRAIN_MIN_BYTES.is_power_of_two() && GRAIN_MAX_BYTES.is_power_of_two());
 const _: () =
     assert!(GRAIN_MIN_BYTES <= GRAIN_DEFAULT_BYTES && GRAIN_DEFAULT_BYTES <= GRAIN_MAX_BYTES);
@@ -86,6 +101,10 @@ const _: () = assert!(HOOK_KILL_GRACE_SECS <= HOOK_KILL_GRACE_MAX_SECS);
 const _: () = assert!(QUIESCE_STATUS_INTERVAL_DEFAULT_SECS < QUIESCE_GRACE_SECS);
 const _: () = assert!(QUIESCE_TIMEOUT_DEFAULT_SECS <= QUIESCE_TIMEOUT_MAX_SECS);
 const _: () = assert!(COPY_BATCH_BYTES_MAX >= GRAIN_MAX_BYTES as u64);
+const _: () = assert!(RESTORE_RING_BUFFERS_DEFAULT <= RESTORE_RING_BUFFERS_MAX);
+const _: () = assert!(RESTORE_BUFFER_BYTES_DEFAULT <= RESTORE_BUFFER_BYTES_MAX);
+const _: () =
+    assert!(RESTORE_CHECKPOINT_BYTES_DEFAULT.is_multiple_of(RESTORE_BUFFER_BYTES_DEFAULT as u64));
 /// Largest `N` in `every N UNIT from TIME`.
 pub const EVERY_COUNT_MAX: u32 = 1_000_000;
 /// How far back the calendar looks for a cron schedule's last occurrence (the NEWDAY that

@@ -9,8 +9,8 @@ use jiff::Timestamp;
 
 use super::ms::to_ms;
 use super::records::{
-    EventRow, HookResult, HookRunKey, HookRunRecord, ImageRecord, ImageState, ImageStateKind,
-    Intent, IntentOutcome, JobProgress, JobRecord, JobState, JobStateKind, Lease,
+    EventRow, HookResult, HookRunKey, HookRunRecord, ImageChecksums, ImageRecord, ImageState,
+    ImageStateKind, Intent, IntentOutcome, JobProgress, JobRecord, JobState, JobStateKind, Lease,
     OccurrenceOutcome, OccurrenceRow, ScheduleRow, TaskRecord, TaskStatus,
 };
 use super::{BackupDay, EventId, ImageId, IntentId, JobId, LeaseId, StoreError};
@@ -130,6 +130,14 @@ pub enum Change {
         from: ImageStateKind,
         /// Its new state.
         to: ImageState,
+    },
+    /// Record an image's checksums (CAT-03), in the transaction that makes it `Valid`.
+    /// Precondition: the image exists and is `Incomplete`.
+    SetImageChecksums {
+        /// The image.
+        image: ImageId,
+        /// Its checksums.
+        checksums: ImageChecksums,
     },
     /// Insert or replace a schedule. Precondition: with `replace` it exists, without it does
     /// not.
@@ -530,6 +538,19 @@ pub(crate) fn apply(tx: &mut impl Tx, index: usize, change: Change) -> Result<()
                 )));
             }
             i.state = to;
+            tx.put_image(&i, false)
+        }
+        Change::SetImageChecksums { image, checksums } => {
+            let mut i = tx
+                .image(image)?
+                .ok_or_else(|| conflict(format!("image {image} does not exist")))?;
+            if i.state.kind() != ImageStateKind::Incomplete {
+                return Err(conflict(format!(
+                    "image {image} is {}, not incomplete",
+                    i.state.kind().as_str()
+                )));
+            }
+            i.checksums = Some(checksums);
             tx.put_image(&i, false)
         }
         Change::PutSchedule { schedule, replace } => {

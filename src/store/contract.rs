@@ -155,6 +155,7 @@ fn image(id: u64, job: u64, plan: &str, source: &str, t0: u64, d: &str) -> Image
             },
         ],
         state: ImageState::Incomplete,
+        checksums: None,
     }
 }
 
@@ -573,13 +574,35 @@ pub(super) fn store_07_image_states_change_only_from_the_named_state(store: &dyn
         to: ImageState::Expired,
     }]));
     assert!(what.contains("incomplete"), "{what}");
+    // Checksums go in with the change to Valid, and only while the image is incomplete.
+    let sums = ImageChecksums {
+        algorithm: ChecksumAlgorithm::Crc32,
+        block_bytes: 1 << 20,
+        image_bytes: 3 << 20,
+        sums: vec![1, 0xdead_beef, u32::MAX],
+    };
     store
-        .commit(vec![Change::SetImageState {
-            image: ImageId(1),
-            from: ImageStateKind::Incomplete,
-            to: ImageState::Valid,
-        }])
+        .commit(vec![
+            Change::SetImageChecksums {
+                image: ImageId(1),
+                checksums: sums.clone(),
+            },
+            Change::SetImageState {
+                image: ImageId(1),
+                from: ImageStateKind::Incomplete,
+                to: ImageState::Valid,
+            },
+        ])
         .unwrap();
+    assert_eq!(
+        store.image(ImageId(1)).unwrap().unwrap().checksums,
+        Some(sums.clone())
+    );
+    let (_, what) = conflict_at(store.commit(vec![Change::SetImageChecksums {
+        image: ImageId(1),
+        checksums: sums,
+    }]));
+    assert!(what.contains("not incomplete"), "{what}");
     let lost = ImageState::Lost {
         why: "session terminated".to_string(),
         engine: Some(Reason::new(ReasonCode::VolumeMissing, "/backup/db/1.img")),

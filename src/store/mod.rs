@@ -42,10 +42,11 @@ mod sqlite_tests;
 pub use change::{Change, ImageQuery, JobQuery, OccurrenceQuery, Toggle};
 pub use mem::MemStore;
 pub use records::{
-    EventKind, EventRow, HookResult, HookRunKey, HookRunRecord, HookStage, ImageRecord, ImageState,
-    ImageStateKind, Intent, IntentAction, IntentOutcome, JobKind, JobProgress, JobReason,
-    JobRecord, JobState, JobStateKind, JobStatus, Lease, OccurrenceOutcome, OccurrenceRow, Phase,
-    ScheduleRow, TaskRecord, TaskStatus, TaskStep, WaitReason,
+    ChecksumAlgorithm, EventKind, EventRow, HookResult, HookRunKey, HookRunRecord, HookStage,
+    ImageChecksums, ImageRecord, ImageState, ImageStateKind, Intent, IntentAction, IntentOutcome,
+    JobKind, JobProgress, JobReason, JobRecord, JobState, JobStateKind, JobStatus, Lease,
+    OccurrenceOutcome, OccurrenceRow, Phase, ScheduleRow, TaskRecord, TaskStatus, TaskStep,
+    WaitReason,
 };
 pub use sqlite::SqliteStore;
 

@@ -686,6 +686,32 @@ pub struct ImageRecord {
     pub extents: Vec<ExtentSpec>,
     /// Its state.
     pub state: ImageState,
+    /// Checksums of the image's bytes, when they were computed at the end of its copy (CAT-03);
+    /// rows written before the field existed read as `None`.
+    #[serde(default)]
+    pub checksums: Option<ImageChecksums>,
+}
+
+/// The checksum algorithm of [`ImageChecksums`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChecksumAlgorithm {
+    /// CRC-32 (IEEE 802.3, polynomial 0x04C11DB7 reflected), as `crc32fast` computes it.
+    Crc32,
+}
+
+/// Checksums of an image's bytes (its extents end to end, in image order), one per block of
+/// `block_bytes` (the last block may be shorter) (CAT-03).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageChecksums {
+    /// The algorithm.
+    pub algorithm: ChecksumAlgorithm,
+    /// Bytes per checksum (1 MiB).
+    pub block_bytes: u64,
+    /// Bytes covered: the image's length.
+    pub image_bytes: u64,
+    /// One checksum per block, in image order.
+    pub sums: Vec<u32>,
 }
 
 /// A schedule: a recurrence expression in a zone, as the calendar layer reads it (3.3).
