@@ -1,6 +1,7 @@
 //! Model-based test of the engine.
 //!
-//! Goal: under any sequence of establish / group establish / source write / target write / image
+//! Goal: under any sequence of establish (copy, no-copy, incremental) / group establish / refresh
+//! / source write / target write / image
 //! read / copy step / withdraw / group withdraw / convert / crash-and-reopen on in-memory volumes, every active session's image equals
 //! a trivially correct reference model (a full copy of the source extents taken at establish,
 //! changed only by writes that land on the session's target).
@@ -39,6 +40,12 @@ enum Op {
         grain_shift: u8,
         ext: Vec<(u64, u64, u64)>,
         nocopy: bool,
+        /// Record changes (taken only for copy sessions).
+        incremental: bool,
+    },
+    /// A new T0 for an incremental session (with its group, if it has one).
+    Refresh {
+        sess: usize,
     },
     Write {
         vol: usize,
@@ -82,8 +89,9 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        2 => (0..NVOL, 0..NVOL, 12u8..15, proptest::collection::vec((0u64..32, 0u64..32, 1u64..6), 1..3), any::<bool>())
-            .prop_map(|(src, tgt, grain_shift, ext, nocopy)| Op::Establish { src, tgt, grain_shift, ext, nocopy }),
+        2 => (0..NVOL, 0..NVOL, 12u8..15, proptest::collection::vec((0u64..32, 0u64..32, 1u64..6), 1..3), any::<bool>(), any::<bool>())
+            .prop_map(|(src, tgt, grain_shift, ext, nocopy, incremental)| Op::Establish { src, tgt, grain_shift, ext, nocopy, incremental }),
+        1 => (0usize..8).prop_map(|sess| Op::Refresh { sess }),
         6 => (0..NVOL, 0u64..VOL as u64, 1u64..20000, any::<u64>()).prop_map(|(vol, off, len, seed)| Op::Write { vol, off, len, seed }),
         2 => (0usize..8, 0u64..VOL as u64, 1u64..20000, any::<u64>()).prop_map(|(sess, off, len, seed)| Op::TargetWrite { sess, off, len, seed }),
         3 => (0usize..8, 0u64..VOL as u64, 1u64..30000).prop_map(|(sess, off, len)| Op::Read { sess, off, len }),
@@ -191,6 +199,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 grain_shift,
                 ext,
                 nocopy,
+                incremental,
             } => {
                 // A completed session's image is its (now independent) target volume; the model
                 // does not follow copies another session would make into that volume, so it
@@ -223,7 +232,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     } else {
                         CopyMode::Copy
                     },
-                    incremental: false,
+                    incremental: incremental && !nocopy,
                 };
                 // The reference is the image read from the model's idea of the source: the
                 // volume's current bytes (all writes go through the engine).
@@ -389,7 +398,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         } else {
                             CopyMode::Copy
                         },
-                        incremental: false,
+                        // Copy groups at the middle grain size record changes.
+                        incremental: !nocopy && grain_shift == 13,
                     })
                     .collect();
                 // One T0: every source as it is now.
@@ -453,6 +463,48 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 for id in live {
                     prop_assert_eq!(e.session(id).unwrap().state(), SessionState::Withdrawn);
+                }
+            }
+            Op::Refresh { sess } => {
+                let Some((id, _, _)) = m.sessions.get(sess) else {
+                    continue;
+                };
+                let s = e.session(*id).unwrap();
+                let members: Vec<usize> = match &s.desc.group {
+                    Some(g) => m
+                        .groups
+                        .iter()
+                        .find(|(n, _)| n == g)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default(),
+                    None => vec![sess],
+                };
+                let before: Vec<Vec<u8>> = vols.iter().map(|v| snapshot(v)).collect();
+                let r = match &s.desc.group {
+                    Some(g) => e.refresh_group(g).map(|_| ()),
+                    None => e.refresh(*id).map(|_| ()),
+                };
+                match r {
+                    Ok(()) => {
+                        // Every member's image is now its source as it is.
+                        for i in members {
+                            let (mid, r, live) = &mut m.sessions[i];
+                            prop_assert!(*live, "a refreshed session the model had ended");
+                            let ms = e.session(*mid).unwrap();
+                            let src = ids.iter().position(|v| *v == ms.desc.source.id).unwrap();
+                            r.clear();
+                            for x in &ms.desc.extents {
+                                r.extend_from_slice(
+                                    &before[src][x.source_offset as usize
+                                        ..(x.source_offset + x.len) as usize],
+                                );
+                            }
+                        }
+                    }
+                    Err(
+                        Error::NotIncremental(_) | Error::NotActive { .. } | Error::UnknownGroup(_),
+                    ) => {}
+                    Err(x) => return Err(TestCaseError::fail(format!("refresh: {x}"))),
                 }
             }
             Op::Convert { sess } => {
@@ -581,6 +633,7 @@ fn model_checker_catches_a_skipped_flush() {
             grain_shift: 12,
             ext: vec![(0, 0, 4)],
             nocopy: true,
+            incremental: false,
         },
         Op::Write {
             vol: 0,
