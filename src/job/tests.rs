@@ -1,0 +1,1 @@
+//! Tests of the job layer, named after the behaviour ids of docs/orchestration.md ("Jobs").
