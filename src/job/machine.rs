@@ -280,21 +280,20 @@ pub fn step(job: &JobRecord, event: Event) -> (Vec<Change>, Vec<Action>) {
             ),
             Vec::new(),
         ),
-        (JobState::Queued { .. } | JobState::WaitingForRetry { .. }, Event::Newday { ending, at, .. })
-            if job.backup_day <= ending =>
-        {
-            (
-                to(
-                    JobState::Canceled {
-                        reason: JobReason::Newday,
-                    },
-                    job.attempt,
-                    job.owner.clone(),
-                    at,
-                ),
-                Vec::new(),
-            )
-        }
+        (
+            JobState::Queued { .. } | JobState::WaitingForRetry { .. },
+            Event::Newday { ending, at, .. },
+        ) if job.backup_day <= ending => (
+            to(
+                JobState::Canceled {
+                    reason: JobReason::Newday,
+                },
+                job.attempt,
+                job.owner.clone(),
+                at,
+            ),
+            Vec::new(),
+        ),
         (JobState::Active { phase }, Event::Newday { ending, abort, .. })
             if job.backup_day <= ending =>
         {
@@ -339,13 +338,20 @@ fn ended(
 ) -> Vec<Change> {
     let owner = job.owner.clone();
     match outcome {
-        JobOutcome::Canceled { reason } => to(JobState::Canceled { reason }, job.attempt, owner, at),
+        JobOutcome::Canceled { reason } => {
+            to(JobState::Canceled { reason }, job.attempt, owner, at)
+        }
         JobOutcome::Done {
             status: JobStatus::Failed,
             reason: Some(reason),
         } if retryable(&reason) && retry.started_in_window < retry.backup_attempts => {
             let due = at.saturating_add(retry.delay).unwrap_or(Timestamp::MAX);
-            to(JobState::WaitingForRetry { at: due }, job.attempt, owner, at)
+            to(
+                JobState::WaitingForRetry { at: due },
+                job.attempt,
+                owner,
+                at,
+            )
         }
         JobOutcome::Done { status, reason } => {
             to(JobState::Done { status, reason }, job.attempt, owner, at)

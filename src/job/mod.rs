@@ -134,11 +134,7 @@ impl Limits {
     pub fn limit_of(&self, r: &Resource) -> u32 {
         match r {
             Resource::Global => self.max_jobs,
-            Resource::Plan(p) => self
-                .plans
-                .get(p)
-                .copied()
-                .unwrap_or(self.max_jobs_per_plan),
+            Resource::Plan(p) => self.plans.get(p).copied().unwrap_or(self.max_jobs_per_plan),
             Resource::Client(c) => self
                 .clients
                 .get(c)

@@ -667,12 +667,11 @@ fn schedule_of(row: ScheduleRow) -> Result<Schedule, JobError> {
         name: row.name.clone(),
         zone: row.zone.clone(),
     })?;
-    let mut s = Schedule::parse(&row.name, &row.expr, zone).map_err(|source| {
-        JobError::Schedule {
+    let mut s =
+        Schedule::parse(&row.name, &row.expr, zone).map_err(|source| JobError::Schedule {
             name: row.name.clone(),
             source,
-        }
-    })?;
+        })?;
     s.enabled = row.enabled;
     Ok(s)
 }

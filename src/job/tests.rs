@@ -40,6 +40,9 @@ fn day(s: &str) -> BackupDay {
 // ---------------------------------------------------------------------------------------------
 // A fake of the plan layer's work.
 
+/// Both ends of the channel that tells a held attempt why it stops.
+type StopChannel = (Sender<JobReason>, Receiver<JobReason>);
+
 /// Work whose outcomes the test scripts per plan (default: success), whose needs the test sets
 /// per plan, and which blocks until stopped for the plans the test holds.
 #[derive(Default)]
@@ -47,7 +50,7 @@ struct FakeWork {
     outcomes: Mutex<HashMap<String, VecDeque<JobOutcome>>>,
     needs: Mutex<HashMap<String, Needs>>,
     held: Mutex<Vec<String>>,
-    stops: Mutex<HashMap<(JobId, u32), (Sender<JobReason>, Receiver<JobReason>)>>,
+    stops: Mutex<HashMap<(JobId, u32), StopChannel>>,
     log: Mutex<Vec<String>>,
 }
 
@@ -72,7 +75,7 @@ impl FakeWork {
         self.held.lock().push(plan.to_string());
     }
 
-    fn stop_channel(&self, job: JobId, attempt: u32) -> (Sender<JobReason>, Receiver<JobReason>) {
+    fn stop_channel(&self, job: JobId, attempt: u32) -> StopChannel {
         self.stops
             .lock()
             .entry((job, attempt))
@@ -445,7 +448,12 @@ fn job_03_a_queued_job_names_what_it_waits_on() {
 
     // Through the scheduler, the reason is in the job's record.
     let r = rig(at("2026-12-01T12:00:00Z"), Limits::default());
-    let ev = setup_calendar(&*r.store, r.clock.now(), &[("h", "0 * * * *")], &[("h", "db", 1)]);
+    let ev = setup_calendar(
+        &*r.store,
+        r.clock.now(),
+        &[("h", "0 * * * *")],
+        &[("h", "db", 1)],
+    );
     r.work
         .set_needs("db", vec![client("dbhost")], Readiness::Ready);
     r.work.hold("db");
@@ -454,7 +462,10 @@ fn job_03_a_queued_job_names_what_it_waits_on() {
     r.clock.advance(mins(60));
     let second = r.sched.tick().unwrap();
     assert_eq!((first.len(), second.len()), (1, 1));
-    assert_eq!(job_of(&*r.store, first[0]).state.kind(), JobStateKind::Active);
+    assert_eq!(
+        job_of(&*r.store, first[0]).state.kind(),
+        JobStateKind::Active
+    );
     // Both jobs are of plan db in one backup day (JOB-12) and on one client.
     assert_eq!(
         job_of(&*r.store, second[0]).state,
@@ -656,9 +667,11 @@ fn job_04_active_on_grant_and_resources_released_whatever_the_end() {
     let j2 = insert_job(&*r.store, ev[0], "b", t + mins(1), "20261201");
     let j3 = insert_job(&*r.store, ev[0], "c", t + mins(2), "20261201");
     for p in ["a", "b", "c"] {
-        r.work.set_needs(p, vec![client("dbhost")], Readiness::Ready);
+        r.work
+            .set_needs(p, vec![client("dbhost")], Readiness::Ready);
     }
-    r.work.script("a", vec![failed(JobReason::Plan("bad".into()))]);
+    r.work
+        .script("a", vec![failed(JobReason::Plan("bad".into()))]);
     r.work.hold("b");
     assert_eq!(r.sched.broker_pass().unwrap(), vec![j1]);
     assert_eq!(job_of(&*r.store, j1).state.kind(), JobStateKind::Active);
@@ -837,11 +850,17 @@ fn job_07_a_failed_job_retries_after_the_delay_with_the_same_id() {
     ));
     assert!(matches!(
         &retry(3, JobReason::TargetBusy)[..],
-        [Change::Transition { to: JobState::Done { .. }, .. }]
+        [Change::Transition {
+            to: JobState::Done { .. },
+            ..
+        }]
     ));
     assert!(matches!(
         &retry(1, JobReason::BackupsDisabled)[..],
-        [Change::Transition { to: JobState::Done { .. }, .. }]
+        [Change::Transition {
+            to: JobState::Done { .. },
+            ..
+        }]
     ));
 }
 
@@ -892,9 +911,27 @@ fn job_09_recovery_resumes_past_the_cut_and_fails_before_it() {
             index: 0,
             step: TaskStep::Copy,
         };
-        force(&store, before, JobState::Active { phase: pre }, Some("dead"), start);
-        force(&store, after, JobState::Active { phase: copy }, Some("dead"), start);
-        force(&store, alive_job, JobState::Active { phase: pre }, Some("alive"), start);
+        force(
+            &store,
+            before,
+            JobState::Active { phase: pre },
+            Some("dead"),
+            start,
+        );
+        force(
+            &store,
+            after,
+            JobState::Active { phase: copy },
+            Some("dead"),
+            start,
+        );
+        force(
+            &store,
+            alive_job,
+            JobState::Active { phase: pre },
+            Some("alive"),
+            start,
+        );
         (before, after, alive_job)
         // The store is dropped here: the daemon is gone.
     };
@@ -943,7 +980,10 @@ fn job_09_recovery_resumes_past_the_cut_and_fails_before_it() {
         [Change::Transition {
             to: JobState::Done {
                 status: JobStatus::Failed,
-                reason: Some(JobReason::DaemonRestarted(Phase::Task { index: 0, step: TaskStep::Pre }))
+                reason: Some(JobReason::DaemonRestarted(Phase::Task {
+                    index: 0,
+                    step: TaskStep::Pre
+                }))
             },
             ..
         }]
@@ -1205,7 +1245,11 @@ fn cal_19_exactly_once_across_restarts_at_random_points() {
         setup_calendar(
             &store,
             start,
-            &[("q", "*/20 * * * *"), ("h", "0 * * * *"), ("eve", "0 20 * * *")],
+            &[
+                ("q", "*/20 * * * *"),
+                ("h", "0 * * * *"),
+                ("eve", "0 20 * * *"),
+            ],
             &[("q", "a", 1), ("h", "b", 1), ("eve", "b", 5), ("h", "c", 0)],
         );
     }
