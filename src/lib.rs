@@ -35,6 +35,9 @@ pub mod fault;
 #[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
 pub mod hook;
 mod ids;
+#[cfg(feature = "orchestration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]
+pub mod job;
 pub mod limits;
 mod model;
 pub mod nbd;

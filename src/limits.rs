@@ -119,5 +119,42 @@ pub const TASKS_PER_PLAN_MAX: usize = 1000;
 pub const SOURCE_WALK_ENTRIES_MAX: usize = 100_000;
 /// Longest plan, region or activity name (they become parts of file and group names).
 pub const PLAN_NAME_BYTES_MAX: usize = 48;
-/// Most jobs of one plan at once (`max_jobs`).
+
+// The job layer (docs/orchestration.md, "Jobs"; the `[limits]` table of timezero.toml).
+
+/// Default most jobs active at once (`max_jobs`, the `global` resource).
+pub const JOBS_MAX_DEFAULT: u32 = 16;
+/// Most jobs active at once that `max_jobs` may allow.
+pub const JOBS_MAX_MAX: u32 = 999;
+/// Default most active jobs of one plan ("max jobs per policy", JOB-02).
+pub const JOBS_PER_PLAN_DEFAULT: u32 = 999;
+/// Largest "max jobs per policy" (the smallest is 1).
 pub const JOBS_PER_PLAN_MAX: u32 = 999;
+/// Default most active jobs of one client ("max jobs per client", JOB-02).
+pub const JOBS_PER_CLIENT_DEFAULT: u32 = 1;
+/// Default most active jobs writing to one destination (the storage unit).
+pub const JOBS_PER_DESTINATION_DEFAULT: u32 = 999;
+/// Default most active jobs on one activity table.
+pub const JOBS_PER_TABLE_DEFAULT: u32 = 999;
+/// Default delay before a failed job is queued again (`job_retry_delay`, JOB-07).
+pub const JOB_RETRY_DELAY_DEFAULT_MINS: u32 = 10;
+/// Shortest `job_retry_delay`.
+pub const JOB_RETRY_DELAY_MIN_MINS: u32 = 1;
+/// Longest `job_retry_delay`.
+pub const JOB_RETRY_DELAY_MAX_MINS: u32 = 60;
+/// Default attempts of one plan within `attempt_window` (`backup_attempts`, JOB-07).
+pub const BACKUP_ATTEMPTS_DEFAULT: u32 = 2;
+/// Most `backup_attempts`.
+pub const BACKUP_ATTEMPTS_MAX: u32 = 99;
+/// Default window in which attempts are counted (`attempt_window`, JOB-07).
+pub const ATTEMPT_WINDOW_DEFAULT_HOURS: u32 = 12;
+/// Longest `attempt_window` (one week).
+pub const ATTEMPT_WINDOW_MAX_HOURS: u32 = 168;
+/// Most scheduler passes one tick runs before it leaves the rest to the next tick (a pass ends
+/// early only when it conflicts with another instance or decides more than
+/// `OCCURRENCES_PER_EVENT_MAX` occurrences of one event).
+pub const SCHEDULER_PASSES_MAX: usize = 16;
+
+const _: () = assert!(JOB_RETRY_DELAY_MIN_MINS <= JOB_RETRY_DELAY_DEFAULT_MINS);
+const _: () = assert!(JOB_RETRY_DELAY_DEFAULT_MINS <= JOB_RETRY_DELAY_MAX_MINS);
+const _: () = assert!(JOBS_MAX_DEFAULT <= JOBS_MAX_MAX);
