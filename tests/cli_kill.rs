@@ -10,30 +10,13 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use timezero::SessionId;
 use timezero::{Engine, EngineOptions, Outcome};
 
-fn tz() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_timezero"))
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = tz().args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "timezero {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn p(x: &Path) -> &str {
-    x.to_str().unwrap()
-}
+use common::cli::{ok, p, tz};
 
 #[test]
 fn sigkill_during_writes_and_copy_then_resume() {

@@ -6,26 +6,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-fn tz() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_timezero"))
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = tz().args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "timezero {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn p(x: &Path) -> &str {
-    x.to_str().unwrap()
-}
+use common::cli::{ok, p, tz};
 
 const GRAIN: u64 = 64 << 10;
 

@@ -33,29 +33,8 @@ use super::CalendarError;
 use crate::limits::OCCURRENCES_PER_EVENT_MAX;
 use crate::store::{BackupDay, EventId, JobId, Priority};
 
-/// What an event does when it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum EventKind {
-    /// Runs a plan (sesam: a backup task).
-    Plan {
-        /// The plan's name.
-        plan: String,
-    },
-    /// Runs a command.
-    Command {
-        /// The command's name (what makes two command events similar).
-        name: String,
-        /// The program and its arguments.
-        argv: Vec<String>,
-    },
-    /// Maintenance of a destination (sesam: a media event on a drive group).
-    Maintenance {
-        /// The destination.
-        dest: String,
-    },
-    /// The one NEWDAY event: it closes a backup day and opens the next.
-    Newday,
-}
+/// What an event does when it runs: the store's type, as the store records it.
+pub use crate::store::EventKind;
 
 /// The kind part of a similarity key: events of different kinds are never similar (CAL-06).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

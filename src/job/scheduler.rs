@@ -681,12 +681,7 @@ fn event_of(row: EventRow) -> calendar::Event {
         id: row.id,
         name: row.name,
         schedule: row.schedule,
-        kind: match row.kind {
-            EventKind::Plan { plan } => calendar::EventKind::Plan { plan },
-            EventKind::Command { name, argv } => calendar::EventKind::Command { name, argv },
-            EventKind::Maintenance { dest } => calendar::EventKind::Maintenance { dest },
-            EventKind::Newday => calendar::EventKind::Newday,
-        },
+        kind: row.kind,
         priority: row.priority,
         blocking: row.blocking,
         enabled: row.enabled,

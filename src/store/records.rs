@@ -727,8 +727,8 @@ pub struct ScheduleRow {
     pub enabled: bool,
 }
 
-/// What an event starts (CAL-06 groups similar events by it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What an event starts (CAL-06 groups similar events by it; `calendar` adds the similarity).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventKind {
     /// Run a plan.

@@ -58,3 +58,30 @@ pub fn image(e: &Engine, id: timezero::SessionId) -> Vec<u8> {
     e.read_image(id, 0, &mut b).unwrap();
     b
 }
+
+/// Running the `timezero` binary from tests.
+pub mod cli {
+    use std::path::Path;
+    use std::process::Command;
+
+    /// The binary under test.
+    pub fn tz() -> Command {
+        Command::new(env!("CARGO_BIN_EXE_timezero"))
+    }
+
+    /// Run it with `args`; its stdout, after checking it succeeded.
+    pub fn ok(args: &[&str]) -> String {
+        let o = tz().args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "timezero {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// A path as an argument.
+    pub fn p(x: &Path) -> &str {
+        x.to_str().unwrap()
+    }
+}
