@@ -448,7 +448,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let live: Vec<SessionId> = members
                     .iter()
                     .map(|i| m.sessions[*i].0)
-                    .filter(|id| e.session(*id).unwrap().is_live())
+                    .filter(|id| e.session(*id).unwrap().holds_volumes())
                     .collect();
                 match e.withdraw_group(&name) {
                     Ok(got) => {
