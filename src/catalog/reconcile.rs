@@ -3,8 +3,8 @@
 //!
 //! The activity table is the truth about sessions and the volumes are the truth about
 //! targets: a `Valid` copy image whose target changed (identity, generation, size) or vanished,
-//! or a `Valid` nocopy image whose session is no longer `Active` (terminated, withdrawn,
-//! suspended, or forgotten by the table), becomes `Lost`, with the engine's [`Reason`] when the
+//! or a `Valid` nocopy image whose session ended (terminated, withdrawn, or forgotten by the
+//! table), becomes `Lost`, with the engine's [`Reason`] when the
 //! engine gave one. An `Expired` image whose target or session is still there has it removed
 //! (a crash between the two steps of an expiry); a file is removed only when it is still the
 //! expired image's target (same identity) and no `Valid` or `Incomplete` image names it.
@@ -163,7 +163,15 @@ pub fn reconcile_decide(
                         image.session,
                         view.table.display()
                     )),
-                    Some(s) if s.state != SessionState::Active => {
+                    // Ended: its image is gone. A suspended session resumes with its T0 when its
+                    // volume is back, and a completed one (converted to copy) holds its image
+                    // on its target: neither is lost.
+                    Some(s)
+                        if matches!(
+                            s.state,
+                            SessionState::Withdrawn | SessionState::Terminated
+                        ) =>
+                    {
                         Some(format!("session {} is {}", image.session, s.state))
                     }
                     Some(_) => None,

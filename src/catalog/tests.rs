@@ -590,6 +590,62 @@ fn cat_04_reconcile_after_reopen_takes_the_engines_decision() {
     }
 }
 
+#[test]
+fn cat_04_a_suspended_nocopy_session_keeps_its_image_valid() {
+    let m = Mem::new();
+    let (src_vol, src) = m.volume(MemVolume::with_data("src", &pattern(4 * MIB, 6)));
+    let (tgt_vol, tgt) = m.volume(MemVolume::new("tgt", 4 * MIB as usize));
+    let b = m.backup(("db", "20270101"), src, tgt, Vec::new(), CopyMode::NoCopy);
+    let Mem {
+        engine,
+        storage,
+        store,
+        volumes,
+        ..
+    } = m;
+    drop(engine); // kill -9: no close
+                  // Reopened while the target is away: the session is suspended, not ended.
+    let mut r = MapResolver::default();
+    r.add(src_vol.clone());
+    let engine = Engine::open(storage.clone(), &r, EngineOptions::default()).unwrap();
+    assert!(engine
+        .decisions
+        .iter()
+        .any(|d| d.session == b.session && matches!(d.outcome, Outcome::Suspended(_))));
+    let report = reconcile(
+        &store,
+        &engine,
+        Path::new("mem-table"),
+        &engine.decisions,
+        &volumes,
+    )
+    .unwrap();
+    assert!(report.done.is_empty(), "{report:?}");
+    assert_eq!(state(&store, b.image), ImageState::Valid);
+    // The target is back: the session resumes with its T0 and the image is still valid.
+    drop(engine);
+    r.add(tgt_vol);
+    let engine = Engine::open(storage, &r, EngineOptions::default()).unwrap();
+    assert_eq!(
+        engine
+            .status()
+            .iter()
+            .find(|s| s.id == b.session)
+            .unwrap()
+            .state,
+        SessionState::Active
+    );
+    reconcile(
+        &store,
+        &engine,
+        Path::new("mem-table"),
+        &engine.decisions,
+        &volumes,
+    )
+    .unwrap();
+    assert_eq!(state(&store, b.image), ImageState::Valid);
+}
+
 fn row(id: u64, t0: u64, d: &str, source: &str) -> ImageRecord {
     let v = |loc: &str| crate::VolumeRef {
         id: VolumeId::from_parts(id, 1),
