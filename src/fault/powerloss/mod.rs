@@ -294,10 +294,23 @@ impl PowerLossMount {
                     }
                 }
             }
-            // Unmounted: the session thread sees the connection end and returns.
-            s.join().map_err(|e| {
-                Error::io("unmount fuse", self.mountpoint.display().to_string(), 0, e)
-            })?;
+            // Unmounted: the session thread sees the connection end and returns. Its last read
+            // of the FUSE device reports that end as ENODEV (which fuser treats as a clean
+            // end) or, when the kernel aborted the connection while tearing the mount down, as
+            // ECONNABORTED: after our own unmount neither is a failure.
+            match s.join() {
+                Ok(()) => {}
+                Err(e)
+                    if e.raw_os_error() == Some(rustix::io::Errno::CONNABORTED.raw_os_error()) => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        "unmount fuse",
+                        self.mountpoint.display().to_string(),
+                        0,
+                        e,
+                    ))
+                }
+            }
         }
         Ok(())
     }
