@@ -61,27 +61,10 @@ impl EventKind {
     }
 }
 
-/// A calendar event: what starts, on which schedule, at which priority.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    /// Its id.
-    pub id: EventId,
-    /// Its name.
-    pub name: String,
-    /// The name of its schedule.
-    pub schedule: String,
-    /// What it does.
-    pub kind: EventKind,
-    /// 1 (lowest) .. 99 (highest); 0 = always executed (CAL-04).
-    pub priority: Priority,
-    /// A blocking event starts no job: on its days it suppresses similar lower-priority events
-    /// and is recorded `Activated` (CAL-08).
-    pub blocking: bool,
-    /// Off: the event is not looked at (CAL-09).
-    pub enabled: bool,
-    /// Its next occurrence not yet decided (`None`: none left).
-    pub next_due: Option<Timestamp>,
-}
+/// A calendar event: what starts, on which schedule, at which priority (the store's row, as
+/// the store records it: CAL-04 priorities, CAL-08 blocking, CAL-09 enabled, the next
+/// occurrence not yet decided).
+pub use crate::store::EventRow as Event;
 
 /// What became of an occurrence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

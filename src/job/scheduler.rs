@@ -189,7 +189,7 @@ impl Scheduler {
             .into_iter()
             .map(schedule_of)
             .collect::<Result<Vec<_>, _>>()?;
-        let events = self.store.events()?.into_iter().map(event_of).collect();
+        let events = self.store.events()?;
         let occurrences = self
             .store
             .occurrences(&OccurrenceQuery::default())?
@@ -674,19 +674,6 @@ fn schedule_of(row: ScheduleRow) -> Result<Schedule, JobError> {
         })?;
     s.enabled = row.enabled;
     Ok(s)
-}
-
-fn event_of(row: EventRow) -> calendar::Event {
-    calendar::Event {
-        id: row.id,
-        name: row.name,
-        schedule: row.schedule,
-        kind: row.kind,
-        priority: row.priority,
-        blocking: row.blocking,
-        enabled: row.enabled,
-        next_due: row.next_due,
-    }
 }
 
 fn occurrence_of(row: OccurrenceRow) -> calendar::Occurrence {
