@@ -131,6 +131,58 @@ impl AtomicBitmap {
             .sum()
     }
 
+    /// Clear bits `start..start+count`; returns how many were set before.
+    pub fn clear_range(&self, start: u64, count: u64) -> u64 {
+        self.word_masks(start, count)
+            .map(|(wi, mask)| {
+                let old = self.words[wi].fetch_and(!mask, Ordering::AcqRel);
+                u64::from((old & mask).count_ones())
+            })
+            .sum()
+    }
+
+    /// Make this bitmap a copy of `src` (same length), kept only where `mask` (same length)
+    /// is set, when given; returns how many bits are set. Not atomic as a whole: the caller
+    /// excludes concurrent setters of all three.
+    pub fn assign(&self, src: &AtomicBitmap, mask: Option<&AtomicBitmap>) -> u64 {
+        let mut n = 0;
+        for (i, w) in self.words.iter().enumerate() {
+            let mut v = src.words.get(i).map_or(0, |x| x.load(Ordering::Acquire));
+            if let Some(m) = mask {
+                v &= m.words.get(i).map_or(0, |x| x.load(Ordering::Acquire));
+            }
+            w.store(v, Ordering::Release);
+            n += u64::from(v.count_ones());
+        }
+        n
+    }
+
+    /// First set bit at or after `from`.
+    #[must_use]
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        let mut i = from;
+        while i < self.len {
+            let wi = (i / 64) as usize;
+            let w = self.words[wi].load(Ordering::Acquire) & (u64::MAX << (i % 64));
+            if w != 0 {
+                let bit = (wi as u64) * 64 + u64::from(w.trailing_zeros());
+                return (bit < self.len).then_some(bit);
+            }
+            i = (wi as u64 + 1) * 64;
+        }
+        None
+    }
+
+    /// Length of the run of set bits starting at `from`, at most `max`.
+    #[must_use]
+    pub fn set_run(&self, from: u64, max: u64) -> u64 {
+        let mut n = 0;
+        while n < max && from + n < self.len && self.get(from + n) {
+            n += 1;
+        }
+        n
+    }
+
     /// Clear every bit.
     pub fn clear_all(&self) {
         for w in &self.words {
@@ -232,6 +284,44 @@ mod tests {
                 let all = (s..s + c).all(|i| model[i as usize]);
                 prop_assert_eq!(b.all_set(s, c), all);
             }
+        }
+
+        /// `clear_range`, `assign`, `next_set` and `set_run` against a vector of booleans.
+        #[test]
+        fn clear_assign_and_runs_match_model(
+            len in 1u64..300,
+            set in proptest::collection::vec((0u64..300, 0u64..80), 0..10),
+            mask in proptest::collection::vec((0u64..300, 0u64..80), 0..10),
+            clear in proptest::collection::vec((0u64..300, 0u64..80), 0..10),
+        ) {
+            let fill = |ops: &[(u64, u64)]| {
+                let b = AtomicBitmap::new(len);
+                let mut m = vec![false; len as usize];
+                for &(s, c) in ops {
+                    b.set_range(s, c);
+                    for i in s..(s + c).min(len) { m[i as usize] = true; }
+                }
+                (b, m)
+            };
+            let (src, src_m) = fill(&set);
+            let (msk, msk_m) = fill(&mask);
+            let dst = AtomicBitmap::new(len);
+            dst.set_all();
+            let want: Vec<bool> = (0..len as usize).map(|i| src_m[i] && msk_m[i]).collect();
+            prop_assert_eq!(dst.assign(&src, Some(&msk)), want.iter().filter(|x| **x).count() as u64);
+            let mut model = want;
+            for (s, c) in clear {
+                let was = (s..(s + c).min(len)).filter(|i| model[*i as usize]).count() as u64;
+                for i in s..(s + c).min(len) { model[i as usize] = false; }
+                prop_assert_eq!(dst.clear_range(s, c), was);
+            }
+            for from in 0..len {
+                let next = (from..len).find(|i| model[*i as usize]);
+                prop_assert_eq!(dst.next_set(from), next);
+                let run = (from..len).take_while(|i| model[*i as usize]).take(9).count() as u64;
+                prop_assert_eq!(dst.set_run(from, 9), run);
+            }
+            prop_assert_eq!(dst.assign(&src, None), src.count_ones());
         }
     }
 }

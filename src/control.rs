@@ -115,6 +115,11 @@ enum WireError {
         state: SessionState,
     },
     NotIncremental(SessionId),
+    Reversing {
+        id: SessionId,
+        pending: u64,
+        what: String,
+    },
     Suspended {
         id: SessionId,
         target_role: bool,
@@ -169,6 +174,11 @@ impl WireError {
             Error::UnknownSession(id) => WireError::UnknownSession(*id),
             Error::UnknownVolume(v) => WireError::UnknownVolume(v.clone()),
             Error::NotIncremental(id) => WireError::NotIncremental(*id),
+            Error::Reversing { id, pending, what } => WireError::Reversing {
+                id: *id,
+                pending: *pending,
+                what: what.clone(),
+            },
             Error::NotActive { id, state } => WireError::NotActive {
                 id: *id,
                 state: *state,
@@ -244,6 +254,7 @@ impl WireError {
             WireError::UnknownSession(id) => Error::UnknownSession(id),
             WireError::UnknownVolume(v) => Error::UnknownVolume(v),
             WireError::NotIncremental(id) => Error::NotIncremental(id),
+            WireError::Reversing { id, pending, what } => Error::Reversing { id, pending, what },
             WireError::NotActive { id, state } => Error::NotActive { id, state },
             WireError::Suspended {
                 id,

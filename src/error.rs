@@ -319,6 +319,21 @@ pub enum Error {
         "session {0} records no changes (establish it with --incremental to refresh it later)"
     )]
     NotIncremental(SessionId),
+    /// A reverse restore of the session is moving its image back to its source: what would
+    /// change the source's restored view or the image it is restored from waits until the
+    /// restore ends (writes to its target, withdraw, refresh, another reverse or establish
+    /// on its volumes).
+    #[error(
+        "session {id} is restoring its source (reverse restore, {pending} grains to go): {what}          waits until it ends (`timezero copy` finishes it)"
+    )]
+    Reversing {
+        /// The session.
+        id: SessionId,
+        /// Grains still to move back when refused.
+        pending: u64,
+        /// What was refused.
+        what: String,
+    },
     /// The session is suspended: one of its volumes cannot be found or opened. Writes that
     /// would need copy-before-write for it, its image reads and its background copy wait until
     /// the volume is back with the same identity and the session resumes.

@@ -140,11 +140,12 @@ impl SessionDesc {
             .sum()
     }
 
-    /// Bytes of bitmaps a checkpoint holds for the session at most: the copied bitmap, and the
-    /// change map of an incremental session.
+    /// Bytes of bitmaps a checkpoint holds for the session at most: the copied bitmap, the
+    /// restore map of a reverse restore (reserved at establish, so that a reverse never needs
+    /// room the table lacks), and the change map of an incremental session.
     #[must_use]
     pub fn bitmap_bytes(&self) -> u64 {
-        self.grains().div_ceil(8) * (1 + u64::from(self.incremental))
+        self.grains().div_ceil(8) * (2 + u64::from(self.incremental))
     }
 }
 
@@ -197,6 +198,26 @@ pub enum Entry {
         /// The new T0, ms since the Unix epoch.
         t0_unix_ms: u64,
     },
+    /// A reverse restore began: the session's source is to hold its image again. The grains
+    /// to move back (the restore map) follow from the session's state where this entry stands
+    /// in the journal: for a live session its copied grains (for an incremental one, those
+    /// also marked changed); for a completed one the grains marked changed (incremental) or
+    /// all. Grains of ended extents are not restored. From here, reads of the source through
+    /// the engine take those grains from the target until they are moved back.
+    Reverse {
+        /// Session.
+        session: SessionId,
+    },
+    /// Grains `start..start+count` of a reverse restore are back on the source (their data is
+    /// durable there): they leave the restore map.
+    Restored {
+        /// Session.
+        session: SessionId,
+        /// First grain.
+        start: u64,
+        /// Number of grains.
+        count: u64,
+    },
     /// One extent of a session ended while the rest goes on.
     EndExtent {
         /// Session.
@@ -234,4 +255,6 @@ pub struct SessionImage {
     /// The change map of an incremental session, as `bitmap`; empty when the session is not
     /// incremental or has ended (a completed incremental session keeps it).
     pub changed: Vec<u8>,
+    /// The restore map of a reverse restore in progress, as `bitmap`; empty when none is.
+    pub pending: Vec<u8>,
 }

@@ -84,6 +84,7 @@ fn huge_ended_session_in_checkpoint_is_refused_not_allocated() {
         bitmap: Vec::new(),
         t0_unix_ms: 0,
         changed: Vec::new(),
+        pending: Vec::new(),
     };
     let r = open(table_with_checkpoint(&[img], 6));
     assert!(r.is_err(), "a checkpoint over the bitmap budget opened");

@@ -36,7 +36,7 @@ use crate::limits::{
 };
 
 /// Format version written by this build.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Superblock magic.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"TZTBLSB\0";
@@ -531,6 +531,10 @@ const E_FORGET: u8 = 6;
 const E_SETCHANGED: u8 = 7;
 
 const E_REFRESH: u8 = 8;
+/// Entry kind: a reverse restore began.
+const E_REVERSE: u8 = 9;
+/// Entry kind: grains of a reverse restore are back on the source.
+const E_RESTORED: u8 = 10;
 
 fn put_reason(w: &mut Writer, r: &Reason) {
     w.u16(r.code.code());
@@ -617,6 +621,20 @@ impl Entry {
                 w.u64(session.0);
                 w.u64(*t0_unix_ms);
             }
+            Entry::Reverse { session } => {
+                w.u8(E_REVERSE);
+                w.u64(session.0);
+            }
+            Entry::Restored {
+                session,
+                start,
+                count,
+            } => {
+                w.u8(E_RESTORED);
+                w.u64(session.0);
+                w.u64(*start);
+                w.u64(*count);
+            }
         }
     }
 
@@ -685,6 +703,14 @@ impl Entry {
                     session: SessionId(r.u64()?),
                     t0_unix_ms: r.u64()?,
                 },
+                E_REVERSE => Entry::Reverse {
+                    session: SessionId(r.u64()?),
+                },
+                E_RESTORED => Entry::Restored {
+                    session: SessionId(r.u64()?),
+                    start: r.u64()?,
+                    count: r.u64()?,
+                },
                 k => return Err(r.bad("entry_kind", u64::from(k))),
             };
             out.push(e);
@@ -728,6 +754,9 @@ pub fn encode_checkpoint(
         w.u64(s.t0_unix_ms);
         w.u64(s.changed.len() as u64);
         w.bytes(&s.changed);
+        // Version 5: the restore map of a reverse restore.
+        w.u64(s.pending.len() as u64);
+        w.bytes(&s.pending);
     }
     let mut b = w.buf;
     let payload_len = (b.len() - CHECKPOINT_HEADER_BYTES) as u64;
@@ -847,6 +876,16 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
         let changed = r
             .take(usize::try_from(clen).unwrap_or(usize::MAX))?
             .to_vec();
+        let plen = r.u64()?;
+        if plen != 0 && plen != want {
+            return Err(r.bad("pending_len", plen));
+        }
+        if plen > r.remaining() as u64 {
+            return Err(Corruption::Truncated { what: WHAT });
+        }
+        let pending = r
+            .take(usize::try_from(plen).unwrap_or(usize::MAX))?
+            .to_vec();
         sessions.push(SessionImage {
             desc,
             state,
@@ -856,6 +895,7 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
             bitmap,
             t0_unix_ms,
             changed,
+            pending,
         });
     }
     if r.remaining() != 0 {

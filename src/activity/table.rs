@@ -665,6 +665,8 @@ impl Table {
                 | Entry::EndExtent { session, .. }
                 | Entry::SetChanged { session, .. }
                 | Entry::Refresh { session, .. }
+                | Entry::Reverse { session }
+                | Entry::Restored { session, .. }
                 | Entry::Forget { session } => {
                     if !sessions.contains_key(session)
                         && !batch
@@ -920,7 +922,9 @@ pub(super) fn apply(
         | Entry::SetMode { session, .. }
         | Entry::EndExtent { session, .. }
         | Entry::SetChanged { session, .. }
-        | Entry::Refresh { session, .. } => {
+        | Entry::Refresh { session, .. }
+        | Entry::Reverse { session }
+        | Entry::Restored { session, .. } => {
             let s = sessions.get(session).ok_or(Corruption::Field {
                 what: "journal entry",
                 field: "session",

@@ -288,6 +288,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reverse restore: make the session's source hold its image again. Through timezero
+    /// (`serve`'s exports, a process linking the library) the source reads as the image as
+    /// soon as this returns; the grains that differ move back in the background (`copy`, or
+    /// --wait here). Only grains that may differ move: those copied since T0, or, for a
+    /// completed session, those marked changed (every grain when changes were not recorded).
+    /// Other sessions on the source keep their T0.
+    Reverse {
+        /// The table.
+        table: PathBuf,
+        /// Session id.
+        session: SessionId,
+        /// Move every grain back before returning (the source file is then the image by
+        /// itself).
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an ended session (completed, withdrawn, terminated) from the table, or with
     /// --ended every ended session; active and suspended sessions are refused. (An establish
     /// that needs room forgets the oldest ended sessions on its own; `status` lists them.)

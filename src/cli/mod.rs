@@ -277,6 +277,19 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             };
             local_or_remote(&table, cmd, io, &mut Local::default())?
         }
+        Command::Reverse {
+            table,
+            session,
+            wait,
+            json,
+        } => {
+            let cmd = Remote::Reverse {
+                session: session.0,
+                wait,
+                json,
+            };
+            local_or_remote(&table, cmd, io, &mut Local::default())?
+        }
         Command::Forget {
             table,
             session,

@@ -111,6 +111,17 @@ pub enum Remote {
         #[serde(default)]
         json: bool,
     },
+    /// `reverse`: the session's source holds its image again.
+    Reverse {
+        /// The session.
+        session: u64,
+        /// Move every grain back before returning.
+        #[serde(default)]
+        wait: bool,
+        /// JSON output.
+        #[serde(default)]
+        json: bool,
+    },
     /// `withdraw --group`: end every live session of a consistency group in one commit.
     WithdrawGroup {
         /// The group's name.
@@ -353,6 +364,36 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
                 json(&o)
             } else {
                 Ok(o.iter().map(output::RefreshOut::text).collect())
+            }
+        }
+        Remote::Reverse {
+            session,
+            wait,
+            json: as_json,
+        } => {
+            let id = SessionId(*session);
+            let r = e.reverse(id)?;
+            let s = e.session(id)?;
+            if *wait {
+                e.restore_all(id)?;
+            }
+            let o = output::ReverseOut {
+                session: id.to_string(),
+                source: s.desc.source.locator.clone(),
+                grains_to_restore: r.grains_to_restore.get(),
+                bytes_to_restore: r.bytes_to_restore,
+            };
+            if *as_json {
+                json(&o)
+            } else if *wait {
+                Ok(format!(
+                    "{}{}: restored; {} holds the image\n",
+                    o.text(),
+                    o.session,
+                    o.source
+                ))
+            } else {
+                Ok(o.text())
             }
         }
         Remote::WithdrawGroup {
@@ -719,7 +760,7 @@ fn copy(
     as_json: bool,
     io: &mut dyn Channel,
 ) -> Result<String> {
-    if let Some(id) = session {
+    if let Some(id) = session.filter(|id| e.session(*id).is_ok_and(|s| !s.reversing())) {
         let s = e.session(id)?;
         let state = s.status().state;
         if state == SessionState::Completed {

@@ -175,6 +175,8 @@ pub struct SessionOut {
     pub incremental: bool,
     /// Grains marked changed since T0 (incremental sessions).
     pub grains_changed: u64,
+    /// Grains a reverse restore still has to move back to the source (0: none in progress).
+    pub grains_to_restore: u64,
 }
 
 impl SessionOut {
@@ -219,7 +221,34 @@ impl SessionOut {
             group: s.group.clone(),
             incremental: s.incremental,
             grains_changed: s.grains_changed.get(),
+            grains_to_restore: s.grains_to_restore.get(),
         }
+    }
+}
+
+/// `reverse`: what the reverse restore moves back.
+#[derive(Debug, Serialize)]
+pub struct ReverseOut {
+    /// `s1`.
+    pub session: String,
+    /// The source that holds the image again.
+    pub source: String,
+    /// Grains to move back from the target.
+    pub grains_to_restore: u64,
+    /// Their bytes.
+    pub bytes_to_restore: u64,
+}
+
+impl ReverseOut {
+    /// `s1: /dev/x holds the image again (through timezero); 3 grains (192 KiB) to move back`.
+    pub fn text(&self) -> String {
+        format!(
+            "{}: {} reads as the image now through timezero; {} grains ({}) to move back\n",
+            self.session,
+            self.source,
+            self.grains_to_restore,
+            format_size(self.bytes_to_restore)
+        )
     }
 }
 
@@ -378,6 +407,13 @@ impl StatusOut {
             }
             if s.incremental {
                 let _ = write!(out, "  incremental, {} grains changed", s.grains_changed);
+            }
+            if s.grains_to_restore > 0 {
+                let _ = write!(
+                    out,
+                    "  reverse restore: {} grains to move back",
+                    s.grains_to_restore
+                );
             }
             if let Some(r) = &s.reason {
                 let _ = write!(out, "  reason {r}");

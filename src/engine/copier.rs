@@ -68,6 +68,8 @@ pub struct Progress {
     pub commits: u64,
     /// Copied runs those commits recorded.
     pub runs: u64,
+    /// Grains reverse restores of those sessions still have to move back to their sources.
+    pub grains_to_restore: u64,
 }
 
 /// The spans of grains handed out to workers, per session. A worker reserves a span, copies
@@ -130,6 +132,8 @@ struct Shared {
     events: EventSink,
     /// Sessions a `Completed` event was sent for (each is sent once).
     completed: Mutex<Vec<SessionId>>,
+    /// Sessions a `Reversed` event was sent for (each is sent once).
+    reversed: Mutex<Vec<SessionId>>,
 }
 
 /// What a running copier reports to the callback given to [`Copier::start_with_events`].
@@ -154,6 +158,21 @@ pub enum CopierEvent<'a> {
     /// state is durably `Completed`; its target holds the T0 image by itself. Sent once per
     /// session.
     Completed {
+        /// The session.
+        session: SessionId,
+    },
+    /// `grains` more grains of `session`'s reverse restore (`bytes` bytes) are back on its
+    /// source, durably.
+    Restored {
+        /// The session.
+        session: SessionId,
+        /// Grains moved back.
+        grains: u64,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// The reverse restore of `session` is done: its source holds the image by itself.
+    Reversed {
         /// The session.
         session: SessionId,
     },
@@ -198,6 +217,21 @@ impl Shared {
         self.emit(&CopierEvent::Failed { error: &e });
         self.error.lock().get_or_insert(e);
         self.stop.store(true, Ordering::Release);
+    }
+
+    /// A session's reverse restore was found done: report it the first time.
+    fn reversed(&self, id: SessionId) {
+        let first = {
+            let mut c = self.reversed.lock();
+            let first = !c.contains(&id);
+            if first {
+                c.push(id);
+            }
+            first
+        };
+        if first {
+            self.emit(&CopierEvent::Reversed { session: id });
+        }
     }
 
     /// A session was found complete: report it the first time.
@@ -394,6 +428,7 @@ impl Copier {
             rate: Mutex::new((opts.rate_bytes_per_s.unwrap_or(0), started, 0)),
             events,
             completed: Mutex::new(Vec::new()),
+            reversed: Mutex::new(Vec::new()),
             opts,
         });
         let workers = (0..shared.opts.threads)
@@ -432,12 +467,13 @@ impl Copier {
     /// Current progress.
     #[must_use]
     pub fn progress(&self) -> Progress {
-        let (mut copied, mut total) = (0, 0);
+        let (mut copied, mut total, mut to_restore) = (0, 0, 0);
         for s in self.engine.table().sessions() {
             if !self.shared.opts.sessions.is_empty() && !self.shared.opts.sessions.contains(&s.id())
             {
                 continue;
             }
+            to_restore += s.restore_pending().get();
             let st = s.status();
             if st.mode == CopyMode::Copy
                 && matches!(st.state, SessionState::Active | SessionState::Completed)
@@ -469,6 +505,7 @@ impl Copier {
             done: self.shared.done.load(Ordering::Acquire),
             commits: self.shared.commits.load(Ordering::Relaxed),
             runs: self.shared.runs.load(Ordering::Relaxed),
+            grains_to_restore: to_restore,
         }
     }
 
@@ -516,7 +553,7 @@ fn candidates(engine: &Engine, sh: &Shared) -> Vec<SessionId> {
         .table()
         .sessions()
         .into_iter()
-        .filter(|s| s.is_active() && s.status().mode == CopyMode::Copy)
+        .filter(|s| s.reversing() || (s.is_active() && s.status().mode == CopyMode::Copy))
         .map(|s| s.id())
         .filter(|id| sh.opts.sessions.is_empty() || sh.opts.sessions.contains(id))
         .collect()
@@ -563,6 +600,23 @@ fn worker(engine: &Engine, sh: &Shared) {
                 continue;
             }
         }
+        if s.reversing() {
+            // A reverse restore first: until it ends, the source is not the image by itself.
+            match restore_span(engine, sh, id, grain, batch, rate.map(|r| r.0)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if !sh.spans.lock().wrap(id) {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    if !s.reversing() {
+                        sh.reversed(id);
+                    }
+                }
+                Err(e) => sh.fail(e),
+            }
+            continue;
+        }
         match copy_span(engine, sh, id, grain, batch, rate.map(|r| r.0)) {
             Ok(true) => {}
             Ok(false) => {
@@ -581,6 +635,55 @@ fn worker(engine: &Engine, sh: &Shared) {
             Err(e) => sh.fail(e),
         }
     }
+}
+
+/// Move back one span of a session's reverse restore (each batch is made durable and
+/// recorded by [`Engine::restore_batch`]). Returns false when nothing was left to restore
+/// after the span's start.
+fn restore_span(
+    engine: &Engine,
+    sh: &Shared,
+    id: SessionId,
+    grain: u64,
+    batch: u64,
+    rate: Option<u64>,
+) -> Result<bool> {
+    let commit_bytes = match rate {
+        Some(r) => sh.opts.commit_bytes.min(r / 10).max(batch * grain),
+        None => sh.opts.commit_bytes.max(batch * grain),
+    };
+    let span = (commit_bytes / grain).max(batch);
+    let from = sh.spans.lock().reserve(id, span);
+    let end = from.saturating_add(span);
+    let mut next_from = from;
+    let mut result = Ok(true);
+    while next_from < end && !sh.stop.load(Ordering::Acquire) {
+        let max = GrainCount(batch.min(end - next_from));
+        match engine.restore_batch(id, GrainIndex(next_from), max) {
+            Ok(Some((next, n))) => {
+                if n.get() > 0 {
+                    sh.bytes.fetch_add(n.get() * grain, Ordering::Relaxed);
+                    sh.commits.fetch_add(1, Ordering::Relaxed);
+                    sh.emit(&CopierEvent::Restored {
+                        session: id,
+                        grains: n.get(),
+                        bytes: n.get() * grain,
+                    });
+                }
+                next_from = next.get();
+            }
+            Ok(None) => {
+                result = Ok(false);
+                break;
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    sh.spans.lock().finish(id, next_from);
+    result
 }
 
 /// Copy one span of a session and commit it (one target flush and one table commit for

@@ -15,6 +15,7 @@ use super::{Engine, SessionSpec, VolumeHandle};
 use crate::ids::SessionId;
 use crate::limits::GROUP_NAME_BYTES_MAX;
 use crate::model::{Entry, Reason, ReasonCode, SessionDesc, SessionState, VolumeRef};
+use crate::session::Session;
 use crate::{Error, Result};
 
 #[cfg(feature = "fault")]
@@ -258,6 +259,23 @@ impl Engine {
         let ids = self.live_in_group(name);
         if ids.is_empty() {
             return Err(Error::UnknownGroup(name.to_string()));
+        }
+        let sessions = ids
+            .iter()
+            .map(|id| self.session(*id))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Session> = sessions.iter().map(|s| &**s).collect();
+        let handles = self.handles_of(&refs);
+        let _gates: Vec<_> = handles
+            .iter()
+            .map(|h| {
+                h.gate
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            })
+            .collect();
+        for s in &sessions {
+            super::lifecycle::refuse_reversing(s, "a withdraw of its group")?;
         }
         let reason = Reason::new(
             ReasonCode::Withdrawn,

@@ -226,6 +226,16 @@ impl Engine {
         extents: &[ExtentSpec],
     ) -> Result<()> {
         for s in self.active.load().iter() {
+            let shared = [src.id, tgt.id];
+            if s.reversing()
+                && (shared.contains(&s.desc.source.id) || shared.contains(&s.desc.target.id))
+            {
+                return Err(Error::Reversing {
+                    id: s.id(),
+                    pending: s.restore_pending().get(),
+                    what: "an establish on its volumes".to_string(),
+                });
+            }
             for o in &s.desc.extents {
                 for e in extents {
                     if s.desc.target.id == tgt.id
@@ -312,6 +322,18 @@ impl Engine {
                 state: s.status().state,
             });
         }
+        // With the writers of its volumes held out, as a reverse restore starts: a reverse
+        // and a withdraw of one session never cross.
+        let handles = self.handles_of(&[&s]);
+        let _gates: Vec<_> = handles
+            .iter()
+            .map(|h| {
+                h.gate
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            })
+            .collect();
+        refuse_reversing(&s, "a withdraw")?;
         self.table.commit(vec![Entry::SetState {
             session: id,
             state: SessionState::Withdrawn,
@@ -361,9 +383,24 @@ impl Engine {
     /// Table errors.
     pub fn terminate(&self, id: SessionId, reason: Reason) -> Result<()> {
         let s = self.session(id)?;
-        if !s.is_live() {
+        if !s.is_live() && !s.reversing() {
             return Ok(());
         }
+        // An ended session restores nothing more: say what a reverse restore left undone.
+        let reason = if s.reversing() {
+            Reason::new(
+                reason.code,
+                format!(
+                    "{}; its reverse restore ended with {} grains of {} not moved back (the \
+                     source is partly restored)",
+                    reason.detail,
+                    s.restore_pending().get(),
+                    s.desc.source.locator
+                ),
+            )
+        } else {
+            reason
+        };
         self.table.commit(vec![Entry::SetState {
             session: id,
             state: SessionState::Terminated,
@@ -400,6 +437,18 @@ impl Engine {
         self.refresh_active();
         Ok(true)
     }
+}
+
+/// [`Error::Reversing`] when a reverse restore of `s` is in progress.
+pub(super) fn refuse_reversing(s: &Session, what: &str) -> Result<()> {
+    if s.reversing() {
+        return Err(Error::Reversing {
+            id: s.id(),
+            pending: s.restore_pending().get(),
+            what: what.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Every grain of every extent that has not ended is copied.

@@ -40,6 +40,7 @@ mod image;
 mod lifecycle;
 mod recovery;
 mod refresh;
+mod reverse;
 mod write;
 
 use crate::volume::{open_file_volume, Backend, BACKEND_PREAD};
@@ -51,6 +52,7 @@ pub use image::Image;
 pub use lifecycle::SessionSpec;
 pub use recovery::{Decision, FileResolver, MapResolver, Outcome, RestartPolicy, VolumeResolver};
 pub use refresh::Refreshed;
+pub use reverse::Reversed;
 #[cfg(feature = "fault")]
 pub use write::{
     set_canary_late_change_marks, set_canary_skip_cbw_flush, set_canary_skip_cbw_flush_all_threads,
@@ -205,6 +207,9 @@ pub struct SessionStatus {
     /// Grains marked changed since T0 (incremental sessions; 0 otherwise): what a refresh now
     /// would copy again.
     pub grains_changed: GrainCount,
+    /// Grains a reverse restore ([`Engine::reverse`]) still has to move back to the source
+    /// (0 when none is in progress).
+    pub grains_to_restore: GrainCount,
 }
 
 /// The committed state of a table read without taking it (see [`read_status`]).
@@ -307,6 +312,10 @@ pub struct Engine {
     options: EngineOptions,
     /// Copy-before-write writes in progress (the background copier yields to them).
     cow_inflight: std::sync::atomic::AtomicUsize,
+    /// Sessions in `active` with a reverse restore in progress when it was last stored (it
+    /// may stay above the true count until the next store, never below it while a reverse
+    /// runs): the write and read paths skip every reverse check while it is 0.
+    reversing: std::sync::atomic::AtomicUsize,
     /// The backend of the first file volume this engine opened.
     backend: std::sync::OnceLock<&'static str>,
     /// Identity (device and inode) of the table's file, when the table is a file: it is
@@ -405,6 +414,7 @@ impl Engine {
             groups_change: Mutex::new(()),
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
+            reversing: std::sync::atomic::AtomicUsize::new(0),
             backend: std::sync::OnceLock::new(),
             table_file: None,
             decisions: Vec::new(),
@@ -532,7 +542,16 @@ impl Engine {
             .into_iter()
             .filter(|s| s.holds_volumes())
             .collect();
+        let reversing = v.iter().filter(|s| s.reversing()).count();
         self.active.store(Arc::new(v));
+        self.reversing
+            .store(reversing, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a reverse restore may be in progress (cheap; see `reversing`).
+    #[inline]
+    pub(crate) fn reversing_any(&self) -> bool {
+        self.reversing.load(std::sync::atomic::Ordering::Acquire) > 0
     }
 
     /// Attach a volume so sessions can use it; returns its id. Attaching the same identity again
@@ -649,6 +668,18 @@ impl Engine {
         self.options.file_options.direct
     }
 
+    /// The attached handles of the sessions' volumes (each once, in id order: the order
+    /// gates are taken in); volumes not attached are left out.
+    pub(crate) fn handles_of(&self, sessions: &[&Session]) -> Vec<Arc<VolumeHandle>> {
+        let mut vols: Vec<_> = sessions
+            .iter()
+            .flat_map(|s| [s.desc.source.id, s.desc.target.id])
+            .collect();
+        vols.sort_unstable();
+        vols.dedup();
+        vols.iter().filter_map(|v| self.handle(*v).ok()).collect()
+    }
+
     pub(crate) fn handle(&self, id: VolumeId) -> Result<Arc<VolumeHandle>> {
         self.volumes
             .load()
@@ -706,12 +737,19 @@ impl Engine {
             .collect()
     }
 
-    /// Read from an attached volume directly (no session semantics).
+    /// Read an attached volume as its clients see it: its own bytes, except while a reverse
+    /// restore ([`Engine::reverse`]) is moving a session's image back to it, when the grains
+    /// not yet moved back are read from that session's target. (An image of a session on the
+    /// volume is read with [`Engine::read_image`].)
     ///
     /// # Errors
     /// I/O errors.
     pub fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.handle(vol)?.read_retry(offset, buf)
+        let h = self.handle(vol)?;
+        if self.reversing_any() {
+            return self.read_restoring(&h, offset, buf);
+        }
+        h.read_retry(offset, buf)
     }
 
     /// Make completed writes to a volume durable.
@@ -747,6 +785,7 @@ fn session_status(s: &Session) -> SessionStatus {
         group: s.desc.group.clone(),
         incremental: s.desc.incremental,
         grains_changed: s.changed(),
+        grains_to_restore: s.restore_pending(),
     }
 }
 

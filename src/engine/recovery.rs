@@ -132,6 +132,10 @@ impl Engine {
     pub(super) fn reconcile_all(&self, resolver: &dyn VolumeResolver) -> Result<Vec<Decision>> {
         let mut out = Vec::new();
         for s in self.table.sessions() {
+            if s.reversing() && !s.is_live() {
+                out.push(self.reconcile_reversing(&s, resolver)?);
+                continue;
+            }
             if s.records_changes() && !s.is_live() {
                 let src = self.find_volume(&s.desc.source, resolver);
                 let tgt = self.find_volume(&s.desc.target, resolver);
@@ -259,6 +263,56 @@ impl Engine {
             Outcome::ResumedPartly(ended)
         };
         Ok(Decision::new(id, outcome, was_suspended))
+    }
+
+    /// A completed session whose reverse restore was in progress: attach both volumes when
+    /// they are what it recorded, and the restore goes on; else it cannot (the image it
+    /// restores from, or the volume it restores onto, is gone): end the session with why, and
+    /// say what was left undone.
+    fn reconcile_reversing(
+        &self,
+        s: &Arc<Session>,
+        resolver: &dyn VolumeResolver,
+    ) -> Result<Decision> {
+        let id = s.id();
+        let src = self.find_volume(&s.desc.source, resolver);
+        let tgt = self.find_volume(&s.desc.target, resolver);
+        let problem = match (&src, &tgt) {
+            (Found::Here(a), Found::Here(b)) => {
+                let (si, ti) = (a.info(), b.info());
+                identity_change(ReasonCode::IdentityMismatch, &si, &s.desc.source, "source")
+                    .or_else(|| {
+                        identity_change(ReasonCode::IdentityMismatch, &ti, &s.desc.target, "target")
+                    })
+                    .or_else(|| {
+                        shrunk_extents(s, &s.status().ended, si.size, ti.size)
+                            .into_iter()
+                            .next()
+                            .map(|(_, r)| r)
+                    })
+            }
+            (Found::Missing | Found::Unusable(_), _) => Some(Reason::new(
+                ReasonCode::SourceUnavailable,
+                format!("source {}: {}", s.desc.source.locator, src.why()),
+            )),
+            _ => Some(Reason::new(
+                ReasonCode::TargetUnavailable,
+                format!("target {}: {}", s.desc.target.locator, tgt.why()),
+            )),
+        };
+        if let Some(r) = problem {
+            self.terminate(id, r.clone())?;
+            let r = s.status().reason.unwrap_or(r);
+            return Ok(Decision::new(id, Outcome::Terminated(r), false));
+        }
+        for f in [src, tgt] {
+            if let Found::Here(v) = f {
+                if self.volumes.load().get(&v.info().id).is_none() {
+                    self.attach(v);
+                }
+            }
+        }
+        Ok(Decision::new(id, Outcome::Resumed, false))
     }
 
     /// A completed incremental session: attach its volumes when both are what it recorded (its

@@ -87,6 +87,7 @@ impl Engine {
             if !s.desc.incremental {
                 return Err(Error::NotIncremental(s.id()));
             }
+            super::lifecycle::refuse_reversing(s, "a refresh")?;
             match s.state() {
                 SessionState::Active | SessionState::Completed => Ok(()),
                 state => Err(Error::NotActive { id: s.id(), state }),

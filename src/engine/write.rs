@@ -70,6 +70,19 @@ impl Engine {
     /// [`Error::OutOfRange`], I/O and table errors (the source write is not issued when copying
     /// failed, under [`CopyErrorPolicy::FailWrite`]).
     pub fn write(&self, vol: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_as(vol, offset, data, None)
+    }
+
+    /// [`Engine::write`]; `restoring` names the session whose reverse restore issues this
+    /// write (its grains move back to the source): that session is passed over (its bits are
+    /// set for every grain it restores, and a restore marks nothing changed).
+    pub(super) fn write_as(
+        &self,
+        vol: VolumeId,
+        offset: u64,
+        data: &[u8],
+        restoring: Option<SessionId>,
+    ) -> Result<()> {
         // Borrowed from the loaded snapshot: no reference count shared by every writer of the
         // volume is touched (the snapshot stays alive while `vols` does).
         let vols = self.volumes.load();
@@ -83,16 +96,29 @@ impl Engine {
                 format!("{} bytes exceeds the per-request limit", data.len()),
             ));
         }
-        let _gate = h
-            .gate
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let len = data.len() as u64;
+        let _gate = loop {
+            if restoring.is_none() && self.reversing_any() {
+                // Grains a reverse restore still maps move back before anything lands on them.
+                self.restore_first(vol, offset, len)?;
+            }
+            let gate = h
+                .gate
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !self.reversing_any() || !self.reverse_blocks(vol, offset, len, restoring)? {
+                break gate;
+            }
+        };
         let active = self.active.load();
         let mut work: Vec<(Arc<Session>, u64, u64)> = Vec::new();
         // Grains of incremental sessions this write changes first (their marks are durable
         // before the write is issued).
         let mut marks: Vec<(Arc<Session>, u64, u64)> = Vec::new();
         for s in active.iter() {
+            if restoring == Some(s.id()) {
+                continue;
+            }
             let state = s.state();
             let live = state.is_live();
             let recording = s.desc.incremental && (live || state == SessionState::Completed);
@@ -100,7 +126,6 @@ impl Engine {
                 continue;
             }
             // No allocation: this loop runs for every write, most of which find nothing to do.
-            let len = data.len() as u64;
             let as_source = (s.desc.source.id == vol).then(|| s.map.source_pieces(offset, len));
             let as_target = (s.desc.target.id == vol).then(|| s.map.target_pieces(offset, len));
             for p in as_source

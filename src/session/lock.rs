@@ -34,7 +34,6 @@ impl RangeLock {
     }
 
     /// Hold `start..end` if nothing overlapping is held.
-    #[cfg(test)]
     pub fn try_lock(&self, start: u64, end: u64) -> Option<RangeGuard<'_>> {
         self.try_acquire(start, end).then_some(RangeGuard {
             lock: self,

@@ -95,8 +95,17 @@ pub struct Session {
     changed: AtomicBitmap,
     /// The current T0 (the establish's, or the last refresh's), ms since the Unix epoch.
     t0_unix_ms: AtomicU64,
+    /// The restore map of a reverse restore: grains whose image data is still to move back to
+    /// the source (allocated at the first reverse). Bits only clear during a reverse, each
+    /// after its grain is durable on the source.
+    pending: std::sync::OnceLock<AtomicBitmap>,
+    /// Set bits of `pending` (0 = no reverse in progress).
+    pending_count: AtomicU64,
     /// Grain locks (image grain indices).
     pub(crate) locks: RangeLock,
+    /// Grain locks of the reverse restore (taken before any volume gate or grain lock: a
+    /// grain is restored once, and no write lands on the source before it is).
+    pub(crate) restore_locks: RangeLock,
 }
 
 impl Session {
@@ -122,7 +131,10 @@ impl Session {
             state: AtomicU8::new(SessionState::Active.code()),
             ended_any: AtomicBool::new(false),
             copied: AtomicU64::new(0),
+            pending: std::sync::OnceLock::new(),
+            pending_count: AtomicU64::new(0),
             locks: RangeLock::default(),
+            restore_locks: RangeLock::default(),
         }
     }
 
@@ -174,6 +186,20 @@ impl Session {
             .store(img.state == SessionState::Active, Ordering::Release);
         s.state.store(img.state.code(), Ordering::Release);
         s.t0_unix_ms.store(img.t0_unix_ms, Ordering::Release);
+        if !img.pending.is_empty() {
+            if img.pending.len() as u64 != img.desc.grains().div_ceil(8)
+                || !(img.state.is_live() || img.state == SessionState::Completed)
+            {
+                return Err(Corruption::Field {
+                    what: "checkpoint",
+                    field: "pending",
+                    value: img.pending.len() as u64,
+                });
+            }
+            let p = AtomicBitmap::from_bytes(img.desc.grains(), &img.pending);
+            s.pending_count.store(p.count_ones(), Ordering::Release);
+            let _ = s.pending.set(p);
+        }
         Ok(Session {
             bits,
             copied: AtomicU64::new(copied),
@@ -205,6 +231,34 @@ impl Session {
             } else {
                 Vec::new()
             },
+            pending: match self.pending.get() {
+                Some(p) if self.reversing() => p.to_bytes(),
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    /// Whether a reverse restore is in progress: grains remain to move back to the source.
+    #[must_use]
+    #[inline]
+    pub fn reversing(&self) -> bool {
+        self.pending_count.load(Ordering::Acquire) > 0
+    }
+
+    /// Grains a reverse restore still has to move back to the source (0 when none runs).
+    #[must_use]
+    pub fn restore_pending(&self) -> GrainCount {
+        GrainCount(self.pending_count.load(Ordering::Acquire))
+    }
+
+    /// The restore map, while a reverse restore is in progress.
+    #[must_use]
+    #[inline]
+    pub(crate) fn pending_bits(&self) -> Option<&AtomicBitmap> {
+        if self.reversing() {
+            self.pending.get()
+        } else {
+            None
         }
     }
 
@@ -242,7 +296,7 @@ impl Session {
     /// asked to).
     #[must_use]
     pub fn holds_volumes(&self) -> bool {
-        self.is_live() || self.records_changes()
+        self.is_live() || self.records_changes() || self.reversing()
     }
 
     /// Grains marked changed since T0 (incremental sessions; 0 otherwise).
@@ -361,6 +415,13 @@ impl Session {
                 self.active
                     .store(*state == SessionState::Active, Ordering::Release);
                 self.state.store(state.code(), Ordering::Release);
+                if !(state.is_live() || *state == SessionState::Completed) {
+                    // An ended session restores nothing more (its target is no longer held).
+                    if let Some(p) = self.pending.get() {
+                        p.clear_all();
+                    }
+                    self.pending_count.store(0, Ordering::Release);
+                }
             }
             Entry::SetMode { mode, .. } => self.status.lock().mode = *mode,
             Entry::EndExtent { extent, reason, .. } => {
@@ -414,8 +475,55 @@ impl Session {
                 self.state
                     .store(SessionState::Active.code(), Ordering::Release);
             }
+            Entry::Reverse { .. } => self.begin_reverse(),
+            Entry::Restored { start, count, .. } => {
+                if start
+                    .checked_add(*count)
+                    .is_none_or(|end| end > self.desc.grains())
+                {
+                    return Err(Corruption::Field {
+                        what: "journal entry",
+                        field: "restored_range",
+                        value: *start,
+                    });
+                }
+                if let Some(p) = self.pending.get() {
+                    let n = p.clear_range(*start, *count);
+                    self.pending_count.fetch_sub(n, Ordering::AcqRel);
+                }
+            }
             Entry::Establish(_) | Entry::Forget { .. } => {}
         }
         Ok(())
+    }
+
+    /// Fill the restore map as [`Entry::Reverse`] defines it, from the session's state now.
+    fn begin_reverse(&self) {
+        let grains = self.desc.grains();
+        let p = self.pending.get_or_init(|| AtomicBitmap::new(grains));
+        let st = self.status.lock();
+        let mut n = match (st.state, self.desc.incremental) {
+            (SessionState::Completed, true) => p.assign(&self.changed, None),
+            (SessionState::Completed, false) => {
+                p.clear_all();
+                p.set_all()
+            }
+            (_, true) => p.assign(&self.bits, Some(&self.changed)),
+            (_, false) => p.assign(&self.bits, None),
+        };
+        for (i, r) in st.ended.iter().enumerate() {
+            if r.is_none() {
+                continue;
+            }
+            if let Some(piece) = self
+                .map
+                .image_pieces(0, self.map.image_len())
+                .find(|x| x.extent == i)
+            {
+                let (g0, g1) = self.map.grains_of(&piece);
+                n -= p.clear_range(g0, g1 - g0);
+            }
+        }
+        self.pending_count.store(n, Ordering::Release);
     }
 }
