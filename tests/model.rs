@@ -84,6 +84,15 @@ enum Op {
     Convert {
         sess: usize,
     },
+    /// A reverse restore of a session onto its source.
+    Reverse {
+        sess: usize,
+    },
+    /// Move back up to `grains` grains of a reverse restore.
+    RestoreStep {
+        sess: usize,
+        grains: u64,
+    },
     Reopen,
 }
 
@@ -101,6 +110,26 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (proptest::collection::vec((0..NVOL, 0..NVOL, proptest::collection::vec((0u64..32, 0u64..32, 1u64..6), 1..3)), 1..4), 12u8..15, any::<bool>())
             .prop_map(|(pairs, grain_shift, nocopy)| Op::GroupEstablish { pairs, grain_shift, nocopy }),
         1 => (0usize..4).prop_map(|which| Op::GroupWithdraw { which }),
+        2 => (0usize..8).prop_map(|sess| Op::Reverse { sess }),
+        2 => (0usize..8, 1u64..9).prop_map(|(sess, grains)| Op::RestoreStep { sess, grains }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// Operations weighted toward reverse restores: sessions written to, reversed, and their
+/// grains moved back piece by piece among writes, copies, refreshes and reopens.
+fn op_reverse() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => (0..NVOL, 0..NVOL, 12u8..14, proptest::collection::vec((0u64..16, 0u64..16, 4u64..16), 1..3), any::<bool>(), any::<bool>())
+            .prop_map(|(src, tgt, grain_shift, ext, nocopy, incremental)| Op::Establish { src, tgt, grain_shift, ext, nocopy, incremental }),
+        8 => (0..NVOL, 0u64..VOL as u64, 1u64..20000, any::<u64>()).prop_map(|(vol, off, len, seed)| Op::Write { vol, off, len, seed }),
+        1 => (0usize..8, 0u64..VOL as u64, 1u64..20000, any::<u64>()).prop_map(|(sess, off, len, seed)| Op::TargetWrite { sess, off, len, seed }),
+        2 => (0usize..8, 0u64..VOL as u64, 1u64..30000).prop_map(|(sess, off, len)| Op::Read { sess, off, len }),
+        2 => (0usize..8, 1u64..40).prop_map(|(sess, grains)| Op::Copy { sess, grains }),
+        4 => (0usize..8).prop_map(|sess| Op::Reverse { sess }),
+        4 => (0usize..8, 1u64..9).prop_map(|(sess, grains)| Op::RestoreStep { sess, grains }),
+        1 => (0usize..8).prop_map(|sess| Op::Refresh { sess }),
+        1 => (0usize..8).prop_map(|sess| Op::Withdraw { sess }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -111,6 +140,9 @@ struct Model {
     sessions: Vec<(SessionId, Vec<u8>, bool)>,
     /// Per established group: its name and its sessions' indices in `sessions`.
     groups: Vec<(String, Vec<usize>)>,
+    /// Per volume: while a reverse restore onto it runs, what its clients must read (its
+    /// bytes at the reverse with the session's image over its extents, then every write).
+    restoring: Vec<Option<Vec<u8>>>,
 }
 
 /// The extents of a generated pair at grain `g`.
@@ -134,7 +166,8 @@ fn expected_refusal(e: &Error) -> bool {
         | Error::OutOfRange { .. }
         | Error::TargetTooSmall { .. }
         | Error::Misaligned { .. }
-        | Error::GroupConflict { .. } => true,
+        | Error::GroupConflict { .. }
+        | Error::Reversing { .. } => true,
         _ => false,
     }
 }
@@ -153,6 +186,56 @@ fn completed_target(e: &Engine, m: &Model, tgt: timezero::VolumeId) -> bool {
 fn check_image(e: &timezero::Engine, id: SessionId, reference: &[u8]) -> Result<(), TestCaseError> {
     let got = common::image(e, id);
     prop_assert!(got == reference, "image of {} differs from the model", id);
+    Ok(())
+}
+
+/// Whether a reverse restore in progress reads from or writes to volume `v`.
+fn reversing_uses(e: &Engine, v: timezero::VolumeId) -> bool {
+    e.status().iter().any(|x| {
+        x.grains_to_restore.get() > 0 && {
+            let s = e.session(x.id).unwrap();
+            s.desc.source.id == v || s.desc.target.id == v
+        }
+    })
+}
+
+/// Whether volume `v` is the target of a session that still holds it.
+fn target_in_use(e: &Engine, v: timezero::VolumeId) -> bool {
+    e.status().iter().any(|x| {
+        let s = e.session(x.id).unwrap();
+        s.desc.target.id == v && s.holds_volumes()
+    })
+}
+
+/// While a reverse restore runs onto a volume, its clients read what the model expects; once
+/// none runs, the volume holds it by itself.
+fn check_restoring(
+    e: &Engine,
+    m: &mut Model,
+    vols: &[Arc<SimVolume>],
+    ids: &[timezero::VolumeId],
+) -> Result<(), TestCaseError> {
+    for (i, slot) in m.restoring.iter_mut().enumerate() {
+        let Some(expect) = slot else { continue };
+        let mut b = vec![0u8; VOL];
+        e.read(ids[i], 0, &mut b).unwrap();
+        prop_assert!(
+            b == *expect,
+            "v{} as its clients read it differs from the model",
+            i
+        );
+        let running = e.status().iter().any(|x| {
+            x.grains_to_restore.get() > 0 && e.session(x.id).unwrap().desc.source.id == ids[i]
+        });
+        if !running {
+            prop_assert!(
+                snapshot(&vols[i]) == *expect,
+                "v{} after its reverse restore differs",
+                i
+            );
+            *slot = None;
+        }
+    }
     Ok(())
 }
 
@@ -190,6 +273,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut m = Model {
         sessions: Vec::new(),
         groups: Vec::new(),
+        restoring: vec![None; NVOL],
     };
     for op in ops {
         match op {
@@ -256,6 +340,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         | Error::TargetTooSmall { .. }
                         | Error::Misaligned { .. },
                     ) => {}
+                    Err(Error::Reversing { .. }) => {
+                        prop_assert!(
+                            m.restoring[src].is_some()
+                                || reversing_uses(&e, ids[src])
+                                || reversing_uses(&e, ids[tgt])
+                        );
+                    }
                     Err(other) => {
                         return Err(TestCaseError::fail(format!(
                             "establish: unexpected {other}"
@@ -275,7 +366,18 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 let data = common::pattern(seed, len as usize);
                 world.note_user_write(&vols[vol].info().locator, off, len);
-                e.write(ids[vol], off, &data).unwrap();
+                match e.write(ids[vol], off, &data) {
+                    Ok(()) => {}
+                    Err(Error::Reversing { id, .. }) => {
+                        // Only a write to the target a reverse restores from is refused.
+                        prop_assert_eq!(e.session(id).unwrap().desc.target.id, ids[vol]);
+                        continue;
+                    }
+                    Err(x) => return Err(TestCaseError::fail(format!("write: {x}"))),
+                }
+                if let Some(v) = &mut m.restoring[vol] {
+                    v[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
                 // Writes landing on an active session's target change its image.
                 for (id, r, live) in &mut m.sessions {
                     if !*live {
@@ -320,6 +422,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         let st = e.session(*id).unwrap().status().state;
                         prop_assert!(!*live || st == SessionState::Completed);
                     }
+                    Err(Error::Reversing { .. }) => {}
                     Err(x) => return Err(TestCaseError::fail(format!("target write: {x}"))),
                 }
             }
@@ -376,6 +479,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         *live = false;
                     }
                     Err(Error::NotActive { .. }) => prop_assert!(!holds),
+                    Err(Error::Reversing { .. }) => prop_assert!(s.reversing()),
                     Err(x) => return Err(TestCaseError::fail(format!("withdraw: {x}"))),
                 }
             }
@@ -461,6 +565,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         }
                     }
                     Err(Error::UnknownGroup(_)) => prop_assert!(live.is_empty()),
+                    Err(Error::Reversing { id, .. }) => {
+                        prop_assert!(live.contains(&id));
+                        continue;
+                    }
                     Err(x) => return Err(TestCaseError::fail(format!("group withdraw: {x}"))),
                 }
                 for id in live {
@@ -504,10 +612,64 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         }
                     }
                     Err(
-                        Error::NotIncremental(_) | Error::NotActive { .. } | Error::UnknownGroup(_),
+                        Error::NotIncremental(_)
+                        | Error::NotActive { .. }
+                        | Error::UnknownGroup(_)
+                        | Error::Reversing { .. },
                     ) => {}
                     Err(x) => return Err(TestCaseError::fail(format!("refresh: {x}"))),
                 }
+            }
+            Op::Reverse { sess } => {
+                if m.sessions.is_empty() {
+                    continue;
+                }
+                let (id, r, live) = &m.sessions[sess % m.sessions.len()];
+                let s = e.session(*id).unwrap();
+                let src = ids.iter().position(|v| *v == s.desc.source.id).unwrap();
+                // The model follows a source's bytes only while nothing but the engine's
+                // writes change it: not when it is also a target a copy writes into.
+                if s.desc.source.id == s.desc.target.id || target_in_use(&e, s.desc.source.id) {
+                    continue;
+                }
+                let mut expect = snapshot(&vols[src]);
+                match e.reverse(*id) {
+                    Ok(rev) => {
+                        prop_assert!(*live);
+                        let mut img = 0usize;
+                        for x in &s.desc.extents {
+                            let n = x.len as usize;
+                            expect[x.source_offset as usize..x.source_offset as usize + n]
+                                .copy_from_slice(&r[img..img + n]);
+                            img += n;
+                        }
+                        if rev.grains_to_restore.get() > 0 {
+                            m.restoring[src] = Some(expect);
+                        } else {
+                            prop_assert!(
+                                snapshot(&vols[src]) == expect,
+                                "nothing to restore, yet the source differs"
+                            );
+                        }
+                    }
+                    Err(Error::NotActive { .. } | Error::Reversing { .. }) => {}
+                    Err(x) => return Err(TestCaseError::fail(format!("reverse: {x}"))),
+                }
+            }
+            Op::RestoreStep { sess, grains } => {
+                // One of the reverse restores in progress, if any.
+                let running: Vec<SessionId> = m
+                    .sessions
+                    .iter()
+                    .map(|x| x.0)
+                    .filter(|id| e.session(*id).unwrap().reversing())
+                    .collect();
+                if running.is_empty() {
+                    continue;
+                }
+                let id = running[sess % running.len()];
+                let from = GrainIndex(grains * 3 % 16);
+                let _ = e.restore_batch(id, from, GrainCount(grains)).unwrap();
             }
             Op::Convert { sess } => {
                 let Some((id, _, _)) = m.sessions.get(sess) else {
@@ -536,7 +698,19 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
         }
+        check_restoring(&e, &mut m, &vols, &ids)?;
     }
+    // Finish every reverse restore: each source then holds by itself what its clients read.
+    for (id, _, _) in &m.sessions {
+        if e.session(*id).unwrap().reversing() {
+            e.restore_all(*id).unwrap();
+        }
+    }
+    check_restoring(&e, &mut m, &vols, &ids)?;
+    prop_assert!(
+        m.restoring.iter().all(Option::is_none),
+        "a reverse restore did not end"
+    );
     let v = world.violations();
     prop_assert!(v.is_empty(), "ordering violations: {:?}", v);
     for (id, r, live) in &m.sessions {
@@ -551,6 +725,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, max_shrink_iters: 2000, ..ProptestConfig::default() })]
     #[test]
     fn engine_matches_reference_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(ops)?;
+    }
+
+    #[test]
+    fn reverse_restores_match_reference_model(ops in proptest::collection::vec(op_reverse(), 1..60)) {
         run(ops)?;
     }
 }

@@ -88,6 +88,19 @@ impl Engine {
                 return Err(Error::NotIncremental(s.id()));
             }
             super::lifecycle::refuse_reversing(s, "a refresh")?;
+            // A reverse restore onto (or from) one of its volumes: the new T0 would be the
+            // volume's bytes, not what its clients see.
+            let mine = [s.desc.source.id, s.desc.target.id];
+            if let Some(o) = self.active.load().iter().find(|o| {
+                o.reversing()
+                    && (mine.contains(&o.desc.source.id) || mine.contains(&o.desc.target.id))
+            }) {
+                return Err(Error::Reversing {
+                    id: o.id(),
+                    pending: o.restore_pending().get(),
+                    what: format!("a refresh of {}", s.id()),
+                });
+            }
             match s.state() {
                 SessionState::Active | SessionState::Completed => Ok(()),
                 state => Err(Error::NotActive { id: s.id(), state }),
