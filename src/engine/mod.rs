@@ -52,6 +52,8 @@ pub use image::Image;
 pub use lifecycle::SessionSpec;
 pub use recovery::{Decision, FileResolver, MapResolver, Outcome, RestartPolicy, VolumeResolver};
 pub use refresh::Refreshed;
+#[cfg(feature = "fault")]
+pub use reverse::set_canary_restored_before_flush;
 pub use reverse::Reversed;
 #[cfg(feature = "fault")]
 pub use write::{

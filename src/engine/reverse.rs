@@ -25,6 +25,20 @@ use crate::model::{Entry, SessionState};
 use crate::session::Session;
 use crate::{Error, Result};
 
+#[cfg(feature = "fault")]
+thread_local! {
+    static CANARY_RESTORED_BEFORE_FLUSH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Fault-harness canary: while on, a reverse restore in the calling thread commits `Restored`
+/// before it flushes the source (a crash between the two clears the bits of grains whose data
+/// never reached the source; the enumerator's reverse check must catch it). Thread-local so
+/// that parallel tests are not affected.
+#[cfg(feature = "fault")]
+pub fn set_canary_restored_before_flush(on: bool) {
+    CANARY_RESTORED_BEFORE_FLUSH.with(|c| c.set(on));
+}
+
 thread_local! {
     /// The restore's data buffer, one per thread.
     static RESTORE_BUF: std::cell::RefCell<crate::volume::AlignedBuf> =
@@ -270,6 +284,11 @@ impl Engine {
         }
         if entries.is_empty() {
             return Ok(GrainCount::ZERO);
+        }
+        #[cfg(feature = "fault")]
+        if CANARY_RESTORED_BEFORE_FLUSH.with(std::cell::Cell::get) {
+            self.table.commit(entries)?;
+            return src.flush().map(|()| GrainCount(moved));
         }
         // The grains' data is durable on the source before their bits clear.
         src.flush()?;

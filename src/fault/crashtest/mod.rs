@@ -52,6 +52,9 @@ pub struct CrashtestOptions {
     /// Run with the change-mark canary (a write issued before its change marks are durable)
     /// switched on.
     pub canary_late_marks: bool,
+    /// Run with the reverse-restore canary (`Restored` committed before the source flush)
+    /// switched on.
+    pub canary_restored_early: bool,
     /// Violation messages kept in the report.
     pub keep_violations: usize,
 }
@@ -70,6 +73,7 @@ impl Default for CrashtestOptions {
             canary_checkpoint: false,
             canary_split_group: false,
             canary_late_marks: false,
+            canary_restored_early: false,
             keep_violations: 20,
         }
     }
@@ -177,6 +181,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
                 crate::activity::set_canary_unverified_checkpoint(opts.canary_checkpoint);
                 crate::engine::set_canary_split_group_commit(opts.canary_split_group);
                 crate::engine::set_canary_late_change_marks(opts.canary_late_marks);
+                crate::engine::set_canary_restored_before_flush(opts.canary_restored_early);
                 let mut rep = CrashReport::default();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -187,6 +192,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
                 crate::activity::set_canary_unverified_checkpoint(false);
                 crate::engine::set_canary_split_group_commit(false);
                 crate::engine::set_canary_late_change_marks(false);
+                crate::engine::set_canary_restored_before_flush(false);
                 total.lock().merge(rep, opts.keep_violations);
             });
         }

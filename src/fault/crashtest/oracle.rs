@@ -39,9 +39,34 @@ pub(super) struct SessRef {
     pub(super) refreshed: Option<Arc<Vec<u8>>>,
 }
 
+/// Expected state of a reverse restore: what the source's clients read over the session's
+/// extents.
+#[derive(Debug, Clone)]
+pub(super) struct RevRef {
+    /// The session.
+    pub(super) session: u64,
+    /// Its source.
+    pub(super) source: crate::ids::VolumeId,
+    /// Its extents (the image is them laid end to end).
+    pub(super) extents: Vec<crate::model::ExtentSpec>,
+    /// What the source reads as once the reverse is durable: the image, with the source
+    /// writes made durable since.
+    pub(super) view: Arc<Vec<u8>>,
+    /// Source writes since the reverse not yet durable, as (image offset, bytes): each 512-byte
+    /// sector may read as any of them.
+    pub(super) pending: Vec<(u64, Vec<u8>)>,
+    /// `Engine::reverse` returned Ok.
+    pub(super) acknowledged: bool,
+    /// A step failed while writes were pending: they stay undecided even after a flush (a
+    /// failed write may or may not have landed).
+    pub(super) sticky: bool,
+}
+
 /// Expected state of every session at one point of a workload.
 #[derive(Debug, Clone, Default)]
 pub(super) struct RefState {
+    /// A reverse restore in flight or done.
+    pub(super) reversal: Option<RevRef>,
     /// By session id.
     pub(super) sessions: BTreeMap<u64, SessRef>,
     /// Establishes in flight or failed (ids unknown): each may or may not exist.
@@ -138,8 +163,98 @@ pub(super) fn check_engine(e: &Engine, refs: &RefState, rep: &mut CrashReport) {
             ));
         }
     }
+    if let Some(r) = &refs.reversal {
+        if let Err(v) = check_reversal(e, r) {
+            out.push(v);
+        }
+    }
     for v in out {
         rep.violation(v);
+    }
+}
+
+/// The source over the extents of a reverse restore, as the engine's clients read it
+/// (`raw`: as the volume holds it).
+fn source_over(e: &Engine, r: &RevRef, raw: bool) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    for x in &r.extents {
+        let mut b = vec![0u8; usize::try_from(x.len).unwrap_or(0)];
+        let res = if raw {
+            e.volume(r.source)
+                .and_then(|v| v.read_at(x.source_offset, &mut b))
+        } else {
+            e.read(r.source, x.source_offset, &mut b)
+        };
+        res.map_err(|err| {
+            format!(
+                "reverse of session {}: source read failed: {err}",
+                r.session
+            )
+        })?;
+        out.extend_from_slice(&b);
+    }
+    Ok(out)
+}
+
+/// What the source's clients read during and after a reverse restore: once it is durable
+/// (acknowledged, or found in progress after recovery), per 512-byte sector the image with the
+/// durable writes, or one of the writes not yet durable.
+fn check_reversal(e: &Engine, r: &RevRef) -> Result<(), String> {
+    let reversing = e.session(SessionId(r.session)).is_ok_and(|s| s.reversing());
+    if !r.acknowledged && !reversing {
+        // Not durable (a reverse that failed moved nothing back): the source is its own.
+        return Ok(());
+    }
+    let got = source_over(e, r, false)?;
+    for (i, sector) in got.chunks(512).enumerate() {
+        let at = i * 512;
+        let want = &r.view[at..at + sector.len()];
+        if sector == want {
+            continue;
+        }
+        let by_write = r.pending.iter().any(|(o, d)| {
+            let o = usize::try_from(*o).unwrap_or(usize::MAX);
+            at >= o
+                && at + sector.len() <= o + d.len()
+                && &d[at - o..at - o + sector.len()] == sector
+        });
+        if !by_write {
+            return Err(format!(
+                "reverse of session {}: the source reads wrong bytes at image offset {at} \
+                 (acknowledged: {})",
+                r.session, r.acknowledged
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// After recovery (never on the live engine of a workload): finish a reverse restore in
+/// progress; the source volume then holds by itself what its clients read before.
+fn finish_reversal(e: &Engine, refs: &RefState, rep: &mut CrashReport) {
+    let Some(r) = &refs.reversal else { return };
+    let Ok(seen) = source_over(e, r, false) else {
+        return; // reported by `check_reversal`
+    };
+    let id = SessionId(r.session);
+    if e.session(id).is_ok_and(|s| s.reversing()) {
+        if let Err(err) = e.restore_all(id) {
+            rep.violation(format!(
+                "reverse of session {id}: restore after recovery failed: {err}"
+            ));
+            return;
+        }
+    }
+    *rep.outcomes
+        .entry("reverse_checked".to_string())
+        .or_default() += 1;
+    match source_over(e, r, true) {
+        Ok(raw) if raw == seen => {}
+        Ok(_) => rep.violation(format!(
+            "reverse of session {id}: after the restore the source volume differs from what \
+             its clients read before"
+        )),
+        Err(v) => rep.violation(v),
     }
 }
 
@@ -380,6 +495,7 @@ pub(super) fn recover_and_check(
         }
         Ok(Ok(e)) => {
             check_engine(&e, refs, rep);
+            finish_reversal(&e, refs, rep);
             check_refresh(&e, rep);
         }
     }

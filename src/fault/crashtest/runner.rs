@@ -9,7 +9,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::oracle::{
-    check_engine, recover_and_check, ref_at, OpRec, PendingGroup, RefState, SessRef,
+    check_engine, recover_and_check, ref_at, OpRec, PendingGroup, RefState, RevRef, SessRef,
 };
 use super::workload::{fill, Op, Workload};
 use super::{engine_options, sweeps, CrashReport, CrashtestOptions, VOLUMES, VOLUME_BYTES};
@@ -216,6 +216,9 @@ impl Harness<'_> {
                             s.sticky = true;
                         }
                     }
+                    if let Some(r) = undecided.reversal.as_mut() {
+                        r.sticky |= !r.pending.is_empty();
+                    }
                     self.recs.push(OpRec {
                         begin,
                         end,
@@ -277,6 +280,15 @@ impl Harness<'_> {
             } => self.write(*vol, *off, &fill(*f, *len), x),
             Op::Flush { vol } => {
                 let r = e.flush(ids[*vol]);
+                if let Some(rv) = x.after.reversal.as_mut() {
+                    if rv.source == ids[*vol] && r.is_ok() && !rv.sticky {
+                        let view = Arc::make_mut(&mut rv.view);
+                        for (o, d) in std::mem::take(&mut rv.pending) {
+                            let o = usize::try_from(o).unwrap_or(0);
+                            view[o..o + d.len()].copy_from_slice(&d);
+                        }
+                    }
+                }
                 for s in x.after.sessions.values_mut() {
                     if s.target_vol == *vol && !s.sticky && r.is_ok() {
                         for (o, d) in std::mem::take(&mut s.pending) {
@@ -308,6 +320,11 @@ impl Harness<'_> {
                 e.withdraw(id)
             }
             Op::Convert { sess } => e.convert_to_copy(self.sid(*sess)),
+            Op::Reverse { sess } => self.reverse(*sess, x),
+            Op::RestoreBatch { sess, from, max } => e
+                .restore_batch(self.sid(*sess), GrainIndex(*from), GrainCount(*max))
+                .map(|_| ()),
+            Op::RestoreAll { sess } => e.restore_all(self.sid(*sess)).map(|_| ()),
             Op::Reopen => return self.reopen(None),
             Op::ReopenWithout { vol } => return self.reopen(Some(*vol)),
             Op::ResetGone { vol } => e
@@ -474,7 +491,45 @@ impl Harness<'_> {
                 }
             }
         }
+        for st in [&mut x.inflight, &mut x.after] {
+            if let Some(rv) = st.reversal.as_mut().filter(|r| r.source == self.ids[vol]) {
+                let mut img = 0u64;
+                for e in &rv.extents {
+                    let lo = off.max(e.source_offset);
+                    let hi = (off + len).min(e.source_offset + e.len);
+                    if lo < hi {
+                        let d = usize::try_from(lo - off).unwrap_or(0);
+                        let n = usize::try_from(hi - lo).unwrap_or(0);
+                        rv.pending
+                            .push((img + (lo - e.source_offset), data[d..d + n].to_vec()));
+                    }
+                    img += e.len;
+                }
+            }
+        }
         self.engine.write(self.ids[vol], off, data)
+    }
+
+    /// A reverse restore of session `sess`: once durable, the source reads as the image.
+    fn reverse(&mut self, sess: usize, x: &mut Expect) -> crate::Result<()> {
+        let id = self.sid(sess);
+        if let (Ok(s), Some(sref)) = (self.engine.session(id), x.after.sessions.get(&id.0)) {
+            let rv = RevRef {
+                session: id.0,
+                source: s.desc.source.id,
+                extents: s.desc.extents.clone(),
+                view: sref.image.clone(),
+                pending: Vec::new(),
+                acknowledged: false,
+                sticky: false,
+            };
+            x.inflight.reversal = Some(rv.clone());
+            x.after.reversal = Some(RevRef {
+                acknowledged: true,
+                ..rv
+            });
+        }
+        self.engine.reverse(id).map(|_| ())
     }
 
     /// A refresh of session `sess`: its new T0 is what its source holds now (the refresh flushes

@@ -91,6 +91,25 @@ pub enum Op {
         /// Session index.
         sess: usize,
     },
+    /// `Engine::reverse`: the session's source holds its image again.
+    Reverse {
+        /// Session index.
+        sess: usize,
+    },
+    /// `Engine::restore_batch`.
+    RestoreBatch {
+        /// Session index.
+        sess: usize,
+        /// First grain to look at.
+        from: u64,
+        /// Most grains.
+        max: u64,
+    },
+    /// `Engine::restore_all`.
+    RestoreAll {
+        /// Session index.
+        sess: usize,
+    },
     /// `Engine::withdraw`.
     Withdraw {
         /// Session index.
@@ -331,7 +350,28 @@ impl Gen {
             max: 2,
         });
         ops.push(self.write());
+        ops.extend(self.reverse());
         ops
+    }
+
+    /// Session 0 (over all of volume 0) is reversed while session 1 protects part of the same
+    /// source: grains moved back in part, writes that move theirs back first (one made durable,
+    /// one not), and the rest moved back.
+    fn reverse(&mut self) -> Vec<Op> {
+        vec![
+            Op::Flush { vol: 0 },
+            Op::Reverse { sess: 0 },
+            Op::RestoreBatch {
+                sess: 0,
+                from: self.r.random_range(0..8),
+                max: 2,
+            },
+            self.write(),
+            Op::Flush { vol: 0 },
+            self.write(),
+            Op::RestoreAll { sess: 0 },
+            self.write(),
+        ]
     }
 
     /// Image writes (to the target) between source writes, each made durable.
