@@ -76,7 +76,7 @@ pub const QUIESCE_MOUNTS_MAX: usize = 64;
 /// up with SQLite's "database is locked" (`PRAGMA busy_timeout`).
 pub const STORE_BUSY_TIMEOUT_MS: u64 = 10_000;
 
-/// Bytes covered by one checksum of a catalog image (CAT-03: CRC32 per MiB).
+/// Bytes covered by one checksum of a catalog image (CAT-03: CRC32C per MiB).
 pub const IMAGE_CHECKSUM_BLOCK_BYTES: u64 = 1 << 20;
 /// Buffers in a restore stream's ring by default (CAT-09).
 pub const RESTORE_RING_BUFFERS_DEFAULT: usize = 8;
