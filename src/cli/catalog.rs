@@ -14,6 +14,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -26,9 +27,10 @@ use crate::catalog::{
     StreamOptions, StreamProgress,
 };
 use crate::command::output::json;
+use crate::engine::copier::{Copier, CopierEvent, CopierOptions};
 use crate::engine::{Engine, RestartPolicy};
 use crate::job::{owner_alive, owner_of_this_process};
-use crate::limits::{RESTORE_CHECKPOINT_BYTES_DEFAULT, RESTORE_COPY_BATCH_GRAINS};
+use crate::limits::{RESTORE_CHECKPOINT_BYTES_DEFAULT, RESTORE_PROGRESS_POLL_MILLIS};
 use crate::quiesce::TargetLock;
 use crate::store::{
     BackupDay, Change, EventId, EventKind, EventRow, IdKind, ImageId, ImageRecord, Intent,
@@ -36,7 +38,11 @@ use crate::store::{
     JobRecord, JobState, JobStateKind, JobStatus, OccurrenceOutcome, OccurrenceRow, Phase,
     Priority, ScheduleRow, SqliteStore, Store,
 };
-use crate::{CopyMode, GrainCount, SessionId, SessionState, VolumeId};
+use crate::{CopyMode, SessionId, SessionState, VolumeId};
+use crossbeam::channel::RecvTimeoutError;
+
+/// How often a copy-session restore looks at its copier when no commit was reported.
+const RESTORE_PROGRESS_POLL: Duration = Duration::from_millis(RESTORE_PROGRESS_POLL_MILLIS);
 
 /// The store of the state directory; a directory without one is an error (nothing was ever
 /// recorded there), not a new empty catalog.
@@ -449,7 +455,7 @@ impl Run<'_> {
 
     fn copy_session(
         &self,
-        engine: &Engine,
+        engine: &Arc<Engine>,
         dest: VolumeId,
         out: &mut RestoreOut,
     ) -> Result<(), Fail> {
@@ -488,47 +494,74 @@ impl Run<'_> {
             .args
             .checkpoint
             .unwrap_or(RESTORE_CHECKPOINT_BYTES_DEFAULT);
-        let mut pace = Pace::new(self.args.rate);
-        let mut last_bytes = None;
-        let mut next = 0u64;
-        let mut failed = None;
         let total_bytes: u64 = self.pieces.iter().map(|p| p.len).sum();
-        out.resumed_from = engine
-            .status()
-            .iter()
-            .find(|s| s.id == session)
-            .map_or(0, |s| s.grains_copied.get().saturating_mul(grain))
-            .min(total_bytes);
-        engine
-            .copy_all_with(session, GrainCount(RESTORE_COPY_BATCH_GRAINS), |p| {
-                let done = p.grains_copied.get().saturating_mul(grain).min(total_bytes);
-                if let Some(before) = last_bytes {
-                    pace.add(done.saturating_sub(before));
-                }
-                last_bytes = Some(done);
-                if done >= next {
-                    next = done + every;
-                    if let Err(e) = self.progress(JobProgress {
-                        bytes_done: done,
-                        bytes_total: total_bytes,
-                        checkpoint: None,
-                        ..JobProgress::default()
-                    }) {
-                        failed = Some(e);
-                        return std::ops::ControlFlow::Break(());
+        let copied = || {
+            engine
+                .status()
+                .iter()
+                .find(|s| s.id == session)
+                .map_or(0, |s| s.grains_copied.get().saturating_mul(grain))
+                .min(total_bytes)
+        };
+        out.resumed_from = copied();
+        // The engine's copier (its workers, its durability points every 16 MiB); each durable
+        // commit it reports moves the job's progress on.
+        let (tx, rx) = crossbeam::channel::unbounded::<Option<u64>>();
+        let copier = Copier::start_with_events(
+            Arc::clone(engine),
+            CopierOptions {
+                sessions: vec![session],
+                rate_bytes_per_s: self.args.rate,
+                ..CopierOptions::default()
+            },
+            move |ev| {
+                let _ = match ev {
+                    CopierEvent::Committed { bytes, .. } => tx.send(Some(*bytes)),
+                    CopierEvent::Completed { .. } => tx.send(None),
+                    _ => Ok(()),
+                };
+            },
+        )?;
+        let mut done = out.resumed_from;
+        let mut next = done;
+        let mut failed = None;
+        loop {
+            match rx.recv_timeout(RESTORE_PROGRESS_POLL) {
+                Ok(Some(bytes)) => {
+                    done = (done + bytes).min(total_bytes);
+                    if done >= next && failed.is_none() {
+                        next = done + every;
+                        failed = self
+                            .progress(JobProgress {
+                                bytes_done: done,
+                                bytes_total: total_bytes,
+                                ..JobProgress::default()
+                            })
+                            .err();
+                        if failed.is_some() {
+                            copier.pause();
+                        }
                     }
                 }
-                std::ops::ControlFlow::Continue(())
-            })
-            .map_err(CatalogError::engine("copy the restore session"))
-            .map_err(cat)?;
+                Ok(None) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) if copier.finished() => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
         if let Some(e) = failed {
+            let _ = copier.stop();
             return Err(cat(e));
+        }
+        copier.join()?;
+        if copied() < total_bytes {
+            return Err(Fail::Message(format!(
+                "the restore session {session} stopped at byte {} of {total_bytes}",
+                copied()
+            )));
         }
         self.progress(JobProgress {
             bytes_done: total_bytes,
             bytes_total: total_bytes,
-            checkpoint: None,
             ..JobProgress::default()
         })
         .map_err(cat)?;
@@ -831,7 +864,7 @@ pub(super) fn restore(
 
 /// The restore's work: lock, open the image's table, pick the method, move the bytes.
 fn run_job(run: &Run<'_>, io: IoFlags, owner: &str) -> Result<(RestoreOut, TargetLock), Fail> {
-    let engine = super::open(&run.image.table, RestartPolicy::Resume, io)?;
+    let engine = Arc::new(super::open(&run.image.table, RestartPolicy::Resume, io)?);
     let method_guess = if run.image.mode == CopyMode::NoCopy {
         RestoreMethod::Stream
     } else {
@@ -874,6 +907,8 @@ fn run_job(run: &Run<'_>, io: IoFlags, owner: &str) -> Result<(RestoreOut, Targe
         RestoreMethod::CopySession => run.copy_session(&engine, dest, &mut out)?,
         RestoreMethod::Stream => run.stream(&engine, dest, &mut out)?,
     }
-    engine.close()?;
+    if let Ok(engine) = Arc::try_unwrap(engine) {
+        engine.close()?;
+    }
     Ok((out, lock))
 }
