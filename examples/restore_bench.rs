@@ -163,7 +163,10 @@ fn main() -> Res<()> {
         r / c
     );
     println!("  (last column: restore time / this time; above 1 = this is faster)");
-    println!("  command: {}", std::env::args().collect::<Vec<_>>().join(" "));
+    println!(
+        "  command: {}",
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
     Ok(())
 }
 
