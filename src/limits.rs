@@ -76,7 +76,7 @@ pub const QUIESCE_MOUNTS_MAX: usize = 64;
 /// up with SQLite's "database is locked" (`PRAGMA busy_timeout`).
 pub const STORE_BUSY_TIMEOUT_MS: u64 = 10_000;
 
-/// Bytes covered by one checksum of a catalog image (CAT-03: CRC32 per MiB).
+/// Bytes covered by one checksum of a catalog image (CAT-03: CRC32C per MiB).
 pub const IMAGE_CHECKSUM_BLOCK_BYTES: u64 = 1 << 20;
 /// Buffers in a restore stream's ring by default (CAT-09).
 pub const RESTORE_RING_BUFFERS_DEFAULT: usize = 8;
@@ -90,6 +90,9 @@ pub const RESTORE_BUFFER_BYTES_MAX: usize = 64 << 20;
 pub const RESTORE_CHECKPOINT_BYTES_DEFAULT: u64 = 256 << 20;
 /// Grains one batch of a restore's copy session copies before its bits are committed (CAT-07).
 pub const RESTORE_COPY_BATCH_GRAINS: u64 = 64;
+/// Milliseconds a copy-session restore waits for its copier's next commit before it checks
+/// whether the copier ended.
+pub const RESTORE_PROGRESS_POLL_MILLIS: u64 = 200;
 
 const _: () = assert!(GRAIN_MIN_BYTES.is_power_of_two() && GRAIN_MAX_BYTES.is_power_of_two());
 const _: () =

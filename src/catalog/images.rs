@@ -292,7 +292,8 @@ impl<'e> ImageReader<'e> {
     }
 }
 
-/// CRC32 of every MiB of the image `reader` reads, `bytes` long (CAT-03).
+/// CRC32C of every MiB of the image `reader` reads, `bytes` long (CAT-03); the row records the
+/// algorithm ([`ChecksumAlgorithm::Crc32c`]).
 ///
 /// # Errors
 /// The reader's.
@@ -304,12 +305,12 @@ pub fn checksums(reader: &ImageReader<'_>, bytes: u64) -> Result<ImageChecksums,
     while off < bytes {
         let n = (bytes - off).min(block) as usize;
         reader.read_at(off, &mut buf[..n])?;
-        sums.push(crc32fast::hash(&buf[..n]));
+        sums.push(ChecksumAlgorithm::Crc32c.sum(&buf[..n]));
         off += n as u64;
     }
     debug_assert_eq!(sums.len() as u64, bytes.div_ceil(block));
     Ok(ImageChecksums {
-        algorithm: ChecksumAlgorithm::Crc32,
+        algorithm: ChecksumAlgorithm::Crc32c,
         block_bytes: block,
         image_bytes: bytes,
         sums,
@@ -321,6 +322,8 @@ pub fn checksums(reader: &ImageReader<'_>, bytes: u64) -> Result<ImageChecksums,
 pub struct VerifyReport {
     /// The image.
     pub image: ImageId,
+    /// The algorithm of the stored checksums (the one recomputed).
+    pub algorithm: ChecksumAlgorithm,
     /// Blocks (MiB) compared.
     pub blocks: u64,
     /// Blocks whose checksum differs.
@@ -338,7 +341,8 @@ impl VerifyReport {
 }
 
 /// Recompute an image's checksums and compare them with the stored ones (`catalog verify I`,
-/// CAT-03). A target edited in place outside timezero shows as the MiB it changed.
+/// CAT-03), with the algorithm the row records (CRC32C; CRC32 for rows written before it). A
+/// target edited in place outside timezero shows as the MiB it changed.
 ///
 /// # Errors
 /// [`CatalogError::UnknownImage`]; [`CatalogError::Checksums`] when the image has none (it was
@@ -362,6 +366,7 @@ pub fn verify(
     let mut buf = vec![0u8; stored.block_bytes as usize];
     let mut report = VerifyReport {
         image,
+        algorithm: stored.algorithm,
         blocks: stored.sums.len() as u64,
         mismatches: 0,
         first_mismatch_mib: None,
@@ -370,7 +375,7 @@ pub fn verify(
         let off = i as u64 * stored.block_bytes;
         let n = (stored.image_bytes - off).min(stored.block_bytes) as usize;
         reader.read_at(off, &mut buf[..n])?;
-        if crc32fast::hash(&buf[..n]) != *want {
+        if stored.algorithm.sum(&buf[..n]) != *want {
             report.mismatches += 1;
             report
                 .first_mismatch_mib

@@ -504,6 +504,63 @@ fn cat_03_verify_finds_the_mib_changed_in_the_target_file() {
 }
 
 #[test]
+fn cat_03_checksums_are_crc32c_and_rows_with_crc32_still_verify() {
+    use crate::store::{ChecksumAlgorithm, ImageChecksums};
+    let f = Files::new();
+    let data = pattern(4 * MIB, 5);
+    let (_, src) = f.file("src", &data);
+    let (_, tgt) = f.file("tgt", &vec![0u8; 4 * MIB as usize]);
+    let b = f.backup("20270101", src, tgt, Vec::new(), CopyMode::Copy);
+    let stored = f.store.image(b.image).unwrap().unwrap().checksums.unwrap();
+    assert_eq!(stored.algorithm, ChecksumAlgorithm::Crc32c);
+    let want: Vec<u32> = data.chunks(MIB as usize).map(crc32c::crc32c).collect();
+    assert_eq!(stored.sums, want);
+
+    // A row written with CRC32 (before CRC32C) is verified with CRC32.
+    let (old_path, old_tgt) = f.file("old", &vec![0u8; 4 * MIB as usize]);
+    let session = f
+        .engine
+        .establish(&SessionSpec {
+            source: src,
+            target: old_tgt,
+            extents: Vec::new(),
+            grain: GrainSize::new(GRAIN).unwrap(),
+            mode: CopyMode::Copy,
+            incremental: false,
+        })
+        .unwrap();
+    let desc = f.engine.session(session).unwrap().desc.clone();
+    let cut = Cut {
+        job: JobId(1),
+        task: 1,
+        plan: "db",
+        backup_day: day("20270101"),
+        table: Path::new("t"),
+    };
+    let old = record_cut(&f.store, &cut, &desc).unwrap();
+    f.engine.copy_all(session, GrainCount(16)).unwrap();
+    let crc32 = ImageChecksums {
+        algorithm: ChecksumAlgorithm::Crc32,
+        block_bytes: MIB,
+        image_bytes: 4 * MIB,
+        sums: data.chunks(MIB as usize).map(crc32fast::hash).collect(),
+    };
+    validate(&f.store, &f.engine.status(), old, Some(crc32)).unwrap();
+    let report = verify(&f.store, old, &f.volumes, Some(&f.engine)).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.algorithm, ChecksumAlgorithm::Crc32);
+    let mut bytes = std::fs::read(&old_path).unwrap();
+    bytes[(3 * MIB + 7) as usize] ^= 1;
+    std::fs::write(&old_path, &bytes).unwrap();
+    let report = verify(&f.store, old, &f.volumes, Some(&f.engine)).unwrap();
+    assert_eq!((report.mismatches, report.first_mismatch_mib), (1, Some(3)));
+    // The CRC32C image next to it is untouched.
+    assert!(verify(&f.store, b.image, &f.volumes, Some(&f.engine))
+        .unwrap()
+        .ok());
+}
+
+#[test]
 fn cat_04_reconcile_marks_changed_targets_and_ended_nocopy_sessions_lost() {
     let m = Mem::new();
     let data = pattern(4 * MIB, 4);

@@ -435,6 +435,55 @@ pub enum Command {
         #[command(subcommand)]
         cmd: PlanCmd,
     },
+    /// The catalog of backup images in STATE/orchestration.sqlite (docs/orchestration.md,
+    /// "Catalog and restore").
+    Catalog {
+        /// What to do with the catalog.
+        #[command(subcommand)]
+        cmd: CatalogCmd,
+    },
+    /// Restore a valid image onto DEST as a restore job of the store: by an engine copy
+    /// session from the image's target (extents reversed), or, when DEST is the source of a
+    /// live session (in place) or the image is nocopy, by a stream through `Engine::write` so
+    /// every other session keeps its T0. DEST is locked until the job's end is recorded. Run
+    /// the same command again after the process died and the job goes on where it was. Exit 0
+    /// when the restore completed, 1 when it failed, 2 for bad arguments.
+    #[command(after_help = args::SIZES_HELP)]
+    Restore {
+        /// The image (`i17`). Or choose one with --plan, --source and --at.
+        image: Option<crate::store::ImageId>,
+        /// The plan of the image (with --source and --at).
+        #[arg(long, requires_all = ["source", "at"], conflicts_with = "image")]
+        plan: Option<String>,
+        /// The source of the image, as the plan named it (with --plan and --at).
+        #[arg(long, requires_all = ["plan", "at"])]
+        source: Option<String>,
+        /// The newest valid image with T0 at or before this instant: RFC 3339, with a zone
+        /// (`2026-12-24T20:00[Europe/Berlin]`), `now`, or `+DURATION`.
+        #[arg(long, requires_all = ["plan", "source"])]
+        at: Option<String>,
+        /// Where the image is written (a file is created at the source's size when missing).
+        #[arg(long)]
+        to: PathBuf,
+        /// Only this part of the image, in source offsets OFFSET:LEN; repeat for more.
+        #[arg(long = "extent", value_parser = super::catalog::restore_extent)]
+        extents: Vec<(u64, u64)>,
+        /// Print the summary when the restore ends (bytes, method, the stream's ring waits).
+        #[arg(long)]
+        wait: bool,
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Bytes per second at most (slows a restore down, e.g. to watch or test it).
+        #[arg(long, hide = true, value_parser = args::rate)]
+        rate: Option<u64>,
+        /// Bytes between the restore's checkpoints [default: 256MiB].
+        #[arg(long, hide = true, value_parser = args::size)]
+        checkpoint: Option<u64>,
+    },
     /// Run the fault-injection crash-state enumerator (needs the `fault` feature).
     #[cfg_attr(not(feature = "fault"), command(hide = true))]
     Crashtest {
@@ -489,6 +538,56 @@ pub enum PlanCmd {
         at: String,
         /// The state directory holding timezero.toml and plans/ (default: $TIMEZERO_STATE,
         /// else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `timezero catalog ...`.
+#[derive(Debug, Subcommand)]
+pub enum CatalogCmd {
+    /// List valid images (with --all: every state) by T0: id, state, plan, backup day, T0,
+    /// mode, size, source.
+    Ls {
+        /// Only this plan's images.
+        #[arg(long)]
+        plan: Option<String>,
+        /// Only images of this source (its path as the plan named it).
+        #[arg(long)]
+        source: Option<String>,
+        /// Only images of this backup day (YYYYMMDD or YYYY-MM-DD).
+        #[arg(long)]
+        day: Option<String>,
+        /// Images in every state (incomplete, lost, expired too).
+        #[arg(long)]
+        all: bool,
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image: its row with extents, session, job, target and checksums.
+    Show {
+        /// The image (`i17`).
+        image: crate::store::ImageId,
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute an image's checksum of every MiB and compare them with those stored at the
+    /// end of its copy. Exit 0 when all match, 1 naming the first MiB that does not.
+    Verify {
+        /// The image (`i17`).
+        image: crate::store::ImageId,
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
         #[arg(long)]
         state: Option<PathBuf>,
         /// Print JSON.

@@ -2,6 +2,7 @@
 //! arguments, calls the library, and prints.
 
 mod args;
+mod catalog;
 mod command_line;
 mod demo;
 mod plan;
@@ -10,7 +11,7 @@ mod terminal;
 
 pub use crate::command::{check_volume, execute, Remote};
 pub use args::parse_extent;
-pub use command_line::{BackendArg, Cli, Command, IoFlags, PlanCmd};
+pub use command_line::{BackendArg, CatalogCmd, Cli, Command, IoFlags, PlanCmd};
 use serve::{check_listen, serve};
 use terminal::{
     interrupt_flag, local_or_remote, not_regular, remote_only, write_input, Local, Sink,
@@ -510,6 +511,49 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                     json,
                 },
         } => plan::check(&file, &at, state, json, &mut out)?,
+        Command::Catalog { cmd } => match cmd {
+            CatalogCmd::Ls {
+                plan,
+                source,
+                day,
+                all,
+                state,
+                json,
+            } => catalog::ls(state, (plan, source, day, all), json)?,
+            CatalogCmd::Show { image, state, json } => catalog::show(state, image, json)?,
+            CatalogCmd::Verify { image, state, json } => {
+                catalog::verify(state, image, io, json, &mut out)?
+            }
+        },
+        Command::Restore {
+            image,
+            plan,
+            source,
+            at,
+            to,
+            extents,
+            wait,
+            state,
+            json,
+            rate,
+            checkpoint,
+        } => catalog::restore(
+            &catalog::RestoreArgs {
+                image,
+                plan,
+                source,
+                at,
+                to,
+                extents,
+                wait,
+                state,
+                json,
+                rate,
+                checkpoint,
+            },
+            io,
+            &mut out,
+        )?,
         Command::RecoveryProbe { table } => crate::bench::recovery_probe(&table)? + "\n",
         Command::Workload { table, seed, rate } => {
             demo::workload(&table, seed, rate)?;

@@ -12,14 +12,14 @@ use crate::plan::{self, CheckInput, CheckOutcome, FsFinder, GlobalConfig, Plan};
 use crate::store::{BackupDay, JobId};
 
 /// The state directory: `--state`, else `$TIMEZERO_STATE`, else `/var/lib/timezero`.
-fn state_dir(state: Option<PathBuf>) -> PathBuf {
+pub(super) fn state_dir(state: Option<PathBuf>) -> PathBuf {
     state
         .or_else(|| std::env::var_os("TIMEZERO_STATE").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/var/lib/timezero"))
 }
 
 /// `--at`: `now`, `+DURATION`, an RFC 3339 instant, or a zoned date-time.
-fn parse_at(text: &str, now: Timestamp) -> Result<Timestamp, Fail> {
+pub(super) fn parse_at(text: &str, now: Timestamp) -> Result<Timestamp, Fail> {
     let t = text.trim();
     if t == "now" {
         return Ok(now);

@@ -696,8 +696,32 @@ pub struct ImageRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChecksumAlgorithm {
-    /// CRC-32 (IEEE 802.3, polynomial 0x04C11DB7 reflected), as `crc32fast` computes it.
+    /// CRC-32 (IEEE 802.3, polynomial 0x04C11DB7 reflected), as `crc32fast` computes it: rows
+    /// written before CRC32C; still verified with this algorithm.
     Crc32,
+    /// CRC-32C (Castagnoli, polynomial 0x1EDC6F41 reflected), as the `crc32c` crate computes it
+    /// with the processor's CRC instructions: what new images store.
+    Crc32c,
+}
+
+impl ChecksumAlgorithm {
+    /// The checksum of `bytes` with this algorithm.
+    #[must_use]
+    pub fn sum(self, bytes: &[u8]) -> u32 {
+        match self {
+            ChecksumAlgorithm::Crc32 => crc32fast::hash(bytes),
+            ChecksumAlgorithm::Crc32c => crc32c::crc32c(bytes),
+        }
+    }
+
+    /// Its name as rows and `--json` spell it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChecksumAlgorithm::Crc32 => "crc32",
+            ChecksumAlgorithm::Crc32c => "crc32c",
+        }
+    }
 }
 
 /// Checksums of an image's bytes (its extents end to end, in image order), one per block of
