@@ -4,6 +4,7 @@
 mod args;
 mod command_line;
 mod demo;
+mod mount;
 mod plan;
 mod serve;
 mod terminal;
@@ -456,6 +457,16 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             )?;
             String::new()
         }
+        Command::Mount {
+            table,
+            mountpoint,
+            writable_images,
+            nbd,
+        } => {
+            mount::mount(&table, &mountpoint, writable_images, nbd, io)?;
+            String::new()
+        }
+        Command::Umount { mountpoint } => mount::umount(&mountpoint)?,
         Command::Stop {
             table,
             json: as_json,
