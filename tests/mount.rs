@@ -517,6 +517,31 @@ fn mount_files_bad_input_and_sigterm() {
     let now = std::fs::read(&src).unwrap();
     assert_eq!(&now[4096..4108], b"through fuse");
 
+    // A target that disappears: once the engine is told (`reset`), its session is suspended;
+    // the image file already open fails with EIO and its name is gone (as the NBD export is),
+    // a source write that needs the copy fails with EIO, the rest goes on. Back: resumed.
+    let open_img = std::fs::File::open(mnt.join("s1")).unwrap();
+    let away = d.join("tgt.away");
+    std::fs::rename(&tgt, &away).unwrap();
+    ok(&["reset", p(&table), p(&tgt)]);
+    let mut b = [0u8; 4096];
+    assert_eq!(errno(&open_img.read_at(&mut b, 0).unwrap_err()), 5, "EIO");
+    assert!(!mnt.join("s1").exists());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("src.img"))
+        .unwrap();
+    assert_eq!(errno(&f.write_at(b"x", 1 << 20).unwrap_err()), 5, "EIO");
+    f.read_exact_at(&mut b, 1 << 20).unwrap();
+    assert_eq!(&b[..], &common::pattern(1, size as usize)[1 << 20..(1 << 20) + 4096]);
+    std::fs::rename(&away, &tgt).unwrap();
+    ok(&["resume", p(&table), "s1"]);
+    drop(f);
+    drop(open_img);
+    let img = std::fs::read(mnt.join("s1")).unwrap();
+    assert_eq!(img, common::pattern(1, size as usize), "the image after the resume");
+
     // Withdrawn: the image file is gone.
     ok(&["withdraw", p(&table), "s1"]);
     assert!(
