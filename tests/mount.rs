@@ -534,13 +534,20 @@ fn mount_files_bad_input_and_sigterm() {
         .unwrap();
     assert_eq!(errno(&f.write_at(b"x", 1 << 20).unwrap_err()), 5, "EIO");
     f.read_exact_at(&mut b, 1 << 20).unwrap();
-    assert_eq!(&b[..], &common::pattern(1, size as usize)[1 << 20..(1 << 20) + 4096]);
+    assert_eq!(
+        &b[..],
+        &common::pattern(1, size as usize)[1 << 20..(1 << 20) + 4096]
+    );
     std::fs::rename(&away, &tgt).unwrap();
     ok(&["resume", p(&table), "s1"]);
     drop(f);
     drop(open_img);
     let img = std::fs::read(mnt.join("s1")).unwrap();
-    assert_eq!(img, common::pattern(1, size as usize), "the image after the resume");
+    assert_eq!(
+        img,
+        common::pattern(1, size as usize),
+        "the image after the resume"
+    );
 
     // Withdrawn: the image file is gone.
     ok(&["withdraw", p(&table), "s1"]);
@@ -551,14 +558,37 @@ fn mount_files_bad_input_and_sigterm() {
     );
     assert!(!mnt.join("s1").exists());
 
-    // SIGTERM unmounts and ends the process cleanly.
+    // SIGTERM unmounts and ends the process cleanly. With a loop device still on a file, the
+    // mount is detached from its directory and served until the loop device lets go.
+    let canon = std::fs::canonicalize(&mnt).unwrap();
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&format!(" {} ", p(&canon)))
+    };
+    let dev = have("losetup", "--version").then(|| c.losetup(&mnt.join("src.img"), false));
     let pid = c.children[k].id();
     sys("kill", &["-TERM", &pid.to_string()]);
+    if let Some(dev) = dev {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while mounted() {
+            assert!(Instant::now() < deadline, "the busy mount was not detached");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            c.children[k].try_wait().unwrap().is_none(),
+            "ended while in use"
+        );
+        // Still served: the loop device reads the source through the detached mount.
+        let mut b = vec![0u8; 4096];
+        std::fs::File::open(&dev)
+            .unwrap()
+            .read_exact_at(&mut b, 4096)
+            .unwrap();
+        assert_eq!(&b[..12], b"through fuse");
+        c.detach(&dev);
+    }
     assert!(wait_child(&mut c, k).success());
     c.fuse.clear();
-    let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounted.contains(&format!(" {} ", p(&std::fs::canonicalize(&mnt).unwrap()))),
-        "still mounted"
-    );
+    assert!(!mounted(), "still mounted");
 }
