@@ -242,7 +242,7 @@ const EXT4: Kind = Kind {
 const XFS: Kind = Kind {
     name: "xfs",
     mkfs: &["mkfs.xfs", "-q", "-f", "-K"],
-    ro_opts: "ro,norecovery",
+    ro_opts: "ro,norecovery,nouuid",
     size: 320 << 20,
 };
 
