@@ -37,9 +37,11 @@
 //! cache of the same bytes below it would only cost memory and copies; and a write that the
 //! kernel cached would reach the engine only at write-back, long after the writer was told it
 //! was done, so the order of writes and durability points the engine sees would not be the
-//! order the writer issued. The price: no read-ahead by the kernel and `mmap` of the files only
-//! where the kernel allows it on direct-I/O FUSE files (Linux 6.6 and later); loop devices,
-//! `dd`, `cp` and file systems on loop devices use `read`/`write` and are unaffected.
+//! order the writer issued. The price: no read-ahead by the kernel, and shared mappings
+//! (`mmap` with `MAP_SHARED`) of the files fail with `ENODEV`: the kernel offers them on
+//! direct-I/O files only to file systems that ask for `FUSE_DIRECT_IO_ALLOW_MMAP`, which would
+//! bring the page cache back for them. Private mappings work. Loop devices, `dd`, `cp` and file
+//! systems on loop devices use `read`/`write` and are unaffected.
 //!
 //! **Mounting.** [`FuseMount`] mounts any fuser file system with `mount(2)` directly (root and
 //! `/dev/fuse`, no `fusermount`, no libfuse) and unmounts it, retrying while the mount is
