@@ -48,6 +48,9 @@ pub const IO_BYTES_MAX: u64 = 64 << 20;
 /// How long an unmount retries while the mount is busy (a process that forked while holding a
 /// descriptor of the mount keeps it until it execs).
 pub const FUSE_UNMOUNT_BUSY_RETRY_SECS: u64 = 10;
+/// How long `timezero mount`, asked to stop, retries a busy unmount before it detaches the mount
+/// and serves it until its last user (a loop device) lets go.
+pub const FUSE_DETACH_BUSY_SECS: u64 = 1;
 /// Largest write request the kernel sends to a `timezero mount` file system.
 pub const FUSE_MAX_WRITE_BYTES: u32 = 1 << 20;
 /// Threads answering FUSE requests of a `timezero mount` (requests of a loop device or of

@@ -57,7 +57,9 @@ use std::time::{Duration, Instant};
 
 pub use fs::ExportFs;
 
-use crate::limits::{FUSE_RELEASE_WAIT_SECS, FUSE_THREADS_MAX, FUSE_UNMOUNT_BUSY_RETRY_SECS};
+use crate::limits::{
+    FUSE_DETACH_BUSY_SECS, FUSE_RELEASE_WAIT_SECS, FUSE_THREADS_MAX, FUSE_UNMOUNT_BUSY_RETRY_SECS,
+};
 use crate::nbd::ExportRegistry;
 use crate::{Error, Result};
 
@@ -117,18 +119,19 @@ impl FuseMount {
     /// # Errors
     /// [`Error::Io`] when the unmount fails or the session ended with an error.
     pub fn unmount(mut self) -> Result<()> {
-        self.unmount_inner()
+        self.unmount_inner(Duration::from_secs(FUSE_UNMOUNT_BUSY_RETRY_SECS))
     }
 
-    /// Unmount as [`FuseMount::unmount`] does; when the mount stays busy (a loop device or an
-    /// open file still uses one of its files), detach it from its directory instead and serve
+    /// Unmount as [`FuseMount::unmount`] does; when the mount stays busy for
+    /// [`FUSE_DETACH_BUSY_SECS`] (a loop device or an open file still uses one of its files),
+    /// detach it from its directory instead and serve
     /// it until its last user is gone, so that nothing written through it is lost. Returns true
     /// when it had to detach (and has then waited for those users).
     ///
     /// # Errors
     /// [`Error::Io`] when the unmount fails otherwise or the session ended with an error.
     pub fn unmount_or_detach(mut self) -> Result<bool> {
-        match self.unmount_inner() {
+        match self.unmount_inner(Duration::from_secs(FUSE_DETACH_BUSY_SECS)) {
             Ok(()) => Ok(false),
             Err(Error::Io { ref source, .. })
                 if source.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) =>
@@ -171,7 +174,7 @@ impl FuseMount {
         }
     }
 
-    fn unmount_inner(&mut self) -> Result<()> {
+    fn unmount_inner(&mut self, busy_for: Duration) -> Result<()> {
         let Some(s) = self.session.as_ref() else {
             return Ok(());
         };
@@ -180,7 +183,7 @@ impl FuseMount {
             // descriptor open at that instant until it execs (close-on-exec), so a mount whose
             // files were all closed can still be busy for a moment: retry EBUSY for a while
             // before giving up.
-            let deadline = Instant::now() + Duration::from_secs(FUSE_UNMOUNT_BUSY_RETRY_SECS);
+            let deadline = Instant::now() + busy_for;
             loop {
                 match rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty())
                 {
@@ -201,7 +204,11 @@ impl FuseMount {
 
 impl Drop for FuseMount {
     fn drop(&mut self) {
-        if self.session.is_some() && self.unmount_inner().is_err() {
+        if self.session.is_some()
+            && self
+                .unmount_inner(Duration::from_secs(FUSE_UNMOUNT_BUSY_RETRY_SECS))
+                .is_err()
+        {
             // Still busy: detach it so that the directory can be removed.
             let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
         }
