@@ -39,11 +39,8 @@ pub(super) fn mount(
         }
         None => None,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone())
-            .map_err(|er| Error::io("install signal handler", "SIGINT/SIGTERM", 0, er))?;
-    }
+    // SIGINT or SIGTERM: unmount and end; a second one ends the process at once.
+    let stop = super::interrupt_flag()?;
     let ctl_path = crate::control::socket_path(table);
     let control = crate::control::ControlServer::start(e.clone(), &ctl_path, table)?;
     let fuse = crate::mount::mount_exports(registry.clone(), mountpoint, &table_abs)?;
