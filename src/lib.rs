@@ -40,6 +40,9 @@ mod ids;
 pub mod job;
 pub mod limits;
 mod model;
+#[cfg(feature = "fuse")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fuse")))]
+pub mod mount;
 pub mod nbd;
 #[cfg(feature = "orchestration")]
 #[cfg_attr(docsrs, doc(cfg(feature = "orchestration")))]

@@ -43,6 +43,23 @@ pub const DATA_IO_RETRIES_MAX: u32 = 3;
 /// Largest single engine I/O request.
 pub const IO_BYTES_MAX: u64 = 64 << 20;
 
+// FUSE mounts (`timezero mount`, the power-loss layer).
+
+/// How long an unmount retries while the mount is busy (a process that forked while holding a
+/// descriptor of the mount keeps it until it execs).
+pub const FUSE_UNMOUNT_BUSY_RETRY_SECS: u64 = 10;
+/// How long `timezero mount`, asked to stop, retries a busy unmount before it detaches the mount
+/// and serves it until its last user (a loop device) lets go.
+pub const FUSE_DETACH_BUSY_SECS: u64 = 1;
+/// Largest write request the kernel sends to a `timezero mount` file system.
+pub const FUSE_MAX_WRITE_BYTES: u32 = 1 << 20;
+/// Threads answering FUSE requests of a `timezero mount` (requests of a loop device or of
+/// several readers run concurrently, as NBD requests do).
+pub const FUSE_THREADS_MAX: usize = 4;
+/// How long `timezero umount` waits for the mounting process to release its table after the
+/// file system is gone.
+pub const FUSE_RELEASE_WAIT_SECS: u64 = 30;
+
 // The orchestration layers (docs/orchestration.md).
 
 /// Highest job and event priority (0 = always executed, 1 lowest).

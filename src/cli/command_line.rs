@@ -395,6 +395,29 @@ pub enum Command {
         #[arg(long, default_value_t = crate::nbd::IDLE_TIMEOUT_SECS)]
         idle_timeout: u64,
     },
+    /// Hold the table and show its source volumes and session images as files in MOUNTPOINT
+    /// (FUSE; needs root): one file per source volume and per session image, named as the NBD
+    /// exports of `serve`. Source writes go through copy-before-write; images are read-only
+    /// unless --writable-images; fsync is a durability point. Other commands on the table reach
+    /// this process through its control socket; `timezero umount MOUNTPOINT`, `timezero stop
+    /// TABLE` or SIGTERM unmount and end it.
+    Mount {
+        /// The table.
+        table: PathBuf,
+        /// An empty directory to mount on.
+        mountpoint: PathBuf,
+        /// Let image files be written (target-write semantics).
+        #[arg(long)]
+        writable_images: bool,
+        /// Serve the same files as NBD exports on this unix socket too.
+        #[arg(long, value_name = "SOCKET")]
+        nbd: Option<PathBuf>,
+    },
+    /// Unmount a `timezero mount` and wait until its process has released the table.
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
     /// Pause the copy of a session running in the process serving the table.
     Pause {
         /// The table.

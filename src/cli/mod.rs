@@ -5,6 +5,7 @@ mod args;
 mod catalog;
 mod command_line;
 mod demo;
+mod mount;
 mod plan;
 mod serve;
 mod terminal;
@@ -470,6 +471,16 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             )?;
             String::new()
         }
+        Command::Mount {
+            table,
+            mountpoint,
+            writable_images,
+            nbd,
+        } => {
+            mount::mount(&table, &mountpoint, writable_images, nbd, io)?;
+            String::new()
+        }
+        Command::Umount { mountpoint } => mount::umount(&mountpoint)?,
         Command::Stop {
             table,
             json: as_json,

@@ -67,7 +67,7 @@ mod fs;
 mod replay;
 mod store;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -183,8 +183,7 @@ impl PowerLoss {
 /// A mounted power-loss layer.
 #[derive(Debug)]
 pub struct PowerLossMount {
-    session: Option<fuser::BackgroundSession>,
-    mountpoint: PathBuf,
+    mount: crate::mount::FuseMount,
     handle: PowerLoss,
 }
 
@@ -226,8 +225,6 @@ impl PowerLossMount {
     pub fn mount(backing: &Path, mountpoint: &Path, plan: CutPlan) -> Result<PowerLossMount> {
         let backing = std::fs::canonicalize(backing)
             .map_err(|e| Error::io("resolve", backing.display().to_string(), 0, e))?;
-        let mountpoint_c = std::fs::canonicalize(mountpoint)
-            .map_err(|e| Error::io("resolve", mountpoint.display().to_string(), 0, e))?;
         let store = Arc::new(Mutex::new(Store::new(
             &backing,
             plan.at_op,
@@ -238,17 +235,14 @@ impl PowerLossMount {
         let fs = fs::PowerLossFs {
             store: store.clone(),
         };
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
+        let options = vec![
             fuser::MountOption::FSName("timezero-powerloss".to_string()),
             fuser::MountOption::RW,
         ];
-        config.n_threads = Some(1);
-        let session = fuser::spawn_mount(fs, &mountpoint_c, &config)
-            .map_err(|e| Error::io("mount fuse", mountpoint_c.display().to_string(), 0, e))?;
+        // One thread, so that the operations have one total order.
+        let mount = crate::mount::FuseMount::mount(fs, mountpoint, options, 1)?;
         Ok(PowerLossMount {
-            session: Some(session),
-            mountpoint: mountpoint_c,
+            mount,
             handle: PowerLoss { store },
         })
     }
@@ -262,65 +256,14 @@ impl PowerLossMount {
     /// The canonical mount point (the prefix of locators recorded through the mount).
     #[must_use]
     pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
+        self.mount.mountpoint()
     }
 
     /// Unmount and wait for the session thread (every process using the mount must be gone).
     ///
     /// # Errors
     /// [`Error::Io`] when the unmount fails.
-    pub fn unmount(mut self) -> Result<()> {
-        self.unmount_inner()
-    }
-
-    fn unmount_inner(&mut self) -> Result<()> {
-        if let Some(s) = self.session.take() {
-            // A process forked by another thread of this program holds a copy of every
-            // descriptor open at that instant until it execs (close-on-exec), so a mount whose
-            // files were all closed can still be busy for a moment: retry EBUSY for a while
-            // before giving up.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            loop {
-                match rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty())
-                {
-                    Ok(()) | Err(rustix::io::Errno::INVAL) => break,
-                    Err(rustix::io::Errno::BUSY) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
-                    Err(e) => {
-                        let path = self.mountpoint.display().to_string();
-                        self.session = Some(s);
-                        return Err(Error::io("unmount fuse", path, 0, e.into()));
-                    }
-                }
-            }
-            // Unmounted: the session thread sees the connection end and returns. Its last read
-            // of the FUSE device reports that end as ENODEV (which fuser treats as a clean
-            // end) or, when the kernel aborted the connection while tearing the mount down, as
-            // ECONNABORTED: after our own unmount neither is a failure.
-            match s.join() {
-                Ok(()) => {}
-                Err(e)
-                    if e.raw_os_error() == Some(rustix::io::Errno::CONNABORTED.raw_os_error()) => {}
-                Err(e) => {
-                    return Err(Error::io(
-                        "unmount fuse",
-                        self.mountpoint.display().to_string(),
-                        0,
-                        e,
-                    ))
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for PowerLossMount {
-    fn drop(&mut self) {
-        if self.session.is_some() && self.unmount_inner().is_err() {
-            // Still busy: detach it so that the directory can be removed.
-            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
-        }
+    pub fn unmount(self) -> Result<()> {
+        self.mount.unmount()
     }
 }
