@@ -6,6 +6,7 @@ mod command_line;
 mod demo;
 mod plan;
 mod serve;
+mod state;
 mod terminal;
 
 pub use crate::command::{check_volume, execute, Remote};

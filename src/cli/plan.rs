@@ -4,19 +4,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+
 use jiff::{SignedDuration, Timestamp, Zoned};
 
+use super::state::StateDir;
 use super::Fail;
 use crate::command::output::json;
-use crate::plan::{self, CheckInput, CheckOutcome, FsFinder, GlobalConfig, Plan};
+use crate::plan::{self, CheckInput, CheckOutcome, FsFinder};
 use crate::store::{BackupDay, JobId};
-
-/// The state directory: `--state`, else `$TIMEZERO_STATE`, else `/var/lib/timezero`.
-fn state_dir(state: Option<PathBuf>) -> PathBuf {
-    state
-        .or_else(|| std::env::var_os("TIMEZERO_STATE").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/var/lib/timezero"))
-}
 
 /// `--at`: `now`, `+DURATION`, an RFC 3339 instant, or a zoned date-time.
 fn parse_at(text: &str, now: Timestamp) -> Result<Timestamp, Fail> {
@@ -49,15 +44,9 @@ pub(super) fn check(
     as_json: bool,
     out: &mut dyn Write,
 ) -> Result<String, Fail> {
-    let state = state_dir(state);
-    let path = if file.exists() || file.components().count() > 1 {
-        file.to_path_buf()
-    } else {
-        state.join("plans").join(format!("{}.toml", file.display()))
-    };
-    let plan = Plan::load(&path).map_err(|e| Fail::Usage(e.to_string()))?;
-    let global =
-        GlobalConfig::load(&state.join("timezero.toml")).map_err(|e| Fail::Usage(e.to_string()))?;
+    let state = StateDir::new(state);
+    let (path, plan) = state.load_plan(file)?;
+    let global = state.global()?;
     let at = parse_at(at, Timestamp::now())?;
     // Until the calendar names it, the backup day is the civil date of the instant in the
     // plan's zone, and the job is j0.
