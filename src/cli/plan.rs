@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-
 use jiff::{SignedDuration, Timestamp, Zoned};
 
 use super::state::StateDir;

@@ -35,6 +35,9 @@ pub(super) fn state_dir(state: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/timezero"))
 }
 
+/// A plan file in `STATE/plans` and its plan, or why it does not load.
+pub(super) type PlanEntry = (PathBuf, Result<Plan, String>);
+
 /// A state directory and the files in it.
 #[derive(Debug, Clone)]
 pub(super) struct StateDir {
@@ -121,7 +124,7 @@ impl StateDir {
 
     /// The plans in `STATE/plans`, by file name; files that do not parse are returned with
     /// their error.
-    pub fn plans(&self) -> Result<Vec<(PathBuf, Result<Plan, String>)>, Fail> {
+    pub fn plans(&self) -> Result<Vec<PlanEntry>, Fail> {
         let dir = self.plans_dir();
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
@@ -224,29 +227,6 @@ impl StateDir {
         }
     }
 
-    /// Whether a live daemon holds the state: `STATE/daemon.lock` exists and another process
-    /// holds its lock. Returns the lock file's text (pid and command) when one does.
-    pub fn daemon_holder(&self) -> Result<Option<String>, Fail> {
-        use rustix::fs::{flock, FlockOperation};
-        let path = self.daemon_lock_path();
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Fail::Message(format!("open {}: {e}", path.display()))),
-        };
-        match flock(&file, FlockOperation::NonBlockingLockShared) {
-            Ok(()) => {
-                let _ = flock(&file, FlockOperation::Unlock);
-                Ok(None)
-            }
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                Ok(Some(text.trim().to_string()))
-            }
-            Err(e) => Err(Fail::Message(format!("lock {}: {e}", path.display()))),
-        }
-    }
-
     /// Hold a shared lock on `STATE/daemon.lock` (created when missing) while the returned file
     /// is open: a job run in this process keeps a daemon from starting on the state under it.
     /// `Err(holder)` with the lock file's text when a daemon holds the state.
@@ -274,35 +254,5 @@ impl StateDir {
             }
             Err(e) => Err(Fail::Message(format!("lock {}: {e}", path.display()))),
         }
-    }
-
-    /// Create `STATE/daemon.lock` and hold its exclusive lock while the returned file is open
-    /// (the daemon's marker); `None` when another process holds it.
-    pub fn hold_daemon_lock(&self, what: &str) -> Result<Option<File>, Fail> {
-        use rustix::fs::{flock, FlockOperation};
-        use std::io::Write as _;
-        std::fs::create_dir_all(&self.dir).map_err(|e| {
-            Fail::Message(format!(
-                "create state directory {}: {e}",
-                self.dir.display()
-            ))
-        })?;
-        let path = self.daemon_lock_path();
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Fail::Message(format!("open {}: {e}", path.display())))?;
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
-            Err(e) => return Err(Fail::Message(format!("lock {}: {e}", path.display()))),
-        }
-        file.set_len(0)
-            .and_then(|()| writeln!(file, "pid {} {what}", std::process::id()))
-            .map_err(|e| Fail::Message(format!("write {}: {e}", path.display())))?;
-        Ok(Some(file))
     }
 }
