@@ -55,6 +55,16 @@ impl Rig {
         assert!(out.status.success(), "{out:?}");
         let log = root.join("log");
         let (l, r) = (log.display(), root.display());
+        let blocker = |stage: &str| {
+            if stage == block {
+                format!(
+                    "if [ $TIMEZERO_JOB = j1 ] && [ ! -e {r}/marker ]; then echo $$ > {r}/marker.tmp; \
+                     mv {r}/marker.tmp {r}/marker; exec sleep 600; fi"
+                )
+            } else {
+                "true".to_string()
+            }
+        };
         let mut hooks = String::new();
         for stage in [
             "plan_pre",
@@ -64,17 +74,10 @@ impl Rig {
             "plan_post",
             "finally",
         ] {
-            let blocker = if stage == block {
-                format!(
-                    "if [ $TIMEZERO_JOB = j1 ]; then echo $$ > {r}/marker.tmp; \
-                     mv {r}/marker.tmp {r}/marker; exec sleep 600; fi"
-                )
-            } else {
-                "true".to_string()
-            };
             hooks += &format!(
                 "{stage} = {{ run = [\"/bin/sh\", \"-c\", \"echo $TIMEZERO_JOB $TIMEZERO_ATTEMPT \
-                 {stage} ${{TIMEZERO_TASK:--}} >> {l}; {blocker}\"] }}\n"
+                 {stage} ${{TIMEZERO_TASK:--}} >> {l}; {}\"] }}\n",
+                blocker(stage)
             );
         }
         let plan = format!(
@@ -85,10 +88,12 @@ impl Rig {
              [hooks]\n{hooks}\
              [[activity]]\nname = \"vols\"\nsources = [\"{}/*.img\"]\n\
              quiesce = {{ mode = \"command\", \
-             quiesce_cmd = [\"/bin/sh\", \"-c\", \"echo hold >> {l}\"], \
-             unquiesce_cmd = [\"/bin/sh\", \"-c\", \"echo release >> {l}\"] }}\n",
+             quiesce_cmd = [\"/bin/sh\", \"-c\", \"echo hold $TIMEZERO_JOB $TIMEZERO_TASK >> {l}; {}\"], \
+             unquiesce_cmd = [\"/bin/sh\", \"-c\", \"echo release $TIMEZERO_JOB $TIMEZERO_TASK >> {l}; {}\"] }}\n",
             dest.display(),
-            vols.display()
+            vols.display(),
+            blocker("quiesce"),
+            blocker("unquiesce"),
         );
         std::fs::write(state.join("plans/db.toml"), plan).unwrap();
         Rig {
@@ -164,6 +169,19 @@ impl Rig {
         }
         for (line, n) in &seen {
             assert_eq!(*n, 1, "hook ran {n} times: {line}");
+        }
+        // Nothing stays held: each hold of a job's task is followed by a release.
+        let mut held: BTreeMap<String, i32> = BTreeMap::new();
+        for line in self.log() {
+            if let Some(who) = line.strip_prefix("hold ") {
+                *held.entry(who.to_string()).or_insert(0) += 1;
+            } else if let Some(who) = line.strip_prefix("release ") {
+                let n = held.entry(who.to_string()).or_insert(0);
+                *n = (*n - 1).max(0);
+            }
+        }
+        for (who, n) in &held {
+            assert_eq!(*n, 0, "the quiesce of {who} is still held");
         }
         let store = SqliteStore::open(self.state.join("orchestration.sqlite")).unwrap();
         let images = store.images(&ImageQuery::default()).unwrap();
@@ -261,7 +279,7 @@ fn plan_kill_during_task_pre() {
 }
 
 #[test]
-fn plan_kill_during_task_post() {
+fn hook_10_killed_during_task_post_the_hook_is_unknown_and_never_run_again() {
     let r = Rig::new("task_post", "");
     let mut child = r.spawn_run();
     let marker = r.root.join("marker");
@@ -294,7 +312,7 @@ fn plan_kill_during_task_post() {
 }
 
 #[test]
-fn plan_kill_during_the_copy() {
+fn qui_09_reconcile_after_a_kill_during_the_copy_withdraws_and_loses_the_image() {
     // 64 KiB/s over 1 MiB: the copy takes about 16 s, plenty to be caught in.
     let r = Rig::new("", "copy_rate = \"64KiB\"\ncopy_threads = 1");
     let mut child = r.spawn_run();
@@ -331,5 +349,51 @@ fn plan_kill_during_the_copy() {
         !Path::new(images[0]["target"]["locator"].as_str().unwrap()).exists(),
         "the unfinished target is removed"
     );
+    r.check_invariants();
+}
+
+#[test]
+fn plan_kill_while_quiesced() {
+    // The quiesce command held the application and had not returned.
+    let r = Rig::new("quiesce", "");
+    let mut child = r.spawn_run();
+    let marker = r.root.join("marker");
+    r.wait_for(&mut child, "the quiesce command", || marker.exists());
+    r.kill(child);
+    let text = r.reconcile_and_rerun();
+    assert!(
+        text.contains(
+            "j1: quiesce of task 1 held when its process died: unquiesce_cmd run, exit 0"
+        ),
+        "{text}"
+    );
+    let log = r.log();
+    assert!(log.contains(&"release j1 1".to_string()), "{log:?}");
+    let j1 = r.job_state("j1");
+    assert!(
+        j1["images"].as_array().unwrap().is_empty(),
+        "no cut: {j1:#}"
+    );
+    r.check_invariants();
+}
+
+#[test]
+fn plan_kill_between_cut_and_thaw() {
+    // The cut is made; the unquiesce command is running and has not returned.
+    let r = Rig::new("unquiesce", "");
+    let mut child = r.spawn_run();
+    let marker = r.root.join("marker");
+    r.wait_for(&mut child, "the unquiesce command", || marker.exists());
+    r.kill(child);
+    let text = r.reconcile_and_rerun();
+    assert!(text.contains("j1: quiesce of task 1 held"), "{text}");
+    assert!(
+        text.contains("j1: image i1 incomplete: session s1 withdrawn"),
+        "{text}"
+    );
+    let j1 = r.job_state("j1");
+    let images = j1["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{j1:#}");
+    assert_eq!(images[0]["state"]["state"], "lost", "{j1:#}");
     r.check_invariants();
 }

@@ -15,7 +15,9 @@
 //!   `DaemonRestarted(phase)` with the retry rule, past it through `JobWork::resume`, which ends
 //!   the attempt `HookUnknown` when one of its hooks is unknown, else `DaemonRestarted`.
 //!
-//! Other open intents of dead jobs are resolved `Unknown`. Broker counters need no repair: every
+//! A `QuiesceCommand` intent without outcome (a command quiesce held when the process died) runs
+//! its `unquiesce_cmd` now and is resolved with how that went. Other open intents of dead jobs
+//! are resolved `Unknown`. Broker counters need no repair: every
 //! broker pass rebuilds them from the `Active` jobs. Last, the catalog is reconciled with each
 //! table (CAT-04).
 
@@ -31,6 +33,7 @@ use super::Fail;
 use crate::catalog::{self, Cut, FileVolumes, ReconcileAction};
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, EngineOptions};
+use crate::hook::{self, HookContext, HookOutcome, HookSpec, Stage};
 use crate::job::{owner_alive, owner_of_this_process, Limits, NewdaySettings, Scheduler};
 use crate::quiesce::{FsFreeze, QuiesceBackend};
 use crate::store::{
@@ -161,6 +164,39 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
             continue;
         };
         let outcome = match &intent.action {
+            IntentAction::QuiesceCommand { argv } => {
+                // A command quiesce held when the process died: undo it now (QUI-01: the
+                // unquiesce command runs whatever happened to the quiesce command).
+                let mut ctx = HookContext::new(Stage::Unquiesce);
+                ctx.job = Some(job.id);
+                ctx.attempt = Some(intent.attempt);
+                ctx.plan = job.kind.plan().map(str::to_string);
+                ctx.task = intent.task;
+                ctx.backup_day = Some(job.backup_day);
+                match HookSpec::new(argv.clone()) {
+                    Ok(spec) => {
+                        let run = hook::run(&spec, &ctx, &SystemClock);
+                        let task = intent
+                            .task
+                            .map(|t| format!(" of task {t}"))
+                            .unwrap_or_default();
+                        lines.push(format!(
+                            "{}: quiesce{task} held when its process died: unquiesce_cmd run, {}",
+                            job.id,
+                            match &run.outcome {
+                                HookOutcome::Success => "exit 0".to_string(),
+                                HookOutcome::Skip => "exit 75".to_string(),
+                                HookOutcome::Failed(e) => e.to_string(),
+                            }
+                        ));
+                        match run.outcome {
+                            HookOutcome::Failed(e) => IntentOutcome::Failed(e.to_string()),
+                            _ => IntentOutcome::Done,
+                        }
+                    }
+                    Err(e) => IntentOutcome::Failed(e.to_string()),
+                }
+            }
             IntentAction::Establish { table, target } => {
                 let found = engine(table, &mut lines).and_then(|e| {
                     e.status()
@@ -214,6 +250,8 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
             match &outcome {
                 IntentOutcome::Adopted(s) => format!("adopted {s}"),
                 IntentOutcome::NotDone => "not done".to_string(),
+                IntentOutcome::Done => "done".to_string(),
+                IntentOutcome::Failed(e) => format!("failed: {e}"),
                 _ => "unknown".to_string(),
             }
         ));

@@ -33,7 +33,7 @@ use crate::plan::{
     self, FsFinder, GlobalConfig, Plan, PlanRun, PlanStatus, RunContext, RunObserver, Step, Task,
     TaskResult,
 };
-use crate::quiesce::{FsFreeze, QuiesceBackend};
+use crate::quiesce::{FsFreeze, QuiesceBackend, QuiesceMode};
 use crate::store::{
     BackupDay, Change, HookResult, HookRunKey, HookRunRecord, HookStage, IdKind, ImageId,
     ImageState, ImageStateKind, Intent, IntentAction, IntentId, IntentOutcome, JobId, JobReason,
@@ -169,6 +169,12 @@ struct Inner {
     intents: HashMap<u32, Vec<IntentId>>,
     /// The image rows of each task.
     images: HashMap<u32, Vec<ImageId>>,
+    /// The tasks, by index.
+    plan_tasks: HashMap<u32, Task>,
+    /// The open `QuiesceCommand` intent of each task whose command quiesce is held.
+    held: HashMap<u32, IntentId>,
+    /// The last step of each task.
+    last_step: HashMap<u32, Step>,
     /// A hook was not run again because its start was recorded before (HOOK-10).
     hook_unknown: bool,
     /// The first store error.
@@ -309,6 +315,59 @@ impl Recorder {
         }
     }
 
+    /// A command quiesce is held from its `quiesce_cmd` until its `unquiesce_cmd` has run: an
+    /// open `QuiesceCommand` intent naming the `unquiesce_cmd` is committed before the quiesce
+    /// starts and resolved at the task's first step after the thaw (or its end), so that
+    /// `reconcile` runs the `unquiesce_cmd` of a process that died in between.
+    fn quiesce_intent(&self, index: u32, step: Step) {
+        let last = self.inner.lock().last_step.insert(index, step);
+        if last == Some(Step::Thaw) && step != Step::Thaw {
+            self.resolve_held(index);
+        }
+        if step != Step::Quiesce {
+            return;
+        }
+        let argv = match self
+            .inner
+            .lock()
+            .plan_tasks
+            .get(&index)
+            .map(|t| &t.quiesce.mode)
+        {
+            Some(QuiesceMode::Command { unquiesce, .. }) => unquiesce.run.clone(),
+            _ => return,
+        };
+        let Ok(n) = self.store.allocate(IdKind::Intent) else {
+            return;
+        };
+        let id = IntentId(n);
+        let put = self.commit(vec![Change::PutIntent(Intent {
+            id,
+            job: self.job,
+            attempt: self.attempt,
+            task: Some(index),
+            action: IntentAction::QuiesceCommand { argv },
+            created: self.now(),
+            outcome: None,
+            resolved: None,
+        })]);
+        if put.is_ok() {
+            self.inner.lock().held.insert(index, id);
+        }
+    }
+
+    /// The quiesce of task `index` was undone.
+    fn resolve_held(&self, index: u32) {
+        let id = self.inner.lock().held.remove(&index);
+        if let Some(intent) = id {
+            let _ = self.commit(vec![Change::Resolve {
+                intent,
+                outcome: IntentOutcome::Done,
+                at: self.now(),
+            }]);
+        }
+    }
+
     /// The task reached its catalog step (its copy is complete): its images become `Valid`.
     fn validate(&self, index: u32) {
         let images = self
@@ -409,6 +468,9 @@ impl RunObserver for Recorder {
             (_, None) => return,
         };
         self.phase(phase);
+        if let Some(index) = event.task {
+            self.quiesce_intent(index, event.step);
+        }
         if let (Step::Catalog, Some(index)) = (event.step, event.task) {
             self.validate(index);
         }
@@ -449,6 +511,10 @@ impl RunObserver for Recorder {
                 message: t.skip.as_ref().map(ToString::to_string),
             }));
         }
+        self.inner
+            .lock()
+            .plan_tasks
+            .extend(tasks.iter().map(|t| (t.index, t.clone())));
         if self.commit(changes).is_ok() {
             let mut inner = self.inner.lock();
             for t in tasks {
@@ -616,6 +682,8 @@ impl RunObserver for Recorder {
     }
 
     fn task_ended(&self, result: &TaskResult) {
+        // Every path out of the task undid its quiesce.
+        self.resolve_held(result.task.index);
         let images = self
             .inner
             .lock()
