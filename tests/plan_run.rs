@@ -269,3 +269,26 @@ fn plan_run_and_jobs_usage_errors() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(json_of(&out), serde_json::json!([]));
 }
+
+#[test]
+fn qui_08_plan_check_refuses_to_freeze_the_store_table_or_target_file_system() {
+    let r = Rig::new("");
+    // The same plan with a freeze of the file system holding everything of the test.
+    let plan = std::fs::read_to_string(r.state.join("plans/db.toml")).unwrap();
+    let start = plan.find("quiesce = {").unwrap();
+    let frozen = format!(
+        "{}quiesce = {{ mode = \"freeze\", mounts = [\"{}\"] }}\n",
+        &plan[..start],
+        r.dir.path().display()
+    );
+    std::fs::write(r.state.join("plans/frozen.toml"), frozen).unwrap();
+    let out = r.tz(&["plan", "check", "frozen"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for what in ["the store", "the table", "the target"] {
+        assert!(text.contains(&format!("would freeze {what}")), "{text}");
+    }
+    // The plan with a command quiesce passes.
+    let out = r.tz(&["plan", "check", "db"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
