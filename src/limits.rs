@@ -175,6 +175,10 @@ pub const ATTEMPT_WINDOW_MAX_HOURS: u32 = 168;
 /// `OCCURRENCES_PER_EVENT_MAX` occurrences of one event).
 pub const SCHEDULER_PASSES_MAX: usize = 16;
 
+/// `timezero jobs` without `--all` lists the open jobs and those that ended within this many
+/// seconds (a day).
+pub const JOBS_LIST_RECENT_SECS: i64 = 24 * 60 * 60;
+
 const _: () = assert!(JOB_RETRY_DELAY_MIN_MINS <= JOB_RETRY_DELAY_DEFAULT_MINS);
 const _: () = assert!(JOB_RETRY_DELAY_DEFAULT_MINS <= JOB_RETRY_DELAY_MAX_MINS);
 const _: () = assert!(JOBS_MAX_DEFAULT <= JOBS_MAX_MAX);

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::plan::{parse_at, state_dir};
+use super::plan::parse_at;
+use super::state::state_dir;
 use super::{Fail, IoFlags};
 use crate::catalog::{
     self, CatalogError, CatalogQuery, FileVolumes, ImageReader, Pick, RestoreMethod, RestorePiece,

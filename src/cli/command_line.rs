@@ -494,6 +494,15 @@ pub enum Command {
         /// Print the summary when the restore ends (bytes, method, the stream's ring waits).
         #[arg(long)]
         wait: bool,
+    /// Jobs: the open ones and those that ended in the last day, or with --all every job; `jobs
+    /// show J` for one job's tasks, hooks (exit codes and output tails) and images.
+    Jobs {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        cmd: Option<JobsCmd>,
+        /// List every job.
+        #[arg(long)]
+        all: bool,
         /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
         #[arg(long)]
         state: Option<PathBuf>,
@@ -506,6 +515,18 @@ pub enum Command {
         /// Bytes between the restore's checkpoints [default: 256MiB].
         #[arg(long, hide = true, value_parser = args::size)]
         checkpoint: Option<u64>,
+    },
+    /// Match the store with the engine and the file systems after a process running jobs died
+    /// (QUI-09): thaw and drop leases of jobs not running, end hook runs in flight `unknown`,
+    /// resolve intents without outcome, withdraw the sessions of unfinished images, end the dead
+    /// jobs' attempts, reconcile the catalog with each table. One line per decision.
+    Reconcile {
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print the decisions as a JSON list.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the fault-injection crash-state enumerator (needs the `fault` feature).
     #[cfg_attr(not(feature = "fault"), command(hide = true))]
@@ -561,6 +582,53 @@ pub enum PlanCmd {
         at: String,
         /// The state directory holding timezero.toml and plans/ (default: $TIMEZERO_STATE,
         /// else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a plan now: post an immediate event and print the job id (`j1`). With no daemon
+    /// holding the state the job runs in this process, to its end, every step recorded in the
+    /// store; a live daemon holding the state is reported (exit 1). Exit 0 when the job ran
+    /// (with --wait only when its status is 0), 1 when it could not run, 2 for a bad plan.
+    Run {
+        /// The plan file, or the name of a plan in STATE/plans (NAME.toml).
+        plan: PathBuf,
+        /// Priority of the immediate event (0 = always executed, 1 lowest .. 99 highest;
+        /// default 0).
+        #[arg(long)]
+        priority: Option<i64>,
+        /// Exit 0 only when the job's status is 0.
+        #[arg(long)]
+        wait: bool,
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The plans in STATE/plans: last job and its status, next scheduled occurrence.
+    List {
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `timezero jobs ...`.
+#[derive(Debug, Subcommand)]
+pub enum JobsCmd {
+    /// One job: state, tasks with their status and reason, hook runs with exit codes and
+    /// output tails, images, progress.
+    Show {
+        /// The job (`j1`).
+        job: crate::store::JobId,
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
         #[arg(long)]
         state: Option<PathBuf>,
         /// Print JSON.

@@ -6,13 +6,17 @@ mod catalog;
 mod command_line;
 mod demo;
 mod mount;
+mod jobs;
 mod plan;
+mod reconcile;
+mod runner;
 mod serve;
+mod state;
 mod terminal;
 
 pub use crate::command::{check_volume, execute, Remote};
 pub use args::parse_extent;
-pub use command_line::{BackendArg, CatalogCmd, Cli, Command, IoFlags, PlanCmd};
+pub use command_line::{BackendArg, CatalogCmd, Cli, Command, IoFlags, JobsCmd, PlanCmd};
 use serve::{check_listen, serve};
 use terminal::{
     interrupt_flag, local_or_remote, not_regular, remote_only, write_input, Local, Sink,
@@ -565,6 +569,37 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             io,
             &mut out,
         )?,
+        Command::Plan {
+            cmd:
+                PlanCmd::Run {
+                    plan,
+                    priority,
+                    wait,
+                    state,
+                    json,
+                },
+        } => jobs::plan_run(&plan, priority, wait, state, json, &mut out)?,
+        Command::Plan {
+            cmd: PlanCmd::List { state, json },
+        } => jobs::plan_list(state, json)?,
+        Command::Reconcile { state, json } => reconcile::reconcile(state, json)?,
+        Command::Jobs {
+            cmd: None,
+            all,
+            state,
+            json,
+        } => jobs::jobs_list(state, all, json)?,
+        Command::Jobs {
+            cmd:
+                Some(JobsCmd::Show {
+                    job,
+                    state: inner,
+                    json: inner_json,
+                }),
+            all: _,
+            state,
+            json,
+        } => jobs::jobs_show(inner.or(state), job, json || inner_json)?,
         Command::RecoveryProbe { table } => crate::bench::recovery_probe(&table)? + "\n",
         Command::Workload { table, seed, rate } => {
             demo::workload(&table, seed, rate)?;

@@ -6,20 +6,15 @@ use std::path::{Path, PathBuf};
 
 use jiff::{SignedDuration, Timestamp, Zoned};
 
+use super::state::StateDir;
 use super::Fail;
 use crate::command::output::json;
-use crate::plan::{self, CheckInput, CheckOutcome, FsFinder, GlobalConfig, Plan};
+use crate::plan::{self, CheckInput, CheckOutcome, FsFinder};
+use crate::quiesce::QuiesceMode;
 use crate::store::{BackupDay, JobId};
 
-/// The state directory: `--state`, else `$TIMEZERO_STATE`, else `/var/lib/timezero`.
-pub(super) fn state_dir(state: Option<PathBuf>) -> PathBuf {
-    state
-        .or_else(|| std::env::var_os("TIMEZERO_STATE").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/var/lib/timezero"))
-}
-
 /// `--at`: `now`, `+DURATION`, an RFC 3339 instant, or a zoned date-time.
-pub(super) fn parse_at(text: &str, now: Timestamp) -> Result<Timestamp, Fail> {
+pub(super) pub(super) fn parse_at(text: &str, now: Timestamp) -> Result<Timestamp, Fail> {
     let t = text.trim();
     if t == "now" {
         return Ok(now);
@@ -49,15 +44,9 @@ pub(super) fn check(
     as_json: bool,
     out: &mut dyn Write,
 ) -> Result<String, Fail> {
-    let state = state_dir(state);
-    let path = if file.exists() || file.components().count() > 1 {
-        file.to_path_buf()
-    } else {
-        state.join("plans").join(format!("{}.toml", file.display()))
-    };
-    let plan = Plan::load(&path).map_err(|e| Fail::Usage(e.to_string()))?;
-    let global =
-        GlobalConfig::load(&state.join("timezero.toml")).map_err(|e| Fail::Usage(e.to_string()))?;
+    let state = StateDir::new(state);
+    let (path, plan) = state.load_plan(file)?;
+    let global = state.global()?;
     let at = parse_at(at, Timestamp::now())?;
     // Until the calendar names it, the backup day is the civil date of the instant in the
     // plan's zone, and the job is j0.
@@ -72,6 +61,16 @@ pub(super) fn check(
             backup_day,
         },
     );
+    let mut report = report;
+    // QUI-08: a freeze must not stop the writes timezero itself needs.
+    let table = state.table_of(&plan).ok();
+    let refused = freeze_conflicts(&state, table.as_deref(), &report.tasks);
+    if !refused.is_empty() {
+        report.problems.extend(refused);
+        if matches!(report.outcome, CheckOutcome::Pass | CheckOutcome::Skip(_)) {
+            report.outcome = CheckOutcome::Fail(crate::plan::JobReason::InvalidPlan);
+        }
+    }
     let text = if as_json {
         json(&report)?
     } else {
@@ -122,4 +121,63 @@ pub(super) fn check(
         CheckOutcome::Pass | CheckOutcome::Skip(_) => Ok(String::new()),
         CheckOutcome::Fail(r) => Err(Fail::Message(format!("plan check failed: {r}"))),
     }
+}
+
+/// The device of `path`, or of its nearest existing ancestor (a target not created yet).
+fn device_of(path: &Path) -> Option<u64> {
+    let mut p = Some(path);
+    while let Some(q) = p {
+        if let Ok(st) = rustix::fs::stat(q) {
+            return Some(st.st_dev);
+        }
+        p = q.parent();
+    }
+    None
+}
+
+/// QUI-08: the freeze mounts of `tasks` that hold the store, the plan's table or a task's
+/// target, one problem each (freezing them would stop timezero's own writes while it needs
+/// them).
+fn freeze_conflicts(
+    state: &StateDir,
+    table: Option<&Path>,
+    tasks: &[crate::plan::Task],
+) -> Vec<String> {
+    let mut held: Vec<(String, u64)> = Vec::new();
+    let store = state.store_path();
+    if let Some(d) = device_of(&store) {
+        held.push((format!("the store {}", store.display()), d));
+    }
+    if let Some(t) = table {
+        if let Some(d) = device_of(t) {
+            held.push((format!("the table {}", t.display()), d));
+        }
+    }
+    let mut out = Vec::new();
+    for task in tasks {
+        let QuiesceMode::Freeze { mounts } = &task.quiesce.mode else {
+            continue;
+        };
+        let mut here = held.clone();
+        for s in &task.sources {
+            if let Some(d) = device_of(&s.target) {
+                here.push((format!("the target {}", s.target.display()), d));
+            }
+        }
+        for m in mounts {
+            let Some(dev) = device_of(m) else {
+                continue;
+            };
+            for (what, d) in &here {
+                if *d == dev {
+                    out.push(format!(
+                        "task {}: freezing {} would freeze {what} (same file system)",
+                        task.index,
+                        m.display()
+                    ));
+                }
+            }
+        }
+    }
+    out
 }

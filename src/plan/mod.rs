@@ -32,8 +32,8 @@ pub use file::{
     WindowSetting, Writes, TARGET_PLACEHOLDERS, TARGET_TEMPLATE_DEFAULT,
 };
 pub use run::{
-    run_plan, CopySettings, Event, HookRecord, PlanRun, PlanStatus, RunContext, Sessions, Step,
-    TaskResult,
+    run_plan, run_plan_observed, CopySettings, Event, HookRecord, NoObserver, PlanRun, PlanStatus,
+    RunContext, RunObserver, Sessions, Step, TaskResult,
 };
 
 use std::fmt;

@@ -5,8 +5,9 @@
 //!
 //! What happened is returned as a value ([`PlanRun`]): the status and reason (JOB-06), one
 //! [`TaskResult`] per task, the event log of the steps taken (the HOOK-01 sequence) and every
-//! hook run with its output. The job layer persists it; this module writes nothing but the
-//! target files.
+//! hook run with its output. This module writes nothing but the target files: the job layer
+//! persists the value, and with [`run_plan_observed`] each step as it happens (a
+//! [`RunObserver`] hears every step, hook start and end, cut and task end).
 //!
 //! Decisions where the lists are silent:
 //! - A job the checks end (skipped or failed) runs no hook at all: `finally` follows what
@@ -322,6 +323,52 @@ impl PlanRun {
     }
 }
 
+/// What the job layer records while a run goes on: each step, each hook's start and end, each
+/// cut, each task's end. [`run_plan`] calls none of it; [`run_plan_observed`] calls it as things
+/// happen, so a store can hold every step before the next one starts. Every method does nothing
+/// by default.
+pub trait RunObserver {
+    /// The run reached `event` (called before the step's work).
+    fn step(&self, _event: Event) {}
+
+    /// The checks passed and expanded these tasks (in creation order).
+    fn tasks(&self, _tasks: &[Task]) {}
+
+    /// A hook of `stage` (for `task`, or the plan) is about to start with `spec`. `Err(why)`
+    /// means it must not start: its start was recorded before for this attempt and its end was
+    /// not (HOOK-10); the run then treats the hook as failed with `why`.
+    ///
+    /// # Errors
+    /// `why`, as above.
+    fn hook_starting(
+        &self,
+        _stage: Stage,
+        _task: Option<u32>,
+        _spec: &HookSpec,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The hook of `stage` ended with `run`.
+    fn hook_ended(&self, _stage: Stage, _task: Option<u32>, _run: &HookRun) {}
+
+    /// The cut of `task` is about to be made with these target paths.
+    fn cutting(&self, _task: &Task) {}
+
+    /// The cut of `task` was made (its sessions) or failed (the error).
+    fn cut(&self, _task: &Task, _result: Result<&[SessionId], &str>) {}
+
+    /// `task` ended: its result, sessions kept only when it ended `ok` or `warning` (the
+    /// sessions of a task that failed after its cut were withdrawn).
+    fn task_ended(&self, _result: &TaskResult) {}
+}
+
+/// The observer that records nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObserver;
+
+impl RunObserver for NoObserver {}
+
 /// A failure of a task: its status, reason and message.
 struct Fail {
     status: RunStatus,
@@ -350,6 +397,7 @@ struct Held {
 
 struct Runner<'p, 'c> {
     plan: &'p Plan,
+    observer: &'c dyn RunObserver,
     ctx: RunContext<'c>,
     quiescer: Quiescer,
     events: Vec<Event>,
@@ -360,7 +408,9 @@ struct Runner<'p, 'c> {
 
 impl Runner<'_, '_> {
     fn event(&mut self, step: Step, task: Option<u32>) {
-        self.events.push(Event { step, task });
+        let e = Event { step, task };
+        self.observer.step(e);
+        self.events.push(e);
     }
 
     fn hook_context(&self, stage: Stage, task: Option<&Task>) -> HookContext {
@@ -387,7 +437,13 @@ impl Runner<'_, '_> {
     ) -> Option<(Verdict, String)> {
         let spec = spec?;
         self.event(step, ctx.task);
+        if let Err(why) = self.observer.hook_starting(stage, ctx.task, spec) {
+            // HOOK-10: never run again within the attempt; it counts as failed, whatever
+            // on_failure says (nobody knows what it did).
+            return Some((Verdict::Fail, format!("{stage}: {why}")));
+        }
         let run = hook::run(spec, &ctx, self.ctx.clock.as_ref());
+        self.observer.hook_ended(stage, ctx.task, &run);
         let verdict = run.outcome.verdict(spec.on_failure);
         let message = match &run.outcome {
             hook::HookOutcome::Failed(e) => format!("{stage}: {e}"),
@@ -492,14 +548,16 @@ impl Runner<'_, '_> {
             }
         }
         held.locks.clear();
-        TaskResult {
+        let result = TaskResult {
             task: task.clone(),
             status,
             reason,
             error,
             sessions: held.sessions.clone(),
             t0_unix_ms: held.t0,
-        }
+        };
+        self.observer.task_ended(&result);
+        result
     }
 
     /// Withdraw the sessions and remove the target files of a task that failed.
@@ -598,6 +656,7 @@ impl Runner<'_, '_> {
             })?;
         // The cut: one session, or the group in one commit (PLAN-14).
         self.event(Step::Cut, Some(task.index));
+        self.observer.cutting(task);
         let cut = if task.group {
             let name = group_name(&plan.name, self.ctx.job, task.index);
             sessions.establish_group(&name, &specs)
@@ -610,6 +669,10 @@ impl Runner<'_, '_> {
                 )
                 .map(|id| vec![id])
         };
+        match &cut {
+            Ok(ids) => self.observer.cut(task, Ok(ids)),
+            Err(e) => self.observer.cut(task, Err(&e.to_string())),
+        }
         let ids = match cut {
             Ok(ids) => ids,
             Err(e) => {
@@ -746,9 +809,16 @@ fn status_for_hooks(status: PlanStatus) -> RunStatus {
 /// failure is a status with a reason in the returned [`PlanRun`].
 #[must_use]
 pub fn run_plan(plan: &Plan, ctx: &RunContext<'_>) -> PlanRun {
+    run_plan_observed(plan, ctx, &NoObserver)
+}
+
+/// [`run_plan`], telling `observer` each step as it happens (the job layer persists them).
+#[must_use]
+pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunObserver) -> PlanRun {
     let ctx = *ctx;
     let mut runner = Runner {
         plan,
+        observer,
         ctx,
         quiescer: Quiescer::new(Arc::clone(ctx.quiesce), Arc::clone(ctx.clock)),
         events: Vec::new(),
@@ -818,6 +888,7 @@ pub fn run_plan(plan: &Plan, ctx: &RunContext<'_>) -> PlanRun {
         }
     }
     run.check = report;
+    observer.tasks(&tasks);
 
     // plan_pre (PLAN-08): at least one task is runnable here.
     let pre_ctx = runner.hook_context(Stage::PlanPre, None);

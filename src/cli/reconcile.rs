@@ -1,0 +1,402 @@
+//! `timezero reconcile` (QUI-09): match what the store says was going on with what the engine
+//! and the file systems hold now, after a process running jobs died. One printed line per
+//! decision.
+//!
+//! For each `Active` job whose owner is gone (a dead `plan run` or daemon instance):
+//! - a lease (a frozen mount) is thawed and dropped;
+//! - a hook run whose start is recorded and end is not is ended `Unknown`; it is never run
+//!   again for that attempt (HOOK-10);
+//! - an `Establish` intent without outcome: a live session in the intent's table whose target is
+//!   the intent's and that no image row names is adopted (its image row is inserted) and, as the
+//!   attempt cannot go on here, withdrawn with its image `Lost`; none found → `NotDone`;
+//! - an `Incomplete` image of the job (cut, copy not finished): its session is withdrawn and the
+//!   image is `Lost`; a file target the job created is removed;
+//! - then the job layer's recovery ends the attempt: before its cut `Failed`
+//!   `DaemonRestarted(phase)` with the retry rule, past it through `JobWork::resume`, which ends
+//!   the attempt `HookUnknown` when one of its hooks is unknown, else `DaemonRestarted`.
+//!
+//! A `QuiesceCommand` intent without outcome (a command quiesce held when the process died) runs
+//! its `unquiesce_cmd` now and is resolved with how that went. Other open intents of dead jobs
+//! are resolved `Unknown`. Broker counters need no repair: every
+//! broker pass rebuilds them from the `Active` jobs. Last, the catalog is reconciled with each
+//! table (CAT-04).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::runner::PlanWork;
+use super::state::StateDir;
+use super::Fail;
+use crate::catalog::{self, Cut, FileVolumes, ReconcileAction};
+use crate::clock::{Clock, SystemClock};
+use crate::engine::{Engine, EngineOptions};
+use crate::hook::{self, HookContext, HookOutcome, HookSpec, Stage};
+use crate::job::{owner_alive, owner_of_this_process, Limits, NewdaySettings, Scheduler};
+use crate::quiesce::{FsFreeze, QuiesceBackend};
+use crate::store::{
+    Change, HookResult, IdKind, ImageId, ImageQuery, ImageState, ImageStateKind, IntentAction,
+    IntentOutcome, JobQuery, JobRecord, JobStateKind, Store,
+};
+use crate::SessionState;
+
+fn store_err(e: crate::store::StoreError) -> Fail {
+    Fail::Message(e.to_string())
+}
+
+/// `timezero reconcile`: returns the decision lines.
+pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String, Fail> {
+    let state = StateDir::new(state);
+    if !state.store_path().exists() {
+        return Ok(if as_json {
+            "[]\n".to_string()
+        } else {
+            format!(
+                "nothing to reconcile: {} has no store\n",
+                state.dir.display()
+            )
+        });
+    }
+    let _lock = match state.hold_runner_lock()? {
+        Ok(f) => f,
+        Err(holder) => {
+            return Err(Fail::Message(format!(
+                "a daemon holds {} ({holder}); it reconciles at its start",
+                state.dir.display()
+            )))
+        }
+    };
+    let store: Arc<dyn Store> = state.open_store()?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mut lines: Vec<String> = Vec::new();
+    let mut engines: HashMap<PathBuf, Arc<Engine>> = HashMap::new();
+    let mut engine = |table: &Path, lines: &mut Vec<String>| -> Option<Arc<Engine>> {
+        if let Some(e) = engines.get(table) {
+            return Some(Arc::clone(e));
+        }
+        match Engine::open_path(table, EngineOptions::default()) {
+            Ok(e) => {
+                let e = Arc::new(e);
+                engines.insert(table.to_path_buf(), Arc::clone(&e));
+                Some(e)
+            }
+            Err(e) => {
+                lines.push(format!("table {}: cannot open: {e}", table.display()));
+                None
+            }
+        }
+    };
+
+    let dead: Vec<JobRecord> = store
+        .jobs(&JobQuery {
+            states: Some(vec![JobStateKind::Active]),
+            ..JobQuery::default()
+        })
+        .map_err(store_err)?
+        .into_iter()
+        .filter(|j| j.owner.as_deref().is_none_or(|o| !owner_alive(o)))
+        .collect();
+    let dead_ids: BTreeSet<_> = dead.iter().map(|j| j.id).collect();
+    let now = clock.now();
+
+    // Leases: thaw what a dead job froze.
+    let freeze: Arc<dyn QuiesceBackend> = Arc::new(FsFreeze);
+    for lease in store.open_leases().map_err(store_err)? {
+        let live = store
+            .job(lease.job)
+            .map_err(store_err)?
+            .is_some_and(|j| j.state.kind() == JobStateKind::Active && !dead_ids.contains(&j.id));
+        if live {
+            continue;
+        }
+        let thawed = match freeze.thaw(&lease.mount) {
+            Ok(()) => "thawed".to_string(),
+            Err(e) => format!("thaw: {e}"),
+        };
+        store
+            .commit(vec![Change::DropLease(lease.id)])
+            .map_err(store_err)?;
+        lines.push(format!(
+            "{}: lease on {} of a job not running: {thawed}, dropped",
+            lease.job,
+            lease.mount.display()
+        ));
+    }
+
+    for job in &dead {
+        // Hook runs in flight.
+        for run in store.hook_runs(job.id).map_err(store_err)? {
+            if run.key.attempt != job.attempt || run.ended.is_some() {
+                continue;
+            }
+            store
+                .commit(vec![Change::EndHookRun {
+                    key: run.key,
+                    ended: now,
+                    result: HookResult::Unknown,
+                    stdout_tail: Vec::new(),
+                    stderr_tail: Vec::new(),
+                }])
+                .map_err(store_err)?;
+            let task = run
+                .key
+                .task
+                .map(|t| format!(" task {t}"))
+                .unwrap_or_default();
+            lines.push(format!(
+                "{}: hook {}{task} started and never ended: unknown, not run again in attempt {}",
+                job.id,
+                run.key.stage.as_str(),
+                run.key.attempt
+            ));
+        }
+    }
+
+    // Open intents of dead jobs.
+    let images = store.images(&ImageQuery::default()).map_err(store_err)?;
+    for intent in store.open_intents().map_err(store_err)? {
+        if !dead_ids.contains(&intent.job) {
+            continue;
+        }
+        let Some(job) = dead.iter().find(|j| j.id == intent.job) else {
+            continue;
+        };
+        let outcome = match &intent.action {
+            IntentAction::QuiesceCommand { argv } => {
+                // A command quiesce held when the process died: undo it now (QUI-01: the
+                // unquiesce command runs whatever happened to the quiesce command).
+                let mut ctx = HookContext::new(Stage::Unquiesce);
+                ctx.job = Some(job.id);
+                ctx.attempt = Some(intent.attempt);
+                ctx.plan = job.kind.plan().map(str::to_string);
+                ctx.task = intent.task;
+                ctx.backup_day = Some(job.backup_day);
+                match HookSpec::new(argv.clone()) {
+                    Ok(spec) => {
+                        let run = hook::run(&spec, &ctx, &SystemClock);
+                        let task = intent
+                            .task
+                            .map(|t| format!(" of task {t}"))
+                            .unwrap_or_default();
+                        lines.push(format!(
+                            "{}: quiesce{task} held when its process died: unquiesce_cmd run, {}",
+                            job.id,
+                            match &run.outcome {
+                                HookOutcome::Success => "exit 0".to_string(),
+                                HookOutcome::Skip => "exit 75".to_string(),
+                                HookOutcome::Failed(e) => e.to_string(),
+                            }
+                        ));
+                        match run.outcome {
+                            HookOutcome::Failed(e) => IntentOutcome::Failed(e.to_string()),
+                            _ => IntentOutcome::Done,
+                        }
+                    }
+                    Err(e) => IntentOutcome::Failed(e.to_string()),
+                }
+            }
+            IntentAction::Establish { table, target } => {
+                let found = engine(table, &mut lines).and_then(|e| {
+                    e.status()
+                        .into_iter()
+                        .find(|s| {
+                            &s.target == target
+                                && s.state.is_live()
+                                && !images
+                                    .iter()
+                                    .any(|i| i.session == s.id && &i.table == table)
+                        })
+                        .map(|s| (e, s.id))
+                });
+                match found {
+                    Some((e, session)) => {
+                        // Adopt: the row the cut would have written, then give it up, as the
+                        // attempt cannot go on in this process.
+                        let plan = job.kind.plan().unwrap_or_default().to_string();
+                        let cut = Cut {
+                            job: job.id,
+                            task: intent.task.unwrap_or(0),
+                            plan: &plan,
+                            backup_day: job.backup_day,
+                            table,
+                        };
+                        if let Ok(s) = e.session(session) {
+                            let id = ImageId(store.allocate(IdKind::Image).map_err(store_err)?);
+                            store
+                                .commit(vec![Change::PutImage(catalog::image_at_cut(
+                                    id, &cut, &s.desc,
+                                ))])
+                                .map_err(store_err)?;
+                            lines.push(format!(
+                                "{}: cut of task {} made session {session} with no image row: \
+                                 adopted as {id}",
+                                job.id, cut.task
+                            ));
+                        }
+                        IntentOutcome::Adopted(session)
+                    }
+                    None => IntentOutcome::NotDone,
+                }
+            }
+            _ => IntentOutcome::Unknown,
+        };
+        lines.push(format!(
+            "{}: intent {} ({}) without outcome: {}",
+            intent.job,
+            intent.id,
+            intent_what(&intent.action),
+            match &outcome {
+                IntentOutcome::Adopted(s) => format!("adopted {s}"),
+                IntentOutcome::NotDone => "not done".to_string(),
+                IntentOutcome::Done => "done".to_string(),
+                IntentOutcome::Failed(e) => format!("failed: {e}"),
+                _ => "unknown".to_string(),
+            }
+        ));
+        store
+            .commit(vec![Change::Resolve {
+                intent: intent.id,
+                outcome,
+                at: now,
+            }])
+            .map_err(store_err)?;
+    }
+
+    // Incomplete images of dead jobs: the copy cannot finish here.
+    for image in store.images(&ImageQuery::default()).map_err(store_err)? {
+        if image.state.kind() != ImageStateKind::Incomplete || !dead_ids.contains(&image.job) {
+            continue;
+        }
+        let mut what = Vec::new();
+        if let Some(e) = engine(&image.table, &mut lines) {
+            let live = e
+                .status()
+                .iter()
+                .any(|s| s.id == image.session && s.state.is_live());
+            if live {
+                match e.withdraw(image.session) {
+                    Ok(()) => what.push(format!("session {} withdrawn", image.session)),
+                    Err(err) => what.push(format!("withdraw {}: {err}", image.session)),
+                }
+            }
+            let completed = e
+                .status()
+                .iter()
+                .any(|s| s.id == image.session && s.state == SessionState::Completed);
+            if !completed {
+                match std::fs::remove_file(&image.target.locator) {
+                    Ok(()) => what.push(format!("target {} removed", image.target.locator)),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => what.push(format!("remove {}: {err}", image.target.locator)),
+                }
+            }
+        }
+        store
+            .commit(vec![Change::SetImageState {
+                image: image.id,
+                from: ImageStateKind::Incomplete,
+                to: ImageState::Lost {
+                    why: format!("job {} died before the image was complete", image.job),
+                    engine: None,
+                },
+            }])
+            .map_err(store_err)?;
+        what.push("lost".to_string());
+        lines.push(format!(
+            "{}: image {} incomplete: {}",
+            image.job,
+            image.id,
+            what.join(", ")
+        ));
+    }
+
+    // The jobs themselves, by the job layer's recovery.
+    let global = state.global()?;
+    let work = Arc::new(PlanWork {
+        store: Arc::clone(&store),
+        clock: Arc::clone(&clock),
+        global,
+        plans: HashMap::new(),
+        tables: HashMap::new(),
+        engines: Mutex::new(HashMap::new()),
+    });
+    let scheduler = Scheduler::new(
+        Arc::clone(&store),
+        clock,
+        work,
+        Limits::default(),
+        NewdaySettings::default(),
+        owner_of_this_process(),
+    );
+    let taken = scheduler
+        .recover(&owner_alive)
+        .map_err(|e| Fail::Message(e.to_string()))?;
+    scheduler
+        .settle()
+        .map_err(|e| Fail::Message(e.to_string()))?;
+    for id in taken {
+        if let Some(j) = store.job(id).map_err(store_err)? {
+            lines.push(format!(
+                "{id}: its process died; now {}",
+                super::jobs::state_text(&j.state)
+            ));
+        }
+    }
+    let active = store
+        .jobs(&JobQuery {
+            states: Some(vec![JobStateKind::Active]),
+            ..JobQuery::default()
+        })
+        .map_err(store_err)?
+        .len();
+    lines.push(format!(
+        "broker counters: rebuilt from the {active} active job(s) at each pass"
+    ));
+
+    // The catalog against each table.
+    let mut tables: BTreeSet<PathBuf> = state.tables()?.into_iter().collect();
+    for i in store.images(&ImageQuery::default()).map_err(store_err)? {
+        tables.insert(i.table.clone());
+    }
+    for table in tables {
+        let Some(e) = engine(&table, &mut lines) else {
+            continue;
+        };
+        match catalog::reconcile(&*store, &e, &table, &[], &FileVolumes::default()) {
+            Ok(report) => {
+                for a in report.done {
+                    lines.push(match a {
+                        ReconcileAction::Lose { image, why, .. } => {
+                            format!("catalog: image {image} lost: {why}")
+                        }
+                        ReconcileAction::RemoveTarget { image, locator } => {
+                            format!("catalog: expired image {image}: target {locator} removed")
+                        }
+                        ReconcileAction::Withdraw { image, session } => {
+                            format!("catalog: expired image {image}: session {session} withdrawn")
+                        }
+                    });
+                }
+            }
+            Err(err) => lines.push(format!("catalog: table {}: {err}", table.display())),
+        }
+    }
+    if as_json {
+        return Ok(crate::command::output::json(&lines)?);
+    }
+    Ok(lines.iter().map(|l| format!("{l}\n")).collect())
+}
+
+fn intent_what(a: &IntentAction) -> String {
+    match a {
+        IntentAction::Hook { key } => format!("hook {}", key.stage.as_str()),
+        IntentAction::Freeze { mount } => format!("freeze {}", mount.display()),
+        IntentAction::QuiesceCommand { argv } => format!("quiesce command {}", argv.join(" ")),
+        IntentAction::Establish { target, .. } => format!("establish to {target}"),
+        IntentAction::Withdraw { session, .. } => format!("withdraw {session}"),
+        IntentAction::CreateTarget { path } => format!("create {}", path.display()),
+        IntentAction::DeleteTarget { path } => format!("delete {}", path.display()),
+    }
+}

@@ -1,0 +1,722 @@
+//! The work of a backup job: [`PlanWork`] implements the job layer's [`JobWork`] with
+//! [`plan::run_plan_observed`] on the real engine, and [`Recorder`] writes each step to the
+//! store as it happens (docs/orchestration.md, sections 1.2 and 3.2):
+//!
+//! - every step moves the job's phase (`Active { phase }`) and the task's `Running(step)`;
+//! - the tasks are put `Pending` when the checks expanded them and get their end status at the
+//!   end of the run;
+//! - a hook's start is committed before the hook runs and its end after it ends; a start that
+//!   is already recorded for the attempt is never run again (HOOK-10): the run treats it as
+//!   failed and the job ends `HookUnknown`;
+//! - an `Establish` intent is committed before each cut and resolved with the session after
+//!   it, in the same commit as the image row, `Incomplete` (CAT-01);
+//! - the images of a task become `Valid` at its catalog step (its copy is complete, before
+//!   `task_post`); those of a task that fails after its cut are `Lost` (its sessions were
+//!   withdrawn, its targets removed).
+//!
+//! A store error while recording does not stop the run (the run's own outcome decides the
+//! job); it is kept and reported as the job's end reason when nothing else failed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use parking_lot::Mutex;
+
+use crate::catalog::{self, Cut};
+use crate::clock::Clock;
+use crate::engine::{Engine, EngineOptions};
+use crate::hook::{HookError, HookOutcome, HookRun, HookSpec, RunStatus, Stage};
+use crate::job::{step as job_step, Event as JobEvent, JobOutcome, JobWork, Needs, Readiness};
+use crate::plan::{
+    self, FsFinder, GlobalConfig, Plan, PlanRun, PlanStatus, RunContext, RunObserver, Step, Task,
+    TaskResult,
+};
+use crate::quiesce::{FsFreeze, QuiesceBackend, QuiesceMode};
+use crate::store::{
+    BackupDay, Change, HookResult, HookRunKey, HookRunRecord, HookStage, IdKind, ImageId,
+    ImageState, ImageStateKind, Intent, IntentAction, IntentId, IntentOutcome, JobId, JobReason,
+    JobRecord, JobStatus, Phase, Store, StoreError, TaskRecord, TaskStatus, TaskStep,
+};
+use crate::SessionId;
+
+/// The work of backup jobs run by this process.
+pub(super) struct PlanWork {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The clock of the runs (the scheduler's).
+    pub clock: Arc<dyn Clock>,
+    /// The global configuration.
+    pub global: GlobalConfig,
+    /// The plans this process may run, by name, with their files.
+    pub plans: HashMap<String, (PathBuf, Plan)>,
+    /// The activity table of each plan, by plan name.
+    pub tables: HashMap<String, PathBuf>,
+    /// The engine of each table, opened on first use.
+    pub engines: Mutex<HashMap<PathBuf, Arc<Engine>>>,
+}
+
+impl std::fmt::Debug for PlanWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlanWork")
+            .field("plans", &self.plans.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PlanWork {
+    fn engine(&self, table: &Path) -> crate::Result<Arc<Engine>> {
+        let mut engines = self.engines.lock();
+        if let Some(e) = engines.get(table) {
+            return Ok(Arc::clone(e));
+        }
+        let e = Arc::new(Engine::open_path(table, EngineOptions::default())?);
+        engines.insert(table.to_path_buf(), Arc::clone(&e));
+        Ok(e)
+    }
+}
+
+fn failed(reason: JobReason) -> JobOutcome {
+    JobOutcome::Done {
+        status: JobStatus::Failed,
+        reason: Some(reason),
+    }
+}
+
+impl JobWork for PlanWork {
+    fn needs(&self, _job: &JobRecord, _now: Timestamp) -> Needs {
+        Needs {
+            resources: Vec::new(),
+            readiness: Readiness::Ready,
+        }
+    }
+
+    fn run(&self, job: &JobRecord, _clock: &dyn Clock) -> JobOutcome {
+        let Some(name) = job.kind.plan() else {
+            return failed(JobReason::Plan(format!(
+                "job {} is not a backup job",
+                job.id
+            )));
+        };
+        let Some((_, plan)) = self.plans.get(name) else {
+            return failed(JobReason::Plan(format!("plan {name} is not loaded")));
+        };
+        let Some(table) = self.tables.get(name) else {
+            return failed(JobReason::Plan(format!("plan {name} has no table")));
+        };
+        let engine = match self.engine(table) {
+            Ok(e) => e,
+            Err(e) => {
+                return failed(JobReason::Engine(format!(
+                    "open table {}: {e}",
+                    table.display()
+                )))
+            }
+        };
+        let clock = Arc::clone(&self.clock);
+        let quiesce: Arc<dyn QuiesceBackend> = Arc::new(FsFreeze);
+        let recorder = Recorder {
+            store: Arc::clone(&self.store),
+            clock: Arc::clone(&clock),
+            engine: Arc::clone(&engine),
+            job: job.id,
+            attempt: job.attempt,
+            plan: plan.name.clone(),
+            backup_day: job.backup_day,
+            table: table.clone(),
+            inner: Mutex::new(Inner::default()),
+        };
+        let ctx = RunContext {
+            global: &self.global,
+            clock: &clock,
+            sessions: &engine,
+            finder: &FsFinder,
+            quiesce: &quiesce,
+            job: job.id,
+            attempt: job.attempt,
+            backup_day: job.backup_day,
+        };
+        let run = plan::run_plan_observed(plan, &ctx, &recorder);
+        recorder.finish(&run)
+    }
+
+    fn resume(&self, job: &JobRecord, _clock: &dyn Clock) -> JobOutcome {
+        // The task flow cannot continue an attempt in another process yet: the attempt past
+        // its cut ends here. A hook of it whose end is unknown decides the reason (HOOK-10).
+        let unknown = self.store.hook_runs(job.id).is_ok_and(|runs| {
+            runs.iter()
+                .any(|r| r.key.attempt == job.attempt && r.result == Some(HookResult::Unknown))
+        });
+        if unknown {
+            return failed(JobReason::HookUnknown);
+        }
+        failed(JobReason::DaemonRestarted(match &job.state {
+            crate::store::JobState::Active { phase } => *phase,
+            _ => Phase::AwaitingResources,
+        }))
+    }
+
+    fn stop(&self, _job: JobId, _attempt: u32, _reason: &JobReason) {}
+}
+
+/// What the recorder knows of the run beyond the store.
+#[derive(Debug, Default)]
+struct Inner {
+    /// Each task's status as last written.
+    tasks: HashMap<u32, TaskStatus>,
+    /// The open `Establish` intents of each task.
+    intents: HashMap<u32, Vec<IntentId>>,
+    /// The image rows of each task.
+    images: HashMap<u32, Vec<ImageId>>,
+    /// The tasks, by index.
+    plan_tasks: HashMap<u32, Task>,
+    /// The open `QuiesceCommand` intent of each task whose command quiesce is held.
+    held: HashMap<u32, IntentId>,
+    /// The last step of each task.
+    last_step: HashMap<u32, Step>,
+    /// A hook was not run again because its start was recorded before (HOOK-10).
+    hook_unknown: bool,
+    /// The first store error.
+    error: Option<String>,
+}
+
+/// Writes a run's steps to the store as they happen (see the module's text).
+pub(super) struct Recorder {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    engine: Arc<Engine>,
+    job: JobId,
+    attempt: u32,
+    plan: String,
+    backup_day: BackupDay,
+    table: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+fn hook_stage(stage: Stage) -> Option<HookStage> {
+    Some(match stage {
+        Stage::PlanPre => HookStage::PlanPre,
+        Stage::TaskPre => HookStage::TaskPre,
+        Stage::AfterCut => HookStage::AfterCut,
+        Stage::TaskPost => HookStage::TaskPost,
+        Stage::PlanPost => HookStage::PlanPost,
+        Stage::Finally => HookStage::Finally,
+        Stage::Quiesce | Stage::QuiesceStatus | Stage::Unquiesce => return None,
+    })
+}
+
+fn task_step(step: Step) -> Option<TaskStep> {
+    Some(match step {
+        Step::TaskPre => TaskStep::Pre,
+        Step::Quiesce => TaskStep::Quiesce,
+        Step::Cut => TaskStep::Cut,
+        Step::Thaw => TaskStep::Thaw,
+        Step::AfterCut => TaskStep::AfterCut,
+        Step::Copy => TaskStep::Copy,
+        Step::Catalog => TaskStep::Catalog,
+        Step::TaskPost => TaskStep::Post,
+        Step::Finally => TaskStep::Finally,
+        Step::Checks | Step::PlanPre | Step::PlanPost => return None,
+    })
+}
+
+fn task_status(status: RunStatus) -> TaskStatus {
+    match status {
+        RunStatus::Running => TaskStatus::Pending,
+        RunStatus::Ok => TaskStatus::Ok,
+        RunStatus::Warning => TaskStatus::Warning,
+        RunStatus::Skipped => TaskStatus::Skipped,
+        RunStatus::Failed => TaskStatus::Failed,
+        RunStatus::Canceled => TaskStatus::Canceled,
+    }
+}
+
+/// The store's result of a hook run.
+pub(super) fn hook_result(run: &HookRun) -> HookResult {
+    match &run.outcome {
+        HookOutcome::Failed(HookError::TimedOut { .. }) => HookResult::TimedOut,
+        HookOutcome::Failed(HookError::Spawn { .. }) => {
+            HookResult::SpawnFailed(match &run.outcome {
+                HookOutcome::Failed(e) => e.to_string(),
+                _ => String::new(),
+            })
+        }
+        _ => match (run.exit_code, run.signal) {
+            (Some(c), _) => HookResult::Exited(c),
+            (None, Some(s)) => HookResult::Signaled(s),
+            (None, None) => HookResult::Exited(0),
+        },
+    }
+}
+
+impl Recorder {
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let r = self.store.commit(changes);
+        if let Err(e) = &r {
+            self.inner.lock().error.get_or_insert_with(|| e.to_string());
+        }
+        r
+    }
+
+    fn phase(&self, phase: Phase) {
+        let Ok(Some(job)) = self.store.job(self.job) else {
+            return;
+        };
+        if job.attempt != self.attempt {
+            return;
+        }
+        let (changes, _) = job_step(
+            &job,
+            JobEvent::Phase {
+                phase,
+                at: self.now(),
+            },
+        );
+        let _ = self.commit(changes);
+    }
+
+    fn set_task(
+        &self,
+        index: u32,
+        to: TaskStatus,
+        reason: Option<JobReason>,
+        message: Option<String>,
+    ) {
+        let from = {
+            let inner = self.inner.lock();
+            match inner.tasks.get(&index) {
+                Some(s) => *s,
+                None => return,
+            }
+        };
+        if from == to && reason.is_none() && message.is_none() {
+            return;
+        }
+        if self
+            .commit(vec![Change::UpdateTask {
+                job: self.job,
+                index,
+                from,
+                to,
+                reason,
+                message,
+            }])
+            .is_ok()
+        {
+            self.inner.lock().tasks.insert(index, to);
+        }
+    }
+
+    /// A command quiesce is held from its `quiesce_cmd` until its `unquiesce_cmd` has run: an
+    /// open `QuiesceCommand` intent naming the `unquiesce_cmd` is committed before the quiesce
+    /// starts and resolved at the task's first step after the thaw (or its end), so that
+    /// `reconcile` runs the `unquiesce_cmd` of a process that died in between.
+    fn quiesce_intent(&self, index: u32, step: Step) {
+        let last = self.inner.lock().last_step.insert(index, step);
+        if last == Some(Step::Thaw) && step != Step::Thaw {
+            self.resolve_held(index);
+        }
+        if step != Step::Quiesce {
+            return;
+        }
+        let argv = match self
+            .inner
+            .lock()
+            .plan_tasks
+            .get(&index)
+            .map(|t| &t.quiesce.mode)
+        {
+            Some(QuiesceMode::Command { unquiesce, .. }) => unquiesce.run.clone(),
+            _ => return,
+        };
+        let Ok(n) = self.store.allocate(IdKind::Intent) else {
+            return;
+        };
+        let id = IntentId(n);
+        let put = self.commit(vec![Change::PutIntent(Intent {
+            id,
+            job: self.job,
+            attempt: self.attempt,
+            task: Some(index),
+            action: IntentAction::QuiesceCommand { argv },
+            created: self.now(),
+            outcome: None,
+            resolved: None,
+        })]);
+        if put.is_ok() {
+            self.inner.lock().held.insert(index, id);
+        }
+    }
+
+    /// The quiesce of task `index` was undone.
+    fn resolve_held(&self, index: u32) {
+        let id = self.inner.lock().held.remove(&index);
+        if let Some(intent) = id {
+            let _ = self.commit(vec![Change::Resolve {
+                intent,
+                outcome: IntentOutcome::Done,
+                at: self.now(),
+            }]);
+        }
+    }
+
+    /// The task reached its catalog step (its copy is complete): its images become `Valid`.
+    fn validate(&self, index: u32) {
+        let images = self
+            .inner
+            .lock()
+            .images
+            .get(&index)
+            .cloned()
+            .unwrap_or_default();
+        let status = self.engine.status();
+        let mut changes = Vec::new();
+        for image in &images {
+            match catalog::validate_changes(&*self.store, &status, *image, None) {
+                Ok(c) => changes.extend(c),
+                Err(e) => {
+                    self.inner
+                        .lock()
+                        .error
+                        .get_or_insert_with(|| format!("image {image}: {e}"));
+                }
+            }
+        }
+        let _ = self.commit(changes);
+    }
+
+    /// Record the run's end: each task's status and reason, and the job's outcome.
+    fn finish(&self, run: &PlanRun) -> JobOutcome {
+        for r in &run.tasks {
+            let reason = r
+                .reason
+                .map(|why| store_reason(why, r.error.as_deref(), run));
+            self.set_task(r.task.index, task_status(r.status), reason, r.error.clone());
+        }
+        let inner = self.inner.lock();
+        let reason = run
+            .reason
+            .map(|why| store_reason(why, run.error.as_deref(), run));
+        let (status, reason) = match run.status {
+            PlanStatus::Ok => (JobStatus::Success, None),
+            PlanStatus::Partial => (JobStatus::Partial, None),
+            PlanStatus::Skipped => (JobStatus::Skipped, reason),
+            PlanStatus::Failed => (JobStatus::Failed, reason),
+        };
+        if inner.hook_unknown {
+            return failed(JobReason::HookUnknown);
+        }
+        if let (JobStatus::Success | JobStatus::Partial, Some(e)) = (status, &inner.error) {
+            return failed(JobReason::Engine(format!("recording the job: {e}")));
+        }
+        JobOutcome::Done { status, reason }
+    }
+}
+
+/// The store's reason for the plan layer's `why`, with the run's messages for the detail.
+fn store_reason(why: plan::JobReason, error: Option<&str>, run: &PlanRun) -> JobReason {
+    use plan::JobReason as P;
+    let msg = || error.unwrap_or_default().to_string();
+    match why {
+        P::BackupsDisabled => JobReason::BackupsDisabled,
+        P::OutsideWindow => JobReason::OutsideWindow,
+        P::DestinationNotMounted => JobReason::DestinationNotMounted,
+        P::DestinationSpace => JobReason::DestinationSpace,
+        P::InvalidPlan | P::TargetConflict => JobReason::Plan(msg()),
+        P::NothingToDo | P::SourceUnavailable | P::NoMatch => JobReason::SourceMissing(msg()),
+        P::WindowClosed => JobReason::WindowClosed,
+        P::HookFailed | P::HookSkipped => {
+            let failed_hook = run.hooks.iter().rev().find_map(|h| match &h.run.outcome {
+                HookOutcome::Failed(e) => Some(e),
+                _ => None,
+            });
+            match failed_hook {
+                Some(HookError::HookExit(n)) => JobReason::HookExit(*n),
+                Some(HookError::ReservedExitCode(n)) => JobReason::ReservedExitCode(*n),
+                Some(HookError::TimedOut { .. }) => JobReason::HookTimedOut,
+                _ if msg().contains("not run again") => JobReason::HookUnknown,
+                _ => JobReason::Engine(msg()),
+            }
+        }
+        P::AlreadyQuiesced => JobReason::AlreadyQuiesced,
+        P::QuiesceFailed => JobReason::QuiesceTimedOut,
+        P::UnquiesceFailed => JobReason::UnquiesceTimedOut,
+        P::TargetBusy => JobReason::TargetBusy,
+        P::TargetCreate | P::Engine | P::TaskFailed => JobReason::Engine(msg()),
+        P::Halted => JobReason::Halted,
+    }
+}
+
+impl RunObserver for Recorder {
+    fn step(&self, event: plan::Event) {
+        let phase = match (event.step, event.task) {
+            (Step::Checks, _) => Phase::Checks,
+            (Step::PlanPre, _) => Phase::PlanPre,
+            (Step::PlanPost | Step::Finally, None) => Phase::PlanPost,
+            (s, Some(index)) => match task_step(s) {
+                Some(step) => Phase::Task { index, step },
+                None => return,
+            },
+            (_, None) => return,
+        };
+        self.phase(phase);
+        if let Some(index) = event.task {
+            self.quiesce_intent(index, event.step);
+        }
+        if let (Step::Catalog, Some(index)) = (event.step, event.task) {
+            self.validate(index);
+        }
+        if let (Some(index), Some(step)) = (event.task, task_step(event.step)) {
+            let known = self.inner.lock().tasks.contains_key(&index);
+            if known {
+                self.set_task(index, TaskStatus::Running(step), None, None);
+            }
+        }
+    }
+
+    fn tasks(&self, tasks: &[Task]) {
+        let mut changes = Vec::new();
+        for t in tasks {
+            let status = if t.skip.is_some() {
+                TaskStatus::Skipped
+            } else {
+                TaskStatus::Pending
+            };
+            let sources: Vec<String> = if t.sources.is_empty() {
+                vec![t.pattern.clone()]
+            } else {
+                t.sources.iter().map(|s| s.source.locator.clone()).collect()
+            };
+            changes.push(Change::PutTask(TaskRecord {
+                job: self.job,
+                index: t.index,
+                activity: t.activity.clone(),
+                region: t.region.clone(),
+                sources,
+                targets: t
+                    .sources
+                    .iter()
+                    .map(|s| s.target.display().to_string())
+                    .collect(),
+                status,
+                reason: None,
+                message: t.skip.as_ref().map(ToString::to_string),
+            }));
+        }
+        self.inner
+            .lock()
+            .plan_tasks
+            .extend(tasks.iter().map(|t| (t.index, t.clone())));
+        if self.commit(changes).is_ok() {
+            let mut inner = self.inner.lock();
+            for t in tasks {
+                let status = if t.skip.is_some() {
+                    TaskStatus::Skipped
+                } else {
+                    TaskStatus::Pending
+                };
+                inner.tasks.insert(t.index, status);
+            }
+        }
+    }
+
+    fn hook_starting(
+        &self,
+        stage: Stage,
+        task: Option<u32>,
+        spec: &HookSpec,
+    ) -> Result<(), String> {
+        let Some(stage) = hook_stage(stage) else {
+            return Ok(());
+        };
+        let key = HookRunKey {
+            job: self.job,
+            attempt: self.attempt,
+            stage,
+            task,
+        };
+        let r = self.store.commit(vec![Change::PutHookRun(HookRunRecord {
+            key,
+            argv: spec.run.clone(),
+            started: self.now(),
+            ended: None,
+            result: None,
+            stdout_tail: Vec::new(),
+            stderr_tail: Vec::new(),
+        })]);
+        match r {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict { .. }) => {
+                // The start is recorded: it ran (or began to) in this attempt already.
+                let _ = self.store.commit(vec![Change::EndHookRun {
+                    key,
+                    ended: self.now(),
+                    result: HookResult::Unknown,
+                    stdout_tail: Vec::new(),
+                    stderr_tail: Vec::new(),
+                }]);
+                self.inner.lock().hook_unknown = true;
+                Err(format!(
+                    "started before in attempt {} and its end is unknown: not run again",
+                    self.attempt
+                ))
+            }
+            Err(e) => {
+                // Unrecorded, it must not run: nobody could tell afterwards.
+                let m = e.to_string();
+                self.inner.lock().error.get_or_insert_with(|| m.clone());
+                Err(format!("its start could not be recorded: {m}"))
+            }
+        }
+    }
+
+    fn hook_ended(&self, stage: Stage, task: Option<u32>, run: &HookRun) {
+        let Some(stage) = hook_stage(stage) else {
+            return;
+        };
+        let _ = self.commit(vec![Change::EndHookRun {
+            key: HookRunKey {
+                job: self.job,
+                attempt: self.attempt,
+                stage,
+                task,
+            },
+            ended: self.now(),
+            result: hook_result(run),
+            stdout_tail: run.stdout.bytes.clone(),
+            stderr_tail: run.stderr.bytes.clone(),
+        }]);
+    }
+
+    fn cutting(&self, task: &Task) {
+        let mut changes = Vec::new();
+        let mut ids = Vec::new();
+        for s in &task.sources {
+            let Ok(n) = self.store.allocate(IdKind::Intent) else {
+                continue;
+            };
+            let id = IntentId(n);
+            ids.push(id);
+            changes.push(Change::PutIntent(Intent {
+                id,
+                job: self.job,
+                attempt: self.attempt,
+                task: Some(task.index),
+                action: IntentAction::Establish {
+                    table: self.table.clone(),
+                    target: s.target.display().to_string(),
+                },
+                created: self.now(),
+                outcome: None,
+                resolved: None,
+            }));
+        }
+        if self.commit(changes).is_ok() {
+            self.inner.lock().intents.insert(task.index, ids);
+        }
+    }
+
+    fn cut(&self, task: &Task, result: Result<&[SessionId], &str>) {
+        let intents = self
+            .inner
+            .lock()
+            .intents
+            .remove(&task.index)
+            .unwrap_or_default();
+        let now = self.now();
+        let mut changes = Vec::new();
+        let mut images = Vec::new();
+        match result {
+            Ok(sessions) => {
+                let cut = Cut {
+                    job: self.job,
+                    task: task.index,
+                    plan: &self.plan,
+                    backup_day: self.backup_day,
+                    table: &self.table,
+                };
+                for (i, id) in sessions.iter().enumerate() {
+                    if let Some(intent) = intents.get(i) {
+                        changes.push(Change::Resolve {
+                            intent: *intent,
+                            outcome: IntentOutcome::Established(*id),
+                            at: now,
+                        });
+                    }
+                    let Ok(session) = self.engine.session(*id) else {
+                        continue;
+                    };
+                    let Ok(n) = self.store.allocate(IdKind::Image) else {
+                        continue;
+                    };
+                    let image = ImageId(n);
+                    images.push(image);
+                    changes.push(Change::PutImage(catalog::image_at_cut(
+                        image,
+                        &cut,
+                        &session.desc,
+                    )));
+                }
+            }
+            Err(e) => {
+                for intent in intents {
+                    changes.push(Change::Resolve {
+                        intent,
+                        outcome: IntentOutcome::Failed(e.to_string()),
+                        at: now,
+                    });
+                }
+            }
+        }
+        if self.commit(changes).is_ok() {
+            self.inner.lock().images.insert(task.index, images);
+        }
+    }
+
+    fn task_ended(&self, result: &TaskResult) {
+        // Every path out of the task undid its quiesce.
+        self.resolve_held(result.task.index);
+        let images = self
+            .inner
+            .lock()
+            .images
+            .remove(&result.task.index)
+            .unwrap_or_default();
+        let good = matches!(result.status, RunStatus::Ok | RunStatus::Warning)
+            && !result.sessions.is_empty();
+        if good {
+            return;
+        }
+        // The task failed after its cut (its sessions were withdrawn, its targets removed).
+        let why = result
+            .error
+            .clone()
+            .unwrap_or_else(|| "its task did not end well".to_string());
+        let mut changes = Vec::new();
+        for image in &images {
+            let Ok(Some(row)) = self.store.image(*image) else {
+                continue;
+            };
+            let from = row.state.kind();
+            if matches!(from, ImageStateKind::Incomplete | ImageStateKind::Valid) {
+                changes.push(Change::SetImageState {
+                    image: *image,
+                    from,
+                    to: ImageState::Lost {
+                        why: format!("task {} failed after its cut: {why}", result.task.index),
+                        engine: None,
+                    },
+                });
+            }
+        }
+        let _ = self.commit(changes);
+    }
+}

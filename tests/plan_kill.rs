@@ -1,0 +1,399 @@
+//! `timezero plan run` killed with SIGKILL at chosen steps, then `timezero reconcile` and a new
+//! run (the real binary, the real SQLite store, file volumes). Hooks that write a marker and
+//! then block let the test pick the moment; the copy is slowed by the plan's `copy_rate` and the
+//! test waits until the store says the job is copying. After each: no hook ran twice for one
+//! attempt, no session exists without its image row, every `Valid` image is T0-exact, and the
+//! new run succeeds.
+
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use timezero::store::{ImageQuery, ImageStateKind, SqliteStore, Store};
+use timezero::{Engine, EngineOptions, SessionState};
+
+const SIZE: usize = 1 << 20;
+const POLL_LIMIT: Duration = Duration::from_secs(60);
+
+fn data(seed: u8) -> Vec<u8> {
+    (0..SIZE)
+        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) ^ (i >> 11) as u8)
+        .collect()
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    state: PathBuf,
+    vols: PathBuf,
+    log: PathBuf,
+}
+
+impl Rig {
+    /// `block` names the stage whose hook writes its pid to `ROOT/marker` and blocks (for the
+    /// first attempt only); `session` adds lines to `[session]`.
+    fn new(block: &str, session: &str) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let state = root.join("state");
+        let vols = root.join("vols");
+        let dest = root.join("dest");
+        for d in [&state.join("plans"), &vols, &dest] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(dest.join(".timezero-dest"), "d1\n").unwrap();
+        std::fs::write(vols.join("a.img"), data(1)).unwrap();
+        std::fs::write(vols.join("b.img"), data(2)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .arg("init")
+            .arg(state.join("db.tzt"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let log = root.join("log");
+        let (l, r) = (log.display(), root.display());
+        let blocker = |stage: &str| {
+            if stage == block {
+                format!(
+                    "if [ $TIMEZERO_JOB = j1 ] && [ ! -e {r}/marker ]; then echo $$ > {r}/marker.tmp; \
+                     mv {r}/marker.tmp {r}/marker; exec sleep 600; fi"
+                )
+            } else {
+                "true".to_string()
+            }
+        };
+        let mut hooks = String::new();
+        for stage in [
+            "plan_pre",
+            "task_pre",
+            "after_cut",
+            "task_post",
+            "plan_post",
+            "finally",
+        ] {
+            hooks += &format!(
+                "{stage} = {{ run = [\"/bin/sh\", \"-c\", \"echo $TIMEZERO_JOB $TIMEZERO_ATTEMPT \
+                 {stage} ${{TIMEZERO_TASK:--}} >> {l}; {}\"] }}\n",
+                blocker(stage)
+            );
+        }
+        let plan = format!(
+            "name = \"db\"\ntable = \"db.tzt\"\ntimezone = \"UTC\"\n\
+             [checks]\nrequire_mount = false\n\
+             [destination]\npath = \"{}\"\nid = \"d1\"\n\
+             [session]\ngrain = \"64KiB\"\n{session}\n\
+             [hooks]\n{hooks}\
+             [[activity]]\nname = \"vols\"\nsources = [\"{}/*.img\"]\n\
+             quiesce = {{ mode = \"command\", \
+             quiesce_cmd = [\"/bin/sh\", \"-c\", \"echo hold $TIMEZERO_JOB $TIMEZERO_TASK >> {l}; {}\"], \
+             unquiesce_cmd = [\"/bin/sh\", \"-c\", \"echo release $TIMEZERO_JOB $TIMEZERO_TASK >> {l}; {}\"] }}\n",
+            dest.display(),
+            vols.display(),
+            blocker("quiesce"),
+            blocker("unquiesce"),
+        );
+        std::fs::write(state.join("plans/db.toml"), plan).unwrap();
+        Rig {
+            _dir: dir,
+            root,
+            state,
+            vols,
+            log,
+        }
+    }
+
+    fn tz(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .args(args)
+            .arg("--state")
+            .arg(&self.state)
+            .output()
+            .unwrap()
+    }
+
+    fn spawn_run(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .args(["plan", "run", "db", "--state"])
+            .arg(&self.state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Poll (bounded) until `ready` holds; the run must still be going.
+    fn wait_for(&self, child: &mut Child, what: &str, ready: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !ready() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before {what}"
+            );
+            assert!(start.elapsed() < POLL_LIMIT, "no {what} in {POLL_LIMIT:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kill the run with SIGKILL, and the blocked hook's process group (a hook runs in a group
+    /// of its own, which outlives its runner like any process would).
+    fn kill(&self, mut child: Child) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if let Ok(pid) = std::fs::read_to_string(self.root.join("marker")) {
+            let pid: i32 = pid.trim().parse().unwrap();
+            let _ = Command::new("kill")
+                .args(["-9", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
+
+    fn log(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The invariants after a kill, a reconcile and a new run.
+    fn check_invariants(&self) {
+        // No hook ran twice for one attempt (job, attempt, stage, task).
+        let mut seen = BTreeMap::new();
+        for line in self.log() {
+            if line.starts_with('j') {
+                *seen.entry(line.clone()).or_insert(0) += 1;
+            }
+        }
+        for (line, n) in &seen {
+            assert_eq!(*n, 1, "hook ran {n} times: {line}");
+        }
+        // Nothing stays held: each hold of a job's task is followed by a release.
+        let mut held: BTreeMap<String, i32> = BTreeMap::new();
+        for line in self.log() {
+            if let Some(who) = line.strip_prefix("hold ") {
+                *held.entry(who.to_string()).or_insert(0) += 1;
+            } else if let Some(who) = line.strip_prefix("release ") {
+                let n = held.entry(who.to_string()).or_insert(0);
+                *n = (*n - 1).max(0);
+            }
+        }
+        for (who, n) in &held {
+            assert_eq!(*n, 0, "the quiesce of {who} is still held");
+        }
+        let store = SqliteStore::open(self.state.join("orchestration.sqlite")).unwrap();
+        let images = store.images(&ImageQuery::default()).unwrap();
+        let engine =
+            Engine::open_path(&self.state.join("db.tzt"), EngineOptions::default()).unwrap();
+        // No session without its image row.
+        for s in engine.status() {
+            if matches!(
+                s.state,
+                SessionState::Active | SessionState::Suspended | SessionState::Completed
+            ) {
+                assert!(
+                    images.iter().any(|i| i.session == s.id),
+                    "session {} ({:?}) has no image row",
+                    s.id,
+                    s.state
+                );
+            }
+        }
+        // Every Valid image is T0-exact (nothing wrote to the sources).
+        let mut valid = 0;
+        for i in &images {
+            if i.state.kind() == ImageStateKind::Valid {
+                valid += 1;
+                let name = Path::new(&i.source.locator).file_name().unwrap();
+                let want = std::fs::read(self.vols.join(name)).unwrap();
+                let got = std::fs::read(&i.target.locator).unwrap();
+                assert!(got == want, "image {} differs from its source", i.id);
+            }
+        }
+        assert!(valid >= 2, "the new run's images are valid");
+    }
+
+    fn reconcile_and_rerun(&self) -> String {
+        let out = self.tz(&["reconcile"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let again = self.tz(&["reconcile"]);
+        assert_eq!(again.status.code(), Some(0), "{again:?}");
+        let again = String::from_utf8_lossy(&again.stdout).into_owned();
+        assert!(
+            !again.contains("j1:"),
+            "a second reconcile finds nothing: {again}"
+        );
+        let out = self.tz(&["plan", "run", "db", "--wait"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "j2\n");
+        text
+    }
+
+    fn job_state(&self, job: &str) -> serde_json::Value {
+        let out = self.tz(&["jobs", "show", job, "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v
+    }
+}
+
+#[test]
+fn plan_kill_during_task_pre() {
+    let r = Rig::new("task_pre", "");
+    let mut child = r.spawn_run();
+    let marker = r.root.join("marker");
+    r.wait_for(&mut child, "task_pre", || marker.exists());
+    r.kill(child);
+    let text = r.reconcile_and_rerun();
+    assert!(
+        text.contains("j1: hook task_pre task 1 started and never ended: unknown"),
+        "{text}"
+    );
+    let j1 = r.job_state("j1");
+    let state = &j1["job"]["state"];
+    // Before its cut: the attempt failed DaemonRestarted; the retry rule queues a retry.
+    assert!(
+        state["state"] == "waiting_for_retry" || state["reason"]["reason"] == "daemon_restarted",
+        "{j1:#}"
+    );
+    let hook = j1["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["key"]["stage"] == "task_pre")
+        .unwrap();
+    assert_eq!(hook["result"]["result"], "unknown", "{j1:#}");
+    assert!(
+        j1["images"].as_array().unwrap().is_empty(),
+        "no cut: {j1:#}"
+    );
+    r.check_invariants();
+}
+
+#[test]
+fn hook_10_killed_during_task_post_the_hook_is_unknown_and_never_run_again() {
+    let r = Rig::new("task_post", "");
+    let mut child = r.spawn_run();
+    let marker = r.root.join("marker");
+    r.wait_for(&mut child, "task_post", || marker.exists());
+    r.kill(child);
+    let text = r.reconcile_and_rerun();
+    assert!(
+        text.contains("j1: hook task_post task 1 started and never ended: unknown"),
+        "{text}"
+    );
+    let j1 = r.job_state("j1");
+    let status = &j1["job"]["state"];
+    // Past its cut: the attempt ends with the hook's end unknown (HOOK-10), status >= 1.
+    assert!(
+        status["state"] == "waiting_for_retry" || status["reason"]["reason"] == "hook_unknown",
+        "{j1:#}"
+    );
+    // task_post of task 1 was never run again in attempt 1.
+    let log = r.log();
+    assert_eq!(
+        log.iter().filter(|l| *l == "j1 1 task_post 1").count(),
+        1,
+        "{log:?}"
+    );
+    // The copy had completed before task_post: its image is valid (checked T0-exact below).
+    let images = j1["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{j1:#}");
+    assert_eq!(images[0]["state"]["state"], "valid", "{j1:#}");
+    r.check_invariants();
+}
+
+#[test]
+fn qui_09_reconcile_after_a_kill_during_the_copy_withdraws_and_loses_the_image() {
+    // 64 KiB/s over 1 MiB: the copy takes about 16 s, plenty to be caught in.
+    let r = Rig::new("", "copy_rate = \"64KiB\"\ncopy_threads = 1");
+    let mut child = r.spawn_run();
+    let store_path = r.state.join("orchestration.sqlite");
+    r.wait_for(&mut child, "the copy step", || {
+        let Ok(store) = SqliteStore::open(&store_path) else {
+            return false;
+        };
+        let Ok(Some(job)) = store.job(timezero::store::JobId(1)) else {
+            return false;
+        };
+        matches!(
+            job.state,
+            timezero::store::JobState::Active {
+                phase: timezero::store::Phase::Task {
+                    step: timezero::store::TaskStep::Copy,
+                    ..
+                }
+            }
+        )
+    });
+    r.kill(child);
+    let text = r.reconcile_and_rerun();
+    assert!(
+        text.contains("j1: image i1 incomplete: session s1 withdrawn"),
+        "{text}"
+    );
+    assert!(text.contains("lost"), "{text}");
+    let j1 = r.job_state("j1");
+    let images = j1["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{j1:#}");
+    assert_eq!(images[0]["state"]["state"], "lost", "{j1:#}");
+    assert!(
+        !Path::new(images[0]["target"]["locator"].as_str().unwrap()).exists(),
+        "the unfinished target is removed"
+    );
+    r.check_invariants();
+}
+
+#[test]
+fn plan_kill_while_quiesced() {
+    // The quiesce command held the application and had not returned.
+    let r = Rig::new("quiesce", "");
+    let mut child = r.spawn_run();
+    let marker = r.root.join("marker");
+    r.wait_for(&mut child, "the quiesce command", || marker.exists());
+    r.kill(child);
+    let text = r.reconcile_and_rerun();
+    assert!(
+        text.contains(
+            "j1: quiesce of task 1 held when its process died: unquiesce_cmd run, exit 0"
+        ),
+        "{text}"
+    );
+    let log = r.log();
+    assert!(log.contains(&"release j1 1".to_string()), "{log:?}");
+    let j1 = r.job_state("j1");
+    assert!(
+        j1["images"].as_array().unwrap().is_empty(),
+        "no cut: {j1:#}"
+    );
+    r.check_invariants();
+}
+
+#[test]
+fn plan_kill_between_cut_and_thaw() {
+    // The cut is made; the unquiesce command is running and has not returned.
+    let r = Rig::new("unquiesce", "");
+    let mut child = r.spawn_run();
+    let marker = r.root.join("marker");
+    r.wait_for(&mut child, "the unquiesce command", || marker.exists());
+    r.kill(child);
+    let text = r.reconcile_and_rerun();
+    assert!(text.contains("j1: quiesce of task 1 held"), "{text}");
+    assert!(
+        text.contains("j1: image i1 incomplete: session s1 withdrawn"),
+        "{text}"
+    );
+    let j1 = r.job_state("j1");
+    let images = j1["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{j1:#}");
+    assert_eq!(images[0]["state"]["state"], "lost", "{j1:#}");
+    r.check_invariants();
+}

@@ -1,0 +1,294 @@
+//! `timezero plan run`, `plan list`, `jobs` and `jobs show` on the real binary: a plan over two
+//! file volumes with a command quiesce and hooks that log, run in the command's own process
+//! with everything recorded in the state directory's SQLite store.
+
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const SIZE: usize = 1 << 20;
+
+/// A state directory with a table, two source volumes, a destination and a plan `db`.
+struct Rig {
+    dir: tempfile::TempDir,
+    state: PathBuf,
+    vols: PathBuf,
+    dest: PathBuf,
+    log: PathBuf,
+}
+
+fn data(seed: u8) -> Vec<u8> {
+    (0..SIZE)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+fn tz(args: &[&str], state: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_timezero"))
+        .args(args)
+        .arg("--state")
+        .arg(state)
+        .output()
+        .unwrap()
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+impl Rig {
+    fn new(extra_hooks: &str) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let vols = dir.path().join("vols");
+        let dest = dir.path().join("dest");
+        for d in [&state.join("plans"), &vols, &dest] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(dest.join(".timezero-dest"), "d1\n").unwrap();
+        std::fs::write(vols.join("a.img"), data(1)).unwrap();
+        std::fs::write(vols.join("b.img"), data(2)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .arg("init")
+            .arg(state.join("db.tzt"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let log = dir.path().join("log");
+        let l = log.display();
+        let hook = |stage: &str| {
+            format!(
+                "{stage} = {{ run = [\"/bin/sh\", \"-c\", \
+                 \"echo {stage} ${{TIMEZERO_TASK:--}} >> {l}; echo out-{stage}\"] }}\n"
+            )
+        };
+        let mut hooks = String::new();
+        for stage in [
+            "plan_pre",
+            "task_pre",
+            "after_cut",
+            "task_post",
+            "plan_post",
+            "finally",
+        ] {
+            if !extra_hooks.contains(&format!("{stage} =")) {
+                hooks += &hook(stage);
+            }
+        }
+        hooks += extra_hooks;
+        let plan = format!(
+            "name = \"db\"\ntable = \"db.tzt\"\ntimezone = \"UTC\"\n\
+             [checks]\nrequire_mount = false\n\
+             [destination]\npath = \"{}\"\nid = \"d1\"\n\
+             [session]\ngrain = \"64KiB\"\n\
+             [hooks]\n{hooks}\
+             [[activity]]\nname = \"vols\"\nsources = [\"{}/*.img\"]\n\
+             quiesce = {{ mode = \"command\", \
+             quiesce_cmd = [\"/bin/sh\", \"-c\", \"echo hold $TIMEZERO_TASK >> {l}\"], \
+             unquiesce_cmd = [\"/bin/sh\", \"-c\", \"echo release $TIMEZERO_TASK >> {l}\"] }}\n",
+            dest.display(),
+            vols.display()
+        );
+        std::fs::write(state.join("plans/db.toml"), plan).unwrap();
+        Rig {
+            dir,
+            state,
+            vols,
+            dest,
+            log,
+        }
+    }
+
+    fn tz(&self, args: &[&str]) -> Output {
+        tz(args, &self.state)
+    }
+
+    fn log(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+#[test]
+fn plan_run_wait_records_job_tasks_hooks_and_valid_images() {
+    let r = Rig::new("");
+    let out = r.tz(&["plan", "run", "db", "--wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "j1\n");
+
+    // The hooks ran once each, in the documented order, the quiesce held and released per task.
+    let log = r.log();
+    assert_eq!(
+        log,
+        [
+            "plan_pre -",
+            "task_pre 1",
+            "hold 1",
+            "release 1",
+            "after_cut 1",
+            "task_post 1",
+            "finally 1",
+            "task_pre 2",
+            "hold 2",
+            "release 2",
+            "after_cut 2",
+            "task_post 2",
+            "finally 2",
+            "plan_post -",
+            "finally -",
+        ],
+        "{log:?}"
+    );
+
+    let show = json_of(&r.tz(&["jobs", "show", "j1", "--json"]));
+    assert_eq!(show["status"], 0, "{show:#}");
+    assert_eq!(show["job"]["state"]["state"], "done");
+    let tasks = show["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2, "{show:#}");
+    for t in tasks {
+        assert_eq!(t["status"]["status"], "ok", "{t:#}");
+    }
+    let hooks = show["hooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 11, "{show:#}");
+    for h in hooks {
+        assert_eq!(h["result"]["result"], "exited", "{h:#}");
+        assert_eq!(h["result"]["detail"], 0, "{h:#}");
+        assert!(h["stdout"].as_str().unwrap().starts_with("out-"), "{h:#}");
+    }
+    let images = show["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{show:#}");
+    for (i, name) in images.iter().zip(["a.img", "b.img"]) {
+        assert_eq!(i["state"]["state"], "valid", "{i:#}");
+        // Nothing wrote to the sources: the target holds their bytes exactly.
+        let target = i["target"]["locator"].as_str().unwrap();
+        let got = std::fs::read(target).unwrap();
+        assert!(
+            got == std::fs::read(r.vols.join(name)).unwrap(),
+            "{target} differs from {name}"
+        );
+        assert!(Path::new(target).starts_with(&r.dest), "{target}");
+    }
+
+    // The text forms name the same things.
+    let text = String::from_utf8_lossy(&r.tz(&["jobs", "show", "j1"]).stdout).into_owned();
+    assert!(text.contains("hook task_pre task 1"), "{text}");
+    assert!(text.contains("stdout: out-task_pre"), "{text}");
+    let list = json_of(&r.tz(&["jobs", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list:#}");
+    let plans = json_of(&r.tz(&["plan", "list", "--json"]));
+    assert_eq!(plans[0]["name"], "db", "{plans:#}");
+    assert_eq!(plans[0]["last_job"], "j1", "{plans:#}");
+    assert_eq!(plans[0]["last_status"], 0, "{plans:#}");
+
+    // A second run is j2 with targets of its own.
+    let out = r.tz(&["plan", "run", "db", "--wait", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let run = json_of(&out);
+    assert_eq!(run["job"], "j2");
+    assert_eq!(run["status"], 0);
+    let all = json_of(&r.tz(&["jobs", "--all", "--json"]));
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    drop(r.dir);
+}
+
+#[test]
+fn plan_run_a_failing_hook_fails_the_job_with_its_exit_code() {
+    let r = Rig::new("task_pre = { run = [\"/bin/sh\", \"-c\", \"echo no-go >&2; exit 101\"] }\n");
+    // Without --wait the job still runs to its end here; the exit status says it ran.
+    let out = r.tz(&["plan", "run", "db"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "j1\n");
+    let out = r.tz(&["plan", "run", "db", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("j2") && err.contains("status 13"), "{err}");
+    let show = json_of(&r.tz(&["jobs", "show", "j2", "--json"]));
+    assert_eq!(show["status"], 13, "{show:#}");
+    assert_eq!(
+        show["job"]["state"]["reason"]["reason"], "hook_exit",
+        "{show:#}"
+    );
+    let pre: Vec<&Value> = show["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["key"]["stage"] == "task_pre")
+        .collect();
+    assert!(!pre.is_empty(), "{show:#}");
+    assert_eq!(pre[0]["result"]["detail"], 101);
+    assert_eq!(pre[0]["stderr"], "no-go\n");
+    // No image of a task that never cut; no target left behind.
+    assert!(show["images"].as_array().unwrap().is_empty(), "{show:#}");
+}
+
+#[test]
+fn plan_run_refuses_while_a_daemon_holds_the_state() {
+    use rustix::fs::{flock, FlockOperation};
+    let r = Rig::new("");
+    let lock = r.state.join("daemon.lock");
+    std::fs::write(&lock, "pid 1 timezero daemon\n").unwrap();
+    let f = std::fs::File::open(&lock).unwrap();
+    flock(&f, FlockOperation::NonBlockingLockExclusive).unwrap();
+    let out = r.tz(&["plan", "run", "db", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("daemon") && err.lines().count() == 1, "{err}");
+    assert!(r.log().is_empty(), "nothing ran");
+    drop(f);
+}
+
+#[test]
+fn plan_run_and_jobs_usage_errors() {
+    let r = Rig::new("");
+    let out = r.tz(&["plan", "run", "nosuchplan"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = r.tz(&["plan", "run", "db", "--priority", "100"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = r.tz(&["jobs", "show", "x1"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = r.tz(&["jobs", "show", "j9"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // Reading commands on a fresh state directory create nothing.
+    let fresh = r.dir.path().join("fresh");
+    let out = tz(&["jobs"], &fresh);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(!fresh.join("orchestration.sqlite").exists());
+    let out = tz(&["plan", "list", "--json"], &fresh);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json_of(&out), serde_json::json!([]));
+}
+
+#[test]
+fn qui_08_plan_check_refuses_to_freeze_the_store_table_or_target_file_system() {
+    let r = Rig::new("");
+    // The same plan with a freeze of the file system holding everything of the test.
+    let plan = std::fs::read_to_string(r.state.join("plans/db.toml")).unwrap();
+    let start = plan.find("quiesce = {").unwrap();
+    let frozen = format!(
+        "{}quiesce = {{ mode = \"freeze\", mounts = [\"{}\"] }}\n",
+        &plan[..start],
+        r.dir.path().display()
+    );
+    std::fs::write(r.state.join("plans/frozen.toml"), frozen).unwrap();
+    let out = r.tz(&["plan", "check", "frozen"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for what in ["the store", "the table", "the target"] {
+        assert!(text.contains(&format!("would freeze {what}")), "{text}");
+    }
+    // The plan with a command quiesce passes.
+    let out = r.tz(&["plan", "check", "db"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
