@@ -14,8 +14,7 @@ use common::cli::{ok, p, tz};
 const GRAIN: u64 = 64 << 10;
 
 fn to_restore(table: &std::path::Path) -> u64 {
-    let st: serde_json::Value =
-        serde_json::from_str(&ok(&["status", p(table), "--json"])).unwrap();
+    let st: serde_json::Value = serde_json::from_str(&ok(&["status", p(table), "--json"])).unwrap();
     st["sessions"][0]["grains_to_restore"].as_u64().unwrap()
 }
 

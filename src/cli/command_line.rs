@@ -494,6 +494,19 @@ pub enum Command {
         /// Print the summary when the restore ends (bytes, method, the stream's ring waits).
         #[arg(long)]
         wait: bool,
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Bytes per second at most (slows a restore down, e.g. to watch or test it).
+        #[arg(long, hide = true, value_parser = args::rate)]
+        rate: Option<u64>,
+        /// Bytes between the restore's checkpoints [default: 256MiB].
+        #[arg(long, hide = true, value_parser = args::size)]
+        checkpoint: Option<u64>,
+    },
     /// Jobs: the open ones and those that ended in the last day, or with --all every job; `jobs
     /// show J` for one job's tasks, hooks (exit codes and output tails) and images.
     Jobs {
@@ -509,12 +522,6 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// Bytes per second at most (slows a restore down, e.g. to watch or test it).
-        #[arg(long, hide = true, value_parser = args::rate)]
-        rate: Option<u64>,
-        /// Bytes between the restore's checkpoints [default: 256MiB].
-        #[arg(long, hide = true, value_parser = args::size)]
-        checkpoint: Option<u64>,
     },
     /// Match the store with the engine and the file systems after a process running jobs died
     /// (QUI-09): thaw and drop leases of jobs not running, end hook runs in flight `unknown`,

@@ -14,7 +14,7 @@ use crate::quiesce::QuiesceMode;
 use crate::store::{BackupDay, JobId};
 
 /// `--at`: `now`, `+DURATION`, an RFC 3339 instant, or a zoned date-time.
-pub(super) pub(super) fn parse_at(text: &str, now: Timestamp) -> Result<Timestamp, Fail> {
+pub(super) fn parse_at(text: &str, now: Timestamp) -> Result<Timestamp, Fail> {
     let t = text.trim();
     if t == "now" {
         return Ok(now);
