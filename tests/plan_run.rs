@@ -180,6 +180,18 @@ fn plan_run_wait_records_job_tasks_hooks_and_valid_images() {
         );
         assert!(Path::new(target).starts_with(&r.dest), "{target}");
     }
+    // The images carry checksums: `catalog verify` passes, and finds a target edited in place.
+    let id = images[0]["id"].as_u64().unwrap().to_string();
+    let out = r.tz(&["catalog", "verify", &id]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let target = images[0]["target"]["locator"].as_str().unwrap();
+    let mut bytes = std::fs::read(target).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(target, &bytes).unwrap();
+    let out = r.tz(&["catalog", "verify", &id]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    bytes[100] ^= 0xff;
+    std::fs::write(target, &bytes).unwrap();
 
     // The text forms name the same things.
     let text = String::from_utf8_lossy(&r.tz(&["jobs", "show", "j1"]).stdout).into_owned();

@@ -380,7 +380,19 @@ impl Recorder {
         let status = self.engine.status();
         let mut changes = Vec::new();
         for image in &images {
-            match catalog::validate_changes(&*self.store, &status, *image, None) {
+            // A copy image's checksums per MiB, read from its target now that the copy is
+            // complete (`catalog verify` compares with them); a no-copy image has none.
+            let sums = match self.image_checksums(*image) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.inner
+                        .lock()
+                        .error
+                        .get_or_insert_with(|| format!("image {image}: {e}"));
+                    continue;
+                }
+            };
+            match catalog::validate_changes(&*self.store, &status, *image, sums) {
                 Ok(c) => changes.extend(c),
                 Err(e) => {
                     self.inner
@@ -391,6 +403,27 @@ impl Recorder {
             }
         }
         let _ = self.commit(changes);
+    }
+
+    /// The checksums of copy image `image` (`None` for a no-copy image).
+    fn image_checksums(
+        &self,
+        image: crate::store::ImageId,
+    ) -> Result<Option<crate::store::ImageChecksums>, String> {
+        let row = self
+            .store
+            .image(image)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "no such image row".to_string())?;
+        if row.mode != crate::CopyMode::Copy {
+            return Ok(None);
+        }
+        let volumes = catalog::FileVolumes::default();
+        let reader = catalog::ImageReader::open(&row, &volumes, Some(&self.engine))
+            .map_err(|e| e.to_string())?;
+        catalog::checksums(&reader, catalog::image_bytes(&row))
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// Record the run's end: each task's status and reason, and the job's outcome.
