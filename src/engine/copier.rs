@@ -637,6 +637,16 @@ fn worker(engine: &Engine, sh: &Shared) {
     }
 }
 
+/// Grains a worker reserves at once: a durability point's worth of bytes (with a rate limit,
+/// at most a tenth of a second's), at least one batch.
+fn span_grains(sh: &Shared, grain: u64, batch: u64, rate: Option<u64>) -> u64 {
+    let commit_bytes = match rate {
+        Some(r) => sh.opts.commit_bytes.min(r / 10).max(batch * grain),
+        None => sh.opts.commit_bytes.max(batch * grain),
+    };
+    (commit_bytes / grain).max(batch)
+}
+
 /// Move back one span of a session's reverse restore (each batch is made durable and
 /// recorded by [`Engine::restore_batch`]). Returns false when nothing was left to restore
 /// after the span's start.
@@ -648,11 +658,7 @@ fn restore_span(
     batch: u64,
     rate: Option<u64>,
 ) -> Result<bool> {
-    let commit_bytes = match rate {
-        Some(r) => sh.opts.commit_bytes.min(r / 10).max(batch * grain),
-        None => sh.opts.commit_bytes.max(batch * grain),
-    };
-    let span = (commit_bytes / grain).max(batch);
+    let span = span_grains(sh, grain, batch, rate);
     let from = sh.spans.lock().reserve(id, span);
     let end = from.saturating_add(span);
     let mut next_from = from;
@@ -696,12 +702,8 @@ fn copy_span(
     batch: u64,
     rate: Option<u64>,
 ) -> Result<bool> {
-    // Reserve a span of that many bytes for this worker, so that workers copy disjoint ranges.
-    let commit_bytes = match rate {
-        Some(r) => sh.opts.commit_bytes.min(r / 10).max(batch * grain),
-        None => sh.opts.commit_bytes.max(batch * grain),
-    };
-    let span = (commit_bytes / grain).max(batch);
+    // Reserve a span for this worker, so that workers copy disjoint ranges.
+    let span = span_grains(sh, grain, batch, rate);
     let from = sh.spans.lock().reserve(id, span);
     let end = from.saturating_add(span);
     let mut runs = Vec::new();

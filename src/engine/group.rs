@@ -202,18 +202,13 @@ impl Engine {
         let _room = self.table.make_room_for(&descs)?;
         // T0: drain the writers of every volume of the group (in id order), make every source
         // durable, commit every session at once.
-        let mut volumes: Vec<&Arc<VolumeHandle>> =
-            pairs.iter().flat_map(|p| [&p.src, &p.tgt]).collect();
+        let mut volumes: Vec<Arc<VolumeHandle>> = pairs
+            .iter()
+            .flat_map(|p| [Arc::clone(&p.src), Arc::clone(&p.tgt)])
+            .collect();
         volumes.sort_by_key(|h| h.info.id);
         volumes.dedup_by_key(|h| h.info.id);
-        let _gates: Vec<_> = volumes
-            .iter()
-            .map(|h| {
-                h.gate
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
-            .collect();
+        let _gates = super::hold_gates(&volumes);
         // Re-validate against sessions established while we waited.
         for (i, (p, spec)) in pairs.iter().zip(specs).enumerate() {
             self.validate(&p.src.info, &p.tgt.info, spec.grain, &p.extents)
@@ -266,14 +261,7 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&Session> = sessions.iter().map(|s| &**s).collect();
         let handles = self.handles_of(&refs);
-        let _gates: Vec<_> = handles
-            .iter()
-            .map(|h| {
-                h.gate
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
-            .collect();
+        let _gates = super::hold_gates(&handles);
         for s in &sessions {
             super::lifecycle::refuse_reversing(s, "a withdraw of its group")?;
         }

@@ -325,14 +325,7 @@ impl Engine {
         // With the writers of its volumes held out, as a reverse restore starts: a reverse
         // and a withdraw of one session never cross.
         let handles = self.handles_of(&[&s]);
-        let _gates: Vec<_> = handles
-            .iter()
-            .map(|h| {
-                h.gate
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
-            .collect();
+        let _gates = super::hold_gates(&handles);
         refuse_reversing(&s, "a withdraw")?;
         self.table.commit(vec![Entry::SetState {
             session: id,

@@ -125,6 +125,21 @@ pub(crate) struct VolumeHandle {
     fenced: std::sync::atomic::AtomicBool,
 }
 
+/// Hold the write gates of `handles` (in the order given: volume id order, as every holder of
+/// more than one takes them), so that no writer is inside any of them until the guards drop.
+pub(crate) fn hold_gates(
+    handles: &[Arc<VolumeHandle>],
+) -> Vec<crossbeam::sync::ShardedLockWriteGuard<'_, ()>> {
+    handles
+        .iter()
+        .map(|h| {
+            h.gate
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        })
+        .collect()
+}
+
 impl VolumeHandle {
     fn name(&self) -> String {
         self.info.locator.clone()

@@ -121,14 +121,7 @@ impl Engine {
             .iter()
             .map(|v| self.handle(*v))
             .collect::<Result<Vec<_>>>()?;
-        let _gates: Vec<_> = handles
-            .iter()
-            .map(|h| {
-                h.gate
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
-            .collect();
+        let _gates = super::hold_gates(&handles);
         let _grains: Vec<_> = sessions
             .iter()
             .map(|s| s.locks.lock(0, s.desc.grains()))

@@ -122,14 +122,7 @@ impl Engine {
             .iter()
             .map(|v| self.handle(*v))
             .collect::<Result<Vec<_>>>()?;
-        let _gates: Vec<_> = handles
-            .iter()
-            .map(|h| {
-                h.gate
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
-            .collect();
+        let _gates = super::hold_gates(&handles);
         // Copies in flight on the session finish first: the map is taken from settled bits.
         let _grains = s.locks.lock(0, s.desc.grains());
         self.reverse_allowed(&s)?;
