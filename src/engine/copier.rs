@@ -221,33 +221,27 @@ impl Shared {
 
     /// A session's reverse restore was found done: report it the first time.
     fn reversed(&self, id: SessionId) {
-        let first = {
-            let mut c = self.reversed.lock();
-            let first = !c.contains(&id);
-            if first {
-                c.push(id);
-            }
-            first
-        };
-        if first {
+        if first_time(&self.reversed, id) {
             self.emit(&CopierEvent::Reversed { session: id });
         }
     }
 
     /// A session was found complete: report it the first time.
     fn completed(&self, id: SessionId) {
-        let first = {
-            let mut c = self.completed.lock();
-            let first = !c.contains(&id);
-            if first {
-                c.push(id);
-            }
-            first
-        };
-        if first {
+        if first_time(&self.completed, id) {
             self.emit(&CopierEvent::Completed { session: id });
         }
     }
+}
+
+/// Whether `id` is new to `seen` (it is recorded there now): each event is sent once.
+fn first_time(seen: &Mutex<Vec<SessionId>>, id: SessionId) -> bool {
+    let mut c = seen.lock();
+    let first = !c.contains(&id);
+    if first {
+        c.push(id);
+    }
+    first
 }
 
 /// A handle on a running [`Copier`] that can pause, resume and re-rate it from another thread.
