@@ -365,3 +365,70 @@ fn random_writes_copies_and_refreshes_keep_each_t0() {
         assert_eq!(tgt.snapshot(), src.snapshot(), "seed {seed}");
     }
 }
+
+/// A target that counts its flushes.
+#[derive(Debug)]
+struct CountingFlushes(Arc<MemVolume>, std::sync::atomic::AtomicU64);
+
+impl timezero::Volume for CountingFlushes {
+    fn info(&self) -> timezero::VolumeInfo {
+        self.0.info()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> timezero::Result<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> timezero::Result<()> {
+        self.0.write_at(offset, buf)
+    }
+    fn flush(&self) -> timezero::Result<()> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.flush()
+    }
+}
+
+#[test]
+fn scattered_changed_grains_share_one_flush_and_commit() {
+    let opts = small_table();
+    let storage = mem_storage(&opts);
+    let e = create(&storage, opts);
+    let src = Arc::new(MemVolume::with_data("src", &pattern(1, SIZE as usize)));
+    let tgt = Arc::new(CountingFlushes(
+        Arc::new(MemVolume::new("tgt", SIZE as usize)),
+        std::sync::atomic::AtomicU64::new(0),
+    ));
+    let s = e.attach(src.clone());
+    let t = e.attach(tgt.clone());
+    let id = e.establish(&incremental(s, t)).unwrap();
+    assert_eq!(
+        e.copy_all(id, GrainCount(GRAINS)).unwrap(),
+        GrainCount(GRAINS)
+    );
+    // Ten grains far apart change, then a refresh: one batch copies all ten.
+    let changed: Vec<u64> = (0..10).map(|k| k * 25 + 3).collect();
+    for g in &changed {
+        e.write(s, g * GRAIN + 100, &[9; 8]).unwrap();
+    }
+    let at_refresh = src.snapshot();
+    assert_eq!(e.refresh(id).unwrap().grains_to_copy, GrainCount(10));
+    let before = tgt.1.load(std::sync::atomic::Ordering::Relaxed);
+    let (next, n) = e
+        .copy_batch(id, timezero::GrainIndex::ZERO, GrainCount(GRAINS))
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, GrainCount(10));
+    assert_eq!(next.get(), changed[9] + 1);
+    assert_eq!(tgt.1.load(std::sync::atomic::Ordering::Relaxed) - before, 1);
+    assert_eq!(tgt.0.snapshot(), at_refresh);
+    // A smaller batch stops at its count and goes on from there.
+    for g in &changed {
+        e.write(s, g * GRAIN, &[7; 8]).unwrap();
+    }
+    e.refresh(id).unwrap();
+    let (next, n) = e
+        .copy_batch(id, timezero::GrainIndex::ZERO, GrainCount(4))
+        .unwrap()
+        .unwrap();
+    assert_eq!((next.get(), n), (changed[3] + 1, GrainCount(4)));
+    assert_eq!(copy(&e, id), 6);
+    assert_eq!(image(&e, id), src.snapshot());
+}

@@ -21,6 +21,9 @@ impl Engine {
     /// examined and how many grains were copied (`None` when none is left from `from`). Grains
     /// locked by a writer are skipped (the writer copies them).
     ///
+    /// The grains need not be adjacent: scattered uncopied grains (those a refresh left, say)
+    /// are gathered up to `max_grains` and share one target flush and one table commit.
+    ///
     /// # Errors
     /// I/O and table errors.
     pub fn copy_batch(
@@ -29,15 +32,32 @@ impl Engine {
         from: GrainIndex,
         max_grains: GrainCount,
     ) -> Result<Option<(GrainIndex, GrainCount)>> {
-        match self.copy_data(id, from, max_grains)? {
-            None => Ok(None),
-            Some((next, None)) => Ok(Some((next, GrainCount::ZERO))),
-            Some((next, Some(hold))) => {
-                let n = hold.count();
-                self.commit_copied(id, vec![hold])?;
-                Ok(Some((next, n)))
+        let mut holds = Vec::new();
+        let mut copied = 0;
+        let mut next = from;
+        while copied < max_grains.get() {
+            match self.copy_data(id, next, GrainCount(max_grains.get() - copied)) {
+                Ok(None) => break,
+                Ok(Some((after, hold))) => {
+                    if let Some(h) = hold {
+                        copied += h.count().get();
+                        holds.push(h);
+                    }
+                    next = after;
+                }
+                // What was copied so far is still committed; the error is reported after.
+                Err(e) if !holds.is_empty() => {
+                    self.commit_copied(id, holds)?;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
             }
         }
+        if next == from {
+            return Ok(None);
+        }
+        self.commit_copied(id, holds)?;
+        Ok(Some((next, GrainCount(copied))))
     }
 
     /// The data half of [`Engine::copy_batch`]: copy up to `max_grains` uncopied grains to the
