@@ -94,8 +94,24 @@ impl Cleanup {
         self.mounts.push(dir.to_path_buf());
     }
 
+    /// Unmount `dir`. A child process that another test thread forks holds copies of every
+    /// descriptor of this process until it execs, so a file system whose files this test has
+    /// all closed can still be busy for a moment: busy is retried for up to 10 s.
     fn umount(&mut self, dir: &Path) {
-        sys("umount", &[p(dir)]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let o = Command::new("umount").arg(dir).output().unwrap();
+            if o.status.success() {
+                break;
+            }
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains("busy") && std::time::Instant::now() < deadline,
+                "umount {} failed: {err}",
+                dir.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         self.mounts.retain(|d| d != dir);
     }
 }

@@ -932,3 +932,137 @@ proptest! {
         prop_assert!(out.len() > GREETING_BYTES);
     }
 }
+
+/// An export whose writes wait (up to a deadline) until `want` writes are inside at once, and
+/// which records the name of the thread each write ran on.
+struct Rendezvous {
+    want: usize,
+    inside: parking_lot::Mutex<usize>,
+    cv: parking_lot::Condvar,
+    threads: parking_lot::Mutex<Vec<String>>,
+}
+
+impl NbdExport for Rendezvous {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn description(&self) -> String {
+        "rendezvous".into()
+    }
+    fn read(&self, _: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write(&self, offset: u64, _: &[u8], _: bool) -> Result<()> {
+        self.threads.lock().push(
+            std::thread::current()
+                .name()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut n = self.inside.lock();
+        *n += 1;
+        self.cv.notify_all();
+        while *n < self.want {
+            if self.cv.wait_until(&mut n, deadline).timed_out() {
+                // Not enough writes ever ran at once: fail the write (the test sees EIO).
+                return Err(Error::io(
+                    "write",
+                    "rendezvous",
+                    offset,
+                    std::io::Error::from_raw_os_error(5),
+                ));
+            }
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _: u64, _: u64) -> Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A client with one request in flight is answered by the connection's reading thread itself
+/// (no worker hand-off); requests in flight together run at once, on workers started as they
+/// are needed (here 12 writes that can only finish when all 12 are inside the export). A
+/// request the reading thread runs itself delays the reading of later ones while it runs, so
+/// it does so only when nothing is in flight and nothing waits to be read.
+#[test]
+fn nbd_lone_requests_run_inline_and_pipelined_ones_run_at_once() {
+    let lone = Arc::new(Rendezvous {
+        want: 1,
+        inside: parking_lot::Mutex::new(0),
+        cv: parking_lot::Condvar::new(),
+        threads: parking_lot::Mutex::new(Vec::new()),
+    });
+    let many = Arc::new(Rendezvous {
+        want: 12,
+        inside: parking_lot::Mutex::new(0),
+        cv: parking_lot::Condvar::new(),
+        threads: parking_lot::Mutex::new(Vec::new()),
+    });
+    let f = Fixture::with_extra(
+        NbdConfig::default(),
+        vec![
+            ("lone", lone.clone() as Arc<dyn NbdExport>),
+            ("many", many.clone() as Arc<dyn NbdExport>),
+        ],
+    );
+    let (mut c, _) = connect_go(&f.path, "lone", false);
+    for i in 0..3u64 {
+        assert_eq!(c.write_at(i * 4096, &[1; 4096], 0).error, 0);
+    }
+    let names = lone.threads.lock().clone();
+    assert_eq!(names.len(), 3);
+    assert!(
+        names.iter().all(|n| !n.starts_with("nbd-worker")),
+        "lone requests ran on workers: {names:?}"
+    );
+
+    // The twelve requests leave in one socket write, so the reading thread finds the others
+    // waiting behind the first and hands every one to a worker.
+    let (mut c, _) = connect_go(&f.path, "many", false);
+    let mut batch = Vec::new();
+    let cookies: Vec<u64> = (0..12u64)
+        .map(|i| {
+            let cookie = 1000 + i;
+            let r = Request {
+                flags: 0,
+                command: Command::Write,
+                cookie,
+                offset: i * 512,
+                length: 512,
+            };
+            batch.extend_from_slice(&r.encode());
+            batch.extend_from_slice(&[2; 512]);
+            cookie
+        })
+        .collect();
+    c.s.write_all(&batch).expect("write requests");
+    let mut seen: Vec<u64> = (0..12)
+        .map(|_| {
+            let r = c.reply(&HashMap::new());
+            assert_eq!(r.error, 0, "a write did not meet the others in time");
+            r.cookie
+        })
+        .collect();
+    seen.sort_unstable();
+    let mut want = cookies.clone();
+    want.sort_unstable();
+    assert_eq!(seen, want);
+    let names = many.threads.lock().clone();
+    let workers: std::collections::HashSet<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("nbd-worker"))
+        .collect();
+    assert!(workers.len() >= 11, "threads: {names:?}");
+}

@@ -124,6 +124,27 @@ impl<'a> TimedReader<'a> {
     }
 }
 
+impl TimedReader<'_> {
+    /// Whether the socket has bytes to read right now (a zero-timeout `poll`; an error counts
+    /// as readable, so that the caller reads and meets it).
+    pub(super) fn readable_now(&self) -> bool {
+        use std::os::fd::AsFd;
+        let fd = match self.stream {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        !matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(0))
+    }
+}
+
 impl Read for TimedReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let t = match self.deadline.get() {

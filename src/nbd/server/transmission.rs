@@ -3,7 +3,7 @@
 //! bounds what is in flight.
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 
 use parking_lot::{Condvar, Mutex};
@@ -52,6 +52,16 @@ impl Budget {
         }
         s.0 += 1;
         s.1 = s.1.saturating_add(bytes);
+    }
+
+    /// Whether the one request in flight is the caller's own (nothing queued or executing).
+    fn alone(&self) -> bool {
+        self.state.lock().0 == 1
+    }
+
+    /// Requests in flight: acquired and not yet released (queued, running, or being read).
+    fn in_flight(&self) -> usize {
+        self.state.lock().0
     }
 
     fn release(&self, bytes: u64) {
@@ -226,9 +236,31 @@ impl<W: Write> Connection<'_, W> {
     }
 }
 
+/// A request stream that can tell whether more requests are already waiting: in its buffer or
+/// on its socket. A request that arrives while nothing else is in flight and nothing waits
+/// behind it is executed by the reading thread itself (a client with one request in flight
+/// pays no hand-off to a worker and back); otherwise it goes to the workers, so requests in
+/// flight together run concurrently.
+pub(crate) trait InputWaiting: Read {
+    /// Whether more bytes can be read without blocking (`true` when unknown).
+    fn input_waiting(&self) -> bool;
+}
+
+impl InputWaiting for std::io::BufReader<super::socket::TimedReader<'_>> {
+    fn input_waiting(&self) -> bool {
+        !self.buffer().is_empty() || self.get_ref().readable_now()
+    }
+}
+
+impl<T: AsRef<[u8]>> InputWaiting for std::io::Cursor<T> {
+    fn input_waiting(&self) -> bool {
+        (self.position() as usize) < self.get_ref().as_ref().len()
+    }
+}
+
 /// Serve requests until the client disconnects, breaks the protocol or a reply cannot be
 /// written; every request read before that is answered before this returns.
-pub(super) fn transmission<R: Read, W: Write + Send>(
+pub(super) fn transmission<R: InputWaiting, W: Write + Send>(
     reader: &mut R,
     writer: &Mutex<W>,
     kill: &(dyn Fn() + Sync),
@@ -243,25 +275,17 @@ pub(super) fn transmission<R: Read, W: Write + Send>(
         dead: AtomicBool::new(false),
     };
     let budget = Budget::new(cfg.in_flight_max_requests, cfg.in_flight_max_bytes);
+    let (tx, rx) = crossbeam::channel::bounded::<Job>(cfg.in_flight_max_requests);
+    let workers = Workers {
+        rx,
+        spawned: AtomicUsize::new(0),
+        max: cfg.workers_per_connection,
+    };
     thread::scope(|scope| {
-        let (tx, rx) = crossbeam::channel::bounded::<Job>(cfg.in_flight_max_requests);
-        let mut workers = 0usize;
-        for i in 0..cfg.workers_per_connection {
-            let (rx, conn, budget) = (rx.clone(), &conn, &budget);
-            let spawned = thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(scope, move || {
-                    for job in rx {
-                        let cost = job.cost;
-                        conn.execute(job);
-                        budget.release(cost);
-                    }
-                });
-            workers += usize::from(spawned.is_ok());
-        }
-        drop(rx);
-        if workers > 0 {
-            read_requests(reader, &conn, &budget, &tx, neg, cfg);
+        let grow = |needed| workers.grow(scope, &conn, &budget, needed);
+        // One worker from the start; more as requests in flight need them.
+        if grow(1) {
+            read_requests(reader, &conn, &budget, &tx, &grow, neg, cfg);
         }
         // Dropping the sender lets the workers drain what is queued and exit; the scope joins
         // them, so every request read before a disconnect is answered.
@@ -269,13 +293,53 @@ pub(super) fn transmission<R: Read, W: Write + Send>(
     });
 }
 
+/// A connection's worker threads, started as they are needed up to `max`: a client that keeps
+/// one or two requests in flight costs one or two threads, one that keeps 32 in flight gets
+/// up to `max` running at once.
+struct Workers {
+    rx: crossbeam::channel::Receiver<Job>,
+    spawned: AtomicUsize,
+    max: usize,
+}
+
+impl Workers {
+    /// Start workers until there are as many as `needed` (the requests in flight, queued or
+    /// running) or `max`; `false` when none runs and none could be started.
+    fn grow<'scope, W: Write + Send>(
+        &'scope self,
+        scope: &'scope thread::Scope<'scope, '_>,
+        conn: &'scope Connection<'_, W>,
+        budget: &'scope Budget,
+        needed: usize,
+    ) -> bool {
+        while self.spawned.load(Ordering::Acquire) < needed.min(self.max) {
+            let n = self.spawned.load(Ordering::Acquire);
+            let spawned = thread::Builder::new()
+                .name(format!("nbd-worker-{n}"))
+                .spawn_scoped(scope, move || {
+                    for job in self.rx.iter() {
+                        let cost = job.cost;
+                        conn.execute(job);
+                        budget.release(cost);
+                    }
+                });
+            if spawned.is_err() {
+                break;
+            }
+            self.spawned.fetch_add(1, Ordering::AcqRel);
+        }
+        self.spawned.load(Ordering::Acquire) > 0
+    }
+}
+
 /// The connection's thread: read, check and queue requests, answering refused ones at once,
 /// until the client disconnects, a request cannot be framed, or the connection dies.
-fn read_requests<R: Read, W: Write>(
+fn read_requests<R: InputWaiting, W: Write>(
     reader: &mut R,
     conn: &Connection<'_, W>,
     budget: &Budget,
     tx: &crossbeam::channel::Sender<Job>,
+    grow: &dyn Fn(usize) -> bool,
     neg: &Negotiated,
     cfg: &NbdConfig,
 ) {
@@ -324,7 +388,14 @@ fn read_requests<R: Read, W: Write>(
             budget.release(cost);
             continue;
         }
-        if let Err(e) = tx.send(Job { req, payload, cost }) {
+        let job = Job { req, payload, cost };
+        if budget.alone() && !reader.input_waiting() {
+            conn.execute(job);
+            budget.release(cost);
+            continue;
+        }
+        grow(budget.in_flight());
+        if let Err(e) = tx.send(job) {
             budget.release(e.0.cost);
             return;
         }
