@@ -211,12 +211,15 @@ fn engine_side(e: &Engine, vol: VolumeId) -> Side<'_> {
     Box::new(move |off| Ok(e.write(vol, off, &buf)?))
 }
 
+/// Per round: IOPS with change recording, and without.
+type Iops = (Vec<f64>, Vec<f64>);
+
 /// Figure 1: per round, time(recording) / time(without) and both sides' IOPS.
 fn recording_already_copied(
     d: &Path,
     rounds: usize,
     rng: &mut Lcg,
-) -> Res<(Vec<f64>, (Vec<f64>, Vec<f64>))> {
+) -> Res<(Vec<f64>, Iops)> {
     let e = engine(d, "rec.tz")?;
     let mut ids = Vec::new();
     for name in ["rec-i", "rec-n"] {
