@@ -160,6 +160,7 @@ pub(super) fn plan_run(
         plans: HashMap::from([(name.clone(), (path, plan))]),
         tables: HashMap::from([(name.clone(), table)]),
         engines: Mutex::new(HashMap::new()),
+        state_dir: Some(state.dir.clone()),
     });
     let scheduler = Scheduler::new(
         Arc::clone(&store),
@@ -450,6 +451,10 @@ pub(super) fn jobs_show(state: Option<PathBuf>, job: JobId, as_json: bool) -> Re
         s += &format!(", ended {t}");
     }
     s += "\n";
+    if let Some(h) = &j.plan_sha256 {
+        let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+        s += &format!("  plan sha256 {hex}\n");
+    }
     if let Some(p) = &j.progress {
         s += &format!("  progress {} of {} bytes\n", p.bytes_done, p.bytes_total);
     }
