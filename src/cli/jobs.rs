@@ -138,6 +138,7 @@ pub(super) fn plan_run(
     let (path, plan) = state.load_plan(plan)?;
     let global = state.global()?;
     let table = state.table_of(&plan)?;
+    super::plan::refuse_freezes(&state, &plan, &table, &global)?;
     let (limits, newday) = job_settings(&state)?;
     let _lock = match state.hold_runner_lock()? {
         Ok(f) => f,
