@@ -303,12 +303,15 @@ fn hook_10_killed_during_task_post_the_hook_is_unknown_and_never_run_again() {
     );
     let j1 = r.job_state("j1");
     let status = &j1["job"]["state"];
-    // Killed in task_post with its backup complete (section 3.2): done, status 1 (partial)
-    // with the hook's end unknown (HOOK-10); not a retry.
+    // Killed in task_post (section 3.2): done, status 1 with the hook's end unknown
+    // (HOOK-10); not a retry. Task 1 has its image; task 2 never started.
     assert_eq!(status["state"], "done", "{j1:#}");
     assert_eq!(status["status"], "partial", "{j1:#}");
     assert_eq!(status["reason"]["reason"], "hook_unknown", "{j1:#}");
     assert!(text.contains("j1: its process died; now partial, status 1"), "{text}");
+    let tasks = j1["tasks"].as_array().unwrap();
+    assert_eq!(tasks[0]["status"]["status"], "warning", "{j1:#}");
+    assert_eq!(tasks[1]["status"]["status"], "canceled", "{j1:#}");
     // task_post of task 1 was never run again in attempt 1.
     let log = r.log();
     assert_eq!(
@@ -479,9 +482,9 @@ fn qui_06_killed_while_frozen_reconcile_thaws_the_lease() {
         lease.st_dev,
         std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&fs.mnt).unwrap())
     );
-    // The runner and its watchdog die together (as when the whole process tree is killed).
+    // The runner and its watchdog both die (as when the whole process tree is killed); the
+    // watchdog first, or it would thaw when its runner's pipe closes.
     let watchdog = r.watchdog_pid();
-    r.kill(child);
     let _ = Command::new("kill")
         .args(["-9", &watchdog.to_string()])
         .status();
@@ -493,6 +496,7 @@ fn qui_06_killed_while_frozen_reconcile_thaws_the_lease() {
         assert!(start.elapsed() < POLL_LIMIT, "the watchdog did not die");
         std::thread::sleep(Duration::from_millis(20));
     }
+    r.kill(child);
     assert!(fs.frozen(), "nothing thawed it yet");
     let text = r.reconcile_and_rerun();
     assert!(

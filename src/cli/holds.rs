@@ -168,7 +168,7 @@ impl Holds {
     /// A task starts quiescing as `spec` says: set the deadline of the holds it announces.
     pub(super) fn quiescing(&self, spec: &QuiesceSpec, direct: bool) {
         let deadline = if direct {
-            Timestamp::MAX
+            no_deadline()
         } else {
             let grace = SignedDuration::from_secs(
                 i64::try_from(QUIESCE_GRACE_SECS).unwrap_or(i64::MAX),
@@ -177,7 +177,7 @@ impl Holds {
             self.clock
                 .now()
                 .saturating_add(span)
-                .unwrap_or(Timestamp::MAX)
+                .unwrap_or_else(|_| no_deadline())
         };
         *self.deadline.lock() = deadline;
     }
@@ -246,6 +246,12 @@ impl Holds {
     fn drop_lease(&self, lease: LeaseId) {
         let _ = self.store.commit(vec![Change::DropLease(lease)]);
     }
+}
+
+/// The deadline of a hold that only the pipe ends: the last whole day jiff represents (a
+/// lease row keeps whole milliseconds, and `Timestamp::MAX` is not one).
+fn no_deadline() -> Timestamp {
+    Timestamp::from_second(Timestamp::MAX.as_second() - 86_400).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 fn secs(d: SignedDuration) -> u64 {

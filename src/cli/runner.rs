@@ -90,8 +90,10 @@ fn failed(reason: JobReason) -> JobOutcome {
 }
 
 impl PlanWork {
-    /// Whether every task of `job` is skipped or has a valid image for each of its sources.
-    fn backup_complete(&self, job: JobId) -> bool {
+    /// End the tasks of `job`, killed in `phase` after its catalog step: a task not started is
+    /// `Canceled`; one that was running is `Ok` when each of its sources has a valid image
+    /// (`Warning` with `HookUnknown` for the task whose hook was in flight), else `Failed`.
+    fn end_tasks(&self, job: JobId, phase: Phase) {
         let (Ok(tasks), Ok(images)) = (
             self.store.tasks(job),
             self.store.images(&crate::store::ImageQuery {
@@ -99,16 +101,45 @@ impl PlanWork {
                 ..crate::store::ImageQuery::default()
             }),
         ) else {
-            return false;
+            return;
         };
-        !tasks.is_empty()
-            && tasks.iter().all(|t| {
-                let valid = images
-                    .iter()
-                    .filter(|i| i.task == t.index && i.state == ImageState::Valid)
-                    .count();
-                t.status == TaskStatus::Skipped || (!t.sources.is_empty() && valid >= t.sources.len())
-            })
+        let in_flight = match phase {
+            Phase::Task { index, .. } => Some(index),
+            _ => None,
+        };
+        let mut changes = Vec::new();
+        for t in tasks {
+            let valid = images
+                .iter()
+                .filter(|i| i.task == t.index && i.state == ImageState::Valid)
+                .count();
+            let complete = !t.sources.is_empty() && valid >= t.sources.len();
+            let (to, reason) = match t.status {
+                TaskStatus::Pending => (TaskStatus::Canceled, Some(JobReason::DaemonRestarted(phase))),
+                TaskStatus::Running(_) if in_flight == Some(t.index) => (
+                    if complete {
+                        TaskStatus::Warning
+                    } else {
+                        TaskStatus::Failed
+                    },
+                    Some(JobReason::HookUnknown),
+                ),
+                TaskStatus::Running(_) if complete => (TaskStatus::Ok, None),
+                TaskStatus::Running(_) => (TaskStatus::Failed, Some(JobReason::DaemonRestarted(phase))),
+                _ => continue,
+            };
+            changes.push(Change::UpdateTask {
+                job,
+                index: t.index,
+                from: t.status,
+                to,
+                reason,
+                message: Some("its process died".to_string()),
+            });
+        }
+        if !changes.is_empty() {
+            let _ = self.store.commit(changes);
+        }
     }
 }
 
@@ -193,8 +224,9 @@ impl JobWork for PlanWork {
                 .any(|r| r.key.attempt == job.attempt && r.result == Some(HookResult::Unknown))
         });
         // Section 3.2: killed in `task_post`, `plan_post` or `finally`, the job is done with
-        // status >= 1 (not retried) when its backup is: every task skipped or with all its
-        // images valid. Otherwise the attempt ends as it would have (a failed task), retryable.
+        // status 1 and not retried: its images are made (or it failed) before those stages,
+        // and running it again would cut new ones and run its hooks twice. Its tasks get the
+        // end statuses the run could not write.
         let after_catalog = matches!(
             phase,
             Phase::Task {
@@ -202,7 +234,8 @@ impl JobWork for PlanWork {
                 ..
             } | Phase::PlanPost
         );
-        if after_catalog && self.backup_complete(job.id) {
+        if after_catalog {
+            self.end_tasks(job.id, phase);
             return JobOutcome::Done {
                 status: JobStatus::Partial,
                 reason: Some(if unknown {
