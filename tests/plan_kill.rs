@@ -308,7 +308,10 @@ fn hook_10_killed_during_task_post_the_hook_is_unknown_and_never_run_again() {
     assert_eq!(status["state"], "done", "{j1:#}");
     assert_eq!(status["status"], "partial", "{j1:#}");
     assert_eq!(status["reason"]["reason"], "hook_unknown", "{j1:#}");
-    assert!(text.contains("j1: its process died; now partial, status 1"), "{text}");
+    assert!(
+        text.contains("j1: its process died; now partial, status 1"),
+        "{text}"
+    );
     let tasks = j1["tasks"].as_array().unwrap();
     assert_eq!(tasks[0]["status"]["status"], "warning", "{j1:#}");
     assert_eq!(tasks[1]["status"]["status"], "canceled", "{j1:#}");
@@ -378,15 +381,25 @@ fn qui_07_killed_while_quiesced_the_watchdog_releases_each_hold_once() {
     // The watchdog, not reconcile, runs the unquiesce command: wait for it (bounded).
     let start = Instant::now();
     while !r.log().contains(&"release j1 1".to_string()) {
-        assert!(start.elapsed() < POLL_LIMIT, "no release by the watchdog: {:?}", r.log());
+        assert!(
+            start.elapsed() < POLL_LIMIT,
+            "no release by the watchdog: {:?}",
+            r.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let text = r.reconcile_and_rerun();
-    assert!(!text.contains("unquiesce_cmd run"), "not run a second time: {text}");
+    assert!(
+        !text.contains("unquiesce_cmd run"),
+        "not run a second time: {text}"
+    );
     let log = r.log();
     for who in ["j1 1", "j2 1", "j2 2"] {
         for what in ["hold", "release"] {
-            let n = log.iter().filter(|l| **l == format!("{what} {who}")).count();
+            let n = log
+                .iter()
+                .filter(|l| **l == format!("{what} {who}"))
+                .count();
             assert_eq!(n, 1, "{what} {who}: {log:?}");
         }
     }
@@ -516,7 +529,8 @@ fn qui_06_killed_while_frozen_reconcile_thaws_the_lease() {
 
 #[test]
 fn qui_07_killed_while_frozen_the_watchdog_thaws_without_reconcile() {
-    let Some(fs) = loopfs::loop_fs("qui_07_killed_while_frozen_the_watchdog_thaws_without_reconcile")
+    let Some(fs) =
+        loopfs::loop_fs("qui_07_killed_while_frozen_the_watchdog_thaws_without_reconcile")
     else {
         return;
     };
@@ -533,7 +547,10 @@ fn qui_07_killed_while_frozen_the_watchdog_thaws_without_reconcile() {
     let store = SqliteStore::open(r.state.join("orchestration.sqlite")).unwrap();
     let start = Instant::now();
     while !store.open_leases().unwrap().is_empty() {
-        assert!(start.elapsed() < POLL_LIMIT, "the watchdog dropped the lease");
+        assert!(
+            start.elapsed() < POLL_LIMIT,
+            "the watchdog dropped the lease"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let text = r.reconcile_and_rerun();

@@ -314,7 +314,9 @@ fn qui_08_plan_run_refuses_to_freeze_the_store_file_system_in_one_line() {
     // As root the store lives on a loop-mounted file system of its own, so that even a wrong
     // decision would freeze only that one; otherwise on the temporary directory's (a freeze
     // needs CAP_SYS_ADMIN, so nothing can be frozen there).
-    let fs = loopfs::loop_fs("qui_08_plan_run_refuses_to_freeze_the_store_file_system_in_one_line (loop fs)");
+    let fs = loopfs::loop_fs(
+        "qui_08_plan_run_refuses_to_freeze_the_store_file_system_in_one_line (loop fs)",
+    );
     if rustix::process::geteuid().is_root() && fs.is_none() {
         return;
     }
@@ -374,13 +376,25 @@ fn plan_18_a_job_records_the_plan_text_and_its_sha256() {
         return;
     };
     let want = String::from_utf8(sum.stdout).unwrap();
-    let want = want.split_whitespace().next().unwrap_or_default().to_string();
+    let want = want
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     assert_eq!(want.len(), 64);
     let show = r.tz(&["jobs", "show", "j1"]);
     assert_eq!(show.status.code(), Some(0), "{show:?}");
     let shown = String::from_utf8_lossy(&show.stdout);
     assert!(shown.contains(&format!("plan sha256 {want}")), "{shown}");
     let json = json_of(&r.tz(&["jobs", "show", "j1", "--json"]));
-    assert_eq!(json["job"]["plan_text"], serde_json::json!(text), "{json:#}");
-    assert_eq!(json["job"]["plan_sha256"], serde_json::json!(want), "{json:#}");
+    assert_eq!(
+        json["job"]["plan_text"],
+        serde_json::json!(text),
+        "{json:#}"
+    );
+    assert_eq!(
+        json["job"]["plan_sha256"],
+        serde_json::json!(want),
+        "{json:#}"
+    );
 }

@@ -170,9 +170,8 @@ impl Holds {
         let deadline = if direct {
             no_deadline()
         } else {
-            let grace = SignedDuration::from_secs(
-                i64::try_from(QUIESCE_GRACE_SECS).unwrap_or(i64::MAX),
-            );
+            let grace =
+                SignedDuration::from_secs(i64::try_from(QUIESCE_GRACE_SECS).unwrap_or(i64::MAX));
             let span = spec.timeout.get() + spec.unquiesce_timeout.get() + grace + grace;
             self.clock
                 .now()

@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::holds::wait_for_watchdog;
 use super::runner::PlanWork;
 use super::state::StateDir;
 use super::Fail;
@@ -35,7 +36,6 @@ use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, EngineOptions};
 use crate::hook::{self, HookContext, HookOutcome, HookSpec, Stage};
 use crate::job::{owner_alive, owner_of_this_process, Limits, NewdaySettings, Scheduler};
-use super::holds::wait_for_watchdog;
 use crate::quiesce::{BackendError, FsFreeze, QuiesceBackend};
 use crate::store::{
     Change, HookResult, IdKind, ImageId, ImageQuery, ImageState, ImageStateKind, IntentAction,

@@ -24,17 +24,17 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use parking_lot::Mutex;
 
+use super::holds::Holds;
 use crate::catalog::{self, Cut};
 use crate::clock::Clock;
 use crate::engine::{Engine, EngineOptions};
 use crate::hook::{HookError, HookOutcome, HookRun, HookSpec, RunStatus, Stage};
 use crate::job::{step as job_step, Event as JobEvent, JobOutcome, JobWork, Needs, Readiness};
+use crate::plan::Writes;
 use crate::plan::{
     self, FsFinder, GlobalConfig, Plan, PlanRun, PlanStatus, RunContext, RunObserver, Step, Task,
     TaskResult,
 };
-use super::holds::Holds;
-use crate::plan::Writes;
 use crate::quiesce::{FsFreeze, QuiesceBackend, QuiesceMode};
 use crate::store::{
     BackupDay, Change, HookResult, HookRunKey, HookRunRecord, HookStage, IdKind, ImageId,
@@ -115,7 +115,10 @@ impl PlanWork {
                 .count();
             let complete = !t.sources.is_empty() && valid >= t.sources.len();
             let (to, reason) = match t.status {
-                TaskStatus::Pending => (TaskStatus::Canceled, Some(JobReason::DaemonRestarted(phase))),
+                TaskStatus::Pending => (
+                    TaskStatus::Canceled,
+                    Some(JobReason::DaemonRestarted(phase)),
+                ),
                 TaskStatus::Running(_) if in_flight == Some(t.index) => (
                     if complete {
                         TaskStatus::Warning
@@ -125,7 +128,9 @@ impl PlanWork {
                     Some(JobReason::HookUnknown),
                 ),
                 TaskStatus::Running(_) if complete => (TaskStatus::Ok, None),
-                TaskStatus::Running(_) => (TaskStatus::Failed, Some(JobReason::DaemonRestarted(phase))),
+                TaskStatus::Running(_) => {
+                    (TaskStatus::Failed, Some(JobReason::DaemonRestarted(phase)))
+                }
                 _ => continue,
             };
             changes.push(Change::UpdateTask {

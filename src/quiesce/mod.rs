@@ -26,4 +26,6 @@ pub use fsfreeze::FsFreeze;
 pub use guard::{QuiesceError, Quiesced, Quiescer};
 pub use lock::{LockError, TargetKind, TargetLock};
 pub use spec::{QuiesceMode, QuiesceSpec, QuiesceSpecError};
-pub use watchdog::{serve as serve_watchdog, Watchdog, WatchdogError, WatchdogMessage, WATCHDOG_READY};
+pub use watchdog::{
+    serve as serve_watchdog, Watchdog, WatchdogError, WatchdogMessage, WATCHDOG_READY,
+};

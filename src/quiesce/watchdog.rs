@@ -149,8 +149,9 @@ fn hold_of(msg: WatchdogMessage) -> Option<(String, Hold)> {
             st_dev,
             deadline_ms,
         } => {
-            let fd = open_mount(&mount).map_err(|e| e.to_string()).and_then(|fd| {
-                match rustix::fs::fstat(&fd) {
+            let fd = open_mount(&mount)
+                .map_err(|e| e.to_string())
+                .and_then(|fd| match rustix::fs::fstat(&fd) {
                     Ok(st) if st.st_dev == st_dev => Ok(fd),
                     Ok(st) => Err(format!(
                         "{} is on device {} now, the lease names {st_dev}",
@@ -158,8 +159,7 @@ fn hold_of(msg: WatchdogMessage) -> Option<(String, Hold)> {
                         st.st_dev
                     )),
                     Err(e) => Err(format!("fstat {}: {e}", mount.display())),
-                }
-            });
+                });
             Some((
                 key,
                 Hold {
@@ -213,7 +213,8 @@ fn undo(key: &str, hold: Hold, why: &str, store: Option<&dyn Store>, clock: &dyn
                     // EINVAL: the file system is not frozen (the freeze never happened or
                     // was undone already).
                     Err(BackendError::Io { source, .. })
-                        if source.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
+                        if source.raw_os_error()
+                            == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
                     {
                         Ok("not frozen".to_string())
                     }

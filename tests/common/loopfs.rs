@@ -124,7 +124,11 @@ impl LoopFs {
         let path = self.mnt.join(name);
         let mut child = Command::new("sh")
             .arg("-c")
-            .arg(format!("echo written > '{}' && sync -f '{}'", path.display(), path.display()))
+            .arg(format!(
+                "echo written > '{}' && sync -f '{}'",
+                path.display(),
+                path.display()
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
