@@ -458,16 +458,16 @@ impl Drop for Watchdog {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    use jiff::SignedDuration;
+
     use super::*;
     use crate::clock::ManualClock;
 
-    #[test]
-    fn qui_07_a_held_command_is_undone_once_when_the_pipe_closes_and_not_after_release() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("log");
-        let clock: Arc<dyn Clock> =
-            Arc::new(ManualClock::new("2026-12-01T20:00:00Z".parse().unwrap()));
-        let command = |intent: u64| WatchdogMessage::Command {
+    /// A held command quiesce of task `intent` whose `unquiesce_cmd` logs `release TASK`.
+    fn command(log: &std::path::Path, intent: u64, deadline: Timestamp) -> WatchdogMessage {
+        WatchdogMessage::Command {
             intent: IntentId(intent),
             argv: vec![
                 "/bin/sh".into(),
@@ -480,14 +480,26 @@ mod tests {
             job: JobId(1),
             attempt: 1,
             plan: Some("db".into()),
-            task: Some(intent as u32),
+            task: Some(u32::try_from(intent).unwrap()),
             backup_day: None,
-            deadline_ms: Timestamp::MAX.as_millisecond(),
-        };
+            deadline_ms: deadline.as_millisecond(),
+        }
+    }
+
+    fn start() -> Timestamp {
+        "2026-12-01T20:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn qui_07_a_held_command_is_undone_once_when_the_pipe_closes_and_not_after_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(start()));
+        let far = Timestamp::from_second(4_000_000_000).unwrap();
         let mut lines = String::new();
         for m in [
-            command(1),
-            command(2),
+            command(&log, 1, far),
+            command(&log, 2, far),
             WatchdogMessage::Release { key: "n2".into() },
         ] {
             lines += &serde_json::to_string(&m).unwrap();
@@ -496,6 +508,41 @@ mod tests {
         let mut out = Vec::new();
         let n = serve(io::Cursor::new(lines.into_bytes()), None, &clock, &mut out);
         assert_eq!(n, 1, "{}", String::from_utf8_lossy(&out));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "release 1\n");
+    }
+
+    #[test]
+    fn qui_07_a_hold_is_undone_when_its_deadline_passes_while_the_pipe_stays_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let manual = Arc::new(ManualClock::new(start()));
+        let clock: Arc<dyn Clock> = Arc::clone(&manual) as Arc<dyn Clock>;
+        let (reader, mut writer) = io::pipe().unwrap();
+        let deadline = start().checked_add(SignedDuration::from_secs(60)).unwrap();
+        let line = serde_json::to_string(&command(&log, 1, deadline)).unwrap();
+        writeln!(writer, "{line}").unwrap();
+        let served = {
+            let clock = Arc::clone(&clock);
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let n = serve(reader, None, &clock, &mut out);
+                (n, String::from_utf8_lossy(&out).into_owned())
+            })
+        };
+        manual.advance(SignedDuration::from_secs(61));
+        // The runner still lives (its pipe is open): the deadline alone undoes the hold.
+        let begun = Instant::now();
+        while std::fs::read_to_string(&log).unwrap_or_default() != "release 1\n" {
+            assert!(
+                begun.elapsed() < Duration::from_secs(30),
+                "no release at the deadline"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(writer);
+        let (n, out) = served.join().unwrap();
+        assert_eq!(n, 1, "undone once, not again when the pipe closed: {out}");
+        assert!(out.contains("its deadline passed"), "{out}");
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "release 1\n");
     }
 }
