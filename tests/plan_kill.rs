@@ -36,6 +36,12 @@ impl Rig {
     /// `block` names the stage whose hook writes its pid to `ROOT/marker` and blocks (for the
     /// first attempt only); `session` adds lines to `[session]`.
     fn new(block: &str, session: &str) -> Rig {
+        Rig::with(block, session, None)
+    }
+
+    /// As [`Rig::new`], with the activity's `quiesce` table when given (else a command
+    /// quiesce that logs `hold` and `release`).
+    fn with(block: &str, session: &str, quiesce: Option<String>) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let state = root.join("state");
@@ -80,6 +86,15 @@ impl Rig {
                 blocker(stage)
             );
         }
+        let quiesce = quiesce.unwrap_or_else(|| {
+            format!(
+                "{{ mode = \"command\", \
+                 quiesce_cmd = [\"/bin/sh\", \"-c\", \"echo hold $TIMEZERO_JOB $TIMEZERO_TASK >> {l}; {}\"], \
+                 unquiesce_cmd = [\"/bin/sh\", \"-c\", \"echo release $TIMEZERO_JOB $TIMEZERO_TASK >> {l}; {}\"] }}",
+                blocker("quiesce"),
+                blocker("unquiesce"),
+            )
+        });
         let plan = format!(
             "name = \"db\"\ntable = \"db.tzt\"\ntimezone = \"UTC\"\n\
              [checks]\nrequire_mount = false\n\
@@ -87,13 +102,9 @@ impl Rig {
              [session]\ngrain = \"64KiB\"\n{session}\n\
              [hooks]\n{hooks}\
              [[activity]]\nname = \"vols\"\nsources = [\"{}/*.img\"]\n\
-             quiesce = {{ mode = \"command\", \
-             quiesce_cmd = [\"/bin/sh\", \"-c\", \"echo hold $TIMEZERO_JOB $TIMEZERO_TASK >> {l}; {}\"], \
-             unquiesce_cmd = [\"/bin/sh\", \"-c\", \"echo release $TIMEZERO_JOB $TIMEZERO_TASK >> {l}; {}\"] }}\n",
+             quiesce = {quiesce}\n",
             dest.display(),
             vols.display(),
-            blocker("quiesce"),
-            blocker("unquiesce"),
         );
         std::fs::write(state.join("plans/db.toml"), plan).unwrap();
         Rig {
@@ -292,11 +303,18 @@ fn hook_10_killed_during_task_post_the_hook_is_unknown_and_never_run_again() {
     );
     let j1 = r.job_state("j1");
     let status = &j1["job"]["state"];
-    // Past its cut: the attempt ends with the hook's end unknown (HOOK-10), status >= 1.
+    // Killed in task_post (section 3.2): done, status 1 with the hook's end unknown
+    // (HOOK-10); not a retry. Task 1 has its image; task 2 never started.
+    assert_eq!(status["state"], "done", "{j1:#}");
+    assert_eq!(status["status"], "partial", "{j1:#}");
+    assert_eq!(status["reason"]["reason"], "hook_unknown", "{j1:#}");
     assert!(
-        status["state"] == "waiting_for_retry" || status["reason"]["reason"] == "hook_unknown",
-        "{j1:#}"
+        text.contains("j1: its process died; now partial, status 1"),
+        "{text}"
     );
+    let tasks = j1["tasks"].as_array().unwrap();
+    assert_eq!(tasks[0]["status"]["status"], "warning", "{j1:#}");
+    assert_eq!(tasks[1]["status"]["status"], "canceled", "{j1:#}");
     // task_post of task 1 was never run again in attempt 1.
     let log = r.log();
     assert_eq!(
@@ -353,22 +371,38 @@ fn qui_09_reconcile_after_a_kill_during_the_copy_withdraws_and_loses_the_image()
 }
 
 #[test]
-fn plan_kill_while_quiesced() {
+fn qui_07_killed_while_quiesced_the_watchdog_releases_each_hold_once() {
     // The quiesce command held the application and had not returned.
     let r = Rig::new("quiesce", "");
     let mut child = r.spawn_run();
     let marker = r.root.join("marker");
     r.wait_for(&mut child, "the quiesce command", || marker.exists());
     r.kill(child);
+    // The watchdog, not reconcile, runs the unquiesce command: wait for it (bounded).
+    let start = Instant::now();
+    while !r.log().contains(&"release j1 1".to_string()) {
+        assert!(
+            start.elapsed() < POLL_LIMIT,
+            "no release by the watchdog: {:?}",
+            r.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let text = r.reconcile_and_rerun();
     assert!(
-        text.contains(
-            "j1: quiesce of task 1 held when its process died: unquiesce_cmd run, exit 0"
-        ),
-        "{text}"
+        !text.contains("unquiesce_cmd run"),
+        "not run a second time: {text}"
     );
     let log = r.log();
-    assert!(log.contains(&"release j1 1".to_string()), "{log:?}");
+    for who in ["j1 1", "j2 1", "j2 2"] {
+        for what in ["hold", "release"] {
+            let n = log
+                .iter()
+                .filter(|l| **l == format!("{what} {who}"))
+                .count();
+            assert_eq!(n, 1, "{what} {who}: {log:?}");
+        }
+    }
     let j1 = r.job_state("j1");
     assert!(
         j1["images"].as_array().unwrap().is_empty(),
@@ -386,7 +420,8 @@ fn plan_kill_between_cut_and_thaw() {
     r.wait_for(&mut child, "the unquiesce command", || marker.exists());
     r.kill(child);
     let text = r.reconcile_and_rerun();
-    assert!(text.contains("j1: quiesce of task 1 held"), "{text}");
+    // The unquiesce command was running: the watchdog ran it once more (an unquiesce bears
+    // being repeated), so nothing is held.
     assert!(
         text.contains("j1: image i1 incomplete: session s1 withdrawn"),
         "{text}"
@@ -395,5 +430,130 @@ fn plan_kill_between_cut_and_thaw() {
     let images = j1["images"].as_array().unwrap();
     assert_eq!(images.len(), 1, "{j1:#}");
     assert_eq!(images[0]["state"]["state"], "lost", "{j1:#}");
+    r.check_invariants();
+}
+
+#[path = "common/loopfs.rs"]
+mod loopfs;
+
+/// A plan whose task freezes `fs` and keeps it frozen for its copy (`writes = "direct"`), slowed
+/// so that the test catches the copy; the file system holds nothing of timezero's (QUI-08).
+fn frozen_rig(fs: &loopfs::LoopFs) -> Rig {
+    Rig::with(
+        "",
+        "writes = \"direct\"\ncopy_rate = \"128KiB\"\ncopy_threads = 1",
+        Some(format!(
+            "{{ mode = \"freeze\", mounts = [\"{}\"], timeout = \"30s\" }}",
+            fs.mnt.display()
+        )),
+    )
+}
+
+impl Rig {
+    /// Wait until job 1 copies with its lease held (the file system is frozen).
+    fn wait_for_frozen_copy(&self, child: &mut Child) {
+        let store_path = self.state.join("orchestration.sqlite");
+        self.wait_for(child, "the copy under the freeze", || {
+            let Ok(store) = SqliteStore::open(&store_path) else {
+                return false;
+            };
+            let copying = matches!(
+                store.job(timezero::store::JobId(1)),
+                Ok(Some(timezero::store::JobRecord {
+                    state: timezero::store::JobState::Active {
+                        phase: timezero::store::Phase::Task {
+                            step: timezero::store::TaskStep::Copy,
+                            ..
+                        }
+                    },
+                    ..
+                }))
+            );
+            copying && store.open_leases().is_ok_and(|l| l.len() == 1)
+        });
+    }
+
+    fn watchdog_pid(&self) -> i32 {
+        let text = std::fs::read_to_string(self.state.join("watchdog-j1.lock")).unwrap();
+        text.trim().parse().unwrap()
+    }
+}
+
+#[test]
+fn qui_06_killed_while_frozen_reconcile_thaws_the_lease() {
+    let Some(fs) = loopfs::loop_fs("qui_06_killed_while_frozen_reconcile_thaws_the_lease") else {
+        return;
+    };
+    let r = frozen_rig(&fs);
+    let mut child = r.spawn_run();
+    r.wait_for_frozen_copy(&mut child);
+    let store = SqliteStore::open(r.state.join("orchestration.sqlite")).unwrap();
+    let lease = store.open_leases().unwrap().remove(0);
+    assert_eq!(lease.mount, fs.mnt);
+    assert_eq!(lease.job, timezero::store::JobId(1));
+    assert_eq!(
+        lease.st_dev,
+        std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&fs.mnt).unwrap())
+    );
+    // The runner and its watchdog both die (as when the whole process tree is killed); the
+    // watchdog first, or it would thaw when its runner's pipe closes.
+    let watchdog = r.watchdog_pid();
+    let _ = Command::new("kill")
+        .args(["-9", &watchdog.to_string()])
+        .status();
+    let start = Instant::now();
+    while std::path::Path::new(&format!("/proc/{watchdog}")).exists()
+        && std::fs::read_to_string(format!("/proc/{watchdog}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(start.elapsed() < POLL_LIMIT, "the watchdog did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.kill(child);
+    assert!(fs.frozen(), "nothing thawed it yet");
+    let text = r.reconcile_and_rerun();
+    assert!(
+        text.contains(&format!(
+            "j1: lease on {} of a job not running: thawed, dropped",
+            fs.mnt.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        fs.write_succeeds_within("after", POLL_LIMIT),
+        "the file system takes writes again"
+    );
+    assert!(store.open_leases().unwrap().is_empty());
+    r.check_invariants();
+}
+
+#[test]
+fn qui_07_killed_while_frozen_the_watchdog_thaws_without_reconcile() {
+    let Some(fs) =
+        loopfs::loop_fs("qui_07_killed_while_frozen_the_watchdog_thaws_without_reconcile")
+    else {
+        return;
+    };
+    let r = frozen_rig(&fs);
+    let mut child = r.spawn_run();
+    r.wait_for_frozen_copy(&mut child);
+    assert!(fs.frozen());
+    r.kill(child);
+    // No reconcile: the watchdog saw its pipe close and thawed through its descriptor.
+    assert!(
+        fs.write_succeeds_within("after", POLL_LIMIT),
+        "the watchdog thawed the file system"
+    );
+    let store = SqliteStore::open(r.state.join("orchestration.sqlite")).unwrap();
+    let start = Instant::now();
+    while !store.open_leases().unwrap().is_empty() {
+        assert!(
+            start.elapsed() < POLL_LIMIT,
+            "the watchdog dropped the lease"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = r.reconcile_and_rerun();
+    assert!(!text.contains("lease on"), "nothing left to thaw: {text}");
     r.check_invariants();
 }

@@ -304,3 +304,97 @@ fn qui_08_plan_check_refuses_to_freeze_the_store_table_or_target_file_system() {
     let out = r.tz(&["plan", "check", "db"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
+
+#[path = "common/loopfs.rs"]
+mod loopfs;
+
+#[test]
+fn qui_08_plan_run_refuses_to_freeze_the_store_file_system_in_one_line() {
+    let r = Rig::new("");
+    // As root the store lives on a loop-mounted file system of its own, so that even a wrong
+    // decision would freeze only that one; otherwise on the temporary directory's (a freeze
+    // needs CAP_SYS_ADMIN, so nothing can be frozen there).
+    let fs = loopfs::loop_fs(
+        "qui_08_plan_run_refuses_to_freeze_the_store_file_system_in_one_line (loop fs)",
+    );
+    if rustix::process::geteuid().is_root() && fs.is_none() {
+        return;
+    }
+    let state = match &fs {
+        Some(fs) => {
+            let state = fs.mnt.join("state");
+            std::fs::create_dir_all(state.join("plans")).unwrap();
+            let out = Command::new(env!("CARGO_BIN_EXE_timezero"))
+                .arg("init")
+                .arg(state.join("db.tzt"))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            state
+        }
+        None => r.state.clone(),
+    };
+    let mount = match &fs {
+        Some(fs) => fs.mnt.clone(),
+        None => r.dir.path().to_path_buf(),
+    };
+    let plan = std::fs::read_to_string(r.state.join("plans/db.toml")).unwrap();
+    let start = plan.find("quiesce = {").unwrap();
+    let frozen = format!(
+        "{}quiesce = {{ mode = \"freeze\", mounts = [\"{}\"] }}\n",
+        &plan[..start],
+        mount.display()
+    );
+    std::fs::write(state.join("plans/frozen.toml"), frozen).unwrap();
+    let out = tz(&["plan", "run", "frozen", "--wait"], &state);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("refused (QUI-08)"), "{err}");
+    assert!(err.contains("would freeze the store"), "{err}");
+    assert!(out.stdout.is_empty(), "no job: {out:?}");
+    let jobs = tz(&["jobs", "--all", "--json"], &state);
+    assert_eq!(json_of(&jobs), serde_json::json!([]), "no job was created");
+    if let Some(fs) = &fs {
+        assert!(!fs.frozen(), "nothing was frozen");
+    }
+}
+
+#[test]
+fn plan_18_a_job_records_the_plan_text_and_its_sha256() {
+    let r = Rig::new("");
+    let file = r.state.join("plans/db.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let out = r.tz(&["plan", "run", "db", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // Edited after the run: the job keeps the text it ran.
+    std::fs::write(&file, format!("{text}# edited\n")).unwrap();
+    let ran = r.dir.path().join("ran.toml");
+    std::fs::write(&ran, &text).unwrap();
+    let Ok(sum) = Command::new("sha256sum").arg(&ran).output() else {
+        println!("SKIPPED plan_18_a_job_records_the_plan_text_and_its_sha256: no sha256sum");
+        return;
+    };
+    let want = String::from_utf8(sum.stdout).unwrap();
+    let want = want
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(want.len(), 64);
+    let show = r.tz(&["jobs", "show", "j1"]);
+    assert_eq!(show.status.code(), Some(0), "{show:?}");
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(shown.contains(&format!("plan sha256 {want}")), "{shown}");
+    let json = json_of(&r.tz(&["jobs", "show", "j1", "--json"]));
+    assert_eq!(
+        json["job"]["plan_text"],
+        serde_json::json!(text),
+        "{json:#}"
+    );
+    assert_eq!(
+        json["job"]["plan_sha256"],
+        serde_json::json!(want),
+        "{json:#}"
+    );
+}

@@ -535,6 +535,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Undo the quiesce holds a job runner announces on stdin when its pipe closes or a hold's
+    /// deadline passes (QUI-07); started by the runner itself.
+    #[command(hide = true)]
+    QuiesceWatchdog {
+        /// The job whose holds it watches.
+        #[arg(long)]
+        job: String,
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
     /// Run the fault-injection crash-state enumerator (needs the `fault` feature).
     #[cfg_attr(not(feature = "fault"), command(hide = true))]
     Crashtest {

@@ -138,6 +138,7 @@ pub(super) fn plan_run(
     let (path, plan) = state.load_plan(plan)?;
     let global = state.global()?;
     let table = state.table_of(&plan)?;
+    super::plan::refuse_freezes(&state, &plan, &table, &global)?;
     let (limits, newday) = job_settings(&state)?;
     let _lock = match state.hold_runner_lock()? {
         Ok(f) => f,
@@ -160,6 +161,7 @@ pub(super) fn plan_run(
         plans: HashMap::from([(name.clone(), (path, plan))]),
         tables: HashMap::from([(name.clone(), table)]),
         engines: Mutex::new(HashMap::new()),
+        state_dir: Some(state.dir.clone()),
     });
     let scheduler = Scheduler::new(
         Arc::clone(&store),
@@ -450,6 +452,10 @@ pub(super) fn jobs_show(state: Option<PathBuf>, job: JobId, as_json: bool) -> Re
         s += &format!(", ended {t}");
     }
     s += "\n";
+    if let Some(h) = &j.plan_sha256 {
+        let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+        s += &format!("  plan sha256 {hex}\n");
+    }
     if let Some(p) = &j.progress {
         s += &format!("  progress {} of {} bytes\n", p.bytes_done, p.bytes_total);
     }

@@ -5,6 +5,7 @@ mod args;
 mod catalog;
 mod command_line;
 mod demo;
+mod holds;
 mod jobs;
 mod mount;
 mod plan;
@@ -583,6 +584,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             cmd: PlanCmd::List { state, json },
         } => jobs::plan_list(state, json)?,
         Command::Reconcile { state, json } => reconcile::reconcile(state, json)?,
+        Command::QuiesceWatchdog { job, state } => holds::watchdog(&job, state)?,
         Command::Jobs {
             cmd: None,
             all,

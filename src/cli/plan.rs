@@ -123,6 +123,40 @@ pub(super) fn check(
     }
 }
 
+/// QUI-08 before `plan run`: the tasks the plan expands into now, refused in one line (exit 1)
+/// when one would freeze the file system of the store, the plan's table or a task's target.
+pub(super) fn refuse_freezes(
+    state: &StateDir,
+    plan: &crate::plan::Plan,
+    table: &Path,
+    global: &crate::plan::GlobalConfig,
+) -> Result<(), Fail> {
+    let at = Timestamp::now();
+    let report = plan::check(
+        plan,
+        &CheckInput {
+            global,
+            at,
+            finder: &FsFinder,
+            job: JobId(0),
+            backup_day: BackupDay(at.to_zoned(plan.timezone.clone()).date()),
+        },
+    );
+    let refused = freeze_conflicts(state, Some(table), &report.tasks);
+    match refused.split_first() {
+        None => Ok(()),
+        Some((first, rest)) => Err(Fail::Message(format!(
+            "plan {} refused (QUI-08): {first}{}",
+            plan.name,
+            if rest.is_empty() {
+                String::new()
+            } else {
+                format!(" (and {} more)", rest.len())
+            }
+        ))),
+    }
+}
+
 /// The device of `path`, or of its nearest existing ancestor (a target not created yet).
 fn device_of(path: &Path) -> Option<u64> {
     let mut p = Some(path);

@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::holds::wait_for_watchdog;
 use super::runner::PlanWork;
 use super::state::StateDir;
 use super::Fail;
@@ -35,7 +36,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, EngineOptions};
 use crate::hook::{self, HookContext, HookOutcome, HookSpec, Stage};
 use crate::job::{owner_alive, owner_of_this_process, Limits, NewdaySettings, Scheduler};
-use crate::quiesce::{FsFreeze, QuiesceBackend};
+use crate::quiesce::{BackendError, FsFreeze, QuiesceBackend};
 use crate::store::{
     Change, HookResult, IdKind, ImageId, ImageQuery, ImageState, ImageStateKind, IntentAction,
     IntentOutcome, JobQuery, JobRecord, JobStateKind, Store,
@@ -101,7 +102,15 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
     let dead_ids: BTreeSet<_> = dead.iter().map(|j| j.id).collect();
     let now = clock.now();
 
-    // Leases: thaw what a dead job froze.
+    // The watchdog of a dead job undoes its holds first (QUI-07); what it undid is in the
+    // store once it has ended.
+    for job in &dead {
+        if let Some(line) = wait_for_watchdog(&state.dir, job.id) {
+            lines.push(line);
+        }
+    }
+
+    // Leases: thaw what a dead job froze (QUI-06).
     let freeze: Arc<dyn QuiesceBackend> = Arc::new(FsFreeze);
     for lease in store.open_leases().map_err(store_err)? {
         let live = store
@@ -111,9 +120,22 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
         if live {
             continue;
         }
-        let thawed = match freeze.thaw(&lease.mount) {
-            Ok(()) => "thawed".to_string(),
-            Err(e) => format!("thaw: {e}"),
+        // Only the file system the lease names: the mount point may name another one now.
+        let thawed = match rustix::fs::stat(&lease.mount) {
+            Ok(st) if st.st_dev == lease.st_dev => match freeze.thaw(&lease.mount) {
+                Ok(()) => "thawed".to_string(),
+                Err(BackendError::Io { source, .. })
+                    if source.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
+                {
+                    "not frozen".to_string()
+                }
+                Err(e) => format!("thaw: {e}"),
+            },
+            Ok(st) => format!(
+                "not thawed: its mount is on device {} now, the lease names {}",
+                st.st_dev, lease.st_dev
+            ),
+            Err(e) => format!("not thawed: stat: {e}"),
         };
         store
             .commit(vec![Change::DropLease(lease.id)])
@@ -321,6 +343,7 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
         plans: HashMap::new(),
         tables: HashMap::new(),
         engines: Mutex::new(HashMap::new()),
+        state_dir: None,
     });
     let scheduler = Scheduler::new(
         Arc::clone(&store),

@@ -24,11 +24,13 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use parking_lot::Mutex;
 
+use super::holds::Holds;
 use crate::catalog::{self, Cut};
 use crate::clock::Clock;
 use crate::engine::{Engine, EngineOptions};
 use crate::hook::{HookError, HookOutcome, HookRun, HookSpec, RunStatus, Stage};
 use crate::job::{step as job_step, Event as JobEvent, JobOutcome, JobWork, Needs, Readiness};
+use crate::plan::Writes;
 use crate::plan::{
     self, FsFinder, GlobalConfig, Plan, PlanRun, PlanStatus, RunContext, RunObserver, Step, Task,
     TaskResult,
@@ -55,6 +57,9 @@ pub(super) struct PlanWork {
     pub tables: HashMap<String, PathBuf>,
     /// The engine of each table, opened on first use.
     pub engines: Mutex<HashMap<PathBuf, Arc<Engine>>>,
+    /// The state directory, where a job's quiesce watchdog keeps its lock (QUI-07); `None`
+    /// starts no watchdog (a program that is not the `timezero` binary).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PlanWork {
@@ -81,6 +86,65 @@ fn failed(reason: JobReason) -> JobOutcome {
     JobOutcome::Done {
         status: JobStatus::Failed,
         reason: Some(reason),
+    }
+}
+
+impl PlanWork {
+    /// End the tasks of `job`, killed in `phase` after its catalog step: a task not started is
+    /// `Canceled`; one that was running is `Ok` when each of its sources has a valid image
+    /// (`Warning` with `HookUnknown` for the task whose hook was in flight), else `Failed`.
+    fn end_tasks(&self, job: JobId, phase: Phase) {
+        let (Ok(tasks), Ok(images)) = (
+            self.store.tasks(job),
+            self.store.images(&crate::store::ImageQuery {
+                job: Some(job),
+                ..crate::store::ImageQuery::default()
+            }),
+        ) else {
+            return;
+        };
+        let in_flight = match phase {
+            Phase::Task { index, .. } => Some(index),
+            _ => None,
+        };
+        let mut changes = Vec::new();
+        for t in tasks {
+            let valid = images
+                .iter()
+                .filter(|i| i.task == t.index && i.state == ImageState::Valid)
+                .count();
+            let complete = !t.sources.is_empty() && valid >= t.sources.len();
+            let (to, reason) = match t.status {
+                TaskStatus::Pending => (
+                    TaskStatus::Canceled,
+                    Some(JobReason::DaemonRestarted(phase)),
+                ),
+                TaskStatus::Running(_) if in_flight == Some(t.index) => (
+                    if complete {
+                        TaskStatus::Warning
+                    } else {
+                        TaskStatus::Failed
+                    },
+                    Some(JobReason::HookUnknown),
+                ),
+                TaskStatus::Running(_) if complete => (TaskStatus::Ok, None),
+                TaskStatus::Running(_) => {
+                    (TaskStatus::Failed, Some(JobReason::DaemonRestarted(phase)))
+                }
+                _ => continue,
+            };
+            changes.push(Change::UpdateTask {
+                job,
+                index: t.index,
+                from: t.status,
+                to,
+                reason,
+                message: Some("its process died".to_string()),
+            });
+        }
+        if !changes.is_empty() {
+            let _ = self.store.commit(changes);
+        }
     }
 }
 
@@ -115,7 +179,17 @@ impl JobWork for PlanWork {
             }
         };
         let clock = Arc::clone(&self.clock);
-        let quiesce: Arc<dyn QuiesceBackend> = Arc::new(FsFreeze);
+        let holds = Arc::new(Holds::new(
+            Arc::clone(&self.store),
+            Arc::clone(&clock),
+            Arc::new(FsFreeze),
+            job.id,
+            job.attempt,
+            plan.name.clone(),
+            job.backup_day,
+            self.state_dir.clone(),
+        ));
+        let quiesce: Arc<dyn QuiesceBackend> = Arc::clone(&holds) as Arc<dyn QuiesceBackend>;
         let recorder = Recorder {
             store: Arc::clone(&self.store),
             clock: Arc::clone(&clock),
@@ -125,6 +199,8 @@ impl JobWork for PlanWork {
             plan: plan.name.clone(),
             backup_day: job.backup_day,
             table: table.clone(),
+            holds,
+            direct: plan.session.writes == Writes::Direct,
             inner: Mutex::new(Inner::default()),
         };
         let ctx = RunContext {
@@ -144,20 +220,49 @@ impl JobWork for PlanWork {
     fn resume(&self, job: &JobRecord, _clock: &dyn Clock) -> JobOutcome {
         // The task flow cannot continue an attempt in another process yet: the attempt past
         // its cut ends here. A hook of it whose end is unknown decides the reason (HOOK-10).
+        let phase = match &job.state {
+            crate::store::JobState::Active { phase } => *phase,
+            _ => Phase::AwaitingResources,
+        };
         let unknown = self.store.hook_runs(job.id).is_ok_and(|runs| {
             runs.iter()
                 .any(|r| r.key.attempt == job.attempt && r.result == Some(HookResult::Unknown))
         });
+        // Section 3.2: killed in `task_post`, `plan_post` or `finally`, the job is done with
+        // status 1 and not retried: its images are made (or it failed) before those stages,
+        // and running it again would cut new ones and run its hooks twice. Its tasks get the
+        // end statuses the run could not write.
+        let after_catalog = matches!(
+            phase,
+            Phase::Task {
+                step: TaskStep::Post | TaskStep::Finally,
+                ..
+            } | Phase::PlanPost
+        );
+        if after_catalog {
+            self.end_tasks(job.id, phase);
+            return JobOutcome::Done {
+                status: JobStatus::Partial,
+                reason: Some(if unknown {
+                    JobReason::HookUnknown
+                } else {
+                    JobReason::DaemonRestarted(phase)
+                }),
+            };
+        }
         if unknown {
             return failed(JobReason::HookUnknown);
         }
-        failed(JobReason::DaemonRestarted(match &job.state {
-            crate::store::JobState::Active { phase } => *phase,
-            _ => Phase::AwaitingResources,
-        }))
+        failed(JobReason::DaemonRestarted(phase))
     }
 
     fn stop(&self, _job: JobId, _attempt: u32, _reason: &JobReason) {}
+
+    fn plan_text(&self, plan: &str) -> Option<(String, [u8; 32])> {
+        self.plans
+            .get(plan)
+            .map(|(_, p)| (p.text.clone(), p.sha256))
+    }
 }
 
 /// What the recorder knows of the run beyond the store.
@@ -191,6 +296,10 @@ pub(super) struct Recorder {
     plan: String,
     backup_day: BackupDay,
     table: PathBuf,
+    /// The leases and the watchdog of the run (QUI-06, QUI-07).
+    holds: Arc<Holds>,
+    /// `writes = "direct"`: a freeze is held until the copy completes.
+    direct: bool,
     inner: Mutex<Inner>,
 }
 
@@ -327,16 +436,16 @@ impl Recorder {
         if step != Step::Quiesce {
             return;
         }
-        let argv = match self
-            .inner
-            .lock()
-            .plan_tasks
-            .get(&index)
-            .map(|t| &t.quiesce.mode)
-        {
-            Some(QuiesceMode::Command { unquiesce, .. }) => unquiesce.run.clone(),
+        let spec = match self.inner.lock().plan_tasks.get(&index) {
+            Some(t) => t.quiesce.clone(),
+            None => return,
+        };
+        self.holds.quiescing(&spec, self.direct);
+        let unquiesce = match spec.mode {
+            QuiesceMode::Command { unquiesce, .. } => unquiesce,
             _ => return,
         };
+        let argv = unquiesce.run.clone();
         let Ok(n) = self.store.allocate(IdKind::Intent) else {
             return;
         };
@@ -353,6 +462,10 @@ impl Recorder {
         })]);
         if put.is_ok() {
             self.inner.lock().held.insert(index, id);
+            // Without its watchdog the hold is still undone by `reconcile` (the intent).
+            if let Err(e) = self.holds.hold_command(id, index, &unquiesce) {
+                eprintln!("{}: task {index}: {e}", self.job);
+            }
         }
     }
 
@@ -360,6 +473,7 @@ impl Recorder {
     fn resolve_held(&self, index: u32) {
         let id = self.inner.lock().held.remove(&index);
         if let Some(intent) = id {
+            self.holds.release_command(intent);
             let _ = self.commit(vec![Change::Resolve {
                 intent,
                 outcome: IntentOutcome::Done,

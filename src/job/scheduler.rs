@@ -57,6 +57,13 @@ pub trait JobWork: Send + Sync {
     /// Stop the running attempt (JOB-11, CAL-14); its `run` or `resume` then returns
     /// [`JobOutcome::Canceled`] with `reason`.
     fn stop(&self, job: JobId, attempt: u32, reason: &JobReason);
+
+    /// The text of `plan` and its SHA-256, recorded in a job of that plan when the job is
+    /// created (PLAN-18); `None` when the work does not know the plan (the default).
+    fn plan_text(&self, plan: &str) -> Option<(String, [u8; 32])> {
+        let _ = plan;
+        None
+    }
 }
 
 /// What [`Scheduler::post_immediate`] posted and what became of it.
@@ -240,6 +247,11 @@ impl Scheduler {
                         };
                         let id = JobId(self.store.allocate(IdKind::Job)?);
                         jobs.push(id);
+                        let (plan_text, plan_sha256) =
+                            match kind.plan().and_then(|p| self.work.plan_text(p)) {
+                                Some((text, sha)) => (Some(text), Some(sha)),
+                                None => (None, None),
+                            };
                         changes.push(Change::InsertJob {
                             job: JobRecord {
                                 id,
@@ -253,8 +265,8 @@ impl Scheduler {
                                     waiting_on: WaitReason::Broker,
                                 },
                                 owner: None,
-                                plan_text: None,
-                                plan_sha256: None,
+                                plan_text,
+                                plan_sha256,
                                 progress: None,
                                 created: now,
                                 started: None,

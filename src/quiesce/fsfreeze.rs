@@ -26,7 +26,9 @@ const FITHAW: Opcode = opcode::read_write::<c_int>(b'X', 120);
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FsFreeze;
 
-fn open_mount(mount: &Path) -> Result<OwnedFd, BackendError> {
+/// A descriptor of the directory `mount` (`O_RDONLY | O_DIRECTORY | O_CLOEXEC`): what the ioctls
+/// and `syncfs` are called on, and what the watchdog holds for a lease.
+pub(super) fn open_mount(mount: &Path) -> Result<OwnedFd, BackendError> {
     rustix::fs::open(
         mount,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -57,6 +59,17 @@ fn map_errno(op: &'static str, mount: &Path, e: Errno) -> BackendError {
     }
 }
 
+/// `FITHAW` on a descriptor opened before (the watchdog's, QUI-07): the file system it is on
+/// is thawed even when its mount point's path now names something else. `mount` only names it
+/// in an error.
+pub(super) fn thaw_fd(fd: &OwnedFd, mount: &Path) -> Result<(), BackendError> {
+    // SAFETY: FITHAW takes no argument (`ioctl_fsthaw` ignores `arg`), so `NoArg` passing a
+    // null pointer gives the kernel no memory; `fd` is an open descriptor borrowed for the
+    // whole call.
+    let r = unsafe { ioctl(fd, NoArg::<FITHAW>::new()) };
+    r.map_err(|e| map_errno("thaw", mount, e))
+}
+
 impl QuiesceBackend for FsFreeze {
     fn freeze(&self, mount: &Path) -> Result<(), BackendError> {
         let fd = open_mount(mount)?;
@@ -69,10 +82,7 @@ impl QuiesceBackend for FsFreeze {
 
     fn thaw(&self, mount: &Path) -> Result<(), BackendError> {
         let fd = open_mount(mount)?;
-        // SAFETY: FITHAW takes no argument either (`ioctl_fsthaw` ignores `arg`); `fd` is an
-        // open descriptor owned by this function for the whole call.
-        let r = unsafe { ioctl(&fd, NoArg::<FITHAW>::new()) };
-        r.map_err(|e| map_errno("thaw", mount, e))
+        thaw_fd(&fd, mount)
     }
 
     fn flush(&self, mount: &Path) -> Result<(), BackendError> {

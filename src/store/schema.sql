@@ -1,4 +1,5 @@
--- The orchestration store, schema version 1 (docs/orchestration.md 1.2).
+-- The orchestration store, schema version 1 (docs/orchestration.md 1.2); sqlite.rs's MIGRATIONS
+-- take a new file, like an old one, on to the current version.
 -- Each row keeps its whole record as JSON in `body` (the truth); the other columns are copies of
 -- the fields rows are found, ordered and constrained by. Instants are INTEGER milliseconds since
 -- the Unix epoch, backup days TEXT 'YYYYMMDD'.

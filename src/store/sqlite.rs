@@ -29,9 +29,22 @@ use super::{
 use crate::limits::STORE_BUSY_TIMEOUT_MS;
 
 /// The schema version this build creates and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
+/// Version 1, as the first open creates it; [`MIGRATIONS`] take it to [`SCHEMA_VERSION`].
 const SCHEMA: &str = include_str!("schema.sql");
+
+/// Each later version and the statements that make it from the one before, run in the
+/// transaction of the open that finds the older version.
+/// - 2: the job's plan SHA-256 (PLAN-18) as a column of its own, copied from the rows written
+///   before, so that the jobs of one plan text can be found.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    2,
+    "ALTER TABLE jobs ADD COLUMN plan_sha256 TEXT;\n\
+     UPDATE jobs SET plan_sha256 = json_extract(body, '$.plan_sha256');\n\
+     CREATE INDEX jobs_by_plan_sha256 ON jobs(plan_sha256);",
+)];
+const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
 
 /// The store in one SQLite file; one connection, used by one thread at a time. Other processes
 /// (`timezero jobs`, a second daemon refused by its lock) open the same file with their own
@@ -125,8 +138,19 @@ impl SqliteStore {
                 supported: SCHEMA_VERSION,
             });
         }
-        if found == 0 {
+        let mut at = found;
+        if at == 0 {
             tx.execute_batch(SCHEMA).map_err(err("create the schema"))?;
+            at = 1;
+        }
+        for (version, sql) in MIGRATIONS {
+            if *version > at {
+                tx.execute_batch(sql)
+                    .map_err(err("migrate the schema to a later version"))?;
+                at = *version;
+            }
+        }
+        if at != found {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(err("set the schema version"))?;
         }
@@ -413,18 +437,20 @@ impl Tx for SqlTx<'_> {
             j.state.kind().as_str(),
             i64::from(j.attempt),
             j.kind.plan(),
-            body
+            body,
+            j.plan_sha256
+                .map(|h| h.iter().map(|b| format!("{b:02x}")).collect::<String>()),
         ];
         if insert {
             self.exec(
-                "INSERT INTO jobs (id, event, due_at, backup_day, state, attempt, plan, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO jobs (id, event, due_at, backup_day, state, attempt, plan, body, \
+                 plan_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 p,
             )
         } else {
             self.exec(
                 "UPDATE jobs SET event = ?2, due_at = ?3, backup_day = ?4, state = ?5, \
-                 attempt = ?6, plan = ?7, body = ?8 WHERE id = ?1",
+                 attempt = ?6, plan = ?7, body = ?8, plan_sha256 = ?9 WHERE id = ?1",
                 p,
             )
         }

@@ -94,7 +94,7 @@ fn store_11_sqlite_rows_survive_reopen_and_a_newer_schema_is_refused() {
     match SqliteStore::open(&path) {
         Err(StoreError::Schema {
             found, supported, ..
-        }) => assert_eq!((found, supported), (2, 1)),
+        }) => assert_eq!((found, supported), (3, 2)),
         other => panic!("expected a schema error, got {other:?}"),
     }
     // A file that is not SQLite: a typed error naming the file.
@@ -300,4 +300,43 @@ fn store_10_sqlite_two_handles_share_ids_and_preconditions() {
         Err(StoreError::Conflict { change: 0, .. })
     ));
     assert_eq!(b.job(j.id).unwrap().unwrap().owner.as_deref(), Some("a"));
+}
+
+#[test]
+fn store_11_sqlite_a_version_1_file_is_migrated_and_keeps_its_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orchestration.sqlite");
+    let mut j = job(1, 1, at(0), "db", "20270101");
+    j.plan_text = Some("name = \"db\"\n".to_string());
+    j.plan_sha256 = Some([0xab; 32]);
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        calendar(&store);
+        store
+            .commit(vec![Change::InsertJob {
+                job: j.clone(),
+                occurrence: started(&j),
+            }])
+            .unwrap();
+    }
+    // Back to version 1 as an older build left it: no plan_sha256 column.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "DROP INDEX jobs_by_plan_sha256; ALTER TABLE jobs DROP COLUMN plan_sha256; \
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(raw);
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.job(j.id).unwrap(), Some(j));
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let (version, sha): (i64, String) = raw
+        .query_row(
+            "SELECT (SELECT user_version FROM pragma_user_version), plan_sha256 FROM jobs",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(version, sqlite::SCHEMA_VERSION);
+    assert_eq!(sha, "ab".repeat(32));
 }
