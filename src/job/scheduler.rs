@@ -10,7 +10,7 @@
 //! did the same thing first (`UNIQUE(event_id, due_at)` for occurrences, the state a transition
 //! expects for jobs), and the pass is read again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -93,6 +93,8 @@ pub struct Scheduler {
     newday: NewdaySettings,
     owner: String,
     workers: Mutex<HashMap<(JobId, u32), JoinHandle<()>>>,
+    /// The attempts told to stop, so a stop request in the store is passed on once.
+    stopped: Mutex<HashSet<(JobId, u32)>>,
     finished_tx: Sender<Finished>,
     finished_rx: Receiver<Finished>,
 }
@@ -140,6 +142,7 @@ impl Scheduler {
             newday,
             owner,
             workers: Mutex::new(HashMap::new()),
+            stopped: Mutex::new(HashSet::new()),
             finished_tx,
             finished_rx,
         }
@@ -151,13 +154,15 @@ impl Scheduler {
         &self.owner
     }
 
-    /// One tick: record the work that ended, run the calendar pass, queue the retries that are
-    /// due, run a broker pass. Returns the jobs the calendar pass created.
+    /// One tick: record the work that ended, pass on the stop requests recorded by other
+    /// processes (`jobs cancel`), run the calendar pass, queue the retries that are due, run a
+    /// broker pass. Returns the jobs the calendar pass created.
     ///
     /// # Errors
     /// [`JobError`] when the store or the calendar's records fail.
     pub fn tick(&self) -> Result<Vec<JobId>, JobError> {
         self.record_finished()?;
+        self.stop_pass()?;
         let created = self.calendar_pass()?;
         self.retry_pass()?;
         self.broker_pass()?;
@@ -259,6 +264,7 @@ impl Scheduler {
                                 created: now,
                                 started: None,
                                 ended: None,
+                                stop_requested: None,
                             },
                             occurrence: OccurrenceRow {
                                 event,
@@ -480,6 +486,29 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Tell the work of every attempt this instance runs that has a stop request in the store
+    /// (`jobs cancel` from another process, JOB-11) to stop, once per attempt.
+    ///
+    /// # Errors
+    /// As [`Scheduler::tick`].
+    pub fn stop_pass(&self) -> Result<(), JobError> {
+        for job in self.store.jobs(&JobQuery {
+            states: Some(vec![JobStateKind::Active]),
+            ..JobQuery::default()
+        })? {
+            let Some(request) = &job.stop_requested else {
+                continue;
+            };
+            if request.attempt != job.attempt || job.owner.as_deref() != Some(&self.owner) {
+                continue;
+            }
+            if self.stopped.lock().insert((job.id, job.attempt)) {
+                self.work.stop(job.id, job.attempt, &request.reason);
+            }
+        }
+        Ok(())
+    }
+
     /// Queue again every job whose retry delay passed (JOB-07).
     fn retry_pass(&self) -> Result<(), JobError> {
         let now = self.clock.now();
@@ -621,7 +650,9 @@ impl Scheduler {
                 attempt,
                 reason,
             } => {
-                self.work.stop(job, attempt, &reason);
+                if self.stopped.lock().insert((job, attempt)) {
+                    self.work.stop(job, attempt, &reason);
+                }
                 return Ok(());
             }
             Action::Start { job, attempt } => (job, attempt, false),

@@ -45,8 +45,8 @@ pub use records::{
     ChecksumAlgorithm, EventKind, EventRow, HookResult, HookRunKey, HookRunRecord, HookStage,
     ImageChecksums, ImageRecord, ImageState, ImageStateKind, Intent, IntentAction, IntentOutcome,
     JobKind, JobProgress, JobReason, JobRecord, JobState, JobStateKind, JobStatus, Lease,
-    OccurrenceOutcome, OccurrenceRow, Phase, ScheduleRow, TaskRecord, TaskStatus, TaskStep,
-    WaitReason,
+    OccurrenceOutcome, OccurrenceRow, Phase, ScheduleRow, StopRequest, TaskRecord, TaskStatus,
+    TaskStep, WaitReason,
 };
 pub use sqlite::SqliteStore;
 
