@@ -188,19 +188,7 @@ impl Scheduler {
     /// # Errors
     /// As [`Scheduler::tick`].
     pub fn view(&self) -> Result<CalendarView, JobError> {
-        let schedules = self
-            .store
-            .schedules()?
-            .into_iter()
-            .map(schedule_of)
-            .collect::<Result<Vec<_>, _>>()?;
-        let events = self.store.events()?;
-        let occurrences = self
-            .store
-            .occurrences(&OccurrenceQuery::default())?
-            .into_iter()
-            .map(occurrence_of)
-            .collect();
+        let (schedules, events, occurrences) = calendar_records(&*self.store)?;
         Ok(CalendarView::new(schedules, events, occurrences)?)
     }
 
@@ -693,7 +681,34 @@ impl Scheduler {
     }
 }
 
-fn schedule_of(row: ScheduleRow) -> Result<Schedule, JobError> {
+/// The calendar's records as `store` holds them: the schedules parsed, the events, every
+/// recorded occurrence (what [`CalendarView::new`] takes; `schedule due` and `calendar` add a
+/// NEWDAY event in memory when the store has none yet).
+///
+/// # Errors
+/// [`JobError`] when the store fails or a stored schedule does not parse.
+pub fn calendar_records(
+    store: &dyn Store,
+) -> Result<(Vec<Schedule>, Vec<EventRow>, Vec<calendar::Occurrence>), JobError> {
+    let schedules = store
+        .schedules()?
+        .into_iter()
+        .map(schedule_of)
+        .collect::<Result<Vec<_>, _>>()?;
+    let events = store.events()?;
+    let occurrences = store
+        .occurrences(&OccurrenceQuery::default())?
+        .into_iter()
+        .map(occurrence_of)
+        .collect();
+    Ok((schedules, events, occurrences))
+}
+
+/// A stored schedule row as the calendar's [`Schedule`].
+///
+/// # Errors
+/// [`JobError::Zone`] or [`JobError::Schedule`] when the row's zone or expression is not valid.
+pub fn schedule_of(row: ScheduleRow) -> Result<Schedule, JobError> {
     let zone = TimeZone::get(&row.zone).map_err(|_| JobError::Zone {
         name: row.name.clone(),
         zone: row.zone.clone(),
