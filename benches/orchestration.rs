@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the orchestration layers at scale: 10,000 events on 2,000 schedules
-//! and 1,000 queued jobs in a `SqliteStore` in a temporary directory. One scheduler tick (the
-//! store read, the calendar pass, the retry pass and a broker pass), one broker pass alone, and
-//! `schedule due --at` (the calendar records read from the store, the view built, `due_at`).
+//! and 1,000 queued jobs in a `SqliteStore` in a temporary directory. One scheduler tick with
+//! nothing due (the due events read, the retry pass and a broker pass), one broker pass alone,
+//! a calendar pass at an instant with due occurrences (the whole calendar read, the view built,
+//! `decide`; not committed), and `schedule due --at` (the calendar read, the view built,
+//! `due_at`), also `due_at` alone on a built view.
 //!
 //! Run with `cargo bench --bench orchestration`. Figures: docs/benchmarks.md.
 
@@ -203,9 +205,19 @@ fn orchestration(c: &mut Criterion) {
             black_box(due_at(&view, due))
         });
     });
+    // A pass at an instant with due occurrences reads the whole calendar and decides (not
+    // committed, so that every iteration does the same).
+    g.bench_function("calendar_decide_at_a_due_instant", |b| {
+        b.iter(|| {
+            let (s, e, o) = calendar_records(&*store).unwrap();
+            let view = CalendarView::new(s, e, o).unwrap();
+            black_box(calendar::decide(&view, due))
+        });
+    });
     let (s, e, o) = calendar_records(&*store).unwrap();
     let view = CalendarView::new(s, e, o).unwrap();
     assert!(!due_at(&view, due).is_empty());
+    assert!(!calendar::decide(&view, due).is_empty());
     g.bench_function("due_at_on_a_built_view", |b| {
         b.iter(|| black_box(due_at(&view, due)));
     });

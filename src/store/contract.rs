@@ -1226,6 +1226,15 @@ pub(super) fn store_18_schedules_and_events_are_removed_only_when_unused(store: 
         }])
         .unwrap();
     assert_eq!(store.schedules().unwrap(), vec![schedule("daily")]);
+    // The events due by an instant: e1 (next due at(0)); NEWDAY has none.
+    let due: Vec<EventId> = store
+        .events_due_by(at(0))
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(due, vec![EventId(1)]);
+    assert!(store.events_due_by(at(-1)).unwrap().is_empty());
 }
 
 macro_rules! contract_suite {

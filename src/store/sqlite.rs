@@ -266,6 +266,17 @@ impl Store for SqliteStore {
         self.select("events", &[], "id")
     }
 
+    fn events_due_by(&self, t: Timestamp) -> Result<Vec<EventRow>, StoreError> {
+        self.select(
+            "events",
+            &[(
+                "next_due IS NOT NULL AND next_due <= ?",
+                Value::Integer(to_ms(t)),
+            )],
+            "id",
+        )
+    }
+
     fn occurrences(&self, q: &OccurrenceQuery) -> Result<Vec<OccurrenceRow>, StoreError> {
         let mut conds: Vec<(&str, Value)> = Vec::new();
         if let Some(d) = q.backup_day {
