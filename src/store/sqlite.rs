@@ -236,6 +236,14 @@ impl Store for SqliteStore {
         if let Some(p) = &q.plan {
             conds.push(("plan = ?", Value::Text(p.clone())));
         }
+        if let Some(states) = &q.states {
+            // Rows of other states are not decoded: `,queued,active,` holds `,state,`.
+            let list: String = states.iter().map(|k| format!(",{}", k.as_str())).collect();
+            conds.push((
+                "instr(?, ',' || state || ',') > 0",
+                Value::Text(format!("{list},")),
+            ));
+        }
         let jobs: Vec<JobRecord> = self.select("jobs", &conds, "id")?;
         Ok(jobs.into_iter().filter(|j| q.matches(j)).collect())
     }
