@@ -9,6 +9,7 @@
 
 // `criterion_group!` generates an undocumented public function.
 #![allow(missing_docs)]
+#![allow(clippy::unwrap_used, reason = "a benchmark set-up fails loudly")]
 
 use std::hint::black_box;
 use std::sync::Arc;

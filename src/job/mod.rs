@@ -24,8 +24,8 @@ use serde::Deserialize;
 pub use broker::{grant, Counters, Grant, Queue, Readiness, Request, Resource};
 pub use machine::{past_cut, retryable, step, Action, Event, JobOutcome, RetryCount};
 pub use scheduler::{
-    calendar_records, owner_alive, owner_of_this_process, schedule_of, JobWork, Needs, Posted,
-    Scheduler,
+    calendar_records, owner_alive, owner_of_this_process, schedule_of, CalendarRecords, JobWork,
+    Needs, Posted, Scheduler,
 };
 
 use crate::calendar::{CalendarError, RecurrenceError};

@@ -685,15 +685,16 @@ impl Scheduler {
     }
 }
 
+/// What [`CalendarView::new`] takes: schedules, events, recorded occurrences.
+pub type CalendarRecords = (Vec<Schedule>, Vec<EventRow>, Vec<calendar::Occurrence>);
+
 /// The calendar's records as `store` holds them: the schedules parsed, the events, every
 /// recorded occurrence (what [`CalendarView::new`] takes; `schedule due` and `calendar` add a
 /// NEWDAY event in memory when the store has none yet).
 ///
 /// # Errors
 /// [`JobError`] when the store fails or a stored schedule does not parse.
-pub fn calendar_records(
-    store: &dyn Store,
-) -> Result<(Vec<Schedule>, Vec<EventRow>, Vec<calendar::Occurrence>), JobError> {
+pub fn calendar_records(store: &dyn Store) -> Result<CalendarRecords, JobError> {
     let schedules = store
         .schedules()?
         .into_iter()
