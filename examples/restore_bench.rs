@@ -201,6 +201,7 @@ fn backup(state: &Path, table: &Path, src: &Path, target: &Path) -> Res<timezero
         created: now,
         started: None,
         ended: None,
+        stop_requested: None,
     };
     store.commit(vec![
         Change::PutSchedule {

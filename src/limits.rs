@@ -175,6 +175,9 @@ pub const ATTEMPT_WINDOW_MAX_HOURS: u32 = 168;
 /// `OCCURRENCES_PER_EVENT_MAX` occurrences of one event).
 pub const SCHEDULER_PASSES_MAX: usize = 16;
 
+/// Most occurrences `timezero schedule next --count N` prints.
+pub const SCHEDULE_NEXT_COUNT_MAX: usize = 1000;
+
 /// `timezero jobs` without `--all` lists the open jobs and those that ended within this many
 /// seconds (a day).
 pub const JOBS_LIST_RECENT_SECS: i64 = 24 * 60 * 60;

@@ -133,6 +133,7 @@ impl Site {
             created: now,
             started: None,
             ended: None,
+            stop_requested: None,
         };
         self.store
             .commit(vec![Change::InsertJob {

@@ -90,6 +90,25 @@ impl BackupDays {
         }
     }
 
+    /// The bounds of the backup day named `day`: the one a NEWDAY on that date opens, or, before
+    /// the first NEWDAY, the civil date. `None` when no backup day has that name (a date on which
+    /// NEWDAY does not run, such as a Saturday when NEWDAY skips the weekend).
+    #[must_use]
+    pub fn of_day(&self, day: BackupDay) -> Option<DayBounds> {
+        let zone = &self.newday.zone;
+        let start = midnight(zone, day.0)?;
+        if let Some(t) = self.newday.next_at_or_after(start) {
+            if t.to_zoned(zone.clone()).date() == day.0 {
+                let b = self.bounds(t);
+                if b.day == day {
+                    return Some(b);
+                }
+            }
+        }
+        let b = self.bounds(start);
+        (b.day == day).then_some(b)
+    }
+
     /// The backup day that ended just before `t` (the day a NEWDAY at `t` closes).
     #[must_use]
     pub fn day_before(&self, t: Timestamp) -> BackupDay {

@@ -415,7 +415,7 @@ pub enum Verdict {
 }
 
 /// The verdict for occurrence `due` of `e`, with `index` the index of `due`'s backup day.
-fn verdict(
+pub(super) fn verdict(
     view: &CalendarView,
     e: &Event,
     schedule_enabled: bool,

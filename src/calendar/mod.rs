@@ -4,11 +4,13 @@
 //! Everything here is pure logic over an in-memory [`CalendarView`]: [`decide`] says what
 //! happens to each due occurrence, the caller (the daemon, with the store) records it and
 //! creates the jobs. Layout: `recurrence` (schedules, parsing, next occurrence, DST), `day`
-//! (backup days from NEWDAY), `decide` (events, the day index, decisions, `due_at`).
+//! (backup days from NEWDAY), `decide` (events, the day index, decisions, `due_at`), `sheet`
+//! (the calendar sheet of a backup day).
 
 mod day;
 mod decide;
 mod recurrence;
+mod sheet;
 
 #[cfg(test)]
 mod tests;
@@ -19,6 +21,7 @@ pub use decide::{
     EventKind, KindTag, Occurrence, OccurrenceOutcome, Pending, Verdict,
 };
 pub use recurrence::{parse_time, Recurrence, RecurrenceError, Schedule, Unit};
+pub use sheet::{sheet, SheetEntry, SheetLine};
 
 use crate::store::EventId;
 

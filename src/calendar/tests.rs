@@ -857,6 +857,21 @@ fn cal_13_newday_skipping_the_weekend_stretches_friday_to_monday() {
     );
 }
 
+#[test]
+fn cal_13_a_backup_day_is_found_by_its_name_and_a_skipped_date_is_none() {
+    let days = BackupDays::new(sched(NEWDAY_SCHEDULE, "0 8 * * 1-5", &berlin()));
+    let friday = days
+        .of_day(day("20261204"))
+        .expect("Friday is a backup day");
+    assert_eq!(friday.start, at("2026-12-04T08:00[Europe/Berlin]"));
+    assert_eq!(friday.end, Some(at("2026-12-07T08:00[Europe/Berlin]")));
+    assert_eq!(days.of_day(day("20261205")), None, "no NEWDAY on Saturday");
+    let daily = BackupDays::new(default_newday_schedule(berlin()));
+    let b = daily.of_day(day("20070910")).expect("a backup day");
+    assert_eq!(b.start, at("2007-09-10T08:00[Europe/Berlin]"));
+    assert_eq!(b.end, Some(at("2007-09-11T08:00[Europe/Berlin]")));
+}
+
 // ---------------------------------------------------------------------------------------------
 // CAL-15 downtime
 
@@ -1106,6 +1121,83 @@ fn cal_18_due_at_explains_every_occurrence_and_writes_nothing() {
             at("2026-12-31T21:00[Europe/Berlin]"),
         ]
     );
+}
+
+#[test]
+fn cal_17_the_sheet_shows_decided_and_coming_occurrences_with_their_reason() {
+    let mut sim = run(
+        &[
+            ("DAILY", "0 20 * * *"),
+            ("WEEKEND", "0 18 * * SAT"),
+            ("MONTHEND", "0 21 L * *"),
+        ],
+        vec![
+            plan_event(1, "daily", "DAILY", "fs", 1),
+            plan_event(2, "weekend", "WEEKEND", "fs", 2),
+            plan_event(3, "monthend", "MONTHEND", "fs", 3),
+        ],
+        "2026-10-30T09:00[Europe/Berlin]",
+        "2026-10-31T19:00[Europe/Berlin]",
+    );
+    let view = sim.view();
+    let bounds = view
+        .backup_days()
+        .of_day(day("20261031"))
+        .expect("a backup day");
+    let lines: Vec<(u64, Timestamp, SheetEntry)> = sheet(&view, bounds)
+        .into_iter()
+        .map(|l| (l.event.0, l.due, l.entry))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            (
+                0,
+                at("2026-10-31T08:00[Europe/Berlin]"),
+                SheetEntry::Decided(OccurrenceOutcome::Activated)
+            ),
+            (
+                2,
+                at("2026-10-31T18:00[Europe/Berlin]"),
+                SheetEntry::Decided(OccurrenceOutcome::Suppressed { by: EventId(3) })
+            ),
+            (
+                1,
+                at("2026-10-31T20:00[Europe/Berlin]"),
+                SheetEntry::ToCome(Verdict::Suppressed {
+                    by: EventId(3),
+                    by_priority: prio(3)
+                })
+            ),
+            (
+                3,
+                at("2026-10-31T21:00[Europe/Berlin]"),
+                SheetEntry::ToCome(Verdict::Start {
+                    backup_day: day("20261031")
+                })
+            ),
+        ]
+    );
+    // The day before: a daily run decided, nothing to come; the sheet of a day to come lists
+    // its NEWDAY and the winner.
+    let friday = view.backup_days().of_day(day("20261030")).expect("a day");
+    let started: Vec<u64> = sheet(&view, friday)
+        .iter()
+        .filter(|l| matches!(l.entry, SheetEntry::Decided(OccurrenceOutcome::Started(_))))
+        .map(|l| l.event.0)
+        .collect();
+    assert_eq!(started, vec![1]);
+    sim.run_until(
+        &ManualClock::new(at("2026-10-31T19:00[Europe/Berlin]")),
+        at("2026-11-01T09:00[Europe/Berlin]"),
+    );
+    let view = sim.view();
+    let sunday = view.backup_days().of_day(day("20261101")).expect("a day");
+    let coming: Vec<(u64, bool)> = sheet(&view, sunday)
+        .iter()
+        .map(|l| (l.event.0, matches!(l.entry, SheetEntry::ToCome(_))))
+        .collect();
+    assert_eq!(coming, vec![(0, false), (1, true)]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ fn put_job(store: &dyn Store, job: u64, plan: &str, clock: &ManualClock) {
         created: now,
         started: None,
         ended: None,
+        stop_requested: None,
     };
     store
         .commit(vec![Change::InsertJob {

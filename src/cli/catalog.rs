@@ -677,6 +677,7 @@ fn new_job(
         created: now,
         started: Some(now),
         ended: None,
+        stop_requested: None,
     };
     store
         .commit(vec![

@@ -523,6 +523,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Calendar schedules: add, rm, enable, disable, list, next occurrences, what is due at an
+    /// instant (docs/orchestration.md, "Calendar").
+    Schedule {
+        /// What to do with schedules.
+        #[command(subcommand)]
+        cmd: super::schedule::ScheduleCmd,
+    },
+    /// Calendar events: what starts on which schedule at which priority.
+    Event {
+        /// What to do with events.
+        #[command(subcommand)]
+        cmd: super::schedule::EventCmd,
+    },
+    /// The calendar sheet of a backup day (default: the current one): completed, executing and
+    /// future occurrences, suppressed ones with their reason.
+    Calendar {
+        /// The backup day (YYYYMMDD or YYYY-MM-DD).
+        #[arg(long)]
+        day: Option<String>,
+        /// `--state` and `--json`.
+        #[command(flatten)]
+        common: super::schedule::StateArgs,
+    },
     /// Match the store with the engine and the file systems after a process running jobs died
     /// (QUI-09): thaw and drop leases of jobs not running, end hook runs in flight `unknown`,
     /// resolve intents without outcome, withdraw the sessions of unfinished images, end the dead
@@ -652,6 +675,15 @@ pub enum JobsCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Cancel a job: a queued or waiting one at once; a running one is asked to stop (the
+    /// request is recorded for the process running it). An ended job is refused (exit 1).
+    Cancel {
+        /// The job (`j1`).
+        job: crate::store::JobId,
+        /// `--state` and `--json`.
+        #[command(flatten)]
+        common: super::schedule::StateArgs,
     },
 }
 

@@ -61,7 +61,7 @@ fn job_settings(state: &StateDir) -> Result<(Limits, NewdaySettings), Fail> {
 /// Make sure the calendar has its NEWDAY event: a store that has none gets the default one
 /// (daily at 08:00 in the system's zone, CAL-11), as a daemon's first start would create it.
 /// Another process creating it at the same time wins; its event is then the one.
-fn ensure_newday(store: &dyn Store, now: Timestamp) -> Result<(), Fail> {
+pub(super) fn ensure_newday(store: &dyn Store, now: Timestamp) -> Result<(), Fail> {
     let err = |e: crate::store::StoreError| Fail::Message(e.to_string());
     if store
         .events()

@@ -2,6 +2,8 @@
 //! arguments, calls the library, and prints.
 
 mod args;
+mod calendar;
+mod cancel;
 mod catalog;
 mod command_line;
 mod demo;
@@ -11,6 +13,7 @@ mod mount;
 mod plan;
 mod reconcile;
 mod runner;
+mod schedule;
 mod serve;
 mod state;
 mod terminal;
@@ -18,6 +21,7 @@ mod terminal;
 pub use crate::command::{check_volume, execute, Remote};
 pub use args::parse_extent;
 pub use command_line::{BackendArg, CatalogCmd, Cli, Command, IoFlags, JobsCmd, PlanCmd};
+pub use schedule::{EventCmd, ScheduleCmd, StateArgs};
 use serve::{check_listen, serve};
 use terminal::{
     interrupt_flag, local_or_remote, not_regular, remote_only, write_input, Local, Sink,
@@ -100,6 +104,14 @@ pub fn main() -> i32 {
             eprintln!("timezero: {e}");
             1
         }
+    }
+}
+
+/// The inner `--state`/`--json` of `jobs SUB`, else the outer ones.
+fn merge(inner: StateArgs, state: Option<std::path::PathBuf>, json: bool) -> StateArgs {
+    StateArgs {
+        state: inner.state.or(state),
+        json: inner.json || json,
     }
 }
 
@@ -602,6 +614,15 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             state,
             json,
         } => jobs::jobs_show(inner.or(state), job, json || inner_json)?,
+        Command::Schedule { cmd } => schedule::schedule(cmd)?,
+        Command::Event { cmd } => schedule::event(cmd)?,
+        Command::Calendar { day, common } => calendar::calendar(day.as_deref(), &common)?,
+        Command::Jobs {
+            cmd: Some(JobsCmd::Cancel { job, common }),
+            state,
+            json,
+            ..
+        } => cancel::cancel(job, &merge(common, state, json))?,
         Command::RecoveryProbe { table } => crate::bench::recovery_probe(&table)? + "\n",
         Command::Workload { table, seed, rate } => {
             demo::workload(&table, seed, rate)?;

@@ -263,9 +263,15 @@ pub fn step(job: &JobRecord, event: Event) -> (Vec<Change>, Vec<Action>) {
             ),
             Vec::new(),
         ),
-        (JobState::Active { .. }, Event::Cancel { .. }) => {
-            (Vec::new(), vec![stop(JobReason::CanceledByUser)])
-        }
+        (JobState::Active { .. }, Event::Cancel { at }) => (
+            vec![Change::RequestStop {
+                job: job.id,
+                attempt: job.attempt,
+                reason: JobReason::CanceledByUser,
+                at,
+            }],
+            vec![stop(JobReason::CanceledByUser)],
+        ),
         (
             JobState::Queued { .. } | JobState::WaitingForRetry { .. },
             Event::WindowClosed { at },
@@ -337,6 +343,19 @@ fn ended(
     to: &impl Fn(JobState, u32, Option<String>, Timestamp) -> Vec<Change>,
 ) -> Vec<Change> {
     let owner = job.owner.clone();
+    // An attempt asked to stop that ends in a failure ends canceled: it is not retried.
+    let outcome = match (&job.stop_requested, outcome) {
+        (
+            Some(r),
+            JobOutcome::Done {
+                status: JobStatus::Failed,
+                ..
+            },
+        ) if r.attempt == job.attempt => JobOutcome::Canceled {
+            reason: r.reason.clone(),
+        },
+        (_, outcome) => outcome,
+    };
     match outcome {
         JobOutcome::Canceled { reason } => {
             to(JobState::Canceled { reason }, job.attempt, owner, at)

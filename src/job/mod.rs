@@ -23,7 +23,10 @@ use serde::Deserialize;
 
 pub use broker::{grant, Counters, Grant, Queue, Readiness, Request, Resource};
 pub use machine::{past_cut, retryable, step, Action, Event, JobOutcome, RetryCount};
-pub use scheduler::{owner_alive, owner_of_this_process, JobWork, Needs, Posted, Scheduler};
+pub use scheduler::{
+    calendar_records, owner_alive, owner_of_this_process, schedule_of, CalendarRecords, JobWork,
+    Needs, Posted, Scheduler,
+};
 
 use crate::calendar::{CalendarError, RecurrenceError};
 use crate::limits::{

@@ -10,7 +10,7 @@
 //! did the same thing first (`UNIQUE(event_id, due_at)` for occurrences, the state a transition
 //! expects for jobs), and the pass is read again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -100,6 +100,8 @@ pub struct Scheduler {
     newday: NewdaySettings,
     owner: String,
     workers: Mutex<HashMap<(JobId, u32), JoinHandle<()>>>,
+    /// The attempts told to stop, so a stop request in the store is passed on once.
+    stopped: Mutex<HashSet<(JobId, u32)>>,
     finished_tx: Sender<Finished>,
     finished_rx: Receiver<Finished>,
 }
@@ -147,6 +149,7 @@ impl Scheduler {
             newday,
             owner,
             workers: Mutex::new(HashMap::new()),
+            stopped: Mutex::new(HashSet::new()),
             finished_tx,
             finished_rx,
         }
@@ -158,13 +161,15 @@ impl Scheduler {
         &self.owner
     }
 
-    /// One tick: record the work that ended, run the calendar pass, queue the retries that are
-    /// due, run a broker pass. Returns the jobs the calendar pass created.
+    /// One tick: record the work that ended, pass on the stop requests recorded by other
+    /// processes (`jobs cancel`), run the calendar pass, queue the retries that are due, run a
+    /// broker pass. Returns the jobs the calendar pass created.
     ///
     /// # Errors
     /// [`JobError`] when the store or the calendar's records fail.
     pub fn tick(&self) -> Result<Vec<JobId>, JobError> {
         self.record_finished()?;
+        self.stop_pass()?;
         let created = self.calendar_pass()?;
         self.retry_pass()?;
         self.broker_pass()?;
@@ -190,19 +195,7 @@ impl Scheduler {
     /// # Errors
     /// As [`Scheduler::tick`].
     pub fn view(&self) -> Result<CalendarView, JobError> {
-        let schedules = self
-            .store
-            .schedules()?
-            .into_iter()
-            .map(schedule_of)
-            .collect::<Result<Vec<_>, _>>()?;
-        let events = self.store.events()?;
-        let occurrences = self
-            .store
-            .occurrences(&OccurrenceQuery::default())?
-            .into_iter()
-            .map(occurrence_of)
-            .collect();
+        let (schedules, events, occurrences) = calendar_records(&*self.store)?;
         Ok(CalendarView::new(schedules, events, occurrences)?)
     }
 
@@ -216,6 +209,10 @@ impl Scheduler {
         let mut conflicts = 0;
         for _ in 0..SCHEDULER_PASSES_MAX {
             let now = self.clock.now();
+            // Most passes find nothing due: they read no more than the due events.
+            if !self.store.events_due_by(now)?.iter().any(|e| e.enabled) {
+                return Ok(created);
+            }
             let view = self.view()?;
             let decisions = calendar::decide(&view, now);
             if decisions.is_empty() {
@@ -271,6 +268,7 @@ impl Scheduler {
                                 created: now,
                                 started: None,
                                 ended: None,
+                                stop_requested: None,
                             },
                             occurrence: OccurrenceRow {
                                 event,
@@ -492,6 +490,29 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Tell the work of every attempt this instance runs that has a stop request in the store
+    /// (`jobs cancel` from another process, JOB-11) to stop, once per attempt.
+    ///
+    /// # Errors
+    /// As [`Scheduler::tick`].
+    pub fn stop_pass(&self) -> Result<(), JobError> {
+        for job in self.store.jobs(&JobQuery {
+            states: Some(vec![JobStateKind::Active]),
+            ..JobQuery::default()
+        })? {
+            let Some(request) = &job.stop_requested else {
+                continue;
+            };
+            if request.attempt != job.attempt || job.owner.as_deref() != Some(&self.owner) {
+                continue;
+            }
+            if self.stopped.lock().insert((job.id, job.attempt)) {
+                self.work.stop(job.id, job.attempt, &request.reason);
+            }
+        }
+        Ok(())
+    }
+
     /// Queue again every job whose retry delay passed (JOB-07).
     fn retry_pass(&self) -> Result<(), JobError> {
         let now = self.clock.now();
@@ -633,7 +654,9 @@ impl Scheduler {
                 attempt,
                 reason,
             } => {
-                self.work.stop(job, attempt, &reason);
+                if self.stopped.lock().insert((job, attempt)) {
+                    self.work.stop(job, attempt, &reason);
+                }
                 return Ok(());
             }
             Action::Start { job, attempt } => (job, attempt, false),
@@ -674,7 +697,35 @@ impl Scheduler {
     }
 }
 
-fn schedule_of(row: ScheduleRow) -> Result<Schedule, JobError> {
+/// What [`CalendarView::new`] takes: schedules, events, recorded occurrences.
+pub type CalendarRecords = (Vec<Schedule>, Vec<EventRow>, Vec<calendar::Occurrence>);
+
+/// The calendar's records as `store` holds them: the schedules parsed, the events, every
+/// recorded occurrence (what [`CalendarView::new`] takes; `schedule due` and `calendar` add a
+/// NEWDAY event in memory when the store has none yet).
+///
+/// # Errors
+/// [`JobError`] when the store fails or a stored schedule does not parse.
+pub fn calendar_records(store: &dyn Store) -> Result<CalendarRecords, JobError> {
+    let schedules = store
+        .schedules()?
+        .into_iter()
+        .map(schedule_of)
+        .collect::<Result<Vec<_>, _>>()?;
+    let events = store.events()?;
+    let occurrences = store
+        .occurrences(&OccurrenceQuery::default())?
+        .into_iter()
+        .map(occurrence_of)
+        .collect();
+    Ok((schedules, events, occurrences))
+}
+
+/// A stored schedule row as the calendar's [`Schedule`].
+///
+/// # Errors
+/// [`JobError::Zone`] or [`JobError::Schedule`] when the row's zone or expression is not valid.
+pub fn schedule_of(row: ScheduleRow) -> Result<Schedule, JobError> {
     let zone = TimeZone::get(&row.zone).map_err(|_| JobError::Zone {
         name: row.name.clone(),
         zone: row.zone.clone(),

@@ -268,6 +268,7 @@ fn insert_job(store: &dyn Store, event: EventId, plan: &str, due: Timestamp, bd:
                 created,
                 started: None,
                 ended: None,
+                stop_requested: None,
             },
             occurrence: OccurrenceRow {
                 event,
@@ -720,6 +721,7 @@ fn job_06_done_status_is_0_1_or_the_reason_code() {
         created: t,
         started: Some(t),
         ended: None,
+        stop_requested: None,
     };
     let no_retry = RetryCount {
         started_in_window: 2,
@@ -1031,6 +1033,99 @@ fn job_11_cancel_queued_at_once_and_active_through_its_work() {
     );
     // An ended job is not canceled again.
     assert!(!r.sched.cancel(a).unwrap());
+}
+
+#[test]
+fn job_11_a_stop_request_recorded_elsewhere_reaches_the_running_scheduler() {
+    let start = at("2026-12-01T12:00:00Z");
+    let r = rig(start, Limits::default());
+    let ev = setup_calendar(&*r.store, start, &[("h", "0 * * * *")], &[("h", "db", 1)]);
+    let a = insert_job(&*r.store, ev[0], "a", start, "20261201");
+    r.work.hold("a");
+    r.sched.broker_pass().unwrap();
+    // Another process (`jobs cancel`) records the request; it does not reach the work itself.
+    let job = job_of(&*r.store, a);
+    let (changes, actions) = step(&job, Event::Cancel { at: start });
+    assert_eq!(actions.len(), 1);
+    r.store.commit(changes.clone()).unwrap();
+    // Asking twice keeps the first request.
+    r.store.commit(changes).unwrap();
+    let job = job_of(&*r.store, a);
+    assert_eq!(job.state.kind(), JobStateKind::Active);
+    let request = job.stop_requested.expect("the request is recorded");
+    assert_eq!(
+        (request.attempt, request.reason, request.at),
+        (1, JobReason::CanceledByUser, start)
+    );
+    // The scheduler running the attempt passes it on at its next tick, once.
+    r.sched.tick().unwrap();
+    r.sched.tick().unwrap();
+    r.sched.settle().unwrap();
+    assert_eq!(
+        job_of(&*r.store, a).state,
+        JobState::Canceled {
+            reason: JobReason::CanceledByUser
+        }
+    );
+    let stops = r
+        .work
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("stop"))
+        .count();
+    assert_eq!(stops, 1);
+    // A request for a job that is not active is refused by the store.
+    let (changes, _) = step(&job_of(&*r.store, a), Event::Cancel { at: start });
+    assert!(changes.is_empty());
+    let refused = r.store.commit(vec![Change::RequestStop {
+        job: a,
+        attempt: 1,
+        reason: JobReason::CanceledByUser,
+        at: start,
+    }]);
+    assert!(matches!(
+        refused,
+        Err(crate::store::StoreError::Conflict { .. })
+    ));
+}
+
+#[test]
+fn job_11_an_attempt_asked_to_stop_that_fails_ends_canceled_not_retried() {
+    let start = at("2026-12-01T12:00:00Z");
+    let r = rig(start, Limits::default());
+    let ev = setup_calendar(&*r.store, start, &[("h", "0 * * * *")], &[("h", "db", 1)]);
+    let a = insert_job(&*r.store, ev[0], "a", start, "20261201");
+    force(
+        &*r.store,
+        a,
+        JobState::Active {
+            phase: Phase::Checks,
+        },
+        Some("x"),
+        start,
+    );
+    let (changes, _) = step(&job_of(&*r.store, a), Event::Cancel { at: start });
+    r.store.commit(changes).unwrap();
+    let retry = RetryCount {
+        started_in_window: 1,
+        backup_attempts: 2,
+        delay: mins(10),
+    };
+    let (changes, _) = step(
+        &job_of(&*r.store, a),
+        Event::Ended {
+            outcome: failed(JobReason::HookExit(3)),
+            retry,
+            at: start,
+        },
+    );
+    r.store.commit(changes).unwrap();
+    assert_eq!(
+        job_of(&*r.store, a).state,
+        JobState::Canceled {
+            reason: JobReason::CanceledByUser
+        }
+    );
 }
 
 #[test]

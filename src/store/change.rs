@@ -162,6 +162,31 @@ pub enum Change {
         /// Enabled after.
         enabled: bool,
     },
+    /// Ask a running attempt to stop (`jobs cancel`, JOB-11): the job keeps its state and
+    /// records [`super::StopRequest`], which the process running the attempt looks for.
+    /// Precondition: the job is `Active` at `attempt`. Asking again keeps the first request.
+    RequestStop {
+        /// The job.
+        job: JobId,
+        /// The attempt it must be at.
+        attempt: u32,
+        /// Why.
+        reason: super::records::JobReason,
+        /// When.
+        at: Timestamp,
+    },
+    /// Remove a schedule. Precondition: it exists and no event uses it.
+    RemoveSchedule {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Remove an event with the occurrences recorded of it. Precondition: it exists, it is not
+    /// NEWDAY (CAL-11), and no job names it (a job's history keeps its event until the history
+    /// is trimmed; disable such an event instead).
+    RemoveEvent {
+        /// The event.
+        event: EventId,
+    },
     /// Record an occurrence that started no job (suppressed, activated, missed, schedule
     /// disabled). Precondition: the event exists, no occurrence of (event, due) yet, and the
     /// outcome is not `Started` (that is [`Change::InsertJob`]).
@@ -297,6 +322,13 @@ pub(crate) trait Tx {
         due: Timestamp,
     ) -> Result<Option<OccurrenceRow>, StoreError>;
     fn insert_occurrence(&mut self, o: &OccurrenceRow) -> Result<(), StoreError>;
+    /// The names of the events that use schedule `name`.
+    fn schedule_users(&mut self, name: &str) -> Result<Vec<String>, StoreError>;
+    /// The jobs that name event `id`.
+    fn event_jobs(&mut self, id: EventId) -> Result<Vec<JobId>, StoreError>;
+    fn delete_schedule(&mut self, name: &str) -> Result<(), StoreError>;
+    /// Delete an event and its occurrences.
+    fn delete_event(&mut self, id: EventId) -> Result<(), StoreError>;
 }
 
 /// Check `change`'s precondition against `tx` and apply it; `index` is its place in the list,
@@ -613,6 +645,64 @@ pub(crate) fn apply(tx: &mut impl Tx, index: usize, change: Change) -> Result<()
                 tx.put_event(&e, false)
             }
         },
+        Change::RequestStop {
+            job,
+            attempt,
+            reason,
+            at,
+        } => {
+            let mut j = need_job(tx, index, job)?;
+            if j.state.kind() != JobStateKind::Active || j.attempt != attempt {
+                return Err(conflict(format!(
+                    "job {job} is {} at attempt {}, not active at attempt {attempt}",
+                    j.state.kind().as_str(),
+                    j.attempt
+                )));
+            }
+            if j.stop_requested
+                .as_ref()
+                .is_some_and(|r| r.attempt == attempt)
+            {
+                return Ok(());
+            }
+            j.stop_requested = Some(super::records::StopRequest {
+                attempt,
+                reason,
+                at,
+            });
+            tx.put_job(&j, false)
+        }
+        Change::RemoveSchedule { name } => {
+            if tx.schedule(&name)?.is_none() {
+                return Err(conflict(format!("schedule {name:?} does not exist")));
+            }
+            let users = tx.schedule_users(&name)?;
+            if !users.is_empty() {
+                return Err(conflict(format!(
+                    "schedule {name:?} is used by events {}",
+                    users.join(", ")
+                )));
+            }
+            tx.delete_schedule(&name)
+        }
+        Change::RemoveEvent { event } => {
+            let e = tx
+                .event(event)?
+                .ok_or_else(|| conflict(format!("event {event} does not exist")))?;
+            if e.kind == super::records::EventKind::Newday {
+                return Err(conflict(format!(
+                    "event {event} is NEWDAY, which cannot be removed"
+                )));
+            }
+            let jobs = tx.event_jobs(event)?;
+            if let Some(first) = jobs.first() {
+                return Err(conflict(format!(
+                    "event {event} has {} job(s) in the history (first {first})",
+                    jobs.len()
+                )));
+            }
+            tx.delete_event(event)
+        }
         Change::RecordOccurrence(o) => {
             if matches!(o.outcome, OccurrenceOutcome::Started(_)) {
                 return Err(StoreError::Invalid {

@@ -70,6 +70,7 @@ pub(super) fn job(id: u64, event: u64, due: Timestamp, plan: &str, d: &str) -> J
         created: due,
         started: None,
         ended: None,
+        stop_requested: None,
     }
 }
 
@@ -1157,6 +1158,85 @@ pub(super) fn store_17_trim_history_forgets_only_what_nothing_needs(store: &dyn 
     );
 }
 
+pub(super) fn store_18_schedules_and_events_are_removed_only_when_unused(store: &dyn Store) {
+    calendar(store);
+    // e1 uses "daily".
+    let (_, what) = conflict_at(store.commit(vec![Change::RemoveSchedule {
+        name: "daily".to_string(),
+    }]));
+    assert!(what.contains("ev-db-1"), "{what}");
+    conflict_at(store.commit(vec![Change::RemoveSchedule {
+        name: "weekly".to_string(),
+    }]));
+    conflict_at(store.commit(vec![Change::RemoveEvent { event: EventId(9) }]));
+    // An event with a job in the history stays; one with only non-job occurrences goes, with
+    // them.
+    let mut e2 = event(2, "web", Some(at(0)));
+    e2.name = "web".to_string();
+    let j = job(1, 1, at(0), "db", "20270101");
+    store
+        .commit(vec![
+            Change::PutEvent {
+                event: e2,
+                replace: false,
+            },
+            Change::InsertJob {
+                occurrence: started(&j),
+                job: j,
+            },
+            Change::RecordOccurrence(OccurrenceRow {
+                event: EventId(2),
+                due: at(0),
+                backup_day: day("20270101"),
+                outcome: OccurrenceOutcome::Missed,
+            }),
+        ])
+        .unwrap();
+    let (_, what) = conflict_at(store.commit(vec![Change::RemoveEvent { event: EventId(1) }]));
+    assert!(what.contains("j1"), "{what}");
+    store
+        .commit(vec![Change::RemoveEvent { event: EventId(2) }])
+        .unwrap();
+    assert_eq!(store.events().unwrap().len(), 1);
+    let left = store.occurrences(&OccurrenceQuery::default()).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].event, EventId(1));
+    // NEWDAY is never removed.
+    let mut newday = event(3, "x", None);
+    newday.name = "NEWDAY".to_string();
+    newday.kind = EventKind::Newday;
+    store
+        .commit(vec![Change::PutEvent {
+            event: newday,
+            replace: false,
+        }])
+        .unwrap();
+    let (_, what) = conflict_at(store.commit(vec![Change::RemoveEvent { event: EventId(3) }]));
+    assert!(what.contains("NEWDAY"), "{what}");
+    // A schedule nobody uses goes.
+    store
+        .commit(vec![Change::PutSchedule {
+            schedule: schedule("spare"),
+            replace: false,
+        }])
+        .unwrap();
+    store
+        .commit(vec![Change::RemoveSchedule {
+            name: "spare".to_string(),
+        }])
+        .unwrap();
+    assert_eq!(store.schedules().unwrap(), vec![schedule("daily")]);
+    // The events due by an instant: e1 (next due at(0)); NEWDAY has none.
+    let due: Vec<EventId> = store
+        .events_due_by(at(0))
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(due, vec![EventId(1)]);
+    assert!(store.events_due_by(at(-1)).unwrap().is_empty());
+}
+
 macro_rules! contract_suite {
     ($name:ident, $make:expr) => {
         mod $name {
@@ -1218,6 +1298,10 @@ macro_rules! contract_suite {
             #[test]
             fn store_17_trim_history_forgets_only_what_nothing_needs() {
                 with_store(super::store_17_trim_history_forgets_only_what_nothing_needs);
+            }
+            #[test]
+            fn store_18_schedules_and_events_are_removed_only_when_unused() {
+                with_store(super::store_18_schedules_and_events_are_removed_only_when_unused);
             }
             #[test]
             fn store_16_records_read_back_as_written() {

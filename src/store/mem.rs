@@ -361,4 +361,56 @@ impl Tx for Undo<'_> {
         put!(self, occurrences, (o.event, to_ms(o.due)), stored(o)?);
         Ok(())
     }
+
+    fn schedule_users(&mut self, name: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .state
+            .events
+            .values()
+            .filter(|e| e.schedule == name)
+            .map(|e| e.name.clone())
+            .collect())
+    }
+
+    fn event_jobs(&mut self, id: EventId) -> Result<Vec<JobId>, StoreError> {
+        Ok(self
+            .state
+            .jobs
+            .values()
+            .filter(|j| j.event == id)
+            .map(|j| j.id)
+            .collect())
+    }
+
+    fn delete_schedule(&mut self, name: &str) -> Result<(), StoreError> {
+        if let Some(old) = self.state.schedules.remove(name) {
+            let key = name.to_string();
+            self.log.push(Box::new(move |s: &mut State| {
+                s.schedules.insert(key, old);
+            }));
+        }
+        Ok(())
+    }
+
+    fn delete_event(&mut self, id: EventId) -> Result<(), StoreError> {
+        let keys: Vec<(EventId, i64)> = self
+            .state
+            .occurrences
+            .range((id, i64::MIN)..=(id, i64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some(old) = self.state.occurrences.remove(&key) {
+                self.log.push(Box::new(move |s: &mut State| {
+                    s.occurrences.insert(key, old);
+                }));
+            }
+        }
+        if let Some(old) = self.state.events.remove(&id) {
+            self.log.push(Box::new(move |s: &mut State| {
+                s.events.insert(id, old);
+            }));
+        }
+        Ok(())
+    }
 }

@@ -29,6 +29,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use jiff::civil::Date;
+use jiff::Timestamp;
 
 pub mod change;
 #[cfg(test)]
@@ -45,8 +46,8 @@ pub use records::{
     ChecksumAlgorithm, EventKind, EventRow, HookResult, HookRunKey, HookRunRecord, HookStage,
     ImageChecksums, ImageRecord, ImageState, ImageStateKind, Intent, IntentAction, IntentOutcome,
     JobKind, JobProgress, JobReason, JobRecord, JobState, JobStateKind, JobStatus, Lease,
-    OccurrenceOutcome, OccurrenceRow, Phase, ScheduleRow, TaskRecord, TaskStatus, TaskStep,
-    WaitReason,
+    OccurrenceOutcome, OccurrenceRow, Phase, ScheduleRow, StopRequest, TaskRecord, TaskStatus,
+    TaskStep, WaitReason,
 };
 pub use sqlite::SqliteStore;
 
@@ -265,6 +266,19 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// # Errors
     /// As [`Store::jobs`].
     fn events(&self) -> Result<Vec<EventRow>, StoreError>;
+
+    /// The events whose `next_due` is at or before `t`, by id (what a scheduler pass may have
+    /// to decide; it reads the whole calendar only when one of them is enabled).
+    ///
+    /// # Errors
+    /// As [`Store::jobs`].
+    fn events_due_by(&self, t: Timestamp) -> Result<Vec<EventRow>, StoreError> {
+        Ok(self
+            .events()?
+            .into_iter()
+            .filter(|e| e.next_due.is_some_and(|d| d <= t))
+            .collect())
+    }
 
     /// Occurrences matching `q`, by due instant, then event.
     ///

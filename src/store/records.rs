@@ -343,6 +343,23 @@ pub struct JobRecord {
     /// When it ended.
     #[serde(with = "super::ms::opt")]
     pub ended: Option<Timestamp>,
+    /// `jobs cancel` (or NEWDAY) asked the running attempt to stop (JOB-11): whoever runs it
+    /// stops it when it sees this; `None` when nobody asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_requested: Option<StopRequest>,
+}
+
+/// A request to stop a job's running attempt, recorded so that the process running it sees it
+/// (a daemon's scheduler on its next tick).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopRequest {
+    /// The attempt to stop.
+    pub attempt: u32,
+    /// Why (`CanceledByUser` for `jobs cancel`).
+    pub reason: JobReason,
+    /// When it was asked.
+    #[serde(with = "super::ms")]
+    pub at: Timestamp,
 }
 
 /// How far an active job got: the copy's bytes, the restore stream's ring counters (CAT-09) and

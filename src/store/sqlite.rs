@@ -260,6 +260,14 @@ impl Store for SqliteStore {
         if let Some(p) = &q.plan {
             conds.push(("plan = ?", Value::Text(p.clone())));
         }
+        if let Some(states) = &q.states {
+            // Rows of other states are not decoded: `,queued,active,` holds `,state,`.
+            let list: String = states.iter().map(|k| format!(",{}", k.as_str())).collect();
+            conds.push((
+                "instr(?, ',' || state || ',') > 0",
+                Value::Text(format!("{list},")),
+            ));
+        }
         let jobs: Vec<JobRecord> = self.select("jobs", &conds, "id")?;
         Ok(jobs.into_iter().filter(|j| q.matches(j)).collect())
     }
@@ -288,6 +296,17 @@ impl Store for SqliteStore {
 
     fn events(&self) -> Result<Vec<EventRow>, StoreError> {
         self.select("events", &[], "id")
+    }
+
+    fn events_due_by(&self, t: Timestamp) -> Result<Vec<EventRow>, StoreError> {
+        self.select(
+            "events",
+            &[(
+                "next_due IS NOT NULL AND next_due <= ?",
+                Value::Integer(to_ms(t)),
+            )],
+            "id",
+        )
     }
 
     fn occurrences(&self, q: &OccurrenceQuery) -> Result<Vec<OccurrenceRow>, StoreError> {
@@ -686,5 +705,43 @@ impl Tx for SqlTx<'_> {
                 encode(o)?
             ],
         )
+    }
+
+    fn schedule_users(&mut self, name: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT name FROM events WHERE schedule = ?1 ORDER BY id")
+            .map_err(self.err("prepare a read"))?;
+        let rows = stmt
+            .query_map([name], |r| r.get::<_, String>(0))
+            .map_err(self.err("read rows"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(self.err("read a row"))
+    }
+
+    fn event_jobs(&mut self, id: EventId) -> Result<Vec<JobId>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT id FROM jobs WHERE event = ?1 ORDER BY id")
+            .map_err(self.err("prepare a read"))?;
+        let rows = stmt
+            .query_map([int(id.0)], |r| r.get::<_, i64>(0))
+            .map_err(self.err("read rows"))?;
+        rows.map(|r| r.map(|i| JobId(u64::from_ne_bytes(i.to_ne_bytes()))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err("read a row"))
+    }
+
+    fn delete_schedule(&mut self, name: &str) -> Result<(), StoreError> {
+        self.exec("DELETE FROM schedules WHERE name = ?1", [name])
+    }
+
+    fn delete_event(&mut self, id: EventId) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached("DELETE FROM occurrences WHERE event = ?1")
+            .map_err(self.err("prepare a write"))?
+            .execute([int(id.0)])
+            .map_err(self.err("delete rows"))?;
+        self.exec("DELETE FROM events WHERE id = ?1", [int(id.0)])
     }
 }
