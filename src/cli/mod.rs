@@ -4,6 +4,8 @@
 mod args;
 mod catalog;
 mod command_line;
+mod daemon;
+mod daemon_ctl;
 mod demo;
 mod jobs;
 mod mount;
@@ -16,6 +18,7 @@ mod terminal;
 
 pub use crate::command::{check_volume, execute, Remote};
 pub use args::parse_extent;
+pub use command_line::DaemonCmd;
 pub use command_line::{BackendArg, CatalogCmd, Cli, Command, IoFlags, JobsCmd, PlanCmd};
 use serve::{check_listen, serve};
 use terminal::{
@@ -583,6 +586,18 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             cmd: PlanCmd::List { state, json },
         } => jobs::plan_list(state, json)?,
         Command::Reconcile { state, json } => reconcile::reconcile(state, json)?,
+        Command::Daemon {
+            cmd,
+            no_calendar,
+            no_nbd,
+            writable_images,
+            state,
+        } => daemon::command(
+            cmd,
+            (state, no_calendar, no_nbd, writable_images),
+            io,
+            &mut out,
+        )?,
         Command::Jobs {
             cmd: None,
             all,

@@ -69,9 +69,24 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
         }
     };
     let store: Arc<dyn Store> = state.open_store()?;
+    let lines = reconcile_state(&state, &store, &mut HashMap::new())?;
+    if as_json {
+        return Ok(crate::command::output::json(&lines)?);
+    }
+    Ok(lines.iter().map(|l| format!("{l}\n")).collect())
+}
+
+/// The reconcile of `state` with `store` open, the lock held by the caller (`timezero
+/// reconcile`, or the daemon at its start). `engines` are the tables the caller holds open;
+/// the others are opened here and added. Returns the decision lines.
+pub(super) fn reconcile_state(
+    state: &StateDir,
+    store: &Arc<dyn Store>,
+    engines: &mut HashMap<PathBuf, Arc<Engine>>,
+) -> Result<Vec<String>, Fail> {
+    let store = Arc::clone(store);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut lines: Vec<String> = Vec::new();
-    let mut engines: HashMap<PathBuf, Arc<Engine>> = HashMap::new();
     let mut engine = |table: &Path, lines: &mut Vec<String>| -> Option<Arc<Engine>> {
         if let Some(e) = engines.get(table) {
             return Some(Arc::clone(e));
@@ -383,10 +398,7 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
             Err(err) => lines.push(format!("catalog: table {}: {err}", table.display())),
         }
     }
-    if as_json {
-        return Ok(crate::command::output::json(&lines)?);
-    }
-    Ok(lines.iter().map(|l| format!("{l}\n")).collect())
+    Ok(lines)
 }
 
 fn intent_what(a: &IntentAction) -> String {
