@@ -312,7 +312,7 @@ pub(super) fn daemon(args: &DaemonArgs, io: IoFlags, out: &mut dyn Write) -> Res
     // Reconcile at start (the code of `timezero reconcile`).
     {
         let mut held = engines.lock().clone();
-        for l in super::reconcile::reconcile_state(&state, &store, &mut held)? {
+        for l in super::reconcile::reconcile_state(&state, &store, Arc::clone(&clock), &mut held)? {
             say(format!("reconcile: {l}"));
         }
         let mut mine = engines.lock();

@@ -34,7 +34,7 @@ use crate::catalog::{self, Cut, FileVolumes, ReconcileAction};
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, EngineOptions};
 use crate::hook::{self, HookContext, HookOutcome, HookSpec, Stage};
-use crate::job::{owner_alive, owner_of_this_process, Limits, NewdaySettings, Scheduler};
+use crate::job::{owner_alive, owner_of_this_process, Scheduler};
 use crate::quiesce::{FsFreeze, QuiesceBackend};
 use crate::store::{
     Change, HookResult, IdKind, ImageId, ImageQuery, ImageState, ImageStateKind, IntentAction,
@@ -69,7 +69,7 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
         }
     };
     let store: Arc<dyn Store> = state.open_store()?;
-    let lines = reconcile_state(&state, &store, &mut HashMap::new())?;
+    let lines = reconcile_state(&state, &store, Arc::new(SystemClock), &mut HashMap::new())?;
     if as_json {
         return Ok(crate::command::output::json(&lines)?);
     }
@@ -78,14 +78,15 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
 
 /// The reconcile of `state` with `store` open, the lock held by the caller (`timezero
 /// reconcile`, or the daemon at its start). `engines` are the tables the caller holds open;
-/// the others are opened here and added. Returns the decision lines.
+/// the others are opened here and added. `clock` dates the decisions (and the retries). Returns
+/// the decision lines.
 pub(super) fn reconcile_state(
     state: &StateDir,
     store: &Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
     engines: &mut HashMap<PathBuf, Arc<Engine>>,
 ) -> Result<Vec<String>, Fail> {
     let store = Arc::clone(store);
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut lines: Vec<String> = Vec::new();
     let mut engine = |table: &Path, lines: &mut Vec<String>| -> Option<Arc<Engine>> {
         if let Some(e) = engines.get(table) {
@@ -337,12 +338,14 @@ pub(super) fn reconcile_state(
         tables: HashMap::new(),
         engines: Mutex::new(HashMap::new()),
     });
+    // The retry rule of `timezero.toml` decides when the ended attempts run again.
+    let (limits, newday) = super::jobs::job_settings(state)?;
     let scheduler = Scheduler::new(
         Arc::clone(&store),
         clock,
         work,
-        Limits::default(),
-        NewdaySettings::default(),
+        limits,
+        newday,
         owner_of_this_process(),
     );
     let taken = scheduler

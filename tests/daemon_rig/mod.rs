@@ -138,8 +138,8 @@ impl Rig {
             .args(extra)
             .arg("--state")
             .arg(&self.state)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdout(Stdio::from(self.daemon_out()))
+            .stderr(Stdio::from(self.daemon_out()));
         if let Some(t) = clock {
             cmd.env("TIMEZERO_DAEMON_MANUAL_CLOCK", t);
         }
@@ -158,6 +158,20 @@ impl Rig {
             assert!(start.elapsed() < POLL_LIMIT, "the daemon never answered");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `ROOT/daemon.out`, where the daemons write what they do.
+    fn daemon_out(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("daemon.out"))
+            .unwrap()
+    }
+
+    /// What the daemons wrote.
+    pub fn daemon_text(&self) -> String {
+        std::fs::read_to_string(self.root.join("daemon.out")).unwrap_or_default()
     }
 
     /// One request line to `STATE/daemon.ctl` and its answer; `None` when nobody listens.
