@@ -174,6 +174,35 @@ impl DaemonWork {
     }
 }
 
+impl DaemonWork {
+    /// Run `job` of plan `name` through a [`PlanWork`] of that plan.
+    fn run_plan(
+        &self,
+        name: &str,
+        job: &JobRecord,
+        clock: &dyn Clock,
+    ) -> Result<JobOutcome, JobReason> {
+        let (path, plan) = self.plan(name).map_err(JobReason::Plan)?;
+        let table = self
+            .state
+            .table_of(&plan)
+            .map_err(|e| JobReason::Plan(fail_text(&e)))?;
+        let work = self
+            .plan_work(
+                HashMap::from([(name.to_string(), (path, plan))]),
+                HashMap::from([(name.to_string(), table)]),
+            )
+            .map_err(JobReason::Plan)?;
+        let outcome = work.run(job, clock);
+        // A table the daemon did not hold was opened for the job: keep it open.
+        let mut held = self.engines.lock();
+        for (t, e) in work.engines.into_inner() {
+            held.entry(t).or_insert(e);
+        }
+        Ok(outcome)
+    }
+}
+
 fn fail_text(f: &Fail) -> String {
     match f {
         Fail::Usage(m) | Fail::Message(m) => m.clone(),
@@ -196,27 +225,7 @@ impl JobWork for DaemonWork {
                 job.id
             )));
         };
-        let outcome = (|| {
-            let (path, plan) = self.plan(name).map_err(JobReason::Plan)?;
-            let table = self
-                .state
-                .table_of(&plan)
-                .map_err(|e| JobReason::Plan(fail_text(&e)))?;
-            let work = self
-                .plan_work(
-                    HashMap::from([(name.to_string(), (path, plan))]),
-                    HashMap::from([(name.to_string(), table)]),
-                )
-                .map_err(JobReason::Plan)?;
-            let outcome = work.run(job, clock);
-            // A table the daemon did not hold was opened for the job: keep it open.
-            let mut held = self.engines.lock();
-            for (t, e) in work.engines.into_inner() {
-                held.entry(t).or_insert(e);
-            }
-            Ok::<_, JobReason>(outcome)
-        })()
-        .unwrap_or_else(failed);
+        let outcome = self.run_plan(name, job, clock).unwrap_or_else(failed);
         let _ = self.wake.send(Msg::Wake);
         outcome
     }

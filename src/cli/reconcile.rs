@@ -11,6 +11,7 @@
 //!   attempt cannot go on here, withdrawn with its image `Lost`; none found → `NotDone`;
 //! - an `Incomplete` image of the job (cut, copy not finished): its session is withdrawn and the
 //!   image is `Lost`; a file target the job created is removed;
+//! - a task's target that no image row names (created before the cut) is removed;
 //! - then the job layer's recovery ends the attempt: before its cut `Failed`
 //!   `DaemonRestarted(phase)` with the retry rule, past it through `JobWork::resume`, which ends
 //!   the attempt `HookUnknown` when one of its hooks is unknown, else `DaemonRestarted`.
@@ -326,6 +327,32 @@ pub(super) fn reconcile_state(
             image.id,
             what.join(", ")
         ));
+    }
+
+    // Targets a dead attempt created before its cut: no image row names them, and a retry
+    // of the job would find them in its way.
+    let named: BTreeSet<String> = store
+        .images(&ImageQuery::default())
+        .map_err(store_err)?
+        .into_iter()
+        .map(|i| i.target.locator)
+        .collect();
+    for job in &dead {
+        for task in store.tasks(job.id).map_err(store_err)? {
+            for target in &task.targets {
+                if named.contains(target) {
+                    continue;
+                }
+                match std::fs::remove_file(target) {
+                    Ok(()) => lines.push(format!(
+                        "{}: target {target} of task {} made before its cut: removed",
+                        job.id, task.index
+                    )),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => lines.push(format!("{}: remove {target}: {err}", job.id)),
+                }
+            }
+        }
     }
 
     // The jobs themselves, by the job layer's recovery.
