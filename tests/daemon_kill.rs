@@ -1,6 +1,6 @@
 //! kill -9 of `timezero daemon` while a scheduled job runs, at points chosen by a seed
 //! (`TIMEZERO_TEST_SEED`, else a fixed one) among: a hook in `task_pre`, the command quiesce
-//! held, the unquiesce after the cut, the copy, and `task_post`; then a restart of the daemon
+//! held, the unquiesce after the cut, and the copy; then a restart of the daemon
 //! on the same (manual) clock instant. Each time: exactly one job for the occurrence (CAL-19);
 //! the attempt the daemon died in ends `Failed` `DaemonRestarted` (past its cut after the
 //! recovery of its task flow) and is retried as attempt 2 under the retry rule (JOB-09), which
@@ -26,7 +26,6 @@ enum Point {
     Quiesced,
     Unquiesce,
     Copy,
-    TaskPost,
 }
 
 impl Point {
@@ -36,12 +35,11 @@ impl Point {
             Point::Quiesced => "quiesce",
             Point::Unquiesce => "unquiesce",
             Point::Copy => "",
-            Point::TaskPost => "task_post",
         }
     }
 
     fn past_cut(self) -> bool {
-        matches!(self, Point::Unquiesce | Point::Copy | Point::TaskPost)
+        matches!(self, Point::Unquiesce | Point::Copy)
     }
 }
 
@@ -129,8 +127,6 @@ fn scenario(point: Point) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let j1 = r.job(1).unwrap();
-    let show = r.tz(&["jobs", "show", "j1"]);
-    eprintln!("{}\n{}", text(&show), r.daemon_text());
     assert!(
         matches!(
             j1.state,
@@ -216,9 +212,8 @@ fn job_09_daemon_killed_at_seeded_points_retries_once_per_occurrence() {
         Point::Quiesced,
         Point::Unquiesce,
         Point::Copy,
-        Point::TaskPost,
     ];
-    // A seeded order, and three of the five points (the test stays short).
+    // A seeded order, and three of the four points (the test stays short).
     for i in (1..points.len()).rev() {
         let j = usize::try_from(rng.next() % (i as u64 + 1)).unwrap();
         points.swap(i, j);
