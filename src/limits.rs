@@ -174,6 +174,16 @@ pub const ATTEMPT_WINDOW_MAX_HOURS: u32 = 168;
 /// early only when it conflicts with another instance or decides more than
 /// `OCCURRENCES_PER_EVENT_MAX` occurrences of one event).
 pub const SCHEDULER_PASSES_MAX: usize = 16;
+/// Longest the daemon sleeps between two ticks when nothing is due sooner: it notices the end
+/// of a job's work (and a schedule changed without `wake`) within this time.
+pub const DAEMON_TICK_MAX_MS: u64 = 500;
+/// Longest request line `STATE/daemon.ctl` accepts.
+pub const DAEMON_CTL_REQUEST_BYTES_MAX: u64 = 64 * 1024;
+/// Longest a client of `STATE/daemon.ctl` waits for its answer (and the daemon for a request
+/// line).
+pub const DAEMON_CTL_TIMEOUT_SECS: u64 = 60;
+/// Longest `plan run --wait` and `daemon stop` wait between two looks at the store or the lock.
+pub const DAEMON_POLL_MS: u64 = 200;
 
 /// Most occurrences `timezero schedule next --count N` prints.
 pub const SCHEDULE_NEXT_COUNT_MAX: usize = 1000;

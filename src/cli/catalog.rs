@@ -741,6 +741,16 @@ pub(super) fn restore(
             ))
         }
     };
+    // A daemon holds the tables: it runs the restore.
+    let state = super::state::StateDir::new(args.state.clone());
+    if let (Pick::Image(i), true) = (
+        &pick,
+        args.extents.is_empty() && state.store_path().exists(),
+    ) {
+        if state.hold_runner_lock()?.is_err() {
+            return super::daemon::restore_hand_over(&state, *i, &args.to, args.wait, out);
+        }
+    }
     let dest = dest_path(&args.to)?;
     let store = open_store(args.state.clone())?;
     let image = match catalog::choose(&store, &pick) {
@@ -820,21 +830,8 @@ pub(super) fn restore(
         pieces,
         args,
     };
-    let result = run_job(&run, io, &owner);
-    let (status, reason, code) = match &result {
-        Ok(_) => (JobStatus::Success, None, 0),
-        Err(Fail::Message(m) | Fail::Usage(m)) if m.contains("is busy") => {
-            (JobStatus::Failed, Some(JobReason::TargetBusy), 12)
-        }
-        Err(Fail::Message(m) | Fail::Usage(m)) => {
-            (JobStatus::Failed, Some(JobReason::Engine(m.clone())), 17)
-        }
-        Err(Fail::Run(e)) => (
-            JobStatus::Failed,
-            Some(JobReason::Engine(e.to_string())),
-            17,
-        ),
-    };
+    let result = run_job(&run, io, &owner, None);
+    let (status, reason, code) = outcome_of(&result);
     // The job's end is committed while the destination is still locked (QUI-10): the lock is
     // in `result` and dropped after.
     phase(&store, &run.job, JobState::Done { status, reason }, &owner)?;
@@ -864,9 +861,89 @@ pub(super) fn restore(
     ))
 }
 
+/// The job status, reason and exit status of a restore's result.
+fn outcome_of(
+    result: &Result<(RestoreOut, TargetLock), Fail>,
+) -> (JobStatus, Option<JobReason>, u32) {
+    match result {
+        Ok(_) => (JobStatus::Success, None, 0),
+        Err(Fail::Message(m) | Fail::Usage(m)) if m.contains("is busy") => {
+            (JobStatus::Failed, Some(JobReason::TargetBusy), 12)
+        }
+        Err(Fail::Message(m) | Fail::Usage(m)) => {
+            (JobStatus::Failed, Some(JobReason::Engine(m.clone())), 17)
+        }
+        Err(Fail::Run(e)) => (
+            JobStatus::Failed,
+            Some(JobReason::Engine(e.to_string())),
+            17,
+        ),
+    }
+}
+
+/// A restore requested from the daemon (`restore` on `STATE/daemon.ctl`): the job is created
+/// `Active` (phase awaiting resources, JOB-10) before this returns, owned by the daemon
+/// instance `owner`, and runs on a thread of its own with the engines the daemon holds (the
+/// image's table is opened when the daemon does not hold it). Returns the job and its thread.
+pub(super) fn restore_in_daemon(
+    store: &Arc<SqliteStore>,
+    image: u64,
+    to: &Path,
+    engines: &std::collections::HashMap<PathBuf, Arc<Engine>>,
+    owner: &str,
+) -> Result<(JobId, std::thread::JoinHandle<()>), Fail> {
+    let dest = dest_path(to)?;
+    let image = catalog::choose(&**store, &Pick::Image(ImageId(image))).map_err(cat)?;
+    let pieces = catalog::restore_pieces(&image, &[]).map_err(cat)?;
+    let job = new_job(store, image.id, &dest, owner)?;
+    let id = job.id;
+    let engine = engines.get(&image.table).cloned();
+    let store = Arc::clone(store);
+    let owner = owner.to_string();
+    let args = RestoreArgs {
+        image: Some(image.id),
+        plan: None,
+        source: None,
+        at: None,
+        to: dest.clone(),
+        extents: Vec::new(),
+        wait: false,
+        state: None,
+        json: false,
+        rate: None,
+        checkpoint: None,
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("restore {id}"))
+        .spawn(move || {
+            let run = Run {
+                store: &store,
+                job,
+                image,
+                dest,
+                pieces,
+                args: &args,
+            };
+            let result = run_job(&run, IoFlags::default(), &owner, engine);
+            let (status, reason, _) = outcome_of(&result);
+            let _ = phase(&store, &run.job, JobState::Done { status, reason }, &owner);
+            drop(result);
+        })
+        .map_err(|e| Fail::Message(format!("start the restore thread of {id}: {e}")))?;
+    Ok((id, thread))
+}
+
 /// The restore's work: lock, open the image's table, pick the method, move the bytes.
-fn run_job(run: &Run<'_>, io: IoFlags, owner: &str) -> Result<(RestoreOut, TargetLock), Fail> {
-    let engine = Arc::new(super::open(&run.image.table, RestartPolicy::Resume, io)?);
+fn run_job(
+    run: &Run<'_>,
+    io: IoFlags,
+    owner: &str,
+    held: Option<Arc<Engine>>,
+) -> Result<(RestoreOut, TargetLock), Fail> {
+    let engine = match held {
+        Some(e) => e,
+        None => Arc::new(super::open(&run.image.table, RestartPolicy::Resume, io)?),
+    };
     let method_guess = if run.image.mode == CopyMode::NoCopy {
         RestoreMethod::Stream
     } else {

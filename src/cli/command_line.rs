@@ -569,6 +569,26 @@ pub enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
+    /// Run the daemon in the foreground: hold the configured tables (control and NBD sockets as
+    /// `serve`), reconcile, run the calendar, the broker and the jobs; requests on
+    /// STATE/daemon.ctl; stops on SIGTERM or `daemon stop`.
+    Daemon {
+        /// `stop`: ask the running daemon to stop and wait until it did.
+        #[command(subcommand)]
+        cmd: Option<DaemonCmd>,
+        /// Start no scheduled event: run only the jobs handed to it (`plan run`) and NEWDAY.
+        #[arg(long)]
+        no_calendar: bool,
+        /// Serve no NBD exports of the tables (their control sockets are always served).
+        #[arg(long)]
+        no_nbd: bool,
+        /// Let NBD clients write to image exports.
+        #[arg(long)]
+        writable_images: bool,
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
     /// Run the fault-injection crash-state enumerator (needs the `fault` feature).
     #[cfg_attr(not(feature = "fault"), command(hide = true))]
     Crashtest {
@@ -734,5 +754,16 @@ pub enum CatalogCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `timezero daemon` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DaemonCmd {
+    /// Ask the running daemon to stop (as SIGTERM) and wait until it released the state.
+    Stop {
+        /// The state directory (default: $TIMEZERO_STATE, else /var/lib/timezero).
+        #[arg(long)]
+        state: Option<PathBuf>,
     },
 }

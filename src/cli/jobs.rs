@@ -32,7 +32,7 @@ use crate::store::{
 };
 
 /// The `[limits]` and `[newday]` tables of `timezero.toml` (defaults when absent).
-fn job_settings(state: &StateDir) -> Result<(Limits, NewdaySettings), Fail> {
+pub(super) fn job_settings(state: &StateDir) -> Result<(Limits, NewdaySettings), Fail> {
     let path = state.config_path();
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -142,12 +142,10 @@ pub(super) fn plan_run(
     let (limits, newday) = job_settings(&state)?;
     let _lock = match state.hold_runner_lock()? {
         Ok(f) => f,
-        Err(holder) => {
-            return Err(Fail::Message(format!(
-                "a daemon holds {} ({holder}); handing a job to it is not supported yet: stop it \
-                 or wait for it to run the plan",
-                state.dir.display()
-            )))
+        // A daemon holds the state: it runs the job.
+        Err(_) => {
+            let raw = priority.map(|p| i64::from(p.get()));
+            return super::daemon::hand_over(&state, (&plan.name, &path), raw, wait, as_json, out);
         }
     };
     let store = state.open_store()?;

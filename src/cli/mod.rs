@@ -6,6 +6,8 @@ mod calendar;
 mod cancel;
 mod catalog;
 mod command_line;
+mod daemon;
+mod daemon_ctl;
 mod demo;
 mod holds;
 mod jobs;
@@ -20,6 +22,7 @@ mod terminal;
 
 pub use crate::command::{check_volume, execute, Remote};
 pub use args::parse_extent;
+pub use command_line::DaemonCmd;
 pub use command_line::{BackendArg, CatalogCmd, Cli, Command, IoFlags, JobsCmd, PlanCmd};
 pub use schedule::{EventCmd, ScheduleCmd, StateArgs};
 use serve::{check_listen, serve};
@@ -597,6 +600,18 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
         } => jobs::plan_list(state, json)?,
         Command::Reconcile { state, json } => reconcile::reconcile(state, json)?,
         Command::QuiesceWatchdog { job, state } => holds::watchdog(&job, state)?,
+        Command::Daemon {
+            cmd,
+            no_calendar,
+            no_nbd,
+            writable_images,
+            state,
+        } => daemon::command(
+            cmd,
+            (state, no_calendar, no_nbd, writable_images),
+            io,
+            &mut out,
+        )?,
         Command::Jobs {
             cmd: None,
             all,

@@ -11,6 +11,7 @@
 //!   attempt cannot go on here, withdrawn with its image `Lost`; none found → `NotDone`;
 //! - an `Incomplete` image of the job (cut, copy not finished): its session is withdrawn and the
 //!   image is `Lost`; a file target the job created is removed;
+//! - a task's target that no image row names (created before the cut) is removed;
 //! - then the job layer's recovery ends the attempt: before its cut `Failed`
 //!   `DaemonRestarted(phase)` with the retry rule, past it through `JobWork::resume`, which ends
 //!   the attempt `HookUnknown` when one of its hooks is unknown, else `DaemonRestarted`.
@@ -35,7 +36,7 @@ use crate::catalog::{self, Cut, FileVolumes, ReconcileAction};
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, EngineOptions};
 use crate::hook::{self, HookContext, HookOutcome, HookSpec, Stage};
-use crate::job::{owner_alive, owner_of_this_process, Limits, NewdaySettings, Scheduler};
+use crate::job::{owner_alive, owner_of_this_process, Scheduler};
 use crate::quiesce::{BackendError, FsFreeze, QuiesceBackend};
 use crate::store::{
     Change, HookResult, IdKind, ImageId, ImageQuery, ImageState, ImageStateKind, IntentAction,
@@ -70,9 +71,25 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
         }
     };
     let store: Arc<dyn Store> = state.open_store()?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let lines = reconcile_state(&state, &store, Arc::new(SystemClock), &mut HashMap::new())?;
+    if as_json {
+        return Ok(crate::command::output::json(&lines)?);
+    }
+    Ok(lines.iter().map(|l| format!("{l}\n")).collect())
+}
+
+/// The reconcile of `state` with `store` open, the lock held by the caller (`timezero
+/// reconcile`, or the daemon at its start). `engines` are the tables the caller holds open;
+/// the others are opened here and added. `clock` dates the decisions (and the retries). Returns
+/// the decision lines.
+pub(super) fn reconcile_state(
+    state: &StateDir,
+    store: &Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    engines: &mut HashMap<PathBuf, Arc<Engine>>,
+) -> Result<Vec<String>, Fail> {
+    let store = Arc::clone(store);
     let mut lines: Vec<String> = Vec::new();
-    let mut engines: HashMap<PathBuf, Arc<Engine>> = HashMap::new();
     let mut engine = |table: &Path, lines: &mut Vec<String>| -> Option<Arc<Engine>> {
         if let Some(e) = engines.get(table) {
             return Some(Arc::clone(e));
@@ -334,6 +351,32 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
         ));
     }
 
+    // Targets a dead attempt created before its cut: no image row names them, and a retry
+    // of the job would find them in its way.
+    let named: BTreeSet<String> = store
+        .images(&ImageQuery::default())
+        .map_err(store_err)?
+        .into_iter()
+        .map(|i| i.target.locator)
+        .collect();
+    for job in &dead {
+        for task in store.tasks(job.id).map_err(store_err)? {
+            for target in &task.targets {
+                if named.contains(target) {
+                    continue;
+                }
+                match std::fs::remove_file(target) {
+                    Ok(()) => lines.push(format!(
+                        "{}: target {target} of task {} made before its cut: removed",
+                        job.id, task.index
+                    )),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => lines.push(format!("{}: remove {target}: {err}", job.id)),
+                }
+            }
+        }
+    }
+
     // The jobs themselves, by the job layer's recovery.
     let global = state.global()?;
     let work = Arc::new(PlanWork {
@@ -345,12 +388,14 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
         engines: Mutex::new(HashMap::new()),
         state_dir: None,
     });
+    // The retry rule of `timezero.toml` decides when the ended attempts run again.
+    let (limits, newday) = super::jobs::job_settings(state)?;
     let scheduler = Scheduler::new(
         Arc::clone(&store),
         clock,
         work,
-        Limits::default(),
-        NewdaySettings::default(),
+        limits,
+        newday,
         owner_of_this_process(),
     );
     let taken = scheduler
@@ -406,10 +451,7 @@ pub(super) fn reconcile(state: Option<PathBuf>, as_json: bool) -> Result<String,
             Err(err) => lines.push(format!("catalog: table {}: {err}", table.display())),
         }
     }
-    if as_json {
-        return Ok(crate::command::output::json(&lines)?);
-    }
-    Ok(lines.iter().map(|l| format!("{l}\n")).collect())
+    Ok(lines)
 }
 
 fn intent_what(a: &IntentAction) -> String {

@@ -630,6 +630,13 @@ impl RunObserver for Recorder {
     }
 
     fn tasks(&self, tasks: &[Task]) {
+        // A retry (attempt 2 and later) finds the rows of the attempt before: it starts them
+        // again instead of putting them.
+        let earlier: HashMap<u32, TaskStatus> = self
+            .store
+            .tasks(self.job)
+            .map(|rows| rows.into_iter().map(|r| (r.index, r.status)).collect())
+            .unwrap_or_default();
         let mut changes = Vec::new();
         for t in tasks {
             let status = if t.skip.is_some() {
@@ -637,6 +644,17 @@ impl RunObserver for Recorder {
             } else {
                 TaskStatus::Pending
             };
+            if let Some(from) = earlier.get(&t.index) {
+                changes.push(Change::UpdateTask {
+                    job: self.job,
+                    index: t.index,
+                    from: *from,
+                    to: status,
+                    reason: None,
+                    message: t.skip.as_ref().map(ToString::to_string),
+                });
+                continue;
+            }
             let sources: Vec<String> = if t.sources.is_empty() {
                 vec![t.pattern.clone()]
             } else {

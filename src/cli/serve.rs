@@ -35,56 +35,165 @@ pub(super) fn serve(
     config: crate::nbd::NbdConfig,
     io: IoFlags,
 ) -> Result<()> {
-    use crate::nbd::{EngineRegistry, NbdServer};
     let e = Arc::new(open(table, RestartPolicy::Resume, io)?);
     for v in volumes {
         volume_id(&e, v)?;
     }
-    let registry = Arc::new(EngineRegistry::new(e.clone(), writable_images));
-    let server = NbdServer::new(registry.clone(), config);
-    let sock = socket.unwrap_or_else(|| {
-        let mut p = table.as_os_str().to_owned();
-        p.push(".nbd");
-        PathBuf::from(p)
-    });
-    let _ = std::fs::remove_file(&sock);
-    let unix = server.serve_unix(&sock)?;
-    let tcp = listen.map(|a| server.serve_tcp(a.as_str())).transpose()?;
-    let control = crate::control::ControlServer::start(
-        e.clone(),
-        &crate::control::socket_path(table),
+    let served = Served::start(
+        e,
         table,
+        &Exports {
+            socket,
+            listen,
+            writable_images,
+            config,
+            nbd: true,
+        },
     )?;
     let mut o = std::io::stdout().lock();
-    let _ = writeln!(
-        o,
-        "serving {} on {} (backend {}{})",
-        table.display(),
-        sock.display(),
-        e.backend_name(),
-        if e.direct() { ", O_DIRECT" } else { "" }
-    );
-    if let Some(t) = &tcp {
-        if let Some(a) = t.tcp_addr() {
-            let _ = writeln!(o, "serving on tcp {a}");
-        }
-    }
-    let _ = writeln!(
-        o,
-        "exports: {}",
-        crate::nbd::ExportRegistry::list(registry.as_ref()).join(", ")
-    );
-    let _ = writeln!(
-        o,
-        "control socket {}",
-        crate::control::socket_path(table).display()
-    );
+    let _ = o.write_all(served.describe().as_bytes());
     let _ = o.flush();
     drop(o);
-    control.wait_shutdown();
-    unix.shutdown();
+    served.wait_shutdown();
+    Ok(())
+}
+
+/// What a held table offers besides the control socket: its NBD exports.
+#[derive(Debug, Clone)]
+pub(super) struct Exports {
+    /// The NBD unix socket (default `TABLE.nbd`).
+    pub socket: Option<PathBuf>,
+    /// An NBD TCP address to listen on as well.
+    pub listen: Option<String>,
+    /// Whether image exports are writable.
+    pub writable_images: bool,
+    /// The NBD server's limits.
+    pub config: crate::nbd::NbdConfig,
+    /// Whether to export over NBD at all (the control socket is always served).
+    pub nbd: bool,
+}
+
+/// A table held by this process and served: its NBD exports (when asked for) and its control
+/// socket `TABLE.ctl`, so that `timezero establish|status|copy|withdraw|reset TABLE ...` reach
+/// it. `timezero serve` holds one; `timezero daemon` one per configured table.
+pub(super) struct Served {
+    engine: Arc<crate::Engine>,
+    table: PathBuf,
+    nbd: Option<(PathBuf, crate::nbd::ServerHandle)>,
+    tcp: Option<crate::nbd::ServerHandle>,
+    exports: Vec<String>,
+    control: crate::control::ControlServer,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Served {
+    /// Serve `engine` (holding `table`) as `exports` says.
+    pub fn start(engine: Arc<crate::Engine>, table: &Path, exports: &Exports) -> Result<Served> {
+        use crate::nbd::{EngineRegistry, NbdServer};
+        let (nbd, tcp, names) = if exports.nbd {
+            let registry = Arc::new(EngineRegistry::new(engine.clone(), exports.writable_images));
+            let server = NbdServer::new(registry.clone(), exports.config.clone());
+            let sock = exports.socket.clone().unwrap_or_else(|| {
+                let mut p = table.as_os_str().to_owned();
+                p.push(".nbd");
+                PathBuf::from(p)
+            });
+            let _ = std::fs::remove_file(&sock);
+            let unix = server.serve_unix(&sock)?;
+            let tcp = exports
+                .listen
+                .as_ref()
+                .map(|a| server.serve_tcp(a.as_str()))
+                .transpose()?;
+            let names = crate::nbd::ExportRegistry::list(registry.as_ref());
+            (Some((sock, unix)), tcp, names)
+        } else {
+            (None, None, Vec::new())
+        };
+        let control = crate::control::ControlServer::start(
+            engine.clone(),
+            &crate::control::socket_path(table),
+            table,
+        )?;
+        Ok(Served {
+            engine,
+            table: table.to_path_buf(),
+            nbd,
+            tcp,
+            exports: names,
+            control,
+        })
+    }
+
+    /// What is served where, one line each.
+    pub fn describe(&self) -> String {
+        let e = &self.engine;
+        let mut s = String::new();
+        match &self.nbd {
+            Some((sock, _)) => {
+                s += &format!(
+                    "serving {} on {} (backend {}{})\n",
+                    self.table.display(),
+                    sock.display(),
+                    e.backend_name(),
+                    if e.direct() { ", O_DIRECT" } else { "" }
+                );
+                if let Some(a) = self.tcp.as_ref().and_then(|t| t.tcp_addr()) {
+                    s += &format!("serving on tcp {a}\n");
+                }
+                s += &format!("exports: {}\n", self.exports.join(", "));
+            }
+            None => {
+                s += &format!(
+                    "holding {} (backend {}{}, no NBD exports)\n",
+                    self.table.display(),
+                    e.backend_name(),
+                    if e.direct() { ", O_DIRECT" } else { "" }
+                );
+            }
+        }
+        s += &format!(
+            "control socket {}\n",
+            crate::control::socket_path(&self.table).display()
+        );
+        s
+    }
+
+    /// Block until a client asks through the control socket to stop (`timezero stop TABLE`),
+    /// then stop serving.
+    pub fn wait_shutdown(self) {
+        let Served {
+            nbd, tcp, control, ..
+        } = self;
+        control.wait_shutdown();
+        stop_nbd(nbd, tcp);
+    }
+
+    /// Stop serving now (the daemon stops); the engine stays open while others hold it.
+    pub fn shutdown(self) {
+        let Served {
+            nbd, tcp, control, ..
+        } = self;
+        drop(control);
+        stop_nbd(nbd, tcp);
+    }
+}
+
+fn stop_nbd(
+    nbd: Option<(PathBuf, crate::nbd::ServerHandle)>,
+    tcp: Option<crate::nbd::ServerHandle>,
+) {
+    if let Some((_, unix)) = nbd {
+        unix.shutdown();
+    }
     if let Some(t) = tcp {
         t.shutdown();
     }
-    Ok(())
 }

@@ -99,6 +99,7 @@ pub struct Scheduler {
     limits: Limits,
     newday: NewdaySettings,
     owner: String,
+    immediate_only: bool,
     workers: Mutex<HashMap<(JobId, u32), JoinHandle<()>>>,
     /// The attempts told to stop, so a stop request in the store is passed on once.
     stopped: Mutex<HashSet<(JobId, u32)>>,
@@ -148,11 +149,56 @@ impl Scheduler {
             limits,
             newday,
             owner,
+            immediate_only: false,
             workers: Mutex::new(HashMap::new()),
             stopped: Mutex::new(HashSet::new()),
             finished_tx,
             finished_rx,
         }
+    }
+
+    /// A scheduler whose calendar passes decide only the immediate starts posted by
+    /// [`Scheduler::post_immediate`] and NEWDAY: the events of the calendar's other schedules
+    /// start nothing and stay due (`daemon --no-calendar`, where something else decides when
+    /// plans run).
+    #[must_use]
+    pub fn immediate_only(mut self) -> Scheduler {
+        self.immediate_only = true;
+        self
+    }
+
+    /// The earliest instant at which a tick may have something to do: the next due occurrence
+    /// of an enabled event (of those the calendar passes decide) or the end of a retry delay;
+    /// `None` when nothing is scheduled. A due time in the past means "now".
+    ///
+    /// # Errors
+    /// As [`Scheduler::tick`].
+    pub fn next_wake(&self) -> Result<Option<Timestamp>, JobError> {
+        let mut next: Option<Timestamp> = None;
+        let mut keep = |t: Timestamp| {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        };
+        for e in self.store.events()? {
+            if e.enabled && self.decided(&e) {
+                if let Some(due) = e.next_due {
+                    keep(due);
+                }
+            }
+        }
+        for job in self.store.jobs(&JobQuery {
+            states: Some(vec![JobStateKind::WaitingForRetry]),
+            ..JobQuery::default()
+        })? {
+            if let JobState::WaitingForRetry { at } = job.state {
+                keep(at);
+            }
+        }
+        Ok(next)
+    }
+
+    /// Whether the calendar passes of this scheduler decide `event`.
+    fn decided(&self, event: &EventRow) -> bool {
+        !self.immediate_only || event.kind == EventKind::Newday || is_immediate(event)
     }
 
     /// The daemon instance this scheduler runs as.
@@ -195,7 +241,8 @@ impl Scheduler {
     /// # Errors
     /// As [`Scheduler::tick`].
     pub fn view(&self) -> Result<CalendarView, JobError> {
-        let (schedules, events, occurrences) = calendar_records(&*self.store)?;
+        let (schedules, mut events, occurrences) = calendar_records(&*self.store)?;
+        events.retain(|e| self.decided(e));
         Ok(CalendarView::new(schedules, events, occurrences)?)
     }
 
@@ -695,6 +742,14 @@ impl Scheduler {
         }
         Ok(())
     }
+}
+
+/// Whether `event` is an immediate start posted by [`Scheduler::post_immediate`]: a plan event
+/// named `run-PLAN-eN` on its own one-time schedule `run-eN`.
+fn is_immediate(event: &EventRow) -> bool {
+    matches!(event.kind, EventKind::Plan { .. })
+        && event.schedule == format!("run-{}", event.id)
+        && event.name.starts_with("run-")
 }
 
 /// What [`CalendarView::new`] takes: schedules, events, recorded occurrences.

@@ -1428,3 +1428,65 @@ fn cal_19_two_schedulers_on_one_file_start_one_job() {
     assert!(b.sched.calendar_pass().unwrap().is_empty());
     check_exactly_once(&*a.store, start, a.clock.now());
 }
+
+#[test]
+fn next_wake_is_the_earliest_due_event_or_retry() {
+    let start = at("2026-12-01T12:00:00Z");
+    let r = rig(start, Limits::default());
+    assert_eq!(r.sched.next_wake().unwrap(), None);
+    let ev = setup_calendar(
+        &*r.store,
+        start,
+        &[("evening", "0 20 * * *")],
+        &[("evening", "db", 7)],
+    )[0];
+    assert_eq!(
+        r.sched.next_wake().unwrap(),
+        Some(at("2026-12-01T20:00:00Z"))
+    );
+    // A job waiting for its retry wakes the scheduler at the end of its delay.
+    let j = insert_job(&*r.store, ev, "db", start, "20261201");
+    let retry_at = at("2026-12-01T12:10:00Z");
+    force(
+        &*r.store,
+        j,
+        JobState::WaitingForRetry { at: retry_at },
+        None,
+        start,
+    );
+    assert_eq!(r.sched.next_wake().unwrap(), Some(retry_at));
+}
+
+#[test]
+fn immediate_only_starts_posted_runs_and_leaves_scheduled_events_due() {
+    let start = at("2026-12-01T12:00:00Z");
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let r = rig_with(
+        Arc::clone(&store),
+        start,
+        Limits::default(),
+        NewdayAbort::All,
+    );
+    let sched = r.sched.immediate_only();
+    let ev = setup_calendar(
+        &*store,
+        start,
+        &[("evening", "0 20 * * *")],
+        &[("evening", "db", 7)],
+    );
+    // The scheduled event is not among the wake-ups; NEWDAY (08:00 next day) is.
+    assert_eq!(sched.next_wake().unwrap(), Some(at("2026-12-02T08:00:00Z")));
+    r.clock.set(at("2026-12-01T20:30:00Z"));
+    assert!(sched.tick().unwrap().is_empty());
+    let posted = sched.post_immediate("web", None).unwrap();
+    let job = posted.job().expect("the immediate run started a job");
+    sched.settle().unwrap();
+    let jobs = store.jobs(&JobQuery::default()).unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].id, job);
+    assert_eq!(jobs[0].kind, JobKind::Backup { plan: "web".into() });
+    // The scheduled event still waits at its occurrence, untouched.
+    let e = store.events().unwrap();
+    let e = e.iter().find(|e| e.id == ev[0]).unwrap();
+    assert_eq!(e.next_due, Some(at("2026-12-01T20:00:00Z")));
+}
