@@ -215,11 +215,7 @@ fn engine_side(e: &Engine, vol: VolumeId) -> Side<'_> {
 type Iops = (Vec<f64>, Vec<f64>);
 
 /// Figure 1: per round, time(recording) / time(without) and both sides' IOPS.
-fn recording_already_copied(
-    d: &Path,
-    rounds: usize,
-    rng: &mut Lcg,
-) -> Res<(Vec<f64>, Iops)> {
+fn recording_already_copied(d: &Path, rounds: usize, rng: &mut Lcg) -> Res<(Vec<f64>, Iops)> {
     let e = engine(d, "rec.tz")?;
     let mut ids = Vec::new();
     for name in ["rec-i", "rec-n"] {
