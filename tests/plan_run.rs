@@ -398,3 +398,72 @@ fn plan_18_a_job_records_the_plan_text_and_its_sha256() {
         "{json:#}"
     );
 }
+
+/// A loop device attached for one test, detached on every path out.
+struct LoopDev(String);
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A plan's task over a block device: the source is a loop device (as root; skipped with a
+/// message elsewhere), its image is `Valid`, holds the device's bytes exactly and verifies.
+#[test]
+fn plan_run_over_a_loop_device_source() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    let losetup = Command::new("losetup").arg("--version").output();
+    if !root || !losetup.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED plan_run_over_a_loop_device_source: needs root and losetup");
+        return;
+    }
+    let r = Rig::new("");
+    let backing = r.dir.path().join("device.img");
+    std::fs::write(&backing, data(3)).unwrap();
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let dev = LoopDev(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    let plan_path = r.state.join("plans/db.toml");
+    let plan = std::fs::read_to_string(&plan_path).unwrap();
+    let glob = format!("sources = [\"{}/*.img\"]", r.vols.display());
+    assert!(plan.contains(&glob));
+    std::fs::write(
+        &plan_path,
+        plan.replace(&glob, &format!("sources = [\"{}\"]", dev.0)),
+    )
+    .unwrap();
+
+    let out = r.tz(&["plan", "run", "db", "--wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show = json_of(&r.tz(&["jobs", "show", "j1", "--json"]));
+    let images = show["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{show:#}");
+    let i = &images[0];
+    assert_eq!(i["state"]["state"], "valid", "{i:#}");
+    assert_eq!(
+        i["source"]["locator"].as_str(),
+        Some(dev.0.as_str()),
+        "{i:#}"
+    );
+    let target = i["target"]["locator"].as_str().unwrap();
+    assert!(
+        std::fs::read(target).unwrap() == data(3),
+        "{target} differs"
+    );
+    let id = i["id"].as_u64().unwrap().to_string();
+    let out = r.tz(&["catalog", "verify", &id]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
