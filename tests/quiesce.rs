@@ -595,16 +595,33 @@ fn loop_fs(name: &str) -> Option<LoopFs> {
     Some(fs)
 }
 
+/// `umount PATH`, retried while the file system is busy, for up to 10 s: a child process that
+/// another test thread forks holds copies of this process's descriptors until it execs, so a
+/// file system whose files this test has all closed can be busy for a moment. `false` when it
+/// still failed.
+fn umount_retrying(path: &Path) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let Ok(o) = Command::new("umount").arg(path).output() else {
+            return false;
+        };
+        if o.status.success() {
+            return true;
+        }
+        if !String::from_utf8_lossy(&o.stderr).contains("busy")
+            || std::time::Instant::now() >= deadline
+        {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 impl LoopFs {
     fn unmount(&mut self) {
         if self.mounted {
             let _ = FsFreeze.thaw(&self.mnt);
-            let ok = Command::new("umount")
-                .arg(&self.mnt)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "umount");
+            assert!(umount_retrying(&self.mnt), "umount {}", self.mnt.display());
             self.mounted = false;
         }
     }
@@ -614,7 +631,7 @@ impl Drop for LoopFs {
     fn drop(&mut self) {
         if self.mounted {
             let _ = FsFreeze.thaw(&self.mnt);
-            let _ = Command::new("umount").arg(&self.mnt).status();
+            let _ = umount_retrying(&self.mnt);
         }
         let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
@@ -700,7 +717,7 @@ fn qui_02_block_device_is_locked_by_exclusive_open() {
         Err(LockError::TargetBusy { .. })
     ));
     fs.unmount();
-    let lock = TargetLock::acquire(&dev).unwrap();
+    let lock = acquire_retrying(&dev);
     assert_eq!(lock.kind(), TargetKind::BlockDevice);
     assert!(matches!(
         TargetLock::acquire(&dev),
@@ -719,6 +736,22 @@ fn qui_02_block_device_is_locked_by_exclusive_open() {
     }
     assert!(!held, "mount must fail while the target lock is held");
     drop(lock);
-    let again = TargetLock::acquire(&dev).unwrap();
+    let again = acquire_retrying(&dev);
     drop(again);
+}
+
+/// `TargetLock::acquire` of a device this test no longer holds, retried while it is busy for up
+/// to 10 s: a child process that another test thread forks holds copies of this process's
+/// descriptors (the exclusive open included) until it execs.
+fn acquire_retrying(dev: &Path) -> TargetLock {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match TargetLock::acquire(dev) {
+            Ok(lock) => return lock,
+            Err(LockError::TargetBusy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("lock {}: {e}", dev.display()),
+        }
+    }
 }

@@ -149,10 +149,32 @@ impl LoopFs {
     }
 }
 
+/// `umount PATH`, retried while the file system is busy, for up to 10 s: a child process that
+/// another test thread forks holds copies of this process's descriptors until it execs, so a
+/// file system whose files this test has all closed can be busy for a moment. `false` when it
+/// still failed.
+fn umount_retrying(path: &Path) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let Ok(o) = Command::new("umount").arg(path).output() else {
+            return false;
+        };
+        if o.status.success() {
+            return true;
+        }
+        if !String::from_utf8_lossy(&o.stderr).contains("busy")
+            || std::time::Instant::now() >= deadline
+        {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = FsFreeze.thaw(&self.mnt);
-        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = umount_retrying(&self.mnt);
         let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
 }
