@@ -42,6 +42,11 @@ pub const COPY_BATCH_BYTES_MAX: u64 = 4 << 20;
 pub const DATA_IO_RETRIES_MAX: u32 = 3;
 /// Largest single engine I/O request.
 pub const IO_BYTES_MAX: u64 = 64 << 20;
+/// Most bytes of source writes an engine in write-back mode holds per volume before the write
+/// that passes it drains them (makes them durable and writes them to the volume).
+pub const HELD_BYTES_MAX: usize = 64 << 20;
+/// Most source writes an engine in write-back mode holds per volume before draining them.
+pub const HELD_WRITES_MAX: usize = 16_384;
 
 // FUSE mounts (`timezero mount`, the power-loss layer).
 

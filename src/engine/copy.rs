@@ -94,9 +94,27 @@ impl Engine {
         let Some(hold) = s.try_hold(g, g + run) else {
             return Ok(Some((GrainIndex(g + 1), None)));
         };
+        let src = self.handle(s.desc.source.id)?;
         // Re-check under the hold: bits set before we took it shrink the run to the uncopied
-        // prefix; none can be set while we hold it.
-        let uncopied = s.bits().clear_run(g, run);
+        // prefix; none can be set while we hold it. Grains a held write already copied
+        // (write-back mode) are not copied again: their drain commits them.
+        let mut uncopied = s.bits().clear_run(g, run);
+        if !src.held.is_empty() && uncopied > 0 {
+            uncopied = src
+                .held
+                .pending_in(s.id(), g, g + uncopied)
+                .iter()
+                .take_while(|p| !**p)
+                .count() as u64;
+            if uncopied == 0 {
+                // The first grain waits for a held write's drain: drain now (the writes were
+                // only ever promised durable at the next flush, so sooner is allowed), and
+                // come back to the grain, then copied.
+                drop(hold);
+                self.drain(&src)?;
+                return Ok(Some((GrainIndex(g), None)));
+            }
+        }
         if uncopied == 0 {
             return Ok(Some((GrainIndex(g + 1), None)));
         }
@@ -106,7 +124,12 @@ impl Engine {
             // The hold must cover exactly the grains whose bits will be committed.
             drop(hold);
             match s.try_hold(g, g + uncopied) {
-                Some(h) if s.bits().clear_run(g, uncopied) == uncopied => (uncopied, h),
+                Some(h)
+                    if s.bits().clear_run(g, uncopied) == uncopied
+                        && !(g..g + uncopied).any(|x| src.held.is_pending(s.id(), x)) =>
+                {
+                    (uncopied, h)
+                }
                 _ => return Ok(Some((GrainIndex(g + 1), None))),
             }
         };
@@ -114,7 +137,6 @@ impl Engine {
             .map
             .grain_piece(g, g + run)
             .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
-        let src = self.handle(s.desc.source.id)?;
         let tgt = self.handle(s.desc.target.id)?;
         let len = usize::try_from(p.len).map_err(|_| Error::invalid("copy", "len"))?;
         COPY_BUF.with(|b| {

@@ -209,6 +209,7 @@ impl Engine {
         volumes.sort_by_key(|h| h.info.id);
         volumes.dedup_by_key(|h| h.info.id);
         let _gates = super::hold_gates(&volumes);
+        self.drain_gated(&volumes)?;
         // Re-validate against sessions established while we waited.
         for (i, (p, spec)) in pairs.iter().zip(specs).enumerate() {
             self.validate(&p.src.info, &p.tgt.info, spec.grain, &p.extents)

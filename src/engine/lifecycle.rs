@@ -154,6 +154,11 @@ impl Engine {
         });
         // Re-validate against sessions established while we waited.
         self.validate(&src.info, &tgt.info, spec.grain, &desc.extents)?;
+        // Every acknowledged write is in T0: writes held in write-back mode reach the volumes.
+        self.drain_locked(a)?;
+        if a.info.id != b.info.id {
+            self.drain_locked(b)?;
+        }
         src.flush()?;
         if let Err(e) = self.table.commit(vec![Entry::Establish(desc)]) {
             // The entry may have reached the table (a failed durability point says nothing

@@ -28,6 +28,7 @@
 //! | `group.rs` | consistency groups: [`Engine::establish_group`], [`Engine::withdraw_group`] |
 //! | `write.rs` | source writes with copy-before-write, target writes ([`Engine::write_image`]) |
 //! | `image.rs` | [`Image`] and the lock-free image read with its re-check |
+//! | `writeback.rs` | write-back mode: source writes held until the volume's next flush |
 //! | `copy.rs` | [`Engine::copy_data`] / [`Engine::commit_copied`] / [`Engine::copy_all`] |
 //! | `copier.rs` | [`copier::Copier`]: background workers, rate limit, pause, progress |
 //! | `recovery.rs` | reconcile on open, on reset and on resume; [`Decision`], [`RestartPolicy`] |
@@ -42,6 +43,7 @@ mod recovery;
 mod refresh;
 mod reverse;
 mod write;
+mod writeback;
 
 use crate::volume::{open_file_volume, Backend, BACKEND_PREAD};
 pub use copy::CopyProgress;
@@ -104,6 +106,15 @@ pub struct EngineOptions {
     /// terminating every active session with `TableRolledBack`, instead of refusing it.
     /// Default = false.
     pub accept_rollback: bool,
+    /// Write-back: a source write that needs copy-before-write copies the T0 bytes to the
+    /// target at once and is then held in memory (reads through the engine see it) until the
+    /// volume's next [`Engine::flush`], which makes all held writes durable at one target flush
+    /// and one table commit before writing them to the volume. [`Engine::write`]'s contract is
+    /// unchanged (durable after [`Engine::flush`]); what changes is that the volume itself (read
+    /// other than through the engine) shows the write only after that flush. The NBD server and
+    /// the FUSE mount turn it on. Default = false (every write reaches the volume before it
+    /// returns).
+    pub write_back: bool,
 }
 
 /// An attached volume with its durability group and write gate.
@@ -123,6 +134,8 @@ pub(crate) struct VolumeHandle {
     /// Set when an `Establish` with this volume as source failed to commit: the session may
     /// still be durable, so writes are refused until the table is reopened and recovered.
     fenced: std::sync::atomic::AtomicBool,
+    /// Writes held in write-back mode (shared with a handle that replaces this one).
+    pub(crate) held: Arc<writeback::WriteBack>,
 }
 
 /// Hold the write gates of `handles` (in the order given: volume id order, as every holder of
@@ -321,6 +334,9 @@ pub struct Engine {
     /// The live (active and suspended) sessions, as a snapshot (loaded by every write, like
     /// `volumes`).
     active: ArcSwap<Vec<Arc<Session>>>,
+    /// Volumes that are the target of a session in the table (any state): write-back never
+    /// holds writes to them (their images read them directly).
+    target_vols: ArcSwap<rustc_hash::FxHashSet<VolumeId>>,
     /// Serialises `refresh_active` (read the table, store the snapshot), so that a snapshot
     /// taken earlier never replaces one taken later.
     active_change: Mutex<()>,
@@ -427,6 +443,7 @@ impl Engine {
             volumes_change: Mutex::new(()),
             volumes_epoch: std::sync::atomic::AtomicU64::new(0),
             active: ArcSwap::from_pointee(Vec::new()),
+            target_vols: ArcSwap::from_pointee(rustc_hash::FxHashSet::default()),
             active_change: Mutex::new(()),
             groups_change: Mutex::new(()),
             options,
@@ -485,6 +502,11 @@ impl Engine {
         let volumes = self.volumes.load_full();
         let mut handles: Vec<_> = volumes.values().collect();
         handles.sort_by(|a, b| a.info.locator.cmp(&b.info.locator));
+        for h in &handles {
+            if let Err(e) = self.drain(h) {
+                first.get_or_insert(e);
+            }
+        }
         for h in handles {
             if let Err(e) = h.flush() {
                 first.get_or_insert(e);
@@ -553,12 +575,10 @@ impl Engine {
 
     fn refresh_active(&self) {
         let _change = self.active_change.lock();
-        let v: Vec<_> = self
-            .table
-            .sessions()
-            .into_iter()
-            .filter(|s| s.holds_volumes())
-            .collect();
+        let all = self.table.sessions();
+        self.target_vols
+            .store(Arc::new(all.iter().map(|s| s.desc.target.id).collect()));
+        let v: Vec<_> = all.into_iter().filter(|s| s.holds_volumes()).collect();
         let reversing = v.iter().filter(|s| s.reversing()).count();
         self.active.store(Arc::new(v));
         self.reversing
@@ -576,6 +596,15 @@ impl Engine {
     pub fn attach(&self, vol: Arc<dyn Volume>) -> VolumeId {
         let info = vol.info();
         let id = info.id;
+        let change = self.volumes_change.lock();
+        // Writes held for the identity stay held (a handle attached again replaces the old one
+        // for the same volume).
+        let held = self
+            .volumes
+            .load()
+            .get(&id)
+            .map(|old| Arc::clone(&old.held))
+            .unwrap_or_default();
         let h = Arc::new(VolumeHandle {
             vol: CheckedVolume::new(vol)
                 .latch_writes(false)
@@ -584,8 +613,8 @@ impl Engine {
             sync: GroupSync::default(),
             gate: crossbeam::sync::ShardedLock::new(()),
             fenced: std::sync::atomic::AtomicBool::new(false),
+            held,
         });
-        let change = self.volumes_change.lock();
         let mut vols = FxHashMap::clone(&self.volumes.load());
         vols.insert(id, h);
         self.volumes.store(Arc::new(vols));
@@ -763,18 +792,39 @@ impl Engine {
     /// I/O errors.
     pub fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let h = self.handle(vol)?;
+        if !h.held.is_empty() {
+            // Write-back: writes held for the volume lie over its bytes.
+            return h.held.read_through(offset, buf, |b| {
+                if self.reversing_any() {
+                    self.read_restoring(&h, offset, b)
+                } else {
+                    h.read_retry(offset, b)
+                }
+            });
+        }
         if self.reversing_any() {
             return self.read_restoring(&h, offset, buf);
         }
         h.read_retry(offset, buf)
     }
 
-    /// Make completed writes to a volume durable.
+    /// Make completed writes to a volume durable (in write-back mode, the writes held for it
+    /// are made durable and written to it first).
     ///
     /// # Errors
     /// I/O errors; the volume latches as poisoned after a failed flush.
     pub fn flush(&self, vol: VolumeId) -> Result<()> {
-        self.handle(vol)?.flush()
+        let h = self.handle(vol)?;
+        self.drain(&h)?;
+        h.flush()
+    }
+
+    /// Writes held for a volume in write-back mode, in bytes (0 when none).
+    ///
+    /// # Errors
+    /// [`Error::UnknownVolume`].
+    pub fn held_bytes(&self, vol: VolumeId) -> Result<u64> {
+        Ok(self.handle(vol)?.held.bytes() as u64)
     }
 }
 

@@ -122,6 +122,8 @@ impl Engine {
             .map(|v| self.handle(*v))
             .collect::<Result<Vec<_>>>()?;
         let _gates = super::hold_gates(&handles);
+        // Held writes are copied under the bits the refresh clears: they reach the volumes first.
+        self.drain_gated(&handles)?;
         let _grains: Vec<_> = sessions
             .iter()
             .map(|s| s.locks.lock(0, s.desc.grains()))

@@ -123,6 +123,8 @@ impl Engine {
             .map(|v| self.handle(*v))
             .collect::<Result<Vec<_>>>()?;
         let _gates = super::hold_gates(&handles);
+        // No write is held while a reverse runs (the write path holds none then).
+        self.drain_gated(&handles)?;
         // Copies in flight on the session finish first: the map is taken from settled bits.
         let _grains = s.locks.lock(0, s.desc.grains());
         self.reverse_allowed(&s)?;

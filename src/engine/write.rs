@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::model::{Entry, Reason, ReasonCode, SessionState};
 
+use super::writeback::{Copied, Snapshot, WriteBack};
 use super::{not_usable, suspended_error, CopyErrorPolicy, Engine, VolumeHandle};
 use crate::ids::{SessionId, VolumeId};
 use crate::session::{Piece, Session};
@@ -150,6 +151,17 @@ impl Engine {
             }
         }
         let marks = change_entries(marks);
+        if self.options.write_back
+            && restoring.is_none()
+            && !self.reversing_any()
+            && !self.target_vols.load().contains(&vol)
+        {
+            return self.write_held(h, offset, data, work, marks);
+        }
+        // A write held for this range reaches the volume before this one does.
+        if h.held.may_overlap(offset, len) {
+            self.drain_locked(h)?;
+        }
         if work.is_empty() {
             #[cfg(feature = "fault")]
             if !marks.is_empty() && CANARY_LATE_CHANGE_MARKS.with(std::cell::Cell::get) {
@@ -162,18 +174,7 @@ impl Engine {
             return release_write(h, offset, data);
         }
         let _busy = InflightGuard::new(&self.cow_inflight);
-        work.sort_by_key(|(s, g0, _)| (s.id(), *g0));
-        // One range per session and overlapping grains: a volume that is both the source and
-        // the target of one session can map a single write onto the same image grains twice,
-        // and a thread must never wait for a range it already holds.
-        let mut merged: Vec<(Arc<Session>, u64, u64)> = Vec::with_capacity(work.len());
-        for (s, g0, g1) in work {
-            match merged.last_mut() {
-                Some((ms, _, m1)) if ms.id() == s.id() && g0 <= *m1 => *m1 = (*m1).max(g1),
-                _ => merged.push((s, g0, g1)),
-            }
-        }
-        let work = merged;
+        let work = merge_work(work);
         let guards: Vec<_> = work
             .iter()
             .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
@@ -217,10 +218,31 @@ impl Engine {
                 self.table.commit(marks)
             };
         }
-        let (merged, bufs) = self.read_old(&runs)?;
+        let targets = self.write_t0(&runs)?;
+        let mut entries: Vec<Entry> = runs
+            .iter()
+            .map(|r| Entry::SetBits {
+                session: r.s.id(),
+                start: r.g0,
+                count: r.g1 - r.g0,
+            })
+            .collect();
+        for t in &targets {
+            if skip_cbw_flush() {
+                continue;
+            }
+            t.flush()?;
+        }
+        entries.extend(marks);
+        self.table.commit(entries)
+    }
+
+    /// Read the T0 bytes of `runs` from their sources (once per source range) and write them
+    /// to their targets; returns the targets written (each once), not yet flushed.
+    fn write_t0(&self, runs: &[Run]) -> Result<Vec<Arc<VolumeHandle>>> {
+        let (merged, bufs) = self.read_old(runs)?;
         let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
-        let mut entries = Vec::with_capacity(runs.len());
-        for r in &runs {
+        for r in runs {
             let i = merged
                 .iter()
                 .position(|(v, s, e)| {
@@ -237,23 +259,212 @@ impl Engine {
             if !targets.iter().any(|t| t.info.id == th.info.id) {
                 targets.push(th);
             }
-            entries.push(Entry::SetBits {
-                session: r.s.id(),
-                start: r.g0,
-                count: r.g1 - r.g0,
-            });
         }
-        for t in &targets {
-            #[cfg(feature = "fault")]
-            if CANARY_SKIP_CBW_FLUSH.with(std::cell::Cell::get)
-                || CANARY_SKIP_CBW_FLUSH_ALL.load(std::sync::atomic::Ordering::Relaxed)
-            {
+        Ok(targets)
+    }
+
+    /// The write-back path of [`Engine::write`] (gate held; see `writeback.rs`): copy the T0
+    /// bytes of the uncopied grains that are not already pending to their targets, hold the
+    /// write with those copies and `marks`, and drain when the held writes pass their bound. A
+    /// write that needs nothing and overlaps nothing held goes straight to the volume.
+    fn write_held(
+        &self,
+        h: &VolumeHandle,
+        offset: u64,
+        data: &[u8],
+        work: Vec<(Arc<Session>, u64, u64)>,
+        marks: Vec<Entry>,
+    ) -> Result<()> {
+        if work.is_empty() && marks.is_empty() && !h.held.may_overlap(offset, data.len() as u64) {
+            return release_write(h, offset, data);
+        }
+        let mut copies = Vec::new();
+        let over = if work.is_empty() {
+            h.held.push(offset, data, copies, marks)
+        } else {
+            let _busy = InflightGuard::new(&self.cow_inflight);
+            let work = merge_work(work);
+            let guards: Vec<_> = work
+                .iter()
+                .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
+                .collect();
+            let runs = not_pending(uncopied_runs(&work)?, &h.held)?;
+            match self.write_t0(&runs) {
+                Ok(_) => {
+                    for r in runs {
+                        let target = self.handle(r.s.desc.target.id)?;
+                        copies.push(Copied {
+                            session: r.s,
+                            g0: r.g0,
+                            g1: r.g1,
+                            target,
+                        });
+                    }
+                }
+                Err(e) => match self.options.on_copy_error {
+                    CopyErrorPolicy::FailWrite => return Err(e),
+                    CopyErrorPolicy::TerminateSession => {
+                        drop(guards);
+                        for (s, _, _) in &work {
+                            if !s.bits().all_set(0, s.desc.grains()) {
+                                self.terminate(
+                                    s.id(),
+                                    Reason::new(ReasonCode::CopyFailed, e.to_string()),
+                                )?;
+                            }
+                        }
+                        // The marks still go before the write, which is held.
+                        let over = h.held.push(offset, data, Vec::new(), marks);
+                        if over {
+                            self.drain_locked(h)?;
+                        }
+                        return Ok(());
+                    }
+                },
+            }
+            // Pushed while the grains are held: a copier that holds one next sees it pending.
+            let over = h.held.push(offset, data, copies, marks);
+            drop(guards);
+            over
+        };
+        if over {
+            self.drain_locked(h)?;
+        }
+        Ok(())
+    }
+
+    /// Drain the writes held for `h` (taking its write gate shared for the time).
+    pub(super) fn drain(&self, h: &VolumeHandle) -> Result<()> {
+        if h.held.is_empty() {
+            return Ok(());
+        }
+        let _gate = h
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.drain_locked(h)
+    }
+
+    /// Drain the writes held for every volume of `handles`, whose gates the caller holds.
+    pub(super) fn drain_gated(&self, handles: &[Arc<VolumeHandle>]) -> Result<()> {
+        for h in handles {
+            self.drain_locked(h)?;
+        }
+        Ok(())
+    }
+
+    /// Drain the writes held for `h` (the caller holds its write gate, shared or exclusive):
+    /// flush every target that received T0 bytes for them, commit their copied bits and change
+    /// marks, then write them to the volume in the order they were acknowledged. On failure
+    /// the writes stay held (reads still see them) and the next flush tries again; under
+    /// [`CopyErrorPolicy::TerminateSession`] the sessions whose copies could not be made
+    /// durable are terminated and the writes go on.
+    pub(super) fn drain_locked(&self, h: &VolumeHandle) -> Result<()> {
+        if h.held.is_empty() {
+            return Ok(());
+        }
+        let _one = h.held.draining.lock();
+        let snap = h.held.snapshot();
+        if snap.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.drain_commit(&snap) {
+            match self.options.on_copy_error {
+                CopyErrorPolicy::FailWrite => return Err(e),
+                CopyErrorPolicy::TerminateSession => {
+                    let marks = self.known(snap.marks.clone());
+                    if !marks.is_empty() {
+                        self.table.commit(marks)?;
+                    }
+                    for c in &snap.copies {
+                        let s = &c.session;
+                        if s.is_live() && !s.bits().all_set(0, s.desc.grains()) {
+                            self.terminate(
+                                s.id(),
+                                Reason::new(ReasonCode::CopyFailed, e.to_string()),
+                            )?;
+                        }
+                    }
+                }
+            }
+        }
+        h.held.committed(&snap);
+        for w in &snap.writes {
+            release_write(h, w.offset, &w.data)?;
+        }
+        h.held.written(&snap);
+        Ok(())
+    }
+
+    /// Steps 1 and 2 of a drain: the targets' flush, then one commit of the bits and marks.
+    fn drain_commit(&self, snap: &Snapshot) -> Result<()> {
+        let mut targets: Vec<&Arc<VolumeHandle>> = Vec::new();
+        for c in &snap.copies {
+            if !targets.iter().any(|t| t.info.id == c.target.info.id) {
+                targets.push(&c.target);
+            }
+        }
+        for t in targets {
+            if skip_cbw_flush() {
                 continue;
             }
             t.flush()?;
         }
-        entries.extend(marks);
-        self.table.commit(entries)
+        let mut runs: Vec<(SessionId, u64, u64)> = snap
+            .copies
+            .iter()
+            .map(|c| (c.session.id(), c.g0, c.g1))
+            .collect();
+        runs.sort_unstable();
+        let mut entries: Vec<Entry> = Vec::with_capacity(runs.len() + snap.marks.len());
+        for (id, g0, g1) in runs {
+            if let Some(Entry::SetBits {
+                session,
+                start,
+                count,
+            }) = entries.last_mut()
+            {
+                if *session == id && g0 <= *start + *count {
+                    *count = (*start + *count).max(g1) - *start;
+                    continue;
+                }
+            }
+            entries.push(Entry::SetBits {
+                session: id,
+                start: g0,
+                count: g1 - g0,
+            });
+        }
+        entries.extend(snap.marks.iter().cloned());
+        // A session forgotten since its grains were copied needs nothing any more.
+        let entries = self.known(entries);
+        if entries.is_empty() {
+            return Ok(());
+        }
+        match self.table.commit(entries.clone()) {
+            // Forgotten between the look and the commit (nothing was written).
+            Err(Error::UnknownSession(_)) => {
+                let entries = self.known(entries);
+                if entries.is_empty() {
+                    return Ok(());
+                }
+                self.table.commit(entries)
+            }
+            r => r,
+        }
+    }
+
+    /// `entries` without those for sessions the table no longer has.
+    fn known(&self, entries: Vec<Entry>) -> Vec<Entry> {
+        entries
+            .into_iter()
+            .filter(|e| match e {
+                Entry::SetBits { session, .. } | Entry::SetChanged { session, .. } => {
+                    self.table.session(*session).is_some()
+                }
+                _ => true,
+            })
+            .collect()
     }
 
     /// Read the old bytes the runs need. One read serves every session that needs a range:
@@ -402,4 +613,75 @@ fn uncopied_runs(work: &[(Arc<Session>, u64, u64)]) -> Result<Vec<Run>> {
         }
     }
     Ok(runs)
+}
+
+/// Whether the canary that skips the target flush before copied bits are committed is on.
+#[inline]
+fn skip_cbw_flush() -> bool {
+    #[cfg(feature = "fault")]
+    {
+        CANARY_SKIP_CBW_FLUSH.with(std::cell::Cell::get)
+            || CANARY_SKIP_CBW_FLUSH_ALL.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    #[cfg(not(feature = "fault"))]
+    {
+        false
+    }
+}
+
+/// One range per session and overlapping grains: a volume that is both the source and the
+/// target of one session can map a single write onto the same image grains twice, and a thread
+/// must never wait for a range it already holds.
+fn merge_work(mut work: Vec<(Arc<Session>, u64, u64)>) -> Vec<(Arc<Session>, u64, u64)> {
+    work.sort_by_key(|(s, g0, _)| (s.id(), *g0));
+    let mut merged: Vec<(Arc<Session>, u64, u64)> = Vec::with_capacity(work.len());
+    for (s, g0, g1) in work {
+        match merged.last_mut() {
+            Some((ms, _, m1)) if ms.id() == s.id() && g0 <= *m1 => *m1 = (*m1).max(g1),
+            _ => merged.push((s, g0, g1)),
+        }
+    }
+    merged
+}
+
+/// `runs` without the grains a held write already copied (pending in `held`): split around
+/// them.
+fn not_pending(runs: Vec<Run>, held: &WriteBack) -> Result<Vec<Run>> {
+    if held.is_empty() {
+        return Ok(runs);
+    }
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        let pending = held.pending_in(r.s.id(), r.g0, r.g1);
+        if !pending.iter().any(|p| *p) {
+            out.push(r);
+            continue;
+        }
+        let mut g = r.g0;
+        while g < r.g1 {
+            let i = usize::try_from(g - r.g0).map_err(|_| Error::invalid("grain", "index"))?;
+            if pending[i] {
+                g += 1;
+                continue;
+            }
+            let start = g;
+            while g < r.g1
+                && !pending
+                    [usize::try_from(g - r.g0).map_err(|_| Error::invalid("grain", "index"))?]
+            {
+                g += 1;
+            }
+            let p =
+                r.s.map
+                    .grain_piece(start, g)
+                    .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
+            out.push(Run {
+                s: r.s.clone(),
+                g0: start,
+                g1: g,
+                p,
+            });
+        }
+    }
+    Ok(out)
 }

@@ -144,6 +144,15 @@ pub fn engine_options() -> EngineOptions {
     }
 }
 
+/// Engine options of the engine that runs workload `w` (write-back as the workload says).
+#[must_use]
+pub fn workload_engine_options(w: &Workload) -> EngineOptions {
+    EngineOptions {
+        write_back: w.write_back,
+        ..engine_options()
+    }
+}
+
 /// Run workload `w` with its `k`-th table write sent to `dest`, crash at points after it, and
 /// check every recovery against the oracle (the misdirect sweep of [`crashtest`] for one write).
 #[must_use]

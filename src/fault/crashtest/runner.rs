@@ -12,7 +12,10 @@ use super::oracle::{
     check_engine, recover_and_check, ref_at, OpRec, PendingGroup, RefState, RevRef, SessRef,
 };
 use super::workload::{fill, Op, Workload};
-use super::{engine_options, sweeps, CrashReport, CrashtestOptions, VOLUMES, VOLUME_BYTES};
+use super::{
+    engine_options, sweeps, workload_engine_options, CrashReport, CrashtestOptions, VOLUMES,
+    VOLUME_BYTES,
+};
 use crate::activity::format::{CopyMode, ExtentSpec, SessionState};
 use crate::activity::{MemStorage, TableStorage};
 use crate::engine::{Engine, MapResolver, SessionSpec};
@@ -94,7 +97,7 @@ pub(super) fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
         resolver.add(v.clone());
     }
     let none = RefState::default();
-    let engine = match Engine::create(storage.clone(), engine_options()) {
+    let engine = match Engine::create(storage.clone(), workload_engine_options(w)) {
         Ok(e) => e,
         Err(e) => {
             let mut violations = Vec::new();
@@ -608,7 +611,11 @@ impl Harness<'_> {
         if let Some(v) = missing {
             without.volumes.remove(&self.vols[v].info().locator);
         }
-        let e = match Engine::open(self.storage.clone(), &without, engine_options()) {
+        let e = match Engine::open(
+            self.storage.clone(),
+            &without,
+            workload_engine_options(self.w),
+        ) {
             Ok(e) => e,
             Err(e) => return Some(Err(e)),
         };

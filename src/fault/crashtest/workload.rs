@@ -155,6 +155,9 @@ pub struct Workload {
     pub seed: u64,
     /// Steps.
     pub ops: Vec<Op>,
+    /// Run the engine in write-back mode ([`EngineOptions::write_back`](crate::EngineOptions)):
+    /// source writes are held until the volume's next flush.
+    pub write_back: bool,
 }
 
 /// `len` seeded bytes.
@@ -205,10 +208,18 @@ fn generate(i: usize, seed: u64) -> Workload {
         6 => g.churn(),
         _ => g.reopen(),
     };
+    // Every other round of the templates runs in write-back mode, so each template runs both
+    // ways (the choice takes nothing from the generator: the ops are as they were without it).
+    let write_back = (i / TEMPLATES.len()) % 2 == 1;
     Workload {
-        name: format!("{}#{i}", TEMPLATES[t]),
+        name: format!(
+            "{}#{i}{}",
+            TEMPLATES[t],
+            if write_back { "+wb" } else { "" }
+        ),
         seed: ws,
         ops,
+        write_back,
     }
 }
 

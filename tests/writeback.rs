@@ -1,0 +1,326 @@
+//! Write-back mode (`EngineOptions::write_back`): source writes that need copy-before-write are
+//! held in memory until the volume's next flush. Each test checks what a reader through the
+//! engine sees, what the volume itself holds, and that every session's image stays T0-exact,
+//! including across a crash (the engine dropped without a flush and reopened on what the
+//! devices hold).
+
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{image, mem_storage, pattern, small_table};
+use timezero::{
+    CopyMode, Engine, EngineOptions, GrainCount, MapResolver, MemStorage, MemVolume, SessionSpec,
+    SessionState, TableStorage, Volume, VolumeId,
+};
+
+const GRAIN: u64 = 4096;
+const GRAINS: u64 = 256;
+const SIZE: u64 = GRAIN * GRAINS;
+
+fn options() -> EngineOptions {
+    EngineOptions {
+        table: small_table(),
+        write_back: true,
+        ..EngineOptions::default()
+    }
+}
+
+struct Setup {
+    storage: Arc<MemStorage>,
+    src: Arc<MemVolume>,
+    tgt: Arc<MemVolume>,
+    e: Engine,
+    s: VolumeId,
+    t: VolumeId,
+}
+
+fn setup() -> Setup {
+    let storage = mem_storage(&small_table());
+    let st: Arc<dyn TableStorage> = storage.clone();
+    let e = Engine::create(st, options()).unwrap();
+    let src = Arc::new(MemVolume::with_data("src", &pattern(1, SIZE as usize)));
+    let tgt = Arc::new(MemVolume::new("tgt", SIZE as usize));
+    let s = e.attach(src.clone());
+    let t = e.attach(tgt.clone());
+    Setup {
+        storage,
+        src,
+        tgt,
+        e,
+        s,
+        t,
+    }
+}
+
+fn spec(s: VolumeId, t: VolumeId, mode: CopyMode) -> SessionSpec {
+    SessionSpec {
+        grain: timezero::GrainSize::new(GRAIN).unwrap(),
+        mode,
+        ..SessionSpec::whole(s, t)
+    }
+}
+
+fn read(e: &Engine, v: VolumeId) -> Vec<u8> {
+    let mut b = vec![0u8; SIZE as usize];
+    e.read(v, 0, &mut b).unwrap();
+    b
+}
+
+fn copied(e: &Engine, id: timezero::SessionId) -> u64 {
+    e.status()
+        .into_iter()
+        .find(|x| x.id == id)
+        .unwrap()
+        .grains_copied
+        .get()
+}
+
+/// Compare two buffers without printing them.
+#[track_caller]
+fn same(a: &[u8], b: &[u8]) {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+        panic!("buffers differ first at byte {i}: {} != {}", a[i], b[i]);
+    }
+}
+
+/// Apply `(offset, bytes)` writes to `base`.
+fn apply(base: &[u8], writes: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut v = base.to_vec();
+    for (o, d) in writes {
+        v[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+    }
+    v
+}
+
+#[test]
+fn a_first_write_is_held_until_flush_and_reads_see_it_meanwhile() {
+    let Setup {
+        src, tgt, e, s, t, ..
+    } = setup();
+    let t0 = src.snapshot();
+    let id = e.establish(&spec(s, t, CopyMode::NoCopy)).unwrap();
+    let w = vec![0x5a; 6000];
+    e.write(s, 3 * GRAIN + 100, &w).unwrap();
+    // Held: the volume still holds T0, the engine's reads see the write, the image is T0.
+    same(&src.snapshot(), &t0);
+    assert!(e.held_bytes(s).unwrap() >= w.len() as u64);
+    let want = apply(&t0, &[(3 * GRAIN + 100, w.clone())]);
+    same(&read(&e, s), &want);
+    same(&image(&e, id), &t0);
+    // The T0 bytes are already on the target, but no bit is committed yet.
+    assert_eq!(copied(&e, id), 0);
+    same(
+        &tgt.snapshot()[3 * GRAIN as usize..5 * GRAIN as usize],
+        &t0[3 * GRAIN as usize..5 * GRAIN as usize],
+    );
+    e.flush(s).unwrap();
+    assert_eq!(e.held_bytes(s).unwrap(), 0);
+    same(&src.snapshot(), &want);
+    assert_eq!(copied(&e, id), 2);
+    same(&image(&e, id), &t0);
+    same(&read(&e, s), &want);
+}
+
+#[test]
+fn overlapping_held_writes_land_in_the_order_they_were_acknowledged() {
+    let Setup { src, e, s, t, .. } = setup();
+    let t0 = src.snapshot();
+    let id = e.establish(&spec(s, t, CopyMode::NoCopy)).unwrap();
+    let writes = vec![
+        (10 * GRAIN, vec![1u8; 3 * GRAIN as usize]),
+        (11 * GRAIN + 7, vec![2u8; 100]),
+        (9 * GRAIN, vec![3u8; 2 * GRAIN as usize]),
+        (11 * GRAIN + 50, vec![4u8; 10]),
+        // An already-copied grain written again, after the others.
+        (10 * GRAIN + 1, vec![5u8; 1]),
+    ];
+    for (o, d) in &writes {
+        e.write(s, *o, d).unwrap();
+    }
+    let want = apply(&t0, &writes);
+    same(&read(&e, s), &want);
+    // Partial reads across held and unheld bytes.
+    let mut b = vec![0u8; 5000];
+    e.read(s, 11 * GRAIN - 2000, &mut b).unwrap();
+    same(
+        &b,
+        &want[(11 * GRAIN - 2000) as usize..(11 * GRAIN + 3000) as usize],
+    );
+    e.flush(s).unwrap();
+    same(&src.snapshot(), &want);
+    same(&image(&e, id), &t0);
+}
+
+#[test]
+fn a_crash_before_the_flush_loses_only_the_held_writes_and_never_the_t0_image() {
+    let Setup {
+        storage,
+        src,
+        tgt,
+        e,
+        s,
+        t,
+    } = setup();
+    let t0 = src.snapshot();
+    let id = e.establish(&spec(s, t, CopyMode::NoCopy)).unwrap();
+    e.write(s, 0, &[7u8; 8192]).unwrap();
+    e.flush(s).unwrap();
+    let flushed = src.snapshot();
+    // A first write (held) and a write to an already-copied grain that overlaps nothing held
+    // (it needs no copy, so it goes to the volume at once).
+    e.write(s, 20 * GRAIN, &[8u8; 4096]).unwrap();
+    e.write(s, 100, &[9u8; 10]).unwrap();
+    let flushed = apply(&flushed, &[(100, vec![9u8; 10])]);
+    // Crash: the engine goes away without a flush or a close (dropping it would drain); the
+    // devices keep what reached them.
+    std::mem::forget(e);
+    same(&src.snapshot(), &flushed);
+    let mut r = MapResolver::default();
+    r.add(src.clone() as Arc<dyn Volume>);
+    r.add(tgt.clone() as Arc<dyn Volume>);
+    let st: Arc<dyn TableStorage> = storage.clone();
+    let e = Engine::open(st, &r, options()).unwrap();
+    let status = e.status();
+    assert_eq!(status[0].state, SessionState::Active);
+    same(&image(&e, id), &t0);
+    same(&read(&e, s), &flushed);
+}
+
+#[test]
+fn the_background_copier_drains_held_writes_it_meets_and_never_copies_their_grains_again() {
+    let Setup {
+        src, tgt, e, s, t, ..
+    } = setup();
+    let t0 = src.snapshot();
+    let id = e.establish(&spec(s, t, CopyMode::Copy)).unwrap();
+    let w = (5 * GRAIN, vec![0xee; 3 * GRAIN as usize]);
+    e.write(s, w.0, &w.1).unwrap();
+    same(&src.snapshot(), &t0);
+    // The held write copied the three grains' T0 bytes; the copier copies the others and
+    // drains the held write when it meets its grains (their bits are committed by it).
+    e.copy_all(id, GrainCount(16)).unwrap();
+    assert_eq!(copied(&e, id), GRAINS);
+    same(&src.snapshot(), &apply(&t0, &[w]));
+    same(&tgt.snapshot(), &t0);
+    same(&image(&e, id), &t0);
+    assert_eq!(e.held_bytes(s).unwrap(), 0);
+}
+
+#[test]
+fn establish_takes_every_acknowledged_write_into_its_t0() {
+    let Setup { src, e, s, t, .. } = setup();
+    let t0 = src.snapshot();
+    let first = e.establish(&spec(s, t, CopyMode::NoCopy)).unwrap();
+    let w = (40 * GRAIN + 3, vec![0x11; 9000]);
+    e.write(s, w.0, &w.1).unwrap();
+    same(&src.snapshot(), &t0);
+    // A second session from the same source: its T0 includes the held write.
+    let other = Arc::new(MemVolume::new("other", SIZE as usize));
+    let o = e.attach(other.clone());
+    let second = e.establish(&spec(s, o, CopyMode::NoCopy)).unwrap();
+    let want = apply(&t0, &[w]);
+    same(&src.snapshot(), &want);
+    same(&image(&e, first), &t0);
+    same(&image(&e, second), &want);
+    // Later writes are held again and change neither image.
+    e.write(s, 40 * GRAIN, &[0x22; 100]).unwrap();
+    same(&image(&e, first), &t0);
+    same(&image(&e, second), &want);
+    e.flush(s).unwrap();
+    same(&image(&e, first), &t0);
+    same(&image(&e, second), &want);
+}
+
+#[test]
+fn refresh_takes_every_acknowledged_write_into_its_new_t0() {
+    let Setup { src, e, s, t, .. } = setup();
+    let t0 = src.snapshot();
+    let id = e
+        .establish(&SessionSpec {
+            incremental: true,
+            ..spec(s, t, CopyMode::Copy)
+        })
+        .unwrap();
+    e.copy_all(id, GrainCount(16)).unwrap();
+    same(&image(&e, id), &t0);
+    let w = (7 * GRAIN, vec![0x33; 5000]);
+    e.write(s, w.0, &w.1).unwrap();
+    e.refresh(id).unwrap();
+    let want = apply(&t0, &[w]);
+    same(&src.snapshot(), &want);
+    same(&image(&e, id), &want);
+    e.copy_all(id, GrainCount(16)).unwrap();
+    same(&image(&e, id), &want);
+}
+
+#[test]
+fn reverse_restore_drains_first_and_the_source_ends_as_the_image() {
+    let Setup {
+        src, tgt, e, s, t, ..
+    } = setup();
+    let t0 = src.snapshot();
+    let id = e.establish(&spec(s, t, CopyMode::Copy)).unwrap();
+    e.copy_all(id, GrainCount(16)).unwrap();
+    e.write(s, 3 * GRAIN, &[0x44; 4096]).unwrap();
+    e.reverse(id).unwrap();
+    // A write during the reverse is not held (it goes to the volume at once).
+    e.write(s, 9 * GRAIN, &[0x55; 512]).unwrap();
+    assert_eq!(e.held_bytes(s).unwrap(), 0);
+    e.restore_all(id).unwrap();
+    e.flush(s).unwrap();
+    let want = apply(&t0, &[(9 * GRAIN, vec![0x55; 512])]);
+    same(&src.snapshot(), &want);
+    same(&read(&e, s), &want);
+    drop(tgt);
+}
+
+#[test]
+fn writes_to_a_target_volume_are_never_held() {
+    let Setup {
+        src, tgt, e, s, t, ..
+    } = setup();
+    let _id = e.establish(&spec(s, t, CopyMode::Copy)).unwrap();
+    e.write(t, 0, &[0x66; 4096]).unwrap();
+    assert_eq!(e.held_bytes(t).unwrap(), 0);
+    assert_eq!(tgt.snapshot()[..4096], [0x66; 4096]);
+    drop(src);
+}
+
+#[test]
+fn held_writes_drain_on_their_own_past_the_byte_bound() {
+    let size = 2 * timezero::limits::HELD_BYTES_MAX as u64;
+    let storage = mem_storage(&small_table());
+    let st: Arc<dyn TableStorage> = storage.clone();
+    let e = Engine::create(st, options()).unwrap();
+    let src = Arc::new(MemVolume::with_data("big", &pattern(2, size as usize)));
+    let tgt = Arc::new(MemVolume::new("bigt", size as usize));
+    let s = e.attach(src.clone());
+    let t = e.attach(tgt.clone());
+    let t0 = src.snapshot();
+    let id = e
+        .establish(&SessionSpec {
+            grain: timezero::GrainSize::new(1 << 20).unwrap(),
+            mode: CopyMode::NoCopy,
+            ..SessionSpec::whole(s, t)
+        })
+        .unwrap();
+    let chunk = vec![0x77u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        e.write(s, off, &chunk).unwrap();
+        assert!(e.held_bytes(s).unwrap() <= timezero::limits::HELD_BYTES_MAX as u64);
+        off += chunk.len() as u64;
+    }
+    // The first bound's worth reached the volume without a flush.
+    same(&src.snapshot()[..1 << 20], &chunk);
+    e.flush(s).unwrap();
+    assert!(src.snapshot().iter().all(|b| *b == 0x77));
+    let s0 = e.session(id).unwrap();
+    let mut b = vec![0u8; s0.image_len() as usize];
+    e.read_image(id, 0, &mut b).unwrap();
+    assert!(b == t0);
+}
