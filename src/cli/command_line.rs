@@ -35,6 +35,13 @@ pub struct IoFlags {
     /// background-copy figure.
     #[arg(long, global = true)]
     pub direct: bool,
+    /// Servers (`serve`, `mount`, `daemon`): write every write to its volume before it is
+    /// acknowledged. Without it, a first write (one that copies its grains' T0 bytes) is held
+    /// in memory until the client's next flush, FUA write or fsync, which makes all held
+    /// writes durable at one target flush and one table commit (reads see held writes; a crash
+    /// loses only writes never flushed, as with any volatile write cache).
+    #[arg(long, global = true)]
+    pub write_through: bool,
 }
 
 /// The `--backend` values (see [`crate::volume::Backend`]).

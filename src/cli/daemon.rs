@@ -40,10 +40,10 @@ use super::daemon_ctl::{self, CtlReply, CtlRequest, CtlServer, Msg};
 use super::runner::PlanWork;
 use super::serve::{Exports, Served};
 use super::state::StateDir;
-use super::{open, Fail, IoFlags};
+use super::{open_server, Fail, IoFlags};
 use crate::catalog::{self, FileVolumes, Keep, ReconcileAction};
 use crate::clock::{Clock, ManualClock, SystemClock};
-use crate::engine::{Engine, RestartPolicy};
+use crate::engine::Engine;
 use crate::job::{owner_of_this_process, JobOutcome, JobWork, Needs, Readiness, Scheduler};
 use crate::limits::{DAEMON_POLL_MS, DAEMON_TICK_MAX_MS};
 use crate::plan::Plan;
@@ -310,7 +310,7 @@ pub(super) fn daemon(args: &DaemonArgs, io: IoFlags, out: &mut dyn Write) -> Res
         nbd: !args.no_nbd,
     };
     for table in state.tables()? {
-        let e = Arc::new(open(&table, RestartPolicy::Resume, io)?);
+        let e = Arc::new(open_server(&table, io)?);
         let s = Served::start(Arc::clone(&e), &table, &exports)?;
         for l in s.describe().lines() {
             say(l.to_string());

@@ -132,6 +132,18 @@ pub(super) fn open(table: &Path, restart: RestartPolicy, io: IoFlags) -> Result<
     Engine::open_path(table, io.engine_options(restart))
 }
 
+/// Open the engine of a server (`serve`, `mount`, `daemon`): in write-back mode unless
+/// `--write-through` (clients flush; see [`EngineOptions::write_back`]).
+pub(super) fn open_server(table: &Path, io: IoFlags) -> Result<Engine> {
+    Engine::open_path(
+        table,
+        EngineOptions {
+            write_back: !io.write_through,
+            ..io.engine_options(RestartPolicy::Resume)
+        },
+    )
+}
+
 /// Run one parsed command. Long because it is the dispatch table: one short arm per command
 /// (check the flags, run here or forward, print), read top to bottom like `--help`; the work of
 /// each arm is in `command`, `terminal` and `serve`.

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{open, Fail, IoFlags};
-use crate::engine::RestartPolicy;
+use super::{open_server, Fail, IoFlags};
 use crate::nbd::ExportRegistry as _;
 use crate::Error;
 
@@ -28,7 +27,7 @@ pub(super) fn mount(
     crate::mount::check_mountpoint(mountpoint).map_err(|e| Fail::Message(e.to_string()))?;
     let table_abs = std::fs::canonicalize(table)
         .map_err(|e| Error::io("resolve", table.display().to_string(), 0, e))?;
-    let e = Arc::new(open(table, RestartPolicy::Resume, io)?);
+    let e = Arc::new(open_server(table, io)?);
     let registry = Arc::new(crate::nbd::EngineRegistry::new(e.clone(), writable_images));
     let nbd = match &nbd_socket {
         Some(sock) => {

@@ -5,9 +5,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{open, Fail, IoFlags};
+use super::{open_server, Fail, IoFlags};
 use crate::command::volume_id;
-use crate::engine::RestartPolicy;
 use crate::Result;
 
 /// `serve --listen`: a non-loopback address needs `--allow-remote`.
@@ -35,7 +34,7 @@ pub(super) fn serve(
     config: crate::nbd::NbdConfig,
     io: IoFlags,
 ) -> Result<()> {
-    let e = Arc::new(open(table, RestartPolicy::Resume, io)?);
+    let e = Arc::new(open_server(table, io)?);
     for v in volumes {
         volume_id(&e, v)?;
     }

@@ -368,7 +368,10 @@ impl Engine {
         if snap.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.drain_commit(&snap) {
+        if let Err(e) = self.drain_commit(h, &snap) {
+            h.held
+                .recopy
+                .store(true, std::sync::atomic::Ordering::Release);
             match self.options.on_copy_error {
                 CopyErrorPolicy::FailWrite => return Err(e),
                 CopyErrorPolicy::TerminateSession => {
@@ -388,6 +391,9 @@ impl Engine {
                 }
             }
         }
+        h.held
+            .recopy
+            .store(false, std::sync::atomic::Ordering::Release);
         h.held.committed(&snap);
         for w in &snap.writes {
             release_write(h, w.offset, &w.data)?;
@@ -396,8 +402,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Steps 1 and 2 of a drain: the targets' flush, then one commit of the bits and marks.
-    fn drain_commit(&self, snap: &Snapshot) -> Result<()> {
+    /// Steps 1 and 2 of a drain: the targets' flush, then one commit of the bits and marks
+    /// (after an earlier drain failed, the pending grains are copied again first).
+    fn drain_commit(&self, h: &VolumeHandle, snap: &Snapshot) -> Result<()> {
+        if h.held.recopy.load(std::sync::atomic::Ordering::Acquire) {
+            self.recopy(snap)?;
+        }
         let mut targets: Vec<&Arc<VolumeHandle>> = Vec::new();
         for c in &snap.copies {
             if !targets.iter().any(|t| t.info.id == c.target.info.id) {
@@ -452,6 +462,24 @@ impl Engine {
             }
             r => r,
         }
+    }
+
+    /// Copy the T0 bytes of the grains `snap`'s held writes copied once more, under their grain
+    /// locks, skipping grains copied since (a target write through the image copies and
+    /// commits a grain itself).
+    fn recopy(&self, snap: &Snapshot) -> Result<()> {
+        let work = merge_work(
+            snap.copies
+                .iter()
+                .map(|c| (Arc::clone(&c.session), c.g0, c.g1))
+                .collect(),
+        );
+        let _guards: Vec<_> = work
+            .iter()
+            .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
+            .collect();
+        let runs = uncopied_runs(&work)?;
+        self.write_t0(&runs).map(|_| ())
     }
 
     /// `entries` without those for sessions the table no longer has.

@@ -104,6 +104,10 @@ pub(crate) struct WriteBack {
     bytes: AtomicUsize,
     /// One drain at a time.
     pub(crate) draining: Mutex<()>,
+    /// Set when a drain failed before its commit: a failed target flush may have dropped the
+    /// T0 bytes the held writes copied, so the next drain copies the pending grains again (the
+    /// source still holds their T0 bytes: their writes are held) before it flushes.
+    pub(crate) recopy: std::sync::atomic::AtomicBool,
 }
 
 fn chunks_of(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {

@@ -342,6 +342,25 @@ impl Harness<'_> {
         })
     }
 
+    /// What each device holds now (index 0: the table), with the writes the engine holds in
+    /// write-back mode laid over (an establish or a refresh drains them into its T0); a volume
+    /// the engine cannot read keeps the device's bytes.
+    fn volumes_now(&self) -> Vec<Vec<u8>> {
+        let mut now = self.world.current_images();
+        for (i, id) in self.ids.iter().enumerate() {
+            if self.engine.held_bytes(*id).unwrap_or(0) == 0 {
+                continue;
+            }
+            if let Some(v) = now.get_mut(1 + i) {
+                let mut b = vec![0u8; v.len()];
+                if self.engine.read(*id, 0, &mut b).is_ok() {
+                    *v = b;
+                }
+            }
+        }
+        now
+    }
+
     /// Establish a session. Its T0 is what the source device holds now (establish drains
     /// writers and flushes the source; failed writes may or may not have landed, so the device,
     /// not a model, is the reference).
@@ -353,7 +372,7 @@ impl Harness<'_> {
         (grain, mode, incremental): (u64, CopyMode, bool),
         x: &mut Expect,
     ) -> crate::Result<()> {
-        let now = self.world.current_images();
+        let now = self.volumes_now();
         let mut image = Vec::new();
         for e in extents {
             let (s, l) = (e.source_offset as usize, e.len as usize);
@@ -403,7 +422,7 @@ impl Harness<'_> {
         fails_at: Option<usize>,
         x: &mut Expect,
     ) -> crate::Result<()> {
-        let now = self.world.current_images();
+        let now = self.volumes_now();
         let members: Vec<SessRef> = pairs
             .iter()
             .map(|(src, tgt, extents)| {
@@ -542,7 +561,7 @@ impl Harness<'_> {
     fn refresh(&mut self, sess: usize, x: &mut Expect) -> crate::Result<()> {
         let id = self.sid(sess);
         if let Ok(s) = self.engine.session(id) {
-            let now = self.world.current_images();
+            let now = self.volumes_now();
             let src = self
                 .ids
                 .iter()
