@@ -15,6 +15,15 @@
 //!   destination is flushed and the position handed to the caller, who persists it
 //!   (`JobProgress::checkpoint`) and resumes from it after a crash.
 //!
+//! - **Reverse** ([`reverse_applies`]): an in-place restore onto the source of the image's own
+//!   session, still in the table and not incremental, of the whole image, is the engine's
+//!   reverse restore of that session ([`start_reverse_restore`], [`run_reverse_restore`]):
+//!   the grains that may differ move back through the engine's write path (other sessions keep
+//!   their T0), and the engine's table resumes it after a crash.
+//!
+//! A destination that a live session of another table protects is refused
+//! ([`check_not_protected_elsewhere`]).
+//!
 //! Everything a restore holds (its thread, its buffers) is released when it returns, also on an
 //! error (CAT-10).
 
