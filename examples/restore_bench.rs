@@ -1,11 +1,14 @@
-//! Restore throughput, side by side in one run: `timezero restore` of a catalog image vs
-//! `qemu-img convert` of the same image file vs `timezero copy` (a new session from the image
-//! file), each into a preallocated zero-filled file of the image's size.
+//! Restore throughput, side by side in one run: `timezero restore` of a catalog image (a copy
+//! session from the image file) vs `qemu-img convert` of the same image file vs `timezero copy`
+//! (a new session from the image file) vs the streamed in-place restore (`timezero restore`
+//! onto a destination a no-copy session of the image's table protects: the image streamed
+//! through the engine's write path, with copy-before-write for that session), each into a
+//! fresh sparse file of the image's size.
 //!
 //! `cargo build --release && cargo run --release --example restore_bench [DIR [MIB [ROUNDS]]]`
 //! (defaults: a new directory under /var/tmp, 2048 MiB, 3 rounds). The image is made as the
 //! plan layer makes one: a session on a real table, copied to the end, recorded in a
-//! `SqliteStore` with its CRC32C checksums and made `Valid`. The three commands run
+//! `SqliteStore` with its CRC32C checksums and made `Valid`. The four commands run
 //! interleaved, round by round; the figures are medians, and ratios to the restore are what
 //! compare (the machine may be shared). Figures: docs/benchmarks.md.
 
@@ -89,11 +92,11 @@ fn main() -> Res<()> {
         }
         Ok(s)
     };
-    let mut times: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut times: [Vec<f64>; 4] = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for round in 0..rounds {
         // The order turns round by round, so no command always runs after the same one.
-        for k in 0..3 {
-            let which = (round + k) % 3;
+        for k in 0..4 {
+            let which = (round + k) % 4;
             fresh(&dest)?;
             let t = match which {
                 0 => run(Command::new(&exe).args([
@@ -119,6 +122,32 @@ fn main() -> Res<()> {
                     s(&image_file),
                     s(&dest),
                 ]))?,
+                3 => {
+                    // A no-copy session of the image's table protects DEST: the restore is in
+                    // place and streams. Only the restore is timed.
+                    let snap = d.join("snap.img");
+                    fresh(&snap)?;
+                    let o = Command::new(&exe)
+                        .args(["establish", s(&table), s(&dest), s(&snap), "--nocopy"])
+                        .output()?;
+                    if !o.status.success() {
+                        return Err(String::from_utf8_lossy(&o.stderr).trim_end().into());
+                    }
+                    let text = String::from_utf8_lossy(&o.stdout).to_string();
+                    let session = text.split(':').next().unwrap_or_default().to_string();
+                    let t = run(Command::new(&exe).args([
+                        "restore",
+                        &image.to_string(),
+                        "--to",
+                        s(&dest),
+                        "--wait",
+                        "--state",
+                        s(&state),
+                    ]))?;
+                    run(Command::new(&exe).args(["withdraw", s(&table), &session]))?;
+                    let _ = std::fs::remove_file(&snap);
+                    t
+                }
                 _ => {
                     let t2 = d.join(format!("copy{round}.tzt"));
                     let _ = std::fs::remove_file(&t2);
@@ -136,16 +165,16 @@ fn main() -> Res<()> {
             times[which].push(t);
         }
         println!(
-            "round {round}: restore {:.2} s, qemu-img convert {:.2} s, timezero copy {:.2} s",
-            times[0][round], times[1][round], times[2][round]
+            "round {round}: restore {:.2} s, qemu-img convert {:.2} s, timezero copy {:.2} s, streamed in-place restore {:.2} s",
+            times[0][round], times[1][round], times[2][round], times[3][round]
         );
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let [r, q, c] = &mut times;
-    let (r, q, c) = (med(r), med(q), med(c));
+    let [r, q, c, st] = &mut times;
+    let (r, q, c, st) = (med(r), med(q), med(c), med(st));
     let mbs = |t: f64| mib as f64 / t;
     println!("median of {rounds} rounds, {mib} MiB:");
     println!(
@@ -161,6 +190,11 @@ fn main() -> Res<()> {
         "  timezero copy         {c:.2} s  {:.0} MiB/s  {:.2}",
         mbs(c),
         r / c
+    );
+    println!(
+        "  streamed in place     {st:.2} s  {:.0} MiB/s  {:.2}",
+        mbs(st),
+        r / st
     );
     println!("  (last column: restore time / this time; above 1 = this is faster)");
     println!(

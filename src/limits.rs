@@ -100,18 +100,31 @@ pub const STORE_BUSY_TIMEOUT_MS: u64 = 10_000;
 
 /// Bytes covered by one checksum of a catalog image (CAT-03: CRC32C per MiB).
 pub const IMAGE_CHECKSUM_BLOCK_BYTES: u64 = 1 << 20;
-/// Buffers in a restore stream's ring by default (CAT-09).
-pub const RESTORE_RING_BUFFERS_DEFAULT: usize = 8;
-/// Bytes of each buffer of a restore stream's ring by default (CAT-09).
-pub const RESTORE_BUFFER_BYTES_DEFAULT: usize = 4 << 20;
+/// Buffers in a restore stream's ring by default (CAT-09): enough for the reader to fill one
+/// while the writer writes another, with two in reserve for an uneven pace.
+pub const RESTORE_RING_BUFFERS_DEFAULT: usize = 4;
+/// Bytes of each buffer of a restore stream's ring by default (CAT-09): large requests, few
+/// hand-overs between the reader and the writer. A buffer is never larger than the bytes
+/// between two checkpoints.
+pub const RESTORE_BUFFER_BYTES_DEFAULT: usize = 16 << 20;
 /// Most buffers a restore stream's ring may have.
 pub const RESTORE_RING_BUFFERS_MAX: usize = 256;
 /// Largest buffer of a restore stream's ring.
 pub const RESTORE_BUFFER_BYTES_MAX: usize = 64 << 20;
 /// Bytes a restore stream writes between two checkpoints by default (CAT-08).
 pub const RESTORE_CHECKPOINT_BYTES_DEFAULT: u64 = 256 << 20;
-/// Grains one batch of a restore's copy session copies before its bits are committed (CAT-07).
+/// Grains one batch of a restore's copy session copies before its bits are committed (CAT-07),
+/// when it is copied in the calling thread (`catalog::run_copy_restore`).
 pub const RESTORE_COPY_BATCH_GRAINS: u64 = 64;
+/// Copier threads of a restore's copy session (CAT-07): one thread reading the image file in
+/// order and writing the destination in order runs at the device's pace; a second one only
+/// interleaves requests.
+pub const RESTORE_COPY_THREADS: usize = 1;
+/// Largest request of a restore's copy session (CAT-07): the copier's largest batch.
+pub const RESTORE_COPY_REQUEST_BYTES: u64 = COPY_BATCH_BYTES_MAX;
+/// Bytes one reverse-restore batch of an in-place restore moves back before it is made durable
+/// (the engine's own durability point: source flushed, grains committed).
+pub const RESTORE_REVERSE_BATCH_BYTES: u64 = COPY_BATCH_BYTES_MAX;
 /// Milliseconds a copy-session restore waits for its copier's next commit before it checks
 /// whether the copier ended.
 pub const RESTORE_PROGRESS_POLL_MILLIS: u64 = 200;
@@ -130,6 +143,8 @@ const _: () = assert!(RESTORE_RING_BUFFERS_DEFAULT <= RESTORE_RING_BUFFERS_MAX);
 const _: () = assert!(RESTORE_BUFFER_BYTES_DEFAULT <= RESTORE_BUFFER_BYTES_MAX);
 const _: () =
     assert!(RESTORE_CHECKPOINT_BYTES_DEFAULT.is_multiple_of(RESTORE_BUFFER_BYTES_DEFAULT as u64));
+const _: () = assert!(RESTORE_COPY_REQUEST_BYTES <= COPY_BATCH_BYTES_MAX);
+const _: () = assert!(RESTORE_CHECKPOINT_BYTES_DEFAULT >= RESTORE_COPY_REQUEST_BYTES);
 /// Largest `N` in `every N UNIT from TIME`.
 pub const EVERY_COUNT_MAX: u32 = 1_000_000;
 /// How far back the calendar looks for a cron schedule's last occurrence (the NEWDAY that

@@ -412,8 +412,13 @@ fn cat_07_copy_restore_by_time_resumes_after_sigkill() {
     let i2 = site.backup("20270102", &src, "img2", CopyMode::Copy);
     assert!(site.store.image(i2).unwrap().unwrap().t0_unix_ms > t1);
 
-    // The source is damaged; the image of T0(i1) goes back onto it.
+    // The source is damaged; the image of T0(i1) goes back onto it. The backups' sessions
+    // ended and were forgotten (an image never needs its session later): the restore is a copy
+    // session from the image file.
     std::fs::write(&src, vec![0xEE; 24 * MIB]).unwrap();
+    let e = site.engine();
+    assert_eq!(e.forget_ended().unwrap().len(), 2);
+    e.close().unwrap();
     let at = Timestamp::from_millisecond(t1 as i64).unwrap().to_string();
     let args = [
         "restore",
@@ -478,11 +483,13 @@ fn cat_08_in_place_stream_resumes_after_sigkill_and_keeps_the_other_sessions_t0(
     let a = common::pattern(5, 16 * MIB);
     let src = site.file("src", &a);
     let image = site.backup("20270101", &src, "img", CopyMode::Copy);
-    // Later data, then another session protecting the source (nocopy, T0 = b).
+    // Later data, then another session protecting the source (nocopy, T0 = b). The image's
+    // own session was forgotten: the restore streams the image file through the engine.
     let b = common::pattern(6, 16 * MIB);
     std::fs::write(&src, &b).unwrap();
     let other = site.file("other", &vec![0u8; 16 * MIB]);
     let e = site.engine();
+    assert_eq!(e.forget_ended().unwrap().len(), 1);
     let (s, o): (VolumeId, VolumeId) =
         (e.attach_path(&src).unwrap(), e.attach_path(&other).unwrap());
     let s2 = e
@@ -508,12 +515,170 @@ fn cat_08_in_place_stream_resumes_after_sigkill_and_keeps_the_other_sessions_t0(
     let pr = j.progress.unwrap();
     assert_eq!(v["waits_for_full"], pr.waits_for_full);
     assert_eq!(v["waits_for_empty"], pr.waits_for_empty);
+    // Over all the runs of the job the ring moved the image's bytes exactly once: each run
+    // starts at the last checkpoint, up to which the earlier runs' bytes were recorded.
+    assert_eq!(pr.ring_bytes, 16 * MIB as u64);
+    assert_eq!(v["ring_bytes"], 16 * MIB);
+    assert_eq!(pr.ring_buffers, 4);
+    assert!(pr.ring_buffer_bytes > 0 && pr.ring_buffer_bytes <= 16 * MIB as u64);
+    // `jobs show` prints them, as text and as JSON.
+    let job = j.id.to_string();
+    let shown = json(&site.ok(&["jobs", "show", &job, "--json"]));
+    let sp = &shown["job"]["progress"];
+    assert_eq!(sp["ring_bytes"], 16 * MIB);
+    assert_eq!(sp["ring_buffers"], 4);
+    assert_eq!(sp["ring_buffer_bytes"], pr.ring_buffer_bytes);
+    assert_eq!(sp["waits_for_empty"], pr.waits_for_empty);
+    assert_eq!(sp["waits_for_full"], pr.waits_for_full);
+    let text = site.ok(&["jobs", "show", &job]);
+    assert!(
+        text.contains(&format!(
+            "ring 4 buffers of {} bytes: {} bytes moved; reader waited for a free buffer {} times, writer for a full one {} times",
+            pr.ring_buffer_bytes,
+            16 * MIB,
+            pr.waits_for_empty,
+            pr.waits_for_full
+        )),
+        "{text}"
+    );
     assert!(
         std::fs::read(&src).unwrap() == a,
         "the source is back at the image's T0"
     );
     let e = site.engine();
     assert!(common::image(&e, s2) == b, "the other session keeps its T0");
+}
+
+#[test]
+fn cat_09_in_place_restore_onto_the_images_source_is_the_engines_reverse_and_resumes_after_sigkill()
+{
+    let mut site = Site::new();
+    let a = common::pattern(9, 16 * MIB);
+    let src = site.file("src", &a);
+    let image = site.backup("20270101", &src, "img", CopyMode::Copy);
+    // Later data, then another session protecting the source (nocopy, T0 = b); the image's
+    // own session (completed) stays in the table.
+    let b = common::pattern(10, 16 * MIB);
+    std::fs::write(&src, &b).unwrap();
+    let other = site.file("other", &vec![0u8; 16 * MIB]);
+    let e = site.engine();
+    let (s, o): (VolumeId, VolumeId) =
+        (e.attach_path(&src).unwrap(), e.attach_path(&other).unwrap());
+    let s2 = e
+        .establish(&SessionSpec {
+            source: s,
+            target: o,
+            extents: Vec::new(),
+            grain: GrainSize::new(64 << 10).unwrap(),
+            mode: CopyMode::NoCopy,
+            incremental: false,
+        })
+        .unwrap();
+    e.write(s, 5 * MIB as u64, &vec![0xCD; 3 * MIB]).unwrap();
+    e.close().unwrap();
+
+    let id = image.to_string();
+    let args = ["restore", &id, "--to", p(&src)];
+    let v = kill_and_resume(&site, &args, 16 * MIB as u64, 13);
+    assert_eq!(v["method"], "reverse");
+    let session = site.store.image(image).unwrap().unwrap().session;
+    assert_eq!(v["session"], session.0);
+    assert!(
+        std::fs::read(&src).unwrap() == a,
+        "the source is back at the image's T0"
+    );
+    let e = site.engine();
+    assert!(common::image(&e, s2) == b, "the other session keeps its T0");
+    // The reverse ended: nothing is left to move back, the image's session is as it was.
+    let st = e.status();
+    let mine = st.iter().find(|x| x.id == session).unwrap();
+    assert_eq!(mine.grains_to_restore, GrainCount(0));
+    assert_eq!(mine.state, timezero::SessionState::Completed);
+    e.close().unwrap();
+
+    // With --extent the restore is a stream (the reverse covers the whole image).
+    std::fs::write(&src, vec![0x11; 16 * MIB]).unwrap();
+    let out = site.ok(&[
+        "restore",
+        &id,
+        "--to",
+        p(&src),
+        "--extent",
+        "0:1MiB",
+        "--wait",
+    ]);
+    assert!(out.contains("by stream through the engine"), "{out}");
+    assert!(std::fs::read(&src).unwrap()[..MIB] == a[..MIB]);
+}
+
+#[test]
+fn cat_08_a_destination_another_configured_table_protects_is_refused() {
+    let mut site = Site::new();
+    let a = common::pattern(12, 2 * MIB);
+    let src = site.file("src", &a);
+    let image = site.backup("20270101", &src, "img", CopyMode::Copy);
+    // A second table, configured in timezero.toml, with a session protecting `dest`.
+    let dest_data = common::pattern(13, 2 * MIB);
+    let dest = site.file("dest", &dest_data);
+    let other_table = site.path("other.tzt");
+    let e = Engine::create_path(&other_table, EngineOptions::default()).unwrap();
+    let (d, t) = (
+        e.attach_path(&dest).unwrap(),
+        e.attach_path(&site.file("snap", &vec![0u8; 2 * MIB]))
+            .unwrap(),
+    );
+    let s = e
+        .establish(&SessionSpec {
+            source: d,
+            target: t,
+            extents: Vec::new(),
+            grain: GrainSize::new(64 << 10).unwrap(),
+            mode: CopyMode::NoCopy,
+            incremental: false,
+        })
+        .unwrap();
+    e.close().unwrap();
+    std::fs::write(
+        site.state.join("timezero.toml"),
+        format!("tables = [{:?}, {:?}]\n", p(&site.table), p(&other_table)),
+    )
+    .unwrap();
+
+    let o = site.tz(&["restore", &image.to_string(), "--to", p(&dest), "--wait"]);
+    let err = fails(&o, 1);
+    assert!(
+        err.contains(&format!(
+            "is the source of session {s} of table {}",
+            other_table.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), dest_data, "dest untouched");
+    // The job records the refusal.
+    let job: JobId = String::from_utf8_lossy(&o.stdout)
+        .strip_prefix("restore job ")
+        .and_then(|l| l.split(':').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(matches!(
+        site.job(job).state,
+        JobState::Done {
+            status: JobStatus::Failed,
+            ..
+        }
+    ));
+    // Another destination is restored as before.
+    let elsewhere = site.path("elsewhere");
+    let out = site.ok(&[
+        "restore",
+        &image.to_string(),
+        "--to",
+        p(&elsewhere),
+        "--wait",
+    ]);
+    assert!(out.contains("by copy session"), "{out}");
+    assert_eq!(std::fs::read(&elsewhere).unwrap(), a);
 }
 
 #[test]

@@ -10,8 +10,9 @@
 //! - [`retention`]: the pure choice of the images retention expires, and the two steps of an
 //!   expiry (CAT-05);
 //! - [`restore`]: choosing the image, narrowing its extents, a copy session back to the
-//!   destination (CAT-07), or a stream through a ring of buffers into `Engine::write` with
-//!   checkpoints (CAT-08, CAT-09, CAT-10).
+//!   destination (CAT-07), the engine's reverse restore of the image's own session onto its
+//!   source, or a stream through a ring of buffers into `Engine::write` with checkpoints
+//!   (CAT-08, CAT-09, CAT-10).
 //!
 //! The catalog uses the engine, the clock and the store. It never relies on an ended session
 //! staying in the activity table: everything a restore or a check needs is in the image row.
@@ -40,9 +41,10 @@ pub use images::{
 };
 pub use reconcile::{reconcile, reconcile_decide, EngineView, ReconcileAction, ReconcileReport};
 pub use restore::{
-    choose, dest_is_live_source, plan_restore, restore_pieces, run_copy_restore,
-    start_copy_restore, stream, Pick, RestoreMethod, RestorePiece, RestorePlan, StreamOptions,
-    StreamProgress, StreamReport,
+    check_not_protected_elsewhere, choose, dest_is_live_source, plan_restore, restore_pieces,
+    reverse_applies, run_copy_restore, run_reverse_restore, start_copy_restore,
+    start_reverse_restore, stream, OtherTables, Pick, RestoreMethod, RestorePiece, RestorePlan,
+    ReverseProgress, StreamOptions, StreamProgress, StreamReport,
 };
 pub use retention::{
     choose_expired, expire, finish_expiry, mark_expired, Finished, Keep, KeepRule,
@@ -154,6 +156,17 @@ pub enum CatalogError {
         what: &'static str,
         /// Why.
         why: String,
+    },
+    /// A restore destination is the source of a live session of another activity table: a
+    /// restore through this image's table would change that session's T0 behind its back.
+    #[error("{dest} is the source of session {session} of table {}: a restore onto it would change that session's T0 (withdraw it, or restore elsewhere)", table.display())]
+    ProtectedElsewhere {
+        /// The destination's locator.
+        dest: String,
+        /// The other table.
+        table: PathBuf,
+        /// The session there that protects the destination.
+        session: SessionId,
     },
     /// The restore stream's reader thread panicked.
     #[error("the restore stream's reader thread panicked")]

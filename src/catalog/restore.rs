@@ -9,10 +9,20 @@
 //! - **Stream** (CAT-08): an in-place restore (the destination is the source of a live session)
 //!   or a nocopy image streams the image (its target for a copy image, `Engine::read_image` for
 //!   a nocopy image) into `Engine::write` on the destination, so copy-before-write keeps every
-//!   other session's T0. A reader thread fills a ring of reusable buffers (default 8 × 4 MiB, a
-//!   crossbeam channel of empty buffers and one of full ones) and the calling thread writes them
-//!   (CAT-09); every 256 MiB the destination is flushed and the position handed to the caller,
-//!   who persists it (`JobProgress::checkpoint`) and resumes from it after a crash.
+//!   other session's T0. A reader thread fills a ring of reusable buffers (default 4 × 16 MiB,
+//!   never larger than the bytes between two checkpoints; a crossbeam channel of empty buffers
+//!   and one of full ones) and the calling thread writes them (CAT-09); every 256 MiB the
+//!   destination is flushed and the position handed to the caller, who persists it
+//!   (`JobProgress::checkpoint`) and resumes from it after a crash.
+//!
+//! - **Reverse** ([`reverse_applies`]): an in-place restore onto the source of the image's own
+//!   session, still in the table and not incremental, of the whole image, is the engine's
+//!   reverse restore of that session ([`start_reverse_restore`], [`run_reverse_restore`]):
+//!   the grains that may differ move back through the engine's write path (other sessions keep
+//!   their T0), and the engine's table resumes it after a crash.
+//!
+//! A destination that a live session of another table protects is refused
+//! ([`check_not_protected_elsewhere`]).
 //!
 //! Everything a restore holds (its thread, its buffers) is released when it returns, also on an
 //! error (CAT-10).
@@ -30,7 +40,8 @@ use crate::limits::{
 };
 use crate::store::{ImageId, ImageQuery, ImageRecord, ImageStateKind, JobProgress, Store};
 use crate::{
-    CopyMode, Engine, ExtentSpec, GrainCount, SessionId, SessionSpec, SessionStatus, VolumeId,
+    CopyMode, Engine, ExtentSpec, GrainCount, GrainIndex, SessionId, SessionSpec, SessionState,
+    SessionStatus, VolumeId,
 };
 
 /// Which image a restore reads (CAT-06).
@@ -178,6 +189,9 @@ pub enum RestoreMethod {
     CopySession,
     /// A stream into `Engine::write` on the destination (CAT-08).
     Stream,
+    /// The engine's reverse restore of the image's own session, onto that session's source
+    /// (see [`reverse_applies`]).
+    Reverse,
 }
 
 /// Whether `dest` (a locator) is the source of a live session in `status`: a restore onto it is
@@ -232,6 +246,133 @@ pub fn plan_restore(
         pieces,
         method,
     })
+}
+
+/// Whether an in-place restore of `image` onto `dest` (attached to `engine`, the image's
+/// table) goes through the engine's reverse restore ([`Engine::reverse`]): the whole image is
+/// restored (`narrowed` is false: no `--extent`), the image's own session is still in the table
+/// (same id, same T0, same target), is `Active` or `Completed`, does not record changes
+/// (an incremental session's reverse moves only the grains marked changed), and `dest` is its
+/// source. The engine then moves back only what may differ (for a completed session: every
+/// grain) through its write path, so every other session on `dest` keeps its T0, and resumes
+/// after a crash from its own table.
+#[must_use]
+pub fn reverse_applies(
+    engine: &Engine,
+    image: &ImageRecord,
+    dest: VolumeId,
+    narrowed: bool,
+) -> bool {
+    if narrowed {
+        return false;
+    }
+    engine.session(image.session).is_ok_and(|s| {
+        s.desc.source.id == dest
+            && s.desc.target.id == image.target.id
+            && s.desc.created_unix_ms == image.t0_unix_ms
+            && !s.desc.incremental
+            && matches!(s.state(), SessionState::Active | SessionState::Completed)
+    })
+}
+
+/// Where a reverse restore is: its bytes still to move back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReverseProgress {
+    /// The session.
+    pub session: SessionId,
+    /// Bytes still to move back to the source.
+    pub pending: u64,
+    /// Bytes moved back by this call so far.
+    pub moved: u64,
+}
+
+/// Start the reverse restore of `image`'s session ([`Engine::reverse`]), or find it under way
+/// (a run that died part way: the engine's table kept it). Returns whether it was started now
+/// and the bytes it still has to move back.
+///
+/// # Errors
+/// [`CatalogError::Engine`] with the engine's refusal (`NotActive`, `Reversing` of another
+/// session on the same volumes, `UnknownVolume`, ...).
+pub fn start_reverse_restore(
+    engine: &Engine,
+    image: &ImageRecord,
+) -> Result<(bool, u64), CatalogError> {
+    let s = engine
+        .session(image.session)
+        .map_err(CatalogError::engine("find the image's session"))?;
+    if s.reversing() {
+        return Ok((false, s.restore_pending().bytes(s.desc.grain)));
+    }
+    let r = engine
+        .reverse(image.session)
+        .map_err(CatalogError::engine("start the reverse restore"))?;
+    Ok((true, r.bytes_to_restore))
+}
+
+/// Move back every grain of the reverse restore of `session` in the calling thread, at most
+/// `batch_bytes` per durable step (the source flushed, the grains committed in the table);
+/// `each` sees the progress after every step, and an error it returns stops the restore (what
+/// moved stays moved). Returns the bytes moved by this call.
+///
+/// # Errors
+/// [`CatalogError::Engine`]; the error of `each`.
+pub fn run_reverse_restore(
+    engine: &Engine,
+    session: SessionId,
+    batch_bytes: u64,
+    each: &mut dyn FnMut(&ReverseProgress) -> Result<(), CatalogError>,
+) -> Result<u64, CatalogError> {
+    let s = engine
+        .session(session)
+        .map_err(CatalogError::engine("find the restore's session"))?;
+    let grain = s.desc.grain;
+    let batch = GrainCount((batch_bytes / grain.bytes()).max(1));
+    let mut from = GrainIndex::ZERO;
+    let mut moved = 0u64;
+    while s.reversing() {
+        match engine
+            .restore_batch(session, from, batch)
+            .map_err(CatalogError::engine("reverse restore"))?
+        {
+            Some((next, n)) => {
+                from = next;
+                moved += n.bytes(grain);
+                each(&ReverseProgress {
+                    session,
+                    pending: s.restore_pending().bytes(grain),
+                    moved,
+                })?;
+            }
+            // The end of the map: grains another thread was moving may be left.
+            None => from = GrainIndex::ZERO,
+        }
+    }
+    Ok(moved)
+}
+
+/// The configured tables other than the image's own, with their sessions as they are now.
+pub type OtherTables = [(std::path::PathBuf, Vec<SessionStatus>)];
+
+/// Refuse a restore onto `dest` (a locator) when a live session of another table (`others`:
+/// its path and sessions; the image's own table is left out by the caller) protects it: a
+/// write that does not pass through that table's engine would change that session's T0.
+///
+/// # Errors
+/// [`CatalogError::ProtectedElsewhere`] naming the first such table and session.
+pub fn check_not_protected_elsewhere(dest: &str, others: &OtherTables) -> Result<(), CatalogError> {
+    for (table, sessions) in others {
+        if let Some(s) = sessions
+            .iter()
+            .find(|s| s.source == dest && s.state.is_live())
+        {
+            return Err(CatalogError::ProtectedElsewhere {
+                dest: dest.to_string(),
+                table: table.clone(),
+                session: s.id,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Establish the copy session of a copy image's restore (CAT-07): from `image_target` (the
@@ -290,9 +431,11 @@ pub fn run_copy_restore(engine: &Engine, session: SessionId) -> Result<GrainCoun
 /// The ring and checkpoints of a restore stream (CAT-08, CAT-09).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamOptions {
-    /// Buffers in the ring. Default = 8 (1..=`RESTORE_RING_BUFFERS_MAX`).
+    /// Buffers in the ring. Default = 4 (1..=`RESTORE_RING_BUFFERS_MAX`).
     pub buffers: usize,
-    /// Bytes per buffer. Default = 4 MiB (1..=`RESTORE_BUFFER_BYTES_MAX`).
+    /// Bytes per buffer. Default = 16 MiB (1..=`RESTORE_BUFFER_BYTES_MAX`). The ring's
+    /// buffers shrink to `checkpoint_bytes`, and to the bytes to restore, when those are
+    /// smaller ([`StreamOptions::ring_buffer_bytes`]).
     pub buffer_bytes: usize,
     /// Bytes between checkpoints. Default = 256 MiB (> 0).
     pub checkpoint_bytes: u64,
@@ -337,6 +480,14 @@ impl StreamOptions {
         }
         Ok(())
     }
+
+    /// The bytes of each buffer of a ring that streams `remaining` bytes: `buffer_bytes`, or
+    /// `checkpoint_bytes` or `remaining` when smaller (at least 1).
+    #[must_use]
+    pub fn ring_buffer_bytes(&self, remaining: u64) -> usize {
+        let cap = self.checkpoint_bytes.min(remaining).max(1);
+        usize::try_from(cap).map_or(self.buffer_bytes, |c| self.buffer_bytes.min(c))
+    }
 }
 
 /// Where a restore stream is, as its checkpoints report it.
@@ -350,11 +501,17 @@ pub struct StreamProgress {
     pub waits_for_empty: u64,
     /// Times the writer waited for a full buffer, so far.
     pub waits_for_full: u64,
+    /// Bytes the ring moved from the reader to the writer in this run, so far.
+    pub bytes: u64,
+    /// Buffers in the ring.
+    pub buffers: usize,
+    /// Bytes of each buffer.
+    pub buffer_bytes: usize,
 }
 
 impl StreamProgress {
     /// The job's progress at this checkpoint (`JobProgress::checkpoint` is the position to
-    /// resume from).
+    /// resume from; `ring_bytes` are this run's: a resumed job adds those of its earlier runs).
     #[must_use]
     pub fn job_progress(&self) -> JobProgress {
         JobProgress {
@@ -363,6 +520,9 @@ impl StreamProgress {
             waits_for_full: self.waits_for_full,
             waits_for_empty: self.waits_for_empty,
             checkpoint: Some(self.position),
+            ring_bytes: self.bytes,
+            ring_buffers: self.buffers as u64,
+            ring_buffer_bytes: self.buffer_bytes as u64,
         }
     }
 }
@@ -384,6 +544,8 @@ pub struct StreamReport {
     pub waits_for_full: u64,
     /// Buffers in the ring.
     pub buffers: usize,
+    /// Bytes of each buffer of the ring (see [`StreamOptions::ring_buffer_bytes`]).
+    pub buffer_bytes: usize,
     /// Buffers back in the ring at the end (all of them: nothing is left held, CAT-10).
     pub buffers_returned: usize,
 }
@@ -444,18 +606,20 @@ pub fn stream(
             why: format!("start at byte {start_at} is past the end ({total} bytes)"),
         });
     }
-    let plan = chunks(pieces, start_at, opts.buffer_bytes as u64);
+    let buffer_bytes = opts.ring_buffer_bytes(total - start_at);
+    let plan = chunks(pieces, start_at, buffer_bytes as u64);
     debug_assert_eq!(plan.iter().map(|c| c.3).sum::<u64>(), total - start_at);
     let (empty_tx, empty_rx) = bounded::<Vec<u8>>(opts.buffers);
     let (full_tx, full_rx) = bounded::<Result<Chunk, CatalogError>>(opts.buffers);
     for _ in 0..opts.buffers {
         // The ring is empty and sized to hold every buffer: this cannot block or fail.
-        let _ = empty_tx.send(vec![0u8; opts.buffer_bytes]);
+        let _ = empty_tx.send(vec![0u8; buffer_bytes]);
     }
     let waits_for_empty = AtomicU64::new(0);
     let mut report = StreamReport {
         started_at: start_at,
         buffers: opts.buffers,
+        buffer_bytes,
         ..StreamReport::default()
     };
     let result = std::thread::scope(|scope| {
@@ -568,6 +732,9 @@ fn write_side(
                 total,
                 waits_for_empty: waits_for_empty.load(Ordering::Relaxed),
                 waits_for_full: report.waits_for_full,
+                bytes: report.bytes,
+                buffers: report.buffers,
+                buffer_bytes: report.buffer_bytes,
             })?;
         }
     }

@@ -1173,8 +1173,17 @@ fn cat_08_in_place_restore_streams_through_the_engine_and_keeps_other_sessions_t
 #[test]
 fn cat_09_the_stream_reuses_a_ring_of_buffers_and_counts_its_waits() {
     let d = StreamOptions::default();
-    assert_eq!((d.buffers, d.buffer_bytes), (8, 4 << 20));
+    assert_eq!((d.buffers, d.buffer_bytes), (4, 16 << 20));
     assert_eq!(d.checkpoint_bytes, 256 << 20);
+    // Buffers shrink to the bytes between two checkpoints, and to what is left to restore.
+    assert_eq!(d.ring_buffer_bytes(1 << 40), 16 << 20);
+    assert_eq!(d.ring_buffer_bytes(3 << 20), 3 << 20);
+    let small = StreamOptions {
+        checkpoint_bytes: MIB,
+        ..d
+    };
+    assert_eq!(small.ring_buffer_bytes(1 << 40), MIB as usize);
+    assert_eq!(small.ring_buffer_bytes(0), 1);
     let m = Mem::new();
     let data = pattern(4 * MIB, 11);
     let (_, src) = m.volume(MemVolume::with_data("src", &data));
@@ -1193,6 +1202,7 @@ fn cat_09_the_stream_reuses_a_ring_of_buffers_and_counts_its_waits() {
     // 48 buffers' worth through a ring of two: each buffer is used again and again.
     assert_eq!((report.chunks, report.bytes), (48, 3 * MIB));
     assert_eq!((report.buffers, report.buffers_returned), (2, 2));
+    assert_eq!(report.buffer_bytes, 64 << 10);
     // Each chunk makes each side wait at most once.
     assert!(report.waits_for_empty <= report.chunks);
     assert!(report.waits_for_full <= report.chunks);
@@ -1297,4 +1307,109 @@ fn cat_05_reconcile_never_removes_a_file_a_valid_image_names() {
     // Nothing at the locator: nothing to remove.
     let gone = std::collections::HashMap::from([(expired.target.locator.clone(), None)]);
     assert_eq!(reconcile_decide(&[expired], &view, &gone), []);
+}
+
+#[test]
+fn cat_08_in_place_onto_the_images_own_source_is_a_reverse_restore_keeping_other_t0s() {
+    let m = Mem::new();
+    let a = pattern(4 * MIB, 21);
+    let (src_vol, src) = m.volume(MemVolume::with_data("src", &a));
+    let (_, tgt) = m.volume(MemVolume::new("tgt", 4 * MIB as usize));
+    let b = m.backup(("db", "20270101"), src, tgt, Vec::new(), CopyMode::Copy);
+    let image = restore::choose(&m.store, &Pick::Image(b.image)).unwrap();
+    // Later data, and another session protecting the source from then on.
+    let later = pattern(4 * MIB, 22);
+    m.engine.write(src, 0, &later).unwrap();
+    let (_, other_tgt) = m.volume(MemVolume::new("other", 4 * MIB as usize));
+    let other = m
+        .engine
+        .establish(&SessionSpec {
+            mode: CopyMode::NoCopy,
+            ..SessionSpec::whole(src, other_tgt)
+        })
+        .unwrap();
+    m.engine.write(src, MIB, &vec![7u8; MIB as usize]).unwrap();
+
+    // Only onto the session's own source, and only for the whole image.
+    let (_, elsewhere) = m.volume(MemVolume::new("elsewhere", 4 * MIB as usize));
+    assert!(reverse_applies(&m.engine, &image, src, false));
+    assert!(!reverse_applies(&m.engine, &image, src, true));
+    assert!(!reverse_applies(&m.engine, &image, elsewhere, false));
+
+    let (started, pending) = start_reverse_restore(&m.engine, &image).unwrap();
+    // A completed session moves every grain back.
+    assert_eq!((started, pending), (true, 4 * MIB));
+    // Found under way when asked again (a run that died part way).
+    assert_eq!(
+        start_reverse_restore(&m.engine, &image).unwrap(),
+        (false, 4 * MIB)
+    );
+    let mut seen = Vec::new();
+    let moved = run_reverse_restore(&m.engine, b.session, MIB, &mut |p| {
+        seen.push((p.moved, p.pending));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(moved, 4 * MIB);
+    assert_eq!(
+        seen,
+        [
+            (MIB, 3 * MIB),
+            (2 * MIB, 2 * MIB),
+            (3 * MIB, MIB),
+            (4 * MIB, 0)
+        ]
+    );
+    assert_eq!(src_vol.snapshot(), a, "the source holds the image again");
+    let mut img = vec![0u8; 4 * MIB as usize];
+    m.engine.read_image(other, 0, &mut img).unwrap();
+    assert_eq!(img, later, "the other session keeps its T0");
+
+    // A session no longer in the table is not reversed.
+    m.engine.forget(b.session).unwrap();
+    assert!(!reverse_applies(&m.engine, &image, src, false));
+}
+
+#[test]
+fn cat_08_a_destination_a_live_session_of_another_table_protects_is_refused() {
+    let status = |source: &str, state: SessionState| {
+        let (engine, _) = mem_engine();
+        let s = engine.attach(Arc::new(MemVolume::new(source, MIB as usize)));
+        let t = engine.attach(Arc::new(MemVolume::new("t", MIB as usize)));
+        let id = engine.establish(&SessionSpec::whole(s, t)).unwrap();
+        if state == SessionState::Withdrawn {
+            engine.withdraw(id).unwrap();
+        }
+        let st = engine.status();
+        assert_eq!(st[0].state, state);
+        st
+    };
+    let others = vec![
+        (PathBuf::from("/t/a.tzt"), status("x", SessionState::Active)),
+        (
+            PathBuf::from("/t/b.tzt"),
+            status("dest", SessionState::Withdrawn),
+        ),
+    ];
+    // Another table's session on another volume, or an ended one on dest: allowed.
+    check_not_protected_elsewhere("mem:dest", &others).unwrap();
+    let mut others = others;
+    others.push((
+        PathBuf::from("/t/c.tzt"),
+        status("dest", SessionState::Active),
+    ));
+    let err = check_not_protected_elsewhere("mem:dest", &others).unwrap_err();
+    match &err {
+        CatalogError::ProtectedElsewhere {
+            dest,
+            table,
+            session,
+        } => {
+            assert_eq!(dest, "mem:dest");
+            assert_eq!(table, Path::new("/t/c.tzt"));
+            assert_eq!(*session, others[2].1[0].id);
+        }
+        e => panic!("{e}"),
+    }
+    assert!(err.to_string().contains("of table /t/c.tzt"), "{err}");
 }

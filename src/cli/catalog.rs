@@ -31,7 +31,10 @@ use crate::command::output::json;
 use crate::engine::copier::{Copier, CopierEvent, CopierOptions};
 use crate::engine::{Engine, RestartPolicy};
 use crate::job::{owner_alive, owner_of_this_process};
-use crate::limits::{RESTORE_CHECKPOINT_BYTES_DEFAULT, RESTORE_PROGRESS_POLL_MILLIS};
+use crate::limits::{
+    RESTORE_CHECKPOINT_BYTES_DEFAULT, RESTORE_COPY_REQUEST_BYTES, RESTORE_COPY_THREADS,
+    RESTORE_PROGRESS_POLL_MILLIS, RESTORE_REVERSE_BATCH_BYTES,
+};
 use crate::quiesce::TargetLock;
 use crate::store::{
     BackupDay, Change, EventId, EventKind, EventRow, IdKind, ImageId, ImageRecord, Intent,
@@ -273,6 +276,10 @@ struct RestoreOut {
     waits_for_empty: u64,
     /// Times the stream's writer waited for a full buffer.
     waits_for_full: u64,
+    /// Bytes the stream's ring moved, over all the runs of the job.
+    ring_bytes: u64,
+    /// Buffers in the stream's ring.
+    ring_buffers: u64,
     /// The job's status number (0 = success).
     status: u32,
 }
@@ -335,6 +342,8 @@ struct Run<'a> {
     dest: PathBuf,
     pieces: Vec<RestorePiece>,
     args: &'a RestoreArgs,
+    /// The activity tables the state directory configures (`timezero.toml`).
+    tables: Vec<PathBuf>,
 }
 
 impl Run<'_> {
@@ -505,12 +514,16 @@ impl Run<'_> {
                 .min(total_bytes)
         };
         out.resumed_from = copied();
-        // The engine's copier (its workers, its durability points every 16 MiB); each durable
-        // commit it reports moves the job's progress on.
+        // The engine's copier: one thread, 4 MiB requests, and a durability point (target
+        // flushed, bits committed) per checkpoint rather than per 16 MiB; each durable commit
+        // it reports moves the job's progress on.
         let (tx, rx) = crossbeam::channel::unbounded::<Option<u64>>();
         let copier = Copier::start_with_events(
             Arc::clone(engine),
             CopierOptions {
+                threads: RESTORE_COPY_THREADS,
+                batch_bytes: RESTORE_COPY_REQUEST_BYTES,
+                commit_bytes: every,
                 sessions: vec![session],
                 rate_bytes_per_s: self.args.rate,
                 ..CopierOptions::default()
@@ -570,6 +583,90 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// In place through the engine's reverse restore of the image's own session: started (or
+    /// found under way after a crash), then moved back batch by batch in this thread, the
+    /// job's progress recorded every checkpoint.
+    fn reverse(&self, engine: &Engine, out: &mut RestoreOut) -> Result<(), Fail> {
+        let (started, pending) =
+            catalog::start_reverse_restore(engine, &self.image).map_err(cat)?;
+        out.session = Some(self.image.session);
+        let before = self.job.progress.unwrap_or_default();
+        // The total is what the reverse had to move when it started; a resumed one kept it in
+        // the job's progress.
+        let total = if started || before.bytes_total < pending {
+            pending
+        } else {
+            before.bytes_total
+        };
+        out.resumed_from = total - pending;
+        let every = self
+            .args
+            .checkpoint
+            .unwrap_or(RESTORE_CHECKPOINT_BYTES_DEFAULT);
+        self.progress(JobProgress {
+            bytes_done: total - pending,
+            bytes_total: total,
+            ..JobProgress::default()
+        })
+        .map_err(cat)?;
+        let mut pace = Pace::new(self.args.rate);
+        let mut next = total - pending + every;
+        catalog::run_reverse_restore(
+            engine,
+            self.image.session,
+            RESTORE_REVERSE_BATCH_BYTES,
+            &mut |p| {
+                pace.add(p.moved - pace.bytes);
+                let done = total.saturating_sub(p.pending);
+                if done >= next {
+                    next = done + every;
+                    self.progress(JobProgress {
+                        bytes_done: done,
+                        bytes_total: total,
+                        ..JobProgress::default()
+                    })?;
+                }
+                Ok(())
+            },
+        )
+        .map_err(cat)?;
+        self.progress(JobProgress {
+            bytes_done: total,
+            bytes_total: total,
+            ..JobProgress::default()
+        })
+        .map_err(cat)?;
+        out.bytes = total;
+        Ok(())
+    }
+
+    /// Refuse a destination that a live session of another configured table protects.
+    fn check_other_tables(&self) -> Result<(), Fail> {
+        let own = std::fs::canonicalize(&self.image.table).unwrap_or(self.image.table.clone());
+        let mut others = Vec::new();
+        for t in &self.tables {
+            let path = std::fs::canonicalize(t).unwrap_or(t.clone());
+            if path == own || !path.exists() {
+                continue;
+            }
+            let snap = crate::engine::read_status(&path)
+                .map_err(|e| Fail::Message(format!("read table {}: {e}", path.display())))?;
+            let sessions = snap
+                .sessions
+                .into_iter()
+                .map(|mut s| {
+                    if let Ok(p) = std::fs::canonicalize(&s.source) {
+                        s.source = p.display().to_string();
+                    }
+                    s
+                })
+                .collect();
+            others.push((path, sessions));
+        }
+        catalog::check_not_protected_elsewhere(&self.dest.display().to_string(), &others)
+            .map_err(cat)
+    }
+
     fn stream(&self, engine: &Engine, dest: VolumeId, out: &mut RestoreOut) -> Result<(), Fail> {
         let volumes = FileVolumes::default();
         let reader = ImageReader::open(&self.image, &volumes, Some(engine)).map_err(cat)?;
@@ -600,6 +697,7 @@ impl Run<'_> {
                 let mut j = p.job_progress();
                 j.waits_for_empty += before.waits_for_empty;
                 j.waits_for_full += before.waits_for_full;
+                j.ring_bytes += before.ring_bytes;
                 self.progress(j)
             },
         )
@@ -610,11 +708,16 @@ impl Run<'_> {
             waits_for_full: before.waits_for_full + report.waits_for_full,
             waits_for_empty: before.waits_for_empty + report.waits_for_empty,
             checkpoint: Some(total),
+            ring_bytes: before.ring_bytes + report.bytes,
+            ring_buffers: report.buffers as u64,
+            ring_buffer_bytes: report.buffer_bytes as u64,
         };
         self.progress(done).map_err(cat)?;
         out.bytes = total;
         out.waits_for_empty = done.waits_for_empty;
         out.waits_for_full = done.waits_for_full;
+        out.ring_bytes = done.ring_bytes;
+        out.ring_buffers = done.ring_buffers;
         Ok(())
     }
 }
@@ -829,6 +932,7 @@ pub(super) fn restore(
         dest,
         pieces,
         args,
+        tables: state.tables()?,
     };
     let result = run_job(&run, io, &owner, None);
     let (status, reason, code) = outcome_of(&result);
@@ -849,6 +953,10 @@ pub(super) fn restore(
             summary.session.map(|s| s.to_string()).unwrap_or_default()
         ),
         RestoreMethod::Stream => "by stream through the engine".to_string(),
+        RestoreMethod::Reverse => format!(
+            "by reverse restore of session {}",
+            summary.session.map(|s| s.to_string()).unwrap_or_default()
+        ),
     };
     Ok(format!(
         "restored {} to {}: {} bytes {how} (resumed from byte {}); ring waits: reader {}, writer {}\n",
@@ -890,6 +998,7 @@ pub(super) fn restore_in_daemon(
     image: u64,
     to: &Path,
     engines: &std::collections::HashMap<PathBuf, Arc<Engine>>,
+    tables: Vec<PathBuf>,
     owner: &str,
 ) -> Result<(JobId, std::thread::JoinHandle<()>), Fail> {
     let dest = dest_path(to)?;
@@ -923,6 +1032,7 @@ pub(super) fn restore_in_daemon(
                 dest,
                 pieces,
                 args: &args,
+                tables,
             };
             let result = run_job(&run, IoFlags::default(), &owner, engine);
             let (status, reason, _) = outcome_of(&result);
@@ -940,6 +1050,7 @@ fn run_job(
     owner: &str,
     held: Option<Arc<Engine>>,
 ) -> Result<(RestoreOut, TargetLock), Fail> {
+    run.check_other_tables()?;
     let engine = match held {
         Some(e) => e,
         None => Arc::new(super::open(&run.image.table, RestartPolicy::Resume, io)?),
@@ -961,7 +1072,15 @@ fn run_job(
         .status()
         .iter()
         .any(|s| s.state.is_live() && engine.session(s.id).is_ok_and(|x| x.desc.source.id == dest));
-    let method = RestoreMethod::of(&run.image, in_place);
+    // Onto the source of the image's own session, still in the table: the engine's reverse
+    // restore moves back what may differ, through its write path (so every other session keeps
+    // its T0), and resumes after a crash from the table.
+    let method =
+        if catalog::reverse_applies(&engine, &run.image, dest, !run.args.extents.is_empty()) {
+            RestoreMethod::Reverse
+        } else {
+            RestoreMethod::of(&run.image, in_place)
+        };
     phase(
         run.store,
         &run.job,
@@ -980,11 +1099,14 @@ fn run_job(
         session: None,
         waits_for_empty: 0,
         waits_for_full: 0,
+        ring_bytes: 0,
+        ring_buffers: 0,
         status: 0,
     };
     match method {
         RestoreMethod::CopySession => run.copy_session(&engine, dest, &mut out)?,
         RestoreMethod::Stream => run.stream(&engine, dest, &mut out)?,
+        RestoreMethod::Reverse => run.reverse(&engine, &mut out)?,
     }
     if let Ok(engine) = Arc::try_unwrap(engine) {
         engine.close()?;

@@ -515,6 +515,7 @@ impl Daemon<'_> {
                     image,
                     &to,
                     &engines,
+                    self.state.tables().unwrap_or_default(),
                     self.owner,
                 ) {
                     Ok((job, thread)) => {

@@ -456,6 +456,12 @@ pub(super) fn jobs_show(state: Option<PathBuf>, job: JobId, as_json: bool) -> Re
     }
     if let Some(p) = &j.progress {
         s += &format!("  progress {} of {} bytes\n", p.bytes_done, p.bytes_total);
+        if p.ring_buffers > 0 {
+            s += &format!(
+                "  ring {} buffers of {} bytes: {} bytes moved; reader waited for a free buffer {} times, writer for a full one {} times\n",
+                p.ring_buffers, p.ring_buffer_bytes, p.ring_bytes, p.waits_for_empty, p.waits_for_full
+            );
+        }
     }
     for t in &show.tasks {
         s += &format!(

@@ -534,4 +534,18 @@ mod tests {
         assert!("20070931".parse::<BackupDay>().is_err());
         assert!("2007091".parse::<BackupDay>().is_err());
     }
+
+    #[test]
+    fn cat_09_job_progress_written_before_the_ring_fields_loads_with_zeros() {
+        let old = r#"{"bytes_done":5,"bytes_total":9,"waits_for_full":2,"waits_for_empty":1,"checkpoint":5}"#;
+        let p: JobProgress = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (p.bytes_done, p.waits_for_full, p.checkpoint),
+            (5, 2, Some(5))
+        );
+        assert_eq!(
+            (p.ring_bytes, p.ring_buffers, p.ring_buffer_bytes),
+            (0, 0, 0)
+        );
+    }
 }

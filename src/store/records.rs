@@ -376,6 +376,17 @@ pub struct JobProgress {
     pub waits_for_empty: u64,
     /// The byte offset a resumed restore stream starts from.
     pub checkpoint: Option<u64>,
+    /// Bytes the restore stream's ring moved from its reader to its writer, over all the runs
+    /// of the job (rows written before the field existed read as 0).
+    #[serde(default)]
+    pub ring_bytes: u64,
+    /// Buffers in the restore stream's ring (0: no ring, or a row written before the field
+    /// existed).
+    #[serde(default)]
+    pub ring_buffers: u64,
+    /// Bytes of each buffer of the restore stream's ring (0 as `ring_buffers`).
+    #[serde(default)]
+    pub ring_buffer_bytes: u64,
 }
 
 /// A task's status (section 3.2).
