@@ -35,13 +35,13 @@ pub struct IoFlags {
     /// background-copy figure.
     #[arg(long, global = true)]
     pub direct: bool,
-    /// Servers (`serve`, `mount`, `daemon`): write every write to its volume before it is
-    /// acknowledged. Without it, a first write (one that copies its grains' T0 bytes) is held
-    /// in memory until the client's next flush, FUA write or fsync, which makes all held
-    /// writes durable at one target flush and one table commit (reads see held writes; a crash
-    /// loses only writes never flushed, as with any volatile write cache).
+    /// Servers (`serve`, `mount`, `daemon`), experimental: hold a first write (one that copies
+    /// its grains' T0 bytes) in memory until the client's next flush, FUA write or fsync, which
+    /// makes all held writes durable at one target flush and one table commit (reads see held
+    /// writes; a crash loses only writes never flushed, as with any volatile write cache).
+    /// Without it every write reaches its volume before it is acknowledged.
     #[arg(long, global = true)]
-    pub write_through: bool,
+    pub write_back: bool,
 }
 
 /// The `--backend` values (see [`crate::volume::Backend`]).
@@ -612,6 +612,10 @@ pub enum Command {
         /// writes); `all` sweeps every I/O.
         #[arg(long, default_value = "12")]
         eio_points: String,
+        /// Run every other round of workloads with the engine in write-back mode (as
+        /// `serve --write-back`).
+        #[arg(long)]
+        write_back: bool,
     },
     /// (internal) Open a table in this fresh process and print the recovery time and peak
     /// resident memory as JSON; used by `bench`.

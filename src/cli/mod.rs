@@ -132,13 +132,13 @@ pub(super) fn open(table: &Path, restart: RestartPolicy, io: IoFlags) -> Result<
     Engine::open_path(table, io.engine_options(restart))
 }
 
-/// Open the engine of a server (`serve`, `mount`, `daemon`): in write-back mode unless
-/// `--write-through` (clients flush; see [`EngineOptions::write_back`]).
+/// Open the engine of a server (`serve`, `mount`, `daemon`): in write-back mode with
+/// `--write-back` (clients flush; see [`EngineOptions::write_back`]).
 pub(super) fn open_server(table: &Path, io: IoFlags) -> Result<Engine> {
     Engine::open_path(
         table,
         EngineOptions {
-            write_back: !io.write_through,
+            write_back: io.write_back,
             ..io.engine_options(RestartPolicy::Resume)
         },
     )
@@ -660,6 +660,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             seed,
             json,
             eio_points,
+            write_back,
         } => {
             let points = if eio_points == "all" {
                 usize::MAX
@@ -670,7 +671,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                     ))
                 })?
             };
-            crashtest(workloads, seed, json, points)?;
+            crashtest(workloads, seed, json, points, write_back)?;
             String::new()
         }
     };
@@ -728,11 +729,18 @@ fn check_write_input(from: &Path, len: Option<u64>) -> std::result::Result<(), F
 }
 
 #[cfg(feature = "fault")]
-fn crashtest(workloads: usize, seed: u64, json: bool, eio_points: usize) -> Result<()> {
+fn crashtest(
+    workloads: usize,
+    seed: u64,
+    json: bool,
+    eio_points: usize,
+    write_back: bool,
+) -> Result<()> {
     let r = crate::fault::crashtest(&crate::fault::CrashtestOptions {
         workloads,
         seed,
         eio_points,
+        write_back,
         ..crate::fault::CrashtestOptions::default()
     });
     let mut out = std::io::stdout().lock();
@@ -771,6 +779,7 @@ fn crashtest(
     _seed: u64,
     _json: bool,
     _eio_points: usize,
+    _write_back: bool,
 ) -> std::result::Result<(), Fail> {
     Err(Fail::Usage(
         "crashtest is not in this build; run it with \

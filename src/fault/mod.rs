@@ -27,8 +27,8 @@ mod sim;
 
 pub use checker::OrderingChecker;
 pub use crashtest::{
-    catalogue, check_misdirected_write, crashtest, engine_options, CrashReport, CrashtestOptions,
-    Op, Workload,
+    catalogue, catalogue_with, check_misdirected_write, crashtest, engine_options, CrashReport,
+    CrashtestOptions, Op, Workload,
 };
 pub use faulty::{CrashMode, FaultCounts, FaultPlan, FaultyVolume, InjectedError, Trigger};
 pub use sim::{

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use crate::activity::TableOptions;
 use crate::engine::EngineOptions;
 
-pub use workload::{catalogue, Op, Workload};
+pub use workload::{catalogue, catalogue_with, Op, Workload};
 
 /// Names of the simulated volumes (devices 1, 2, 3; device 0 is the table).
 pub const VOLUMES: [&str; 3] = ["a", "b", "c"];
@@ -57,6 +57,9 @@ pub struct CrashtestOptions {
     pub canary_restored_early: bool,
     /// Violation messages kept in the report.
     pub keep_violations: usize,
+    /// Run every other round of the templates with the engine in write-back mode
+    /// ([`EngineOptions::write_back`]).
+    pub write_back: bool,
 }
 
 impl Default for CrashtestOptions {
@@ -75,6 +78,7 @@ impl Default for CrashtestOptions {
             canary_late_marks: false,
             canary_restored_early: false,
             keep_violations: 20,
+            write_back: false,
         }
     }
 }
@@ -171,7 +175,7 @@ pub fn check_misdirected_write(w: &Workload, k: u64, dest: u64) -> CrashReport {
 #[must_use]
 pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
     let start = std::time::Instant::now();
-    let workloads = catalogue(opts.workloads, opts.seed);
+    let workloads = catalogue_with(opts.workloads, opts.seed, opts.write_back);
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
     } else {

@@ -189,7 +189,23 @@ const TEMPLATES: [&str; 7] = [
 /// The catalogue: `n` workloads from seven parameterized templates.
 #[must_use]
 pub fn catalogue(n: usize, seed: u64) -> Vec<Workload> {
-    (0..n).map(|i| generate(i, seed)).collect()
+    catalogue_with(n, seed, false)
+}
+
+/// The catalogue, with every other round of the templates in write-back mode when
+/// `write_back` (the ops are the same either way).
+#[must_use]
+pub fn catalogue_with(n: usize, seed: u64, write_back: bool) -> Vec<Workload> {
+    (0..n)
+        .map(|i| {
+            let mut w = generate(i, seed);
+            if !write_back && w.write_back {
+                w.write_back = false;
+                w.name.truncate(w.name.len() - "+wb".len());
+            }
+            w
+        })
+        .collect()
 }
 
 /// Workload `i` of the catalogue of `seed`.
