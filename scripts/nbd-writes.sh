@@ -12,8 +12,12 @@
 # round. Ratios are time ratios against QEMU's copy-before-write (below 1 = timezero faster),
 # medians over rounds.
 #
+# With WRITE_BACK=1 a fourth system runs: `timezero --direct --write-back serve` (first writes
+# held until the client's flush). FLUSH_INTERVAL=N makes every bench of writes flush after each N
+# requests (the flush inside the timed run), so write-back pays for its durability in the figure.
+#
 # Usage: scripts/nbd-writes.sh [DIR]   (env: SIZE_MIB=512 COUNT=8192 ROUNDS=3 DEPTHS="1 32"
-#                                        TIMEZERO=path)
+#                                        TIMEZERO=path WRITE_BACK=0 FLUSH_INTERVAL=)
 set -euo pipefail
 
 for t in qemu-img qemu-storage-daemon; do
@@ -54,8 +58,12 @@ fresh_files() {
     fallocate -l "${SIZE_MIB}M" "$TGT" 2>/dev/null || true
     sync
 }
+FLUSH_ARGS=()
+[ -n "${FLUSH_INTERVAL:-}" ] && FLUSH_ARGS=(--flush-interval="$FLUSH_INTERVAL")
 bench() { # URL DEPTH [-w]
-    qemu-img bench "${@:3}" -f raw -c "$COUNT" -d "$2" -s 4096 -S 65536 --pattern=0x5a "$1" | secs
+    local extra=()
+    [ "${3:-}" = -w ] && extra=("${FLUSH_ARGS[@]}")
+    qemu-img bench "${@:3}" ${extra[@]+"${extra[@]}"} -f raw -c "$COUNT" -d "$2" -s 4096 -S 65536 --pattern=0x5a "$1" | secs
 }
 
 # Each start_* leaves a server on $SOCK and sets W_URL (the export written) and R_URL (the T0
@@ -84,10 +92,11 @@ start_tz() {
     rm -f "$TAB" "$TAB".*
     "$TZ_BIN" init "$TAB" >/dev/null
     "$TZ_BIN" establish "$TAB" "$SRC" "$TGT" --nocopy >/dev/null
-    "$TZ_BIN" --direct serve "$TAB" --socket "$SOCK" >"$DIR/server.log" 2>&1 &
+    "$TZ_BIN" --direct ${TZ_EXTRA:-} serve "$TAB" --socket "$SOCK" >"$DIR/server.log" 2>&1 &
     PID=$!; wait_sock
     W_URL="nbd+unix:///src.img?socket=$SOCK" R_URL="nbd+unix:///s1?socket=$SOCK"
 }
+start_tzwb() { TZ_EXTRA=--write-back start_tz; }
 
 dd if=/dev/urandom of="$DIR/base.img" bs=1M count="$SIZE_MIB" conv=fsync status=none
 echo "nbd-writes: $(date -u +%FT%TZ), ${SIZE_MIB} MiB source, $COUNT writes of 4 KiB at a 64 KiB stride, $ROUNDS rounds, depths $DEPTHS, in $DIR"
@@ -95,10 +104,12 @@ echo "qemu-img: $(qemu-img --version | head -1); timezero: $TZ_BIN --direct serv
 
 declare -A T
 systems=(raw qemu tz)
+[ "${WRITE_BACK:-0}" = 1 ] && systems+=(tzwb)
+n=${#systems[@]}
 for depth in $DEPTHS; do
     for r in $(seq 1 "$ROUNDS"); do
-        for k in 0 1 2; do
-            sys=${systems[$(((k + r) % 3))]}
+        for k in $(seq 0 $((n - 1))); do
+            sys=${systems[$(((k + r) % n))]}
             fresh_files
             "start_$sys"
             first=$(bench "$W_URL" "$depth" -w)
@@ -115,21 +126,38 @@ for depth in $DEPTHS; do
 done
 
 echo
-echo "| depth | figure | raw export IOPS | QEMU copy-before-write IOPS | timezero serve IOPS | timezero / QEMU (speed, median of rounds [min..max]) |"
-echo "|---|---|---|---|---|---|"
+wb=$([ "${WRITE_BACK:-0}" = 1 ] && echo 1 || echo 0)
+if [ "$wb" = 1 ]; then
+    echo "| depth | figure | raw export IOPS | QEMU copy-before-write IOPS | timezero serve IOPS | timezero --write-back IOPS | timezero / QEMU | timezero --write-back / QEMU (speed, median of rounds [min..max]) |"
+    echo "|---|---|---|---|---|---|---|---|"
+else
+    echo "| depth | figure | raw export IOPS | QEMU copy-before-write IOPS | timezero serve IOPS | timezero / QEMU (speed, median of rounds [min..max]) |"
+    echo "|---|---|---|---|---|---|"
+fi
 for depth in $DEPTHS; do
     for fig in first again read; do
-        raw=() qemu=() tz=() ratio=()
+        raw=() qemu=() tz=() ratio=() tzwb=() ratiowb=()
         for r in $(seq 1 "$ROUNDS"); do
             [ -n "${T[raw,$depth,$r,$fig]}" ] && raw+=("$(echo "$COUNT / ${T[raw,$depth,$r,$fig]}" | bc -l)")
             qemu+=("$(echo "$COUNT / ${T[qemu,$depth,$r,$fig]}" | bc -l)")
             tz+=("$(echo "$COUNT / ${T[tz,$depth,$r,$fig]}" | bc -l)")
             ratio+=("$(echo "${T[qemu,$depth,$r,$fig]} / ${T[tz,$depth,$r,$fig]}" | bc -l)")
+            if [ "$wb" = 1 ]; then
+                tzwb+=("$(echo "$COUNT / ${T[tzwb,$depth,$r,$fig]}" | bc -l)")
+                ratiowb+=("$(echo "${T[qemu,$depth,$r,$fig]} / ${T[tzwb,$depth,$r,$fig]}" | bc -l)")
+            fi
         done
         name=$(case $fig in first) echo "first writes";; again) echo "already-copied writes";; read) echo "image reads";; esac)
         rawm=-; [ ${#raw[@]} -gt 0 ] && rawm=$(printf '%.0f' "$(med "${raw[@]}")")
         lo=$(printf '%s\n' "${ratio[@]}" | sort -g | head -1) hi=$(printf '%s\n' "${ratio[@]}" | sort -g | tail -1)
-        printf '| %d | %s | %s | %.0f | %.0f | %.2fx [%.2f..%.2f] |\n' "$depth" "$name" "$rawm" \
-            "$(med "${qemu[@]}")" "$(med "${tz[@]}")" "$(med "${ratio[@]}")" "$lo" "$hi"
+        if [ "$wb" = 1 ]; then
+            lw=$(printf '%s\n' "${ratiowb[@]}" | sort -g | head -1) hw=$(printf '%s\n' "${ratiowb[@]}" | sort -g | tail -1)
+            printf '| %d | %s | %s | %.0f | %.0f | %.0f | %.2fx [%.2f..%.2f] | %.2fx [%.2f..%.2f] |\n' "$depth" "$name" "$rawm" \
+                "$(med "${qemu[@]}")" "$(med "${tz[@]}")" "$(med "${tzwb[@]}")" "$(med "${ratio[@]}")" "$lo" "$hi" \
+                "$(med "${ratiowb[@]}")" "$lw" "$hw"
+        else
+            printf '| %d | %s | %s | %.0f | %.0f | %.2fx [%.2f..%.2f] |\n' "$depth" "$name" "$rawm" \
+                "$(med "${qemu[@]}")" "$(med "${tz[@]}")" "$(med "${ratio[@]}")" "$lo" "$hi"
+        fi
     done
 done
