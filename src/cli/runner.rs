@@ -182,7 +182,9 @@ impl PlanWork {
             hooks
                 .iter()
                 .find(|r| {
-                    r.key.attempt == job.attempt && r.key.stage == stage && r.key.task == Some(index)
+                    r.key.attempt == job.attempt
+                        && r.key.stage == stage
+                        && r.key.task == Some(index)
                 })
                 .map(|r| r.result.clone())
         };
@@ -764,6 +766,20 @@ impl Recorder {
     }
 }
 
+/// The environment variable naming a step (`catalog`, `copy`, ...) at which a run's first
+/// attempt stops for good once the step is recorded, so that a test can kill the process
+/// there (the kill points of tests/plan_kill.rs and tests/daemon_kill.rs).
+pub(super) const STOP_AT_ENV: &str = "TIMEZERO_TEST_STOP_AT";
+
+/// Stop here for good when [`STOP_AT_ENV`] names `step` and this is a first attempt.
+fn stop_point(step: Step, attempt: u32) {
+    if attempt == 1 && std::env::var(STOP_AT_ENV).is_ok_and(|s| s == step.as_str()) {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
 /// The store's reason for the plan layer's `why`, with the run's messages for the detail.
 fn store_reason(
     why: plan::JobReason,
@@ -817,6 +833,7 @@ impl RunObserver for Recorder {
             (_, None) => return,
         };
         self.phase(phase);
+        stop_point(event.step, self.attempt);
         if let Some(index) = event.task {
             self.quiesce_intent(index, event.step);
         }
