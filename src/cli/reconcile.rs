@@ -490,9 +490,21 @@ pub(super) fn reconcile_state(
     // process with the plan text it recorded (PLAN-18).
     let global = state.global()?;
     let mut tables = HashMap::new();
+    let mut plans = HashMap::new();
     for job in &dead {
-        let Some(plan) = job.plan_text.as_deref().and_then(|t| Plan::parse(t).ok()) else {
+        let Some(name) = job.kind.plan() else {
             continue;
+        };
+        let plan = match job.plan_text.as_deref().map(Plan::parse) {
+            Some(Ok(plan)) => plan,
+            // A job that recorded no plan text runs the plan of that name in the state.
+            _ => match state.load_plan(Path::new(name)) {
+                Ok((path, plan)) => {
+                    plans.insert(name.to_string(), (path, plan.clone()));
+                    plan
+                }
+                Err(_) => continue,
+            },
         };
         match state.table_of(&plan) {
             Ok(t) => {
@@ -510,7 +522,7 @@ pub(super) fn reconcile_state(
         store: Arc::clone(&store),
         clock: Arc::clone(&clock),
         global,
-        plans: HashMap::new(),
+        plans,
         tables,
         engines: Mutex::new(engines.clone()),
         state_dir: Some(state.dir.clone()),
