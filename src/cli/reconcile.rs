@@ -6,15 +6,19 @@
 //! - a lease (a frozen mount) is thawed and dropped;
 //! - a hook run whose start is recorded and end is not is ended `Unknown`; it is never run
 //!   again for that attempt (HOOK-10);
-//! - an `Establish` intent without outcome: a live session in the intent's table whose target is
-//!   the intent's and that no image row names is adopted (its image row is inserted) and, as the
-//!   attempt cannot go on here, withdrawn with its image `Lost`; none found → `NotDone`;
-//! - an `Incomplete` image of the job (cut, copy not finished): its session is withdrawn and the
-//!   image is `Lost`; a file target the job created is removed;
-//! - a task's target that no image row names (created before the cut) is removed;
-//! - then the job layer's recovery ends the attempt: before its cut `Failed`
-//!   `DaemonRestarted(phase)` with the retry rule, past it through `JobWork::resume`, which ends
-//!   the attempt `HookUnknown` when one of its hooks is unknown, else `DaemonRestarted`.
+//! - `Establish` intents without outcome, per task: when each has a live session in its table
+//!   whose target is the intent's and that no image row names, they are adopted (image rows
+//!   inserted); when only some have (half a group), those are withdrawn and the cut counts as
+//!   not made; none found → `NotDone`;
+//! - a job in a task's `Cut` step whose image rows cover the task's targets moves to `Thaw`: it
+//!   is past its cut;
+//! - an `Incomplete` image of a job that continues (past its cut, in that task) is kept; any
+//!   other: its session is withdrawn and the image is `Lost`; a file target is removed;
+//! - a task's target that no valid or incomplete image and no live session names is removed;
+//! - then the job layer's recovery: before its cut the attempt ends `Failed`
+//!   `DaemonRestarted(phase)` with the retry rule; past it `JobWork::resume` continues the
+//!   attempt in this process to its end (JOB-09), or ends it with status 1 when it died in
+//!   `task_post`, `plan_post` or `finally`.
 //!
 //! A `QuiesceCommand` intent without outcome (a command quiesce held when the process died) runs
 //! its `unquiesce_cmd` now and is resolved with how that went. Other open intents of dead jobs
