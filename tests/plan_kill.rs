@@ -425,6 +425,42 @@ fn job_09_killed_in_the_catalog_step_commits_again() {
 }
 
 #[test]
+fn job_09_killed_after_the_cut_before_its_outcome_is_recorded_adopts_the_session() {
+    let r = Rig::new("", "");
+    let mut child = r.spawn_run_stopping_at(Some("cut_made"));
+    let table = r.state.join("db.tzt");
+    // The run stops for good once the engine made the session and before it is recorded.
+    r.wait_for(&mut child, "the session", || {
+        let out = Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .arg("status")
+            .arg(&table)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("active")
+    });
+    r.kill(child);
+    let store = SqliteStore::open(r.state.join("orchestration.sqlite")).unwrap();
+    assert!(store.images(&ImageQuery::default()).unwrap().is_empty());
+    let text = r.reconcile_and_rerun();
+    assert!(
+        text.contains("j1: cut of task 1 made session s1 with no image row: adopted as i1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("j1: its process died; now success, status 0"),
+        "{text}"
+    );
+    let j1 = r.job_state("j1");
+    assert_eq!(j1["job"]["attempt"], 1, "{j1:#}");
+    let images = j1["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{j1:#}");
+    for i in images {
+        assert_eq!(i["state"]["state"], "valid", "{j1:#}");
+    }
+    r.check_invariants();
+}
+
+#[test]
 fn qui_07_killed_while_quiesced_the_watchdog_releases_each_hold_once() {
     // The quiesce command held the application and had not returned.
     let r = Rig::new("quiesce", "");

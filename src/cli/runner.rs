@@ -773,7 +773,12 @@ pub(super) const STOP_AT_ENV: &str = "TIMEZERO_TEST_STOP_AT";
 
 /// Stop here for good when [`STOP_AT_ENV`] names `step` and this is a first attempt.
 fn stop_point(step: Step, attempt: u32) {
-    if attempt == 1 && std::env::var(STOP_AT_ENV).is_ok_and(|s| s == step.as_str()) {
+    stop_at(step.as_str(), attempt);
+}
+
+/// Stop here for good when [`STOP_AT_ENV`] is `point` and this is a first attempt.
+fn stop_at(point: &str, attempt: u32) {
+    if attempt == 1 && std::env::var(STOP_AT_ENV).is_ok_and(|s| s == point) {
         loop {
             std::thread::park();
         }
@@ -1019,6 +1024,8 @@ impl RunObserver for Recorder {
     }
 
     fn cut(&self, task: &Task, result: Result<&[SessionId], &str>) {
+        // A kill point between the engine's establish and the record of its outcome.
+        stop_at("cut_made", self.attempt);
         let intents = self
             .inner
             .lock()
