@@ -2,11 +2,11 @@
 //! (`TIMEZERO_TEST_SEED`, else a fixed one) among: a hook in `task_pre`, the command quiesce
 //! held, the unquiesce after the cut, and the copy; then a restart of the daemon
 //! on the same (manual) clock instant. Each time: exactly one job for the occurrence (CAL-19);
-//! the attempt the daemon died in ends `Failed` `DaemonRestarted` (past its cut after the
-//! recovery of its task flow) and is retried as attempt 2 under the retry rule (JOB-09), which
-//! succeeds; no hook ran twice for one attempt and every quiesce hold was released; no session
-//! exists without its image row; every `Valid` image verifies (`catalog verify`) and equals its
-//! source.
+//! an attempt the daemon died in before its cut ends `Failed` `DaemonRestarted` and is retried
+//! as attempt 2 under the retry rule, which succeeds; one past its cut is continued by the new
+//! daemon on the same attempt and succeeds (JOB-09); no hook ran twice for one attempt and
+//! every quiesce hold was released; no session exists without its image row; every `Valid`
+//! image verifies (`catalog verify`) and equals its source.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
 
@@ -26,6 +26,8 @@ enum Point {
     Quiesced,
     Unquiesce,
     Copy,
+    /// `task_pre` of the second task, after the first task's image is valid.
+    SecondTaskPre,
 }
 
 impl Point {
@@ -35,10 +37,16 @@ impl Point {
             Point::Quiesced => "quiesce",
             Point::Unquiesce => "unquiesce",
             Point::Copy => "",
+            Point::SecondTaskPre => "task_pre:2",
         }
     }
 
     fn past_cut(self) -> bool {
+        matches!(self, Point::Unquiesce | Point::Copy | Point::SecondTaskPre)
+    }
+
+    /// Whether the new daemon finishes the attempt the old one died in with success.
+    fn resumes_to_success(self) -> bool {
         matches!(self, Point::Unquiesce | Point::Copy)
     }
 }
@@ -102,16 +110,33 @@ fn scenario(point: Point) {
     );
     let j1 = &jobs[0];
     assert_eq!(j1.attempt, 1, "{point:?}");
-    assert!(
-        matches!(j1.state, JobState::WaitingForRetry { .. }),
-        "{point:?}: the attempt the daemon died in waits for its retry: {:?}",
-        j1.state
-    );
+    if point.resumes_to_success() {
+        // Past its cut: the new daemon continued the attempt at its start.
+        assert!(
+            matches!(
+                j1.state,
+                JobState::Done {
+                    status: JobStatus::Success,
+                    ..
+                }
+            ),
+            "{point:?}: the attempt past its cut is finished on the same attempt: {:?}\n{}",
+            j1.state,
+            r.daemon_text()
+        );
+    } else {
+        assert!(
+            matches!(j1.state, JobState::WaitingForRetry { .. }),
+            "{point:?}: the attempt the daemon died in waits for its retry: {:?}\n{}",
+            j1.state,
+            r.daemon_text()
+        );
+    }
     // The retry delay passes: attempt 2 runs and succeeds.
     r.set_clock("2027-03-01T10:02:00Z");
     let start = std::time::Instant::now();
     while !r.job(1).is_some_and(|j| {
-        j.attempt >= 2
+        (j.attempt >= 2 || point.resumes_to_success())
             && (j.state.status_code().is_some()
                 || matches!(j.state, JobState::WaitingForRetry { .. }))
     }) {
@@ -161,6 +186,19 @@ fn scenario(point: Point) {
     if point.past_cut() {
         assert!(log.contains(&"hold j1 1 1".to_string()), "{log:?}");
     }
+    if point.resumes_to_success() {
+        assert_eq!(j1.attempt, 1, "{point:?}: no new attempt");
+        assert!(log.contains(&"j1 1 task_post 2".to_string()), "{log:?}");
+        assert!(!log.iter().any(|l| l.starts_with("j1 2 ")), "{log:?}");
+    } else {
+        assert_eq!(j1.attempt, 2, "{point:?}: retried once");
+    }
+    if point == Point::SecondTaskPre {
+        // JOB-07: the retry keeps the valid image task 1 made in attempt 1; it runs only task 2.
+        assert!(log.contains(&"j1 1 task_post 1".to_string()), "{log:?}");
+        assert!(!log.contains(&"j1 2 task_pre 1".to_string()), "{log:?}");
+        assert!(log.contains(&"j1 2 task_pre 2".to_string()), "{log:?}");
+    }
 
     // No session without its image row; every Valid image verifies and equals its source.
     let store = r.store();
@@ -197,7 +235,22 @@ fn scenario(point: Point) {
             i.id
         );
     }
-    assert!(valid >= 2, "{point:?}: attempt 2's images are valid");
+    assert_eq!(valid, 2, "{point:?}: one valid image per task");
+}
+
+#[test]
+fn job_09_killed_past_cut_resumes_on_the_same_attempt() {
+    scenario(Point::Copy);
+}
+
+#[test]
+fn job_09_killed_before_its_cut_fails_and_is_retried_as_a_new_attempt() {
+    scenario(Point::TaskPre);
+}
+
+#[test]
+fn job_07_a_retry_keeps_the_valid_image_of_an_earlier_task() {
+    scenario(Point::SecondTaskPre);
 }
 
 #[test]

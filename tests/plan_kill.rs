@@ -126,13 +126,37 @@ impl Rig {
     }
 
     fn spawn_run(&self) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_timezero"))
-            .args(["plan", "run", "db", "--state"])
+        self.spawn_run_stopping_at(None)
+    }
+
+    /// `plan run`, stopping for good at `step` (`TIMEZERO_TEST_STOP_AT`) when given.
+    fn spawn_run_stopping_at(&self, step: Option<&str>) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_timezero"));
+        cmd.args(["plan", "run", "db", "--state"])
             .arg(&self.state)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::null());
+        if let Some(s) = step {
+            cmd.env("TIMEZERO_TEST_STOP_AT", s);
+        }
+        cmd.spawn().unwrap()
+    }
+
+    /// Wait until job 1 is active in task `task` at `step`.
+    fn wait_for_step(&self, child: &mut Child, task: u32, step: timezero::store::TaskStep) {
+        let store_path = self.state.join("orchestration.sqlite");
+        self.wait_for(child, "the step", || {
+            let Ok(store) = SqliteStore::open(&store_path) else {
+                return false;
+            };
+            let Ok(Some(job)) = store.job(timezero::store::JobId(1)) else {
+                return false;
+            };
+            job.state
+                == timezero::store::JobState::Active {
+                    phase: timezero::store::Phase::Task { index: task, step },
+                }
+        });
     }
 
     /// Poll (bounded) until `ready` holds; the run must still be going.
@@ -330,43 +354,109 @@ fn hook_10_killed_during_task_post_the_hook_is_unknown_and_never_run_again() {
 }
 
 #[test]
-fn qui_09_reconcile_after_a_kill_during_the_copy_withdraws_and_loses_the_image() {
+fn job_09_killed_during_the_copy_reconcile_finishes_it_on_the_same_attempt() {
     // 64 KiB/s over 1 MiB: the copy takes about 16 s, plenty to be caught in.
     let r = Rig::new("", "copy_rate = \"64KiB\"\ncopy_threads = 1");
     let mut child = r.spawn_run();
-    let store_path = r.state.join("orchestration.sqlite");
-    r.wait_for(&mut child, "the copy step", || {
-        let Ok(store) = SqliteStore::open(&store_path) else {
-            return false;
-        };
-        let Ok(Some(job)) = store.job(timezero::store::JobId(1)) else {
-            return false;
-        };
-        matches!(
-            job.state,
-            timezero::store::JobState::Active {
-                phase: timezero::store::Phase::Task {
-                    step: timezero::store::TaskStep::Copy,
-                    ..
-                }
-            }
-        )
-    });
+    r.wait_for_step(&mut child, 1, timezero::store::TaskStep::Copy);
     r.kill(child);
     let text = r.reconcile_and_rerun();
     assert!(
-        text.contains("j1: image i1 incomplete: session s1 withdrawn"),
+        text.contains("j1: image i1 incomplete: kept, the attempt continues its copy"),
         "{text}"
     );
-    assert!(text.contains("lost"), "{text}");
-    let j1 = r.job_state("j1");
-    let images = j1["images"].as_array().unwrap();
-    assert_eq!(images.len(), 1, "{j1:#}");
-    assert_eq!(images[0]["state"]["state"], "lost", "{j1:#}");
     assert!(
-        !Path::new(images[0]["target"]["locator"].as_str().unwrap()).exists(),
-        "the unfinished target is removed"
+        text.contains("j1: its process died; now success, status 0"),
+        "{text}"
     );
+    let j1 = r.job_state("j1");
+    assert_eq!(j1["job"]["attempt"], 1, "the same attempt: {j1:#}");
+    let images = j1["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{j1:#}");
+    for i in images {
+        assert_eq!(i["state"]["state"], "valid", "{j1:#}");
+    }
+    // Each hook of attempt 1 ran once: task_pre of task 1 before the kill, the rest after.
+    let log = r.log();
+    for line in [
+        "j1 1 task_pre 1",
+        "j1 1 task_post 1",
+        "j1 1 task_pre 2",
+        "j1 1 plan_post -",
+    ] {
+        assert!(log.contains(&line.to_string()), "{line}: {log:?}");
+    }
+    r.check_invariants();
+}
+
+#[test]
+fn job_09_killed_in_the_catalog_step_commits_again() {
+    let r = Rig::new("", "");
+    let mut child = r.spawn_run_stopping_at(Some("catalog"));
+    r.wait_for_step(&mut child, 1, timezero::store::TaskStep::Catalog);
+    r.kill(child);
+    let store = SqliteStore::open(r.state.join("orchestration.sqlite")).unwrap();
+    let before = store.images(&ImageQuery::default()).unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!(
+        before[0].state.kind(),
+        ImageStateKind::Incomplete,
+        "killed before the catalog step recorded the image"
+    );
+    let text = r.reconcile_and_rerun();
+    assert!(
+        text.contains("j1: its process died; now success, status 0"),
+        "{text}"
+    );
+    let j1 = r.job_state("j1");
+    assert_eq!(j1["job"]["attempt"], 1, "{j1:#}");
+    let images = j1["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "one image per task: {j1:#}");
+    for i in images {
+        assert_eq!(i["state"]["state"], "valid", "{j1:#}");
+    }
+    // The image of task 1 is the one cut before the kill: its session, recorded once.
+    let after = store.image(before[0].id).unwrap().unwrap();
+    assert_eq!(after.state.kind(), ImageStateKind::Valid);
+    assert_eq!(after.session, before[0].session);
+    let out = r.tz(&["catalog", "verify", &before[0].id.to_string()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    r.check_invariants();
+}
+
+#[test]
+fn job_09_killed_after_the_cut_before_its_outcome_is_recorded_adopts_the_session() {
+    let r = Rig::new("", "");
+    let mut child = r.spawn_run_stopping_at(Some("cut_made"));
+    let table = r.state.join("db.tzt");
+    // The run stops for good once the engine made the session and before it is recorded.
+    r.wait_for(&mut child, "the session", || {
+        let out = Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .arg("status")
+            .arg(&table)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("active")
+    });
+    r.kill(child);
+    let store = SqliteStore::open(r.state.join("orchestration.sqlite")).unwrap();
+    assert!(store.images(&ImageQuery::default()).unwrap().is_empty());
+    let text = r.reconcile_and_rerun();
+    assert!(
+        text.contains("j1: cut of task 1 made session s1 with no image row: adopted as i1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("j1: its process died; now success, status 0"),
+        "{text}"
+    );
+    let j1 = r.job_state("j1");
+    assert_eq!(j1["job"]["attempt"], 1, "{j1:#}");
+    let images = j1["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{j1:#}");
+    for i in images {
+        assert_eq!(i["state"]["state"], "valid", "{j1:#}");
+    }
     r.check_invariants();
 }
 
@@ -421,15 +511,24 @@ fn plan_kill_between_cut_and_thaw() {
     r.kill(child);
     let text = r.reconcile_and_rerun();
     // The unquiesce command was running: the watchdog ran it once more (an unquiesce bears
-    // being repeated), so nothing is held.
+    // being repeated), so nothing is held. The cut is made: the attempt continues after it
+    // (JOB-09), with its after_cut hook, the copy, and the second task.
     assert!(
-        text.contains("j1: image i1 incomplete: session s1 withdrawn"),
+        text.contains("j1: image i1 incomplete: kept, the attempt continues its copy"),
+        "{text}"
+    );
+    assert!(
+        text.contains("j1: its process died; now success, status 0"),
         "{text}"
     );
     let j1 = r.job_state("j1");
+    assert_eq!(j1["job"]["attempt"], 1, "{j1:#}");
     let images = j1["images"].as_array().unwrap();
-    assert_eq!(images.len(), 1, "{j1:#}");
-    assert_eq!(images[0]["state"]["state"], "lost", "{j1:#}");
+    assert_eq!(images.len(), 2, "{j1:#}");
+    for i in images {
+        assert_eq!(i["state"]["state"], "valid", "{j1:#}");
+    }
+    assert!(r.log().contains(&"j1 1 after_cut 1".to_string()));
     r.check_invariants();
 }
 

@@ -232,7 +232,14 @@ impl JobWork for DaemonWork {
     }
 
     fn resume(&self, job: &JobRecord, clock: &dyn Clock) -> JobOutcome {
-        let outcome = match self.plan_work(HashMap::new(), HashMap::new()) {
+        // The plan text the job recorded (PLAN-18), on the table it names.
+        let mut tables = HashMap::new();
+        if let Some(plan) = job.plan_text.as_deref().and_then(|t| Plan::parse(t).ok()) {
+            if let Ok(t) = self.state.table_of(&plan) {
+                tables.insert(plan.name.clone(), t);
+            }
+        }
+        let outcome = match self.plan_work(HashMap::new(), tables) {
             Ok(w) => w.resume(job, clock),
             Err(e) => failed(JobReason::Plan(e)),
         };

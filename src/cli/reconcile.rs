@@ -6,15 +6,19 @@
 //! - a lease (a frozen mount) is thawed and dropped;
 //! - a hook run whose start is recorded and end is not is ended `Unknown`; it is never run
 //!   again for that attempt (HOOK-10);
-//! - an `Establish` intent without outcome: a live session in the intent's table whose target is
-//!   the intent's and that no image row names is adopted (its image row is inserted) and, as the
-//!   attempt cannot go on here, withdrawn with its image `Lost`; none found → `NotDone`;
-//! - an `Incomplete` image of the job (cut, copy not finished): its session is withdrawn and the
-//!   image is `Lost`; a file target the job created is removed;
-//! - a task's target that no image row names (created before the cut) is removed;
-//! - then the job layer's recovery ends the attempt: before its cut `Failed`
-//!   `DaemonRestarted(phase)` with the retry rule, past it through `JobWork::resume`, which ends
-//!   the attempt `HookUnknown` when one of its hooks is unknown, else `DaemonRestarted`.
+//! - `Establish` intents without outcome, per task: when each has a live session in its table
+//!   whose target is the intent's and that no image row names, they are adopted (image rows
+//!   inserted); when only some have (half a group), those are withdrawn and the cut counts as
+//!   not made; none found → `NotDone`;
+//! - a job in a task's `Cut` step whose image rows cover the task's targets moves to `Thaw`: it
+//!   is past its cut;
+//! - an `Incomplete` image of a job that continues (past its cut, in that task) is kept; any
+//!   other: its session is withdrawn and the image is `Lost`; a file target is removed;
+//! - a task's target that no valid or incomplete image and no live session names is removed;
+//! - then the job layer's recovery: before its cut the attempt ends `Failed`
+//!   `DaemonRestarted(phase)` with the retry rule; past it `JobWork::resume` continues the
+//!   attempt in this process to its end (JOB-09), or ends it with status 1 when it died in
+//!   `task_post`, `plan_post` or `finally`.
 //!
 //! A `QuiesceCommand` intent without outcome (a command quiesce held when the process died) runs
 //! its `unquiesce_cmd` now and is resolved with how that went. Other open intents of dead jobs
@@ -22,7 +26,7 @@
 //! broker pass rebuilds them from the `Active` jobs. Last, the catalog is reconciled with each
 //! table (CAT-04).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,13 +40,17 @@ use crate::catalog::{self, Cut, FileVolumes, ReconcileAction};
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, EngineOptions};
 use crate::hook::{self, HookContext, HookOutcome, HookSpec, Stage};
-use crate::job::{owner_alive, owner_of_this_process, Scheduler};
+use crate::job::{
+    owner_alive, owner_of_this_process, past_cut, step as job_step, Event as JobEvent, Scheduler,
+};
+use crate::plan::Plan;
 use crate::quiesce::{BackendError, FsFreeze, QuiesceBackend};
 use crate::store::{
     Change, HookResult, IdKind, ImageId, ImageQuery, ImageState, ImageStateKind, IntentAction,
-    IntentOutcome, JobQuery, JobRecord, JobStateKind, Store,
+    IntentId, IntentOutcome, JobId, JobQuery, JobRecord, JobState, JobStateKind, Phase, Store,
+    TaskStep,
 };
-use crate::SessionState;
+use crate::{SessionId, SessionState};
 
 fn store_err(e: crate::store::StoreError) -> Fail {
     Fail::Message(e.to_string())
@@ -90,22 +98,6 @@ pub(super) fn reconcile_state(
 ) -> Result<Vec<String>, Fail> {
     let store = Arc::clone(store);
     let mut lines: Vec<String> = Vec::new();
-    let mut engine = |table: &Path, lines: &mut Vec<String>| -> Option<Arc<Engine>> {
-        if let Some(e) = engines.get(table) {
-            return Some(Arc::clone(e));
-        }
-        match Engine::open_path(table, EngineOptions::default()) {
-            Ok(e) => {
-                let e = Arc::new(e);
-                engines.insert(table.to_path_buf(), Arc::clone(&e));
-                Some(e)
-            }
-            Err(e) => {
-                lines.push(format!("table {}: cannot open: {e}", table.display()));
-                None
-            }
-        }
-    };
 
     let dead: Vec<JobRecord> = store
         .jobs(&JobQuery {
@@ -193,9 +185,65 @@ pub(super) fn reconcile_state(
         }
     }
 
-    // Open intents of dead jobs.
+    // Cuts of dead jobs whose outcome was not recorded (section 3.2): per task, the live
+    // session in each intent's table whose target is the intent's and that no image row names.
+    // A task whose every intent has its session is adopted; one with only some of them (half
+    // a group) has those withdrawn: its cut counts as never made.
     let images = store.images(&ImageQuery::default()).map_err(store_err)?;
-    for intent in store.open_intents().map_err(store_err)? {
+    let open = store.open_intents().map_err(store_err)?;
+    type Found = (IntentId, PathBuf, Option<SessionId>);
+    let mut cuts: BTreeMap<(JobId, Option<u32>), Vec<Found>> = BTreeMap::new();
+    for intent in &open {
+        let IntentAction::Establish { table, target } = &intent.action else {
+            continue;
+        };
+        if !dead_ids.contains(&intent.job) {
+            continue;
+        }
+        let found = engine(engines, table, &mut lines).and_then(|e| {
+            e.status()
+                .into_iter()
+                .find(|s| {
+                    &s.target == target
+                        && s.state.is_live()
+                        && !images
+                            .iter()
+                            .any(|i| i.session == s.id && &i.table == table)
+                })
+                .map(|s| s.id)
+        });
+        cuts.entry((intent.job, intent.task))
+            .or_default()
+            .push((intent.id, table.clone(), found));
+    }
+    let mut adopt: HashMap<IntentId, SessionId> = HashMap::new();
+    for ((job, task), found) in &cuts {
+        let made = found.iter().filter(|(_, _, s)| s.is_some()).count();
+        if made == found.len() {
+            adopt.extend(found.iter().filter_map(|(i, _, s)| s.map(|s| (*i, s))));
+        } else if made > 0 {
+            let mut what = Vec::new();
+            for (_, table, session) in found {
+                let (Some(session), Some(e)) = (session, engine(engines, table, &mut lines)) else {
+                    continue;
+                };
+                match e.withdraw(*session) {
+                    Ok(()) => what.push(format!("{session} withdrawn")),
+                    Err(err) => what.push(format!("withdraw {session}: {err}")),
+                }
+            }
+            lines.push(format!(
+                "{job}: cut of task {} made {made} of its {} sessions: {}; the cut counts as \
+                 not made",
+                task.unwrap_or(0),
+                found.len(),
+                what.join(", ")
+            ));
+        }
+    }
+
+    // Open intents of dead jobs.
+    for intent in open {
         if !dead_ids.contains(&intent.job) {
             continue;
         }
@@ -236,49 +284,36 @@ pub(super) fn reconcile_state(
                     Err(e) => IntentOutcome::Failed(e.to_string()),
                 }
             }
-            IntentAction::Establish { table, target } => {
-                let found = engine(table, &mut lines).and_then(|e| {
-                    e.status()
-                        .into_iter()
-                        .find(|s| {
-                            &s.target == target
-                                && s.state.is_live()
-                                && !images
-                                    .iter()
-                                    .any(|i| i.session == s.id && &i.table == table)
-                        })
-                        .map(|s| (e, s.id))
-                });
-                match found {
-                    Some((e, session)) => {
-                        // Adopt: the row the cut would have written, then give it up, as the
-                        // attempt cannot go on in this process.
-                        let plan = job.kind.plan().unwrap_or_default().to_string();
-                        let cut = Cut {
-                            job: job.id,
-                            task: intent.task.unwrap_or(0),
-                            plan: &plan,
-                            backup_day: job.backup_day,
-                            table,
-                        };
-                        if let Ok(s) = e.session(session) {
-                            let id = ImageId(store.allocate(IdKind::Image).map_err(store_err)?);
-                            store
-                                .commit(vec![Change::PutImage(catalog::image_at_cut(
-                                    id, &cut, &s.desc,
-                                ))])
-                                .map_err(store_err)?;
-                            lines.push(format!(
-                                "{}: cut of task {} made session {session} with no image row: \
-                                 adopted as {id}",
-                                job.id, cut.task
-                            ));
-                        }
-                        IntentOutcome::Adopted(session)
+            IntentAction::Establish { table, .. } => match adopt.get(&intent.id) {
+                Some(&session) => {
+                    // Adopt: the row the cut would have written.
+                    let plan = job.kind.plan().unwrap_or_default().to_string();
+                    let cut = Cut {
+                        job: job.id,
+                        task: intent.task.unwrap_or(0),
+                        plan: &plan,
+                        backup_day: job.backup_day,
+                        table,
+                    };
+                    if let Some(s) =
+                        engine(engines, table, &mut lines).and_then(|e| e.session(session).ok())
+                    {
+                        let id = ImageId(store.allocate(IdKind::Image).map_err(store_err)?);
+                        store
+                            .commit(vec![Change::PutImage(catalog::image_at_cut(
+                                id, &cut, &s.desc,
+                            ))])
+                            .map_err(store_err)?;
+                        lines.push(format!(
+                            "{}: cut of task {} made session {session} with no image row: \
+                             adopted as {id}",
+                            job.id, cut.task
+                        ));
                     }
-                    None => IntentOutcome::NotDone,
+                    IntentOutcome::Adopted(session)
                 }
-            }
+                None => IntentOutcome::NotDone,
+            },
             _ => IntentOutcome::Unknown,
         };
         lines.push(format!(
@@ -303,13 +338,80 @@ pub(super) fn reconcile_state(
             .map_err(store_err)?;
     }
 
-    // Incomplete images of dead jobs: the copy cannot finish here.
+    // A dead job whose task's cut is made (its image rows cover the task's targets) is past
+    // that cut, also when the process died before it recorded the next step; the attempt
+    // continues there (JOB-09).
+    let mut resuming: HashMap<JobId, u32> = HashMap::new();
+    let live_images = store
+        .images(&ImageQuery {
+            states: Some(vec![ImageStateKind::Incomplete, ImageStateKind::Valid]),
+            ..ImageQuery::default()
+        })
+        .map_err(store_err)?;
+    let cut_made = |job: JobId, task: u32| -> Result<bool, Fail> {
+        let targets = store
+            .tasks(job)
+            .map_err(store_err)?
+            .into_iter()
+            .find(|t| t.index == task)
+            .map(|t| t.targets)
+            .unwrap_or_default();
+        Ok(!targets.is_empty()
+            && targets.iter().all(|t| {
+                live_images
+                    .iter()
+                    .any(|i| i.job == job && i.task == task && &i.target.locator == t)
+            }))
+    };
+    for job in &dead {
+        let Some(j) = store.job(job.id).map_err(store_err)? else {
+            continue;
+        };
+        let JobState::Active { phase } = j.state else {
+            continue;
+        };
+        let Phase::Task { index, step } = phase else {
+            continue;
+        };
+        if step == TaskStep::Cut && cut_made(j.id, index)? {
+            let thaw = Phase::Task {
+                index,
+                step: TaskStep::Thaw,
+            };
+            let (changes, _) = job_step(
+                &j,
+                JobEvent::Phase {
+                    phase: thaw,
+                    at: now,
+                },
+            );
+            store.commit(changes).map_err(store_err)?;
+            lines.push(format!(
+                "{}: cut of task {index} made before its process died: the attempt continues \
+                 after it",
+                j.id
+            ));
+            resuming.insert(j.id, index);
+        } else if past_cut(phase) && !matches!(step, TaskStep::Post | TaskStep::Finally) {
+            resuming.insert(j.id, index);
+        }
+    }
+
+    // Incomplete images of dead jobs: the copy of the task a job continues goes on in the
+    // attempt; any other cannot finish.
     for image in store.images(&ImageQuery::default()).map_err(store_err)? {
         if image.state.kind() != ImageStateKind::Incomplete || !dead_ids.contains(&image.job) {
             continue;
         }
+        if resuming.get(&image.job) == Some(&image.task) && cut_made(image.job, image.task)? {
+            lines.push(format!(
+                "{}: image {} incomplete: kept, the attempt continues its copy",
+                image.job, image.id
+            ));
+            continue;
+        }
         let mut what = Vec::new();
-        if let Some(e) = engine(&image.table, &mut lines) {
+        if let Some(e) = engine(engines, &image.table, &mut lines) {
             let live = e
                 .status()
                 .iter()
@@ -351,14 +453,25 @@ pub(super) fn reconcile_state(
         ));
     }
 
-    // Targets a dead attempt created before its cut: no image row names them, and a retry
-    // of the job would find them in its way.
-    let named: BTreeSet<String> = store
-        .images(&ImageQuery::default())
+    // Targets a dead attempt created before its cut: no valid or incomplete image names
+    // them and no live session writes them, and a retry of the job would find them in its way.
+    let mut named: BTreeSet<String> = store
+        .images(&ImageQuery {
+            states: Some(vec![ImageStateKind::Incomplete, ImageStateKind::Valid]),
+            ..ImageQuery::default()
+        })
         .map_err(store_err)?
         .into_iter()
         .map(|i| i.target.locator)
         .collect();
+    for e in engines.values() {
+        named.extend(
+            e.status()
+                .into_iter()
+                .filter(|s| s.state.is_live())
+                .map(|s| s.target),
+        );
+    }
     for job in &dead {
         for task in store.tasks(job.id).map_err(store_err)? {
             for target in &task.targets {
@@ -377,23 +490,53 @@ pub(super) fn reconcile_state(
         }
     }
 
-    // The jobs themselves, by the job layer's recovery.
+    // The jobs themselves, by the job layer's recovery: one past its cut continues in this
+    // process with the plan text it recorded (PLAN-18).
     let global = state.global()?;
+    let mut tables = HashMap::new();
+    let mut plans = HashMap::new();
+    for job in &dead {
+        let Some(name) = job.kind.plan() else {
+            continue;
+        };
+        let plan = match job.plan_text.as_deref().map(Plan::parse) {
+            Some(Ok(plan)) => plan,
+            // A job that recorded no plan text runs the plan of that name in the state.
+            _ => match state.load_plan(Path::new(name)) {
+                Ok((path, plan)) => {
+                    plans.insert(name.to_string(), (path, plan.clone()));
+                    plan
+                }
+                Err(_) => continue,
+            },
+        };
+        match state.table_of(&plan) {
+            Ok(t) => {
+                tables.insert(plan.name.clone(), t);
+            }
+            Err(Fail::Usage(e) | Fail::Message(e)) => {
+                lines.push(format!("{}: the table of plan {}: {e}", job.id, plan.name));
+            }
+            Err(Fail::Run(e)) => {
+                lines.push(format!("{}: the table of plan {}: {e}", job.id, plan.name));
+            }
+        }
+    }
     let work = Arc::new(PlanWork {
         store: Arc::clone(&store),
         clock: Arc::clone(&clock),
         global,
-        plans: HashMap::new(),
-        tables: HashMap::new(),
-        engines: Mutex::new(HashMap::new()),
-        state_dir: None,
+        plans,
+        tables,
+        engines: Mutex::new(engines.clone()),
+        state_dir: Some(state.dir.clone()),
     });
     // The retry rule of `timezero.toml` decides when the ended attempts run again.
     let (limits, newday) = super::jobs::job_settings(state)?;
     let scheduler = Scheduler::new(
         Arc::clone(&store),
         clock,
-        work,
+        Arc::clone(&work) as Arc<dyn crate::job::JobWork>,
         limits,
         newday,
         owner_of_this_process(),
@@ -404,6 +547,10 @@ pub(super) fn reconcile_state(
     scheduler
         .settle()
         .map_err(|e| Fail::Message(e.to_string()))?;
+    // The tables the continued attempts opened stay open for the catalog pass below.
+    for (t, e) in work.engines.lock().iter() {
+        engines.entry(t.clone()).or_insert_with(|| Arc::clone(e));
+    }
     for id in taken {
         if let Some(j) = store.job(id).map_err(store_err)? {
             lines.push(format!(
@@ -429,7 +576,7 @@ pub(super) fn reconcile_state(
         tables.insert(i.table.clone());
     }
     for table in tables {
-        let Some(e) = engine(&table, &mut lines) else {
+        let Some(e) = engine(engines, &table, &mut lines) else {
             continue;
         };
         match catalog::reconcile(&*store, &e, &table, &[], &FileVolumes::default()) {
@@ -452,6 +599,28 @@ pub(super) fn reconcile_state(
         }
     }
     Ok(lines)
+}
+
+/// The engine of `table`: the one in `engines`, else opened and added.
+fn engine(
+    engines: &mut HashMap<PathBuf, Arc<Engine>>,
+    table: &Path,
+    lines: &mut Vec<String>,
+) -> Option<Arc<Engine>> {
+    if let Some(e) = engines.get(table) {
+        return Some(Arc::clone(e));
+    }
+    match Engine::open_path(table, EngineOptions::default()) {
+        Ok(e) => {
+            let e = Arc::new(e);
+            engines.insert(table.to_path_buf(), Arc::clone(&e));
+            Some(e)
+        }
+        Err(e) => {
+            lines.push(format!("table {}: cannot open: {e}", table.display()));
+            None
+        }
+    }
 }
 
 fn intent_what(a: &IntentAction) -> String {

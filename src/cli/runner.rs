@@ -32,8 +32,8 @@ use crate::hook::{HookError, HookOutcome, HookRun, HookSpec, RunStatus, Stage};
 use crate::job::{step as job_step, Event as JobEvent, JobOutcome, JobWork, Needs, Readiness};
 use crate::plan::Writes;
 use crate::plan::{
-    self, FsFinder, GlobalConfig, Plan, PlanRun, PlanStatus, RunContext, RunObserver, Step, Task,
-    TaskResult,
+    self, CutStep, FsFinder, GlobalConfig, Left, Plan, PlanRun, PlanStatus, ResumeAt, RunContext,
+    RunObserver, Step, Task, TaskResult,
 };
 use crate::quiesce::{FsFreeze, QuiesceBackend, QuiesceMode};
 use crate::store::{
@@ -148,28 +148,133 @@ impl PlanWork {
     }
 }
 
-impl JobWork for PlanWork {
-    fn needs(&self, _job: &JobRecord, _now: Timestamp) -> Needs {
-        Needs {
-            resources: Vec::new(),
-            readiness: Readiness::Ready,
-        }
-    }
-
-    fn run(&self, job: &JobRecord, _clock: &dyn Clock) -> JobOutcome {
+impl PlanWork {
+    /// The plan job `job` runs and its table: the one this process loaded under the job's
+    /// plan name, else the text the job recorded (PLAN-18) with the table `tables` names.
+    fn plan_of(&self, job: &JobRecord) -> Result<(Plan, PathBuf), JobReason> {
         let Some(name) = job.kind.plan() else {
-            return failed(JobReason::Plan(format!(
+            return Err(JobReason::Plan(format!(
                 "job {} is not a backup job",
                 job.id
             )));
         };
-        let Some((_, plan)) = self.plans.get(name) else {
-            return failed(JobReason::Plan(format!("plan {name} is not loaded")));
+        let plan = match (self.plans.get(name), &job.plan_text) {
+            (Some((_, plan)), _) => plan.clone(),
+            (None, Some(text)) => Plan::parse(text).map_err(|e| {
+                JobReason::Plan(format!("the plan text job {} recorded: {e}", job.id))
+            })?,
+            (None, None) => return Err(JobReason::Plan(format!("plan {name} is not loaded"))),
         };
         let Some(table) = self.tables.get(name) else {
-            return failed(JobReason::Plan(format!("plan {name} has no table")));
+            return Err(JobReason::Plan(format!("plan {name} has no table")));
         };
-        let engine = match self.engine(table) {
+        Ok((plan, table.clone()))
+    }
+
+    /// Where `job`, past its cut in `phase` when its process died, continues (JOB-09); `None`
+    /// when it cannot (not a task's phase).
+    fn resume_at(&self, job: &JobRecord, phase: Phase) -> Option<ResumeAt> {
+        let Phase::Task { index, step } = phase else {
+            return None;
+        };
+        let hooks = self.store.hook_runs(job.id).unwrap_or_default();
+        let hook = |stage: HookStage| {
+            hooks
+                .iter()
+                .find(|r| {
+                    r.key.attempt == job.attempt
+                        && r.key.stage == stage
+                        && r.key.task == Some(index)
+                })
+                .map(|r| r.result.clone())
+        };
+        let mut images: Vec<crate::store::ImageRecord> = self
+            .store
+            .images(&crate::store::ImageQuery {
+                job: Some(job.id),
+                ..crate::store::ImageQuery::default()
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| {
+                i.task == index
+                    && matches!(
+                        i.state.kind(),
+                        ImageStateKind::Incomplete | ImageStateKind::Valid
+                    )
+            })
+            .collect();
+        images.sort_by_key(|i| i.id);
+        let targets = self
+            .store
+            .tasks(job.id)
+            .ok()
+            .and_then(|t| t.into_iter().find(|t| t.index == index))
+            .map(|t| t.targets)
+            .unwrap_or_default();
+        let complete = !targets.is_empty()
+            && targets
+                .iter()
+                .all(|t| images.iter().any(|i| &i.target.locator == t));
+        let uncut = |why: &str| {
+            let unknown = matches!(hook(HookStage::TaskPre), Some(Some(HookResult::Unknown)));
+            Left::Uncut {
+                reason: if unknown {
+                    plan::JobReason::HookFailed
+                } else {
+                    plan::JobReason::Interrupted
+                },
+                error: if unknown {
+                    format!(
+                        "task_pre: started before in attempt {} and its end is unknown: \
+                         not run again; {why}",
+                        job.attempt
+                    )
+                } else {
+                    why.to_string()
+                },
+            }
+        };
+        let from = match step {
+            TaskStep::Checks | TaskStep::Pre | TaskStep::Quiesce => None,
+            TaskStep::Cut | TaskStep::Thaw | TaskStep::AfterCut => {
+                // An after_cut hook that ended well before the process died is not run again.
+                match hook(HookStage::AfterCut) {
+                    Some(Some(HookResult::Exited(0))) => Some(CutStep::Copy),
+                    _ => Some(CutStep::AfterCut),
+                }
+            }
+            TaskStep::Copy => Some(CutStep::Copy),
+            TaskStep::Catalog => Some(CutStep::Catalog),
+            TaskStep::Post | TaskStep::Finally => return None,
+        };
+        let left = match from {
+            None => uncut("its process died before its cut"),
+            Some(_) if !complete => uncut("its process died and its cut was not made"),
+            Some(from) => {
+                // One session per target, in the task's target order.
+                let sessions = targets
+                    .iter()
+                    .filter_map(|t| images.iter().find(|i| &i.target.locator == t))
+                    .map(|i| i.session)
+                    .collect();
+                Left::Cut {
+                    sessions,
+                    t0_unix_ms: images.first().map(|i| i.t0_unix_ms),
+                    from,
+                }
+            }
+        };
+        Some(ResumeAt { task: index, left })
+    }
+
+    /// Run `job`'s attempt, from its start or (`resume`) where its process died.
+    fn drive(&self, job: &JobRecord, resume: Option<(ResumeAt, Phase)>) -> JobOutcome {
+        let (plan, table) = match self.plan_of(job) {
+            Ok(p) => p,
+            Err(reason) => return failed(reason),
+        };
+        let engine = match self.engine(&table) {
             Ok(e) => e,
             Err(e) => {
                 return failed(JobReason::Engine(format!(
@@ -201,6 +306,7 @@ impl JobWork for PlanWork {
             table: table.clone(),
             holds,
             direct: plan.session.writes == Writes::Direct,
+            resumed: resume.as_ref().map(|(_, p)| *p),
             inner: Mutex::new(Inner::default()),
         };
         let ctx = RunContext {
@@ -213,13 +319,30 @@ impl JobWork for PlanWork {
             attempt: job.attempt,
             backup_day: job.backup_day,
         };
-        let run = plan::run_plan_observed(plan, &ctx, &recorder);
+        let run = match resume {
+            None => plan::run_plan_observed(&plan, &ctx, &recorder),
+            Some((at, _)) => {
+                recorder.prepare_resume(&at);
+                plan::resume_plan_observed(&plan, &ctx, &recorder, &at)
+            }
+        };
         recorder.finish(&run)
+    }
+}
+
+impl JobWork for PlanWork {
+    fn needs(&self, _job: &JobRecord, _now: Timestamp) -> Needs {
+        Needs {
+            resources: Vec::new(),
+            readiness: Readiness::Ready,
+        }
+    }
+
+    fn run(&self, job: &JobRecord, _clock: &dyn Clock) -> JobOutcome {
+        self.drive(job, None)
     }
 
     fn resume(&self, job: &JobRecord, _clock: &dyn Clock) -> JobOutcome {
-        // The task flow cannot continue an attempt in another process yet: the attempt past
-        // its cut ends here. A hook of it whose end is unknown decides the reason (HOOK-10).
         let phase = match &job.state {
             crate::store::JobState::Active { phase } => *phase,
             _ => Phase::AwaitingResources,
@@ -250,10 +373,11 @@ impl JobWork for PlanWork {
                 }),
             };
         }
-        if unknown {
-            return failed(JobReason::HookUnknown);
+        match self.resume_at(job, phase) {
+            Some(at) => self.drive(job, Some((at, phase))),
+            None if unknown => failed(JobReason::HookUnknown),
+            None => failed(JobReason::DaemonRestarted(phase)),
         }
-        failed(JobReason::DaemonRestarted(phase))
     }
 
     fn stop(&self, _job: JobId, _attempt: u32, _reason: &JobReason) {}
@@ -282,6 +406,11 @@ struct Inner {
     last_step: HashMap<u32, Step>,
     /// A hook was not run again because its start was recorded before (HOOK-10).
     hook_unknown: bool,
+    /// The rows of the tasks this attempt ended before its process died (a resumed attempt):
+    /// they keep what was recorded.
+    kept: HashMap<u32, TaskRecord>,
+    /// The task a resumed attempt continues.
+    resumed_task: Option<u32>,
     /// The first store error.
     error: Option<String>,
 }
@@ -300,6 +429,8 @@ pub(super) struct Recorder {
     holds: Arc<Holds>,
     /// `writes = "direct"`: a freeze is held until the copy completes.
     direct: bool,
+    /// The phase the attempt was in when its process died, when this run continues it.
+    resumed: Option<Phase>,
     inner: Mutex<Inner>,
 }
 
@@ -540,18 +671,85 @@ impl Recorder {
             .map_err(|e| e.to_string())
     }
 
+    /// Before a resumed run: the rows of the tasks the attempt ended, and the images of the task
+    /// it continues.
+    fn prepare_resume(&self, at: &ResumeAt) {
+        let rows = self.store.tasks(self.job).unwrap_or_default();
+        let images: Vec<ImageId> = self
+            .store
+            .images(&crate::store::ImageQuery {
+                job: Some(self.job),
+                ..crate::store::ImageQuery::default()
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| {
+                i.task == at.task
+                    && matches!(
+                        i.state.kind(),
+                        ImageStateKind::Incomplete | ImageStateKind::Valid
+                    )
+            })
+            .map(|i| i.id)
+            .collect();
+        let mut inner = self.inner.lock();
+        inner.resumed_task = Some(at.task);
+        inner.images.insert(at.task, images);
+        for row in rows {
+            let ended = matches!(
+                row.status,
+                TaskStatus::Ok
+                    | TaskStatus::Warning
+                    | TaskStatus::Skipped
+                    | TaskStatus::Failed
+                    | TaskStatus::Canceled
+            );
+            if row.index < at.task && ended {
+                inner.kept.insert(row.index, row);
+            }
+        }
+    }
+
+    /// The valid images of this job for `task`, one per target, when every target has one.
+    fn valid_images(&self, task: &Task) -> Option<Vec<crate::store::ImageRecord>> {
+        if task.sources.is_empty() {
+            return None;
+        }
+        let images = self
+            .store
+            .images(&crate::store::ImageQuery {
+                job: Some(self.job),
+                states: Some(vec![ImageStateKind::Valid]),
+                ..crate::store::ImageQuery::default()
+            })
+            .ok()?;
+        task.sources
+            .iter()
+            .map(|s| {
+                let target = s.target.display().to_string();
+                images
+                    .iter()
+                    .find(|i| i.task == task.index && i.target.locator == target)
+                    .cloned()
+            })
+            .collect()
+    }
+
     /// Record the run's end: each task's status and reason, and the job's outcome.
     fn finish(&self, run: &PlanRun) -> JobOutcome {
         for r in &run.tasks {
             let reason = r
                 .reason
-                .map(|why| store_reason(why, r.error.as_deref(), run));
+                .map(|why| store_reason(why, r.error.as_deref(), run, self.resumed));
+            if self.inner.lock().kept.contains_key(&r.task.index) {
+                continue;
+            }
             self.set_task(r.task.index, task_status(r.status), reason, r.error.clone());
         }
         let inner = self.inner.lock();
         let reason = run
             .reason
-            .map(|why| store_reason(why, run.error.as_deref(), run));
+            .map(|why| store_reason(why, run.error.as_deref(), run, self.resumed));
         let (status, reason) = match run.status {
             PlanStatus::Ok => (JobStatus::Success, None),
             PlanStatus::Partial => (JobStatus::Partial, None),
@@ -568,8 +766,32 @@ impl Recorder {
     }
 }
 
+/// The environment variable naming a step (`catalog`, `copy`, ...) at which a run's first
+/// attempt stops for good once the step is recorded, so that a test can kill the process
+/// there (the kill points of tests/plan_kill.rs and tests/daemon_kill.rs).
+pub(super) const STOP_AT_ENV: &str = "TIMEZERO_TEST_STOP_AT";
+
+/// Stop here for good when [`STOP_AT_ENV`] names `step` and this is a first attempt.
+fn stop_point(step: Step, attempt: u32) {
+    stop_at(step.as_str(), attempt);
+}
+
+/// Stop here for good when [`STOP_AT_ENV`] is `point` and this is a first attempt.
+fn stop_at(point: &str, attempt: u32) {
+    if attempt == 1 && std::env::var(STOP_AT_ENV).is_ok_and(|s| s == point) {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
 /// The store's reason for the plan layer's `why`, with the run's messages for the detail.
-fn store_reason(why: plan::JobReason, error: Option<&str>, run: &PlanRun) -> JobReason {
+fn store_reason(
+    why: plan::JobReason,
+    error: Option<&str>,
+    run: &PlanRun,
+    resumed: Option<Phase>,
+) -> JobReason {
     use plan::JobReason as P;
     let msg = || error.unwrap_or_default().to_string();
     match why {
@@ -599,6 +821,7 @@ fn store_reason(why: plan::JobReason, error: Option<&str>, run: &PlanRun) -> Job
         P::TargetBusy => JobReason::TargetBusy,
         P::TargetCreate | P::Engine | P::TaskFailed => JobReason::Engine(msg()),
         P::Halted => JobReason::Halted,
+        P::Interrupted => JobReason::DaemonRestarted(resumed.unwrap_or(Phase::AwaitingResources)),
     }
 }
 
@@ -615,6 +838,7 @@ impl RunObserver for Recorder {
             (_, None) => return,
         };
         self.phase(phase);
+        stop_point(event.step, self.attempt);
         if let Some(index) = event.task {
             self.quiesce_intent(index, event.step);
         }
@@ -637,6 +861,13 @@ impl RunObserver for Recorder {
             .tasks(self.job)
             .map(|rows| rows.into_iter().map(|r| (r.index, r.status)).collect())
             .unwrap_or_default();
+        let kept: HashMap<u32, TaskStatus> = self
+            .inner
+            .lock()
+            .kept
+            .iter()
+            .map(|(i, r)| (*i, r.status))
+            .collect();
         let mut changes = Vec::new();
         for t in tasks {
             let status = if t.skip.is_some() {
@@ -644,6 +875,9 @@ impl RunObserver for Recorder {
             } else {
                 TaskStatus::Pending
             };
+            if kept.contains_key(&t.index) {
+                continue;
+            }
             if let Some(from) = earlier.get(&t.index) {
                 changes.push(Change::UpdateTask {
                     job: self.job,
@@ -683,10 +917,10 @@ impl RunObserver for Recorder {
         if self.commit(changes).is_ok() {
             let mut inner = self.inner.lock();
             for t in tasks {
-                let status = if t.skip.is_some() {
-                    TaskStatus::Skipped
-                } else {
-                    TaskStatus::Pending
+                let status = match kept.get(&t.index) {
+                    Some(s) => *s,
+                    None if t.skip.is_some() => TaskStatus::Skipped,
+                    None => TaskStatus::Pending,
                 };
                 inner.tasks.insert(t.index, status);
             }
@@ -790,6 +1024,8 @@ impl RunObserver for Recorder {
     }
 
     fn cut(&self, task: &Task, result: Result<&[SessionId], &str>) {
+        // A kill point between the engine's establish and the record of its outcome.
+        stop_at("cut_made", self.attempt);
         let intents = self
             .inner
             .lock()
@@ -846,9 +1082,68 @@ impl RunObserver for Recorder {
         }
     }
 
+    fn ended_before(&self, task: &Task) -> Option<TaskResult> {
+        let (kept, resumed) = {
+            let inner = self.inner.lock();
+            (inner.kept.get(&task.index).cloned(), inner.resumed_task)
+        };
+        let valid = self.valid_images(task);
+        let result = |status: RunStatus, reason: Option<plan::JobReason>, error: Option<String>| {
+            let images = valid.clone().unwrap_or_default();
+            TaskResult {
+                task: task.clone(),
+                status,
+                reason,
+                error,
+                sessions: images.iter().map(|i| i.session).collect(),
+                t0_unix_ms: images.first().map(|i| i.t0_unix_ms),
+            }
+        };
+        if let Some(row) = kept {
+            // Ended earlier in this attempt, before its process died.
+            let (status, reason) = match row.status {
+                TaskStatus::Ok => (RunStatus::Ok, None),
+                TaskStatus::Warning => (RunStatus::Warning, None),
+                TaskStatus::Skipped => (
+                    RunStatus::Skipped,
+                    Some(if row.reason == Some(JobReason::WindowClosed) {
+                        plan::JobReason::WindowClosed
+                    } else {
+                        plan::JobReason::HookSkipped
+                    }),
+                ),
+                TaskStatus::Canceled => (RunStatus::Canceled, Some(plan::JobReason::Halted)),
+                _ => (RunStatus::Failed, Some(plan::JobReason::TaskFailed)),
+            };
+            return Some(result(status, reason, row.message));
+        }
+        if valid.is_some() {
+            // Its image is valid from an earlier attempt, or from this one before its process
+            // died: it is not cut again (JOB-07).
+            return Some(result(RunStatus::Ok, None, None));
+        }
+        match resumed {
+            // A task before the one the attempt continues, with no end recorded and no valid
+            // image: it did not finish.
+            Some(k) if task.index < k => Some(result(
+                RunStatus::Failed,
+                Some(plan::JobReason::Interrupted),
+                Some("its process died before the task ended".to_string()),
+            )),
+            _ => None,
+        }
+    }
+
     fn task_ended(&self, result: &TaskResult) {
         // Every path out of the task undid its quiesce.
         self.resolve_held(result.task.index);
+        // Its end, durable before the next task starts (the reason follows at the job's end).
+        self.set_task(
+            result.task.index,
+            task_status(result.status),
+            None,
+            result.error.clone(),
+        );
         let images = self
             .inner
             .lock()

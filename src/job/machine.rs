@@ -150,14 +150,14 @@ pub enum Action {
 
 /// Whether a job in `phase` is past its cut: a task of it has established its sessions (a task
 /// after the first, a step after `Cut`, the plan's post stage, or a restore, which resumes from
-/// its checkpoint). A job past its cut resumes after a restart (JOB-09) and is kept by
+/// its checkpoint). Tasks are numbered from 1, as the plan layer numbers them. A job past its cut resumes after a restart (JOB-09) and is kept by
 /// `newday.abort = "uncut"` (CAL-14).
 #[must_use]
 pub fn past_cut(phase: Phase) -> bool {
     match phase {
         Phase::AwaitingResources | Phase::Checks | Phase::PlanPre => false,
         Phase::Task { index, step } => {
-            index > 0
+            index > 1
                 || !matches!(
                     step,
                     TaskStep::Checks | TaskStep::Pre | TaskStep::Quiesce | TaskStep::Cut
@@ -375,5 +375,42 @@ fn ended(
         JobOutcome::Done { status, reason } => {
             to(JobState::Done { status, reason }, job.attempt, owner, at)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(index: u32, step: TaskStep) -> Phase {
+        Phase::Task { index, step }
+    }
+
+    #[test]
+    fn job_09_past_cut_counts_tasks_from_1() {
+        // The first task (index 1) is before its cut until its sessions exist.
+        for step in [
+            TaskStep::Checks,
+            TaskStep::Pre,
+            TaskStep::Quiesce,
+            TaskStep::Cut,
+        ] {
+            assert!(!past_cut(task(1, step)), "task 1 {step:?}");
+            assert!(past_cut(task(2, step)), "task 2 {step:?}");
+        }
+        for step in [
+            TaskStep::Thaw,
+            TaskStep::AfterCut,
+            TaskStep::Copy,
+            TaskStep::Catalog,
+            TaskStep::Post,
+            TaskStep::Finally,
+        ] {
+            assert!(past_cut(task(1, step)), "task 1 {step:?}");
+        }
+        assert!(!past_cut(Phase::PlanPre));
+        assert!(!past_cut(Phase::Checks));
+        assert!(!past_cut(Phase::AwaitingResources));
+        assert!(past_cut(Phase::PlanPost));
     }
 }

@@ -906,11 +906,11 @@ fn job_09_recovery_resumes_past_the_cut_and_fails_before_it() {
         let after = insert_job(&store, ev[0], "b", start, "20261201");
         let alive_job = insert_job(&store, ev[0], "c", start, "20261201");
         let pre = Phase::Task {
-            index: 0,
+            index: 1,
             step: TaskStep::Pre,
         };
         let copy = Phase::Task {
-            index: 0,
+            index: 1,
             step: TaskStep::Copy,
         };
         force(
@@ -983,7 +983,7 @@ fn job_09_recovery_resumes_past_the_cut_and_fails_before_it() {
             to: JobState::Done {
                 status: JobStatus::Failed,
                 reason: Some(JobReason::DaemonRestarted(Phase::Task {
-                    index: 0,
+                    index: 1,
                     step: TaskStep::Pre
                 }))
             },
@@ -1238,7 +1238,7 @@ fn newday_case(abort: NewdayAbort) -> (Vec<String>, BTreeMap<&'static str, JobSt
         cut,
         JobState::Active {
             phase: Phase::Task {
-                index: 0,
+                index: 1,
                 step: TaskStep::Copy,
             },
         },

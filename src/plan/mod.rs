@@ -32,8 +32,9 @@ pub use file::{
     WindowSetting, Writes, TARGET_PLACEHOLDERS, TARGET_TEMPLATE_DEFAULT,
 };
 pub use run::{
-    run_plan, run_plan_observed, CopySettings, Event, HookRecord, NoObserver, PlanRun, PlanStatus,
-    RunContext, RunObserver, Sessions, Step, TaskResult,
+    resume_plan_observed, run_plan, run_plan_observed, CopySettings, CutStep, Event, HookRecord,
+    Left, NoObserver, PlanRun, PlanStatus, ResumeAt, RunContext, RunObserver, Sessions, Step,
+    TaskResult,
 };
 
 use std::fmt;
@@ -84,6 +85,10 @@ pub enum JobReason {
     Halted,
     /// A task failed (the job's reason when its tasks failed for several reasons).
     TaskFailed,
+    /// The process running the task died before the task's cut was made or while its copy
+    /// depended on a hold that died with it: the task was not finished in this attempt
+    /// (JOB-09).
+    Interrupted,
 }
 
 impl JobReason {
@@ -111,6 +116,7 @@ impl JobReason {
             JobReason::Engine => 19,
             JobReason::Halted => 20,
             JobReason::TaskFailed => 21,
+            JobReason::Interrupted => 22,
         }
     }
 
@@ -138,6 +144,7 @@ impl JobReason {
             JobReason::Engine => "engine",
             JobReason::Halted => "halted",
             JobReason::TaskFailed => "task_failed",
+            JobReason::Interrupted => "interrupted",
         }
     }
 }

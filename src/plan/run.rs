@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::check::{check, recheck_task, CheckInput, CheckOutcome, CheckReport};
-use super::expand::{Skip, Task, VolumeFinder};
+use super::expand::{expand, Naming, Skip, Task, VolumeFinder};
 use super::file::{GlobalConfig, OnTaskError, Plan, Writes};
 use super::JobReason;
 use crate::clock::Clock;
@@ -361,6 +361,62 @@ pub trait RunObserver {
     /// `task` ended: its result, sessions kept only when it ended `ok` or `warning` (the
     /// sessions of a task that failed after its cut were withdrawn).
     fn task_ended(&self, _result: &TaskResult) {}
+
+    /// How `task` ended before this run reached it, when it did: its image is valid from an
+    /// earlier attempt of the job (a retry does not cut it again, JOB-07), or the attempt this
+    /// run continues ended it before its process died (JOB-09). Such a task is not run again
+    /// and runs no hook. `None` by default.
+    fn ended_before(&self, _task: &Task) -> Option<TaskResult> {
+        None
+    }
+}
+
+/// Where an attempt continues after the process that ran it died past its cut (JOB-09): the
+/// task it was in and what of that task is left. The tasks before it ended in that process
+/// ([`RunObserver::ended_before`]); the ones after it run as in [`run_plan_observed`], then
+/// `plan_post` and the plan's `finally`. `plan_pre` is not run again: the attempt passed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeAt {
+    /// The task the attempt was in (from 1).
+    pub task: u32,
+    /// What of it is left.
+    pub left: Left,
+}
+
+/// What is left of the task an attempt was in when its process died.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Left {
+    /// Its cut was not made (or was undone): the task fails with `reason` and `error`, then
+    /// runs its `task_post` and `finally` hooks (HOOK-02).
+    Uncut {
+        /// Why ([`JobReason::Interrupted`], or [`JobReason::HookFailed`] for a hook whose end
+        /// is unknown).
+        reason: JobReason,
+        /// What happened.
+        error: String,
+    },
+    /// Its cut was made: its `sessions` (one per source, in source order) continue from
+    /// `from`, then the task's catalog step, `task_post` and `finally`.
+    Cut {
+        /// The sessions of its image.
+        sessions: Vec<SessionId>,
+        /// Their T0.
+        t0_unix_ms: Option<u64>,
+        /// The first step left.
+        from: CutStep,
+    },
+}
+
+/// The first step left of a task whose cut was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutStep {
+    /// The `after_cut` hook (found started in this attempt, it is not run again: the task
+    /// fails, HOOK-10).
+    AfterCut,
+    /// The copy: a new copier on the sessions, which copies what is not copied yet.
+    Copy,
+    /// The catalog step (the copy is complete; recording the image is idempotent).
+    Catalog,
 }
 
 /// The observer that records nothing.
@@ -513,6 +569,68 @@ impl Runner<'_, '_> {
                 self.undo(&mut held);
             }
         }
+        self.task_end(task, held, warning, outcome)
+    }
+
+    /// Continue `task` where the process that ran this attempt died (JOB-09).
+    fn resume_task(&mut self, task: &Task, left: &Left) -> TaskResult {
+        let mut warning: Option<String> = None;
+        let mut held = Held::default();
+        let outcome = match left {
+            Left::Uncut { reason, error } => Err(Fail::failed(*reason, error.clone())),
+            Left::Cut {
+                sessions,
+                t0_unix_ms,
+                from,
+            } => {
+                held.sessions.clone_from(sessions);
+                held.t0 = *t0_unix_ms;
+                held.created = task.sources.iter().map(|s| s.target.clone()).collect();
+                let outcome = if self.plan.session.writes == Writes::Direct
+                    && *from != CutStep::Catalog
+                {
+                    // The freeze that kept the source still until the copy completed died
+                    // with the process: the copy cannot be trusted to be T0-exact.
+                    Err(Fail::failed(
+                        JobReason::Interrupted,
+                        "the process died while the source was frozen for the copy \
+                         (writes = \"direct\"): the image is given up"
+                            .to_string(),
+                    ))
+                } else {
+                    self.resumed_locks(task, &mut held)
+                        .and_then(|()| self.after_cut(task, &mut held, &mut warning, None, *from))
+                };
+                if outcome.is_err() {
+                    self.undo(&mut held);
+                }
+                outcome
+            }
+        };
+        self.task_end(task, held, warning, outcome)
+    }
+
+    /// Lock the targets of a resumed task again (held until the end of `task_post`, QUI-02).
+    fn resumed_locks(&self, task: &Task, held: &mut Held) -> Result<(), Fail> {
+        for s in &task.sources {
+            let lock = TargetLock::acquire(&s.target).map_err(|e| match e {
+                LockError::TargetBusy { .. } => Fail::failed(JobReason::TargetBusy, e.to_string()),
+                _ => Fail::failed(JobReason::TargetCreate, e.to_string()),
+            })?;
+            held.locks.push(lock);
+        }
+        Ok(())
+    }
+
+    /// The end of a task: `task_post` and `finally` with the outcome so far, then its result.
+    fn task_end(
+        &mut self,
+        task: &Task,
+        mut held: Held,
+        warning: Option<String>,
+        outcome: Result<(), Fail>,
+    ) -> TaskResult {
+        let hooks = &self.plan.hooks;
         let (mut status, mut reason, mut error) = match outcome {
             Ok(()) if warning.is_some() => (RunStatus::Warning, None, warning.clone()),
             Ok(()) => (RunStatus::Ok, None, None),
@@ -690,21 +808,42 @@ impl Runner<'_, '_> {
             .iter()
             .find(|s| ids.first() == Some(&s.id))
             .map(|s| s.created_unix_ms);
+        self.after_cut(task, held, warning, Some(guard), CutStep::AfterCut)
+    }
+
+    /// The steps after a task's cut, from `from`: thaw (`writes = "engine"`), `after_cut`, the
+    /// copy (then the thaw with `writes = "direct"`), the catalog step. `guard` is the task's
+    /// quiesce when this process holds it.
+    fn after_cut(
+        &mut self,
+        task: &Task,
+        held: &mut Held,
+        warning: &mut Option<String>,
+        guard: Option<Quiesced>,
+        from: CutStep,
+    ) -> Result<(), Fail> {
+        let plan = self.plan;
+        let sessions = self.ctx.sessions;
+        let ids = held.sessions.clone();
         // writes = "engine": the quiesce ends right after the cut (PLAN-15).
-        let mut guard = Some(guard);
+        let mut guard = guard;
         if plan.session.writes == Writes::Engine {
             if let Some(g) = guard.take() {
                 self.thaw(g, task.index)?;
             }
         }
-        let mut ctx = self.hook_context(Stage::AfterCut, Some(task));
-        ctx.session = ids.first().copied();
-        let after = self.hook(
-            Step::AfterCut,
-            Stage::AfterCut,
-            plan.hooks.after_cut.as_ref(),
-            ctx,
-        );
+        let after = if from == CutStep::AfterCut {
+            let mut ctx = self.hook_context(Stage::AfterCut, Some(task));
+            ctx.session = ids.first().copied();
+            self.hook(
+                Step::AfterCut,
+                Stage::AfterCut,
+                plan.hooks.after_cut.as_ref(),
+                ctx,
+            )
+        } else {
+            None
+        };
         let after_fail = match after {
             Some((Verdict::Fail, m)) => Some(Fail::failed(JobReason::HookFailed, m)),
             Some((Verdict::Skip, m)) => Some(Fail {
@@ -720,7 +859,7 @@ impl Runner<'_, '_> {
         };
         let copied = match after_fail {
             Some(f) => Err(f),
-            None if plan.session.mode == CopyMode::Copy => {
+            None if plan.session.mode == CopyMode::Copy && from != CutStep::Catalog => {
                 self.event(Step::Copy, Some(task.index));
                 let settings = CopySettings {
                     rate_bytes_per_s: plan.session.copy_rate,
@@ -916,9 +1055,101 @@ pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunOb
         Some((Verdict::Ok, _)) | None => {}
     }
 
-    // The tasks, one after another in creation order (PLAN-09).
+    run_tasks(&mut runner, &mut run, &tasks, pre_ok, None);
+    run
+}
+
+/// Continue the attempt of `ctx.job` that the process running it left at `at` (JOB-09): the
+/// tasks are expanded again (their targets are named after the job and its backup day, so they
+/// are the ones the attempt had), no check and no `plan_pre` run again, the tasks before
+/// `at.task` are as [`RunObserver::ended_before`] says, `at.task` continues as [`Left`] says,
+/// and the rest runs as in [`run_plan_observed`].
+#[must_use]
+pub fn resume_plan_observed(
+    plan: &Plan,
+    ctx: &RunContext<'_>,
+    observer: &dyn RunObserver,
+    at: &ResumeAt,
+) -> PlanRun {
+    let ctx = *ctx;
+    let mut runner = Runner {
+        plan,
+        observer,
+        ctx,
+        quiescer: Quiescer::new(Arc::clone(ctx.quiesce), Arc::clone(ctx.clock)),
+        events: Vec::new(),
+        hooks: Vec::new(),
+        warned: false,
+    };
+    let mut run = PlanRun {
+        status: PlanStatus::Ok,
+        reason: None,
+        error: None,
+        plan_text: plan.text.clone(),
+        plan_sha256: plan.sha256,
+        check: CheckReport {
+            outcome: CheckOutcome::Pass,
+            problems: Vec::new(),
+            window: None,
+            space: None,
+            tasks: Vec::new(),
+        },
+        tasks: Vec::new(),
+        events: Vec::new(),
+        hooks: Vec::new(),
+    };
+    let naming = Naming {
+        job: ctx.job,
+        day: ctx.backup_day,
+    };
+    let tasks = match expand(plan, ctx.finder, naming) {
+        Ok(t) => t,
+        Err(e) => {
+            run.status = PlanStatus::Failed;
+            run.reason = Some(JobReason::InvalidPlan);
+            run.error = Some(format!("expanding the plan again to resume: {e}"));
+            return run;
+        }
+    };
+    if !tasks.iter().any(|t| t.index == at.task) {
+        run.status = PlanStatus::Failed;
+        run.reason = Some(JobReason::Interrupted);
+        run.error = Some(format!(
+            "the plan expands to no task {} now: the attempt cannot continue",
+            at.task
+        ));
+        return run;
+    }
+    run.check.tasks.clone_from(&tasks);
+    observer.tasks(&tasks);
+    run_tasks(&mut runner, &mut run, &tasks, true, Some(at));
+    run
+}
+
+/// The tasks, one after another in creation order (PLAN-09), then `plan_post` (when `plan_pre`
+/// succeeded) and the plan's `finally`. `resume` is the task an attempt continues.
+fn run_tasks(
+    runner: &mut Runner<'_, '_>,
+    run: &mut PlanRun,
+    tasks: &[Task],
+    pre_ok: bool,
+    resume: Option<&ResumeAt>,
+) {
+    let plan = runner.plan;
+    let ctx = runner.ctx;
+    let observer = runner.observer;
+    let skipped_at_expansion = |t: &Task| {
+        t.skip.as_ref().map(|s| {
+            Runner::not_started(
+                t,
+                RunStatus::Skipped,
+                skip_reason(s),
+                format!("{} {s}", t.pattern),
+            )
+        })
+    };
     let mut stop: Option<(RunStatus, JobReason, String)> = None;
-    for task in &tasks {
+    for task in tasks {
         if let Some(r) = skipped_at_expansion(task) {
             run.tasks.push(r);
             continue;
@@ -942,6 +1173,25 @@ pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunOb
                 .push(Runner::not_started(task, *status, *reason, why.clone()));
             continue;
         }
+        if let Some(at) = resume.filter(|at| at.task == task.index) {
+            let result = runner.resume_task(task, &at.left);
+            if matches!(result.status, RunStatus::Failed | RunStatus::Canceled)
+                && plan.on_task_error == OnTaskError::Halt
+            {
+                stop = Some(halted(task.index));
+            }
+            run.tasks.push(result);
+            continue;
+        }
+        if let Some(r) = observer.ended_before(task) {
+            if matches!(r.status, RunStatus::Failed | RunStatus::Canceled)
+                && plan.on_task_error == OnTaskError::Halt
+            {
+                stop = Some(halted(task.index));
+            }
+            run.tasks.push(r);
+            continue;
+        }
         // PLAN-10: the window and the space again.
         let result = match recheck_task(plan, ctx.global, ctx.clock.now(), task) {
             Some((JobReason::WindowClosed, why)) => {
@@ -954,14 +1204,7 @@ pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunOb
         if matches!(result.status, RunStatus::Failed | RunStatus::Canceled)
             && plan.on_task_error == OnTaskError::Halt
         {
-            stop = Some((
-                RunStatus::Canceled,
-                JobReason::Halted,
-                format!(
-                    "canceled after task {} failed (on_task_error = \"halt\")",
-                    task.index
-                ),
-            ));
+            stop = Some(halted(task.index));
         }
         run.tasks.push(result);
     }
@@ -986,7 +1229,7 @@ pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunOb
             plan.hooks.plan_post.as_ref(),
             c,
         );
-        apply_plan_hook(&mut run, &mut runner.warned, post);
+        apply_plan_hook(run, &mut runner.warned, post);
     }
     let mut c = runner.hook_context(Stage::Finally, None);
     c.status = status_for_hooks(run.status);
@@ -998,13 +1241,21 @@ pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunOb
         plan.hooks.finally.as_ref(),
         c,
     );
-    apply_plan_hook(&mut run, &mut runner.warned, fin);
+    apply_plan_hook(run, &mut runner.warned, fin);
     if runner.warned && run.status == PlanStatus::Ok {
         run.status = PlanStatus::Partial;
     }
-    run.events = runner.events;
-    run.hooks = runner.hooks;
-    run
+    run.events = std::mem::take(&mut runner.events);
+    run.hooks = std::mem::take(&mut runner.hooks);
+}
+
+/// Why the tasks after a failed `task` are canceled with `on_task_error = "halt"` (PLAN-11).
+fn halted(task: u32) -> (RunStatus, JobReason, String) {
+    (
+        RunStatus::Canceled,
+        JobReason::Halted,
+        format!("canceled after task {task} failed (on_task_error = \"halt\")"),
+    )
 }
 
 /// What a failing `plan_post` or plan `finally` does to the job (HOOK-08).

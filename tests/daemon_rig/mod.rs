@@ -45,7 +45,7 @@ pub struct Rig {
 
 impl Rig {
     /// `block` names the stage whose hook writes its pid to `ROOT/marker` and blocks (j1's
-    /// first attempt only); `session` adds lines to `[session]`.
+    /// first attempt only; `STAGE:N` for task N only); `session` adds lines to `[session]`.
     pub fn new(block: &str, session: &str) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
@@ -71,10 +71,15 @@ impl Rig {
         .unwrap();
         let log = root.join("log");
         let (l, r) = (log.display(), root.display());
+        // `STAGE:N` blocks the stage of task N only.
+        let (block, only_task) = match block.split_once(':') {
+            Some((stage, task)) => (stage, format!(" && [ $TIMEZERO_TASK = {task} ]")),
+            None => (block, String::new()),
+        };
         let blocker = |stage: &str| {
             if stage == block {
                 format!(
-                    "if [ $TIMEZERO_JOB = j1 ] && [ $TIMEZERO_ATTEMPT = 1 ] && [ ! -e {r}/marker ]; \
+                    "if [ $TIMEZERO_JOB = j1 ] && [ $TIMEZERO_ATTEMPT = 1 ]{only_task} && [ ! -e {r}/marker ]; \
                      then echo $$ > {r}/marker.tmp; mv {r}/marker.tmp {r}/marker; exec sleep 600; fi"
                 )
             } else {
