@@ -2,7 +2,9 @@
 //! and 1,000 queued jobs in a `SqliteStore` in a temporary directory. One scheduler tick with
 //! nothing due (the due events read, the retry pass and a broker pass), one broker pass alone,
 //! a calendar pass at an instant with due occurrences (the whole calendar read, the view built,
-//! `decide`; not committed), and `schedule due --at` (the calendar read, the view built,
+//! `decide`; not committed), a whole tick at the next instant where something is due (a
+//! scheduler that has run before, clock moved from one due minute to the next; the jobs it
+//! creates are cancelled outside the measured time), and `schedule due --at` (the calendar read, the view built,
 //! `due_at`), also `due_at` alone on a built view.
 //!
 //! Run with `cargo bench --bench orchestration`. Figures: docs/benchmarks.md.
@@ -13,6 +15,7 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use jiff::Timestamp;
@@ -174,6 +177,50 @@ fn fill(store: &SqliteStore, now: Timestamp) -> Timestamp {
     schedules[0].next_after(now).unwrap()
 }
 
+/// Ticks at successive instants where something is due: a second store filled alike, a
+/// scheduler that already decided the first due instant (so it runs as a daemon's does, with the
+/// calendar read once), then per iteration the clock moved to the next due instant (untimed),
+/// one tick (timed), and the jobs it created cancelled (untimed), so the queue stays at 1,000.
+fn tick_at_due_instants(c: &mut Criterion, dir: &std::path::Path, now: Timestamp) {
+    let store = Arc::new(SqliteStore::open(dir.join("due.sqlite")).unwrap());
+    fill(&store, now);
+    let clock = Arc::new(ManualClock::new(now));
+    let scheduler = Scheduler::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        Arc::new(Waiting),
+        Limits::default(),
+        NewdaySettings::default(),
+        "bench".to_string(),
+    );
+    let step = |timed: &mut Duration| {
+        let next = scheduler.next_wake().unwrap().unwrap();
+        clock.set(next);
+        let t = Instant::now();
+        let created = scheduler.tick().unwrap();
+        *timed += t.elapsed();
+        // The tick decided the instant: the next wake-up lies after it.
+        assert!(scheduler.next_wake().unwrap().is_some_and(|w| w > next));
+        for j in created {
+            scheduler.cancel(j).unwrap();
+        }
+    };
+    let mut untimed = Duration::ZERO;
+    step(&mut untimed);
+    let mut g = c.benchmark_group("orchestration");
+    g.sample_size(10);
+    g.bench_function("tick_at_a_due_instant_10k_events_1k_jobs", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                step(&mut timed);
+            }
+            timed
+        });
+    });
+    g.finish();
+}
+
 fn orchestration(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(dir.path().join("orchestration.sqlite")).unwrap());
@@ -223,6 +270,7 @@ fn orchestration(c: &mut Criterion) {
         b.iter(|| black_box(due_at(&view, due)));
     });
     g.finish();
+    tick_at_due_instants(c, dir.path(), now);
 }
 
 criterion_group!(benches, orchestration);

@@ -204,6 +204,12 @@ pub const DAEMON_CTL_REQUEST_BYTES_MAX: u64 = 64 * 1024;
 pub const DAEMON_CTL_TIMEOUT_SECS: u64 = 60;
 /// Longest `plan run --wait` and `daemon stop` wait between two looks at the store or the lock.
 pub const DAEMON_POLL_MS: u64 = 200;
+/// Longest `plan run` and `restore` wait for a daemon that holds the state's lock to answer
+/// on `STATE/daemon.ctl` (a daemon that is starting takes its lock before it listens).
+pub const DAEMON_ANSWER_WAIT_MS: u64 = 60_000;
+/// How often `plan run` and `restore` try `STATE/daemon.ctl` again while they wait for a
+/// starting daemon to answer.
+pub const DAEMON_ANSWER_POLL_MS: u64 = 50;
 
 /// Most occurrences `timezero schedule next --count N` prints.
 pub const SCHEDULE_NEXT_COUNT_MAX: usize = 1000;

@@ -193,3 +193,55 @@ fn job_10_a_restore_through_the_daemon_is_active_at_once() {
     assert_eq!(stop.status.code(), Some(0), "{}", text(&stop));
     assert_eq!(r.wait_exit(&mut d), Some(0));
 }
+
+/// JOB-10 / CAL-03 with a daemon that is starting: its lock is held but `STATE/daemon.ctl` does
+/// not answer yet. `plan run` says it waits, and hands its run over once the socket answers
+/// (here a stand-in for the daemon that refuses the request with a message of its own), instead
+/// of failing at once or running in its own process.
+#[test]
+fn job_10_plan_run_waits_for_a_starting_daemon_to_answer() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::process::Stdio;
+
+    let r = Rig::new("", "");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(r.state.join("daemon.lock"))
+        .unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_timezero"))
+        .args(["plan", "run", "db", "--state"])
+        .arg(&r.state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It says it waits: the socket does not exist yet.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.starts_with("waiting for the daemon"), "{line}");
+    // The daemon starts listening and answers.
+    let listener = UnixListener::bind(r.state.join("daemon.ctl")).unwrap();
+    let (conn, _) = listener.accept().unwrap();
+    let mut request = String::new();
+    BufReader::new(&conn).read_line(&mut request).unwrap();
+    let req: serde_json::Value = serde_json::from_str(&request).unwrap();
+    assert_eq!(req["req"], "run-plan", "{request}");
+    assert_eq!(req["plan"], "db", "{request}");
+    (&conn)
+        .write_all(b"{\"ok\":false,\"job\":null,\"message\":\"refused by the starting daemon\"}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{rest}");
+    assert!(rest.contains("refused by the starting daemon"), "{rest}");
+    // Nothing ran in its own process.
+    assert!(r.jobs().is_empty());
+    drop(lock);
+}

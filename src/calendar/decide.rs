@@ -297,6 +297,28 @@ impl CalendarView {
         self.schedules.get(&e.schedule)
     }
 
+    /// Move event `event`'s next occurrence to `to`, as a committed [`Decision::Advance`]
+    /// did (a view kept between passes follows its own commits this way); nothing when the view
+    /// has no such event.
+    pub fn set_next_due(&mut self, event: EventId, to: Option<Timestamp>) {
+        if let Some(e) = self.events.get_mut(&event) {
+            e.next_due = to;
+        }
+    }
+
+    /// Add an occurrence that was recorded after the view was built.
+    pub fn record(&mut self, o: Occurrence) {
+        if matches!(
+            o.outcome,
+            OccurrenceOutcome::Started(_) | OccurrenceOutcome::Activated
+        ) {
+            let dues = self.ran.entry(o.event).or_default();
+            let i = dues.partition_point(|d| *d < o.due);
+            dues.insert(i, o.due);
+        }
+        self.occurrences.push(o);
+    }
+
     /// Whether `e` has an occurrence that ran in `[start, end)`.
     fn ran_in(&self, e: EventId, day: &DayBounds) -> bool {
         self.ran.get(&e).is_some_and(|dues| {
@@ -375,7 +397,10 @@ fn scheduled_in(view: &CalendarView, e: &Event, day: &DayBounds, pending: Pendin
     let from = match pending {
         Pending::WholeDay => day.start,
         Pending::FromNextDue => match e.next_due {
-            Some(d) => d.max(day.start),
+            // The next occurrence to be decided is `next_due` itself ([`decide`] starts there):
+            // no look at the schedule.
+            Some(d) if d >= day.start => return day.contains(d),
+            Some(_) => day.start,
             None => return false,
         },
     };

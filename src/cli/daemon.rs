@@ -12,7 +12,8 @@
 //! 4. loops: a scheduler tick (calendar pass, retries, broker pass; the granted jobs run on
 //!    worker threads through the same [`PlanWork`] as `plan run`), then sleeps until the next
 //!    due time, a request on `STATE/daemon.ctl`, or at most [`DAEMON_TICK_MAX_MS`]. When a tick
-//!    moved the backup day (NEWDAY), retention (CAT-05) and the catalog reconcile (CAT-04) run.
+//!    moved the backup day (NEWDAY), the catalog reconcile (CAT-04) and then retention (CAT-05)
+//!    run, as they do once at start before the first tick.
 //! 5. stops on SIGTERM, SIGINT or `daemon stop`: no job starts any more, the running ones are
 //!    let finish (their hooks, quiesce and thaw, cut and copy, and the commit of their end),
 //!    the sockets close, the lock is released; exit 0.
@@ -382,6 +383,10 @@ pub(super) fn daemon(args: &DaemonArgs, io: IoFlags, out: &mut dyn Write) -> Res
         work: &work,
         engines: &engines,
     };
+    // The catalog at start: reconcile, then retention (as at NEWDAY).
+    for l in daemon.catalog_upkeep() {
+        say(l);
+    }
     let mut day = daemon.backup_day();
     loop {
         if let Err(e) = scheduler.tick() {
@@ -389,7 +394,7 @@ pub(super) fn daemon(args: &DaemonArgs, io: IoFlags, out: &mut dyn Write) -> Res
         }
         let now_day = daemon.backup_day();
         if now_day.is_some() && now_day != day {
-            for l in daemon.newday() {
+            for l in daemon.catalog_upkeep() {
                 say(l);
             }
             day = now_day;
@@ -540,9 +545,17 @@ impl Daemon<'_> {
         }
     }
 
-    /// At NEWDAY: retention of every plan that has rules (CAT-05), then the catalog reconcile
-    /// against every held table (CAT-04, half-done expiries finished). One line per decision.
-    fn newday(&self) -> Vec<String> {
+    /// At start and at NEWDAY: the catalog reconcile against every held table (CAT-04,
+    /// half-done expiries finished), then retention of every plan that has rules (CAT-05), so
+    /// retention never counts an image that is already lost. One line per decision.
+    fn catalog_upkeep(&self) -> Vec<String> {
+        let mut lines = self.catalog_reconcile();
+        lines.extend(self.retention());
+        lines
+    }
+
+    /// Retention of every plan that has rules (CAT-05). One line per decision.
+    fn retention(&self) -> Vec<String> {
         let mut lines = Vec::new();
         let engines = self.engines.lock().clone();
         let plans = self.state.plans().unwrap_or_default();
@@ -598,6 +611,14 @@ impl Daemon<'_> {
                 }
             }
         }
+        lines
+    }
+
+    /// The catalog reconcile against every held table (CAT-04, half-done expiries finished).
+    /// One line per decision.
+    fn catalog_reconcile(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let engines = self.engines.lock().clone();
         for (table, engine) in &engines {
             match catalog::reconcile(&**self.store, engine, table, &[], &FileVolumes::default()) {
                 Ok(report) => {
@@ -665,9 +686,9 @@ pub(super) fn hand_over(
         path: Some(path),
         priority,
     };
-    let Some(reply) = daemon_ctl::request(state, &req)? else {
+    let Some(reply) = daemon_ctl::request_when_up(state, &req)? else {
         return Err(Fail::Message(format!(
-            "a daemon holds {} but does not answer on {}",
+            "a daemon holds {} but did not answer on {}",
             state.dir.display(),
             daemon_ctl::ctl_path(state).display()
         )));
@@ -758,9 +779,9 @@ pub(super) fn restore_hand_over(
         image: image.0,
         to: std::path::absolute(to).unwrap_or_else(|_| to.to_path_buf()),
     };
-    let Some(reply) = daemon_ctl::request(state, &req)? else {
+    let Some(reply) = daemon_ctl::request_when_up(state, &req)? else {
         return Err(Fail::Message(format!(
-            "a daemon holds {} but does not answer on {}",
+            "a daemon holds {} but did not answer on {}",
             state.dir.display(),
             daemon_ctl::ctl_path(state).display()
         )));

@@ -17,14 +17,17 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::Sender;
 use serde::{Deserialize, Serialize};
 
 use super::state::StateDir;
 use super::Fail;
-use crate::limits::{DAEMON_CTL_REQUEST_BYTES_MAX, DAEMON_CTL_TIMEOUT_SECS};
+use crate::limits::{
+    DAEMON_ANSWER_POLL_MS, DAEMON_ANSWER_WAIT_MS, DAEMON_CTL_REQUEST_BYTES_MAX,
+    DAEMON_CTL_TIMEOUT_SECS,
+};
 
 /// The version of the protocol this build speaks.
 pub(super) const CTL_VERSION: u32 = 1;
@@ -161,6 +164,35 @@ pub(super) fn request(state: &StateDir, req: &CtlRequest) -> Result<Option<CtlRe
     serde_json::from_str(&answer)
         .map(Some)
         .map_err(|e| Fail::Message(format!("answer from {}: {e}", path.display())))
+}
+
+/// [`request`] to a daemon that holds the state's lock: while its socket does not answer yet
+/// (the daemon is starting: it takes the lock before it listens), say so once on stderr and try
+/// again every [`DAEMON_ANSWER_POLL_MS`] for up to [`DAEMON_ANSWER_WAIT_MS`]. `Ok(None)` when the
+/// lock was let go meanwhile or the time ran out.
+pub(super) fn request_when_up(
+    state: &StateDir,
+    req: &CtlRequest,
+) -> Result<Option<CtlReply>, Fail> {
+    let deadline = Instant::now() + Duration::from_millis(DAEMON_ANSWER_WAIT_MS);
+    let mut told = false;
+    loop {
+        if let Some(reply) = request(state, req)? {
+            return Ok(Some(reply));
+        }
+        if state.hold_runner_lock()?.is_ok() || Instant::now() >= deadline {
+            return Ok(None);
+        }
+        if !told {
+            eprintln!(
+                "waiting for the daemon that holds {} to answer on {}",
+                state.dir.display(),
+                ctl_path(state).display()
+            );
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(DAEMON_ANSWER_POLL_MS));
+    }
 }
 
 /// The listening socket; stops listening and removes its file when dropped.

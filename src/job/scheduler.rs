@@ -105,6 +105,22 @@ pub struct Scheduler {
     stopped: Mutex<HashSet<(JobId, u32)>>,
     finished_tx: Sender<Finished>,
     finished_rx: Receiver<Finished>,
+    /// The calendar as read at a generation of the store, kept between passes; held for the
+    /// whole of a calendar pass, so passes of one scheduler do not overlap.
+    calendar: Mutex<Option<KeptCalendar>>,
+}
+
+/// The calendar view a scheduler keeps between passes, and the store's
+/// [`Store::calendar_generation`] it is current for.
+struct KeptCalendar {
+    generation: u64,
+    view: CalendarView,
+}
+
+/// A calendar write of a pass, applied to the kept view once the pass has committed.
+enum Followed {
+    Advance(EventId, Option<Timestamp>),
+    Occurrence(calendar::Occurrence),
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -154,6 +170,7 @@ impl Scheduler {
             stopped: Mutex::new(HashSet::new()),
             finished_tx,
             finished_rx,
+            calendar: Mutex::new(None),
         }
     }
 
@@ -260,22 +277,45 @@ impl Scheduler {
             if !self.store.events_due_by(now)?.iter().any(|e| e.enabled) {
                 return Ok(created);
             }
-            let view = self.view()?;
-            let decisions = calendar::decide(&view, now);
+            // The calendar is read again only when something changed it since the last pass.
+            let mut kept = self.calendar.lock();
+            let generation = self.store.calendar_generation()?;
+            let kept_calendar = match kept.take() {
+                Some(k) if k.generation == generation => k,
+                _ => KeptCalendar {
+                    generation,
+                    view: self.view()?,
+                },
+            };
+            let view = &kept.insert(kept_calendar).view;
+            let decisions = calendar::decide(view, now);
             if decisions.is_empty() {
                 return Ok(created);
             }
+            let starts = decisions
+                .iter()
+                .filter(|d| matches!(d, Decision::Start { .. }))
+                .count();
+            let mut ids = self
+                .store
+                .allocate_many(IdKind::Job, starts)?
+                .into_iter()
+                .map(JobId);
             let mut changes = Vec::new();
             let mut actions = Vec::new();
             let mut jobs = Vec::new();
+            let mut followed = Vec::new();
+            let mut open_jobs: Option<Vec<JobRecord>> = None;
             for d in decisions {
-                let record = |event: EventId, due: Timestamp, outcome: OccurrenceOutcome| {
-                    Change::RecordOccurrence(OccurrenceRow {
+                let mut record = |event: EventId, due: Timestamp, outcome: OccurrenceOutcome| {
+                    let row = OccurrenceRow {
                         event,
                         due,
                         backup_day: view.backup_day(due),
                         outcome,
-                    })
+                    };
+                    followed.push(Followed::Occurrence(occurrence_of(row.clone())));
+                    changes.push(Change::RecordOccurrence(row));
                 };
                 match d {
                     Decision::Start {
@@ -283,19 +323,28 @@ impl Scheduler {
                         due,
                         backup_day,
                     } => {
+                        let Some(id) = ids.next() else {
+                            continue;
+                        };
                         let Some(e) = view.events().get(&event) else {
                             continue;
                         };
                         let Some(kind) = job_kind(&e.kind) else {
                             continue;
                         };
-                        let id = JobId(self.store.allocate(IdKind::Job)?);
                         jobs.push(id);
                         let (plan_text, plan_sha256) =
                             match kind.plan().and_then(|p| self.work.plan_text(p)) {
                                 Some((text, sha)) => (Some(text), Some(sha)),
                                 None => (None, None),
                             };
+                        let occurrence = OccurrenceRow {
+                            event,
+                            due,
+                            backup_day,
+                            outcome: OccurrenceOutcome::Started(id),
+                        };
+                        followed.push(Followed::Occurrence(occurrence_of(occurrence.clone())));
                         changes.push(Change::InsertJob {
                             job: JobRecord {
                                 id,
@@ -317,38 +366,36 @@ impl Scheduler {
                                 ended: None,
                                 stop_requested: None,
                             },
-                            occurrence: OccurrenceRow {
-                                event,
-                                due,
-                                backup_day,
-                                outcome: OccurrenceOutcome::Started(id),
-                            },
+                            occurrence,
                         });
                     }
                     Decision::Suppressed { event, due, by } => {
-                        changes.push(record(event, due, OccurrenceOutcome::Suppressed { by }));
+                        record(event, due, OccurrenceOutcome::Suppressed { by });
                     }
                     Decision::Activated { event, due } => {
-                        changes.push(record(event, due, OccurrenceOutcome::Activated));
+                        record(event, due, OccurrenceOutcome::Activated);
                     }
                     Decision::ScheduleDisabled { event, due } => {
-                        changes.push(record(event, due, OccurrenceOutcome::ScheduleDisabled));
+                        record(event, due, OccurrenceOutcome::ScheduleDisabled);
                     }
                     Decision::Missed { event, due } => {
-                        changes.push(record(event, due, OccurrenceOutcome::Missed));
+                        record(event, due, OccurrenceOutcome::Missed);
                     }
                     Decision::Newday { ending, .. } => {
-                        let open = self.store.jobs(&JobQuery {
-                            states: Some(vec![
-                                JobStateKind::Queued,
-                                JobStateKind::WaitingForRetry,
-                                JobStateKind::Active,
-                            ]),
-                            ..JobQuery::default()
-                        })?;
-                        for job in open {
+                        // Read once per pass, however many NEWDAY occurrences it decides.
+                        if open_jobs.is_none() {
+                            open_jobs = Some(self.store.jobs(&JobQuery {
+                                states: Some(vec![
+                                    JobStateKind::Queued,
+                                    JobStateKind::WaitingForRetry,
+                                    JobStateKind::Active,
+                                ]),
+                                ..JobQuery::default()
+                            })?);
+                        }
+                        for job in open_jobs.iter().flatten() {
                             let (c, a) = step(
-                                &job,
+                                job,
                                 Event::Newday {
                                     ending,
                                     abort: self.newday.abort,
@@ -360,19 +407,42 @@ impl Scheduler {
                         }
                     }
                     Decision::Advance { event, from, to } => {
+                        followed.push(Followed::Advance(event, to));
                         changes.push(Change::AdvanceEvent { event, from, to });
                     }
                 }
             }
             match self.store.commit(changes) {
                 Ok(()) => {
+                    // The kept view follows this commit when nothing else wrote the calendar
+                    // since it was read; else it is read again by the next pass.
+                    if self.store.calendar_generation()? == generation + 1 {
+                        if let Some(k) = kept.as_mut() {
+                            k.generation = generation + 1;
+                            for f in followed {
+                                match f {
+                                    Followed::Advance(event, to) => k.view.set_next_due(event, to),
+                                    Followed::Occurrence(o) => k.view.record(o),
+                                }
+                            }
+                        }
+                    } else {
+                        *kept = None;
+                    }
+                    drop(kept);
                     created.extend(jobs);
                     for a in actions {
                         self.act(a)?;
                     }
                 }
-                Err(e) if is_conflict(&e) => conflicts += 1,
-                Err(e) => return Err(e.into()),
+                Err(e) if is_conflict(&e) => {
+                    *kept = None;
+                    conflicts += 1;
+                }
+                Err(e) => {
+                    *kept = None;
+                    return Err(e.into());
+                }
             }
         }
         if conflicts == SCHEDULER_PASSES_MAX {
@@ -605,7 +675,7 @@ impl Scheduler {
         }
         let counters = Counters::of_active(active.iter().map(Vec::as_slice));
         let grants = grant(&Queue { requests }, &counters, &self.limits);
-        let mut started = Vec::new();
+        let mut steps = Vec::new();
         for g in grants {
             let Some(job) = by_id.get(&g.job()) else {
                 continue;
@@ -619,9 +689,19 @@ impl Scheduler {
                 Grant::WindowClosed { .. } => Event::WindowClosed { at: now },
             };
             let (changes, actions) = step(job, event);
-            if self.commit_or_skip(changes)? {
+            if !changes.is_empty() || !actions.is_empty() {
+                steps.push((job.id, changes, actions));
+            }
+        }
+        // All the pass's changes in one transaction; when another instance changed one of the
+        // jobs first, each job's changes on their own, skipping the ones that conflict.
+        let all: Vec<Change> = steps.iter().flat_map(|(_, c, _)| c.clone()).collect();
+        let together = self.commit_or_skip(all)?;
+        let mut started = Vec::new();
+        for (id, changes, actions) in steps {
+            if together || self.commit_or_skip(changes)? {
                 if !actions.is_empty() {
-                    started.push(job.id);
+                    started.push(id);
                 }
                 for a in actions {
                     self.act(a)?;

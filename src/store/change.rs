@@ -193,6 +193,26 @@ pub enum Change {
     RecordOccurrence(OccurrenceRow),
 }
 
+impl Change {
+    /// Whether the change writes the calendar (schedules, events, their next occurrences,
+    /// recorded occurrences): a commit with such a change moves
+    /// [`super::Store::calendar_generation`] on by one.
+    #[must_use]
+    pub fn writes_calendar(&self) -> bool {
+        matches!(
+            self,
+            Change::InsertJob { .. }
+                | Change::AdvanceEvent { .. }
+                | Change::PutSchedule { .. }
+                | Change::PutEvent { .. }
+                | Change::SetEnabled { .. }
+                | Change::RemoveSchedule { .. }
+                | Change::RemoveEvent { .. }
+                | Change::RecordOccurrence(_)
+        )
+    }
+}
+
 /// What [`Change::SetEnabled`] switches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Toggle {

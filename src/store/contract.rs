@@ -869,6 +869,80 @@ pub(super) fn store_10_ids_are_handed_out_once(store: &dyn Store) {
     assert_eq!(store.allocate(IdKind::Intent).unwrap(), id + 1);
 }
 
+pub(super) fn store_19_many_ids_at_once_are_handed_out_once(store: &dyn Store) {
+    assert_eq!(store.allocate(IdKind::Job).unwrap(), 1);
+    assert_eq!(store.allocate_many(IdKind::Job, 3).unwrap(), vec![2, 3, 4]);
+    assert!(store.allocate_many(IdKind::Job, 0).unwrap().is_empty());
+    assert_eq!(store.allocate(IdKind::Job).unwrap(), 5);
+    assert_eq!(store.allocate_many(IdKind::Event, 2).unwrap(), vec![1, 2]);
+}
+
+pub(super) fn store_20_calendar_changes_move_the_generation_on(store: &dyn Store) {
+    let g0 = store.calendar_generation().unwrap();
+    assert_eq!(g0, 0);
+    // One step per committed list, however many calendar changes it holds.
+    store
+        .commit(vec![
+            Change::PutSchedule {
+                schedule: schedule("daily"),
+                replace: false,
+            },
+            Change::PutEvent {
+                event: event(1, "db", Some(at(0))),
+                replace: false,
+            },
+        ])
+        .unwrap();
+    assert_eq!(store.calendar_generation().unwrap(), 1);
+    store
+        .commit(vec![Change::AdvanceEvent {
+            event: EventId(1),
+            from: Some(at(0)),
+            to: Some(at(60)),
+        }])
+        .unwrap();
+    assert_eq!(store.calendar_generation().unwrap(), 2);
+    // A list that fails leaves it as it was.
+    conflict_at(store.commit(vec![Change::AdvanceEvent {
+        event: EventId(1),
+        from: Some(at(0)),
+        to: Some(at(120)),
+    }]));
+    assert_eq!(store.calendar_generation().unwrap(), 2);
+    // A job and its occurrence are calendar changes; a job's transition is not.
+    let j = job(1, 1, at(60), "db", "20270101");
+    store
+        .commit(vec![Change::InsertJob {
+            job: j.clone(),
+            occurrence: started(&j),
+        }])
+        .unwrap();
+    assert_eq!(store.calendar_generation().unwrap(), 3);
+    store
+        .commit(vec![transition(
+            j.id,
+            JobStateKind::Queued,
+            1,
+            JobState::Canceled {
+                reason: JobReason::Newday,
+            },
+        )])
+        .unwrap();
+    assert_eq!(store.calendar_generation().unwrap(), 3);
+    store
+        .commit(vec![Change::SetEnabled {
+            what: Toggle::Event(EventId(1)),
+            enabled: false,
+        }])
+        .unwrap();
+    assert_eq!(store.calendar_generation().unwrap(), 4);
+    // Trimming that removes occurrences moves it on; trimming nothing does not.
+    store.trim_history(day("20270102")).unwrap();
+    assert_eq!(store.calendar_generation().unwrap(), 5);
+    store.trim_history(day("20270102")).unwrap();
+    assert_eq!(store.calendar_generation().unwrap(), 5);
+}
+
 pub(super) fn store_14_tasks_change_only_from_their_exact_status(store: &dyn Store) {
     with_job(store);
     let task = |index| TaskRecord {
@@ -1302,6 +1376,14 @@ macro_rules! contract_suite {
             #[test]
             fn store_18_schedules_and_events_are_removed_only_when_unused() {
                 with_store(super::store_18_schedules_and_events_are_removed_only_when_unused);
+            }
+            #[test]
+            fn store_19_many_ids_at_once_are_handed_out_once() {
+                with_store(super::store_19_many_ids_at_once_are_handed_out_once);
+            }
+            #[test]
+            fn store_20_calendar_changes_move_the_generation_on() {
+                with_store(super::store_20_calendar_changes_move_the_generation_on);
             }
             #[test]
             fn store_16_records_read_back_as_written() {

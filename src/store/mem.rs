@@ -43,6 +43,8 @@ struct State {
     schedules: BTreeMap<String, ScheduleRow>,
     events: BTreeMap<EventId, EventRow>,
     occurrences: BTreeMap<(EventId, i64), OccurrenceRow>,
+    /// [`Store::calendar_generation`].
+    generation: u64,
 }
 
 impl MemStore {
@@ -65,6 +67,7 @@ fn stored<T: Serialize + DeserializeOwned>(v: &T) -> Result<T, StoreError> {
 
 impl Store for MemStore {
     fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        let calendar = changes.iter().any(Change::writes_calendar);
         let mut state = self.state.lock();
         let mut tx = Undo {
             state: &mut state,
@@ -79,7 +82,22 @@ impl Store for MemStore {
                 return Err(e);
             }
         }
+        if calendar {
+            state.generation += 1;
+        }
         Ok(())
+    }
+
+    fn allocate_many(&self, kind: IdKind, n: usize) -> Result<Vec<u64>, StoreError> {
+        let mut state = self.state.lock();
+        let next = state.ids.entry(kind).or_insert(0);
+        let first = *next + 1;
+        *next += n as u64;
+        Ok((first..=*next).collect())
+    }
+
+    fn calendar_generation(&self) -> Result<u64, StoreError> {
+        Ok(self.state.lock().generation)
     }
 
     fn allocate(&self, kind: IdKind) -> Result<u64, StoreError> {
@@ -209,9 +227,13 @@ impl Store for MemStore {
             o.backup_day >= before
                 || matches!(o.outcome, OccurrenceOutcome::Started(j) if jobs.contains_key(&j))
         });
+        let occurrences = before_occ - s.occurrences.len();
+        if occurrences > 0 {
+            s.generation += 1;
+        }
         Ok(Trimmed {
             jobs: gone.len(),
-            occurrences: before_occ - s.occurrences.len(),
+            occurrences,
         })
     }
 }

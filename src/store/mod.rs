@@ -231,6 +231,24 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// A storage error.
     fn allocate(&self, kind: IdKind) -> Result<u64, StoreError>;
 
+    /// `n` new ids of `kind` at once, in one transaction (ascending; none is ever handed out
+    /// again, as with [`Store::allocate`]).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store fails.
+    fn allocate_many(&self, kind: IdKind, n: usize) -> Result<Vec<u64>, StoreError> {
+        (0..n).map(|_| self.allocate(kind)).collect()
+    }
+
+    /// The calendar's generation: a counter that every committed list with a change that
+    /// [`Change::writes_calendar`] moves on by one, in the same transaction, as does a
+    /// [`Store::trim_history`] that removed occurrences. A reader that kept the calendar read at
+    /// generation `g` may use it as long as the generation is still `g`; 0 for a new store.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store fails.
+    fn calendar_generation(&self) -> Result<u64, StoreError>;
+
     /// Jobs matching `q`, by id.
     ///
     /// # Errors

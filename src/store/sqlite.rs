@@ -201,6 +201,19 @@ fn encode<T: Serialize>(v: &T) -> Result<String, StoreError> {
     })
 }
 
+/// The row of the `ids` table that counts the calendar's generation
+/// ([`Store::calendar_generation`]).
+const CALENDAR_GENERATION: &str = "calendar_generation";
+
+/// Move the calendar generation on by one inside `tx`.
+fn bump_generation(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO ids (kind, next) VALUES (?1, 1) \
+         ON CONFLICT (kind) DO UPDATE SET next = next + 1",
+        params![CALENDAR_GENERATION],
+    )
+}
+
 /// A u64 kept in an INTEGER column: the same 64 bits (ids and device numbers are compared for
 /// equality only).
 fn int(u: u64) -> i64 {
@@ -214,6 +227,7 @@ fn task_col(task: Option<u32>) -> i64 {
 
 impl Store for SqliteStore {
     fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        let calendar = changes.iter().any(Change::writes_calendar);
         let mut conn = self.conn.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -227,7 +241,56 @@ impl Store for SqliteStore {
                 apply(&mut stx, i, c)?;
             }
         }
+        if calendar {
+            bump_generation(&tx).map_err(self.err("move the calendar generation on"))?;
+        }
         tx.commit().map_err(self.err("commit"))
+    }
+
+    fn allocate_many(&self, kind: IdKind, n: usize) -> Result<Vec<u64>, StoreError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let count = i64::try_from(n).map_err(|_| StoreError::Invalid {
+            change: 0,
+            what: format!("{n} ids of kind {} at once", kind.as_str()),
+        })?;
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.err("begin"))?;
+        let last: i64 = tx
+            .query_row(
+                "INSERT INTO ids (kind, next) VALUES (?1, ?2) \
+                 ON CONFLICT (kind) DO UPDATE SET next = next + ?2 RETURNING next",
+                params![kind.as_str(), count],
+                |r| r.get(0),
+            )
+            .map_err(self.err("allocate ids"))?;
+        tx.commit().map_err(self.err("commit"))?;
+        let corrupt = || StoreError::Corrupt {
+            what: format!("ids: the {} counter is {last}", kind.as_str()),
+        };
+        let last = u64::try_from(last).map_err(|_| corrupt())?;
+        let first = last
+            .checked_sub(u64::try_from(n).map_err(|_| corrupt())?)
+            .ok_or_else(corrupt)?;
+        Ok((first + 1..=last).collect())
+    }
+
+    fn calendar_generation(&self) -> Result<u64, StoreError> {
+        let conn = self.conn.lock();
+        let n: Option<i64> = conn
+            .query_row(
+                "SELECT next FROM ids WHERE kind = ?1",
+                params![CALENDAR_GENERATION],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err("read the calendar generation"))?;
+        u64::try_from(n.unwrap_or(0)).map_err(|_| StoreError::Corrupt {
+            what: format!("ids: the calendar generation is {n:?}"),
+        })
     }
 
     fn allocate(&self, kind: IdKind) -> Result<u64, StoreError> {
@@ -386,6 +449,9 @@ impl Store for SqliteStore {
                 [&day],
             )
             .map_err(self.err("trim history"))?;
+        if occurrences > 0 {
+            bump_generation(&tx).map_err(self.err("move the calendar generation on"))?;
+        }
         tx.commit().map_err(self.err("commit"))?;
         conn.execute_batch("PRAGMA optimize")
             .map_err(self.err("optimize"))?;
