@@ -455,6 +455,9 @@ fn write_back_workloads_recover_t0_exact_images_at_every_crash_point() {
     };
     let r = crashtest(&opts);
     assert_eq!(r.violations, 0, "violations: {:#?}", r.violation_samples);
-    assert!(r.states.get("torn").copied().unwrap_or(0) > 0, "no torn states");
+    assert!(
+        r.states.get("torn").copied().unwrap_or(0) > 0,
+        "no torn states"
+    );
     assert!(r.ordering_checks > 0, "no ordering checks");
 }
