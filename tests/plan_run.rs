@@ -246,7 +246,7 @@ fn plan_run_a_failing_hook_fails_the_job_with_its_exit_code() {
 }
 
 #[test]
-fn plan_run_refuses_while_a_daemon_holds_the_state() {
+fn plan_run_refuses_when_the_daemon_holding_the_state_never_answers() {
     use rustix::fs::{flock, FlockOperation};
     let r = Rig::new("");
     let lock = r.state.join("daemon.lock");
@@ -255,8 +255,18 @@ fn plan_run_refuses_while_a_daemon_holds_the_state() {
     flock(&f, FlockOperation::NonBlockingLockExclusive).unwrap();
     let out = r.tz(&["plan", "run", "db", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // A notice that it waits for the daemon, then (after the wait bound) the one-line error.
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("daemon") && err.lines().count() == 1, "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("timezero:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("did not answer"), "{err}");
+    assert!(
+        err.lines()
+            .next()
+            .unwrap_or("")
+            .contains("waiting for the daemon"),
+        "{err}"
+    );
     assert!(r.log().is_empty(), "nothing ran");
     drop(f);
 }

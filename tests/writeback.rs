@@ -324,3 +324,30 @@ fn held_writes_drain_on_their_own_past_the_byte_bound() {
     e.read_image(id, 0, &mut b).unwrap();
     assert!(b == t0);
 }
+
+/// A source whose flush failed is latched: a first write to it is refused at once, as in the
+/// synchronous path, instead of being held, acknowledged and read back although no drain could
+/// ever land it (a refresh or establish whose commit failed fences its volumes the same way).
+#[test]
+fn a_failed_volume_refuses_a_write_instead_of_holding_it() {
+    use timezero::fault::{FaultPlan, FaultyVolume, Trigger};
+    let storage = mem_storage(&small_table());
+    let st: Arc<dyn TableStorage> = storage.clone();
+    let e = Engine::create(st, options()).unwrap();
+    let src = Arc::new(FaultyVolume::new(MemVolume::with_data(
+        "src",
+        &pattern(3, SIZE as usize),
+    )));
+    let tgt = Arc::new(MemVolume::new("tgt", SIZE as usize));
+    let s = e.attach(src.clone());
+    let t = e.attach(tgt.clone());
+    let id = e.establish(&spec(s, t, CopyMode::NoCopy)).unwrap();
+    let t0 = image(&e, id);
+    e.write(s, 0, &[1u8; 4096]).unwrap();
+    src.arm(FaultPlan::new().fail_flush(Trigger::once(src.counts().flushes)));
+    assert!(e.flush(s).is_err());
+    // The volume is latched now: the next first write fails and nothing is held.
+    assert!(e.write(s, 10 * GRAIN, &[2u8; 4096]).is_err());
+    assert_eq!(e.held_bytes(s).unwrap(), 0);
+    same(&image(&e, id), &t0);
+}

@@ -275,6 +275,9 @@ impl Engine {
         work: Vec<(Arc<Session>, u64, u64)>,
         marks: Vec<Entry>,
     ) -> Result<()> {
+        // A fenced or failed volume refuses the write now, as the synchronous path does (a held
+        // write would otherwise be acknowledged, and read back, although no drain can land it).
+        h.check_live()?;
         if work.is_empty() && marks.is_empty() && !h.held.may_overlap(offset, data.len() as u64) {
             return release_write(h, offset, data);
         }

@@ -943,19 +943,14 @@ fn status_for_hooks(status: PlanStatus) -> RunStatus {
     }
 }
 
-/// Run one job of `plan` (section 1.1 and HOOK-01); see the module docs for the order and
-/// the decisions taken where the behaviour lists are silent. Never panics on bad input: every
-/// failure is a status with a reason in the returned [`PlanRun`].
-#[must_use]
-pub fn run_plan(plan: &Plan, ctx: &RunContext<'_>) -> PlanRun {
-    run_plan_observed(plan, ctx, &NoObserver)
-}
-
-/// [`run_plan`], telling `observer` each step as it happens (the job layer persists them).
-#[must_use]
-pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunObserver) -> PlanRun {
+/// The runner of one plan run and its empty result.
+fn begin<'p, 'c>(
+    plan: &'p Plan,
+    ctx: &RunContext<'c>,
+    observer: &'c dyn RunObserver,
+) -> (Runner<'p, 'c>, PlanRun) {
     let ctx = *ctx;
-    let mut runner = Runner {
+    let runner = Runner {
         plan,
         observer,
         ctx,
@@ -964,7 +959,7 @@ pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunOb
         hooks: Vec::new(),
         warned: false,
     };
-    let mut run = PlanRun {
+    let run = PlanRun {
         status: PlanStatus::Ok,
         reason: None,
         error: None,
@@ -981,6 +976,21 @@ pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunOb
         events: Vec::new(),
         hooks: Vec::new(),
     };
+    (runner, run)
+}
+
+/// Run one job of `plan` (section 1.1 and HOOK-01); see the module docs for the order and
+/// the decisions taken where the behaviour lists are silent. Never panics on bad input: every
+/// failure is a status with a reason in the returned [`PlanRun`].
+#[must_use]
+pub fn run_plan(plan: &Plan, ctx: &RunContext<'_>) -> PlanRun {
+    run_plan_observed(plan, ctx, &NoObserver)
+}
+
+/// [`run_plan`], telling `observer` each step as it happens (the job layer persists them).
+#[must_use]
+pub fn run_plan_observed(plan: &Plan, ctx: &RunContext<'_>, observer: &dyn RunObserver) -> PlanRun {
+    let (mut runner, mut run) = begin(plan, ctx, observer);
     // PLAN-01: nothing at all runs, not even the checks.
     if !ctx.global.backups_allowed {
         run.status = PlanStatus::Skipped;
@@ -1071,33 +1081,7 @@ pub fn resume_plan_observed(
     observer: &dyn RunObserver,
     at: &ResumeAt,
 ) -> PlanRun {
-    let ctx = *ctx;
-    let mut runner = Runner {
-        plan,
-        observer,
-        ctx,
-        quiescer: Quiescer::new(Arc::clone(ctx.quiesce), Arc::clone(ctx.clock)),
-        events: Vec::new(),
-        hooks: Vec::new(),
-        warned: false,
-    };
-    let mut run = PlanRun {
-        status: PlanStatus::Ok,
-        reason: None,
-        error: None,
-        plan_text: plan.text.clone(),
-        plan_sha256: plan.sha256,
-        check: CheckReport {
-            outcome: CheckOutcome::Pass,
-            problems: Vec::new(),
-            window: None,
-            space: None,
-            tasks: Vec::new(),
-        },
-        tasks: Vec::new(),
-        events: Vec::new(),
-        hooks: Vec::new(),
-    };
+    let (mut runner, mut run) = begin(plan, ctx, observer);
     let naming = Naming {
         job: ctx.job,
         day: ctx.backup_day,
