@@ -441,8 +441,8 @@ fn canary_split_group_commit_is_caught() {
 
 /// Write-back mode (experimental): with every other round of workloads holding first writes
 /// until the volume's flush, every crash state (prefix, subset, torn, crashes during recovery)
-/// still recovers to T0-exact images. The error sweeps are off here: under injected I/O errors
-/// the mode is not yet clean (see docs/crash-model.md).
+/// still recovers to T0-exact images. The error sweeps are off here to keep the run short; they
+/// run in `crashtest --write-back` (see docs/crash-model.md, "Write-back mode").
 #[test]
 fn write_back_workloads_recover_t0_exact_images_at_every_crash_point() {
     let opts = CrashtestOptions {
