@@ -163,6 +163,20 @@ pub enum Entry {
         /// Number of grains.
         count: u64,
     },
+    /// Grains `start..start+crcs.len()` of a session were copied and their bytes written to
+    /// the target, whose flush may still be in flight when this entry is durable: recovery
+    /// trusts a grain only when the target's bytes match its CRC32C (`crcs[i]` for grain
+    /// `start + i`) and copies it again from the source otherwise (the source write waits for
+    /// both durability points, so the source still holds those bytes). A later `SetBits` of a
+    /// grain, or a checkpoint taken after the targets were flushed, confirms it.
+    CopyChecked {
+        /// Session.
+        session: SessionId,
+        /// First grain.
+        start: u64,
+        /// CRC32C of each grain's bytes on the target, in grain order.
+        crcs: Vec<u32>,
+    },
     /// A session changed state.
     SetState {
         /// Session.

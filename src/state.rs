@@ -99,6 +99,10 @@ pub enum ReasonCode {
     TargetUnavailable,
     /// The table file was older than its rollback witness and was opened anyway.
     TableRolledBack,
+    /// Recovery could not prove a recorded copy-before-write: the grain's bytes on the target
+    /// did not match the CRC32C its record carries, and they could not be copied again from
+    /// the source (a volume missing, replaced, or not holding those bytes either).
+    CopyUnverified,
 }
 
 impl ReasonCode {
@@ -117,6 +121,7 @@ impl ReasonCode {
             ReasonCode::SourceUnavailable => 11,
             ReasonCode::TargetUnavailable => 12,
             ReasonCode::TableRolledBack => 13,
+            ReasonCode::CopyUnverified => 14,
         }
     }
     pub(crate) fn from_code(c: u16) -> Option<Self> {
@@ -134,6 +139,7 @@ impl ReasonCode {
             11 => ReasonCode::SourceUnavailable,
             12 => ReasonCode::TargetUnavailable,
             13 => ReasonCode::TableRolledBack,
+            14 => ReasonCode::CopyUnverified,
             _ => return None,
         })
     }

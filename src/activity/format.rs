@@ -31,12 +31,22 @@ use crate::error::Corruption;
 use crate::ids::{Generation, GrainSize, SessionId, VolumeId};
 
 use crate::limits::{
-    EXTENTS_PER_SESSION_MAX, GROUP_NAME_BYTES_MAX, JOURNAL_BLOCK_BYTES, LOCATOR_BYTES_MAX,
-    REASON_BYTES_MAX, SUPERBLOCK_BYTES,
+    COPY_CHECKED_GRAINS_MAX, EXTENTS_PER_SESSION_MAX, GROUP_NAME_BYTES_MAX, JOURNAL_BLOCK_BYTES,
+    LOCATOR_BYTES_MAX, REASON_BYTES_MAX, SUPERBLOCK_BYTES,
 };
 
-/// Format version written by this build.
-pub const FORMAT_VERSION: u32 = 5;
+/// Format version written by this build (6 added `CopyChecked` journal entries).
+pub const FORMAT_VERSION: u32 = 6;
+
+/// Oldest format version this build reads (a version-5 table has no `CopyChecked` entries;
+/// the first superblock written after it is opened makes it version 6).
+pub const FORMAT_VERSION_MIN_READ: u32 = 5;
+
+/// Whether this build reads a table of format `version`.
+#[must_use]
+pub fn format_readable(version: u32) -> bool {
+    (FORMAT_VERSION_MIN_READ..=FORMAT_VERSION).contains(&version)
+}
 
 /// Superblock magic.
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"TZTBLSB\0";
@@ -199,7 +209,7 @@ impl Superblock {
             });
         }
         let version = get_u32(b, 8);
-        if version != FORMAT_VERSION {
+        if !format_readable(version) {
             return Err(Corruption::BadVersion {
                 what: WHAT,
                 found: version,
@@ -535,6 +545,8 @@ const E_REFRESH: u8 = 8;
 const E_REVERSE: u8 = 9;
 /// Entry kind: grains of a reverse restore are back on the source.
 const E_RESTORED: u8 = 10;
+/// Entry kind: grains copied with CRCs that recovery verifies against the target.
+const E_COPYCHECKED: u8 = 11;
 
 fn put_reason(w: &mut Writer, r: &Reason) {
     w.u16(r.code.code());
@@ -567,6 +579,19 @@ impl Entry {
                 w.u64(session.0);
                 w.u64(*start);
                 w.u64(*count);
+            }
+            Entry::CopyChecked {
+                session,
+                start,
+                crcs,
+            } => {
+                w.u8(E_COPYCHECKED);
+                w.u64(session.0);
+                w.u64(*start);
+                w.u32(u32::try_from(crcs.len()).unwrap_or(u32::MAX));
+                for c in crcs {
+                    w.u32(*c);
+                }
             }
             Entry::SetState {
                 session,
@@ -662,6 +687,23 @@ impl Entry {
                     start: r.u64()?,
                     count: r.u64()?,
                 },
+                E_COPYCHECKED => {
+                    let session = SessionId(r.u64()?);
+                    let start = r.u64()?;
+                    let n = r.u32()?;
+                    if n == 0 || n > COPY_CHECKED_GRAINS_MAX {
+                        return Err(r.bad("crc_count", u64::from(n)));
+                    }
+                    let mut crcs = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        crcs.push(r.u32()?);
+                    }
+                    Entry::CopyChecked {
+                        session,
+                        start,
+                        crcs,
+                    }
+                }
                 E_SETSTATE => {
                     let session = SessionId(r.u64()?);
                     let c = r.u8()?;
@@ -804,7 +846,7 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
     if b[0..8] != CHECKPOINT_MAGIC {
         return Err(Corruption::BadMagic { what: WHAT });
     }
-    if get_u32(b, 8) != FORMAT_VERSION {
+    if !format_readable(get_u32(b, 8)) {
         return Err(Corruption::BadVersion {
             what: WHAT,
             found: get_u32(b, 8),

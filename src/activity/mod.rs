@@ -7,6 +7,7 @@
 //! durable (many callers share one durability point), and only then applied to the in-memory
 //! [`crate::session::Session`]s.
 
+mod checked;
 pub mod codec;
 pub mod format;
 #[allow(unsafe_code)]
@@ -15,6 +16,7 @@ mod replay;
 mod storage;
 mod table;
 
+pub(crate) use checked::FlushFn;
 pub use storage::{table_holder, MemStorage, MmapStorage, TableStorage};
 #[cfg(feature = "fault")]
 pub use table::set_canary_unverified_checkpoint;

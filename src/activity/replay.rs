@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::checked::Checked;
 use super::format::{
     decode_block, decode_checkpoint, superblock_offset, Checkpoint, Entry, Layout, Reason,
     ReasonCode, SessionState, Superblock, TableId, SUPERBLOCK_SLOTS,
@@ -36,6 +37,8 @@ pub(super) struct Replayed {
     /// The valid superblock of each slot.
     pub(super) slots: [Option<Superblock>; SUPERBLOCK_SLOTS as usize],
     pub(super) report: OpenReport,
+    /// Grains the replayed journal names in checked records (still to be verified).
+    pub(super) checked: Checked,
 }
 
 /// Replay the table on `storage` (see the module doc).
@@ -78,13 +81,20 @@ pub(super) fn replay(storage: &dyn TableStorage) -> Result<Replayed> {
         next_session: &mut next_session,
         bitmap_bytes: &mut bitmap_bytes,
         report: &mut report,
+        checked: Checked::default(),
     };
     let seq = replay_journal(storage, &layout, &newest.table_id, ckpt.seq, &mut state)
         .map_err(|e| e.into_error(&corrupt))?;
+    let checked = std::mem::take(&mut state.checked);
     let (max_seen, hole) = scan_for_hole(storage, &layout, &newest.table_id, seq)?;
     if hole {
         report.journal_hole = true;
         terminate_live(&sessions, seq).map_err(&corrupt)?;
+    }
+    for id in checked.sessions() {
+        if !sessions.get(&id).is_some_and(|s| s.is_live()) {
+            checked.clear_session(id);
+        }
     }
     Ok(Replayed {
         table_id: newest.table_id,
@@ -98,6 +108,7 @@ pub(super) fn replay(storage: &dyn TableStorage) -> Result<Replayed> {
         newest,
         slots,
         report,
+        checked,
     })
 }
 
@@ -213,6 +224,7 @@ struct State<'a> {
     next_session: &'a mut u64,
     bitmap_bytes: &'a mut u64,
     report: &'a mut OpenReport,
+    checked: Checked,
 }
 
 fn read_block(storage: &dyn TableStorage, layout: &Layout, copy: u32, s: u64) -> Result<Vec<u8>> {
@@ -243,6 +255,9 @@ fn replay_journal(
                 e,
             )
             .map_err(StepError::Damaged)?;
+            let sessions = &*st.sessions;
+            st.checked
+                .note(e, seq, |id| sessions.get(&id).is_some_and(|s| s.is_live()));
         }
         st.report.blocks_replayed += count;
         st.report.commits_replayed += 1;

@@ -182,6 +182,11 @@ struct Queue {
     atomic: Vec<std::ops::Range<usize>>,
 }
 
+/// Proves the checked copies of one session at open (see [`Table::open_verified`]): gets
+/// the session and its recorded (grain, CRC32C) pairs; returns `None` when every grain is
+/// proven and durable on the target, or why the session must end.
+pub type CopyVerifier<'a> = dyn FnMut(&Arc<Session>, &[(u64, u32)]) -> Result<Option<Reason>> + 'a;
+
 /// An open activity table.
 #[derive(Debug)]
 pub struct Table {
@@ -202,6 +207,8 @@ pub struct Table {
     /// Set once open has checked the table against its rollback witness: only then may the
     /// witness be written (a table refused as rolled back must not lower it on drop).
     witness_checked: AtomicBool,
+    /// Checked copies in flight and the grains the journal names in checked records.
+    checked: super::checked::Checked,
     /// Counters.
     pub stats: TableStats,
 }
@@ -279,6 +286,33 @@ impl Table {
         storage: Arc<dyn TableStorage>,
         accept_rollback: bool,
     ) -> Result<(Table, OpenReport)> {
+        Table::open_verified(storage, accept_rollback, &mut |s, grains| {
+            Ok(Some(Reason::new(
+                ReasonCode::CopyUnverified,
+                format!(
+                    "{} recorded copies of session {} not verified: the table was opened without its volumes",
+                    grains.len(),
+                    s.id()
+                ),
+            )))
+        })
+    }
+
+    /// [`Table::open_with`], with `verify` called for each live session whose journal
+    /// records checked copies ([`Entry::CopyChecked`]) with those grains and their CRC32Cs,
+    /// before the checkpoint open writes counts them as copied. `verify` proves each grain on
+    /// the target (copying it again from the source where the target's bytes do not match;
+    /// the source still holds them then) and makes the target durable, and returns `None`; or
+    /// returns why the session cannot go on, and the session is terminated with that reason.
+    /// [`Table::open_with`] terminates every such session (it has no volumes to look at).
+    ///
+    /// # Errors
+    /// As [`Table::open_with`]; an error `verify` returns.
+    pub fn open_verified(
+        storage: Arc<dyn TableStorage>,
+        accept_rollback: bool,
+        verify: &mut CopyVerifier<'_>,
+    ) -> Result<(Table, OpenReport)> {
         let (table, mut report) = Table::replay(storage, false)?;
         if let Some((table_seq, witness_seq)) = table.rolled_back()? {
             if !accept_rollback {
@@ -310,6 +344,31 @@ impl Table {
             }
         }
         table.witness_checked.store(true, Ordering::Release);
+        for id in table.checked.sessions() {
+            let Some(s) = table.session(id) else {
+                table.checked.clear_session(id);
+                continue;
+            };
+            if !s.is_live() {
+                table.checked.clear_session(id);
+                continue;
+            }
+            let grains = table.checked.of_session(id);
+            if let Some(reason) = verify(&s, &grains)? {
+                s.apply(&Entry::SetState {
+                    session: id,
+                    state: SessionState::Terminated,
+                    reason: Some(reason),
+                })
+                .map_err(|kind| Error::Corrupt {
+                    path: table.storage.name(),
+                    kind,
+                })?;
+                table.checked.clear_session(id);
+            }
+            // Verified records stay known until no replay reads them: a write through the
+            // image confirms its grains first, also on a fallback to the older checkpoint.
+        }
         {
             let mut w = table.writer.lock();
             table.checkpoint(&mut w)?;
@@ -405,6 +464,7 @@ impl Table {
             read_only,
             admission: Mutex::new(()),
             witness_checked: AtomicBool::new(false),
+            checked: r.checked,
             stats: TableStats::default(),
         };
         Ok((table, r.report))
@@ -639,6 +699,93 @@ impl Table {
         }
     }
 
+    /// Count a checked copy of grains `start..start+count` of `session` in flight: its
+    /// target bytes are written, and `flush` makes them durable. Call before committing its
+    /// [`Entry::CopyChecked`] entries; end it with [`Table::settle_checked`].
+    pub(crate) fn begin_checked(
+        &self,
+        session: SessionId,
+        start: u64,
+        count: u64,
+        flush: super::checked::FlushFn,
+    ) -> u64 {
+        self.checked.begin(session, start, count, flush)
+    }
+
+    /// End the checked copies `tickets` (from [`Table::begin_checked`]). When `committed`
+    /// (their records are durable) and `flushed` (so are their targets), their grains' bits
+    /// are set in memory now: from here other writers may overwrite those grains on the
+    /// source. When the records are durable but the targets' flush failed, the grains stay
+    /// uncopied in memory and a checkpoint makes the durable state say so too (so that nothing
+    /// later, such as a reverse restore's map, takes them as copied from the journal).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when a range does not fit its session; the checkpoint's errors
+    /// (the table is then poisoned: its durable state and memory differ).
+    pub(crate) fn settle_checked(
+        &self,
+        tickets: &[u64],
+        runs: &[(SessionId, u64, u64)],
+        committed: bool,
+        flushed: bool,
+    ) -> Result<()> {
+        let copied = committed && flushed;
+        let r = self.settle_inner(tickets, runs, copied);
+        if committed && !flushed && !self.is_poisoned() {
+            let mut w = self.writer.lock();
+            if let Err(e) = self.checkpoint(&mut w) {
+                let mut q = self.queue.lock();
+                q.failed.get_or_insert_with(|| e.to_string());
+                self.poisoned.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        r
+    }
+
+    fn settle_inner(
+        &self,
+        tickets: &[u64],
+        runs: &[(SessionId, u64, u64)],
+        copied: bool,
+    ) -> Result<()> {
+        let mut r = Ok(());
+        self.checked.end(tickets, || {
+            if !copied {
+                return;
+            }
+            let sessions = self.sessions.read();
+            for (id, start, count) in runs {
+                if let Some(s) = sessions.get(id) {
+                    if let Err(kind) = s.apply(&Entry::SetBits {
+                        session: *id,
+                        start: *start,
+                        count: *count,
+                    }) {
+                        r = Err(Error::Corrupt {
+                            path: self.storage.name(),
+                            kind,
+                        });
+                    }
+                }
+            }
+        });
+        r
+    }
+
+    /// Whether the journal names any grain in a checked record (one atomic load).
+    #[must_use]
+    pub(crate) fn checked_any(&self) -> bool {
+        self.checked.any_in_journal()
+    }
+
+    /// Runs of grains in `g0..g1` of `session` that the journal names in a checked record: a
+    /// write that changes their bytes on the target commits a `SetBits` for them first.
+    #[must_use]
+    pub(crate) fn checked_in(&self, session: SessionId, g0: u64, g1: u64) -> Vec<(u64, u64)> {
+        self.checked.in_journal(session, g0, g1)
+    }
+
     /// True after a failed durability point.
     #[must_use]
     pub fn is_poisoned(&self) -> bool {
@@ -660,6 +807,7 @@ impl Table {
                     }
                 }
                 Entry::SetBits { session, .. }
+                | Entry::CopyChecked { session, .. }
                 | Entry::SetState { session, .. }
                 | Entry::SetMode { session, .. }
                 | Entry::EndExtent { session, .. }
@@ -728,13 +876,21 @@ impl Table {
         {
             let mut sessions = self.sessions.write();
             let mut bb = 0u64;
+            let seq = w.next_seq.saturating_sub(1);
             for e in batch {
-                apply(&mut sessions, &mut w.next_session, &mut bb, u64::MAX, e).map_err(
-                    |kind| Error::Corrupt {
-                        path: self.storage.name(),
-                        kind,
-                    },
-                )?;
+                // A checked copy's bits are set by its writer once the target's flush is done
+                // too (`Table::settle_checked`); here its grains only enter the journal's
+                // record.
+                if !matches!(e, Entry::CopyChecked { .. }) {
+                    apply(&mut sessions, &mut w.next_session, &mut bb, u64::MAX, e).map_err(
+                        |kind| Error::Corrupt {
+                            path: self.storage.name(),
+                            kind,
+                        },
+                    )?;
+                }
+                self.checked
+                    .note(e, seq, |id| sessions.get(&id).is_some_and(|s| s.is_live()));
             }
         }
         if w.next_seq - w.ckpt_seq > n / 2 {
@@ -775,7 +931,31 @@ impl Table {
         } else {
             area
         };
-        let images: Vec<_> = self.sessions.read().values().map(|s| s.image()).collect();
+        // Bits of checked copies still in flight count as set once their targets are flushed
+        // (the record that names them may be behind this checkpoint's sequence).
+        let images: Vec<_> = self.checked.for_checkpoint(|inflight| {
+            let sessions = self.sessions.read();
+            sessions
+                .values()
+                .map(|s| {
+                    let mut img = s.image();
+                    for (id, start, count) in inflight {
+                        if *id != s.id() || img.bitmap.is_empty() {
+                            continue;
+                        }
+                        for g in *start..start.saturating_add(*count) {
+                            if let Some(b) = usize::try_from(g / 8)
+                                .ok()
+                                .and_then(|i| img.bitmap.get_mut(i))
+                            {
+                                *b |= 1 << (g % 8);
+                            }
+                        }
+                    }
+                    img
+                })
+                .collect()
+        })?;
         let ck = encode_checkpoint(
             &self.table_id,
             area,
@@ -826,6 +1006,7 @@ impl Table {
         };
         w.ckpt_seq = w.next_seq;
         w.generation = generation;
+        self.checked.prune_before(w.retain_from);
         self.note_witness(w.next_seq, true);
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(valid[kept])
@@ -918,6 +1099,7 @@ pub(super) fn apply(
             sessions.remove(session);
         }
         Entry::SetBits { session, .. }
+        | Entry::CopyChecked { session, .. }
         | Entry::SetState { session, .. }
         | Entry::SetMode { session, .. }
         | Entry::EndExtent { session, .. }

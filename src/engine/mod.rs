@@ -33,6 +33,7 @@
 //! | `copier.rs` | [`copier::Copier`]: background workers, rate limit, pause, progress |
 //! | `recovery.rs` | reconcile on open, on reset and on resume; [`Decision`], [`RestartPolicy`] |
 
+mod checked;
 pub mod copier;
 mod copy;
 mod forget;
@@ -345,6 +346,8 @@ pub struct Engine {
     options: EngineOptions,
     /// Copy-before-write writes in progress (the background copier yields to them).
     cow_inflight: std::sync::atomic::AtomicUsize,
+    /// Runs checked copies' target flushes beside their table commits.
+    flusher: checked::Flusher,
     /// Sessions in `active` with a reverse restore in progress when it was last stored (it
     /// may stay above the true count until the next store, never below it while a reverse
     /// runs): the write and read paths skip every reverse check while it is 0.
@@ -429,7 +432,10 @@ impl Engine {
         resolver: &dyn VolumeResolver,
         options: EngineOptions,
     ) -> Result<Engine> {
-        let (table, report) = Table::open_with(storage, options.accept_rollback)?;
+        let (table, report) =
+            Table::open_verified(storage, options.accept_rollback, &mut |s, grains| {
+                checked::verify_at_open(resolver, s, grains)
+            })?;
         let mut e = Engine::from_table(table, report, options);
         let decisions = e.reconcile_all(resolver)?;
         e.decisions = decisions;
@@ -448,6 +454,7 @@ impl Engine {
             groups_change: Mutex::new(()),
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
+            flusher: checked::Flusher::new(),
             reversing: std::sync::atomic::AtomicUsize::new(0),
             backend: std::sync::OnceLock::new(),
             table_file: None,

@@ -150,7 +150,30 @@ impl Engine {
                 }
             }
         }
-        let marks = change_entries(marks);
+        let mut marks = change_entries(marks);
+        // Grains of images this write changes on their target whose checked copy the journal
+        // still records: confirmed before the write lands (recovery would otherwise find the
+        // grain differing from its record and copy the source over it).
+        // (Collected whether or not the journal names checked grains now: a copy this write
+        // makes for a target grain adds one.)
+        let confirm: Vec<(SessionId, u64, u64)> = if active.iter().any(|s| s.desc.target.id == vol)
+        {
+            active
+                .iter()
+                .filter(|s| s.desc.target.id == vol)
+                .flat_map(|s| {
+                    s.map
+                        .target_pieces(offset, len)
+                        .map(|p| {
+                            let (g0, g1) = s.map.grains_of(&p);
+                            (s.id(), g0, g1)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         if self.options.write_back
             && restoring.is_none()
             && !self.reversing_any()
@@ -168,6 +191,7 @@ impl Engine {
                 release_write(h, offset, data)?;
                 return self.table.commit(marks);
             }
+            marks.extend(self.confirmations(&confirm));
             if !marks.is_empty() {
                 self.table.commit(marks)?;
             }
@@ -197,18 +221,51 @@ impl Engine {
                             )?;
                         }
                     }
+                    self.confirm(&confirm)?;
                     return release_write(h, offset, data);
                 }
             }
         }
+        // Under the grain locks: every checked copy of these grains has settled.
+        self.confirm(&confirm)?;
         let r = release_write(h, offset, data);
         drop(guards);
         r
     }
 
+    /// `SetBits` entries that confirm the grains of `ranges` (session, grain range) the
+    /// journal names in checked records (their copies have settled: the targets are durable).
+    fn confirmations(&self, ranges: &[(SessionId, u64, u64)]) -> Vec<Entry> {
+        let mut out = Vec::new();
+        if ranges.is_empty() || !self.table.checked_any() {
+            return out;
+        }
+        for &(id, g0, g1) in ranges {
+            for (start, end) in self.table.checked_in(id, g0, g1) {
+                out.push(Entry::SetBits {
+                    session: id,
+                    start,
+                    count: end - start,
+                });
+            }
+        }
+        out
+    }
+
+    /// Commit [`Engine::confirmations`] for `ranges`, when there are any.
+    fn confirm(&self, ranges: &[(SessionId, u64, u64)]) -> Result<()> {
+        let entries = self.confirmations(ranges);
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.table.commit(entries)
+    }
+
     /// Copy the T0 bytes of every still-uncopied grain in `work` (session, grain range; locks
-    /// held by the caller) to its target, make it durable, and commit the bits together with
-    /// `marks` (change marks the same write needs).
+    /// held by the caller) to its target and make the copy durable with `marks` (change marks
+    /// the same write needs): the targets' flush runs on a flusher thread while the table
+    /// commits `CopyChecked` records (a CRC32C per grain, which recovery verifies against the
+    /// target); the grains' bits are set in memory only when both are durable.
     fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)], marks: Vec<Entry>) -> Result<()> {
         let runs = uncopied_runs(work)?;
         if runs.is_empty() {
@@ -218,30 +275,49 @@ impl Engine {
                 self.table.commit(marks)
             };
         }
-        let targets = self.write_t0(&runs)?;
-        let mut entries: Vec<Entry> = runs
-            .iter()
-            .map(|r| Entry::SetBits {
-                session: r.s.id(),
-                start: r.g0,
-                count: r.g1 - r.g0,
-            })
-            .collect();
-        for t in &targets {
-            if skip_cbw_flush() {
-                continue;
+        let (targets, crcs) = self.write_t0(&runs, true)?;
+        let skip = skip_cbw_flush();
+        let flush: crate::activity::FlushFn = Arc::new(move || {
+            if skip {
+                return Ok(());
             }
-            t.flush()?;
+            for t in &targets {
+                t.flush()?;
+            }
+            Ok(())
+        });
+        let mut entries: Vec<Entry> = Vec::with_capacity(runs.len() + marks.len());
+        let mut settled: Vec<(SessionId, u64, u64)> = Vec::with_capacity(runs.len());
+        let mut tickets: Vec<u64> = Vec::with_capacity(runs.len());
+        for (r, c) in runs.iter().zip(&crcs) {
+            tickets.push(
+                self.table
+                    .begin_checked(r.s.id(), r.g0, r.g1 - r.g0, Arc::clone(&flush)),
+            );
+            settled.push((r.s.id(), r.g0, r.g1 - r.g0));
+            entries.extend(super::checked::entries(r.s.id(), r.g0, c));
         }
         entries.extend(marks);
-        self.table.commit(entries)
+        let flushed = self.flusher.start(flush);
+        let committed = self.table.commit(entries);
+        let flushed = super::checked::wait(&flushed);
+        self.table
+            .settle_checked(&tickets, &settled, committed.is_ok(), flushed.is_ok())?;
+        committed?;
+        flushed
     }
 
     /// Read the T0 bytes of `runs` from their sources (once per source range) and write them
-    /// to their targets; returns the targets written (each once), not yet flushed.
-    fn write_t0(&self, runs: &[Run]) -> Result<Vec<Arc<VolumeHandle>>> {
+    /// to their targets; returns the targets written (each once), not yet flushed, and when
+    /// `crcs`, the CRC32C of each run's grains.
+    fn write_t0(
+        &self,
+        runs: &[Run],
+        crcs: bool,
+    ) -> Result<WrittenT0> {
         let (merged, bufs) = self.read_old(runs)?;
         let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
+        let mut sums = Vec::with_capacity(if crcs { runs.len() } else { 0 });
         for r in runs {
             let i = merged
                 .iter()
@@ -255,12 +331,18 @@ impl Engine {
                 .map_err(|_| Error::invalid("copy", "offset"))?;
             let len = usize::try_from(r.p.len).map_err(|_| Error::invalid("copy", "len"))?;
             let th = self.handle(r.s.desc.target.id)?;
-            th.write_retry(r.p.target_offset, &bufs[i].get()[off..off + len])?;
+            let bytes = &bufs[i].get()[off..off + len];
+            th.write_retry(r.p.target_offset, bytes)?;
+            if crcs {
+                let grain = usize::try_from(r.p.len / (r.g1 - r.g0).max(1))
+                    .map_err(|_| Error::invalid("copy", "grain"))?;
+                sums.push(super::checked::grain_crcs(bytes, grain));
+            }
             if !targets.iter().any(|t| t.info.id == th.info.id) {
                 targets.push(th);
             }
         }
-        Ok(targets)
+        Ok((targets, sums))
     }
 
     /// The write-back path of [`Engine::write`] (gate held; see `writeback.rs`): copy the T0
@@ -292,7 +374,7 @@ impl Engine {
                 .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
                 .collect();
             let runs = not_pending(uncopied_runs(&work)?, &h.held)?;
-            match self.write_t0(&runs) {
+            match self.write_t0(&runs, false) {
                 Ok(_) => {
                     for r in runs {
                         let target = self.handle(r.s.desc.target.id)?;
@@ -482,7 +564,7 @@ impl Engine {
             .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
             .collect();
         let runs = uncopied_runs(&work)?;
-        self.write_t0(&runs).map(|_| ())
+        self.write_t0(&runs, false).map(|_| ())
     }
 
     /// `entries` without those for sessions the table no longer has.
@@ -601,6 +683,10 @@ fn change_entries(mut marks: Vec<(Arc<Session>, u64, u64)>) -> Vec<Entry> {
     }
     out
 }
+
+/// What [`Engine::write_t0`] wrote: the targets (each once, not yet flushed) and, when asked,
+/// the CRC32C of each run's grains.
+type WrittenT0 = (Vec<Arc<VolumeHandle>>, Vec<Vec<u32>>);
 
 /// A range of one source volume read once for copy-before-write: volume, start, end.
 type ReadRange = (VolumeId, u64, u64);

@@ -394,6 +394,15 @@ impl Session {
     /// [`Corruption`] when the entry cannot apply (bit range or extent out of range).
     pub(crate) fn apply(&self, e: &Entry) -> Result<(), Corruption> {
         match e {
+            Entry::CopyChecked { start, crcs, .. } => {
+                // Replay only: a live commit leaves the bits to the engine, which sets them
+                // once the target's flush is done too.
+                return self.apply(&Entry::SetBits {
+                    session: self.id(),
+                    start: *start,
+                    count: crcs.len() as u64,
+                });
+            }
             Entry::SetBits { start, count, .. } => {
                 if start
                     .checked_add(*count)

@@ -1,0 +1,246 @@
+//! Checked copy-before-write: a first write's target flush runs beside the table commit of
+//! its `CopyChecked` records, so a crash can leave a durable record whose target bytes were
+//! lost or torn. Each test builds such a state by hand (the engine dropped without a close, a
+//! device put back to what a crash could leave) and checks what recovery makes of it.
+
+#![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{image, mem_storage, pattern, small_table};
+use timezero::fault::internals::Table;
+use timezero::{
+    CopyMode, Engine, EngineOptions, MapResolver, MemVolume, Outcome, ReasonCode, SessionId,
+    SessionSpec, SessionState, TableStorage, Volume, VolumeId,
+};
+
+const GRAIN: u64 = 4096;
+const GRAINS: u64 = 64;
+const SIZE: u64 = GRAIN * GRAINS;
+
+struct World {
+    storage: Arc<timezero::MemStorage>,
+    src: Arc<MemVolume>,
+    tgt: Arc<MemVolume>,
+    t0: Vec<u8>,
+    id: SessionId,
+    s: VolumeId,
+}
+
+/// A no-copy session (no background copier: only first writes copy), then a first write of
+/// `len` bytes at grain `g` of the source; the engine is dropped without a close.
+fn first_write(g: u64, len: usize) -> World {
+    let storage = mem_storage(&small_table());
+    let st: Arc<dyn TableStorage> = storage.clone();
+    let e = Engine::create(
+        st,
+        EngineOptions {
+            table: small_table(),
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
+    let src = Arc::new(MemVolume::with_data("src", &pattern(7, SIZE as usize)));
+    let tgt = Arc::new(MemVolume::new("tgt", SIZE as usize));
+    let t0 = src.snapshot();
+    let s = e.attach(src.clone());
+    let t = e.attach(tgt.clone());
+    let id = e
+        .establish(&SessionSpec {
+            grain: timezero::GrainSize::new(GRAIN).unwrap(),
+            mode: CopyMode::NoCopy,
+            ..SessionSpec::whole(s, t)
+        })
+        .unwrap();
+    e.write(s, g * GRAIN, &vec![0xee; len]).unwrap();
+    assert_eq!(
+        &tgt.snapshot()[(g * GRAIN) as usize..((g + 1) * GRAIN) as usize],
+        &t0[(g * GRAIN) as usize..((g + 1) * GRAIN) as usize],
+        "the first write copied its grain's T0 bytes to the target"
+    );
+    drop(e);
+    World {
+        storage,
+        src,
+        tgt,
+        t0,
+        id,
+        s,
+    }
+}
+
+fn grain_range(g: u64) -> std::ops::Range<usize> {
+    (g * GRAIN) as usize..((g + 1) * GRAIN) as usize
+}
+
+fn reopen(w: &World, vols: &[&Arc<MemVolume>]) -> Engine {
+    let mut r = MapResolver::default();
+    for v in vols {
+        r.add(Arc::clone(v) as Arc<dyn Volume>);
+    }
+    let st: Arc<dyn TableStorage> = w.storage.clone();
+    Engine::open(st, &r, EngineOptions::default()).unwrap()
+}
+
+fn outcome(e: &Engine, id: SessionId) -> Outcome {
+    e.open_decisions()
+        .iter()
+        .find(|d| d.session == id)
+        .unwrap()
+        .outcome
+        .clone()
+}
+
+#[test]
+fn a_record_whose_target_bytes_were_lost_is_copied_again_from_the_source_at_open() {
+    let w = first_write(5, 4096);
+    // The crash left the record durable, lost the target's bytes, and the source write had
+    // not been issued (it waits for both durability points).
+    w.tgt
+        .write_at(5 * GRAIN, &vec![0u8; GRAIN as usize])
+        .unwrap();
+    w.src.write_at(5 * GRAIN, &w.t0[grain_range(5)]).unwrap();
+    let e = reopen(&w, &[&w.src, &w.tgt]);
+    assert!(
+        matches!(outcome(&e, w.id), Outcome::Resumed),
+        "{:?}",
+        outcome(&e, w.id)
+    );
+    assert_eq!(&w.tgt.snapshot()[grain_range(5)], &w.t0[grain_range(5)]);
+    assert_eq!(image(&e, w.id), w.t0);
+    // The grain stays copied: the source can be written and the image keeps T0.
+    e.write(w.s, 5 * GRAIN, &[1u8; 512]).unwrap();
+    assert_eq!(image(&e, w.id), w.t0);
+}
+
+#[test]
+fn a_torn_target_grain_is_copied_again_too() {
+    let w = first_write(9, 4096);
+    // Half the grain's target bytes reached the medium.
+    w.tgt.write_at(9 * GRAIN + 2048, &[0x11u8; 2048]).unwrap();
+    w.src.write_at(9 * GRAIN, &w.t0[grain_range(9)]).unwrap();
+    let e = reopen(&w, &[&w.src, &w.tgt]);
+    assert!(matches!(outcome(&e, w.id), Outcome::Resumed));
+    assert_eq!(image(&e, w.id), w.t0);
+}
+
+#[test]
+fn a_record_whose_target_bytes_are_durable_is_kept_as_it_is() {
+    let w = first_write(3, 100);
+    let e = reopen(&w, &[&w.src, &w.tgt]);
+    assert!(matches!(outcome(&e, w.id), Outcome::Resumed));
+    assert_eq!(image(&e, w.id), w.t0);
+    // The source write was issued and stays.
+    assert_eq!(w.src.snapshot()[(3 * GRAIN) as usize], 0xee);
+}
+
+#[test]
+fn a_record_that_neither_target_nor_source_holds_terminates_the_session() {
+    let w = first_write(4, 4096);
+    // Impossible after a crash of this engine (the source write waits for the target's
+    // flush): something else changed both volumes. T0 cannot be proven, so the session ends.
+    w.tgt
+        .write_at(4 * GRAIN, &vec![0u8; GRAIN as usize])
+        .unwrap();
+    let e = reopen(&w, &[&w.src, &w.tgt]);
+    match outcome(&e, w.id) {
+        Outcome::Ended => {}
+        o => panic!("expected the session ended at open, got {o:?}"),
+    }
+    let st = e.status().into_iter().find(|x| x.id == w.id).unwrap();
+    assert_eq!(st.state, SessionState::Terminated);
+    let r = st.reason.unwrap();
+    assert_eq!(r.code, ReasonCode::CopyUnverified);
+    assert!(
+        r.detail.contains("neither the target nor the source"),
+        "{}",
+        r.detail
+    );
+}
+
+#[test]
+fn a_missing_target_with_unverified_records_terminates_the_session() {
+    let w = first_write(2, 4096);
+    // Without records a missing target suspends the session; a record that cannot be
+    // verified cannot wait for it (its bits would be trusted by the next checkpoint).
+    let e = reopen(&w, &[&w.src]);
+    let st = e.status().into_iter().find(|x| x.id == w.id).unwrap();
+    assert_eq!(st.state, SessionState::Terminated);
+    let r = st.reason.unwrap();
+    assert_eq!(r.code, ReasonCode::CopyUnverified);
+    assert!(r.detail.contains("missing"), "{}", r.detail);
+}
+
+#[test]
+fn an_image_write_after_a_verified_reopen_is_kept_across_the_next_one() {
+    let w = first_write(6, 4096);
+    let e = reopen(&w, &[&w.src, &w.tgt]);
+    assert!(matches!(outcome(&e, w.id), Outcome::Resumed));
+    e.write_image(w.id, 6 * GRAIN, &[0x77u8; 4096]).unwrap();
+    drop(e);
+    let e = reopen(&w, &[&w.src, &w.tgt]);
+    assert!(
+        matches!(outcome(&e, w.id), Outcome::Resumed),
+        "{:?}",
+        outcome(&e, w.id)
+    );
+    let mut want = w.t0.clone();
+    want[grain_range(6)].fill(0x77);
+    assert_eq!(image(&e, w.id), want);
+}
+
+#[test]
+fn a_write_through_the_image_right_after_the_first_write_is_kept_across_reopen() {
+    let storage = mem_storage(&small_table());
+    let st: Arc<dyn TableStorage> = storage.clone();
+    let e = Engine::create(
+        st,
+        EngineOptions {
+            table: small_table(),
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
+    let src = Arc::new(MemVolume::with_data("src", &pattern(9, SIZE as usize)));
+    let tgt = Arc::new(MemVolume::new("tgt", SIZE as usize));
+    let t0 = src.snapshot();
+    let s = e.attach(src.clone());
+    let t = e.attach(tgt.clone());
+    let id = e
+        .establish(&SessionSpec {
+            grain: timezero::GrainSize::new(GRAIN).unwrap(),
+            mode: CopyMode::NoCopy,
+            ..SessionSpec::whole(s, t)
+        })
+        .unwrap();
+    e.write(s, 8 * GRAIN, &[1u8; 4096]).unwrap();
+    // The image writes below must confirm their grains before they land: the records are in
+    // the journal the next open replays, and a grain whose target bytes differ from its
+    // record would be taken from the source (which no longer holds it: the session ends).
+    // A target write to an uncopied grain copies its T0 bytes with a record too, then lands.
+    e.write_image(id, 12 * GRAIN + 100, &[2u8; 100]).unwrap();
+    e.write_image(id, 8 * GRAIN, &[3u8; 10]).unwrap();
+    drop(e);
+    let mut r = MapResolver::default();
+    r.add(src.clone() as Arc<dyn Volume>);
+    r.add(tgt.clone() as Arc<dyn Volume>);
+    let st: Arc<dyn TableStorage> = storage.clone();
+    let e = Engine::open(st, &r, EngineOptions::default()).unwrap();
+    assert!(matches!(e.open_decisions()[0].outcome, Outcome::Resumed));
+    let mut want = t0.clone();
+    want[(12 * GRAIN + 100) as usize..(12 * GRAIN + 200) as usize].fill(2);
+    want[(8 * GRAIN) as usize..(8 * GRAIN + 10) as usize].fill(3);
+    assert_eq!(image(&e, id), want);
+}
+
+#[test]
+fn a_table_opened_without_its_volumes_ends_sessions_with_unverified_records() {
+    let w = first_write(1, 4096);
+    let st: Arc<dyn TableStorage> = w.storage.clone();
+    let (t, _) = Table::open(st).unwrap();
+    let s = t.session(w.id).unwrap();
+    assert_eq!(s.state(), SessionState::Terminated);
+    assert_eq!(s.status().reason.unwrap().code, ReasonCode::CopyUnverified);
+}
