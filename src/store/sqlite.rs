@@ -293,6 +293,14 @@ impl Store for SqliteStore {
         })
     }
 
+    fn next_id(&self, kind: IdKind) -> Result<u64, StoreError> {
+        let conn = self.conn.lock();
+        let last = read_counter(&conn, kind).map_err(self.err("read an id counter"))??;
+        last.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+            what: format!("ids: the {} counter is {last}", kind.as_str()),
+        })
+    }
+
     fn allocate(&self, kind: IdKind) -> Result<u64, StoreError> {
         let mut conn = self.conn.lock();
         let tx = conn
@@ -810,4 +818,36 @@ impl Tx for SqlTx<'_> {
             .map_err(self.err("delete rows"))?;
         self.exec("DELETE FROM events WHERE id = ?1", [int(id.0)])
     }
+
+    fn id_counter(&mut self, kind: IdKind) -> Result<u64, StoreError> {
+        read_counter(self.tx, kind).map_err(self.err("read an id counter"))?
+    }
+
+    fn set_id_counter(&mut self, kind: IdKind, last: u64) -> Result<(), StoreError> {
+        let last = i64::try_from(last).map_err(|_| StoreError::Corrupt {
+            what: format!(
+                "ids: {} counter {last} does not fit the column",
+                kind.as_str()
+            ),
+        })?;
+        self.exec(
+            "INSERT INTO ids (kind, next) VALUES (?1, ?2) \
+             ON CONFLICT (kind) DO UPDATE SET next = ?2",
+            params![kind.as_str(), last],
+        )
+    }
+}
+
+/// The last id of `kind` handed out (0 when none was), read through `conn` (a connection or an
+/// open transaction); a counter that is not a valid id is [`StoreError::Corrupt`].
+fn read_counter(conn: &Connection, kind: IdKind) -> rusqlite::Result<Result<u64, StoreError>> {
+    let n: Option<i64> = conn
+        .prepare_cached("SELECT next FROM ids WHERE kind = ?1")?
+        .query_row(params![kind.as_str()], |r| r.get(0))
+        .optional()?;
+    Ok(
+        u64::try_from(n.unwrap_or(0)).map_err(|_| StoreError::Corrupt {
+            what: format!("ids: the {} counter is {n:?}", kind.as_str()),
+        }),
+    )
 }
