@@ -101,3 +101,68 @@ fn cat_05_retention_at_daemon_start_runs_after_reconcile() {
     }
     r.kill(&mut d);
 }
+
+/// With `keep_last = 1` the older image of each source expires. A daemon killed (kill -9)
+/// between the two steps of the expiry (the rows `Expired`, no file removed yet: the kill point
+/// `retention-marked`) leaves both files; its next start finishes the removal in its catalog
+/// reconcile. A `Valid` image's file is there throughout.
+#[test]
+fn cat_05_a_daemon_killed_between_the_two_steps_of_an_expiry_finishes_it_at_its_next_start() {
+    let r = Rig::new("", "");
+    let plan = r.state.join("plans/db.toml");
+    let mut text_of_plan = std::fs::read_to_string(&plan).unwrap();
+    text_of_plan.push_str("[retention]\nkeep_last = 1\n");
+    std::fs::write(&plan, text_of_plan).unwrap();
+    let all = two_runs(&r);
+    // The first run's two images are the older ones of their sources.
+    let (older, newer) = all.split_at(2);
+    assert_ne!(older[0].source.locator, older[1].source.locator);
+    let valid_files_are_there = || {
+        for i in images(&r)
+            .iter()
+            .filter(|i| i.state.kind() == ImageStateKind::Valid)
+        {
+            assert!(target(i).exists(), "a Valid image lost its file: {i:?}");
+        }
+    };
+
+    let mut d = r.spawn_daemon(T0, &[("TIMEZERO_TEST_STOP_AT", "retention-marked")]);
+    r.wait_until("the older images marked expired", || {
+        let now = images(&r);
+        older.iter().all(|o| {
+            now.iter()
+                .any(|i| i.id == o.id && i.state.kind() == ImageStateKind::Expired)
+        })
+    });
+    // Stopped for good after the marking: no file was removed.
+    for o in older {
+        assert!(target(o).exists(), "{o:?}");
+    }
+    valid_files_are_there();
+    r.kill(&mut d);
+
+    let mut d = r.start_daemon(Some(T0), &[]);
+    r.wait_until("the expired images' files removed", || {
+        older.iter().all(|o| !target(o).exists())
+    });
+    let now = images(&r);
+    for o in older {
+        let row = now.iter().find(|i| i.id == o.id).unwrap();
+        assert_eq!(row.state.kind(), ImageStateKind::Expired);
+    }
+    for n in newer {
+        let row = now.iter().find(|i| i.id == n.id).unwrap();
+        assert_eq!(row.state.kind(), ImageStateKind::Valid);
+        assert!(target(n).exists());
+    }
+    valid_files_are_there();
+    // The removal was the catalog reconcile's, finishing what the killed daemon started.
+    let said = r.daemon_text();
+    for o in older {
+        assert!(
+            said.contains(&format!("expired image {}: target", o.id)),
+            "{said}"
+        );
+    }
+    r.kill(&mut d);
+}

@@ -53,6 +53,10 @@ use crate::store::{
     SqliteStore, Store,
 };
 
+/// The kill point (`TIMEZERO_TEST_STOP_AT`) between the two steps of retention's expiry: the
+/// rows are `Expired`, no file is removed yet.
+const RETENTION_MARKED: &str = "retention-marked";
+
 /// The environment variable that starts the daemon on a manual clock (tests).
 pub(super) const MANUAL_CLOCK_ENV: &str = "TIMEZERO_DAEMON_MANUAL_CLOCK";
 
@@ -598,16 +602,32 @@ impl Daemon<'_> {
             }
             for (table, ids) in by_table {
                 let engine = engines.get(&table).map(|e| &**e);
-                match catalog::expire(&**self.store, engine, &FileVolumes::default(), &ids) {
-                    Ok(done) => {
-                        for (i, f) in done {
-                            lines.push(format!(
-                                "retention: image {i} of {} expired: {f:?}",
+                // The two steps of an expiry: the rows first (one commit), then the files or
+                // sessions. A daemon that dies between them leaves `Expired` rows whose files are
+                // still there; the catalog reconcile of its next start finishes them.
+                if let Err(e) = catalog::mark_expired(&**self.store, &ids) {
+                    lines.push(format!("retention of {}: {e}", plan.name));
+                    continue;
+                }
+                super::runner::stop_at(RETENTION_MARKED, 1);
+                for i in ids {
+                    lines.push(
+                        match catalog::finish_expiry(
+                            &**self.store,
+                            engine,
+                            &FileVolumes::default(),
+                            i,
+                        ) {
+                            Ok(f) => {
+                                format!("retention: image {i} of {} expired: {f:?}", plan.name)
+                            }
+                            Err(e) => format!(
+                                "retention: image {i} of {} expired, not finished (the next \
+                                 reconcile finishes it): {e}",
                                 plan.name
-                            ));
-                        }
-                    }
-                    Err(e) => lines.push(format!("retention of {}: {e}", plan.name)),
+                            ),
+                        },
+                    );
                 }
             }
         }
