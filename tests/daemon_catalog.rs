@@ -8,7 +8,8 @@ mod daemon_rig;
 use std::path::PathBuf;
 
 use daemon_rig::{text, Rig, T0};
-use timezero::store::{ImageQuery, ImageRecord, ImageStateKind, Store};
+use timezero::store::{ImageQuery, ImageRecord, ImageState, ImageStateKind, Store};
+use timezero::{CopyMode, ReasonCode};
 
 /// Every image of the catalog, oldest first.
 fn images(r: &Rig) -> Vec<ImageRecord> {
@@ -164,5 +165,59 @@ fn cat_05_a_daemon_killed_between_the_two_steps_of_an_expiry_finishes_it_at_its_
             "{said}"
         );
     }
+    r.kill(&mut d);
+}
+
+/// A reset notification raised through the held table's control socket (`timezero reset TABLE
+/// VOLUME`, sent to the daemon that serves the table) after a source was replaced by another
+/// file: the engine terminates the nocopy session on it, and the daemon, told by the engine,
+/// runs the catalog reconcile at once: the image turns `Lost` with the engine's reason. The
+/// other source's image stays `Valid`.
+#[test]
+fn cat_04_a_reset_handled_by_the_daemon_marks_the_nocopy_image_lost_with_the_engine_reason() {
+    let r = Rig::new("", "mode = \"nocopy\"");
+    let out = r.tz(&["plan", "run", "db", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let all = images(&r);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all
+        .iter()
+        .all(|i| i.state.kind() == ImageStateKind::Valid && i.mode == CopyMode::NoCopy));
+    let a = std::fs::canonicalize(r.vols.join("a.img")).unwrap();
+    let on_a = all
+        .iter()
+        .find(|i| i.source.locator == a.display().to_string())
+        .unwrap()
+        .clone();
+    let mut d = r.start_daemon(Some(T0), &[]);
+    // The daemon's start found nothing to reconcile.
+    assert!(images(&r)
+        .iter()
+        .all(|i| i.state.kind() == ImageStateKind::Valid));
+
+    // Another file takes a.img's place (a new identity), and the storage says so.
+    let other = r.vols.join("a.new");
+    std::fs::write(&other, daemon_rig::data(9)).unwrap();
+    std::fs::rename(&other, &a).unwrap();
+    let table = r.state.join("db.tzt");
+    let out = r.tz_plain(&["reset", table.to_str().unwrap(), a.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    r.wait_until("the image on the replaced source lost", || {
+        images(&r)
+            .iter()
+            .any(|i| i.id == on_a.id && i.state.kind() == ImageStateKind::Lost)
+    });
+    let now = images(&r);
+    let row = now.iter().find(|i| i.id == on_a.id).unwrap();
+    let ImageState::Lost { why, engine } = &row.state else {
+        panic!("{row:?}")
+    };
+    let engine = engine.as_ref().expect("the engine's reason is kept");
+    assert_eq!(engine.code, ReasonCode::ResetMismatch, "{engine:?} ({why})");
+    for i in now.iter().filter(|i| i.id != on_a.id) {
+        assert_eq!(i.state.kind(), ImageStateKind::Valid, "{i:?}");
+    }
+    assert!(r.daemon_text().contains("reset handled on"), "{}", r.daemon_text());
     r.kill(&mut d);
 }

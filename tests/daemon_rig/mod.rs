@@ -136,6 +136,14 @@ impl Rig {
             .unwrap()
     }
 
+    /// `timezero ARGS` without `--state` (the engine's commands name their table).
+    pub fn tz_plain(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// Spawn a daemon on a manual clock at `clock`, with `env` added to its environment;
     /// returns at once (for a daemon that stops for good before it answers requests).
     pub fn spawn_daemon(&self, clock: &str, env: &[(&str, &str)]) -> Child {
