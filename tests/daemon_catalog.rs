@@ -218,6 +218,10 @@ fn cat_04_a_reset_handled_by_the_daemon_marks_the_nocopy_image_lost_with_the_eng
     for i in now.iter().filter(|i| i.id != on_a.id) {
         assert_eq!(i.state.kind(), ImageStateKind::Valid, "{i:?}");
     }
-    assert!(r.daemon_text().contains("reset handled on"), "{}", r.daemon_text());
+    assert!(
+        r.daemon_text().contains("reset handled on"),
+        "{}",
+        r.daemon_text()
+    );
     r.kill(&mut d);
 }

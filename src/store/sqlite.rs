@@ -29,7 +29,7 @@ use super::{
 use crate::limits::STORE_BUSY_TIMEOUT_MS;
 
 /// The schema version this build creates and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1, as the first open creates it; [`MIGRATIONS`] take it to [`SCHEMA_VERSION`].
 const SCHEMA: &str = include_str!("schema.sql");
@@ -38,12 +38,17 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// transaction of the open that finds the older version.
 /// - 2: the job's plan SHA-256 (PLAN-18) as a column of its own, copied from the rows written
 ///   before, so that the jobs of one plan text can be found.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    2,
-    "ALTER TABLE jobs ADD COLUMN plan_sha256 TEXT;\n\
-     UPDATE jobs SET plan_sha256 = json_extract(body, '$.plan_sha256');\n\
-     CREATE INDEX jobs_by_plan_sha256 ON jobs(plan_sha256);",
-)];
+/// - 3: an index on the events' `next_due`, so that [`Store::events_due_by`] (every scheduler
+///   pass) reads the due events only instead of scanning every event row.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        2,
+        "ALTER TABLE jobs ADD COLUMN plan_sha256 TEXT;\n\
+         UPDATE jobs SET plan_sha256 = json_extract(body, '$.plan_sha256');\n\
+         CREATE INDEX jobs_by_plan_sha256 ON jobs(plan_sha256);",
+    ),
+    (3, "CREATE INDEX events_by_next_due ON events(next_due);"),
+];
 const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
 
 /// The store in one SQLite file; one connection, used by one thread at a time. Other processes
