@@ -67,8 +67,8 @@ mod volume;
 pub use engine::copier::{Copier, CopierControl, CopierEvent, CopierOptions, Progress};
 pub use engine::{
     read_status, table_room, CopyErrorPolicy, CopyProgress, Decision, Engine, EngineOptions,
-    FileResolver, Image, MapResolver, Outcome, Refreshed, RestartPolicy, Reversed, Room,
-    SessionSpec, SessionStatus, TableSnapshot, VolumeResolver,
+    FileResolver, Image, MapResolver, Outcome, Refreshed, ResetHandled, RestartPolicy, Reversed,
+    Room, SessionSpec, SessionStatus, TableSnapshot, VolumeResolver,
 };
 // Errors.
 pub use error::{Corruption, Error, Result};

@@ -13,7 +13,10 @@
 //!    worker threads through the same [`PlanWork`] as `plan run`), then sleeps until the next
 //!    due time, a request on `STATE/daemon.ctl`, or at most [`DAEMON_TICK_MAX_MS`]. When a tick
 //!    moved the backup day (NEWDAY), the catalog reconcile (CAT-04) and then retention (CAT-05)
-//!    run, as they do once at start before the first tick.
+//!    run, as they do once at start before the first tick. When the engine of a held table
+//!    handled a storage reset (`timezero reset TABLE VOLUME` through the table's control
+//!    socket; the engine tells its watchers, [`Engine::watch_resets`]), the loop runs the
+//!    catalog reconcile against that table with the reset's decisions (CAT-04).
 //! 5. stops on SIGTERM, SIGINT or `daemon stop`: no job starts any more, the running ones are
 //!    let finish (their hooks, quiesce and thaw, cut and copy, and the commit of their end),
 //!    the sockets close, the lock is released; exit 0.
@@ -52,6 +55,10 @@ use crate::store::{
     BackupDay, ImageQuery, ImageStateKind, JobId, JobReason, JobRecord, JobStatus, Priority,
     SqliteStore, Store,
 };
+
+/// The kill point (`TIMEZERO_TEST_STOP_AT`) between the two steps of retention's expiry: the
+/// rows are `Expired`, no file is removed yet.
+const RETENTION_MARKED: &str = "retention-marked";
 
 /// The environment variable that starts the daemon on a manual clock (tests).
 pub(super) const MANUAL_CLOCK_ENV: &str = "TIMEZERO_DAEMON_MANUAL_CLOCK";
@@ -319,6 +326,15 @@ pub(super) fn daemon(args: &DaemonArgs, io: IoFlags, out: &mut dyn Write) -> Res
     };
     for table in state.tables()? {
         let e = Arc::new(open_server(&table, io)?);
+        // A reset the engine handles (raised through the table's control socket) is passed to
+        // the loop, which reconciles the catalog against this table (CAT-04).
+        let (notify, t) = (tx.clone(), table.clone());
+        e.watch_resets(move |handled| {
+            let _ = notify.send(Msg::Reset {
+                table: t.clone(),
+                decisions: handled.decisions.clone(),
+            });
+        });
         let s = Served::start(Arc::clone(&e), &table, &exports)?;
         for l in s.describe().lines() {
             say(l.to_string());
@@ -464,6 +480,18 @@ impl Daemon<'_> {
         match msg {
             Some(Msg::Stop) => true,
             Some(Msg::Wake) | None => false,
+            Some(Msg::Reset { table, decisions }) => {
+                say(format!(
+                    "reset handled on {}: reconciling the catalog",
+                    table.display()
+                ));
+                if let Some(engine) = self.engines.lock().get(&table).cloned() {
+                    for l in self.catalog_reconcile_table(&table, &engine, &decisions) {
+                        say(l);
+                    }
+                }
+                false
+            }
             Some(Msg::Request(req, reply)) => {
                 let r = self.request(req, say);
                 let _ = reply.send(r);
@@ -598,16 +626,32 @@ impl Daemon<'_> {
             }
             for (table, ids) in by_table {
                 let engine = engines.get(&table).map(|e| &**e);
-                match catalog::expire(&**self.store, engine, &FileVolumes::default(), &ids) {
-                    Ok(done) => {
-                        for (i, f) in done {
-                            lines.push(format!(
-                                "retention: image {i} of {} expired: {f:?}",
+                // The two steps of an expiry: the rows first (one commit), then the files or
+                // sessions. A daemon that dies between them leaves `Expired` rows whose files are
+                // still there; the catalog reconcile of its next start finishes them.
+                if let Err(e) = catalog::mark_expired(&**self.store, &ids) {
+                    lines.push(format!("retention of {}: {e}", plan.name));
+                    continue;
+                }
+                super::runner::stop_at(RETENTION_MARKED, 1);
+                for i in ids {
+                    lines.push(
+                        match catalog::finish_expiry(
+                            &**self.store,
+                            engine,
+                            &FileVolumes::default(),
+                            i,
+                        ) {
+                            Ok(f) => {
+                                format!("retention: image {i} of {} expired: {f:?}", plan.name)
+                            }
+                            Err(e) => format!(
+                                "retention: image {i} of {} expired, not finished (the next \
+                                 reconcile finishes it): {e}",
                                 plan.name
-                            ));
-                        }
-                    }
-                    Err(e) => lines.push(format!("retention of {}: {e}", plan.name)),
+                            ),
+                        },
+                    );
                 }
             }
         }
@@ -620,28 +664,45 @@ impl Daemon<'_> {
         let mut lines = Vec::new();
         let engines = self.engines.lock().clone();
         for (table, engine) in &engines {
-            match catalog::reconcile(&**self.store, engine, table, &[], &FileVolumes::default()) {
-                Ok(report) => {
-                    for a in report.done {
-                        lines.push(match a {
-                            ReconcileAction::Lose { image, why, .. } => {
-                                format!("catalog: image {image} lost: {why}")
-                            }
-                            ReconcileAction::RemoveTarget { image, locator } => {
-                                format!("catalog: expired image {image}: target {locator} removed")
-                            }
-                            ReconcileAction::Withdraw { image, session } => {
-                                format!(
-                                    "catalog: expired image {image}: session {session} withdrawn"
-                                )
-                            }
-                        });
-                    }
-                }
-                Err(e) => lines.push(format!("catalog: table {}: {e}", table.display())),
-            }
+            lines.extend(self.catalog_reconcile_table(table, engine, &[]));
         }
         lines
+    }
+
+    /// The catalog reconcile against one held table (CAT-04), with the decisions of the reset
+    /// that asked for it (none at start and NEWDAY: the engine's status then gives the
+    /// reasons). One line per decision.
+    fn catalog_reconcile_table(
+        &self,
+        table: &Path,
+        engine: &Engine,
+        decisions: &[crate::Decision],
+    ) -> Vec<String> {
+        let report = match catalog::reconcile(
+            &**self.store,
+            engine,
+            table,
+            decisions,
+            &FileVolumes::default(),
+        ) {
+            Ok(report) => report,
+            Err(e) => return vec![format!("catalog: table {}: {e}", table.display())],
+        };
+        report
+            .done
+            .into_iter()
+            .map(|a| match a {
+                ReconcileAction::Lose { image, why, .. } => {
+                    format!("catalog: image {image} lost: {why}")
+                }
+                ReconcileAction::RemoveTarget { image, locator } => {
+                    format!("catalog: expired image {image}: target {locator} removed")
+                }
+                ReconcileAction::Withdraw { image, session } => {
+                    format!("catalog: expired image {image}: session {session} withdrawn")
+                }
+            })
+            .collect()
     }
 }
 

@@ -118,6 +118,14 @@ pub(super) enum Msg {
     Stop,
     /// Something may have become due (a job's work ended).
     Wake,
+    /// The engine holding `table` handled a storage reset notification (through the table's
+    /// control socket); `decisions` are what it decided for the sessions using the volume.
+    Reset {
+        /// The table.
+        table: PathBuf,
+        /// The reset's decisions.
+        decisions: Vec<crate::Decision>,
+    },
 }
 
 /// Send `req` to the daemon of `state` and read its answer. `Ok(None)` when no daemon listens.

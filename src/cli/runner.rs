@@ -768,7 +768,9 @@ impl Recorder {
 
 /// The environment variable naming a step (`catalog`, `copy`, ...) at which a run's first
 /// attempt stops for good once the step is recorded, so that a test can kill the process
-/// there (the kill points of tests/plan_kill.rs and tests/daemon_kill.rs).
+/// there (the kill points of tests/plan_kill.rs and tests/daemon_kill.rs); also
+/// `retention-marked`, where the daemon's retention stops after its rows went `Expired` and
+/// before any file is removed (tests/daemon_catalog.rs).
 pub(super) const STOP_AT_ENV: &str = "TIMEZERO_TEST_STOP_AT";
 
 /// Stop here for good when [`STOP_AT_ENV`] names `step` and this is a first attempt.
@@ -777,7 +779,7 @@ fn stop_point(step: Step, attempt: u32) {
 }
 
 /// Stop here for good when [`STOP_AT_ENV`] is `point` and this is a first attempt.
-fn stop_at(point: &str, attempt: u32) {
+pub(super) fn stop_at(point: &str, attempt: u32) {
     if attempt == 1 && std::env::var(STOP_AT_ENV).is_ok_and(|s| s == point) {
         loop {
             std::thread::park();

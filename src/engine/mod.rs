@@ -53,7 +53,9 @@ pub use forget::{table_room, Room};
 pub use group::set_canary_split_group_commit;
 pub use image::Image;
 pub use lifecycle::SessionSpec;
-pub use recovery::{Decision, FileResolver, MapResolver, Outcome, RestartPolicy, VolumeResolver};
+pub use recovery::{
+    Decision, FileResolver, MapResolver, Outcome, ResetHandled, RestartPolicy, VolumeResolver,
+};
 pub use refresh::Refreshed;
 #[cfg(feature = "fault")]
 pub use reverse::set_canary_restored_before_flush;
@@ -357,6 +359,8 @@ pub struct Engine {
     /// Identity (device and inode) of the table's file, when the table is a file: it is
     /// never accepted as a volume.
     table_file: Option<VolumeId>,
+    /// Who is told of each reset handled ([`Engine::watch_resets`]).
+    reset_watchers: recovery::ResetWatchers,
     /// Decisions taken when the table was opened.
     pub decisions: Vec<Decision>,
     /// What opening the table found.
@@ -458,6 +462,7 @@ impl Engine {
             reversing: std::sync::atomic::AtomicUsize::new(0),
             backend: std::sync::OnceLock::new(),
             table_file: None,
+            reset_watchers: recovery::ResetWatchers::default(),
             decisions: Vec::new(),
             open_report,
         };

@@ -456,7 +456,26 @@ impl Engine {
         }
     }
 
+    /// Call `watcher` after every reset this engine handles ([`Engine::reset`],
+    /// [`Engine::reset_unavailable`], [`Engine::reset_locator`], so also a reset raised through
+    /// the table's control socket), with the volume and what was decided for each session using
+    /// it, on the thread that handled the reset. A watcher should only pass the notice on (a
+    /// channel send): it runs before the reset returns to its caller, and a watcher that resets
+    /// or watches this engine itself would wait on its own call.
+    pub fn watch_resets(&self, watcher: impl Fn(&ResetHandled) + Send + Sync + 'static) {
+        self.reset_watchers.add(Arc::new(watcher));
+    }
+
     fn reset_found(&self, vol: VolumeId, now: Found) -> Result<Vec<Decision>> {
+        let decisions = self.reset_decide(vol, now)?;
+        self.reset_watchers.tell(&ResetHandled {
+            volume: vol,
+            decisions: decisions.clone(),
+        });
+        Ok(decisions)
+    }
+
+    fn reset_decide(&self, vol: VolumeId, now: Found) -> Result<Vec<Decision>> {
         let mut out = Vec::new();
         if let Found::Here(v) = &now {
             if v.info().id == vol {
@@ -511,6 +530,43 @@ impl Engine {
         let d = self.reconcile(&s, src, tgt, ReasonCode::IdentityMismatch);
         self.refresh_active();
         d
+    }
+}
+
+/// A reset an engine handled, as its watchers see it ([`Engine::watch_resets`]).
+#[derive(Debug, Clone)]
+pub struct ResetHandled {
+    /// The volume reset.
+    pub volume: VolumeId,
+    /// What was decided for each session using it (resumed, lost extents, suspended,
+    /// terminated), as the reset returned it.
+    pub decisions: Vec<Decision>,
+}
+
+/// A watcher of an engine's resets.
+type ResetWatcher = Arc<dyn Fn(&ResetHandled) + Send + Sync>;
+
+/// The watchers of an engine's resets ([`Engine::watch_resets`]).
+#[derive(Default)]
+pub(crate) struct ResetWatchers(parking_lot::Mutex<Vec<ResetWatcher>>);
+
+impl std::fmt::Debug for ResetWatchers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ResetWatchers({})", self.0.lock().len())
+    }
+}
+
+impl ResetWatchers {
+    fn add(&self, w: ResetWatcher) {
+        self.0.lock().push(w);
+    }
+
+    /// Tell every watcher, outside the lock (a watcher may add another).
+    fn tell(&self, handled: &ResetHandled) {
+        let watchers: Vec<ResetWatcher> = self.0.lock().clone();
+        for w in watchers {
+            w(handled);
+        }
     }
 }
 

@@ -296,12 +296,19 @@ impl Scheduler {
                 .iter()
                 .filter(|d| matches!(d, Decision::Start { .. }))
                 .count();
-            let mut ids = self
-                .store
-                .allocate_many(IdKind::Job, starts)?
-                .into_iter()
-                .map(JobId);
+            // The new jobs' ids are handed out by this pass's own transaction (one durable
+            // commit per pass): they are read here and reserved at the head of the list, which
+            // conflicts, and the pass is read again, when another caller took them first.
+            let first = self.store.next_id(IdKind::Job)?;
             let mut changes = Vec::new();
+            if starts > 0 {
+                changes.push(Change::ReserveIds {
+                    kind: IdKind::Job,
+                    first,
+                    n: starts as u64,
+                });
+            }
+            let mut ids = (first..).take(starts).map(JobId);
             let mut actions = Vec::new();
             let mut jobs = Vec::new();
             let mut followed = Vec::new();
@@ -345,29 +352,34 @@ impl Scheduler {
                             outcome: OccurrenceOutcome::Started(id),
                         };
                         followed.push(Followed::Occurrence(occurrence_of(occurrence.clone())));
-                        changes.push(Change::InsertJob {
-                            job: JobRecord {
-                                id,
-                                kind,
-                                event,
-                                due_at: due,
-                                backup_day,
-                                priority: e.priority,
-                                attempt: 1,
-                                state: JobState::Queued {
-                                    waiting_on: WaitReason::Broker,
-                                },
-                                owner: None,
-                                plan_text,
-                                plan_sha256,
-                                progress: None,
-                                created: now,
-                                started: None,
-                                ended: None,
-                                stop_requested: None,
+                        let mut job = JobRecord {
+                            id,
+                            kind,
+                            event,
+                            due_at: due,
+                            backup_day,
+                            priority: e.priority,
+                            attempt: 1,
+                            state: JobState::Queued {
+                                waiting_on: WaitReason::Broker,
                             },
-                            occurrence,
-                        });
+                            owner: None,
+                            plan_text,
+                            plan_sha256,
+                            progress: None,
+                            created: now,
+                            started: None,
+                            ended: None,
+                            stop_requested: None,
+                        };
+                        // What it waits on, when that does not depend on the rest of the queue
+                        // (its window or start time), is written with it, so the broker pass
+                        // that follows has nothing to record for it.
+                        if let Some(on) = waits_whatever_the_queue(self.needs(&job, now).readiness)
+                        {
+                            job.state = JobState::Queued { waiting_on: on };
+                        }
+                        changes.push(Change::InsertJob { job, occurrence });
                     }
                     Decision::Suppressed { event, due, by } => {
                         record(event, due, OccurrenceOutcome::Suppressed { by });
@@ -821,6 +833,17 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+}
+
+/// What a queued job with `readiness` waits on whatever else is queued or active (the broker
+/// looks at the window and the start time before any resource, [`grant`]); `None` when the
+/// broker decides (a ready job, or one whose window closed).
+fn waits_whatever_the_queue(readiness: Readiness) -> Option<WaitReason> {
+    match readiness {
+        Readiness::WaitWindow => Some(WaitReason::Window),
+        Readiness::WaitStartTime => Some(WaitReason::StartTime),
+        Readiness::Ready | Readiness::WindowClosed => None,
     }
 }
 

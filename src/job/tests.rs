@@ -1490,3 +1490,209 @@ fn immediate_only_starts_posted_runs_and_leaves_scheduled_events_due() {
     let e = e.iter().find(|e| e.id == ev[0]).unwrap();
     assert_eq!(e.next_due, Some(at("2026-12-01T20:00:00Z")));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The durable transactions of a due tick.
+
+/// A store that counts the transactions it is asked for and, when told to, lets another caller
+/// take the next job id just before the next list that reserves job ids commits.
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<dyn Store>,
+    commits: std::sync::atomic::AtomicUsize,
+    allocations: std::sync::atomic::AtomicUsize,
+    take_next_job_id: std::sync::atomic::AtomicBool,
+}
+
+impl Counting {
+    fn new(inner: Arc<dyn Store>) -> Counting {
+        Counting {
+            inner,
+            commits: 0.into(),
+            allocations: 0.into(),
+            take_next_job_id: false.into(),
+        }
+    }
+
+    /// Transactions so far (commits and allocations), and how many were commits.
+    fn transactions(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let commits = self.commits.load(SeqCst);
+        (commits + self.allocations.load(SeqCst), commits)
+    }
+}
+
+impl Store for Counting {
+    fn commit(&self, changes: Vec<Change>) -> Result<(), crate::store::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let reserves = changes.iter().any(|c| {
+            matches!(
+                c,
+                Change::ReserveIds {
+                    kind: IdKind::Job,
+                    ..
+                }
+            )
+        });
+        if reserves && self.take_next_job_id.swap(false, SeqCst) {
+            self.inner.allocate(IdKind::Job)?;
+        }
+        self.commits.fetch_add(1, SeqCst);
+        self.inner.commit(changes)
+    }
+    fn allocate(&self, kind: IdKind) -> Result<u64, crate::store::StoreError> {
+        self.allocations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.allocate(kind)
+    }
+    fn allocate_many(&self, kind: IdKind, n: usize) -> Result<Vec<u64>, crate::store::StoreError> {
+        self.allocations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.allocate_many(kind, n)
+    }
+    fn next_id(&self, kind: IdKind) -> Result<u64, crate::store::StoreError> {
+        self.inner.next_id(kind)
+    }
+    fn calendar_generation(&self) -> Result<u64, crate::store::StoreError> {
+        self.inner.calendar_generation()
+    }
+    fn jobs(&self, q: &JobQuery) -> Result<Vec<JobRecord>, crate::store::StoreError> {
+        self.inner.jobs(q)
+    }
+    fn job(&self, id: JobId) -> Result<Option<JobRecord>, crate::store::StoreError> {
+        self.inner.job(id)
+    }
+    fn tasks(&self, job: JobId) -> Result<Vec<crate::store::TaskRecord>, crate::store::StoreError> {
+        self.inner.tasks(job)
+    }
+    fn hook_runs(
+        &self,
+        job: JobId,
+    ) -> Result<Vec<crate::store::HookRunRecord>, crate::store::StoreError> {
+        self.inner.hook_runs(job)
+    }
+    fn schedules(&self) -> Result<Vec<ScheduleRow>, crate::store::StoreError> {
+        self.inner.schedules()
+    }
+    fn events(&self) -> Result<Vec<EventRow>, crate::store::StoreError> {
+        self.inner.events()
+    }
+    fn events_due_by(&self, t: Timestamp) -> Result<Vec<EventRow>, crate::store::StoreError> {
+        self.inner.events_due_by(t)
+    }
+    fn occurrences(
+        &self,
+        q: &OccurrenceQuery,
+    ) -> Result<Vec<OccurrenceRow>, crate::store::StoreError> {
+        self.inner.occurrences(q)
+    }
+    fn images(
+        &self,
+        q: &crate::store::ImageQuery,
+    ) -> Result<Vec<crate::store::ImageRecord>, crate::store::StoreError> {
+        self.inner.images(q)
+    }
+    fn image(
+        &self,
+        id: crate::store::ImageId,
+    ) -> Result<Option<crate::store::ImageRecord>, crate::store::StoreError> {
+        self.inner.image(id)
+    }
+    fn open_intents(&self) -> Result<Vec<crate::store::Intent>, crate::store::StoreError> {
+        self.inner.open_intents()
+    }
+    fn open_leases(&self) -> Result<Vec<crate::store::Lease>, crate::store::StoreError> {
+        self.inner.open_leases()
+    }
+    fn trim_history(
+        &self,
+        before: BackupDay,
+    ) -> Result<crate::store::Trimmed, crate::store::StoreError> {
+        self.inner.trim_history(before)
+    }
+}
+
+#[test]
+fn job_03_a_due_tick_writes_its_new_jobs_and_what_they_wait_on_in_one_transaction() {
+    let start = at("2026-12-01T12:00:00Z");
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("o.sqlite")).unwrap());
+    let counting = Arc::new(Counting::new(sqlite));
+    let r = rig_with(
+        Arc::clone(&counting) as Arc<dyn Store>,
+        start,
+        Limits::default(),
+        NewdayAbort::All,
+    );
+    setup_calendar(
+        &*r.store,
+        start,
+        &[("evening", "0 20 * * *")],
+        &[("evening", "db", 7), ("evening", "web", 3)],
+    );
+    r.work.set_needs("db", Vec::new(), Readiness::WaitStartTime);
+    r.work.set_needs("web", Vec::new(), Readiness::WaitWindow);
+    r.clock.set(at("2026-12-01T20:00:00Z"));
+    let before = counting.transactions();
+    let created = r.sched.tick().unwrap();
+    let after = counting.transactions();
+    assert_eq!(created.len(), 2);
+    // One transaction: the ids, the jobs with their occurrences and wait reasons, the advance.
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1));
+    let waits: Vec<JobState> = created
+        .iter()
+        .map(|j| job_of(&*r.store, *j).state)
+        .collect();
+    assert!(waits.contains(&JobState::Queued {
+        waiting_on: WaitReason::StartTime
+    }));
+    assert!(waits.contains(&JobState::Queued {
+        waiting_on: WaitReason::Window
+    }));
+    // The broker's next pass agrees and records nothing.
+    r.sched.broker_pass().unwrap();
+    assert_eq!(counting.transactions(), after);
+    // A job that is ready is left to the broker, which starts it in a transaction of its own.
+    r.work.set_needs("db", Vec::new(), Readiness::Ready);
+    r.sched.broker_pass().unwrap();
+    r.sched.settle().unwrap();
+    let db = created
+        .iter()
+        .map(|j| job_of(&*r.store, *j))
+        .find(|j| j.kind.plan() == Some("db"))
+        .unwrap();
+    assert_eq!(db.state.kind(), JobStateKind::Done);
+}
+
+#[test]
+fn cal_19_a_pass_whose_job_ids_were_taken_meanwhile_reads_again_and_starts_once() {
+    let start = at("2026-12-01T12:00:00Z");
+    let counting = Arc::new(Counting::new(Arc::new(MemStore::new())));
+    let r = rig_with(
+        Arc::clone(&counting) as Arc<dyn Store>,
+        start,
+        Limits::default(),
+        NewdayAbort::All,
+    );
+    setup_calendar(
+        &*r.store,
+        start,
+        &[("evening", "0 20 * * *")],
+        &[("evening", "db", 7)],
+    );
+    r.clock.set(at("2026-12-01T20:00:00Z"));
+    // Another caller takes the id the pass read, between its read and its commit.
+    let taken = r.store.next_id(IdKind::Job).unwrap();
+    counting
+        .take_next_job_id
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let created = r.sched.calendar_pass().unwrap();
+    assert_eq!(created.len(), 1);
+    assert_ne!(
+        created[0],
+        JobId(taken),
+        "the taken id is not handed out twice"
+    );
+    assert_eq!(r.store.jobs(&JobQuery::default()).unwrap().len(), 1);
+    check_exactly_once(&*r.store, start, r.clock.now());
+}

@@ -13,7 +13,7 @@ use super::records::{
     ImageStateKind, Intent, IntentOutcome, JobProgress, JobRecord, JobState, JobStateKind, Lease,
     OccurrenceOutcome, OccurrenceRow, ScheduleRow, TaskRecord, TaskStatus,
 };
-use super::{BackupDay, EventId, ImageId, IntentId, JobId, LeaseId, StoreError};
+use super::{BackupDay, EventId, IdKind, ImageId, IntentId, JobId, LeaseId, StoreError};
 
 /// One change of a [`super::Store::commit`] list, with its precondition. A list is applied in
 /// order inside one transaction; the first change whose precondition fails makes the whole list
@@ -191,6 +191,21 @@ pub enum Change {
     /// disabled). Precondition: the event exists, no occurrence of (event, due) yet, and the
     /// outcome is not `Started` (that is [`Change::InsertJob`]).
     RecordOccurrence(OccurrenceRow),
+    /// Hand out the `n` ids `first`, `first + 1`, ... of `kind` in this list's own transaction,
+    /// so that a list that creates rows needs no [`super::Store::allocate`] transaction before
+    /// it: the caller reads [`super::Store::next_id`], names the ids in the changes after this
+    /// one, and the ids are handed out exactly when the list commits. Precondition: none of
+    /// them was handed out yet (the counter of `kind` is below `first`); the counter then
+    /// stands at the last of them. A list that fails hands out nothing, so its ids must be used
+    /// nowhere else.
+    ReserveIds {
+        /// Which counter.
+        kind: IdKind,
+        /// The first id.
+        first: u64,
+        /// How many (0 reserves nothing and always applies).
+        n: u64,
+    },
 }
 
 impl Change {
@@ -349,6 +364,10 @@ pub(crate) trait Tx {
     fn delete_schedule(&mut self, name: &str) -> Result<(), StoreError>;
     /// Delete an event and its occurrences.
     fn delete_event(&mut self, id: EventId) -> Result<(), StoreError>;
+    /// The last id of `kind` handed out (0 when none was).
+    fn id_counter(&mut self, kind: IdKind) -> Result<u64, StoreError>;
+    /// Set the last id of `kind` handed out.
+    fn set_id_counter(&mut self, kind: IdKind, last: u64) -> Result<(), StoreError>;
 }
 
 /// Check `change`'s precondition against `tx` and apply it; `index` is its place in the list,
@@ -359,6 +378,26 @@ pub(crate) fn apply(tx: &mut impl Tx, index: usize, change: Change) -> Result<()
         what,
     };
     match change {
+        Change::ReserveIds { kind, first, n } => {
+            if n == 0 {
+                return Ok(());
+            }
+            let last = first
+                .checked_add(n - 1)
+                .filter(|_| first > 0)
+                .ok_or_else(|| StoreError::Invalid {
+                    change: index,
+                    what: format!("{n} {} ids from {first}", kind.as_str()),
+                })?;
+            let counter = tx.id_counter(kind)?;
+            if counter >= first {
+                return Err(conflict(format!(
+                    "{} id {first} was already handed out (the counter is {counter})",
+                    kind.as_str()
+                )));
+            }
+            tx.set_id_counter(kind, last)
+        }
         Change::InsertJob { job, occurrence } => {
             if occurrence.event != job.event
                 || occurrence.outcome != OccurrenceOutcome::Started(job.id)

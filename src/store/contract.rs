@@ -877,6 +877,67 @@ pub(super) fn store_19_many_ids_at_once_are_handed_out_once(store: &dyn Store) {
     assert_eq!(store.allocate_many(IdKind::Event, 2).unwrap(), vec![1, 2]);
 }
 
+pub(super) fn store_21_reserved_ids_are_handed_out_by_the_list_that_names_them(store: &dyn Store) {
+    // Reading the next id hands nothing out.
+    assert_eq!(store.next_id(IdKind::Job).unwrap(), 1);
+    assert_eq!(store.next_id(IdKind::Job).unwrap(), 1);
+    let reserve = |first: u64, n: u64| Change::ReserveIds {
+        kind: IdKind::Job,
+        first,
+        n,
+    };
+    store.commit(vec![reserve(1, 3)]).unwrap();
+    assert_eq!(store.next_id(IdKind::Job).unwrap(), 4);
+    // The counter goes on after them, also for `allocate`; other kinds are apart.
+    assert_eq!(store.allocate(IdKind::Job).unwrap(), 4);
+    assert_eq!(store.next_id(IdKind::Image).unwrap(), 1);
+    // Ids already handed out are not reserved again: the list conflicts at that change.
+    let (change, what) = conflict_at(store.commit(vec![reserve(4, 2)]));
+    assert_eq!(change, 0);
+    assert!(what.contains("already handed out"), "{what}");
+    let (change, _) = conflict_at(store.commit(vec![
+        Change::PutSchedule {
+            schedule: schedule("daily"),
+            replace: false,
+        },
+        reserve(2, 1),
+    ]));
+    assert_eq!(change, 1);
+    assert!(store.schedules().unwrap().is_empty());
+    // A list that fails after its reservation hands out nothing: the same ids come next.
+    let (change, _) = conflict_at(store.commit(vec![
+        reserve(5, 2),
+        Change::PutIntent(intent(store.allocate(IdKind::Intent).unwrap(), 99)),
+    ]));
+    assert_eq!(change, 1);
+    assert_eq!(store.next_id(IdKind::Job).unwrap(), 5);
+    // A reservation and the rows that use it are one list: the job exists exactly when its
+    // id was handed out.
+    calendar(store);
+    let j = job(5, 1, at(0), "db", "20270115");
+    store
+        .commit(vec![
+            reserve(5, 1),
+            Change::InsertJob {
+                occurrence: started(&j),
+                job: j,
+            },
+        ])
+        .unwrap();
+    assert!(store.job(JobId(5)).unwrap().is_some());
+    assert_eq!(store.allocate(IdKind::Job).unwrap(), 6);
+    // Nothing to reserve always applies; a reservation from id 0 is malformed.
+    store.commit(vec![reserve(7, 0)]).unwrap();
+    assert_eq!(store.next_id(IdKind::Job).unwrap(), 7);
+    assert!(matches!(
+        store.commit(vec![reserve(0, 1)]),
+        Err(StoreError::Invalid { change: 0, .. })
+    ));
+    // Past a gap, ids not yet handed out may be reserved; the ones skipped are never handed out.
+    store.commit(vec![reserve(9, 2)]).unwrap();
+    assert_eq!(store.allocate(IdKind::Job).unwrap(), 11);
+}
+
 pub(super) fn store_20_calendar_changes_move_the_generation_on(store: &dyn Store) {
     let g0 = store.calendar_generation().unwrap();
     assert_eq!(g0, 0);
@@ -1384,6 +1445,10 @@ macro_rules! contract_suite {
             #[test]
             fn store_20_calendar_changes_move_the_generation_on() {
                 with_store(super::store_20_calendar_changes_move_the_generation_on);
+            }
+            #[test]
+            fn store_21_reserved_ids_are_handed_out_by_the_list_that_names_them() {
+                with_store(super::store_21_reserved_ids_are_handed_out_by_the_list_that_names_them);
             }
             #[test]
             fn store_16_records_read_back_as_written() {

@@ -100,6 +100,10 @@ impl Store for MemStore {
         Ok(self.state.lock().generation)
     }
 
+    fn next_id(&self, kind: IdKind) -> Result<u64, StoreError> {
+        Ok(self.state.lock().ids.get(&kind).copied().unwrap_or(0) + 1)
+    }
+
     fn allocate(&self, kind: IdKind) -> Result<u64, StoreError> {
         let mut state = self.state.lock();
         let n = state.ids.entry(kind).or_insert(0);
@@ -411,6 +415,15 @@ impl Tx for Undo<'_> {
                 s.schedules.insert(key, old);
             }));
         }
+        Ok(())
+    }
+
+    fn id_counter(&mut self, kind: IdKind) -> Result<u64, StoreError> {
+        Ok(self.state.ids.get(&kind).copied().unwrap_or(0))
+    }
+
+    fn set_id_counter(&mut self, kind: IdKind, last: u64) -> Result<(), StoreError> {
+        put!(self, ids, kind, last);
         Ok(())
     }
 

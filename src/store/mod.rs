@@ -18,7 +18,8 @@
 //! Decisions: instants are kept as milliseconds since the Unix epoch ([`ms`]; finer parts are
 //! cut); ids come from [`Store::allocate`], a transaction of its own on a counter per kind, so two
 //! processes never hand out one id and an id is never reused even when the list that was to use
-//! it fails; the SQLite schema carries its version in `PRAGMA user_version`
+//! it fails, or from a [`Change::ReserveIds`] at the head of the list that uses them, which hands
+//! them out in that list's transaction (none when it fails); the SQLite schema carries its version in `PRAGMA user_version`
 //! ([`sqlite::SCHEMA_VERSION`]), and a file of a newer version is refused
 //! ([`StoreError::Schema`]).
 //!
@@ -230,6 +231,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// # Errors
     /// A storage error.
     fn allocate(&self, kind: IdKind) -> Result<u64, StoreError>;
+
+    /// The id [`Store::allocate`] would hand out next for `kind` (a read: nothing is handed
+    /// out). A list that creates rows names ids from here after a [`Change::ReserveIds`], which
+    /// hands them out in the list's own transaction, or conflicts when another caller took them
+    /// first.
+    ///
+    /// # Errors
+    /// A storage error, or [`StoreError::Corrupt`].
+    fn next_id(&self, kind: IdKind) -> Result<u64, StoreError>;
 
     /// `n` new ids of `kind` at once, in one transaction (ascending; none is ever handed out
     /// again, as with [`Store::allocate`]).

@@ -29,7 +29,7 @@ use super::{
 use crate::limits::STORE_BUSY_TIMEOUT_MS;
 
 /// The schema version this build creates and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1, as the first open creates it; [`MIGRATIONS`] take it to [`SCHEMA_VERSION`].
 const SCHEMA: &str = include_str!("schema.sql");
@@ -38,12 +38,17 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// transaction of the open that finds the older version.
 /// - 2: the job's plan SHA-256 (PLAN-18) as a column of its own, copied from the rows written
 ///   before, so that the jobs of one plan text can be found.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    2,
-    "ALTER TABLE jobs ADD COLUMN plan_sha256 TEXT;\n\
-     UPDATE jobs SET plan_sha256 = json_extract(body, '$.plan_sha256');\n\
-     CREATE INDEX jobs_by_plan_sha256 ON jobs(plan_sha256);",
-)];
+/// - 3: an index on the events' `next_due`, so that [`Store::events_due_by`] (every scheduler
+///   pass) reads the due events only instead of scanning every event row.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        2,
+        "ALTER TABLE jobs ADD COLUMN plan_sha256 TEXT;\n\
+         UPDATE jobs SET plan_sha256 = json_extract(body, '$.plan_sha256');\n\
+         CREATE INDEX jobs_by_plan_sha256 ON jobs(plan_sha256);",
+    ),
+    (3, "CREATE INDEX events_by_next_due ON events(next_due);"),
+];
 const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
 
 /// The store in one SQLite file; one connection, used by one thread at a time. Other processes
@@ -290,6 +295,14 @@ impl Store for SqliteStore {
             .map_err(self.err("read the calendar generation"))?;
         u64::try_from(n.unwrap_or(0)).map_err(|_| StoreError::Corrupt {
             what: format!("ids: the calendar generation is {n:?}"),
+        })
+    }
+
+    fn next_id(&self, kind: IdKind) -> Result<u64, StoreError> {
+        let conn = self.conn.lock();
+        let last = read_counter(&conn, kind).map_err(self.err("read an id counter"))??;
+        last.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+            what: format!("ids: the {} counter is {last}", kind.as_str()),
         })
     }
 
@@ -810,4 +823,36 @@ impl Tx for SqlTx<'_> {
             .map_err(self.err("delete rows"))?;
         self.exec("DELETE FROM events WHERE id = ?1", [int(id.0)])
     }
+
+    fn id_counter(&mut self, kind: IdKind) -> Result<u64, StoreError> {
+        read_counter(self.tx, kind).map_err(self.err("read an id counter"))?
+    }
+
+    fn set_id_counter(&mut self, kind: IdKind, last: u64) -> Result<(), StoreError> {
+        let last = i64::try_from(last).map_err(|_| StoreError::Corrupt {
+            what: format!(
+                "ids: {} counter {last} does not fit the column",
+                kind.as_str()
+            ),
+        })?;
+        self.exec(
+            "INSERT INTO ids (kind, next) VALUES (?1, ?2) \
+             ON CONFLICT (kind) DO UPDATE SET next = ?2",
+            params![kind.as_str(), last],
+        )
+    }
+}
+
+/// The last id of `kind` handed out (0 when none was), read through `conn` (a connection or an
+/// open transaction); a counter that is not a valid id is [`StoreError::Corrupt`].
+fn read_counter(conn: &Connection, kind: IdKind) -> rusqlite::Result<Result<u64, StoreError>> {
+    let n: Option<i64> = conn
+        .prepare_cached("SELECT next FROM ids WHERE kind = ?1")?
+        .query_row(params![kind.as_str()], |r| r.get(0))
+        .optional()?;
+    Ok(
+        u64::try_from(n.unwrap_or(0)).map_err(|_| StoreError::Corrupt {
+            what: format!("ids: the {} counter is {n:?}", kind.as_str()),
+        }),
+    )
 }

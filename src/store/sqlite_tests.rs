@@ -94,7 +94,10 @@ fn store_11_sqlite_rows_survive_reopen_and_a_newer_schema_is_refused() {
     match SqliteStore::open(&path) {
         Err(StoreError::Schema {
             found, supported, ..
-        }) => assert_eq!((found, supported), (3, 2)),
+        }) => assert_eq!(
+            (found, supported),
+            (sqlite::SCHEMA_VERSION + 1, sqlite::SCHEMA_VERSION)
+        ),
         other => panic!("expected a schema error, got {other:?}"),
     }
     // A file that is not SQLite: a typed error naming the file.
@@ -323,7 +326,7 @@ fn store_11_sqlite_a_version_1_file_is_migrated_and_keeps_its_jobs() {
     let raw = rusqlite::Connection::open(&path).unwrap();
     raw.execute_batch(
         "DROP INDEX jobs_by_plan_sha256; ALTER TABLE jobs DROP COLUMN plan_sha256; \
-         PRAGMA user_version = 1;",
+         DROP INDEX events_by_next_due; PRAGMA user_version = 1;",
     )
     .unwrap();
     drop(raw);
@@ -339,4 +342,15 @@ fn store_11_sqlite_a_version_1_file_is_migrated_and_keeps_its_jobs() {
         .unwrap();
     assert_eq!(version, sqlite::SCHEMA_VERSION);
     assert_eq!(sha, "ab".repeat(32));
+    // Version 3's index on the events' next occurrence is there, and the due events query
+    // reads it.
+    let plan: String = raw
+        .query_row(
+            "EXPLAIN QUERY PLAN SELECT body FROM events \
+             WHERE next_due IS NOT NULL AND next_due <= 0 ORDER BY id",
+            [],
+            |r| r.get(3),
+        )
+        .unwrap();
+    assert!(plan.contains("events_by_next_due"), "{plan}");
 }

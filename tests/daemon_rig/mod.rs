@@ -136,6 +136,28 @@ impl Rig {
             .unwrap()
     }
 
+    /// `timezero ARGS` without `--state` (the engine's commands name their table).
+    pub fn tz_plain(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_timezero"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Spawn a daemon on a manual clock at `clock`, with `env` added to its environment;
+    /// returns at once (for a daemon that stops for good before it answers requests).
+    pub fn spawn_daemon(&self, clock: &str, env: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_timezero"));
+        cmd.arg("daemon")
+            .arg("--state")
+            .arg(&self.state)
+            .env("TIMEZERO_DAEMON_MANUAL_CLOCK", clock)
+            .envs(env.iter().copied())
+            .stdout(Stdio::from(self.daemon_out()))
+            .stderr(Stdio::from(self.daemon_out()));
+        cmd.spawn().unwrap()
+    }
+
     /// Start a daemon, on a manual clock at `clock` when given; returns once it answers.
     pub fn start_daemon(&self, clock: Option<&str>, extra: &[&str]) -> Child {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_timezero"));
