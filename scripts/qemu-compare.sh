@@ -8,6 +8,8 @@
 # Usage: scripts/qemu-compare.sh [DIR]   (env: SIZE_MIB=512 ROUNDS=3 DEPTH=32 TIMEZERO=path
 #                                          TZ_FLAGS="--direct" for O_DIRECT engine volumes)
 # The NBD read comparison (qemu-img convert from `timezero serve`) is scripts/nbd-compare.sh.
+# The 2 GiB copy comparison of two timezero builds against convert, O_DIRECT and buffered, is
+# scripts/copy-compare.sh.
 set -euo pipefail
 
 if ! command -v qemu-img >/dev/null 2>&1; then

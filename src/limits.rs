@@ -44,6 +44,18 @@ pub const CHECKPOINT_MIN_BYTES: u64 = 64 * 1024;
 pub const CHECKPOINT_MAX_BYTES: u64 = 4 << 30;
 /// Largest contiguous run the background copier moves in one batch.
 pub const COPY_BATCH_BYTES_MAX: u64 = 4 << 20;
+/// Most requests of one batched volume call ([`crate::Volume::read_many`] /
+/// [`crate::Volume::write_many`]) the io_uring backend has in flight at once: the entries of
+/// each thread's ring. Larger batches go out in groups of this many.
+pub const VOLUME_BATCH_DEPTH_MAX: usize = 16;
+/// Requests a background-copy worker keeps in flight in each direction by default: the
+/// batches of one read (or one write) call of the source (or target). Bounded by
+/// [`COPY_DEPTH_MAX`].
+pub const COPY_DEPTH_DEFAULT: usize = 4;
+/// Largest copy depth a copier accepts.
+pub const COPY_DEPTH_MAX: usize = VOLUME_BATCH_DEPTH_MAX;
+/// Default bytes per background-copy request (one batch of adjacent uncopied grains).
+pub const COPY_REQUEST_BYTES_DEFAULT: u64 = 1 << 20;
 /// Bounded retries for data I/O (source read, target write) before giving up.
 pub const DATA_IO_RETRIES_MAX: u32 = 3;
 /// Largest single engine I/O request.
@@ -145,6 +157,9 @@ const _: () = assert!(HOOK_KILL_GRACE_SECS <= HOOK_KILL_GRACE_MAX_SECS);
 const _: () = assert!(QUIESCE_STATUS_INTERVAL_DEFAULT_SECS < QUIESCE_GRACE_SECS);
 const _: () = assert!(QUIESCE_TIMEOUT_DEFAULT_SECS <= QUIESCE_TIMEOUT_MAX_SECS);
 const _: () = assert!(COPY_BATCH_BYTES_MAX >= GRAIN_MAX_BYTES as u64);
+const _: () = assert!(COPY_REQUEST_BYTES_DEFAULT <= COPY_BATCH_BYTES_MAX);
+const _: () = assert!(COPY_DEPTH_DEFAULT >= 1 && COPY_DEPTH_DEFAULT <= COPY_DEPTH_MAX);
+const _: () = assert!(VOLUME_BATCH_DEPTH_MAX >= 1 && VOLUME_BATCH_DEPTH_MAX <= 4096);
 const _: () = assert!(RESTORE_RING_BUFFERS_DEFAULT <= RESTORE_RING_BUFFERS_MAX);
 const _: () = assert!(RESTORE_BUFFER_BYTES_DEFAULT <= RESTORE_BUFFER_BYTES_MAX);
 const _: () =

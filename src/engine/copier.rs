@@ -3,15 +3,18 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::engine::Engine;
+use crate::engine::copy::CopyRun;
+use crate::engine::{Engine, VolumeHandle};
 use crate::ids::{GrainCount, GrainIndex, SessionId};
 use crate::model::{CopyMode, SessionState};
+use crate::session::GrainHold;
+use crate::volume::AlignedBuf;
 use crate::{Error, Result};
 
 /// Consecutive 200 us yields to copy-before-write traffic before the copier goes on anyway.
@@ -24,8 +27,15 @@ pub struct CopierOptions {
     pub threads: usize,
     /// Bytes per second across all workers; `None` = unlimited. Default = None.
     pub rate_bytes_per_s: Option<u64>,
-    /// Largest batch in bytes. Default = 1 MiB (bounded by [`crate::limits::COPY_BATCH_BYTES_MAX`]).
+    /// Largest batch in bytes: one request to the source and one to the target. Default =
+    /// [`crate::limits::COPY_REQUEST_BYTES_DEFAULT`] (bounded by
+    /// [`crate::limits::COPY_BATCH_BYTES_MAX`]).
     pub batch_bytes: u64,
+    /// Batches each worker has in flight at once: it reads that many from the source in one
+    /// batched call ([`crate::Volume::read_many`]) while its writer thread writes the previous
+    /// ones to the target ([`crate::Volume::write_many`]). 1 to
+    /// [`crate::limits::COPY_DEPTH_MAX`]; default = [`crate::limits::COPY_DEPTH_DEFAULT`].
+    pub depth: usize,
     /// Only these sessions; empty = every active copy-mode session. Default = empty.
     pub sessions: Vec<SessionId>,
     /// Stop when nothing is left to copy. Default = true.
@@ -41,7 +51,8 @@ impl Default for CopierOptions {
         CopierOptions {
             threads: 2,
             rate_bytes_per_s: None,
-            batch_bytes: 1 << 20,
+            batch_bytes: crate::limits::COPY_REQUEST_BYTES_DEFAULT,
+            depth: crate::limits::COPY_DEPTH_DEFAULT,
             sessions: Vec::new(),
             exit_when_done: true,
             commit_bytes: 16 << 20,
@@ -334,7 +345,7 @@ impl Copier {
     /// Start workers.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for zero threads or batch size.
+    /// [`Error::Invalid`] for zero threads, batch size or depth (or more than their limits).
     pub fn start(engine: Arc<Engine>, opts: CopierOptions) -> Result<Copier> {
         Self::start_inner(engine, opts, EventSink(None))
     }
@@ -407,6 +418,12 @@ impl Copier {
         }
         if opts.rate_bytes_per_s == Some(0) {
             return Err(Error::invalid("copy rate", "0 bytes/s"));
+        }
+        if opts.depth == 0 || opts.depth > crate::limits::COPY_DEPTH_MAX {
+            return Err(Error::invalid(
+                "copy depth",
+                format!("{} (1 to {})", opts.depth, crate::limits::COPY_DEPTH_MAX),
+            ));
         }
         let started = Instant::now();
         let shared = Arc::new(Shared {
@@ -554,6 +571,7 @@ fn candidates(engine: &Engine, sh: &Shared) -> Vec<SessionId> {
 }
 
 fn worker(engine: &Engine, sh: &Shared) {
+    let mut pipe = Pipeline::default();
     let mut turn = 0usize;
     let mut yields = 0u32;
     while !sh.stop.load(Ordering::Acquire) {
@@ -611,7 +629,7 @@ fn worker(engine: &Engine, sh: &Shared) {
             }
             continue;
         }
-        match copy_span(engine, sh, id, grain, batch, rate.map(|r| r.0)) {
+        match copy_span(engine, sh, &mut pipe, id, grain, batch, rate.map(|r| r.0)) {
             Ok(true) => {}
             Ok(false) => {
                 // Nothing left after the span's start: once no other span is in flight, wrap,
@@ -686,11 +704,214 @@ fn restore_span(
     result
 }
 
+/// What a worker hands its writer thread: runs read from the source, to write to the target.
+struct WriteJob {
+    tgt: Arc<VolumeHandle>,
+    /// One buffer per run, holding its bytes.
+    bufs: Vec<AlignedBuf>,
+    /// Where each run goes on the target.
+    offsets: Vec<u64>,
+}
+
+/// What the writer thread hands back: the buffers, and whether every write succeeded.
+struct WriteDone {
+    bufs: Vec<AlignedBuf>,
+    result: Result<()>,
+}
+
+/// A copy worker's writer thread: it writes one group of runs to the target (all of them in
+/// flight at once, [`crate::Volume::write_many`]) while the worker reads the next group.
+struct Writer {
+    jobs: Option<mpsc::SyncSender<WriteJob>>,
+    done: mpsc::Receiver<WriteDone>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start() -> Result<Writer> {
+        let (jobs, rx) = mpsc::sync_channel::<WriteJob>(1);
+        let (tx, done) = mpsc::sync_channel::<WriteDone>(1);
+        let name = std::thread::current()
+            .name()
+            .map_or_else(|| "tz-copier-w".to_string(), |n| format!("{n}-w"));
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                for job in rx {
+                    let reqs: Vec<(u64, &[u8])> = job
+                        .offsets
+                        .iter()
+                        .zip(&job.bufs)
+                        .map(|(o, b)| (*o, b.get()))
+                        .collect();
+                    let result = job.tgt.write_many_retry(&reqs);
+                    drop(reqs);
+                    let done = WriteDone {
+                        bufs: job.bufs,
+                        result,
+                    };
+                    if tx.send(done).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn", "copier writer", 0, e))?;
+        Ok(Writer {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has finished its job, if any.
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A worker's double buffering: its writer thread, the group of runs that thread is writing
+/// (their holds), and the buffer sets not in use (two in all: one being read into, one being
+/// written from).
+#[derive(Default)]
+struct Pipeline {
+    writer: Option<Writer>,
+    /// Holds of the runs the writer has, and their grains.
+    writing: Vec<GrainHold>,
+    spare: Vec<Vec<AlignedBuf>>,
+}
+
+impl Pipeline {
+    /// A buffer set of one buffer of `lens[i]` bytes per run.
+    fn buffers(&mut self, lens: impl Iterator<Item = usize>) -> Vec<AlignedBuf> {
+        let mut set = self.spare.pop().unwrap_or_default();
+        let lens: Vec<usize> = lens.collect();
+        set.truncate(lens.len());
+        while set.len() < lens.len() {
+            set.push(AlignedBuf::new(0));
+        }
+        for (b, len) in set.iter_mut().zip(lens) {
+            b.resize(len);
+        }
+        set
+    }
+
+    /// Keep a buffer set for the next groups (two at most, empty ones not at all).
+    fn keep(&mut self, bufs: Vec<AlignedBuf>) {
+        if !bufs.is_empty() && self.spare.len() < 2 {
+            self.spare.push(bufs);
+        }
+    }
+
+    /// Give `runs` (read into `bufs`) to the writer thread, starting it on first use.
+    fn send(&mut self, runs: Vec<CopyRun>, bufs: Vec<AlignedBuf>) -> Result<()> {
+        let Some(first) = runs.first() else {
+            self.keep(bufs);
+            return Ok(());
+        };
+        let job = WriteJob {
+            tgt: first.tgt.clone(),
+            bufs,
+            offsets: runs.iter().map(|r| r.target_offset).collect(),
+        };
+        if self.writer.is_none() {
+            self.writer = Some(Writer::start()?);
+        }
+        let jobs = self.writer.as_ref().and_then(|w| w.jobs.as_ref());
+        match jobs.map(|j| j.send(job)) {
+            Some(Ok(())) => {
+                self.writing = runs.into_iter().map(|r| r.hold).collect();
+                Ok(())
+            }
+            _ => {
+                self.writer = None;
+                Err(writer_gone())
+            }
+        }
+    }
+
+    /// Wait until the writer has written the group it has, if any, and move that group's holds
+    /// to `written` when every write succeeded (a failed group's holds are released: its
+    /// grains are copied again later). Returns the grains moved.
+    fn settle(&mut self, written: &mut Vec<GrainHold>) -> Result<u64> {
+        if self.writing.is_empty() {
+            return Ok(0);
+        }
+        let holds = std::mem::take(&mut self.writing);
+        let done = self.writer.as_ref().map(|w| w.done.recv());
+        let Some(Ok(done)) = done else {
+            self.writer = None;
+            return Err(writer_gone());
+        };
+        self.keep(done.bufs);
+        done.result?;
+        let grains = holds.iter().map(|h| h.count().get()).sum();
+        written.extend(holds);
+        Ok(grains)
+    }
+}
+
+fn writer_gone() -> Error {
+    Error::io(
+        "write",
+        "copier writer thread",
+        0,
+        std::io::Error::other("the writer thread ended"),
+    )
+}
+
+/// Choose the next group of runs of a span: up to `depth` runs of at most `batch` grains each
+/// from `*next_from` (advanced past them), all with the volumes of the first (a run chosen
+/// with other volume handles, after a volume was attached again, is left in `carry` for the
+/// next group). Returns whether the session has nothing left to copy after `*next_from`.
+#[allow(clippy::too_many_arguments)]
+fn plan_group(
+    engine: &Engine,
+    id: SessionId,
+    depth: usize,
+    batch: u64,
+    end: u64,
+    next_from: &mut u64,
+    carry: &mut Option<CopyRun>,
+    runs: &mut Vec<CopyRun>,
+) -> Result<bool> {
+    runs.extend(carry.take());
+    while runs.len() < depth && *next_from < end {
+        let max = GrainCount(batch.min(end - *next_from));
+        match engine.plan_copy(id, GrainIndex(*next_from), max)? {
+            Some((next, run)) => {
+                *next_from = next.get();
+                let Some(run) = run else { continue };
+                match runs.first() {
+                    Some(f) if !Arc::ptr_eq(&f.src, &run.src) || !Arc::ptr_eq(&f.tgt, &run.tgt) => {
+                        *carry = Some(run);
+                        return Ok(false);
+                    }
+                    _ => runs.push(run),
+                }
+            }
+            None => return Ok(true),
+        }
+    }
+    Ok(false)
+}
+
 /// Copy one span of a session and commit it (one target flush and one table commit for
 /// several batches). Returns false when nothing was left to copy after the span's start.
+///
+/// The span goes in groups of up to `depth` runs (batches): the worker reads a group from the
+/// source with all its reads in flight at once, then hands it to its writer thread, which
+/// writes it to the target with all its writes in flight while the worker reads the next
+/// group. Every write of the span has completed before the span is committed (target flush,
+/// then the table commit of the bits: the order [`Engine::commit_copied`] keeps).
 fn copy_span(
     engine: &Engine,
     sh: &Shared,
+    pipe: &mut Pipeline,
     id: SessionId,
     grain: u64,
     batch: u64,
@@ -700,34 +921,89 @@ fn copy_span(
     let span = span_grains(sh, grain, batch, rate);
     let from = sh.spans.lock().reserve(id, span);
     let end = from.saturating_add(span);
-    let mut runs = Vec::new();
+    let mut written = Vec::new();
     let mut next_from = from;
+    let mut carry = None;
     let mut result = Ok(true);
     let mut grains = 0;
-    while next_from < end && !sh.stop.load(Ordering::Acquire) {
-        let max = GrainCount(batch.min(end - next_from));
-        match engine.copy_data(id, GrainIndex(next_from), max) {
-            Ok(Some((next, run))) => {
-                if let Some(h) = run {
-                    let n = h.count().get();
-                    grains += n;
-                    sh.bytes.fetch_add(n * grain, Ordering::Relaxed);
-                    runs.push(h);
+    loop {
+        let mut runs = Vec::new();
+        let mut last = sh.stop.load(Ordering::Acquire);
+        if !last {
+            let planned = plan_group(
+                engine,
+                id,
+                sh.opts.depth,
+                batch,
+                end,
+                &mut next_from,
+                &mut carry,
+                &mut runs,
+            );
+            match planned {
+                // Nothing left to copy after the span's start: write what was chosen, then
+                // report it.
+                Ok(true) => {
+                    result = Ok(false);
+                    last = true;
                 }
-                next_from = next.get();
+                Ok(false) => last = next_from >= end && carry.is_none(),
+                // Write what was chosen before the error, then report it.
+                Err(e) => {
+                    result = Err(e);
+                    last = true;
+                }
             }
-            Ok(None) => {
-                result = Ok(false);
-                break;
+        }
+        let mut read = Ok(());
+        let mut bufs = Vec::new();
+        if !runs.is_empty() {
+            bufs = pipe.buffers(runs.iter().map(|r| r.len));
+            let mut reqs: Vec<(u64, &mut [u8])> = runs
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(r, b)| (r.source_offset, b.get_mut()))
+                .collect();
+            read = runs[0].src.read_many_retry(&mut reqs);
+        }
+        // The previous group's writes end before this group's begin (two buffer sets).
+        match pipe.settle(&mut written) {
+            Ok(n) => {
+                grains += n;
+                sh.bytes.fetch_add(n * grain, Ordering::Relaxed);
             }
             Err(e) => {
                 result = Err(e);
                 break;
             }
         }
+        if let Err(e) = read {
+            // The group's holds are released with `runs`: its grains are copied later.
+            result = Err(e);
+            break;
+        }
+        if let Err(e) = pipe.send(runs, bufs) {
+            result = Err(e);
+            break;
+        }
+        if last {
+            break;
+        }
     }
-    let committed = runs.len() as u64;
-    let commit = engine.commit_copied(id, runs);
+    // The last group's writes; every write of the span has completed before its commit.
+    match pipe.settle(&mut written) {
+        Ok(n) => {
+            grains += n;
+            sh.bytes.fetch_add(n * grain, Ordering::Relaxed);
+        }
+        Err(e) => {
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    let committed = written.len() as u64;
+    let commit = engine.commit_copied(id, written);
     sh.spans.lock().finish(id, next_from);
     commit?;
     if committed > 0 {
@@ -746,6 +1022,132 @@ fn copy_span(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
     use super::*;
+    use crate::activity::{MemStorage, TableOptions};
+    use crate::engine::EngineOptions;
+    use crate::engine::SessionSpec;
+    use crate::volume::{MemVolume, Volume, VolumeInfo};
+
+    /// What a recording volume saw, in order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Call {
+        Read(usize),
+        Write(usize),
+        ReadMany(usize),
+        WriteMany(usize),
+        Flush,
+    }
+
+    /// A memory volume that records every call (batched calls with their request count).
+    #[derive(Debug)]
+    struct Recording {
+        mem: MemVolume,
+        calls: Mutex<Vec<Call>>,
+    }
+
+    impl Volume for Recording {
+        fn info(&self) -> VolumeInfo {
+            self.mem.info()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.calls.lock().push(Call::Read(buf.len()));
+            self.mem.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+            self.calls.lock().push(Call::Write(buf.len()));
+            self.mem.write_at(offset, buf)
+        }
+        fn flush(&self) -> Result<()> {
+            self.calls.lock().push(Call::Flush);
+            self.mem.flush()
+        }
+        fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+            self.calls.lock().push(Call::ReadMany(reqs.len()));
+            for (o, b) in reqs.iter_mut() {
+                self.mem.read_at(*o, b)?;
+            }
+            Ok(())
+        }
+        fn write_many(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
+            self.calls.lock().push(Call::WriteMany(reqs.len()));
+            for (o, b) in reqs {
+                self.mem.write_at(*o, b)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// A copier worker reads `depth` batches of the source in one batched call and writes them
+    /// to the target in one batched call; every batch is written before the target flush that
+    /// precedes the table commit of its span, and the target ends up equal to the source.
+    #[test]
+    fn copier_keeps_depth_batches_in_flight_and_flushes_after_the_span_writes() {
+        const MIB: usize = 1 << 20;
+        let data: Vec<u8> = (0..8 * MIB).map(|i| (i % 253) as u8).collect();
+        let layout = TableOptions::default().layout().unwrap();
+        let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+        let engine = Arc::new(Engine::create(table, EngineOptions::default()).unwrap());
+        let src = Arc::new(Recording {
+            mem: MemVolume::with_data("src", &data),
+            calls: Mutex::new(Vec::new()),
+        });
+        let tgt = Arc::new(Recording {
+            mem: MemVolume::new("tgt", 8 * MIB),
+            calls: Mutex::new(Vec::new()),
+        });
+        let s = engine.attach(src.clone());
+        let t = engine.attach(tgt.clone());
+        let id = engine.establish(&SessionSpec::whole(s, t)).unwrap();
+        src.calls.lock().clear();
+        tgt.calls.lock().clear();
+        // 1 worker, 256 KiB batches, 3 in flight, 2 MiB spans: each span is 8 batches, read
+        // and written in groups of 3, 3 and 2.
+        let opts = CopierOptions {
+            threads: 1,
+            batch_bytes: 256 * 1024,
+            depth: 3,
+            commit_bytes: 2 * MIB as u64,
+            sessions: vec![id],
+            ..CopierOptions::default()
+        };
+        let p = Copier::start(engine.clone(), opts).unwrap().join().unwrap();
+        assert!(p.done);
+        assert_eq!(p.commits, 4);
+        assert_eq!(tgt.mem.snapshot(), data);
+        let reads = src.calls.lock().clone();
+        assert_eq!(
+            reads,
+            [3, 3, 2]
+                .repeat(4)
+                .into_iter()
+                .map(Call::ReadMany)
+                .collect::<Vec<_>>()
+        );
+        let writes = tgt.calls.lock().clone();
+        let mut want = Vec::new();
+        for _ in 0..4 {
+            want.extend([3, 3, 2].map(Call::WriteMany));
+            want.push(Call::Flush);
+        }
+        assert_eq!(writes, want);
+    }
+
+    /// Depths of 0 and above the limit are refused.
+    #[test]
+    fn copier_refuses_a_depth_out_of_range() {
+        let layout = TableOptions::default().layout().unwrap();
+        let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+        let engine = Arc::new(Engine::create(table, EngineOptions::default()).unwrap());
+        for depth in [0, crate::limits::COPY_DEPTH_MAX + 1] {
+            let opts = CopierOptions {
+                depth,
+                ..CopierOptions::default()
+            };
+            assert!(matches!(
+                Copier::start(engine.clone(), opts),
+                Err(Error::Invalid { .. })
+            ));
+        }
+    }
 
     /// Spans handed out to concurrent workers never overlap, and the cursor does not go back to
     /// the start while a span is in flight.

@@ -4,10 +4,11 @@
 use crate::model::Entry;
 
 use super::lifecycle::live_extents_copied;
-use super::Engine;
+use super::{Engine, VolumeHandle};
 use crate::ids::{GrainCount, GrainIndex, SessionId};
 use crate::session::GrainHold;
 use crate::{Error, Result};
+use std::sync::Arc;
 
 thread_local! {
     /// The background copy's data buffer, one per thread (see [`Engine::copy_data`]).
@@ -75,6 +76,33 @@ impl Engine {
         from: GrainIndex,
         max_grains: GrainCount,
     ) -> Result<Option<(GrainIndex, Option<GrainHold>)>> {
+        let Some((next, run)) = self.plan_copy(id, from, max_grains)? else {
+            return Ok(None);
+        };
+        let Some(run) = run else {
+            return Ok(Some((next, None)));
+        };
+        COPY_BUF.with(|b| {
+            // One aligned buffer per copying thread, reused: no allocation per batch, and no
+            // bounce copy for O_DIRECT volumes.
+            let mut b = b.borrow_mut();
+            b.resize(run.len);
+            run.src.read_retry(run.source_offset, b.get_mut())?;
+            run.tgt.write_retry(run.target_offset, b.get())
+        })?;
+        Ok(Some((next, Some(run.hold))))
+    }
+
+    /// The choice half of [`Engine::copy_data`]: find up to `max_grains` uncopied grains from
+    /// `from`, hold them, and say where their bytes are on the source and go on the target,
+    /// without moving any; the caller copies them (several runs at once, say) and then passes
+    /// the holds to [`Engine::commit_copied`]. Returns as [`Engine::copy_data`] does.
+    pub(crate) fn plan_copy(
+        &self,
+        id: SessionId,
+        from: GrainIndex,
+        max_grains: GrainCount,
+    ) -> Result<Option<(GrainIndex, Option<CopyRun>)>> {
         let (from, max_grains) = (from.get(), max_grains.get());
         let s = self.session(id)?;
         if !s.is_active() {
@@ -139,15 +167,17 @@ impl Engine {
             .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
         let tgt = self.handle(s.desc.target.id)?;
         let len = usize::try_from(p.len).map_err(|_| Error::invalid("copy", "len"))?;
-        COPY_BUF.with(|b| {
-            // One aligned buffer per copying thread, reused: no allocation per batch, and no
-            // bounce copy for O_DIRECT volumes.
-            let mut b = b.borrow_mut();
-            b.resize(len);
-            src.read_retry(p.source_offset, b.get_mut())?;
-            tgt.write_retry(p.target_offset, b.get())
-        })?;
-        Ok(Some((GrainIndex(g + run), Some(hold))))
+        Ok(Some((
+            GrainIndex(g + run),
+            Some(CopyRun {
+                hold,
+                src,
+                tgt,
+                source_offset: p.source_offset,
+                target_offset: p.target_offset,
+                len,
+            }),
+        )))
     }
 
     /// Make the target of a session durable, then record the grains that
@@ -252,6 +282,24 @@ impl Engine {
         self.complete_if_done(id)?;
         Ok(total)
     }
+}
+
+/// A run of held, uncopied grains of a session and where its bytes are (see
+/// [`Engine::plan_copy`]): `len` bytes from `source_offset` of the source go to
+/// `target_offset` of the target, and `hold` is committed once they are there.
+pub(crate) struct CopyRun {
+    /// The grains, held until their bits are committed (or the hold is dropped).
+    pub(crate) hold: GrainHold,
+    /// The session's source.
+    pub(crate) src: Arc<VolumeHandle>,
+    /// The session's target.
+    pub(crate) tgt: Arc<VolumeHandle>,
+    /// Where the run's bytes start on the source.
+    pub(crate) source_offset: u64,
+    /// Where they go on the target.
+    pub(crate) target_offset: u64,
+    /// Their length in bytes.
+    pub(crate) len: usize,
 }
 
 /// How far [`Engine::copy_all_with`] has come.

@@ -187,6 +187,19 @@ impl VolumeHandle {
         self.check_live()?;
         retry(|| self.vol.write_at(off, buf))
     }
+
+    /// Read several ranges at once ([`crate::Volume::read_many`]), retried as
+    /// [`VolumeHandle::read_retry`] retries one.
+    fn read_many_retry(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        retry(|| self.vol.read_many(reqs))
+    }
+
+    /// Write several ranges at once ([`crate::Volume::write_many`]), retried as
+    /// [`VolumeHandle::write_retry`] retries one.
+    fn write_many_retry(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
+        self.check_live()?;
+        retry(|| self.vol.write_many(reqs))
+    }
 }
 
 #[inline(always)]

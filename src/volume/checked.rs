@@ -268,6 +268,30 @@ impl<V: Volume> Volume for CheckedVolume<V> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        if !self.serve_reads {
+            self.check()?;
+        }
+        let r = self.inner.read_many(reqs);
+        if self.latch_reads {
+            if let Err(e) = &r {
+                self.latch(e);
+            }
+        }
+        r
+    }
+
+    fn write_many(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
+        self.check()?;
+        let r = self.inner.write_many(reqs);
+        if self.latch_writes {
+            if let Err(e) = &r {
+                self.latch(e);
+            }
+        }
+        r
+    }
 }
 
 #[cfg(test)]

@@ -207,6 +207,36 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
     fn size(&self) -> u64 {
         self.info().size
     }
+
+    /// Read several ranges: fill every `(offset, buf)` of `reqs` exactly, as [`Volume::read_at`]
+    /// would one after the other. A backend may have them all in flight at once (the io_uring
+    /// backend submits several per system call); the default reads them one by one. When one
+    /// fails, its error is returned once none of the requests is in flight any more; what the
+    /// buffers hold is then unspecified.
+    ///
+    /// # Errors
+    /// As [`Volume::read_at`]; the error names the offset of the failed transfer.
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        for (offset, buf) in reqs.iter_mut() {
+            self.read_at(*offset, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Write several ranges: every `(offset, buf)` of `reqs`, as [`Volume::write_at`] would one
+    /// after the other (not yet durable). The ranges should not overlap: a backend may have them
+    /// all in flight at once, in no particular order; the default writes them one by one. When
+    /// one fails, its error is returned once none of the requests is in flight any more; the
+    /// other ranges may or may not have been written.
+    ///
+    /// # Errors
+    /// As [`Volume::write_at`]; the error names the offset of the failed transfer.
+    fn write_many(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
+        for (offset, buf) in reqs {
+            self.write_at(*offset, buf)?;
+        }
+        Ok(())
+    }
 }
 
 /// A shared volume is a volume: decorators such as [`CheckedVolume`] can wrap an
@@ -227,6 +257,12 @@ impl<V: Volume + ?Sized> Volume for Arc<V> {
     fn size(&self) -> u64 {
         (**self).size()
     }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        (**self).read_many(reqs)
+    }
+    fn write_many(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
+        (**self).write_many(reqs)
+    }
 }
 
 /// A boxed volume is a volume.
@@ -245,6 +281,12 @@ impl<V: Volume + ?Sized> Volume for Box<V> {
     }
     fn size(&self) -> u64 {
         (**self).size()
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        (**self).read_many(reqs)
+    }
+    fn write_many(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
+        (**self).write_many(reqs)
     }
 }
 

@@ -9,8 +9,8 @@
 //!
 //! Every thread that transfers through a [`UringVolume`] gets **its own ring**, created on first
 //! use and kept in a thread-local slot for the life of the thread (shared by every volume the
-//! thread touches; the descriptor travels in each entry). A thread has at most one request in
-//! flight, so a transfer is: push one entry, `io_uring_enter(to_submit = 1, min_complete = 1)`,
+//! thread touches; the descriptor travels in each entry). A single transfer is one request in
+//! flight: push one entry, `io_uring_enter(to_submit = 1, min_complete = 1)`,
 //! pop its completion. There is no lock, no hand-over between threads and no dispatch map. The
 //! ring is created with `IORING_SETUP_SINGLE_ISSUER` and `IORING_SETUP_DEFER_TASKRUN` where the
 //! kernel accepts them (completion work then runs in the submitting thread's own
@@ -19,6 +19,15 @@
 //! An earlier design shared a pool of rings between threads (a submission mutex and one thread
 //! at a time reaping for the others); with 8 threads on 2 rings, 4 KiB `O_DIRECT` reads cost
 //! 1.39x a plain `pread` because of the wake-ups between threads (docs/benchmarks.md).
+//!
+//! **Batches.** [`Volume::read_many`] and [`Volume::write_many`] put up to
+//! [`crate::limits::VOLUME_BATCH_DEPTH_MAX`] requests (the ring's entries) in the submission
+//! queue and submit them with one `io_uring_enter`, then wait until every one has completed;
+//! short transfers are sent again for their rest, and larger batches go out in groups. The
+//! thread still blocks for the whole batch, so the ring again holds nothing between calls. Batches
+//! use the ring whatever the volume was opened for (also [`UringVolume::open_registered_only`]):
+//! a batch saves system calls where a single synchronous request could not. The caller's buffers
+//! are used directly; a batch with an unaligned `O_DIRECT` request goes one request at a time.
 //!
 //! **Flushes** call `fdatasync(2)` directly: the kernel runs an io_uring fsync in a worker
 //! thread, which only adds a hand-over for a caller that blocks on it anyway.
@@ -60,7 +69,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use self::ring::{LocalRing, Op, FIXED_BUF_BYTES};
+use self::ring::{LocalRing, Op, FIXED_BUF_BYTES, RING_ENTRIES};
 use super::aligned::{align_down, align_up, DIRECT_ALIGN_BYTES};
 use super::{check_range, FileVolumeOptions, Volume, VolumeInfo};
 use crate::ids::{Generation, VolumeId};
@@ -443,6 +452,151 @@ impl UringVolume {
     }
 }
 
+/// Where one request of a batch stands: bytes done, and its error once it failed.
+struct Progress {
+    done: usize,
+    failed: Option<Error>,
+}
+
+impl UringVolume {
+    /// Whether every request of a batch can go to the descriptor as is (no bounce buffer).
+    fn batch_direct_ok(&self, reqs: impl Iterator<Item = (u64, *const u8, usize)>) -> bool {
+        !self.direct || reqs.into_iter().all(|(o, p, l)| self.direct_ok(p, o, l))
+    }
+
+    /// Interpret the completion `res` of the piece of request `i` that started at `at` and
+    /// asked for `want` bytes: count the bytes done, or record the request's error (a read that
+    /// meets the end of the file and a write that accepts nothing are errors too; an
+    /// interrupted piece is sent again).
+    fn settle(
+        &self,
+        p: &mut Progress,
+        op: &'static str,
+        at: u64,
+        want: usize,
+        len: usize,
+        res: i32,
+    ) {
+        match transferred(res, want) {
+            Ok(0) if op == "read" => {
+                p.failed = Some(Error::io(op, self.shown(), at, eof(p.done, len)));
+            }
+            Ok(0) => {
+                let e = io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("write accepted no bytes of {want} ({len}-byte request)"),
+                );
+                p.failed = Some(Error::io(op, self.shown(), at, e));
+            }
+            Ok(n) => p.done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => p.failed = Some(Error::io(op, self.shown(), at, e)),
+        }
+    }
+
+    /// The first error of a batch, in the order of its requests.
+    fn first_failure(progress: &mut [Progress]) -> Option<Error> {
+        progress.iter_mut().find_map(|p| p.failed.take())
+    }
+
+    /// Read a batch of aligned requests through `ring`, [`RING_ENTRIES`] at a time with one
+    /// `io_uring_enter` each; short reads are sent again for their rest. Stops at the first
+    /// round with a failed request, once that round's requests have all completed.
+    fn read_batch(&self, ring: &mut LocalRing, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        let mut progress: Vec<Progress> = reqs
+            .iter()
+            .map(|_| Progress {
+                done: 0,
+                failed: None,
+            })
+            .collect();
+        loop {
+            // (request, offset, length) of every piece still to transfer, and its op.
+            let mut pieces = Vec::new();
+            let mut ops = Vec::new();
+            for (i, ((offset, buf), p)) in reqs.iter_mut().zip(&progress).enumerate() {
+                if p.done < buf.len() {
+                    let end = buf.len().min(p.done + MAX_CHUNK);
+                    let at = *offset + p.done as u64;
+                    pieces.push((i, at, end - p.done, buf.len()));
+                    ops.push(Op::Read {
+                        buf: &mut buf[p.done..end],
+                        offset: at,
+                        fixed: false,
+                    });
+                }
+            }
+            if ops.is_empty() {
+                return Ok(());
+            }
+            for (ops, pieces) in ops
+                .chunks_mut(RING_ENTRIES as usize)
+                .zip(pieces.chunks(RING_ENTRIES as usize))
+            {
+                for _ in pieces {
+                    self.count_request(false);
+                }
+                let results = ring
+                    .run_many(self.fd(), ops)
+                    .map_err(|e| Error::io("read", self.shown(), pieces[0].1, e))?;
+                for (&(i, at, want, len), res) in pieces.iter().zip(results) {
+                    self.settle(&mut progress[i], "read", at, want, len, res);
+                }
+                if let Some(e) = Self::first_failure(&mut progress) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Write a batch of aligned requests through `ring`, as [`UringVolume::read_batch`] reads.
+    fn write_batch(&self, ring: &mut LocalRing, reqs: &[(u64, &[u8])]) -> Result<()> {
+        let mut progress: Vec<Progress> = reqs
+            .iter()
+            .map(|_| Progress {
+                done: 0,
+                failed: None,
+            })
+            .collect();
+        loop {
+            let mut pieces = Vec::new();
+            let mut ops = Vec::new();
+            for (i, ((offset, buf), p)) in reqs.iter().zip(&progress).enumerate() {
+                if p.done < buf.len() {
+                    let end = buf.len().min(p.done + MAX_CHUNK);
+                    let at = *offset + p.done as u64;
+                    pieces.push((i, at, end - p.done, buf.len()));
+                    ops.push(Op::Write {
+                        buf: &buf[p.done..end],
+                        offset: at,
+                        fixed: false,
+                    });
+                }
+            }
+            if ops.is_empty() {
+                return Ok(());
+            }
+            for (ops, pieces) in ops
+                .chunks_mut(RING_ENTRIES as usize)
+                .zip(pieces.chunks(RING_ENTRIES as usize))
+            {
+                for _ in pieces {
+                    self.count_request(false);
+                }
+                let results = ring
+                    .run_many(self.fd(), ops)
+                    .map_err(|e| Error::io("write", self.shown(), pieces[0].1, e))?;
+                for (&(i, at, want, len), res) in pieces.iter().zip(results) {
+                    self.settle(&mut progress[i], "write", at, want, len, res);
+                }
+                if let Some(e) = Self::first_failure(&mut progress) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
 /// The end-of-file error of a read that stopped after `done` of `need` bytes.
 fn eof(done: usize, need: usize) -> io::Error {
     io::Error::new(
@@ -491,6 +645,46 @@ impl Volume for UringVolume {
         with_ring(|ring| {
             self.count_fallback(ring.is_none());
             self.write_on(ring, buf, offset)
+        })
+    }
+
+    /// Several requests per `io_uring_enter` (up to
+    /// [`VOLUME_BATCH_DEPTH_MAX`](crate::limits::VOLUME_BATCH_DEPTH_MAX) in flight), whatever
+    /// the volume was opened for ([`UringVolume::open_registered_only`] included): batches are
+    /// where a ring saves system calls. A batch with an unaligned `O_DIRECT` request, or a
+    /// thread without a ring, transfers one request at a time.
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        for (offset, buf) in reqs.iter() {
+            check_range(*offset, buf.len() as u64, self.size, "volume")?;
+        }
+        let aligned = self.batch_direct_ok(reqs.iter().map(|(o, b)| (*o, b.as_ptr(), b.len())));
+        with_ring(|ring| match ring {
+            Some(r) if aligned && reqs.len() > 1 => self.read_batch(r, reqs),
+            mut ring => {
+                self.count_fallback(ring.is_none());
+                for (offset, buf) in reqs.iter_mut() {
+                    self.read_on(ring.as_deref_mut(), buf, *offset)?;
+                }
+                Ok(())
+            }
+        })
+    }
+
+    /// As [`UringVolume::read_many`], for writes.
+    fn write_many(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
+        for (offset, buf) in reqs {
+            check_range(*offset, buf.len() as u64, self.size, "volume")?;
+        }
+        let aligned = self.batch_direct_ok(reqs.iter().map(|(o, b)| (*o, b.as_ptr(), b.len())));
+        with_ring(|ring| match ring {
+            Some(r) if aligned && reqs.len() > 1 => self.write_batch(r, reqs),
+            mut ring => {
+                self.count_fallback(ring.is_none());
+                for (offset, buf) in reqs {
+                    self.write_on(ring.as_deref_mut(), buf, *offset)?;
+                }
+                Ok(())
+            }
         })
     }
 

@@ -1,13 +1,14 @@
 //! Everything in the io_uring backend that needs `unsafe`: the per-thread ring, submission of
-//! one request at a time, and the registered bounce buffer. Nothing outside this file can make
+//! one request or one batch at a time, and the registered bounce buffer. Nothing outside this file can make
 //! the kernel touch memory; docs/unsafe.md gives the argument block by block.
 //!
 //! # Buffer lifetime
 //!
 //! Every request borrows the caller's slice (or a bounce buffer) for the duration of one
-//! blocking [`LocalRing::run`], and `run` returns only after the request's completion has been
-//! popped, on success and on every error path. The single exception is an `io_uring_enter` that
-//! fails without consuming the entry: the kernel then never saw the request, the ring is marked
+//! blocking [`LocalRing::run`] (or, in a batch, [`LocalRing::run_many`]), which returns only
+//! after the completion of every request it submitted has been popped, on success and on every
+//! error path. The single exception is an `io_uring_enter` that fails without consuming the
+//! entries left (and with nothing of the call still in flight): the kernel then never saw the request, the ring is marked
 //! broken, [`LocalRing::run`] refuses to submit on it again, and the thread's slot discards it
 //! (closing it, so that nothing ever submits the stale entry); the thread gets a new ring later.
 //!
@@ -23,8 +24,9 @@ use io_uring::{opcode, types, IoUring, Probe};
 
 use crate::volume::aligned::AlignedBuf;
 
-/// Submission-queue entries of a thread's ring (a thread has one request in flight).
-const RING_ENTRIES: u32 = 4;
+/// Submission-queue entries of a thread's ring: the most requests of one batch
+/// ([`LocalRing::run_many`]) in flight at once; a single transfer uses one.
+pub(super) const RING_ENTRIES: u32 = crate::limits::VOLUME_BATCH_DEPTH_MAX as u32;
 
 /// Size of a thread's registered bounce buffer: the largest aligned span of an unaligned
 /// `O_DIRECT` transfer that goes through it. A multiple of the `O_DIRECT` alignment; locked
@@ -193,32 +195,8 @@ impl LocalRing {
         self.token = self.token.wrapping_add(1);
         let token = self.token;
         let fd = types::Fd(fd.as_raw_fd());
-        // Lengths are clamped by the callers to `MAX_CHUNK`, which fits in `u32`.
-        let entry = match op {
-            Op::Read { buf, offset, fixed } => {
-                let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-                let ptr = buf.as_mut_ptr();
-                if fixed {
-                    opcode::ReadFixed::new(fd, ptr, len, 0)
-                        .offset(offset)
-                        .build()
-                } else {
-                    opcode::Read::new(fd, ptr, len).offset(offset).build()
-                }
-            }
-            Op::Write { buf, offset, fixed } => {
-                let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-                let ptr = buf.as_ptr();
-                if fixed {
-                    opcode::WriteFixed::new(fd, ptr, len, 0)
-                        .offset(offset)
-                        .build()
-                } else {
-                    opcode::Write::new(fd, ptr, len).offset(offset).build()
-                }
-            }
-        }
-        .user_data(token);
+        let mut op = op;
+        let entry = build_entry(fd, &mut op).user_data(token);
         // SAFETY: the entry points at the buffer of `op`, which is borrowed for the whole of this
         // call (lifetime of `Op`), and at the descriptor behind `fd`, which is borrowed for the
         // whole call too. A fixed-buffer entry names buffer 0 registered with this very ring, and
@@ -232,6 +210,88 @@ impl LocalRing {
             return Err(io::Error::other("io_uring submission queue full"));
         }
         self.wait_for(token)
+    }
+
+    /// Submit every op of `ops` on `fd` (at most [`RING_ENTRIES`] of them) with one
+    /// `io_uring_enter` and block until the completion of each has been popped; returns the raw
+    /// completion result of each, in the order of `ops` (a byte count or a negated errno).
+    ///
+    /// `Err` only when requests could not be submitted: then none of them is in the kernel any
+    /// more (those it took were waited for), and when some never reached it the ring is marked
+    /// broken ([`LocalRing::is_broken`]) and submits nothing more.
+    pub(super) fn run_many(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        ops: &mut [Op<'_>],
+    ) -> io::Result<Vec<i32>> {
+        if self.broken {
+            return Err(io::Error::other("io_uring instance holds an unsent entry"));
+        }
+        if ops.len() > RING_ENTRIES as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "more requests than the ring's entries",
+            ));
+        }
+        let first = self.token.wrapping_add(1);
+        self.token = self.token.wrapping_add(ops.len() as u64);
+        let fd = types::Fd(fd.as_raw_fd());
+        for (i, op) in ops.iter_mut().enumerate() {
+            let entry = build_entry(fd, op).user_data(first.wrapping_add(i as u64));
+            // SAFETY: the entry points at the buffer of one op of `ops`, each borrowed (mutably
+            // for reads) for the whole of this call, and at the descriptor behind `fd`, borrowed
+            // for the whole call too. Fixed-buffer entries name buffer 0 registered with this
+            // ring, taken out by their caller for the transfer, and the kernel checks that the
+            // range lies inside it. The queue is empty on entry (a ring with an unsent entry is
+            // broken and refused above) and holds `RING_ENTRIES`, checked above, so every push
+            // succeeds. `wait_for_all` returns only after the completion of every entry the
+            // kernel consumed was popped; entries it never consumed leave the ring broken, so
+            // that it submits nothing more and is discarded.
+            if unsafe { self.uring.submission().push(&entry) }.is_err() {
+                // Cannot happen (see above); the entries pushed so far are unsent.
+                self.broken = true;
+                return Err(io::Error::other("io_uring submission queue full"));
+            }
+        }
+        self.wait_for_all(first, ops.len())
+    }
+
+    /// Submit the `count` queued entries with tokens from `first` on and wait until each one the
+    /// kernel consumed has completed. `Err` (with the ring marked broken) when entries were left
+    /// unconsumed and nothing of the batch is in flight any more.
+    fn wait_for_all(&mut self, first: u64, count: usize) -> io::Result<Vec<i32>> {
+        let mut results: Vec<Option<i32>> = vec![None; count];
+        let mut completed = 0usize;
+        loop {
+            let waited = self.uring.submit_and_wait(1);
+            while let Some(cqe) = self.uring.completion().next() {
+                let i = cqe.user_data().wrapping_sub(first);
+                // Only this thread submits on this ring, and only this batch is in flight;
+                // anything else would be a stale completion to skip.
+                if let Some(slot) = usize::try_from(i).ok().and_then(|i| results.get_mut(i)) {
+                    if slot.replace(cqe.result()).is_none() {
+                        completed += 1;
+                    }
+                }
+            }
+            if completed == count {
+                return Ok(results.into_iter().map(|r| r.unwrap_or(0)).collect());
+            }
+            if let Err(e) = waited {
+                let unsent = self.uring.submission().len();
+                let in_flight = count - unsent - completed;
+                if unsent > 0 && in_flight == 0 && !is_transient(&e) {
+                    // io_uring_enter consumed none of the rest: they were never seen.
+                    self.broken = true;
+                    return Err(e);
+                }
+                if !is_transient(&e) {
+                    // Requests of ours are in the kernel and their buffers must not be given
+                    // back: keep polling for their completions.
+                    std::thread::sleep(RETRY_PAUSE);
+                }
+            }
+        }
     }
 
     /// Submit what is queued and wait until the completion of `token` has been popped; `Err`
@@ -290,6 +350,35 @@ impl FixedLease {
     /// The bytes of the transfer, writable.
     pub(super) fn get_mut(&mut self) -> &mut [u8] {
         &mut self.buf.get_mut()[..self.len]
+    }
+}
+
+/// The submission entry of `op` (without its `user_data`). Lengths are clamped by the callers
+/// to `MAX_CHUNK`, which fits in `u32`.
+fn build_entry(fd: types::Fd, op: &mut Op<'_>) -> io_uring::squeue::Entry {
+    match op {
+        Op::Read { buf, offset, fixed } => {
+            let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+            let ptr = buf.as_mut_ptr();
+            if *fixed {
+                opcode::ReadFixed::new(fd, ptr, len, 0)
+                    .offset(*offset)
+                    .build()
+            } else {
+                opcode::Read::new(fd, ptr, len).offset(*offset).build()
+            }
+        }
+        Op::Write { buf, offset, fixed } => {
+            let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+            let ptr = buf.as_ptr();
+            if *fixed {
+                opcode::WriteFixed::new(fd, ptr, len, 0)
+                    .offset(*offset)
+                    .build()
+            } else {
+                opcode::Write::new(fd, ptr, len).offset(*offset).build()
+            }
+        }
     }
 }
 

@@ -621,3 +621,261 @@ fn registered_only_sends_just_the_bounced_transfers_through_the_ring() {
     drop(v);
     assert!(std::fs::read(&path).expect("read file") == model);
 }
+
+/// `n` requests of `len` bytes each at a stride of `stride` bytes from `base`.
+fn spread(base: u64, n: usize, len: usize, stride: u64) -> Vec<(u64, usize)> {
+    (0..n as u64).map(|i| (base + i * stride, len)).collect()
+}
+
+/// Read `ranges` of `v` in one `read_many` into aligned buffers.
+fn read_ranges(v: &dyn Volume, ranges: &[(u64, usize)]) -> Result<Vec<Vec<u8>>> {
+    let mut bufs: Vec<AlignedBuf> = ranges.iter().map(|&(_, l)| AlignedBuf::new(l)).collect();
+    let mut reqs: Vec<(u64, &mut [u8])> = ranges
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(&(o, _), b)| (o, b.get_mut()))
+        .collect();
+    v.read_many(&mut reqs)?;
+    Ok(bufs.iter().map(|b| b.get().to_vec()).collect())
+}
+
+/// Write `data[i]` at `ranges[i].0` of `v` in one `write_many`, from aligned buffers.
+fn write_ranges(v: &dyn Volume, ranges: &[(u64, usize)], data: &[Vec<u8>]) -> Result<()> {
+    let bufs: Vec<AlignedBuf> = data
+        .iter()
+        .map(|d| {
+            let mut b = AlignedBuf::new(d.len());
+            b.get_mut().copy_from_slice(d);
+            b
+        })
+        .collect();
+    let reqs: Vec<(u64, &[u8])> = ranges
+        .iter()
+        .zip(bufs.iter())
+        .map(|(&(o, _), b)| (o, b.get()))
+        .collect();
+    v.write_many(&reqs)
+}
+
+/// The volumes of one file to compare: the pread backend, io_uring everywhere, and io_uring
+/// for bounced transfers only (the engine's default for `O_DIRECT`), buffered or `O_DIRECT`.
+fn backends(path: &Path, direct: bool) -> Option<Vec<Box<dyn Volume>>> {
+    let opts = FileVolumeOptions {
+        direct,
+        read_only: false,
+    };
+    let mut out: Vec<Box<dyn Volume>> = Vec::new();
+    if direct {
+        out.push(Box::new(open_direct_with(path, true, true)?));
+        out.push(Box::new(open_direct_with(path, true, false)?));
+    } else {
+        out.push(Box::new(UringVolume::open(path, &opts).expect("open")));
+        out.push(Box::new(
+            UringVolume::open_registered_only(path, &opts).expect("open"),
+        ));
+    }
+    out.push(Box::new(
+        crate::volume::FileVolume::open(path, &opts).expect("open"),
+    ));
+    Some(out)
+}
+
+/// Batched reads (more requests than a ring has entries, of several sizes) return exactly
+/// what the pread backend reads one request at a time, buffered and `O_DIRECT`.
+#[test]
+fn batch_01_read_many_matches_pread_buffered_and_direct() {
+    if unavailable() {
+        return;
+    }
+    let (_dir, path, bytes) = patterned(31, 4 << 20);
+    let n = RING_ENTRIES as usize + 5;
+    for direct in [false, true] {
+        let Some(vols) = backends(&path, direct) else {
+            continue;
+        };
+        for ranges in [
+            spread(0, n, 4096, 64 * 1024),
+            spread(8192, n, 128 * 1024, 192 * 1024),
+            spread(1 << 20, 3, 1 << 20, 1 << 20),
+        ] {
+            let want: Vec<Vec<u8>> = ranges
+                .iter()
+                .map(|&(o, l)| bytes[o as usize..o as usize + l].to_vec())
+                .collect();
+            for v in &vols {
+                let got = read_ranges(v.as_ref(), &ranges).expect("read_many");
+                assert!(got == want, "{v:?} (direct {direct}) read other bytes");
+            }
+        }
+    }
+}
+
+/// Batched writes land on the file as the pread backend's single writes do: every range
+/// holds its data afterwards and the bytes between ranges are untouched, and the io_uring
+/// backend sends them through its ring without falling back.
+#[test]
+fn batch_02_write_many_lands_like_single_writes() {
+    if unavailable() {
+        return;
+    }
+    for direct in [false, true] {
+        let (_dir, path, mut model) = patterned(32, 4 << 20);
+        let Some(vols) = backends(&path, direct) else {
+            continue;
+        };
+        for (k, v) in vols.iter().enumerate() {
+            let ranges = spread(k as u64 * 4096, RING_ENTRIES as usize + 3, 8192, 96 * 1024);
+            let data: Vec<Vec<u8>> = (0..ranges.len() as u64)
+                .map(|i| pattern(100 + i + 40 * k as u64, 8192))
+                .collect();
+            write_ranges(v.as_ref(), &ranges, &data).expect("write_many");
+            for (&(o, l), d) in ranges.iter().zip(&data) {
+                model[o as usize..o as usize + l].copy_from_slice(d);
+            }
+            v.flush().expect("flush");
+        }
+        let uring = vols[0].as_ref();
+        assert!(format!("{uring:?}").contains("fallback_transfers: 0"));
+        drop(vols);
+        assert!(
+            std::fs::read(&path).expect("read") == model,
+            "direct {direct}"
+        );
+    }
+}
+
+/// A read that meets the end of the file part-way (the file shrank after it was opened) is
+/// sent again for its rest after the short transfer, and then fails with `UnexpectedEof`
+/// naming the volume and the offset (io_uring: where the file ends); the requests before it
+/// were read.
+#[test]
+fn batch_03_short_read_at_eof_is_resent_then_fails_with_context() {
+    if unavailable() {
+        return;
+    }
+    for direct in [false, true] {
+        let (_dir, path, bytes) = patterned(33, 1 << 20);
+        let Some(vols) = backends(&path, direct) else {
+            continue;
+        };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(512 * 1024))
+            .expect("truncate");
+        for v in &vols {
+            // The third request starts 64 KiB before the new end and asks for 128 KiB.
+            let ranges = [(0, 65536), (131_072, 65536), (458_752, 131_072)];
+            let mut bufs: Vec<AlignedBuf> =
+                ranges.iter().map(|&(_, l)| AlignedBuf::new(l)).collect();
+            let mut reqs: Vec<(u64, &mut [u8])> = ranges
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(&(o, _), b)| (o, b.get_mut()))
+                .collect();
+            match v.read_many(&mut reqs) {
+                Err(Error::Io {
+                    op: "read",
+                    target,
+                    offset,
+                    source,
+                }) => {
+                    assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof, "{v:?}");
+                    // io_uring names where the resent rest starts (the end of the file);
+                    // pread, which loops inside one call, the request's offset.
+                    let uring = format!("{v:?}").starts_with("UringVolume");
+                    assert_eq!(offset, if uring { 524_288 } else { 458_752 }, "{v:?}");
+                    assert!(target.ends_with("vol"), "{target}");
+                }
+                other => panic!("{v:?}: expected an UnexpectedEof I/O error, got {other:?}"),
+            }
+            assert!(bufs[0].get() == &bytes[..65536]);
+            assert!(bufs[2].get()[..65536] == bytes[458_752..524_288]);
+        }
+    }
+}
+
+/// Errors of batched transfers are carried out with their operation, offset and volume: a
+/// write batch to a read-only volume fails at its first request with `EBADF`, and a batch
+/// reaching past the end of the volume is refused before anything is sent.
+#[test]
+fn batch_04_errors_carry_operation_offset_and_volume() {
+    if unavailable() {
+        return;
+    }
+    let (_dir, path, bytes) = patterned(34, 1 << 20);
+    let ro = FileVolumeOptions {
+        direct: false,
+        read_only: true,
+    };
+    let vols: Vec<Box<dyn Volume>> = vec![
+        Box::new(UringVolume::open(&path, &ro).expect("open")),
+        Box::new(UringVolume::open_registered_only(&path, &ro).expect("open")),
+        Box::new(crate::volume::FileVolume::open(&path, &ro).expect("open")),
+    ];
+    for v in &vols {
+        let ranges = spread(65536, 4, 4096, 65536);
+        let data = vec![vec![9u8; 4096]; 4];
+        match write_ranges(v.as_ref(), &ranges, &data) {
+            Err(e @ Error::Io { .. }) => {
+                let Error::Io {
+                    op, offset, source, ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!(*op, "write");
+                assert_eq!(*offset, 65536);
+                assert_eq!(
+                    source.raw_os_error(),
+                    Some(rustix::io::Errno::BADF.raw_os_error()),
+                    "{v:?}"
+                );
+                assert!(e.to_string().contains("at offset 65536"), "{e}");
+            }
+            other => panic!("{v:?}: expected EBADF, got {other:?}"),
+        }
+        let past = [(0u64, 4096usize), ((1 << 20) - 4096, 8192)];
+        assert!(matches!(
+            read_ranges(v.as_ref(), &past),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+    assert!(std::fs::read(&path).expect("read") == bytes);
+}
+
+/// A batch with an unaligned request on an `O_DIRECT` volume goes one request at a time
+/// (bouncing the unaligned one) and still transfers every range; so does a thread that
+/// cannot have a ring.
+#[test]
+fn batch_05_unaligned_direct_batch_and_ringless_thread_fall_back() {
+    if unavailable() {
+        return;
+    }
+    let (_dir, path, mut model) = patterned(35, 1 << 20);
+    let Some(v) = open_direct_with(&path, true, false) else {
+        return;
+    };
+    let data = [pattern(1, 4096), pattern(2, 1000)];
+    let reqs: [(u64, &[u8]); 2] = [(0, &data[0]), (12_345, &data[1])];
+    v.write_many(&reqs).expect("write_many");
+    model[..4096].copy_from_slice(&data[0]);
+    model[12_345..13_345].copy_from_slice(&data[1]);
+    let got = read_ranges(&v, &[(0, 4096), (8192, 8192)]).expect("read_many");
+    assert!(got[0] == model[..4096] && got[1] == model[8192..16_384]);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            REFUSE.with(|r| r.set(true));
+            let ranges = spread(65536, 3, 4096, 8192);
+            let data: Vec<Vec<u8>> = (0..3).map(|i| pattern(50 + i, 4096)).collect();
+            write_ranges(&v, &ranges, &data).expect("write_many without a ring");
+            for (&(o, l), d) in ranges.iter().zip(&data) {
+                model[o as usize..o as usize + l].copy_from_slice(d);
+            }
+            assert_eq!(v.fallback_transfers(), 1);
+        });
+    });
+    v.flush().expect("flush");
+    drop(v);
+    assert!(std::fs::read(&path).expect("read") == model);
+}
