@@ -244,3 +244,38 @@ fn a_table_opened_without_its_volumes_ends_sessions_with_unverified_records() {
     assert_eq!(s.state(), SessionState::Terminated);
     assert_eq!(s.status().reason.unwrap().code, ReasonCode::CopyUnverified);
 }
+
+#[test]
+fn after_a_clean_close_a_missing_target_suspends_the_session() {
+    let storage = mem_storage(&small_table());
+    let st: Arc<dyn TableStorage> = storage.clone();
+    let e = Engine::create(
+        st,
+        EngineOptions {
+            table: small_table(),
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
+    let src = Arc::new(MemVolume::with_data("src", &pattern(3, SIZE as usize)));
+    let tgt = Arc::new(MemVolume::new("tgt", SIZE as usize));
+    let s = e.attach(src.clone());
+    let t = e.attach(tgt.clone());
+    let id = e
+        .establish(&SessionSpec {
+            grain: timezero::GrainSize::new(GRAIN).unwrap(),
+            mode: CopyMode::NoCopy,
+            ..SessionSpec::whole(s, t)
+        })
+        .unwrap();
+    e.write(s, 0, &[1u8; 8192]).unwrap();
+    // The close flushes every volume, then checkpoints: no record is left to verify.
+    e.close().unwrap();
+    let mut r = MapResolver::default();
+    r.add(src.clone() as Arc<dyn Volume>);
+    let st: Arc<dyn TableStorage> = storage.clone();
+    let e = Engine::open(st, &r, EngineOptions::default()).unwrap();
+    let status = e.status().into_iter().find(|x| x.id == id).unwrap();
+    assert_eq!(status.state, SessionState::Suspended);
+    assert_eq!(status.reason.unwrap().code, ReasonCode::TargetUnavailable);
+}

@@ -773,6 +773,30 @@ impl Table {
         r
     }
 
+    /// Write a checkpoint when the journal a replay would read names grains in checked
+    /// records. The caller has flushed every volume (a clean close): the next open then has
+    /// nothing to verify, and a target missing at that open suspends its sessions instead of
+    /// ending them.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`]; the checkpoint's errors.
+    pub(crate) fn checkpoint_if_checked(&self) -> Result<()> {
+        if self.read_only || !self.checked.any_in_journal() {
+            return Ok(());
+        }
+        if self.is_poisoned() {
+            return Err(Error::Poisoned {
+                target: self.storage.name(),
+            });
+        }
+        let mut w = self.writer.lock();
+        self.checkpoint(&mut w)?;
+        // The journal before this checkpoint is read only on a fallback to the older pair,
+        // whose replay verifies those records again against targets made durable above.
+        self.checked.prune_before(w.next_seq);
+        Ok(())
+    }
+
     /// Whether the journal names any grain in a checked record (one atomic load).
     #[must_use]
     pub(crate) fn checked_any(&self) -> bool {

@@ -310,11 +310,7 @@ impl Engine {
     /// Read the T0 bytes of `runs` from their sources (once per source range) and write them
     /// to their targets; returns the targets written (each once), not yet flushed, and when
     /// `crcs`, the CRC32C of each run's grains.
-    fn write_t0(
-        &self,
-        runs: &[Run],
-        crcs: bool,
-    ) -> Result<WrittenT0> {
+    fn write_t0(&self, runs: &[Run], crcs: bool) -> Result<WrittenT0> {
         let (merged, bufs) = self.read_old(runs)?;
         let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
         let mut sums = Vec::with_capacity(if crcs { runs.len() } else { 0 });
