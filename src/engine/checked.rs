@@ -12,21 +12,64 @@
 
 use std::sync::Arc;
 
-use crossbeam::channel::{bounded, unbounded, Receiver, Sender};
+use std::collections::VecDeque;
+
+use parking_lot::{Condvar, Mutex};
 
 use crate::activity::FlushFn;
 use crate::model::{Entry, Reason, ReasonCode, VolumeRef};
 use crate::session::Session;
 use crate::volume::{AlignedBuf, Volume};
-use crate::{Error, Result};
+use crate::Result;
 
 use super::VolumeResolver;
 
-type Job = Box<dyn FnOnce() + Send>;
-
 /// Threads that run target flushes while the writer commits its records.
+///
+/// Waiting parks on a condition variable: no spinning and no `sched_yield`, which on a loaded
+/// machine hands the core to other processes for milliseconds at a time.
 pub(super) struct Flusher {
-    tx: parking_lot::Mutex<Option<Sender<Job>>>,
+    shared: Arc<Queue>,
+    started: Mutex<bool>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<VecDeque<Pending>>,
+    cv: Condvar,
+    /// Set when the engine dropped its flusher: the threads end.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// A flush to run and where its result goes.
+struct Pending {
+    flush: FlushFn,
+    done: Arc<Done>,
+}
+
+/// The result of one flush, once it ran.
+#[derive(Default)]
+pub(super) struct Done {
+    result: Mutex<Option<Result<()>>>,
+    cv: Condvar,
+}
+
+impl Done {
+    fn set(&self, r: Result<()>) {
+        *self.result.lock() = Some(r);
+        self.cv.notify_one();
+    }
+
+    /// Wait for the flush's result.
+    pub(super) fn wait(&self) -> Result<()> {
+        let mut g = self.result.lock();
+        loop {
+            if let Some(r) = g.take() {
+                return r;
+            }
+            self.cv.wait(&mut g);
+        }
+    }
 }
 
 impl std::fmt::Debug for Flusher {
@@ -35,61 +78,81 @@ impl std::fmt::Debug for Flusher {
     }
 }
 
-impl Flusher {
-    pub(super) fn new() -> Self {
-        Flusher {
-            tx: parking_lot::Mutex::new(None),
-        }
-    }
-
-    /// Run `flush` on a flusher thread; the receiver gets its result. Falls back to running it
-    /// on the calling thread when no thread can be started.
-    pub(super) fn start(&self, flush: FlushFn) -> Receiver<Result<()>> {
-        let (done_tx, done_rx) = bounded(1);
-        let job: Job = Box::new(move || {
-            let _ = done_tx.send(flush());
-        });
-        let sent = {
-            let mut tx = self.tx.lock();
-            if tx.is_none() {
-                *tx = spawn_threads();
-            }
-            match tx.as_ref() {
-                Some(t) => t.send(job).map_err(|e| e.into_inner()),
-                None => Err(job),
-            }
-        };
-        if let Err(job) = sent {
-            job();
-        }
-        done_rx
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        // Under the queue's lock, so that no thread misses the wake-up between its check
+        // and its wait.
+        let _jobs = self.shared.jobs.lock();
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.cv.notify_all();
     }
 }
 
-/// Start the flusher threads; `None` when none could be started.
-fn spawn_threads() -> Option<Sender<Job>> {
-    let (tx, rx) = unbounded::<Job>();
+impl Flusher {
+    pub(super) fn new() -> Self {
+        Flusher {
+            shared: Arc::new(Queue::default()),
+            started: Mutex::new(false),
+        }
+    }
+
+    /// Run `flush` on a flusher thread; [`Done::wait`] gets its result. Runs it on the
+    /// calling thread when no flusher thread can be started.
+    pub(super) fn start(&self, flush: FlushFn) -> Arc<Done> {
+        let done = Arc::new(Done::default());
+        let running = {
+            let mut started = self.started.lock();
+            if !*started {
+                *started = spawn_threads(&self.shared);
+            }
+            *started
+        };
+        if running {
+            self.shared.jobs.lock().push_back(Pending {
+                flush,
+                done: Arc::clone(&done),
+            });
+            self.shared.cv.notify_one();
+        } else {
+            done.set(flush());
+        }
+        done
+    }
+}
+
+/// Start the flusher threads; whether at least one started. They end when the flusher is
+/// dropped.
+fn spawn_threads(shared: &Arc<Queue>) -> bool {
     let mut started = 0;
     for i in 0..crate::limits::FLUSH_THREADS {
-        let rx = rx.clone();
+        let q = Arc::clone(shared);
         let spawned = std::thread::Builder::new()
             .name(format!("tz-flush-{i}"))
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job();
+            .spawn(move || loop {
+                let job = {
+                    let mut jobs = q.jobs.lock();
+                    loop {
+                        if let Some(j) = jobs.pop_front() {
+                            break Some(j);
+                        }
+                        if q.closed.load(std::sync::atomic::Ordering::Acquire) {
+                            break None;
+                        }
+                        q.cv.wait(&mut jobs);
+                    }
+                };
+                match job {
+                    Some(j) => j.done.set((j.flush)()),
+                    None => return,
                 }
             });
         if spawned.is_ok() {
             started += 1;
         }
     }
-    (started > 0).then_some(tx)
-}
-
-/// Wait for a flush started by [`Flusher::start`].
-pub(super) fn wait(rx: &Receiver<Result<()>>) -> Result<()> {
-    rx.recv()
-        .unwrap_or_else(|_| Err(Error::invalid("flush", "flusher thread ended")))
+    started > 0
 }
 
 /// The `CopyChecked` entries for grains `g0..g1` of `session` with their CRCs (at most

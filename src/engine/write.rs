@@ -300,7 +300,7 @@ impl Engine {
         entries.extend(marks);
         let flushed = self.flusher.start(flush);
         let committed = self.table.commit(entries);
-        let flushed = super::checked::wait(&flushed);
+        let flushed = flushed.wait();
         self.table
             .settle_checked(&tickets, &settled, committed.is_ok(), flushed.is_ok())?;
         committed?;
