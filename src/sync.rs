@@ -33,8 +33,24 @@ impl GroupSync {
     /// The error of the flush this call ran (its own, or the next one after a failed flush it
     /// waited for).
     pub fn sync(&self, flush: impl FnOnce() -> Result<()>) -> Result<()> {
+        let target = self.ticket();
+        self.sync_from(target, flush)
+    }
+
+    /// The flush that covers every write completed before this call: pass it to
+    /// [`GroupSync::sync_from`] later (on another thread, say), which then returns at once when
+    /// that flush, or a later one, has completed meanwhile.
+    pub fn ticket(&self) -> u64 {
+        self.state.lock().started + 1
+    }
+
+    /// [`GroupSync::sync`] for writes that completed before [`GroupSync::ticket`] returned
+    /// `target`.
+    ///
+    /// # Errors
+    /// As [`GroupSync::sync`].
+    pub fn sync_from(&self, target: u64, flush: impl FnOnce() -> Result<()>) -> Result<()> {
         let mut st = self.state.lock();
-        let target = st.started + 1;
         let mut flush = Some(flush);
         loop {
             if st.completed >= target {

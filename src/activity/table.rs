@@ -913,8 +913,14 @@ impl Table {
                         },
                     )?;
                 }
-                self.checked
-                    .note(e, seq, |id| sessions.get(&id).is_some_and(|s| s.is_live()));
+            }
+            drop(sessions);
+            // Lock order: the checked copies' lock, then the sessions' (as settling and
+            // checkpoints take them); never the other way round.
+            for e in batch {
+                self.checked.note(e, seq, |id| {
+                    self.sessions.read().get(&id).is_some_and(|s| s.is_live())
+                });
             }
         }
         if w.next_seq - w.ckpt_seq > n / 2 {

@@ -165,6 +165,17 @@ impl VolumeHandle {
         self.sync.sync(|| self.vol.flush())
     }
 
+    /// The flush that covers every write to this volume completed so far (see
+    /// [`crate::sync::GroupSync::ticket`]).
+    fn flush_ticket(&self) -> u64 {
+        self.sync.ticket()
+    }
+
+    /// Make the writes completed before `ticket` was taken durable, sharing flushes.
+    fn flush_from(&self, ticket: u64) -> Result<()> {
+        self.sync.sync_from(ticket, || self.vol.flush())
+    }
+
     fn check_live(&self) -> Result<()> {
         if self.fenced.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::Poisoned {

@@ -1,5 +1,6 @@
 //! The source write path: copy-before-write of uncopied grains (read old bytes once, write
-//! every target, flush, commit the bits, then release the source write) and target writes.
+//! every target, flush the targets while the table commits checked copy records, set the bits,
+//! then release the source write; see `checked.rs`) and target writes.
 
 use crate::volume::AlignedBuf;
 use std::sync::Arc;
@@ -277,12 +278,22 @@ impl Engine {
         }
         let (targets, crcs) = self.write_t0(&runs, true)?;
         let skip = skip_cbw_flush();
+        // Tickets taken now, on this thread: a flusher that runs the flush later finds it done
+        // when a flush that started after these writes has completed meanwhile (many writers'
+        // flushes of one target coalesce however late the flusher thread gets to them).
+        let targets: Vec<(Arc<VolumeHandle>, u64)> = targets
+            .into_iter()
+            .map(|t| {
+                let ticket = t.flush_ticket();
+                (t, ticket)
+            })
+            .collect();
         let flush: crate::activity::FlushFn = Arc::new(move || {
             if skip {
                 return Ok(());
             }
-            for t in &targets {
-                t.flush()?;
+            for (t, ticket) in &targets {
+                t.flush_from(*ticket)?;
             }
             Ok(())
         });
