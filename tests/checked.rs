@@ -38,6 +38,7 @@ fn first_write(g: u64, len: usize) -> World {
         st,
         EngineOptions {
             table: small_table(),
+            checked_copies: true,
             ..EngineOptions::default()
         },
     )
@@ -199,6 +200,7 @@ fn a_write_through_the_image_right_after_the_first_write_is_kept_across_reopen()
         st,
         EngineOptions {
             table: small_table(),
+            checked_copies: true,
             ..EngineOptions::default()
         },
     )
@@ -253,6 +255,7 @@ fn after_a_clean_close_a_missing_target_suspends_the_session() {
         st,
         EngineOptions {
             table: small_table(),
+            checked_copies: true,
             ..EngineOptions::default()
         },
     )

@@ -118,6 +118,11 @@ pub struct EngineOptions {
     /// the FUSE mount turn it on. Default = false (every write reaches the volume before it
     /// returns).
     pub write_back: bool,
+    /// Checked copy-before-write (experimental): a first write flushes the target on a
+    /// flusher thread while the table commits `CopyChecked` records (a CRC32C per grain that
+    /// recovery verifies against the target), instead of flushing the target before the
+    /// commit (docs/crash-model.md, "Checked copy-before-write"). Default = false.
+    pub checked_copies: bool,
 }
 
 /// An attached volume with its durability group and write gate.

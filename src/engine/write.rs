@@ -276,6 +276,9 @@ impl Engine {
                 self.table.commit(marks)
             };
         }
+        if !self.options.checked_copies {
+            return self.copy_runs_serial(&runs, marks);
+        }
         let (targets, crcs) = self.write_t0(&runs, true)?;
         let skip = skip_cbw_flush();
         // Tickets taken now, on this thread: a flusher that runs the flush later finds it done
@@ -316,6 +319,28 @@ impl Engine {
             .settle_checked(&tickets, &settled, committed.is_ok(), flushed.is_ok())?;
         committed?;
         flushed
+    }
+
+    /// [`Engine::copy_runs`] without checked records: write the T0 bytes, flush the targets,
+    /// then commit the bits with `marks` (three durability points in series with the source's).
+    fn copy_runs_serial(&self, runs: &[Run], marks: Vec<Entry>) -> Result<()> {
+        let (targets, _) = self.write_t0(runs, false)?;
+        let mut entries: Vec<Entry> = runs
+            .iter()
+            .map(|r| Entry::SetBits {
+                session: r.s.id(),
+                start: r.g0,
+                count: r.g1 - r.g0,
+            })
+            .collect();
+        for t in &targets {
+            if skip_cbw_flush() {
+                continue;
+            }
+            t.flush()?;
+        }
+        entries.extend(marks);
+        self.table.commit(entries)
     }
 
     /// Read the T0 bytes of `runs` from their sources (once per source range) and write them
