@@ -29,9 +29,9 @@ struct World {
     s: VolumeId,
 }
 
-/// A no-copy session (no background copier: only first writes copy), then a first write of
-/// `len` bytes at grain `g` of the source; the engine is dropped without a close.
-fn first_write(g: u64, len: usize) -> World {
+/// An engine with checked copies on and a no-copy session (no background copier: only
+/// first writes copy) of a patterned source (`seed`) onto an empty target.
+fn session(seed: u64) -> (World, Engine) {
     let storage = mem_storage(&small_table());
     let st: Arc<dyn TableStorage> = storage.clone();
     let e = Engine::create(
@@ -43,7 +43,7 @@ fn first_write(g: u64, len: usize) -> World {
         },
     )
     .unwrap();
-    let src = Arc::new(MemVolume::with_data("src", &pattern(7, SIZE as usize)));
+    let src = Arc::new(MemVolume::with_data("src", &pattern(seed, SIZE as usize)));
     let tgt = Arc::new(MemVolume::new("tgt", SIZE as usize));
     let t0 = src.snapshot();
     let s = e.attach(src.clone());
@@ -55,6 +55,22 @@ fn first_write(g: u64, len: usize) -> World {
             ..SessionSpec::whole(s, t)
         })
         .unwrap();
+    let w = World {
+        storage,
+        src,
+        tgt,
+        t0,
+        id,
+        s,
+    };
+    (w, e)
+}
+
+/// [`session`], then a first write of `len` bytes at grain `g` of the source; the engine is
+/// dropped without a close.
+fn first_write(g: u64, len: usize) -> World {
+    let (w, e) = session(7);
+    let (tgt, t0, s) = (&w.tgt, &w.t0, w.s);
     e.write(s, g * GRAIN, &vec![0xee; len]).unwrap();
     assert_eq!(
         &tgt.snapshot()[(g * GRAIN) as usize..((g + 1) * GRAIN) as usize],
@@ -62,14 +78,7 @@ fn first_write(g: u64, len: usize) -> World {
         "the first write copied its grain's T0 bytes to the target"
     );
     drop(e);
-    World {
-        storage,
-        src,
-        tgt,
-        t0,
-        id,
-        s,
-    }
+    w
 }
 
 fn grain_range(g: u64) -> std::ops::Range<usize> {
