@@ -160,6 +160,35 @@ fn hook_05_killed_by_a_signal_and_failed_to_start() {
     }
 }
 
+/// A program that stays open for writing fails to start with `ETXTBSY` after the runner's
+/// bounded retries, rather than hanging; the retries themselves exist for the short window
+/// in which a concurrently forked child still holds a just-written script open.
+#[test]
+fn hook_05_a_program_held_open_for_writing_fails_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let s = script(dir.path(), "busy", "exit 0");
+    let writer = std::fs::OpenOptions::new().append(true).open(&s).unwrap();
+    let r = run(
+        &spec(&[s.to_str().unwrap()]),
+        &HookContext::new(Stage::TaskPre),
+        &clock,
+    );
+    match &r.outcome {
+        HookOutcome::Failed(HookError::Spawn { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::ExecutableFileBusy);
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(writer);
+    let r = run(
+        &spec(&[s.to_str().unwrap()]),
+        &HookContext::new(Stage::TaskPre),
+        &clock,
+    );
+    assert!(r.outcome.is_success(), "{:?}", r.outcome);
+}
+
 #[test]
 fn hook_06_argv_without_shell_env_and_own_process_group() {
     let dir = tempfile::tempdir().unwrap();

@@ -176,6 +176,33 @@ pub(crate) fn later(t: Timestamp, d: SignedDuration) -> Timestamp {
     t.saturating_add(d).unwrap_or(Timestamp::MAX)
 }
 
+/// How many times [`spawn_retrying_busy`] tries a program that is busy being written.
+const SPAWN_BUSY_ATTEMPTS: u32 = 50;
+
+/// Spawn `cmd`, trying again for a short while when exec fails with `ETXTBSY`.
+///
+/// `ETXTBSY` means some process holds the program file open for writing. A process that
+/// forks while another of its threads has just written a script holds that descriptor in
+/// the child until the child's own exec closes it, so a hook written and started by a
+/// multithreaded deployer (or test harness) can see this for a few microseconds even though
+/// nothing writes the file any more. Retrying with a short pause (at most about 1.3 s in all)
+/// makes that race harmless; a file that really stays open for writing still fails.
+fn spawn_retrying_busy(cmd: &mut Command) -> io::Result<std::process::Child> {
+    let mut attempt = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy => {
+                attempt += 1;
+                if attempt >= SPAWN_BUSY_ATTEMPTS {
+                    return Err(e);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(u64::from(attempt.min(50))));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Run `spec` with `ctx` in its environment and on its stdin, and wait for it to end.
 ///
 /// The hook runs by argv (no shell unless `spec.shell`), in a new process group, with the
@@ -226,7 +253,7 @@ pub fn run(spec: &HookSpec, ctx: &HookContext, clock: &dyn Clock) -> HookRun {
             None => cmd.env_remove(name),
         };
     }
-    let mut child = match cmd.spawn() {
+    let mut child = match spawn_retrying_busy(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
             let err = HookError::Spawn {
