@@ -3,12 +3,18 @@
 # violations per seed. Usage: scripts/crash-sweep.sh SEEDS WORKLOADS
 #   SEEDS      a list ("3 7 99"), a range ("1-20") or a mix ("1-20 99 4711")
 #   WORKLOADS  workloads per seed (default 60)
+# Environment: WRITE_BACK=1 runs every other round of the workload templates with the engine in
+# write-back mode (crashtest --write-back); SERIAL_COPIES=1 runs every workload with serial
+# copy-before-write instead of the default checked copy records (crashtest --serial-copies).
 # Exit status: 0 when no seed reported a violation, 1 otherwise. One JSON report per seed is kept
 # in $OUT (default: a new directory under /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds_arg="${1:?usage: scripts/crash-sweep.sh SEEDS [WORKLOADS]}"
 workloads="${2:-60}"
+modes=()
+[ "${WRITE_BACK:-0}" = 1 ] && modes+=(--write-back)
+[ "${SERIAL_COPIES:-0}" = 1 ] && modes+=(--serial-copies)
 out="${OUT:-$(mktemp -d /var/tmp/crash-sweep.XXXXXX)}"
 mkdir -p "$out"
 seeds=()
@@ -25,11 +31,12 @@ done
 cargo build --release --features fault --quiet
 bin=target/release/timezero
 failed=0
+echo "modes: ${modes[*]:-default}"
 printf '%-8s %-10s %-12s %-10s %s\n' seed workloads states violations seconds
 for s in "${seeds[@]}"; do
   start=$(date +%s)
   rc=0
-  "$bin" crashtest --workloads "$workloads" --seed "$s" --eio-points all --json \
+  "$bin" crashtest --workloads "$workloads" --seed "$s" --eio-points all ${modes[@]+"${modes[@]}"} --json \
     >"$out/seed-$s.json" 2>"$out/seed-$s.err" || rc=$?
   secs=$(( $(date +%s) - start ))
   read -r states violations < <(python3 -c '

@@ -61,6 +61,32 @@ fn enumerator_finds_no_violation() {
     }
 }
 
+/// The serial copy-before-write path (target flush, then the bits; `checked_copies` off)
+/// under the same enumerator, on another seed and a smaller budget.
+#[test]
+fn enumerator_finds_no_violation_with_serial_copies() {
+    let release = !cfg!(debug_assertions);
+    let opts = CrashtestOptions {
+        workloads: if release { 42 } else { 14 },
+        seed: 20_261_203,
+        threads: 2,
+        recovery_crash_stride: 2,
+        eio_points: if release { 16 } else { 4 },
+        serial_copies: true,
+        ..CrashtestOptions::default()
+    };
+    let r = crashtest(&opts);
+    println!(
+        "serial copies: {} states, {} ordering checks, {} violations",
+        r.states_total, r.ordering_checks, r.violations
+    );
+    assert_eq!(r.violations, 0, "violations: {:#?}", r.violation_samples);
+    assert!(r.states_total >= 10_000, "only {} states", r.states_total);
+    for k in ["prefix", "durable", "subset", "eio_durable"] {
+        assert!(r.states.get(k).copied().unwrap_or(0) > 0, "no {k} states");
+    }
+}
+
 /// A write issued before its change marks are durable leaves, in some crash states, a change
 /// the map does not record; the refresh check (refresh, copy, compare with the source) must
 /// find it.

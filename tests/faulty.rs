@@ -35,6 +35,7 @@ fn faulty_file(p: &Path, data: &[u8]) -> Arc<FaultyVolume<FileVolume>> {
 struct Files {
     dir: tempfile::TempDir,
     t0: Vec<u8>,
+    opts: EngineOptions,
 }
 
 impl Files {
@@ -42,6 +43,7 @@ impl Files {
         Files {
             dir: tempfile::tempdir().unwrap(),
             t0: common::pattern(seed, SIZE),
+            opts: EngineOptions::default(),
         }
     }
     fn path(&self, name: &str) -> PathBuf {
@@ -52,7 +54,7 @@ impl Files {
     }
     /// A new engine with one session from `src` to `tgt` (both attached as given).
     fn engine(&self, src: Arc<dyn Volume>, tgt: Arc<dyn Volume>) -> (Engine, VolumeId, SessionId) {
-        let e = Engine::create_path(&self.table(), EngineOptions::default()).unwrap();
+        let e = Engine::create_path(&self.table(), self.opts.clone()).unwrap();
         let a = e.attach(src);
         let b = e.attach(tgt);
         let id = e.establish(&SessionSpec::whole(a, b)).unwrap();
@@ -60,7 +62,7 @@ impl Files {
     }
     /// Reopen the table with plain file volumes; every session must resume.
     fn reopen(&self) -> Engine {
-        let e = Engine::open_path(&self.table(), EngineOptions::default()).unwrap();
+        let e = Engine::open_path(&self.table(), self.opts.clone()).unwrap();
         for d in &e.decisions {
             assert!(
                 matches!(d.outcome, Outcome::Resumed),
@@ -105,7 +107,29 @@ fn setup(
     VolumeId,
     SessionId,
 ) {
-    let f = Files::new(seed);
+    setup_with(seed, EngineOptions::default())
+}
+
+/// [`setup`] with engine options `opts`.
+#[allow(
+    clippy::type_complexity,
+    reason = "the parts a test takes apart at once"
+)]
+fn setup_with(
+    seed: u64,
+    opts: EngineOptions,
+) -> (
+    Files,
+    Arc<FaultyVolume<FileVolume>>,
+    Arc<FaultyVolume<FileVolume>>,
+    Engine,
+    VolumeId,
+    SessionId,
+) {
+    let f = Files {
+        opts,
+        ..Files::new(seed)
+    };
     let src = faulty_file(&f.path("src"), &f.t0);
     let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
     let (e, a, id) = f.engine(src.clone(), tgt.clone());
@@ -298,7 +322,11 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
 /// committed, and the reopened image reads the target's old bytes there.
 #[test]
 fn crash_catches_copy_before_write_without_target_flush() {
-    let (f, src, tgt, e, a, id) = setup(27);
+    let serial = EngineOptions {
+        checked_copies: false,
+        ..EngineOptions::default()
+    };
+    let (f, src, tgt, e, a, id) = setup_with(27, serial);
     timezero::fault::internals::set_canary_skip_cbw_flush(true);
     let r = e.write(a, 3 * GRAIN as u64 + 5, &[0x99; 10]);
     timezero::fault::internals::set_canary_skip_cbw_flush(false);
@@ -319,6 +347,38 @@ fn crash_catches_copy_before_write_without_target_flush() {
         "lost grain not seen"
     );
     assert!(img[..g] == f.t0[..g] && img[g + GRAIN..] == f.t0[g + GRAIN..]);
+}
+
+/// The same lost target flush with checked copy records (the default): the record's CRC no
+/// longer matches the target after the crash, so recovery copies the grain again from the
+/// source (which still holds T0) and the reopened image is T0 everywhere.
+#[test]
+fn checked_copies_repair_a_grain_lost_with_its_target_flush() {
+    let (f, src, tgt, e, a, id) = setup(27);
+    timezero::fault::internals::set_canary_skip_cbw_flush(true);
+    let r = e.write(a, 3 * GRAIN as u64 + 5, &[0x99; 10]);
+    timezero::fault::internals::set_canary_skip_cbw_flush(false);
+    r.unwrap();
+    assert_eq!(tgt.unflushed_sectors(), GRAIN / 512);
+    tgt.crash(CrashMode::DropAll).unwrap();
+    src.crash(CrashMode::DropAll).unwrap();
+    drop(e);
+    let g = 3 * GRAIN;
+    assert!(
+        std::fs::read(f.path("tgt")).unwrap()[g..g + GRAIN]
+            .iter()
+            .all(|&b| b == 0),
+        "the crash lost the copied grain"
+    );
+    let e = f.reopen();
+    assert!(
+        common::image(&e, id) == f.t0,
+        "image after reopen is not T0"
+    );
+    assert!(
+        std::fs::read(f.path("tgt")).unwrap()[g..g + GRAIN] == f.t0[g..g + GRAIN],
+        "recovery did not copy the grain again"
+    );
 }
 
 /// `CheckedVolume` under the engine: a target write that fails once during copy-before-write

@@ -278,9 +278,9 @@ struct Setup {
     start: u64,
 }
 
-fn setup(seed: u64) -> Setup {
+fn setup(seed: u64, opts: &timezero::EngineOptions) -> Setup {
     let world = SimWorld::new(seed);
-    let tb = engine_options().table.layout().unwrap().file_bytes();
+    let tb = opts.table.layout().unwrap().file_bytes();
     let table = world.add_table("table", vec![0; usize::try_from(tb).unwrap()]);
     let src0 = pattern(seed, SRC);
     let vs: Vec<Arc<dyn Volume>> = [
@@ -291,7 +291,7 @@ fn setup(seed: u64) -> Setup {
     .into_iter()
     .map(|(i, b)| Arc::new(world.add_volume(NAMES[i], b)) as Arc<dyn Volume>)
     .collect();
-    let engine = Engine::create(Arc::new(table), engine_options()).unwrap();
+    let engine = Engine::create(Arc::new(table), opts.clone()).unwrap();
     let vols = [0, 1, 2].map(|i| engine.attach(vs[i].clone()));
     let [sa, sb] = specs(vols[0], vols[1], vols[2]);
     let ids = [
@@ -318,11 +318,28 @@ fn durable_images(world: &SimWorld, fate: Fate) -> Vec<Vec<u8>> {
 
 #[test]
 fn reset_matrix() {
+    matrix(&engine_options(), "serial copies");
+}
+
+/// The same matrix with checked copy records: recovery at open may copy grains again, and the
+/// reset then sees the volume as the reopened engine left it.
+#[test]
+fn reset_matrix_checked_copies() {
+    matrix(
+        &timezero::EngineOptions {
+            checked_copies: true,
+            ..engine_options()
+        },
+        "checked copies",
+    );
+}
+
+fn matrix(opts: &timezero::EngineOptions, mode: &str) {
     let t = std::time::Instant::now();
     let seed = 11;
     // Fault-free run: how many I/Os the workload issues.
     let total = {
-        let s = setup(seed);
+        let s = setup(seed, opts);
         workload(&s.engine, s.vols[0], s.ids, 1);
         s.world.clock() - s.start
     };
@@ -333,7 +350,7 @@ fn reset_matrix() {
             for c in changes() {
                 // (a) The N-th I/O fails (unknown outcome), then the reset arrives at the
                 // same engine; the devices answer again.
-                let s = setup(seed);
+                let s = setup(seed, opts);
                 s.world.set_faults(Faults {
                     eio_at: Some(s.start + n),
                     ..Faults::default()
@@ -343,7 +360,7 @@ fn reset_matrix() {
                 let img = durable_images(&s.world, Fate::Drop);
                 let now = replaced(dev, &img[dev], c);
                 let ctx = format!(
-                    "same engine, I/O {n} fails, reset of {} to {c:?}",
+                    "{mode}: same engine, I/O {n} fails, reset of {} to {c:?}",
                     NAMES[dev - 1]
                 );
                 match s.engine.reset(s.vols[dev - 1], Some(now)) {
@@ -357,7 +374,7 @@ fn reset_matrix() {
                 cases += 1;
                 // (b) The world stops after N I/Os; an engine reopened from the crash image
                 // (unsynced writes lost, or all kept) receives the reset.
-                let s = setup(seed);
+                let s = setup(seed, opts);
                 s.world.set_faults(Faults {
                     crash_after: Some(s.start + n),
                     ..Faults::default()
@@ -366,12 +383,15 @@ fn reset_matrix() {
                 for fate in [Fate::Drop, Fate::Keep] {
                     let img = durable_images(&s.world, fate);
                     let mut r = MapResolver::default();
+                    let mut reopened = Vec::new();
                     for (i, name) in NAMES.iter().enumerate() {
-                        r.add(Arc::new(MemVolume::with_data(name, &img[i + 1])));
+                        let v = Arc::new(MemVolume::with_data(name, &img[i + 1]));
+                        reopened.push(v.clone());
+                        r.add(v);
                     }
                     let st: Arc<dyn TableStorage> =
                         Arc::new(MemStorage::from_bytes("crash", img[0].clone()));
-                    let e = Engine::open(st, &r, engine_options()).unwrap();
+                    let e = Engine::open(st, &r, opts.clone()).unwrap();
                     assert!(
                         e.decisions
                             .iter()
@@ -379,9 +399,11 @@ fn reset_matrix() {
                         "{:?}",
                         e.decisions
                     );
-                    let now = replaced(dev, &img[dev], c);
+                    // The device as the reopened engine left it (recovery may have written
+                    // to it), now reported changed.
+                    let now = replaced(dev, &reopened[dev - 1].snapshot(), c);
                     let ctx = format!(
-                        "reopened after crash at I/O {n} ({fate:?}), reset of {} to {c:?}",
+                        "{mode}: reopened after crash at I/O {n} ({fate:?}), reset of {} to {c:?}",
                         NAMES[dev - 1]
                     );
                     let ds = e.reset(s.vols[dev - 1], Some(now)).unwrap();
@@ -392,7 +414,7 @@ fn reset_matrix() {
         }
     }
     println!(
-        "reset matrix: {cases} cases ({} I/O boundaries x 2 volumes x {} changes x 3 modes), \
+        "reset matrix ({mode}): {cases} cases ({} I/O boundaries x 2 volumes x {} changes x 3 modes), \
          {checks} checks, {:.1?}",
         total + 1,
         changes().len(),

@@ -616,6 +616,10 @@ pub enum Command {
         /// `serve --write-back`).
         #[arg(long)]
         write_back: bool,
+        /// Run every workload with serial copy-before-write (target flush, then the bits)
+        /// instead of the default checked copy records.
+        #[arg(long)]
+        serial_copies: bool,
     },
     /// (internal) Open a table in this fresh process and print the recovery time and peak
     /// resident memory as JSON; used by `bench`.

@@ -661,6 +661,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             json,
             eio_points,
             write_back,
+            serial_copies,
         } => {
             let points = if eio_points == "all" {
                 usize::MAX
@@ -671,7 +672,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                     ))
                 })?
             };
-            crashtest(workloads, seed, json, points, write_back)?;
+            crashtest(workloads, seed, json, points, (write_back, serial_copies))?;
             String::new()
         }
     };
@@ -734,13 +735,14 @@ fn crashtest(
     seed: u64,
     json: bool,
     eio_points: usize,
-    write_back: bool,
+    (write_back, serial_copies): (bool, bool),
 ) -> Result<()> {
     let r = crate::fault::crashtest(&crate::fault::CrashtestOptions {
         workloads,
         seed,
         eio_points,
         write_back,
+        serial_copies,
         ..crate::fault::CrashtestOptions::default()
     });
     let mut out = std::io::stdout().lock();
@@ -779,7 +781,7 @@ fn crashtest(
     _seed: u64,
     _json: bool,
     _eio_points: usize,
-    _write_back: bool,
+    _modes: (bool, bool),
 ) -> std::result::Result<(), Fail> {
     Err(Fail::Usage(
         "crashtest is not in this build; run it with \

@@ -92,7 +92,7 @@ pub enum CopyErrorPolicy {
 }
 
 /// Engine options.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Restart policy. Default = [`RestartPolicy::Resume`].
     pub restart: RestartPolicy,
@@ -118,11 +118,27 @@ pub struct EngineOptions {
     /// the FUSE mount turn it on. Default = false (every write reaches the volume before it
     /// returns).
     pub write_back: bool,
-    /// Checked copy-before-write (experimental): a first write flushes the target on a
-    /// flusher thread while the table commits `CopyChecked` records (a CRC32C per grain that
-    /// recovery verifies against the target), instead of flushing the target before the
-    /// commit (docs/crash-model.md, "Checked copy-before-write"). Default = false.
+    /// Checked copy-before-write: a first write flushes the target on a flusher thread while
+    /// the table commits `CopyChecked` records (a CRC32C per grain that recovery verifies
+    /// against the target, copying a lost grain again from the source), instead of flushing
+    /// the target before committing the bits (docs/crash-model.md, "Checked copy-before-write").
+    /// Default = true; false selects the serial path (three durability points in series).
     pub checked_copies: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            restart: RestartPolicy::default(),
+            on_copy_error: CopyErrorPolicy::default(),
+            file_options: FileVolumeOptions::default(),
+            backend: Backend::default(),
+            table: TableOptions::default(),
+            accept_rollback: false,
+            write_back: false,
+            checked_copies: true,
+        }
+    }
 }
 
 /// An attached volume with its durability group and write gate.

@@ -60,6 +60,9 @@ pub struct CrashtestOptions {
     /// Run every other round of the templates with the engine in write-back mode
     /// ([`EngineOptions::write_back`]).
     pub write_back: bool,
+    /// Run every workload with serial copy-before-write instead of checked copy records
+    /// ([`EngineOptions::checked_copies`] off).
+    pub serial_copies: bool,
 }
 
 impl Default for CrashtestOptions {
@@ -79,6 +82,7 @@ impl Default for CrashtestOptions {
             canary_restored_early: false,
             keep_violations: 20,
             write_back: false,
+            serial_copies: false,
         }
     }
 }
@@ -153,6 +157,7 @@ pub fn engine_options() -> EngineOptions {
 pub fn workload_engine_options(w: &Workload) -> EngineOptions {
     EngineOptions {
         write_back: w.write_back,
+        checked_copies: !w.serial_copies,
         ..engine_options()
     }
 }
@@ -175,7 +180,13 @@ pub fn check_misdirected_write(w: &Workload, k: u64, dest: u64) -> CrashReport {
 #[must_use]
 pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
     let start = std::time::Instant::now();
-    let workloads = catalogue_with(opts.workloads, opts.seed, opts.write_back);
+    let mut workloads = catalogue_with(opts.workloads, opts.seed, opts.write_back);
+    if opts.serial_copies {
+        for w in &mut workloads {
+            w.serial_copies = true;
+            w.name.push_str("+serial");
+        }
+    }
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
     } else {

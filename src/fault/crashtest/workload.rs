@@ -158,6 +158,9 @@ pub struct Workload {
     /// Run the engine in write-back mode ([`EngineOptions::write_back`](crate::EngineOptions)):
     /// source writes are held until the volume's next flush.
     pub write_back: bool,
+    /// Run the engine with serial copy-before-write
+    /// ([`EngineOptions::checked_copies`](crate::EngineOptions) off).
+    pub serial_copies: bool,
 }
 
 /// `len` seeded bytes.
@@ -236,6 +239,7 @@ fn generate(i: usize, seed: u64) -> Workload {
         seed: ws,
         ops,
         write_back,
+        serial_copies: false,
     }
 }
 
