@@ -477,6 +477,118 @@ fn cat_07_copy_restore_by_time_resumes_after_sigkill() {
     fails(&site.tz(&["restore", "i77", "--to", p(&part)]), 1);
 }
 
+/// How a restore killed half-way is taken over.
+#[derive(Debug, Clone, Copy)]
+enum TakeOver {
+    /// `timezero reconcile`.
+    Reconcile,
+    /// A daemon's start.
+    Daemon,
+}
+
+/// A restore with `--extent` killed half-way, then taken over by `how`: it is finished on its
+/// same attempt, with the extent it was given (the job layer's recovery continues it from the
+/// engine's table), and the destination outside the extent is never written.
+fn killed_restore_taken_over(how: TakeOver) {
+    let mut site = Site::new();
+    let a = common::pattern(21, 24 * MIB);
+    let src = site.file("src", &a);
+    let image = site.backup("20270101", &src, "img", CopyMode::Copy);
+    let e = site.engine();
+    assert_eq!(e.forget_ended().unwrap().len(), 1);
+    e.close().unwrap();
+    let dest = site.path("dest");
+    let id = image.to_string();
+    let args = [
+        "restore",
+        id.as_str(),
+        "--to",
+        p(&dest),
+        "--extent",
+        "2MiB:12MiB",
+        "--rate",
+        "8MiB",
+        "--checkpoint",
+        "1MiB",
+    ];
+    let (job, ended) = restore_killed(&site, &args, 2 * MIB as u64);
+    assert!(!ended, "the restore ended before it was killed");
+    let before = site.job(job);
+    assert!(matches!(before.state, JobState::Active { .. }));
+    let done_before = before.progress.map_or(0, |p| p.bytes_done);
+    assert!(done_before < 12 * MIB as u64, "{done_before}");
+
+    let said = match how {
+        TakeOver::Reconcile => site.ok(&["reconcile"]),
+        TakeOver::Daemon => {
+            let log = site.path("daemon.out");
+            let mut d = tz()
+                .args([
+                    "daemon",
+                    "--no-calendar",
+                    "--no-nbd",
+                    "--state",
+                    p(&site.state),
+                ])
+                .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !matches!(site.job(job).state, JobState::Done { .. }) {
+                if let Some(status) = d.try_wait().unwrap() {
+                    panic!(
+                        "the daemon exited: {status}: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the daemon did not finish the restore"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            d.kill().unwrap();
+            d.wait().unwrap();
+            std::fs::read_to_string(&log).unwrap()
+        }
+    };
+    assert!(
+        said.contains(&format!("{job}: its process died; now")),
+        "{said}"
+    );
+    let j = site.job(job);
+    assert_eq!(
+        j.state,
+        JobState::Done {
+            status: JobStatus::Success,
+            reason: None
+        },
+        "{how:?}: {said}"
+    );
+    assert_eq!(j.attempt, before.attempt, "the same attempt goes on");
+    assert_eq!(j.progress.unwrap().bytes_done, 12 * MIB as u64);
+    let got = std::fs::read(&dest).unwrap();
+    assert_eq!(got.len(), 24 * MIB);
+    assert!(
+        got[2 * MIB..14 * MIB] == a[2 * MIB..14 * MIB],
+        "the extent is the image"
+    );
+    assert!(got[..2 * MIB].iter().all(|&x| x == 0), "before the extent");
+    assert!(got[14 * MIB..].iter().all(|&x| x == 0), "after the extent");
+    assert!(site.store.open_intents().unwrap().is_empty());
+}
+
+#[test]
+fn cat_07_a_killed_restore_is_finished_by_reconcile_on_its_attempt_with_its_extents() {
+    killed_restore_taken_over(TakeOver::Reconcile);
+}
+
+#[test]
+fn cat_07_a_killed_restore_is_finished_at_the_daemons_start_on_its_attempt() {
+    killed_restore_taken_over(TakeOver::Daemon);
+}
+
 #[test]
 fn cat_08_in_place_stream_resumes_after_sigkill_and_keeps_the_other_sessions_t0() {
     let mut site = Site::new();

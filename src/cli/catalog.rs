@@ -30,7 +30,7 @@ use crate::catalog::{
 use crate::command::output::json;
 use crate::engine::copier::{Copier, CopierEvent, CopierOptions};
 use crate::engine::{Engine, RestartPolicy};
-use crate::job::{owner_alive, owner_of_this_process};
+use crate::job::{owner_alive, owner_of_this_process, JobOutcome};
 use crate::limits::{
     RESTORE_CHECKPOINT_BYTES_DEFAULT, RESTORE_COPY_REQUEST_BYTES, RESTORE_COPY_THREADS,
     RESTORE_PROGRESS_POLL_MILLIS, RESTORE_REVERSE_BATCH_BYTES,
@@ -336,7 +336,7 @@ impl Pace {
 
 /// Everything one restore run works with.
 struct Run<'a> {
-    store: &'a SqliteStore,
+    store: &'a dyn Store,
     job: JobRecord,
     image: ImageRecord,
     dest: PathBuf,
@@ -728,6 +728,7 @@ fn new_job(
     store: &SqliteStore,
     image: ImageId,
     dest: &Path,
+    extents: &[(u64, u64)],
     owner: &str,
 ) -> Result<JobRecord, Fail> {
     let now = Timestamp::from_millisecond(Timestamp::now().as_millisecond())
@@ -740,18 +741,25 @@ fn new_job(
         zone: "UTC".to_string(),
         enabled: false,
     };
+    // The command as it must run again after a crash: a restore taken over by `reconcile` or
+    // a daemon's start reads its extents back from here (`restore_argv_extents`).
+    let mut argv = vec![
+        "restore".to_string(),
+        image.to_string(),
+        "--to".to_string(),
+        dest.display().to_string(),
+    ];
+    for (off, len) in extents {
+        argv.push("--extent".to_string());
+        argv.push(format!("{off}:{len}"));
+    }
     let ev = EventRow {
         id: event,
         name: format!("restore-{image}-{event}"),
         schedule: schedule.name.clone(),
         kind: EventKind::Command {
             name: "restore".to_string(),
-            argv: vec![
-                "restore".to_string(),
-                image.to_string(),
-                "--to".to_string(),
-                dest.display().to_string(),
-            ],
+            argv,
         },
         priority: Priority::ALWAYS,
         blocking: false,
@@ -806,7 +814,7 @@ fn new_job(
     Ok(job)
 }
 
-fn phase(store: &SqliteStore, job: &JobRecord, to: JobState, owner: &str) -> Result<(), Fail> {
+fn phase(store: &dyn Store, job: &JobRecord, to: JobState, owner: &str) -> Result<(), Fail> {
     store
         .commit(vec![Change::Transition {
             job: job.id,
@@ -913,7 +921,7 @@ pub(super) fn restore(
             phase(&store, &j, j.state.clone(), &owner)?;
             j
         }
-        None => new_job(&store, image.id, &dest, &owner)?,
+        None => new_job(&store, image.id, &dest, &args.extents, &owner)?,
     };
     if !args.json {
         let _ = writeln!(
@@ -1004,7 +1012,7 @@ pub(super) fn restore_in_daemon(
     let dest = dest_path(to)?;
     let image = catalog::choose(&**store, &Pick::Image(ImageId(image))).map_err(cat)?;
     let pieces = catalog::restore_pieces(&image, &[]).map_err(cat)?;
-    let job = new_job(store, image.id, &dest, owner)?;
+    let job = new_job(store, image.id, &dest, &[], owner)?;
     let id = job.id;
     let engine = engines.get(&image.table).cloned();
     let store = Arc::clone(store);
@@ -1026,7 +1034,7 @@ pub(super) fn restore_in_daemon(
         .name(format!("restore {id}"))
         .spawn(move || {
             let run = Run {
-                store: &store,
+                store: &*store,
                 job,
                 image,
                 dest,
@@ -1036,11 +1044,106 @@ pub(super) fn restore_in_daemon(
             };
             let result = run_job(&run, IoFlags::default(), &owner, engine);
             let (status, reason, _) = outcome_of(&result);
-            let _ = phase(&store, &run.job, JobState::Done { status, reason }, &owner);
+            let _ = phase(&*store, &run.job, JobState::Done { status, reason }, &owner);
             drop(result);
         })
         .map_err(|e| Fail::Message(format!("start the restore thread of {id}: {e}")))?;
     Ok((id, thread))
+}
+
+/// The `--extent`s recorded in the command of a restore job's event (see `new_job`).
+fn restore_argv_extents(argv: &[String]) -> Result<Vec<(u64, u64)>, String> {
+    let mut extents = Vec::new();
+    let mut it = argv.iter();
+    while let Some(a) = it.next() {
+        if a == "--extent" {
+            let v = it
+                .next()
+                .ok_or_else(|| "--extent without a value".to_string())?;
+            extents.push(restore_extent(v)?);
+        }
+    }
+    Ok(extents)
+}
+
+/// Continue a restore job whose process died, on its same attempt, in this process (JOB-09:
+/// a restore is past its cut from its start). `timezero reconcile` and a daemon's start call
+/// this through the job layer's recovery ([`crate::job::JobWork::resume`]); it does what
+/// running the same `restore` command again does: the destination is locked again, open
+/// intents are settled, and the restore goes on where its durable state says (a copy session
+/// from the engine's table, a reverse restore from the table, a stream from its last
+/// checkpoint). `engine` is the image's table when the caller holds it. The job's end is the
+/// returned outcome, which the job layer commits and to which its retry rule applies (a
+/// retried attempt comes back here through [`crate::job::JobWork::run`]); a job that cannot
+/// run as recorded (its image no longer valid, its event gone) fails for good.
+pub(super) fn resume_restore(
+    store: &dyn Store,
+    job: &JobRecord,
+    engine: Option<Arc<Engine>>,
+    tables: Vec<PathBuf>,
+    owner: &str,
+) -> JobOutcome {
+    let not_retried = |why: String| JobOutcome::Done {
+        status: JobStatus::Failed,
+        reason: Some(JobReason::Plan(why)),
+    };
+    let JobKind::Restore { image, dest } = &job.kind else {
+        return not_retried(format!("job {} is not a restore", job.id));
+    };
+    let argv = match store.events() {
+        Ok(events) => events
+            .into_iter()
+            .find(|e| e.id == job.event)
+            .and_then(|e| match e.kind {
+                EventKind::Command { argv, .. } => Some(argv),
+                _ => None,
+            }),
+        Err(e) => return not_retried(format!("read the restore's event: {e}")),
+    };
+    let Some(argv) = argv else {
+        return not_retried(format!("the event of restore job {} is gone", job.id));
+    };
+    let extents = match restore_argv_extents(&argv) {
+        Ok(x) => x,
+        Err(e) => return not_retried(format!("the recorded restore command: {e}")),
+    };
+    let image = match catalog::choose(store, &Pick::Image(*image)) {
+        Ok(i) => i,
+        Err(e) => return not_retried(e.to_string()),
+    };
+    let pieces = match catalog::restore_pieces(&image, &extents) {
+        Ok(p) => p,
+        Err(e) => return not_retried(e.to_string()),
+    };
+    let args = RestoreArgs {
+        image: Some(image.id),
+        plan: None,
+        source: None,
+        at: None,
+        to: PathBuf::from(dest),
+        extents,
+        wait: false,
+        state: None,
+        json: false,
+        rate: None,
+        checkpoint: None,
+    };
+    let run = Run {
+        store,
+        job: job.clone(),
+        image,
+        dest: PathBuf::from(dest),
+        pieces,
+        args: &args,
+        tables,
+    };
+    let result = run_job(&run, IoFlags::default(), owner, engine);
+    let (status, reason, _) = outcome_of(&result);
+    // The destination lock is released here, just before the job layer records the end
+    // (a restore run by its own command records it under the lock, QUI-10); the bytes are all
+    // written by now, and another restore of the same job is refused while this owner lives.
+    drop(result);
+    JobOutcome::Done { status, reason }
 }
 
 /// The restore's work: lock, open the image's table, pick the method, move the bytes.

@@ -228,6 +228,15 @@ impl JobWork for DaemonWork {
     }
 
     fn run(&self, job: &JobRecord, clock: &dyn Clock) -> JobOutcome {
+        if matches!(job.kind, crate::store::JobKind::Restore { .. }) {
+            // A retried restore goes on from what the earlier attempt left.
+            let outcome = match self.plan_work(HashMap::new(), HashMap::new()) {
+                Ok(w) => w.restore(job),
+                Err(e) => failed(JobReason::Plan(e)),
+            };
+            let _ = self.wake.send(Msg::Wake);
+            return outcome;
+        }
         let Some(name) = job.kind.plan() else {
             return failed(JobReason::Plan(format!(
                 "job {} is not a backup job",

@@ -71,6 +71,32 @@ impl std::fmt::Debug for PlanWork {
 }
 
 impl PlanWork {
+    /// Run or continue the restore job `job` (its process died, or the job layer retries it):
+    /// see [`super::catalog::resume_restore`].
+    pub(super) fn restore(&self, job: &JobRecord) -> JobOutcome {
+        let crate::store::JobKind::Restore { image, .. } = &job.kind else {
+            return failed(JobReason::Plan(format!("job {} is not a restore", job.id)));
+        };
+        let engine = self
+            .store
+            .image(*image)
+            .ok()
+            .flatten()
+            .and_then(|i| self.engines.lock().get(&i.table).cloned());
+        let tables = self
+            .state_dir
+            .as_ref()
+            .and_then(|d| super::state::StateDir::new(Some(d.clone())).tables().ok())
+            .unwrap_or_default();
+        super::catalog::resume_restore(
+            &*self.store,
+            job,
+            engine,
+            tables,
+            &crate::job::owner_of_this_process(),
+        )
+    }
+
     fn engine(&self, table: &Path) -> crate::Result<Arc<Engine>> {
         let mut engines = self.engines.lock();
         if let Some(e) = engines.get(table) {
@@ -339,10 +365,16 @@ impl JobWork for PlanWork {
     }
 
     fn run(&self, job: &JobRecord, _clock: &dyn Clock) -> JobOutcome {
+        if matches!(job.kind, crate::store::JobKind::Restore { .. }) {
+            return self.restore(job);
+        }
         self.drive(job, None)
     }
 
     fn resume(&self, job: &JobRecord, _clock: &dyn Clock) -> JobOutcome {
+        if matches!(job.kind, crate::store::JobKind::Restore { .. }) {
+            return self.restore(job);
+        }
         let phase = match &job.state {
             crate::store::JobState::Active { phase } => *phase,
             _ => Phase::AwaitingResources,
