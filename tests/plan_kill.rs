@@ -280,8 +280,12 @@ impl Rig {
     }
 }
 
+/// QUI-09: `timezero reconcile` after a run killed in its pre-processing matches the store with
+/// what is held: the hook run in flight ends `unknown` (one line), the broker counters are
+/// rebuilt (one line), the attempt ends before its cut; a second reconcile has nothing to say
+/// about the job (`reconcile_and_rerun`), and a new run then succeeds.
 #[test]
-fn plan_kill_during_task_pre() {
+fn qui_09_reconcile_after_a_kill_during_task_pre_prints_each_decision_once() {
     let r = Rig::new("task_pre", "");
     let mut child = r.spawn_run();
     let marker = r.root.join("marker");
@@ -292,6 +296,12 @@ fn plan_kill_during_task_pre() {
         text.contains("j1: hook task_pre task 1 started and never ended: unknown"),
         "{text}"
     );
+    assert_eq!(
+        text.matches("j1: hook task_pre").count(),
+        1,
+        "one line per decision: {text}"
+    );
+    assert!(text.contains("broker counters: rebuilt from the"), "{text}");
     let j1 = r.job_state("j1");
     let state = &j1["job"]["state"];
     // Before its cut: the attempt failed DaemonRestarted; the retry rule queues a retry.
