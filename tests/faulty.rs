@@ -93,39 +93,23 @@ impl Files {
 
 /// A source holding the T0 pattern of `seed` and a zeroed target, both `FaultyVolume`s over
 /// real files, and an engine with one whole-volume session between them.
-#[allow(
-    clippy::type_complexity,
-    reason = "the parts a test takes apart at once"
-)]
-fn setup(
-    seed: u64,
-) -> (
-    Files,
-    Arc<FaultyVolume<FileVolume>>,
-    Arc<FaultyVolume<FileVolume>>,
-    Engine,
-    VolumeId,
-    SessionId,
-) {
+fn setup(seed: u64) -> Rig {
     setup_with(seed, EngineOptions::default())
 }
 
-/// [`setup`] with engine options `opts`.
-#[allow(
-    clippy::type_complexity,
-    reason = "the parts a test takes apart at once"
-)]
-fn setup_with(
-    seed: u64,
-    opts: EngineOptions,
-) -> (
+/// What [`setup`] builds: the files, the source and target, the engine, the source's id and
+/// the session.
+type Rig = (
     Files,
     Arc<FaultyVolume<FileVolume>>,
     Arc<FaultyVolume<FileVolume>>,
     Engine,
     VolumeId,
     SessionId,
-) {
+);
+
+/// [`setup`] with engine options `opts`.
+fn setup_with(seed: u64, opts: EngineOptions) -> Rig {
     let f = Files {
         opts,
         ..Files::new(seed)
