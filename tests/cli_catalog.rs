@@ -535,7 +535,13 @@ fn killed_restore_taken_over(how: TakeOver) {
                 .spawn()
                 .unwrap();
             let deadline = Instant::now() + Duration::from_secs(120);
-            while !matches!(site.job(job).state, JobState::Done { .. }) {
+            // The end is committed before the daemon prints its recovery lines: wait for both.
+            let line = format!("{job}: its process died; now");
+            while !matches!(site.job(job).state, JobState::Done { .. })
+                || !std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains(&line)
+            {
                 if let Some(status) = d.try_wait().unwrap() {
                     panic!(
                         "the daemon exited: {status}: {}",
