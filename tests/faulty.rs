@@ -333,12 +333,16 @@ fn crash_catches_copy_before_write_without_target_flush() {
     assert!(img[..g] == f.t0[..g] && img[g + GRAIN..] == f.t0[g + GRAIN..]);
 }
 
-/// The same lost target flush with checked copy records (the default): the record's CRC no
+/// The same lost target flush with checked copy records: the record's CRC no
 /// longer matches the target after the crash, so recovery copies the grain again from the
 /// source (which still holds T0) and the reopened image is T0 everywhere.
 #[test]
 fn checked_copies_repair_a_grain_lost_with_its_target_flush() {
-    let (f, src, tgt, e, a, id) = setup(27);
+    let checked = EngineOptions {
+        checked_copies: true,
+        ..EngineOptions::default()
+    };
+    let (f, src, tgt, e, a, id) = setup_with(27, checked);
     timezero::fault::internals::set_canary_skip_cbw_flush(true);
     let r = e.write(a, 3 * GRAIN as u64 + 5, &[0x99; 10]);
     timezero::fault::internals::set_canary_skip_cbw_flush(false);
