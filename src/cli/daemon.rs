@@ -45,7 +45,7 @@ use super::runner::PlanWork;
 use super::serve::{Exports, Served};
 use super::state::StateDir;
 use super::{open_server, Fail, IoFlags};
-use crate::catalog::{self, FileVolumes, Keep, ReconcileAction};
+use crate::catalog::{self, FileVolumes, Keep};
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::engine::Engine;
 use crate::job::{owner_of_this_process, JobOutcome, JobWork, Needs, Readiness, Scheduler};
@@ -700,17 +700,7 @@ impl Daemon<'_> {
         report
             .done
             .into_iter()
-            .map(|a| match a {
-                ReconcileAction::Lose { image, why, .. } => {
-                    format!("catalog: image {image} lost: {why}")
-                }
-                ReconcileAction::RemoveTarget { image, locator } => {
-                    format!("catalog: expired image {image}: target {locator} removed")
-                }
-                ReconcileAction::Withdraw { image, session } => {
-                    format!("catalog: expired image {image}: session {session} withdrawn")
-                }
-            })
+            .map(super::reconcile::catalog_line)
             .collect()
     }
 }

@@ -580,25 +580,24 @@ pub(super) fn reconcile_state(
             continue;
         };
         match catalog::reconcile(&*store, &e, &table, &[], &FileVolumes::default()) {
-            Ok(report) => {
-                for a in report.done {
-                    lines.push(match a {
-                        ReconcileAction::Lose { image, why, .. } => {
-                            format!("catalog: image {image} lost: {why}")
-                        }
-                        ReconcileAction::RemoveTarget { image, locator } => {
-                            format!("catalog: expired image {image}: target {locator} removed")
-                        }
-                        ReconcileAction::Withdraw { image, session } => {
-                            format!("catalog: expired image {image}: session {session} withdrawn")
-                        }
-                    });
-                }
-            }
+            Ok(report) => lines.extend(report.done.into_iter().map(catalog_line)),
             Err(err) => lines.push(format!("catalog: table {}: {err}", table.display())),
         }
     }
     Ok(lines)
+}
+
+/// The line printed for one decision of the catalog reconcile (here and in the daemon).
+pub(super) fn catalog_line(a: ReconcileAction) -> String {
+    match a {
+        ReconcileAction::Lose { image, why, .. } => format!("catalog: image {image} lost: {why}"),
+        ReconcileAction::RemoveTarget { image, locator } => {
+            format!("catalog: expired image {image}: target {locator} removed")
+        }
+        ReconcileAction::Withdraw { image, session } => {
+            format!("catalog: expired image {image}: session {session} withdrawn")
+        }
+    }
 }
 
 /// The engine of `table`: the one in `engines`, else opened and added.
