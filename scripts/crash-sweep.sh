@@ -5,8 +5,7 @@
 #   WORKLOADS  workloads per seed (default 60)
 # Environment: WRITE_BACK=1 runs every other round of the workload templates with the engine in
 # write-back mode (crashtest --write-back); SERIAL_COPIES=1 runs every workload with serial
-# copy-before-write (the engine's default) instead of checked copy records, which the
-# enumerator runs otherwise (crashtest --serial-copies).
+# copy-before-write (`--serial-copies`) instead of the engine's default checked copy records.
 # Exit status: 0 when no seed reported a violation, 1 otherwise. One JSON report per seed is kept
 # in $OUT (default: a new directory under /var/tmp).
 set -euo pipefail

@@ -6,8 +6,11 @@
 # reads and writes, each with O_DIRECT opens at depth 1 (the way a loop device or a restore tool
 # reads a file), by a small python3 program (fio is not needed). Writes are first writes (every
 # 64 KiB grain is copied before it is written); "rewrite" repeats them on grains already copied.
+# WRITE_BACK=1 adds a fourth side, `timezero --write-back mount` (first writes held until the
+# file's next fsync, which each write phase ends with). SERIAL_COPIES=1 runs both timezero sides
+# with `--serial-copies`.
 # Needs root (FUSE mounts). Usage: scripts/fuse-compare.sh [DIR]
-#   (env: SIZE_MIB=1024 ROUNDS=3 RANDOPS=4000 TIMEZERO=path)
+#   (env: SIZE_MIB=1024 ROUNDS=3 RANDOPS=4000 TIMEZERO=path WRITE_BACK=0 SERIAL_COPIES=0)
 set -euo pipefail
 
 for t in qemu-storage-daemon python3; do
@@ -16,6 +19,8 @@ for t in qemu-storage-daemon python3; do
         exit 0
     fi
 done
+TZ_SERIAL=
+[ "${SERIAL_COPIES:-0}" = 1 ] && TZ_SERIAL=--serial-copies
 TZ_BIN=${TIMEZERO:-$(dirname "$0")/../target/release/timezero}
 if [ ! -x "$TZ_BIN" ]; then
     echo "fuse-compare: $TZ_BIN missing; run cargo build --release first" >&2
@@ -75,7 +80,8 @@ start_tz() {
     "$TZ_BIN" init "$DIR/t.tzt" >/dev/null
     "$TZ_BIN" establish "$DIR/t.tzt" "$DIR/src.img" "$DIR/tz-tgt.img" --nocopy --force >/dev/null
     mkdir -p "$DIR/mnt"
-    "$TZ_BIN" mount "$DIR/t.tzt" "$DIR/mnt" >"$DIR/mount.log" 2>&1 &
+    # shellcheck disable=SC2086
+    "$TZ_BIN" ${TZ_SERIAL:-} ${1:-} mount "$DIR/t.tzt" "$DIR/mnt" >"$DIR/mount.log" 2>&1 &
     TZ_PID=$!
     for _ in $(seq 200); do [ -e "$DIR/mnt/src.img" ] && return; sleep 0.05; done
     echo "fuse-compare: timezero mount did not come up" >&2; cat "$DIR/mount.log" >&2; exit 1
@@ -120,12 +126,18 @@ echo "qemu-storage-daemon: $(qemu-storage-daemon --version | head -1); timezero:
 printf '%-6s %-9s %12s %12s %12s %14s %14s\n' round side "seqread MB/s" "randread IOPS" "seqwrite MB/s" "randwrite IOPS" "rewrite IOPS"
 for r in $(seq 1 "$ROUNDS"); do
     sides=(raw timezero qemu)
-    [ $((r % 2)) -eq 0 ] && sides=(qemu timezero raw)
+    [ "${WRITE_BACK:-0}" = 1 ] && sides=(raw timezero tz-wb qemu)
+    if [ $((r % 2)) -eq 0 ]; then
+        rev=()
+        for ((i = ${#sides[@]} - 1; i >= 0; i--)); do rev+=("${sides[$i]}"); done
+        sides=("${rev[@]}")
+    fi
     for side in "${sides[@]}"; do
         mkvol "$DIR/src.img"
         case $side in
         raw) out=$(figures "$DIR/src.img" "$r") ;;
         timezero) start_tz; out=$(figures "$DIR/mnt/src.img" "$r"); stop_tz ;;
+        tz-wb) start_tz --write-back; out=$(figures "$DIR/mnt/src.img" "$r"); stop_tz ;;
         qemu) start_qsd; out=$(figures "$DIR/qemu.img" "$r"); stop_qsd ;;
         esac
         read -r sr rr sw rw rw2 <<<"$out"

@@ -15,13 +15,14 @@
 # With WRITE_BACK=1 a fourth system runs: `timezero --direct --write-back serve` (first writes
 # held until the client's flush). FLUSH_INTERVAL=N makes every bench of writes flush after each N
 # requests (the flush inside the timed run), so write-back pays for its durability in the figure.
-# CHECKED_COPIES=1 runs both timezero servers with `--checked-copies` (checked copy records).
+# SERIAL_COPIES=1 runs both timezero servers with `--serial-copies` (target flush, then the
+# table's commit, instead of the default checked copy records).
 #
 # Usage: scripts/nbd-writes.sh [DIR]   (env: SIZE_MIB=512 COUNT=8192 ROUNDS=3 DEPTHS="1 32"
 #                                        TIMEZERO=path WRITE_BACK=0 FLUSH_INTERVAL=)
 set -euo pipefail
 TZ_CHECKED=""
-[ "${CHECKED_COPIES:-0}" = 1 ] && TZ_CHECKED=--checked-copies
+[ "${SERIAL_COPIES:-0}" = 1 ] && TZ_CHECKED=--serial-copies
 
 for t in qemu-img qemu-storage-daemon; do
     if ! command -v "$t" >/dev/null 2>&1; then

@@ -271,4 +271,9 @@ pub struct SessionImage {
     pub changed: Vec<u8>,
     /// The restore map of a reverse restore in progress, as `bitmap`; empty when none is.
     pub pending: Vec<u8>,
+    /// Grains of a live session whose checked copy records could not be verified when the
+    /// table was opened (its target, or the source of a grain the target lost, was missing),
+    /// each with the CRC32C of its T0 bytes; verified before the session resumes. Empty
+    /// otherwise.
+    pub unverified: Vec<(u64, u32)>,
 }

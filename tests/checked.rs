@@ -170,17 +170,131 @@ fn a_record_that_neither_target_nor_source_holds_terminates_the_session() {
     );
 }
 
+/// [`first_write`] at grain `g`, then the crash this engine can leave: the record durable,
+/// the target's bytes of the grain lost, and the source write not issued (the source still
+/// holds T0 there).
+fn first_write_lost(g: u64) -> World {
+    let w = first_write(g, 4096);
+    w.tgt
+        .write_at(g * GRAIN, &vec![0u8; GRAIN as usize])
+        .unwrap();
+    w.src.write_at(g * GRAIN, &w.t0[grain_range(g)]).unwrap();
+    w
+}
+
+fn state(e: &Engine, id: SessionId) -> (SessionState, Option<ReasonCode>) {
+    let st = e.status().into_iter().find(|x| x.id == id).unwrap();
+    (st.state, st.reason.map(|r| r.code))
+}
+
 #[test]
-fn a_missing_target_with_unverified_records_terminates_the_session() {
-    let w = first_write(2, 4096);
-    // Without records a missing target suspends the session; a record that cannot be
-    // verified cannot wait for it (its bits would be trusted by the next checkpoint).
+fn a_missing_target_with_unverified_records_suspends_the_session_until_it_returns() {
+    let w = first_write_lost(2);
+    // The records cannot be proven without the target: the session waits for it, and its
+    // grains to prove outlive the checkpoints of several opens (each open writes one, and
+    // the journal that named them is behind them).
+    for _ in 0..3 {
+        let e = reopen(&w, &[&w.src]);
+        assert_eq!(
+            state(&e, w.id),
+            (SessionState::Suspended, Some(ReasonCode::TargetUnavailable))
+        );
+        // The source keeps the grain's T0 bytes until they are proven: a write to it is
+        // refused, as one that needs copy-before-write is.
+        match e.write(w.s, 2 * GRAIN + 512, &[9u8; 512]) {
+            Err(timezero::Error::Suspended { .. }) => {}
+            r => panic!("a write to an unproven grain of a suspended session: {r:?}"),
+        }
+        drop(e);
+    }
+    assert_eq!(&w.src.snapshot()[grain_range(2)], &w.t0[grain_range(2)]);
+    // The target is back: the grain is copied again from the source, and the session goes on.
+    let e = reopen(&w, &[&w.src, &w.tgt]);
+    assert!(
+        matches!(outcome(&e, w.id), Outcome::Resumed),
+        "{:?}",
+        outcome(&e, w.id)
+    );
+    assert_eq!(&w.tgt.snapshot()[grain_range(2)], &w.t0[grain_range(2)]);
+    assert_eq!(image(&e, w.id), w.t0);
+    e.write(w.s, 2 * GRAIN, &[1u8; 512]).unwrap();
+    assert_eq!(image(&e, w.id), w.t0);
+}
+
+#[test]
+fn a_suspended_session_whose_target_returns_by_resume_proves_its_grains_first() {
+    let w = first_write_lost(6);
     let e = reopen(&w, &[&w.src]);
+    assert_eq!(state(&e, w.id).0, SessionState::Suspended);
+    let mut r = MapResolver::default();
+    r.add(w.src.clone() as Arc<dyn Volume>);
+    r.add(w.tgt.clone() as Arc<dyn Volume>);
+    let d = e.resume(w.id, &r).unwrap();
+    assert!(matches!(d.outcome, Outcome::Resumed), "{:?}", d.outcome);
+    assert!(d.was_suspended);
+    assert_eq!(&w.tgt.snapshot()[grain_range(6)], &w.t0[grain_range(6)]);
+    assert_eq!(image(&e, w.id), w.t0);
+    drop(e);
+    // The resume confirmed the grain durably: with the target missing again the session is
+    // suspended with nothing left to prove, so the copied grain's source is writable.
+    let e = reopen(&w, &[&w.src]);
+    assert_eq!(state(&e, w.id).0, SessionState::Suspended);
+    e.write(w.s, 6 * GRAIN, &[4u8; 512]).unwrap();
+    drop(e);
+    let e = reopen(&w, &[&w.src, &w.tgt]);
+    assert!(matches!(outcome(&e, w.id), Outcome::Resumed));
+    assert_eq!(image(&e, w.id), w.t0);
+}
+
+#[test]
+fn a_returning_target_whose_grain_neither_volume_holds_ends_the_session() {
+    let w = first_write_lost(3);
+    drop(reopen(&w, &[&w.src]));
+    // Something outside the engine changed the source while the target was away: T0 of the
+    // grain is on neither volume, so the session cannot go on.
+    w.src.write_at(3 * GRAIN, &[0x55u8; 100]).unwrap();
+    let e = reopen(&w, &[&w.src, &w.tgt]);
     let st = e.status().into_iter().find(|x| x.id == w.id).unwrap();
     assert_eq!(st.state, SessionState::Terminated);
     let r = st.reason.unwrap();
     assert_eq!(r.code, ReasonCode::CopyUnverified);
-    assert!(r.detail.contains("missing"), "{}", r.detail);
+    assert!(r.detail.contains("neither"), "{}", r.detail);
+}
+
+#[test]
+fn a_resume_that_finds_a_grain_on_neither_volume_ends_the_session() {
+    let w = first_write_lost(3);
+    let e = reopen(&w, &[&w.src]);
+    assert_eq!(state(&e, w.id).0, SessionState::Suspended);
+    // Changed outside the engine while the target was away.
+    w.src.write_at(3 * GRAIN, &[0x55u8; 100]).unwrap();
+    let mut r = MapResolver::default();
+    r.add(w.src.clone() as Arc<dyn Volume>);
+    r.add(w.tgt.clone() as Arc<dyn Volume>);
+    match e.resume(w.id, &r).unwrap().outcome {
+        Outcome::Terminated(r) => {
+            assert_eq!(r.code, ReasonCode::CopyUnverified);
+            assert!(r.detail.contains("neither"), "{}", r.detail);
+        }
+        o => panic!("expected the session terminated, got {o:?}"),
+    }
+    assert_eq!(
+        state(&e, w.id),
+        (SessionState::Terminated, Some(ReasonCode::CopyUnverified))
+    );
+}
+
+#[test]
+fn a_replaced_target_with_unverified_records_ends_the_session() {
+    let w = first_write(2, 4096);
+    // The target was re-formatted (a new generation): the records can never be proven.
+    let other = Arc::new(MemVolume::with_data("tgt", &w.tgt.snapshot()));
+    other.set_generation(timezero::Generation(1));
+    let e = reopen(&w, &[&w.src, &other]);
+    assert_eq!(
+        state(&e, w.id),
+        (SessionState::Terminated, Some(ReasonCode::CopyUnverified))
+    );
 }
 
 #[test]
@@ -247,13 +361,16 @@ fn a_write_through_the_image_right_after_the_first_write_is_kept_across_reopen()
 }
 
 #[test]
-fn a_table_opened_without_its_volumes_ends_sessions_with_unverified_records() {
-    let w = first_write(1, 4096);
+fn a_table_opened_without_its_volumes_keeps_unverified_records_for_the_engine() {
+    let w = first_write_lost(1);
     let st: Arc<dyn TableStorage> = w.storage.clone();
     let (t, _) = Table::open(st).unwrap();
     let s = t.session(w.id).unwrap();
-    assert_eq!(s.state(), SessionState::Terminated);
-    assert_eq!(s.status().reason.unwrap().code, ReasonCode::CopyUnverified);
+    assert_eq!(s.state(), SessionState::Active);
+    drop(t);
+    let e = reopen(&w, &[&w.src, &w.tgt]);
+    assert!(matches!(outcome(&e, w.id), Outcome::Resumed));
+    assert_eq!(image(&e, w.id), w.t0);
 }
 
 #[test]

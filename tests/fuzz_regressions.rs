@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use timezero::fault::fuzzing;
 use timezero::fault::internals::format::{
-    encode_checkpoint, CopyMode, ExtentSpec, Layout, SessionDesc, SessionImage, SessionState,
-    Superblock, VolumeRef,
+    decode_checkpoint, encode_checkpoint, CopyMode, ExtentSpec, Layout, SessionDesc, SessionImage,
+    SessionState, Superblock, VolumeRef,
 };
 use timezero::{Engine, EngineOptions, MapResolver};
 use timezero::{GrainSize, SessionId};
@@ -85,7 +85,93 @@ fn huge_ended_session_in_checkpoint_is_refused_not_allocated() {
         t0_unix_ms: 0,
         changed: Vec::new(),
         pending: Vec::new(),
+        unverified: Vec::new(),
     };
     let r = open(table_with_checkpoint(&[img], 6));
     assert!(r.is_err(), "a checkpoint over the bitmap budget opened");
+}
+
+/// The checkpoint of an active one-grain-per-4-KiB session over 64 KiB volumes, with `unverified`.
+fn active_image(unverified: Vec<(u64, u32)>) -> SessionImage {
+    let desc = SessionDesc {
+        id: SessionId(1),
+        mode: CopyMode::NoCopy,
+        grain: GrainSize::new(4096).unwrap(),
+        source: vref("a"),
+        target: vref("b"),
+        extents: vec![ExtentSpec {
+            source_offset: 0,
+            target_offset: 0,
+            len: 64 * 1024,
+        }],
+        created_unix_ms: 0,
+        group: None,
+        incremental: false,
+    };
+    SessionImage {
+        desc,
+        state: SessionState::Active,
+        mode: CopyMode::NoCopy,
+        reason: None,
+        ended_extents: Vec::new(),
+        bitmap: vec![0b10, 0],
+        t0_unix_ms: 0,
+        changed: Vec::new(),
+        pending: Vec::new(),
+        unverified,
+    }
+}
+
+/// Decode `ck` as the checkpoint of a superblock that vouches for exactly these bytes.
+fn decode(ck: &[u8]) -> Result<timezero::fault::internals::format::Checkpoint, String> {
+    let t = fuzzing::template_table();
+    let sb1 = Superblock::decode(&t[t.len() - 4096..]).unwrap();
+    let sb = Superblock {
+        generation: 9,
+        area: 0,
+        ckpt_seq: 77,
+        ckpt_len: ck.len() as u64,
+        ckpt_crc: crc32fast::hash(ck),
+        ..sb1
+    };
+    decode_checkpoint(ck, &sb).map_err(|e| e.to_string())
+}
+
+fn encode(img: &SessionImage) -> Vec<u8> {
+    let t = fuzzing::template_table();
+    let sb1 = Superblock::decode(&t[t.len() - 4096..]).unwrap();
+    encode_checkpoint(&sb1.table_id, 0, 9, 77, 2, std::slice::from_ref(img))
+}
+
+/// Grains whose proof waits for the volumes survive a checkpoint: written and read back.
+#[test]
+fn checkpoint_keeps_grains_whose_proof_was_deferred() {
+    let img = active_image(vec![(1, 0xdead_beef), (7, 3)]);
+    let ck = decode(&encode(&img)).unwrap();
+    assert_eq!(ck.sessions, vec![img]);
+}
+
+/// A version-6 checkpoint (no list of deferred grains) still opens: its list is empty.
+#[test]
+fn a_version_6_checkpoint_reads_with_no_deferred_grains() {
+    let img = active_image(Vec::new());
+    let mut ck = encode(&img);
+    // Version 7 appended one count (zero) to the session's record, the last bytes here.
+    assert_eq!(&ck[ck.len() - 4..], &[0u8; 4]);
+    ck.truncate(ck.len() - 4);
+    ck[8..12].copy_from_slice(&6u32.to_le_bytes());
+    let payload = u64::from_le_bytes(ck[48..56].try_into().unwrap()) - 4;
+    ck[48..56].copy_from_slice(&payload.to_le_bytes());
+    let got = decode(&ck).unwrap();
+    assert_eq!(got.sessions, vec![img]);
+}
+
+/// A deferred grain past the session's grains, or listed out of order, is damage.
+#[test]
+fn checkpoint_with_a_bad_deferred_grain_is_refused() {
+    for bad in [vec![(16, 0)], vec![(3, 0), (3, 1)], vec![(5, 0), (2, 0)]] {
+        let r = decode(&encode(&active_image(bad.clone())));
+        assert!(r.is_err(), "{bad:?} decoded: {r:?}");
+        assert!(r.unwrap_err().contains("unverified"), "{bad:?}");
+    }
 }

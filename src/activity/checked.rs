@@ -13,6 +13,12 @@
 //!   replay may read. Recovery verifies them against the target; anything that is about to
 //!   change such a grain's bytes on the target (a write through the image) first commits a
 //!   plain `SetBits` for it, which confirms it.
+//! - **Deferred**: grains whose records an open could not verify because the session's target
+//!   (or, for a grain the target lost, its source) was missing or could not be opened. They are
+//!   kept in every checkpoint with their CRCs (so they outlive the journal that named them)
+//!   until the volumes are back: the session stays suspended, a write to such a grain is refused
+//!   like a write that needs copy-before-write, and the resume verifies them first and commits a
+//!   `SetBits` for them, which confirms them (see `Engine::reconcile`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +53,8 @@ pub(crate) struct Checked {
 struct Inner {
     /// (session, grain) -> (journal sequence of the record, CRC32C of the grain's bytes).
     journal: BTreeMap<(SessionId, u64), (u64, u32)>,
+    /// (session, grain) -> CRC32C of a checked copy still to be verified (see the module doc).
+    deferred: BTreeMap<(SessionId, u64), u32>,
     inflight: Vec<Inflight>,
     next_ticket: u64,
 }
@@ -56,6 +64,7 @@ impl std::fmt::Debug for Checked {
         let i = self.inner.lock();
         f.debug_struct("Checked")
             .field("journal", &i.journal.len())
+            .field("deferred", &i.deferred.len())
             .field("inflight", &i.inflight.len())
             .finish()
     }
@@ -80,21 +89,70 @@ impl Checked {
         out
     }
 
-    /// Every (grain, CRC) of `session` named by a checked record in the journal.
-    pub(crate) fn of_session(&self, session: SessionId) -> Vec<(u64, u32)> {
+    /// Sessions with grains named by a checked record in the journal, or deferred.
+    pub(crate) fn sessions(&self) -> Vec<SessionId> {
         let i = self.inner.lock();
-        i.journal
+        let mut out: Vec<SessionId> = i
+            .journal
+            .keys()
+            .chain(i.deferred.keys())
+            .map(|(s, _)| *s)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Every (grain, CRC) of `session` still to be verified: its deferred grains and those its
+    /// checked records in the journal name (a journal record is the newer of the two).
+    pub(crate) fn to_verify(&self, session: SessionId) -> Vec<(u64, u32)> {
+        let i = self.inner.lock();
+        let mut m: BTreeMap<u64, u32> = i
+            .deferred
             .range((session, 0)..=(session, u64::MAX))
-            .map(|(&(_, g), &(_, crc))| (g, crc))
+            .map(|(&(_, g), &crc)| (g, crc))
+            .collect();
+        for (&(_, g), &(_, crc)) in i.journal.range((session, 0)..=(session, u64::MAX)) {
+            m.insert(g, crc);
+        }
+        m.into_iter().collect()
+    }
+
+    /// Keep `grains` (grain, CRC) of `session` to be verified when its volumes are back: they
+    /// go into every checkpoint until then (see the module doc).
+    pub(crate) fn defer(&self, session: SessionId, grains: &[(u64, u32)]) {
+        let mut i = self.inner.lock();
+        for &(g, crc) in grains {
+            i.deferred.insert((session, g), crc);
+            i.journal.remove(&(session, g));
+        }
+        self.journal_len.store(i.journal.len(), Ordering::Release);
+    }
+
+    /// The deferred (grain, CRC) of `session`.
+    pub(crate) fn deferred_of(&self, session: SessionId) -> Vec<(u64, u32)> {
+        let i = self.inner.lock();
+        i.deferred
+            .range((session, 0)..=(session, u64::MAX))
+            .map(|(&(_, g), &crc)| (g, crc))
             .collect()
     }
 
-    /// Sessions with grains named by a checked record in the journal.
-    pub(crate) fn sessions(&self) -> Vec<SessionId> {
-        let i = self.inner.lock();
-        let mut out: Vec<SessionId> = i.journal.keys().map(|(s, _)| *s).collect();
-        out.dedup();
-        out
+    /// Whether a grain in `g0..g1` of `session` is deferred.
+    pub(crate) fn deferred_in(&self, session: SessionId, g0: u64, g1: u64) -> bool {
+        g0 < g1
+            && self
+                .inner
+                .lock()
+                .deferred
+                .range((session, g0)..(session, g1))
+                .next()
+                .is_some()
+    }
+
+    /// Forget the deferred grains of `session` (verified, or the session ended).
+    pub(crate) fn clear_deferred(&self, session: SessionId) {
+        self.inner.lock().deferred.retain(|(s, _), _| *s != session);
     }
 
     /// Record what a durable entry (at journal sequence `seq`) means for checked grains: a
@@ -126,14 +184,24 @@ impl Checked {
                 for k in keys {
                     i.journal.remove(&k);
                 }
+                let keys: Vec<_> = i
+                    .deferred
+                    .range((*session, *start)..(*session, start.saturating_add(*count)))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in keys {
+                    i.deferred.remove(&k);
+                }
             }
             Entry::SetState { session, .. } if !live_after(*session) => {
                 i.journal.retain(|(s, _), _| s != session);
+                i.deferred.retain(|(s, _), _| s != session);
             }
             Entry::Forget { session }
             | Entry::Refresh { session, .. }
             | Entry::Reverse { session } => {
                 i.journal.retain(|(s, _), _| s != session);
+                i.deferred.retain(|(s, _), _| s != session);
             }
             _ => {}
         }
@@ -147,10 +215,11 @@ impl Checked {
         self.journal_len.store(i.journal.len(), Ordering::Release);
     }
 
-    /// Forget the records of `session` (recovery verified them, or ended the session).
+    /// Forget the records and deferred grains of `session` (recovery ended the session).
     pub(crate) fn clear_session(&self, session: SessionId) {
         let mut i = self.inner.lock();
         i.journal.retain(|(s, _), _| *s != session);
+        i.deferred.retain(|(s, _), _| *s != session);
         self.journal_len.store(i.journal.len(), Ordering::Release);
     }
 
@@ -180,13 +249,14 @@ impl Checked {
     }
 
     /// For a checkpoint: make every in-flight copy's target bytes durable, then run `f` with
-    /// the grains in flight (session, start, count) while no copy can settle.
+    /// the grains in flight (session, start, count) and the deferred grains (session, grain,
+    /// CRC), while no copy can settle.
     ///
     /// # Errors
     /// The first flush error (nothing of `f` runs then).
     pub(crate) fn for_checkpoint<T>(
         &self,
-        f: impl FnOnce(&[(SessionId, u64, u64)]) -> T,
+        f: impl FnOnce(&[(SessionId, u64, u64)], &BTreeMap<(SessionId, u64), u32>) -> T,
     ) -> crate::Result<T> {
         // Under the lock: no copy begins or settles meanwhile (a copy begins only after its
         // target bytes are written, so each flush here covers them).
@@ -199,6 +269,6 @@ impl Checked {
             .iter()
             .map(|x| (x.session, x.start, x.count))
             .collect();
-        Ok(f(&runs))
+        Ok(f(&runs, &i.deferred))
     }
 }

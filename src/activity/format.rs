@@ -35,11 +35,13 @@ use crate::limits::{
     LOCATOR_BYTES_MAX, REASON_BYTES_MAX, SUPERBLOCK_BYTES,
 };
 
-/// Format version written by this build (6 added `CopyChecked` journal entries).
-pub const FORMAT_VERSION: u32 = 6;
+/// Format version written by this build (6 added `CopyChecked` journal entries, 7 the
+/// checkpoint's list of checked copies whose verification waits for the volumes).
+pub const FORMAT_VERSION: u32 = 7;
 
-/// Oldest format version this build reads (a version-5 table has no `CopyChecked` entries;
-/// the first superblock written after it is opened makes it version 6).
+/// Oldest format version this build reads (a version-5 table has no `CopyChecked` entries, a
+/// version-6 checkpoint no list of unverified grains; the first checkpoint and superblock
+/// written after it is opened are of the current version).
 pub const FORMAT_VERSION_MIN_READ: u32 = 5;
 
 /// Whether this build reads a table of format `version`.
@@ -799,6 +801,12 @@ pub fn encode_checkpoint(
         // Version 5: the restore map of a reverse restore.
         w.u64(s.pending.len() as u64);
         w.bytes(&s.pending);
+        // Version 7: checked copies whose verification waits for the volumes.
+        w.u32(u32::try_from(s.unverified.len()).unwrap_or(u32::MAX));
+        for (g, crc) in &s.unverified {
+            w.u64(*g);
+            w.u32(*crc);
+        }
     }
     let mut b = w.buf;
     let payload_len = (b.len() - CHECKPOINT_HEADER_BYTES) as u64;
@@ -846,10 +854,11 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
     if b[0..8] != CHECKPOINT_MAGIC {
         return Err(Corruption::BadMagic { what: WHAT });
     }
-    if !format_readable(get_u32(b, 8)) {
+    let version = get_u32(b, 8);
+    if !format_readable(version) {
         return Err(Corruption::BadVersion {
             what: WHAT,
-            found: get_u32(b, 8),
+            found: version,
         });
     }
     if get_u32(b, 12) != sb.area
@@ -928,6 +937,24 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
         let pending = r
             .take(usize::try_from(plen).unwrap_or(usize::MAX))?
             .to_vec();
+        let mut unverified = Vec::new();
+        if version >= 7 {
+            let nu = u64::from(r.u32()?);
+            if nu > desc.grains() || nu.saturating_mul(12) > r.remaining() as u64 {
+                return Err(r.bad("unverified_count", nu));
+            }
+            for _ in 0..nu {
+                let g = r.u64()?;
+                let crc = r.u32()?;
+                if g >= desc.grains() || unverified.last().is_some_and(|&(p, _)| p >= g) {
+                    return Err(r.bad("unverified_grain", g));
+                }
+                unverified.push((g, crc));
+            }
+            if nu != 0 && !state.is_live() {
+                return Err(r.bad("unverified_count", nu));
+            }
+        }
         sessions.push(SessionImage {
             desc,
             state,
@@ -938,6 +965,7 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
             t0_unix_ms,
             changed,
             pending,
+            unverified,
         });
     }
     if r.remaining() != 0 {

@@ -20,4 +20,4 @@ pub(crate) use checked::FlushFn;
 pub use storage::{table_holder, MemStorage, MmapStorage, TableStorage};
 #[cfg(feature = "fault")]
 pub use table::set_canary_unverified_checkpoint;
-pub use table::{OpenReport, Table, TableOptions, TableStats};
+pub use table::{CopyProof, OpenReport, Table, TableOptions, TableStats};

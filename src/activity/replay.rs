@@ -76,12 +76,16 @@ pub(super) fn replay(storage: &dyn TableStorage) -> Result<Replayed> {
     report.generation = base.generation;
     let (mut sessions, mut bitmap_bytes) = checkpoint_sessions(&ckpt, &layout).map_err(&corrupt)?;
     let mut next_session = ckpt.next_session;
+    let checked = Checked::default();
+    for img in &ckpt.sessions {
+        checked.defer(img.desc.id, &img.unverified);
+    }
     let mut state = State {
         sessions: &mut sessions,
         next_session: &mut next_session,
         bitmap_bytes: &mut bitmap_bytes,
         report: &mut report,
-        checked: Checked::default(),
+        checked,
     };
     let seq = replay_journal(storage, &layout, &newest.table_id, ckpt.seq, &mut state)
         .map_err(|e| e.into_error(&corrupt))?;

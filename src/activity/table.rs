@@ -183,9 +183,22 @@ struct Queue {
 }
 
 /// Proves the checked copies of one session at open (see [`Table::open_verified`]): gets
-/// the session and its recorded (grain, CRC32C) pairs; returns `None` when every grain is
-/// proven and durable on the target, or why the session must end.
-pub type CopyVerifier<'a> = dyn FnMut(&Arc<Session>, &[(u64, u32)]) -> Result<Option<Reason>> + 'a;
+/// the session and its recorded (grain, CRC32C) pairs, and says what it found.
+pub type CopyVerifier<'a> = dyn FnMut(&Arc<Session>, &[(u64, u32)]) -> Result<CopyProof> + 'a;
+
+/// What proving a session's checked copies found (see [`Table::open_verified`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyProof {
+    /// Every grain holds its recorded bytes on the target (copied again from the source
+    /// where it did not), and the target is durable.
+    Proven,
+    /// A volume needed to prove them is missing or cannot be opened: the grains are kept, in
+    /// every checkpoint, and proven when the session's volumes are back (the session is
+    /// suspended meanwhile).
+    Deferred,
+    /// The session cannot go on, and why.
+    Failed(Reason),
+}
 
 /// An open activity table.
 #[derive(Debug)]
@@ -286,25 +299,20 @@ impl Table {
         storage: Arc<dyn TableStorage>,
         accept_rollback: bool,
     ) -> Result<(Table, OpenReport)> {
-        Table::open_verified(storage, accept_rollback, &mut |s, grains| {
-            Ok(Some(Reason::new(
-                ReasonCode::CopyUnverified,
-                format!(
-                    "{} recorded copies of session {} not verified: the table was opened without its volumes",
-                    grains.len(),
-                    s.id()
-                ),
-            )))
+        Table::open_verified(storage, accept_rollback, &mut |_, _| {
+            Ok(CopyProof::Deferred)
         })
     }
 
     /// [`Table::open_with`], with `verify` called for each live session whose journal
-    /// records checked copies ([`Entry::CopyChecked`]) with those grains and their CRC32Cs,
-    /// before the checkpoint open writes counts them as copied. `verify` proves each grain on
-    /// the target (copying it again from the source where the target's bytes do not match;
-    /// the source still holds them then) and makes the target durable, and returns `None`; or
-    /// returns why the session cannot go on, and the session is terminated with that reason.
-    /// [`Table::open_with`] terminates every such session (it has no volumes to look at).
+    /// records checked copies ([`Entry::CopyChecked`]), or whose checkpoint keeps grains whose
+    /// proof was deferred, with those grains and their CRC32Cs, before the checkpoint open
+    /// writes counts them as copied. `verify` proves each grain on the target (copying it
+    /// again from the source where the target's bytes do not match; the source still holds
+    /// them then) and makes the target durable ([`CopyProof::Proven`]); or finds a volume it
+    /// needs missing, and the grains are kept for later ([`CopyProof::Deferred`]); or returns
+    /// why the session cannot go on, and the session is terminated with that reason.
+    /// [`Table::open_with`] defers every such proof (it has no volumes to look at).
     ///
     /// # Errors
     /// As [`Table::open_with`]; an error `verify` returns.
@@ -353,21 +361,26 @@ impl Table {
                 table.checked.clear_session(id);
                 continue;
             }
-            let grains = table.checked.of_session(id);
-            if let Some(reason) = verify(&s, &grains)? {
-                s.apply(&Entry::SetState {
-                    session: id,
-                    state: SessionState::Terminated,
-                    reason: Some(reason),
-                })
-                .map_err(|kind| Error::Corrupt {
-                    path: table.storage.name(),
-                    kind,
-                })?;
-                table.checked.clear_session(id);
+            let grains = table.checked.to_verify(id);
+            match verify(&s, &grains)? {
+                // Verified records stay known until no replay reads them: a write through the
+                // image confirms its grains first, also on a fallback to the older checkpoint.
+                // Deferred grains are proven now; the checkpoint below drops them.
+                CopyProof::Proven => table.checked.clear_deferred(id),
+                CopyProof::Deferred => table.checked.defer(id, &grains),
+                CopyProof::Failed(reason) => {
+                    s.apply(&Entry::SetState {
+                        session: id,
+                        state: SessionState::Terminated,
+                        reason: Some(reason),
+                    })
+                    .map_err(|kind| Error::Corrupt {
+                        path: table.storage.name(),
+                        kind,
+                    })?;
+                    table.checked.clear_session(id);
+                }
             }
-            // Verified records stay known until no replay reads them: a write through the
-            // image confirms its grains first, also on a fallback to the older checkpoint.
         }
         {
             let mut w = table.writer.lock();
@@ -797,6 +810,17 @@ impl Table {
         Ok(())
     }
 
+    /// The grains of `session` (grain, CRC32C) whose checked copies wait for its volumes to
+    /// be proven (see [`CopyProof::Deferred`]).
+    pub(crate) fn unverified_of(&self, session: SessionId) -> Vec<(u64, u32)> {
+        self.checked.deferred_of(session)
+    }
+
+    /// Whether a grain in `g0..g1` of `session` waits for its volumes to be proven.
+    pub(crate) fn unverified_in(&self, session: SessionId, g0: u64, g1: u64) -> bool {
+        self.checked.deferred_in(session, g0, g1)
+    }
+
     /// Whether the journal names any grain in a checked record (one atomic load).
     #[must_use]
     pub(crate) fn checked_any(&self) -> bool {
@@ -963,12 +987,18 @@ impl Table {
         };
         // Bits of checked copies still in flight count as set once their targets are flushed
         // (the record that names them may be behind this checkpoint's sequence).
-        let images: Vec<_> = self.checked.for_checkpoint(|inflight| {
+        let images: Vec<_> = self.checked.for_checkpoint(|inflight, deferred| {
             let sessions = self.sessions.read();
             sessions
                 .values()
                 .map(|s| {
                     let mut img = s.image();
+                    if img.state.is_live() {
+                        img.unverified = deferred
+                            .range((s.id(), 0)..=(s.id(), u64::MAX))
+                            .map(|(&(_, g), &crc)| (g, crc))
+                            .collect();
+                    }
                     for (id, start, count) in inflight {
                         if *id != s.id() || img.bitmap.is_empty() {
                             continue;

@@ -67,6 +67,9 @@ pub struct BenchOptions {
     /// Open the engine's volumes with `O_DIRECT` for the background-copy figure, like the raw
     /// copy it is compared with.
     pub direct_copy: bool,
+    /// Run first writes with checked copy records ([`EngineOptions::checked_copies`], the
+    /// default); false: the serial path.
+    pub checked_copies: bool,
     /// The `timezero` binary, to measure the recovery of a 1 TiB session in a fresh process
     /// (`timezero recovery-probe`, once per round): time and peak resident memory. `None`
     /// skips that measurement.
@@ -85,6 +88,7 @@ impl Default for BenchOptions {
             backend: crate::volume::Backend::Auto,
             probe_exe: None,
             direct_copy: false,
+            checked_copies: true,
         }
     }
 }
@@ -92,6 +96,7 @@ impl Default for BenchOptions {
 fn engine_options(opts: &BenchOptions) -> EngineOptions {
     EngineOptions {
         backend: opts.backend,
+        checked_copies: opts.checked_copies,
         ..EngineOptions::default()
     }
 }
@@ -217,6 +222,7 @@ mod tests {
             writers: vec![4, 1, 16],
             backend: crate::volume::Backend::IoUring,
             direct_copy: true,
+            checked_copies: true,
             probe_exe: None,
         };
         let mut out = Vec::new();

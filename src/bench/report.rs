@@ -64,13 +64,18 @@ pub(super) fn print_table(
     .map_err(w)?;
     writeln!(
         out,
-        "engine backend: {} (buffered); background copy: {}{}",
+        "engine backend: {} (buffered); background copy: {}{}; first writes: {}",
         run.backend,
         run.copy_backend,
         if opts.direct_copy {
             " with O_DIRECT volumes"
         } else {
             " buffered"
+        },
+        if opts.checked_copies {
+            "checked copy records"
+        } else {
+            "serial copy-before-write"
         }
     )
     .map_err(w)?;

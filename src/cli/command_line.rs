@@ -42,13 +42,12 @@ pub struct IoFlags {
     /// Without it every write reaches its volume before it is acknowledged.
     #[arg(long, global = true)]
     pub write_back: bool,
-    /// Checked copy-before-write: a first write's target flush and the table's commit run side
-    /// by side, the table recording a CRC32C per grain that recovery checks against the target
-    /// (docs/crash-model.md). Faster first writes; but a target that is missing when the table
-    /// is next opened after a crash (or after a process that ended without closing it) ends the
-    /// sessions with unchecked records (CopyUnverified) instead of suspending them.
+    /// Serial copy-before-write: a first write flushes the target, then commits the copied
+    /// bits, then writes the source (three durability points in series). By default the
+    /// target's flush and the table's commit run side by side instead, the table recording a
+    /// CRC32C per grain that recovery proves against the target (docs/crash-model.md).
     #[arg(long, global = true)]
-    pub checked_copies: bool,
+    pub serial_copies: bool,
 }
 
 /// The `--backend` values (see [`crate::volume::Backend`]).
@@ -85,7 +84,7 @@ impl IoFlags {
                 direct: self.direct,
                 ..crate::volume::FileVolumeOptions::default()
             },
-            checked_copies: self.checked_copies,
+            checked_copies: !self.serial_copies,
             ..EngineOptions::default()
         }
     }
@@ -624,11 +623,6 @@ pub enum Command {
         /// `serve --write-back`).
         #[arg(long)]
         write_back: bool,
-        /// Run every workload with serial copy-before-write (target flush, then the bits, as
-        /// the engine's default) instead of checked copy records (`--checked-copies`), which the
-        /// enumerator runs unless told otherwise.
-        #[arg(long)]
-        serial_copies: bool,
     },
     /// (internal) Open a table in this fresh process and print the recovery time and peak
     /// resident memory as JSON; used by `bench`.

@@ -167,6 +167,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                 writers,
                 backend: io.backend(),
                 direct_copy: io.direct,
+                checked_copies: !io.serial_copies,
                 probe_exe: std::env::current_exe().ok(),
             };
             crate::bench::run(&opts, &mut out, &mut std::io::stderr())?;
@@ -661,8 +662,9 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             json,
             eio_points,
             write_back,
-            serial_copies,
         } => {
+            // The global --serial-copies runs every workload on the serial path.
+            let serial_copies = io.serial_copies;
             let points = if eio_points == "all" {
                 usize::MAX
             } else {

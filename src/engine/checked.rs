@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::activity::FlushFn;
+use crate::activity::{CopyProof, FlushFn};
 use crate::model::{Entry, Reason, ReasonCode, VolumeRef};
 use crate::session::Session;
 use crate::volume::{AlignedBuf, Volume};
@@ -175,32 +175,68 @@ pub(super) fn grain_crcs(bytes: &[u8], grain: usize) -> Vec<u32> {
 }
 
 /// Prove the checked copies `grains` (grain, CRC32C) of `s` when its table is opened (see the
-/// module doc); `None` when every grain is proven and the target is flushed, or why the
-/// session cannot go on ([`ReasonCode::CopyUnverified`]).
+/// module doc): [`CopyProof::Proven`] when every grain is proven and the target is flushed,
+/// [`CopyProof::Deferred`] when the target (or the source a lost grain must come from again)
+/// is missing or cannot be opened, else why the session cannot go on
+/// ([`ReasonCode::CopyUnverified`]).
 ///
 /// # Errors
-/// None of its own: every volume failure becomes the reason.
+/// None of its own: every volume failure becomes the verdict.
 pub(super) fn verify_at_open(
     resolver: &dyn VolumeResolver,
     s: &Arc<Session>,
     grains: &[(u64, u32)],
-) -> Result<Option<Reason>> {
-    let unverified = |detail: String| {
-        Ok(Some(Reason::new(
-            ReasonCode::CopyUnverified,
-            format!("recorded copy not verified: {detail}"),
-        )))
-    };
+) -> Result<CopyProof> {
     let tgt = match open_same(resolver, &s.desc.target, "target") {
         Ok(v) => v,
-        Err(d) => return unverified(d),
+        Err(Unavailable::Gone) => return Ok(CopyProof::Deferred),
+        Err(Unavailable::Replaced(d)) => return Ok(unverified(d)),
     };
+    Ok(prove(
+        s,
+        &tgt,
+        &mut || open_same(resolver, &s.desc.source, "source"),
+        grains,
+        &|e| s.extent_live(e),
+    ))
+}
+
+/// Prove the checked copies `grains` of `s` whose proof was deferred, now that its volumes
+/// `src` and `tgt` are back (a resume); grains of extents `live` rejects are skipped.
+pub(super) fn verify_on_resume(
+    s: &Arc<Session>,
+    src: &Arc<dyn Volume>,
+    tgt: &Arc<dyn Volume>,
+    grains: &[(u64, u32)],
+    live: &dyn Fn(usize) -> bool,
+) -> CopyProof {
+    prove(s, tgt, &mut || Ok(Arc::clone(src)), grains, live)
+}
+
+/// The verdict that a session's recorded copies cannot be proven, and why.
+fn unverified(detail: String) -> CopyProof {
+    CopyProof::Failed(Reason::new(
+        ReasonCode::CopyUnverified,
+        format!("recorded copy not verified: {detail}"),
+    ))
+}
+
+/// Read each grain of `grains` on `tgt` and keep it when it matches its CRC; otherwise copy
+/// it again from the source (`source` opens it, once), which must match the same CRC. Then
+/// flush the target.
+fn prove(
+    s: &Arc<Session>,
+    tgt: &Arc<dyn Volume>,
+    source: &mut dyn FnMut() -> std::result::Result<Arc<dyn Volume>, Unavailable>,
+    grains: &[(u64, u32)],
+    live: &dyn Fn(usize) -> bool,
+) -> CopyProof {
     let mut src: Option<Arc<dyn Volume>> = None;
     for &(g, crc) in grains {
         let Some(p) = s.map.grain_piece(g, g + 1) else {
             return unverified(format!("grain {g} is outside the session's extents"));
         };
-        if !s.extent_live(p.extent) {
+        if !live(p.extent) {
             continue;
         }
         let Ok(len) = usize::try_from(p.len) else {
@@ -215,14 +251,18 @@ pub(super) fn verify_at_open(
         }
         // The target does not hold the recorded bytes: its write or flush did not finish, so
         // the source write that waited for it was never issued.
-        if src.is_none() {
-            match open_same(resolver, &s.desc.source, "source") {
-                Ok(v) => src = Some(v),
-                Err(d) => return unverified(format!("grain {g} differs on the target and {d}")),
-            }
-        }
-        let Some(sv) = src.as_ref() else {
-            continue;
+        let sv = match &src {
+            Some(v) => Arc::clone(v),
+            None => match source() {
+                Ok(v) => {
+                    src = Some(Arc::clone(&v));
+                    v
+                }
+                Err(Unavailable::Gone) => return CopyProof::Deferred,
+                Err(Unavailable::Replaced(d)) => {
+                    return unverified(format!("grain {g} differs on the target and {d}"))
+                }
+            },
         };
         if let Err(e) = sv.read_at(p.source_offset, buf.get_mut()) {
             return unverified(format!("reading grain {g} of the source: {e}"));
@@ -239,7 +279,15 @@ pub(super) fn verify_at_open(
     if let Err(e) = tgt.flush() {
         return unverified(format!("flushing the target: {e}"));
     }
-    Ok(None)
+    CopyProof::Proven
+}
+
+/// Why a session's volume cannot be used to prove its copies.
+enum Unavailable {
+    /// Missing, or it cannot be opened: the proof waits for it (the session is suspended).
+    Gone,
+    /// Another volume is at its place now: the proof can never be made.
+    Replaced(String),
 }
 
 /// The volume `r` names, when it is still that volume.
@@ -247,17 +295,19 @@ fn open_same(
     resolver: &dyn VolumeResolver,
     r: &VolumeRef,
     role: &str,
-) -> std::result::Result<Arc<dyn Volume>, String> {
+) -> std::result::Result<Arc<dyn Volume>, Unavailable> {
     match resolver.resolve(r) {
         Ok(Some(v)) => {
             let i = v.info();
             if i.id == r.id && i.generation == r.generation {
                 Ok(v)
             } else {
-                Err(format!("the {role} {} is another volume now", r.locator))
+                Err(Unavailable::Replaced(format!(
+                    "the {role} {} is another volume now",
+                    r.locator
+                )))
             }
         }
-        Ok(None) => Err(format!("the {role} {} is missing", r.locator)),
-        Err(e) => Err(format!("the {role} {}: {e}", r.locator)),
+        Ok(None) | Err(_) => Err(Unavailable::Gone),
     }
 }

@@ -92,7 +92,7 @@ pub enum CopyErrorPolicy {
 }
 
 /// Engine options.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Restart policy. Default = [`RestartPolicy::Resume`].
     pub restart: RestartPolicy,
@@ -122,11 +122,27 @@ pub struct EngineOptions {
     /// the table commits `CopyChecked` records (a CRC32C per grain that recovery verifies
     /// against the target, copying a lost grain again from the source), instead of flushing
     /// the target before committing the bits (docs/crash-model.md, "Checked copy-before-write").
-    /// Default = false (the serial path: three durability points in series). With it on, a
-    /// target missing at an open that finds unchecked records (after a crash, or an engine
-    /// dropped without [`Engine::close`]) terminates the session (`CopyUnverified`) where the
-    /// serial path suspends it.
+    /// Default = true. Off, the serial path runs: three durability points in series, and
+    /// nothing to prove at the next open. A target missing at an open that finds unproven
+    /// records (after a crash, or an engine dropped without [`Engine::close`]) suspends the
+    /// session as on the serial path; its records are kept in the table and proven when the
+    /// target is back, and until then the source grains they name are not written.
     pub checked_copies: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            restart: RestartPolicy::default(),
+            on_copy_error: CopyErrorPolicy::default(),
+            file_options: FileVolumeOptions::default(),
+            backend: Backend::default(),
+            table: TableOptions::default(),
+            accept_rollback: false,
+            write_back: false,
+            checked_copies: true,
+        }
+    }
 }
 
 /// An attached volume with its durability group and write gate.

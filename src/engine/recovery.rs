@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::model::{Entry, Reason, ReasonCode, SessionState, VolumeRef};
 
 use super::Engine;
+use crate::activity::CopyProof;
 use crate::ids::{SessionId, VolumeId};
 use crate::session::Session;
 use crate::volume::{open_file_volume, Backend};
@@ -234,6 +235,29 @@ impl Engine {
             })
             .collect();
         let live = st.ended.iter().filter(|x| x.is_none()).count();
+        // Checked copies whose proof waited for these volumes (the open that found their
+        // records could not reach them): proven before the session goes on, and confirmed by
+        // `SetBits` in the commit that resumes it.
+        let unproven = self.table.unverified_of(id);
+        if !unproven.is_empty() && ended.len() < live {
+            let stays = |e: usize| s.extent_live(e) && !ended.iter().any(|(i, _)| *i as usize == e);
+            match super::checked::verify_on_resume(s, &src, &tgt, &unproven, &stays) {
+                CopyProof::Proven => entries.extend(set_bits_runs(id, &unproven)),
+                CopyProof::Deferred => {
+                    // Unreachable (both volumes are here); end rather than trust the grains.
+                    let r = Reason::new(
+                        ReasonCode::CopyUnverified,
+                        "recorded copy not verified: the source could not be read",
+                    );
+                    self.terminate(id, r.clone())?;
+                    return Ok(Decision::new(id, Outcome::Terminated(r), was_suspended));
+                }
+                CopyProof::Failed(r) => {
+                    self.terminate(id, r.clone())?;
+                    return Ok(Decision::new(id, Outcome::Terminated(r), was_suspended));
+                }
+            }
+        }
         if ended.len() == live {
             let r = ended.first().map_or_else(
                 || Reason::new(ReasonCode::VolumeShrunk, "no extent left"),
@@ -653,6 +677,25 @@ fn shrunk_extents(
                 ),
             ));
         }
+    }
+    out
+}
+
+/// `SetBits` entries covering `grains` (sorted, distinct), one per run of consecutive grains.
+fn set_bits_runs(session: SessionId, grains: &[(u64, u32)]) -> Vec<Entry> {
+    let mut out: Vec<Entry> = Vec::new();
+    for &(g, _) in grains {
+        if let Some(Entry::SetBits { start, count, .. }) = out.last_mut() {
+            if *start + *count == g {
+                *count += 1;
+                continue;
+            }
+        }
+        out.push(Entry::SetBits {
+            session,
+            start: g,
+            count: 1,
+        });
     }
     out
 }

@@ -142,6 +142,11 @@ impl Engine {
                 if recording && !s.changed_bits().all_set(g0, g1 - g0) {
                     marks.push((s.clone(), g0, g1));
                 }
+                if state == SessionState::Suspended && self.table.unverified_in(s.id(), g0, g1) {
+                    // The T0 bytes of these grains may be only on the missing target, not yet
+                    // proven: the source keeps them until the resume proves them.
+                    return Err(suspended_error(s));
+                }
                 if live && !s.bits().all_set(g0, g1 - g0) {
                     if state == SessionState::Suspended {
                         // Copy-before-write needs both volumes: refuse rather than bypass it.

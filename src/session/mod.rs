@@ -235,6 +235,8 @@ impl Session {
                 Some(p) if self.reversing() => p.to_bytes(),
                 _ => Vec::new(),
             },
+            // The table fills it in (it keeps the deferred grains).
+            unverified: Vec::new(),
         }
     }
 

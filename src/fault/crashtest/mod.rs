@@ -60,9 +60,8 @@ pub struct CrashtestOptions {
     /// Run every other round of the templates with the engine in write-back mode
     /// ([`EngineOptions::write_back`]).
     pub write_back: bool,
-    /// Run every workload with serial copy-before-write (the engine's default) instead of
-    /// checked copy records ([`EngineOptions::checked_copies`], which the enumerator turns on
-    /// unless this is set).
+    /// Run every workload with serial copy-before-write instead of checked copy records
+    /// ([`EngineOptions::checked_copies`], the engine's default).
     pub serial_copies: bool,
 }
 
