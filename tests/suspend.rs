@@ -31,6 +31,12 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_closed(false)
+}
+
+/// [`fixture`]; with `close`, the engine that made it is closed (its volumes flushed, so the
+/// table has no checked copy left to prove), else dropped as a crash would leave it.
+fn fixture_closed(close: bool) -> Fixture {
     let opts = common::small_table();
     let storage = common::mem_storage(&opts);
     let e = common::create(&storage, opts);
@@ -52,6 +58,9 @@ fn fixture() -> Fixture {
     e.write(ids[0], 0, &[9u8; 70_000]).unwrap();
     e.flush(ids[0]).unwrap();
     assert_eq!(e.session(s1).unwrap().copied(), timezero::GrainCount(2));
+    if close {
+        e.close().unwrap();
+    }
     Fixture {
         storage,
         vols,
@@ -128,8 +137,15 @@ fn missing_target_suspends_on_open_and_resumes_when_back() {
     let msg = e.write(ia, 200_000, &[1u8; 4096]).unwrap_err().to_string();
     assert!(msg.contains("s1") && msg.contains("mem:b"), "{msg}");
     assert_eq!(a.snapshot(), before);
-    // A grain copied before suspension no longer needs the target: the write goes through.
-    e.write(ia, 0, &[3u8; 4096]).unwrap();
+    // The engine that copied grains 0 and 1 ended without a close: their checked records
+    // are not proven yet (the T0 bytes may be only on the missing target), so the source
+    // keeps them until the target is back (`grain_proven_before_suspension_takes_writes`
+    // shows a clean close).
+    assert!(matches!(
+        e.write(ia, 0, &[3u8; 4096]),
+        Err(Error::Suspended { .. })
+    ));
+    assert_eq!(a.snapshot(), before);
     let mut buf = vec![0u8; 4096];
     assert!(matches!(
         e.read_image(f.s1, 0, &mut buf),
@@ -162,6 +178,27 @@ fn missing_target_suspends_on_open_and_resumes_when_back() {
         SessionState::Completed
     );
     assert_eq!(&b.snapshot()[..], &f.t0[0][..]);
+}
+
+/// A grain whose copy was made durable before the suspension (the engine closed cleanly)
+/// needs the target no more: a write to it on the source goes through while the session is
+/// suspended, and the image is T0-exact when the target is back.
+#[test]
+fn grain_proven_before_suspension_takes_writes() {
+    let f = fixture_closed(true);
+    let [a, b, c, d] = [&f.vols[0], &f.vols[1], &f.vols[2], &f.vols[3]];
+    let e = open(&f.storage, &resolver(&[a, c, d]));
+    assert_eq!(
+        e.session(f.s1).unwrap().status().state,
+        SessionState::Suspended
+    );
+    let ia = a.info().id;
+    e.write(ia, 0, &[3u8; 4096]).unwrap();
+    assert_eq!(&a.snapshot()[..4096], &[3u8; 4096][..]);
+    drop(e);
+    let e = open(&f.storage, &resolver(&[a, b, c, d]));
+    assert!(matches!(decision(&e, f.s1).outcome, Outcome::Resumed));
+    assert_eq!(common::image(&e, f.s1), f.t0[0]);
 }
 
 /// Suspension is durable: reopening while the volume is still missing keeps the session
