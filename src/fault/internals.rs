@@ -5,6 +5,9 @@
 /// The lock-free copied bitmap (one bit per grain) the write path tests on every write.
 pub use crate::bitmap::AtomicBitmap;
 
+/// What proving a session's checked copies found, as [`Table::open_verified`]'s verifier
+/// returns it.
+pub use crate::activity::CopyProof;
 /// The table itself: opened directly by tests that check recovery below the engine.
 pub use crate::activity::Table;
 /// The table's on-disk format and its bounds-checked encoding, for tests that forge or damage
