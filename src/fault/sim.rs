@@ -75,6 +75,9 @@ struct Dev {
     initial: Vec<u8>,
     current: Vec<u8>,
     durable: Vec<u8>,
+    /// Byte ranges of `current` written since the last flush: a flush copies only these to
+    /// `durable` (copying the whole device at every flush was most of the enumerator's time).
+    dirty: Vec<(usize, usize)>,
 }
 
 #[derive(Debug)]
@@ -142,6 +145,7 @@ impl SimWorld {
             initial: bytes.clone(),
             current: bytes.clone(),
             durable: bytes,
+            dirty: Vec::new(),
         });
         s.devs.len() - 1
     }
@@ -245,6 +249,17 @@ impl SimWorld {
         }
     }
 
+    /// The current (not necessarily durable) bytes of device `dev` (empty when there is none).
+    #[must_use]
+    pub fn current_image(&self, dev: usize) -> Vec<u8> {
+        self.state
+            .lock()
+            .devs
+            .get(dev)
+            .map(|d| d.current.clone())
+            .unwrap_or_default()
+    }
+
     /// The current (not necessarily durable) bytes of every device.
     #[must_use]
     pub fn current_images(&self) -> Vec<Vec<u8>> {
@@ -323,7 +338,9 @@ impl SimWorld {
             }
         }
         let o = usize::try_from(off).map_err(|_| Error::invalid("offset", "too large"))?;
-        s.devs[dev].current[o..o + data.len()].copy_from_slice(data);
+        let d = &mut s.devs[dev];
+        d.current[o..o + data.len()].copy_from_slice(data);
+        d.dirty.push((o, o + data.len()));
         s.log.push(IoEvent::Write {
             dev,
             offset: off,
@@ -347,7 +364,9 @@ impl SimWorld {
             ));
         }
         let d = &mut s.devs[dev];
-        d.durable.clone_from(&d.current);
+        for (a, b) in std::mem::take(&mut d.dirty) {
+            d.durable[a..b].copy_from_slice(&d.current[a..b]);
+        }
         s.log.push(IoEvent::Flush { dev });
         Ok(())
     }

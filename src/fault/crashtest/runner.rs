@@ -342,19 +342,17 @@ impl Harness<'_> {
         })
     }
 
-    /// What each device holds now (index 0: the table), with the writes the engine holds in
-    /// write-back mode laid over (an establish or a refresh drains them into its T0); a volume
-    /// the engine cannot read keeps the device's bytes.
-    fn volumes_now(&self) -> Vec<Vec<u8>> {
-        let mut now = self.world.current_images();
-        for (i, id) in self.ids.iter().enumerate() {
-            if self.engine.held_bytes(*id).unwrap_or(0) == 0 {
-                continue;
-            }
-            if let Some(v) = now.get_mut(1 + i) {
-                let mut b = vec![0u8; v.len()];
+    /// What volume `i` holds now, with the writes the engine holds in write-back mode laid
+    /// over (an establish or a refresh drains them into its T0); a volume the engine cannot
+    /// read keeps the device's bytes. (Only the volume asked for is copied: copying every
+    /// device at every establish was a tenth of the enumerator's time.)
+    fn volume_now(&self, i: usize) -> Vec<u8> {
+        let now = self.world.current_image(1 + i);
+        if let Some(id) = self.ids.get(i) {
+            if self.engine.held_bytes(*id).unwrap_or(0) != 0 {
+                let mut b = vec![0u8; now.len()];
                 if self.engine.read(*id, 0, &mut b).is_ok() {
-                    *v = b;
+                    return b;
                 }
             }
         }
@@ -372,11 +370,11 @@ impl Harness<'_> {
         (grain, mode, incremental): (u64, CopyMode, bool),
         x: &mut Expect,
     ) -> crate::Result<()> {
-        let now = self.volumes_now();
+        let now = self.volume_now(src);
         let mut image = Vec::new();
         for e in extents {
             let (s, l) = (e.source_offset as usize, e.len as usize);
-            image.extend_from_slice(&now[1 + src][s..s + l]);
+            image.extend_from_slice(&now[s..s + l]);
         }
         let sref = SessRef {
             image: Arc::new(image),
@@ -422,14 +420,14 @@ impl Harness<'_> {
         fails_at: Option<usize>,
         x: &mut Expect,
     ) -> crate::Result<()> {
-        let now = self.volumes_now();
         let members: Vec<SessRef> = pairs
             .iter()
             .map(|(src, tgt, extents)| {
+                let now = self.volume_now(*src);
                 let mut image = Vec::new();
                 for e in extents {
                     let (s, l) = (e.source_offset as usize, e.len as usize);
-                    image.extend_from_slice(&now[1 + src][s..s + l]);
+                    image.extend_from_slice(&now[s..s + l]);
                 }
                 SessRef {
                     image: Arc::new(image),
@@ -561,16 +559,16 @@ impl Harness<'_> {
     fn refresh(&mut self, sess: usize, x: &mut Expect) -> crate::Result<()> {
         let id = self.sid(sess);
         if let Ok(s) = self.engine.session(id) {
-            let now = self.volumes_now();
             let src = self
                 .ids
                 .iter()
                 .position(|v| *v == s.desc.source.id)
                 .unwrap_or(0);
+            let now = self.volume_now(src);
             let mut image = Vec::new();
             for e in &s.desc.extents {
                 let (o, l) = (e.source_offset as usize, e.len as usize);
-                image.extend_from_slice(&now[1 + src][o..o + l]);
+                image.extend_from_slice(&now[o..o + l]);
             }
             let image = Arc::new(image);
             if let Some(r) = x.inflight.sessions.get_mut(&id.0) {
