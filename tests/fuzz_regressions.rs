@@ -51,6 +51,25 @@ fn vref(name: &str) -> VolumeRef {
     VolumeRef::from(&MemVolume::new(name, 4096).info())
 }
 
+/// A session `id` of one extent of `len` bytes from volume `a` to `b`, 4 KiB grains.
+fn whole_desc(id: u64, mode: CopyMode, len: u64) -> SessionDesc {
+    SessionDesc {
+        id: SessionId(id),
+        mode,
+        grain: GrainSize::new(4096).unwrap(),
+        source: vref("a"),
+        target: vref("b"),
+        extents: vec![ExtentSpec {
+            source_offset: 0,
+            target_offset: 0,
+            len,
+        }],
+        created_unix_ms: 0,
+        group: None,
+        incremental: false,
+    }
+}
+
 fn open(img: Vec<u8>) -> timezero::Result<Engine> {
     let s: Arc<dyn TableStorage> = Arc::new(MemStorage::from_bytes("t", img));
     Engine::open(s, &MapResolver::default(), EngineOptions::default())
@@ -60,21 +79,7 @@ fn open(img: Vec<u8>) -> timezero::Result<Engine> {
 /// allocated before the table's bitmap budget is checked.
 #[test]
 fn huge_ended_session_in_checkpoint_is_refused_not_allocated() {
-    let desc = SessionDesc {
-        id: SessionId(5),
-        mode: CopyMode::Copy,
-        grain: GrainSize::new(4096).unwrap(),
-        source: vref("a"),
-        target: vref("b"),
-        extents: vec![ExtentSpec {
-            source_offset: 0,
-            target_offset: 0,
-            len: 1 << 60,
-        }],
-        created_unix_ms: 0,
-        group: None,
-        incremental: false,
-    };
+    let desc = whole_desc(5, CopyMode::Copy, 1 << 60);
     let img = SessionImage {
         desc,
         state: SessionState::Withdrawn,
@@ -93,21 +98,7 @@ fn huge_ended_session_in_checkpoint_is_refused_not_allocated() {
 
 /// The checkpoint of an active one-grain-per-4-KiB session over 64 KiB volumes, with `unverified`.
 fn active_image(unverified: Vec<(u64, u32)>) -> SessionImage {
-    let desc = SessionDesc {
-        id: SessionId(1),
-        mode: CopyMode::NoCopy,
-        grain: GrainSize::new(4096).unwrap(),
-        source: vref("a"),
-        target: vref("b"),
-        extents: vec![ExtentSpec {
-            source_offset: 0,
-            target_offset: 0,
-            len: 64 * 1024,
-        }],
-        created_unix_ms: 0,
-        group: None,
-        incremental: false,
-    };
+    let desc = whole_desc(1, CopyMode::NoCopy, 64 * 1024);
     SessionImage {
         desc,
         state: SessionState::Active,

@@ -176,22 +176,9 @@ impl Checked {
                 start,
                 count,
             } => {
-                let keys: Vec<_> = i
-                    .journal
-                    .range((*session, *start)..(*session, start.saturating_add(*count)))
-                    .map(|(k, _)| *k)
-                    .collect();
-                for k in keys {
-                    i.journal.remove(&k);
-                }
-                let keys: Vec<_> = i
-                    .deferred
-                    .range((*session, *start)..(*session, start.saturating_add(*count)))
-                    .map(|(k, _)| *k)
-                    .collect();
-                for k in keys {
-                    i.deferred.remove(&k);
-                }
+                let end = start.saturating_add(*count);
+                remove_range(&mut i.journal, *session, *start, end);
+                remove_range(&mut i.deferred, *session, *start, end);
             }
             Entry::SetState { session, .. } if !live_after(*session) => {
                 i.journal.retain(|(s, _), _| s != session);
@@ -270,5 +257,16 @@ impl Checked {
             .map(|x| (x.session, x.start, x.count))
             .collect();
         Ok(f(&runs, &i.deferred))
+    }
+}
+
+/// Remove the keys of grains `g0..g1` of `session` from `m`.
+fn remove_range<V>(m: &mut BTreeMap<(SessionId, u64), V>, session: SessionId, g0: u64, g1: u64) {
+    let keys: Vec<_> = m
+        .range((session, g0)..(session, g1))
+        .map(|(k, _)| *k)
+        .collect();
+    for k in keys {
+        m.remove(&k);
     }
 }
