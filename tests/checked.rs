@@ -105,23 +105,25 @@ fn outcome(e: &Engine, id: SessionId) -> Outcome {
 
 #[test]
 fn a_record_whose_target_bytes_were_lost_is_copied_again_from_the_source_at_open() {
-    let w = first_write(5, 4096);
     // The crash left the record durable, lost the target's bytes, and the source write had
     // not been issued (it waits for both durability points).
-    w.tgt
-        .write_at(5 * GRAIN, &vec![0u8; GRAIN as usize])
-        .unwrap();
-    w.src.write_at(5 * GRAIN, &w.t0[grain_range(5)]).unwrap();
-    let e = reopen(&w, &[&w.src, &w.tgt]);
+    let w = first_write_lost(5);
+    reopen_repaired(&w, 5);
+}
+
+/// Reopen `w` with both volumes and check that the session resumed with grain `g` copied
+/// again onto the target, its image T0-exact, and the grain staying copied: a write to it on
+/// the source leaves the image at T0.
+fn reopen_repaired(w: &World, g: u64) {
+    let e = reopen(w, &[&w.src, &w.tgt]);
     assert!(
         matches!(outcome(&e, w.id), Outcome::Resumed),
         "{:?}",
         outcome(&e, w.id)
     );
-    assert_eq!(&w.tgt.snapshot()[grain_range(5)], &w.t0[grain_range(5)]);
+    assert_eq!(&w.tgt.snapshot()[grain_range(g)], &w.t0[grain_range(g)]);
     assert_eq!(image(&e, w.id), w.t0);
-    // The grain stays copied: the source can be written and the image keeps T0.
-    e.write(w.s, 5 * GRAIN, &[1u8; 512]).unwrap();
+    e.write(w.s, g * GRAIN, &[1u8; 512]).unwrap();
     assert_eq!(image(&e, w.id), w.t0);
 }
 
@@ -209,16 +211,7 @@ fn a_missing_target_with_unverified_records_suspends_the_session_until_it_return
     }
     assert_eq!(&w.src.snapshot()[grain_range(2)], &w.t0[grain_range(2)]);
     // The target is back: the grain is copied again from the source, and the session goes on.
-    let e = reopen(&w, &[&w.src, &w.tgt]);
-    assert!(
-        matches!(outcome(&e, w.id), Outcome::Resumed),
-        "{:?}",
-        outcome(&e, w.id)
-    );
-    assert_eq!(&w.tgt.snapshot()[grain_range(2)], &w.t0[grain_range(2)]);
-    assert_eq!(image(&e, w.id), w.t0);
-    e.write(w.s, 2 * GRAIN, &[1u8; 512]).unwrap();
-    assert_eq!(image(&e, w.id), w.t0);
+    reopen_repaired(&w, 2);
 }
 
 #[test]
