@@ -72,9 +72,12 @@ pub struct Faults {
 struct Dev {
     name: String,
     kind: DevKind,
-    initial: Vec<u8>,
-    current: Vec<u8>,
-    durable: Vec<u8>,
+    // The three share one buffer until a write (current) or a flush (durable) changes theirs:
+    // most devices of a recovery's world are never written, and the enumerator builds one
+    // such world per crash state.
+    initial: Arc<Vec<u8>>,
+    current: Arc<Vec<u8>>,
+    durable: Arc<Vec<u8>>,
     /// Byte ranges of `current` written since the last flush: a flush copies only these to
     /// `durable` (copying the whole device at every flush was most of the enumerator's time).
     dirty: Vec<(usize, usize)>,
@@ -139,11 +142,12 @@ impl SimWorld {
 
     fn add(&self, name: &str, kind: DevKind, bytes: Vec<u8>) -> usize {
         let mut s = self.state.lock();
+        let bytes = Arc::new(bytes);
         s.devs.push(Dev {
             name: name.to_string(),
             kind,
-            initial: bytes.clone(),
-            current: bytes.clone(),
+            initial: Arc::clone(&bytes),
+            current: Arc::clone(&bytes),
             durable: bytes,
             dirty: Vec::new(),
         });
@@ -243,7 +247,7 @@ impl SimWorld {
             devices: s
                 .devs
                 .iter()
-                .map(|d| (d.name.clone(), d.kind, d.initial.clone()))
+                .map(|d| (d.name.clone(), d.kind, Arc::clone(&d.initial)))
                 .collect(),
             events: s.log.clone(),
         }
@@ -256,7 +260,7 @@ impl SimWorld {
             .lock()
             .devs
             .get(dev)
-            .map(|d| d.current.clone())
+            .map(|d| d.current.to_vec())
             .unwrap_or_default()
     }
 
@@ -267,7 +271,7 @@ impl SimWorld {
             .lock()
             .devs
             .iter()
-            .map(|d| d.current.clone())
+            .map(|d| d.current.to_vec())
             .collect()
     }
 
@@ -339,7 +343,7 @@ impl SimWorld {
         }
         let o = usize::try_from(off).map_err(|_| Error::invalid("offset", "too large"))?;
         let d = &mut s.devs[dev];
-        d.current[o..o + data.len()].copy_from_slice(data);
+        Arc::make_mut(&mut d.current)[o..o + data.len()].copy_from_slice(data);
         d.dirty.push((o, o + data.len()));
         s.log.push(IoEvent::Write {
             dev,
@@ -364,8 +368,12 @@ impl SimWorld {
             ));
         }
         let d = &mut s.devs[dev];
-        for (a, b) in std::mem::take(&mut d.dirty) {
-            d.durable[a..b].copy_from_slice(&d.current[a..b]);
+        let dirty = std::mem::take(&mut d.dirty);
+        if !dirty.is_empty() {
+            let durable = Arc::make_mut(&mut d.durable);
+            for (a, b) in dirty {
+                durable[a..b].copy_from_slice(&d.current[a..b]);
+            }
         }
         s.log.push(IoEvent::Flush { dev });
         Ok(())
@@ -425,7 +433,7 @@ impl Volume for SimVolume {
 #[derive(Debug, Clone)]
 pub struct CrashLog {
     /// (name, kind, initial bytes) per device index.
-    pub devices: Vec<(String, DevKind, Vec<u8>)>,
+    pub devices: Vec<(String, DevKind, Arc<Vec<u8>>)>,
     /// Writes and flushes in issue order.
     pub events: Vec<IoEvent>,
 }
@@ -471,7 +479,8 @@ pub enum Fate {
 pub struct CrashCursor<'a> {
     log: &'a CrashLog,
     pos: usize,
-    durable: Vec<Vec<u8>>,
+    /// Shared with the log's initial bytes until a flush changes a device.
+    durable: Vec<Arc<Vec<u8>>>,
     unsynced: Vec<Vec<usize>>,
 }
 
@@ -487,7 +496,7 @@ impl<'a> CrashCursor<'a> {
     #[must_use]
     pub fn new(log: &'a CrashLog) -> Self {
         CrashCursor {
-            durable: log.devices.iter().map(|d| d.2.clone()).collect(),
+            durable: log.devices.iter().map(|d| Arc::clone(&d.2)).collect(),
             unsynced: vec![Vec::new(); log.devices.len()],
             log,
             pos: 0,
@@ -508,9 +517,13 @@ impl<'a> CrashCursor<'a> {
         match e {
             IoEvent::Write { dev, .. } => self.unsynced[*dev].push(self.pos),
             IoEvent::Flush { dev } => {
-                for i in std::mem::take(&mut self.unsynced[*dev]) {
-                    if let IoEvent::Write { offset, data, .. } = &self.log.events[i] {
-                        put(&mut self.durable[*dev], *offset, data);
+                let writes = std::mem::take(&mut self.unsynced[*dev]);
+                if !writes.is_empty() {
+                    let durable = Arc::make_mut(&mut self.durable[*dev]);
+                    for i in writes {
+                        if let IoEvent::Write { offset, data, .. } = &self.log.events[i] {
+                            put(durable, *offset, data);
+                        }
                     }
                 }
             }
@@ -551,7 +564,7 @@ impl<'a> CrashCursor<'a> {
     /// (in [`CrashCursor::unsynced`] order). Unsynced writes are applied in issue order.
     #[must_use]
     pub fn image(&self, fate: impl Fn(usize) -> Fate) -> Vec<Vec<u8>> {
-        let mut out = self.durable.clone();
+        let mut out: Vec<Vec<u8>> = self.durable.iter().map(|d| d.to_vec()).collect();
         for (k, (dev, i)) in self.unsynced().into_iter().enumerate() {
             let IoEvent::Write { offset, data, .. } = &self.log.events[i] else {
                 continue;

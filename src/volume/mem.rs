@@ -51,6 +51,12 @@ impl MemVolume {
     /// A zero-filled volume of `size` bytes named `name` (its locator is `mem:NAME`).
     #[must_use]
     pub fn new(name: &str, size: usize) -> Self {
+        Self::from_vec(name, vec![0; size])
+    }
+
+    /// A volume that takes `data` as its contents (no copy).
+    #[must_use]
+    pub fn from_vec(name: &str, data: Vec<u8>) -> Self {
         let mut id = [0u8; 16];
         let h = crc32fast::hash(name.as_bytes()).to_le_bytes();
         id[..4].copy_from_slice(&h);
@@ -58,7 +64,7 @@ impl MemVolume {
         MemVolume {
             name: name.to_string(),
             state: RwLock::new(MemState {
-                data: vec![0; size],
+                data,
                 id: VolumeId(id),
                 generation: Generation(0),
             }),
@@ -68,9 +74,7 @@ impl MemVolume {
     /// A volume holding a copy of `data`.
     #[must_use]
     pub fn with_data(name: &str, data: &[u8]) -> Self {
-        let v = Self::new(name, data.len());
-        v.state.write().data.copy_from_slice(data);
-        v
+        Self::from_vec(name, data.to_vec())
     }
 
     /// A copy of the whole contents.

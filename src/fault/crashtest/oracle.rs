@@ -466,24 +466,26 @@ fn check_image(e: &Engine, st: &SessionStatus, sref: &SessRef, out: &mut Vec<Str
     }
 }
 
-fn mem_table(img: &[u8]) -> Arc<dyn TableStorage> {
-    Arc::new(MemStorage::from_bytes("crash", img.to_vec()))
-}
-
-/// Recover from device images (table first, then [`VOLUMES`]) and check the oracle.
+/// Recover from device images (table first, then [`VOLUMES`]), which the recovery takes over
+/// without a copy, and check the oracle.
 pub(super) fn recover_and_check(
-    images: &[Vec<u8>],
+    images: Vec<Vec<u8>>,
     refs: &RefState,
     rep: &mut CrashReport,
     ctx: &dyn Fn() -> String,
 ) {
     let before = rep.violations;
+    let mut images = images.into_iter();
+    let table: Arc<dyn TableStorage> = Arc::new(MemStorage::from_bytes(
+        "crash",
+        images.next().unwrap_or_default(),
+    ));
     let mut resolver = MapResolver::default();
-    for (i, n) in VOLUMES.iter().enumerate() {
-        resolver.add(Arc::new(MemVolume::with_data(n, &images[i + 1])));
+    for (n, img) in VOLUMES.iter().zip(images) {
+        resolver.add(Arc::new(MemVolume::from_vec(n, img)));
     }
     let r = catch_unwind(AssertUnwindSafe(|| {
-        Engine::open(mem_table(&images[0]), &resolver, engine_options())
+        Engine::open(table, &resolver, engine_options())
     }));
     match r {
         Err(_) => rep.violation("recovery panicked".to_string()),

@@ -778,11 +778,11 @@ fn crash_states(w: &Workload, opts: &CrashtestOptions, run: &Run, rep: &mut Cras
         for (kind, fates) in &variants(&cur, opts, &mut rng) {
             rep.state(kind);
             let images = cur.image(|k| fates.get(k).copied().unwrap_or(Fate::Keep));
-            recover_and_check(&images, refs, rep, &|| ctx(kind));
+            recover_and_check(images, refs, rep, &|| ctx(kind));
         }
         if opts.recovery_crash_stride > 0 && n.is_multiple_of(opts.recovery_crash_stride) {
             let images = cur.image(|_| Fate::Keep);
-            crash_recovery(&images, refs, w.seed, rep, &|| ctx("prefix"));
+            crash_recovery(images, refs, w.seed, rep, &|| ctx("prefix"));
         }
         if !cur.advance() {
             break;
@@ -877,17 +877,18 @@ fn torn_variants(
 
 /// Crash recovery itself at each of its mutating I/Os and recover again.
 fn crash_recovery(
-    images: &[Vec<u8>],
+    images: Vec<Vec<u8>>,
     refs: &RefState,
     seed: u64,
     rep: &mut CrashReport,
     ctx: &dyn Fn() -> String,
 ) {
     let world = SimWorld::new(seed);
-    let table = world.add_table("table", images[0].clone());
+    let mut images = images.into_iter();
+    let table = world.add_table("table", images.next().unwrap_or_default());
     let mut resolver = MapResolver::default();
-    for (i, n) in VOLUMES.iter().enumerate() {
-        resolver.add(Arc::new(world.add_volume(n, images[i + 1].clone())));
+    for (n, img) in VOLUMES.iter().zip(images) {
+        resolver.add(Arc::new(world.add_volume(n, img)));
     }
     let r = catch_unwind(AssertUnwindSafe(|| {
         Engine::open(Arc::new(table), &resolver, engine_options()).map(|_| ())
@@ -902,10 +903,10 @@ fn crash_recovery(
         let m = cur.pos();
         let sub = || format!("{} / recovery crashed after I/O {m}", ctx());
         rep.state("recovery_crash_prefix");
-        recover_and_check(&cur.image(|_| Fate::Keep), refs, rep, &sub);
+        recover_and_check(cur.image(|_| Fate::Keep), refs, rep, &sub);
         if !cur.unsynced().is_empty() {
             rep.state("recovery_crash_durable");
-            recover_and_check(&cur.image(|_| Fate::Drop), refs, rep, &sub);
+            recover_and_check(cur.image(|_| Fate::Drop), refs, rep, &sub);
         }
     }
 }

@@ -108,7 +108,7 @@ fn sweep_eio(w: &Workload, total: u64, step: u64, rep: &mut CrashReport) {
             };
             for (kind, fate) in [("eio_prefix", Fate::Keep), ("eio_durable", Fate::Drop)] {
                 rep.state(kind);
-                recover_and_check(&c.image(|_| fate), refs, rep, &ctx);
+                recover_and_check(c.image(|_| fate), refs, rep, &ctx);
             }
         }
         at += step;
@@ -141,7 +141,7 @@ fn sweep_failed_sync(w: &Workload, flushes: u64, step: u64, rep: &mut CrashRepor
             ("syncfail_durable", Fate::Drop),
         ] {
             rep.state(kind);
-            recover_and_check(&c.image(|_| fate), refs, rep, &ctx);
+            recover_and_check(c.image(|_| fate), refs, rep, &ctx);
         }
         k += step;
     }
@@ -189,7 +189,7 @@ pub(super) fn sweep_misdirect(w: &Workload, k: u64, dest: u64, rep: &mut CrashRe
         let ctx = || format!("{} (seed {}) {what}, crash after I/O {n}", w.name, w.seed);
         for (suffix, fate) in [("prefix", Fate::Keep), ("durable", Fate::Drop)] {
             rep.state(&format!("misdirect_{suffix}"));
-            recover_and_check(&c.image(|_| fate), refs, rep, &ctx);
+            recover_and_check(c.image(|_| fate), refs, rep, &ctx);
         }
     }
 }
@@ -235,6 +235,6 @@ fn sweep_one(w: &Workload, f: Faults, rep: &mut CrashReport, kind: &str, what: &
     let ctx = || format!("{} (seed {}) {what}", w.name, w.seed);
     for (suffix, fate) in [("prefix", Fate::Keep), ("durable", Fate::Drop)] {
         rep.state(&format!("{kind}_{suffix}"));
-        recover_and_check(&c.image(|_| fate), refs, rep, &ctx);
+        recover_and_check(c.image(|_| fate), refs, rep, &ctx);
     }
 }
