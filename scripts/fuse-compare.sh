@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Files over FUSE side by side, in one run, interleaved round by round: the source file of
-# `timezero mount` (a whole-volume no-copy session, so every first write copies before it
-# writes) vs `qemu-storage-daemon --export type=fuse` of a copy-before-write node over the same
+# `timezero --write-through mount` (a whole-volume no-copy session, so every first write copies
+# before it writes) vs `qemu-storage-daemon --export type=fuse` of a copy-before-write node over the same
 # kind of files vs the raw source file. Figures: sequential 1 MiB reads and writes, 4 KiB random
 # reads and writes, each with O_DIRECT opens at depth 1 (the way a loop device or a restore tool
 # reads a file), by a small python3 program (fio is not needed). Writes are first writes (every
 # 64 KiB grain is copied before it is written); "rewrite" repeats them on grains already copied.
-# WRITE_BACK=1 adds a fourth side, `timezero --write-back mount` (first writes held until the
-# file's next fsync, which each write phase ends with). SERIAL_COPIES=1 runs both timezero sides
+# WRITE_BACK=1 adds a fourth side, `timezero --write-back mount`, the default of `mount` (first
+# writes held until the file's next fsync, which each write phase ends with; `--write-through`
+# is left out for a binary that predates the flag, whose mount was write-through by default). SERIAL_COPIES=1 runs both timezero sides
 # with `--serial-copies`.
 # Needs root (FUSE mounts). Usage: scripts/fuse-compare.sh [DIR]
 #   (env: SIZE_MIB=1024 ROUNDS=3 RANDOPS=4000 TIMEZERO=path WRITE_BACK=0 SERIAL_COPIES=0)
@@ -26,6 +27,8 @@ if [ ! -x "$TZ_BIN" ]; then
     echo "fuse-compare: $TZ_BIN missing; run cargo build --release first" >&2
     exit 1
 fi
+WT=
+"$TZ_BIN" --help | grep -q -- --write-through && WT=--write-through
 SIZE_MIB=${SIZE_MIB:-1024}
 ROUNDS=${ROUNDS:-3}
 RANDOPS=${RANDOPS:-4000}
@@ -136,7 +139,7 @@ for r in $(seq 1 "$ROUNDS"); do
         mkvol "$DIR/src.img"
         case $side in
         raw) out=$(figures "$DIR/src.img" "$r") ;;
-        timezero) start_tz; out=$(figures "$DIR/mnt/src.img" "$r"); stop_tz ;;
+        timezero) start_tz $WT; out=$(figures "$DIR/mnt/src.img" "$r"); stop_tz ;;
         tz-wb) start_tz --write-back; out=$(figures "$DIR/mnt/src.img" "$r"); stop_tz ;;
         qemu) start_qsd; out=$(figures "$DIR/qemu.img" "$r"); stop_qsd ;;
         esac

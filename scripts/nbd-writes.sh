@@ -2,7 +2,8 @@
 # Writes and image reads over NBD, side by side in one run: a raw export of the source
 # (qemu-storage-daemon), QEMU's copy-before-write export (qemu-storage-daemon: a
 # copy-before-write node over source and target, its T0 image through a snapshot-access node)
-# and `timezero --direct serve` with a no-copy session. O_DIRECT on every side, unix sockets.
+# and `timezero --direct --write-through serve` with a no-copy session. O_DIRECT on every side,
+# unix sockets.
 #
 # Per round and queue depth: `qemu-img bench -w` of COUNT 4 KiB writes at a 64 KiB stride
 # (every write lands in a grain of its own: all first writes), the same writes again (all to
@@ -12,8 +13,10 @@
 # round. Ratios are time ratios against QEMU's copy-before-write (below 1 = timezero faster),
 # medians over rounds.
 #
-# With WRITE_BACK=1 a fourth system runs: `timezero --direct --write-back serve` (first writes
-# held until the client's flush). FLUSH_INTERVAL=N makes every bench of writes flush after each N
+# With WRITE_BACK=1 a fourth system runs: `timezero --direct --write-back serve`, the servers'
+# default (first writes held until the client's flush; `--write-through` is left out for a binary
+# that predates that flag, whose servers were write-through by default). FLUSH_INTERVAL=N makes
+# every bench of writes flush after each N
 # requests (the flush inside the timed run), so write-back pays for its durability in the figure.
 # SERIAL_COPIES=1 runs both timezero servers with `--serial-copies` (target flush, then the
 # table's commit, instead of the default checked copy records).
@@ -96,15 +99,17 @@ start_tz() {
     rm -f "$TAB" "$TAB".*
     "$TZ_BIN" init "$TAB" >/dev/null
     "$TZ_BIN" establish "$TAB" "$SRC" "$TGT" --nocopy >/dev/null
-    "$TZ_BIN" --direct ${TZ_EXTRA:-} ${TZ_CHECKED:-} serve "$TAB" --socket "$SOCK" >"$DIR/server.log" 2>&1 &
+    "$TZ_BIN" --direct ${TZ_EXTRA:-$WT} ${TZ_CHECKED:-} serve "$TAB" --socket "$SOCK" >"$DIR/server.log" 2>&1 &
     PID=$!; wait_sock
     W_URL="nbd+unix:///src.img?socket=$SOCK" R_URL="nbd+unix:///s1?socket=$SOCK"
 }
 start_tzwb() { TZ_EXTRA=--write-back start_tz; }
+WT=
+"$TZ_BIN" --help | grep -q -- --write-through && WT=--write-through
 
 dd if=/dev/urandom of="$DIR/base.img" bs=1M count="$SIZE_MIB" conv=fsync status=none
 echo "nbd-writes: $(date -u +%FT%TZ), ${SIZE_MIB} MiB source, $COUNT writes of 4 KiB at a 64 KiB stride, $ROUNDS rounds, depths $DEPTHS, in $DIR"
-echo "qemu-img: $(qemu-img --version | head -1); timezero: $TZ_BIN --direct serve"
+echo "qemu-img: $(qemu-img --version | head -1); timezero: $TZ_BIN --direct $WT serve"
 
 declare -A T
 systems=(raw qemu tz)
@@ -132,10 +137,10 @@ done
 echo
 wb=$([ "${WRITE_BACK:-0}" = 1 ] && echo 1 || echo 0)
 if [ "$wb" = 1 ]; then
-    echo "| depth | figure | raw export IOPS | QEMU copy-before-write IOPS | timezero serve IOPS | timezero --write-back IOPS | timezero / QEMU | timezero --write-back / QEMU (speed, median of rounds [min..max]) |"
+    echo "| depth | figure | raw export IOPS | QEMU copy-before-write IOPS | timezero --write-through IOPS | timezero --write-back IOPS | timezero --write-through / QEMU | timezero --write-back / QEMU (speed, median of rounds [min..max]) |"
     echo "|---|---|---|---|---|---|---|---|"
 else
-    echo "| depth | figure | raw export IOPS | QEMU copy-before-write IOPS | timezero serve IOPS | timezero / QEMU (speed, median of rounds [min..max]) |"
+    echo "| depth | figure | raw export IOPS | QEMU copy-before-write IOPS | timezero --write-through IOPS | timezero --write-through / QEMU (speed, median of rounds [min..max]) |"
     echo "|---|---|---|---|---|---|"
 fi
 for depth in $DEPTHS; do

@@ -4,7 +4,8 @@
 //! export copy old grains first, image exports stay T0-exact (qemu-img compare against a copy
 //! taken before the writes), qemu-img convert reads an image, other CLI commands reach the
 //! serving process through its control socket, and a server killed with SIGKILL during client
-//! writes restarts with T0-exact images and accepts clients again.
+//! writes restarts with T0-exact images and accepts clients again. `serve` holds a first write
+//! until the client's flush (write-back, its default) and `--write-through` does not.
 //! Method: spawn the binary; skip (with a message) when qemu-io or qemu-img is not installed.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
@@ -44,11 +45,17 @@ fn url(sock: &Path, name: &str) -> String {
 }
 
 fn serve(table: &Path) -> (Child, PathBuf) {
+    serve_with(table, &[])
+}
+
+/// `timezero [FLAGS] serve TABLE`, once its socket is there.
+fn serve_with(table: &Path, flags: &[&str]) -> (Child, PathBuf) {
     let mut sock = table.as_os_str().to_owned();
     sock.push(".nbd");
     let sock = PathBuf::from(sock);
     let _ = std::fs::remove_file(&sock);
     let child = tz()
+        .args(flags)
         .arg("serve")
         .arg(table)
         .stdout(Stdio::null())
@@ -206,4 +213,147 @@ fn qemu_clients_through_serve() {
     // Served and stopped: the table is free again.
     let st = ok(tz().arg("status").arg(&table));
     assert!(st.contains("s2 active"), "{st}");
+}
+
+/// One `qemu-io` process driven a command at a time through its standard input, so that the
+/// connection stays open (and sends no flush) between commands. qemu-io prints its prompt,
+/// without a newline, once a command has completed; each command is sent only after the
+/// previous prompt (lines sent together are not all read).
+struct Shell {
+    child: Child,
+    out: std::process::ChildStdout,
+}
+
+impl Shell {
+    const PROMPT: &'static str = "qemu-io> ";
+
+    fn open(url: &str) -> Shell {
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "raw", "-t", "writeback", url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let mut sh = Shell { child, out };
+        sh.prompt("open");
+        sh
+    }
+
+    /// Read the output up to the next prompt.
+    fn prompt(&mut self, what: &str) -> String {
+        use std::io::Read as _;
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !text.ends_with(Self::PROMPT.as_bytes()) {
+            let n = self.out.read(&mut buf).unwrap();
+            assert!(n > 0, "qemu-io ended during {what}: {text:?}");
+            text.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&text).into_owned();
+        assert!(!text.contains("failed"), "{what}: {text}");
+        text
+    }
+
+    /// Run one command; its output must contain `expect`.
+    fn run(&mut self, line: &str, expect: &str) {
+        use std::io::Write as _;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        let text = self.prompt(line);
+        assert!(text.contains(expect), "{line:?}: {text}");
+    }
+
+    fn close(mut self) {
+        drop(self.child.stdin.take());
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+fn stop(table: &Path, mut server: Child) {
+    ok(tz().arg("stop").arg(table));
+    let t = Instant::now();
+    while server.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(10), "server did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn file_range(path: &Path, at: usize, len: usize) -> Vec<u8> {
+    std::fs::read(path).unwrap()[at..at + len].to_vec()
+}
+
+#[test]
+fn serve_holds_first_writes_until_the_flush_unless_write_through() {
+    if !have("qemu-io") || !have("qemu-img") {
+        println!("skipping: qemu-io/qemu-img not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let size = 4usize << 20;
+    let t0 = common::pattern(78, size);
+    let src = d.join("src.img");
+    std::fs::write(&src, &t0).unwrap();
+    std::fs::write(d.join("ref.img"), &t0).unwrap();
+    std::fs::write(d.join("tgt.img"), vec![0u8; size]).unwrap();
+    let table = d.join("t.tzt");
+    ok(tz().arg("init").arg(&table));
+    ok(tz()
+        .arg("establish")
+        .arg(&table)
+        .arg(&src)
+        .arg(d.join("tgt.img"))
+        .arg("--nocopy"));
+    let image_is_t0 = |sock: &Path| {
+        let out = ok(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", &url(sock, "s1")])
+            .arg(d.join("ref.img")));
+        assert!(out.contains("identical"), "{out}");
+    };
+
+    // The default: a first write is acknowledged, read back through the export, and held
+    // from the source file until the client flushes.
+    let (server, sock) = serve(&table);
+    let mut sh = Shell::open(&url(&sock, "src.img"));
+    sh.run("write -P 0x5a 64k 4k", "wrote 4096/4096");
+    assert!(
+        file_range(&src, 65536, 4096) == t0[65536..69632],
+        "the held write is on the file before the flush"
+    );
+    sh.run("read -P 0x5a 64k 4k", "read 4096/4096");
+    image_is_t0(&sock);
+    sh.run("flush", "");
+    sh.run("read -P 0x5a 64k 4k", "read 4096/4096");
+    assert!(
+        file_range(&src, 65536, 4096) == [0x5a; 4096],
+        "the flushed write is not on the file"
+    );
+    image_is_t0(&sock);
+    sh.close();
+    stop(&table, server);
+
+    // --write-through: the first write is on the file when it is acknowledged.
+    let (server, sock) = serve_with(&table, &["--write-through"]);
+    let mut sh = Shell::open(&url(&sock, "src.img"));
+    sh.run("write -P 0x6b 128k 4k", "wrote 4096/4096");
+    assert!(
+        file_range(&src, 131072, 4096) == [0x6b; 4096],
+        "the write-through write is not on the file when acknowledged"
+    );
+    image_is_t0(&sock);
+    sh.close();
+    stop(&table, server);
+
+    // The two modes together are refused with a message, before anything is opened.
+    let o = tz()
+        .args(["--write-back", "--write-through", "serve"])
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot be used with"), "{err}");
 }

@@ -35,13 +35,19 @@ pub struct IoFlags {
     /// background-copy figure.
     #[arg(long, global = true)]
     pub direct: bool,
-    /// Servers (`serve`, `mount`, `daemon`), experimental: hold a first write (one that copies
-    /// its grains' T0 bytes) in memory until the client's next flush, FUA write or fsync, which
-    /// makes all held writes durable at one target flush and one table commit (reads see held
-    /// writes; a crash loses only writes never flushed, as with any volatile write cache).
-    /// Without it every write reaches its volume before it is acknowledged.
-    #[arg(long, global = true)]
+    /// Servers (`serve`, `mount`, `daemon`): hold a first write (one that copies its grains'
+    /// T0 bytes) in memory until the client's next flush, FUA write or fsync, which makes all
+    /// held writes durable at one target flush and one table commit (reads see held writes; a
+    /// crash loses only writes no flush covered, as with any volatile write cache). The
+    /// default for servers; the flag only states it.
+    #[arg(long, global = true, conflicts_with = "write_through")]
     pub write_back: bool,
+    /// Servers (`serve`, `mount`, `daemon`): acknowledge a write only once it is on its volume,
+    /// and a first write only once its T0 copy is durable (two durability points before the
+    /// source write; about half the speed of write-back through NBD, docs/benchmarks.md), for
+    /// clients that never flush.
+    #[arg(long, global = true)]
+    pub write_through: bool,
     /// Serial copy-before-write: a first write flushes the target, then commits the copied
     /// bits, then writes the source (three durability points in series). By default the
     /// target's flush and the table's commit run side by side instead, the table recording a

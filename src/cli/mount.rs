@@ -47,11 +47,12 @@ pub(super) fn mount(
     let mut o = std::io::stdout().lock();
     let _ = writeln!(
         o,
-        "mounted {} at {} (backend {}{})",
+        "mounted {} at {} (backend {}{}, {})",
         table.display(),
         fuse.mountpoint().display(),
         e.backend_name(),
-        if e.direct() { ", O_DIRECT" } else { "" }
+        if e.direct() { ", O_DIRECT" } else { "" },
+        super::serve::write_mode(&e)
     );
     let _ = writeln!(o, "files: {}", registry.list().join(", "));
     if let Some(sock) = &nbd_socket {

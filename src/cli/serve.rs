@@ -138,11 +138,12 @@ impl Served {
         match &self.nbd {
             Some((sock, _)) => {
                 s += &format!(
-                    "serving {} on {} (backend {}{})\n",
+                    "serving {} on {} (backend {}{}, {})\n",
                     self.table.display(),
                     sock.display(),
                     e.backend_name(),
-                    if e.direct() { ", O_DIRECT" } else { "" }
+                    if e.direct() { ", O_DIRECT" } else { "" },
+                    write_mode(e)
                 );
                 if let Some(a) = self.tcp.as_ref().and_then(|t| t.tcp_addr()) {
                     s += &format!("serving on tcp {a}\n");
@@ -151,10 +152,11 @@ impl Served {
             }
             None => {
                 s += &format!(
-                    "holding {} (backend {}{}, no NBD exports)\n",
+                    "holding {} (backend {}{}, {}, no NBD exports)\n",
                     self.table.display(),
                     e.backend_name(),
-                    if e.direct() { ", O_DIRECT" } else { "" }
+                    if e.direct() { ", O_DIRECT" } else { "" },
+                    write_mode(e)
                 );
             }
         }
@@ -194,5 +196,14 @@ fn stop_nbd(
     }
     if let Some(t) = tcp {
         t.shutdown();
+    }
+}
+
+/// How the server acknowledges writes, for its start-up lines.
+pub(super) fn write_mode(e: &crate::Engine) -> &'static str {
+    if e.write_back() {
+        "write-back: writes durable at the client's flush"
+    } else {
+        "write-through"
     }
 }

@@ -114,9 +114,9 @@ pub struct EngineOptions {
     /// volume's next [`Engine::flush`], which makes all held writes durable at one target flush
     /// and one table commit before writing them to the volume. [`Engine::write`]'s contract is
     /// unchanged (durable after [`Engine::flush`]); what changes is that the volume itself (read
-    /// other than through the engine) shows the write only after that flush. The NBD server and
-    /// the FUSE mount turn it on. Default = false (every write reaches the volume before it
-    /// returns).
+    /// other than through the engine) shows the write only after that flush. The servers of
+    /// the command line (`serve`, `mount`, `daemon`) turn it on unless given `--write-through`.
+    /// Default = false (every write reaches the volume before it returns).
     pub write_back: bool,
     /// Checked copy-before-write: a first write flushes the target on a flusher thread while
     /// the table commits `CopyChecked` records (a CRC32C per grain that recovery verifies
@@ -779,6 +779,13 @@ impl Engine {
     #[must_use]
     pub fn direct(&self) -> bool {
         self.options.file_options.direct
+    }
+
+    /// Whether first writes are held until the volume's next flush
+    /// ([`EngineOptions::write_back`]).
+    #[must_use]
+    pub fn write_back(&self) -> bool {
+        self.options.write_back
     }
 
     /// The attached handles of the sessions' volumes (each once, in id order: the order
