@@ -144,6 +144,29 @@ for r in $(seq 1 "$ROUNDS"); do
         qemu) start_qsd; out=$(figures "$DIR/qemu.img" "$r"); stop_qsd ;;
         esac
         read -r sr rr sw rw rw2 <<<"$out"
-        printf '%-6s %-9s %12s %12s %12s %14s %14s\n' "$r" "$side" "$sr" "$rr" "$sw" "$rw" "$rw2"
+        printf '%-6s %-9s %12s %12s %12s %14s %14s\n' "$r" "$side" "$sr" "$rr" "$sw" "$rw" "$rw2" | tee -a "$DIR/rows"
     done
 done
+
+# Each timezero side against QEMU's export: the median of the per-round speed ratios (above 1 =
+# timezero faster) with the spread over rounds.
+python3 - "$DIR/rows" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1])]
+by = {(r[0], r[1]): [float(x) for x in r[2:]] for r in rows}
+rounds = sorted({r[0] for r in rows})
+names = ["seqread", "randread", "seqwrite", "randwrite", "rewrite"]
+print()
+print("| side / qemu | " + " | ".join(names) + " |")
+print("|---|" + "---|" * len(names))
+for side in ("timezero", "tz-wb"):
+    if (rounds[0], side) not in by:
+        continue
+    cells = []
+    for i in range(len(names)):
+        v = sorted(by[(r, side)][i] / by[(r, "qemu")][i] for r in rounds)
+        n = len(v)
+        med = v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+        cells.append(f"{med:.2f}x [{v[0]:.2f}..{v[-1]:.2f}]")
+    print(f"| {side} | " + " | ".join(cells) + " |")
+PY

@@ -75,8 +75,9 @@ impl Budget {
 /// The queue from the connection's reader to its workers. An idle worker parks on a condition
 /// variable at once: with many workers per connection (up to 32 requests in flight), a channel
 /// that spins and yields before it parks kept idle workers calling `sched_yield` (3.0 s of them
-/// in 4,096 first writes at depth 32, `scripts/nbd-profile.sh`), CPU time the two busy workers
-/// of a two-core machine needed. The [`Budget`] bounds what is queued, so pushing never waits.
+/// in 4,096 first writes at depth 32, `scripts/nbd-profile.sh`; the condition variable removes
+/// them, with the same throughput in that run). The [`Budget`] bounds what is queued, so pushing
+/// never waits.
 struct JobQueue {
     state: Mutex<(std::collections::VecDeque<Job>, bool)>,
     cv: Condvar,
