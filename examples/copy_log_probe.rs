@@ -109,7 +109,9 @@ fn main() -> std::io::Result<()> {
                         let r = f
                             .journal
                             .write_all_at(&grain[..RECORD], rec)
-                            .and_then(|()| f.journal.write_all_at(&grain[..RECORD], rec + (1 << 20)))
+                            .and_then(|()| {
+                                f.journal.write_all_at(&grain[..RECORD], rec + (1 << 20))
+                            })
                             .and_then(|()| f.journal.sync_data());
                         done.wait();
                         r?;

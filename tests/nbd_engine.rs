@@ -40,6 +40,15 @@ fn ok(c: &mut Command) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// qemu-io and qemu-img are installed; prints a skip message otherwise.
+fn have_qemu() -> bool {
+    let yes = have("qemu-io") && have("qemu-img");
+    if !yes {
+        println!("skipping: qemu-io/qemu-img not installed");
+    }
+    yes
+}
+
 fn url(sock: &Path, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", sock.display())
 }
@@ -76,8 +85,7 @@ fn serve_with(table: &Path, flags: &[&str]) -> (Child, PathBuf) {
 
 #[test]
 fn qemu_clients_through_serve() {
-    if !have("qemu-io") || !have("qemu-img") {
-        println!("skipping: qemu-io/qemu-img not installed");
+    if !have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -287,8 +295,7 @@ fn file_range(path: &Path, at: usize, len: usize) -> Vec<u8> {
 
 #[test]
 fn serve_holds_first_writes_until_the_flush_unless_write_through() {
-    if !have("qemu-io") || !have("qemu-img") {
-        println!("skipping: qemu-io/qemu-img not installed");
+    if !have_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
