@@ -8,8 +8,9 @@
 # 64 KiB grain is copied before it is written); "rewrite" repeats them on grains already copied.
 # WRITE_BACK=1 adds a fourth side, `timezero --write-back mount`, the default of `mount` (first
 # writes held until the file's next fsync, which each write phase ends with; `--write-through`
-# is left out for a binary that predates the flag, whose mount was write-through by default). SERIAL_COPIES=1 runs both timezero sides
-# with `--serial-copies`.
+# is left out for a binary that predates the flag, whose mount was write-through by default).
+# SERIAL_COPIES=1 runs both timezero sides with `--serial-copies`. The last lines are each
+# timezero side's speed against QEMU's export.
 # Needs root (FUSE mounts). Usage: scripts/fuse-compare.sh [DIR]
 #   (env: SIZE_MIB=1024 ROUNDS=3 RANDOPS=4000 TIMEZERO=path WRITE_BACK=0 SERIAL_COPIES=0)
 set -euo pipefail
@@ -28,7 +29,7 @@ if [ ! -x "$TZ_BIN" ]; then
     exit 1
 fi
 WT=
-"$TZ_BIN" --help | grep -q -- --write-through && WT=--write-through
+grep -q -- --write-through <<<"$("$TZ_BIN" --help)" && WT=--write-through
 SIZE_MIB=${SIZE_MIB:-1024}
 ROUNDS=${ROUNDS:-3}
 RANDOPS=${RANDOPS:-4000}

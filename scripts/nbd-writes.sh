@@ -16,8 +16,8 @@
 # With WRITE_BACK=1 a fourth system runs: `timezero --direct --write-back serve`, the servers'
 # default (first writes held until the client's flush; `--write-through` is left out for a binary
 # that predates that flag, whose servers were write-through by default). FLUSH_INTERVAL=N makes
-# every bench of writes flush after each N
-# requests (the flush inside the timed run), so write-back pays for its durability in the figure.
+# every bench of writes flush after each N requests (the flush inside the timed run), so
+# write-back pays for its durability in the figure.
 # SERIAL_COPIES=1 runs both timezero servers with `--serial-copies` (target flush, then the
 # table's commit, instead of the default checked copy records).
 #
@@ -105,7 +105,7 @@ start_tz() {
 }
 start_tzwb() { TZ_EXTRA=--write-back start_tz; }
 WT=
-"$TZ_BIN" --help | grep -q -- --write-through && WT=--write-through
+grep -q -- --write-through <<<"$("$TZ_BIN" --help)" && WT=--write-through
 
 dd if=/dev/urandom of="$DIR/base.img" bs=1M count="$SIZE_MIB" conv=fsync status=none
 echo "nbd-writes: $(date -u +%FT%TZ), ${SIZE_MIB} MiB source, $COUNT writes of 4 KiB at a 64 KiB stride, $ROUNDS rounds, depths $DEPTHS, in $DIR"
