@@ -11,9 +11,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{image, mem_storage, pattern, small_table};
+use timezero::fault::internals::{set_pause_hook, PausePoint};
 use timezero::{
-    CopyMode, Engine, EngineOptions, GrainCount, MapResolver, MemStorage, MemVolume, SessionSpec,
-    SessionState, TableStorage, Volume, VolumeId,
+    CopyMode, Engine, EngineOptions, GrainCount, GrainIndex, MapResolver, MemStorage, MemVolume,
+    SessionSpec, SessionState, TableStorage, Volume, VolumeId,
 };
 
 const GRAIN: u64 = 4096;
@@ -349,5 +350,107 @@ fn a_failed_volume_refuses_a_write_instead_of_holding_it() {
     // The volume is latched now: the next first write fails and nothing is held.
     assert!(e.write(s, 10 * GRAIN, &[2u8; 4096]).is_err());
     assert_eq!(e.held_bytes(s).unwrap(), 0);
+    same(&image(&e, id), &t0);
+}
+
+/// Run `op` on a thread named `name`; the first time that thread reaches `point`, run `between`
+/// on this thread, then let it go on. Returns what `op` returned.
+fn interleave<T: Send + 'static>(
+    name: &'static str,
+    point: PausePoint,
+    op: impl FnOnce() -> T + Send + 'static,
+    between: impl FnOnce(),
+) -> T {
+    let (looked_tx, looked_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let looked_tx = std::sync::Mutex::new(Some(looked_tx));
+    let go_rx = std::sync::Mutex::new(go_rx);
+    set_pause_hook(Some(Arc::new(move |p| {
+        if p != point || std::thread::current().name() != Some(name) {
+            return;
+        }
+        if let Some(tx) = looked_tx.lock().unwrap().take() {
+            tx.send(()).unwrap();
+            go_rx.lock().unwrap().recv().unwrap();
+        }
+    })));
+    let t = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(op)
+        .unwrap();
+    let reached = looked_rx.recv_timeout(std::time::Duration::from_secs(60));
+    if reached.is_ok() {
+        between();
+        go_tx.send(()).unwrap();
+    }
+    let r = t.join().unwrap();
+    set_pause_hook(None);
+    reached.expect("the thread never reached the pause point");
+    r
+}
+
+#[test]
+fn a_copier_that_looks_while_a_drain_lands_the_write_never_copies_the_new_bytes() {
+    let Setup {
+        src, tgt, e, s, t, ..
+    } = setup();
+    let e = Arc::new(e);
+    let t0 = src.snapshot();
+    let id = e.establish(&spec(s, t, CopyMode::Copy)).unwrap();
+    let w = (5 * GRAIN, vec![0xc3; GRAIN as usize]);
+    e.write(s, w.0, &w.1).unwrap();
+    // The copier holds grain 5 and has looked at it; meanwhile a flush drains the held write
+    // (its bit is committed, then the new bytes land on the source). Whatever the copier then
+    // decides, the target's grain 5 keeps its T0 bytes.
+    let ec = Arc::clone(&e);
+    let copied_now = interleave(
+        "copier-under-test",
+        PausePoint::CopierLooked,
+        move || {
+            let (_, hold) = ec
+                .copy_data(id, GrainIndex(5), GrainCount(1))
+                .unwrap()
+                .unwrap();
+            let n = hold.as_ref().map_or(0, |h| h.count().get());
+            if let Some(h) = hold {
+                ec.commit_copied(id, vec![h]).unwrap();
+            }
+            n
+        },
+        || e.flush(s).unwrap(),
+    );
+    assert_eq!(copied_now, 0, "grain 5 was copied by its write, not again");
+    same(&src.snapshot(), &apply(&t0, &[w]));
+    same(&tgt.snapshot(), &{
+        let mut want = vec![0u8; SIZE as usize];
+        want[5 * GRAIN as usize..6 * GRAIN as usize]
+            .copy_from_slice(&t0[5 * GRAIN as usize..6 * GRAIN as usize]);
+        want
+    });
+    same(&image(&e, id), &t0);
+}
+
+#[test]
+fn a_second_write_that_looks_while_a_drain_lands_the_first_never_copies_its_bytes() {
+    let Setup { src, e, s, t, .. } = setup();
+    let e = Arc::new(e);
+    let t0 = src.snapshot();
+    let id = e.establish(&spec(s, t, CopyMode::NoCopy)).unwrap();
+    let w1 = (5 * GRAIN, vec![0xa1; GRAIN as usize]);
+    let w2 = (5 * GRAIN + 512, vec![0xb2; 512]);
+    e.write(s, w1.0, &w1.1).unwrap();
+    // The second write to grain 5 holds it and has looked at it; meanwhile a flush drains the
+    // first (bit committed, new bytes on the source). The second must not take those bytes for
+    // the grain's T0 bytes.
+    let ec = Arc::clone(&e);
+    let w2c = w2.clone();
+    interleave(
+        "writer-under-test",
+        PausePoint::HeldWriteLooked,
+        move || ec.write(s, w2c.0, &w2c.1).unwrap(),
+        || e.flush(s).unwrap(),
+    );
+    e.flush(s).unwrap();
+    same(&src.snapshot(), &apply(&t0, &[w1, w2]));
     same(&image(&e, id), &t0);
 }

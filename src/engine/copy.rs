@@ -125,24 +125,30 @@ impl Engine {
         let src = self.handle(s.desc.source.id)?;
         // Re-check under the hold: bits set before we took it shrink the run to the uncopied
         // prefix; none can be set while we hold it. Grains a held write already copied
-        // (write-back mode) are not copied again: their drain commits them.
-        let mut uncopied = s.bits().clear_run(g, run);
-        if !src.held.is_empty() && uncopied > 0 {
-            uncopied = src
-                .held
-                .pending_in(s.id(), g, g + uncopied)
+        // (write-back mode) are not copied again: their drain commits them. Pending grains are
+        // looked at before the bits (a drain sets a grain's bit before it stops being pending,
+        // and only then writes the new bytes to the source): in this order a grain seen
+        // neither pending nor copied still has its T0 bytes on the source.
+        let pending = if src.held.is_empty() {
+            run
+        } else {
+            src.held
+                .pending_in(s.id(), g, g + run)
                 .iter()
                 .take_while(|p| !**p)
-                .count() as u64;
-            if uncopied == 0 {
-                // The first grain waits for a held write's drain: drain now (the writes were
-                // only ever promised durable at the next flush, so sooner is allowed), and
-                // come back to the grain, then copied.
-                drop(hold);
-                self.drain(&src)?;
-                return Ok(Some((GrainIndex(g), None)));
-            }
+                .count() as u64
+        };
+        super::pause::pause(super::pause::PausePoint::CopierLooked);
+        let clear = s.bits().clear_run(g, run);
+        if clear > 0 && pending == 0 {
+            // The first grain waits for a held write's drain: drain now (the writes were only
+            // ever promised durable at the next flush, so sooner is allowed), and come back to
+            // the grain, then copied.
+            drop(hold);
+            self.drain(&src)?;
+            return Ok(Some((GrainIndex(g), None)));
         }
+        let uncopied = clear.min(pending);
         if uncopied == 0 {
             return Ok(Some((GrainIndex(g + 1), None)));
         }
@@ -152,9 +158,10 @@ impl Engine {
             // The hold must cover exactly the grains whose bits will be committed.
             drop(hold);
             match s.try_hold(g, g + uncopied) {
+                // Pending first, then bits, as above.
                 Some(h)
-                    if s.bits().clear_run(g, uncopied) == uncopied
-                        && !(g..g + uncopied).any(|x| src.held.is_pending(s.id(), x)) =>
+                    if !(g..g + uncopied).any(|x| src.held.is_pending(s.id(), x))
+                        && s.bits().clear_run(g, uncopied) == uncopied =>
                 {
                     (uncopied, h)
                 }

@@ -40,6 +40,7 @@ mod forget;
 mod group;
 mod image;
 mod lifecycle;
+mod pause;
 mod recovery;
 mod refresh;
 mod reverse;
@@ -53,6 +54,8 @@ pub use forget::{table_room, Room};
 pub use group::set_canary_split_group_commit;
 pub use image::Image;
 pub use lifecycle::SessionSpec;
+#[cfg(feature = "fault")]
+pub use pause::{set_pause_hook, PauseHook, PausePoint};
 pub use recovery::{
     Decision, FileResolver, MapResolver, Outcome, ResetHandled, RestartPolicy, VolumeResolver,
 };

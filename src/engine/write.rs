@@ -410,7 +410,7 @@ impl Engine {
                 .iter()
                 .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
                 .collect();
-            let runs = not_pending(uncopied_runs(&work)?, &h.held)?;
+            let runs = uncopied_not_pending(&work, &h.held)?;
             match self.write_t0(&runs, false) {
                 Ok(_) => {
                     for r in runs {
@@ -738,11 +738,50 @@ struct Run {
 
 /// The runs of still-uncopied grains in `work` (session, grain range), each within one extent.
 fn uncopied_runs(work: &[(Arc<Session>, u64, u64)]) -> Result<Vec<Run>> {
+    runs_where(work, |_, _| false)
+}
+
+/// [`uncopied_runs`] without the grains a held write already copied (pending in `held`; their
+/// drain commits them).
+///
+/// The pending grains are looked at *before* the bits, under the caller's grain locks. A drain
+/// commits a grain's bit, then stops holding it pending, then writes the new bytes to the
+/// source; in the other order a drain that ran between the two looks would leave a grain that
+/// looked neither copied nor pending, and its "T0 bytes" would be read from a source that no
+/// longer holds them. In this order a grain that was not pending was either never copied by a
+/// held write (and none can copy it now: the caller holds it) or its bit is already set.
+fn uncopied_not_pending(work: &[(Arc<Session>, u64, u64)], held: &WriteBack) -> Result<Vec<Run>> {
+    if held.is_empty() {
+        super::pause::pause(super::pause::PausePoint::HeldWriteLooked);
+        return uncopied_runs(work);
+    }
+    let pending: Vec<Vec<bool>> = work
+        .iter()
+        .map(|(s, g0, g1)| held.pending_in(s.id(), *g0, *g1))
+        .collect();
+    super::pause::pause(super::pause::PausePoint::HeldWriteLooked);
+    runs_where(work, |i, g| {
+        let (_, g0, _) = &work[i];
+        usize::try_from(g - g0)
+            .ok()
+            .and_then(|k| pending[i].get(k))
+            .copied()
+            .unwrap_or(false)
+    })
+}
+
+/// The runs of grains of `work` whose bits are clear and which `skip` (index into `work`,
+/// grain) does not pass over, each within one extent.
+fn runs_where(
+    work: &[(Arc<Session>, u64, u64)],
+    skip: impl Fn(usize, u64) -> bool,
+) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
-    for (s, g0, g1) in work {
+    for (i, (s, g0, g1)) in work.iter().enumerate() {
+        let todo = |g: u64| !s.bits().get(g) && !skip(i, g);
         let mut g = *g0;
         while g < *g1 {
-            if s.bits().get(g) {
+            if !todo(g) {
                 g += 1;
                 continue;
             }
@@ -751,7 +790,7 @@ fn uncopied_runs(work: &[(Arc<Session>, u64, u64)]) -> Result<Vec<Run>> {
                 .map
                 .extent_of_grain(g)
                 .ok_or_else(|| Error::invalid("grain", "outside extents"))?;
-            while g < *g1 && g < ext_end && !s.bits().get(g) {
+            while g < *g1 && g < ext_end && todo(g) {
                 g += 1;
             }
             let p = s
@@ -796,46 +835,4 @@ fn merge_work(mut work: Vec<(Arc<Session>, u64, u64)>) -> Vec<(Arc<Session>, u64
         }
     }
     merged
-}
-
-/// `runs` without the grains a held write already copied (pending in `held`): split around
-/// them.
-fn not_pending(runs: Vec<Run>, held: &WriteBack) -> Result<Vec<Run>> {
-    if held.is_empty() {
-        return Ok(runs);
-    }
-    let mut out = Vec::with_capacity(runs.len());
-    for r in runs {
-        let pending = held.pending_in(r.s.id(), r.g0, r.g1);
-        if !pending.iter().any(|p| *p) {
-            out.push(r);
-            continue;
-        }
-        let mut g = r.g0;
-        while g < r.g1 {
-            let i = usize::try_from(g - r.g0).map_err(|_| Error::invalid("grain", "index"))?;
-            if pending[i] {
-                g += 1;
-                continue;
-            }
-            let start = g;
-            while g < r.g1
-                && !pending
-                    [usize::try_from(g - r.g0).map_err(|_| Error::invalid("grain", "index"))?]
-            {
-                g += 1;
-            }
-            let p =
-                r.s.map
-                    .grain_piece(start, g)
-                    .ok_or_else(|| Error::invalid("grain", "run crosses extents"))?;
-            out.push(Run {
-                s: r.s.clone(),
-                g0: start,
-                g1: g,
-                p,
-            });
-        }
-    }
-    Ok(out)
 }

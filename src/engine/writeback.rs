@@ -26,7 +26,11 @@
 //!   commits them) and a second write to one does not copy it again. A grain is pending from
 //!   the push (under the writer's grain lock) until its bit is committed, so a copier that holds
 //!   a grain which is neither copied nor pending knows that no held write covers it: the source
-//!   still holds its T0 bytes.
+//!   still holds its T0 bytes. A drain sets a grain's bit, then stops holding it pending,
+//!   then writes the source: so whoever holds a grain looks at *pending first, then the bit*
+//!   (in the other order a drain between the two looks shows a grain as neither, and its "T0
+//!   bytes" would be read from a source that holds the new ones). Tests force that
+//!   interleaving with the `fault` feature's pause hook.
 //! * A source range covered by a held write is written on disk only by a drain, after the bits
 //!   of every grain it covers are durable. A later write to an overlapping range is held too
 //!   (behind it), so the drain's writes never land over newer bytes.

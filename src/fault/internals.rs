@@ -23,6 +23,9 @@ pub use crate::engine::{
     set_canary_late_change_marks, set_canary_restored_before_flush, set_canary_skip_cbw_flush,
     set_canary_skip_cbw_flush_all_threads, set_canary_split_group_commit,
 };
+/// Pause points: a hook that runs where the engine has looked at one piece of shared state
+/// and not yet at the next, so that a test can run a whole concurrent operation in between.
+pub use crate::engine::{set_pause_hook, PauseHook, PausePoint};
 use crate::Result;
 
 /// Commit `entries` to a table directly, past every check the engine makes before it writes
