@@ -29,6 +29,10 @@
 //! before that step (the bug fixed in `Engine::copy_data`/`commit_copied`) and must be caught.
 //! A second negative control drops the image reader's re-check after its lock-free source read
 //! and must be caught too.
+//!
+//! Write-back mode has a model of its own (below): two held source writers, the copier, a
+//! flusher draining held writes and an image reader on one grain; its negative control looks at
+//! the copied bit before the pending state and must be caught.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
 
@@ -298,4 +302,170 @@ fn lock_free_read_without_recheck_is_caught() {
         r.is_err(),
         "the checker missed the unchecked lock-free read"
     );
+}
+
+// Write-back mode (src/engine/writeback.rs): source writes are held in memory; a held write
+// that needs the grain's T0 bytes copies them to the target at once and leaves the grain
+// *pending* (T0 bytes on the target, bit not set); a drain (a flush, or the copier meeting a
+// pending grain) sets the bit, stops holding the grain pending, then writes the held source
+// writes in order. Modelled: two held writers, a copier, a flusher and an image reader on one
+// grain.
+
+/// Bytes of the second user source write.
+const S2: u8 = 3;
+
+/// In which order a thread holding the grain looks at it.
+#[derive(Clone, Copy, PartialEq)]
+enum Looks {
+    /// The engine's: pending first, then the bit.
+    PendingFirst,
+    /// Negative control: the bit first, then pending.
+    BitFirst,
+}
+
+#[derive(Default)]
+struct Held {
+    /// Held source writes, in acknowledgement order.
+    writes: Vec<u8>,
+    /// The grain is pending (a held write copied its T0 bytes; its bit is not set).
+    pending: bool,
+}
+
+struct WbGrain {
+    g: Grain,
+    held: Mutex<Held>,
+    /// One drain at a time.
+    draining: Mutex<()>,
+}
+
+impl WbGrain {
+    /// Whether the grain is neither pending nor copied, looked at in `order`.
+    fn neither(&self, order: Looks) -> (bool, bool) {
+        let (pending, bit) = match order {
+            Looks::PendingFirst => {
+                let p = self.held.lock().unwrap().pending;
+                (p, self.g.bit.load(Ordering::SeqCst))
+            }
+            Looks::BitFirst => {
+                let b = self.g.bit.load(Ordering::SeqCst);
+                (self.held.lock().unwrap().pending, b)
+            }
+        };
+        (pending, bit)
+    }
+
+    /// `Engine::drain_locked`: the bit (after the target's flush), then not pending, then the
+    /// held source writes in order, then forget them.
+    fn drain(&self) {
+        let _one = self.draining.lock().unwrap();
+        let (writes, pending) = {
+            let h = self.held.lock().unwrap();
+            (h.writes.clone(), h.pending)
+        };
+        if pending {
+            self.g.commit_bit();
+            self.held.lock().unwrap().pending = false;
+        }
+        for w in &writes {
+            self.g.write_source(*w);
+        }
+        self.held.lock().unwrap().writes.drain(..writes.len());
+    }
+}
+
+/// A held source write of `v` (`Engine::write_held`).
+fn held_writer(w: &WbGrain, v: u8, order: Looks) {
+    if w.g.bit.load(Ordering::SeqCst) {
+        // Nothing to copy: straight to the volume unless a held write overlaps it.
+        let mut h = w.held.lock().unwrap();
+        if !h.writes.is_empty() {
+            h.writes.push(v);
+            return;
+        }
+        drop(h);
+        w.g.write_source(v);
+        return;
+    }
+    w.g.lock.lock();
+    let (pending, bit) = w.neither(order);
+    let copy = !pending && !bit;
+    if copy {
+        let old = w.g.read_source();
+        w.g.write_target(old);
+    }
+    {
+        let mut h = w.held.lock().unwrap();
+        h.pending |= copy;
+        h.writes.push(v);
+    }
+    w.g.lock.release();
+}
+
+/// The background copier (`Engine::plan_copy` + `copy_data` + `commit_copied`).
+fn wb_copier(w: &WbGrain, order: Looks) {
+    if !w.g.lock.try_acquire() {
+        return;
+    }
+    let (pending, bit) = w.neither(order);
+    if pending && !bit {
+        // The grain waits for its held write's drain: drain now.
+        w.g.lock.release();
+        w.drain();
+        return;
+    }
+    if pending || bit {
+        w.g.lock.release();
+        return;
+    }
+    let data = w.g.read_source();
+    w.g.write_target(data);
+    w.g.commit_bit();
+    w.g.lock.release();
+}
+
+fn scenario_write_back(order: Looks) {
+    let w = Arc::new(WbGrain {
+        g: Grain::new(),
+        held: Mutex::new(Held::default()),
+        draining: Mutex::new(()),
+    });
+    let mut hs = Vec::new();
+    for actor in 0..5 {
+        let w = w.clone();
+        hs.push(thread::spawn(move || match actor {
+            0 => held_writer(&w, S1, order),
+            1 => held_writer(&w, S2, order),
+            2 => wb_copier(&w, order),
+            3 => w.drain(),
+            _ => image_reader(&w.g, Reader::Optimistic),
+        }));
+    }
+    for h in hs {
+        h.join().unwrap();
+    }
+    w.drain();
+    image_reader(&w.g, Reader::Optimistic);
+    let s = w.g.read_source();
+    if s != S1 && s != S2 {
+        w.g.violation(format!("source ends with {s}, not a written value"));
+    }
+    final_check(&w.g);
+}
+
+#[test]
+fn write_back_protocol_holds() {
+    shuttle::check_random(|| scenario_write_back(Looks::PendingFirst), ITERATIONS);
+    shuttle::check_pct(|| scenario_write_back(Looks::PendingFirst), ITERATIONS, 3);
+    println!("write-back protocol: {ITERATIONS} random + {ITERATIONS} PCT schedules, no violation");
+}
+
+/// Negative control: a copier or held writer that looks at the bit before pending must be
+/// caught (a drain between the two looks shows the grain as neither, and the held write's new
+/// source bytes are copied to the target as its T0 bytes).
+#[test]
+fn write_back_bit_before_pending_is_caught() {
+    let r = std::panic::catch_unwind(|| {
+        shuttle::check_random(|| scenario_write_back(Looks::BitFirst), ITERATIONS);
+    });
+    assert!(r.is_err(), "the checker missed the bit-first look");
 }
