@@ -6,9 +6,9 @@
 # reads and writes, each with O_DIRECT opens at depth 1 (the way a loop device or a restore tool
 # reads a file), by a small python3 program (fio is not needed). Writes are first writes (every
 # 64 KiB grain is copied before it is written); "rewrite" repeats them on grains already copied.
-# WRITE_BACK=1 adds a fourth side, `timezero --write-back mount` (first writes held until the
-# file's next fsync, which each write phase ends with). `--write-through` (the default, spelled
-# out) is left out for a binary that predates the flag.
+# WRITE_BACK=1 adds a fourth side, `timezero --write-back mount`, the default of `mount` (first
+# writes held until the file's next fsync, which each write phase ends with; `--write-through`
+# is left out for a binary that predates the flag, whose mount was write-through by default).
 # SERIAL_COPIES=1 runs both timezero sides with `--serial-copies`. The last lines are each
 # timezero side's speed against QEMU's export.
 # Needs root (FUSE mounts). Usage: scripts/fuse-compare.sh [DIR]

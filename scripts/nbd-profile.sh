@@ -6,7 +6,8 @@
 #   oncpu.svg     flame graph of the server's CPU time (perf record --call-graph dwarf; inferno)
 #   oncpu.folded  the same stacks, folded
 #   bench.txt     qemu-img's own figures for each of the two runs
-# The bench sends no flush: with TZ_FLAGS=--write-back first writes would be held, not profiled.
+# The bench sends no flush, so profile the write-through path with TZ_FLAGS=--write-through
+# (the servers' default, write-back, holds first writes until a flush).
 # Needs root (perf), qemu-img and, for the flame graph, inferno (cargo install inferno).
 # Usage: scripts/nbd-profile.sh [DIR]   (env: SIZE_MIB=256 COUNT=4096 DEPTH=1 TIMEZERO=path
 #                                        TZ_FLAGS= OUT=)

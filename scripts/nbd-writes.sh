@@ -13,9 +13,9 @@
 # round. Ratios are time ratios against QEMU's copy-before-write (below 1 = timezero faster),
 # medians over rounds.
 #
-# With WRITE_BACK=1 a fourth system runs: `timezero --direct --write-back serve` (first writes
-# held until the client's flush). `--write-through` (the default, spelled out) is left out for a
-# binary that predates that flag. FLUSH_INTERVAL=N makes
+# With WRITE_BACK=1 a fourth system runs: `timezero --direct --write-back serve`, the servers'
+# default (first writes held until the client's flush; `--write-through` is left out for a binary
+# that predates that flag, whose servers were write-through by default). FLUSH_INTERVAL=N makes
 # every bench of writes flush after each N requests (the flush inside the timed run), so
 # write-back pays for its durability in the figure.
 # SERIAL_COPIES=1 runs both timezero servers with `--serial-copies` (target flush, then the

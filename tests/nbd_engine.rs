@@ -294,7 +294,7 @@ fn file_range(path: &Path, at: usize, len: usize) -> Vec<u8> {
 }
 
 #[test]
-fn serve_holds_first_writes_until_the_flush_with_write_back() {
+fn serve_holds_first_writes_until_the_flush_unless_write_through() {
     if !have_qemu() {
         return;
     }
@@ -321,9 +321,9 @@ fn serve_holds_first_writes_until_the_flush_with_write_back() {
         assert!(out.contains("identical"), "{out}");
     };
 
-    // --write-back: a first write is acknowledged, read back through the export, and held
+    // The default: a first write is acknowledged, read back through the export, and held
     // from the source file until the client flushes.
-    let (server, sock) = serve_with(&table, &["--write-back"]);
+    let (server, sock) = serve(&table);
     let mut sh = Shell::open(&url(&sock, "src.img"));
     sh.run("write -P 0x5a 64k 4k", "wrote 4096/4096");
     assert!(
@@ -342,8 +342,8 @@ fn serve_holds_first_writes_until_the_flush_with_write_back() {
     sh.close();
     stop(&table, server);
 
-    // The default (write-through): the first write is on the file when it is acknowledged.
-    let (server, sock) = serve(&table);
+    // --write-through: the first write is on the file when it is acknowledged.
+    let (server, sock) = serve_with(&table, &["--write-through"]);
     let mut sh = Shell::open(&url(&sock, "src.img"));
     sh.run("write -P 0x6b 128k 4k", "wrote 4096/4096");
     assert!(

@@ -23,7 +23,7 @@
 //! seed (`scripts/powerloss.sh`), `TIMEZERO_POWERLOSS_CANARY=1` runs the campaign with the
 //! canary (it must then fail), `TIMEZERO_POWERLOSS_VERBOSE=1` prints a line per cut and
 //! `TIMEZERO_POWERLOSS_TRACE=1` every traced operation; `TIMEZERO_POWERLOSS_SERVE_FLAGS` adds
-//! global flags to `serve` (`--write-back`). Where FUSE cannot be mounted (no
+//! global flags to `serve` (`--write-through`). Where FUSE cannot be mounted (no
 //! `/dev/fuse`, not root, a trial mount fails) the tests print why and skip.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
@@ -396,7 +396,7 @@ fn serve_phase(
 ) {
     let table = p(&rig.table).to_string();
     let sock = rig.scratch.join("nbd.sock");
-    // `TIMEZERO_POWERLOSS_SERVE_FLAGS="--write-back"` runs the server in that mode.
+    // `TIMEZERO_POWERLOSS_SERVE_FLAGS="--write-through"` runs the server in that mode.
     let extra = std::env::var("TIMEZERO_POWERLOSS_SERVE_FLAGS").unwrap_or_default();
     let mut serve = rig
         .cmd()

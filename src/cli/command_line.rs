@@ -35,16 +35,17 @@ pub struct IoFlags {
     /// background-copy figure.
     #[arg(long, global = true)]
     pub direct: bool,
-    /// Servers (`serve`, `mount`, `daemon`), opt-in: hold a first write (one that copies its
-    /// grains' T0 bytes) in memory until the client's next flush, FUA write or fsync, which
-    /// makes all held writes durable at one target flush and one table commit (reads see held
-    /// writes; a crash loses only writes no flush covered, as with any volatile write cache).
+    /// Servers (`serve`, `mount`, `daemon`): hold a first write (one that copies its grains'
+    /// T0 bytes) in memory until the client's next flush, FUA write or fsync, which makes all
+    /// held writes durable at one target flush and one table commit (reads see held writes; a
+    /// crash loses only writes no flush covered, as with any volatile write cache). The
+    /// default for servers; the flag only states it.
     #[arg(long, global = true, conflicts_with = "write_through")]
     pub write_back: bool,
     /// Servers (`serve`, `mount`, `daemon`): acknowledge a write only once it is on its volume,
     /// and a first write only once its T0 copy is durable (two durability points before the
-    /// source write; about half the speed of write-back through NBD, docs/benchmarks.md). The
-    /// default; the flag only states it.
+    /// source write; about half the speed of write-back through NBD, docs/benchmarks.md), for
+    /// clients that never flush.
     #[arg(long, global = true)]
     pub write_through: bool,
     /// Serial copy-before-write: a first write flushes the target, then commits the copied

@@ -132,13 +132,13 @@ pub(super) fn open(table: &Path, restart: RestartPolicy, io: IoFlags) -> Result<
     Engine::open_path(table, io.engine_options(restart))
 }
 
-/// Open the engine of a server (`serve`, `mount`, `daemon`): in write-back mode with
-/// `--write-back` (its clients flush; see [`EngineOptions::write_back`]).
+/// Open the engine of a server (`serve`, `mount`, `daemon`): in write-back mode unless
+/// `--write-through` (its clients flush; see [`EngineOptions::write_back`]).
 pub(super) fn open_server(table: &Path, io: IoFlags) -> Result<Engine> {
     Engine::open_path(
         table,
         EngineOptions {
-            write_back: io.write_back,
+            write_back: !io.write_through,
             ..io.engine_options(RestartPolicy::Resume)
         },
     )

@@ -118,7 +118,7 @@ pub struct EngineOptions {
     /// and one table commit before writing them to the volume. [`Engine::write`]'s contract is
     /// unchanged (durable after [`Engine::flush`]); what changes is that the volume itself (read
     /// other than through the engine) shows the write only after that flush. The servers of
-    /// the command line (`serve`, `mount`, `daemon`) turn it on with `--write-back`.
+    /// the command line (`serve`, `mount`, `daemon`) turn it on unless given `--write-through`.
     /// Default = false (every write reaches the volume before it returns).
     pub write_back: bool,
     /// Checked copy-before-write: a first write flushes the target on a flusher thread while
