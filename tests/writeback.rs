@@ -354,38 +354,64 @@ fn a_failed_volume_refuses_a_write_instead_of_holding_it() {
 }
 
 /// Run `op` on a thread named `name`; the first time that thread reaches `point`, run `between`
-/// on this thread, then let it go on. Returns what `op` returned.
-fn interleave<T: Send + 'static>(
+/// on this thread, then let it go on. When the thread ends without reaching the point, run
+/// `between` after it. Returns what `op` returned and whether the thread paused.
+fn interleave_or_after<T: Send + 'static>(
     name: &'static str,
     point: PausePoint,
     op: impl FnOnce() -> T + Send + 'static,
     between: impl FnOnce(),
-) -> T {
-    let (looked_tx, looked_rx) = std::sync::mpsc::channel::<()>();
+) -> (T, bool) {
+    // The hook is process-wide: one interleaving at a time among this binary's tests.
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // true: the thread is at the point; false: it ended.
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let looked_tx = std::sync::Mutex::new(Some(looked_tx));
+    let looked_tx = std::sync::Mutex::new(Some(tx.clone()));
     let go_rx = std::sync::Mutex::new(go_rx);
     set_pause_hook(Some(Arc::new(move |p| {
         if p != point || std::thread::current().name() != Some(name) {
             return;
         }
         if let Some(tx) = looked_tx.lock().unwrap().take() {
-            tx.send(()).unwrap();
+            tx.send(true).unwrap();
             go_rx.lock().unwrap().recv().unwrap();
         }
     })));
     let t = std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(op)
+        .spawn(move || {
+            let r = op();
+            tx.send(false).unwrap();
+            r
+        })
         .unwrap();
-    let reached = looked_rx.recv_timeout(std::time::Duration::from_secs(60));
-    if reached.is_ok() {
+    let paused = rx.recv().unwrap();
+    if paused {
         between();
         go_tx.send(()).unwrap();
+        let r = t.join().unwrap();
+        set_pause_hook(None);
+        return (r, true);
     }
     let r = t.join().unwrap();
     set_pause_hook(None);
-    reached.expect("the thread never reached the pause point");
+    between();
+    (r, false)
+}
+
+/// [`interleave_or_after`] for a thread that must reach the point.
+fn interleave<T: Send + 'static>(
+    name: &'static str,
+    point: PausePoint,
+    op: impl FnOnce() -> T + Send + 'static,
+    between: impl FnOnce(),
+) -> T {
+    let (r, paused) = interleave_or_after(name, point, op, between);
+    assert!(paused, "the thread never reached the pause point");
     r
 }
 
@@ -453,4 +479,31 @@ fn a_second_write_that_looks_while_a_drain_lands_the_first_never_copies_its_byte
     e.flush(s).unwrap();
     same(&src.snapshot(), &apply(&t0, &[w1, w2]));
     same(&image(&e, id), &t0);
+}
+
+#[test]
+fn an_image_write_that_looks_while_a_drain_lands_a_source_write_keeps_t0_around_it() {
+    let Setup { src, e, s, t, .. } = setup();
+    let e = Arc::new(e);
+    let t0 = src.snapshot();
+    let id = e.establish(&spec(s, t, CopyMode::NoCopy)).unwrap();
+    let w1 = (5 * GRAIN, vec![0xa1; GRAIN as usize]);
+    e.write(s, w1.0, &w1.1).unwrap();
+    // A write to the image's grain 5 (target-write semantics: the rest of the grain keeps its
+    // T0 bytes) holds the grain and has looked at it; meanwhile a flush drains the held source
+    // write (bit committed, new bytes on the source).
+    let tw = (5 * GRAIN + 1024, vec![0x7e; 512]);
+    let ec = Arc::clone(&e);
+    let twc = tw.clone();
+    // The writer finds grain 5 pending on the source and drains it first, so that its look at
+    // the bit comes after the drain (it then needs no copy, and never pauses); on a build that
+    // did not, the drain ran in the pause and the new source bytes filled the rest of the grain.
+    let ((), _paused) = interleave_or_after(
+        "image-writer-under-test",
+        PausePoint::SyncWriteLooked,
+        move || ec.write_image(id, twc.0, &twc.1).unwrap(),
+        || e.flush(s).unwrap(),
+    );
+    same(&src.snapshot(), &apply(&t0, &[w1]));
+    same(&image(&e, id), &apply(&t0, &[tw]));
 }

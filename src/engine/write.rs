@@ -99,7 +99,7 @@ impl Engine {
             ));
         }
         let len = data.len() as u64;
-        let _gate = loop {
+        let gate = loop {
             if restoring.is_none() && self.reversing_any() {
                 // Grains a reverse restore still maps move back before anything lands on them.
                 self.restore_first(vol, offset, len)?;
@@ -209,6 +209,18 @@ impl Engine {
             .iter()
             .map(|(s, g0, g1)| s.locks.lock(*g0, *g1))
             .collect();
+        // Grains a held write on their source copied (write-back mode; this write is not held:
+        // it goes to a session's target, say) are committed by that source's drain, and their
+        // source may get the held bytes at any moment: drain it first (under its own gate, so
+        // with none held here) and start again. Looked at before the bits (`uncopied_runs`), as
+        // everywhere (`writeback.rs`, "Invariants").
+        if let Some(src) = self.held_pending(&work)? {
+            drop(guards);
+            drop(_busy);
+            drop(gate);
+            self.drain(&src)?;
+            return self.write_as(vol, offset, data, restoring);
+        }
         let r = self.copy_runs(&work, marks.clone());
         if let Err(e) = r {
             match self.options.on_copy_error {
@@ -237,6 +249,18 @@ impl Engine {
         let r = release_write(h, offset, data);
         drop(guards);
         r
+    }
+
+    /// The source of the first grain of `work` (session, grain range; locks held) that a held
+    /// write copied and whose bit is not yet committed, if any.
+    fn held_pending(&self, work: &[(Arc<Session>, u64, u64)]) -> Result<Option<Arc<VolumeHandle>>> {
+        for (s, g0, g1) in work {
+            let src = self.handle(s.desc.source.id)?;
+            if !src.held.is_empty() && src.held.pending_in(s.id(), *g0, *g1).contains(&true) {
+                return Ok(Some(src));
+            }
+        }
+        Ok(None)
     }
 
     /// `SetBits` entries that confirm the grains of `ranges` (session, grain range) the
@@ -274,6 +298,7 @@ impl Engine {
     /// target); the grains' bits are set in memory only when both are durable.
     fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)], marks: Vec<Entry>) -> Result<()> {
         let runs = uncopied_runs(work)?;
+        super::pause::pause(super::pause::PausePoint::SyncWriteLooked);
         if runs.is_empty() {
             return if marks.is_empty() {
                 Ok(())
