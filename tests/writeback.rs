@@ -431,7 +431,7 @@ fn a_copier_that_looks_while_a_drain_lands_the_write_never_copies_the_new_bytes(
     let ec = Arc::clone(&e);
     let copied_now = interleave(
         "copier-under-test",
-        PausePoint::CopierLooked,
+        PausePoint::Copier,
         move || {
             let (_, hold) = ec
                 .copy_data(id, GrainIndex(5), GrainCount(1))
@@ -472,7 +472,7 @@ fn a_second_write_that_looks_while_a_drain_lands_the_first_never_copies_its_byte
     let w2c = w2.clone();
     interleave(
         "writer-under-test",
-        PausePoint::HeldWriteLooked,
+        PausePoint::HeldWrite,
         move || ec.write(s, w2c.0, &w2c.1).unwrap(),
         || e.flush(s).unwrap(),
     );
@@ -500,7 +500,7 @@ fn an_image_write_that_looks_while_a_drain_lands_a_source_write_keeps_t0_around_
     // did not, the drain ran in the pause and the new source bytes filled the rest of the grain.
     let ((), _paused) = interleave_or_after(
         "image-writer-under-test",
-        PausePoint::SyncWriteLooked,
+        PausePoint::SyncWrite,
         move || ec.write_image(id, twc.0, &twc.1).unwrap(),
         || e.flush(s).unwrap(),
     );

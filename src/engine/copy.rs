@@ -138,7 +138,7 @@ impl Engine {
                 .take_while(|p| !**p)
                 .count() as u64
         };
-        super::pause::pause(super::pause::PausePoint::CopierLooked);
+        super::pause::pause(super::pause::PausePoint::Copier);
         let clear = s.bits().clear_run(g, run);
         if clear > 0 && pending == 0 {
             // The first grain waits for a held write's drain: drain now (the writes were only

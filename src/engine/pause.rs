@@ -11,14 +11,14 @@
 pub enum PausePoint {
     /// The background copier holds a run of grains and has looked at which of them held
     /// writes copied (write-back mode), and not yet at their copied bits.
-    CopierLooked,
+    Copier,
     /// A held source write (write-back mode) holds its grains and has looked at which of them
     /// earlier held writes copied, and not yet at their copied bits.
-    HeldWriteLooked,
+    HeldWrite,
     /// A write that is not held (to a session's target, say) holds its grains, has found none
     /// of them copied by a held write on its source, has looked at their copied bits, and has
     /// not yet read the T0 bytes of the uncopied ones from the sources.
-    SyncWriteLooked,
+    SyncWrite,
 }
 
 #[cfg(feature = "fault")]

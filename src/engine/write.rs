@@ -298,7 +298,7 @@ impl Engine {
     /// target); the grains' bits are set in memory only when both are durable.
     fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)], marks: Vec<Entry>) -> Result<()> {
         let runs = uncopied_runs(work)?;
-        super::pause::pause(super::pause::PausePoint::SyncWriteLooked);
+        super::pause::pause(super::pause::PausePoint::SyncWrite);
         if runs.is_empty() {
             return if marks.is_empty() {
                 Ok(())
@@ -777,14 +777,14 @@ fn uncopied_runs(work: &[(Arc<Session>, u64, u64)]) -> Result<Vec<Run>> {
 /// held write (and none can copy it now: the caller holds it) or its bit is already set.
 fn uncopied_not_pending(work: &[(Arc<Session>, u64, u64)], held: &WriteBack) -> Result<Vec<Run>> {
     if held.is_empty() {
-        super::pause::pause(super::pause::PausePoint::HeldWriteLooked);
+        super::pause::pause(super::pause::PausePoint::HeldWrite);
         return uncopied_runs(work);
     }
     let pending: Vec<Vec<bool>> = work
         .iter()
         .map(|(s, g0, g1)| held.pending_in(s.id(), *g0, *g1))
         .collect();
-    super::pause::pause(super::pause::PausePoint::HeldWriteLooked);
+    super::pause::pause(super::pause::PausePoint::HeldWrite);
     runs_where(work, |i, g| {
         let (_, g0, _) = &work[i];
         usize::try_from(g - g0)
