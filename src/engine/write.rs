@@ -214,7 +214,7 @@ impl Engine {
         // source may get the held bytes at any moment: drain it first (under its own gate, so
         // with none held here) and start again. Looked at before the bits (`uncopied_runs`), as
         // everywhere (`writeback.rs`, "Invariants").
-        if let Some(src) = self.held_pending(&work)? {
+        if let Some(src) = self.held_pending(&work) {
             drop(guards);
             drop(_busy);
             drop(gate);
@@ -252,15 +252,17 @@ impl Engine {
     }
 
     /// The source of the first grain of `work` (session, grain range; locks held) that a held
-    /// write copied and whose bit is not yet committed, if any.
-    fn held_pending(&self, work: &[(Arc<Session>, u64, u64)]) -> Result<Option<Arc<VolumeHandle>>> {
-        for (s, g0, g1) in work {
-            let src = self.handle(s.desc.source.id)?;
-            if !src.held.is_empty() && src.held.pending_in(s.id(), *g0, *g1).contains(&true) {
-                return Ok(Some(src));
-            }
+    /// write copied and whose bit is not yet committed, if any. Only write-back engines hold
+    /// writes; a source that is not attached holds none.
+    fn held_pending(&self, work: &[(Arc<Session>, u64, u64)]) -> Option<Arc<VolumeHandle>> {
+        if !self.options.write_back {
+            return None;
         }
-        Ok(None)
+        work.iter().find_map(|(s, g0, g1)| {
+            let src = self.handle(s.desc.source.id).ok()?;
+            (!src.held.is_empty() && src.held.pending_in(s.id(), *g0, *g1).contains(&true))
+                .then_some(src)
+        })
     }
 
     /// `SetBits` entries that confirm the grains of `ranges` (session, grain range) the
