@@ -31,8 +31,9 @@
 //! and must be caught too.
 //!
 //! Write-back mode has a model of its own (below): two held source writers, the copier, a
-//! flusher draining held writes and an image reader on one grain; its negative control looks at
-//! the copied bit before the pending state and must be caught.
+//! flusher draining held writes, an image reader and a target writer on one grain; its negative
+//! controls look at the copied bit before the pending state (every actor, or the target writer
+//! alone) and must be caught.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
 
@@ -308,8 +309,12 @@ fn lock_free_read_without_recheck_is_caught() {
 // that needs the grain's T0 bytes copies them to the target at once and leaves the grain
 // *pending* (T0 bytes on the target, bit not set); a drain (a flush, or the copier meeting a
 // pending grain) sets the bit, stops holding the grain pending, then writes the held source
-// writes in order. Modelled: two held writers, a copier, a flusher and an image reader on one
-// grain.
+// writes in order. Modelled: two held writers, a copier, a flusher, an image reader and a
+// target (image) writer on one grain. The target writer writes part of the grain: the rest
+// (`Grain::target`) must hold T0, which it completes from the source when the grain is neither
+// copied nor pending; a drain does not take the grain's lock, so a writer that finds the grain
+// pending drains it and starts again (`Engine::held_pending`) rather than trust the bit it
+// reads next.
 
 /// Bytes of the second user source write.
 const S2: u8 = 3;
@@ -332,13 +337,24 @@ struct Held {
 }
 
 struct WbGrain {
+    /// `g.target` is the part of the grain the target writer does not write.
     g: Grain,
+    /// The part of the target the target writer writes.
+    part: AtomicU8,
+    /// Ghost: the target writer has written `part`.
+    part_written: AtomicBool,
     held: Mutex<Held>,
     /// One drain at a time.
     draining: Mutex<()>,
 }
 
 impl WbGrain {
+    /// A copy of the grain's T0 bytes lands on the whole target grain.
+    fn copy_to_target(&self, v: u8) {
+        self.g.write_target(v);
+        self.part.store(v, Ordering::SeqCst);
+    }
+
     /// Whether the grain is neither pending nor copied, looked at in `order`.
     fn neither(&self, order: Looks) -> (bool, bool) {
         let (pending, bit) = match order {
@@ -391,7 +407,7 @@ fn held_writer(w: &WbGrain, v: u8, order: Looks) {
     let copy = !pending && !bit;
     if copy {
         let old = w.g.read_source();
-        w.g.write_target(old);
+        w.copy_to_target(old);
     }
     {
         let mut h = w.held.lock().unwrap();
@@ -418,26 +434,57 @@ fn wb_copier(w: &WbGrain, order: Looks) {
         return;
     }
     let data = w.g.read_source();
-    w.g.write_target(data);
+    w.copy_to_target(data);
     w.g.commit_bit();
     w.g.lock.release();
 }
 
-fn scenario_write_back(order: Looks) {
+/// A target (image) write of part of the grain, not held (`Engine::write_as` on a target).
+fn wb_target_writer(w: &WbGrain, order: Looks) {
+    loop {
+        w.g.lock.lock();
+        let (pending, bit) = w.neither(order);
+        if pending && !bit {
+            // A held write copied the grain and its drain has not set the bit: the source may
+            // get the held bytes at any moment. Drain first, then start again.
+            w.g.lock.release();
+            w.drain();
+            continue;
+        }
+        if !pending && !bit {
+            // Complete the grain: the part not written here must hold T0.
+            let old = w.g.read_source();
+            w.copy_to_target(old);
+        }
+        w.g.commit_bit();
+        w.part.store(TW, Ordering::SeqCst);
+        w.part_written.store(true, Ordering::SeqCst);
+        w.g.lock.release();
+        return;
+    }
+}
+
+/// One write-back execution; `writer` is the order in which the target writer looks (`None`:
+/// no target writer).
+fn scenario_write_back(order: Looks, writer: Option<Looks>) {
     let w = Arc::new(WbGrain {
         g: Grain::new(),
+        part: AtomicU8::new(JUNK),
+        part_written: AtomicBool::new(false),
         held: Mutex::new(Held::default()),
         draining: Mutex::new(()),
     });
     let mut hs = Vec::new();
-    for actor in 0..5 {
+    let actors = if writer.is_some() { 6 } else { 5 };
+    for actor in 0..actors {
         let w = w.clone();
         hs.push(thread::spawn(move || match actor {
             0 => held_writer(&w, S1, order),
             1 => held_writer(&w, S2, order),
             2 => wb_copier(&w, order),
             3 => w.drain(),
-            _ => image_reader(&w.g, Reader::Optimistic),
+            4 => image_reader(&w.g, Reader::Optimistic),
+            _ => wb_target_writer(&w, writer.unwrap_or(order)),
         }));
     }
     for h in hs {
@@ -449,14 +496,35 @@ fn scenario_write_back(order: Looks) {
     if s != S1 && s != S2 {
         w.g.violation(format!("source ends with {s}, not a written value"));
     }
+    if w.g.bit.load(Ordering::SeqCst) {
+        let want = if w.part_written.load(Ordering::SeqCst) {
+            TW
+        } else {
+            T0
+        };
+        let part = w.part.load(Ordering::SeqCst);
+        if part != want {
+            w.g.violation(format!(
+                "bit set, target part ends with {part}, want {want}"
+            ));
+        }
+    }
     final_check(&w.g);
 }
 
 #[test]
 fn write_back_protocol_holds() {
-    shuttle::check_random(|| scenario_write_back(Looks::PendingFirst), ITERATIONS);
-    shuttle::check_pct(|| scenario_write_back(Looks::PendingFirst), ITERATIONS, 3);
-    println!("write-back protocol: {ITERATIONS} random + {ITERATIONS} PCT schedules, no violation");
+    let engine = || scenario_write_back(Looks::PendingFirst, Some(Looks::PendingFirst));
+    shuttle::check_random(engine, ITERATIONS);
+    shuttle::check_pct(engine, ITERATIONS, 3);
+    shuttle::check_random(
+        || scenario_write_back(Looks::PendingFirst, None),
+        ITERATIONS,
+    );
+    println!(
+        "write-back protocol: {} random + {ITERATIONS} PCT schedules, no violation",
+        2 * ITERATIONS
+    );
 }
 
 /// Negative control: a copier or held writer that looks at the bit before pending must be
@@ -465,7 +533,25 @@ fn write_back_protocol_holds() {
 #[test]
 fn write_back_bit_before_pending_is_caught() {
     let r = std::panic::catch_unwind(|| {
-        shuttle::check_random(|| scenario_write_back(Looks::BitFirst), ITERATIONS);
+        shuttle::check_random(|| scenario_write_back(Looks::BitFirst, None), ITERATIONS);
     });
     assert!(r.is_err(), "the checker missed the bit-first look");
+}
+
+/// Negative control: a target writer that looks at the bit before pending, with every other
+/// actor as the engine has it, must be caught (a drain between its two looks sets the bit and
+/// lands a held source write, and the writer completes the grain with those new bytes: the bug
+/// `Engine::held_pending` fixed).
+#[test]
+fn write_back_target_writer_bit_first_is_caught() {
+    let r = std::panic::catch_unwind(|| {
+        shuttle::check_random(
+            || scenario_write_back(Looks::PendingFirst, Some(Looks::BitFirst)),
+            ITERATIONS,
+        );
+    });
+    assert!(
+        r.is_err(),
+        "the checker missed the target writer's bit-first look"
+    );
 }
