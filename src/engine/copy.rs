@@ -160,7 +160,7 @@ impl Engine {
             match s.try_hold(g, g + uncopied) {
                 // Pending first, then bits, as above.
                 Some(h)
-                    if !(g..g + uncopied).any(|x| src.held.is_pending(s.id(), x))
+                    if !src.held.any_pending_in(s.id(), g, g + uncopied)
                         && s.bits().clear_run(g, uncopied) == uncopied =>
                 {
                     (uncopied, h)

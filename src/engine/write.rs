@@ -260,8 +260,7 @@ impl Engine {
         }
         work.iter().find_map(|(s, g0, g1)| {
             let src = self.handle(s.desc.source.id).ok()?;
-            (!src.held.is_empty() && src.held.pending_in(s.id(), *g0, *g1).contains(&true))
-                .then_some(src)
+            src.held.any_pending_in(s.id(), *g0, *g1).then_some(src)
         })
     }
 

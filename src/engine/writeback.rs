@@ -145,13 +145,13 @@ impl WriteBack {
         chunks_of(offset, len).any(|c| h.chunks.contains_key(&c))
     }
 
-    /// Whether grain `g` of `session` is pending (its T0 bytes copied by a held write, its
-    /// bit not yet committed).
-    pub(crate) fn is_pending(&self, session: SessionId, g: u64) -> bool {
+    /// Whether any grain of `session` among `g0..g1` is pending (one lock hold, no allocation).
+    pub(crate) fn any_pending_in(&self, session: SessionId, g0: u64, g1: u64) -> bool {
         if self.is_empty() {
             return false;
         }
-        self.held.read().pending.contains(&(session, g))
+        let h = self.held.read();
+        (g0..g1).any(|g| h.pending.contains(&(session, g)))
     }
 
     /// The pending grains of `session` among `g0..g1`, as a predicate over one lock hold.
