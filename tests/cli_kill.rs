@@ -105,6 +105,8 @@ fn sigkill_during_writes_and_copy_then_resume() {
         "256KiB",
         "--threads",
         "3",
+        "--depth",
+        "2",
     ]);
     assert!(out.contains("s1 completed"), "{out}");
     ok(&["export", p(&table), "s1", p(&d.join("out"))]);

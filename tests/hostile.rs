@@ -1249,6 +1249,8 @@ mod bad_input {
             (vec!["copy", t, "--threads", "65"], "1 to 64"),
             (vec!["copy", t, "--batch", "0"], "4KiB to 4MiB"),
             (vec!["copy", t, "--batch", "5MiB"], "4KiB to 4MiB"),
+            (vec!["copy", t, "--depth", "0"], "1 to 16"),
+            (vec!["copy", t, "--depth", "17"], "1 to 16"),
             (
                 vec!["init", "x.tzt", "--journal", "64KiB"],
                 "128KiB to 1GiB",

@@ -57,6 +57,17 @@ pub fn batch(s: &str) -> std::result::Result<u64, String> {
     )
 }
 
+/// `--depth` of `copy`: requests each worker has in flight in each direction.
+pub fn depth(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=limits::COPY_DEPTH_MAX).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s} is out of range (valid: 1 to {} requests)",
+            limits::COPY_DEPTH_MAX
+        )),
+    }
+}
+
 /// `--journal` of `init`: per journal copy.
 pub fn journal(s: &str) -> std::result::Result<u64, String> {
     size_in(

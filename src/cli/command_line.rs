@@ -184,6 +184,9 @@ pub enum Command {
         /// Bytes per copy request (4KiB to 4MiB) [default: 1MiB].
         #[arg(long, value_parser = args::batch)]
         batch: Option<u64>,
+        /// Requests each worker has in flight in each direction (1 to 16) [default: 4].
+        #[arg(long, value_parser = args::depth)]
+        depth: Option<usize>,
         /// Convert the session to copy mode first if it is a no-copy session.
         #[arg(long)]
         convert: bool,

@@ -237,6 +237,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             rate,
             threads,
             batch,
+            depth,
             convert,
             json,
         } => {
@@ -251,6 +252,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                     rate,
                     threads,
                     batch,
+                    depth,
                     convert,
                     json,
                 },

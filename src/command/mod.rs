@@ -154,6 +154,9 @@ pub enum Remote {
         /// Bytes per copy request.
         #[serde(default)]
         batch: Option<u64>,
+        /// Requests in flight per worker and direction.
+        #[serde(default)]
+        depth: Option<usize>,
         /// Convert first.
         convert: bool,
         /// JSON output.
@@ -465,6 +468,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             rate,
             threads,
             batch,
+            depth,
             convert,
             json: as_json,
         } => copy(
@@ -473,6 +477,7 @@ pub fn execute(e: &Arc<Engine>, cmd: &Remote, io: &mut dyn Channel) -> Result<St
             *rate,
             *threads,
             *batch,
+            *depth,
             *convert,
             *as_json,
             io,
@@ -756,6 +761,7 @@ fn copy(
     rate: Option<u64>,
     threads: usize,
     batch: Option<u64>,
+    depth: Option<usize>,
     convert: bool,
     as_json: bool,
     io: &mut dyn Channel,
@@ -793,11 +799,13 @@ fn copy(
     if let Some(b) = batch {
         opts.batch_bytes = b;
     }
+    if let Some(d) = depth {
+        opts.depth = d;
+    }
     let c = Copier::start(e.clone(), opts)?;
     let _registered = io.copies().map(|r| r.register(c.control()));
     let mut last = std::time::Instant::now();
-    while !c.finished() {
-        std::thread::sleep(Duration::from_millis(100));
+    while !c.wait_finished(Duration::from_millis(100)) {
         if let Some(er) = io.interrupted() {
             // Everything copied so far is committed when the workers stop.
             c.stop()?;

@@ -145,6 +145,19 @@ struct Shared {
     completed: Mutex<Vec<SessionId>>,
     /// Sessions a `Reversed` event was sent for (each is sent once).
     reversed: Mutex<Vec<SessionId>>,
+    /// Workers that have not returned yet; `exited` is signalled each time one does.
+    running: Mutex<usize>,
+    exited: parking_lot::Condvar,
+}
+
+/// Counts a worker out of [`Shared::running`] when its thread returns (or unwinds).
+struct Running<'a>(&'a Shared);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        *self.0.running.lock() -= 1;
+        self.0.exited.notify_all();
+    }
 }
 
 /// What a running copier reports to the callback given to [`Copier::start_with_events`].
@@ -440,6 +453,8 @@ impl Copier {
             events,
             completed: Mutex::new(Vec::new()),
             reversed: Mutex::new(Vec::new()),
+            running: Mutex::new(opts.threads),
+            exited: parking_lot::Condvar::new(),
             opts,
         });
         let workers = (0..shared.opts.threads)
@@ -448,10 +463,26 @@ impl Copier {
                 let sh = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("tz-copier-{i}"))
-                    .spawn(move || worker(&e, &sh))
+                    .spawn(move || {
+                        let _running = Running(&sh);
+                        worker(&e, &sh);
+                    })
                     .map_err(|e| Error::io("spawn", "copier", 0, e))
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Vec<_>>();
+        // A worker that could not be spawned never runs: count it out, then stop the others.
+        for w in &workers {
+            if w.is_err() {
+                *shared.running.lock() -= 1;
+            }
+        }
+        let workers = match workers.into_iter().collect::<Result<Vec<_>>>() {
+            Ok(w) => w,
+            Err(e) => {
+                shared.stop.store(true, Ordering::Release);
+                return Err(e);
+            }
+        };
         Ok(Copier {
             engine,
             shared,
@@ -524,6 +555,26 @@ impl Copier {
     #[must_use]
     pub fn finished(&self) -> bool {
         self.workers.iter().all(JoinHandle::is_finished)
+    }
+
+    /// Wait until every worker has returned or `timeout` has passed, whichever comes first;
+    /// true when every worker has returned ([`Copier::join`] then returns at once). A caller
+    /// that reports progress while it waits calls this in a loop instead of sleeping, so it
+    /// sees the end of the copy when it happens.
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut running = self.shared.running.lock();
+        while *running > 0 {
+            if self
+                .shared
+                .exited
+                .wait_until(&mut running, deadline)
+                .timed_out()
+            {
+                return *running == 0;
+            }
+        }
+        true
     }
 
     /// Wait for the workers to finish (they do when nothing is left and `exit_when_done`).
@@ -1183,5 +1234,47 @@ mod tests {
         }
         assert!(sp.wrap(id));
         assert_eq!(sp.reserve(id, 16), 0);
+    }
+
+    /// `wait_finished` returns false while a worker runs (a copier told not to exit when done
+    /// never exits by itself) and true once every worker has returned, without waiting out
+    /// its timeout.
+    #[test]
+    fn wait_finished_reports_running_and_returned_workers() {
+        let layout = TableOptions::default().layout().unwrap();
+        let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
+        let engine = Arc::new(Engine::create(table, EngineOptions::default()).unwrap());
+        let s = engine.attach(Arc::new(MemVolume::with_data("src", &[5u8; 1 << 20])));
+        let tgt = Arc::new(MemVolume::new("tgt", 1 << 20));
+        let t = engine.attach(tgt.clone());
+        let id = engine.establish(&SessionSpec::whole(s, t)).unwrap();
+        let c = Copier::start(
+            engine.clone(),
+            CopierOptions {
+                sessions: vec![id],
+                exit_when_done: false,
+                ..CopierOptions::default()
+            },
+        )
+        .unwrap();
+        assert!(!c.wait_finished(Duration::from_millis(20)));
+        c.stop().unwrap();
+
+        let s = engine.attach(Arc::new(MemVolume::with_data("src2", &[6u8; 1 << 20])));
+        let tgt = Arc::new(MemVolume::new("tgt2", 1 << 20));
+        let t = engine.attach(tgt.clone());
+        let id = engine.establish(&SessionSpec::whole(s, t)).unwrap();
+        let c = Copier::start(
+            engine.clone(),
+            CopierOptions {
+                sessions: vec![id],
+                ..CopierOptions::default()
+            },
+        )
+        .unwrap();
+        // An hour: the call returns when the workers do, long before.
+        assert!(c.wait_finished(Duration::from_secs(3600)));
+        assert!(c.join().unwrap().done);
+        assert_eq!(tgt.snapshot(), vec![6u8; 1 << 20]);
     }
 }
