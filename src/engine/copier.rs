@@ -1244,34 +1244,27 @@ mod tests {
         let layout = TableOptions::default().layout().unwrap();
         let table = Arc::new(MemStorage::new("table", layout.file_bytes()));
         let engine = Arc::new(Engine::create(table, EngineOptions::default()).unwrap());
-        let s = engine.attach(Arc::new(MemVolume::with_data("src", &[5u8; 1 << 20])));
-        let tgt = Arc::new(MemVolume::new("tgt", 1 << 20));
-        let t = engine.attach(tgt.clone());
-        let id = engine.establish(&SessionSpec::whole(s, t)).unwrap();
-        let c = Copier::start(
-            engine.clone(),
-            CopierOptions {
+        // A 1 MiB source of `byte` and a copier of its session to a fresh target.
+        let copier = |name: &str, byte: u8, exit_when_done: bool| {
+            let s = engine.attach(Arc::new(MemVolume::with_data(
+                &format!("{name}.src"),
+                &[byte; 1 << 20],
+            )));
+            let tgt = Arc::new(MemVolume::new(&format!("{name}.tgt"), 1 << 20));
+            let t = engine.attach(tgt.clone());
+            let id = engine.establish(&SessionSpec::whole(s, t)).unwrap();
+            let opts = CopierOptions {
                 sessions: vec![id],
-                exit_when_done: false,
+                exit_when_done,
                 ..CopierOptions::default()
-            },
-        )
-        .unwrap();
+            };
+            (Copier::start(engine.clone(), opts).unwrap(), tgt)
+        };
+        let (c, _) = copier("a", 5, false);
         assert!(!c.wait_finished(Duration::from_millis(20)));
         c.stop().unwrap();
 
-        let s = engine.attach(Arc::new(MemVolume::with_data("src2", &[6u8; 1 << 20])));
-        let tgt = Arc::new(MemVolume::new("tgt2", 1 << 20));
-        let t = engine.attach(tgt.clone());
-        let id = engine.establish(&SessionSpec::whole(s, t)).unwrap();
-        let c = Copier::start(
-            engine.clone(),
-            CopierOptions {
-                sessions: vec![id],
-                ..CopierOptions::default()
-            },
-        )
-        .unwrap();
+        let (c, tgt) = copier("b", 6, true);
         // An hour: the call returns when the workers do, long before.
         assert!(c.wait_finished(Duration::from_secs(3600)));
         assert!(c.join().unwrap().done);
