@@ -469,20 +469,9 @@ impl Copier {
                     })
                     .map_err(|e| Error::io("spawn", "copier", 0, e))
             })
-            .collect::<Vec<_>>();
-        // A worker that could not be spawned never runs: count it out, then stop the others.
-        for w in &workers {
-            if w.is_err() {
-                *shared.running.lock() -= 1;
-            }
-        }
-        let workers = match workers.into_iter().collect::<Result<Vec<_>>>() {
-            Ok(w) => w,
-            Err(e) => {
-                shared.stop.store(true, Ordering::Release);
-                return Err(e);
-            }
-        };
+            .collect::<Result<Vec<_>>>()
+            // The copier is not returned: the workers already spawned stop.
+            .inspect_err(|_| shared.stop.store(true, Ordering::Release))?;
         Ok(Copier {
             engine,
             shared,
