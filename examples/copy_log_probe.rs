@@ -7,6 +7,9 @@
 //! * `checked`: the engine's checked copy-before-write. The target's `fdatasync` on a second
 //!   thread while this one writes a 512-byte record to both copies of a journal and syncs it;
 //!   then the source write and its `fdatasync`. Two durability points side by side, then one.
+//! * `inline`: `checked` with the roles swapped: this thread syncs the target while the second
+//!   thread writes and syncs the record, so the longer of the two (the target's, when the
+//!   journal is on a faster device) runs without a hand-over to another thread and back.
 //! * `log`: a copy log. The grain goes to the target *without* a flush, and the grain with its
 //!   record (64 KiB + 512 bytes) is appended to a log file beside the table, which one
 //!   `fdatasync` makes durable; then the source write and its `fdatasync`. Every `RETIRE` first
@@ -14,7 +17,8 @@
 //!   synced in the journal, its cost spread over those writes. Recovery would copy a logged
 //!   grain whose target bytes do not match the record's CRC back from the log.
 //!
-//! `cargo run --release --example copy_log_probe [DIR]` (default DIR: /var/tmp)
+//! `cargo run --release --example copy_log_probe [DIR [TABLE_DIR]]` (default DIR: /var/tmp;
+//! the journal and the log go to TABLE_DIR when given, e.g. a file system on another device)
 //!
 //! Per round, each design runs `OPS` first writes on grains of its own (the order of designs
 //! rotates per round); prints microseconds per first write and each design's ratio to `floor`.
@@ -23,6 +27,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
@@ -32,7 +37,9 @@ const ROUNDS: usize = 5;
 const RETIRE: usize = 64;
 const RECORD: usize = 512;
 /// Grains per file: every design writes fresh grains of its own in each round.
-const GRAINS: usize = OPS * ROUNDS * 3;
+const GRAINS: usize = OPS * ROUNDS * DESIGNS;
+/// floor, checked, inline, log.
+const DESIGNS: usize = 4;
 
 fn open(path: &Path, len: usize) -> std::io::Result<File> {
     let f = OpenOptions::new()
@@ -54,31 +61,55 @@ fn open(path: &Path, len: usize) -> std::io::Result<File> {
     Ok(f)
 }
 
+/// Write a record at `at` in both copies of the journal and sync it.
+fn write_record(journal: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
+    journal.write_all_at(bytes, at)?;
+    journal.write_all_at(bytes, at + (1 << 20))?;
+    journal.sync_data()
+}
+
 struct Files {
     src: File,
     tgt: Arc<File>,
-    journal: File,
+    journal: Arc<File>,
     log: File,
 }
 
 fn main() -> std::io::Result<()> {
     let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "/var/tmp".into()));
-    let names = ["src", "tgt", "journal", "log"].map(|n| dir.join(format!("copy_log_probe.{n}")));
+    let meta = std::env::args()
+        .nth(2)
+        .map_or_else(|| dir.clone(), PathBuf::from);
+    let names = ["src", "tgt", "journal", "log"].map(|n| {
+        let d = if n == "journal" || n == "log" {
+            &meta
+        } else {
+            &dir
+        };
+        d.join(format!("copy_log_probe.{n}"))
+    });
     let f = Files {
         src: open(&names[0], GRAINS * GRAIN)?,
         tgt: Arc::new(open(&names[1], GRAINS * GRAIN)?),
-        journal: open(&names[2], 2 << 20)?,
+        journal: Arc::new(open(&names[2], 2 << 20)?),
         log: open(&names[3], RETIRE * (GRAIN + RECORD))?,
     };
-    // The target's flusher for `checked`: per operation, wait at `go`, sync, wait at `done`.
+    // The second thread of `checked` and `inline`: per operation, wait at `go`, sync the
+    // target (`checked`) or write and sync the record at `record` (`inline`), wait at `done`.
     let go = Arc::new(Barrier::new(2));
     let done = Arc::new(Barrier::new(2));
+    let record = Arc::new(AtomicU64::new(0));
     let flusher = {
         let (tgt, go, done) = (Arc::clone(&f.tgt), Arc::clone(&go), Arc::clone(&done));
+        let (journal, record) = (Arc::clone(&f.journal), Arc::clone(&record));
         std::thread::spawn(move || -> std::io::Result<()> {
-            for _ in 0..ROUNDS * OPS {
+            let bytes = vec![3u8; RECORD];
+            for _ in 0..ROUNDS * OPS * 2 {
                 go.wait();
-                let r = tgt.sync_data();
+                let r = match record.load(Ordering::Acquire) {
+                    0 => tgt.sync_data(),
+                    at => write_record(&journal, &bytes, at - 1),
+                };
                 done.wait();
                 r?;
             }
@@ -88,12 +119,15 @@ fn main() -> std::io::Result<()> {
     let user = vec![1u8; 4096];
     let mut grain = vec![0u8; GRAIN + RECORD];
     let mut next = 0usize;
-    let mut sums = [0f64; 3];
-    println!("round  floor us  checked us  log us  checked/floor  log/floor");
+    let mut sums = [0f64; DESIGNS];
+    let names_of = ["floor", "checked", "inline", "log"];
+    println!(
+        "round  floor us  checked us  inline us  log us  checked/floor  inline/floor  log/floor"
+    );
     for round in 0..ROUNDS {
-        let mut us = [0f64; 3];
-        for k in 0..3 {
-            let design = (k + round) % 3;
+        let mut us = [0f64; DESIGNS];
+        for k in 0..DESIGNS {
+            let design = (k + round) % DESIGNS;
             let t = Instant::now();
             for i in 0..OPS {
                 let g = next;
@@ -102,17 +136,19 @@ fn main() -> std::io::Result<()> {
                 f.src.read_exact_at(&mut grain[..GRAIN], off)?;
                 f.tgt.write_all_at(&grain[..GRAIN], off)?;
                 let rec = ((i % 2048) * RECORD) as u64;
-                match design {
-                    0 => f.tgt.sync_data()?,
-                    1 => {
+                match names_of[design] {
+                    "floor" => f.tgt.sync_data()?,
+                    "checked" => {
+                        record.store(0, Ordering::Release);
                         go.wait();
-                        let r = f
-                            .journal
-                            .write_all_at(&grain[..RECORD], rec)
-                            .and_then(|()| {
-                                f.journal.write_all_at(&grain[..RECORD], rec + (1 << 20))
-                            })
-                            .and_then(|()| f.journal.sync_data());
+                        let r = write_record(&f.journal, &grain[..RECORD], rec);
+                        done.wait();
+                        r?;
+                    }
+                    "inline" => {
+                        record.store(rec + 1, Ordering::Release);
+                        go.wait();
+                        let r = f.tgt.sync_data();
                         done.wait();
                         r?;
                     }
@@ -135,24 +171,10 @@ fn main() -> std::io::Result<()> {
         for (s, u) in sums.iter_mut().zip(us) {
             *s += u;
         }
-        println!(
-            "{round:>5}  {:>8.0}  {:>10.0}  {:>6.0}  {:>13.2}  {:>9.2}",
-            us[0],
-            us[1],
-            us[2],
-            us[1] / us[0],
-            us[2] / us[0]
-        );
+        print_row(&format!("{round:>5}"), us);
     }
-    println!(
-        "  all  {:>8.0}  {:>10.0}  {:>6.0}  {:>13.2}  {:>9.2}",
-        sums[0] / ROUNDS as f64,
-        sums[1] / ROUNDS as f64,
-        sums[2] / ROUNDS as f64,
-        sums[1] / sums[0],
-        sums[2] / sums[0]
-    );
-    // The flusher waits for one `go` per `checked` operation: it ran OPS per round.
+    print_row("  all", sums.map(|s| s / ROUNDS as f64));
+    // The second thread waits for one `go` per `checked` and `inline` operation.
     flusher
         .join()
         .map_err(|_| std::io::Error::other("the flusher thread panicked"))??;
@@ -160,4 +182,18 @@ fn main() -> std::io::Result<()> {
         std::fs::remove_file(n)?;
     }
     Ok(())
+}
+
+/// One line of the table: microseconds per design, then each design's ratio to `floor`.
+fn print_row(label: &str, us: [f64; DESIGNS]) {
+    println!(
+        "{label}  {:>8.0}  {:>10.0}  {:>9.0}  {:>6.0}  {:>13.2}  {:>12.2}  {:>9.2}",
+        us[0],
+        us[1],
+        us[2],
+        us[3],
+        us[1] / us[0],
+        us[2] / us[0],
+        us[3] / us[0]
+    );
 }

@@ -15,7 +15,7 @@ use crate::{Error, Result};
 pub(super) struct Files {
     /// The directory holding every file of the run.
     pub(super) dir: PathBuf,
-    _tmp: Option<tempfile::TempDir>,
+    _tmp: tempfile::TempDir,
     /// The engine's source volume.
     pub(super) src: PathBuf,
     /// The engine's target volume.
@@ -30,39 +30,36 @@ pub(super) struct Files {
     pub(super) raw_journal: PathBuf,
     /// The engine's activity table.
     pub(super) table: PathBuf,
+    /// The directory holding the table and the stand-in journal when it is not `dir`.
+    pub(super) table_dir: Option<PathBuf>,
+    _table_tmp: Option<tempfile::TempDir>,
 }
 
 impl Files {
     /// A new temporary directory (inside `opts.dir` when given) holding every file of the run,
     /// filled and made durable.
     pub(super) fn create(opts: &BenchOptions) -> Result<Files> {
-        let (dir, tmp) = match &opts.dir {
+        let (dir, tmp) = temp_dir(opts.dir.as_deref())?;
+        let (table_dir, table_tmp) = match &opts.table_dir {
             Some(d) => {
-                std::fs::create_dir_all(d).map_err(|e| io_err("mkdir", d, e))?;
-                let t = tempfile::Builder::new()
-                    .prefix("timezero-bench-")
-                    .tempdir_in(d)
-                    .map_err(|e| io_err("mkdtemp", d, e))?;
-                (t.path().to_path_buf(), Some(t))
+                let (p, t) = temp_dir(Some(d))?;
+                (Some(p), Some(t))
             }
-            None => {
-                let t = tempfile::Builder::new()
-                    .prefix("timezero-bench-")
-                    .tempdir()
-                    .map_err(|e| io_err("mkdtemp", Path::new("/tmp"), e))?;
-                (t.path().to_path_buf(), Some(t))
-            }
+            None => (None, None),
         };
+        let meta = table_dir.as_deref().unwrap_or(&dir);
         let f = Files {
             src: dir.join("src.img"),
             tgt: dir.join("tgt.img"),
             raw: dir.join("raw.img"),
             raw_tgt: dir.join("raw-tgt.img"),
             raw_copy: dir.join("raw-copy.img"),
-            raw_journal: dir.join("raw-journal.img"),
-            table: dir.join("table.tz"),
+            raw_journal: meta.join("raw-journal.img"),
+            table: meta.join("table.tz"),
             dir,
             _tmp: tmp,
+            table_dir,
+            _table_tmp: table_tmp,
         };
         fill_file(&f.src, opts.size, 1)?;
         fill_file(&f.tgt, opts.size, 0)?;
@@ -72,6 +69,26 @@ impl Files {
         fill_file(&f.raw_journal, JOURNAL_BYTES, 0)?;
         Ok(f)
     }
+}
+
+/// A new temporary directory for a run's files, inside `parent` when given (created if
+/// needed); removed when the returned guard is dropped.
+fn temp_dir(parent: Option<&Path>) -> Result<(PathBuf, tempfile::TempDir)> {
+    let b = {
+        let mut b = tempfile::Builder::new();
+        b.prefix("timezero-bench-");
+        b
+    };
+    let t = match parent {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| io_err("mkdir", d, e))?;
+            b.tempdir_in(d).map_err(|e| io_err("mkdtemp", d, e))?
+        }
+        None => b
+            .tempdir()
+            .map_err(|e| io_err("mkdtemp", Path::new("/tmp"), e))?,
+    };
+    Ok((t.path().to_path_buf(), t))
 }
 
 /// An I/O error on `p`.

@@ -52,6 +52,11 @@ const DIRECT_ALIGN: usize = 4096;
 pub struct BenchOptions {
     /// Directory for the temporary files; `None` = a new temporary directory (removed after).
     pub dir: Option<PathBuf>,
+    /// Directory for the activity table and the rule-2 floor's stand-in journal (in a new
+    /// temporary directory inside it, removed after); `None` = with the volumes. A table on
+    /// another device than the volumes makes its durability point stop competing with the
+    /// target's flush.
+    pub table_dir: Option<PathBuf>,
     /// Size of each volume file in bytes (a multiple of 64 KiB, at least 16 MiB).
     pub size: u64,
     /// Rounds; every figure is measured once per round.
@@ -80,6 +85,7 @@ impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
             dir: None,
+            table_dir: None,
             size: 256 * MIB,
             rounds: 5,
             json: false,
@@ -148,6 +154,9 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write, log: &mut dyn Write) -> Res
     );
     let files = Files::create(opts)?;
     let _ = writeln!(log, "files in {}", files.dir.display());
+    if let Some(d) = &files.table_dir {
+        let _ = writeln!(log, "table in {}", d.display());
+    }
     {
         let e = Engine::create_path(&files.table, engine_options(opts))?;
         let s = attach(&e, &files.src)?;
@@ -212,9 +221,40 @@ mod tests {
     }
 
     #[test]
+    fn table_apart_from_the_volumes() {
+        let vols = tempfile::tempdir().unwrap();
+        let meta = tempfile::tempdir().unwrap();
+        let opts = BenchOptions {
+            dir: Some(vols.path().to_path_buf()),
+            table_dir: Some(meta.path().to_path_buf()),
+            size: 16 * MIB,
+            rounds: 1,
+            json: true,
+            ..BenchOptions::default()
+        };
+        let (mut out, mut log) = (Vec::new(), Vec::new());
+        run(&opts, &mut out, &mut log).unwrap();
+        let log = String::from_utf8(log).unwrap();
+        let line = |what: &str| {
+            log.lines()
+                .find_map(|l| l.strip_prefix(what))
+                .unwrap_or_else(|| panic!("no {what:?} in {log}"))
+                .to_string()
+        };
+        assert!(line("table in ").starts_with(&meta.path().display().to_string()));
+        assert!(line("files in ").starts_with(&vols.path().display().to_string()));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["global options"]["table_apart"], true);
+        // Both temporary directories are gone after the run.
+        assert_eq!(std::fs::read_dir(meta.path()).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(vols.path()).unwrap().count(), 0);
+    }
+
+    #[test]
     fn writers_io_uring_and_direct_copy() {
         let opts = BenchOptions {
             dir: None,
+            table_dir: None,
             size: 16 * MIB,
             rounds: 1,
             json: true,

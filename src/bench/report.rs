@@ -64,7 +64,7 @@ pub(super) fn print_table(
     .map_err(w)?;
     writeln!(
         out,
-        "engine backend: {} (buffered); background copy: {}{}; first writes: {}",
+        "engine backend: {} (buffered); background copy: {}{}; first writes: {}; table: {}",
         run.backend,
         run.copy_backend,
         if opts.direct_copy {
@@ -76,6 +76,10 @@ pub(super) fn print_table(
             "checked copy records"
         } else {
             "serial copy-before-write"
+        },
+        match &opts.table_dir {
+            Some(d) => format!("in {} (apart from the volumes)", d.display()),
+            None => "with the volumes".to_string(),
         }
     )
     .map_err(w)?;
@@ -190,6 +194,9 @@ pub struct GlobalOptions<'a> {
     pub rounds: usize,
     /// Bytes of each volume file.
     pub size: u64,
+    /// Whether the table (and the rule-2 floor's stand-in journal) lived in their own
+    /// directory (`--table-dir`), not with the volumes.
+    pub table_apart: bool,
     /// Writer counts, sorted.
     pub writers: &'a [usize],
 }
@@ -525,6 +532,7 @@ impl<'a> BenchJson<'a> {
                 raw_copy_direct: run.direct,
                 rounds: opts.rounds,
                 size: opts.size,
+                table_apart: opts.table_dir.is_some(),
                 writers: &opts.writers,
             },
             jobs,
@@ -615,7 +623,7 @@ mod tests {
                 "timestamp"
             ]
         );
-        assert_eq!(keys(&v["global options"]).len(), 10);
+        assert_eq!(keys(&v["global options"]).len(), 11);
         assert_eq!(v["global options"]["writers"], serde_json::json!([1, 4]));
         let w = &v["by_writers"];
         assert_eq!(w.as_array().unwrap().len(), 4);

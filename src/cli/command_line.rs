@@ -226,6 +226,11 @@ pub enum Command {
         /// Directory for the temporary files (default: a new temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Directory for the activity table, and for the stand-in journal of the rule-2
+        /// floor, when they should live on another device than the volumes (default: with
+        /// the volumes).
+        #[arg(long)]
+        table_dir: Option<PathBuf>,
         /// Size of each volume file (e.g. 256MiB).
         #[arg(long, value_parser = args::size, default_value = "256MiB")]
         size: u64,

@@ -153,6 +153,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
         Command::Bench {
             json,
             dir,
+            table_dir,
             size,
             rounds,
             writers,
@@ -160,6 +161,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
         } => {
             let opts = crate::bench::BenchOptions {
                 dir,
+                table_dir,
                 size,
                 rounds,
                 json,
