@@ -25,8 +25,8 @@ pub const GROUP_NAME_BYTES_MAX: usize = 64;
 /// Most grains one `CopyChecked` journal entry names (one CRC32C each): a longer run of
 /// copy-before-write is recorded in several entries.
 pub const COPY_CHECKED_GRAINS_MAX: u32 = 256;
-/// Threads that run a checked copy-before-write's target flush while its writer commits the
-/// records (started on the first such copy).
+/// Threads that lead the journal commit of a checked copy-before-write while its writer
+/// flushes the target (started on the first such copy).
 pub const FLUSH_THREADS: usize = 2;
 /// Most blocks one journal commit may span.
 pub const COMMIT_BLOCKS_MAX: usize = 64;

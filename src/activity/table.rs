@@ -657,8 +657,27 @@ impl Table {
     }
 
     fn commit_inner(&self, entries: Vec<Entry>, atomic: bool) -> Result<()> {
+        match self.enqueue(entries, atomic)? {
+            Some(batch) => self.commit_wait(batch),
+            None => Ok(()),
+        }
+    }
+
+    /// The first half of [`Table::commit`]: queue `entries` for the next journal commit and
+    /// return the commit to wait for with [`Table::commit_wait`] (`None`: nothing to commit).
+    /// Nothing is durable until that wait returns `Ok`; the entries are written by whichever
+    /// caller leads the next commit, so a caller may queue, do other work (a first write
+    /// flushes its target meanwhile), and then wait, or have another thread wait.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`]; [`Error::Poisoned`] after an earlier failure.
+    pub(crate) fn commit_enqueue(&self, entries: Vec<Entry>) -> Result<Option<u64>> {
+        self.enqueue(entries, false)
+    }
+
+    fn enqueue(&self, entries: Vec<Entry>, atomic: bool) -> Result<Option<u64>> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         if self.read_only {
             return Err(Error::ReadOnly {
@@ -676,9 +695,19 @@ impl Table {
             q.atomic.push(start..start + entries.len());
         }
         q.pending.extend(entries);
-        let mine = q.open_batch;
+        Ok(Some(q.open_batch))
+    }
+
+    /// The second half of [`Table::commit`]: wait until commit `batch` (from
+    /// [`Table::commit_enqueue`]) is durable, leading it (writing everything queued and
+    /// syncing once) when no other caller is.
+    ///
+    /// # Errors
+    /// As [`Table::commit`].
+    pub(crate) fn commit_wait(&self, batch: u64) -> Result<()> {
+        let mut q = self.queue.lock();
         loop {
-            if q.done_batch > mine {
+            if q.done_batch > batch {
                 return Ok(());
             }
             if let Some(f) = &q.failed {
@@ -688,12 +717,12 @@ impl Table {
             }
             if !q.leader {
                 q.leader = true;
-                let batch = std::mem::take(&mut q.pending);
+                let pending = std::mem::take(&mut q.pending);
                 let atomic = std::mem::take(&mut q.atomic);
                 let id = q.open_batch;
                 q.open_batch += 1;
                 drop(q);
-                let r = self.write_batch(&batch, &atomic);
+                let r = self.write_batch(&pending, &atomic);
                 q = self.queue.lock();
                 q.leader = false;
                 match r {

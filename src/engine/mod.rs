@@ -66,6 +66,7 @@ pub use reverse::Reversed;
 #[cfg(feature = "fault")]
 pub use write::{
     set_canary_late_change_marks, set_canary_skip_cbw_flush, set_canary_skip_cbw_flush_all_threads,
+    set_checked_commit_on_thread,
 };
 
 use std::path::Path;
@@ -121,8 +122,8 @@ pub struct EngineOptions {
     /// the command line (`serve`, `mount`, `daemon`) turn it on unless given `--write-through`.
     /// Default = false (every write reaches the volume before it returns).
     pub write_back: bool,
-    /// Checked copy-before-write: a first write flushes the target on a flusher thread while
-    /// the table commits `CopyChecked` records (a CRC32C per grain that recovery verifies
+    /// Checked copy-before-write: a first write flushes the target while the table commits
+    /// `CopyChecked` records (a CRC32C per grain that recovery verifies
     /// against the target, copying a lost grain again from the source), instead of flushing
     /// the target before committing the bits (docs/crash-model.md, "Checked copy-before-write").
     /// Default = true. Off, the serial path runs: three durability points in series, and
@@ -377,7 +378,8 @@ pub fn read_status(path: &Path) -> Result<TableSnapshot> {
 /// ```
 #[derive(Debug)]
 pub struct Engine {
-    table: Table,
+    /// Shared with the flusher threads, which may lead the journal commits of first writes.
+    table: Arc<Table>,
     /// The attached volumes, as a snapshot that readers load without a lock or a shared
     /// reference-count update (every write looks its volume up here, from many threads).
     volumes: ArcSwap<FxHashMap<VolumeId, Arc<VolumeHandle>>>,
@@ -400,8 +402,11 @@ pub struct Engine {
     options: EngineOptions,
     /// Copy-before-write writes in progress (the background copier yields to them).
     cow_inflight: std::sync::atomic::AtomicUsize,
-    /// Runs checked copies' target flushes beside their table commits.
+    /// Runs checked copies' target flushes beside their table commits, or the commits beside
+    /// the flushes (see `Durability`).
     flusher: checked::Flusher,
+    /// How long a checked copy's two durability points take here.
+    durability: Arc<checked::Durability>,
     /// Sessions in `active` with a reverse restore in progress when it was last stored (it
     /// may stay above the true count until the next store, never below it while a reverse
     /// runs): the write and read paths skip every reverse check while it is 0.
@@ -500,7 +505,7 @@ impl Engine {
 
     fn from_table(table: Table, open_report: OpenReport, options: EngineOptions) -> Engine {
         let e = Engine {
-            table,
+            table: Arc::new(table),
             volumes: ArcSwap::from_pointee(FxHashMap::default()),
             volumes_change: Mutex::new(()),
             volumes_epoch: std::sync::atomic::AtomicU64::new(0),
@@ -511,6 +516,7 @@ impl Engine {
             options,
             cow_inflight: std::sync::atomic::AtomicUsize::new(0),
             flusher: checked::Flusher::new(),
+            durability: Arc::default(),
             reversing: std::sync::atomic::AtomicUsize::new(0),
             backend: std::sync::OnceLock::new(),
             table_file: None,

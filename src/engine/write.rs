@@ -40,6 +40,22 @@ pub fn set_canary_skip_cbw_flush_all_threads(on: bool) {
 
 #[cfg(feature = "fault")]
 thread_local! {
+    static CHECKED_COMMIT_ON_THREAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Fault harness: which of a checked copy's two durability points a first write in the
+/// calling thread hands to a flusher thread: `Some(true)` the table's commit, `Some(false)`
+/// the target's flush, `None` as measured (the default; see `engine/checked.rs`,
+/// `Durability`). Both arrangements keep the same order (both durable before the source
+/// write); this lets the crash enumerator run each of them whatever the simulated devices'
+/// timings. Thread-local so that parallel tests are not affected.
+#[cfg(feature = "fault")]
+pub fn set_checked_commit_on_thread(on: Option<bool>) {
+    CHECKED_COMMIT_ON_THREAD.with(|c| c.set(on));
+}
+
+#[cfg(feature = "fault")]
+thread_local! {
     static CANARY_LATE_CHANGE_MARKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -294,9 +310,9 @@ impl Engine {
 
     /// Copy the T0 bytes of every still-uncopied grain in `work` (session, grain range; locks
     /// held by the caller) to its target and make the copy durable with `marks` (change marks
-    /// the same write needs): the targets' flush runs on a flusher thread while the table
-    /// commits `CopyChecked` records (a CRC32C per grain, which recovery verifies against the
-    /// target); the grains' bits are set in memory only when both are durable.
+    /// the same write needs): the table commits `CopyChecked` records (a CRC32C per grain,
+    /// which recovery verifies against the target), led on a flusher thread, while this thread
+    /// flushes the targets; the grains' bits are set in memory only when both are durable.
     fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)], marks: Vec<Entry>) -> Result<()> {
         let runs = uncopied_runs(work)?;
         super::pause::pause(super::pause::PausePoint::SyncWrite);
@@ -343,13 +359,87 @@ impl Engine {
             entries.extend(super::checked::entries(r.s.id(), r.g0, c));
         }
         entries.extend(marks);
-        let flushed = self.flusher.start(flush);
-        let committed = self.table.commit(entries);
-        let flushed = flushed.wait();
+        let (committed, flushed) = if self.commit_on_thread() {
+            self.commit_beside_flush(entries, &flush)
+        } else {
+            self.flush_beside_commit(entries, &flush)
+        };
         self.table
             .settle_checked(&tickets, &settled, committed.is_ok(), flushed.is_ok())?;
         committed?;
         flushed
+    }
+
+    /// Whether a first write hands its commit to a flusher thread (and flushes its targets
+    /// itself) rather than the other way round: as measured, unless the fault harness chose.
+    fn commit_on_thread(&self) -> bool {
+        #[cfg(feature = "fault")]
+        if let Some(on) = CHECKED_COMMIT_ON_THREAD.with(std::cell::Cell::get) {
+            return on;
+        }
+        self.durability.commit_on_thread()
+    }
+
+    /// A checked copy's durability points when the table's commit is the shorter (the table
+    /// on a faster device): the commit on a flusher thread, the targets' `flush` on this one.
+    /// This thread then waits for the commit itself, leading it when the flusher thread has
+    /// not got to it yet (the flusher's job then finds it done); whoever leads a commit writes
+    /// every queued entry, so concurrent first writes still share one. Returns (commit,
+    /// flush).
+    fn commit_beside_flush(
+        &self,
+        entries: Vec<Entry>,
+        flush: &crate::activity::FlushFn,
+    ) -> (Result<()>, Result<()>) {
+        let batch = match self.table.commit_enqueue(entries) {
+            Ok(b) => b,
+            // Nothing was queued; the targets need no flush for a copy that is not recorded.
+            Err(e) => return (Err(e), Ok(())),
+        };
+        if let Some(b) = batch {
+            let (table, times) = (Arc::clone(&self.table), Arc::clone(&self.durability));
+            // Its result is the commit's, which this thread gets from its own wait below.
+            self.flusher.start(Box::new(move || {
+                let t = std::time::Instant::now();
+                if table.commit_wait(b).is_ok() {
+                    times.commit_took(t.elapsed());
+                }
+            }));
+        }
+        let t = std::time::Instant::now();
+        let flushed = flush();
+        self.durability.flush_took(t.elapsed());
+        (batch.map_or(Ok(()), |b| self.table.commit_wait(b)), flushed)
+    }
+
+    /// A checked copy's durability points otherwise (one device for both, where they take
+    /// about as long): the targets' `flush` on a flusher thread, the commit on this one.
+    /// Returns (commit, flush).
+    fn flush_beside_commit(
+        &self,
+        entries: Vec<Entry>,
+        flush: &crate::activity::FlushFn,
+    ) -> (Result<()>, Result<()>) {
+        let done = Arc::new(super::checked::Done::default());
+        {
+            let (done, flush, times) = (
+                Arc::clone(&done),
+                Arc::clone(flush),
+                Arc::clone(&self.durability),
+            );
+            self.flusher.start(Box::new(move || {
+                let t = std::time::Instant::now();
+                let r = flush();
+                times.flush_took(t.elapsed());
+                done.set(r);
+            }));
+        }
+        let t = std::time::Instant::now();
+        let committed = self.table.commit(entries);
+        if committed.is_ok() {
+            self.durability.commit_took(t.elapsed());
+        }
+        (committed, done.wait())
     }
 
     /// [`Engine::copy_runs`] without checked records: write the T0 bytes, flush the targets,

@@ -210,8 +210,13 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(w) = workloads.get(i) else { break };
+                    // Every other workload hands the table's commit to the flusher thread
+                    // and flushes the target on the writer; the others the other way round
+                    // (the engine picks by measured timings, which simulated devices lack).
+                    crate::engine::set_checked_commit_on_thread(Some(i % 2 == 1));
                     runner::enumerate(w, opts, &mut rep);
                 }
+                crate::engine::set_checked_commit_on_thread(None);
                 crate::engine::set_canary_skip_cbw_flush(false);
                 crate::activity::set_canary_unverified_checkpoint(false);
                 crate::engine::set_canary_split_group_commit(false);
