@@ -23,7 +23,9 @@
 //! seed (`scripts/powerloss.sh`), `TIMEZERO_POWERLOSS_CANARY=1` runs the campaign with the
 //! canary (it must then fail), `TIMEZERO_POWERLOSS_VERBOSE=1` prints a line per cut and
 //! `TIMEZERO_POWERLOSS_TRACE=1` every traced operation; `TIMEZERO_POWERLOSS_SERVE_FLAGS` adds
-//! global flags to `serve` (`--write-through`). Where FUSE cannot be mounted (no
+//! global flags to `serve` (`--write-through`). Checked first writes hand their commit to a
+//! flusher thread in every other cut (by seed) and their target's flush in the others
+//! (`TIMEZERO_CHECKED_COMMIT_ON_THREAD`). Where FUSE cannot be mounted (no
 //! `/dev/fuse`, not root, a trial mount fails) the tests print why and skip.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
@@ -142,6 +144,8 @@ struct Rig {
     mnt: PathBuf,
     flags: Vec<String>,
     canary: bool,
+    /// Which of a checked first write's durability points the binary hands to a thread.
+    commit_on_thread: bool,
     pl: PowerLoss,
     /// Mutating operations counted when each phase began: establish, serve.
     marks: std::sync::Mutex<Vec<u64>>,
@@ -156,6 +160,12 @@ impl Rig {
         if self.canary {
             c.env("TIMEZERO_CANARY_SKIP_CBW_FLUSH", "1");
         }
+        // Checked first writes hand their commit to a flusher thread in every other cut and
+        // their target's flush in the others, whatever the mount's timings would pick.
+        c.env(
+            "TIMEZERO_CHECKED_COMMIT_ON_THREAD",
+            if self.commit_on_thread { "1" } else { "0" },
+        );
         c.stdin(Stdio::null());
         c
     }
@@ -251,6 +261,7 @@ fn one_cut(cfg: &Cfg) -> Outcome {
             .map(|s| (*s).to_string())
             .collect(),
         canary: cfg.canary,
+        commit_on_thread: cfg.seed % 2 == 1,
         pl: mount.handle(),
         marks: std::sync::Mutex::new(Vec::new()),
         backend_seen: std::sync::Mutex::new(None),

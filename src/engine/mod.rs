@@ -66,7 +66,7 @@ pub use reverse::Reversed;
 #[cfg(feature = "fault")]
 pub use write::{
     set_canary_late_change_marks, set_canary_skip_cbw_flush, set_canary_skip_cbw_flush_all_threads,
-    set_checked_commit_on_thread,
+    set_checked_commit_on_thread, set_checked_commit_on_thread_all_threads,
 };
 
 use std::path::Path;

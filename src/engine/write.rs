@@ -43,6 +43,23 @@ thread_local! {
     static CHECKED_COMMIT_ON_THREAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
+#[cfg(feature = "fault")]
+static CHECKED_COMMIT_ON_THREAD_ALL: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(0);
+
+/// The same choice as [`set_checked_commit_on_thread`] for every thread of the process (the
+/// binary makes it at startup from `TIMEZERO_CHECKED_COMMIT_ON_THREAD=1` or `=0`, in `fault`
+/// builds only, for the power-loss test); a thread's own choice comes first.
+#[cfg(feature = "fault")]
+pub fn set_checked_commit_on_thread_all_threads(on: Option<bool>) {
+    let v = match on {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
+    CHECKED_COMMIT_ON_THREAD_ALL.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Fault harness: which of a checked copy's two durability points a first write in the
 /// calling thread hands to a flusher thread: `Some(true)` the table's commit, `Some(false)`
 /// the target's flush, `None` as measured (the default; see `engine/checked.rs`,
@@ -376,6 +393,12 @@ impl Engine {
         #[cfg(feature = "fault")]
         if let Some(on) = CHECKED_COMMIT_ON_THREAD.with(std::cell::Cell::get) {
             return on;
+        }
+        #[cfg(feature = "fault")]
+        match CHECKED_COMMIT_ON_THREAD_ALL.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => return false,
+            2 => return true,
+            _ => {}
         }
         self.durability.commit_on_thread()
     }

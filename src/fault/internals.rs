@@ -19,13 +19,13 @@ pub use crate::model::Entry;
 /// Canaries: each switches off one ordering rule of the engine, so that a test shows its
 /// checker catches the resulting wrong state (docs/crash-model.md).
 pub use crate::activity::set_canary_unverified_checkpoint;
-/// Which of a checked copy's two durability points a first write hands to a flusher thread
-/// (the crash enumerator runs both arrangements).
-pub use crate::engine::set_checked_commit_on_thread;
 pub use crate::engine::{
     set_canary_late_change_marks, set_canary_restored_before_flush, set_canary_skip_cbw_flush,
     set_canary_skip_cbw_flush_all_threads, set_canary_split_group_commit,
 };
+/// Which of a checked copy's two durability points a first write hands to a flusher thread
+/// (the crash enumerator runs both arrangements).
+pub use crate::engine::{set_checked_commit_on_thread, set_checked_commit_on_thread_all_threads};
 /// Pause points: a hook that runs where the engine has looked at one piece of shared state
 /// and not yet at the next, so that a test can run a whole concurrent operation in between.
 pub use crate::engine::{set_pause_hook, PauseHook, PausePoint};
