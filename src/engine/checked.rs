@@ -41,9 +41,11 @@ use super::VolumeResolver;
 /// source write issued.
 #[derive(Debug, Default)]
 pub(super) struct Durability {
-    /// Nanoseconds, moving average of the table commits of first writes.
+    /// Nanoseconds, moving average of the table commits of first writes (on a flusher thread:
+    /// from the hand-over on).
     commit_ns: AtomicU64,
-    /// Nanoseconds, moving average of the target flushes of first writes.
+    /// Nanoseconds, moving average of the target flushes of first writes (on a flusher thread:
+    /// from the hand-over on).
     flush_ns: AtomicU64,
 }
 

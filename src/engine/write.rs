@@ -327,9 +327,10 @@ impl Engine {
 
     /// Copy the T0 bytes of every still-uncopied grain in `work` (session, grain range; locks
     /// held by the caller) to its target and make the copy durable with `marks` (change marks
-    /// the same write needs): the table commits `CopyChecked` records (a CRC32C per grain,
-    /// which recovery verifies against the target), led on a flusher thread, while this thread
-    /// flushes the targets; the grains' bits are set in memory only when both are durable.
+    /// the same write needs): the targets' flush and the table's commit of `CopyChecked`
+    /// records (a CRC32C per grain, which recovery verifies against the target) run side by
+    /// side, one of them on a flusher thread (`checked::Durability` says which); the grains'
+    /// bits are set in memory only when both are durable.
     fn copy_runs(&self, work: &[(Arc<Session>, u64, u64)], marks: Vec<Entry>) -> Result<()> {
         let runs = uncopied_runs(work)?;
         super::pause::pause(super::pause::PausePoint::SyncWrite);
@@ -421,9 +422,11 @@ impl Engine {
         };
         if let Some(b) = batch {
             let (table, times) = (Arc::clone(&self.table), Arc::clone(&self.durability));
+            // Timed from here, hand-over included: when the thread is slow to get to it (and
+            // this thread leads the commit), the commit looks long and comes back here.
+            let t = std::time::Instant::now();
             // Its result is the commit's, which this thread gets from its own wait below.
             self.flusher.start(Box::new(move || {
-                let t = std::time::Instant::now();
                 if table.commit_wait(b).is_ok() {
                     times.commit_took(t.elapsed());
                 }
@@ -450,8 +453,9 @@ impl Engine {
                 Arc::clone(flush),
                 Arc::clone(&self.durability),
             );
+            // Timed from here, hand-over included, as the commit is on the other arrangement.
+            let t = std::time::Instant::now();
             self.flusher.start(Box::new(move || {
-                let t = std::time::Instant::now();
                 let r = flush();
                 times.flush_took(t.elapsed());
                 done.set(r);
