@@ -36,6 +36,13 @@ pub const JOURNAL_DEFAULT_BYTES: u64 = 8 << 20;
 pub const JOURNAL_MIN_BYTES: u64 = 128 * 1024;
 /// Largest journal (per copy).
 pub const JOURNAL_MAX_BYTES: u64 = 1 << 30;
+/// Default copy log size of a new table: room for the T0 bytes of first writes whose targets
+/// are not yet flushed (256 grains of 64 KiB).
+pub const LOG_DEFAULT_BYTES: u64 = 16 << 20;
+/// Smallest copy log (other than none).
+pub const LOG_MIN_BYTES: u64 = 64 * 1024;
+/// Largest copy log.
+pub const LOG_MAX_BYTES: u64 = 1 << 30;
 /// Default checkpoint area size (per copy): holds descriptors and bitmaps of all sessions.
 pub const CHECKPOINT_DEFAULT_BYTES: u64 = 8 << 20;
 /// Smallest checkpoint area.

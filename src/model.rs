@@ -169,6 +169,13 @@ pub enum Entry {
     /// `start + i`) and copies it again from the source otherwise (the source write waits for
     /// both durability points, so the source still holds those bytes). A later `SetBits` of a
     /// grain, or a checkpoint taken after the targets were flushed, confirms it.
+    ///
+    /// With `log`, the grains' T0 bytes were also written to the table's copy log, at that
+    /// offset of the log region (grain `start + i` at `log + i * grain`), before this entry:
+    /// the entry and those bytes are durable together (one sync of the table file), so the
+    /// source write waits for this commit alone and the target's flush comes later (when the
+    /// log space is retired). Recovery then takes a grain whose target bytes do not match
+    /// from the log (checked against the same CRC), and from the source only after that.
     CopyChecked {
         /// Session.
         session: SessionId,
@@ -176,6 +183,9 @@ pub enum Entry {
         start: u64,
         /// CRC32C of each grain's bytes on the target, in grain order.
         crcs: Vec<u32>,
+        /// Offset in the table's copy log of grain `start`'s T0 bytes (format version 8);
+        /// `None`: the source write waited for the target's flush as well.
+        log: Option<u64>,
     },
     /// A session changed state.
     SetState {
@@ -276,4 +286,8 @@ pub struct SessionImage {
     /// each with the CRC32C of its T0 bytes; verified before the session resumes. Empty
     /// otherwise.
     pub unverified: Vec<(u64, u32)>,
+    /// Of `unverified`, the grains whose T0 bytes are also in the table's copy log (grain,
+    /// offset in the log region): the log keeps them (nothing is written to it) until the
+    /// session resumes or ends. Format version 8; empty otherwise.
+    pub unverified_log: Vec<(u64, u64)>,
 }

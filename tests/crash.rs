@@ -145,6 +145,41 @@ fn canary_restored_before_flush_is_caught() {
     );
 }
 
+/// The copy-log canary leaves a logged copy's bytes out of the log while its record names
+/// them: a crash that loses the target's unflushed bytes after the source write leaves the
+/// grain's T0 bytes nowhere. The ordering checker (the source write was issued with T0 neither
+/// durable on the target nor in the log) and the recovered images must both show it.
+#[test]
+fn canary_skipped_log_write_is_caught() {
+    let opts = CrashtestOptions {
+        workloads: 12,
+        seed: 7,
+        threads: 2,
+        canary_skip_log_write: true,
+        eio_points: 0,
+        recovery_crash_stride: 0,
+        ..CrashtestOptions::default()
+    };
+    let r = crashtest(&opts);
+    println!(
+        "log canary: {} states, {} violations; first: {:?}",
+        r.states_total,
+        r.violations,
+        r.violation_samples.first()
+    );
+    assert!(r.violations > 0, "the missing log bytes went unnoticed");
+    assert!(
+        r.violation_samples
+            .iter()
+            .any(|v| v.contains("ordering:") && v.contains("copy log")),
+        "ordering checker missed it"
+    );
+    assert!(
+        r.violation_samples.iter().any(|v| !v.contains("ordering:")),
+        "the recovered images missed it"
+    );
+}
+
 #[test]
 fn canary_skipped_flush_is_caught() {
     let opts = CrashtestOptions {

@@ -43,7 +43,7 @@ impl Files {
         Files {
             dir: tempfile::tempdir().unwrap(),
             t0: common::pattern(seed, SIZE),
-            opts: EngineOptions::default(),
+            opts: no_log(),
         }
     }
     fn path(&self, name: &str) -> PathBuf {
@@ -94,7 +94,71 @@ impl Files {
 /// A source holding the T0 pattern of `seed` and a zeroed target, both `FaultyVolume`s over
 /// real files, and an engine with one whole-volume session between them.
 fn setup(seed: u64) -> Rig {
-    setup_with(seed, EngineOptions::default())
+    setup_with(seed, no_log())
+}
+
+/// Engine options whose table has no copy log: a first write's source write waits for the
+/// target's flush, which is what most tests here count and fail.
+fn no_log() -> EngineOptions {
+    EngineOptions {
+        table: timezero::TableOptions {
+            log_bytes: 0,
+            ..timezero::TableOptions::default()
+        },
+        ..EngineOptions::default()
+    }
+}
+
+/// With the copy log (the default), first writes release their source writes before the
+/// targets are flushed: a crash after the source's flush that loses every unflushed target
+/// write still leaves every image T0 after reopen (the grains come back from the log), and the
+/// targets are whole again.
+#[test]
+fn logged_first_writes_survive_a_crash_that_loses_their_target_writes() {
+    for mode in [
+        CrashMode::DropAll,
+        CrashMode::Random { seed: 3 },
+        CrashMode::Random { seed: 4 },
+    ] {
+        let f = Files {
+            opts: EngineOptions::default(),
+            ..Files::new(26)
+        };
+        let src = faulty_file(&f.path("src"), &f.t0);
+        let t1 = faulty_file(&f.path("t1"), &vec![0u8; SIZE]);
+        let t2 = faulty_file(&f.path("t2"), &vec![0u8; SIZE]);
+        let e = Engine::create_path(&f.table(), f.opts.clone()).unwrap();
+        let a = e.attach(src.clone());
+        let b1 = e.attach(t1.clone());
+        let b2 = e.attach(t2.clone());
+        let s1 = e.establish(&SessionSpec::whole(a, b1)).unwrap();
+        let s2 = e.establish(&SessionSpec::whole(a, b2)).unwrap();
+        for (i, off) in [0u64, 70_000, 300_000, 1_000_000].into_iter().enumerate() {
+            e.write(a, off, &common::pattern(200 + i as u64, 9000))
+                .unwrap();
+        }
+        e.flush(a).unwrap();
+        let logged = e
+            .table()
+            .stats
+            .logged
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(logged >= 8, "{logged} runs logged");
+        assert!(
+            t1.unflushed_sectors() > 0 && t2.unflushed_sectors() > 0,
+            "{mode:?}: the targets were flushed on the write path"
+        );
+        let lost: u64 = [&t1, &t2].iter().map(|v| v.crash(mode).unwrap()).sum();
+        if mode == CrashMode::DropAll {
+            assert!(lost > 0);
+        }
+        drop(e);
+        let e = f.reopen();
+        assert!(common::image(&e, s1) == f.t0, "{mode:?}: image 1 is not T0");
+        assert!(common::image(&e, s2) == f.t0, "{mode:?}: image 2 is not T0");
+        e.copy_all(s1, timezero::GrainCount(4)).unwrap();
+        assert!(std::fs::read(f.path("t1")).unwrap() == f.t0, "{mode:?}");
+    }
 }
 
 /// What [`setup`] builds: the files, the source and target, the engine, the source's id and
@@ -251,7 +315,7 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
         let src = faulty_file(&f.path("src"), &f.t0);
         let t1 = faulty_file(&f.path("t1"), &vec![0u8; SIZE]);
         let t2 = faulty_file(&f.path("t2"), &vec![0u8; SIZE]);
-        let e = Engine::create_path(&f.table(), EngineOptions::default()).unwrap();
+        let e = Engine::create_path(&f.table(), no_log()).unwrap();
         let a = e.attach(src.clone());
         let b1 = e.attach(t1.clone());
         let b2 = e.attach(t2.clone());
@@ -308,7 +372,7 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
 fn crash_catches_copy_before_write_without_target_flush() {
     let serial = EngineOptions {
         checked_copies: false,
-        ..EngineOptions::default()
+        ..no_log()
     };
     let (f, src, tgt, e, a, id) = setup_with(27, serial);
     timezero::fault::internals::set_canary_skip_cbw_flush(true);
@@ -340,7 +404,7 @@ fn crash_catches_copy_before_write_without_target_flush() {
 fn checked_copies_repair_a_grain_lost_with_its_target_flush() {
     let checked = EngineOptions {
         checked_copies: true,
-        ..EngineOptions::default()
+        ..no_log()
     };
     let (f, src, tgt, e, a, id) = setup_with(27, checked);
     timezero::fault::internals::set_canary_skip_cbw_flush(true);

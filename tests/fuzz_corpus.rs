@@ -79,6 +79,7 @@ fn write_seed_corpus() {
     let l = Layout {
         journal_bytes: 128 * 1024,
         checkpoint_bytes: 64 * 1024,
+        log_bytes: 0,
     };
     // table_decode: a superblock, its checkpoint, a journal block and its entries.
     let sb_bytes = &t[..4096];

@@ -23,6 +23,7 @@ fn table_with_checkpoint(sessions: &[SessionImage], next_session: u64) -> Vec<u8
     let l = Layout {
         journal_bytes: 128 * 1024,
         checkpoint_bytes: 64 * 1024,
+        log_bytes: 0,
     };
     let generation = sb1.generation + 1;
     let ck = encode_checkpoint(
@@ -91,6 +92,7 @@ fn huge_ended_session_in_checkpoint_is_refused_not_allocated() {
         changed: Vec::new(),
         pending: Vec::new(),
         unverified: Vec::new(),
+        unverified_log: Vec::new(),
     };
     let r = open(table_with_checkpoint(&[img], 6));
     assert!(r.is_err(), "a checkpoint over the bitmap budget opened");
@@ -110,6 +112,7 @@ fn active_image(unverified: Vec<(u64, u32)>) -> SessionImage {
         changed: Vec::new(),
         pending: Vec::new(),
         unverified,
+        unverified_log: Vec::new(),
     }
 }
 

@@ -157,6 +157,7 @@ fn superblock_crc_and_area() {
         layout: Layout {
             journal_bytes: 128 * 1024,
             checkpoint_bytes: 256 * 1024,
+            log_bytes: 256 * 1024,
         },
         ckpt_seq: 4,
         ckpt_len: 64,
@@ -458,6 +459,7 @@ fn table_full_is_a_typed_error_and_ended_sessions_make_room() {
     let opts = timezero::TableOptions {
         journal_bytes: 128 * 1024,
         checkpoint_bytes: 64 * 1024,
+        log_bytes: 0,
     };
     let storage = common::mem_storage(&opts);
     let e = common::create(&storage, opts);
@@ -610,10 +612,15 @@ fn file_table_read_back_matches_read() {
 #[test]
 fn one_write_reaches_at_most_one_superblock_or_checkpoint_area() {
     use timezero::fault::internals::format::TABLE_WRITE_MAX_BYTES;
-    for (journal_bytes, checkpoint_bytes) in [(128 << 10, 64 << 10), (8 << 20, 8 << 20)] {
+    for (journal_bytes, checkpoint_bytes, log_bytes) in [
+        (128 << 10, 64 << 10, 0),
+        (128 << 10, 64 << 10, 64 << 10),
+        (8 << 20, 8 << 20, 16 << 20),
+    ] {
         let l = Layout {
             journal_bytes,
             checkpoint_bytes,
+            log_bytes,
         };
         let mut regions = vec![(l.superblock(0), 4096u64), (l.superblock(1), 4096)];
         regions.extend((0..3).map(|a| (l.checkpoint(a), checkpoint_bytes)));

@@ -19,6 +19,14 @@
 //!   until the volumes are back: the session stays suspended, a write to such a grain is refused
 //!   like a write that needs copy-before-write, and the resume verifies them first and commits a
 //!   `SetBits` for them, which confirms them (see `Engine::reconcile`).
+//! - **Logged, not yet retired**: copies whose T0 bytes went to the table's copy log with
+//!   their record (`CopyChecked` with `log`), so the source write waited for the table's sync
+//!   alone and the target's flush is still to come. Their log space is not reused until
+//!   their targets are flushed (a retire, or a checkpoint, which retires everything first);
+//!   an entry that would stop replay from verifying such a grain (a confirming `SetBits`, a
+//!   session's end, refresh, reverse restore or forgetting) waits for the retire too
+//!   ([`Checked::drops_unretired`]). A deferred grain whose bytes the log holds keeps the
+//!   whole log out of use (pinned) until its session resumes or ends.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -51,12 +59,53 @@ pub(crate) struct Checked {
 
 #[derive(Default)]
 struct Inner {
-    /// (session, grain) -> (journal sequence of the record, CRC32C of the grain's bytes).
-    journal: BTreeMap<(SessionId, u64), (u64, u32)>,
+    /// (session, grain) -> (journal sequence of the record, CRC32C of the grain's bytes,
+    /// offset of its bytes in the copy log when the record names them).
+    journal: BTreeMap<(SessionId, u64), (u64, u32, Option<u64>)>,
     /// (session, grain) -> CRC32C of a checked copy still to be verified (see the module doc).
     deferred: BTreeMap<(SessionId, u64), u32>,
     inflight: Vec<Inflight>,
     next_ticket: u64,
+    /// (session, grain) -> offset in the copy log of a deferred grain's T0 bytes.
+    deferred_log: BTreeMap<(SessionId, u64), u64>,
+    /// The copy log's space.
+    log: Ring,
+}
+
+/// The copy log's space: a ring of `size` bytes addressed by ever-growing positions (a
+/// position `p` is byte `p % size` of the log region). Space from `tail` to `head` holds
+/// T0 bytes whose targets may not be durable yet.
+#[derive(Default)]
+struct Ring {
+    size: u64,
+    head: u64,
+    tail: u64,
+    /// Logged copies whose targets are not known to be durable, in position order.
+    unretired: Vec<Unretired>,
+    /// A retire is running (at most one at a time is started by writers).
+    retiring: bool,
+}
+
+/// A logged copy whose target flush is still to come.
+struct Unretired {
+    /// Position after its bytes.
+    end: u64,
+    session: SessionId,
+    start: u64,
+    count: u64,
+    flush: FlushFn,
+}
+
+/// One run of grains to log: its session, first grain, grain count and T0 bytes.
+pub(crate) struct LogRun<'a> {
+    /// Session.
+    pub session: SessionId,
+    /// First grain.
+    pub start: u64,
+    /// Grains.
+    pub count: u64,
+    /// The grains' T0 bytes.
+    pub bytes: &'a [u8],
 }
 
 impl std::fmt::Debug for Checked {
@@ -66,6 +115,7 @@ impl std::fmt::Debug for Checked {
             .field("journal", &i.journal.len())
             .field("deferred", &i.deferred.len())
             .field("inflight", &i.inflight.len())
+            .field("unretired", &i.log.unretired.len())
             .finish()
     }
 }
@@ -112,19 +162,38 @@ impl Checked {
             .range((session, 0)..=(session, u64::MAX))
             .map(|(&(_, g), &crc)| (g, crc))
             .collect();
-        for (&(_, g), &(_, crc)) in i.journal.range((session, 0)..=(session, u64::MAX)) {
+        for (&(_, g), &(_, crc, _)) in i.journal.range((session, 0)..=(session, u64::MAX)) {
             m.insert(g, crc);
         }
         m.into_iter().collect()
     }
 
+    /// Where the copy log holds the T0 bytes of `grain` of `session`, by the journal's record
+    /// (the newer) or a deferred grain's.
+    pub(crate) fn log_of(&self, session: SessionId, grain: u64) -> Option<u64> {
+        let i = self.inner.lock();
+        match i.journal.get(&(session, grain)) {
+            Some(&(_, _, log)) => log,
+            None => i.deferred_log.get(&(session, grain)).copied(),
+        }
+    }
+
     /// Keep `grains` (grain, CRC) of `session` to be verified when its volumes are back: they
     /// go into every checkpoint until then (see the module doc).
-    pub(crate) fn defer(&self, session: SessionId, grains: &[(u64, u32)]) {
+    /// A grain whose bytes the copy log holds keeps them there (`logged`: grain, log offset;
+    /// the log is pinned until they are proven or their session ends).
+    pub(crate) fn defer(&self, session: SessionId, grains: &[(u64, u32)], logged: &[(u64, u64)]) {
         let mut i = self.inner.lock();
         for &(g, crc) in grains {
             i.deferred.insert((session, g), crc);
-            i.journal.remove(&(session, g));
+            if let Some((_, _, Some(off))) = i.journal.remove(&(session, g)) {
+                i.deferred_log.insert((session, g), off);
+            }
+        }
+        for &(g, off) in logged {
+            if i.deferred.contains_key(&(session, g)) {
+                i.deferred_log.insert((session, g), off);
+            }
         }
         self.journal_len.store(i.journal.len(), Ordering::Release);
     }
@@ -152,23 +221,32 @@ impl Checked {
 
     /// Forget the deferred grains of `session` (verified, or the session ended).
     pub(crate) fn clear_deferred(&self, session: SessionId) {
-        self.inner.lock().deferred.retain(|(s, _), _| *s != session);
+        let mut i = self.inner.lock();
+        i.deferred.retain(|(s, _), _| *s != session);
+        i.deferred_log.retain(|(s, _), _| *s != session);
     }
 
     /// Record what a durable entry (at journal sequence `seq`) means for checked grains: a
     /// `CopyChecked` names its grains; a `SetBits` confirms its grains; a session that ends,
     /// is forgotten, refreshed or restored needs none of its records verified any more (each
     /// of those waits for every copy in flight, whose targets are then durable).
-    pub(crate) fn note(&self, e: &Entry, seq: u64, live_after: impl Fn(SessionId) -> bool) {
+    ///
+    /// `live_after` gives a session's grain size in bytes while it is live after the entry
+    /// (`None` once it is not).
+    pub(crate) fn note(&self, e: &Entry, seq: u64, live_after: impl Fn(SessionId) -> Option<u64>) {
         let mut i = self.inner.lock();
         match e {
             Entry::CopyChecked {
                 session,
                 start,
                 crcs,
+                log,
             } => {
+                let grain = live_after(*session);
                 for (k, crc) in crcs.iter().enumerate() {
-                    i.journal.insert((*session, start + k as u64), (seq, *crc));
+                    let off = log.zip(grain).map(|(l, g)| l + k as u64 * g);
+                    i.journal
+                        .insert((*session, start + k as u64), (seq, *crc, off));
                 }
             }
             Entry::SetBits {
@@ -179,16 +257,19 @@ impl Checked {
                 let end = start.saturating_add(*count);
                 remove_range(&mut i.journal, *session, *start, end);
                 remove_range(&mut i.deferred, *session, *start, end);
+                remove_range(&mut i.deferred_log, *session, *start, end);
             }
-            Entry::SetState { session, .. } if !live_after(*session) => {
+            Entry::SetState { session, .. } if live_after(*session).is_none() => {
                 i.journal.retain(|(s, _), _| s != session);
                 i.deferred.retain(|(s, _), _| s != session);
+                i.deferred_log.retain(|(s, _), _| s != session);
             }
             Entry::Forget { session }
             | Entry::Refresh { session, .. }
             | Entry::Reverse { session } => {
                 i.journal.retain(|(s, _), _| s != session);
                 i.deferred.retain(|(s, _), _| s != session);
+                i.deferred_log.retain(|(s, _), _| s != session);
             }
             _ => {}
         }
@@ -198,7 +279,7 @@ impl Checked {
     /// Forget records older than `seq` (no replay reads them any more).
     pub(crate) fn prune_before(&self, seq: u64) {
         let mut i = self.inner.lock();
-        i.journal.retain(|_, (s, _)| *s >= seq);
+        i.journal.retain(|_, (s, _, _)| *s >= seq);
         self.journal_len.store(i.journal.len(), Ordering::Release);
     }
 
@@ -207,6 +288,7 @@ impl Checked {
         let mut i = self.inner.lock();
         i.journal.retain(|(s, _), _| *s != session);
         i.deferred.retain(|(s, _), _| *s != session);
+        i.deferred_log.retain(|(s, _), _| *s != session);
         self.journal_len.store(i.journal.len(), Ordering::Release);
     }
 
@@ -241,23 +323,177 @@ impl Checked {
     ///
     /// # Errors
     /// The first flush error (nothing of `f` runs then).
+    ///
+    /// Every logged copy is retired too (its target flushed, its log space free): the
+    /// checkpoint drops the records that name the log.
     pub(crate) fn for_checkpoint<T>(
         &self,
-        f: impl FnOnce(&[(SessionId, u64, u64)], &BTreeMap<(SessionId, u64), u32>) -> T,
+        f: impl FnOnce(
+            &[(SessionId, u64, u64)],
+            &BTreeMap<(SessionId, u64), u32>,
+            &BTreeMap<(SessionId, u64), u64>,
+        ) -> T,
     ) -> crate::Result<T> {
-        // Under the lock: no copy begins or settles meanwhile (a copy begins only after its
-        // target bytes are written, so each flush here covers them).
-        let i = self.inner.lock();
+        // Under the lock: no copy begins or settles, and nothing is logged, meanwhile (a copy
+        // begins, or is logged, only after its target bytes are written, so each flush here
+        // covers them).
+        let mut i = self.inner.lock();
         for x in &i.inflight {
             (x.flush)()?;
         }
+        for f in distinct(i.log.unretired.iter().map(|u| &u.flush)) {
+            f()?;
+        }
+        i.log.unretired.clear();
+        i.log.tail = i.log.head;
         let runs: Vec<_> = i
             .inflight
             .iter()
             .map(|x| (x.session, x.start, x.count))
             .collect();
-        Ok(f(&runs, &i.deferred))
+        Ok(f(&runs, &i.deferred, &i.deferred_log))
     }
+
+    /// Give the copy log `size` bytes of space (0: no log).
+    pub(crate) fn set_log_size(&self, size: u64) {
+        self.inner.lock().log.size = size;
+    }
+
+    /// Log `runs`: take space for each run's bytes in the copy log, run `write` with the
+    /// runs' log offsets (it writes the bytes there; under the lock, so that nothing retires
+    /// space whose bytes are still being written), and count them as logged copies whose
+    /// targets `flush` makes durable (the targets' bytes are already written). `None` when the
+    /// log has no room for all of them now, has no space at all, or is pinned (nothing is
+    /// logged then).
+    ///
+    /// # Errors
+    /// `write`'s error (nothing is counted then; the space is given back at the next retire).
+    pub(crate) fn log(
+        &self,
+        runs: &[LogRun<'_>],
+        flush: &FlushFn,
+        write: impl FnOnce(&[u64]) -> crate::Result<()>,
+    ) -> crate::Result<Option<Vec<u64>>> {
+        let mut i = self.inner.lock();
+        let size = i.log.size;
+        if size == 0 || !i.deferred_log.is_empty() {
+            return Ok(None);
+        }
+        let mut head = i.log.head;
+        let mut places = Vec::with_capacity(runs.len());
+        let mut ends = Vec::with_capacity(runs.len());
+        for r in runs {
+            let n = r.bytes.len() as u64;
+            if n == 0 || n > size {
+                return Ok(None);
+            }
+            // A run never wraps: it starts over at the log's beginning instead.
+            if head % size + n > size {
+                head = head.next_multiple_of(size);
+            }
+            if head + n - i.log.tail > size {
+                return Ok(None);
+            }
+            places.push(head % size);
+            head += n;
+            ends.push(head);
+        }
+        i.log.head = head;
+        write(&places)?;
+        for (r, end) in runs.iter().zip(ends) {
+            i.log.unretired.push(Unretired {
+                end,
+                session: r.session,
+                start: r.start,
+                count: r.count,
+                flush: Arc::clone(flush),
+            });
+        }
+        Ok(Some(places))
+    }
+
+    /// Whether the copy log is more than half full and no retire is running: the caller
+    /// should start one ([`Checked::retire`]), and it is counted as running from here.
+    pub(crate) fn retire_due(&self) -> bool {
+        let mut i = self.inner.lock();
+        let due = i.log.size > 0
+            && !i.log.retiring
+            && (i.log.head - i.log.tail).saturating_mul(2) > i.log.size;
+        if due {
+            i.log.retiring = true;
+        }
+        due
+    }
+
+    /// Retire every logged copy counted so far: flush their targets (without the lock:
+    /// writers go on logging meanwhile), then give their log space back.
+    ///
+    /// # Errors
+    /// The first flush error (nothing is given back then).
+    pub(crate) fn retire(&self) -> crate::Result<()> {
+        let (upto, flushes) = {
+            let i = self.inner.lock();
+            let Some(last) = i.log.unretired.last() else {
+                drop(i);
+                self.inner.lock().log.retiring = false;
+                return Ok(());
+            };
+            let flushes: Vec<FlushFn> = distinct(i.log.unretired.iter().map(|u| &u.flush))
+                .into_iter()
+                .map(Arc::clone)
+                .collect();
+            (last.end, flushes)
+        };
+        let r = flushes.iter().try_for_each(|f| f());
+        let mut i = self.inner.lock();
+        i.log.retiring = false;
+        r?;
+        // Everything up to `upto` was logged before the flushes started (space is taken and
+        // counted under one hold of the lock), so those flushes made its targets durable.
+        i.log.unretired.retain(|u| u.end > upto);
+        i.log.tail = i.log.tail.max(upto);
+        Ok(())
+    }
+
+    /// Whether committing `entries` would stop a replay from verifying a logged copy whose
+    /// target is not yet durable: a `SetBits` over one of its grains (it confirms the grain),
+    /// or the end, refresh, reverse restore or forgetting of its session (they drop its
+    /// records). Such entries wait for [`Checked::retire`].
+    pub(crate) fn drops_unretired(&self, entries: &[Entry]) -> bool {
+        let i = self.inner.lock();
+        if i.log.unretired.is_empty() {
+            return false;
+        }
+        entries.iter().any(|e| match e {
+            Entry::SetBits {
+                session,
+                start,
+                count,
+            } => i.log.unretired.iter().any(|u| {
+                u.session == *session
+                    && u.start < start.saturating_add(*count)
+                    && *start < u.start + u.count
+            }),
+            Entry::SetState { session, state, .. } if !state.is_live() => {
+                i.log.unretired.iter().any(|u| u.session == *session)
+            }
+            Entry::Forget { session }
+            | Entry::Refresh { session, .. }
+            | Entry::Reverse { session } => i.log.unretired.iter().any(|u| u.session == *session),
+            _ => false,
+        })
+    }
+}
+
+/// The distinct flush functions of `fs` (one target's flush once).
+fn distinct<'a>(fs: impl Iterator<Item = &'a FlushFn>) -> Vec<&'a FlushFn> {
+    let mut out: Vec<&FlushFn> = Vec::new();
+    for f in fs {
+        if !out.iter().any(|o| Arc::ptr_eq(o, f)) {
+            out.push(f);
+        }
+    }
+    out
 }
 
 /// Remove the keys of grains `g0..g1` of `session` from `m`.

@@ -9,6 +9,7 @@
 //! | journal copy A    | `journal_bytes`    | 512-byte blocks, block `seq` lives at slot `seq % n` |
 //! | journal copy B    | `journal_bytes`    | mirror of A: a damaged block is read from the other copy |
 //! | checkpoint areas 0, 1, 2 | 3 x (`checkpoint_bytes` + 64 KiB gap) | full states; the two newest superblocks name two of them, a new checkpoint goes to the third |
+//! | copy log          | `log_bytes` (+ 64 KiB gap when not 0) | T0 bytes of first writes, durable with their `CopyChecked` record (version 8; 0 bytes in older tables) |
 //! | superblock slot 1 | 4096               | the file's last 4 KiB: the other superblock, far from slot 0 |
 //!
 //! A commit writes its blocks into both journal copies and then makes the file durable once.
@@ -36,8 +37,10 @@ use crate::limits::{
 };
 
 /// Format version written by this build (6 added `CopyChecked` journal entries, 7 the
-/// checkpoint's list of checked copies whose verification waits for the volumes).
-pub const FORMAT_VERSION: u32 = 7;
+/// checkpoint's list of checked copies whose verification waits for the volumes, 8 the copy
+/// log: its size in the superblock, records that name log space, and the checkpoint's list of
+/// unverified grains the log keeps).
+pub const FORMAT_VERSION: u32 = 8;
 
 /// Oldest format version this build reads (a version-5 table has no `CopyChecked` entries, a
 /// version-6 checkpoint no list of unverified grains; the first checkpoint and superblock
@@ -104,6 +107,8 @@ pub struct Layout {
     pub journal_bytes: u64,
     /// Bytes per checkpoint area.
     pub checkpoint_bytes: u64,
+    /// Bytes of the copy log (0: none; tables before format version 8 have none).
+    pub log_bytes: u64,
 }
 
 impl Layout {
@@ -133,10 +138,21 @@ impl Layout {
     pub fn checkpoint(&self, area: u32) -> u64 {
         self.journal(2) + u64::from(area) * (self.checkpoint_bytes + TABLE_WRITE_MAX_BYTES as u64)
     }
+    /// Offset of the copy log (after the last checkpoint area's gap; a gap of
+    /// [`TABLE_WRITE_MAX_BYTES`] follows it when it is not empty).
+    #[must_use]
+    pub fn log(&self) -> u64 {
+        self.checkpoint(CHECKPOINT_AREAS)
+    }
     /// Total file size.
     #[must_use]
     pub fn file_bytes(&self) -> u64 {
-        self.checkpoint(CHECKPOINT_AREAS) + SUPERBLOCK_BYTES as u64
+        let log = if self.log_bytes == 0 {
+            0
+        } else {
+            self.log_bytes + TABLE_WRITE_MAX_BYTES as u64
+        };
+        self.log() + log + SUPERBLOCK_BYTES as u64
     }
 }
 
@@ -144,7 +160,8 @@ impl Layout {
 ///
 /// Bytes: magic\[8\] version u32, reserved u32, table_id\[16\], generation u64,
 /// journal_bytes u64, checkpoint_bytes u64, area u32, flags u32, ckpt_seq u64, ckpt_len u64,
-/// ckpt_crc u32, reserved u32, created_unix_ms u64, reserved\[28\], crc u32 (over bytes 0..124).
+/// ckpt_crc u32, reserved u32, created_unix_ms u64, log_bytes u64 (version 8; zero before),
+/// reserved\[20\], crc u32 (over bytes 0..124).
 ///
 /// A superblock is valid in either slot: the newer generation of the two valid ones is current.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +201,7 @@ impl Superblock {
         put_u64(&mut b, 72, self.ckpt_len);
         put_u32(&mut b, 80, self.ckpt_crc);
         put_u64(&mut b, 88, self.created_unix_ms);
+        put_u64(&mut b, 96, self.layout.log_bytes);
         let crc = crc32fast::hash(&b[..SB_CRC_OFFSET]);
         put_u32(&mut b, SB_CRC_OFFSET, crc);
         b
@@ -226,6 +244,7 @@ impl Superblock {
             layout: Layout {
                 journal_bytes: get_u64(b, 40),
                 checkpoint_bytes: get_u64(b, 48),
+                log_bytes: if version >= 8 { get_u64(b, 96) } else { 0 },
             },
             ckpt_seq: get_u64(b, 64),
             ckpt_len: get_u64(b, 72),
@@ -307,6 +326,7 @@ impl Witness {
 pub fn validate_layout(l: &Layout) -> Result<(), Corruption> {
     use crate::limits::{
         CHECKPOINT_MAX_BYTES, CHECKPOINT_MIN_BYTES, JOURNAL_MAX_BYTES, JOURNAL_MIN_BYTES,
+        LOG_MAX_BYTES, LOG_MIN_BYTES,
     };
     const WHAT: &str = "layout";
     if l.journal_bytes < JOURNAL_MIN_BYTES
@@ -327,6 +347,17 @@ pub fn validate_layout(l: &Layout) -> Result<(), Corruption> {
             what: WHAT,
             field: "checkpoint_bytes",
             value: l.checkpoint_bytes,
+        });
+    }
+    if l.log_bytes != 0
+        && (l.log_bytes < LOG_MIN_BYTES
+            || l.log_bytes > LOG_MAX_BYTES
+            || !l.log_bytes.is_multiple_of(4096))
+    {
+        return Err(Corruption::Field {
+            what: WHAT,
+            field: "log_bytes",
+            value: l.log_bytes,
         });
     }
     Ok(())
@@ -549,6 +580,8 @@ const E_REVERSE: u8 = 9;
 const E_RESTORED: u8 = 10;
 /// Entry kind: grains copied with CRCs that recovery verifies against the target.
 const E_COPYCHECKED: u8 = 11;
+/// A `CopyChecked` entry that names its grains' bytes in the copy log (version 8).
+const E_COPYLOGGED: u8 = 12;
 
 fn put_reason(w: &mut Writer, r: &Reason) {
     w.u16(r.code.code());
@@ -586,10 +619,17 @@ impl Entry {
                 session,
                 start,
                 crcs,
+                log,
             } => {
-                w.u8(E_COPYCHECKED);
+                match log {
+                    None => w.u8(E_COPYCHECKED),
+                    Some(_) => w.u8(E_COPYLOGGED),
+                }
                 w.u64(session.0);
                 w.u64(*start);
+                if let Some(off) = log {
+                    w.u64(*off);
+                }
                 w.u32(u32::try_from(crcs.len()).unwrap_or(u32::MAX));
                 for c in crcs {
                     w.u32(*c);
@@ -689,9 +729,14 @@ impl Entry {
                     start: r.u64()?,
                     count: r.u64()?,
                 },
-                E_COPYCHECKED => {
+                E_COPYCHECKED | E_COPYLOGGED => {
                     let session = SessionId(r.u64()?);
                     let start = r.u64()?;
+                    let log = if kind == E_COPYLOGGED {
+                        Some(r.u64()?)
+                    } else {
+                        None
+                    };
                     let n = r.u32()?;
                     if n == 0 || n > COPY_CHECKED_GRAINS_MAX {
                         return Err(r.bad("crc_count", u64::from(n)));
@@ -704,6 +749,7 @@ impl Entry {
                         session,
                         start,
                         crcs,
+                        log,
                     }
                 }
                 E_SETSTATE => {
@@ -806,6 +852,12 @@ pub fn encode_checkpoint(
         for (g, crc) in &s.unverified {
             w.u64(*g);
             w.u32(*crc);
+        }
+        // Version 8: which of them the copy log keeps, and where.
+        w.u32(u32::try_from(s.unverified_log.len()).unwrap_or(u32::MAX));
+        for (g, off) in &s.unverified_log {
+            w.u64(*g);
+            w.u64(*off);
         }
     }
     let mut b = w.buf;
@@ -955,6 +1007,23 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
                 return Err(r.bad("unverified_count", nu));
             }
         }
+        let mut unverified_log = Vec::new();
+        if version >= 8 {
+            let nl = u64::from(r.u32()?);
+            if nl > unverified.len() as u64 || nl.saturating_mul(16) > r.remaining() as u64 {
+                return Err(r.bad("unverified_log_count", nl));
+            }
+            for _ in 0..nl {
+                let g = r.u64()?;
+                let off = r.u64()?;
+                if unverified.binary_search_by_key(&g, |&(u, _)| u).is_err()
+                    || unverified_log.last().is_some_and(|&(p, _)| p >= g)
+                {
+                    return Err(r.bad("unverified_log_grain", g));
+                }
+                unverified_log.push((g, off));
+            }
+        }
         sessions.push(SessionImage {
             desc,
             state,
@@ -966,6 +1035,7 @@ pub fn decode_checkpoint(b: &[u8], sb: &Superblock) -> Result<Checkpoint, Corrup
             changed,
             pending,
             unverified,
+            unverified_log,
         });
     }
     if r.remaining() != 0 {

@@ -16,8 +16,8 @@ mod replay;
 mod storage;
 mod table;
 
-pub(crate) use checked::FlushFn;
+pub(crate) use checked::{FlushFn, LogRun};
 pub use storage::{table_holder, MemStorage, MmapStorage, TableStorage};
 #[cfg(feature = "fault")]
-pub use table::set_canary_unverified_checkpoint;
-pub use table::{CopyProof, OpenReport, Table, TableOptions, TableStats};
+pub use table::{set_canary_skip_log_write, set_canary_unverified_checkpoint};
+pub use table::{CopyProof, LogBytes, OpenReport, Table, TableOptions, TableStats};

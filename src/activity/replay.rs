@@ -78,7 +78,7 @@ pub(super) fn replay(storage: &dyn TableStorage) -> Result<Replayed> {
     let mut next_session = ckpt.next_session;
     let checked = Checked::default();
     for img in &ckpt.sessions {
-        checked.defer(img.desc.id, &img.unverified);
+        checked.defer(img.desc.id, &img.unverified, &img.unverified_log);
     }
     let mut state = State {
         sessions: &mut sessions,
@@ -260,8 +260,12 @@ fn replay_journal(
             )
             .map_err(StepError::Damaged)?;
             let sessions = &*st.sessions;
-            st.checked
-                .note(e, seq, |id| sessions.get(&id).is_some_and(|s| s.is_live()));
+            st.checked.note(e, seq, |id| {
+                sessions
+                    .get(&id)
+                    .filter(|s| s.is_live())
+                    .map(|s| s.desc.grain.bytes())
+            });
         }
         st.report.blocks_replayed += count;
         st.report.commits_replayed += 1;

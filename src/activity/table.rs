@@ -34,6 +34,9 @@ pub struct TableOptions {
     /// Bytes per checkpoint area; bounds the total bitmap size of all sessions.
     /// Default = [`crate::limits::CHECKPOINT_DEFAULT_BYTES`].
     pub checkpoint_bytes: u64,
+    /// Bytes of the copy log (0: none, and first writes take the checked path, whose source
+    /// write waits for the target's flush too). Default = [`crate::limits::LOG_DEFAULT_BYTES`].
+    pub log_bytes: u64,
 }
 
 impl Default for TableOptions {
@@ -41,6 +44,7 @@ impl Default for TableOptions {
         TableOptions {
             journal_bytes: crate::limits::JOURNAL_DEFAULT_BYTES,
             checkpoint_bytes: crate::limits::CHECKPOINT_DEFAULT_BYTES,
+            log_bytes: crate::limits::LOG_DEFAULT_BYTES,
         }
     }
 }
@@ -54,6 +58,7 @@ impl TableOptions {
         let l = Layout {
             journal_bytes: self.journal_bytes,
             checkpoint_bytes: self.checkpoint_bytes,
+            log_bytes: self.log_bytes,
         };
         use crate::limits::{
             CHECKPOINT_MAX_BYTES, CHECKPOINT_MIN_BYTES, JOURNAL_MAX_BYTES, JOURNAL_MIN_BYTES,
@@ -61,6 +66,19 @@ impl TableOptions {
         if super::format::validate_layout(&l).is_err() {
             let journal_ok = (JOURNAL_MIN_BYTES..=JOURNAL_MAX_BYTES).contains(&l.journal_bytes)
                 && l.journal_bytes.is_multiple_of(JOURNAL_BLOCK_BYTES as u64);
+            let checkpoint_ok = (CHECKPOINT_MIN_BYTES..=CHECKPOINT_MAX_BYTES)
+                .contains(&l.checkpoint_bytes)
+                && l.checkpoint_bytes.is_multiple_of(4096);
+            if journal_ok && checkpoint_ok {
+                use crate::limits::{LOG_MAX_BYTES, LOG_MIN_BYTES};
+                return Err(Error::invalid(
+                    "copy log size",
+                    format!(
+                        "{} bytes: must be 0 or a multiple of 4096 from {LOG_MIN_BYTES} to                          {LOG_MAX_BYTES}",
+                        l.log_bytes
+                    ),
+                ));
+            }
             return Err(if journal_ok {
                 Error::invalid(
                     "checkpoint capacity",
@@ -120,6 +138,9 @@ pub struct TableStats {
     pub syncs: AtomicU64,
     /// Checkpoints written.
     pub checkpoints: AtomicU64,
+    /// Runs of grains whose T0 bytes went to the copy log (a first write logs one per session
+    /// it copies for).
+    pub logged: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -154,6 +175,30 @@ pub fn set_canary_unverified_checkpoint(on: bool) {
     CANARY_UNVERIFIED_CHECKPOINT.with(|c| c.set(on));
 }
 
+/// Fault harness: the copy log's bytes are not written (their records still name them), so a
+/// crash that loses a target's unflushed write leaves the grain's T0 bytes nowhere. Must be
+/// caught by the crash enumerator (this thread only).
+#[cfg(feature = "fault")]
+pub fn set_canary_skip_log_write(on: bool) {
+    CANARY_SKIP_LOG_WRITE.with(|c| c.set(on));
+}
+
+#[cfg(feature = "fault")]
+thread_local! {
+    static CANARY_SKIP_LOG_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn canary_skip_log_write() -> bool {
+    #[cfg(feature = "fault")]
+    {
+        CANARY_SKIP_LOG_WRITE.with(std::cell::Cell::get)
+    }
+    #[cfg(not(feature = "fault"))]
+    {
+        false
+    }
+}
+
 fn canary_unverified_checkpoint() -> bool {
     #[cfg(feature = "fault")]
     {
@@ -183,8 +228,15 @@ struct Queue {
 }
 
 /// Proves the checked copies of one session at open (see [`Table::open_verified`]): gets
-/// the session and its recorded (grain, CRC32C) pairs, and says what it found.
-pub type CopyVerifier<'a> = dyn FnMut(&Arc<Session>, &[(u64, u32)]) -> Result<CopyProof> + 'a;
+/// the session, its recorded (grain, CRC32C) pairs and where to find a grain's T0 bytes in
+/// the copy log, and says what it found.
+pub type CopyVerifier<'a> =
+    dyn FnMut(&Arc<Session>, &[(u64, u32)], &LogBytes<'_>) -> Result<CopyProof> + 'a;
+
+/// The T0 bytes the copy log holds for a grain of the session being proven (read from the
+/// table; `None` when no record names the log for it, or the log cannot be read). The bytes
+/// are only what the log holds: they vouch for nothing until they match the grain's CRC.
+pub type LogBytes<'a> = dyn Fn(u64) -> Option<Vec<u8>> + 'a;
 
 /// What proving a session's checked copies found (see [`Table::open_verified`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,7 +351,7 @@ impl Table {
         storage: Arc<dyn TableStorage>,
         accept_rollback: bool,
     ) -> Result<(Table, OpenReport)> {
-        Table::open_verified(storage, accept_rollback, &mut |_, _| {
+        Table::open_verified(storage, accept_rollback, &mut |_, _, _| {
             Ok(CopyProof::Deferred)
         })
     }
@@ -362,12 +414,13 @@ impl Table {
                 continue;
             }
             let grains = table.checked.to_verify(id);
-            match verify(&s, &grains)? {
+            let log = |g: u64| table.log_bytes(&s, g);
+            match verify(&s, &grains, &log)? {
                 // Verified records stay known until no replay reads them: a write through the
                 // image confirms its grains first, also on a fallback to the older checkpoint.
                 // Deferred grains are proven now; the checkpoint below drops them.
                 CopyProof::Proven => table.checked.clear_deferred(id),
-                CopyProof::Deferred => table.checked.defer(id, &grains),
+                CopyProof::Deferred => table.checked.defer(id, &grains, &[]),
                 CopyProof::Failed(reason) => {
                     s.apply(&Entry::SetState {
                         session: id,
@@ -480,6 +533,7 @@ impl Table {
             checked: r.checked,
             stats: TableStats::default(),
         };
+        table.checked.set_log_size(table.layout.log_bytes);
         Ok((table, r.report))
     }
 
@@ -863,6 +917,79 @@ impl Table {
         self.checked.in_journal(session, g0, g1)
     }
 
+    /// Log the T0 bytes of `runs` in the copy log (see [`super::checked::Checked::log`]):
+    /// their offsets in the log, for their `CopyChecked` records; `None` when the log has no
+    /// room now (or none at all, or keeps a deferred grain's bytes): the caller takes the
+    /// checked path. The bytes are written, not synced: the commit of the records makes them
+    /// durable with the records (they are written before the records are queued).
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`], [`Error::Poisoned`]; I/O errors writing the log.
+    pub(crate) fn log_copies(
+        &self,
+        runs: &[super::checked::LogRun<'_>],
+        flush: &super::checked::FlushFn,
+    ) -> Result<Option<Vec<u64>>> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.storage.name(),
+            });
+        }
+        if self.is_poisoned() {
+            return Err(Error::Poisoned {
+                target: self.storage.name(),
+            });
+        }
+        let base = self.layout.log();
+        let r = self.checked.log(runs, flush, |places| {
+            if canary_skip_log_write() {
+                return Ok(());
+            }
+            for (r, &off) in runs.iter().zip(places) {
+                for (k, piece) in r.bytes.chunks(TABLE_WRITE_MAX_BYTES).enumerate() {
+                    self.storage
+                        .write(base + off + (k * TABLE_WRITE_MAX_BYTES) as u64, piece)?;
+                }
+            }
+            Ok(())
+        })?;
+        if r.is_some() {
+            self.stats
+                .logged
+                .fetch_add(runs.len() as u64, Ordering::Relaxed);
+        }
+        Ok(r)
+    }
+
+    /// Whether the copy log is more than half full with no retire running: the caller starts
+    /// [`Table::retire_log`] (on another thread), and it counts as running from here.
+    pub(crate) fn log_retire_due(&self) -> bool {
+        self.checked.retire_due()
+    }
+
+    /// Make the targets of every logged copy so far durable and give their log space back.
+    ///
+    /// # Errors
+    /// A target's flush error.
+    pub(crate) fn retire_log(&self) -> Result<()> {
+        self.checked.retire()
+    }
+
+    /// The T0 bytes the copy log holds for `grain` of `s`, when a record (in the journal, or a
+    /// deferred one) names them; `None` otherwise or when they cannot be read. What the log
+    /// holds: match them against the grain's CRC before trusting them.
+    #[must_use]
+    pub fn log_bytes(&self, s: &Session, grain: u64) -> Option<Vec<u8>> {
+        let off = self.checked.log_of(s.id(), grain)?;
+        let len = s.desc.grain.bytes();
+        if off.checked_add(len)? > self.layout.log_bytes {
+            return None;
+        }
+        let mut buf = vec![0u8; usize::try_from(len).ok()?];
+        self.storage.read(self.layout.log() + off, &mut buf).ok()?;
+        Some(buf)
+    }
+
     /// True after a failed durability point.
     #[must_use]
     pub fn is_poisoned(&self) -> bool {
@@ -912,6 +1039,11 @@ impl Table {
         let mut w = self.writer.lock();
         // Validate before writing: a bad entry must never reach the disk.
         self.validate_batch(batch)?;
+        // An entry after which replay would no longer verify a logged copy waits for its
+        // target to be durable.
+        if self.checked.drops_unretired(batch) {
+            self.checked.retire()?;
+        }
         let chunks = encode_commits(batch, atomic)?;
         let n = self.layout.journal_blocks();
         for chunk in &chunks {
@@ -958,7 +1090,9 @@ impl Table {
                 // A checked copy's bits are set by its writer once the target's flush is done
                 // too (`Table::settle_checked`); here its grains only enter the journal's
                 // record.
-                if !matches!(e, Entry::CopyChecked { .. }) {
+                // A logged copy's bytes are durable in the log with this commit: its bits are
+                // set now.
+                if !matches!(e, Entry::CopyChecked { log: None, .. }) {
                     apply(&mut sessions, &mut w.next_session, &mut bb, u64::MAX, e).map_err(
                         |kind| Error::Corrupt {
                             path: self.storage.name(),
@@ -972,7 +1106,11 @@ impl Table {
             // checkpoints take them); never the other way round.
             for e in batch {
                 self.checked.note(e, seq, |id| {
-                    self.sessions.read().get(&id).is_some_and(|s| s.is_live())
+                    self.sessions
+                        .read()
+                        .get(&id)
+                        .filter(|s| s.is_live())
+                        .map(|s| s.desc.grain.bytes())
                 });
             }
         }
@@ -1016,35 +1154,41 @@ impl Table {
         };
         // Bits of checked copies still in flight count as set once their targets are flushed
         // (the record that names them may be behind this checkpoint's sequence).
-        let images: Vec<_> = self.checked.for_checkpoint(|inflight, deferred| {
-            let sessions = self.sessions.read();
-            sessions
-                .values()
-                .map(|s| {
-                    let mut img = s.image();
-                    if img.state.is_live() {
-                        img.unverified = deferred
-                            .range((s.id(), 0)..=(s.id(), u64::MAX))
-                            .map(|(&(_, g), &crc)| (g, crc))
-                            .collect();
-                    }
-                    for (id, start, count) in inflight {
-                        if *id != s.id() || img.bitmap.is_empty() {
-                            continue;
+        let images: Vec<_> = self
+            .checked
+            .for_checkpoint(|inflight, deferred, deferred_log| {
+                let sessions = self.sessions.read();
+                sessions
+                    .values()
+                    .map(|s| {
+                        let mut img = s.image();
+                        if img.state.is_live() {
+                            img.unverified = deferred
+                                .range((s.id(), 0)..=(s.id(), u64::MAX))
+                                .map(|(&(_, g), &crc)| (g, crc))
+                                .collect();
+                            img.unverified_log = deferred_log
+                                .range((s.id(), 0)..=(s.id(), u64::MAX))
+                                .map(|(&(_, g), &off)| (g, off))
+                                .collect();
                         }
-                        for g in *start..start.saturating_add(*count) {
-                            if let Some(b) = usize::try_from(g / 8)
-                                .ok()
-                                .and_then(|i| img.bitmap.get_mut(i))
-                            {
-                                *b |= 1 << (g % 8);
+                        for (id, start, count) in inflight {
+                            if *id != s.id() || img.bitmap.is_empty() {
+                                continue;
+                            }
+                            for g in *start..start.saturating_add(*count) {
+                                if let Some(b) = usize::try_from(g / 8)
+                                    .ok()
+                                    .and_then(|i| img.bitmap.get_mut(i))
+                                {
+                                    *b |= 1 << (g % 8);
+                                }
                             }
                         }
-                    }
-                    img
-                })
-                .collect()
-        })?;
+                        img
+                    })
+                    .collect()
+            })?;
         let ck = encode_checkpoint(
             &self.table_id,
             area,
@@ -1313,6 +1457,7 @@ mod tests {
         let opts = TableOptions {
             journal_bytes: 128 * 1024,
             checkpoint_bytes: 256 * 1024,
+            log_bytes: 0,
         };
         let bytes = opts.layout().map(|l| l.file_bytes()).unwrap_or(0);
         let storage = Arc::new(MemStorage::new("t", bytes));

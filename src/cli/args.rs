@@ -88,6 +88,14 @@ pub fn capacity(s: &str) -> std::result::Result<u64, String> {
     )
 }
 
+/// `--log-size`: 0 (no copy log) or a multiple of 4 KiB from 64 KiB to 1 GiB.
+pub fn log_size(s: &str) -> std::result::Result<u64, String> {
+    if size(s)? == 0 {
+        return Ok(0);
+    }
+    size_in(s, limits::LOG_MIN_BYTES, limits::LOG_MAX_BYTES, 4096)
+}
+
 /// `--grain`: a power of two from 4 KiB to 1 MiB.
 pub fn grain(s: &str) -> std::result::Result<u64, String> {
     let n = size(s)?;

@@ -111,6 +111,11 @@ pub enum Command {
         /// of all sessions (8MiB covers 4 TiB of source at a 64 KiB grain).
         #[arg(long, value_parser = args::capacity, default_value = "8MiB")]
         capacity: u64,
+        /// Bytes of the copy log (0, or 64KiB to 1GiB, a multiple of 4KiB): the T0 bytes of
+        /// first writes are made durable there with their record, in one sync, and the
+        /// targets are flushed later; 0 makes every first write wait for its target's flush.
+        #[arg(long = "log-size", value_parser = args::log_size, default_value = "16MiB")]
+        log_size: u64,
         /// Print JSON.
         #[arg(long)]
         json: bool,

@@ -193,8 +193,9 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             table,
             journal,
             capacity,
+            log_size,
             json: as_json,
-        } => init(&table, journal, capacity, as_json)?,
+        } => init(&table, (journal, capacity, log_size), as_json)?,
         Command::Establish {
             table,
             source,
@@ -700,11 +701,12 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
     Ok(())
 }
 
-fn init(table: &Path, journal: u64, capacity: u64, as_json: bool) -> Result<String> {
+fn init(table: &Path, (journal, capacity, log): (u64, u64, u64), as_json: bool) -> Result<String> {
     let opts = EngineOptions {
         table: crate::activity::TableOptions {
             journal_bytes: journal,
             checkpoint_bytes: capacity,
+            log_bytes: log,
         },
         ..EngineOptions::default()
     };
@@ -715,16 +717,18 @@ fn init(table: &Path, journal: u64, capacity: u64, as_json: bool) -> Result<Stri
         bytes: l.file_bytes(),
         journal_bytes: l.journal_bytes,
         checkpoint_bytes: l.checkpoint_bytes,
+        log_bytes: l.log_bytes,
     };
     if as_json {
         return json(&o);
     }
     Ok(format!(
-        "created {} ({} bytes: journal 2x{}, checkpoints 2x{})\n",
+        "created {} ({} bytes: journal 2x{}, checkpoints 3x{}, copy log {})\n",
         o.table,
         o.bytes,
         crate::units::format_size(o.journal_bytes),
-        crate::units::format_size(o.checkpoint_bytes)
+        crate::units::format_size(o.checkpoint_bytes),
+        crate::units::format_size(o.log_bytes)
     ))
 }
 

@@ -648,6 +648,8 @@ pub struct InitOut {
     pub journal_bytes: u64,
     /// Bytes per checkpoint area.
     pub checkpoint_bytes: u64,
+    /// Bytes of the copy log (0: none).
+    pub log_bytes: u64,
 }
 
 /// `stop`.

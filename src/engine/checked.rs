@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::activity::CopyProof;
+use crate::activity::{CopyProof, LogBytes};
 use crate::model::{Entry, Reason, ReasonCode, VolumeRef};
 use crate::session::Session;
 use crate::volume::{AlignedBuf, Volume};
@@ -214,8 +214,14 @@ fn spawn_threads(shared: &Arc<Queue>) -> Vec<std::thread::JoinHandle<()>> {
 }
 
 /// The `CopyChecked` entries for grains `g0..g1` of `session` with their CRCs (at most
-/// [`crate::limits::COPY_CHECKED_GRAINS_MAX`] grains per entry).
-pub(super) fn entries(session: crate::ids::SessionId, g0: u64, crcs: &[u32]) -> Vec<Entry> {
+/// [`crate::limits::COPY_CHECKED_GRAINS_MAX`] grains per entry); `log`: (offset in the copy
+/// log of grain `g0`'s bytes, grain size) when the grains were logged.
+pub(super) fn entries(
+    session: crate::ids::SessionId,
+    g0: u64,
+    crcs: &[u32],
+    log: Option<(u64, u64)>,
+) -> Vec<Entry> {
     let per = crate::limits::COPY_CHECKED_GRAINS_MAX as usize;
     crcs.chunks(per)
         .enumerate()
@@ -223,6 +229,7 @@ pub(super) fn entries(session: crate::ids::SessionId, g0: u64, crcs: &[u32]) -> 
             session,
             start: g0 + (i * per) as u64,
             crcs: c.to_vec(),
+            log: log.map(|(off, grain)| off + (i * per) as u64 * grain),
         })
         .collect()
 }
@@ -233,7 +240,8 @@ pub(super) fn grain_crcs(bytes: &[u8], grain: usize) -> Vec<u32> {
 }
 
 /// Prove the checked copies `grains` (grain, CRC32C) of `s` when its table is opened (see the
-/// module doc): [`CopyProof::Proven`] when every grain is proven and the target is flushed,
+/// module doc; `log` gives a grain's T0 bytes from the copy log, which come before the
+/// source's): [`CopyProof::Proven`] when every grain is proven and the target is flushed,
 /// [`CopyProof::Deferred`] when the target (or the source a lost grain must come from again)
 /// is missing or cannot be opened, else why the session cannot go on
 /// ([`ReasonCode::CopyUnverified`]).
@@ -244,6 +252,7 @@ pub(super) fn verify_at_open(
     resolver: &dyn VolumeResolver,
     s: &Arc<Session>,
     grains: &[(u64, u32)],
+    log: &LogBytes<'_>,
 ) -> Result<CopyProof> {
     let tgt = match open_same(resolver, &s.desc.target, "target") {
         Ok(v) => v,
@@ -255,6 +264,7 @@ pub(super) fn verify_at_open(
         &tgt,
         &mut || open_same(resolver, &s.desc.source, "source"),
         grains,
+        log,
         &|e| s.extent_live(e),
     ))
 }
@@ -266,9 +276,10 @@ pub(super) fn verify_on_resume(
     src: &Arc<dyn Volume>,
     tgt: &Arc<dyn Volume>,
     grains: &[(u64, u32)],
+    log: &LogBytes<'_>,
     live: &dyn Fn(usize) -> bool,
 ) -> CopyProof {
-    prove(s, tgt, &mut || Ok(Arc::clone(src)), grains, live)
+    prove(s, tgt, &mut || Ok(Arc::clone(src)), grains, log, live)
 }
 
 /// The verdict that a session's recorded copies cannot be proven, and why.
@@ -280,13 +291,14 @@ fn unverified(detail: String) -> CopyProof {
 }
 
 /// Read each grain of `grains` on `tgt` and keep it when it matches its CRC; otherwise copy
-/// it again from the source (`source` opens it, once), which must match the same CRC. Then
-/// flush the target.
+/// it again from the copy log when the log holds bytes that match, else from the source
+/// (`source` opens it, once), which must match the same CRC. Then flush the target.
 fn prove(
     s: &Arc<Session>,
     tgt: &Arc<dyn Volume>,
     source: &mut dyn FnMut() -> std::result::Result<Arc<dyn Volume>, Unavailable>,
     grains: &[(u64, u32)],
+    log: &LogBytes<'_>,
     live: &dyn Fn(usize) -> bool,
 ) -> CopyProof {
     let mut src: Option<Arc<dyn Volume>> = None;
@@ -305,6 +317,15 @@ fn prove(
             return unverified(format!("reading grain {g} of the target: {e}"));
         }
         if crc32c::crc32c(buf.get()) == crc {
+            continue;
+        }
+        // The target lost a logged grain (its flush comes later than the record): the log
+        // holds the bytes, durable with the record.
+        if let Some(bytes) = log(g).filter(|b| b.len() == len && crc32c::crc32c(b) == crc) {
+            buf.get_mut().copy_from_slice(&bytes);
+            if let Err(e) = tgt.write_at(p.target_offset, buf.get()) {
+                return unverified(format!("copying grain {g} again from the log: {e}"));
+            }
             continue;
         }
         // The target does not hold the recorded bytes: its write or flush did not finish, so

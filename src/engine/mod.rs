@@ -494,8 +494,8 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Engine> {
         let (table, report) =
-            Table::open_verified(storage, options.accept_rollback, &mut |s, grains| {
-                checked::verify_at_open(resolver, s, grains)
+            Table::open_verified(storage, options.accept_rollback, &mut |s, grains, log| {
+                checked::verify_at_open(resolver, s, grains, log)
             })?;
         let mut e = Engine::from_table(table, report, options);
         let decisions = e.reconcile_all(resolver)?;

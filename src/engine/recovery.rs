@@ -241,7 +241,8 @@ impl Engine {
         let unproven = self.table.unverified_of(id);
         if !unproven.is_empty() && ended.len() < live {
             let stays = |e: usize| s.extent_live(e) && !ended.iter().any(|(i, _)| *i as usize == e);
-            match super::checked::verify_on_resume(s, &src, &tgt, &unproven, &stays) {
+            let log = |g: u64| self.table.log_bytes(s, g);
+            match super::checked::verify_on_resume(s, &src, &tgt, &unproven, &log, &stays) {
                 CopyProof::Proven => entries.extend(set_bits_runs(id, &unproven)),
                 CopyProof::Deferred => {
                     // Unreachable (both volumes are here); end rather than trust the grains.

@@ -344,7 +344,9 @@ impl Engine {
         if !self.options.checked_copies {
             return self.copy_runs_serial(&runs, marks);
         }
-        let (targets, crcs) = self.write_t0(&runs, true)?;
+        let written = self.write_t0(&runs, true)?;
+        let crcs = &written.crcs;
+        let targets = written.targets.clone();
         let skip = skip_cbw_flush();
         // Tickets taken now, on this thread: a flusher that runs the flush later finds it done
         // when a flush that started after these writes has completed meanwhile (many writers'
@@ -366,15 +368,50 @@ impl Engine {
             Ok(())
         });
         let mut entries: Vec<Entry> = Vec::with_capacity(runs.len() + marks.len());
+        // The copy log: the T0 bytes go into the table file with their records, so one sync
+        // makes both durable and the target's flush waits for a retire.
+        let log_runs: Vec<crate::activity::LogRun<'_>> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| crate::activity::LogRun {
+                session: r.s.id(),
+                start: r.g0,
+                count: r.g1 - r.g0,
+                bytes: written.bytes(i),
+            })
+            .collect();
+        if let Some(places) = self.table.log_copies(&log_runs, &flush)? {
+            for ((r, c), off) in runs.iter().zip(crcs).zip(places) {
+                let grain = r.p.len / (r.g1 - r.g0).max(1);
+                entries.extend(super::checked::entries(
+                    r.s.id(),
+                    r.g0,
+                    c,
+                    Some((off, grain)),
+                ));
+            }
+            entries.extend(marks);
+            // Durable with the log's bytes; applying it sets the grains' bits.
+            self.table.commit(entries)?;
+            if self.table.log_retire_due() {
+                let table = Arc::clone(&self.table);
+                // A failed flush latches its volume, and the next entry that needs the retire
+                // (or the next checkpoint) fails with it.
+                self.flusher.start(Box::new(move || {
+                    let _ = table.retire_log();
+                }));
+            }
+            return Ok(());
+        }
         let mut settled: Vec<(SessionId, u64, u64)> = Vec::with_capacity(runs.len());
         let mut tickets: Vec<u64> = Vec::with_capacity(runs.len());
-        for (r, c) in runs.iter().zip(&crcs) {
+        for (r, c) in runs.iter().zip(crcs) {
             tickets.push(
                 self.table
                     .begin_checked(r.s.id(), r.g0, r.g1 - r.g0, Arc::clone(&flush)),
             );
             settled.push((r.s.id(), r.g0, r.g1 - r.g0));
-            entries.extend(super::checked::entries(r.s.id(), r.g0, c));
+            entries.extend(super::checked::entries(r.s.id(), r.g0, c, None));
         }
         entries.extend(marks);
         let (committed, flushed) = if self.commit_on_thread() {
@@ -472,7 +509,7 @@ impl Engine {
     /// [`Engine::copy_runs`] without checked records: write the T0 bytes, flush the targets,
     /// then commit the bits with `marks` (three durability points in series with the source's).
     fn copy_runs_serial(&self, runs: &[Run], marks: Vec<Entry>) -> Result<()> {
-        let (targets, _) = self.write_t0(runs, false)?;
+        let targets = self.write_t0(runs, false)?.targets;
         let mut entries: Vec<Entry> = runs
             .iter()
             .map(|r| Entry::SetBits {
@@ -492,12 +529,13 @@ impl Engine {
     }
 
     /// Read the T0 bytes of `runs` from their sources (once per source range) and write them
-    /// to their targets; returns the targets written (each once), not yet flushed, and when
-    /// `crcs`, the CRC32C of each run's grains.
+    /// to their targets; returns the targets written (each once), not yet flushed, when
+    /// `crcs`, the CRC32C of each run's grains, and the bytes.
     fn write_t0(&self, runs: &[Run], crcs: bool) -> Result<WrittenT0> {
         let (merged, bufs) = self.read_old(runs)?;
         let mut targets: Vec<Arc<VolumeHandle>> = Vec::new();
         let mut sums = Vec::with_capacity(if crcs { runs.len() } else { 0 });
+        let mut at = Vec::with_capacity(runs.len());
         for r in runs {
             let i = merged
                 .iter()
@@ -512,6 +550,7 @@ impl Engine {
             let len = usize::try_from(r.p.len).map_err(|_| Error::invalid("copy", "len"))?;
             let th = self.handle(r.s.desc.target.id)?;
             let bytes = &bufs[i].get()[off..off + len];
+            at.push((i, off, len));
             th.write_retry(r.p.target_offset, bytes)?;
             if crcs {
                 let grain = usize::try_from(r.p.len / (r.g1 - r.g0).max(1))
@@ -522,7 +561,12 @@ impl Engine {
                 targets.push(th);
             }
         }
-        Ok((targets, sums))
+        Ok(WrittenT0 {
+            targets,
+            crcs: sums,
+            bufs,
+            at,
+        })
     }
 
     /// The write-back path of [`Engine::write`] (gate held; see `writeback.rs`): copy the T0
@@ -866,7 +910,23 @@ fn change_entries(mut marks: Vec<(Arc<Session>, u64, u64)>) -> Vec<Entry> {
 
 /// What [`Engine::write_t0`] wrote: the targets (each once, not yet flushed) and, when asked,
 /// the CRC32C of each run's grains.
-type WrittenT0 = (Vec<Arc<VolumeHandle>>, Vec<Vec<u32>>);
+/// What [`Engine::write_t0`] wrote: the targets (each once, not yet flushed), the CRC32Cs of
+/// each run's grains (when asked for), and the T0 bytes read.
+struct WrittenT0 {
+    targets: Vec<Arc<VolumeHandle>>,
+    crcs: Vec<Vec<u32>>,
+    bufs: Vec<AlignedBuf>,
+    /// Per run: (buffer, offset, length) of its bytes.
+    at: Vec<(usize, usize, usize)>,
+}
+
+impl WrittenT0 {
+    /// The T0 bytes of run `i`.
+    fn bytes(&self, i: usize) -> &[u8] {
+        let (b, off, len) = self.at[i];
+        &self.bufs[b].get()[off..off + len]
+    }
+}
 
 /// A range of one source volume read once for copy-before-write: volume, start, end.
 type ReadRange = (VolumeId, u64, u64);

@@ -30,6 +30,7 @@ pub fn fuzz_table_options() -> TableOptions {
     TableOptions {
         journal_bytes: 128 * 1024,
         checkpoint_bytes: 64 * 1024,
+        log_bytes: 0,
     }
 }
 
@@ -37,6 +38,7 @@ fn layout() -> Layout {
     Layout {
         journal_bytes: 128 * 1024,
         checkpoint_bytes: 64 * 1024,
+        log_bytes: 0,
     }
 }
 

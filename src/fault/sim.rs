@@ -91,6 +91,9 @@ struct WorldState {
     flushes: u64,
     table_writes: u64,
     table_reads: u64,
+    /// The table's copy log (start, end): its writes and reads are data, not metadata, so the
+    /// misdirected-table-I/O faults neither count nor move them.
+    table_data: Option<(u64, u64)>,
     faults: Faults,
     checker: Option<OrderingChecker>,
     violations: Vec<String>,
@@ -132,6 +135,7 @@ impl SimWorld {
                 flushes: 0,
                 table_writes: 0,
                 table_reads: 0,
+                table_data: None,
                 faults: Faults::default(),
                 checker: None,
                 violations: Vec::new(),
@@ -152,6 +156,13 @@ impl SimWorld {
             dirty: Vec::new(),
         });
         s.devs.len() - 1
+    }
+
+    /// Mark the table's bytes `range` (start, end) as data (the copy log): the misdirected
+    /// table write and read faults (which model damage the table's redundancy must absorb)
+    /// neither count nor move I/O there, as they never touch a volume's data.
+    pub fn set_table_data(&self, range: Option<(u64, u64)>) {
+        self.state.lock().table_data = range;
     }
 
     /// Add a simulated table holding `bytes` (all durable).
@@ -301,7 +312,7 @@ impl SimWorld {
         let dev_len = d.current.len() as u64;
         Self::tick(&mut s, "read", &name, off)?;
         let mut off = off;
-        if kind == DevKind::Table {
+        if kind == DevKind::Table && !in_data(s.table_data, off) {
             let fault = s.faults.misdirect_table_read;
             off = misplaced(&mut s.table_reads, fault, off, buf.len(), dev_len);
         }
@@ -328,7 +339,7 @@ impl SimWorld {
             ));
         }
         let mut off = off;
-        if kind == DevKind::Table {
+        if kind == DevKind::Table && !in_data(s.table_data, off) {
             let fault = s.faults.misdirect_table_write;
             off = misplaced(&mut s.table_writes, fault, off, data.len(), dev_len);
         }
@@ -440,6 +451,11 @@ pub struct CrashLog {
 
 /// Count one table I/O in `counter`; when `fault` names this one `(index, place)`, return the
 /// sector-aligned place (clamped into the device) it lands at instead of `off` (F6).
+/// Whether table offset `off` is in the data range `r`.
+fn in_data(r: Option<(u64, u64)>, off: u64) -> bool {
+    r.is_some_and(|(a, b)| a <= off && off < b)
+}
+
 fn misplaced(
     counter: &mut u64,
     fault: Option<(u64, u64)>,

@@ -237,6 +237,7 @@ impl Session {
             },
             // The table fills it in (it keeps the deferred grains).
             unverified: Vec::new(),
+            unverified_log: Vec::new(),
         }
     }
 

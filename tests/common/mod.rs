@@ -12,6 +12,7 @@ pub fn small_table() -> TableOptions {
     TableOptions {
         journal_bytes: 128 * 1024,
         checkpoint_bytes: 256 * 1024,
+        log_bytes: 256 * 1024,
     }
 }
 

@@ -55,6 +55,9 @@ pub struct CrashtestOptions {
     /// Run with the reverse-restore canary (`Restored` committed before the source flush)
     /// switched on.
     pub canary_restored_early: bool,
+    /// Run with the copy-log canary (a logged copy's bytes never written to the log, its
+    /// record still naming them) switched on.
+    pub canary_skip_log_write: bool,
     /// Violation messages kept in the report.
     pub keep_violations: usize,
     /// Run every other round of the templates with the engine in write-back mode
@@ -80,6 +83,7 @@ impl Default for CrashtestOptions {
             canary_split_group: false,
             canary_late_marks: false,
             canary_restored_early: false,
+            canary_skip_log_write: false,
             keep_violations: 20,
             write_back: false,
             serial_copies: false,
@@ -147,6 +151,7 @@ pub fn engine_options() -> EngineOptions {
         table: TableOptions {
             journal_bytes: crate::limits::JOURNAL_MIN_BYTES,
             checkpoint_bytes: crate::limits::CHECKPOINT_MIN_BYTES,
+            log_bytes: crate::limits::LOG_MIN_BYTES * 2,
         },
         ..EngineOptions::default()
     }
@@ -155,11 +160,15 @@ pub fn engine_options() -> EngineOptions {
 /// Engine options of the engine that runs workload `w` (write-back as the workload says).
 #[must_use]
 pub fn workload_engine_options(w: &Workload) -> EngineOptions {
-    EngineOptions {
+    let mut o = EngineOptions {
         write_back: w.write_back,
         checked_copies: !w.serial_copies,
         ..engine_options()
+    };
+    if !w.copy_log {
+        o.table.log_bytes = 0;
     }
+    o
 }
 
 /// Run workload `w` with its `k`-th table write sent to `dest`, crash at points after it, and
@@ -206,6 +215,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
                 crate::engine::set_canary_split_group_commit(opts.canary_split_group);
                 crate::engine::set_canary_late_change_marks(opts.canary_late_marks);
                 crate::engine::set_canary_restored_before_flush(opts.canary_restored_early);
+                crate::activity::set_canary_skip_log_write(opts.canary_skip_log_write);
                 let mut rep = CrashReport::default();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -222,6 +232,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
                 crate::engine::set_canary_split_group_commit(false);
                 crate::engine::set_canary_late_change_marks(false);
                 crate::engine::set_canary_restored_before_flush(false);
+                crate::activity::set_canary_skip_log_write(false);
                 total.lock().merge(rep, opts.keep_violations);
             });
         }

@@ -55,12 +55,19 @@ fn initial_volume(seed: u64, i: usize) -> Vec<u8> {
     fill(seed ^ (0xA5A5 + i as u64), VOLUME_BYTES)
 }
 
-fn table_bytes() -> u64 {
-    engine_options()
+fn table_bytes(w: &Workload) -> u64 {
+    super::workload_engine_options(w)
         .table
         .layout()
         .map(|l| l.file_bytes())
         .unwrap_or(0)
+}
+
+/// The copy log's bytes in the table of workload `w` (start, end): data, like a volume's, not
+/// table metadata (see `SimWorld::set_table_data`).
+pub(super) fn log_region(w: &Workload) -> Option<(u64, u64)> {
+    let l = super::workload_engine_options(w).table.layout().ok()?;
+    (l.log_bytes > 0).then(|| (l.log(), l.log() + l.log_bytes))
 }
 
 /// Whether `f` injects any fault (then failed steps are expected, not violations).
@@ -79,8 +86,9 @@ pub(super) fn run_workload(w: &Workload, faults: Faults, checker: bool) -> Run {
     let world = SimWorld::new(w.seed);
     let table = world.add_table(
         "table",
-        vec![0; usize::try_from(table_bytes()).unwrap_or(0)],
+        vec![0; usize::try_from(table_bytes(w)).unwrap_or(0)],
     );
+    world.set_table_data(log_region(w));
     let vols: Vec<Arc<dyn Volume>> = VOLUMES
         .iter()
         .enumerate()
@@ -613,8 +621,8 @@ impl Harness<'_> {
     /// stand in while the engine is dropped.
     fn reopen(&mut self, missing: Option<usize>) -> Option<crate::Result<()>> {
         let scratch = match Engine::create(
-            Arc::new(MemStorage::new("x", table_bytes())),
-            engine_options(),
+            Arc::new(MemStorage::new("x", table_bytes(self.w))),
+            super::workload_engine_options(self.w),
         ) {
             Ok(e) => e,
             Err(e) => {

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use super::oracle::{recover_and_check, ref_at};
 use super::runner::{run_workload, Run};
 use super::workload::Workload;
-use super::{engine_options, CrashReport, CrashtestOptions};
+use super::{CrashReport, CrashtestOptions};
 use crate::activity::format::Layout;
 use crate::fault::sim::{CrashCursor, DevKind, Fate, Faults, IoEvent};
 
@@ -45,7 +45,7 @@ pub(super) fn sweep_faults(
     // copy), a superblock slot, a checkpoint area and any 512-byte-aligned offset. The
     // state is then crashed at points after the misdirected write (see `sweep_misdirect`).
     let mut rng = SmallRng::seed_from_u64(w.seed ^ 0xF6);
-    let Ok(l) = engine_options().table.layout() else {
+    let Ok(l) = super::workload_engine_options(w).table.layout() else {
         return;
     };
     let table_writes = run.table_writes.max(1);
@@ -148,7 +148,8 @@ fn sweep_failed_sync(w: &Workload, flushes: u64, step: u64, rep: &mut CrashRepor
 }
 
 /// Four places for a misdirected table write: another journal slot, a superblock slot, a
-/// checkpoint area (its start or a sector inside it) and any 512-byte-aligned offset.
+/// checkpoint area (its start or a sector inside it) and any 512-byte-aligned offset before
+/// the copy log (the log holds data: see `SimWorld::set_table_data`).
 fn misdirect_destinations(l: &Layout, rng: &mut SmallRng) -> [u64; 4] {
     use crate::activity::format::{CHECKPOINT_AREAS, SUPERBLOCK_SLOTS};
     let sector = crate::limits::JOURNAL_BLOCK_BYTES as u64;
@@ -157,7 +158,7 @@ fn misdirect_destinations(l: &Layout, rng: &mut SmallRng) -> [u64; 4] {
     let sb = l.superblock(rng.random_range(0..SUPERBLOCK_SLOTS));
     let area = l.checkpoint(rng.random_range(0..CHECKPOINT_AREAS));
     let inside = rng.random_range(0..4u64) * sector;
-    let anywhere = rng.random_range(0..l.file_bytes() / sector) * sector;
+    let anywhere = rng.random_range(0..l.log() / sector) * sector;
     [journal, sb, area + inside, anywhere]
 }
 
