@@ -407,6 +407,19 @@ fn check_one(e: &Engine, st: &SessionStatus, sref: &SessRef, rep: &mut CrashRepo
             "suspended".to_string()
         }
         SessionState::Terminated => match &st.reason {
+            // A recorded copy that neither the target, the copy log nor the source holds: the
+            // grain's T0 bytes are gone. Nothing the enumerator injects may cause that (an
+            // injected I/O error while proving one ends the session with another detail).
+            Some(r)
+                if r.code == crate::model::ReasonCode::CopyUnverified
+                    && r.detail.contains("neither") =>
+            {
+                out.push(format!(
+                    "session {} lost T0 bytes of a recorded copy: {}",
+                    st.id, r.detail
+                ));
+                format!("terminated:{:?}", r.code)
+            }
             Some(r) => format!("terminated:{:?}", r.code),
             None => {
                 out.push(format!("session {} terminated without a reason", st.id));
