@@ -20,9 +20,12 @@
 # write-back pays for its durability in the figure.
 # SERIAL_COPIES=1 runs both timezero servers with `--serial-copies` (target flush, then the
 # table's commit, instead of the default checked copy records).
+# LOG_SIZE=SIZE creates the timezero tables with `init --log-size SIZE` (0: no copy log, so a
+# first write waits for its target's flush too; unset: the default log).
 #
 # Usage: scripts/nbd-writes.sh [DIR]   (env: SIZE_MIB=512 COUNT=8192 ROUNDS=3 DEPTHS="1 32"
-#                                        TIMEZERO=path WRITE_BACK=0 FLUSH_INTERVAL=)
+#                                        TIMEZERO=path WRITE_BACK=0 FLUSH_INTERVAL=
+#                                        LOG_SIZE=)
 set -euo pipefail
 TZ_CHECKED=""
 [ "${SERIAL_COPIES:-0}" = 1 ] && TZ_CHECKED=--serial-copies
@@ -97,7 +100,7 @@ start_qemu() {
 }
 start_tz() {
     rm -f "$TAB" "$TAB".*
-    "$TZ_BIN" init "$TAB" >/dev/null
+    "$TZ_BIN" init "$TAB" ${LOG_SIZE:+--log-size "$LOG_SIZE"} >/dev/null
     "$TZ_BIN" establish "$TAB" "$SRC" "$TGT" --nocopy >/dev/null
     "$TZ_BIN" --direct ${TZ_EXTRA:-$WT} ${TZ_CHECKED:-} serve "$TAB" --socket "$SOCK" >"$DIR/server.log" 2>&1 &
     PID=$!; wait_sock

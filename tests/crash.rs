@@ -97,6 +97,8 @@ fn canary_late_change_marks_are_caught() {
         seed: 7,
         threads: 2,
         canary_late_marks: true,
+        // Every violation kept: the samples looked for below may come after others.
+        keep_violations: 100_000,
         eio_points: 0,
         recovery_crash_stride: 0,
         ..CrashtestOptions::default()
@@ -126,6 +128,8 @@ fn canary_restored_before_flush_is_caught() {
         seed: 2,
         threads: 2,
         canary_restored_early: true,
+        // Every violation kept: the samples looked for below may come after others.
+        keep_violations: 100_000,
         eio_points: 0,
         recovery_crash_stride: 0,
         ..CrashtestOptions::default()
@@ -191,6 +195,8 @@ fn canary_skipped_flush_is_caught() {
         seed: 7,
         threads: 2,
         canary: true,
+        // Every violation kept: the samples looked for below may come after others.
+        keep_violations: 100_000,
         eio_points: 0,
         recovery_crash_stride: 0,
         ..CrashtestOptions::default()
@@ -446,6 +452,8 @@ fn canary_unverified_checkpoint_is_caught() {
         seed: 2,
         threads: 2,
         canary_checkpoint: true,
+        // Every violation kept: the samples looked for below may come after others.
+        keep_violations: 100_000,
         eio_points: 16,
         recovery_crash_stride: 0,
         ..CrashtestOptions::default()
@@ -477,6 +485,8 @@ fn canary_split_group_commit_is_caught() {
         seed: 2,
         threads: 1,
         canary_split_group: true,
+        // Every violation kept: the samples looked for below may come after others.
+        keep_violations: 100_000,
         eio_points: 0,
         recovery_crash_stride: 0,
         ..CrashtestOptions::default()

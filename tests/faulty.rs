@@ -221,6 +221,53 @@ fn failing_target_write_fails_the_source_write_and_keeps_t0() {
     assert!(common::image(&e, id) == f.t0);
 }
 
+/// A target whose flush fails after logged first writes: the write through the image that
+/// needs the logged copy retired first fails (nothing is written), the table is not poisoned,
+/// the grain's bytes stay in the log (which first writes no longer use), and after a crash
+/// that loses the target's unflushed bytes the reopened image is T0, the grain taken from the
+/// log.
+#[test]
+fn a_target_whose_flush_fails_keeps_its_logged_grains_in_the_log() {
+    let f = Files {
+        opts: EngineOptions::default(),
+        ..Files::new(28)
+    };
+    let src = faulty_file(&f.path("src"), &f.t0);
+    let tgt = faulty_file(&f.path("tgt"), &vec![0u8; SIZE]);
+    let (e, a, id) = f.engine(src.clone(), tgt.clone());
+    e.write(a, 100, &[0x5a; 4000]).unwrap();
+    e.flush(a).unwrap();
+    let logged = |e: &Engine| {
+        e.table()
+            .stats
+            .logged
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(logged(&e), 1);
+    assert!(tgt.unflushed_sectors() > 0);
+    tgt.arm(FaultPlan::new().fail_flush(Trigger::forever(tgt.counts().flushes)));
+    let err = e.write_image(id, 0, &[0x66; 512]).unwrap_err();
+    assert_eq!(raw_os_error(&err), Some(5), "{err:?}");
+    assert!(!e.table().is_poisoned());
+    assert!(common::image(&e, id) == f.t0);
+    // The log keeps the grain: another first write takes the checked path (and meets the
+    // failed target).
+    assert!(e.write(a, 3 * GRAIN as u64, &[1u8; 512]).is_err());
+    assert_eq!(logged(&e), 1);
+    drop(e);
+    tgt.crash(CrashMode::DropAll).unwrap();
+    let e = f.reopen();
+    assert!(
+        common::image(&e, id) == f.t0,
+        "image after reopen is not T0"
+    );
+    let t = std::fs::read(f.path("tgt")).unwrap();
+    assert!(
+        t[..GRAIN] == f.t0[..GRAIN],
+        "the grain came back from the log"
+    );
+}
+
 /// A target write that fails once is retried by the engine: the source write succeeds, the
 /// image stays T0, and the counters show the one extra write.
 #[test]

@@ -145,19 +145,39 @@ fn checkpoint_keeps_grains_whose_proof_was_deferred() {
     assert_eq!(ck.sessions, vec![img]);
 }
 
-/// A version-6 checkpoint (no list of deferred grains) still opens: its list is empty.
+/// A version-6 checkpoint (no list of deferred grains) and a version-7 one (no list of the
+/// deferred grains the copy log keeps) still open: the missing lists are empty.
 #[test]
-fn a_version_6_checkpoint_reads_with_no_deferred_grains() {
+fn a_version_6_or_7_checkpoint_reads_with_no_deferred_grains() {
     let img = active_image(Vec::new());
-    let mut ck = encode(&img);
-    // Version 7 appended one count (zero) to the session's record, the last bytes here.
-    assert_eq!(&ck[ck.len() - 4..], &[0u8; 4]);
-    ck.truncate(ck.len() - 4);
-    ck[8..12].copy_from_slice(&6u32.to_le_bytes());
-    let payload = u64::from_le_bytes(ck[48..56].try_into().unwrap()) - 4;
-    ck[48..56].copy_from_slice(&payload.to_le_bytes());
-    let got = decode(&ck).unwrap();
-    assert_eq!(got.sessions, vec![img]);
+    for (version, cut) in [(6u32, 8usize), (7, 4)] {
+        let mut ck = encode(&img);
+        // Versions 7 and 8 each appended one count (zero) to the session's record, the last
+        // bytes here.
+        assert_eq!(&ck[ck.len() - 8..], &[0u8; 8]);
+        ck.truncate(ck.len() - cut);
+        ck[8..12].copy_from_slice(&version.to_le_bytes());
+        let payload = u64::from_le_bytes(ck[48..56].try_into().unwrap()) - cut as u64;
+        ck[48..56].copy_from_slice(&payload.to_le_bytes());
+        let got = decode(&ck).unwrap();
+        assert_eq!(got.sessions, vec![img.clone()], "version {version}");
+    }
+}
+
+/// Deferred grains whose bytes the copy log keeps survive a checkpoint with their log offsets;
+/// one that is not a deferred grain, or out of order, is damage.
+#[test]
+fn checkpoint_keeps_the_log_offsets_of_deferred_grains() {
+    let mut img = active_image(vec![(1, 0xdead_beef), (7, 3)]);
+    img.unverified_log = vec![(1, 4096), (7, 0)];
+    let ck = decode(&encode(&img)).unwrap();
+    assert_eq!(ck.sessions, vec![img.clone()]);
+    for bad in [vec![(2, 0)], vec![(7, 0), (1, 0)], vec![(1, 0), (1, 8)]] {
+        img.unverified_log = bad.clone();
+        let r = decode(&encode(&img));
+        assert!(r.is_err(), "{bad:?} decoded: {r:?}");
+        assert!(r.unwrap_err().contains("unverified_log"), "{bad:?}");
+    }
 }
 
 /// A deferred grain past the session's grains, or listed out of order, is damage.

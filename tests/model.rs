@@ -803,10 +803,12 @@ fn write_touching_source_and_target_of_one_session() {
 }
 
 /// The model test's ordering checker is live: with the copy-before-write target flush skipped
-/// (the fault feature's canary), the same kind of run must fail.
+/// and the copy log's bytes left unwritten (the fault feature's canaries: a first write then
+/// has its T0 bytes durable nowhere, whichever path it takes), the same kind of run must fail.
 #[test]
 fn model_checker_catches_a_skipped_flush() {
     timezero::fault::internals::set_canary_skip_cbw_flush(true);
+    timezero::fault::internals::set_canary_skip_log_write(true);
     let ops = vec![
         Op::Establish {
             src: 0,
@@ -825,6 +827,7 @@ fn model_checker_catches_a_skipped_flush() {
     ];
     let r = run(ops);
     timezero::fault::internals::set_canary_skip_cbw_flush(false);
+    timezero::fault::internals::set_canary_skip_log_write(false);
     let err = r.expect_err("a skipped flush must be caught");
     assert!(err.to_string().contains("ordering"), "{err}");
 }

@@ -337,6 +337,7 @@ fn qui_08_plan_run_refuses_to_freeze_the_store_file_system_in_one_line() {
             let out = Command::new(env!("CARGO_BIN_EXE_timezero"))
                 .arg("init")
                 .arg(state.join("db.tzt"))
+                .args(["--log-size", "0"])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "{out:?}");

@@ -23,10 +23,11 @@
 //!   their record (`CopyChecked` with `log`), so the source write waited for the table's sync
 //!   alone and the target's flush is still to come. Their log space is not reused until
 //!   their targets are flushed (a retire, or a checkpoint, which retires everything first);
-//!   an entry that would stop replay from verifying such a grain (a confirming `SetBits`, a
-//!   session's end, refresh, reverse restore or forgetting) waits for the retire too
-//!   ([`Checked::drops_unretired`]). A deferred grain whose bytes the log holds keeps the
-//!   whole log out of use (pinned) until its session resumes or ends.
+//!   an entry after which replay would no longer verify such a grain while something still
+//!   reads its target (a confirming `SetBits`, the session's completion or reverse restore)
+//!   waits for the retire too ([`Checked::needs_retire`]). A copy whose target's flush fails
+//!   becomes a deferred proof whose bytes the log keeps; such a grain keeps the whole log out
+//!   of use (pinned) until its session resumes or ends.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -341,10 +342,19 @@ impl Checked {
         for x in &i.inflight {
             (x.flush)()?;
         }
-        for f in distinct(i.log.unretired.iter().map(|u| &u.flush)) {
-            f()?;
+        // A target whose flush fails keeps its copies' bytes in the log, as deferred proofs
+        // (the checkpoint carries them): the checkpoint itself goes on.
+        let failed: Vec<FlushFn> = distinct(i.log.unretired.iter().map(|u| &u.flush))
+            .into_iter()
+            .filter(|f| f().is_err())
+            .map(Arc::clone)
+            .collect();
+        for u in std::mem::take(&mut i.log.unretired) {
+            if failed.iter().any(|f| Arc::ptr_eq(f, &u.flush)) {
+                defer_unflushed(&mut i, &u);
+            }
         }
-        i.log.unretired.clear();
+        self.journal_len.store(i.journal.len(), Ordering::Release);
         i.log.tail = i.log.head;
         let runs: Vec<_> = i
             .inflight
@@ -426,16 +436,24 @@ impl Checked {
     }
 
     /// Retire every logged copy counted so far: flush their targets (without the lock:
-    /// writers go on logging meanwhile), then give their log space back.
+    /// writers go on logging meanwhile), then give their log space back. A copy whose target's
+    /// flush fails keeps its T0 bytes where they are: its grains become deferred proofs that
+    /// the log keeps ([`Checked::defer`]'s pinning), proven when the session's volumes are
+    /// opened again, and the error is returned.
     ///
     /// # Errors
-    /// The first flush error (nothing is given back then).
+    /// The first flush error.
     pub(crate) fn retire(&self) -> crate::Result<()> {
         let (upto, flushes) = {
             let i = self.inner.lock();
             let Some(last) = i.log.unretired.last() else {
                 drop(i);
-                self.inner.lock().log.retiring = false;
+                let mut i = self.inner.lock();
+                i.log.retiring = false;
+                // Nothing waits for a flush (a reset forgot them): the whole log is free.
+                if i.log.unretired.is_empty() {
+                    i.log.tail = i.log.head;
+                }
                 return Ok(());
             };
             let flushes: Vec<FlushFn> = distinct(i.log.unretired.iter().map(|u| &u.flush))
@@ -444,26 +462,56 @@ impl Checked {
                 .collect();
             (last.end, flushes)
         };
-        let r = flushes.iter().try_for_each(|f| f());
+        let results: Vec<crate::Result<()>> = flushes.iter().map(|f| f()).collect();
         let mut i = self.inner.lock();
         i.log.retiring = false;
-        r?;
         // Everything up to `upto` was logged before the flushes started (space is taken and
-        // counted under one hold of the lock), so those flushes made its targets durable.
-        i.log.unretired.retain(|u| u.end > upto);
+        // counted under one hold of the lock), so those flushes covered its targets' bytes.
+        let failed: Vec<&FlushFn> = flushes
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_err())
+            .map(|(f, _)| f)
+            .collect();
+        let gone: Vec<Unretired> = {
+            let (gone, kept) = std::mem::take(&mut i.log.unretired)
+                .into_iter()
+                .partition(|u| u.end <= upto);
+            i.log.unretired = kept;
+            gone
+        };
+        for u in gone {
+            if failed.iter().any(|f| Arc::ptr_eq(f, &u.flush)) {
+                defer_unflushed(&mut i, &u);
+            }
+        }
         i.log.tail = i.log.tail.max(upto);
-        Ok(())
+        self.journal_len.store(i.journal.len(), Ordering::Release);
+        results.into_iter().collect()
     }
 
-    /// Whether committing `entries` would stop a replay from verifying a logged copy whose
-    /// target is not yet durable: a `SetBits` over one of its grains (it confirms the grain),
-    /// or the end, refresh, reverse restore or forgetting of its session (they drop its
-    /// records). Such entries wait for [`Checked::retire`].
-    pub(crate) fn drops_unretired(&self, entries: &[Entry]) -> bool {
+    /// Forget the logged copies of `session` that wait for a retire (their targets' bytes
+    /// were proven and flushed by other means).
+    pub(crate) fn forget_unretired(&self, session: SessionId) {
+        self.inner
+            .lock()
+            .log
+            .unretired
+            .retain(|u| u.session != session);
+    }
+
+    /// Whether committing `entries` needs the logged copies retired first: a `SetBits` over a
+    /// grain whose logged copy is not retired (it confirms the grain: replay would no longer
+    /// verify it), a session's completion or reverse restore while it has such copies (its
+    /// target is then what its image and its restore read). The end of a session otherwise, a
+    /// refresh or forgetting it drops its records too, but nothing reads those targets' T0
+    /// bytes afterwards.
+    pub(crate) fn needs_retire(&self, entries: &[Entry]) -> bool {
         let i = self.inner.lock();
         if i.log.unretired.is_empty() {
             return false;
         }
+        let has = |session: SessionId| i.log.unretired.iter().any(|u| u.session == session);
         entries.iter().any(|e| match e {
             Entry::SetBits {
                 session,
@@ -474,14 +522,27 @@ impl Checked {
                     && u.start < start.saturating_add(*count)
                     && *start < u.start + u.count
             }),
-            Entry::SetState { session, state, .. } if !state.is_live() => {
-                i.log.unretired.iter().any(|u| u.session == *session)
+            Entry::SetState {
+                session,
+                state: crate::model::SessionState::Completed,
+                ..
             }
-            Entry::Forget { session }
-            | Entry::Refresh { session, .. }
-            | Entry::Reverse { session } => i.log.unretired.iter().any(|u| u.session == *session),
+            | Entry::Reverse { session } => has(*session),
             _ => false,
         })
+    }
+}
+
+/// A logged copy `u` whose target's flush failed: its grains still named by the journal become
+/// deferred proofs whose bytes the log keeps (the log is pinned until they are proven).
+fn defer_unflushed(i: &mut Inner, u: &Unretired) {
+    for g in u.start..u.start + u.count {
+        if let Some((_, crc, log)) = i.journal.remove(&(u.session, g)) {
+            i.deferred.insert((u.session, g), crc);
+            if let Some(off) = log {
+                i.deferred_log.insert((u.session, g), off);
+            }
+        }
     }
 }
 

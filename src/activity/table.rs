@@ -738,6 +738,15 @@ impl Table {
                 path: self.storage.name(),
             });
         }
+        // An entry after which replay would no longer verify a logged copy (a `SetBits` that
+        // confirms one of its grains, its session's completion or reverse restore) waits for
+        // the copy's target to be durable. Done before queueing, on the caller's thread: the
+        // grains and sessions these entries concern get no new logged copy meanwhile (their
+        // bits are set; a completing session has every bit set; a reverse restore holds the
+        // gates after every copy settled). A failed flush fails this commit alone.
+        if self.checked.needs_retire(&entries) {
+            self.checked.retire()?;
+        }
         let mut q = self.queue.lock();
         if let Some(f) = &q.failed {
             return Err(Error::Poisoned {
@@ -975,6 +984,18 @@ impl Table {
         self.checked.retire()
     }
 
+    /// Every (grain, CRC) of `session` that recovery would prove now: its deferred grains and
+    /// those its checked records in the journal name.
+    pub(crate) fn recorded_of(&self, session: SessionId) -> Vec<(u64, u32)> {
+        self.checked.to_verify(session)
+    }
+
+    /// Forget the logged copies of `session` still waiting for a retire: their grains were
+    /// just proven on its target, which was flushed (a reset).
+    pub(crate) fn forget_unretired(&self, session: SessionId) {
+        self.checked.forget_unretired(session);
+    }
+
     /// The T0 bytes the copy log holds for `grain` of `s`, when a record (in the journal, or a
     /// deferred one) names them; `None` otherwise or when they cannot be read. What the log
     /// holds: match them against the grain's CRC before trusting them.
@@ -1039,11 +1060,9 @@ impl Table {
         let mut w = self.writer.lock();
         // Validate before writing: a bad entry must never reach the disk.
         self.validate_batch(batch)?;
-        // An entry after which replay would no longer verify a logged copy waits for its
-        // target to be durable.
-        if self.checked.drops_unretired(batch) {
-            self.checked.retire()?;
-        }
+        // Entries that need the logged copies retired were held back until they were
+        // (`Table::enqueue`); a copy logged since cannot concern them (see there), except
+        // through a retire that failed, whose grains are deferred proofs now.
         let chunks = encode_commits(batch, atomic)?;
         let n = self.layout.journal_blocks();
         for chunk in &chunks {
@@ -1081,7 +1100,20 @@ impl Table {
         self.stats
             .entries
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        // Durable: now apply.
+        // Durable: now apply. A logged copy's record is noted before its bits are set: a write
+        // through the image that finds the grain copied must find the record to confirm too.
+        let grain_of = |id: SessionId| {
+            self.sessions
+                .read()
+                .get(&id)
+                .filter(|s| s.is_live())
+                .map(|s| s.desc.grain.bytes())
+        };
+        for e in batch {
+            if matches!(e, Entry::CopyChecked { log: Some(_), .. }) {
+                self.checked.note(e, w.next_seq.saturating_sub(1), grain_of);
+            }
+        }
         {
             let mut sessions = self.sessions.write();
             let mut bb = 0u64;
@@ -1105,13 +1137,9 @@ impl Table {
             // Lock order: the checked copies' lock, then the sessions' (as settling and
             // checkpoints take them); never the other way round.
             for e in batch {
-                self.checked.note(e, seq, |id| {
-                    self.sessions
-                        .read()
-                        .get(&id)
-                        .filter(|s| s.is_live())
-                        .map(|s| s.desc.grain.bytes())
-                });
+                if !matches!(e, Entry::CopyChecked { log: Some(_), .. }) {
+                    self.checked.note(e, seq, grain_of);
+                }
             }
         }
         if w.next_seq - w.ckpt_seq > n / 2 {

@@ -75,6 +75,9 @@ pub struct BenchOptions {
     /// Run first writes with checked copy records ([`EngineOptions::checked_copies`], the
     /// default); false: the serial path.
     pub checked_copies: bool,
+    /// Bytes of the table's copy log ([`crate::TableOptions::log_bytes`]; 0: none, and a
+    /// first write's source write waits for the target's flush too).
+    pub log_bytes: u64,
     /// The `timezero` binary, to measure the recovery of a 1 TiB session in a fresh process
     /// (`timezero recovery-probe`, once per round): time and peak resident memory. `None`
     /// skips that measurement.
@@ -95,16 +98,19 @@ impl Default for BenchOptions {
             probe_exe: None,
             direct_copy: false,
             checked_copies: true,
+            log_bytes: crate::limits::LOG_DEFAULT_BYTES,
         }
     }
 }
 
 fn engine_options(opts: &BenchOptions) -> EngineOptions {
-    EngineOptions {
+    let mut o = EngineOptions {
         backend: opts.backend,
         checked_copies: opts.checked_copies,
         ..EngineOptions::default()
-    }
+    };
+    o.table.log_bytes = opts.log_bytes;
+    o
 }
 
 /// `opts` checked, with the writer counts sorted and deduplicated.
@@ -245,6 +251,10 @@ mod tests {
         assert!(line("files in ").starts_with(&vols.path().display().to_string()));
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["global options"]["table_apart"], true);
+        assert_eq!(
+            v["global options"]["copy_log_bytes"],
+            crate::limits::LOG_DEFAULT_BYTES
+        );
         // Both temporary directories are gone after the run.
         assert_eq!(std::fs::read_dir(meta.path()).unwrap().count(), 0);
         assert_eq!(std::fs::read_dir(vols.path()).unwrap().count(), 0);
@@ -263,6 +273,7 @@ mod tests {
             backend: crate::volume::Backend::IoUring,
             direct_copy: true,
             checked_copies: true,
+            log_bytes: 0,
             probe_exe: None,
         };
         let mut out = Vec::new();
@@ -274,6 +285,7 @@ mod tests {
         assert_eq!(w[5]["figure"], "first-write");
         assert!(w[5]["engine"]["iops_median"].as_f64().unwrap() > 0.0);
         assert_eq!(v["global options"]["backend_option"], "io-uring");
+        assert_eq!(v["global options"]["copy_log_bytes"], 0);
         let b = v["global options"]["backend"].as_str().unwrap();
         assert!(b == "io_uring" || b == "pread", "{b}");
     }

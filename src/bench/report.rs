@@ -72,10 +72,13 @@ pub(super) fn print_table(
         } else {
             " buffered"
         },
-        if opts.checked_copies {
-            "checked copy records"
-        } else {
-            "serial copy-before-write"
+        match (opts.checked_copies, opts.log_bytes) {
+            (false, _) => "serial copy-before-write".to_string(),
+            (true, 0) => "checked copy records, no copy log".to_string(),
+            (true, n) => format!(
+                "checked copy records, {} copy log",
+                crate::units::format_size(n)
+            ),
         },
         match &opts.table_dir {
             Some(d) => format!("in {} (apart from the volumes)", d.display()),
@@ -184,6 +187,8 @@ pub struct GlobalOptions<'a> {
     pub bs: usize,
     /// The file backend of the engine that ran the background copy.
     pub copy_backend: &'static str,
+    /// Bytes of the table's copy log (0: none).
+    pub copy_log_bytes: u64,
     /// Whether the background copy's engine opened its volumes with `O_DIRECT`.
     pub direct_copy: bool,
     /// Grain bytes.
@@ -527,6 +532,11 @@ impl<'a> BenchJson<'a> {
                 backend_option: opts.backend.name(),
                 bs: IO,
                 copy_backend: run.copy_backend,
+                copy_log_bytes: if opts.checked_copies {
+                    opts.log_bytes
+                } else {
+                    0
+                },
                 direct_copy: opts.direct_copy,
                 grain: GRAIN,
                 raw_copy_direct: run.direct,

@@ -236,6 +236,10 @@ pub enum Command {
         /// the volumes).
         #[arg(long)]
         table_dir: Option<PathBuf>,
+        /// Bytes of the table's copy log (0: none, so first writes wait for the target's
+        /// flush as well as for their record).
+        #[arg(long = "log-size", value_parser = args::log_size, default_value = "16MiB")]
+        log_size: u64,
         /// Size of each volume file (e.g. 256MiB).
         #[arg(long, value_parser = args::size, default_value = "256MiB")]
         size: u64,

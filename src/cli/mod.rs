@@ -168,6 +168,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             json,
             dir,
             table_dir,
+            log_size,
             size,
             rounds,
             writers,
@@ -184,6 +185,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                 backend: io.backend(),
                 direct_copy: io.direct,
                 checked_copies: !io.serial_copies,
+                log_bytes: log_size,
                 probe_exe: std::env::current_exe().ok(),
             };
             crate::bench::run(&opts, &mut out, &mut std::io::stderr())?;

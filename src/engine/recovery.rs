@@ -239,11 +239,23 @@ impl Engine {
         // records could not reach them): proven before the session goes on, and confirmed by
         // `SetBits` in the commit that resumes it.
         let unproven = self.table.unverified_of(id);
-        if !unproven.is_empty() && ended.len() < live {
+        // After a reset the target is the device as it is now, which may have lost writes
+        // that were never flushed: a logged copy's bytes among them (its flush comes at the
+        // log's retire). Every copy the journal records is proven again (from the log where
+        // the target lost it); the target is flushed then, so those copies need no retire.
+        let recorded = if mismatch == ReasonCode::ResetMismatch {
+            self.table.recorded_of(id)
+        } else {
+            unproven.clone()
+        };
+        if !recorded.is_empty() && ended.len() < live {
             let stays = |e: usize| s.extent_live(e) && !ended.iter().any(|(i, _)| *i as usize == e);
             let log = |g: u64| self.table.log_bytes(s, g);
-            match super::checked::verify_on_resume(s, &src, &tgt, &unproven, &log, &stays) {
-                CopyProof::Proven => entries.extend(set_bits_runs(id, &unproven)),
+            match super::checked::verify_on_resume(s, &src, &tgt, &recorded, &log, &stays) {
+                CopyProof::Proven => {
+                    self.table.forget_unretired(id);
+                    entries.extend(set_bits_runs(id, &unproven));
+                }
                 CopyProof::Deferred => {
                     // Unreachable (both volumes are here); end rather than trust the grains.
                     let r = Reason::new(
