@@ -633,7 +633,7 @@ mod tests {
                 "timestamp"
             ]
         );
-        assert_eq!(keys(&v["global options"]).len(), 11);
+        assert_eq!(keys(&v["global options"]).len(), 12);
         assert_eq!(v["global options"]["writers"], serde_json::json!([1, 4]));
         let w = &v["by_writers"];
         assert_eq!(w.as_array().unwrap().len(), 4);
