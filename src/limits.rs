@@ -39,6 +39,11 @@ pub const JOURNAL_MAX_BYTES: u64 = 1 << 30;
 /// Default copy log size of a new table: room for the T0 bytes of first writes whose targets
 /// are not yet flushed (256 grains of 64 KiB).
 pub const LOG_DEFAULT_BYTES: u64 = 16 << 20;
+/// Most first writes in copy-before-write at once (this one included) for which a first write
+/// still takes the copy log: the log saves a durability point on the writer's path but writes
+/// every grain twice, so when many first writes run together (and share their flushes on the
+/// checked path anyway) the device's bandwidth matters more and they take the checked path.
+pub const LOG_WRITERS_MAX: usize = 2;
 /// Smallest copy log (other than none).
 pub const LOG_MIN_BYTES: u64 = 64 * 1024;
 /// Largest copy log.

@@ -380,7 +380,14 @@ impl Engine {
                 bytes: written.bytes(i),
             })
             .collect();
-        if let Some(places) = self.table.log_copies(&log_runs, &flush)? {
+        let few = self.cow_inflight.load(std::sync::atomic::Ordering::Acquire)
+            <= crate::limits::LOG_WRITERS_MAX;
+        let logged = if few {
+            self.table.log_copies(&log_runs, &flush)?
+        } else {
+            None
+        };
+        if let Some(places) = logged {
             for ((r, c), off) in runs.iter().zip(crcs).zip(places) {
                 let grain = r.p.len / (r.g1 - r.g0).max(1);
                 entries.extend(super::checked::entries(
