@@ -402,8 +402,8 @@ impl Engine {
             self.table.commit(entries)?;
             if self.table.log_retire_due() {
                 let table = Arc::clone(&self.table);
-                // A failed flush latches its volume, and the next entry that needs the retire
-                // (or the next checkpoint) fails with it.
+                // A target whose flush fails there keeps its copies in the log, as deferred
+                // proofs (`Checked::retire`); its volume is latched as failed.
                 self.flusher.start(Box::new(move || {
                     let _ = table.retire_log();
                 }));
