@@ -175,15 +175,17 @@ fn a_record_that_neither_target_nor_source_holds_terminates_the_session() {
         Outcome::Ended => {}
         o => panic!("expected the session ended at open, got {o:?}"),
     }
-    let st = e.status().into_iter().find(|x| x.id == w.id).unwrap();
+    assert_lost_t0(&e, w.id, "neither the target nor the source");
+}
+
+/// Session `id` was terminated because a recorded grain's T0 bytes are nowhere: its reason is
+/// `CopyUnverified` with `detail` in its text.
+fn assert_lost_t0(e: &Engine, id: SessionId, detail: &str) {
+    let st = e.status().into_iter().find(|x| x.id == id).unwrap();
     assert_eq!(st.state, SessionState::Terminated);
     let r = st.reason.unwrap();
     assert_eq!(r.code, ReasonCode::CopyUnverified);
-    assert!(
-        r.detail.contains("neither the target nor the source"),
-        "{}",
-        r.detail
-    );
+    assert!(r.detail.contains(detail), "{}", r.detail);
 }
 
 /// [`first_write`] at grain `g`, then the crash this engine can leave: the record durable,
@@ -261,11 +263,7 @@ fn a_returning_target_whose_grain_neither_volume_holds_ends_the_session() {
     // grain is on neither volume, so the session cannot go on.
     w.src.write_at(3 * GRAIN, &[0x55u8; 100]).unwrap();
     let e = reopen(&w, &[&w.src, &w.tgt]);
-    let st = e.status().into_iter().find(|x| x.id == w.id).unwrap();
-    assert_eq!(st.state, SessionState::Terminated);
-    let r = st.reason.unwrap();
-    assert_eq!(r.code, ReasonCode::CopyUnverified);
-    assert!(r.detail.contains("neither"), "{}", r.detail);
+    assert_lost_t0(&e, w.id, "neither");
 }
 
 #[test]
@@ -488,11 +486,7 @@ fn a_logged_grain_lost_on_the_target_with_damaged_log_bytes_ends_the_session() {
     let w = logged_and_lost(4);
     damage_log(&w);
     let e = reopen(&w, &[&w.src, &w.tgt]);
-    let st = e.status().into_iter().find(|x| x.id == w.id).unwrap();
-    assert_eq!(st.state, SessionState::Terminated);
-    let r = st.reason.unwrap();
-    assert_eq!(r.code, ReasonCode::CopyUnverified);
-    assert!(r.detail.contains("neither"), "{}", r.detail);
+    assert_lost_t0(&e, w.id, "neither");
 }
 
 #[test]

@@ -73,6 +73,25 @@ impl Files {
         }
         e
     }
+    /// Reopen after a crash (`mode`) of two sessions `s1` (target `t1`) and `s2` of the source:
+    /// both images are T0, and the background copy finishes `s1` from the crashed state with a
+    /// T0 target.
+    fn reopen_two_t0(&self, s1: SessionId, s2: SessionId, mode: CrashMode) {
+        let e = self.reopen();
+        assert!(
+            common::image(&e, s1) == self.t0,
+            "{mode:?}: image 1 is not T0"
+        );
+        assert!(
+            common::image(&e, s2) == self.t0,
+            "{mode:?}: image 2 is not T0"
+        );
+        e.copy_all(s1, timezero::GrainCount(4)).unwrap();
+        assert!(
+            std::fs::read(self.path("t1")).unwrap() == self.t0,
+            "{mode:?}"
+        );
+    }
     /// The source file still holds T0, so does the image, and so does the image after the
     /// table is reopened with plain file volumes; returns the reopened engine.
     fn assert_t0_kept(&self, e: Engine, id: SessionId) -> Engine {
@@ -153,11 +172,7 @@ fn logged_first_writes_survive_a_crash_that_loses_their_target_writes() {
             assert!(lost > 0);
         }
         drop(e);
-        let e = f.reopen();
-        assert!(common::image(&e, s1) == f.t0, "{mode:?}: image 1 is not T0");
-        assert!(common::image(&e, s2) == f.t0, "{mode:?}: image 2 is not T0");
-        e.copy_all(s1, timezero::GrainCount(4)).unwrap();
-        assert!(std::fs::read(f.path("t1")).unwrap() == f.t0, "{mode:?}");
+        f.reopen_two_t0(s1, s2, mode);
     }
 }
 
@@ -402,13 +417,7 @@ fn crash_of_unflushed_writes_keeps_every_image_t0() {
             assert!(s == f.t0, "DropAll kept an unflushed source write");
         }
         drop(e);
-
-        let e = f.reopen();
-        assert!(common::image(&e, s1) == f.t0, "{mode:?}: image 1 is not T0");
-        assert!(common::image(&e, s2) == f.t0, "{mode:?}: image 2 is not T0");
-        // The background copy finishes from the crashed state with T0 targets.
-        e.copy_all(s1, timezero::GrainCount(4)).unwrap();
-        assert!(std::fs::read(f.path("t1")).unwrap() == f.t0, "{mode:?}");
+        f.reopen_two_t0(s1, s2, mode);
     }
 }
 
