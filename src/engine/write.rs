@@ -370,19 +370,19 @@ impl Engine {
         let mut entries: Vec<Entry> = Vec::with_capacity(runs.len() + marks.len());
         // The copy log: the T0 bytes go into the table file with their records, so one sync
         // makes both durable and the target's flush waits for a retire.
-        let log_runs: Vec<crate::activity::LogRun<'_>> = runs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| crate::activity::LogRun {
-                session: r.s.id(),
-                start: r.g0,
-                count: r.g1 - r.g0,
-                bytes: written.bytes(i),
-            })
-            .collect();
         let few = self.cow_inflight.load(std::sync::atomic::Ordering::Acquire)
             <= crate::limits::LOG_WRITERS_MAX;
-        let logged = if few {
+        let logged = if few && self.table.layout().log_bytes > 0 {
+            let log_runs: Vec<crate::activity::LogRun<'_>> = runs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| crate::activity::LogRun {
+                    session: r.s.id(),
+                    start: r.g0,
+                    count: r.g1 - r.g0,
+                    bytes: written.bytes(i),
+                })
+                .collect();
             self.table.log_copies(&log_runs, &flush)?
         } else {
             None
