@@ -61,6 +61,35 @@ fn enumerator_finds_no_violation() {
     }
 }
 
+/// One workload of a catalogue run alone (`only`), as it runs in the whole catalogue: the one
+/// that found a reverse restore taken after a retire's failed target flush (`overlap#120` of the
+/// catalogue above), with every error sweep, a few times (its retire runs on the flusher
+/// thread, so its durability points may come in another order each run). A name the catalogue
+/// lacks runs nothing.
+#[test]
+fn a_named_workload_runs_alone() {
+    let opts = CrashtestOptions {
+        workloads: 140,
+        seed: 20_261_123,
+        threads: 1,
+        eio_points: usize::MAX,
+        only: vec!["overlap#120".to_string()],
+        ..CrashtestOptions::default()
+    };
+    for _ in 0..4 {
+        let r = crashtest(&opts);
+        assert_eq!(r.workloads, 1);
+        assert_eq!(r.violations, 0, "violations: {:#?}", r.violation_samples);
+        assert!(r.states.get("syncfail_durable").copied().unwrap_or(0) > 0);
+        assert!(r.outcomes.keys().any(|k| k == "reverse_checked"));
+    }
+    let none = crashtest(&CrashtestOptions {
+        only: vec!["overlap#121".to_string()],
+        ..opts
+    });
+    assert_eq!((none.workloads, none.states_total), (0, 0));
+}
+
 /// The serial copy-before-write path (target flush, then the bits; `checked_copies` off)
 /// under the same enumerator, on another seed and a smaller budget.
 #[test]

@@ -269,6 +269,11 @@ fn a_target_whose_flush_fails_keeps_its_logged_grains_in_the_log() {
     // failed target).
     assert!(e.write(a, 3 * GRAIN as u64, &[1u8; 512]).is_err());
     assert_eq!(logged(&e), 1);
+    // A reverse restore would read the failed target and, once durable, stop recovery from
+    // proving the logged grain there: refused until the table is opened again.
+    let err = e.reverse(id).unwrap_err();
+    assert_eq!(raw_os_error(&err), Some(5), "{err:?}");
+    assert!(!e.session(id).unwrap().reversing());
     drop(e);
     tgt.crash(CrashMode::DropAll).unwrap();
     let e = f.reopen();
@@ -280,6 +285,14 @@ fn a_target_whose_flush_fails_keeps_its_logged_grains_in_the_log() {
     assert!(
         t[..GRAIN] == f.t0[..GRAIN],
         "the grain came back from the log"
+    );
+    // Proven: the reverse restore runs now and puts T0 back on the source.
+    e.reverse(id).unwrap();
+    e.restore_all(id).unwrap();
+    e.flush(a).unwrap();
+    assert!(
+        std::fs::read(f.path("src")).unwrap() == f.t0,
+        "the source is not T0 after the restore"
     );
 }
 

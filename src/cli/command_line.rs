@@ -646,6 +646,11 @@ pub enum Command {
         /// `serve --write-back`).
         #[arg(long)]
         write_back: bool,
+        /// Run only the named workloads of the catalogue (as a violation names them, e.g.
+        /// `overlap#120`; repeat or separate with commas). Each runs as it does in the whole
+        /// catalogue of `--workloads` and `--seed`.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// (internal) Open a table in this fresh process and print the recovery time and peak
     /// resident memory as JSON; used by `bench`.

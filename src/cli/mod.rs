@@ -683,6 +683,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
             json,
             eio_points,
             write_back,
+            only,
         } => {
             // The global --serial-copies runs every workload on the serial path.
             let serial_copies = io.serial_copies;
@@ -695,7 +696,12 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                     ))
                 })?
             };
-            crashtest(workloads, seed, json, points, (write_back, serial_copies))?;
+            crashtest(
+                (workloads, seed, only),
+                json,
+                points,
+                (write_back, serial_copies),
+            )?;
             String::new()
         }
     };
@@ -757,8 +763,7 @@ fn check_write_input(from: &Path, len: Option<u64>) -> std::result::Result<(), F
 
 #[cfg(feature = "fault")]
 fn crashtest(
-    workloads: usize,
-    seed: u64,
+    (workloads, seed, only): (usize, u64, Vec<String>),
     json: bool,
     eio_points: usize,
     (write_back, serial_copies): (bool, bool),
@@ -769,8 +774,20 @@ fn crashtest(
         eio_points,
         write_back,
         serial_copies,
+        only: only.clone(),
         ..crate::fault::CrashtestOptions::default()
     });
+    if r.workloads < only.len() {
+        return Err(Error::invalid(
+            "crashtest",
+            format!(
+                "--only names {} workloads, {} of them in the catalogue of {workloads} \
+                 workloads of seed {seed}",
+                only.len(),
+                r.workloads
+            ),
+        ));
+    }
     let mut out = std::io::stdout().lock();
     if json {
         let s =
@@ -803,8 +820,7 @@ fn crashtest(
 
 #[cfg(not(feature = "fault"))]
 fn crashtest(
-    _workloads: usize,
-    _seed: u64,
+    _catalogue: (usize, u64, Vec<String>),
     _json: bool,
     _eio_points: usize,
     _modes: (bool, bool),

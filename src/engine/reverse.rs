@@ -98,8 +98,11 @@ impl Engine {
     /// [`Error::UnknownSession`]; [`Error::NotActive`] for a suspended or ended session;
     /// [`Error::Reversing`] when a reverse of it, or of another session sharing one of its
     /// volumes, is in progress; [`Error::UnknownVolume`] when a volume is not attached;
-    /// [`Error::Invalid`] when source and target are one volume; table errors (the volumes are
-    /// then fenced until the table is reopened: the reverse may or may not be durable).
+    /// [`Error::Invalid`] when source and target are one volume or the session has copies not
+    /// yet proven durable (their target's flush failed; reopening the table proves them);
+    /// [`Error::PoisonedIo`] when the target failed an earlier write or flush; table errors
+    /// (the volumes are then fenced until the table is reopened: the reverse may or may not
+    /// be durable).
     pub fn reverse(&self, id: SessionId) -> Result<Reversed> {
         let s = self.session(id)?;
         self.reverse_allowed(&s)?;
@@ -160,6 +163,25 @@ impl Engine {
                     "{} is both the source and the target of {}",
                     s.desc.source.locator,
                     s.id()
+                ),
+            ));
+        }
+        // The restore reads the target, and once the reverse is durable recovery no longer
+        // proves the session's recorded copies there: a target that latched a failure (a
+        // failed flush may have lost bytes its page cache still shows) or copies still to be
+        // proven (kept in the copy log since their target's flush failed) rule it out until
+        // the table is opened again and recovery has proven them.
+        if let Ok(t) = self.handle(s.desc.target.id) {
+            t.check_live()?;
+        }
+        if !self.table.unverified_of(s.id()).is_empty() {
+            return Err(Error::invalid(
+                "reverse",
+                format!(
+                    "{} has copies on {} not yet proven durable (its flush failed); open the \
+                     table again to prove them first",
+                    s.id(),
+                    s.desc.target.locator
                 ),
             ));
         }
