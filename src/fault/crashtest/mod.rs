@@ -206,7 +206,7 @@ pub fn crashtest(opts: &CrashtestOptions) -> CrashReport {
         }
     }
     if !opts.only.is_empty() {
-        workloads.retain(|(_, w)| opts.only.iter().any(|n| *n == w.name));
+        workloads.retain(|(_, w)| opts.only.contains(&w.name));
     }
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
