@@ -3,11 +3,11 @@
 # of cuts and any seed. Usage: scripts/powerloss.sh [CUTS] [SEED]
 #   CUTS  power cuts (default 200)
 #   SEED  seed of the cut points, loss policies and workloads (default 17, the test suite's)
-# Set CANARY=1 to run with the engine's skipped-flush canary: the run must then report
-# violations (and exits 0 when it does). Needs root and /dev/fuse (the test says so and skips
+# Set CANARY=1 to run with the engine's skipped-flush canary, CANARY=log with the copy log's
+# skipped-write canary: the run must then report violations (and exits 0 when it does). Needs root and /dev/fuse (the test says so and skips
 # otherwise). The last line is
 #   power cuts N, wrong images W, lost acknowledged writes L, ordering violations V
-# Exit status: 0 when no violation was found (or, with CANARY=1, when some were), 1 otherwise.
+# Exit status: 0 when no violation was found (or, with a canary, when some were), 1 otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cuts="${1:-200}"

@@ -5,8 +5,10 @@
 //! a cut at any operation, recovery on what the disk kept finds every acknowledged session with
 //! a T0-exact image, every acknowledged write present and every other source byte old or new;
 //! and the ordering checker, fed the trace of real I/O, finds no source write issued before its
-//! grain's copy was durable. The canary (the engine skipping the target flush before the table
-//! commit, switched on in the binary by `TIMEZERO_CANARY_SKIP_CBW_FLUSH=1`) must be caught.
+//! grain's copy was durable. Two canaries must be caught: the engine skipping the target flush
+//! before the table commit (switched on in the binary by `TIMEZERO_CANARY_SKIP_CBW_FLUSH=1`),
+//! and a logged first write whose T0 bytes never reach the copy log while its record names them
+//! (`TIMEZERO_CANARY_SKIP_LOG_WRITE=1`).
 //!
 //! Method: a power-loss FUSE mount (`timezero::fault::powerloss`) over a fresh backing directory
 //! per cut holds the table and the volumes; the binary runs `init`, three `establish`es (copy,
@@ -21,12 +23,14 @@
 //!
 //! `TIMEZERO_POWERLOSS_CUTS` and `TIMEZERO_POWERLOSS_SEED` change the number of cuts and the
 //! seed (`scripts/powerloss.sh`), `TIMEZERO_POWERLOSS_CANARY=1` runs the campaign with the
-//! canary (it must then fail), `TIMEZERO_POWERLOSS_VERBOSE=1` prints a line per cut and
-//! `TIMEZERO_POWERLOSS_TRACE=1` every traced operation; `TIMEZERO_POWERLOSS_SERVE_FLAGS` adds
-//! global flags to `serve` (`--write-through`). Checked first writes hand their commit to a
-//! flusher thread in every other cut (by seed) and their target's flush in the others
-//! (`TIMEZERO_CHECKED_COMMIT_ON_THREAD`). Where FUSE cannot be mounted (no
-//! `/dev/fuse`, not root, a trial mount fails) the tests print why and skip.
+//! skipped-flush canary and `=log` with the skipped-log-write one (it must then fail),
+//! `TIMEZERO_POWERLOSS_VERBOSE=1` prints a line per cut and `TIMEZERO_POWERLOSS_TRACE=1` every
+//! traced operation. `serve` runs write-through (first writes copied at once, through the copy
+//! log) in half of the cuts, each backend and thread arrangement among them, and write-back in
+//! the others; `TIMEZERO_POWERLOSS_SERVE_FLAGS` sets its global flags for every cut instead.
+//! Checked first writes hand their commit to a flusher thread in every other cut (by seed) and
+//! their target's flush in the others (`TIMEZERO_CHECKED_COMMIT_ON_THREAD`). Where FUSE cannot
+//! be mounted (no `/dev/fuse`, not root, a trial mount fails) the tests print why and skip.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
 
@@ -100,13 +104,23 @@ const BACKENDS: &[(&str, &[&str])] = &[
     ("direct-pread", &["--direct", "--backend", "pread"]),
 ];
 
+/// Which engine canary the binary runs with (`Off` in the real campaign).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Canary {
+    Off,
+    /// The checked path's target flush skipped (`TIMEZERO_CANARY_SKIP_CBW_FLUSH`).
+    SkipTargetFlush,
+    /// A logged copy's bytes never written to the copy log (`TIMEZERO_CANARY_SKIP_LOG_WRITE`).
+    SkipLogWrite,
+}
+
 #[derive(Debug, Clone)]
 struct Cfg {
     seed: u64,
     at_op: Option<u64>,
     policy: LossPolicy,
     backend: usize,
-    canary: bool,
+    canary: Canary,
     /// Run `serve` with concurrent writes, the copy and NBD (else: local writes only).
     serve: bool,
 }
@@ -143,9 +157,11 @@ struct Rig {
     table: PathBuf,
     mnt: PathBuf,
     flags: Vec<String>,
-    canary: bool,
+    canary: Canary,
     /// Which of a checked first write's durability points the binary hands to a thread.
     commit_on_thread: bool,
+    /// Global flags of `serve` (`--write-through` in half of the cuts).
+    serve_flags: Vec<String>,
     pl: PowerLoss,
     /// Mutating operations counted when each phase began: establish, serve.
     marks: std::sync::Mutex<Vec<u64>>,
@@ -157,8 +173,14 @@ impl Rig {
     fn cmd(&self) -> Command {
         let mut c = tz();
         c.args(&self.flags);
-        if self.canary {
-            c.env("TIMEZERO_CANARY_SKIP_CBW_FLUSH", "1");
+        match self.canary {
+            Canary::Off => {}
+            Canary::SkipTargetFlush => {
+                c.env("TIMEZERO_CANARY_SKIP_CBW_FLUSH", "1");
+            }
+            Canary::SkipLogWrite => {
+                c.env("TIMEZERO_CANARY_SKIP_LOG_WRITE", "1");
+            }
         }
         // Checked first writes hand their commit to a flusher thread in every other cut and
         // their target's flush in the others, whatever the mount's timings would pick.
@@ -262,6 +284,7 @@ fn one_cut(cfg: &Cfg) -> Outcome {
             .collect(),
         canary: cfg.canary,
         commit_on_thread: cfg.seed % 2 == 1,
+        serve_flags: serve_flags(cfg.seed),
         pl: mount.handle(),
         marks: std::sync::Mutex::new(Vec::new()),
         backend_seen: std::sync::Mutex::new(None),
@@ -326,10 +349,14 @@ fn scenario(
             "128KiB",
             "--capacity",
             "64KiB",
-            // A small copy log, retired often; none for the canary, which skips the target's
-            // flush of the checked path (a logged first write has none to skip).
+            // A small copy log, retired often; none for the skipped-flush canary, which skips
+            // the target's flush of the checked path (a logged first write has none to skip).
             "--log-size",
-            if rig.canary { "0" } else { "256KiB" },
+            if rig.canary == Canary::SkipTargetFlush {
+                "0"
+            } else {
+                "256KiB"
+            },
         ])
         .is_err()
     {
@@ -410,6 +437,19 @@ fn kill(c: &mut Child) {
 }
 
 /// `serve`, then concurrent forwarded writes, a throttled forwarded copy and NBD writes.
+/// Global flags of the cut of `seed`'s `serve`: `TIMEZERO_POWERLOSS_SERVE_FLAGS` when set, else
+/// `--write-through` in every other run of four seeds (the campaign's backend and thread
+/// arrangement follow the seed's last two bits, so each of them runs in both modes): a
+/// write-through server copies before each first write (through the copy log while it has
+/// room), a write-back one at the client's flush.
+fn serve_flags(seed: u64) -> Vec<String> {
+    match std::env::var("TIMEZERO_POWERLOSS_SERVE_FLAGS") {
+        Ok(v) => v.split_whitespace().map(str::to_string).collect(),
+        Err(_) if (seed / 4) % 2 == 1 => vec!["--write-through".to_string()],
+        Err(_) => Vec::new(),
+    }
+}
+
 fn serve_phase(
     rig: &Rig,
     rng: &mut SmallRng,
@@ -418,11 +458,9 @@ fn serve_phase(
 ) {
     let table = p(&rig.table).to_string();
     let sock = rig.scratch.join("nbd.sock");
-    // `TIMEZERO_POWERLOSS_SERVE_FLAGS="--write-through"` runs the server in that mode.
-    let extra = std::env::var("TIMEZERO_POWERLOSS_SERVE_FLAGS").unwrap_or_default();
     let mut serve = rig
         .cmd()
-        .args(extra.split_whitespace())
+        .args(&rig.serve_flags)
         .args(["serve", &table, "--socket", p(&sock)])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -750,7 +788,7 @@ impl Totals {
 
 /// Run `cuts` cuts on two threads; the first run of each scenario shape measures its length in
 /// mutating operations, and every cut point is drawn below it.
-fn campaign(cuts: u64, seed: u64, canary: bool) -> Totals {
+fn campaign(cuts: u64, seed: u64, canary: Canary) -> Totals {
     let start = Instant::now();
     let mut totals = Totals::default();
     let probe_cfg = Cfg {
@@ -845,11 +883,16 @@ fn power_cuts_under_the_binary_keep_images_and_acknowledged_writes() {
     }
     let cuts = env_u64("TIMEZERO_POWERLOSS_CUTS", 200);
     let seed = env_u64("TIMEZERO_POWERLOSS_SEED", 17);
-    // `TIMEZERO_POWERLOSS_CANARY=1`: the same campaign with the canary on, expected to fail.
-    let canary = std::env::var_os("TIMEZERO_POWERLOSS_CANARY").is_some_and(|v| v == "1");
+    // `TIMEZERO_POWERLOSS_CANARY=1` (or `=log`): the same campaign with the skipped-flush (or
+    // skipped-log-write) canary on, expected to fail.
+    let canary = match std::env::var("TIMEZERO_POWERLOSS_CANARY").as_deref() {
+        Ok("1") => Canary::SkipTargetFlush,
+        Ok("log") => Canary::SkipLogWrite,
+        _ => Canary::Off,
+    };
     let t = campaign(cuts, seed, canary);
     println!("{}", t.line());
-    if canary {
+    if canary != Canary::Off {
         assert!(
             t.wrong + t.lost + t.ordering > 0,
             "the canary went unnoticed"
@@ -886,7 +929,7 @@ fn skipped_target_flush_canary_is_caught() {
             at_op: None,
             policy: LossPolicy::DropAll,
             backend: usize::try_from(seed).unwrap(),
-            canary: true,
+            canary: Canary::SkipTargetFlush,
             serve: false,
         };
         let o = one_cut(&cfg);
@@ -910,6 +953,48 @@ fn skipped_target_flush_canary_is_caught() {
     );
 }
 
+/// The copy log's canary: each local first write is logged, its record naming log bytes that
+/// were never written. The source write then goes out with the grain's T0 bytes durable
+/// nowhere (the target's copy waits for a retire), which the ordering checker, fed the real
+/// trace, must see; and the cut, losing the targets' unflushed writes, leaves recorded grains
+/// that neither the target, the log nor the source holds.
+#[test]
+fn skipped_log_write_canary_is_caught() {
+    if !fuse_or_skip("skipped_log_write_canary_is_caught") {
+        return;
+    }
+    let mut wrong = 0;
+    let mut ordering = 0;
+    for seed in 0..2u64 {
+        let cfg = Cfg {
+            seed: 910 + seed,
+            at_op: None,
+            policy: LossPolicy::DropAll,
+            backend: usize::try_from(seed).unwrap(),
+            canary: Canary::SkipLogWrite,
+            serve: false,
+        };
+        let o = one_cut(&cfg);
+        println!(
+            "log canary seed {}: wrong images {}, ordering violations {}",
+            cfg.seed,
+            o.wrong_images.len(),
+            o.ordering.len()
+        );
+        for v in o.wrong_images.iter().chain(&o.ordering).take(2) {
+            println!("  caught: {v}");
+        }
+        assert!(o.lost_writes.is_empty(), "{:?}", o.lost_writes);
+        wrong += o.wrong_images.len();
+        ordering += o.ordering.len();
+    }
+    assert!(wrong > 0, "the oracle missed the skipped log write");
+    assert!(
+        ordering > 0,
+        "the ordering checker missed the skipped log write"
+    );
+}
+
 /// The same local scenario without the canary: no violation (the control for the canary test).
 #[test]
 fn local_writes_survive_a_cut_after_the_last_operation() {
@@ -922,7 +1007,7 @@ fn local_writes_survive_a_cut_after_the_last_operation() {
             at_op: None,
             policy: LossPolicy::DropAll,
             backend: usize::try_from(seed).unwrap(),
-            canary: false,
+            canary: Canary::Off,
             serve: false,
         };
         let o = one_cut(&cfg);

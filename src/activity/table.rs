@@ -188,10 +188,22 @@ thread_local! {
     static CANARY_SKIP_LOG_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+#[cfg(feature = "fault")]
+static CANARY_SKIP_LOG_WRITE_ALL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The same canary for every thread of the process (the binary turns it on at startup when
+/// `TIMEZERO_CANARY_SKIP_LOG_WRITE=1`, in `fault` builds only, for the power-loss test).
+#[cfg(feature = "fault")]
+pub(crate) fn set_canary_skip_log_write_all_threads(on: bool) {
+    CANARY_SKIP_LOG_WRITE_ALL.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn canary_skip_log_write() -> bool {
     #[cfg(feature = "fault")]
     {
         CANARY_SKIP_LOG_WRITE.with(std::cell::Cell::get)
+            || CANARY_SKIP_LOG_WRITE_ALL.load(std::sync::atomic::Ordering::Relaxed)
     }
     #[cfg(not(feature = "fault"))]
     {

@@ -119,8 +119,9 @@ fn merge(inner: StateArgs, state: Option<std::path::PathBuf>, json: bool) -> Sta
 }
 
 /// `TIMEZERO_CANARY_SKIP_CBW_FLUSH=1` turns on the engine's skipped-flush canary in every
-/// thread (builds with the `fault` feature only; elsewhere the variable is ignored): the
-/// power-loss test runs the binary with it to show that it catches the broken ordering.
+/// thread, `TIMEZERO_CANARY_SKIP_LOG_WRITE=1` the copy log's skipped-write canary (builds with
+/// the `fault` feature only; elsewhere the variables are ignored): the power-loss test runs the
+/// binary with them to show that it catches the broken ordering.
 /// `TIMEZERO_CHECKED_COMMIT_ON_THREAD=1` (or `=0`) fixes which of a checked first write's two
 /// durability points goes to a flusher thread (the commit, or the target's flush), so that the
 /// power-loss test runs both whatever the timings of its mount.
@@ -129,6 +130,9 @@ fn canary_from_env() {
     {
         if std::env::var_os("TIMEZERO_CANARY_SKIP_CBW_FLUSH").is_some_and(|v| v == "1") {
             crate::engine::set_canary_skip_cbw_flush_all_threads(true);
+        }
+        if std::env::var_os("TIMEZERO_CANARY_SKIP_LOG_WRITE").is_some_and(|v| v == "1") {
+            crate::activity::set_canary_skip_log_write_all_threads(true);
         }
         match std::env::var_os("TIMEZERO_CHECKED_COMMIT_ON_THREAD") {
             Some(v) if v == "1" => {
