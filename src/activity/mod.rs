@@ -19,7 +19,8 @@ mod table;
 pub(crate) use checked::{FlushFn, LogRun};
 pub use storage::{table_holder, MemStorage, MmapStorage, TableStorage};
 #[cfg(feature = "fault")]
-pub(crate) use table::set_canary_skip_log_write_all_threads;
-#[cfg(feature = "fault")]
-pub use table::{set_canary_skip_log_write, set_canary_unverified_checkpoint};
+pub use table::{
+    set_canary_skip_log_write, set_canary_skip_log_write_all_threads,
+    set_canary_unverified_checkpoint,
+};
 pub use table::{CopyProof, LogBytes, OpenReport, Table, TableOptions, TableStats};

@@ -195,7 +195,7 @@ static CANARY_SKIP_LOG_WRITE_ALL: std::sync::atomic::AtomicBool =
 /// The same canary for every thread of the process (the binary turns it on at startup when
 /// `TIMEZERO_CANARY_SKIP_LOG_WRITE=1`, in `fault` builds only, for the power-loss test).
 #[cfg(feature = "fault")]
-pub(crate) fn set_canary_skip_log_write_all_threads(on: bool) {
+pub fn set_canary_skip_log_write_all_threads(on: bool) {
     CANARY_SKIP_LOG_WRITE_ALL.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 

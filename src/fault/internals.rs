@@ -18,7 +18,10 @@ pub use crate::model::Entry;
 
 /// Canaries: each switches off one ordering rule of the engine, so that a test shows its
 /// checker catches the resulting wrong state (docs/crash-model.md).
-pub use crate::activity::{set_canary_skip_log_write, set_canary_unverified_checkpoint};
+pub use crate::activity::{
+    set_canary_skip_log_write, set_canary_skip_log_write_all_threads,
+    set_canary_unverified_checkpoint,
+};
 pub use crate::engine::{
     set_canary_late_change_marks, set_canary_restored_before_flush, set_canary_skip_cbw_flush,
     set_canary_skip_cbw_flush_all_threads, set_canary_split_group_commit,
