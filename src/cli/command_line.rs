@@ -54,6 +54,12 @@ pub struct IoFlags {
     /// CRC32C per grain that recovery proves against the target (docs/crash-model.md).
     #[arg(long, global = true)]
     pub serial_copies: bool,
+    /// Background copies (`copy`, `daemon`, the copy of `serve` and `mount`): copy every grain
+    /// through memory. By default a run from a buffered file to a buffered file is copied by
+    /// the kernel (copy_file_range), which shares the blocks instead on XFS and Btrfs (reflink:
+    /// the target then takes no space until either file is written there).
+    #[arg(long, global = true)]
+    pub no_copy_offload: bool,
 }
 
 /// The `--backend` values (see [`crate::volume::Backend`]).
@@ -91,6 +97,7 @@ impl IoFlags {
                 ..crate::volume::FileVolumeOptions::default()
             },
             checked_copies: !self.serial_copies,
+            copy_offload: !self.no_copy_offload,
             ..EngineOptions::default()
         }
     }

@@ -819,6 +819,7 @@ fn copy(
     let p = c.join()?;
     let o = output::CopyOut {
         bytes_copied: p.bytes_copied,
+        bytes_offloaded: p.bytes_offloaded,
         grains_copied: p.grains_copied,
         grains_total: p.grains_total,
         backend: e.backend_name().to_string(),
@@ -834,8 +835,13 @@ fn copy(
     if as_json {
         return json(&o);
     }
+    let by_kernel = if o.bytes_offloaded > 0 {
+        format!(" ({} by the kernel)", o.bytes_offloaded)
+    } else {
+        String::new()
+    };
     let mut out = format!(
-        "copied {} bytes; {}/{} grains; backend {}\n",
+        "copied {} bytes{by_kernel}; {}/{} grains; backend {}\n",
         o.bytes_copied, o.grains_copied, o.grains_total, o.backend
     );
     for s in &o.sessions {

@@ -576,6 +576,9 @@ pub struct ResetOut {
 pub struct CopyOut {
     /// Bytes this run copied.
     pub bytes_copied: u64,
+    /// Bytes of those the kernel copied file to file (copy offload; shared extents on XFS and
+    /// Btrfs).
+    pub bytes_offloaded: u64,
     /// Grains copied (of the sessions copied).
     pub grains_copied: u64,
     /// Grains in total.

@@ -81,6 +81,9 @@ pub struct Progress {
     pub runs: u64,
     /// Grains reverse restores of those sessions still have to move back to their sources.
     pub grains_to_restore: u64,
+    /// Bytes of `bytes_copied` the kernel copied from file to file without them passing
+    /// through this process's memory (see [`crate::EngineOptions::copy_offload`]).
+    pub bytes_offloaded: u64,
 }
 
 /// The spans of grains handed out to workers, per session. A worker reserves a span, copies
@@ -135,6 +138,8 @@ struct Shared {
     spans: Mutex<Spans>,
     commits: AtomicU64,
     runs: AtomicU64,
+    /// Bytes copied by the kernel (part of `bytes`).
+    offloaded: AtomicU64,
     error: Mutex<Option<Error>>,
     opts: CopierOptions,
     /// The rate limit in force (0 = none) and when and at how many bytes it took effect.
@@ -448,6 +453,7 @@ impl Copier {
             spans: Mutex::new(Spans::default()),
             commits: AtomicU64::new(0),
             runs: AtomicU64::new(0),
+            offloaded: AtomicU64::new(0),
             error: Mutex::new(None),
             rate: Mutex::new((opts.rate_bytes_per_s.unwrap_or(0), started, 0)),
             events,
@@ -537,6 +543,7 @@ impl Copier {
             commits: self.shared.commits.load(Ordering::Relaxed),
             runs: self.shared.runs.load(Ordering::Relaxed),
             grains_to_restore: to_restore,
+            bytes_offloaded: self.shared.offloaded.load(Ordering::Relaxed),
         }
     }
 
@@ -994,6 +1001,23 @@ fn copy_span(
                     last = true;
                 }
             }
+        }
+        // Runs the kernel copies (file to file) are on the target already; the rest go through
+        // memory.
+        if !runs.is_empty() && engine.options.copy_offload {
+            let mut rest = Vec::with_capacity(runs.len());
+            for run in runs {
+                if engine.offload(&run) {
+                    let n = run.hold.count().get();
+                    grains += n;
+                    sh.bytes.fetch_add(n * grain, Ordering::Relaxed);
+                    sh.offloaded.fetch_add(n * grain, Ordering::Relaxed);
+                    written.push(run.hold);
+                } else {
+                    rest.push(run);
+                }
+            }
+            runs = rest;
         }
         let mut read = Ok(());
         let mut bufs = Vec::new();

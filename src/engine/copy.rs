@@ -7,6 +7,7 @@ use super::lifecycle::live_extents_copied;
 use super::{Engine, VolumeHandle};
 use crate::ids::{GrainCount, GrainIndex, SessionId};
 use crate::session::GrainHold;
+use crate::volume::Volume;
 use crate::{Error, Result};
 use std::sync::Arc;
 
@@ -82,6 +83,9 @@ impl Engine {
         let Some(run) = run else {
             return Ok(Some((next, None)));
         };
+        if self.offload(&run) {
+            return Ok(Some((next, Some(run.hold))));
+        }
         COPY_BUF.with(|b| {
             // One aligned buffer per copying thread, reused: no allocation per batch, and no
             // bounce copy for O_DIRECT volumes.
@@ -91,6 +95,23 @@ impl Engine {
             run.tgt.write_retry(run.target_offset, b.get())
         })?;
         Ok(Some((next, Some(run.hold))))
+    }
+
+    /// Copy a planned run inside the kernel ([`crate::Volume::copy_from`]) where the options
+    /// allow it and the volumes can; false when the run must be copied through memory. A
+    /// failed kernel copy is false too: the copy through memory then rewrites the whole run,
+    /// and reports (and latches) the failure on the side it belongs to.
+    pub(crate) fn offload(&self, run: &CopyRun) -> bool {
+        self.options.copy_offload
+            && matches!(
+                run.tgt.vol.copy_from(
+                    &run.src.vol,
+                    run.source_offset,
+                    run.target_offset,
+                    run.len as u64
+                ),
+                Ok(true)
+            )
     }
 
     /// The choice half of [`Engine::copy_data`]: find up to `max_grains` uncopied grains from

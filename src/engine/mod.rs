@@ -132,6 +132,16 @@ pub struct EngineOptions {
     /// session as on the serial path; its records are kept in the table and proven when the
     /// target is back, and until then the source grains they name are not written.
     pub checked_copies: bool,
+    /// Copy offload: the background copy (the [`crate::Copier`], [`Engine::copy_batch`]) asks
+    /// the kernel to copy a run from a buffered file source to a buffered file target
+    /// ([`Volume::copy_from`]: `copy_file_range(2)`), so the bytes are copied once, between
+    /// page caches, instead of read into user memory and written back; on a file system that
+    /// shares extents (XFS, Btrfs) the kernel shares them instead of copying, so the target
+    /// costs no space until either file is written there. Runs the kernel cannot copy go
+    /// through memory as before. The order of the crash model is unchanged (the run is on the
+    /// target before the target's flush that precedes its bits). Default = true; false keeps
+    /// every copy in memory (a target that must hold its own physical copy of every block).
+    pub copy_offload: bool,
 }
 
 impl Default for EngineOptions {
@@ -145,6 +155,7 @@ impl Default for EngineOptions {
             accept_rollback: false,
             write_back: false,
             checked_copies: true,
+            copy_offload: true,
         }
     }
 }

@@ -292,6 +292,18 @@ impl<V: Volume> Volume for CheckedVolume<V> {
         }
         r
     }
+
+    fn copy_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner.copy_fd()
+    }
+
+    /// Refused once a failure is latched, as writes are. A failed copy does not latch: the
+    /// kernel's error does not say whether the read or the write failed, so the caller copies
+    /// the range again through memory, and a write that fails there latches as writes do.
+    fn copy_from(&self, src: &dyn Volume, src_offset: u64, offset: u64, len: u64) -> Result<bool> {
+        self.check()?;
+        self.inner.copy_from(src, src_offset, offset, len)
+    }
 }
 
 #[cfg(test)]

@@ -275,4 +275,57 @@ impl Volume for FileVolume {
             .sync_data()
             .map_err(|e| Error::io("fdatasync", self.shown(), 0, e))
     }
+
+    fn copy_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        (!self.direct).then(|| self.file.as_fd())
+    }
+
+    /// `copy_file_range(2)` from a buffered file to this buffered file (see [`kernel_copy`]);
+    /// `Ok(false)` when this volume is `O_DIRECT`.
+    fn copy_from(&self, src: &dyn Volume, src_offset: u64, offset: u64, len: u64) -> Result<bool> {
+        check_range(offset, len, self.size, "volume")?;
+        if self.direct {
+            return Ok(false);
+        }
+        kernel_copy(src, src_offset, &self.file, offset, len, &self.shown())
+    }
+}
+
+/// Copy `len` bytes of `src` from `src_offset` to `offset` of the buffered file `to` with
+/// `copy_file_range(2)`, continuing short copies; `shown` names `to` in errors. `Ok(false)`
+/// when `src` has no file the kernel may copy from ([`Volume::copy_fd`]: it is `O_DIRECT`, or
+/// not a file), the kernel cannot copy between the two (`EXDEV`: other file systems;
+/// `EOPNOTSUPP`, `EINVAL`, `ENOSYS`: not for these files or not on this kernel; `EBADF`: `to`
+/// is not open for writing), or the source ended early; the caller then copies through memory.
+pub(crate) fn kernel_copy(
+    src: &dyn Volume,
+    src_offset: u64,
+    to: &File,
+    offset: u64,
+    len: u64,
+    shown: &str,
+) -> Result<bool> {
+    use rustix::io::Errno;
+    check_range(src_offset, len, src.size(), "source volume")?;
+    let Some(from) = src.copy_fd() else {
+        return Ok(false);
+    };
+    let (mut so, mut to_off) = (src_offset, offset);
+    let end = offset + len;
+    while to_off < end {
+        let chunk = usize::try_from(end - to_off)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match rustix::fs::copy_file_range(from, Some(&mut so), to, Some(&mut to_off), chunk) {
+            // The source ended before the range did: copy through memory (which reports it).
+            Ok(0) => return Ok(false),
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(Errno::XDEV | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS | Errno::BADF) => {
+                return Ok(false)
+            }
+            Err(e) => return Err(Error::io("copy_file_range", shown, to_off, e.into())),
+        }
+    }
+    Ok(true)
 }

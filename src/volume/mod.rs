@@ -237,6 +237,29 @@ pub trait Volume: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+
+    /// The open file behind this volume, when the kernel may copy from it to another file
+    /// without the bytes passing through user memory (see [`Volume::copy_from`]): a buffered
+    /// (not `O_DIRECT`) regular file. `None` (the default) otherwise.
+    fn copy_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
+    /// Copy `len` bytes of `src` from `src_offset` to `offset` of this volume inside the
+    /// kernel (`copy_file_range(2)`: one copy between page caches, or shared extents on a file
+    /// system that can reflink, such as XFS or Btrfs), as [`Volume::write_at`] of what
+    /// [`Volume::read_at`] of `src` returns would (not yet durable). Returns `Ok(false)` when
+    /// this pair of volumes cannot (the default: the caller copies through memory then, and
+    /// must, because part of the range may have been copied).
+    ///
+    /// # Errors
+    /// [`crate::Error::OutOfRange`], or [`crate::Error::Io`] when the kernel's copy failed;
+    /// the range is then in an unknown state, and a caller that copies it again through
+    /// memory learns which side failed.
+    fn copy_from(&self, src: &dyn Volume, src_offset: u64, offset: u64, len: u64) -> Result<bool> {
+        let _ = (src, src_offset, offset, len);
+        Ok(false)
+    }
 }
 
 /// A shared volume is a volume: decorators such as [`CheckedVolume`] can wrap an
@@ -263,6 +286,12 @@ impl<V: Volume + ?Sized> Volume for Arc<V> {
     fn write_many(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
         (**self).write_many(reqs)
     }
+    fn copy_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        (**self).copy_fd()
+    }
+    fn copy_from(&self, src: &dyn Volume, src_offset: u64, offset: u64, len: u64) -> Result<bool> {
+        (**self).copy_from(src, src_offset, offset, len)
+    }
 }
 
 /// A boxed volume is a volume.
@@ -287,6 +316,12 @@ impl<V: Volume + ?Sized> Volume for Box<V> {
     }
     fn write_many(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
         (**self).write_many(reqs)
+    }
+    fn copy_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        (**self).copy_fd()
+    }
+    fn copy_from(&self, src: &dyn Volume, src_offset: u64, offset: u64, len: u64) -> Result<bool> {
+        (**self).copy_from(src, src_offset, offset, len)
     }
 }
 

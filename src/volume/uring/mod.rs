@@ -693,6 +693,20 @@ impl Volume for UringVolume {
             .sync_data()
             .map_err(|e| Error::io("fdatasync", self.shown(), 0, e))
     }
+
+    fn copy_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        (!self.direct).then(|| self.file.as_fd())
+    }
+
+    /// As [`super::FileVolume`]'s: `copy_file_range(2)` between buffered files.
+    fn copy_from(&self, src: &dyn Volume, src_offset: u64, offset: u64, len: u64) -> Result<bool> {
+        super::check_range(offset, len, self.size, "volume")?;
+        if self.direct {
+            return Ok(false);
+        }
+        super::file::kernel_copy(src, src_offset, &self.file, offset, len, &self.shown())
+    }
 }
 
 thread_local! {
