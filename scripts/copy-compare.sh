@@ -6,8 +6,11 @@
 # compare two builds). Every copy writes into a preallocated, zero-filled target of its own
 # (written once, then overwritten in place each round), and each timing runs until the command
 # has exited and a `sync` has returned, on both sides. The order of the contenders turns each
-# round. Files go under DIR (default /var/tmp).
-# Usage: scripts/copy-compare.sh [DIR]   (env: SIZE_MIB=2048 ROUNDS=3 TIMEZERO=path BEFORE=path)
+# round. Files go under DIR (default /var/tmp). With QEMU_C=1 the buffered rounds also run
+# `qemu-img convert -n -C -t writeback` (QEMU's copy offloading, copy_file_range; timezero
+# offloads by default, `--no-copy-offload` turns it off).
+# Usage: scripts/copy-compare.sh [DIR]
+#   (env: SIZE_MIB=2048 ROUNDS=3 TIMEZERO=path BEFORE=path QEMU_C=1)
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -28,8 +31,10 @@ now() { date +%s.%N; }
 zero() { dd if=/dev/zero of="$1" bs=1M count="$SIZE_MIB" conv=fsync status=none; }
 
 # contender name -> command runner
-run_qemu() { # mode target
-    if [ "$1" = direct ]; then
+run_qemu() { # mode target [offload]
+    if [ "${3:-}" = offload ]; then
+        qemu-img convert -n -C -t writeback -f raw -O raw "$SRC" "$2"
+    elif [ "$1" = direct ]; then
         qemu-img convert -n -t none -T none -f raw -O raw "$SRC" "$2"
     else
         qemu-img convert -n -t writeback -f raw -O raw "$SRC" "$2"
@@ -51,20 +56,27 @@ run_tz() { # binary mode target
 timed() { # name mode target
     case $1 in
         qemu) sync; local t0; t0=$(now); run_qemu "$2" "$3"; sync; echo "$(now) - $t0" | bc -l ;;
+        qemuC) sync; local t0; t0=$(now); run_qemu "$2" "$3" offload; sync; echo "$(now) - $t0" | bc -l ;;
         after) run_tz "$TZ_BIN" "$2" "$3" ;;
         before) run_tz "$BEFORE" "$2" "$3" ;;
     esac
 }
 
 dd if=/dev/urandom of="$SRC" bs=1M count="$SIZE_MIB" conv=fsync status=none
-names=(qemu after)
-[ -n "$BEFORE" ] && names+=(before)
-for n in "${names[@]}"; do zero "$DIR/$n.img"; done
+all=(qemu after)
+[ -n "$BEFORE" ] && all+=(before)
+[ "${QEMU_C:-0}" = 1 ] && all+=(qemuC)
+for n in "${all[@]}"; do zero "$DIR/$n.img"; done
 echo "copy-compare: ${SIZE_MIB} MiB, $ROUNDS rounds, in $DIR; $(qemu-img --version | head -1)"
 echo "timezero (after): $TZ_BIN${BEFORE:+; before: $BEFORE}"
 declare -A ratios
 for r in $(seq 1 "$ROUNDS"); do
     for mode in direct buffered; do
+        names=()
+        for n in "${all[@]}"; do
+            [ "$n" = qemuC ] && [ "$mode" = direct ] && continue
+            names+=("$n")
+        done
         declare -A secs=()
         k=$(( (r - 1) % ${#names[@]} ))
         order=("${names[@]:k}" "${names[@]:0:k}")
@@ -84,15 +96,22 @@ for r in $(seq 1 "$ROUNDS"); do
             ratio=$(echo "${secs[qemu]} / ${secs[$n]}" | bc -l)
             ratios[$mode.$n]+="$ratio "
             line+=$(printf ', %s speed / qemu %.2fx' "$n" "$ratio")
+            if [ -n "${secs[qemuC]:-}" ]; then
+                ratio=$(echo "${secs[qemuC]} / ${secs[$n]}" | bc -l)
+                ratios[$mode.$n.C]+="$ratio "
+                line+=$(printf ', %s speed / qemu -C %.2fx' "$n" "$ratio")
+            fi
         done
         echo "$line"
         unset secs
     done
 done
 med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
-for key in direct.after direct.before buffered.after buffered.before; do
+for key in direct.after direct.before buffered.after buffered.before buffered.after.C buffered.before.C; do
     [ -n "${ratios[$key]:-}" ] || continue
     read -r -a v <<<"${ratios[$key]}"
-    printf '%s: timezero speed / qemu-img convert, median %.2fx [%s]\n' "$key" "$(med "${v[@]}")" \
+    what="qemu-img convert"
+    [ "${key%.C}" != "$key" ] && what="qemu-img convert -C"
+    printf '%s: timezero speed / %s, median %.2fx [%s]\n' "$key" "$what" "$(med "${v[@]}")" \
         "$(printf '%.2f ' "${v[@]}" | sed 's/ $//')"
 done

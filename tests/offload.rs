@@ -286,3 +286,38 @@ fn the_copy_command_reports_the_kernel_copy_and_can_turn_it_off() {
         assert_eq!(std::fs::read(d.join("tgt")).unwrap(), t0);
     }
 }
+
+/// A source the kernel cannot copy from (memory) and a file target: the copier tries one
+/// span-long run, is refused, and copies the span through memory in batches from that run's
+/// first grain: the same commits and 1 MiB runs as without offload, and the T0 bytes.
+#[test]
+fn the_copier_falls_back_to_memory_where_the_kernel_cannot_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = common::pattern(10, 32 * MIB);
+    FileVolume::create(
+        dir.path().join("tgt"),
+        t0.len() as u64,
+        &FileVolumeOptions::default(),
+    )
+    .unwrap();
+    let e =
+        Arc::new(Engine::create_path(&dir.path().join("table"), EngineOptions::default()).unwrap());
+    let src = e.attach(Arc::new(MemVolume::with_data("m", &t0)));
+    let tgt = e.attach_path(&dir.path().join("tgt")).unwrap();
+    let id = e.establish(&SessionSpec::whole(src, tgt)).unwrap();
+    let p = Copier::start(
+        e.clone(),
+        CopierOptions {
+            threads: 1,
+            ..CopierOptions::default()
+        },
+    )
+    .unwrap()
+    .join()
+    .unwrap();
+    assert_eq!(p.bytes_offloaded, 0);
+    assert_eq!(p.bytes_copied, 32 * MIB as u64);
+    assert_eq!((p.commits, p.runs), (2, 32), "2 spans of 16 runs of 1 MiB");
+    assert_eq!(e.session(id).unwrap().state(), SessionState::Completed);
+    assert_eq!(std::fs::read(dir.path().join("tgt")).unwrap(), t0);
+}

@@ -26,6 +26,19 @@ fn file_engine(
     timezero::VolumeId,
     timezero::VolumeId,
 ) {
+    file_engine_with(data, EngineOptions::default())
+}
+
+/// As [`file_engine`], with these engine options.
+fn file_engine_with(
+    data: &[u8],
+    options: EngineOptions,
+) -> (
+    tempfile::TempDir,
+    Arc<Engine>,
+    timezero::VolumeId,
+    timezero::VolumeId,
+) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("src"), data).unwrap();
     FileVolume::create(
@@ -34,8 +47,7 @@ fn file_engine(
         &FileVolumeOptions::default(),
     )
     .unwrap();
-    let e =
-        Arc::new(Engine::create_path(&dir.path().join("table"), EngineOptions::default()).unwrap());
+    let e = Arc::new(Engine::create_path(&dir.path().join("table"), options).unwrap());
     let src = e.attach_path(&dir.path().join("src")).unwrap();
     let tgt = e.attach_path(&dir.path().join("tgt")).unwrap();
     (dir, e, src, tgt)
@@ -186,14 +198,26 @@ fn copier_pause_resume_rate_and_progress() {
 
 /// Copier workers copy disjoint spans, each sharing one target flush and one table commit.
 /// 64 MiB at 16 MiB per commit is 4 spans, whatever the number of workers and however they are
-/// scheduled: exactly 4 copier commits recording exactly 64 runs of 1 MiB. (Workers that
-/// copied inside each other's spans, or went back to the start while spans were in flight,
-/// collided on held grains and committed fragments: more commits and shorter runs.)
+/// scheduled: exactly 4 copier commits recording exactly 64 runs of 1 MiB through memory, or
+/// 4 runs of 16 MiB (one per span) when the kernel copies file to file. (Workers that copied
+/// inside each other's spans, or went back to the start while spans were in flight, collided
+/// on held grains and committed fragments: more commits and shorter runs.)
 #[test]
 fn copier_workers_share_durability_points() {
+    copier_workers_share_durability_points_with(false, 64);
+    copier_workers_share_durability_points_with(true, 4);
+}
+
+fn copier_workers_share_durability_points_with(offload: bool, runs: u64) {
     let size = 64usize << 20;
     let data = common::pattern(9, size);
-    let (dir, e, src, tgt) = file_engine(&data);
+    let (dir, e, src, tgt) = file_engine_with(
+        &data,
+        EngineOptions {
+            copy_offload: offload,
+            ..EngineOptions::default()
+        },
+    );
     let id = e.establish(&SessionSpec::whole(src, tgt)).unwrap();
     let p = Copier::start(
         e.clone(),
@@ -208,7 +232,9 @@ fn copier_workers_share_durability_points() {
     assert!(p.done);
     assert_eq!(p.grains_copied, (size as u64) >> 16);
     assert_eq!(p.commits, 4, "copier commits for 4 spans of 16 MiB");
-    assert_eq!(p.runs, 64, "copied runs of 1 MiB");
+    assert_eq!(p.runs, runs, "copied runs (offload {offload})");
+    let by_kernel = if offload { size as u64 } else { 0 };
+    assert_eq!(p.bytes_offloaded, by_kernel);
     assert_eq!(
         e.session(id).unwrap().state(),
         timezero::fault::internals::format::SessionState::Completed

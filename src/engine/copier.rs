@@ -973,15 +973,23 @@ fn copy_span(
     let mut carry = None;
     let mut result = Ok(true);
     let mut grains = 0;
+    // While the kernel copies (file to file), a run needs no buffer: one run at a time, as
+    // long as the span's uncopied stretch allows (one system call for it).
+    let mut offloading = engine.options.copy_offload;
     loop {
         let mut runs = Vec::new();
         let mut last = sh.stop.load(Ordering::Acquire);
         if !last {
+            let (depth, run_grains) = if offloading {
+                (1, span)
+            } else {
+                (sh.opts.depth, batch)
+            };
             let planned = plan_group(
                 engine,
                 id,
-                sh.opts.depth,
-                batch,
+                depth,
+                run_grains,
                 end,
                 &mut next_from,
                 &mut carry,
@@ -1002,22 +1010,25 @@ fn copy_span(
                 }
             }
         }
-        // Runs the kernel copies (file to file) are on the target already; the rest go through
-        // memory.
-        if !runs.is_empty() && engine.options.copy_offload {
-            let mut rest = Vec::with_capacity(runs.len());
-            for run in runs {
+        if offloading {
+            // At most one run (depth 1, and nothing is carried before the first group).
+            if let Some(run) = runs.pop() {
                 if engine.offload(&run) {
+                    // On the target already: it waits for the span's commit.
                     let n = run.hold.count().get();
                     grains += n;
                     sh.bytes.fetch_add(n * grain, Ordering::Relaxed);
                     sh.offloaded.fetch_add(n * grain, Ordering::Relaxed);
                     written.push(run.hold);
                 } else {
-                    rest.push(run);
+                    // The kernel cannot (or failed): the rest of the span goes through memory
+                    // in batches, from this run's first grain (its hold is released here).
+                    offloading = false;
+                    next_from = run.hold.range().0.get();
+                    drop(run);
+                    last = sh.stop.load(Ordering::Acquire);
                 }
             }
-            runs = rest;
         }
         let mut read = Ok(());
         let mut bufs = Vec::new();
