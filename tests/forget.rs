@@ -157,24 +157,11 @@ fn making_room_forgets_the_sessions_status_names_first() {
 
 mod cli {
     use std::path::Path;
-    use std::process::Command;
 
-    fn ok(dir: &Path, args: &[&str]) -> String {
-        let o = Command::new(env!("CARGO_BIN_EXE_timezero"))
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "timezero {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
+    use super::common::cli::ok_in as ok;
 
     fn fails(dir: &Path, args: &[&str], code: i32) -> String {
-        let o = Command::new(env!("CARGO_BIN_EXE_timezero"))
+        let o = super::common::cli::tz()
             .current_dir(dir)
             .args(args)
             .output()

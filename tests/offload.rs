@@ -136,6 +136,20 @@ fn a_target_that_failed_refuses_the_kernel_copy() {
     );
 }
 
+/// Run a copier of `threads` workers over every session to the end.
+fn run_copier(e: &Arc<Engine>, threads: usize) -> timezero::Progress {
+    Copier::start(
+        e.clone(),
+        CopierOptions {
+            threads,
+            ..CopierOptions::default()
+        },
+    )
+    .unwrap()
+    .join()
+    .unwrap()
+}
+
 /// An engine over a file source holding `data` and a zero-filled file target of its size.
 fn file_engine(dir: &Path, data: &[u8], offload: bool) -> (Arc<Engine>, SessionSpec) {
     std::fs::write(dir.join("src"), data).unwrap();
@@ -173,16 +187,7 @@ fn copy_session(offload: bool) -> timezero::Progress {
             .unwrap();
     }
     e.flush(spec.source).unwrap();
-    let p = Copier::start(
-        e.clone(),
-        CopierOptions {
-            threads: 2,
-            ..CopierOptions::default()
-        },
-    )
-    .unwrap()
-    .join()
-    .unwrap();
+    let p = run_copier(&e, 2);
     assert!(p.done);
     assert_eq!(e.session(id).unwrap().state(), SessionState::Completed);
     assert_eq!(std::fs::read(dir.path().join("tgt")).unwrap(), t0);
@@ -236,10 +241,7 @@ fn a_no_copy_session_converted_later_is_offloaded_from_then() {
     let id = e.establish(&spec).unwrap();
     e.write(spec.source, 0, &[2u8; 65_536]).unwrap();
     e.convert_to_copy(id).unwrap();
-    let p = Copier::start(e.clone(), CopierOptions::default())
-        .unwrap()
-        .join()
-        .unwrap();
+    let p = run_copier(&e, CopierOptions::default().threads);
     assert_eq!(p.bytes_offloaded, 63 * 65_536);
     assert_eq!(std::fs::read(dir.path().join("tgt")).unwrap(), t0);
 }
@@ -248,19 +250,7 @@ fn a_no_copy_session_converted_later_is_offloaded_from_then() {
 /// both leave the T0 bytes on the target (checked against the source as it was at T0).
 #[test]
 fn the_copy_command_reports_the_kernel_copy_and_can_turn_it_off() {
-    let tz = |dir: &Path, args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_timezero"))
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    };
+    let tz = common::cli::ok_in;
     for (flags, by_kernel) in [(&[][..], true), (&["--no-copy-offload"][..], false)] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -305,16 +295,7 @@ fn the_copier_falls_back_to_memory_where_the_kernel_cannot_copy() {
     let src = e.attach(Arc::new(MemVolume::with_data("m", &t0)));
     let tgt = e.attach_path(&dir.path().join("tgt")).unwrap();
     let id = e.establish(&SessionSpec::whole(src, tgt)).unwrap();
-    let p = Copier::start(
-        e.clone(),
-        CopierOptions {
-            threads: 1,
-            ..CopierOptions::default()
-        },
-    )
-    .unwrap()
-    .join()
-    .unwrap();
+    let p = run_copier(&e, 1);
     assert_eq!(p.bytes_offloaded, 0);
     assert_eq!(p.bytes_copied, 32 * MIB as u64);
     assert_eq!((p.commits, p.runs), (2, 32), "2 spans of 16 runs of 1 MiB");

@@ -81,6 +81,17 @@ pub mod cli {
         String::from_utf8(o.stdout).unwrap()
     }
 
+    /// Run it in `dir` with `args`; its stdout, after checking it succeeded.
+    pub fn ok_in(dir: &Path, args: &[&str]) -> String {
+        let o = tz().current_dir(dir).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "timezero {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
     /// A path as an argument.
     pub fn p(x: &Path) -> &str {
         x.to_str().unwrap()
