@@ -75,6 +75,9 @@ pub struct BenchOptions {
     /// Run first writes with checked copy records ([`EngineOptions::checked_copies`], the
     /// default); false: the serial path.
     pub checked_copies: bool,
+    /// Let the background copy's engine have the kernel copy file to file
+    /// ([`EngineOptions::copy_offload`], the default).
+    pub copy_offload: bool,
     /// Bytes of the table's copy log ([`crate::TableOptions::log_bytes`]; 0: none, and a
     /// first write's source write waits for the target's flush too).
     pub log_bytes: u64,
@@ -98,6 +101,7 @@ impl Default for BenchOptions {
             probe_exe: None,
             direct_copy: false,
             checked_copies: true,
+            copy_offload: true,
             log_bytes: crate::limits::LOG_DEFAULT_BYTES,
         }
     }
@@ -107,6 +111,7 @@ fn engine_options(opts: &BenchOptions) -> EngineOptions {
     let mut o = EngineOptions {
         backend: opts.backend,
         checked_copies: opts.checked_copies,
+        copy_offload: opts.copy_offload,
         ..EngineOptions::default()
     };
     o.table.log_bytes = opts.log_bytes;
@@ -174,6 +179,7 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write, log: &mut dyn Write) -> Res
         direct: true,
         backend: "",
         copy_backend: "",
+        copy_offloaded: 0,
         big_recovery: None,
     };
     for round in 0..opts.rounds {
@@ -273,6 +279,7 @@ mod tests {
             backend: crate::volume::Backend::IoUring,
             direct_copy: true,
             checked_copies: true,
+            copy_offload: true,
             log_bytes: 0,
             probe_exe: None,
         };

@@ -23,6 +23,8 @@ pub(super) struct RunInfo {
     pub(super) backend: &'static str,
     /// The file backend of the engine that ran the background copy.
     pub(super) copy_backend: &'static str,
+    /// Bytes of the background copy the kernel copied file to file (copy offload), all rounds.
+    pub(super) copy_offloaded: u64,
     /// The 1 TiB recovery measurement, when made.
     pub(super) big_recovery: Option<BigRecovery>,
 }
@@ -64,13 +66,18 @@ pub(super) fn print_table(
     .map_err(w)?;
     writeln!(
         out,
-        "engine backend: {} (buffered); background copy: {}{}; first writes: {}; table: {}",
+        "engine backend: {} (buffered); background copy: {}{}{}; first writes: {}; table: {}",
         run.backend,
         run.copy_backend,
         if opts.direct_copy {
             " with O_DIRECT volumes"
         } else {
             " buffered"
+        },
+        if run.copy_offloaded > 0 {
+            " (copy_file_range)"
+        } else {
+            ""
         },
         match (opts.checked_copies, opts.log_bytes) {
             (false, _) => "serial copy-before-write".to_string(),
@@ -603,6 +610,7 @@ mod tests {
             direct: true,
             backend: "pread",
             copy_backend: "pread",
+            copy_offloaded: 0,
             big_recovery: Some(BigRecovery {
                 grains: 16,
                 bitmap_bytes: 2,

@@ -273,7 +273,8 @@ impl<'a> Round<'a> {
         };
         run.copy_backend = e.backend_name();
         let mut direct = true;
-        let eng_copy = || -> Result<f64> {
+        let mut offloaded = 0;
+        let mut eng_copy = || -> Result<f64> {
             let cid = e.establish(&whole(src, tgt, CopyMode::Copy))?;
             let t0 = Instant::now();
             let cp = Copier::start(
@@ -284,6 +285,7 @@ impl<'a> Round<'a> {
                 },
             )?;
             let p = cp.join()?;
+            offloaded += p.bytes_offloaded;
             Ok(p.bytes_copied as f64 / t0.elapsed().as_secs_f64())
         };
         let (ev, rv) = if self.raw_first {
@@ -299,6 +301,7 @@ impl<'a> Round<'a> {
         figs[self.lay.copy()].engine.per_round.push(ev);
         figs[self.lay.copy()].raw.per_round.push(rv);
         run.direct &= direct;
+        run.copy_offloaded += offloaded;
         Ok(())
     }
 }

@@ -189,6 +189,7 @@ fn run(cmd: Command, io: IoFlags) -> std::result::Result<(), Fail> {
                 backend: io.backend(),
                 direct_copy: io.direct,
                 checked_copies: !io.serial_copies,
+                copy_offload: !io.no_copy_offload,
                 log_bytes: log_size,
                 probe_exe: std::env::current_exe().ok(),
             };

@@ -281,8 +281,10 @@ impl Volume for FileVolume {
         (!self.direct).then(|| self.file.as_fd())
     }
 
-    /// `copy_file_range(2)` from a buffered file to this buffered file (see [`kernel_copy`]);
-    /// `Ok(false)` when this volume is `O_DIRECT`.
+    /// `copy_file_range(2)` from a buffered file to this buffered file, continuing short
+    /// copies; `Ok(false)` when either side is `O_DIRECT` or not a file, when the kernel cannot
+    /// copy between the two (other file systems, files it cannot copy, an older kernel), or
+    /// when the source ended early.
     fn copy_from(&self, src: &dyn Volume, src_offset: u64, offset: u64, len: u64) -> Result<bool> {
         check_range(offset, len, self.size, "volume")?;
         if self.direct {
