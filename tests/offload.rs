@@ -4,9 +4,9 @@
 //!
 //! Goal: the kernel's copy puts exactly the source's bytes on the target, at any offsets; it is
 //! refused (not attempted) for `O_DIRECT` volumes and volumes without a file, and refused with
-//! the latched error on a target that failed; the copier and `Engine::copy_all` copy file
-//! sessions through it (the copier counts the bytes), and with `copy_offload` off through
-//! memory, with the same image either way, durable across a reopen.
+//! the latched error on a target that failed; the copier copies file sessions through it (and
+//! counts the bytes), and with `copy_offload` off through memory; the copier and
+//! `Engine::copy_all` leave the same target either way, and the image is T0 after a reopen.
 
 #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
 
