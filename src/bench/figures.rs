@@ -105,21 +105,25 @@ impl Layout {
     pub(super) fn floor_rule2(self) -> usize {
         2 * self.n + 1
     }
+    /// First writes against the floor of the copy log's on-disk writes.
+    pub(super) fn floor_log(self) -> usize {
+        2 * self.n + 2
+    }
     /// Image reads of uncopied grains.
     pub(super) fn read_uncopied(self) -> usize {
-        2 * self.n + 2
+        2 * self.n + 3
     }
     /// Image reads of copied grains.
     pub(super) fn read_copied(self) -> usize {
-        2 * self.n + 3
+        2 * self.n + 4
     }
     /// The background copy.
     pub(super) fn copy(self) -> usize {
-        2 * self.n + 4
+        2 * self.n + 5
     }
     /// Recovery of the table.
     pub(super) fn recovery(self) -> usize {
-        2 * self.n + 5
+        2 * self.n + 6
     }
 }
 
@@ -164,6 +168,13 @@ pub(super) fn figures(writers: &[usize]) -> Vec<Figure> {
             IO as u64,
             Ratio::Cost,
             "floor: rd64K+wr64K+sync+wr512+sync+wr4K+sync",
+        ),
+        Figure::new(
+            "first write 4KiB + flush, 1 writer, vs copy-log floor",
+            Kind::Write,
+            IO as u64,
+            Ratio::Cost,
+            "floor: rd64K+(wr64K+2x wr512)+sync+wr4K+sync",
         ),
         Figure::new(
             "image read 4KiB, uncopied grains",

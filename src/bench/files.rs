@@ -26,7 +26,7 @@ pub(super) struct Files {
     pub(super) raw_tgt: PathBuf,
     /// The destination of the raw copy.
     pub(super) raw_copy: PathBuf,
-    /// A preallocated file standing for a journal in the rule-2 floor.
+    /// A preallocated file standing for the table in the rule-2 and copy-log floors.
     pub(super) raw_journal: PathBuf,
     /// The engine's activity table.
     pub(super) table: PathBuf,

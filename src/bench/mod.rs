@@ -40,9 +40,10 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 const IO: usize = 4096;
 const GRAIN: u64 = 64 * KIB;
-/// Size of the stand-in journal of the rule-2 floor (records written round-robin).
+/// Size of the stand-in journal of the rule-2 and copy-log floors (records written round-robin
+/// in its first two quarters, the copy log's grains in its second half).
 const JOURNAL_BYTES: u64 = 16 * MIB;
-/// One record of the rule-2 floor: a 512-byte sector.
+/// One record of the rule-2 and copy-log floors: a 512-byte sector.
 const RECORD: usize = 512;
 const COPY_CHUNK: usize = 1 << 20;
 const DIRECT_ALIGN: usize = 4096;
@@ -52,7 +53,7 @@ const DIRECT_ALIGN: usize = 4096;
 pub struct BenchOptions {
     /// Directory for the temporary files; `None` = a new temporary directory (removed after).
     pub dir: Option<PathBuf>,
-    /// Directory for the activity table and the rule-2 floor's stand-in journal (in a new
+    /// Directory for the activity table and the floors' stand-in journal (in a new
     /// temporary directory inside it, removed after); `None` = with the volumes. A table on
     /// another device than the volumes makes its durability point stop competing with the
     /// target's flush.
@@ -229,7 +230,21 @@ mod tests {
         let mut out = Vec::new();
         run(&opts, &mut out, &mut std::io::sink()).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert!(v["jobs"].as_array().unwrap().len() >= 9);
+        let jobs = v["jobs"].as_array().unwrap();
+        assert!(jobs.len() >= 9);
+        // Each floor runs beside the engine's first writes, and did its writes.
+        for floor in ["vs floor", "vs rule-2 floor", "vs copy-log floor"] {
+            for side in ["engine: ", "raw (floor: "] {
+                let job = jobs
+                    .iter()
+                    .find(|j| {
+                        let name = j["jobname"].as_str().unwrap();
+                        name.starts_with(side) && name.ends_with(floor)
+                    })
+                    .unwrap_or_else(|| panic!("no {side}... {floor} job"));
+                assert!(job["write"]["iops"].as_f64().unwrap() > 0.0, "{job}");
+            }
+        }
     }
 
     #[test]

@@ -206,7 +206,7 @@ pub struct GlobalOptions<'a> {
     pub rounds: usize,
     /// Bytes of each volume file.
     pub size: u64,
-    /// Whether the table (and the rule-2 floor's stand-in journal) lived in their own
+    /// Whether the table (and the floors' stand-in journal) lived in their own
     /// directory (`--table-dir`), not with the volumes.
     pub table_apart: bool,
     /// Writer counts, sorted.

@@ -117,7 +117,8 @@ impl<'a> Round<'a> {
     }
 
     /// (b) First writes with durability at every writer count, against raw writes each made
-    /// durable, and (one writer) against the physical floor and the rule-2 floor.
+    /// durable, and (one writer) against the physical floor, the rule-2 floor and the copy
+    /// log's floor.
     fn first_writes(&self, figs: &mut [Figure], e: &Engine, src: VolumeId) -> Result<()> {
         let (c, lay, raw_first) = (&self.c, self.lay, self.raw_first);
         let raw_path = &self.f.raw;
@@ -140,26 +141,37 @@ impl<'a> Round<'a> {
                     .map_err(|e| io_err("pwrite+fdatasync", raw_path, e))
             }
         };
-        let floor = |i: usize, b: &mut [u8]| floor_write(&raw, &raw_tgt, None, i, b, raw_path);
+        let floor =
+            |i: usize, b: &mut [u8]| floor_write(&raw, &raw_tgt, Floor::Physical, i, b, raw_path);
         // The floor of a rule-2 copy-before-write (crash model): the target's durability point,
         // then a record and the table's durability point, before the source write.
-        let floor2 =
-            |i: usize, b: &mut [u8]| floor_write(&raw, &raw_tgt, Some(&journal), i, b, raw_path);
+        let floor2 = |i: usize, b: &mut [u8]| {
+            floor_write(&raw, &raw_tgt, Floor::Rule2(&journal), i, b, raw_path)
+        };
+        // The floor of the copy log's writes: the grain and its record's two mirror copies in
+        // one file, one durability point, before the source write.
+        let floor_log = |i: usize, b: &mut [u8]| {
+            floor_write(&raw, &raw_tgt, Floor::Log(&journal), i, b, raw_path)
+        };
         let e1 = run_ops(1, c.first_1, first(0));
-        let (r1, fl, fl2) = if raw_first {
+        let (r1, fl, fl2, fll) = if raw_first {
             let fl = run_ops(1, c.first_1, floor)?;
             let fl2 = run_ops(1, c.first_1, floor2)?;
-            (run_ops(1, c.first_1, raw_sync(0))?, fl, fl2)
+            let fll = run_ops(1, c.first_1, floor_log)?;
+            (run_ops(1, c.first_1, raw_sync(0))?, fl, fl2, fll)
         } else {
             let r1 = run_ops(1, c.first_1, raw_sync(0))?;
+            let fll = run_ops(1, c.first_1, floor_log)?;
             let fl2 = run_ops(1, c.first_1, floor2)?;
-            (r1, run_ops(1, c.first_1, floor)?, fl2)
+            (r1, run_ops(1, c.first_1, floor)?, fl2, fll)
         };
         let e1 = e1?;
         figs[lay.floor()].engine.record(e1.clone());
         figs[lay.floor()].raw.record(fl);
         figs[lay.floor_rule2()].engine.record(e1.clone());
         figs[lay.floor_rule2()].raw.record(fl2);
+        figs[lay.floor_log()].engine.record(e1.clone());
+        figs[lay.floor_log()].raw.record(fll);
         let mut base = c.first_1;
         for (k, &w) in self.opts.writers.iter().enumerate() {
             if w == 1 {
@@ -306,31 +318,121 @@ impl<'a> Round<'a> {
     }
 }
 
-/// One first write at the physical floor, grain `i`: read the grain's 64 KiB from `raw`, write
-/// it to `raw_tgt` and make it durable; with a `journal` (the rule-2 floor), write a 512-byte
-/// record there and make it durable; then write `b` over the grain and make it durable.
+/// Which floor [`floor_write`] measures.
+#[derive(Clone, Copy)]
+enum Floor<'a> {
+    /// The physical floor: the grain to the target, durable, then the source write, durable.
+    Physical,
+    /// The rule-2 floor: the physical floor with a 512-byte record made durable in the
+    /// stand-in journal between the target's durability point and the source write.
+    Rule2(&'a File),
+    /// The copy log's floor: the grain and a 512-byte record written twice (as the table's
+    /// journal mirrors every block) at three places of the stand-in journal, one durability
+    /// point of that file, then the source write, durable. The grain is not written to the
+    /// target: the engine writes it there too, but flushes it only when the log is retired.
+    Log(&'a File),
+}
+
+/// One first write at a floor, grain `i`: read the grain's 64 KiB from `raw`, make it durable
+/// as `kind` says, then write `b` over the grain and make it durable.
 fn floor_write(
     raw: &File,
     raw_tgt: &File,
-    journal: Option<&File>,
+    kind: Floor<'_>,
     i: usize,
     b: &[u8],
     path: &Path,
 ) -> Result<()> {
     let off = i as u64 * GRAIN;
     let mut g = vec![0u8; GRAIN as usize];
+    // Record slots: two mirror areas of a quarter of the stand-in journal each, then a log
+    // ring in its second half (like the table: mirror copies far apart, the log after them).
+    let quarter = JOURNAL_BYTES / 4;
+    let rec = (i * RECORD) as u64 % quarter;
     raw.read_exact_at(&mut g, off)
-        .and_then(|()| raw_tgt.write_all_at(&g, off))
-        .and_then(|()| raw_tgt.sync_data())
-        .and_then(|()| match journal {
-            Some(j) => {
-                let rec = (i * RECORD) as u64 % JOURNAL_BYTES;
-                j.write_all_at(&g[..RECORD], rec)
+        .and_then(|()| match kind {
+            Floor::Physical => raw_tgt
+                .write_all_at(&g, off)
+                .and_then(|()| raw_tgt.sync_data()),
+            Floor::Rule2(j) => raw_tgt
+                .write_all_at(&g, off)
+                .and_then(|()| raw_tgt.sync_data())
+                .and_then(|()| j.write_all_at(&g[..RECORD], rec))
+                .and_then(|()| j.sync_data()),
+            Floor::Log(j) => {
+                let slot = 2 * quarter + off % (2 * quarter);
+                j.write_all_at(&g, slot)
+                    .and_then(|()| j.write_all_at(&g[..RECORD], rec))
+                    .and_then(|()| j.write_all_at(&g[..RECORD], quarter + rec))
                     .and_then(|()| j.sync_data())
             }
-            None => Ok(()),
         })
         .and_then(|()| raw.write_all_at(b, off))
         .and_then(|()| raw.sync_data())
         .map_err(|e| io_err("floor", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests unwrap to fail loudly")]
+    use super::*;
+
+    fn file(dir: &Path, name: &str, len: u64, byte: u8) -> File {
+        let p = dir.join(name);
+        std::fs::write(&p, vec![byte; usize::try_from(len).unwrap()]).unwrap();
+        open_rw(&p).unwrap()
+    }
+
+    /// Each floor makes durable what it stands for, and only that: the physical floor copies
+    /// the grain to the target, the rule-2 floor adds a record, the copy-log floor puts the
+    /// grain and two copies of a record in the stand-in table and leaves the target alone.
+    #[test]
+    fn floors_write_what_they_stand_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8 * GRAIN;
+        let raw = file(dir.path(), "raw", size, 0);
+        for (i, g) in (0..8u64).zip(1u8..) {
+            raw.write_all_at(&vec![g; GRAIN as usize], i * GRAIN)
+                .unwrap();
+        }
+        let tgt = file(dir.path(), "tgt", size, 0);
+        let journal = file(dir.path(), "journal", JOURNAL_BYTES, 0);
+        let read = |f: &File, off: u64, len: usize| {
+            let mut b = vec![0u8; len];
+            f.read_exact_at(&mut b, off).unwrap();
+            b
+        };
+        let new = vec![0xEEu8; 4096];
+        let quarter = JOURNAL_BYTES / 4;
+        let p = dir.path();
+
+        floor_write(&raw, &tgt, Floor::Physical, 1, &new, p).unwrap();
+        assert_eq!(read(&tgt, GRAIN, GRAIN as usize), vec![2u8; GRAIN as usize]);
+        assert_eq!(read(&raw, GRAIN, 4096), new);
+        assert_eq!(read(&raw, GRAIN + 4096, 16), vec![2u8; 16]);
+
+        floor_write(&raw, &tgt, Floor::Rule2(&journal), 2, &new, p).unwrap();
+        assert_eq!(
+            read(&tgt, 2 * GRAIN, GRAIN as usize),
+            vec![3u8; GRAIN as usize]
+        );
+        let rec = (2 * RECORD) as u64;
+        assert_eq!(read(&journal, rec, RECORD), vec![3u8; RECORD]);
+        assert_eq!(read(&journal, quarter + rec, RECORD), vec![0u8; RECORD]);
+
+        floor_write(&raw, &tgt, Floor::Log(&journal), 3, &new, p).unwrap();
+        assert_eq!(
+            read(&tgt, 3 * GRAIN, GRAIN as usize),
+            vec![0u8; GRAIN as usize]
+        );
+        let rec = (3 * RECORD) as u64;
+        assert_eq!(read(&journal, rec, RECORD), vec![4u8; RECORD]);
+        assert_eq!(read(&journal, quarter + rec, RECORD), vec![4u8; RECORD]);
+        let slot = 2 * quarter + 3 * GRAIN;
+        assert_eq!(
+            read(&journal, slot, GRAIN as usize),
+            vec![4u8; GRAIN as usize]
+        );
+        assert_eq!(read(&raw, 3 * GRAIN, 4096), new);
+    }
 }
